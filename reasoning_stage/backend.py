@@ -1,0 +1,31 @@
+"""The one seam between the orchestrator and whatever reasons over text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from reasoning_stage.types import ReasoningRequest, ReasoningResult
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str = ""
+
+
+@runtime_checkable
+class ReasoningBackend(Protocol):
+    """A loaded reasoning backend. `name` is the config value (`local`, `none`, `remote`); `model` names what it
+    runs."""
+
+    name: str
+    model: str
+
+    async def generate(self, request: ReasoningRequest) -> ReasoningResult:
+        """Continue the chat; raise a `reasoning_stage.errors.ReasoningError` when that fails."""
+        ...
+
+    async def health(self) -> Health: ...
+
+    async def aclose(self) -> None: ...

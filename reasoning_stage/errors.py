@@ -1,0 +1,44 @@
+"""Errors raised by the reasoning stage.
+
+The tree::
+
+    ReasoningError
+    ├── ReasoningDisabled             no reasoning backend is deployed (the `none` backend), by design
+    ├── ReasoningUnavailable          the backend cannot answer now (not loaded, down, overloaded)
+    ├── ReasoningRejected             the backend refused the request (prompt too long, bad parameters)
+    ├── ReasoningInvalidOutput        the backend answered something unusable
+    └── ReasoningModelError           the model could not be loaded from the configured path or id
+
+Foreign errors (torch's, transformers', OS errors while loading) are translated into this tree by the backend that
+calls the foreign library; nothing outside the stage sees them.
+"""
+
+from __future__ import annotations
+
+
+class ReasoningError(Exception):
+    """Root of every error the reasoning stage raises."""
+
+
+class ReasoningDisabled(ReasoningError):
+    """No reasoning backend is deployed."""
+
+
+class ReasoningUnavailable(ReasoningError):
+    """The backend cannot answer now."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ReasoningRejected(ReasoningError):
+    """The backend refused the request."""
+
+
+class ReasoningInvalidOutput(ReasoningError):
+    """The backend produced output that cannot be used."""
+
+
+class ReasoningModelError(ReasoningError):
+    """The model could not be loaded."""
