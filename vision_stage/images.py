@@ -16,6 +16,15 @@ from vision_stage.errors import ImageCorrupt, ImageEmpty, ImageTooLarge, ImageTo
 from vision_stage.types import DecodedImage
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooManyPixels(f"the image declares too many pixels: {exc}") from None
     except UnidentifiedImageError:
+        declared = sniff_format(data)
+        if declared is not None:
+            raise ImageCorrupt(f"the {declared} image is truncated or damaged: its header does not parse") from None
         accepted = ", ".join(ACCEPTED_FORMATS)
         raise ImageUnsupported(f"the bytes are not an image in an accepted format ({accepted})") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -65,6 +77,13 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             f"the image has {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
     return image
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The accepted format whose signature `data` starts with, whether or not the rest parses."""
+    if data[:12].startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _load(image: Image.Image) -> Image.Image:

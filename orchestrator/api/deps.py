@@ -1,0 +1,32 @@
+"""What route handlers depend on, as short `Annotated` aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from orchestrator.errors import NotReady
+from orchestrator.pipeline import Pipeline
+from orchestrator.settings import Settings
+from orchestrator.wiring import Backends
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the route handlers use, built by the lifespan once the backends are loaded."""
+
+    settings: Settings
+    backends: Backends
+    pipeline: Pipeline
+
+
+def get_services(request: Request) -> Services:
+    services = request.app.state.services
+    if not isinstance(services, Services):
+        raise NotReady("the service is starting or stopping; the backends are not loaded")
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

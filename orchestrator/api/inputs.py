@@ -1,0 +1,125 @@
+"""Reading an analyze request, JSON or multipart, into image bytes and validated options.
+
+Every way a request can be malformed ends here as an `orchestrator.errors.RequestInvalid` subclass.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from orchestrator.api.schemas import AnalyzeJsonRequest
+from orchestrator.errors import (
+    ImageMissing,
+    ImageUrlNotSupported,
+    InvalidBase64,
+    InvalidDataUrl,
+    InvalidJson,
+    InvalidMultipart,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from vision_stage.errors import ImageTooLarge
+
+_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
+_FORM_FIELDS = frozenset({"image", "question", "mode", "profile"})
+
+
+@dataclass(frozen=True)
+class AnalyzeInputs:
+    image: bytes
+    options: AnalyzeJsonRequest
+    """The validated options; its image fields are cleared once `image` holds the bytes."""
+
+
+async def read_analyze_request(request: Request, max_image_bytes: int) -> AnalyzeInputs:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        return _from_json(await request.body(), max_image_bytes)
+    if content_type == "multipart/form-data":
+        return await _from_form(request, max_image_bytes)
+    raise UnsupportedMediaType(
+        f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data or application/json"
+    )
+
+
+def _from_json(body: bytes, max_image_bytes: int) -> AnalyzeInputs:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("the JSON body must be an object")
+    options = _validate(data)
+    if (options.image_base64 is None) == (options.image_url is None):
+        raise ImageMissing("give exactly one of `image_base64` and `image_url`")
+    if options.image_base64 is not None:
+        image = decode_base64(options.image_base64, max_image_bytes)
+    else:
+        image = decode_data_url(options.image_url or "", max_image_bytes)
+    return AnalyzeInputs(image, options.model_copy(update={"image_base64": None, "image_url": None}))
+
+
+async def _from_form(request: Request, max_image_bytes: int) -> AnalyzeInputs:
+    try:
+        form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS))
+    except (HTTPException, MultiPartException) as exc:
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise InvalidMultipart(f"the multipart body could not be read: {detail}") from None
+    try:
+        unknown = sorted(set(form.keys()) - _FORM_FIELDS)
+        if unknown:
+            raise ValidationFailed(f"unknown form fields: {', '.join(unknown)}; accepted: {sorted(_FORM_FIELDS)}")
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise ImageMissing("the form has no `image` file part")
+        image = await upload.read(max_image_bytes + 1)
+        options = _validate({key: value for key, value in form.items() if key != "image"})
+    finally:
+        await form.close()
+    return AnalyzeInputs(image, options)
+
+
+def _validate(data: dict[str, object]) -> AnalyzeJsonRequest:
+    try:
+        return AnalyzeJsonRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors())
+        raise ValidationFailed(problems) from None
+
+
+def decode_base64(text: str, max_image_bytes: int) -> bytes:
+    """Decode standard or URL-safe base64, whitespace allowed; refuse what would decode past the byte limit."""
+    compact = "".join(text.split())
+    if len(compact) * 3 // 4 > max_image_bytes + 3:
+        raise ImageTooLarge(f"the base64 image decodes to more than {max_image_bytes} bytes; that is the limit")
+    compact = compact.replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidBase64(f"the image is not valid base64: {exc}") from None
+
+
+def decode_data_url(url: str, max_image_bytes: int) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL. http(s) URLs are refused: this version fetches nothing."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise ImageUrlNotSupported("fetching http(s) image URLs is not enabled; send a data: URL or image_base64")
+    match = _DATA_URL.match(url)
+    if scheme != "data" or match is None:
+        raise InvalidDataUrl("`image_url` must be a data: URL such as data:image/png;base64,...")
+    media_type = (match.group("type") or "").lower()
+    if not media_type.startswith("image/"):
+        raise InvalidDataUrl(f"the data: URL's media type is {media_type or '(none)'!r}; it must be image/*")
+    if match.group("b64") is None:
+        raise InvalidDataUrl("the data: URL must be base64-encoded (…;base64,…)")
+    return decode_base64(url[match.end() :], max_image_bytes)

@@ -1,0 +1,207 @@
+"""Request and response bodies of the public API, and their conversion from the pipeline's dataclasses."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.messages import Profile
+from orchestrator.pipeline import AnalyzeOutcome
+from orchestrator.routing import Decision, RequestedMode
+from reasoning_stage.types import ReasoningResult
+from vision_stage.types import StructuredDescription, VisionResult
+
+
+class AnalyzeJsonRequest(BaseModel):
+    """The JSON form of `POST /v1/analyze`: exactly one of `image_base64` and `image_url` (a `data:` URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="The question about the image.")
+    image_base64: str | None = Field(default=None, description="The image file's bytes, base64-encoded.")
+    image_url: str | None = Field(default=None, description="A `data:image/...;base64,...` URL.")
+    mode: RequestedMode = Field(default="auto", description="`auto` lets the router decide; the others force it.")
+    profile: Profile = "general"
+
+
+class RouteOut(BaseModel):
+    decision: Decision
+    score: float = Field(description="Evidence for reasoning, 0 to 1.")
+    reason: str
+    forced: bool = Field(description="True when the client's `mode` decided, not the router.")
+
+
+class TextLineOut(BaseModel):
+    text: str
+    box: list[tuple[float, float]] = Field(description="Four corners in pixels, clockwise from top-left.")
+    score: float = Field(description="Recognition confidence, 0 to 1.")
+    order: int = Field(description="Reading order, 0 first.")
+    relevance: float | None = Field(description="Similarity to the question, when one was asked.")
+
+
+class TagOut(BaseModel):
+    label: str
+    score: float
+
+
+class ColorOut(BaseModel):
+    name: str
+    hex: str
+    fraction: float
+
+
+class FactsOut(BaseModel):
+    width: int
+    height: int
+    orientation: Literal["landscape", "portrait", "square"]
+    format: str
+    dominant_colors: list[ColorOut]
+
+
+class StructuredOut(BaseModel):
+    facts: FactsOut
+    text_lines: list[TextLineOut] = Field(description="Most relevant to the question first; see `order`.")
+    tags: list[TagOut]
+    languages: list[str]
+
+
+class VisionOut(BaseModel):
+    backend: str
+    model: str
+    caption: str
+    description: str = Field(description="The readable description the reasoning stage reads.")
+    structured: StructuredOut
+    answer: str | None
+    latency_ms: float
+
+
+class ReasoningOut(BaseModel):
+    backend: str
+    model: str
+    answer: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+class ArbitrationOut(BaseModel):
+    status: Literal["agreed", "corrected", "needs_review", "skipped"]
+    reason: str
+    checks: list[dict[str, object]] = Field(description="Per-claim checks with their evidence.")
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class FailureOut(BaseModel):
+    stage: str
+    backend: str
+    error_type: str
+    message: str
+
+
+class AnalyzeResponse(BaseModel):
+    request_id: str
+    answer: str
+    mode: Decision = Field(description="What actually ran.")
+    route: RouteOut
+    vision: VisionOut
+    reasoning: ReasoningOut | None = Field(description="Null when the route skipped it or it failed.")
+    arbitration: ArbitrationOut
+    confidence: float | None = Field(description="Not computed by this version: always null.")
+    degraded: bool = Field(description="True when a stage the route wanted failed and a fallback answered.")
+    notices: list[str]
+    disclaimer: str | None
+    needs_human_review: bool
+    language: Literal["zh", "en"]
+    failures: list[FailureOut]
+    timings_ms: dict[str, float]
+    usage: UsageOut
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeResponse:
+    reasoning = outcome.reasoning
+    prompt_tokens = reasoning.prompt_tokens if reasoning else 0
+    completion_tokens = reasoning.completion_tokens if reasoning else 0
+    return AnalyzeResponse(
+        request_id=request_id,
+        answer=outcome.answer,
+        mode=outcome.mode,
+        route=RouteOut(**vars(outcome.route)),
+        vision=_vision_out(outcome.vision),
+        reasoning=_reasoning_out(reasoning) if reasoning else None,
+        arbitration=ArbitrationOut(status="skipped", reason="claim checking is not enabled in this version", checks=[]),
+        confidence=None,
+        degraded=outcome.degraded,
+        notices=list(outcome.notices),
+        disclaimer=outcome.disclaimer,
+        needs_human_review=outcome.needs_human_review,
+        language=outcome.language,
+        failures=[FailureOut(**vars(failure)) for failure in outcome.failures],
+        timings_ms=outcome.timings_ms,
+        usage=UsageOut(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+def _vision_out(vision: VisionResult) -> VisionOut:
+    return VisionOut(
+        backend=vision.backend,
+        model=vision.model,
+        caption=vision.caption,
+        description=vision.description,
+        structured=_structured_out(vision.structured),
+        answer=vision.answer,
+        latency_ms=vision.latency_ms,
+    )
+
+
+def _structured_out(structured: StructuredDescription) -> StructuredOut:
+    facts = structured.facts
+    return StructuredOut(
+        facts=FactsOut(
+            width=facts.width,
+            height=facts.height,
+            orientation=facts.orientation,
+            format=facts.format,
+            dominant_colors=[ColorOut(**vars(color)) for color in facts.dominant_colors],
+        ),
+        text_lines=[
+            TextLineOut(
+                text=line.text, box=list(line.box), score=line.score, order=line.order, relevance=line.relevance
+            )
+            for line in structured.text_lines
+        ],
+        tags=[TagOut(**vars(tag)) for tag in structured.tags],
+        languages=list(structured.languages),
+    )
+
+
+def _reasoning_out(reasoning: ReasoningResult) -> ReasoningOut:
+    return ReasoningOut(
+        backend=reasoning.backend,
+        model=reasoning.model,
+        answer=reasoning.text,
+        finish_reason=reasoning.finish_reason,
+        prompt_tokens=reasoning.prompt_tokens,
+        completion_tokens=reasoning.completion_tokens,
+        latency_ms=reasoning.latency_ms,
+    )

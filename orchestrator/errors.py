@@ -1,0 +1,127 @@
+"""The orchestrator's errors and the one table that maps every error to an HTTP status and a stable `type` slug.
+
+The orchestrator's own tree::
+
+    OrchestratorError
+    ├── RequestInvalid                the request is malformed (the caller's fault)
+    │   ├── InvalidJson               a JSON body that does not parse
+    │   ├── InvalidMultipart          a multipart body that does not parse, or has too many parts
+    │   ├── ImageMissing              no image in the request (or more than one)
+    │   ├── InvalidBase64             `image_base64` or a data: URL's payload is not valid base64
+    │   ├── InvalidDataUrl            a data: URL that is not `data:image/...;base64,...`
+    │   ├── ImageUrlNotSupported      an http(s) or other URL scheme this deployment does not fetch
+    │   ├── RequestTooLarge           the body is larger than the configured limit
+    │   ├── UnsupportedMediaType      a body that is neither JSON nor multipart/form-data
+    │   └── ValidationFailed          fields missing, of the wrong type, or unknown
+    └── NotReady                      the backends are not loaded (yet, or any more)
+
+Errors of the stages (`vision_stage.errors`, `reasoning_stage.errors`) are mapped in the same table. Anything not in
+the table is an internal error (500, `internal_error`) and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reasoning_stage import errors as reasoning
+from vision_stage import errors as vision
+
+
+class OrchestratorError(Exception):
+    """Root of the orchestrator's own errors."""
+
+
+class RequestInvalid(OrchestratorError):
+    """The request is malformed."""
+
+
+class InvalidJson(RequestInvalid):
+    """A JSON body that does not parse."""
+
+
+class InvalidMultipart(RequestInvalid):
+    """A multipart body that does not parse."""
+
+
+class ImageMissing(RequestInvalid):
+    """No image in the request."""
+
+
+class InvalidBase64(RequestInvalid):
+    """Base64 that does not decode."""
+
+
+class InvalidDataUrl(RequestInvalid):
+    """A data: URL of the wrong shape."""
+
+
+class ImageUrlNotSupported(RequestInvalid):
+    """A URL this deployment does not fetch."""
+
+
+class RequestTooLarge(RequestInvalid):
+    """A body over the configured limit."""
+
+
+class UnsupportedMediaType(RequestInvalid):
+    """A body that is neither JSON nor multipart."""
+
+
+class ValidationFailed(RequestInvalid):
+    """Fields missing, of the wrong type, or unknown."""
+
+
+class NotReady(OrchestratorError):
+    """The backends are not loaded."""
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+
+
+ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
+    InvalidJson: ErrorSpec(400, "invalid_json"),
+    InvalidMultipart: ErrorSpec(400, "invalid_multipart"),
+    ImageMissing: ErrorSpec(400, "image_missing"),
+    InvalidBase64: ErrorSpec(400, "invalid_base64"),
+    InvalidDataUrl: ErrorSpec(400, "invalid_data_url"),
+    ImageUrlNotSupported: ErrorSpec(400, "image_url_not_supported"),
+    RequestTooLarge: ErrorSpec(413, "request_too_large"),
+    UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type"),
+    ValidationFailed: ErrorSpec(422, "validation_error"),
+    NotReady: ErrorSpec(503, "not_ready"),
+    vision.ImageEmpty: ErrorSpec(400, "image_empty"),
+    vision.ImageTooLarge: ErrorSpec(413, "image_too_large"),
+    vision.ImageTooManyPixels: ErrorSpec(413, "image_too_many_pixels"),
+    vision.ImageUnsupported: ErrorSpec(415, "image_unsupported"),
+    vision.ImageCorrupt: ErrorSpec(400, "image_corrupt"),
+    vision.VisionUnavailable: ErrorSpec(503, "vision_unavailable"),
+    vision.VisionInvalidOutput: ErrorSpec(502, "vision_invalid_output"),
+    reasoning.ReasoningDisabled: ErrorSpec(503, "reasoning_disabled"),
+    reasoning.ReasoningUnavailable: ErrorSpec(503, "reasoning_unavailable"),
+    reasoning.ReasoningRejected: ErrorSpec(502, "reasoning_rejected"),
+    reasoning.ReasoningInvalidOutput: ErrorSpec(502, "reasoning_invalid_output"),
+    reasoning.ReasoningModelError: ErrorSpec(503, "reasoning_model_error"),
+}
+
+INTERNAL_ERROR = ErrorSpec(500, "internal_error")
+
+ROOTS: tuple[type[Exception], ...] = (OrchestratorError, vision.VisionError, reasoning.ReasoningError)
+"""The roots whose every leaf must be in ERROR_TABLE (a test checks it)."""
+
+
+def spec_for(exc: BaseException) -> ErrorSpec:
+    """The status and slug for `exc`: the nearest class in its MRO that the table names."""
+    for cls in type(exc).__mro__:
+        spec = ERROR_TABLE.get(cls)
+        if spec is not None:
+            return spec
+    return INTERNAL_ERROR
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds a client should wait before retrying, when the error says so."""
+    value = getattr(exc, "retry_after_s", None)
+    return float(value) if isinstance(value, int | float) else None

@@ -1,0 +1,70 @@
+"""Building the configured backends: the one place that turns settings into loaded models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from orchestrator.settings import ReasoningSettings, Settings, VisionSettings
+from reasoning_stage.backend import ReasoningBackend
+from vision_stage.backend import VisionBackend
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backends:
+    vision: VisionBackend
+    reasoning: ReasoningBackend
+
+    async def aclose(self) -> None:
+        try:
+            await self.vision.aclose()
+        finally:
+            await self.reasoning.aclose()
+
+
+async def build_backends(settings: Settings) -> Backends:
+    """Load both stages' backends, logging what was loaded and how long it took."""
+    vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))
+    try:
+        reasoning = await _timed("reasoning", settings.reasoning.backend, lambda: build_reasoning(settings.reasoning))
+    except BaseException:
+        await vision.aclose()
+        raise
+    return Backends(vision, reasoning)
+
+
+async def build_vision(settings: VisionSettings) -> VisionBackend:
+    from vision_stage.ocr import OcrVisionBackend
+
+    return await OcrVisionBackend.load(tags=settings.tags)
+
+
+async def build_reasoning(settings: ReasoningSettings) -> ReasoningBackend:
+    if settings.backend == "none":
+        from reasoning_stage.none import NoneReasoningBackend
+
+        return NoneReasoningBackend()
+    from reasoning_stage.local import LocalReasoningBackend
+
+    return await LocalReasoningBackend.load(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+        allow_download=settings.allow_download,
+    )
+
+
+async def _timed(stage: str, name: str, load: Callable[[], Awaitable[T]]) -> T:
+    log.info("loading %s backend %r ...", stage, name)
+    started = time.perf_counter()
+    backend = await load()
+    model = getattr(backend, "model", "?")
+    log.info("loaded %s backend %r (model %s) in %.2f s", stage, name, model, time.perf_counter() - started)
+    return backend

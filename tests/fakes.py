@@ -1,0 +1,84 @@
+"""Scripted fake backends for pipeline and API tests: they satisfy the real protocols, and record their calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reasoning_stage.backend import Health as ReasoningHealth
+from reasoning_stage.errors import ReasoningError
+from reasoning_stage.types import FinishReason, ReasoningRequest, ReasoningResult
+from vision_stage.backend import Health as VisionHealth
+from vision_stage.errors import VisionError
+from vision_stage.types import ImageFacts, StructuredDescription, TextLine, VisionRequest, VisionResult
+
+RECEIPT_LINES = ("BLUE BOTTLE CAFE", "Latte 2 x 18.00 36.00", "TOTAL 54.06")
+
+
+def text_line(text: str, order: int) -> TextLine:
+    top = 40.0 + 50.0 * order
+    return TextLine(text, ((40.0, top), (300.0, top), (300.0, top + 30.0), (40.0, top + 30.0)), 0.99, order)
+
+
+@dataclass
+class FakeVision:
+    """Reads `lines` from any image; answers with the last line; or raises `error`."""
+
+    lines: tuple[str, ...] = RECEIPT_LINES
+    error: VisionError | None = None
+    healthy: bool = True
+    name: str = "fake"
+    model: str = "fake-vision"
+    requests: list[VisionRequest] = field(default_factory=list)
+    closed: bool = False
+
+    async def generate(self, request: VisionRequest) -> VisionResult:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        image = request.image
+        facts = ImageFacts(image.width, image.height, "portrait", image.format, ())
+        lines = tuple(text_line(text, order) for order, text in enumerate(self.lines))
+        return VisionResult(
+            backend=self.name,
+            model=self.model,
+            task=request.task,
+            caption=f"An image with {len(lines)} lines of text.",
+            description="\n".join(f"“{line}”" for line in self.lines),
+            structured=StructuredDescription(facts, lines, (), ("en",)),
+            answer=f"Text in the image most relevant to the question: “{self.lines[-1]}”." if self.lines else None,
+            latency_ms=1.0,
+        )
+
+    async def health(self) -> VisionHealth:
+        return VisionHealth(self.healthy, "fake")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeReasoning:
+    """Answers `answer`, or raises `error`."""
+
+    answer: str = "The total is 54.06."
+    finish_reason: FinishReason = "stop"
+    error: ReasoningError | None = None
+    name: str = "fake"
+    model: str = "fake-llm"
+    requests: list[ReasoningRequest] = field(default_factory=list)
+    closed: bool = False
+
+    async def generate(self, request: ReasoningRequest) -> ReasoningResult:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        prompt_tokens = sum(len(message.content.split()) for message in request.messages)
+        return ReasoningResult(
+            self.name, self.model, self.answer, prompt_tokens, len(self.answer.split()), self.finish_reason, 2.0
+        )
+
+    async def health(self) -> ReasoningHealth:
+        return ReasoningHealth(True, "fake")
+
+    async def aclose(self) -> None:
+        self.closed = True
