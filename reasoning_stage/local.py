@@ -1,0 +1,338 @@
+"""The `local` backend: a transformers causal LM with a chat template, running in this process.
+
+`model=None` loads the embedded SmolLM2-135M-Instruct (see `reasoning_stage.embedded`); any other value is a local
+directory or a hub id, loaded through the same code path with no special case by model name. torch and transformers
+are imported inside functions only, so importing this module stays cheap.
+
+Foreign errors are translated into the `reasoning_stage.errors` tree by `translate_error`, and only there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from reasoning_stage.backend import Health
+from reasoning_stage.embedded import CONVERSION_HINT, EMBEDDED_MODEL, ensure_converted
+from reasoning_stage.errors import (
+    ReasoningError,
+    ReasoningModelError,
+    ReasoningRejected,
+    ReasoningUnavailable,
+)
+from reasoning_stage.types import ChatMessage, FinishReason, ReasoningRequest, ReasoningResult
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
+    from transformers.generation.utils import GenerateOutput
+
+Phase = Literal["load", "generate"]
+
+
+def translate_error(exc: Exception, *, phase: Phase, model: str, hint: str | None = None) -> ReasoningError:
+    """Map any exception raised while loading or running `model` into the reasoning error tree.
+
+    Loading: everything is a `ReasoningModelError` naming the model and what to do (`hint`, or one derived from
+    `model`). Generating: a bad value or a chat template refusing the conversation is `ReasoningRejected`; anything
+    else (torch's RuntimeError, out of memory included) is `ReasoningUnavailable`. Our own errors pass through.
+    """
+    from jinja2 import TemplateError
+
+    if isinstance(exc, ReasoningError):
+        return exc
+    detail = f"{type(exc).__name__}: {exc}"
+    if phase == "load":
+        hint = hint or _load_hint(model)
+        return ReasoningModelError(f"could not load the reasoning model {model!r} ({detail}); {hint}")
+    if isinstance(exc, ValueError | TemplateError):
+        return ReasoningRejected(f"the reasoning model {model!r} refused the request ({detail})")
+    return ReasoningUnavailable(f"the reasoning model {model!r} failed while generating ({detail})")
+
+
+def _load_hint(model: str) -> str:
+    if Path(model).expanduser().is_dir():
+        return "check that the directory holds config.json, tokenizer files and weights of a causal LM"
+    return (
+        "it is neither an existing local directory nor a model in the local hub cache: point the reasoning model "
+        "at a directory holding config.json, tokenizer files and weights, or allow downloads to fetch a hub id"
+    )
+
+
+@contextmanager
+def _translated(phase: Phase, model: str, hint: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise translate_error(exc, phase=phase, model=model, hint=hint) from exc
+
+
+class _CausalLM(Protocol):
+    """The part of a transformers `PreTrainedModel` this backend uses, typed more tightly than its stubs."""
+
+    config: PreTrainedConfig
+    generation_config: GenerationConfig
+    device: torch.device
+
+    def generate(
+        self, inputs: torch.Tensor, *, attention_mask: torch.Tensor, generation_config: GenerationConfig
+    ) -> torch.Tensor | GenerateOutput: ...
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model's weights are read from, as resolved before loading."""
+
+    model: str
+    location: str
+    local_only: bool
+    converted: bool = False
+
+
+@dataclass(frozen=True)
+class _Completion:
+    prompt_tokens: int
+    token_ids: list[int]
+    budget: int
+    text: str
+
+
+class _ChatModel:
+    """A tokenizer and a causal LM behind small typed methods; every call blocks, so run it in a worker thread."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: _CausalLM) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.architecture = type(model).__name__
+        self.context_tokens = _context_tokens(model, tokenizer)
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, local_files_only: bool) -> _ChatModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with _translated("load", source):
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+            if not getattr(tokenizer, "chat_template", None):
+                raise ReasoningModelError(
+                    f"the reasoning model {source!r} has no chat template (a base model, or a tokenizer saved "
+                    "without `chat_template`); use an instruction-tuned chat model"
+                )
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                source, dtype=_torch_dtype(dtype), local_files_only=local_files_only
+            )
+            model.to(device).eval()
+            chat = cls(tokenizer, model)
+            chat.warm_up()
+            return chat
+
+    def warm_up(self) -> None:
+        """Run the template and one decoding step now, so a broken checkpoint fails at load time and the first
+        request does not pay for paging in lazily mapped weights."""
+        self.complete(self.encode_chat((ChatMessage("user", "Hello"),)), max_new_tokens=1, temperature=0.0)
+
+    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        ids = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        token_ids = [i for i in ids if isinstance(i, int)] if isinstance(ids, list) else []
+        if not isinstance(ids, list) or len(token_ids) != len(ids):
+            raise ReasoningModelError(f"the chat template returned {type(ids).__name__}, not a list of token ids")
+        return token_ids
+
+    def complete(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> list[int]:
+        import torch
+
+        inputs = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
+        config = self._generation_config(max_new_tokens, temperature)
+        with self._lock, torch.inference_mode():
+            output = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+        sequences: torch.Tensor = output if isinstance(output, torch.Tensor) else output.sequences
+        return [int(t) for t in sequences[0, len(prompt_ids) :].tolist()]
+
+    def decode(self, token_ids: list[int]) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return (text if isinstance(text, str) else "".join(text)).strip()
+
+    def _generation_config(self, max_new_tokens: int, temperature: float) -> GenerationConfig:
+        config = copy.deepcopy(self.model.generation_config)
+        config.max_new_tokens = max_new_tokens
+        config.max_length = None
+        config.do_sample = temperature > 0
+        if config.do_sample:
+            config.temperature = temperature
+        else:  # greedy: drop the checkpoint's sampling defaults so generate does not warn about them
+            config.temperature, config.top_p, config.top_k = None, None, None
+        if config.pad_token_id is None and self.stop_ids:
+            config.pad_token_id = min(self.stop_ids)
+        return config
+
+
+def _torch_dtype(dtype: str) -> torch.dtype | Literal["auto"]:
+    import torch
+
+    if dtype == "auto":
+        return "auto"
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ReasoningModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return value
+
+
+def _context_tokens(model: _CausalLM, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The longest sequence the model was built for, when its config or tokenizer says so."""
+    config = model.config.get_text_config()
+    for attribute in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = tokenizer.model_max_length
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+def _stop_ids(model: _CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    declared: Any = model.generation_config.eos_token_id
+    ids = set(declared if isinstance(declared, list) else [declared])
+    ids.add(tokenizer.eos_token_id)
+    return frozenset(i for i in ids if isinstance(i, int))
+
+
+def _resolve(model: str | None, *, cache_dir: Path | None, allow_download: bool) -> _Source:
+    if model is None:
+        with _translated("load", EMBEDDED_MODEL, hint=CONVERSION_HINT):
+            path, converted = ensure_converted(cache_dir)
+        return _Source(EMBEDDED_MODEL, str(path), local_only=True, converted=converted)
+    expanded = Path(model).expanduser()
+    location = str(expanded) if expanded.is_dir() else model
+    return _Source(model, location, local_only=not allow_download)
+
+
+def _check_request(request: ReasoningRequest) -> None:
+    if not request.messages:
+        raise ReasoningRejected("the reasoning request holds no messages")
+    if request.max_new_tokens < 1:
+        raise ReasoningRejected(f"max_new_tokens must be at least 1, not {request.max_new_tokens}")
+    if not math.isfinite(request.temperature) or request.temperature < 0:
+        raise ReasoningRejected(f"temperature must be a finite number ≥ 0, not {request.temperature}")
+
+
+class LocalReasoningBackend:
+    """A chat model loaded in this process; one generation at a time, each in a worker thread."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        chat: _ChatModel,
+        *,
+        model: str,
+        source: str,
+        device: str,
+        converted: bool = False,
+        load_seconds: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.source = source
+        """The directory or hub id the weights were read from (for the embedded model: the converted cache copy)."""
+        self.device = device
+        self.architecture = chat.architecture
+        """The transformers class that runs, e.g. `LlamaForCausalLM` or `Glm4ForCausalLM`."""
+        self.converted = converted
+        """Whether this load converted the embedded GGUF (first run) rather than reading an existing copy."""
+        self.load_seconds = load_seconds
+        """Wall time of `load`, conversion included."""
+        self._chat: _ChatModel | None = chat
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def load(
+        cls,
+        model: str | None,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        cache_dir: Path | None = None,
+        allow_download: bool = False,
+    ) -> LocalReasoningBackend:
+        """Load `model` (a local directory or hub id; None for the embedded SmolLM2) in a worker thread.
+
+        `cache_dir` is where the converted embedded model is kept (default: the user cache directory); hub ids use
+        the hub's own cache and are fetched only when `allow_download` is set.
+        """
+        started = time.perf_counter()
+        src = await asyncio.to_thread(_resolve, model, cache_dir=cache_dir, allow_download=allow_download)
+        chat = await asyncio.to_thread(
+            _ChatModel.load, src.location, device=device, dtype=dtype, local_files_only=src.local_only
+        )
+        return cls(
+            chat,
+            model=src.model,
+            source=src.location,
+            device=device,
+            converted=src.converted,
+            load_seconds=time.perf_counter() - started,
+        )
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The longest prompt plus completion the model holds, when known."""
+        return self._chat.context_tokens if self._chat is not None else None
+
+    async def generate(self, request: ReasoningRequest) -> ReasoningResult:
+        _check_request(request)
+        started = time.perf_counter()
+        async with self._lock:
+            chat = self._chat
+            if chat is None:
+                raise ReasoningUnavailable(f"the reasoning model {self.model!r} has been closed")
+            completion = await asyncio.to_thread(self._complete, chat, request)
+        return ReasoningResult(
+            backend=self.name,
+            model=self.model,
+            text=completion.text,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=len(completion.token_ids),
+            finish_reason=_finish_reason(completion, chat.stop_ids),
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _complete(self, chat: _ChatModel, request: ReasoningRequest) -> _Completion:
+        with _translated("generate", self.model):
+            prompt_ids = chat.encode_chat(request.messages)
+            budget = request.max_new_tokens
+            if chat.context_tokens is not None:
+                room = chat.context_tokens - len(prompt_ids)
+                if room < 1:
+                    raise ReasoningRejected(
+                        f"the prompt is {len(prompt_ids)} tokens but {self.model!r} holds at most "
+                        f"{chat.context_tokens}; shorten the prompt"
+                    )
+                budget = min(budget, room)
+            ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature)
+            return _Completion(len(prompt_ids), ids, budget, chat.decode(ids))
+
+    async def health(self) -> Health:
+        if self._chat is None:
+            return Health(ok=False, detail=f"{self.model} has been closed")
+        return Health(ok=True, detail=f"{self.model} ({self.architecture}) on {self.device}")
+
+    async def aclose(self) -> None:
+        async with self._lock:  # let an in-flight generation finish first
+            self._chat = None
+
+
+def _finish_reason(completion: _Completion, stop_ids: frozenset[int]) -> FinishReason:
+    ids = completion.token_ids
+    if ids and ids[-1] in stop_ids:
+        return "stop"
+    return "length" if len(ids) >= completion.budget else "stop"

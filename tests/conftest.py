@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def embedded_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache directory for the converted embedded chat model, shared by every test of the session, so the
+    packaged GGUF is converted once per run."""
+    return tmp_path_factory.mktemp("model-cache")
