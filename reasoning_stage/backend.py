@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from reasoning_stage.types import ReasoningRequest, ReasoningResult
+from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
 
 
 @dataclass(frozen=True)
@@ -29,3 +30,12 @@ class ReasoningBackend(Protocol):
     async def health(self) -> Health: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingReasoningBackend(ReasoningBackend, Protocol):
+    """A reasoning backend that can also stream its answer as it is generated."""
+
+    def stream(self, request: ReasoningRequest) -> AsyncIterator[ReasoningDelta]:
+        """Deltas of text or thinking, the last one carrying the finish reason and token counts."""
+        ...

@@ -26,6 +26,9 @@ class ReasoningRequest:
 
 @dataclass(frozen=True)
 class ReasoningResult:
+    """The answer. `thinking` is the model's reasoning trace (vLLM/SGLang `reasoning_content`, or a `<think>` block)
+    when the model produced one; it is never part of `text`."""
+
     backend: str
     model: str
     text: str
@@ -33,3 +36,15 @@ class ReasoningResult:
     completion_tokens: int
     finish_reason: FinishReason
     latency_ms: float = 0.0
+    thinking: str | None = None
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """One piece of a streamed answer: text, or thinking, or (last) the finish reason and token counts."""
+
+    text: str = ""
+    thinking: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None

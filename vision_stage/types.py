@@ -75,16 +75,53 @@ class ImageFacts:
 
 
 @dataclass(frozen=True)
+class Box:
+    """An axis-aligned box on the 0–1000 scale GLM-4.6V grounds with (x to the right, y down, relative to the image).
+
+    `pixels(width, height)` gives the same box in pixels of an image of that size.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
+        return (self.x0 * width / 1000, self.y0 * height / 1000, self.x1 * width / 1000, self.y1 * height / 1000)
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """Something the vision model located or named; `box` is None when it gave no location."""
+
+    label: str
+    box: Box | None = None
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """A labelled value read from the image, e.g. `Total` → `54.06` on a receipt."""
+
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
 class StructuredDescription:
     """What the vision stage saw, as data.
 
     `text_lines` are in reading order, or, when a question was asked, most relevant to the question first.
+    `objects`, `fields` and `layout` come from backends that produce them (GLM's structured description); the
+    embedded `ocr` backend leaves them empty and gives `tags` instead.
     """
 
     facts: ImageFacts
     text_lines: tuple[TextLine, ...] = ()
     tags: tuple[Tag, ...] = ()
     languages: tuple[str, ...] = ()
+    objects: tuple[DetectedObject, ...] = ()
+    fields: tuple[KeyValue, ...] = ()
+    layout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +129,8 @@ class VisionResult:
     """The vision stage's answer.
 
     `description` is the readable text a reasoning stage reads; `structured` holds the same evidence as data;
-    `answer` is set for the `answer` task.
+    `answer` is set for the `answer` task. `thinking` is the model's reasoning trace when thinking was on (never part
+    of `answer`); `boxes` are the grounding boxes the model gave in its answer, in order.
     """
 
     backend: str
@@ -104,3 +142,5 @@ class VisionResult:
     answer: str | None = None
     latency_ms: float = 0.0
     notes: tuple[str, ...] = field(default=())
+    thinking: str | None = None
+    boxes: tuple[Box, ...] = ()
