@@ -98,6 +98,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     vision.ImageUnsupported: ErrorSpec(415, "image_unsupported"),
     vision.ImageCorrupt: ErrorSpec(400, "image_corrupt"),
     vision.VisionUnavailable: ErrorSpec(503, "vision_unavailable"),
+    vision.VisionRejected: ErrorSpec(502, "vision_rejected"),
     vision.VisionInvalidOutput: ErrorSpec(502, "vision_invalid_output"),
     reasoning.ReasoningDisabled: ErrorSpec(503, "reasoning_disabled"),
     reasoning.ReasoningUnavailable: ErrorSpec(503, "reasoning_unavailable"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,18 +18,54 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VisionSettings(_Section):
-    backend: Literal["ocr"] = "ocr"
-    """Which vision backend answers: `ocr` is the embedded default (RapidOCR + image tags, CPU, no download)."""
+class RemoteSettings(_Section):
+    """How a `remote` backend reaches an OpenAI-compatible server (vLLM, SGLang, a vendor API, our stage servers)."""
+
+    base_url: str | None = None
+    """E.g. `http://127.0.0.1:8001/v1`; required by the `remote` backend."""
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    """Per request, connection included."""
+
+    def _require_base_url(self, stage: str, backend: str) -> None:
+        if backend == "remote" and not self.base_url:
+            raise ValueError(f"the remote {stage} backend needs ORCH_{stage.upper()}__BASE_URL")
+
+
+class VisionSettings(RemoteSettings):
+    backend: Literal["ocr", "glm", "remote"] = "ocr"
+    """`ocr`: the embedded default (RapidOCR + image tags, CPU, no download); `glm`: GLM-4.6V-Flash in this process;
+    `remote`: an OpenAI-compatible server."""
     tags: bool = True
-    """Run the EfficientNet-Lite0 ImageNet tagger alongside OCR."""
-
-
-class ReasoningSettings(_Section):
-    backend: Literal["local", "none"] = "local"
-    """`local`: a transformers causal LM in this process; `none`: vision-only by design."""
+    """`ocr`: run the EfficientNet-Lite0 ImageNet tagger alongside OCR."""
     model: str | None = None
-    """A local directory or hub id; unset means the packaged SmolLM2-135M-Instruct."""
+    """`glm`: a local directory or hub id; `remote`: the served model name."""
+    device: str = "cpu"
+    dtype: str = "auto"
+    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
+    thinking: bool = False
+    """Let GLM-4.6V think before answering (slower; the thinking is returned separately, never as the answer)."""
+    max_new_tokens: int = Field(default=1024, ge=1, le=32768)
+    allow_download: bool = False
+    """`glm`: let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
+    pass_image_urls: bool = False
+    """`remote`: send a client's http(s) image URL to the server as is, instead of the image's bytes."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> VisionSettings:
+        self._require_base_url("vision", self.backend)
+        if self.backend in ("glm", "remote") and not self.model:
+            raise ValueError(f"the {self.backend} vision backend needs ORCH_VISION__MODEL")
+        return self
+
+
+class ReasoningSettings(RemoteSettings):
+    backend: Literal["local", "none", "remote"] = "local"
+    """`local`: a transformers causal LM in this process; `none`: vision-only by design; `remote`: an
+    OpenAI-compatible server."""
+    model: str | None = None
+    """`local`: a local directory or hub id, unset meaning the packaged SmolLM2-135M-Instruct; `remote`: the served
+    model name."""
     device: str = "cpu"
     dtype: str = "auto"
     allow_download: bool = False
@@ -39,6 +75,13 @@ class ReasoningSettings(_Section):
     max_new_tokens: int = Field(default=192, ge=1, le=8192)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     """0 means greedy decoding."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> ReasoningSettings:
+        self._require_base_url("reasoning", self.backend)
+        if self.backend == "remote" and not self.model:
+            raise ValueError("the remote reasoning backend needs ORCH_REASONING__MODEL")
+        return self
 
 
 class LimitSettings(_Section):

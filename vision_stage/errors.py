@@ -10,6 +10,7 @@ The tree::
     │   ├── ImageUnsupported          bytes of no image format we accept
     │   └── ImageCorrupt              a known format, but truncated or damaged
     ├── VisionUnavailable             the backend cannot answer now (not loaded, down, overloaded)
+    ├── VisionRejected                the backend refused the request (too long, bad parameters, unknown model)
     └── VisionInvalidOutput           the backend answered something unusable
 
 Foreign errors (Pillow's, onnxruntime's, torch's) are translated into this tree by the module that calls the
@@ -53,6 +54,10 @@ class VisionUnavailable(VisionError):
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class VisionRejected(VisionError):
+    """The backend refused the request."""
 
 
 class VisionInvalidOutput(VisionError):

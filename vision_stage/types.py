@@ -30,9 +30,13 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class VisionRequest:
+    """`image_url` is where the client said the image lives (http(s)), when it did: a remote backend configured to
+    pass URLs through sends it instead of the bytes."""
+
     image: DecodedImage
     question: str | None = None
     task: VisionTask = "describe"
+    image_url: str | None = None
 
 
 @dataclass(frozen=True)
