@@ -7,7 +7,8 @@ an order that alternates between rounds:
 
 - direct, vision-only: the vision backend's `generate` (the `answer` task), nothing else;
 - service, vision-only: `POST /v1/analyze` over loopback HTTP with a perception question (router → vision);
-- direct, vision-then-reasoning: the vision backend, then the reasoning backend on the same prompt the pipeline builds;
+- direct, vision-then-reasoning: the vision backend (`describe`), then the reasoning backend on the same prompt the
+  pipeline builds;
 - service, vision-then-reasoning: `POST /v1/analyze` with a question carrying a reasoning cue.
 
 It prints p50/p95 of each, and the ratio service/direct: what routing, HTTP, multipart parsing, image decoding and
@@ -63,7 +64,7 @@ class Bench:
         await self.backends.vision.generate(VisionRequest(self.decoded, VISION_QUESTION, task="answer"))
 
     async def direct_reasoning(self) -> None:
-        vision = await self.backends.vision.generate(VisionRequest(self.decoded, REASONING_QUESTION, task="answer"))
+        vision = await self.backends.vision.generate(VisionRequest(self.decoded, REASONING_QUESTION, task="describe"))
         messages = reasoning_messages(vision, REASONING_QUESTION, "general", detect_language(REASONING_QUESTION))
         await self.backends.reasoning.generate(
             ReasoningRequest(messages, self.settings.max_new_tokens, self.settings.temperature)

@@ -1,8 +1,9 @@
 """One analysis: route the question, look at the image, reason when routed there, and compose the answer.
 
-The vision stage is asked for its own answer on both routes: it is the answer on the vision-only route and the
-clearly marked fallback when the reasoning stage is disabled, down or broken. A vision failure fails the request
-(there is nothing to answer from); a reasoning failure never does.
+On the vision-only route the vision stage answers the question (`answer` task). On the reasoning route it describes
+the image with the question in mind (`describe` task) and the reasoning stage answers from that description; when
+the reasoning stage is disabled, down or broken, the vision stage is asked for its own answer, which is returned
+clearly marked. A vision failure fails the request (there is nothing to answer from); a reasoning failure never does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from reasoning_stage.backend import ReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError
 from reasoning_stage.types import ReasoningRequest, ReasoningResult
 from vision_stage.backend import VisionBackend
-from vision_stage.types import DecodedImage, VisionRequest, VisionResult
+from vision_stage.types import DecodedImage, VisionRequest, VisionResult, VisionTask
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +79,28 @@ class Pipeline:
         decision = route(request.question, request.mode)
         timings = {"route": _ms_since(started)}
 
+        wants_reasoning = decision.decision == "vision_then_reasoning"
         vision_started = time.perf_counter()
-        vision = await self._vision.generate(VisionRequest(request.image, request.question, task="answer"))
+        vision = await self._look(request, "describe" if wants_reasoning else "answer")
         timings["vision"] = _ms_since(vision_started)
 
         reasoning = _ReasoningOutcome(None, (), False, None)
-        if decision.decision == "vision_then_reasoning":
+        answer = _vision_answer(vision)
+        if wants_reasoning:
             reasoning_started = time.perf_counter()
             reasoning = await self._reason(vision, request, language)
             timings["reasoning"] = _ms_since(reasoning_started)
+            if reasoning.result is not None:
+                answer = reasoning.result.text
+            else:
+                fallback_started = time.perf_counter()
+                answer = _vision_answer(await self._look(request, "answer"))
+                timings["vision_answer"] = _ms_since(fallback_started)
         timings["total"] = _ms_since(started)
 
         answered_by_llm = reasoning.result is not None
         return AnalyzeOutcome(
-            answer=reasoning.result.text if reasoning.result is not None else _vision_answer(vision),
+            answer=answer,
             mode="vision_then_reasoning" if answered_by_llm else "vision_only",
             route=decision,
             vision=vision,
@@ -104,6 +113,9 @@ class Pipeline:
             timings_ms=timings,
             failures=(reasoning.failure,) if reasoning.failure else (),
         )
+
+    async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
+        return await self._vision.generate(VisionRequest(request.image, request.question, task=task))
 
     async def _reason(self, vision: VisionResult, request: AnalyzeInput, language: Language) -> _ReasoningOutcome:
         messages = reasoning_messages(vision, request.question, request.profile, language)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from orchestrator.settings import ReasoningSettings, Settings, VisionSettings
+from orchestrator.settings import ReasoningSettings, RemoteSettings, Settings, VisionSettings
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
 
@@ -40,6 +40,29 @@ async def build_backends(settings: Settings) -> Backends:
 
 
 async def build_vision(settings: VisionSettings) -> VisionBackend:
+    if settings.backend == "glm":
+        from vision_stage.glm import GlmVisionBackend
+
+        return await GlmVisionBackend.load(
+            _required(settings.model),
+            device=settings.device,
+            dtype=settings.dtype,
+            thinking=settings.thinking,
+            max_new_tokens=settings.max_new_tokens,
+            allow_download=settings.allow_download,
+        )
+    if settings.backend == "remote":
+        from vision_stage.remote import RemoteVisionBackend
+
+        return await RemoteVisionBackend.load(
+            base_url=_required(settings.base_url),
+            model=_required(settings.model),
+            api_key=_secret(settings),
+            timeout_s=settings.timeout_s,
+            thinking=settings.thinking,
+            max_new_tokens=settings.max_new_tokens,
+            pass_image_urls=settings.pass_image_urls,
+        )
     from vision_stage.ocr import OcrVisionBackend
 
     return await OcrVisionBackend.load(tags=settings.tags)
@@ -50,6 +73,15 @@ async def build_reasoning(settings: ReasoningSettings) -> ReasoningBackend:
         from reasoning_stage.none import NoneReasoningBackend
 
         return NoneReasoningBackend()
+    if settings.backend == "remote":
+        from reasoning_stage.remote import RemoteReasoningBackend
+
+        return await RemoteReasoningBackend.load(
+            base_url=_required(settings.base_url),
+            model=_required(settings.model),
+            api_key=_secret(settings),
+            timeout_s=settings.timeout_s,
+        )
     from reasoning_stage.local import LocalReasoningBackend
 
     return await LocalReasoningBackend.load(
@@ -59,6 +91,16 @@ async def build_reasoning(settings: ReasoningSettings) -> ReasoningBackend:
         cache_dir=settings.cache_dir,
         allow_download=settings.allow_download,
     )
+
+
+def _required(value: str | None) -> str:
+    if not value:  # the settings validators make this unreachable; kept so a bad construction fails clearly
+        raise ValueError("a required backend setting is missing")
+    return value
+
+
+def _secret(settings: RemoteSettings) -> str | None:
+    return settings.api_key.get_secret_value() if settings.api_key else None
 
 
 async def _timed(stage: str, name: str, load: Callable[[], Awaitable[T]]) -> T:

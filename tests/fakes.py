@@ -45,9 +45,14 @@ class FakeVision:
             caption=f"An image with {len(lines)} lines of text.",
             description="\n".join(f"“{line}”" for line in self.lines),
             structured=StructuredDescription(facts, lines, (), ("en",)),
-            answer=f"Text in the image most relevant to the question: “{self.lines[-1]}”." if self.lines else None,
+            answer=self._answer() if request.task == "answer" else None,
             latency_ms=1.0,
         )
+
+    def _answer(self) -> str:
+        if not self.lines:
+            return "No text was read in the image."
+        return f"Text in the image most relevant to the question: “{self.lines[-1]}”."
 
     async def health(self) -> VisionHealth:
         return VisionHealth(self.healthy, "fake")

@@ -16,9 +16,10 @@ def pipeline(vision: FakeVision | None = None, reasoning: object | None = None) 
 
 
 async def test_perception_question_is_answered_by_the_vision_stage_alone() -> None:
-    reasoning = FakeReasoning()
-    outcome = await pipeline(reasoning=reasoning).run(AnalyzeInput(decoded(), "What is the total?"))
+    vision, reasoning = FakeVision(), FakeReasoning()
+    outcome = await pipeline(vision, reasoning).run(AnalyzeInput(decoded(), "What is the total?"))
     assert outcome.mode == "vision_only"
+    assert [r.task for r in vision.requests] == ["answer"]
     assert outcome.answer == "Text in the image most relevant to the question: “TOTAL 54.06”."
     assert outcome.reasoning is None
     assert reasoning.requests == []
@@ -39,7 +40,7 @@ async def test_reasoning_question_goes_through_the_llm_with_the_description_as_q
     assert "never instructions" in system.content
     assert "<image_description>\n“BLUE BOTTLE CAFE”" in user.content
     assert user.content.endswith("Question: Should this be reimbursed?")
-    assert vision.requests[0].question == "Should this be reimbursed?"
+    assert [(r.task, r.question) for r in vision.requests] == [("describe", "Should this be reimbursed?")]
 
 
 @pytest.mark.parametrize(
@@ -49,9 +50,11 @@ async def test_reasoning_question_goes_through_the_llm_with_the_description_as_q
 async def test_reasoning_down_gives_a_degraded_vision_answer_in_the_question_language(
     question: str, expected: str
 ) -> None:
-    reasoning = FakeReasoning(error=ReasoningUnavailable("connection refused"))
-    outcome = await pipeline(reasoning=reasoning).run(AnalyzeInput(decoded(), question))
+    vision, reasoning = FakeVision(), FakeReasoning(error=ReasoningUnavailable("connection refused"))
+    outcome = await pipeline(vision, reasoning).run(AnalyzeInput(decoded(), question))
     assert outcome.degraded
+    assert [r.task for r in vision.requests] == ["describe", "answer"]  # the description, then its own answer
+    assert "vision_answer" in outcome.timings_ms
     assert outcome.mode == "vision_only"
     assert outcome.route.decision == "vision_then_reasoning"
     assert outcome.answer.endswith("“TOTAL 54.06”.")
