@@ -5,6 +5,12 @@ directory or a hub id, loaded through the same code path with no special case by
 are imported inside functions only, so importing this module stays cheap.
 
 Foreign errors are translated into the `reasoning_stage.errors` tree by `translate_error`, and only there.
+
+`generate` and `stream` share one path: the model generates in a worker thread with a `TokenFeed` as its
+transformers streamer, which hands each new token to the event loop (when streaming) and checks, at every decoding
+step, whether the caller has gone. Generation ends at the budget, at an end token, or, once the caller stops listening
+(the stream is closed, the awaiting task is cancelled, the server's client disconnects), within one decoding step: the
+feed raises inside `model.generate`, the thread unwinds, and only then is the model released to the next request.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -28,7 +34,8 @@ from reasoning_stage.errors import (
     ReasoningRejected,
     ReasoningUnavailable,
 )
-from reasoning_stage.types import ChatMessage, FinishReason, ReasoningRequest, ReasoningResult
+from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
+from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +90,12 @@ class _CausalLM(Protocol):
     device: torch.device
 
     def generate(
-        self, inputs: torch.Tensor, *, attention_mask: torch.Tensor, generation_config: GenerationConfig
+        self,
+        inputs: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        generation_config: GenerationConfig,
+        streamer: TokenFeed | None = None,
     ) -> torch.Tensor | GenerateOutput: ...
 
 
@@ -150,19 +162,24 @@ class _ChatModel:
             raise ReasoningModelError(f"the chat template returned {type(ids).__name__}, not a list of token ids")
         return token_ids
 
-    def complete(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float) -> list[int]:
+    def complete(
+        self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, feed: TokenFeed | None = None
+    ) -> list[int]:
         import torch
 
         inputs = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
         config = self._generation_config(max_new_tokens, temperature)
         with self._lock, torch.inference_mode():
-            output = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
+            output = self.model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), generation_config=config, streamer=feed
+            )
         sequences: torch.Tensor = output if isinstance(output, torch.Tensor) else output.sequences
         return [int(t) for t in sequences[0, len(prompt_ids) :].tolist()]
 
     def decode(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens skipped, not stripped."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return (text if isinstance(text, str) else "".join(text)).strip()
+        return text if isinstance(text, str) else "".join(text)
 
     def _generation_config(self, max_new_tokens: int, temperature: float) -> GenerationConfig:
         config = copy.deepcopy(self.model.generation_config)
@@ -289,13 +306,9 @@ class LocalReasoningBackend:
         return self._chat.context_tokens if self._chat is not None else None
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
-        _check_request(request)
         started = time.perf_counter()
-        async with self._lock:
-            chat = self._chat
-            if chat is None:
-                raise ReasoningUnavailable(f"the reasoning model {self.model!r} has been closed")
-            completion = await asyncio.to_thread(self._complete, chat, request)
+        async with self._generating(request, None) as (chat, worker):
+            completion = await asyncio.shield(worker)  # a cancelled caller stops the thread in `_generating`
         return ReasoningResult(
             backend=self.name,
             model=self.model,
@@ -306,7 +319,63 @@ class LocalReasoningBackend:
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
-    def _complete(self, chat: _ChatModel, request: ReasoningRequest) -> _Completion:
+    async def stream(self, request: ReasoningRequest) -> AsyncGenerator[ReasoningDelta, None]:
+        """The answer as it is generated: text deltas that concatenate to what `generate` returns, then a last delta
+        with the finish reason and token counts. Errors before the first token raise from the first `__anext__`.
+
+        The model is held until the stream is exhausted or closed; closing it (or cancelling its consumer) stops the
+        generation within one decoding step."""
+        pieces: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        async with self._generating(request, pieces) as (chat, worker):
+            text = IncrementalText(chat.decode)
+            while (ids := await pieces.get()) is not None:
+                if piece := text.add(ids):
+                    yield ReasoningDelta(text=piece)
+            completion = await asyncio.shield(worker)
+        yield ReasoningDelta(
+            text=text.finish(completion.text),
+            finish_reason=_finish_reason(completion, chat.stop_ids),
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=len(completion.token_ids),
+        )
+
+    @asynccontextmanager
+    async def _generating(
+        self, request: ReasoningRequest, pieces: asyncio.Queue[list[int] | None] | None
+    ) -> AsyncIterator[tuple[_ChatModel, asyncio.Task[_Completion]]]:
+        """Hold the model and run `request` in a worker thread, feeding new token ids into `pieces` (then None).
+
+        On leaving (done, failed, closed or cancelled) the generation is told to stop and awaited: the thread ends
+        within one decoding step, and the model is released only after it has."""
+        _check_request(request)
+        async with self._lock:
+            chat = self._chat
+            if chat is None:
+                raise ReasoningUnavailable(f"the reasoning model {self.model!r} has been closed")
+            feed = TokenFeed(deliver_to(pieces) if pieces is not None else None)
+            worker = asyncio.create_task(self._work(chat, request, feed, pieces))
+            try:
+                yield chat, worker
+            finally:
+                feed.stop.set()
+                await asyncio.wait([worker])
+                if not worker.cancelled():
+                    worker.exception()  # retrieved here when nobody awaited it (a closed stream)
+
+    async def _work(
+        self,
+        chat: _ChatModel,
+        request: ReasoningRequest,
+        feed: TokenFeed,
+        pieces: asyncio.Queue[list[int] | None] | None,
+    ) -> _Completion:
+        try:
+            return await asyncio.to_thread(self._complete, chat, request, feed)
+        finally:
+            if pieces is not None:  # after every token: the thread scheduled those before it returned
+                pieces.put_nowait(None)
+
+    def _complete(self, chat: _ChatModel, request: ReasoningRequest, feed: TokenFeed) -> _Completion:
         with _translated("generate", self.model):
             prompt_ids = chat.encode_chat(request.messages)
             budget = request.max_new_tokens
@@ -318,8 +387,8 @@ class LocalReasoningBackend:
                         f"{chat.context_tokens}; shorten the prompt"
                     )
                 budget = min(budget, room)
-            ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature)
-            return _Completion(len(prompt_ids), ids, budget, chat.decode(ids))
+            ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature, feed=feed)
+            return _Completion(len(prompt_ids), ids, budget, chat.decode(ids).strip())
 
     async def health(self) -> Health:
         if self._chat is None:

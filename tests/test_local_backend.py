@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from jinja2 import TemplateError
 
-from reasoning_stage.backend import ReasoningBackend
+from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.embedded import CACHE_NAME, EMBEDDED_MODEL
 from reasoning_stage.errors import (
     ReasoningError,
@@ -21,7 +23,7 @@ from reasoning_stage.errors import (
     ReasoningUnavailable,
 )
 from reasoning_stage.local import LocalReasoningBackend, Phase, translate_error
-from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult
+from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest, ReasoningResult
 from tests.tiny_models import build_tiny_glm4, build_tiny_llama
 
 QUESTION = (
@@ -299,3 +301,103 @@ async def test_second_embedded_load_reads_the_cache_and_answers(smollm2_first_lo
     assert 0 < result.completion_tokens <= 32
     assert result.prompt_tokens > 50
     assert "54.06" in result.text
+
+
+# --- streaming ---
+
+
+async def _collect(backend: LocalReasoningBackend, request: ReasoningRequest) -> list[ReasoningDelta]:
+    return [delta async for delta in backend.stream(request)]
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_glm4], ids=["llama", "glm4"])
+async def test_streamed_deltas_add_up_to_the_generated_answer(tmp_path: Path, builder: Callable[..., Path]) -> None:
+    backend = await LocalReasoningBackend.load(str(builder(tmp_path, stops="never")))
+    assert isinstance(backend, StreamingReasoningBackend)
+    request = ReasoningRequest(messages=QUESTION, max_new_tokens=16)
+    result = await backend.generate(request)
+    deltas = await _collect(backend, request)
+
+    assert "".join(delta.text for delta in deltas) == result.text
+    assert len([delta for delta in deltas if delta.text]) > 1  # piece by piece, not the answer in one lump
+    assert all(delta.finish_reason is None for delta in deltas[:-1])
+    last = deltas[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", result.prompt_tokens, 16)
+
+
+async def test_a_stream_that_ends_at_once_still_says_why(tmp_path: Path) -> None:
+    backend = await LocalReasoningBackend.load(str(build_tiny_llama(tmp_path, stops="at_once")))
+    request = ReasoningRequest(messages=QUESTION, max_new_tokens=8)
+    result, deltas = await backend.generate(request), await _collect(backend, request)
+    assert "".join(delta.text for delta in deltas) == result.text
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("stop", 1)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [ReasoningRequest(messages=(), max_new_tokens=4), ReasoningRequest(messages=(QUESTION[1],) * 40, max_new_tokens=4)],
+    ids=["no-messages", "prompt-too-long"],
+)
+async def test_a_refused_stream_raises_before_its_first_delta(tiny_llama: Path, request_: ReasoningRequest) -> None:
+    backend = await LocalReasoningBackend.load(str(tiny_llama))
+    with pytest.raises(ReasoningRejected):
+        await anext(backend.stream(request_))
+
+
+@dataclass
+class DecodingSteps:
+    count: int = 0
+    third: threading.Event = field(default_factory=threading.Event)
+
+
+@contextmanager
+def counting_decoding_steps(architecture: str) -> Iterator[DecodingSteps]:
+    """Count forward passes of the model class named `architecture` (one per decoding step), through torch's global
+    module hook; `third` is set at the third."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    steps = DecodingSteps()
+
+    def count(module: object, *_: object) -> None:
+        if type(module).__name__ == architecture:
+            steps.count += 1
+            if steps.count >= 3:
+                steps.third.set()
+
+    handle = register_module_forward_hook(count)
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+async def test_closing_a_stream_stops_the_generation(tiny_llama: Path) -> None:
+    backend = await LocalReasoningBackend.load(str(tiny_llama))
+    with counting_decoding_steps("LlamaForCausalLM") as steps:
+        stream = backend.stream(ReasoningRequest(messages=QUESTION, max_new_tokens=200))
+        await anext(stream)
+        await stream.aclose()  # returns once the worker thread has stopped
+        stopped_at = steps.count
+        await asyncio.sleep(0.2)
+        assert steps.count == stopped_at < 50
+    assert (await backend.generate(ReasoningRequest(messages=QUESTION, max_new_tokens=3))).completion_tokens == 3
+
+
+async def test_cancelling_a_generation_stops_its_thread(tiny_llama: Path) -> None:
+    backend = await LocalReasoningBackend.load(str(tiny_llama))
+    with counting_decoding_steps("LlamaForCausalLM") as steps:
+        task = asyncio.create_task(backend.generate(ReasoningRequest(messages=QUESTION, max_new_tokens=200)))
+        assert await asyncio.to_thread(steps.third.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # returns once the worker thread has stopped
+        stopped_at = steps.count
+        await asyncio.sleep(0.2)
+        assert steps.count == stopped_at < 50
+
+
+async def test_a_closed_backend_refuses_to_stream(tiny_llama: Path) -> None:
+    backend = await LocalReasoningBackend.load(str(tiny_llama))
+    await backend.aclose()
+    with pytest.raises(ReasoningUnavailable):
+        await anext(backend.stream(ReasoningRequest(messages=QUESTION, max_new_tokens=2)))

@@ -19,6 +19,7 @@ BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
 _BOX = re.compile(re.escape(BOX_OPEN) + r"(.*?)" + re.escape(BOX_CLOSE), re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+_MAX_STARTS = 64
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:
@@ -69,17 +70,22 @@ def parse_description(text: str, facts: ImageFacts) -> tuple[str, StructuredDesc
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    """The first JSON object in `text`, trying each `{` in turn (up to `_MAX_STARTS`): prose before the object may
+    hold braces of its own."""
     candidate = _FENCE.sub("", text.strip())
-    start = candidate.find("{")
-    if start < 0:
+    starts = [i for i, char in enumerate(candidate) if char == "{"][:_MAX_STARTS]
+    if not starts:
         raise VisionInvalidOutput(f"the model did not write a JSON object; it wrote: {_clip(text)}")
-    try:
-        data, _ = json.JSONDecoder().raw_decode(candidate[start:])
-    except json.JSONDecodeError as exc:
-        raise VisionInvalidOutput(f"the model's JSON description does not parse ({exc.msg}): {_clip(text)}") from None
-    if not isinstance(data, dict):
-        raise VisionInvalidOutput(f"the model's JSON description is not an object: {_clip(text)}")
-    return data
+    decoder, error = json.JSONDecoder(), None
+    for start in starts:
+        try:
+            data, _ = decoder.raw_decode(candidate[start:])
+        except json.JSONDecodeError as exc:
+            error = error or exc
+            continue
+        return dict(data)  # decoding from a `{` gives an object or fails
+    message = error.msg if error else "no object"
+    raise VisionInvalidOutput(f"the model's JSON description does not parse ({message}): {_clip(text)}")
 
 
 def _items(data: dict[str, Any], key: str) -> list[Any]:
@@ -92,6 +98,7 @@ def _items(data: dict[str, Any], key: str) -> list[Any]:
 def _text_line(item: Any, order: int, facts: ImageFacts) -> TextLine:
     if isinstance(item, str):
         return TextLine(item, _quad(None, facts), 1.0, order)
+    _require_object(item)
     box = _box_of(item.get("box"))
     return TextLine(str(item["text"]), _quad(box, facts), 1.0, order)
 
@@ -99,11 +106,18 @@ def _text_line(item: Any, order: int, facts: ImageFacts) -> TextLine:
 def _object(item: Any) -> DetectedObject:
     if isinstance(item, str):
         return DetectedObject(item)
+    _require_object(item)
     return DetectedObject(str(item["label"]), _box_of(item.get("box")))
 
 
 def _field(item: Any) -> KeyValue:
+    _require_object(item)
     return KeyValue(str(item["key"]), str(item["value"]))
+
+
+def _require_object(item: Any) -> None:
+    if not isinstance(item, dict):
+        raise TypeError(f"expected an object, got {type(item).__name__} {item!r}")
 
 
 def _box_of(value: Any) -> Box | None:

@@ -27,7 +27,9 @@ _ANSWER_PREFIX = "Answer this question about the image, from what is visible: "
 
 
 def task_prompt(task: VisionTask, question: str | None) -> str:
-    """The user text for `task`; `question` (when given) is carried in the describe and answer prompts."""
+    """The user text for `task`; `question` (when given) is carried in the describe and answer prompts. A question of
+    only whitespace counts as none."""
+    question = (question or "").strip() or None
     if task == "caption":
         return CAPTION_PROMPT
     if task == "describe":
@@ -47,6 +49,8 @@ def parse_task_prompt(text: str) -> tuple[VisionTask, str | None]:
         rest = stripped[len(DESCRIBE_PROMPT) :]
         question = rest[len(_DESCRIBE_FOR) :].strip() if rest.startswith(_DESCRIBE_FOR) else ""
         return "describe", question or None
+    if stripped == _ANSWER_PREFIX.strip():
+        return "answer", None
     if stripped.startswith(_ANSWER_PREFIX):
         return "answer", stripped[len(_ANSWER_PREFIX) :].strip() or None
     return "answer", stripped

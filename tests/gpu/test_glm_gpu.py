@@ -1,0 +1,91 @@
+"""The `glm` backend on a CUDA GPU: GLM-4.6V-Flash's full architecture with random weights, and real weights when a
+checkpoint directory is given.
+
+    .venv/bin/python -m pytest -m gpu tests/gpu -q
+    GLM_VISION_MODEL=/models/GLM-4.6V-Flash .venv/bin/python -m pytest -m gpu tests/gpu -q   # real weights too
+
+Never runs in CI: the `gpu` marker is deselected by default, and every test is skipped without CUDA. The full-size
+model takes about 21 GB of GPU memory in bfloat16.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
+from vision_stage.glm import GlmEngine, GlmVisionBackend
+from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec
+from vision_stage.images import ImageLimits, decode_image
+from vision_stage.types import DecodedImage, VisionRequest
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+RECEIPT = Path(__file__).resolve().parents[1] / "fixtures" / "receipt.png"
+
+
+def square(side: int) -> DecodedImage:
+    ramp = Image.linear_gradient("L").resize((side, side))
+    return DecodedImage(Image.merge("RGB", (ramp, ramp, ramp)), "PNG", side, side, 0, "")
+
+
+@pytest.fixture(scope="module")
+def engine() -> GlmEngine:
+    torch.manual_seed(0)
+    model, processor = full_size_glm46v_flash("cuda", torch.bfloat16)
+    engine = GlmEngine(model, GlmCodec(processor), name="random GLM-4.6V-Flash")
+    suppressed = engine.codec.tokenizer.convert_tokens_to_ids([*CONTROL_TOKENS, *MARKUP_TOKENS])
+    model.generation_config.suppress_tokens = suppressed  # random weights: plain words only, never an empty answer
+    return engine
+
+
+@pytest.fixture
+def backend(engine: GlmEngine) -> GlmVisionBackend:
+    return GlmVisionBackend(engine, model="random GLM-4.6V-Flash", device="cuda", max_new_tokens=8)
+
+
+def test_full_size_model_answers_in_bfloat16(backend: GlmVisionBackend) -> None:
+    health = asyncio.run(backend.health())
+    assert "bfloat16" in health.detail
+    result = asyncio.run(backend.generate(VisionRequest(square(1024), "What is written on the sign?", task="answer")))
+    assert isinstance(result.answer, str)
+    assert result.answer
+
+
+def test_a_very_long_image_fits_the_visual_token_cap(backend: GlmVisionBackend) -> None:
+    long = DecodedImage(Image.new("RGB", (400, 20000), "white"), "PNG", 400, 20000, 0, "")
+    prompt = backend.engine.codec.encode(VisionRequest(long, "q", task="answer"), thinking=False)
+    assert MAX_VISUAL_TOKENS - 200 < prompt.image_tokens <= MAX_VISUAL_TOKENS
+    assert asyncio.run(backend.generate(VisionRequest(long, "q", task="answer"))).answer
+
+
+@pytest.fixture(scope="module")
+def real_model() -> str:
+    path = os.environ.get("GLM_VISION_MODEL")
+    if not path:
+        pytest.skip("set GLM_VISION_MODEL to a local GLM-4.6V-Flash checkpoint directory")
+    return path
+
+
+def test_real_weights_read_the_receipt(real_model: str) -> None:
+    asyncio.run(_read_the_receipt(real_model))
+
+
+async def _read_the_receipt(real_model: str) -> None:
+    backend = await GlmVisionBackend.load(real_model, device="cuda", max_new_tokens=1024)
+    try:
+        receipt = decode_image(RECEIPT.read_bytes(), ImageLimits())
+        described = await backend.generate(VisionRequest(receipt, "What is the total?", task="describe"))
+        assert any("54.06" in line.text for line in described.structured.text_lines)
+        answered = await backend.generate(VisionRequest(receipt, "What is the total?", task="answer"))
+        assert answered.answer is not None
+        assert "54.06" in answered.answer
+    finally:
+        await backend.aclose()

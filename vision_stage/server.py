@@ -1,0 +1,251 @@
+"""The vision stage as its own OpenAI-compatible server: `create_app(backend, served_model_name=...)`.
+
+`POST /v1/chat/completions` reads the last user message: exactly one `image_url` part holding a
+`data:image/...;base64,...` URL (http(s) URLs are refused with 400 `image_url_not_supported`: this server fetches
+nothing), and text, which `vision_stage.prompts.parse_task_prompt` turns into a task. Earlier messages are ignored:
+each request is one look at one image. The message content returned is, per task:
+
+- `caption`: the caption;
+- `describe`: the JSON object `DESCRIBE_PROMPT` asks for (`vision_stage.parsing.description_json`), which
+  `vision_stage.parsing.parse_description` reads back;
+- `answer`: the answer, followed by the grounding boxes as `<|begin_of_box|>[[x0,y0,x1,y1]]<|end_of_box|>` (0–1000
+  scale) when the backend gave boxes that the answer text does not already carry, so a remote client recovers the
+  same boxes with `vision_stage.parsing.extract_boxes`.
+
+The model's thinking, when it produced some, is the message's `reasoning_content` (vLLM's field). A streamed answer
+(`stream: true`) is sent as one thinking delta and one content delta: vision backends produce whole structured
+results, not token streams, so the backend runs to the end before the first event and its errors still get an HTTP
+status. `chat_template_kwargs.enable_thinking` is accepted and ignored: no vision backend switches thinking per request
+(the `glm` backend's thinking is set when it is loaded), nor takes a token limit or temperature per request
+(`max_tokens` and `temperature` are accepted and ignored). Token usage is reported as zeros: the backends do not count
+tokens. `model` may be the served name, empty or missing; any other name is 404 `model_not_found`.
+
+Errors are OpenAI-shaped; `VISION_ERRORS` maps every error of the vision stage to its status and code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from openai.types import Model
+
+from vision_stage import errors
+from vision_stage.backend import VisionBackend
+from vision_stage.images import ImageLimits, decode_image
+from vision_stage.openai_wire import (
+    ApiError,
+    BodyLimit,
+    ChatCompletionRequest,
+    Failure,
+    MessageIn,
+    Piece,
+    Reply,
+    Status,
+    chat_events,
+    event_stream,
+    install_error_handlers,
+)
+from vision_stage.parsing import BOX_CLOSE, BOX_OPEN, description_json, extract_boxes
+from vision_stage.prompts import parse_task_prompt
+from vision_stage.types import Box, VisionRequest, VisionResult, VisionTask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+"""Room for a base64 image at `ImageLimits`' default 20 MiB (about 27 MiB encoded) and the rest of the request."""
+DEFAULT_RETRY_AFTER_S = 5.0
+
+VISION_ERRORS: dict[type[errors.VisionError], Status] = {
+    errors.ImageEmpty: Status(400, "image_empty"),
+    errors.ImageTooLarge: Status(400, "image_too_large"),
+    errors.ImageTooManyPixels: Status(400, "image_too_many_pixels"),
+    errors.ImageUnsupported: Status(400, "image_unsupported"),
+    errors.ImageCorrupt: Status(400, "image_corrupt"),
+    errors.VisionUnavailable: Status(503, "vision_unavailable"),
+    errors.VisionRejected: Status(400, "vision_rejected"),
+    errors.VisionInvalidOutput: Status(502, "vision_invalid_output"),
+}
+"""Every error of the vision stage's tree: its HTTP status and OpenAI `code` (a test checks every leaf is here)."""
+INTERNAL_ERROR = Status(500, "internal_error")
+
+MODEL_NOT_FOUND = Status(404, "model_not_found")
+USER_MESSAGE_MISSING = Status(400, "user_message_missing")
+IMAGE_MISSING = Status(400, "image_missing")
+TOO_MANY_IMAGES = Status(400, "too_many_images")
+IMAGE_URL_NOT_SUPPORTED = Status(400, "image_url_not_supported")
+INVALID_IMAGE_URL = Status(400, "invalid_image_url")
+INVALID_BASE64 = Status(400, "invalid_base64")
+
+_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
+
+
+@dataclass(frozen=True)
+class VisionService:
+    backend: VisionBackend
+    model_name: str
+    image_limits: ImageLimits
+    created: int
+
+
+def create_app(
+    backend: VisionBackend,
+    *,
+    served_model_name: str,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    image_limits: ImageLimits | None = None,
+) -> FastAPI:
+    """An app serving `backend` under `served_model_name`; it owns the backend and closes it at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await backend.aclose()
+
+    app = FastAPI(title="vision stage", lifespan=lifespan)
+    app.state.service = VisionService(backend, served_model_name, image_limits or ImageLimits(), int(time.time()))
+    app.include_router(api)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    install_error_handlers(app, failure_of, (errors.VisionError,))
+    return app
+
+
+def failure_of(exc: Exception) -> Failure:
+    """How `exc` is reported to the client; 5xx are logged, unknown errors with their traceback."""
+    if isinstance(exc, ApiError):
+        return Failure(exc.status, str(exc), exc.param)
+    status = next((VISION_ERRORS[cls] for cls in type(exc).__mro__ if cls in VISION_ERRORS), None)
+    if status is None:
+        log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return Failure(INTERNAL_ERROR, "internal error in the vision stage server; see its log")
+    if status.status >= 500:
+        log.warning("vision backend failed: %s: %s", type(exc).__name__, exc)
+    retry = (exc.retry_after_s or DEFAULT_RETRY_AFTER_S) if isinstance(exc, errors.VisionUnavailable) else None
+    return Failure(status, str(exc), retry_after_s=retry)
+
+
+def _service(request: Request) -> VisionService:
+    service: VisionService = request.app.state.service
+    return service
+
+
+Service = Annotated[VisionService, Depends(_service)]
+api = APIRouter()
+
+
+@api.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, service: Service) -> Response:
+    if body.model and body.model != service.model_name:
+        message = f"the model {body.model!r} is not served here; this server serves {service.model_name!r}"
+        raise ApiError(MODEL_NOT_FOUND, message, param="model")
+    request = await read_vision_request(body, service.image_limits)
+    result = await service.backend.generate(request)
+    content = content_of(request.task, result)
+    reply, finish = Reply(service.model_name), Piece(finish_reason="stop")
+    if not body.stream:
+        return JSONResponse(reply.completion(content, result.thinking, finish).to_dict(mode="json"))
+    pieces = _whole(Piece(thinking=result.thinking or ""), Piece(text=content, finish_reason="stop"))
+    events = chat_events(reply, pieces, include_usage=body.include_usage, on_error=failure_of)
+    return event_stream(events)
+
+
+async def _whole(*pieces: Piece) -> AsyncIterator[Piece]:
+    for piece in pieces:
+        yield piece
+
+
+@api.get("/v1/models")
+async def list_models(service: Service) -> dict[str, object]:
+    model = Model(id=service.model_name, created=service.created, object="model", owned_by="vision_stage")
+    return {"object": "list", "data": [model.to_dict(mode="json")]}
+
+
+@api.get("/health", response_model=None)
+async def health(service: Service) -> JSONResponse:
+    """200 while the backend can answer, 503 (with Retry-After) while it cannot."""
+    state = await service.backend.health()
+    body = {
+        "status": "ok" if state.ok else "unavailable",
+        "model": service.model_name,
+        "backend": service.backend.name,
+        "detail": state.detail,
+    }
+    headers = None if state.ok else {"Retry-After": str(round(DEFAULT_RETRY_AFTER_S))}
+    return JSONResponse(body, status_code=200 if state.ok else 503, headers=headers)
+
+
+async def read_vision_request(body: ChatCompletionRequest, limits: ImageLimits) -> VisionRequest:
+    """The vision request the last user message asks for: its one image, decoded, and its text's task."""
+    index, message = _last_user_message(body.messages)
+    param = f"messages.{index}.content"
+    urls = message.image_urls()
+    if len(urls) != 1:
+        status = IMAGE_MISSING if not urls else TOO_MANY_IMAGES
+        raise ApiError(
+            status, f"the last user message must hold exactly one image_url part; it holds {len(urls)}", param=param
+        )
+    data = data_url_bytes(urls[0], limits.max_bytes, param=param)
+    image = await asyncio.to_thread(decode_image, data, limits)
+    task, question = parse_task_prompt(message.text())
+    return VisionRequest(image=image, question=question, task=task)
+
+
+def _last_user_message(messages: list[MessageIn]) -> tuple[int, MessageIn]:
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].role == "user":
+            return index, messages[index]
+    raise ApiError(USER_MESSAGE_MISSING, "the request has no user message to answer", param="messages")
+
+
+def data_url_bytes(url: str, max_bytes: int, *, param: str | None = None) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL; refuses http(s) and other URLs, and what decodes too large."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        message = "this server fetches no image URLs: send the image inline as a data:image/...;base64,... URL"
+        raise ApiError(IMAGE_URL_NOT_SUPPORTED, message, param=param)
+    match = _DATA_URL.match(url)
+    media_type = (match.group("type") or "").lower() if match else ""
+    if match is None or not media_type.startswith("image/") or match.group("b64") is None:
+        raise ApiError(INVALID_IMAGE_URL, "the image URL must be a data:image/...;base64,... URL", param=param)
+    encoded = "".join(url[match.end() :].split())
+    if len(encoded) * 3 // 4 > max_bytes + 3:
+        raise errors.ImageTooLarge(f"the image decodes to more than {max_bytes} bytes; that is the limit")
+    try:
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(INVALID_BASE64, f"the image's base64 does not decode: {exc}", param=param) from None
+
+
+def content_of(task: VisionTask, result: VisionResult) -> str:
+    """The message content for `task` (see the module docstring)."""
+    if task == "caption":
+        return result.caption
+    if task == "describe":
+        return description_json(result.caption, result.structured)
+    if result.answer is None:
+        raise errors.VisionInvalidOutput(f"the vision backend {result.backend!r} gave no answer to the question")
+    return with_boxes(result.answer, result.boxes)
+
+
+def with_boxes(answer: str, boxes: tuple[Box, ...]) -> str:
+    """`answer` followed by `boxes` as GLM box markup, unless `answer` already carries exactly those boxes."""
+    if not boxes or extract_boxes(answer)[1] == boxes:
+        return answer
+    markup = " ".join(f"{BOX_OPEN}[[{_n(b.x0)},{_n(b.y0)},{_n(b.x1)},{_n(b.y1)}]]{BOX_CLOSE}" for b in boxes)
+    return f"{answer} {markup}" if answer else markup
+
+
+def _n(value: float) -> str:
+    return f"{round(value, 2):g}"
