@@ -49,6 +49,7 @@ from openai.types.chat.chat_completion_chunk import Choice
 
 from reasoning_stage.backend import Health
 from reasoning_stage.errors import (
+    ReasoningDisabled,
     ReasoningError,
     ReasoningInvalidOutput,
     ReasoningRejected,
@@ -337,12 +338,29 @@ def translate_error(exc: Exception, where: str) -> ReasoningError:
         return ReasoningUnavailable(f"{where} could not be reached ({reason})")
     if isinstance(exc, APIStatusError):
         headers = exc.response.headers
+        known = _stage_error(exc.body, where)
+        if known is not None:
+            return known
         return _status_error(exc.status_code, _detail(exc.body, exc.message), where, retry_after_s(headers))
     if isinstance(exc, APIError):  # an error event inside a 200 stream
         code = exc.body.get("code") if isinstance(exc.body, dict) else None
         status = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
         return _status_error(status, _detail(exc.body, exc.message), where, None, in_stream=True)
     return ReasoningInvalidOutput(f"{where} sent a malformed stream ({type(exc).__name__}: {exc})")
+
+
+STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {
+    "reasoning_invalid_output": ReasoningInvalidOutput,
+    "reasoning_disabled": ReasoningDisabled,
+}
+"""Error codes of our own reasoning stage server (`reasoning_stage.server`) that keep their error class across the
+hop; other codes map by HTTP status."""
+
+
+def _stage_error(body: object, where: str) -> ReasoningError | None:
+    code = body.get("code") if isinstance(body, dict) else None
+    cls = STAGE_SERVER_CODES.get(code) if isinstance(code, str) else None
+    return cls(f"{where}: {_detail(body, code or '')}") if cls is not None else None
 
 
 def _status_error(

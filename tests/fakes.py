@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reasoning_stage.backend import Health as ReasoningHealth
-from reasoning_stage.errors import ReasoningError
+from reasoning_stage.errors import ReasoningError, ReasoningUnavailable
 from reasoning_stage.types import FinishReason, ReasoningRequest, ReasoningResult
 from vision_stage.backend import Health as VisionHealth
-from vision_stage.errors import VisionError
+from vision_stage.errors import VisionError, VisionUnavailable
 from vision_stage.types import ImageFacts, StructuredDescription, TextLine, VisionRequest, VisionResult
 
 RECEIPT_LINES = ("BLUE BOTTLE CAFE", "Latte 2 x 18.00 36.00", "TOTAL 54.06")
@@ -33,6 +33,8 @@ class FakeVision:
 
     async def generate(self, request: VisionRequest) -> VisionResult:
         self.requests.append(request)
+        if self.closed:
+            raise VisionUnavailable("the fake vision backend is closed")
         if self.error is not None:
             raise self.error
         image = request.image
@@ -55,7 +57,7 @@ class FakeVision:
         return f"Text in the image most relevant to the question: “{self.lines[-1]}”."
 
     async def health(self) -> VisionHealth:
-        return VisionHealth(self.healthy, "fake")
+        return VisionHealth(self.healthy and not self.closed, "closed" if self.closed else "fake")
 
     async def aclose(self) -> None:
         self.closed = True
@@ -75,6 +77,8 @@ class FakeReasoning:
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         self.requests.append(request)
+        if self.closed:
+            raise ReasoningUnavailable("the fake reasoning backend is closed")
         if self.error is not None:
             raise self.error
         prompt_tokens = sum(len(message.content.split()) for message in request.messages)
@@ -83,7 +87,7 @@ class FakeReasoning:
         )
 
     async def health(self) -> ReasoningHealth:
-        return ReasoningHealth(True, "fake")
+        return ReasoningHealth(not self.closed, "closed" if self.closed else "fake")
 
     async def aclose(self) -> None:
         self.closed = True

@@ -53,7 +53,17 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.chat.chat_completion_chunk import Choice
 
 from vision_stage.backend import Health
-from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
+from vision_stage.errors import (
+    ImageCorrupt,
+    ImageEmpty,
+    ImageTooLarge,
+    ImageTooManyPixels,
+    ImageUnsupported,
+    VisionError,
+    VisionInvalidOutput,
+    VisionRejected,
+    VisionUnavailable,
+)
 from vision_stage.facts import image_facts
 from vision_stage.parsing import extract_boxes, parse_description, split_thinking
 from vision_stage.prompts import task_prompt
@@ -330,12 +340,33 @@ def translate_error(exc: Exception, where: str) -> VisionError:
         return VisionUnavailable(f"{where} could not be reached ({reason})")
     if isinstance(exc, APIStatusError):
         headers = exc.response.headers
+        known = _stage_error(exc.body, where)
+        if known is not None:
+            return known
         return _status_error(exc.status_code, _detail(exc.body, exc.message), where, retry_after_s(headers))
     if isinstance(exc, APIError):  # an error event inside a 200 stream
         code = exc.body.get("code") if isinstance(exc.body, dict) else None
         status = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
         return _status_error(status, _detail(exc.body, exc.message), where, None, in_stream=True)
     return VisionInvalidOutput(f"{where} sent a malformed stream ({type(exc).__name__}: {exc})")
+
+
+STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
+    "vision_invalid_output": VisionInvalidOutput,
+    "image_empty": ImageEmpty,
+    "image_too_large": ImageTooLarge,
+    "image_too_many_pixels": ImageTooManyPixels,
+    "image_unsupported": ImageUnsupported,
+    "image_corrupt": ImageCorrupt,
+}
+"""Error codes of our own vision stage server (`vision_stage.server`) that keep their error class across the hop;
+other codes map by HTTP status."""
+
+
+def _stage_error(body: object, where: str) -> VisionError | None:
+    code = body.get("code") if isinstance(body, dict) else None
+    cls = STAGE_SERVER_CODES.get(code) if isinstance(code, str) else None
+    return cls(f"{where}: {_detail(body, code or '')}") if cls is not None else None
 
 
 def _status_error(

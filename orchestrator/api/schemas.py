@@ -59,11 +59,33 @@ class FactsOut(BaseModel):
     dominant_colors: list[ColorOut]
 
 
+class BoxOut(BaseModel):
+    """A box on the 0–1000 scale relative to the image (x right, y down), as GLM-4.6V grounds."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+class ObjectOut(BaseModel):
+    label: str
+    box: BoxOut | None
+
+
+class FieldOut(BaseModel):
+    key: str
+    value: str
+
+
 class StructuredOut(BaseModel):
     facts: FactsOut
     text_lines: list[TextLineOut] = Field(description="Most relevant to the question first; see `order`.")
-    tags: list[TagOut]
+    tags: list[TagOut] = Field(description="ImageNet tags (the `ocr` backend).")
     languages: list[str]
+    objects: list[ObjectOut] = Field(description="Objects the vision model named or located (GLM).")
+    fields: list[FieldOut] = Field(description="Labelled values read from the image (GLM), e.g. a total.")
+    layout: str | None
 
 
 class VisionOut(BaseModel):
@@ -73,6 +95,9 @@ class VisionOut(BaseModel):
     description: str = Field(description="The readable description the reasoning stage reads.")
     structured: StructuredOut
     answer: str | None
+    thinking: str | None = Field(description="The vision model's reasoning trace, when thinking was on.")
+    boxes: list[BoxOut] = Field(description="Grounding boxes in the vision model's answer, in order.")
+    notes: list[str]
     latency_ms: float
 
 
@@ -80,6 +105,7 @@ class ReasoningOut(BaseModel):
     backend: str
     model: str
     answer: str
+    thinking: str | None = Field(description="The LLM's reasoning trace, when it produced one.")
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
@@ -170,6 +196,9 @@ def _vision_out(vision: VisionResult) -> VisionOut:
         description=vision.description,
         structured=_structured_out(vision.structured),
         answer=vision.answer,
+        thinking=vision.thinking,
+        boxes=[BoxOut(**vars(box)) for box in vision.boxes],
+        notes=list(vision.notes),
         latency_ms=vision.latency_ms,
     )
 
@@ -192,6 +221,12 @@ def _structured_out(structured: StructuredDescription) -> StructuredOut:
         ],
         tags=[TagOut(**vars(tag)) for tag in structured.tags],
         languages=list(structured.languages),
+        objects=[
+            ObjectOut(label=item.label, box=BoxOut(**vars(item.box)) if item.box else None)
+            for item in structured.objects
+        ],
+        fields=[FieldOut(key=item.key, value=item.value) for item in structured.fields],
+        layout=structured.layout,
     )
 
 
@@ -200,6 +235,7 @@ def _reasoning_out(reasoning: ReasoningResult) -> ReasoningOut:
         backend=reasoning.backend,
         model=reasoning.model,
         answer=reasoning.text,
+        thinking=reasoning.thinking,
         finish_reason=reasoning.finish_reason,
         prompt_tokens=reasoning.prompt_tokens,
         completion_tokens=reasoning.completion_tokens,
