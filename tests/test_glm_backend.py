@@ -20,8 +20,9 @@ from PIL import Image
 from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, glm_tokenizer
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, read_output, torch_dtype, translate_error
+from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, torch_dtype, translate_error
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
+from vision_stage.parsing import read_output
 from vision_stage.types import Box, DecodedImage, ImageFacts, VisionRequest, VisionTask
 
 TINY_MAX_TOKENS = 64
@@ -297,7 +298,9 @@ def test_decode_keeps_thinking_and_box_markup_and_drops_other_special_tokens(eng
 
 
 def test_read_output_splits_thinking_and_reads_boxes() -> None:
-    reading = read_output("answer", "<think>look</think>The cup <|begin_of_box|>[[1,2,3,4]]<|end_of_box|>.", FACTS)
+    reading = read_output(
+        "answer", "<think>look</think>The cup <|begin_of_box|>[[1,2,3,4]]<|end_of_box|>.", FACTS, who="m"
+    )
     assert reading.thinking == "look"
     assert reading.answer == "The cup [[1,2,3,4]]."
     assert reading.boxes == (Box(1, 2, 3, 4),)
@@ -305,7 +308,7 @@ def test_read_output_splits_thinking_and_reads_boxes() -> None:
 
 def test_read_output_of_a_describe_renders_the_structured_description() -> None:
     data = {"caption": "A receipt.", "text_lines": [{"text": "TOTAL 3.50", "box": [0, 0, 500, 500]}]}
-    reading = read_output("describe", "<think>ok</think>```json\n" + json.dumps(data) + "\n```", FACTS)
+    reading = read_output("describe", "<think>ok</think>```json\n" + json.dumps(data) + "\n```", FACTS, who="m")
     assert reading.caption == "A receipt."
     assert reading.answer is None
     assert reading.thinking == "ok"
@@ -316,9 +319,9 @@ def test_read_output_of_a_describe_renders_the_structured_description() -> None:
 
 def test_read_output_refuses_an_answer_lost_to_thinking() -> None:
     with pytest.raises(VisionInvalidOutput, match="whole token budget thinking"):
-        read_output("answer", "<think>still thinking", FACTS, budget_spent=True)
+        read_output("answer", "<think>still thinking", FACTS, who="the glm vision model", budget_spent=True)
     with pytest.raises(VisionInvalidOutput, match="wrote no answer for the caption task"):
-        read_output("caption", "   ", FACTS)
+        read_output("caption", "   ", FACTS, who="the glm vision model")
 
 
 async def test_prompt_longer_than_the_context_is_rejected(engine: GlmEngine, checkpoint: Path) -> None:

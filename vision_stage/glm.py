@@ -50,16 +50,12 @@ from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor
-from vision_stage.parsing import extract_boxes, parse_description, split_thinking
-from vision_stage.render import render_description
+from vision_stage.parsing import read_output
 from vision_stage.types import (
-    Box,
     DecodedImage,
     ImageFacts,
-    StructuredDescription,
     VisionRequest,
     VisionResult,
-    VisionTask,
 )
 
 if TYPE_CHECKING:
@@ -238,39 +234,6 @@ def torch_dtype(dtype: str, device: str) -> torch.dtype:
     return value
 
 
-@dataclass(frozen=True)
-class Reading:
-    """What a generation says, per task: the fields of a `VisionResult` that come from the model's text."""
-
-    caption: str
-    description: str
-    structured: StructuredDescription
-    answer: str | None
-    thinking: str | None
-    boxes: tuple[Box, ...]
-
-
-def read_output(task: VisionTask, text: str, facts: ImageFacts, *, budget_spent: bool = False) -> Reading:
-    """Interpret the decoded text of a generation for `task` (pure). `VisionInvalidOutput` when there is no answer
-    (`budget_spent`: the token limit was reached, so thinking may have been cut) or no usable JSON description."""
-    thinking, answer = split_thinking(text)
-    if not answer:
-        if thinking is not None and budget_spent:
-            raise VisionInvalidOutput(
-                "the glm vision model spent its whole token budget thinking and wrote no answer; raise "
-                "ORCH_VISION__MAX_NEW_TOKENS or turn thinking off (ORCH_VISION__THINKING=false)"
-            )
-        raise VisionInvalidOutput(f"the glm vision model wrote no answer for the {task} task")
-    plain, boxes = extract_boxes(answer)
-    if task == "describe":
-        caption, structured = parse_description(answer, facts)
-        return Reading(caption, render_description(caption, structured), structured, None, thinking, boxes)
-    structured = StructuredDescription(facts)
-    caption = plain.strip() if task == "caption" else ""
-    answer_text = plain.strip() if task == "answer" else None
-    return Reading(caption, render_description(caption, structured), structured, answer_text, thinking, boxes)
-
-
 class GlmVisionBackend:
     """GLM-4.6V-Flash in this process; one generation at a time, each in a worker thread."""
 
@@ -319,7 +282,11 @@ class GlmVisionBackend:
             engine = self.engine
             generation, facts = await asyncio.to_thread(self._look, engine, request)
         reading = read_output(
-            request.task, generation.text, facts, budget_spent=generation.completion_tokens >= generation.budget
+            request.task,
+            generation.text,
+            facts,
+            who="the glm vision model",
+            budget_spent=generation.completion_tokens >= generation.budget,
         )
         return VisionResult(
             backend=self.name,

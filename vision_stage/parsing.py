@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from vision_stage.errors import VisionInvalidOutput
-from vision_stage.types import Box, DetectedObject, ImageFacts, KeyValue, Point, StructuredDescription, TextLine
+from vision_stage.render import render_description
+from vision_stage.types import (
+    Box,
+    DetectedObject,
+    ImageFacts,
+    KeyValue,
+    Point,
+    StructuredDescription,
+    TextLine,
+    VisionTask,
+)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
@@ -51,6 +62,43 @@ def extract_boxes(text: str) -> tuple[str, tuple[Box, ...]]:
 def _box(numbers: list[float]) -> Box:
     x0, y0, x1, y1 = (min(1000.0, max(0.0, n)) for n in numbers)
     return Box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a vision-language model's text says, per task: the fields of a `VisionResult` that come from it."""
+
+    caption: str
+    description: str
+    structured: StructuredDescription
+    answer: str | None
+    thinking: str | None
+    boxes: tuple[Box, ...]
+
+
+def read_output(task: VisionTask, text: str, facts: ImageFacts, *, who: str, budget_spent: bool = False) -> Reading:
+    """Interpret a model's text for `task`; `who` names the model in errors. `VisionInvalidOutput` when there is no
+    answer (`budget_spent`: the token limit was reached, so thinking may have been cut) or no usable JSON description.
+    The answer task has no caption; the caption and answer tasks have no structured evidence beyond `facts`."""
+    thinking, answer = split_thinking(text)
+    if not answer:
+        if thinking is not None and budget_spent:
+            raise VisionInvalidOutput(
+                f"{who} spent its whole token budget thinking and wrote no answer; raise "
+                "ORCH_VISION__MAX_NEW_TOKENS or turn thinking off (ORCH_VISION__THINKING=false)"
+            )
+        raise VisionInvalidOutput(f"{who} wrote no answer for the {task} task")
+    plain, boxes = extract_boxes(answer)
+    if task == "describe":
+        try:
+            caption, structured = parse_description(answer, facts)
+        except VisionInvalidOutput as exc:
+            raise VisionInvalidOutput(f"{who}: {exc}") from exc
+        return Reading(caption, render_description(caption, structured), structured, None, thinking, boxes)
+    structured = StructuredDescription(facts)
+    caption = plain.strip() if task == "caption" else ""
+    answer_text = plain.strip() if task == "answer" else None
+    return Reading(caption, render_description(caption, structured), structured, answer_text, thinking, boxes)
 
 
 def parse_description(text: str, facts: ImageFacts) -> tuple[str, StructuredDescription]:

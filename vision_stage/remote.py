@@ -65,10 +65,9 @@ from vision_stage.errors import (
     VisionUnavailable,
 )
 from vision_stage.facts import image_facts
-from vision_stage.parsing import extract_boxes, parse_description, split_thinking
+from vision_stage.parsing import read_output, split_thinking
 from vision_stage.prompts import task_prompt
-from vision_stage.render import render_description
-from vision_stage.types import DecodedImage, ImageFacts, StructuredDescription, VisionRequest, VisionResult, VisionTask
+from vision_stage.types import DecodedImage, ImageFacts, VisionRequest, VisionResult
 
 if TYPE_CHECKING:
     import httpx2
@@ -164,20 +163,20 @@ class RemoteVisionBackend:
         if not text:
             spent = f": thinking used all {self._max_new_tokens} tokens" if answer.finish_reason == "length" else ""
             raise VisionInvalidOutput(f"{self._where} gave no answer{spent}")
-        caption, structured, direct = self._read(request.task, text, facts)
+        reading = read_output(request.task, text, facts, who=self._where)
         notes = (f"the answer was cut at {self._max_new_tokens} tokens",) if answer.finish_reason == "length" else ()
         return VisionResult(
             backend=self.name,
             model=self.model,
             task=request.task,
-            caption=caption,
-            description=render_description(caption, structured),
-            structured=structured,
-            answer=direct,
+            caption=reading.caption,
+            description=reading.description,
+            structured=reading.structured,
+            answer=reading.answer,
             latency_ms=(time.perf_counter() - started) * 1000,
             notes=notes,
-            thinking=thinking,
-            boxes=extract_boxes(text)[1],
+            thinking=thinking or reading.thinking,
+            boxes=reading.boxes,
         )
 
     def _prompt(self, request: VisionRequest) -> str:
@@ -191,19 +190,6 @@ class RemoteVisionBackend:
         url = request.image_url or ""
         passed = self._pass_image_urls and url.startswith(("http://", "https://"))
         return (url if passed else image_data_url(request.image)), image_facts(request.image)
-
-    def _read(self, task: VisionTask, text: str, facts: ImageFacts) -> tuple[str, StructuredDescription, str | None]:
-        """(caption, structured, answer), as the `glm` backend reads them: the answer task has no caption."""
-        if task == "describe":
-            try:
-                caption, structured = parse_description(text, facts)
-            except VisionInvalidOutput as exc:
-                raise VisionInvalidOutput(f"{self._where}: {exc}") from exc
-            return caption, structured, None
-        plain = extract_boxes(text)[0].strip()
-        if task == "caption":
-            return plain, StructuredDescription(facts), None
-        return "", StructuredDescription(facts), plain
 
     async def _complete(self, messages: list[ChatCompletionMessageParam]) -> _Answer:
         try:
