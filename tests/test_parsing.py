@@ -303,3 +303,13 @@ def test_render_description_is_deterministic_and_keeps_fractional_boxes() -> Non
     structured = StructuredDescription(FACTS, objects=(DetectedObject("dot", Box(1.25, 2, 3, 4)),))
     assert render_description("c", structured) == render_description("c", structured)
     assert "- dot [1.25, 2, 3, 4]" in render_description("c", structured)
+
+
+def test_an_answer_reading_does_not_claim_the_image_has_no_text() -> None:
+    from vision_stage.parsing import read_output
+    from vision_stage.types import ImageFacts
+
+    facts = ImageFacts(600, 800, "portrait", "PNG", ())
+    reading = read_output("answer", "The total is 54.06.", facts, who="m")
+    assert "none was read" not in reading.description
+    assert reading.answer == "The total is 54.06."

@@ -98,7 +98,8 @@ def read_output(task: VisionTask, text: str, facts: ImageFacts, *, who: str, bud
     structured = StructuredDescription(facts)
     caption = plain.strip() if task == "caption" else ""
     answer_text = plain.strip() if task == "answer" else None
-    return Reading(caption, render_description(caption, structured), structured, answer_text, thinking, boxes)
+    description = render_description(caption, structured, text_read=False)
+    return Reading(caption, description, structured, answer_text, thinking, boxes)
 
 
 def parse_description(text: str, facts: ImageFacts) -> tuple[str, StructuredDescription]:

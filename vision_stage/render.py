@@ -13,8 +13,9 @@ from vision_stage.facts import facts_lines
 from vision_stage.types import Box, DetectedObject, KeyValue, StructuredDescription, TextLine
 
 
-def render_description(caption: str, structured: StructuredDescription) -> str:
-    """Caption, facts, layout, fields, objects and quoted text lines, one item per line."""
+def render_description(caption: str, structured: StructuredDescription, *, text_read: bool = True) -> str:
+    """Caption, facts, layout, fields, objects and quoted text lines, one item per line. `text_read=False` (the model
+    was not asked to read the text: caption and answer tasks) leaves out the text section rather than claim none."""
     lines: list[str] = []
     if caption.strip():
         lines.append(f"Caption: {caption.strip()}")
@@ -23,7 +24,8 @@ def render_description(caption: str, structured: StructuredDescription) -> str:
         lines.append(f"Layout: {structured.layout}")
     lines.extend(_fields(structured.fields))
     lines.extend(_objects(structured.objects))
-    lines.extend(_text(structured.text_lines))
+    if text_read:
+        lines.extend(_text(structured.text_lines))
     return "\n".join(lines)
 
 
