@@ -288,19 +288,7 @@ class GlmVisionBackend:
             who="the glm vision model",
             budget_spent=generation.completion_tokens >= generation.budget,
         )
-        return VisionResult(
-            backend=self.name,
-            model=self.model,
-            task=request.task,
-            caption=reading.caption,
-            description=reading.description,
-            structured=reading.structured,
-            answer=reading.answer,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            notes=generation.prompt.notes,
-            thinking=reading.thinking,
-            boxes=reading.boxes,
-        )
+        return reading.result(self.name, self.model, request.task, started=started, notes=generation.prompt.notes)
 
     def _look(self, engine: GlmEngine, request: VisionRequest) -> tuple[Generation, ImageFacts]:
         generation = engine.generate(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)

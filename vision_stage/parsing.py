@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from vision_stage.types import (
     Point,
     StructuredDescription,
     TextLine,
+    VisionResult,
     VisionTask,
 )
 
@@ -74,6 +76,24 @@ class Reading:
     answer: str | None
     thinking: str | None
     boxes: tuple[Box, ...]
+
+    def result(
+        self, backend: str, model: str, task: VisionTask, *, started: float, notes: tuple[str, ...] = ()
+    ) -> VisionResult:
+        """The `VisionResult` of this reading; `started` is the request's `time.perf_counter()` at its start."""
+        return VisionResult(
+            backend=backend,
+            model=model,
+            task=task,
+            caption=self.caption,
+            description=self.description,
+            structured=self.structured,
+            answer=self.answer,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            notes=notes,
+            thinking=self.thinking,
+            boxes=self.boxes,
+        )
 
 
 def read_output(task: VisionTask, text: str, facts: ImageFacts, *, who: str, budget_spent: bool = False) -> Reading:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import math
 import time
@@ -164,20 +165,10 @@ class RemoteVisionBackend:
             spent = f": thinking used all {self._max_new_tokens} tokens" if answer.finish_reason == "length" else ""
             raise VisionInvalidOutput(f"{self._where} gave no answer{spent}")
         reading = read_output(request.task, text, facts, who=self._where)
+        if thinking:
+            reading = dataclasses.replace(reading, thinking=thinking)
         notes = (f"the answer was cut at {self._max_new_tokens} tokens",) if answer.finish_reason == "length" else ()
-        return VisionResult(
-            backend=self.name,
-            model=self.model,
-            task=request.task,
-            caption=reading.caption,
-            description=reading.description,
-            structured=reading.structured,
-            answer=reading.answer,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            notes=notes,
-            thinking=thinking or reading.thinking,
-            boxes=reading.boxes,
-        )
+        return reading.result(self.name, self.model, request.task, started=started, notes=notes)
 
     def _prompt(self, request: VisionRequest) -> str:
         try:
