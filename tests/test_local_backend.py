@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,8 +62,12 @@ def _prompt_tokens(path: Path, messages: tuple[ChatMessage, ...]) -> int:
 
 @pytest.mark.parametrize(
     ("builder", "architecture"),
-    [(build_tiny_llama, "LlamaForCausalLM"), (build_tiny_glm4, "Glm4ForCausalLM")],
-    ids=["llama", "glm4"],
+    [
+        (build_tiny_llama, "LlamaForCausalLM"),
+        (build_tiny_glm4, "Glm4ForCausalLM"),
+        (functools.partial(build_tiny_glm4, architecture="glm"), "GlmForCausalLM"),
+    ],
+    ids=["llama", "glm4", "glm"],
 )
 async def test_tiny_model_generates_deterministically_within_budget(
     tmp_path: Path, builder: Callable[..., Path], architecture: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -78,15 +78,26 @@ def build_tiny_llama(
     return _save(directory, model, tokenizer, stops=stops)
 
 
-def build_tiny_glm4(directory: Path, *, max_position_embeddings: int = 256, stops: Stops = "randomly") -> Path:
-    """A 2-layer `Glm4ForCausalLM` with GLM's special tokens and a GLM-4-style chat template."""
-    from transformers import Glm4Config, Glm4ForCausalLM
+def build_tiny_glm4(
+    directory: Path,
+    *,
+    max_position_embeddings: int = 256,
+    stops: Stops = "randomly",
+    architecture: Literal["glm4", "glm"] = "glm4",
+) -> Path:
+    """A 2-layer `Glm4ForCausalLM` (GLM-4-9B-0414's class), or `GlmForCausalLM` (glm-4-9b-chat-hf's) with
+    `architecture="glm"`, with GLM's special tokens and a GLM-4-style chat template."""
+    from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
+    classes: tuple[type[Any], type[Any]] = (
+        (Glm4Config, Glm4ForCausalLM) if architecture == "glm4" else (GlmConfig, GlmForCausalLM)
+    )
+    config_class, model_class = classes
     tokenizer = _word_tokenizer(
         GLM_SPECIALS, GLM_CHAT_TEMPLATE, unk="[MASK]", bos=None, eos="<|endoftext|>", pad="<|endoftext|>"
     )
     vocab = tokenizer.get_vocab()
-    config = Glm4Config(
+    config = config_class(
         vocab_size=len(vocab),
         hidden_size=32,
         intermediate_size=64,
@@ -98,7 +109,7 @@ def build_tiny_glm4(directory: Path, *, max_position_embeddings: int = 256, stop
         pad_token_id=vocab["<|endoftext|>"],
         eos_token_id=[vocab["<|endoftext|>"], vocab["<|user|>"], vocab["<|observation|>"]],
     )
-    model = _seeded(lambda: Glm4ForCausalLM(config))
+    model = _seeded(lambda: model_class(config))
     return _save(directory, model, tokenizer, stops=stops)
 
 
