@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.messages import REVIEW_PROFILES, Language, Profile, detect_language, disclaimer, notice
 from orchestrator.prompts import reasoning_messages
-from orchestrator.routing import Decision, RequestedMode, RouteDecision, route
+from orchestrator.routing import Decision, RequestedMode, RouteDecision, Router
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError
@@ -68,15 +68,18 @@ class _ReasoningOutcome:
 
 
 class Pipeline:
-    def __init__(self, vision: VisionBackend, reasoning: ReasoningBackend, settings: ReasoningSettings) -> None:
+    def __init__(
+        self, vision: VisionBackend, reasoning: ReasoningBackend, settings: ReasoningSettings, router: Router
+    ) -> None:
         self._vision = vision
         self._reasoning = reasoning
         self._settings = settings
+        self._router = router
 
     async def run(self, request: AnalyzeInput) -> AnalyzeOutcome:
         started = time.perf_counter()
         language = detect_language(request.question)
-        decision = route(request.question, request.mode)
+        decision = await self._router.route(request.question, request.mode)
         timings = {"route": _ms_since(started)}
 
         wants_reasoning = decision.decision == "vision_then_reasoning"

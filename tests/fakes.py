@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from orchestrator.routing import Vector
 from reasoning_stage.backend import Health as ReasoningHealth
 from reasoning_stage.errors import ReasoningError, ReasoningUnavailable
 from reasoning_stage.types import FinishReason, ReasoningRequest, ReasoningResult
@@ -91,3 +94,23 @@ class FakeReasoning:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+@dataclass
+class FakeEmbedder:
+    """Embeds each text as its hand-made vector in `vectors` (L2-normalised), or as `default`; records every call."""
+
+    vectors: dict[str, tuple[float, ...]]
+    default: tuple[float, ...] = (0.0, 0.0, 1.0)
+    calls: list[str | list[str]] = field(default_factory=list)
+
+    def query(self, texts: str | list[str], /) -> Vector:
+        self.calls.append(texts)
+        if isinstance(texts, str):
+            return self._unit(texts)
+        return np.stack([self._unit(text) for text in texts])
+
+    def _unit(self, text: str) -> Vector:
+        vector = np.asarray(self.vectors.get(text, self.default), dtype=np.float32)
+        unit: Vector = vector / np.linalg.norm(vector)
+        return unit

@@ -3,16 +3,24 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.pipeline import AnalyzeInput, Pipeline
+from orchestrator.routing import EmbeddingRouter, KeywordRouter, Prototype, Router
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningUnavailable
 from reasoning_stage.none import NoneReasoningBackend
-from tests.fakes import FakeReasoning, FakeVision
+from tests.fakes import FakeEmbedder, FakeReasoning, FakeVision
 from tests.images import decoded
 from vision_stage.errors import VisionUnavailable
 
 
-def pipeline(vision: FakeVision | None = None, reasoning: object | None = None) -> Pipeline:
-    return Pipeline(vision or FakeVision(), reasoning or FakeReasoning(), ReasoningSettings())  # type: ignore[arg-type]
+def pipeline(
+    vision: FakeVision | None = None, reasoning: object | None = None, router: Router | None = None
+) -> Pipeline:
+    return Pipeline(
+        vision or FakeVision(),
+        reasoning or FakeReasoning(),  # type: ignore[arg-type]
+        ReasoningSettings(),
+        router or KeywordRouter(),
+    )
 
 
 async def test_perception_question_is_answered_by_the_vision_stage_alone() -> None:
@@ -113,3 +121,21 @@ async def test_profiles_carry_disclaimers_and_review_flags(
         assert outcome.disclaimer is not None
         assert outcome.disclaimer.startswith(disclaimer_start)
     assert outcome.needs_human_review is review
+
+
+async def test_the_pipeline_routes_with_the_router_it_was_given() -> None:
+    examples = [
+        Prototype("Can I expense this?", "vision_then_reasoning"),
+        Prototype("What is the total?", "vision_only"),
+    ]
+    embedder = FakeEmbedder(
+        {"Can I expense this?": (1.0, 0.0, 0.0), "Is this deductible for my firm?": (1.0, 0.1, 0.0)}
+    )
+    router = EmbeddingRouter.build(embedder, examples, threshold=0.5)
+    vision, reasoning = FakeVision(), FakeReasoning(answer="Probably, as a client lunch.")
+    outcome = await pipeline(vision, reasoning, router).run(AnalyzeInput(decoded(), "Is this deductible for my firm?"))
+    assert outcome.mode == "vision_then_reasoning"
+    assert outcome.answer == "Probably, as a client lunch."
+    assert outcome.route.reason.startswith("embedding router: nearest examples “Can I expense this?” (reasoning")
+    assert [r.task for r in vision.requests] == ["describe"]
+    assert embedder.calls[-1] == "Is this deductible for my firm?"

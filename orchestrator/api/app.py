@@ -17,8 +17,9 @@ from orchestrator.api.deps import Services
 from orchestrator.api.routes import api
 from orchestrator.errors import ROOTS, ErrorSpec, RequestTooLarge, retry_after_s, spec_for
 from orchestrator.pipeline import Pipeline
+from orchestrator.routing import KeywordRouter, Router
 from orchestrator.settings import Settings
-from orchestrator.wiring import Backends, build_backends
+from orchestrator.wiring import Backends, build_backends, build_router
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,25 @@ _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 NOT_READY_RETRY_AFTER_S = 5
 
 
-def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
+def create_app(settings: Settings, backends: Backends | None = None, router: Router | None = None) -> FastAPI:
     """An app serving `settings`. With `backends`, it uses those; without, its lifespan loads them from settings.
 
-    Either way the app owns the backends and closes them at shutdown.
+    Either way the app owns the backends and closes them at shutdown. With `router`, it routes with that one. Without,
+    an app that loads its backends also builds the configured router (`settings.router`), while an app given
+    `backends` routes with the `KeywordRouter`: injected backends are tests' and harnesses' fakes, which should not
+    wait for an embedding model; pass `router=await build_router(settings.router)` for the configured one.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = backends if backends is not None else await build_backends(settings)
-        app.state.services = Services(settings, loaded, Pipeline(loaded.vision, loaded.reasoning, settings.reasoning))
+        try:
+            chosen = router if router is not None else await _default_router(settings, injected=backends is not None)
+        except BaseException:
+            await loaded.aclose()
+            raise
+        pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen)
+        app.state.services = Services(settings, loaded, pipeline)
         try:
             yield
         finally:
@@ -53,6 +63,10 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
     _register_exception_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_request_bytes)
     return app
+
+
+async def _default_router(settings: Settings, injected: bool) -> Router:
+    return KeywordRouter() if injected else await build_router(settings.router)
 
 
 def request_id_of(request: Request) -> str:

