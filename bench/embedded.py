@@ -11,8 +11,8 @@ an order that alternates between rounds:
   pipeline builds;
 - service, vision-then-reasoning: `POST /v1/analyze` with a question carrying a reasoning cue.
 
-It prints p50/p95 of each, and the ratio service/direct: what routing, HTTP, multipart parsing, image decoding and
-response building add on top of the models themselves. Greedy decoding makes the direct and service reasoning calls
+It prints p50/p95 of each, and the ratio service/direct: what routing (the configured router: by default one
+embedding query), HTTP, multipart parsing, image decoding and response building add on top of the models themselves. Greedy decoding makes the direct and service reasoning calls
 generate the same tokens.
 """
 
@@ -33,7 +33,7 @@ from orchestrator.api.app import create_app
 from orchestrator.messages import detect_language
 from orchestrator.prompts import reasoning_messages
 from orchestrator.settings import ReasoningSettings, Settings
-from orchestrator.wiring import Backends, build_backends
+from orchestrator.wiring import Backends, build_backends, build_router
 from reasoning_stage.types import ReasoningRequest
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import VisionRequest
@@ -90,7 +90,7 @@ class Bench:
 async def run(rounds: int, max_new_tokens: int, image: bytes) -> dict[str, list[float]]:
     settings = Settings(reasoning=ReasoningSettings(max_new_tokens=max_new_tokens))
     backends = await build_backends(settings)
-    app = create_app(settings, backends)
+    app = create_app(settings, backends, router=await build_router(settings.router))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     serving = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110  (uvicorn exposes a flag, not an event)
