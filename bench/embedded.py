@@ -12,8 +12,8 @@ an order that alternates between rounds:
 - service, vision-then-reasoning: `POST /v1/analyze` with a question carrying a reasoning cue.
 
 It prints p50/p95 of each, and the ratio service/direct: what routing (the configured router: by default one
-embedding query), HTTP, multipart parsing, image decoding and response building add on top of the models themselves. Greedy decoding makes the direct and service reasoning calls
-generate the same tokens.
+embedding query), HTTP, multipart parsing, image decoding and response building add on top of the models themselves.
+Greedy decoding makes the direct and service reasoning calls generate the same tokens.
 """
 
 from __future__ import annotations
