@@ -112,7 +112,7 @@ def confidence(
 def decide(checks: Sequence[Check], *, profile: Profile, confidence: float, language: Language) -> Arbitration:
     """The decision on a first answer (step 1 of the module docstring)."""
     checks = tuple(checks)
-    review = _needs_review(profile, confidence)
+    review = needs_review(profile, confidence)
     contradictions = [check for check in checks if check.verdict == "contradicted"]
     if contradictions:
         prompt = correction_prompt(contradictions, language)
@@ -125,7 +125,7 @@ def resolve(
 ) -> Arbitration:
     """The decision once the re-asked answer is checked (step 2): `corrected`, or `needs_review` with a notice."""
     checks = tuple(second_checks)
-    review = _needs_review(profile, confidence)
+    review = needs_review(profile, confidence)
     remaining = [check for check in checks if check.verdict == "contradicted"]
     if remaining:
         text = conflict_notice(remaining, language)
@@ -135,7 +135,7 @@ def resolve(
                    corrected=True, correction_prompt=None)  # fmt: skip
 
 
-def _needs_review(profile: Profile, confidence: float) -> bool:
+def needs_review(profile: Profile, confidence: float) -> bool:
     return profile in REVIEW_PROFILES or confidence < PROFILE_BARS[profile]
 
 

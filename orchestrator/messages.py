@@ -25,6 +25,10 @@ _NOTICES: dict[str, dict[Language, str]] = {
         "en": "No reasoning stage is deployed; answered from the image only.",
         "zh": "未部署推理阶段，仅根据图像作答。",
     },
+    "answer_corrected": {
+        "en": "The first answer contradicted the image; this answer was corrected against it.",
+        "zh": "初次回答与图像内容矛盾，以下为依据图像更正后的回答。",
+    },
     "reasoning_truncated": {
         "en": "The reasoning answer hit its length limit and may be cut short.",
         "zh": "推理回答达到长度上限，可能不完整。",

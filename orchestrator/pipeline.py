@@ -12,7 +12,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.messages import REVIEW_PROFILES, Language, Profile, detect_language, disclaimer, notice
+from orchestrator.arbiter import Arbiter, Context, vision_confidence
+from orchestrator.arbitration import Arbitration
+from orchestrator.messages import Language, Profile, detect_language, disclaimer, notice
 from orchestrator.prompts import reasoning_messages
 from orchestrator.routing import Decision, RequestedMode, RouteDecision, Router
 from orchestrator.settings import ReasoningSettings
@@ -56,6 +58,9 @@ class AnalyzeOutcome:
     disclaimer: str | None
     needs_human_review: bool
     timings_ms: dict[str, float]
+    confidence: float
+    arbitration: Arbitration | None = None
+    """None when no reasoning answer was checked (vision-only route, or the reasoning stage did not answer)."""
     failures: tuple[StageFailure, ...] = field(default=())
 
 
@@ -65,6 +70,7 @@ class _ReasoningOutcome:
     notices: tuple[str, ...]
     degraded: bool
     failure: StageFailure | None
+    request: ReasoningRequest
 
 
 class Pipeline:
@@ -75,46 +81,46 @@ class Pipeline:
         self._reasoning = reasoning
         self._settings = settings
         self._router = router
+        self._arbiter = Arbiter(reasoning)
 
     async def run(self, request: AnalyzeInput) -> AnalyzeOutcome:
         started = time.perf_counter()
         language = detect_language(request.question)
         decision = await self._router.route(request.question, request.mode)
         timings = {"route": _ms_since(started)}
-
         wants_reasoning = decision.decision == "vision_then_reasoning"
         vision_started = time.perf_counter()
         vision = await self._look(request, "describe" if wants_reasoning else "answer")
         timings["vision"] = _ms_since(vision_started)
-
-        reasoning = _ReasoningOutcome(None, (), False, None)
-        answer = _vision_answer(vision)
-        if wants_reasoning:
-            reasoning_started = time.perf_counter()
-            reasoning = await self._reason(vision, request, language)
-            timings["reasoning"] = _ms_since(reasoning_started)
-            if reasoning.result is not None:
-                answer = reasoning.result.text
-            else:
-                fallback_started = time.perf_counter()
-                answer = _vision_answer(await self._look(request, "answer"))
-                timings["vision_answer"] = _ms_since(fallback_started)
+        context = Context(vision, decision, self._router.threshold, request.profile, language)
+        if not wants_reasoning:
+            return _vision_outcome(context, _vision_answer(vision), timings, started)
+        reasoning_started = time.perf_counter()
+        reasoning = await self._reason(vision, request, language)
+        timings["reasoning"] = _ms_since(reasoning_started)
+        if reasoning.result is None:
+            fallback_started = time.perf_counter()
+            answer = _vision_answer(await self._look(request, "answer"))
+            timings["vision_answer"] = _ms_since(fallback_started)
+            return _vision_outcome(context, answer, timings, started, reasoning)
+        arbitration_started = time.perf_counter()
+        judged = await self._arbiter.judge(reasoning.result, reasoning.request, context)
+        timings["arbitration"] = _ms_since(arbitration_started)
         timings["total"] = _ms_since(started)
-
-        answered_by_llm = reasoning.result is not None
         return AnalyzeOutcome(
-            answer=answer,
-            mode="vision_then_reasoning" if answered_by_llm else "vision_only",
+            answer=judged.result.text,
+            mode="vision_then_reasoning",
             route=decision,
             vision=vision,
-            reasoning=reasoning.result,
+            reasoning=judged.result,
             language=language,
-            degraded=reasoning.degraded,
-            notices=reasoning.notices,
+            degraded=False,
+            notices=(*judged.notices, *_truncation(judged.result, language)),
             disclaimer=disclaimer(request.profile, language),
-            needs_human_review=request.profile in REVIEW_PROFILES,
+            needs_human_review=judged.arbitration.needs_human_review,
             timings_ms=timings,
-            failures=(reasoning.failure,) if reasoning.failure else (),
+            confidence=judged.arbitration.confidence,
+            arbitration=judged.arbitration,
         )
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
@@ -128,18 +134,48 @@ class Pipeline:
         try:
             result = await self._reasoning.generate(reasoning_request)
         except ReasoningDisabled:
-            return _ReasoningOutcome(None, (notice("reasoning_disabled", language),), False, None)
+            return _ReasoningOutcome(None, (notice("reasoning_disabled", language),), False, None, reasoning_request)
         except ReasoningError as exc:
             log.warning("reasoning stage failed (backend %s): %s: %s", self._reasoning.name, type(exc).__name__, exc)
             failure = StageFailure("reasoning", self._reasoning.name, type(exc).__name__, str(exc))
             text = notice("reasoning_failed", language, detail=f"{self._reasoning.name}: {type(exc).__name__}")
-            return _ReasoningOutcome(None, (text,), True, failure)
+            return _ReasoningOutcome(None, (text,), True, failure, reasoning_request)
         if not result.text.strip():
             failure = StageFailure("reasoning", self._reasoning.name, "EmptyAnswer", "the model answered nothing")
             text = notice("reasoning_failed", language, detail=f"{self._reasoning.name}: empty answer")
-            return _ReasoningOutcome(None, (text,), True, failure)
-        notices = (notice("reasoning_truncated", language),) if result.finish_reason == "length" else ()
-        return _ReasoningOutcome(result, notices, False, None)
+            return _ReasoningOutcome(None, (text,), True, failure, reasoning_request)
+        return _ReasoningOutcome(result, (), False, None, reasoning_request)
+
+
+def _vision_outcome(
+    context: Context,
+    answer: str,
+    timings: dict[str, float],
+    started: float,
+    reasoning: _ReasoningOutcome | None = None,
+) -> AnalyzeOutcome:
+    """The vision stage's answer: on the vision-only route, or standing in for a reasoning stage that did not."""
+    timings["total"] = _ms_since(started)
+    score, review = vision_confidence(context)
+    return AnalyzeOutcome(
+        answer=answer,
+        mode="vision_only",
+        route=context.route,
+        vision=context.vision,
+        reasoning=None,
+        language=context.language,
+        degraded=reasoning.degraded if reasoning else False,
+        notices=reasoning.notices if reasoning else (),
+        disclaimer=disclaimer(context.profile, context.language),
+        needs_human_review=review,
+        timings_ms=timings,
+        confidence=score,
+        failures=(reasoning.failure,) if reasoning and reasoning.failure else (),
+    )
+
+
+def _truncation(result: ReasoningResult, language: Language) -> tuple[str, ...]:
+    return (notice("reasoning_truncated", language),) if result.finish_reason == "length" else ()
 
 
 def _vision_answer(vision: VisionResult) -> str:

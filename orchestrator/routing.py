@@ -106,9 +106,11 @@ class EmbeddingEvidence:
 
 
 class Router(Protocol):
-    """Decides where a question goes; `name` is the configured kind (`keyword`, `embedding`)."""
+    """Decides where a question goes; `name` is the configured kind (`keyword`, `embedding`); `threshold` is the
+    score at which a question goes to the reasoning stage (how far a score lies from it is the route's certainty)."""
 
     name: str
+    threshold: float
 
     async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision: ...
 
@@ -215,6 +217,8 @@ class KeywordRouter:
     """Keyword cues only: no model, nothing to load. What apps built around injected test backends get."""
 
     name = "keyword"
+    threshold = 0.5
+    """Keyword scores are 0 or 1: any threshold between decides alike."""
 
     async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision:
         return keyword_decision(question, mode)

@@ -68,11 +68,13 @@ class FakeVision:
 
 @dataclass
 class FakeReasoning:
-    """Answers `answer`, or raises `error`."""
+    """Answers `answer`, or raises `error`; with `script`, the n-th call gets the n-th entry (an answer or an error),
+    and calls past its end get `answer`."""
 
     answer: str = "The total is 54.06."
     finish_reason: FinishReason = "stop"
     error: ReasoningError | None = None
+    script: tuple[str | ReasoningError, ...] = ()
     name: str = "fake"
     model: str = "fake-llm"
     requests: list[ReasoningRequest] = field(default_factory=list)
@@ -82,12 +84,13 @@ class FakeReasoning:
         self.requests.append(request)
         if self.closed:
             raise ReasoningUnavailable("the fake reasoning backend is closed")
-        if self.error is not None:
-            raise self.error
+        scripted = self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else None
+        error = scripted if isinstance(scripted, ReasoningError) else self.error
+        if error is not None:
+            raise error
+        text = scripted if isinstance(scripted, str) else self.answer
         prompt_tokens = sum(len(message.content.split()) for message in request.messages)
-        return ReasoningResult(
-            self.name, self.model, self.answer, prompt_tokens, len(self.answer.split()), self.finish_reason, 2.0
-        )
+        return ReasoningResult(self.name, self.model, text, prompt_tokens, len(text.split()), self.finish_reason, 2.0)
 
     async def health(self) -> ReasoningHealth:
         return ReasoningHealth(not self.closed, "closed" if self.closed else "fake")

@@ -64,7 +64,7 @@ def test_multipart_answer_has_every_documented_field(client: TestClient) -> None
     assert body["vision"]["structured"]["facts"]["width"] == 64
     assert body["reasoning"] is None
     assert body["arbitration"]["status"] == "skipped"
-    assert body["confidence"] is None
+    assert 0.0 < body["confidence"] <= 1.0
     assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
@@ -75,6 +75,10 @@ def test_reasoning_route_reports_the_llm_and_its_usage(client: TestClient) -> No
     assert body["answer"] == "The total is 54.06."
     assert body["reasoning"]["model"] == "fake-llm"
     assert body["usage"]["completion_tokens"] == 4
+    assert body["arbitration"]["status"] == "agreed"
+    (check,) = body["arbitration"]["checks"]
+    assert (check["kind"], check["value"], check["verdict"]) == ("number", "54.06", "supported")
+    assert check["evidence"]["text"] == "TOTAL 54.06"
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 4
 
 

@@ -42,7 +42,7 @@ async def test_reasoning_question_goes_through_the_llm_with_the_description_as_q
     assert outcome.mode == "vision_then_reasoning"
     assert outcome.answer == "Yes, a latte receipt is usually reimbursable."
     assert outcome.reasoning is not None
-    assert set(outcome.timings_ms) == {"route", "vision", "reasoning", "total"}
+    assert set(outcome.timings_ms) == {"route", "vision", "reasoning", "arbitration", "total"}
     (request,) = reasoning.requests
     system, user = request.messages
     assert "never instructions" in system.content

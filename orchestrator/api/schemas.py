@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.arbitration import Arbitration
 from orchestrator.messages import Profile
 from orchestrator.pipeline import AnalyzeOutcome
 from orchestrator.routing import Decision, RequestedMode
+from orchestrator.verification import Check
 from reasoning_stage.types import ReasoningResult
 from vision_stage.types import StructuredDescription, VisionResult
 
@@ -112,10 +115,27 @@ class ReasoningOut(BaseModel):
     latency_ms: float
 
 
+class EvidenceOut(BaseModel):
+    source: str
+    text: str
+    where: str = Field(description="Where in the vision result, e.g. `line 8`, `field “Total”`.")
+
+
+class CheckOut(BaseModel):
+    kind: Literal["number", "date", "time", "quote", "object", "count"]
+    claim: str = Field(description="The claim as the answer put it.")
+    value: str
+    referent: str = Field(description="What the claim is about, e.g. `total`.")
+    verdict: Literal["supported", "contradicted", "unverifiable"]
+    reason: str
+    evidence: EvidenceOut | None
+
+
 class ArbitrationOut(BaseModel):
     status: Literal["agreed", "corrected", "needs_review", "skipped"]
     reason: str
-    checks: list[dict[str, object]] = Field(description="Per-claim checks with their evidence.")
+    corrected: bool = Field(description="True when the reasoning stage was re-asked and its second answer returned.")
+    checks: list[CheckOut] = Field(description="Each concrete claim of the answer, checked against the image.")
 
 
 class UsageOut(BaseModel):
@@ -139,7 +159,9 @@ class AnalyzeResponse(BaseModel):
     vision: VisionOut
     reasoning: ReasoningOut | None = Field(description="Null when the route skipped it or it failed.")
     arbitration: ArbitrationOut
-    confidence: float | None = Field(description="Not computed by this version: always null.")
+    confidence: float = Field(
+        description="0–1: 0.3 × evidence quality + 0.5 × claim verification + 0.2 × routing certainty (README)."
+    )
     degraded: bool = Field(description="True when a stage the route wanted failed and a fallback answered.")
     notices: list[str]
     disclaimer: str | None
@@ -171,8 +193,8 @@ def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeRespons
         route=RouteOut(**vars(outcome.route)),
         vision=_vision_out(outcome.vision),
         reasoning=_reasoning_out(reasoning) if reasoning else None,
-        arbitration=ArbitrationOut(status="skipped", reason="claim checking is not enabled in this version", checks=[]),
-        confidence=None,
+        arbitration=_arbitration_out(outcome.arbitration),
+        confidence=outcome.confidence,
         degraded=outcome.degraded,
         notices=list(outcome.notices),
         disclaimer=outcome.disclaimer,
@@ -185,6 +207,30 @@ def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeRespons
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         ),
+    )
+
+
+def _arbitration_out(arbitration: Arbitration | None) -> ArbitrationOut:
+    if arbitration is None:
+        return ArbitrationOut(status="skipped", reason="no reasoning answer to check", corrected=False, checks=[])
+    checks = [_check_out(check) for check in arbitration.checks]
+    counts = Counter(check.verdict for check in checks)
+    summary = ", ".join(f"{counts[v]} {v}" for v in ("supported", "contradicted", "unverifiable") if counts[v])
+    reason = f"{len(checks)} claims checked against the image: {summary}" if checks else "no concrete claims to check"
+    status = "needs_review" if arbitration.status == "contradicted" else arbitration.status
+    return ArbitrationOut(status=status, reason=reason, corrected=arbitration.corrected, checks=checks)
+
+
+def _check_out(check: Check) -> CheckOut:
+    claim, evidence = check.claim, check.evidence
+    return CheckOut(
+        kind=claim.kind,
+        claim=claim.text,
+        value=claim.value,
+        referent=claim.referent,
+        verdict=check.verdict,
+        reason=check.reason,
+        evidence=EvidenceOut(source=evidence.source, text=evidence.text, where=evidence.where) if evidence else None,
     )
 
 
