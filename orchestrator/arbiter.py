@@ -2,15 +2,24 @@
 the reasoning stage once when the answer contradicts the image, and decide.
 
 The decisions are the pure functions of `orchestrator.arbitration` over the checks of `orchestrator.verification`;
-this module does the one piece of I/O they need, the second reasoning call. When that call fails, the first answer
-is returned with its conflicts spelled out and marked for review: a failed correction never fails the request.
+this module does the I/O they need: the second reasoning call and, when enabled, the yes/no probes of
+`orchestrator.probes`. When the second call fails, the first answer is returned with its conflicts spelled out and
+marked for review: a failed correction never fails the request.
+
+Probes: with a `probe_limit` above 0 and the request's image in the `Context`, each answer's claims that the
+evidence left `unverifiable` and a probe can settle are put to the vision stage (`answer` task), at most
+`probe_limit` per answer, concurrently, after `verify_all` and before `decide` — so a contradiction a probe finds
+re-asks the reasoning stage like any other. A probe whose call fails (a `VisionError`) or whose reply is neither yes
+nor no leaves its check unverifiable; probes never fail the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
+from orchestrator.answer_json import ResponseFormat, answer_claims
 from orchestrator.arbitration import (
     Arbitration,
     confidence,
@@ -20,14 +29,17 @@ from orchestrator.arbitration import (
     needs_review,
     resolve,
 )
-from orchestrator.claims import extract_claims
+from orchestrator.claims import Claim, extract_claims
 from orchestrator.messages import Language, Profile, notice
+from orchestrator.probes import probe_question, probed_check
 from orchestrator.routing import RouteDecision
 from orchestrator.verification import Check, Evidence, evidence_from_vision, verify_all
 from reasoning_stage.backend import ReasoningBackend
 from reasoning_stage.errors import ReasoningError
 from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult
-from vision_stage.types import VisionResult
+from vision_stage.backend import VisionBackend
+from vision_stage.errors import VisionError
+from vision_stage.types import DecodedImage, VisionRequest, VisionResult
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,10 @@ class Context:
     route_threshold: float
     profile: Profile
     language: Language
+    image: DecodedImage | None = None
+    """The image the probes show the vision stage; without it, nothing is probed."""
+    response_format: ResponseFormat = "text"
+    """`json`: the answer's claims are its fields' (`orchestrator.answer_json`)."""
 
 
 def vision_confidence(context: Context) -> tuple[float, bool]:
@@ -61,12 +77,16 @@ def vision_confidence(context: Context) -> tuple[float, bool]:
 
 
 class Arbiter:
-    def __init__(self, reasoning: ReasoningBackend) -> None:
+    """Judges reasoning answers; `vision` and `probe_limit` (probes per answer, 0 for none) enable the probes."""
+
+    def __init__(self, reasoning: ReasoningBackend, vision: VisionBackend | None = None, probe_limit: int = 0) -> None:
         self._reasoning = reasoning
+        self._vision = vision
+        self._probe_limit = probe_limit if vision is not None else 0
 
     async def judge(self, first: ReasoningResult, request: ReasoningRequest, context: Context) -> Judged:
         evidence = evidence_from_vision(context.vision)
-        checks = verify_all(extract_claims(first.text, context.language), evidence)
+        checks = await self._check(_claims(first.text, context), evidence, context)
         verdict = decide(
             checks,
             profile=context.profile,
@@ -84,7 +104,7 @@ class Arbiter:
         if second is None:
             unresolved = _unresolved(verdict, context.language)
             return Judged(first, unresolved, (unresolved.notice,) if unresolved.notice else (), 2)
-        second_checks = verify_all(extract_claims(second.text, context.language), evidence)
+        second_checks = await self._check(_claims(second.text, context), evidence, context)
         final = resolve(
             verdict,
             second_checks,
@@ -95,6 +115,34 @@ class Arbiter:
         notices = (final.notice,) if final.notice else (notice("answer_corrected", context.language),)
         return Judged(second, final, notices, 2)
 
+    async def _check(self, claims: tuple[Claim, ...], evidence: Evidence, context: Context) -> tuple[Check, ...]:
+        """The claims verified against the evidence, then the unverifiable ones a probe can settle probed."""
+        checks = list(verify_all(claims, evidence))
+        if self._probe_limit <= 0 or context.image is None:
+            return tuple(checks)
+        questions = [
+            (index, question)
+            for index, check in enumerate(checks)
+            if check.verdict == "unverifiable" and (question := probe_question(check.claim, context.language))
+        ][: self._probe_limit]
+        image = context.image
+        replies = await asyncio.gather(*(self._probe(image, question) for _, question in questions))
+        for (index, question), reply in zip(questions, replies, strict=True):
+            if reply is not None:
+                checks[index] = probed_check(checks[index], question, reply)
+        return tuple(checks)
+
+    async def _probe(self, image: DecodedImage, question: str) -> str | None:
+        """The vision stage's reply to a probe, or None when it failed (logged)."""
+        assert self._vision is not None  # only called with probes enabled, which needs a vision backend
+        try:
+            result = await self._vision.generate(VisionRequest(image, question, task="answer"))
+        except VisionError as exc:
+            log.warning("probing the vision stage (backend %s) failed: %s: %s", self._vision.name,
+                        type(exc).__name__, exc)  # fmt: skip
+            return None
+        return result.answer or ""
+
     async def _ask_again(self, request: ReasoningRequest) -> ReasoningResult | None:
         try:
             result = await self._reasoning.generate(request)
@@ -102,6 +150,12 @@ class Arbiter:
             log.warning("re-asking the reasoning stage (backend %s) failed: %s", self._reasoning.name, exc)
             return None
         return result if result.text.strip() else None
+
+
+def _claims(text: str, context: Context) -> tuple[Claim, ...]:
+    if context.response_format == "json":
+        return answer_claims(text, context.language)
+    return extract_claims(text, context.language)
 
 
 def _confidence(checks: tuple[Check, ...], evidence: Evidence, context: Context) -> float:

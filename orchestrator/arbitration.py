@@ -142,6 +142,10 @@ def needs_review(profile: Profile, confidence: float) -> bool:
 def _evidence_phrase(check: Check, language: Language) -> str:
     if check.evidence is None:
         return check.reason
+    if check.evidence.source == "probe":  # `where` is the question put to the vision stage, `text` its reply
+        if language == "zh":
+            return f"问视觉模型“{check.evidence.where}”，它答“{check.evidence.text}”"
+        return f"asked “{check.evidence.where}”, the vision model answered “{check.evidence.text}”"
     if language == "zh":
         return f"图中{_where_zh(check.evidence.where)}为“{check.evidence.text}”"
     return f"the image's {check.evidence.where} reads “{check.evidence.text}”"

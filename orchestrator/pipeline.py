@@ -4,15 +4,22 @@ On the vision-only route the vision stage answers the question (`answer` task). 
 the image with the question in mind (`describe` task) and the reasoning stage answers from that description; when
 the reasoning stage is disabled, down or broken, the vision stage is asked for its own answer, which is returned
 clearly marked. A vision failure fails the request (there is nothing to answer from); a reasoning failure never does.
+
+`response_format="json"` always takes the reasoning route, whatever the requested mode (`route.reason` says so):
+the fields are the reasoning stage's reading of the description, checked claim by claim like a prose answer
+(`orchestrator.answer_json`). The answer is then the fields as compact JSON, with `answer_fields` the parsed object.
+An answer that is not JSON is returned as written, with `answer_fields` None, a notice, and marked for review. When
+the reasoning stage does not answer, the vision stage's fallback answer is prose and `answer_fields` is None.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from orchestrator.arbiter import Arbiter, Context, vision_confidence
+from orchestrator.answer_json import NOT_JSON_NOTICE, Fields, ResponseFormat, parse_fields, serialise
+from orchestrator.arbiter import Arbiter, Context, Judged, vision_confidence
 from orchestrator.arbitration import Arbitration
 from orchestrator.messages import Language, Profile, detect_language, disclaimer, notice
 from orchestrator.prompts import reasoning_messages
@@ -33,6 +40,7 @@ class AnalyzeInput:
     question: str
     mode: RequestedMode = "auto"
     profile: Profile = "general"
+    response_format: ResponseFormat = "text"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class AnalyzeOutcome:
     arbitration: Arbitration | None = None
     """None when no reasoning answer was checked (vision-only route, or the reasoning stage did not answer)."""
     failures: tuple[StageFailure, ...] = field(default=())
+    answer_fields: Fields | None = None
+    """The answer's fields when `json` was asked for and the answer parsed; None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -74,25 +84,36 @@ class _ReasoningOutcome:
 
 
 class Pipeline:
+    """`probe_limit`: how many yes/no probes the arbiter may put to the vision stage per answer (0: none); the caller
+    resolves `arbitration.probes` against the vision backend (`orchestrator.wiring.probe_limit`)."""
+
     def __init__(
-        self, vision: VisionBackend, reasoning: ReasoningBackend, settings: ReasoningSettings, router: Router
+        self,
+        vision: VisionBackend,
+        reasoning: ReasoningBackend,
+        settings: ReasoningSettings,
+        router: Router,
+        *,
+        probe_limit: int = 0,
     ) -> None:
         self._vision = vision
         self._reasoning = reasoning
         self._settings = settings
         self._router = router
-        self._arbiter = Arbiter(reasoning)
+        self._arbiter = Arbiter(reasoning, vision, probe_limit)
 
     async def run(self, request: AnalyzeInput) -> AnalyzeOutcome:
         started = time.perf_counter()
         language = detect_language(request.question)
-        decision = await self._router.route(request.question, request.mode)
+        decision = await self._route(request)
         timings = {"route": _ms_since(started)}
         wants_reasoning = decision.decision == "vision_then_reasoning"
         vision_started = time.perf_counter()
         vision = await self._look(request, "describe" if wants_reasoning else "answer")
         timings["vision"] = _ms_since(vision_started)
-        context = Context(vision, decision, self._router.threshold, request.profile, language)
+        context = Context(
+            vision, decision, self._router.threshold, request.profile, language, request.image, request.response_format
+        )
         if not wants_reasoning:
             return _vision_outcome(context, _vision_answer(vision), timings, started)
         reasoning_started = time.perf_counter()
@@ -107,27 +128,19 @@ class Pipeline:
         judged = await self._arbiter.judge(reasoning.result, reasoning.request, context)
         timings["arbitration"] = _ms_since(arbitration_started)
         timings["total"] = _ms_since(started)
-        return AnalyzeOutcome(
-            answer=judged.result.text,
-            mode="vision_then_reasoning",
-            route=decision,
-            vision=vision,
-            reasoning=judged.result,
-            language=language,
-            degraded=False,
-            notices=(*judged.notices, *_truncation(judged.result, language)),
-            disclaimer=disclaimer(request.profile, language),
-            needs_human_review=judged.arbitration.needs_human_review,
-            timings_ms=timings,
-            confidence=judged.arbitration.confidence,
-            arbitration=judged.arbitration,
-        )
+        return _reasoned_outcome(context, judged, timings)
+
+    async def _route(self, request: AnalyzeInput) -> RouteDecision:
+        if request.response_format != "json":
+            return await self._router.route(request.question, request.mode)
+        decision = await self._router.route(request.question, "reasoning")
+        return replace(decision, reason="response_format json: the reasoning stage extracts the fields")
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
         return await self._vision.generate(VisionRequest(request.image, request.question, task=task))
 
     async def _reason(self, vision: VisionResult, request: AnalyzeInput, language: Language) -> _ReasoningOutcome:
-        messages = reasoning_messages(vision, request.question, request.profile, language)
+        messages = reasoning_messages(vision, request.question, request.profile, language, request.response_format)
         reasoning_request = ReasoningRequest(
             messages, max_new_tokens=self._settings.max_new_tokens, temperature=self._settings.temperature
         )
@@ -145,6 +158,34 @@ class Pipeline:
             text = notice("reasoning_failed", language, detail=f"{self._reasoning.name}: empty answer")
             return _ReasoningOutcome(None, (text,), True, failure, reasoning_request)
         return _ReasoningOutcome(result, (), False, None, reasoning_request)
+
+
+def _reasoned_outcome(context: Context, judged: Judged, timings: dict[str, float]) -> AnalyzeOutcome:
+    """The reasoning stage's (checked) answer; as JSON fields when they were asked for (module docstring)."""
+    answer, fields, notices = judged.result.text, None, judged.notices
+    review = judged.arbitration.needs_human_review
+    if context.response_format == "json":
+        fields = parse_fields(answer)
+        if fields is None:
+            notices, review = (*notices, NOT_JSON_NOTICE[context.language]), True
+        else:
+            answer = serialise(fields)
+    return AnalyzeOutcome(
+        answer=answer,
+        mode="vision_then_reasoning",
+        route=context.route,
+        vision=context.vision,
+        reasoning=judged.result,
+        language=context.language,
+        degraded=False,
+        notices=(*notices, *_truncation(judged.result, context.language)),
+        disclaimer=disclaimer(context.profile, context.language),
+        needs_human_review=review,
+        timings_ms=timings,
+        confidence=judged.arbitration.confidence,
+        arbitration=judged.arbitration,
+        answer_fields=fields,
+    )
 
 
 def _vision_outcome(

@@ -1,8 +1,8 @@
 """Typed settings, read from the environment (prefix `ORCH_`, nested with `__`).
 
 Examples: `ORCH_VISION__BACKEND=ocr`, `ORCH_REASONING__BACKEND=local`, `ORCH_REASONING__MODEL=/models/glm-4-9b`,
-`ORCH_ROUTER__THRESHOLD=0.6`, `ORCH_LIMITS__MAX_IMAGE_BYTES=10485760`. Nothing here is built at import time:
-`Settings()` reads the environment when called.
+`ORCH_ROUTER__THRESHOLD=0.6`, `ORCH_LIMITS__MAX_IMAGE_BYTES=10485760`, `ORCH_ARBITRATION__PROBES=off`. Nothing here
+is built at import time: `Settings()` reads the environment when called.
 """
 
 from __future__ import annotations
@@ -101,6 +101,15 @@ class LimitSettings(_Section):
     max_question_chars: int = Field(default=2000, ge=1)
 
 
+class ArbitrationSettings(_Section):
+    probes: Literal["auto", "on", "off"] = "auto"
+    """Ask the vision stage targeted yes/no questions about claims its description left unverifiable ("Is there a
+    person in the image?"). `auto`: on for the `glm` and `remote` vision backends, which answer questions; off for
+    `ocr`, whose answer is only the text it read."""
+    max_probes: int = Field(default=3, ge=0, le=20)
+    """At most this many probes per reasoning answer."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
@@ -110,4 +119,5 @@ class Settings(BaseSettings):
     reasoning: ReasoningSettings = ReasoningSettings()
     router: RouterSettings = RouterSettings()
     limits: LimitSettings = LimitSettings()
+    arbitration: ArbitrationSettings = ArbitrationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -57,7 +57,7 @@ from vision_stage.relevance import Embedder
 from vision_stage.types import TextLine, VisionResult
 
 Verdict = Literal["supported", "contradicted", "unverifiable"]
-EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description"]
+EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description", "probe"]
 
 QUOTE_SUPPORT = 0.85
 QUOTE_CONFLICT = 0.5

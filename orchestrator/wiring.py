@@ -30,6 +30,15 @@ class Backends:
             await self.reasoning.aclose()
 
 
+def probe_limit(settings: Settings) -> int:
+    """How many yes/no probes the arbiter may send the vision stage per answer: `arbitration.probes` resolved
+    against the vision backend (`auto` probes only backends that answer questions: `glm` and `remote`)."""
+    probes = settings.arbitration.probes
+    answers_questions = settings.vision.backend in ("glm", "remote")
+    enabled = probes == "on" or (probes == "auto" and answers_questions)
+    return settings.arbitration.max_probes if enabled else 0
+
+
 async def build_backends(settings: Settings) -> Backends:
     """Load both stages' backends, logging what was loaded and how long it took."""
     vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))

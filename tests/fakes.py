@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,10 +25,12 @@ def text_line(text: str, order: int) -> TextLine:
 
 @dataclass
 class FakeVision:
-    """Reads `lines` from any image; answers with the last line; or raises `error`."""
+    """Reads `lines` from any image; answers with the last line; or raises `error`. With `replies`, an `answer` task
+    is answered with `replies(question)` instead (which may raise a `VisionError`), as a probe would be."""
 
     lines: tuple[str, ...] = RECEIPT_LINES
     error: VisionError | None = None
+    replies: Callable[[str], str] | None = None
     healthy: bool = True
     name: str = "fake"
     model: str = "fake-vision"
@@ -50,11 +53,13 @@ class FakeVision:
             caption=f"An image with {len(lines)} lines of text.",
             description="\n".join(f"“{line}”" for line in self.lines),
             structured=StructuredDescription(facts, lines, (), ("en",)),
-            answer=self._answer() if request.task == "answer" else None,
+            answer=self._answer(request.question or "") if request.task == "answer" else None,
             latency_ms=1.0,
         )
 
-    def _answer(self) -> str:
+    def _answer(self, question: str) -> str:
+        if self.replies is not None:
+            return self.replies(question)
         if not self.lines:
             return "No text was read in the image."
         return f"Text in the image most relevant to the question: “{self.lines[-1]}”."

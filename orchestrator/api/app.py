@@ -19,7 +19,7 @@ from orchestrator.errors import ROOTS, ErrorSpec, RequestTooLarge, retry_after_s
 from orchestrator.pipeline import Pipeline
 from orchestrator.routing import KeywordRouter, Router
 from orchestrator.settings import Settings
-from orchestrator.wiring import Backends, build_backends, build_router
+from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
         except BaseException:
             await loaded.aclose()
             raise
-        pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen)
+        pipeline = Pipeline(
+            loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings)
+        )
         app.state.services = Services(settings, loaded, pipeline)
         try:
             yield

@@ -31,7 +31,7 @@ from orchestrator.errors import (
 from vision_stage.errors import ImageTooLarge
 
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
-_FORM_FIELDS = frozenset({"image", "question", "mode", "profile"})
+_FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format"})
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ _ANALYZE_BODY: dict[str, Any] = {
                             "enum": ["general", "medical", "legal", "finance"],
                             "default": "general",
                         },
+                        "response_format": {"type": "string", "enum": ["text", "json"], "default": "text"},
                     },
                 }
             },
@@ -104,8 +105,8 @@ async def ready(services: ServicesDep) -> JSONResponse:
     responses=_ERRORS,
     openapi_extra=_ANALYZE_BODY,
     summary="Answer a question about an image",
-    description="Multipart (`image` file, `question`, `mode`, `profile`) or JSON (`image_base64` or a `data:` "
-    "`image_url`, `question`, `mode`, `profile`).",
+    description="Multipart (`image` file, `question`, `mode`, `profile`, `response_format`) or JSON (`image_base64` "
+    "or a `data:` `image_url`, `question`, `mode`, `profile`, `response_format`).",
 )
 async def analyze(request: Request, services: ServicesDep) -> AnalyzeResponse:
     limits = services.settings.limits
@@ -118,6 +119,12 @@ async def analyze(request: Request, services: ServicesDep) -> AnalyzeResponse:
     image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
     image = await asyncio.to_thread(decode_image, inputs.image, image_limits)
     outcome = await services.pipeline.run(
-        AnalyzeInput(image, question, mode=inputs.options.mode, profile=inputs.options.profile)
+        AnalyzeInput(
+            image,
+            question,
+            mode=inputs.options.mode,
+            profile=inputs.options.profile,
+            response_format=inputs.options.response_format,
+        )
     )
     return analyze_response(outcome, str(request.scope["state"]["request_id"]))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.answer_json import ResponseFormat
 from orchestrator.arbitration import Arbitration
 from orchestrator.messages import Profile
 from orchestrator.pipeline import AnalyzeOutcome
@@ -26,6 +27,11 @@ class AnalyzeJsonRequest(BaseModel):
     image_url: str | None = Field(default=None, description="A `data:image/...;base64,...` URL.")
     mode: RequestedMode = Field(default="auto", description="`auto` lets the router decide; the others force it.")
     profile: Profile = "general"
+    response_format: ResponseFormat = Field(
+        default="text",
+        description="`json`: the answer as a JSON object of fields read from the image, each checked against it; "
+        "always takes the reasoning route.",
+    )
 
 
 class RouteOut(BaseModel):
@@ -154,6 +160,10 @@ class FailureOut(BaseModel):
 class AnalyzeResponse(BaseModel):
     request_id: str
     answer: str
+    answer_fields: dict[str, Any] | None = Field(
+        description="With `response_format: json`, the answer's parsed fields; null for text answers or unparseable "
+        "JSON."
+    )
     mode: Decision = Field(description="What actually ran.")
     route: RouteOut
     vision: VisionOut
@@ -189,6 +199,7 @@ def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeRespons
     return AnalyzeResponse(
         request_id=request_id,
         answer=outcome.answer,
+        answer_fields=outcome.answer_fields,
         mode=outcome.mode,
         route=RouteOut(**vars(outcome.route)),
         vision=_vision_out(outcome.vision),
