@@ -26,11 +26,6 @@ Scalar = str | int | float | bool | None
 Fields = dict[str, object]
 """Flat key → `Scalar`, plus `items`: a list of flat objects or scalars."""
 
-NOT_JSON_NOTICE: dict[Language, str] = {
-    "en": "The answer was asked for as JSON fields but is not valid JSON; it is returned as written. Review it.",
-    "zh": "要求以JSON字段作答，但回答不是有效的JSON，以下为原文，请人工复核。",
-}
-
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _NAME_KEYS = ("name", "item", "description", "名称", "商品", "品名")

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Literal
 
+from orchestrator.claim_values import find_dates, find_numbers, find_times, mask
 from orchestrator.messages import Language
 
 ClaimKind = Literal["number", "date", "time", "quote", "object", "count"]
@@ -47,16 +47,6 @@ class Claim:
     unit: str = ""
     negated: bool = False
     span: tuple[int, int] = (0, 0)
-
-
-@dataclass(frozen=True)
-class NumberMention:
-    """A number found in a text, with its unit ("¥", "元", "%", or "") and where it lies."""
-
-    value: Decimal
-    unit: str
-    start: int
-    end: int
 
 
 _OBJECT_TABLE = """
@@ -103,29 +93,8 @@ EN_NUMBERS = {
     "eleven": 11, "twelve": 12, "a couple of": 2, "a pair of": 2,
 }  # fmt: skip
 ZH_DIGITS = {"一": 1, "两": 2, "二": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9, "十": 10}
-MONTHS = {m[:3].lower(): i for i, m in enumerate(str.split(
-    "January February March April May June July August September October November December"), start=1)}  # fmt: skip
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_MONTH = r"(?P<mon>jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
-_DATE_PATTERNS = (
-    re.compile(r"(?<!\d)(?P<y>\d{4})\s*[-/.年]\s*(?P<m>\d{1,2})\s*[-/.月]\s*(?P<d>\d{1,2})(?:\s*[日号])?(?:(?!\d)|(?=\d{1,2}:\d\d))"),
-    re.compile(r"(?<!\d)(?P<a>\d{1,2})[/.-](?P<b>\d{1,2})[/.-](?P<y>\d{4})(?!\d)"),
-    re.compile(r"(?<![\d年])(?P<m>\d{1,2})\s*月\s*(?P<d>\d{1,2})\s*[日号]"),
-    re.compile(r"\b" + _MONTH + r"\s+(?P<d>\d{1,2})(?:st|nd|rd|th)?\b(?:,?\s*(?P<y>\d{4})\b)?", re.IGNORECASE),
-    re.compile(r"\b(?P<d>\d{1,2})(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH + r"(?:,?\s*(?P<y>\d{4})\b)?", re.IGNORECASE),
-)  # fmt: skip
-_TIME = re.compile(
-    r"(?P<half>上午|下午|晚上)?(?<!\d)(?P<h>[01]?\d|2[0-4])(?:[:：](?P<m>[0-5]\d)(?::[0-5]\d)?(?!\d)|点(?P<zm>[0-5]?\d)分)"
-    r"(?:\s*(?P<ampm>[ap]\.?m\b\.?))?",
-    re.IGNORECASE,
-)
-_NUMBER = re.compile(
-    r"(?<![\d.,])(?P<pre>[¥￥$€£]|RMB|CNY|USD|EUR)?\s?"
-    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+,\d{2}(?![\d,])|\d+)(?![\d])"
-    r"(?P<unit>\s?(?:%|％|元|块钱|块|(?:yuan|dollars?|euros?|USD|CNY|RMB|EUR)\b))?",
-    re.IGNORECASE,
-)
 _QUOTE = re.compile(r"“([^”]{1,200})”|\"([^\"\n]{1,200})\"|「([^」]{1,200})」|『([^』]{1,200})』|‘([^’]{1,200})’")
 _CLAUSE_BREAK = re.compile(r"[。！？!?;；\n，、()（）]|,(?!\d{3})|\.(?!\d)")
 _SOFT_CUES = re.compile(
@@ -154,25 +123,17 @@ def extract_claims(answer: str, language: Language) -> tuple[Claim, ...]:
     """
     del language  # both grammars run on every answer; kept so callers state what they expect
     quotes = _quote_claims(answer)
-    masked = _mask(answer, [claim.span for claim in quotes])
+    masked = mask(answer, [claim.span for claim in quotes])
     dates = _date_claims(masked)
-    masked = _mask(masked, [claim.span for claim in dates])
+    masked = mask(masked, [claim.span for claim in dates])
     times = _time_claims(masked)
-    masked = _mask(masked, [claim.span for claim in times])
+    masked = mask(masked, [claim.span for claim in times])
     counts = _count_claims(masked)
     objects = _object_claims(masked, [claim.span for claim in counts])
-    masked = _mask(masked, [claim.span for claim in counts])
+    masked = mask(masked, [claim.span for claim in counts])
     numbers = _number_claims(masked, answer)
     found = quotes + dates + times + counts + objects + numbers
     return tuple(sorted(found, key=lambda claim: claim.span))
-
-
-def _mask(text: str, spans: list[tuple[int, int]]) -> str:
-    """`text` with the characters of `spans` replaced by a placeholder, so positions stay where they were."""
-    chars = list(text)
-    for start, end in spans:
-        chars[start:end] = "\u2063" * (end - start)
-    return "".join(chars)
 
 
 _READS_EN = re.compile(
@@ -199,79 +160,6 @@ def _quote_claims(answer: str) -> tuple[Claim, ...]:
 
 def _cue_word(cue: re.Match[str] | None) -> str:
     return re.sub(r"[^\w]+", "", cue.group(0)) if cue else ""
-
-
-# -- numbers, dates and times: shared with verification, which reads the evidence with the same functions --
-
-
-def parse_number(text: str) -> Decimal | None:
-    """ "54.06", "54.060", "1,234.50", "54,06" (decimal comma) as a Decimal; None when it is not a number."""
-    cleaned = text.strip()
-    if re.fullmatch(r"\d+,\d{2}", cleaned):
-        cleaned = cleaned.replace(",", ".")
-    try:
-        return Decimal(cleaned.replace(",", ""))
-    except InvalidOperation:
-        return None
-
-
-def find_numbers(text: str) -> tuple[NumberMention, ...]:
-    """The numbers in `text` outside its dates and times, with their currency or unit."""
-    masked = _mask(text, [span for span, _ in find_dates(text)] + [span for span, _ in find_times(text)])
-    mentions = []
-    for match in _NUMBER.finditer(masked):
-        value = parse_number(match.group("num"))
-        if value is not None:
-            unit = (match.group("unit") or match.group("pre") or "").strip().replace("％", "%")
-            mentions.append(NumberMention(value, unit, match.start(), match.end()))
-    return tuple(mentions)
-
-
-def find_dates(text: str) -> tuple[tuple[tuple[int, int], str], ...]:
-    """((start, end), reading) for each date in `text`; readings as in the module docstring."""
-    found: list[tuple[tuple[int, int], str]] = []
-    for pattern in _DATE_PATTERNS:
-        for match in pattern.finditer(text):
-            span = match.span()
-            if any(start < span[1] and span[0] < end for (start, end), _ in found):
-                continue
-            reading = _date_reading(match.groupdict())
-            if reading is not None:
-                found.append((span, reading))
-    return tuple(sorted(found))
-
-
-def _date_reading(groups: dict[str, str | None]) -> str | None:
-    year = groups.get("y") or ""
-    if groups.get("a") is not None:  # numeric day/month/year or month/day/year
-        first, second = int(groups["a"] or 0), int(groups["b"] or 0)
-        readings = {_iso(year, m, d) for m, d in ((second, first), (first, second))}
-        valid = sorted(reading for reading in readings if reading is not None)
-        return "|".join(valid) or None
-    month_name = groups.get("mon")
-    month = MONTHS.get(month_name[:3].lower(), 0) if month_name else int(groups.get("m") or 0)
-    return _iso(year, month, int(groups.get("d") or 0))
-
-
-def _iso(year: str, month: int, day: int) -> str | None:
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        return None
-    return f"{year}-{month:02d}-{day:02d}" if year else f"--{month:02d}-{day:02d}"
-
-
-def find_times(text: str) -> tuple[tuple[tuple[int, int], str], ...]:
-    """((start, end), "HH:MM") for each time of day in `text`."""
-    found = []
-    for match in _TIME.finditer(text):
-        hour = int(match.group("h"))
-        minute = int(match.group("m") or match.group("zm") or 0)
-        marker = (match.group("ampm") or "").lower()
-        if (marker.startswith("p") or match.group("half") in ("下午", "晚上")) and hour < 12:
-            hour += 12
-        elif marker.startswith("a") and hour == 12:
-            hour = 0
-        found.append((match.span(), f"{hour:02d}:{minute:02d}"))
-    return tuple(found)
 
 
 def _date_claims(text: str) -> tuple[Claim, ...]:

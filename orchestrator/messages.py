@@ -29,6 +29,10 @@ _NOTICES: dict[str, dict[Language, str]] = {
         "en": "The first answer contradicted the image; this answer was corrected against it.",
         "zh": "初次回答与图像内容矛盾，以下为依据图像更正后的回答。",
     },
+    "answer_not_json": {
+        "en": "The answer was asked for as JSON fields but is not valid JSON; it is returned as written. Review it.",
+        "zh": "要求以JSON字段作答，但回答不是有效的JSON，以下为原文，请人工复核。",
+    },
     "reasoning_truncated": {
         "en": "The reasoning answer hit its length limit and may be cut short.",
         "zh": "推理回答达到长度上限，可能不完整。",

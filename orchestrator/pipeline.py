@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-from orchestrator.answer_json import NOT_JSON_NOTICE, Fields, ResponseFormat, parse_fields, serialise
+from orchestrator.answer_json import Fields, ResponseFormat, parse_fields, serialise
 from orchestrator.arbiter import Arbiter, Context, Judged, vision_confidence
 from orchestrator.arbitration import Arbitration
 from orchestrator.messages import Language, Profile, detect_language, disclaimer, notice
@@ -183,7 +183,7 @@ def _reasoned_outcome(context: Context, judged: Judged, timings: dict[str, float
     if context.response_format == "json":
         fields = parse_fields(answer)
         if fields is None:
-            notices, review = (*notices, NOT_JSON_NOTICE[context.language]), True
+            notices, review = (*notices, notice("answer_not_json", context.language)), True
         else:
             answer = serialise(fields)
     return AnalyzeOutcome(

@@ -43,15 +43,8 @@ from decimal import Decimal
 from difflib import SequenceMatcher
 from typing import Literal
 
-from orchestrator.claims import (
-    OBJECTS,
-    Claim,
-    extract_claims,
-    find_dates,
-    find_numbers,
-    find_times,
-    parse_number,
-)
+from orchestrator.claim_values import find_dates, find_numbers, find_times, parse_number
+from orchestrator.claims import OBJECTS, Claim, extract_claims
 from orchestrator.messages import detect_language
 from vision_stage.relevance import Embedder
 from vision_stage.types import TextLine, VisionResult

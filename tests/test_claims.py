@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.claims import Claim, extract_claims, find_dates, parse_number
+from orchestrator.claim_values import find_dates, parse_number
+from orchestrator.claims import Claim, extract_claims
 
 
 def claims_of(answer: str, kind: str) -> list[Claim]:
