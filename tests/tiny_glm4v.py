@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tests.tiny_models import WORDS
+from tests.tiny_models import GLM_SPECIALS, WORDS
 
 if TYPE_CHECKING:
     import torch
@@ -28,16 +28,7 @@ if TYPE_CHECKING:
 Architecture = Literal["glm4v", "glm46v"]
 
 CONTROL_TOKENS = (
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
+    *GLM_SPECIALS,
     "<|begin_of_image|>",
     "<|end_of_image|>",
     "<|begin_of_video|>",

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import Services
+from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import api
 from orchestrator.errors import ROOTS, ErrorSpec, RequestTooLarge, retry_after_s, spec_for
 from orchestrator.pipeline import Pipeline
@@ -98,8 +99,7 @@ def _register_exception_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        return error_response(request, ErrorSpec(422, "validation_error"), problems)
+        return error_response(request, ErrorSpec(422, "validation_error"), validation_problems(exc.errors()))
 
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

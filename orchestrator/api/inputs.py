@@ -9,7 +9,9 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -93,8 +95,12 @@ def _validate(data: dict[str, object]) -> AnalyzeJsonRequest:
     try:
         return AnalyzeJsonRequest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors())
-        raise ValidationFailed(problems) from None
+        raise ValidationFailed(validation_problems(exc.errors())) from None
+
+
+def validation_problems(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Pydantic's errors as one line: `field.path: message; …`."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors)
 
 
 def decode_base64(text: str, max_image_bytes: int) -> bytes:
