@@ -18,18 +18,74 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RetrySettings(_Section):
+    """Retries of retryable failures only (connection errors, 429, 5xx, timeouts before any byte arrived), with
+    jittered exponential backoff that honours `Retry-After`, inside the request's deadline
+    (`orchestrator.resilience`)."""
+
+    attempts: int = Field(default=3, ge=1, le=10)
+    """Attempts in all, the first included; 1 turns retries off."""
+    backoff_s: float = Field(default=0.2, ge=0.0)
+    """The first backoff's upper bound; each further one doubles, up to `backoff_max_s` (full jitter)."""
+    backoff_max_s: float = Field(default=5.0, ge=0.0)
+    budget_ratio: float = Field(default=0.2, ge=0.0)
+    """Retries may add at most this share of the stage's requests over the last 10 s…"""
+    budget_per_s: float = Field(default=1.0, ge=0.0)
+    """…plus this many per second, so that retries cannot multiply load during an outage."""
+
+
+class BreakerSettings(_Section):
+    """A circuit breaker per endpoint: closed → open after `failures` failures, or a failure rate of `failure_rate`
+    over at least `min_calls` calls, within `window_s`; open for `open_s`; then half-open, where one trial call
+    (bounded by `trial_timeout_s`) closes it again or reopens it."""
+
+    failures: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0.0, le=1.0)
+    min_calls: int = Field(default=10, ge=1)
+    window_s: float = Field(default=30.0, gt=0.0)
+    open_s: float = Field(default=15.0, gt=0.0)
+    trial_timeout_s: float = Field(default=10.0, gt=0.0)
+
+
+class AdmissionSettings(_Section):
+    """Admission control per stage: at most `max_in_flight` calls at once and `max_queue` waiting; beyond that a
+    request is refused at once (`overloaded`) instead of waiting without bound."""
+
+    max_in_flight: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+
+
 class RemoteSettings(_Section):
-    """How a `remote` backend reaches an OpenAI-compatible server (vLLM, SGLang, a vendor API, our stage servers)."""
+    """How a stage reaches its backend, and the policy around every call to it."""
 
     base_url: str | None = None
-    """E.g. `http://127.0.0.1:8001/v1`; required by the `remote` backend."""
+    """`remote`: an OpenAI-compatible server (vLLM, SGLang, a vendor API, our stage servers), e.g.
+    `http://127.0.0.1:8001/v1`; several, comma-separated, spread the load and stand in for each other."""
     api_key: SecretStr | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """`remote`: to open a connection."""
+    first_byte_timeout_s: float = Field(default=60.0, gt=0)
+    """`remote`: the longest silence while waiting for the answer to begin, and between its parts."""
     timeout_s: float = Field(default=120.0, gt=0)
-    """Per request, connection included."""
+    """`remote`: one attempt in all, from connecting to the end of the answer."""
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+
+    def base_urls(self) -> tuple[str, ...]:
+        return tuple(url.strip() for url in (self.base_url or "").split(",") if url.strip())
 
     def _require_base_url(self, stage: str, backend: str) -> None:
-        if backend == "remote" and not self.base_url:
+        if backend != "remote":
+            return
+        urls = self.base_urls()
+        if not urls:
             raise ValueError(f"the remote {stage} backend needs ORCH_{stage.upper()}__BASE_URL")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"ORCH_{stage.upper()}__BASE_URL: {url!r} is not an http(s) URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"ORCH_{stage.upper()}__BASE_URL lists an endpoint twice")
 
 
 class VisionSettings(RemoteSettings):
@@ -50,6 +106,9 @@ class VisionSettings(RemoteSettings):
     """`glm`: let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
     pass_image_urls: bool = False
     """`remote`: send a client's http(s) image URL to the server as is, instead of the image's bytes."""
+    fallback: Literal["none", "ocr"] = "none"
+    """`glm`/`remote`: when the backend cannot answer (down, open breakers, garbage), let the embedded `ocr` backend
+    answer instead; the response is then marked degraded."""
 
     @model_validator(mode="after")
     def _complete(self) -> VisionSettings:
@@ -102,6 +161,10 @@ class LimitSettings(_Section):
     max_request_bytes: int = Field(default=30 * 1024 * 1024, ge=1)
     """Whole request body; base64 inflates an image by a third, so keep this above 4/3 of `max_image_bytes`."""
     max_question_chars: int = Field(default=2000, ge=1)
+    request_deadline_s: float = Field(default=180.0, gt=0)
+    """One request in all: every stage call, retry and fallback lives inside it."""
+    fallback_reserve_s: float = Field(default=15.0, ge=0)
+    """Time kept back from the reasoning stage for the vision-only answer that stands in when it fails."""
 
 
 class ArbitrationSettings(_Section):

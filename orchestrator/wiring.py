@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from orchestrator.resilience.backends import FallbackVision, ResilientReasoning, ResilientVision
 from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
 from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
 from reasoning_stage.backend import ReasoningBackend
@@ -41,10 +42,15 @@ def probe_limit(settings: Settings) -> int:
 
 
 async def build_backends(settings: Settings) -> Backends:
-    """Load both stages' backends, logging what was loaded and how long it took."""
+    """Load both stages' backends behind their resilience policy (`orchestrator.resilience`), logging what was
+    loaded and how long it took."""
     vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))
     try:
-        reasoning = await _timed("reasoning", settings.reasoning.backend, lambda: build_reasoning(settings.reasoning))
+        reasoning = await _timed(
+            "reasoning",
+            settings.reasoning.backend,
+            lambda: build_reasoning(settings.reasoning, reserve_s=settings.limits.fallback_reserve_s),
+        )
     except BaseException:
         await vision.aclose()
         raise
@@ -52,57 +58,116 @@ async def build_backends(settings: Settings) -> Backends:
 
 
 async def build_vision(settings: VisionSettings) -> VisionBackend:
-    if settings.backend == "glm":
-        from vision_stage.glm import GlmVisionBackend
+    """The configured vision backend: each endpoint (one per `base_url` for `remote`) behind the stage's policy,
+    and the `ocr` backend behind it when `fallback` is `ocr`."""
+    endpoints = await _load_all([(label, _vision_loader(settings, label)) for label in _labels(settings)])
+    primary = ResilientVision(endpoints, settings)
+    if settings.fallback == "none" or settings.backend == "ocr":
+        return primary
+    try:
+        ocr = await _timed("vision fallback", "ocr", lambda: _load_ocr(settings))
+    except BaseException:
+        await primary.aclose()
+        raise
+    return FallbackVision(primary, ResilientVision([("ocr", ocr)], settings))
 
-        return await GlmVisionBackend.load(
-            _required(settings.model),
-            device=settings.device,
-            dtype=settings.dtype,
-            thinking=settings.thinking,
-            max_new_tokens=settings.max_new_tokens,
-            allow_download=settings.allow_download,
-        )
-    if settings.backend == "remote":
-        from vision_stage.remote import RemoteVisionBackend
 
-        return await RemoteVisionBackend.load(
-            base_url=_required(settings.base_url),
-            model=_required(settings.model),
-            api_key=_secret(settings),
-            timeout_s=settings.timeout_s,
-            thinking=settings.thinking,
-            max_new_tokens=settings.max_new_tokens,
-            pass_image_urls=settings.pass_image_urls,
-        )
+async def build_reasoning(settings: ReasoningSettings, *, reserve_s: float = 0.0) -> ReasoningBackend:
+    """The configured reasoning backend, each endpoint behind the stage's policy; `reserve_s` of the request's
+    deadline is kept back for the vision-only answer that stands in when reasoning fails."""
+    endpoints = await _load_all([(label, _reasoning_loader(settings, label)) for label in _labels(settings)])
+    return ResilientReasoning(endpoints, settings, reserve_s=reserve_s)
+
+
+def _labels(settings: VisionSettings | ReasoningSettings) -> tuple[str, ...]:
+    """One label per endpoint: the base URLs of a `remote` backend, else the backend's name."""
+    return settings.base_urls() if settings.backend == "remote" else (settings.backend,)
+
+
+async def _load_all(loaders: list[tuple[str, Callable[[], Awaitable[T]]]]) -> list[tuple[str, T]]:
+    """Load each endpoint's backend; close those loaded when one fails."""
+    loaded: list[tuple[str, T]] = []
+    try:
+        for label, load in loaders:
+            loaded.append((label, await load()))
+    except BaseException:
+        await asyncio.gather(*(_aclose(backend) for _, backend in loaded), return_exceptions=True)
+        raise
+    return loaded
+
+
+async def _aclose(backend: object) -> None:
+    close = getattr(backend, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def _vision_loader(settings: VisionSettings, base_url: str) -> Callable[[], Awaitable[VisionBackend]]:
+    async def load() -> VisionBackend:
+        if settings.backend == "glm":
+            from vision_stage.glm import GlmVisionBackend
+
+            return await GlmVisionBackend.load(
+                _required(settings.model),
+                device=settings.device,
+                dtype=settings.dtype,
+                thinking=settings.thinking,
+                max_new_tokens=settings.max_new_tokens,
+                allow_download=settings.allow_download,
+            )
+        if settings.backend == "remote":
+            from vision_stage.remote import RemoteVisionBackend
+
+            return await RemoteVisionBackend.load(
+                base_url=base_url,
+                model=_required(settings.model),
+                api_key=_secret(settings),
+                timeout_s=settings.timeout_s,
+                connect_timeout_s=settings.connect_timeout_s,
+                first_byte_timeout_s=settings.first_byte_timeout_s,
+                thinking=settings.thinking,
+                max_new_tokens=settings.max_new_tokens,
+                pass_image_urls=settings.pass_image_urls,
+            )
+        return await _load_ocr(settings)
+
+    return load
+
+
+async def _load_ocr(settings: VisionSettings) -> VisionBackend:
     from vision_stage.ocr import OcrVisionBackend
 
     return await OcrVisionBackend.load(tags=settings.tags)
 
 
-async def build_reasoning(settings: ReasoningSettings) -> ReasoningBackend:
-    if settings.backend == "none":
-        from reasoning_stage.none import NoneReasoningBackend
+def _reasoning_loader(settings: ReasoningSettings, base_url: str) -> Callable[[], Awaitable[ReasoningBackend]]:
+    async def load() -> ReasoningBackend:
+        if settings.backend == "none":
+            from reasoning_stage.none import NoneReasoningBackend
 
-        return NoneReasoningBackend()
-    if settings.backend == "remote":
-        from reasoning_stage.remote import RemoteReasoningBackend
+            return NoneReasoningBackend()
+        if settings.backend == "remote":
+            from reasoning_stage.remote import RemoteReasoningBackend
 
-        return await RemoteReasoningBackend.load(
-            base_url=_required(settings.base_url),
-            model=_required(settings.model),
-            api_key=_secret(settings),
-            timeout_s=settings.timeout_s,
+            return await RemoteReasoningBackend.load(
+                base_url=base_url,
+                model=_required(settings.model),
+                api_key=_secret(settings),
+                timeout_s=settings.timeout_s,
+                connect_timeout_s=settings.connect_timeout_s,
+                first_byte_timeout_s=settings.first_byte_timeout_s,
+            )
+        from reasoning_stage.local import LocalReasoningBackend
+
+        return await LocalReasoningBackend.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.cache_dir,
+            allow_download=settings.allow_download,
         )
-    from reasoning_stage.local import LocalReasoningBackend
 
-    return await LocalReasoningBackend.load(
-        settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        cache_dir=settings.cache_dir,
-        allow_download=settings.allow_download,
-    )
+    return load
 
 
 async def build_router(settings: RouterSettings) -> Router:

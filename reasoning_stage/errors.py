@@ -5,6 +5,7 @@ The tree::
     ReasoningError
     ├── ReasoningDisabled             no reasoning backend is deployed (the `none` backend), by design
     ├── ReasoningUnavailable          the backend cannot answer now (not loaded, down, overloaded)
+    │   └── ReasoningOverloaded       the orchestrator admits no more reasoning requests now (admission control)
     ├── ReasoningRejected             the backend refused the request (prompt too long, bad parameters)
     ├── ReasoningInvalidOutput        the backend answered something unusable
     └── ReasoningModelError           the model could not be loaded from the configured path or id
@@ -25,11 +26,17 @@ class ReasoningDisabled(ReasoningError):
 
 
 class ReasoningUnavailable(ReasoningError):
-    """The backend cannot answer now."""
+    """The backend cannot answer now. `retryable`: whether asking again may help — False once part of an answer
+    had arrived (the work would be redone) or when the request's own deadline passed."""
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None, retryable: bool = True) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.retryable = retryable
+
+
+class ReasoningOverloaded(ReasoningUnavailable):
+    """This service already has as many reasoning requests in flight and waiting as it admits."""
 
 
 class ReasoningRejected(ReasoningError):

@@ -16,7 +16,8 @@ Errors are translated in `translate_error` (foreign exceptions) and `_finish_rea
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
-| connection refused or reset, DNS failure, timeout               | `ReasoningUnavailable`                   |
+| connection refused or reset, DNS failure, timeout               | `ReasoningUnavailable`; `retryable`      |
+|                                                                 | False once a delta had arrived           |
 | HTTP 408, 429 or 5xx                                            | `ReasoningUnavailable`, `retry_after_s`  |
 |                                                                 | from `Retry-After` (seconds or a date)   |
 | other HTTP 4xx (bad request, context too long, unknown model)   | `ReasoningRejected`                      |
@@ -28,12 +29,18 @@ Errors are translated in `translate_error` (foreign exceptions) and `_finish_rea
 | `finish_reason` `content_filter`                                | `ReasoningRejected`                      |
 | `finish_reason` `abort` or `error` (the server gave up)         | `ReasoningUnavailable`                   |
 | any other `finish_reason` than `stop` or `length`               | `ReasoningInvalidOutput`                 |
+| more than `MAX_CHARS_PER_TOKEN` characters per requested token  | `ReasoningInvalidOutput`                 |
+
+Timeouts: `connect_timeout_s` to connect; `first_byte_timeout_s` for the longest silence, before the answer begins
+and between its parts; `timeout_s` for one answer in all (the read of each delta is bounded by what is left of it, so
+a slow trickle ends too).
 
 Every message names the backend, the server's base URL and the model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -43,7 +50,16 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Literal, cast
 
 import httpx
-from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI, AsyncStream, OpenAIError
+from openai import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AsyncOpenAI,
+    AsyncStream,
+    OpenAIError,
+    Timeout,
+)
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.chat.chat_completion_chunk import Choice
 
@@ -66,6 +82,8 @@ HEALTH_TIMEOUT_S = 10.0
 RETRYABLE_STATUSES = frozenset({408, 429})
 """With every 5xx: the statuses that mean "not now" rather than "not this request"."""
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_CHARS_PER_TOKEN = 32
+"""A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
 
 
 class RemoteReasoningBackend:
@@ -73,8 +91,12 @@ class RemoteReasoningBackend:
 
     name = "remote"
 
-    def __init__(self, client: AsyncOpenAI, *, base_url: str, model: str, owns_client: bool = True) -> None:
+    def __init__(
+        self, client: AsyncOpenAI, *, base_url: str, model: str, timeout_s: float = 120.0, owns_client: bool = True
+    ) -> None:
         self.model = model
+        self.base_url = base_url
+        self._timeout_s = timeout_s
         self._client = client
         self._base_url = base_url
         self._owns_client = owns_client
@@ -89,10 +111,12 @@ class RemoteReasoningBackend:
         model: str,
         api_key: str | None = None,
         timeout_s: float = 120.0,
+        connect_timeout_s: float = 5.0,
+        first_byte_timeout_s: float = 60.0,
         http_client: httpx.AsyncClient | None = None,
     ) -> RemoteReasoningBackend:
-        """Build the client; nothing is sent (see `health`). `timeout_s` bounds each phase of a request (connect,
-        each read, write); retries are left to the caller (`max_retries=0`).
+        """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
+        to the caller (`max_retries=0`).
 
         `http_client` (tests, custom transports) is used as is and never closed by `aclose`."""
         if httpx.URL(base_url).scheme not in ("http", "https"):
@@ -100,12 +124,12 @@ class RemoteReasoningBackend:
         client = AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or NO_API_KEY,
-            timeout=timeout_s,
+            timeout=Timeout(first_byte_timeout_s, connect=connect_timeout_s),
             max_retries=0,
             # openai 3 is typed for httpx2 but takes an httpx.AsyncClient too (its `_httpx2` compatibility shims)
             http_client=cast("httpx2.AsyncClient | None", http_client),
         )
-        return cls(client, base_url=base_url, model=model, owns_client=http_client is None)
+        return cls(client, base_url=base_url, model=model, timeout_s=timeout_s, owns_client=http_client is None)
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         """`stream` collected. Token counts are 0 when the server sent no usage."""
@@ -136,21 +160,36 @@ class RemoteReasoningBackend:
         """Deltas of text or thinking as they arrive; the last one holds the finish reason and token counts."""
         if self._closed:
             raise ReasoningUnavailable(f"{self._where} is closed")
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * request.max_new_tokens)
         try:
-            stream = await self._client.chat.completions.create(
-                model=self.model,
-                messages=[_message(message) for message in request.messages],
-                temperature=request.temperature,
-                max_tokens=request.max_new_tokens,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
+            async with asyncio.timeout_at(deadline):
+                stream = await self._client.chat.completions.create(
+                    model=self.model,
+                    messages=[_message(message) for message in request.messages],
+                    temperature=request.temperature,
+                    max_tokens=request.max_new_tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
             async with stream, aclosing(_deltas(stream, self._where)) as deltas:
                 _check_event_stream(stream.response.headers.get("content-type", ""), self._where)
-                async for delta in deltas:
+                while True:
+                    async with asyncio.timeout_at(deadline):  # the read only: never around the consumer's time
+                        delta = await anext(deltas, None)
+                    if delta is None:
+                        return
+                    progress.add(delta.text + delta.thinking, self._where)
                     yield delta
+        except TimeoutError as exc:
+            raise ReasoningUnavailable(
+                f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
+            ) from exc
         except (OpenAIError, ValueError) as exc:  # ValueError: an event that is not JSON, or not UTF-8
-            raise translate_error(exc, self._where) from exc
+            error = translate_error(exc, self._where)
+            if progress.chars and isinstance(error, ReasoningUnavailable):
+                error = ReasoningUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
+            raise error from exc
 
     async def health(self) -> Health:
         """`GET {base_url}/models`: ok when the server answers and serves the model. Never raises."""
@@ -171,6 +210,19 @@ class RemoteReasoningBackend:
         self._closed = True
         if self._owns_client:
             await self._client.close()
+
+
+class _Progress:
+    """How much of the answer has arrived; more than `max_chars` is `ReasoningInvalidOutput`."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.chars = 0
+        self._max_chars = max_chars
+
+    def add(self, text: str, where: str) -> None:
+        self.chars += len(text)
+        if self.chars > self._max_chars:
+            raise ReasoningInvalidOutput(f"{where} sent more than {self._max_chars} characters: max_tokens ignored?")
 
 
 def _message(message: ChatMessage) -> ChatCompletionMessageParam:

@@ -57,6 +57,7 @@ DEFAULT_RETRY_AFTER_S = 5.0
 REASONING_ERRORS: dict[type[errors.ReasoningError], Status] = {
     errors.ReasoningDisabled: Status(503, "reasoning_disabled"),
     errors.ReasoningUnavailable: Status(503, "reasoning_unavailable"),
+    errors.ReasoningOverloaded: Status(503, "reasoning_overloaded"),
     errors.ReasoningRejected: Status(400, "reasoning_rejected"),
     errors.ReasoningInvalidOutput: Status(502, "reasoning_invalid_output"),
     errors.ReasoningModelError: Status(503, "reasoning_model_error"),

@@ -10,6 +10,7 @@ The tree::
     │   ├── ImageUnsupported          bytes of no image format we accept
     │   └── ImageCorrupt              a known format, but truncated or damaged
     ├── VisionUnavailable             the backend cannot answer now (not loaded, down, overloaded)
+    │   └── VisionOverloaded          the orchestrator admits no more vision requests now (admission control)
     ├── VisionRejected                the backend refused the request (too long, bad parameters, unknown model)
     └── VisionInvalidOutput           the backend answered something unusable
 
@@ -49,11 +50,17 @@ class ImageCorrupt(ImageRejected):
 
 
 class VisionUnavailable(VisionError):
-    """The backend cannot answer now."""
+    """The backend cannot answer now. `retryable`: whether asking again may help — False once part of an answer
+    had arrived (the work would be redone) or when the request's own deadline passed."""
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None, retryable: bool = True) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.retryable = retryable
+
+
+class VisionOverloaded(VisionUnavailable):
+    """This service already has as many vision requests in flight and waiting as it admits."""
 
 
 class VisionRejected(VisionError):

@@ -17,7 +17,8 @@ Errors are translated in `translate_error` (foreign exceptions) and `_finish_rea
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
-| connection refused or reset, DNS failure, timeout               | `VisionUnavailable`                      |
+| connection refused or reset, DNS failure, timeout               | `VisionUnavailable`; `retryable` False   |
+|                                                                 | once a chunk had arrived                 |
 | HTTP 408, 429 or 5xx                                            | `VisionUnavailable`, `retry_after_s`     |
 |                                                                 | from `Retry-After` (seconds or a date)   |
 | other HTTP 4xx (bad request, context too long, unknown model)   | `VisionRejected`                         |
@@ -30,6 +31,10 @@ Errors are translated in `translate_error` (foreign exceptions) and `_finish_rea
 | `finish_reason` `abort` or `error` (the server gave up)         | `VisionUnavailable`                      |
 | any other `finish_reason` than `stop` or `length`               | `VisionInvalidOutput`                    |
 | nothing after the thinking; a describe answer with no JSON      | `VisionInvalidOutput`                    |
+| more than `MAX_CHARS_PER_TOKEN` characters per requested token  | `VisionInvalidOutput`                    |
+
+Timeouts: `connect_timeout_s` to connect; `first_byte_timeout_s` for the longest silence, before the answer begins
+and between its parts; `timeout_s` for one answer in all.
 
 Every message names the backend, the server's base URL and the model.
 """
@@ -49,7 +54,16 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, cast
 
 import httpx
-from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI, AsyncStream, OpenAIError
+from openai import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AsyncOpenAI,
+    AsyncStream,
+    OpenAIError,
+    Timeout,
+)
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.chat.chat_completion_chunk import Choice
 
@@ -79,6 +93,8 @@ JPEG_QUALITY = 90
 HEALTH_TIMEOUT_S = 10.0
 RETRYABLE_STATUSES = frozenset({408, 429})
 """With every 5xx: the statuses that mean "not now" rather than "not this request"."""
+MAX_CHARS_PER_TOKEN = 32
+"""A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +120,12 @@ class RemoteVisionBackend:
         thinking: bool = False,
         max_new_tokens: int = 1024,
         pass_image_urls: bool = False,
+        timeout_s: float = 120.0,
         owns_client: bool = True,
     ) -> None:
         self.model = model
+        self.base_url = base_url
+        self._timeout_s = timeout_s
         self._client = client
         self._base_url = base_url
         self._thinking = thinking
@@ -124,13 +143,15 @@ class RemoteVisionBackend:
         model: str,
         api_key: str | None = None,
         timeout_s: float = 120.0,
+        connect_timeout_s: float = 5.0,
+        first_byte_timeout_s: float = 60.0,
         thinking: bool = False,
         max_new_tokens: int = 1024,
         pass_image_urls: bool = False,
         http_client: httpx.AsyncClient | None = None,
     ) -> RemoteVisionBackend:
-        """Build the client; nothing is sent (see `health`). `timeout_s` bounds each phase of a request (connect,
-        each read, write); retries are left to the caller (`max_retries=0`).
+        """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
+        to the caller (`max_retries=0`).
 
         `http_client` (tests, custom transports) is used as is and never closed by `aclose`."""
         if httpx.URL(base_url).scheme not in ("http", "https"):
@@ -138,7 +159,7 @@ class RemoteVisionBackend:
         client = AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or NO_API_KEY,
-            timeout=timeout_s,
+            timeout=Timeout(first_byte_timeout_s, connect=connect_timeout_s),
             max_retries=0,
             # openai 3 is typed for httpx2 but takes an httpx.AsyncClient too (its `_httpx2` compatibility shims)
             http_client=cast("httpx2.AsyncClient | None", http_client),
@@ -150,6 +171,7 @@ class RemoteVisionBackend:
             thinking=thinking,
             max_new_tokens=max_new_tokens,
             pass_image_urls=pass_image_urls,
+            timeout_s=timeout_s,
             owns_client=http_client is None,
         )
 
@@ -183,21 +205,30 @@ class RemoteVisionBackend:
         return (url if passed else image_data_url(request.image)), image_facts(request.image)
 
     async def _complete(self, messages: list[ChatCompletionMessageParam]) -> _Answer:
+        progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * self._max_new_tokens)
         try:
-            stream = await self._client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                temperature=0,
-                max_tokens=self._max_new_tokens,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"chat_template_kwargs": {"enable_thinking": self._thinking}},
-            )
-            async with stream:
-                _check_event_stream(stream.response.headers.get("content-type", ""), self._where)
-                return await _collect(stream, self._where)
+            async with asyncio.timeout(self._timeout_s):
+                stream = await self._client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=0,
+                    max_tokens=self._max_new_tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"chat_template_kwargs": {"enable_thinking": self._thinking}},
+                )
+                async with stream:
+                    _check_event_stream(stream.response.headers.get("content-type", ""), self._where)
+                    return await _collect(stream, self._where, progress)
+        except TimeoutError as exc:
+            raise VisionUnavailable(
+                f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chunks
+            ) from exc
         except (OpenAIError, ValueError) as exc:  # ValueError: an event that is not JSON, or not UTF-8
-            raise translate_error(exc, self._where) from exc
+            error = translate_error(exc, self._where)
+            if progress.chunks and isinstance(error, VisionUnavailable):
+                error = VisionUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
+            raise error from exc
 
     async def health(self) -> Health:
         """`GET {base_url}/models`: ok when the server answers and serves the model. Never raises."""
@@ -254,7 +285,22 @@ def _check_event_stream(content_type: str, where: str) -> None:
         raise VisionInvalidOutput(f"{where} answered a streaming request with {shown!r}, not text/event-stream")
 
 
-async def _collect(stream: AsyncStream[ChatCompletionChunk], where: str) -> _Answer:
+class _Progress:
+    """How much of the answer has arrived; more than `max_chars` is `VisionInvalidOutput`."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.chunks = 0
+        self.chars = 0
+        self._max_chars = max_chars
+
+    def add(self, *texts: str, where: str) -> None:
+        self.chunks += 1
+        self.chars += sum(len(text) for text in texts)
+        if self.chars > self._max_chars:
+            raise VisionInvalidOutput(f"{where} sent more than {self._max_chars} characters: max_tokens ignored?")
+
+
+async def _collect(stream: AsyncStream[ChatCompletionChunk], where: str, progress: _Progress) -> _Answer:
     """Accumulate a stream; a stream with no chunk, or without a finish reason (cut), is `VisionInvalidOutput`."""
     content: list[str] = []
     reasoning: list[str] = []
@@ -267,6 +313,7 @@ async def _collect(stream: AsyncStream[ChatCompletionChunk], where: str) -> _Ans
             continue
         content.append(_text(getattr(choice.delta, "content", None)))
         reasoning.append(_reasoning(choice))
+        progress.add(content[-1], reasoning[-1], where=where)
         if isinstance(choice.finish_reason, str):
             finish = choice.finish_reason
     if chunks == 0:

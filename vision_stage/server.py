@@ -73,6 +73,7 @@ VISION_ERRORS: dict[type[errors.VisionError], Status] = {
     errors.ImageUnsupported: Status(400, "image_unsupported"),
     errors.ImageCorrupt: Status(400, "image_corrupt"),
     errors.VisionUnavailable: Status(503, "vision_unavailable"),
+    errors.VisionOverloaded: Status(503, "vision_overloaded"),
     errors.VisionRejected: Status(400, "vision_rejected"),
     errors.VisionInvalidOutput: Status(502, "vision_invalid_output"),
 }

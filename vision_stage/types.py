@@ -134,7 +134,9 @@ class VisionResult:
 
     `description` is the readable text a reasoning stage reads; `structured` holds the same evidence as data;
     `answer` is set for the `answer` task. `thinking` is the model's reasoning trace when thinking was on (never part
-    of `answer`); `boxes` are the grounding boxes the model gave in its answer, in order.
+    of `answer`); `boxes` are the grounding boxes the model gave in its answer, in order. `fallback` says why
+    another backend than the configured one answered (`orchestrator.resilience.backends.FallbackVision`); None when
+    the configured one did.
     """
 
     backend: str
@@ -148,3 +150,4 @@ class VisionResult:
     notes: tuple[str, ...] = field(default=())
     thinking: str | None = None
     boxes: tuple[Box, ...] = ()
+    fallback: str | None = None
