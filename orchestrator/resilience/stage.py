@@ -4,11 +4,12 @@
     result = await stage.call(lambda endpoint: endpoint.backend.generate(request))
 
 Each call takes a slot (`admission`), then makes up to `retry.attempts` attempts (tenacity drives the loop; `retry`
-says which failures are retried and how long to wait). Each attempt goes to the endpoint whose breaker lets it through
-with the fewest calls in flight, preferring one not yet tried by this call (ties take turns); an attempt is bounded by
-the request's deadline (less `reserve_s`), and a half-open breaker's trial also by `trial_timeout_s`. A failure that
-is the endpoint's fault (unavailable, garbage) counts against its breaker; a refusal of the request does not. When
-every breaker is open the call fails at once, with `retry_after_s` set to the soonest trial.
+says which failures are retried and how long to wait). Each attempt goes to an endpoint not yet tried by this call
+when there is one: first to one whose breaker is due for its half-open trial (so a recovered endpoint comes back
+while others are healthy), else to the closed one with the fewest calls in flight (ties take turns). An attempt is
+bounded by the request's deadline (less `reserve_s`), and a half-open breaker's trial also by `trial_timeout_s`.
+A failure that is the endpoint's fault (unavailable, garbage) counts against its breaker; a refusal of the request
+does not. When every breaker is open the call fails at once, with `retry_after_s` set to the soonest trial.
 
 The error that ends a call is the last attempt's, its message extended with the stage, the attempt number and the
 earlier attempts, and `attempts` set to every `AttemptFailure`: each failure names the stage, the backend and the
@@ -193,7 +194,7 @@ class ResilientStage(Generic[B]):
         rotated = [self.endpoints[(turn + i) % count] for i in range(count)]
         ranked = sorted(
             (endpoint for endpoint in rotated if endpoint.breaker.available()),
-            key=lambda e: (e.label in tried, e.breaker.state != BreakerState.CLOSED, e.in_flight),
+            key=lambda e: (e.label in tried, e.breaker.state == BreakerState.CLOSED, e.in_flight),
         )
         for endpoint in ranked:
             permit = endpoint.breaker.acquire()
