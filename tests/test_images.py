@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from tests.images import image_bytes
 from vision_stage.errors import ImageCorrupt, ImageEmpty, ImageTooLarge, ImageTooManyPixels, ImageUnsupported
 from vision_stage.images import ImageLimits, decode_image, sniff_format
+from vision_stage.remote import image_data_url
 
 LIMITS = ImageLimits()
 
@@ -85,3 +87,33 @@ def test_sniffing_recognises_signatures() -> None:
     assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
     assert sniff_format(b"GIF89a") == "GIF"
     assert sniff_format(b"hello") is None
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_an_upright_rgb_png_or_jpeg_keeps_its_bytes_for_forwarding(format: str) -> None:
+    data = image_bytes(format, mode="RGB")
+    image = decode_image(data, LIMITS)
+    assert image.source == data
+    mime = "png" if format == "PNG" else "jpeg"
+    assert image_data_url(image) == f"data:image/{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.mark.parametrize(
+    ("format", "mode"), [("PNG", "RGBA"), ("PNG", "P"), ("PNG", "L"), ("WEBP", "RGB"), ("GIF", "P"), ("BMP", "RGB")]
+)
+def test_an_image_that_needed_converting_is_encoded_again(format: str, mode: str) -> None:
+    image = decode_image(image_bytes(format, mode=mode), LIMITS)
+    assert image.source is None
+    url = image_data_url(image)
+    assert url.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).mode == "RGB"
+
+
+def test_a_jpeg_turned_upright_by_its_exif_orientation_is_encoded_again() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), "white").save(buffer, format="JPEG", exif=exif)
+    upright = decode_image(buffer.getvalue(), LIMITS)
+    assert upright.source is None
+    assert (upright.width, upright.height) == (20, 40)

@@ -10,12 +10,14 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from vision_stage.errors import ImageCorrupt, ImageEmpty, ImageTooLarge, ImageTooManyPixels, ImageUnsupported
 from vision_stage.types import DecodedImage
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORWARDABLE_FORMATS = ("JPEG", "PNG")
+"""Formats whose upload a remote vision backend may forward as it is (`DecodedImage.source`)."""
 _SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -43,7 +45,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
     image = _open(data, limits)
-    pixels = _to_rgb(_load(image))
+    oriented = _load(image)
+    pixels = _to_rgb(oriented)
+    as_sent = oriented is image and pixels is oriented and image.format in FORWARDABLE_FORMATS
     return DecodedImage(
         pixels=pixels,
         format=image.format or "unknown",
@@ -51,6 +55,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         height=pixels.height,
         byte_size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        source=data if as_sent else None,
     )
 
 
@@ -87,8 +92,11 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def _load(image: Image.Image) -> Image.Image:
+    """The pixels, turned upright by the EXIF orientation when one other than 1 is set (`image` itself otherwise)."""
     try:
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image) or image
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageCorrupt(f"the {image.format} image is truncated or damaged: {exc}") from None

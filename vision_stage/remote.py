@@ -4,9 +4,10 @@ SGLang, a vendor API, our own `vision_stage` server).
 One request is one user message: the image as an `image_url` part, then `vision_stage.prompts.task_prompt` as a text
 part; greedy decoding (`temperature=0`), `max_tokens=max_new_tokens`, and thinking switched by
 `chat_template_kwargs.enable_thinking`, which vLLM and SGLang hand to GLM-4.5V/4.6V's chat template. The image
-travels as a `data:` URL of the decoded pixels: JPEG (quality 90) when the upload was a JPEG, since a PNG of a photo
-is several times larger; PNG otherwise, lossless so that small text stays sharp. With `pass_image_urls`, a client's
-own http(s) URL is sent as is and the server fetches it.
+travels as a `data:` URL: the upload's own bytes when they hold exactly the decoded pixels in PNG or JPEG (no
+orientation to apply, no colour conversion: nothing to encode again); otherwise the decoded pixels, as JPEG (quality
+90) when the upload was a JPEG, since a PNG of a photo is several times larger, and PNG otherwise, lossless so that
+small text stays sharp. With `pass_image_urls`, a client's own http(s) URL is sent as is and the server fetches it.
 
 The answer is streamed (`stream_options.include_usage`) and accumulated. Thinking arrives in the non-standard delta
 field `reasoning_content` (vLLM up to 0.11, SGLang) or `reasoning` (newer vLLM), or as a `<think>` block in the
@@ -252,7 +253,11 @@ class RemoteVisionBackend:
 
 
 def image_data_url(image: DecodedImage) -> str:
-    """The pixels as a `data:` URL: JPEG (quality `JPEG_QUALITY`) for a JPEG upload, PNG for anything else."""
+    """The image as a `data:` URL: the upload as it is when it can be forwarded (`DecodedImage.source`), else the
+    pixels as JPEG (quality `JPEG_QUALITY`) for a JPEG upload and PNG for anything else."""
+    if image.source is not None:
+        mime = "image/jpeg" if image.format == "JPEG" else "image/png"
+        return f"data:{mime};base64,{base64.b64encode(image.source).decode('ascii')}"
     buffer = io.BytesIO()
     if image.format == "JPEG":
         image.pixels.save(buffer, format="JPEG", quality=JPEG_QUALITY)

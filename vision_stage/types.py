@@ -18,7 +18,11 @@ Point = tuple[float, float]
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A validated image: the decoded RGB pixels plus facts about the bytes it came from."""
+    """A validated image: the decoded RGB pixels plus facts about the bytes it came from.
+
+    `source` is the uploaded bytes when they hold exactly `pixels` (no orientation to apply, no colour conversion)
+    in a format every OpenAI-compatible server reads (PNG, JPEG): a remote backend forwards them as they are instead
+    of encoding the pixels again. None otherwise."""
 
     pixels: Image.Image
     format: str
@@ -26,6 +30,7 @@ class DecodedImage:
     height: int
     byte_size: int
     sha256: str
+    source: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
