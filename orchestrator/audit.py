@@ -1,0 +1,157 @@
+"""The audit log: one append-only JSON line per request, on disk before the response is complete.
+
+A record holds what a reviewer needs and nothing a leak could hurt: time, request id, key id, client address,
+endpoint, status, SHA-256 digests of the inputs (image, question) and of the answer — never the image, the text or a
+key — the route, the stages and backends used, the outcome, and the degraded / disclaimer / human-review flags.
+
+`AuditMiddleware` writes the record when the response's last body message is about to go out, and holds that message
+until the record is written, flushed and fsync'd: a client that received a whole response can count on its record
+being on disk, even if the process is killed the next instant. Handlers add what they know with `note(scope, ...)`.
+
+Records are written by one writer task in group commits: every record waiting when the writer wakes goes out in one
+`write` and one `fsync`, so durability costs one disk flush per batch, not per request. The file is rotated by size
+(`path` → `path.1` → … → `path.{backups}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+AUDIT_KEY = "audit"
+"""Where the record being built lives in the ASGI scope's `state`."""
+
+
+def digest(data: bytes | str) -> str:
+    """`sha256:` and the hex digest of `data` (text as UTF-8)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def note(scope: MutableMapping[str, Any], **fields: object) -> None:
+    """Add `fields` to the request's audit record (a no-op when the app keeps no audit log)."""
+    record = scope.get("state", {}).get(AUDIT_KEY)
+    if isinstance(record, dict):
+        record.update(fields)
+
+
+@dataclass
+class _Pending:
+    line: bytes
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class AuditLog:
+    """Group-committed JSON lines in `path`, rotated past `max_bytes` keeping `backups` old files."""
+
+    def __init__(self, path: Path, *, max_bytes: int = 100 * 1024 * 1024, backups: int = 5) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.batches = 0
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._file: Any = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = await asyncio.to_thread(open, self.path, "ab")
+        self._queue = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_batches(), name="audit-writer")
+
+    async def write(self, record: dict[str, object]) -> None:
+        """Append `record`; return once it is on disk (flushed and fsync'd)."""
+        if self._queue is None or self._writer is None or self._writer.done():
+            raise RuntimeError("the audit log is not running")
+        pending = _Pending(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        await self._queue.put(pending)
+        await asyncio.shield(pending.done)
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+            self._file = None
+
+    async def _write_batches(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await asyncio.to_thread(self._commit, b"".join(p.line for p in batch))
+            except Exception as exc:  # a full or failing disk: every waiting request learns of it
+                for pending in batch:
+                    pending.done.set_exception(exc)
+                continue
+            self.batches += 1
+            for pending in batch:
+                pending.done.set_result(None)
+
+    def _commit(self, data: bytes) -> None:
+        """Write, flush and fsync one batch (in a worker thread), rotating first when it would overflow the file."""
+        if self._file.tell() > 0 and self._file.tell() + len(data) > self.max_bytes:
+            self._rotate()
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for index in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if self.backups > 0:
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+        self._file = open(self.path, "ab")  # noqa: SIM115 (kept open across batches; closed by aclose)
+
+
+class AuditMiddleware:
+    """Starts each request's record (`scope["state"]["audit"]`) and writes it before the last body message."""
+
+    def __init__(self, app: ASGIApp, log: AuditLog, paths: tuple[str, ...] = ("/v1/",)) -> None:
+        self.app = app
+        self.log = log
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        record: dict[str, object] = {
+            "time": round(time.time(), 3),
+            "endpoint": f"{scope['method']} {scope['path']}",
+            "client": f"{client[0]}:{client[1]}" if client else None,
+        }
+        scope.setdefault("state", {})[AUDIT_KEY] = record
+        written = False
+
+        async def send_after_audit(message: Message) -> None:
+            nonlocal written
+            if message["type"] == "http.response.start":
+                record["status"] = message["status"]
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if last and not written:
+                written = True
+                record["request_id"] = scope["state"].get("request_id")
+                record["duration_ms"] = round((time.time() - float(str(record["time"]))) * 1000, 1)
+                await self.log.write(record)
+            await send(message)
+
+        await self.app(scope, receive, send_after_audit)
