@@ -4,18 +4,31 @@ On the vision-only route the vision stage answers the question (`answer` task). 
 the image with the question in mind (`describe` task) and the reasoning stage answers from that description; when
 the reasoning stage is disabled, down or broken, the vision stage is asked for its own answer, which is returned
 clearly marked. A vision failure fails the request (there is nothing to answer from); a reasoning failure never does.
+An answer the vision stage's fallback backend gave (`VisionResult.fallback`) is marked degraded, with its notice.
 
 `response_format="json"` always takes the reasoning route, whatever the requested mode (`route.reason` says so):
 the fields are the reasoning stage's reading of the description, checked claim by claim like a prose answer
 (`orchestrator.answer_json`). The answer is then the fields as compact JSON, with `answer_fields` the parsed object.
 An answer that is not JSON is returned as written, with `answer_fields` None, a notice, and marked for review. When
 the reasoning stage does not answer, the vision stage's fallback answer is prose and `answer_fields` is None.
+
+Streaming: `Pipeline.stream` yields the analysis as events, in this order: `RouteEvent`, `VisionEvent`, on the
+reasoning route the `DeltaEvent`s of the reasoning stage's answer as the LLM produces them (from a
+`StreamingReasoningBackend`; a backend that only generates yields none) and an `ArbitrationEvent`, and last a
+`DoneEvent` with the whole `AnalyzeOutcome`. `run` is the same sequence with the reasoning stage answering whole,
+collected into its outcome. A reasoning failure before the first delta falls back to the vision stage's answer as
+`run` does; a failure after deltas were yielded yields an `ErrorEvent` naming it, then the fallback's `DoneEvent`
+with `replaced` set: the streamed text is incomplete, and the outcome's answer replaces it. The arbiter checks the
+complete answer after the stream; when a re-asked answer is returned, `replaced` is set too. Closing the stream
+early closes the reasoning backend's stream, which stops the generation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from orchestrator.answer_json import Fields, ResponseFormat, parse_fields, serialise
@@ -25,9 +38,9 @@ from orchestrator.messages import Language, Profile, detect_language, disclaimer
 from orchestrator.prompts import reasoning_messages
 from orchestrator.routing import Decision, RequestedMode, RouteDecision, Router
 from orchestrator.settings import ReasoningSettings
-from reasoning_stage.backend import ReasoningBackend
-from reasoning_stage.errors import ReasoningDisabled, ReasoningError
-from reasoning_stage.types import ReasoningRequest, ReasoningResult
+from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
+from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
+from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest, ReasoningResult
 from vision_stage.backend import VisionBackend
 from vision_stage.types import DecodedImage, VisionRequest, VisionResult, VisionTask
 
@@ -41,6 +54,12 @@ class AnalyzeInput:
     mode: RequestedMode = "auto"
     profile: Profile = "general"
     response_format: ResponseFormat = "text"
+    history: tuple[ChatMessage, ...] = ()
+    """Earlier turns of a conversation, given to the reasoning stage between its instructions and the question."""
+    max_new_tokens: int | None = None
+    """The reasoning stage's answer budget; None: the configured `reasoning.max_new_tokens`."""
+    temperature: float | None = None
+    """The reasoning stage's sampling temperature (0: greedy); None: the configured `reasoning.temperature`."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +103,101 @@ class Routed:
 
 
 @dataclass(frozen=True)
+class RouteEvent:
+    """Where the question goes; always the first event."""
+
+    route: RouteDecision
+
+
+@dataclass(frozen=True)
+class VisionEvent:
+    """What the vision stage saw: its description on the reasoning route, its answer on the vision-only route."""
+
+    vision: VisionResult
+
+
+@dataclass(frozen=True)
+class DeltaEvent:
+    """A piece of the reasoning stage's answer (`text`) or of its thinking, as the LLM produces it."""
+
+    text: str = ""
+    thinking: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The reasoning stage failed after deltas were yielded; the `DoneEvent` with the fallback answer follows."""
+
+    failure: StageFailure
+    error: ReasoningError
+
+
+@dataclass(frozen=True)
+class ArbitrationEvent:
+    """The reasoning answer checked against the image. `answer` is the answer returned; `replaced`: it is not the
+    streamed text (a re-asked answer was returned)."""
+
+    arbitration: Arbitration
+    answer: str
+    replaced: bool
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The whole outcome; always the last event. `replaced`: text deltas were yielded and `outcome.answer` is not
+    their text (a re-asked answer, or the vision stage's answer after the reasoning stage failed mid-answer)."""
+
+    outcome: AnalyzeOutcome
+    replaced: bool = False
+
+
+PipelineEvent = RouteEvent | VisionEvent | DeltaEvent | ErrorEvent | ArbitrationEvent | DoneEvent
+
+
+@dataclass(frozen=True)
 class _ReasoningOutcome:
     result: ReasoningResult | None
     notices: tuple[str, ...]
     degraded: bool
     failure: StageFailure | None
     request: ReasoningRequest
+    streamed: bool = False
+    """Text deltas of this answer were yielded."""
+
+
+@dataclass
+class _Received:
+    """What a reasoning stream has delivered so far."""
+
+    text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    last: ReasoningDelta = field(default_factory=ReasoningDelta)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, delta: ReasoningDelta) -> None:
+        self.text.append(delta.text)
+        self.thinking.append(delta.thinking)
+        self.last = delta
+
+    @property
+    def anything(self) -> bool:
+        return any(self.text) or any(self.thinking)
+
+    def result(self, backend: ReasoningBackend) -> ReasoningResult:
+        """The streamed answer, whole, as `generate` would have returned it."""
+        finish = self.last.finish_reason
+        if finish is None:
+            raise ReasoningInvalidOutput(f"the {backend.name} backend's stream ended without a finish reason")
+        return ReasoningResult(
+            backend=backend.name,
+            model=backend.model,
+            text="".join(self.text).strip(),
+            prompt_tokens=self.last.prompt_tokens or 0,
+            completion_tokens=self.last.completion_tokens or 0,
+            finish_reason=finish,
+            latency_ms=_ms_since(self.started),
+            thinking="".join(self.thinking).strip() or None,
+        )
 
 
 class Pipeline:
@@ -124,56 +232,144 @@ class Pipeline:
     async def run(self, request: AnalyzeInput, routed: Routed | None = None) -> AnalyzeOutcome:
         """Answer `request`; `routed` is its route when the caller already has it (timings then count from the
         route's start)."""
+        async with aclosing(self._events(request, routed, streaming=False)) as events:
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    return event.outcome
+        raise AssertionError("the pipeline ended without a DoneEvent")  # unreachable: `_events` always ends with one
+
+    def stream(self, request: AnalyzeInput, routed: Routed | None = None) -> AsyncGenerator[PipelineEvent, None]:
+        """`run` as events, the reasoning stage's answer streamed (module docstring). Close the generator (or use
+        `contextlib.aclosing`) when leaving it early."""
+        return self._events(request, routed, streaming=True)
+
+    async def _events(
+        self, request: AnalyzeInput, routed: Routed | None, *, streaming: bool
+    ) -> AsyncGenerator[PipelineEvent, None]:
         if routed is None:
             routed = await self.route(request.question, request.mode, request.response_format)
-        started, decision = routed.started, routed.decision
-        language = detect_language(request.question)
+        yield RouteEvent(routed.decision)
         timings = {"route": routed.ms}
-        wants_reasoning = decision.decision == "vision_then_reasoning"
+        wants_reasoning = routed.decision.decision == "vision_then_reasoning"
         vision_started = time.perf_counter()
         vision = await self._look(request, "describe" if wants_reasoning else "answer")
         timings["vision"] = _ms_since(vision_started)
+        yield VisionEvent(vision)
+        language = detect_language(request.question)
         context = Context(
-            vision, decision, self._router.threshold, request.profile, language, request.image, request.response_format
-        )
+            vision, routed.decision, self._router.threshold, request.profile, language, request.image,
+            request.response_format,
+        )  # fmt: skip
         if not wants_reasoning:
-            return _vision_outcome(context, _vision_answer(vision), timings, started)
+            yield DoneEvent(_vision_outcome(context, _vision_answer(vision), timings, routed.started))
+            return
+        async with aclosing(self._reasoned(request, context, timings, routed.started, streaming)) as events:
+            async for event in events:
+                yield event
+
+    async def _reasoned(
+        self, request: AnalyzeInput, context: Context, timings: dict[str, float], started: float, streaming: bool
+    ) -> AsyncGenerator[PipelineEvent, None]:
+        """The reasoning route once the vision stage has looked: the answer, then its arbitration, or the fallback."""
         reasoning_started = time.perf_counter()
-        reasoning = await self._reason(vision, request, language)
+        reasoning: _ReasoningOutcome | None = None
+        async with aclosing(self._reason(request, context, streaming)) as items:
+            async for item in items:
+                if isinstance(item, _ReasoningOutcome):
+                    reasoning = item
+                else:
+                    yield item
+        assert reasoning is not None  # `_reason` always ends with its outcome
         timings["reasoning"] = _ms_since(reasoning_started)
         if reasoning.result is None:
             fallback_started = time.perf_counter()
             answer = _vision_answer(await self._look(request, "answer"))
             timings["vision_answer"] = _ms_since(fallback_started)
-            return _vision_outcome(context, answer, timings, started, reasoning)
+            outcome = _vision_outcome(context, answer, timings, started, reasoning)
+            yield DoneEvent(outcome, replaced=reasoning.streamed)
+            return
         arbitration_started = time.perf_counter()
         judged = await self._arbiter.judge(reasoning.result, reasoning.request, context)
         timings["arbitration"] = _ms_since(arbitration_started)
         timings["total"] = _ms_since(started)
-        return _reasoned_outcome(context, judged, timings)
+        outcome = _reasoned_outcome(context, judged, timings)
+        replaced = reasoning.streamed and judged.result is not reasoning.result
+        yield ArbitrationEvent(judged.arbitration, outcome.answer, replaced)
+        yield DoneEvent(outcome, replaced)
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
         return await self._vision.generate(VisionRequest(request.image, request.question, task=task))
 
-    async def _reason(self, vision: VisionResult, request: AnalyzeInput, language: Language) -> _ReasoningOutcome:
-        messages = reasoning_messages(vision, request.question, request.profile, language, request.response_format)
-        reasoning_request = ReasoningRequest(
-            messages, max_new_tokens=self._settings.max_new_tokens, temperature=self._settings.temperature
-        )
+    async def _reason(
+        self, request: AnalyzeInput, context: Context, streaming: bool
+    ) -> AsyncGenerator[DeltaEvent | ErrorEvent | _ReasoningOutcome, None]:
+        """The reasoning stage's answer as a `_ReasoningOutcome`, last; before it, when `streaming` and the backend
+        streams, its deltas, and an `ErrorEvent` when it fails after some. A reasoning failure never raises."""
+        reasoning_request = self._reasoning_request(request, context)
+        received = _Received()
+        language, backend = context.language, self._reasoning
         try:
-            result = await self._reasoning.generate(reasoning_request)
+            if streaming and isinstance(backend, StreamingReasoningBackend):
+                deltas = backend.stream(reasoning_request)
+                try:
+                    async for delta in deltas:
+                        received.add(delta)
+                        if delta.text or delta.thinking:
+                            yield DeltaEvent(delta.text, delta.thinking)
+                finally:
+                    await _aclose(deltas)
+                result = received.result(backend)
+            else:
+                result = await backend.generate(reasoning_request)
         except ReasoningDisabled:
-            return _ReasoningOutcome(None, (notice("reasoning_disabled", language),), False, None, reasoning_request)
+            yield _ReasoningOutcome(None, (notice("reasoning_disabled", language),), False, None, reasoning_request)
+            return
         except ReasoningError as exc:
-            log.warning("reasoning stage failed (backend %s): %s: %s", self._reasoning.name, type(exc).__name__, exc)
-            failure = StageFailure("reasoning", self._reasoning.name, type(exc).__name__, str(exc))
-            text = notice("reasoning_failed", language, detail=f"{self._reasoning.name}: {type(exc).__name__}")
-            return _ReasoningOutcome(None, (text,), True, failure, reasoning_request)
+            log.warning("reasoning stage failed (backend %s): %s: %s", backend.name, type(exc).__name__, exc)
+            failure = StageFailure("reasoning", backend.name, type(exc).__name__, str(exc))
+            for item in _failed(failure, exc, type(exc).__name__, language, reasoning_request, received):
+                yield item
+            return
         if not result.text.strip():
-            failure = StageFailure("reasoning", self._reasoning.name, "EmptyAnswer", "the model answered nothing")
-            text = notice("reasoning_failed", language, detail=f"{self._reasoning.name}: empty answer")
-            return _ReasoningOutcome(None, (text,), True, failure, reasoning_request)
-        return _ReasoningOutcome(result, (), False, None, reasoning_request)
+            failure = StageFailure("reasoning", backend.name, "EmptyAnswer", "the model answered nothing")
+            empty = ReasoningInvalidOutput(f"the {backend.name} backend's model answered nothing")
+            for item in _failed(failure, empty, "empty answer", language, reasoning_request, received):
+                yield item
+            return
+        yield _ReasoningOutcome(result, (), False, None, reasoning_request, streamed=any(received.text))
+
+    def _reasoning_request(self, request: AnalyzeInput, context: Context) -> ReasoningRequest:
+        """Instructions, the conversation so far, then the description and the question."""
+        system, *question = reasoning_messages(
+            context.vision, request.question, request.profile, context.language, request.response_format
+        )
+        temperature = self._settings.temperature if request.temperature is None else request.temperature
+        return ReasoningRequest(
+            (system, *request.history, *question),
+            max_new_tokens=request.max_new_tokens or self._settings.max_new_tokens,
+            temperature=temperature,
+        )
+
+
+def _failed(
+    failure: StageFailure,
+    error: ReasoningError,
+    detail: str,
+    language: Language,
+    request: ReasoningRequest,
+    received: _Received,
+) -> tuple[ErrorEvent | _ReasoningOutcome, ...]:
+    """A failed reasoning stage: the fallback's outcome, after an `ErrorEvent` when deltas were already yielded."""
+    text = notice("reasoning_failed", language, detail=f"{failure.backend}: {detail}")
+    outcome = _ReasoningOutcome(None, (text,), True, failure, request, streamed=any(received.text))
+    return (ErrorEvent(failure, error), outcome) if received.anything else (outcome,)
+
+
+async def _aclose(iterator: AsyncIterator[object]) -> None:
+    """Close an async generator (a backend's stream), so an abandoned answer stops being generated."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _reasoned_outcome(context: Context, judged: Judged, timings: dict[str, float]) -> AnalyzeOutcome:
@@ -193,8 +389,8 @@ def _reasoned_outcome(context: Context, judged: Judged, timings: dict[str, float
         vision=context.vision,
         reasoning=judged.result,
         language=context.language,
-        degraded=False,
-        notices=(*notices, *_truncation(judged.result, context.language)),
+        degraded=context.vision.fallback is not None,
+        notices=(*_stood_in(context.vision), *notices, *_truncation(judged.result, context.language)),
         disclaimer=disclaimer(context.profile, context.language),
         needs_human_review=review,
         timings_ms=timings,
@@ -221,14 +417,19 @@ def _vision_outcome(
         vision=context.vision,
         reasoning=None,
         language=context.language,
-        degraded=reasoning.degraded if reasoning else False,
-        notices=reasoning.notices if reasoning else (),
+        degraded=(reasoning is not None and reasoning.degraded) or context.vision.fallback is not None,
+        notices=(*_stood_in(context.vision), *(reasoning.notices if reasoning else ())),
         disclaimer=disclaimer(context.profile, context.language),
         needs_human_review=review,
         timings_ms=timings,
         confidence=score,
         failures=(reasoning.failure,) if reasoning and reasoning.failure else (),
     )
+
+
+def _stood_in(vision: VisionResult) -> tuple[str, ...]:
+    """The notice of a vision backend that answered in place of the configured one (a degraded answer)."""
+    return (vision.fallback,) if vision.fallback else ()
 
 
 def _truncation(result: ReasoningResult, language: Language) -> tuple[str, ...]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +12,7 @@ import numpy as np
 from orchestrator.routing import Vector
 from reasoning_stage.backend import Health as ReasoningHealth
 from reasoning_stage.errors import ReasoningError, ReasoningUnavailable
-from reasoning_stage.types import FinishReason, ReasoningRequest, ReasoningResult
+from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
 from vision_stage.backend import Health as VisionHealth
 from vision_stage.errors import VisionError, VisionUnavailable
 from vision_stage.types import ImageFacts, StructuredDescription, TextLine, VisionRequest, VisionResult
@@ -102,6 +104,40 @@ class FakeReasoning:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+@dataclass
+class FakeStreamingReasoning(FakeReasoning):
+    """A `FakeReasoning` that also streams (a `StreamingReasoningBackend`): `thinking` first when set, then its
+    answer word by word, then the finish. An error the script or `error` gives raises before the first delta; with
+    `fail_after`, `stream_error` raises after that many words. With `gate`, the stream waits after its first word
+    until the gate is set (from any thread). `abandoned` counts streams closed before their end."""
+
+    thinking: str = ""
+    fail_after: int | None = None
+    stream_error: ReasoningError = field(default_factory=lambda: ReasoningUnavailable("the fake stream broke"))
+    gate: threading.Event | None = None
+    abandoned: int = 0
+
+    async def stream(self, request: ReasoningRequest) -> AsyncGenerator[ReasoningDelta, None]:
+        result = await self.generate(request)  # records the request; scripted errors raise here
+        try:
+            if self.thinking:
+                yield ReasoningDelta(thinking=self.thinking)
+            for index, word in enumerate(result.text.split(" ")):
+                if index == self.fail_after:
+                    raise self.stream_error
+                yield ReasoningDelta(text=word if index == 0 else f" {word}")
+                if index == 0 and self.gate is not None:
+                    await asyncio.to_thread(self.gate.wait, 30)
+        except GeneratorExit:
+            self.abandoned += 1
+            raise
+        yield ReasoningDelta(
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+        )
 
 
 @dataclass

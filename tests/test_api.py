@@ -194,7 +194,7 @@ def test_health_ready_and_not_ready() -> None:
     with TestClient(app) as warm:
         body = warm.get("/ready").json()
     assert body["ready"] is True
-    assert body["vision"] == {"backend": "fake", "model": "fake-vision", "ok": True, "detail": "fake"}
+    assert body["vision"] == {"backend": "fake", "model": "fake-vision", "ok": True, "detail": "fake", "endpoints": []}
 
 
 def test_ready_is_503_when_a_stage_is_unhealthy() -> None:
@@ -216,3 +216,60 @@ def test_openapi_describes_both_request_bodies(client: TestClient) -> None:
     operation = client.get("/openapi.json").json()["paths"]["/v1/analyze"]["post"]
     assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(operation["responses"])
+
+
+def refs(node: object) -> set[str]:
+    """Every `$ref` in a JSON document."""
+    if isinstance(node, dict):
+        own = {node["$ref"]} if isinstance(node.get("$ref"), str) else set()
+        return own.union(*(refs(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(refs(value) for value in node))
+    return set()
+
+
+def test_every_schema_the_openapi_description_refers_to_is_in_it(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    missing = {ref for ref in refs(schema) if ref.removeprefix("#/components/schemas/") not in components}
+    assert not missing
+    assert "AnalyzeJsonRequest" in components
+    assert components["AnalyzeJsonRequest"]["additionalProperties"] is False
+
+
+def test_openapi_describes_analyze_streaming(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/v1/analyze"]["post"]
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert form["stream"] == {"type": "boolean", "default": False}
+    assert "stream" in schema["components"]["schemas"]["AnalyzeJsonRequest"]["properties"]
+    ok = operation["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/AnalyzeResponse"}
+    events = ok["text/event-stream"]["x-events"]
+    assert {name: ref["$ref"].rsplit("/", 1)[1] for name, ref in events.items()} == {
+        "route": "RouteOut", "vision": "VisionOut", "reasoning": "ReasoningDeltaOut",
+        "arbitration": "ArbitrationEventOut", "error": "StreamErrorOut", "done": "AnalyzeStreamDone",
+    }  # fmt: skip
+    assert "replaced" in schema["components"]["schemas"]["AnalyzeStreamDone"]["required"]
+
+
+def test_openapi_describes_chat_completions_and_models(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    operation = schema["paths"]["/v1/chat/completions"]["post"]
+    body = operation["requestBody"]["content"]
+    assert body == {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}
+    request = components["ChatCompletionRequest"]
+    assert request["additionalProperties"] is False
+    assert set(request["required"]) == {"model", "messages"}
+    assert {"stream", "stream_options", "temperature", "max_tokens", "response_format"} <= set(request["properties"])
+    responses = operation["responses"]
+    for status in ("400", "404", "413", "415", "422", "502", "503"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    ok = responses["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletionOut")
+    assert set(ok["text/event-stream"]["x-events"]) == {"chunk", "error"}
+    assert "orchestration" in components["ChatCompletionOut"]["required"]
+    assert "orchestration" in components["ChatCompletionChunkOut"]["properties"]
+    models = schema["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert models["$ref"].endswith("/ModelListOut")

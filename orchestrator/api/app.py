@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import Services
+from orchestrator.api.events import describe_error
 from orchestrator.api.inputs import validation_problems
-from orchestrator.api.routes import api
-from orchestrator.errors import ROOTS, ErrorSpec, RequestTooLarge, retry_after_s, spec_for
+from orchestrator.api.routes import SCHEMA_MODELS, api
+from orchestrator.errors import ROOTS, ErrorSpec, RequestTooLarge, retry_after_s
 from orchestrator.pipeline import Pipeline
+from orchestrator.resilience.deadline import request_deadline
 from orchestrator.routing import KeywordRouter, Router
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
@@ -62,14 +69,38 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
         lifespan=lifespan,
     )
     app.state.services = None
+    app.state.started = time.time()
     app.include_router(api)
+    app.openapi = _openapi(app, SCHEMA_MODELS)  # type: ignore[method-assign]
     _register_exception_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.limits.max_request_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.limits.max_request_bytes,
+        deadline_s=settings.limits.request_deadline_s,
+    )
     return app
 
 
 async def _default_router(settings: Settings, injected: bool) -> Router:
     return KeywordRouter() if injected else await build_router(settings.router)
+
+
+def _openapi(app: FastAPI, models: tuple[type[BaseModel], ...]) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI description, with `models` (what bodies read by hand and event streams refer to) added to
+    its components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _, extra = models_json_schema(
+                [(model, "validation") for model in models], ref_template="#/components/schemas/{model}"
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            schema["components"]["schemas"] = {**extra.get("$defs", {}), **components}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 def request_id_of(request: Request) -> str:
@@ -86,10 +117,7 @@ def error_response(request: Request, spec: ErrorSpec, message: str, retry_after:
 
 def _register_exception_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        spec = spec_for(exc)
-        if spec.status >= 500:
-            log.error("request %s failed: %s: %s", request_id_of(request), type(exc).__name__, exc, exc_info=exc)
-        message = str(exc) if spec.type != "internal_error" else "internal error; the request id is in the log"
+        spec, message = describe_error(exc, request_id_of(request))
         return error_response(request, spec, message, retry_after_s(exc))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -108,15 +136,17 @@ def _register_exception_handlers(app: FastAPI) -> None:
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (returned as `X-Request-ID`) and caps the body at `max_body_bytes`.
+    """Gives every request an id (returned as `X-Request-ID`), caps the body at `max_body_bytes`, and sets the
+    request's deadline (`orchestrator.resilience.deadline`), which a streamed response lives inside too.
 
     A declared `Content-Length` over the cap is refused before the body is read; a body that grows past the cap while
     streaming raises `RequestTooLarge` inside the handler that reads it.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, deadline_s: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,7 +171,8 @@ class RequestContextMiddleware:
             )
             await response(scope, receive, send_with_id)
             return
-        await self.app(scope, self._capped(receive), send_with_id)
+        with request_deadline(self.deadline_s):
+            await self.app(scope, self._capped(receive), send_with_id)
 
     def _capped(self, receive: Receive) -> Receive:
         seen = 0

@@ -1,4 +1,5 @@
-"""Reading an analyze request, JSON or multipart, into image bytes and validated options.
+"""Reading requests: an analyze request, JSON or multipart, into image bytes and validated options; a JSON body into a
+validated model (the chat completions request); images from base64 and `data:` URLs.
 
 Every way a request can be malformed ends here as an `orchestrator.errors.RequestInvalid` subclass.
 """
@@ -11,9 +12,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -33,7 +34,8 @@ from orchestrator.errors import (
 from vision_stage.errors import ImageTooLarge
 
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
-_FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format"})
+_FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format", "stream"})
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class AnalyzeInputs:
 
 
 async def read_analyze_request(request: Request, max_image_bytes: int) -> AnalyzeInputs:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type == "application/json":
         return _from_json(await request.body(), max_image_bytes)
     if content_type == "multipart/form-data":
@@ -54,14 +56,30 @@ async def read_analyze_request(request: Request, max_image_bytes: int) -> Analyz
     )
 
 
-def _from_json(body: bytes, max_image_bytes: int) -> AnalyzeInputs:
+async def read_json_request(request: Request, model: type[M]) -> M:
+    """A JSON body validated as `model`."""
+    content_type = _content_type(request)
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'!r}: send application/json")
+    return validated(model, _json_object(await request.body()))
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _json_object(body: bytes) -> dict[str, object]:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValidationFailed("the JSON body must be an object")
-    options = _validate(data)
+    return data
+
+
+def _from_json(body: bytes, max_image_bytes: int) -> AnalyzeInputs:
+    options = validated(AnalyzeJsonRequest, _json_object(body))
     if (options.image_base64 is None) == (options.image_url is None):
         raise ImageMissing("give exactly one of `image_base64` and `image_url`")
     if options.image_base64 is not None:
@@ -85,15 +103,15 @@ async def _from_form(request: Request, max_image_bytes: int) -> AnalyzeInputs:
         if not isinstance(upload, UploadFile):
             raise ImageMissing("the form has no `image` file part")
         image = await upload.read(max_image_bytes + 1)
-        options = _validate({key: value for key, value in form.items() if key != "image"})
+        options = validated(AnalyzeJsonRequest, {key: value for key, value in form.items() if key != "image"})
     finally:
         await form.close()
     return AnalyzeInputs(image, options)
 
 
-def _validate(data: dict[str, object]) -> AnalyzeJsonRequest:
+def validated(model: type[M], data: dict[str, object]) -> M:
     try:
-        return AnalyzeJsonRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ValidationFailed(validation_problems(exc.errors())) from None
 

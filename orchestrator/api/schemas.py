@@ -32,6 +32,10 @@ class AnalyzeJsonRequest(BaseModel):
         description="`json`: the answer as a JSON object of fields read from the image, each checked against it; "
         "always takes the reasoning route.",
     )
+    stream: bool = Field(
+        default=False,
+        description="Answer as server-sent events: `route`, `vision`, `reasoning`, `arbitration`, `done`.",
+    )
 
 
 class RouteOut(BaseModel):
@@ -192,19 +196,50 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ReasoningDeltaOut(BaseModel):
+    """The `reasoning` event of a streamed analysis."""
+
+    text: str = Field(description="The next piece of the reasoning stage's answer, as the LLM produces it.")
+    thinking: str = Field(description="The next piece of the LLM's thinking, when it thinks aloud.")
+
+
+class ArbitrationEventOut(ArbitrationOut):
+    """The `arbitration` event of a streamed analysis."""
+
+    answer: str = Field(description="The answer returned: the streamed one, or the re-asked one.")
+    replaced: bool = Field(description="True when `answer` replaces the streamed text (a re-asked answer).")
+
+
+class StreamErrorOut(BaseModel):
+    """The `error` event of a streamed analysis (and, without `failure`, the in-band error of a chat stream)."""
+
+    error: ErrorBody
+    failure: FailureOut | None = Field(
+        description="The stage that failed mid-answer; a `done` event with the fallback answer follows. Null when "
+        "the request itself failed: then this is the last event."
+    )
+
+
+class AnalyzeStreamDone(AnalyzeResponse):
+    """The `done` event of a streamed analysis: the `/v1/analyze` response, and whether the streamed text stands."""
+
+    replaced: bool = Field(
+        description="True when `answer` is not the text the `reasoning` events streamed: a re-asked answer after a "
+        "contradiction, or the vision stage's answer after the reasoning stage failed mid-answer."
+    )
+
+
 def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeResponse:
     reasoning = outcome.reasoning
-    prompt_tokens = reasoning.prompt_tokens if reasoning else 0
-    completion_tokens = reasoning.completion_tokens if reasoning else 0
     return AnalyzeResponse(
         request_id=request_id,
         answer=outcome.answer,
         answer_fields=outcome.answer_fields,
         mode=outcome.mode,
         route=RouteOut(**vars(outcome.route)),
-        vision=_vision_out(outcome.vision),
+        vision=vision_out(outcome.vision),
         reasoning=_reasoning_out(reasoning) if reasoning else None,
-        arbitration=_arbitration_out(outcome.arbitration),
+        arbitration=arbitration_out(outcome.arbitration),
         confidence=outcome.confidence,
         degraded=outcome.degraded,
         notices=list(outcome.notices),
@@ -213,15 +248,21 @@ def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeRespons
         language=outcome.language,
         failures=[FailureOut(**vars(failure)) for failure in outcome.failures],
         timings_ms=outcome.timings_ms,
-        usage=UsageOut(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=usage_out(outcome),
     )
 
 
-def _arbitration_out(arbitration: Arbitration | None) -> ArbitrationOut:
+def usage_out(outcome: AnalyzeOutcome) -> UsageOut:
+    """The reasoning stage's tokens (0 when it did not answer)."""
+    reasoning = outcome.reasoning
+    prompt_tokens = reasoning.prompt_tokens if reasoning else 0
+    completion_tokens = reasoning.completion_tokens if reasoning else 0
+    return UsageOut(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def arbitration_out(arbitration: Arbitration | None) -> ArbitrationOut:
     if arbitration is None:
         return ArbitrationOut(status="skipped", reason="no reasoning answer to check", corrected=False, checks=[])
     checks = [_check_out(check) for check in arbitration.checks]
@@ -245,7 +286,7 @@ def _check_out(check: Check) -> CheckOut:
     )
 
 
-def _vision_out(vision: VisionResult) -> VisionOut:
+def vision_out(vision: VisionResult) -> VisionOut:
     return VisionOut(
         backend=vision.backend,
         model=vision.model,

@@ -116,6 +116,16 @@ class FallbackVision:
         await _close_all([self.primary.aclose(), self.fallback.aclose()])
 
 
+def endpoint_statuses(backend: object) -> tuple[EndpointStatus, ...]:
+    """The endpoints behind a backend built by `orchestrator.wiring` (a fallback's after its primary's); none for
+    another backend (an injected fake)."""
+    if isinstance(backend, ResilientVision | ResilientReasoning):
+        return backend.stage.statuses()
+    if isinstance(backend, FallbackVision):
+        return endpoint_statuses(backend.primary) + endpoint_statuses(backend.fallback)
+    return ()
+
+
 def _deltas(backend: ReasoningBackend, request: ReasoningRequest) -> AsyncIterator[ReasoningDelta]:
     if isinstance(backend, reasoning_backend.StreamingReasoningBackend):
         return backend.stream(request)

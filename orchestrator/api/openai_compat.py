@@ -1,0 +1,334 @@
+"""`POST /v1/chat/completions` and `GET /v1/models` in OpenAI's wire format, so the official `openai` client works.
+
+The `model` names the route: `auto` (the router decides), `vision-only`, `vision-then-reasoning`. The question is the
+last message's text, which must be the user's; the image is the most recent `image_url` part in the conversation
+(a `data:image/...;base64,...` URL; http(s) URLs are refused with `image_url_not_supported` for now); the earlier
+messages' text goes to the reasoning stage as history. The request model refuses unknown fields.
+
+The answer is a `chat.completion` (or, with `stream: true`, `chat.completion.chunk` server-sent events ending in
+`data: [DONE]`) with one extra top-level field, `orchestration`: how the answer was reached (route, vision summary,
+arbitration, degradation, notices, timings), in the `/v1/analyze` response's terms. Streamed: a role chunk, the
+content as the reasoning stage produces it (the LLM's thinking as `reasoning_content`), or the whole answer at once
+when nothing was streamed (the vision-only route, a fallback); then a chunk with `finish_reason` and
+`orchestration`, the usage chunk when `stream_options.include_usage`, and `[DONE]`. When a re-asked answer replaces
+the streamed one, the content goes on with the notices and the corrected answer, and `orchestration.replaced` is
+true. A failure after the first chunk is an in-band `data: {"error": {...}}` event, then `[DONE]`: the `openai`
+client raises it as an `APIError`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from orchestrator.answer_json import ResponseFormat
+from orchestrator.api.events import error_body, sse, stage_error_body
+from orchestrator.api.schemas import (
+    ArbitrationOut,
+    ErrorResponse,
+    FailureOut,
+    RouteOut,
+    UsageOut,
+    analyze_response,
+    usage_out,
+)
+from orchestrator.errors import ImageMissing, ValidationFailed
+from orchestrator.messages import Profile
+from orchestrator.pipeline import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
+from orchestrator.routing import Decision, RequestedMode
+from reasoning_stage.types import ChatMessage, FinishReason
+from vision_stage.openai_wire import MessageIn, StreamOptions
+
+SSE_DONE = "data: [DONE]\n\n"
+MAX_TOKENS = 8192
+"""The most `max_tokens` a request may ask of the reasoning stage (as `ORCH_REASONING__MAX_NEW_TOKENS` allows)."""
+
+MODELS: dict[str, tuple[RequestedMode, str]] = {
+    "auto": ("auto", "The router decides per question whether the reasoning stage answers after the vision stage."),
+    "vision-only": ("vision", "The vision stage answers alone."),
+    "vision-then-reasoning": ("reasoning", "The vision stage describes the image; the reasoning stage answers."),
+}
+"""The model names: each a route (the `/v1/analyze` `mode` it forces) and its description."""
+
+
+class ChatResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object"] = Field(
+        description="`json_object`: the answer as a JSON object of fields read from the image, each checked against "
+        "it (`/v1/analyze`'s `response_format: json`); always takes the reasoning route."
+    )
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI request fields this service reads; any other field is refused (422)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The route: `auto`, `vision-only` or `vision-then-reasoning` (`GET /v1/models`).")
+    messages: list[MessageIn] = Field(
+        min_length=1,
+        description="The conversation; the last message is the user's question. The most recent `image_url` part "
+        "(a `data:image/...;base64,...` URL) is the image.",
+    )
+    stream: bool = Field(default=False, description="Answer as `chat.completion.chunk` server-sent events.")
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="The reasoning stage's sampling temperature; unset: the configured one."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS, description="The reasoning stage's answer budget; unset: the configured one."
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS, description="As `max_tokens`.")
+    n: int = Field(default=1, ge=1, le=1, description="Only 1: one answer per request.")
+    response_format: ChatResponseFormat | None = None
+    profile: Profile = Field(
+        default="general",
+        description="An extension (the `openai` client's `extra_body`): `/v1/analyze`'s `profile`: disclaimers, "
+        "review bars and the reasoning stage's context for `medical`, `legal`, `finance`.",
+    )
+    user: str | None = Field(default=None, description="Accepted and ignored.")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def answer_format(self) -> ResponseFormat:
+        json_object = self.response_format is not None and self.response_format.type == "json_object"
+        return "json" if json_object else "text"
+
+
+class VisionSummaryOut(BaseModel):
+    backend: str
+    model: str
+    caption: str
+    answer: str | None = Field(description="The vision stage's own answer, when it was asked for one.")
+    latency_ms: float
+
+
+class OrchestrationOut(BaseModel):
+    """How the answer was reached, in the `/v1/analyze` response's terms."""
+
+    request_id: str
+    answer: str = Field(description="The answer; when streamed, the one that stands (see `replaced`).")
+    answer_fields: dict[str, Any] | None
+    replaced: bool = Field(
+        description="Streamed only: true when a re-asked answer replaced the streamed content (which then goes on "
+        "with the notices and the corrected answer)."
+    )
+    mode: Decision = Field(description="What actually ran.")
+    route: RouteOut
+    vision: VisionSummaryOut
+    arbitration: ArbitrationOut
+    confidence: float
+    degraded: bool
+    notices: list[str]
+    disclaimer: str | None
+    needs_human_review: bool
+    language: Literal["zh", "en"]
+    failures: list[FailureOut]
+    timings_ms: dict[str, float]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | None = Field(default=None, description="The reasoning stage's thinking, when it gave one.")
+
+
+class ChatChoiceOut(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: FinishReason
+
+
+class ChatCompletionOut(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoiceOut]
+    usage: UsageOut = Field(description="The reasoning stage's tokens (0 when it did not answer).")
+    orchestration: OrchestrationOut
+
+
+class ChunkDeltaOut(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChunkChoiceOut(BaseModel):
+    index: int
+    delta: ChunkDeltaOut
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunkOut(BaseModel):
+    """One `data:` event of a streamed answer. Unset fields are left out."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoiceOut] = Field(description="Empty in the usage chunk.")
+    usage: UsageOut | None = Field(default=None, description="Only in the usage chunk.")
+    orchestration: OrchestrationOut | None = Field(default=None, description="Only in the chunk with `finish_reason`.")
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    description: str
+
+
+class ModelListOut(BaseModel):
+    object: Literal["list"]
+    data: list[ModelOut]
+
+
+STREAM_EVENTS: dict[str, type[BaseModel]] = {"chunk": ChatCompletionChunkOut, "error": ErrorResponse}
+"""What the `data:` lines of a streamed answer hold, for the OpenAPI description."""
+
+
+def model_list(created: int) -> ModelListOut:
+    models = [ModelOut(id=name, object="model", created=created, owned_by="orchestrator", description=text)
+              for name, (_, text) in MODELS.items()]  # fmt: skip
+    return ModelListOut(object="list", data=models)
+
+
+def requested_mode(model: str) -> RequestedMode:
+    """The route a model name forces; 404 for a name that is none of `MODELS`, as OpenAI answers."""
+    if model not in MODELS:
+        names = ", ".join(MODELS)
+        raise HTTPException(404, f"the model {model!r} does not exist; the models are {names} (GET /v1/models)")
+    return MODELS[model][0]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    question: str
+    image_url: str
+    """The most recent image in the conversation."""
+    history: tuple[ChatMessage, ...]
+    """The earlier messages' text, in order (messages without text are left out)."""
+
+
+def read_conversation(messages: Sequence[MessageIn]) -> Conversation:
+    last = len(messages) - 1
+    if messages[last].role != "user":
+        raise ValidationFailed(f"messages.{last}.role: the last message must be the user's question")
+    images = [url for message in messages for url in message.image_urls()]
+    if not images:
+        raise ImageMissing("no image in the conversation: send an image_url part (a data:image/...;base64,... URL)")
+    history = tuple(ChatMessage(m.role, text) for m in messages[:last] if (text := m.text().strip()))
+    return Conversation(messages[last].text(), images[-1], history)
+
+
+def orchestration_out(outcome: AnalyzeOutcome, request_id: str, replaced: bool = False) -> OrchestrationOut:
+    full = analyze_response(outcome, request_id)
+    vision = outcome.vision
+    summary = VisionSummaryOut(
+        backend=vision.backend, model=vision.model, caption=vision.caption, answer=vision.answer,
+        latency_ms=vision.latency_ms,
+    )  # fmt: skip
+    shared = full.model_dump(exclude={"vision", "reasoning", "usage"})
+    return OrchestrationOut(**shared, vision=summary, replaced=replaced)
+
+
+def finish_reason(outcome: AnalyzeOutcome) -> FinishReason:
+    return outcome.reasoning.finish_reason if outcome.reasoning else "stop"
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """What the completion or every chunk of one answer shares: its id, creation time, model name and request id."""
+
+    model: str
+    request_id: str
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, outcome: AnalyzeOutcome) -> ChatCompletionOut:
+        thinking = outcome.reasoning.thinking if outcome.reasoning else None
+        message = ChatMessageOut(role="assistant", content=outcome.answer, reasoning_content=thinking)
+        return ChatCompletionOut(
+            id=self.id,
+            object="chat.completion",
+            created=self.created,
+            model=self.model,
+            choices=[ChatChoiceOut(index=0, message=message, finish_reason=finish_reason(outcome))],
+            usage=usage_out(outcome),
+            orchestration=orchestration_out(outcome, self.request_id),
+        )
+
+    def chunk(self, delta: ChunkDeltaOut, finish: FinishReason | None = None, **extra: Any) -> str:
+        return self._event([ChunkChoiceOut(index=0, delta=delta, finish_reason=finish)], **extra)
+
+    def ending(self, done: DoneEvent, content_sent: bool, include_usage: bool) -> list[str]:
+        """The chunks after the streamed content: what of the answer is still to send, the finish reason with the
+        orchestration, and the usage when asked for."""
+        outcome, chunks = done.outcome, []
+        if not content_sent:
+            chunks.append(self.chunk(ChunkDeltaOut(content=outcome.answer)))
+        elif done.replaced:
+            chunks.append(self.chunk(ChunkDeltaOut(content=replacement(outcome))))
+        orchestration = orchestration_out(outcome, self.request_id, done.replaced)
+        chunks.append(self.chunk(ChunkDeltaOut(), finish_reason(outcome), orchestration=orchestration))
+        if include_usage:
+            chunks.append(self._event([], usage=usage_out(outcome)))
+        return chunks
+
+    def _event(self, choices: list[ChunkChoiceOut], **extra: Any) -> str:
+        chunk = ChatCompletionChunkOut(
+            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices, **extra
+        )
+        return sse(chunk, exclude_unset=True)
+
+
+def replacement(outcome: AnalyzeOutcome) -> str:
+    """What follows streamed content that a re-asked answer replaced: the notices saying so, then the answer."""
+    return "\n\n" + "\n".join(outcome.notices) + "\n\n" + outcome.answer
+
+
+async def chat_events(
+    events: AsyncGenerator[PipelineEvent, None], reply: ChatReply, *, include_usage: bool
+) -> AsyncGenerator[str, None]:
+    """The chunks of a streamed answer (module docstring), `[DONE]` last whatever happens."""
+    yield reply.chunk(ChunkDeltaOut(role="assistant", content=""))
+    content_sent = False
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, DeltaEvent):
+                    content_sent = content_sent or bool(event.text)
+                    yield reply.chunk(_delta(event))
+                elif isinstance(event, ErrorEvent):
+                    yield sse(ErrorResponse(error=stage_error_body(event, reply.request_id)))
+                    break
+                elif isinstance(event, DoneEvent):
+                    for chunk in reply.ending(event, content_sent, include_usage):
+                        yield chunk
+    except Exception as exc:
+        yield sse(ErrorResponse(error=error_body(exc, reply.request_id)))
+    yield SSE_DONE
+
+
+def _delta(event: DeltaEvent) -> ChunkDeltaOut:
+    """Only the fields the event fills, so that unset ones are left out of the chunk."""
+    fields = {"content": event.text, "reasoning_content": event.thinking}
+    return ChunkDeltaOut(**{name: value for name, value in fields.items() if value})
