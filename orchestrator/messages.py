@@ -17,6 +17,10 @@ def detect_language(text: str) -> Language:
 
 
 _NOTICES: dict[str, dict[Language, str]] = {
+    "vision_fallback": {
+        "en": "The {backend} vision backend could not answer ({detail}); the {fallback} backend answered instead.",
+        "zh": "视觉模型（{backend}）无法作答（{detail}），已改由{fallback}作答。",
+    },
     "reasoning_failed": {
         "en": "Reasoning unavailable ({detail}); image description only.",
         "zh": "推理服务不可用（{detail}），以下仅为图像描述。",

@@ -31,127 +31,32 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
-from orchestrator.answer_json import Fields, ResponseFormat, parse_fields, serialise
+from orchestrator.analysis import (
+    AnalyzeInput,
+    AnalyzeOutcome,
+    ArbitrationEvent,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    PipelineEvent,
+    Routed,
+    RouteEvent,
+    StageFailure,
+    VisionEvent,
+)
+from orchestrator.answer_json import ResponseFormat, parse_fields, serialise
 from orchestrator.arbiter import Arbiter, Context, Judged, vision_confidence
-from orchestrator.arbitration import Arbitration
-from orchestrator.messages import Language, Profile, detect_language, disclaimer, notice
+from orchestrator.messages import Language, detect_language, disclaimer, notice
 from orchestrator.prompts import reasoning_messages
-from orchestrator.routing import Decision, RequestedMode, RouteDecision, Router
+from orchestrator.routing import RequestedMode, Router
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
-from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest, ReasoningResult
+from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
 from vision_stage.backend import VisionBackend
-from vision_stage.types import DecodedImage, VisionRequest, VisionResult, VisionTask
+from vision_stage.types import VisionRequest, VisionResult, VisionTask
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AnalyzeInput:
-    image: DecodedImage
-    question: str
-    mode: RequestedMode = "auto"
-    profile: Profile = "general"
-    response_format: ResponseFormat = "text"
-    history: tuple[ChatMessage, ...] = ()
-    """Earlier turns of a conversation, given to the reasoning stage between its instructions and the question."""
-    max_new_tokens: int | None = None
-    """The reasoning stage's answer budget; None: the configured `reasoning.max_new_tokens`."""
-    temperature: float | None = None
-    """The reasoning stage's sampling temperature (0: greedy); None: the configured `reasoning.temperature`."""
-
-
-@dataclass(frozen=True)
-class StageFailure:
-    """A stage that failed without failing the request: which stage, which backend, which error."""
-
-    stage: str
-    backend: str
-    error_type: str
-    message: str
-
-
-@dataclass(frozen=True)
-class AnalyzeOutcome:
-    answer: str
-    mode: Decision
-    route: RouteDecision
-    vision: VisionResult
-    reasoning: ReasoningResult | None
-    language: Language
-    degraded: bool
-    notices: tuple[str, ...]
-    disclaimer: str | None
-    needs_human_review: bool
-    timings_ms: dict[str, float]
-    confidence: float
-    arbitration: Arbitration | None = None
-    """None when no reasoning answer was checked (vision-only route, or the reasoning stage did not answer)."""
-    failures: tuple[StageFailure, ...] = field(default=())
-    answer_fields: Fields | None = None
-    """The answer's fields when `json` was asked for and the answer parsed; None otherwise."""
-
-
-@dataclass(frozen=True)
-class Routed:
-    """A route decision, when routing started (`time.perf_counter()`) and how long it took."""
-
-    decision: RouteDecision
-    started: float
-    ms: float
-
-
-@dataclass(frozen=True)
-class RouteEvent:
-    """Where the question goes; always the first event."""
-
-    route: RouteDecision
-
-
-@dataclass(frozen=True)
-class VisionEvent:
-    """What the vision stage saw: its description on the reasoning route, its answer on the vision-only route."""
-
-    vision: VisionResult
-
-
-@dataclass(frozen=True)
-class DeltaEvent:
-    """A piece of the reasoning stage's answer (`text`) or of its thinking, as the LLM produces it."""
-
-    text: str = ""
-    thinking: str = ""
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    """The reasoning stage failed after deltas were yielded; the `DoneEvent` with the fallback answer follows."""
-
-    failure: StageFailure
-    error: ReasoningError
-
-
-@dataclass(frozen=True)
-class ArbitrationEvent:
-    """The reasoning answer checked against the image. `answer` is the answer returned; `replaced`: it is not the
-    streamed text (a re-asked answer was returned)."""
-
-    arbitration: Arbitration
-    answer: str
-    replaced: bool
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    """The whole outcome; always the last event. `replaced`: text deltas were yielded and `outcome.answer` is not
-    their text (a re-asked answer, or the vision stage's answer after the reasoning stage failed mid-answer)."""
-
-    outcome: AnalyzeOutcome
-    replaced: bool = False
-
-
-PipelineEvent = RouteEvent | VisionEvent | DeltaEvent | ErrorEvent | ArbitrationEvent | DoneEvent
 
 
 @dataclass(frozen=True)
@@ -390,13 +295,14 @@ def _reasoned_outcome(context: Context, judged: Judged, timings: dict[str, float
         reasoning=judged.result,
         language=context.language,
         degraded=context.vision.fallback is not None,
-        notices=(*_stood_in(context.vision), *notices, *_truncation(judged.result, context.language)),
+        notices=(*_stood_in(context), *notices, *_truncation(judged.result, context.language)),
         disclaimer=disclaimer(context.profile, context.language),
         needs_human_review=review,
         timings_ms=timings,
         confidence=judged.arbitration.confidence,
         arbitration=judged.arbitration,
         answer_fields=fields,
+        failures=_vision_failure(context.vision),
     )
 
 
@@ -418,18 +324,28 @@ def _vision_outcome(
         reasoning=None,
         language=context.language,
         degraded=(reasoning is not None and reasoning.degraded) or context.vision.fallback is not None,
-        notices=(*_stood_in(context.vision), *(reasoning.notices if reasoning else ())),
+        notices=(*_stood_in(context), *(reasoning.notices if reasoning else ())),
         disclaimer=disclaimer(context.profile, context.language),
         needs_human_review=review,
         timings_ms=timings,
         confidence=score,
-        failures=(reasoning.failure,) if reasoning and reasoning.failure else (),
+        failures=(*_vision_failure(context.vision), *((reasoning.failure,) if reasoning and reasoning.failure else ())),
     )
 
 
-def _stood_in(vision: VisionResult) -> tuple[str, ...]:
+def _stood_in(context: Context) -> tuple[str, ...]:
     """The notice of a vision backend that answered in place of the configured one (a degraded answer)."""
-    return (vision.fallback,) if vision.fallback else ()
+    why = context.vision.fallback
+    if why is None:
+        return ()
+    texts = {"backend": why.backend, "detail": why.error_type, "fallback": context.vision.backend}
+    return (notice("vision_fallback", context.language, **texts),)
+
+
+def _vision_failure(vision: VisionResult) -> tuple[StageFailure, ...]:
+    """The configured vision backend's failure, when a fallback answered in its place."""
+    why = vision.fallback
+    return (StageFailure("vision", why.backend, why.error_type, why.message),) if why else ()
 
 
 def _truncation(result: ReasoningResult, language: Language) -> tuple[str, ...]:

@@ -9,9 +9,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
 from orchestrator.answer_json import field_claims, parse_fields, serialise
 from orchestrator.api.app import create_app
-from orchestrator.pipeline import AnalyzeInput, AnalyzeOutcome, Pipeline
+from orchestrator.pipeline import Pipeline
 from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ReasoningSettings, Settings
 from orchestrator.wiring import Backends

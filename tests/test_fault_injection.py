@@ -178,7 +178,12 @@ def test_the_ocr_fallback_answers_when_the_vision_server_is_down(
     assert status == 200, body
     assert body["vision"]["backend"] == "ocr"
     assert body["degraded"] is True
-    assert any("ocr backend answered instead" in notice for notice in body["notices"])
+    assert body["notices"] == [
+        "The remote vision backend could not answer (VisionUnavailable); the ocr backend answered instead."
+    ]
+    [failure] = body["failures"]
+    assert (failure["stage"], failure["backend"], failure["error_type"]) == ("vision", "remote", "VisionUnavailable")
+    assert "vision stage, attempt 2 of at most 2" in failure["message"]
     assert took < DEADLINE_S
 
 

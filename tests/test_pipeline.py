@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.pipeline import AnalyzeInput, Pipeline
+from orchestrator.analysis import AnalyzeInput
+from orchestrator.pipeline import Pipeline
 from orchestrator.routing import EmbeddingRouter, KeywordRouter, Prototype, Router
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningUnavailable

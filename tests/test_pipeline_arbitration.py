@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
 from orchestrator.messages import Profile
-from orchestrator.pipeline import AnalyzeInput, AnalyzeOutcome, Pipeline
+from orchestrator.pipeline import Pipeline
 from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.errors import ReasoningUnavailable

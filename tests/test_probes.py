@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.app import create_app
 from orchestrator.claims import extract_claims
-from orchestrator.pipeline import AnalyzeInput, AnalyzeOutcome, Pipeline
+from orchestrator.pipeline import Pipeline
 from orchestrator.probes import parse_reply, probe_question
 from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ArbitrationSettings, ReasoningSettings, Settings, VisionSettings

@@ -374,8 +374,9 @@ async def test_the_fallback_answers_when_the_primary_cannot_and_says_why() -> No
     chain = FallbackVision(primary, ResilientVision([("ocr", FakeVision())], settings))
     result = await chain.generate(VisionRequest(decoded(), "What is the total?", task="answer"))
     assert result.fallback is not None
-    assert "could not be reached" in result.fallback
-    assert result.fallback.endswith("the fake backend answered instead")
+    assert (result.fallback.backend, result.fallback.error_type) == ("fake", "VisionUnavailable")
+    assert "could not be reached" in result.fallback.message
+    assert result.backend == "fake"
 
     class Refusing(FakeVision):
         async def generate(self, request: VisionRequest) -> object:  # type: ignore[override]

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
+from orchestrator.analysis import AnalyzeInput, ArbitrationEvent, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.api.app import create_app
 from orchestrator.api.schemas import (
     AnalyzeResponse,
@@ -26,15 +27,7 @@ from orchestrator.api.schemas import (
     StreamErrorOut,
     VisionOut,
 )
-from orchestrator.pipeline import (
-    AnalyzeInput,
-    ArbitrationEvent,
-    DeltaEvent,
-    DoneEvent,
-    ErrorEvent,
-    Pipeline,
-    PipelineEvent,
-)
+from orchestrator.pipeline import Pipeline
 from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ReasoningSettings, Settings
 from orchestrator.wiring import Backends

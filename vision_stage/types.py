@@ -134,6 +134,15 @@ class StructuredDescription:
 
 
 @dataclass(frozen=True)
+class VisionFallback:
+    """Why another vision backend than the configured one answered: the configured one's failure."""
+
+    backend: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
 class VisionResult:
     """The vision stage's answer.
 
@@ -155,4 +164,4 @@ class VisionResult:
     notes: tuple[str, ...] = field(default=())
     thinking: str | None = None
     boxes: tuple[Box, ...] = ()
-    fallback: str | None = None
+    fallback: VisionFallback | None = None

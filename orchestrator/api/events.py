@@ -26,6 +26,15 @@ from typing import assert_never
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from orchestrator.analysis import (
+    ArbitrationEvent,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    PipelineEvent,
+    RouteEvent,
+    VisionEvent,
+)
 from orchestrator.api.schemas import (
     AnalyzeStreamDone,
     ArbitrationEventOut,
@@ -39,15 +48,6 @@ from orchestrator.api.schemas import (
     vision_out,
 )
 from orchestrator.errors import ErrorSpec, spec_for
-from orchestrator.pipeline import (
-    ArbitrationEvent,
-    DeltaEvent,
-    DoneEvent,
-    ErrorEvent,
-    PipelineEvent,
-    RouteEvent,
-    VisionEvent,
-)
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from orchestrator.analysis import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.answer_json import ResponseFormat
 from orchestrator.api.events import error_body, sse, stage_error_body
 from orchestrator.api.schemas import (
@@ -41,7 +42,6 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.errors import ImageMissing, ValidationFailed
 from orchestrator.messages import Profile
-from orchestrator.pipeline import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.routing import Decision, RequestedMode
 from reasoning_stage.types import ChatMessage, FinishReason
 from vision_stage.openai_wire import MessageIn, StreamOptions

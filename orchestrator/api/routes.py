@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from orchestrator.analysis import AnalyzeInput, Routed
 from orchestrator.answer_json import ResponseFormat
 from orchestrator.api.deps import Services, ServicesDep
 from orchestrator.api.events import analyze_events, event_stream, started
@@ -38,7 +39,6 @@ from orchestrator.api.schemas import (
     analyze_response,
 )
 from orchestrator.errors import ValidationFailed
-from orchestrator.pipeline import AnalyzeInput, Routed
 from orchestrator.resilience.backends import endpoint_statuses
 from orchestrator.routing import RequestedMode
 from orchestrator.settings import LimitSettings

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.analysis import AnalyzeOutcome
 from orchestrator.answer_json import ResponseFormat
 from orchestrator.arbitration import Arbitration
 from orchestrator.messages import Profile
-from orchestrator.pipeline import AnalyzeOutcome
 from orchestrator.routing import Decision, RequestedMode
 from orchestrator.verification import Check
 from reasoning_stage.types import ReasoningResult

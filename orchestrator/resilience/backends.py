@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 from orchestrator.resilience.stage import EndpointStatus, ResilientStage, StageErrors
@@ -21,7 +22,9 @@ from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningRes
 from vision_stage import backend as vision_backend
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import VisionInvalidOutput, VisionOverloaded, VisionUnavailable
-from vision_stage.types import VisionRequest, VisionResult
+from vision_stage.types import VisionFallback, VisionRequest, VisionResult
+
+log = logging.getLogger(__name__)
 
 VISION_ERRORS = StageErrors(
     "vision",
@@ -103,9 +106,16 @@ class FallbackVision:
         try:
             return await self.primary.generate(request)
         except (VisionUnavailable, VisionInvalidOutput) as exc:
+            log.warning(
+                "vision backend %s failed (%s: %s); %s answers",
+                self.primary.name,
+                type(exc).__name__,
+                exc,
+                self.fallback.name,
+            )
             result = await self.fallback.generate(request)
-            why = f"the {self.primary.name} vision backend failed ({type(exc).__name__}: {exc})"
-            return dataclasses.replace(result, fallback=f"{why}; the {self.fallback.name} backend answered instead")
+            why = VisionFallback(self.primary.name, type(exc).__name__, str(exc))
+            return dataclasses.replace(result, fallback=why)
 
     async def health(self) -> vision_backend.Health:
         primary, fallback = await asyncio.gather(self.primary.health(), self.fallback.health())
