@@ -6,7 +6,9 @@ key — the route, the stages and backends used, the outcome, and the degraded /
 
 `AuditMiddleware` writes the record when the response's last body message is about to go out, and holds that message
 until the record is written, flushed and fsync'd: a client that received a whole response can count on its record
-being on disk, even if the process is killed the next instant. Handlers add what they know with `note(scope, ...)`.
+being on disk, even if the process is killed the next instant. Whatever runs for the request adds what it knows with
+`note(...)` (the record travels in a context variable): the pipeline adds the analysis (`outcome_fields`), the
+security layer the key id.
 
 Records are written by one writer task in group commits: every record waiting when the writer wakes goes out in one
 `write` and one `fsync`, so durability costs one disk flush per batch, not per request. The file is rotated by size
@@ -20,15 +22,17 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import MutableMapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-AUDIT_KEY = "audit"
-"""Where the record being built lives in the ASGI scope's `state`."""
+if TYPE_CHECKING:
+    from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
+
+_record: ContextVar[dict[str, object] | None] = ContextVar("audit_record", default=None)
 
 
 def digest(data: bytes | str) -> str:
@@ -37,11 +41,33 @@ def digest(data: bytes | str) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def note(scope: MutableMapping[str, Any], **fields: object) -> None:
-    """Add `fields` to the request's audit record (a no-op when the app keeps no audit log)."""
-    record = scope.get("state", {}).get(AUDIT_KEY)
-    if isinstance(record, dict):
+def note(**fields: object) -> None:
+    """Add `fields` to the request's audit record (a no-op outside an audited request)."""
+    record = _record.get()
+    if record is not None:
         record.update(fields)
+
+
+def outcome_fields(request: AnalyzeInput, outcome: AnalyzeOutcome) -> dict[str, object]:
+    """What the audit keeps of one analysis: digests of what came in and went out, never the content."""
+    reasoning = outcome.reasoning
+    return {
+        "image": "sha256:" + request.image.sha256,
+        "image_bytes": request.image.byte_size,
+        "question": digest(request.question),
+        "profile": request.profile,
+        "route": outcome.route.decision,
+        "route_forced": outcome.route.forced,
+        "mode": outcome.mode,
+        "vision": f"{outcome.vision.backend}:{outcome.vision.model}",
+        "reasoning": f"{reasoning.backend}:{reasoning.model}" if reasoning else None,
+        "degraded": outcome.degraded,
+        "failures": [f"{f.stage}:{f.backend}:{f.error_type}" for f in outcome.failures],
+        "arbitration": outcome.arbitration.status if outcome.arbitration else None,
+        "answer": digest(outcome.answer),
+        "disclaimer": outcome.disclaimer is not None,
+        "needs_human_review": outcome.needs_human_review,
+    }
 
 
 @dataclass
@@ -139,7 +165,7 @@ class AuditMiddleware:
             "endpoint": f"{scope['method']} {scope['path']}",
             "client": f"{client[0]}:{client[1]}" if client else None,
         }
-        scope.setdefault("state", {})[AUDIT_KEY] = record
+        token = _record.set(record)
         written = False
 
         async def send_after_audit(message: Message) -> None:
@@ -149,9 +175,12 @@ class AuditMiddleware:
             last = message["type"] == "http.response.body" and not message.get("more_body", False)
             if last and not written:
                 written = True
-                record["request_id"] = scope["state"].get("request_id")
+                record["request_id"] = scope.get("state", {}).get("request_id")
                 record["duration_ms"] = round((time.time() - float(str(record["time"]))) * 1000, 1)
                 await self.log.write(record)
             await send(message)
 
-        await self.app(scope, receive, send_after_audit)
+        try:
+            await self.app(scope, receive, send_after_audit)
+        finally:
+            _record.reset(token)

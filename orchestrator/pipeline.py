@@ -31,6 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
+from orchestrator import audit
 from orchestrator.analysis import (
     AnalyzeInput,
     AnalyzeOutcome,
@@ -149,6 +150,16 @@ class Pipeline:
         return self._events(request, routed, streaming=True)
 
     async def _events(
+        self, request: AnalyzeInput, routed: Routed | None, *, streaming: bool
+    ) -> AsyncGenerator[PipelineEvent, None]:
+        """The analysis's events; its outcome also goes into the request's audit record (`orchestrator.audit`)."""
+        async with aclosing(self._steps(request, routed, streaming=streaming)) as steps:
+            async for event in steps:
+                if isinstance(event, DoneEvent):
+                    audit.note(**audit.outcome_fields(request, event.outcome))
+                yield event
+
+    async def _steps(
         self, request: AnalyzeInput, routed: Routed | None, *, streaming: bool
     ) -> AsyncGenerator[PipelineEvent, None]:
         if routed is None:

@@ -176,6 +176,45 @@ class ArbitrationSettings(_Section):
     """At most this many probes per reasoning answer."""
 
 
+class RateLimitSettings(_Section):
+    """Per API key (per client address when no keys are configured): a token bucket of `burst` requests refilled at
+    `requests_per_s`, and at most `max_concurrent` requests at once; beyond either, `429` with `Retry-After`."""
+
+    requests_per_s: float = Field(default=10.0, gt=0)
+    burst: int = Field(default=20, ge=1)
+    max_concurrent: int = Field(default=16, ge=1)
+
+
+class FetchSettings(_Section):
+    """Fetching an image from an http(s) URL a client sent."""
+
+    enabled: bool = True
+    """Off: an http(s) image URL is refused (`image_url_not_supported`)."""
+    allow: str = ""
+    """Comma-separated hosts or CIDR ranges that may be fetched although they are private, loopback, link-local or
+    a cloud metadata address (all refused otherwise)."""
+    timeout_s: float = Field(default=10.0, gt=0)
+    """The whole fetch, redirects included."""
+    max_redirects: int = Field(default=3, ge=0, le=10)
+
+
+class AuditSettings(_Section):
+    path: Path | None = None
+    """Where the audit log is appended (one JSON line per API request, fsync'd before the response completes);
+    unset: no audit log."""
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    """Rotate the file past this size…"""
+    backups: int = Field(default=5, ge=0)
+    """…keeping this many old files (`audit.jsonl.1`, …)."""
+
+
+class OutputFilterSettings(_Section):
+    terms: str = ""
+    """Comma-separated terms that never reach a client: each is replaced in every answer, streamed ones too
+    (case-insensitive)."""
+    replacement: str = "[removed]"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
@@ -186,4 +225,12 @@ class Settings(BaseSettings):
     router: RouterSettings = RouterSettings()
     limits: LimitSettings = LimitSettings()
     arbitration: ArbitrationSettings = ArbitrationSettings()
+    api_keys: SecretStr | None = None
+    """Comma-separated API keys clients send as `Authorization: Bearer <key>`; a key may be given as
+    `sha256:<hex digest>` instead. Unset: no authentication (the service then warns, and binds to loopback by
+    default)."""
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    fetch: FetchSettings = FetchSettings()
+    audit: AuditSettings = AuditSettings()
+    output_filter: OutputFilterSettings = OutputFilterSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

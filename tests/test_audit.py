@@ -65,13 +65,13 @@ def app_with_audit(path: Path, on_disk_before_last_byte: list[bool]) -> Starlett
     log = AuditLog(path)
 
     async def answer(request: Request) -> Response:
-        note(request.scope, route="vision_only", answer=digest("42"))
+        note(route="vision_only", answer=digest("42"))
         return JSONResponse({"answer": "42"})
 
     async def stream(request: Request) -> Response:
         async def events() -> object:
             yield b"data: 1\n\n"
-            note(request.scope, outcome="streamed")
+            note(outcome="streamed")
             on_disk_before_last_byte.append(holds(path, "streamed"))
             yield b"data: [DONE]\n\n"
 
