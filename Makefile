@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,37 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# The cache's tests run against a real Redis (Debian's redis-server); installed once, when missing.
+redis-server:
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+
+unit: $(STAMP) redis-server
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/embedded.py
+
+.PHONY: load
+load: $(STAMP)
+	$(BIN)/python -m bench.load
+
+# LiteLLM's proxy in its own virtualenv (never in .venv, whose fastapi and pydantic pins it must not move), then the
+# gateway-overhead benchmark. 1.103.7: from 1.103.8 on, LiteLLM requires certifi>=2026.10.19, which the package index
+# we install from does not offer.
+LITELLM_VENV := .venv-litellm
+LITELLM_VERSION := 1.103.7
+LITELLM_STAMP := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+
+$(LITELLM_STAMP):
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install "litellm[proxy]==$(LITELLM_VERSION)"
+	touch $(LITELLM_STAMP)
+
+.PHONY: bench-litellm
+bench-litellm: $(STAMP) $(LITELLM_STAMP)
+	$(BIN)/python bench/overhead_vs_litellm.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

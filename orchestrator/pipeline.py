@@ -214,7 +214,8 @@ class Pipeline:
         yield DoneEvent(outcome, replaced)
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
-        return await self._vision.generate(VisionRequest(request.image, request.question, task=task))
+        vision_request = VisionRequest(request.image, request.question, task=task, profile=request.profile)
+        return await self._vision.generate(vision_request)
 
     async def _reason(
         self, request: AnalyzeInput, context: Context, streaming: bool

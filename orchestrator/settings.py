@@ -215,6 +215,22 @@ class OutputFilterSettings(_Section):
     replacement: str = "[removed]"
 
 
+class CacheSettings(_Section):
+    """Vision results cached under a perceptual hash of the image plus the vision prompt (`orchestrator.cache`)."""
+
+    enabled: bool = True
+    url: str | None = None
+    """`redis://host:6379/0`: a Redis shared by every replica; unset: in this process's memory."""
+    ttl_s: float = Field(default=3600.0, gt=0)
+    max_entries: int = Field(default=1024, ge=1)
+    """In memory only; Redis bounds itself (`maxmemory`)."""
+    bypass: str = "medical"
+    """Comma-separated profiles whose requests never use the cache."""
+    key: Literal["perceptual", "exact"] = "perceptual"
+    """`perceptual`: the same picture re-encoded or resized hits (blind to small print); `exact`: only the same
+    pixels hit."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
@@ -233,4 +249,5 @@ class Settings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     audit: AuditSettings = AuditSettings()
     output_filter: OutputFilterSettings = OutputFilterSettings()
+    cache: CacheSettings = CacheSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from orchestrator.cache import CachedVision, build_store
 from orchestrator.resilience.backends import FallbackVision, ResilientReasoning, ResilientVision
 from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
 from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
@@ -45,6 +46,8 @@ async def build_backends(settings: Settings) -> Backends:
     """Load both stages' backends behind their resilience policy (`orchestrator.resilience`), logging what was
     loaded and how long it took."""
     vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))
+    if settings.cache.enabled:
+        vision = CachedVision(vision, build_store(settings.cache), settings.cache)
     try:
         reasoning = await _timed(
             "reasoning",

@@ -36,12 +36,14 @@ class DecodedImage:
 @dataclass(frozen=True)
 class VisionRequest:
     """`image_url` is where the client said the image lives (http(s)), when it did: a remote backend configured to
-    pass URLs through sends it instead of the bytes."""
+    pass URLs through sends it instead of the bytes. `profile` is the domain the question comes from (`general`,
+    `medical`, …), when the caller knows it: the orchestrator's cache bypasses some."""
 
     image: DecodedImage
     question: str | None = None
     task: VisionTask = "describe"
     image_url: str | None = None
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,3 +167,5 @@ class VisionResult:
     thinking: str | None = None
     boxes: tuple[Box, ...] = ()
     fallback: VisionFallback | None = None
+    cached: bool = False
+    """True when the orchestrator's cache answered (`orchestrator.cache`)."""

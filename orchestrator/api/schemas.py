@@ -112,6 +112,7 @@ class VisionOut(BaseModel):
     boxes: list[BoxOut] = Field(description="Grounding boxes in the vision model's answer, in order.")
     notes: list[str]
     latency_ms: float
+    cached: bool = Field(description="True when the orchestrator's cache answered for the vision stage.")
 
 
 class ReasoningOut(BaseModel):
@@ -298,6 +299,7 @@ def vision_out(vision: VisionResult) -> VisionOut:
         boxes=[BoxOut(**vars(box)) for box in vision.boxes],
         notes=list(vision.notes),
         latency_ms=vision.latency_ms,
+        cached=vision.cached,
     )
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 
+from orchestrator.cache import CachedVision
 from orchestrator.resilience.stage import EndpointStatus, ResilientStage, StageErrors
 from orchestrator.settings import RemoteSettings
 from reasoning_stage import backend as reasoning_backend
@@ -133,6 +134,8 @@ def endpoint_statuses(backend: object) -> tuple[EndpointStatus, ...]:
         return backend.stage.statuses()
     if isinstance(backend, FallbackVision):
         return endpoint_statuses(backend.primary) + endpoint_statuses(backend.fallback)
+    if isinstance(backend, CachedVision):
+        return endpoint_statuses(backend.backend)
     return ()
 
 
