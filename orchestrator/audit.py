@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,8 @@ def outcome_fields(request: AnalyzeInput, outcome: AnalyzeOutcome) -> dict[str, 
         "answer": digest(outcome.answer),
         "disclaimer": outcome.disclaimer is not None,
         "needs_human_review": outcome.needs_human_review,
+        "vision_cached": outcome.vision.cached,
+        "timings_ms": dict(outcome.timings_ms),
     }
 
 
@@ -159,13 +161,7 @@ class AuditMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(self.paths):
             await self.app(scope, receive, send)
             return
-        client = scope.get("client")
-        record: dict[str, object] = {
-            "time": round(time.time(), 3),
-            "endpoint": f"{scope['method']} {scope['path']}",
-            "client": f"{client[0]}:{client[1]}" if client else None,
-        }
-        token = _record.set(record)
+        record, token = open_record(scope)
         written = False
 
         async def send_after_audit(message: Message) -> None:
@@ -183,4 +179,24 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_after_audit)
         finally:
-            _record.reset(token)
+            close_record(token)
+
+
+def open_record(scope: Scope) -> tuple[dict[str, object], Token[dict[str, object] | None] | None]:
+    """The request's record: the one an outer middleware opened, or a new one (and the token to close it with)."""
+    record = _record.get()
+    if record is not None:
+        return record, None
+    client = scope.get("client")
+    record = {
+        "time": round(time.time(), 3),
+        "endpoint": f"{scope['method']} {scope['path']}",
+        "client": f"{client[0]}:{client[1]}" if client else None,
+    }
+    return record, _record.set(record)
+
+
+def close_record(token: Token[dict[str, object] | None] | None) -> None:
+    """End the record `open_record` opened (no-op for one it reused)."""
+    if token is not None:
+        _record.reset(token)

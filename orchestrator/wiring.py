@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from orchestrator.cache import CachedVision, build_store
+from orchestrator.logs import stage_headers
 from orchestrator.resilience.backends import FallbackVision, ResilientReasoning, ResilientVision
 from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
 from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
@@ -128,6 +129,7 @@ def _vision_loader(settings: VisionSettings, base_url: str) -> Callable[[], Awai
                 timeout_s=settings.timeout_s,
                 connect_timeout_s=settings.connect_timeout_s,
                 first_byte_timeout_s=settings.first_byte_timeout_s,
+                headers=stage_headers,
                 thinking=settings.thinking,
                 max_new_tokens=settings.max_new_tokens,
                 pass_image_urls=settings.pass_image_urls,
@@ -159,6 +161,7 @@ def _reasoning_loader(settings: ReasoningSettings, base_url: str) -> Callable[[]
                 timeout_s=settings.timeout_s,
                 connect_timeout_s=settings.connect_timeout_s,
                 first_byte_timeout_s=settings.first_byte_timeout_s,
+                headers=stage_headers,
             )
         from reasoning_stage.local import LocalReasoningBackend
 

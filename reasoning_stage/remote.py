@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -92,9 +92,17 @@ class RemoteReasoningBackend:
     name = "remote"
 
     def __init__(
-        self, client: AsyncOpenAI, *, base_url: str, model: str, timeout_s: float = 120.0, owns_client: bool = True
+        self,
+        client: AsyncOpenAI,
+        *,
+        base_url: str,
+        model: str,
+        timeout_s: float = 120.0,
+        headers: Callable[[], Mapping[str, str]] | None = None,
+        owns_client: bool = True,
     ) -> None:
         self.model = model
+        self._headers = headers
         self.base_url = base_url
         self._timeout_s = timeout_s
         self._client = client
@@ -113,12 +121,14 @@ class RemoteReasoningBackend:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 5.0,
         first_byte_timeout_s: float = 60.0,
+        headers: Callable[[], Mapping[str, str]] | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> RemoteReasoningBackend:
         """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
         to the caller (`max_retries=0`).
 
-        `http_client` (tests, custom transports) is used as is and never closed by `aclose`."""
+        `headers` gives extra headers for each request (the orchestrator sends its request id). `http_client` (tests,
+        custom transports) is used as is and never closed by `aclose`."""
         if httpx.URL(base_url).scheme not in ("http", "https"):
             raise ValueError(f"the remote reasoning backend needs an http(s) base URL, got {base_url!r}")
         client = AsyncOpenAI(
@@ -129,7 +139,14 @@ class RemoteReasoningBackend:
             # openai 3 is typed for httpx2 but takes an httpx.AsyncClient too (its `_httpx2` compatibility shims)
             http_client=cast("httpx2.AsyncClient | None", http_client),
         )
-        return cls(client, base_url=base_url, model=model, timeout_s=timeout_s, owns_client=http_client is None)
+        return cls(
+            client,
+            base_url=base_url,
+            model=model,
+            timeout_s=timeout_s,
+            headers=headers,
+            owns_client=http_client is None,
+        )
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         """`stream` collected. Token counts are 0 when the server sent no usage."""
@@ -171,6 +188,7 @@ class RemoteReasoningBackend:
                     max_tokens=request.max_new_tokens,
                     stream=True,
                     stream_options={"include_usage": True},
+                    extra_headers=dict(self._headers()) if self._headers else None,
                 )
             async with stream, aclosing(_deltas(stream, self._where)) as deltas:
                 _check_event_stream(stream.response.headers.get("content-type", ""), self._where)

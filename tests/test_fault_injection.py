@@ -21,6 +21,7 @@ from orchestrator.api.app import create_app
 from orchestrator.settings import (
     AdmissionSettings,
     BreakerSettings,
+    CacheSettings,
     LimitSettings,
     ReasoningSettings,
     RetrySettings,
@@ -49,6 +50,7 @@ def settings_for(vision_urls: str, reasoning_urls: str, **vision: Any) -> Settin
         reasoning=ReasoningSettings(backend="remote", base_url=reasoning_urls, model="m", **TIMEOUTS),
         router=RouterSettings(kind="keyword"),
         limits=LimitSettings(request_deadline_s=DEADLINE_S, fallback_reserve_s=2.0),
+        cache=CacheSettings(enabled=False),  # every request must reach the stages
     )
 
 

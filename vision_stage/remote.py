@@ -48,7 +48,7 @@ import dataclasses
 import io
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -122,9 +122,11 @@ class RemoteVisionBackend:
         max_new_tokens: int = 1024,
         pass_image_urls: bool = False,
         timeout_s: float = 120.0,
+        headers: Callable[[], Mapping[str, str]] | None = None,
         owns_client: bool = True,
     ) -> None:
         self.model = model
+        self._headers = headers
         self.base_url = base_url
         self._timeout_s = timeout_s
         self._client = client
@@ -149,12 +151,14 @@ class RemoteVisionBackend:
         thinking: bool = False,
         max_new_tokens: int = 1024,
         pass_image_urls: bool = False,
+        headers: Callable[[], Mapping[str, str]] | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> RemoteVisionBackend:
         """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
         to the caller (`max_retries=0`).
 
-        `http_client` (tests, custom transports) is used as is and never closed by `aclose`."""
+        `headers` gives extra headers for each request (the orchestrator sends its request id). `http_client` (tests,
+        custom transports) is used as is and never closed by `aclose`."""
         if httpx.URL(base_url).scheme not in ("http", "https"):
             raise ValueError(f"the remote vision backend needs an http(s) base URL, got {base_url!r}")
         client = AsyncOpenAI(
@@ -173,6 +177,7 @@ class RemoteVisionBackend:
             max_new_tokens=max_new_tokens,
             pass_image_urls=pass_image_urls,
             timeout_s=timeout_s,
+            headers=headers,
             owns_client=http_client is None,
         )
 
@@ -217,6 +222,7 @@ class RemoteVisionBackend:
                     stream=True,
                     stream_options={"include_usage": True},
                     extra_body={"chat_template_kwargs": {"enable_thinking": self._thinking}},
+                    extra_headers=dict(self._headers()) if self._headers else None,
                 )
                 async with stream:
                     _check_event_stream(stream.response.headers.get("content-type", ""), self._where)
