@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck unit bench clean redis-server
+.PHONY: run test lint typecheck unit bench clean redis-server browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ typecheck: $(STAMP)
 redis-server:
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-unit: $(STAMP) redis-server
+# The web page's browser tests drive Debian's chromium through its chromedriver; installed once, when missing.
+browser:
+	(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+unit: $(STAMP) redis-server browser
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit

@@ -1,21 +1,30 @@
-"""Command line: `python -m orchestrator serve [--host H] [--port P]`."""
+"""Command line: `python -m orchestrator serve [--host H] [--port P]`.
+
+It binds to 127.0.0.1 unless `--host` says otherwise; with no API keys configured (`ORCH_API_KEYS`), binding to
+anything but a loopback address is allowed, with a loud warning.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
 from pydantic import ValidationError
 
+from orchestrator import logs
+from orchestrator.security import ApiKeys
 from orchestrator.settings import Settings
+
+DEFAULT_HOST = "127.0.0.1"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the HTTP API (settings come from ORCH_* variables)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     args = parser.parse_args(argv)
 
@@ -24,10 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid settings in ORCH_* environment variables:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    try:
+        keys = ApiKeys.parse(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    except ValueError as exc:
+        print(f"invalid ORCH_API_KEYS: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if not keys.enabled and not _loopback(args.host):
+        logging.getLogger("orchestrator").warning(
+            "BINDING %s WITHOUT API KEYS: anyone who can reach this address can use the service and its backends; "
+            "set ORCH_API_KEYS, or bind to 127.0.0.1",
+            args.host,
+        )
     return _serve(settings, args.host, args.port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _serve(settings: Settings, host: str, port: int) -> int:
@@ -44,7 +71,8 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         settings.reasoning.backend,
     )
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level, workers=1)
+    # log_config=None: uvicorn's own loggers go through the handler `logs.configure` installed (JSON by default)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level, log_config=None, workers=1)
     return 0
 
 

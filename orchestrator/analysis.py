@@ -27,6 +27,9 @@ class AnalyzeInput:
     """The reasoning stage's answer budget; None: the configured `reasoning.max_new_tokens`."""
     temperature: float | None = None
     """The reasoning stage's sampling temperature (0: greedy); None: the configured `reasoning.temperature`."""
+    image_url: str | None = None
+    """The http(s) URL the image was fetched from, for a vision backend that passes URLs through
+    (`vision.pass_image_urls`); None for uploads, base64 and `data:` URLs."""
 
 
 @dataclass(frozen=True)

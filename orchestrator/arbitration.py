@@ -29,11 +29,12 @@ So more contradictions always lower it, and more supported claims or better-read
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from orchestrator.messages import REVIEW_PROFILES, Language, Profile
+from orchestrator.prompts import inline_data
 from orchestrator.verification import Check, Evidence
 
 Status = Literal["agreed", "contradicted", "corrected", "needs_review"]
@@ -139,16 +140,18 @@ def needs_review(profile: Profile, confidence: float) -> bool:
     return profile in REVIEW_PROFILES or confidence < PROFILE_BARS[profile]
 
 
-def _evidence_phrase(check: Check, language: Language) -> str:
+def _evidence_phrase(check: Check, language: Language, quote: Callable[[str], str] = str) -> str:
+    """The evidence against a claim in a sentence; `quote` makes what the image (or a model) wrote safe to quote."""
     if check.evidence is None:
-        return check.reason
+        return quote(check.reason)
+    where, text = quote(check.evidence.where), quote(check.evidence.text)
     if check.evidence.source == "probe":  # `where` is the question put to the vision stage, `text` its reply
         if language == "zh":
-            return f"问视觉模型“{check.evidence.where}”，它答“{check.evidence.text}”"
-        return f"asked “{check.evidence.where}”, the vision model answered “{check.evidence.text}”"
+            return f"问视觉模型“{where}”，它答“{text}”"
+        return f"asked “{where}”, the vision model answered “{text}”"
     if language == "zh":
-        return f"图中{_where_zh(check.evidence.where)}为“{check.evidence.text}”"
-    return f"the image's {check.evidence.where} reads “{check.evidence.text}”"
+        return f"图中{_where_zh(where)}为“{text}”"
+    return f"the image's {where} reads “{text}”"
 
 
 def _where_zh(where: str) -> str:
@@ -158,17 +161,22 @@ def _where_zh(where: str) -> str:
 
 
 def correction_prompt(contradictions: Sequence[Check], language: Language) -> str:
-    """The follow-up user message re-asking the reasoning stage, one line per contradiction with its evidence."""
+    """The follow-up user message re-asking the reasoning stage, one line per contradiction with its evidence. What
+    the answer and the image wrote is quoted as data (`orchestrator.prompts.inline_data`): an image's text cannot
+    end its quotation, break the line or pose as a turn."""
+    q = inline_data
     if language == "zh":
         lines = ["你的回答与图像描述不一致："]
         lines += [
-            f"{i}. 你写了“{c.claim.text}”，但{_evidence_phrase(c, 'zh')}。" for i, c in enumerate(contradictions, 1)
+            f"{i}. 你写了“{q(c.claim.text)}”，但{_evidence_phrase(c, 'zh', q)}。"
+            for i, c in enumerate(contradictions, 1)
         ]
         lines.append("请只依据图像描述重新回答原问题，更正以上内容；看不清的请直接说明。")
         return "\n".join(lines)
     lines = ["Your answer disagrees with the image description:"]
     lines += [
-        f"{i}. You wrote “{c.claim.text}”, but {_evidence_phrase(c, 'en')}." for i, c in enumerate(contradictions, 1)
+        f"{i}. You wrote “{q(c.claim.text)}”, but {_evidence_phrase(c, 'en', q)}."
+        for i, c in enumerate(contradictions, 1)
     ]
     lines.append("Answer the original question again from the image description only, correcting these points; "
                  "say so where the description does not tell.")  # fmt: skip

@@ -92,7 +92,7 @@ class AuditLog:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = await asyncio.to_thread(open, self.path, "ab")
+        self._file = await asyncio.to_thread(self._open)
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_batches(), name="audit-writer")
 
@@ -127,6 +127,20 @@ class AuditLog:
             self.batches += 1
             for pending in batch:
                 pending.done.set_result(None)
+
+    def _open(self) -> Any:
+        """The file, opened for appending. A process killed mid-write may have left a torn last line: it is ended,
+        so that it stays one unreadable line instead of swallowing the first record written now."""
+        file = open(self.path, "ab")  # noqa: SIM115 (kept open across batches; closed by aclose)
+        if file.tell() > 0:
+            with open(self.path, "rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                torn = existing.read(1) != b"\n"
+            if torn:
+                file.write(b"\n")
+                file.flush()
+                os.fsync(file.fileno())
+        return file
 
     def _commit(self, data: bytes) -> None:
         """Write, flush and fsync one batch (in a worker thread), rotating first when it would overflow the file."""
@@ -164,20 +178,29 @@ class AuditMiddleware:
         record, token = open_record(scope)
         written = False
 
-        async def send_after_audit(message: Message) -> None:
+        async def write() -> None:
             nonlocal written
+            written = True
+            record["request_id"] = scope.get("state", {}).get("request_id")
+            record["duration_ms"] = round((time.time() - float(str(record["time"]))) * 1000, 1)
+            await self.log.write(record)
+
+        async def send_after_audit(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record["status"] = message["status"]
             last = message["type"] == "http.response.body" and not message.get("more_body", False)
             if last and not written:
-                written = True
-                record["request_id"] = scope.get("state", {}).get("request_id")
-                record["duration_ms"] = round((time.time() - float(str(record["time"]))) * 1000, 1)
-                await self.log.write(record)
+                await write()
             await send(message)
 
         try:
             await self.app(scope, receive, send_after_audit)
+        except Exception as exc:  # answered (500) by Starlette's last resort, outside this middleware: audited here
+            if not written:
+                record.setdefault("status", 500)
+                record["error"] = type(exc).__name__
+                await write()
+            raise
         finally:
             close_record(token)
 

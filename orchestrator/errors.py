@@ -10,9 +10,23 @@ The orchestrator's own tree::
     │   ├── InvalidBase64             `image_base64` or a data: URL's payload is not valid base64
     │   ├── InvalidDataUrl            a data: URL that is not `data:image/...;base64,...`
     │   ├── ImageUrlNotSupported      an http(s) or other URL scheme this deployment does not fetch
+    │   ├── ImageUrlError             an http(s) image URL that could not be fetched (`orchestrator.fetch`)
+    │   │   ├── ImageUrlInvalid           malformed, with credentials, or redirecting to a URL we do not fetch
+    │   │   ├── ImageUrlForbidden         its host resolves to a private, loopback, metadata… address
+    │   │   ├── ImageUrlUnreachable       the name does not resolve, or no connection could be made
+    │   │   ├── ImageUrlTimeout           the whole fetch took longer than `fetch.timeout_s`
+    │   │   ├── ImageUrlTooManyRedirects  more redirects than `fetch.max_redirects`
+    │   │   ├── ImageUrlBadStatus         the server answered something other than 2xx
+    │   │   └── ImageUrlNotImage          the server answered with a content type that is not an image
     │   ├── RequestTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      a body that is neither JSON nor multipart/form-data
     │   └── ValidationFailed          fields missing, of the wrong type, or unknown
+    ├── Unauthenticated               no valid API key (401, with `WWW-Authenticate: Bearer`)
+    │   ├── ApiKeyMissing             no `Authorization` header
+    │   └── ApiKeyInvalid             a malformed `Authorization` header, or a key that is not configured
+    ├── Throttled                     over a per-key limit (429, with `Retry-After`)
+    │   ├── RateLimited               the key's token bucket is empty
+    │   └── TooManyInFlight           the key already has `rate_limit.max_concurrent` requests in flight
     └── NotReady                      the backends are not loaded (yet, or any more)
 
 Errors of the stages (`vision_stage.errors`, `reasoning_stage.errors`) are mapped in the same table. Anything not in
@@ -59,6 +73,38 @@ class ImageUrlNotSupported(RequestInvalid):
     """A URL this deployment does not fetch."""
 
 
+class ImageUrlError(RequestInvalid):
+    """An http(s) image URL that could not be fetched."""
+
+
+class ImageUrlInvalid(ImageUrlError):
+    """A malformed image URL, one with credentials, or a redirect to a URL that is not fetched."""
+
+
+class ImageUrlForbidden(ImageUrlError):
+    """The URL's host resolves to an address that is not fetched (private, loopback, metadata…)."""
+
+
+class ImageUrlUnreachable(ImageUrlError):
+    """The URL's host does not resolve, or no connection to it could be made."""
+
+
+class ImageUrlTimeout(ImageUrlError):
+    """The fetch took longer than allowed."""
+
+
+class ImageUrlTooManyRedirects(ImageUrlError):
+    """More redirects than allowed."""
+
+
+class ImageUrlBadStatus(ImageUrlError):
+    """The server answered with a status other than 2xx."""
+
+
+class ImageUrlNotImage(ImageUrlError):
+    """The server answered with something that is not an image."""
+
+
 class RequestTooLarge(RequestInvalid):
     """A body over the configured limit."""
 
@@ -69,6 +115,38 @@ class UnsupportedMediaType(RequestInvalid):
 
 class ValidationFailed(RequestInvalid):
     """Fields missing, of the wrong type, or unknown."""
+
+
+class Unauthenticated(OrchestratorError):
+    """No valid API key. `challenge` is the `WWW-Authenticate` header value (RFC 6750)."""
+
+    challenge = "Bearer"
+
+
+class ApiKeyMissing(Unauthenticated):
+    """No `Authorization` header."""
+
+
+class ApiKeyInvalid(Unauthenticated):
+    """A malformed `Authorization` header, or a key that is not configured."""
+
+    challenge = 'Bearer error="invalid_token"'
+
+
+class Throttled(OrchestratorError):
+    """Over a per-key limit; `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(Throttled):
+    """The key's request rate is over its limit."""
+
+
+class TooManyInFlight(Throttled):
+    """The key has as many requests in flight as it may."""
 
 
 class NotReady(OrchestratorError):
@@ -88,9 +166,20 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     InvalidBase64: ErrorSpec(400, "invalid_base64"),
     InvalidDataUrl: ErrorSpec(400, "invalid_data_url"),
     ImageUrlNotSupported: ErrorSpec(400, "image_url_not_supported"),
+    ImageUrlInvalid: ErrorSpec(400, "image_url_invalid"),
+    ImageUrlForbidden: ErrorSpec(403, "image_url_forbidden"),
+    ImageUrlUnreachable: ErrorSpec(400, "image_url_unreachable"),
+    ImageUrlTimeout: ErrorSpec(400, "image_url_timeout"),
+    ImageUrlTooManyRedirects: ErrorSpec(400, "image_url_too_many_redirects"),
+    ImageUrlBadStatus: ErrorSpec(400, "image_url_bad_status"),
+    ImageUrlNotImage: ErrorSpec(415, "image_url_not_image"),
     RequestTooLarge: ErrorSpec(413, "request_too_large"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type"),
     ValidationFailed: ErrorSpec(422, "validation_error"),
+    ApiKeyMissing: ErrorSpec(401, "api_key_missing"),
+    ApiKeyInvalid: ErrorSpec(401, "api_key_invalid"),
+    RateLimited: ErrorSpec(429, "rate_limited"),
+    TooManyInFlight: ErrorSpec(429, "too_many_in_flight"),
     NotReady: ErrorSpec(503, "not_ready"),
     vision.ImageEmpty: ErrorSpec(400, "image_empty"),
     vision.ImageTooLarge: ErrorSpec(413, "image_too_large"),

@@ -21,6 +21,9 @@ collected into its outcome. A reasoning failure before the first delta falls bac
 with `replaced` set: the streamed text is incomplete, and the outcome's answer replaces it. The arbiter checks the
 complete answer after the stream; when a re-asked answer is returned, `replaced` is set too. Closing the stream
 early closes the reasoning backend's stream, which stops the generation.
+
+`caption` asks the vision stage alone for its one-sentence caption (`POST /caption`): no routing, no reasoning.
+The answers here are unfiltered; the API filters them where they leave (`orchestrator.output_filter`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
 from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
 from vision_stage.backend import VisionBackend
-from vision_stage.types import VisionRequest, VisionResult, VisionTask
+from vision_stage.types import DecodedImage, VisionRequest, VisionResult, VisionTask
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,17 @@ class Pipeline:
                     return event.outcome
         raise AssertionError("the pipeline ended without a DoneEvent")  # unreachable: `_events` always ends with one
 
+    async def caption(self, image: DecodedImage) -> VisionResult:
+        """The vision stage's one-sentence caption of `image` (its `caption` task), noted in the request's audit
+        record. A vision failure raises, as it fails an analysis."""
+        vision = await self._vision.generate(VisionRequest(image, task="caption"))
+        audit.note(
+            image="sha256:" + image.sha256, image_bytes=image.byte_size, mode="caption",
+            vision=f"{vision.backend}:{vision.model}", degraded=vision.fallback is not None,
+            answer=audit.digest(vision.caption),
+        )  # fmt: skip
+        return vision
+
     def stream(self, request: AnalyzeInput, routed: Routed | None = None) -> AsyncGenerator[PipelineEvent, None]:
         """`run` as events, the reasoning stage's answer streamed (module docstring). Close the generator (or use
         `contextlib.aclosing`) when leaving it early."""
@@ -214,7 +228,9 @@ class Pipeline:
         yield DoneEvent(outcome, replaced)
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
-        vision_request = VisionRequest(request.image, request.question, task=task, profile=request.profile)
+        vision_request = VisionRequest(
+            request.image, request.question, task=task, image_url=request.image_url, profile=request.profile
+        )
         return await self._vision.generate(vision_request)
 
     async def _reason(

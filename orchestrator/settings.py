@@ -214,6 +214,14 @@ class OutputFilterSettings(_Section):
     (case-insensitive)."""
     replacement: str = "[removed]"
 
+    @model_validator(mode="after")
+    def _replacement_is_clean(self) -> OutputFilterSettings:
+        folded = self.replacement.casefold()
+        for term in (term.strip() for term in self.terms.split(",")):
+            if term and term.casefold() in folded:
+                raise ValueError(f"ORCH_OUTPUT_FILTER__REPLACEMENT {self.replacement!r} contains the term {term!r}")
+        return self
+
 
 class CacheSettings(_Section):
     """Vision results cached under a perceptual hash of the image plus the vision prompt (`orchestrator.cache`)."""
@@ -251,3 +259,5 @@ class Settings(BaseSettings):
     output_filter: OutputFilterSettings = OutputFilterSettings()
     cache: CacheSettings = CacheSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    """`json`: one object per line with the request id (`orchestrator.logs`); `text`: plain lines."""

@@ -278,7 +278,7 @@ def test_the_content_streams_while_the_llm_is_still_writing() -> None:
 @pytest.mark.parametrize(
     ("messages", "error", "type_"),
     [
-        (image_message("What?", "https://example.com/a.png"), openai.BadRequestError, "image_url_not_supported"),
+        (image_message("What?", "ftp://example.com/a.png"), openai.BadRequestError, "image_url_not_supported"),
         (image_message("What?", data_url(PNG[:60])), openai.BadRequestError, "image_corrupt"),
         (image_message("What?", "data:image/png;base64,@@@"), openai.BadRequestError, "invalid_base64"),
         (image_message("What?", data_url(b"%PDF-1.4")), openai.APIStatusError, "image_unsupported"),

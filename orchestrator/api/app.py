@@ -1,31 +1,45 @@
-"""The FastAPI application: `create_app`, its lifespan, its middleware and every exception handler in one block."""
+"""The FastAPI application: `create_app`, its lifespan, its middleware and every exception handler in one block.
+
+The middleware, outermost first: `RequestContextMiddleware` (request id, body cap, deadline), `MetricsMiddleware`
+(`orchestrator.metrics`), `AuditMiddleware` (when `audit.path` is set: so that refused requests are audited too),
+`SecurityMiddleware` (API keys, then rate limits; it adds the key id to the audit record), then FastAPI's own.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator import audit, logs
 from orchestrator.api.deps import Services
 from orchestrator.api.events import describe_error
 from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import SCHEMA_MODELS, api
-from orchestrator.errors import ROOTS, ErrorSpec, RequestTooLarge, retry_after_s
+from orchestrator.api.web import web
+from orchestrator.audit import AuditLog, AuditMiddleware
+from orchestrator.errors import ROOTS, ErrorSpec, OrchestratorError, RequestTooLarge, Unauthenticated, retry_after_s
+from orchestrator.fetch import ImageFetcher
+from orchestrator.logs import accepted_request_id
+from orchestrator.metrics import Metrics, MetricsMiddleware, StateCollector
 from orchestrator.pipeline import Pipeline
+from orchestrator.resilience.backends import endpoint_statuses
 from orchestrator.resilience.deadline import request_deadline
+from orchestrator.resilience.stage import EndpointStatus
 from orchestrator.routing import KeywordRouter, Router
+from orchestrator.security import ApiKeys, RateLimiter, SecurityMiddleware, is_open
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
 
@@ -33,6 +47,8 @@ log = logging.getLogger(__name__)
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 NOT_READY_RETRY_AFTER_S = 5
+AUDITED_PATHS = ("/v1/", "/infer", "/caption")
+"""Path prefixes whose every request is audited (`orchestrator.audit`): the API, not probes, docs or the page."""
 
 
 def create_app(settings: Settings, backends: Backends | None = None, router: Router | None = None) -> FastAPI:
@@ -44,23 +60,26 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
     wait for an embedding model; pass `router=await build_router(settings.router)` for the configured one.
     """
 
+    keys = ApiKeys.parse(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    audit_log = _audit_log(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = backends if backends is not None else await build_backends(settings)
-        try:
-            chosen = router if router is not None else await _default_router(settings, injected=backends is not None)
-        except BaseException:
-            await loaded.aclose()
-            raise
-        pipeline = Pipeline(
-            loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings)
-        )
-        app.state.services = Services(settings, loaded, pipeline)
-        try:
-            yield
-        finally:
-            app.state.services = None
-            await loaded.aclose()
+        if not keys.enabled:
+            log.warning(
+                "NO API KEYS CONFIGURED (ORCH_API_KEYS): every client that can reach this service can use it; "
+                "set keys before exposing it beyond this machine"
+            )
+        async with AsyncExitStack() as stack:
+            if audit_log is not None:
+                await audit_log.start()
+                stack.push_async_callback(audit_log.aclose)
+            if settings.fetch.enabled:
+                app.state.image_fetcher = ImageFetcher(settings.fetch, settings.limits.max_image_bytes)
+                stack.push_async_callback(app.state.image_fetcher.aclose)
+                stack.callback(setattr, app.state, "image_fetcher", None)
+            async with _services(app, settings, backends, router):
+                yield
 
     app = FastAPI(
         title="GLM vision orchestrator",
@@ -69,25 +88,84 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
         lifespan=lifespan,
     )
     app.state.services = None
+    app.state.image_fetcher = None
     app.state.started = time.time()
+    app.state.metrics = _metrics(app)
     app.include_router(api)
-    app.openapi = _openapi(app, SCHEMA_MODELS)  # type: ignore[method-assign]
+    app.include_router(web)
+    app.add_api_route("/metrics", _scrape, methods=["GET"], summary="Prometheus metrics", response_class=Response)
+    app.openapi = _openapi(app, SCHEMA_MODELS, secured=keys.enabled)  # type: ignore[method-assign]
     _register_exception_handlers(app)
+    _add_middleware(app, settings, keys, audit_log)
+    return app
+
+
+def _metrics(app: FastAPI) -> Metrics:
+    """The app's metrics, with breaker states read from its backends at scrape time."""
+    metrics = Metrics()
+
+    def statuses() -> dict[str, tuple[EndpointStatus, ...]]:
+        services = app.state.services
+        if services is None:
+            return {}
+        backends = services.backends
+        return {"vision": endpoint_statuses(backends.vision), "reasoning": endpoint_statuses(backends.reasoning)}
+
+    metrics.registry.register(StateCollector(statuses))
+    return metrics
+
+
+async def _scrape(request: Request) -> Response:
+    """The Prometheus text exposition of the app's metrics (`orchestrator.metrics` lists them)."""
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: AuditLog | None) -> None:
+    """The module docstring's order; Starlette runs the middleware added last first."""
+    app.add_middleware(SecurityMiddleware, keys=keys, limiter=RateLimiter(settings.rate_limit), refuse=_refuse)
+    if audit_log is not None:
+        app.add_middleware(AuditMiddleware, log=audit_log, paths=AUDITED_PATHS)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=AUDITED_PATHS)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.limits.max_request_bytes,
         deadline_s=settings.limits.request_deadline_s,
     )
-    return app
+
+
+@asynccontextmanager
+async def _services(
+    app: FastAPI, settings: Settings, backends: Backends | None, router: Router | None
+) -> AsyncIterator[None]:
+    """The backends (given, or loaded from settings), the router and the pipeline, as `app.state.services`."""
+    loaded = backends if backends is not None else await build_backends(settings)
+    try:
+        chosen = router if router is not None else await _default_router(settings, injected=backends is not None)
+    except BaseException:
+        await loaded.aclose()
+        raise
+    pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings))
+    app.state.services = Services(settings, loaded, pipeline)
+    try:
+        yield
+    finally:
+        app.state.services = None
+        await loaded.aclose()
+
+
+def _audit_log(settings: Settings) -> AuditLog | None:
+    audit = settings.audit
+    return AuditLog(audit.path, max_bytes=audit.max_bytes, backups=audit.backups) if audit.path else None
 
 
 async def _default_router(settings: Settings, injected: bool) -> Router:
     return KeywordRouter() if injected else await build_router(settings.router)
 
 
-def _openapi(app: FastAPI, models: tuple[type[BaseModel], ...]) -> Callable[[], dict[str, Any]]:
+def _openapi(app: FastAPI, models: tuple[type[BaseModel], ...], secured: bool) -> Callable[[], dict[str, Any]]:
     """FastAPI's OpenAPI description, with `models` (what bodies read by hand and event streams refer to) added to
-    its components."""
+    its components, and, when `secured`, the bearer key that every path but the open ones needs."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -97,10 +175,29 @@ def _openapi(app: FastAPI, models: tuple[type[BaseModel], ...]) -> Callable[[], 
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             schema["components"]["schemas"] = {**extra.get("$defs", {}), **components}
+            _document_refusals(schema, secured)
             app.openapi_schema = schema
         return app.openapi_schema
 
     return openapi
+
+
+def _document_refusals(schema: dict[str, Any], secured: bool) -> None:
+    """What `SecurityMiddleware` may answer on every path that is not open: 429, and with keys, 401 and the bearer
+    scheme (which Swagger UI's "Authorize" button then asks for)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    refusals = {"429": {"description": "Over the rate limits (`rate_limited`, `too_many_in_flight`)", "content": error}}
+    if secured:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        refusals["401"] = {"description": "No valid API key (`api_key_missing`, `api_key_invalid`)", "content": error}
+    for path, operations in schema.get("paths", {}).items():
+        if is_open(path):
+            continue
+        for operation in operations.values():
+            if secured:
+                operation["security"] = [{"bearer": []}]
+            for status, response in refusals.items():
+                operation.setdefault("responses", {}).setdefault(status, response)
 
 
 def request_id_of(request: Request) -> str:
@@ -108,6 +205,7 @@ def request_id_of(request: Request) -> str:
 
 
 def error_response(request: Request, spec: ErrorSpec, message: str, retry_after: float | None = None) -> JSONResponse:
+    audit.note(error_type=spec.type)
     headers = {"X-Request-ID": request_id_of(request)}
     if spec.status == 503 or retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after if retry_after is not None else NOT_READY_RETRY_AFTER_S)))
@@ -115,10 +213,23 @@ def error_response(request: Request, spec: ErrorSpec, message: str, retry_after:
     return JSONResponse(body, status_code=spec.status, headers=headers)
 
 
+def exception_response(request: Request, exc: BaseException) -> JSONResponse:
+    """The error response for `exc`: its table row, message, `Retry-After` and `WWW-Authenticate` when it has them."""
+    spec, message = describe_error(exc, request_id_of(request))
+    response = error_response(request, spec, message, retry_after_s(exc))
+    if isinstance(exc, Unauthenticated):
+        response.headers["WWW-Authenticate"] = exc.challenge
+    return response
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, exc: OrchestratorError) -> None:
+    """`SecurityMiddleware`'s refusals, in the same format as every other error."""
+    await exception_response(Request(scope), exc)(scope, receive, send)
+
+
 def _register_exception_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        spec, message = describe_error(exc, request_id_of(request))
-        return error_response(request, spec, message, retry_after_s(exc))
+        return exception_response(request, exc)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -152,8 +263,15 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
+        request_id = accepted_request_id(_header(scope, b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
+        token = logs.request_id.set(request_id)
+        try:
+            await self._serve(scope, receive, send, request_id)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -189,11 +307,16 @@ class RequestContextMiddleware:
         return capped_receive
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return bytes(value).decode("latin-1")
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,5 +1,8 @@
 """Reading requests: an analyze request, JSON or multipart, into image bytes and validated options; a JSON body into a
-validated model (the chat completions request); images from base64 and `data:` URLs.
+validated model (the chat completions request); images from base64, `data:` URLs and http(s) URLs.
+
+An http(s) URL is fetched by the app's `orchestrator.fetch.ImageFetcher` (`image_fetcher`: none when
+`fetch.enabled` is off, and then the URL is refused with `image_url_not_supported`).
 
 Every way a request can be malformed ends here as an `orchestrator.errors.RequestInvalid` subclass.
 """
@@ -31,8 +34,10 @@ from orchestrator.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from orchestrator.fetch import ImageFetcher
 from vision_stage.errors import ImageTooLarge
 
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
 _FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format", "stream"})
 M = TypeVar("M", bound=BaseModel)
@@ -43,12 +48,22 @@ class AnalyzeInputs:
     image: bytes
     options: AnalyzeJsonRequest
     """The validated options; its image fields are cleared once `image` holds the bytes."""
+    image_url: str | None = None
+    """The http(s) URL `image` was fetched from (where its redirects led), for a vision backend that passes URLs
+    through (`vision.pass_image_urls`); None for uploads, base64 and `data:` URLs."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    data: bytes
+    url: str | None = None
+    """As `AnalyzeInputs.image_url`."""
 
 
 async def read_analyze_request(request: Request, max_image_bytes: int) -> AnalyzeInputs:
     content_type = _content_type(request)
     if content_type == "application/json":
-        return _from_json(await request.body(), max_image_bytes)
+        return await _from_json(request, max_image_bytes)
     if content_type == "multipart/form-data":
         return await _from_form(request, max_image_bytes)
     raise UnsupportedMediaType(
@@ -73,20 +88,41 @@ def _json_object(body: bytes) -> dict[str, object]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJson("the body is not valid JSON: it nests deeper than this service reads") from None
     if not isinstance(data, dict):
         raise ValidationFailed("the JSON body must be an object")
     return data
 
 
-def _from_json(body: bytes, max_image_bytes: int) -> AnalyzeInputs:
-    options = validated(AnalyzeJsonRequest, _json_object(body))
+async def read_image_url(request: Request, url: str, max_image_bytes: int) -> ImageInput:
+    """The image at `url`: a `data:` URL decoded, an http(s) URL fetched by the app's fetcher."""
+    scheme = _scheme(url)
+    if scheme not in ("http", "https"):
+        return ImageInput(decode_data_url(url, max_image_bytes))
+    fetcher = image_fetcher(request)
+    if fetcher is None:
+        raise ImageUrlNotSupported("fetching http(s) image URLs is turned off here; send a data: URL or the bytes")
+    fetched = await fetcher.fetch(url)
+    return ImageInput(fetched.data, fetched.url)
+
+
+def image_fetcher(request: Request) -> ImageFetcher | None:
+    """The app's image fetcher (`app.state.image_fetcher`, set while it runs with `fetch.enabled`), or None."""
+    fetcher = getattr(request.app.state, "image_fetcher", None)
+    return fetcher if isinstance(fetcher, ImageFetcher) else None
+
+
+async def _from_json(request: Request, max_image_bytes: int) -> AnalyzeInputs:
+    options = validated(AnalyzeJsonRequest, _json_object(await request.body()))
     if (options.image_base64 is None) == (options.image_url is None):
         raise ImageMissing("give exactly one of `image_base64` and `image_url`")
     if options.image_base64 is not None:
-        image = decode_base64(options.image_base64, max_image_bytes)
+        image = ImageInput(decode_base64(options.image_base64, max_image_bytes))
     else:
-        image = decode_data_url(options.image_url or "", max_image_bytes)
-    return AnalyzeInputs(image, options.model_copy(update={"image_base64": None, "image_url": None}))
+        image = await read_image_url(request, options.image_url or "", max_image_bytes)
+    cleared = options.model_copy(update={"image_base64": None, "image_url": None})
+    return AnalyzeInputs(image.data, cleared, image.url)
 
 
 async def _from_form(request: Request, max_image_bytes: int) -> AnalyzeInputs:
@@ -134,16 +170,25 @@ def decode_base64(text: str, max_image_bytes: int) -> bytes:
 
 
 def decode_data_url(url: str, max_image_bytes: int) -> bytes:
-    """The bytes of a `data:image/...;base64,...` URL. http(s) URLs are refused: this version fetches nothing."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    """The bytes of a `data:image/...;base64,...` URL. Any other scheme is refused (`image_url_not_supported`):
+    http(s) URLs are fetched by `read_image_url`, not here."""
+    scheme = _scheme(url)
     if scheme in ("http", "https"):
-        raise ImageUrlNotSupported("fetching http(s) image URLs is not enabled; send a data: URL or image_base64")
+        raise ImageUrlNotSupported("http(s) image URLs are not fetched here; send a data: URL or the bytes")
+    if scheme not in ("", "data"):
+        raise ImageUrlNotSupported(f"the {scheme}: scheme is not fetched; send an http(s) URL or a data: URL")
     match = _DATA_URL.match(url)
     if scheme != "data" or match is None:
-        raise InvalidDataUrl("`image_url` must be a data: URL such as data:image/png;base64,...")
+        raise InvalidDataUrl("`image_url` must be a data: URL such as data:image/png;base64,... or an http(s) URL")
     media_type = (match.group("type") or "").lower()
     if not media_type.startswith("image/"):
         raise InvalidDataUrl(f"the data: URL's media type is {media_type or '(none)'!r}; it must be image/*")
     if match.group("b64") is None:
         raise InvalidDataUrl("the data: URL must be base64-encoded (…;base64,…)")
     return decode_base64(url[match.end() :], max_image_bytes)
+
+
+def _scheme(url: str) -> str:
+    """The URL's scheme in lower case; empty when it has none."""
+    match = _SCHEME.match(url)
+    return match.group("scheme").lower() if match else ""

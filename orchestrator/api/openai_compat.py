@@ -2,7 +2,7 @@
 
 The `model` names the route: `auto` (the router decides), `vision-only`, `vision-then-reasoning`. The question is the
 last message's text, which must be the user's; the image is the most recent `image_url` part in the conversation
-(a `data:image/...;base64,...` URL; http(s) URLs are refused with `image_url_not_supported` for now); the earlier
+(a `data:image/...;base64,...` URL, or an http(s) URL, fetched as `/v1/analyze` fetches one); the earlier
 messages' text goes to the reasoning stage as history. The request model refuses unknown fields.
 
 The answer is a `chat.completion` (or, with `stream: true`, `chat.completion.chunk` server-sent events ending in
@@ -25,13 +25,15 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.exceptions import HTTPException
 
 from orchestrator.analysis import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.answer_json import ResponseFormat
 from orchestrator.api.events import error_body, sse, stage_error_body
+from orchestrator.api.intake import checked_text
 from orchestrator.api.schemas import (
+    EXAMPLE_IMAGE_URL,
     ArbitrationOut,
     ErrorResponse,
     FailureOut,
@@ -67,16 +69,35 @@ class ChatResponseFormat(BaseModel):
     )
 
 
+_EXAMPLE_CONTENT: list[JsonValue] = [
+    {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE_URL}},
+    {"type": "text", "text": "What is the total?"},
+]
+
+
 class ChatCompletionRequest(BaseModel):
     """The OpenAI request fields this service reads; any other field is refused (422)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "auto", "messages": [{"role": "user", "content": _EXAMPLE_CONTENT}]},
+                {
+                    "model": "vision-then-reasoning",
+                    "messages": [{"role": "user", "content": _EXAMPLE_CONTENT}],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ]
+        },
+    )
 
     model: str = Field(description="The route: `auto`, `vision-only` or `vision-then-reasoning` (`GET /v1/models`).")
     messages: list[MessageIn] = Field(
         min_length=1,
         description="The conversation; the last message is the user's question. The most recent `image_url` part "
-        "(a `data:image/...;base64,...` URL) is the image.",
+        "(a `data:image/...;base64,...` URL, or an http(s) URL where this deployment fetches them) is the image.",
     )
     stream: bool = Field(default=False, description="Answer as `chat.completion.chunk` server-sent events.")
     stream_options: StreamOptions | None = None
@@ -234,9 +255,12 @@ def read_conversation(messages: Sequence[MessageIn]) -> Conversation:
         raise ValidationFailed(f"messages.{last}.role: the last message must be the user's question")
     images = [url for message in messages for url in message.image_urls()]
     if not images:
-        raise ImageMissing("no image in the conversation: send an image_url part (a data:image/...;base64,... URL)")
-    history = tuple(ChatMessage(m.role, text) for m in messages[:last] if (text := m.text().strip()))
-    return Conversation(messages[last].text(), images[-1], history)
+        raise ImageMissing("no image in the conversation: send an image_url part (a data: or http(s) URL)")
+    texts = [checked_text(message.text(), f"messages.{index}.content") for index, message in enumerate(messages)]
+    history = tuple(
+        ChatMessage(m.role, text.strip()) for m, text in zip(messages[:last], texts, strict=False) if text.strip()
+    )
+    return Conversation(texts[last], images[-1], history)
 
 
 def orchestration_out(outcome: AnalyzeOutcome, request_id: str, replaced: bool = False) -> OrchestrationOut:

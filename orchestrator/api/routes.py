@@ -1,4 +1,5 @@
-"""The HTTP endpoints: thin handlers over the pipeline."""
+"""The HTTP endpoints: thin handlers over the pipeline. Every answer leaves through the output filter
+(`orchestrator.output_filter`); the original write-ups' `/infer` and `/caption` are in `orchestrator.api.legacy`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis import AnalyzeInput, Routed
-from orchestrator.answer_json import ResponseFormat
-from orchestrator.api.deps import Services, ServicesDep
+from orchestrator.analysis import AnalyzeInput
+from orchestrator.api import legacy
+from orchestrator.api.deps import ServicesDep
 from orchestrator.api.events import analyze_events, event_stream, started
-from orchestrator.api.inputs import decode_data_url, read_analyze_request, read_json_request
+from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
+from orchestrator.api.intake import checked_question, decode_and_route, output_filter, request_id
 from orchestrator.api.openai_compat import (
+    SSE_DONE,
     STREAM_EVENTS,
     ChatCompletionChunkOut,
     ChatCompletionOut,
@@ -27,6 +30,7 @@ from orchestrator.api.openai_compat import (
     requested_mode,
 )
 from orchestrator.api.schemas import (
+    ERROR_RESPONSES,
     AnalyzeJsonRequest,
     AnalyzeResponse,
     AnalyzeStreamDone,
@@ -38,31 +42,15 @@ from orchestrator.api.schemas import (
     VisionOut,
     analyze_response,
 )
-from orchestrator.errors import ValidationFailed
+from orchestrator.output_filter import filtered_events
 from orchestrator.resilience.backends import endpoint_statuses
-from orchestrator.routing import RequestedMode
-from orchestrator.settings import LimitSettings
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
-from vision_stage.images import ImageLimits, decode_image
-from vision_stage.types import DecodedImage
 
 api = APIRouter()
 
-_ERROR_STATUSES: dict[int, str] = {
-    400: "Malformed request or image (`image_missing`, `invalid_base64`, `invalid_data_url`, `invalid_json`, "
-    "`invalid_multipart`, `image_url_not_supported`, `image_empty`, `image_corrupt`)",
-    413: "Too large (`request_too_large`, `image_too_large`, `image_too_many_pixels`)",
-    415: "Not an accepted image or body type (`image_unsupported`, `unsupported_media_type`)",
-    422: "Missing, invalid or unknown fields (`validation_error`)",
-    502: "The vision stage answered something unusable (`vision_invalid_output`, `vision_rejected`)",
-    503: "Not ready, or the vision stage is unavailable (`not_ready`, `vision_unavailable`); see Retry-After",
-}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description} for status, description in _ERROR_STATUSES.items()
-}
 _CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
+    **ERROR_RESPONSES,
     404: {"model": ErrorResponse, "description": "No such model (`not_found`); `GET /v1/models` lists them"},
 }
 
@@ -71,15 +59,37 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _event_stream(description: str, events: dict[str, type[BaseModel]]) -> dict[str, Any]:
-    """A 200 that is JSON or, streamed, `text/event-stream`; `x-events` names the schema of each event's data."""
+def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    """An event's `data` field: one line of JSON matching `schema`."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+def _named_events(events: dict[str, type[BaseModel]]) -> dict[str, Any]:
+    """Each event of a stream (OpenAPI 3.1: the event-stream `schema` describes one event): `event` names it, and
+    `data` is JSON of that event's schema."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "oneOf": [
+            {"properties": {"event": {"const": name}, "data": _json_data(_ref(model))}}
+            for name, model in events.items()
+        ],
+    }
+
+
+def _unnamed_events(models: tuple[type[BaseModel], ...], last: str) -> dict[str, Any]:
+    """Each event of a stream whose events are not named: `data` is JSON of one of `models`, or the literal `last`."""
+    data = {"oneOf": [{"const": last}, _json_data({"oneOf": [_ref(model) for model in models]})]}
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
+def _event_stream(description: str, events: dict[str, type[BaseModel]], schema: dict[str, Any]) -> dict[str, Any]:
+    """A 200 that is JSON or, streamed, `text/event-stream`: `schema` describes each event, and `x-events` names the
+    schema of each event's data."""
     return {
         "description": description,
         "content": {
-            "text/event-stream": {
-                "schema": {"type": "string"},
-                "x-events": {name: _ref(model) for name, model in events.items()},
-            }
+            "text/event-stream": {"schema": schema, "x-events": {name: _ref(model) for name, model in events.items()}}
         },
     }
 
@@ -95,6 +105,7 @@ _ANALYZE_EVENTS: dict[str, type[BaseModel]] = {
 SCHEMA_MODELS: tuple[type[BaseModel], ...] = (
     AnalyzeJsonRequest,
     ChatCompletionRequest,
+    legacy.InferRequest,
     *_ANALYZE_EVENTS.values(),
     *STREAM_EVENTS.values(),
     ChatCompletionChunkOut,
@@ -191,29 +202,34 @@ def _readiness(backend: VisionBackend | ReasoningBackend, ok: bool, detail: str)
     "/v1/analyze",
     response_model=AnalyzeResponse,
     responses={
-        **_ERRORS,
-        200: _event_stream("The answer; with `stream: true`, the analysis as events", _ANALYZE_EVENTS),
+        **ERROR_RESPONSES,
+        200: _event_stream(
+            "The answer; with `stream: true`, the analysis as events", _ANALYZE_EVENTS, _named_events(_ANALYZE_EVENTS)
+        ),
     },
     openapi_extra=_ANALYZE_BODY,
     summary="Answer a question about an image",
     description="Multipart (`image` file, `question`, `mode`, `profile`, `response_format`, `stream`) or JSON "
-    "(`image_base64` or a `data:` `image_url`, `question`, `mode`, `profile`, `response_format`, `stream`). With "
-    "`stream: true` the answer is a stream of server-sent events, which starts once the vision stage has answered.",
+    "(`image_base64` or a `data:` or http(s) `image_url`, `question`, `mode`, `profile`, `response_format`, "
+    "`stream`). With `stream: true` the answer is a stream of server-sent events, which starts once the vision stage "
+    "has answered.",
 )
 async def analyze(request: Request, services: ServicesDep) -> Response | AnalyzeResponse:
     limits = services.settings.limits
     inputs = await read_analyze_request(request, limits.max_image_bytes)
     options = inputs.options
-    question = _question(options.question, limits)
-    image, routed = await _decode_and_route(services, inputs.image, question, options.mode, options.response_format)
+    question = checked_question(options.question, limits)
+    image, routed = await decode_and_route(services, inputs.image, question, options.mode, options.response_format)
     analysis = AnalyzeInput(
-        image, question, mode=options.mode, profile=options.profile, response_format=options.response_format
-    )
+        image, question, mode=options.mode, profile=options.profile, response_format=options.response_format,
+        image_url=inputs.image_url,
+    )  # fmt: skip
+    answers = output_filter(services)
     if options.stream:
         events = await started(services.pipeline.stream(analysis, routed))
-        return event_stream(analyze_events(events, _request_id(request)))
+        return event_stream(analyze_events(filtered_events(events, answers), request_id(request)))
     outcome = await services.pipeline.run(analysis, routed)
-    return analyze_response(outcome, _request_id(request))
+    return analyze_response(answers.outcome(outcome), request_id(request))
 
 
 @api.post(
@@ -221,32 +237,37 @@ async def analyze(request: Request, services: ServicesDep) -> Response | Analyze
     response_model=ChatCompletionOut,
     responses={
         **_CHAT_ERRORS,
-        200: _event_stream("The answer; with `stream: true`, chunks, then `data: [DONE]`", STREAM_EVENTS),
+        200: _event_stream(
+            "The answer; with `stream: true`, chunks, then `data: [DONE]`",
+            STREAM_EVENTS,
+            _unnamed_events(tuple(STREAM_EVENTS.values()), SSE_DONE.removeprefix("data: ").strip()),
+        ),
     },
     openapi_extra=_CHAT_BODY,
     summary="OpenAI-compatible chat completions about an image",
     description="The official `openai` client works unchanged. `model` is the route (`auto`, `vision-only`, "
     "`vision-then-reasoning`); the last message is the user's question, the most recent `image_url` part (a "
-    "`data:` URL) the image; the answer carries how it was reached in the extra field `orchestration`.",
+    "`data:` or http(s) URL) the image; the answer carries how it was reached in the extra field `orchestration`.",
 )
 async def chat_completions(request: Request, services: ServicesDep) -> Response:
     body = await read_json_request(request, ChatCompletionRequest)
     mode = requested_mode(body.model)
     conversation = read_conversation(body.messages)
     limits = services.settings.limits
-    question = _question(conversation.question, limits, f"messages.{len(body.messages) - 1}.content")
-    data = decode_data_url(conversation.image_url, limits.max_image_bytes)
-    image, routed = await _decode_and_route(services, data, question, mode, body.answer_format)
+    question = checked_question(conversation.question, limits, f"messages.{len(body.messages) - 1}.content")
+    source = await read_image_url(request, conversation.image_url, limits.max_image_bytes)
+    image, routed = await decode_and_route(services, source.data, question, mode, body.answer_format)
     analysis = AnalyzeInput(
         image, question, mode=mode, profile=body.profile, response_format=body.answer_format,
         history=conversation.history, max_new_tokens=body.token_limit, temperature=body.temperature,
+        image_url=source.url,
     )  # fmt: skip
-    reply = ChatReply(body.model, _request_id(request))
+    reply, answers = ChatReply(body.model, request_id(request)), output_filter(services)
     if body.stream:
         events = await started(services.pipeline.stream(analysis, routed))
-        return event_stream(chat_events(events, reply, include_usage=body.include_usage))
+        return event_stream(chat_events(filtered_events(events, answers), reply, include_usage=body.include_usage))
     outcome = await services.pipeline.run(analysis, routed)
-    return JSONResponse(reply.completion(outcome).model_dump(mode="json"))
+    return JSONResponse(reply.completion(answers.outcome(outcome)).model_dump(mode="json"))
 
 
 @api.get("/v1/models", response_model=ModelListOut, summary="The model names of `/v1/chat/completions`: its routes")
@@ -254,28 +275,4 @@ async def list_models(request: Request) -> ModelListOut:
     return model_list(int(request.app.state.started))
 
 
-def _question(text: str, limits: LimitSettings, name: str = "question") -> str:
-    question = text.strip()
-    if not question:
-        raise ValidationFailed(f"{name}: the question must not be blank")
-    if len(question) > limits.max_question_chars:
-        raise ValidationFailed(f"{name}: {len(question)} characters; the limit is {limits.max_question_chars}")
-    return question
-
-
-async def _decode_and_route(
-    services: Services, data: bytes, question: str, mode: RequestedMode, response_format: ResponseFormat
-) -> tuple[DecodedImage, Routed]:
-    limits = services.settings.limits
-    image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
-    # Route while the image decodes, both off the event loop: routing then adds only what outlasts the decoding.
-    routing = asyncio.create_task(services.pipeline.route(question, mode, response_format))
-    try:
-        image = await asyncio.to_thread(decode_image, data, image_limits)
-    finally:
-        routed = await routing  # never cancelled mid-query: a bad image waits for at most one routing call
-    return image, routed
-
-
-def _request_id(request: Request) -> str:
-    return str(request.scope["state"]["request_id"])
+api.include_router(legacy.api)

@@ -16,15 +16,35 @@ from orchestrator.verification import Check
 from reasoning_stage.types import ReasoningResult
 from vision_stage.types import StructuredDescription, VisionResult
 
+EXAMPLE_IMAGE_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR42mP4DwABAQEAHLCMmQAAAABJRU5ErkJggg=="
+"""A 1×1 white PNG, for the OpenAPI description's request examples."""
+EXAMPLE_IMAGE_URL = f"data:image/png;base64,{EXAMPLE_IMAGE_BASE64}"
+
 
 class AnalyzeJsonRequest(BaseModel):
-    """The JSON form of `POST /v1/analyze`: exactly one of `image_base64` and `image_url` (a `data:` URL)."""
+    """The JSON form of `POST /v1/analyze`: exactly one of `image_base64` and `image_url` (a `data:` or http(s) URL)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"question": "What is the total?", "image_base64": EXAMPLE_IMAGE_BASE64},
+                {
+                    "question": "Why is the total higher than the subtotal?",
+                    "image_url": EXAMPLE_IMAGE_URL,
+                    "stream": True,
+                },
+            ]
+        },
+    )
 
     question: str = Field(min_length=1, description="The question about the image.")
     image_base64: str | None = Field(default=None, description="The image file's bytes, base64-encoded.")
-    image_url: str | None = Field(default=None, description="A `data:image/...;base64,...` URL.")
+    image_url: str | None = Field(
+        default=None,
+        description="A `data:image/...;base64,...` URL, or an http(s) URL where this deployment fetches them "
+        "(otherwise 400 `image_url_not_supported`).",
+    )
     mode: RequestedMode = Field(default="auto", description="`auto` lets the router decide; the others force it.")
     profile: Profile = "general"
     response_format: ResponseFormat = Field(
@@ -195,6 +215,27 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+ERROR_STATUSES: dict[int, str] = {
+    400: "Malformed request or image (`image_missing`, `invalid_base64`, `invalid_data_url`, `invalid_json`, "
+    "`invalid_multipart`, `image_empty`, `image_corrupt`), or an image URL that is not fetched or could not be "
+    "(`image_url_not_supported`, `image_url_invalid`, `image_url_unreachable`, `image_url_timeout`, "
+    "`image_url_too_many_redirects`, `image_url_bad_status`)",
+    401: "No valid API key, when keys are configured (`api_key_missing`, `api_key_invalid`)",
+    403: "An image URL whose host is private, loopback or a metadata address (`image_url_forbidden`)",
+    413: "Too large (`request_too_large`, `image_too_large`, `image_too_many_pixels`)",
+    415: "Not an accepted image or body type (`image_unsupported`, `image_url_not_image`, `unsupported_media_type`)",
+    422: "Missing, invalid or unknown fields (`validation_error`)",
+    429: "Over the API key's rate or concurrency limit (`rate_limited`, `too_many_in_flight`); see Retry-After",
+    502: "The vision stage answered something unusable (`vision_invalid_output`, `vision_rejected`)",
+    503: "Not ready, or the vision stage is unavailable (`not_ready`, `vision_unavailable`, `overloaded`); see "
+    "Retry-After",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in ERROR_STATUSES.items()
+}
+"""The error responses of every endpoint that reads an image, for the OpenAPI description."""
 
 
 class ReasoningDeltaOut(BaseModel):

@@ -1,0 +1,66 @@
+"""What every endpoint that analyses an image does with a request before the pipeline: check the question, decode the
+image (routing the question meanwhile), and know the request's id and the output filter its answer leaves through."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from orchestrator.analysis import Routed
+from orchestrator.answer_json import ResponseFormat
+from orchestrator.api.deps import Services
+from orchestrator.errors import ValidationFailed
+from orchestrator.output_filter import OutputFilter
+from orchestrator.routing import RequestedMode
+from orchestrator.settings import LimitSettings
+from vision_stage.images import ImageLimits, decode_image
+from vision_stage.types import DecodedImage
+
+
+def checked_question(text: str, limits: LimitSettings, name: str = "question") -> str:
+    """`text` stripped; a blank, overlong or not Unicode (JSON's lone `\\ud800` escapes) question is a
+    `ValidationFailed` naming the field `name`."""
+    question = checked_text(text, name).strip()
+    if not question:
+        raise ValidationFailed(f"{name}: the question must not be blank")
+    if len(question) > limits.max_question_chars:
+        raise ValidationFailed(f"{name}: {len(question)} characters; the limit is {limits.max_question_chars}")
+    return question
+
+
+def checked_text(text: str, name: str) -> str:
+    """`text`, unless it holds a lone surrogate (JSON can escape one; no UTF-8 can carry it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationFailed(f"{name}: not valid Unicode text (a lone surrogate at {exc.start})") from None
+    return text
+
+
+async def decode(services: Services, data: bytes) -> DecodedImage:
+    """The image's pixels, decoded off the event loop under the configured limits."""
+    limits = services.settings.limits
+    image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+    return await asyncio.to_thread(decode_image, data, image_limits)
+
+
+async def decode_and_route(
+    services: Services, data: bytes, question: str, mode: RequestedMode, response_format: ResponseFormat
+) -> tuple[DecodedImage, Routed]:
+    # Route while the image decodes, both off the event loop: routing then adds only what outlasts the decoding.
+    routing = asyncio.create_task(services.pipeline.route(question, mode, response_format))
+    try:
+        image = await decode(services, data)
+    finally:
+        routed = await routing  # never cancelled mid-query: a bad image waits for at most one routing call
+    return image, routed
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope["state"]["request_id"])
+
+
+def output_filter(services: Services) -> OutputFilter:
+    """The filter every answer of this service leaves through (`orchestrator.output_filter`)."""
+    return OutputFilter.from_settings(services.settings.output_filter)

@@ -1,0 +1,171 @@
+"""The endpoints of the original write-ups, kept working on top of the pipeline.
+
+- `POST /infer`, JSON `{"image_url", "prompt"}`: the prompt is routed and answered as `/v1/analyze` does in mode
+  `auto`; the answer is the write-ups' "generated text and confidence" (`answer`, `confidence`) with how it was
+  reached (`InferResponse`). `image_url` is read by the helper `/v1/analyze` reads its JSON `image_url` with.
+- `POST /caption`, multipart with one `file`: the vision stage's `caption` task, `{"caption", ...}`.
+
+Both have `/v1/analyze`'s errors, status for status and with the same body, and their answers leave through the
+output filter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+
+from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
+from orchestrator.api.deps import ServicesDep
+from orchestrator.api.inputs import read_image_url, read_json_request
+from orchestrator.api.intake import checked_question, decode, decode_and_route, output_filter, request_id
+from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut, usage_out
+from orchestrator.errors import ImageMissing, InvalidMultipart, UnsupportedMediaType, ValidationFailed
+from orchestrator.routing import Decision
+from vision_stage.types import VisionResult
+
+api = APIRouter()
+
+CAPTION_FIELD = "file"
+
+
+class InferRequest(BaseModel):
+    """`POST /infer`: the request of the original write-ups."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"image_url": EXAMPLE_IMAGE_URL, "prompt": "What is the total?"}]},
+    )
+
+    image_url: str = Field(
+        description="The image: a `data:image/...;base64,...` URL, or an http(s) URL where this deployment fetches "
+        "them (otherwise 400 `image_url_not_supported`)."
+    )
+    prompt: str = Field(min_length=1, description="The question about the image; routed as `/v1/analyze` does.")
+
+
+class InferResponse(BaseModel):
+    """`POST /infer`: the generated text and its confidence, as the write-ups returned, with how it was reached."""
+
+    request_id: str
+    answer: str = Field(description="The generated text: `/v1/analyze`'s `answer`.")
+    confidence: float = Field(description="0–1, as in `/v1/analyze`.")
+    mode: Decision = Field(description="What actually ran.")
+    route: RouteOut
+    degraded: bool = Field(description="True when a stage the route wanted failed and a fallback answered.")
+    notices: list[str]
+    needs_human_review: bool
+    language: Literal["zh", "en"]
+    timings_ms: dict[str, float]
+    usage: UsageOut
+
+
+class CaptionResponse(BaseModel):
+    """`POST /caption`: the vision stage's one-sentence caption."""
+
+    request_id: str
+    caption: str
+    backend: str = Field(description="The vision backend that answered.")
+    model: str
+    degraded: bool = Field(description="True when a fallback vision backend answered in place of the configured one.")
+    latency_ms: float
+
+
+def infer_response(outcome: AnalyzeOutcome, request_id: str) -> InferResponse:
+    return InferResponse(
+        request_id=request_id, answer=outcome.answer, confidence=outcome.confidence, mode=outcome.mode,
+        route=RouteOut(**vars(outcome.route)), degraded=outcome.degraded, notices=list(outcome.notices),
+        needs_human_review=outcome.needs_human_review, language=outcome.language, timings_ms=outcome.timings_ms,
+        usage=usage_out(outcome),
+    )  # fmt: skip
+
+
+def caption_response(vision: VisionResult, request_id: str) -> CaptionResponse:
+    return CaptionResponse(
+        request_id=request_id, caption=vision.caption, backend=vision.backend, model=vision.model,
+        degraded=vision.fallback is not None, latency_ms=vision.latency_ms,
+    )  # fmt: skip
+
+
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{InferRequest.__name__}"}}},
+    }
+}
+_CAPTION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [CAPTION_FIELD],
+                    "properties": {CAPTION_FIELD: {"type": "string", "format": "binary"}},
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }
+}
+
+
+@api.post(
+    "/infer",
+    response_model=InferResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_INFER_BODY,
+    summary="The original write-ups' question endpoint",
+    description='JSON `{"image_url", "prompt"}`, as the original write-ups sent it: the prompt is answered as '
+    "`/v1/analyze` answers a question in mode `auto`. `image_url` is a `data:image/...;base64,...` URL, or an "
+    "http(s) URL where this deployment fetches them.",
+)
+async def infer(request: Request, services: ServicesDep) -> InferResponse:
+    body = await read_json_request(request, InferRequest)
+    limits = services.settings.limits
+    question = checked_question(body.prompt, limits, "prompt")
+    source = await read_image_url(request, body.image_url, limits.max_image_bytes)
+    image, routed = await decode_and_route(services, source.data, question, "auto", "text")
+    outcome = await services.pipeline.run(AnalyzeInput(image, question, image_url=source.url), routed)
+    return infer_response(output_filter(services).outcome(outcome), request_id(request))
+
+
+@api.post(
+    "/caption",
+    response_model=CaptionResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=_CAPTION_BODY,
+    summary="The original write-ups' caption endpoint",
+    description="Multipart with one `file` part (the image), as the original write-ups sent it: the vision stage's "
+    "one-sentence caption.",
+)
+async def caption(request: Request, services: ServicesDep) -> CaptionResponse:
+    data = await _read_upload(request, services.settings.limits.max_image_bytes)
+    vision = await services.pipeline.caption(await decode(services, data))
+    return caption_response(output_filter(services).vision(vision), request_id(request))
+
+
+async def _read_upload(request: Request, max_image_bytes: int) -> bytes:
+    """The bytes of the form's one `file` part (at most `max_image_bytes + 1` of them: the decoder refuses more)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data")
+    try:
+        form = await request.form(max_files=1, max_fields=1)
+    except (HTTPException, MultiPartException) as exc:
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise InvalidMultipart(f"the multipart body could not be read: {detail}") from None
+    try:
+        unknown = sorted(set(form.keys()) - {CAPTION_FIELD})
+        if unknown:
+            raise ValidationFailed(f"unknown form fields: {', '.join(unknown)}; the only one is {CAPTION_FIELD!r}")
+        upload = form.get(CAPTION_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise ImageMissing(f"the form has no `{CAPTION_FIELD}` file part")
+        return await upload.read(max_image_bytes + 1)
+    finally:
+        await form.close()

