@@ -30,6 +30,9 @@ class AnalyzeInput:
     image_url: str | None = None
     """The http(s) URL the image was fetched from, for a vision backend that passes URLs through
     (`vision.pass_image_urls`); None for uploads, base64 and `data:` URLs."""
+    description: VisionResult | None = None
+    """A `describe` result of this image from an earlier question (`orchestrator.sessions`): the reasoning route
+    reuses it instead of asking the vision stage again."""
 
 
 @dataclass(frozen=True)

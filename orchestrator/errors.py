@@ -20,7 +20,8 @@ The orchestrator's own tree::
     │   │   └── ImageUrlNotImage          the server answered with a content type that is not an image
     │   ├── RequestTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      a body that is neither JSON nor multipart/form-data
-    │   └── ValidationFailed          fields missing, of the wrong type, or unknown
+    │   ├── ValidationFailed          fields missing, of the wrong type, or unknown
+    │   └── SessionNotFound           a `session_id` that is expired, evicted, or not the caller's
     ├── Unauthenticated               no valid API key (401, with `WWW-Authenticate: Bearer`)
     │   ├── ApiKeyMissing             no `Authorization` header
     │   └── ApiKeyInvalid             a malformed `Authorization` header, or a key that is not configured
@@ -149,6 +150,10 @@ class TooManyInFlight(Throttled):
     """The key has as many requests in flight as it may."""
 
 
+class SessionNotFound(RequestInvalid):
+    """A session id this caller has no live session under."""
+
+
 class NotReady(OrchestratorError):
     """The backends are not loaded."""
 
@@ -180,6 +185,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     ApiKeyInvalid: ErrorSpec(401, "api_key_invalid"),
     RateLimited: ErrorSpec(429, "rate_limited"),
     TooManyInFlight: ErrorSpec(429, "too_many_in_flight"),
+    SessionNotFound: ErrorSpec(404, "session_not_found"),
     NotReady: ErrorSpec(503, "not_ready"),
     vision.ImageEmpty: ErrorSpec(400, "image_empty"),
     vision.ImageTooLarge: ErrorSpec(413, "image_too_large"),

@@ -228,6 +228,8 @@ class Pipeline:
         yield DoneEvent(outcome, replaced)
 
     async def _look(self, request: AnalyzeInput, task: VisionTask) -> VisionResult:
+        if task == "describe" and request.description is not None:
+            return request.description
         vision_request = VisionRequest(
             request.image, request.question, task=task, image_url=request.image_url, profile=request.profile
         )

@@ -239,6 +239,15 @@ class CacheSettings(_Section):
     pixels hit."""
 
 
+class SessionSettings(_Section):
+    """Follow-up questions about a kept image (`orchestrator.sessions`)."""
+
+    ttl_s: float = Field(default=1800.0, gt=0)
+    """How long a session lives after its last use."""
+    max_sessions: int = Field(default=1000, ge=1)
+    """Kept in memory, decoded images included: the least recently used go first."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
@@ -258,6 +267,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     output_filter: OutputFilterSettings = OutputFilterSettings()
     cache: CacheSettings = CacheSettings()
+    sessions: SessionSettings = SessionSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     """`json`: one object per line with the request id (`orchestrator.logs`); `text`: plain lines."""

@@ -53,8 +53,9 @@ def test_multipart_answer_has_every_documented_field(client: TestClient) -> None
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {
-        "request_id", "answer", "answer_fields", "mode", "route", "vision", "reasoning", "arbitration", "confidence",
-        "degraded", "notices", "disclaimer", "needs_human_review", "language", "failures", "timings_ms", "usage",
+        "request_id", "session_id", "answer", "answer_fields", "mode", "route", "vision", "reasoning", "arbitration",
+        "confidence", "degraded", "notices", "disclaimer", "needs_human_review", "language", "failures", "timings_ms",
+        "usage",
     }  # fmt: skip
     assert body["request_id"] == response.headers["x-request-id"]
     assert body["mode"] == "vision_only"

@@ -245,7 +245,7 @@ def test_analyze_streams_route_vision_deltas_arbitration_and_done(client: TestCl
 def comparable(body: dict[str, Any]) -> dict[str, Any]:
     """An analyze response without what differs between two runs of one request (ids, times)."""
     reasoning = {key: value for key, value in body["reasoning"].items() if key != "latency_ms"}
-    ignored = ("replaced", "request_id", "timings_ms")
+    ignored = ("replaced", "request_id", "session_id", "timings_ms")
     return {**{key: value for key, value in body.items() if key not in ignored}, "reasoning": reasoning}
 
 

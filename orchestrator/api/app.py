@@ -40,6 +40,7 @@ from orchestrator.resilience.deadline import request_deadline
 from orchestrator.resilience.stage import EndpointStatus
 from orchestrator.routing import KeywordRouter, Router
 from orchestrator.security import ApiKeys, RateLimiter, SecurityMiddleware, is_open
+from orchestrator.sessions import SessionStore
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
 
@@ -146,7 +147,7 @@ async def _services(
         await loaded.aclose()
         raise
     pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings))
-    app.state.services = Services(settings, loaded, pipeline)
+    app.state.services = Services(settings, loaded, pipeline, SessionStore(settings.sessions))
     try:
         yield
     finally:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from orchestrator.errors import NotReady
 from orchestrator.pipeline import Pipeline
+from orchestrator.sessions import SessionStore
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
 
@@ -20,6 +21,7 @@ class Services:
     settings: Settings
     backends: Backends
     pipeline: Pipeline
+    sessions: SessionStore
 
 
 def get_services(request: Request) -> Services:

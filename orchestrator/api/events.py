@@ -110,17 +110,19 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-async def analyze_events(events: AsyncGenerator[PipelineEvent, None], request_id: str) -> AsyncGenerator[str, None]:
+async def analyze_events(
+    events: AsyncGenerator[PipelineEvent, None], request_id: str, session_id: str | None = None
+) -> AsyncGenerator[str, None]:
     """The analyze stream: each pipeline event as its SSE event; a failure as a last `error` event."""
     try:
         async with aclosing(events):
             async for event in events:
-                yield analyze_event(event, request_id)
+                yield analyze_event(event, request_id, session_id)
     except Exception as exc:
         yield sse(StreamErrorOut(error=error_body(exc, request_id), failure=None), "error")
 
 
-def analyze_event(event: PipelineEvent, request_id: str) -> str:
+def analyze_event(event: PipelineEvent, request_id: str, session_id: str | None = None) -> str:
     """One pipeline event as the analyze stream's SSE event (module docstring)."""
     match event:
         case RouteEvent(route=route):
@@ -136,7 +138,7 @@ def analyze_event(event: PipelineEvent, request_id: str) -> str:
             checked = arbitration_out(event.arbitration).model_dump()
             return sse(ArbitrationEventOut(**checked, answer=event.answer, replaced=event.replaced), "arbitration")
         case DoneEvent():
-            response = analyze_response(event.outcome, request_id).model_dump()
+            response = analyze_response(event.outcome, request_id, session_id).model_dump()
             return sse(AnalyzeStreamDone(**response, replaced=event.replaced), "done")
         case _:
             assert_never(event)

@@ -39,13 +39,14 @@ from vision_stage.errors import ImageTooLarge
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
-_FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format", "stream"})
+_FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format", "stream", "session_id"})
 M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
 class AnalyzeInputs:
-    image: bytes
+    image: bytes | None
+    """None when the request names a session instead (`options.session_id`)."""
     options: AnalyzeJsonRequest
     """The validated options; its image fields are cleared once `image` holds the bytes."""
     image_url: str | None = None
@@ -115,8 +116,11 @@ def image_fetcher(request: Request) -> ImageFetcher | None:
 
 async def _from_json(request: Request, max_image_bytes: int) -> AnalyzeInputs:
     options = validated(AnalyzeJsonRequest, _json_object(await request.body()))
-    if (options.image_base64 is None) == (options.image_url is None):
-        raise ImageMissing("give exactly one of `image_base64` and `image_url`")
+    given = [name for name in ("image_base64", "image_url", "session_id") if getattr(options, name) is not None]
+    if len(given) != 1:
+        raise ImageMissing("give exactly one of `image_base64`, `image_url` and `session_id`")
+    if options.session_id is not None:
+        return AnalyzeInputs(None, options)
     if options.image_base64 is not None:
         image = ImageInput(decode_base64(options.image_base64, max_image_bytes))
     else:
@@ -136,9 +140,9 @@ async def _from_form(request: Request, max_image_bytes: int) -> AnalyzeInputs:
         if unknown:
             raise ValidationFailed(f"unknown form fields: {', '.join(unknown)}; accepted: {sorted(_FORM_FIELDS)}")
         upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise ImageMissing("the form has no `image` file part")
-        image = await upload.read(max_image_bytes + 1)
+        if isinstance(upload, UploadFile) == ("session_id" in form):
+            raise ImageMissing("the form needs exactly one of an `image` file part and a `session_id` field")
+        image = await upload.read(max_image_bytes + 1) if isinstance(upload, UploadFile) else None
         options = validated(AnalyzeJsonRequest, {key: value for key, value in form.items() if key != "image"})
     finally:
         await form.close()

@@ -4,15 +4,18 @@ image (routing the question meanwhile), and know the request's id and the output
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from fastapi import Request
 
-from orchestrator.analysis import Routed
+from orchestrator.analysis import PipelineEvent, Routed, VisionEvent
 from orchestrator.answer_json import ResponseFormat
 from orchestrator.api.deps import Services
 from orchestrator.errors import ValidationFailed
 from orchestrator.output_filter import OutputFilter
 from orchestrator.routing import RequestedMode
+from orchestrator.sessions import Session, SessionStore
 from orchestrator.settings import LimitSettings
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage
@@ -59,6 +62,25 @@ async def decode_and_route(
 
 def request_id(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
+
+
+def session_owner(request: Request) -> str:
+    """Who a session belongs to: the API key's id, or the client's address when no keys are configured."""
+    state = request.scope.get("state", {})
+    if state.get("key_id"):
+        return f"key:{state['key_id']}"
+    return f"client:{request.client.host if request.client else '-'}"
+
+
+async def remembered(
+    sessions: SessionStore, session: Session, events: AsyncGenerator[PipelineEvent, None]
+) -> AsyncGenerator[PipelineEvent, None]:
+    """`events`, keeping the vision stage's description in `session` as it passes."""
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, VisionEvent):
+                sessions.remember(session, event.vision)
+            yield event
 
 
 def output_filter(services: Services) -> OutputFilter:

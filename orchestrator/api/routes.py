@@ -10,12 +10,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis import AnalyzeInput
+from orchestrator.analysis import AnalyzeInput, Routed
 from orchestrator.api import legacy
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.events import analyze_events, event_stream, started
-from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
-from orchestrator.api.intake import checked_question, decode_and_route, output_filter, request_id
+from orchestrator.api.inputs import AnalyzeInputs, read_analyze_request, read_image_url, read_json_request
+from orchestrator.api.intake import (
+    checked_question,
+    decode_and_route,
+    output_filter,
+    remembered,
+    request_id,
+    session_owner,
+)
 from orchestrator.api.openai_compat import (
     SSE_DONE,
     STREAM_EVENTS,
@@ -44,6 +51,7 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.output_filter import filtered_events
 from orchestrator.resilience.backends import endpoint_statuses
+from orchestrator.sessions import Session
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
 
@@ -203,6 +211,10 @@ def _readiness(backend: VisionBackend | ReasoningBackend, ok: bool, detail: str)
     response_model=AnalyzeResponse,
     responses={
         **ERROR_RESPONSES,
+        404: {
+            "model": ErrorResponse,
+            "description": "A `session_id` with no live session for this caller (`session_not_found`)",
+        },
         200: _event_stream(
             "The answer; with `stream: true`, the analysis as events", _ANALYZE_EVENTS, _named_events(_ANALYZE_EVENTS)
         ),
@@ -212,24 +224,40 @@ def _readiness(backend: VisionBackend | ReasoningBackend, ok: bool, detail: str)
     description="Multipart (`image` file, `question`, `mode`, `profile`, `response_format`, `stream`) or JSON "
     "(`image_base64` or a `data:` or http(s) `image_url`, `question`, `mode`, `profile`, `response_format`, "
     "`stream`). With `stream: true` the answer is a stream of server-sent events, which starts once the vision stage "
-    "has answered.",
+    "has answered. Every answer carries a `session_id`: send it instead of the image to ask about the same image "
+    "again.",
 )
 async def analyze(request: Request, services: ServicesDep) -> Response | AnalyzeResponse:
     limits = services.settings.limits
     inputs = await read_analyze_request(request, limits.max_image_bytes)
     options = inputs.options
     question = checked_question(options.question, limits)
-    image, routed = await decode_and_route(services, inputs.image, question, options.mode, options.response_format)
+    session, routed = await _session_and_route(request, services, inputs, question)
     analysis = AnalyzeInput(
-        image, question, mode=options.mode, profile=options.profile, response_format=options.response_format,
-        image_url=inputs.image_url,
+        session.image, question, mode=options.mode, profile=options.profile, response_format=options.response_format,
+        image_url=session.image_url, description=session.description,
     )  # fmt: skip
     answers = output_filter(services)
     if options.stream:
-        events = await started(services.pipeline.stream(analysis, routed))
-        return event_stream(analyze_events(filtered_events(events, answers), request_id(request)))
+        events = remembered(services.sessions, session, services.pipeline.stream(analysis, routed))
+        events = await started(events)
+        return event_stream(analyze_events(filtered_events(events, answers), request_id(request), session.id))
     outcome = await services.pipeline.run(analysis, routed)
-    return analyze_response(answers.outcome(outcome), request_id(request))
+    services.sessions.remember(session, outcome.vision)
+    return analyze_response(answers.outcome(outcome), request_id(request), session.id)
+
+
+async def _session_and_route(
+    request: Request, services: ServicesDep, inputs: AnalyzeInputs, question: str
+) -> tuple[Session, Routed]:
+    """The request's session — the one it names, or a new one for its image — and the question's route."""
+    options = inputs.options
+    owner = session_owner(request)
+    if inputs.image is None:
+        session = services.sessions.get(options.session_id or "", owner)
+        return session, await services.pipeline.route(question, options.mode, options.response_format)
+    image, routed = await decode_and_route(services, inputs.image, question, options.mode, options.response_format)
+    return services.sessions.open(owner, image, inputs.image_url), routed
 
 
 @api.post(

@@ -22,7 +22,8 @@ EXAMPLE_IMAGE_URL = f"data:image/png;base64,{EXAMPLE_IMAGE_BASE64}"
 
 
 class AnalyzeJsonRequest(BaseModel):
-    """The JSON form of `POST /v1/analyze`: exactly one of `image_base64` and `image_url` (a `data:` or http(s) URL)."""
+    """The JSON form of `POST /v1/analyze`: exactly one of `image_base64`, `image_url` (a `data:` or http(s) URL) and
+    `session_id` (a follow-up about an earlier request's image)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -44,6 +45,12 @@ class AnalyzeJsonRequest(BaseModel):
         default=None,
         description="A `data:image/...;base64,...` URL, or an http(s) URL where this deployment fetches them "
         "(otherwise 400 `image_url_not_supported`).",
+    )
+    session_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A follow-up question about the image of an earlier answer (its `session_id`), sent instead of "
+        "the image: the kept image, and its description on the reasoning route, are reused.",
     )
     mode: RequestedMode = Field(default="auto", description="`auto` lets the router decide; the others force it.")
     profile: Profile = "general"
@@ -184,6 +191,9 @@ class FailureOut(BaseModel):
 
 class AnalyzeResponse(BaseModel):
     request_id: str
+    session_id: str | None = Field(
+        description="Send it instead of the image to ask about the same image again (`/v1/analyze`; null elsewhere)."
+    )
     answer: str
     answer_fields: dict[str, Any] | None = Field(
         description="With `response_format: json`, the answer's parsed fields; null for text answers or unparseable "
@@ -271,10 +281,11 @@ class AnalyzeStreamDone(AnalyzeResponse):
     )
 
 
-def analyze_response(outcome: AnalyzeOutcome, request_id: str) -> AnalyzeResponse:
+def analyze_response(outcome: AnalyzeOutcome, request_id: str, session_id: str | None = None) -> AnalyzeResponse:
     reasoning = outcome.reasoning
     return AnalyzeResponse(
         request_id=request_id,
+        session_id=session_id,
         answer=outcome.answer,
         answer_fields=outcome.answer_fields,
         mode=outcome.mode,

@@ -1,0 +1,84 @@
+"""Follow-up questions about an image by `session_id`, without sending it again."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from orchestrator.api.app import create_app
+from orchestrator.errors import SessionNotFound
+from orchestrator.sessions import SessionStore
+from orchestrator.settings import SessionSettings, Settings
+from orchestrator.wiring import Backends
+from tests.fakes import FakeReasoning, FakeVision
+from tests.images import decoded, png_bytes
+
+IMAGE = base64.b64encode(png_bytes()).decode()
+
+
+def ask(client: TestClient, headers: dict[str, str] | None = None, **body: Any) -> tuple[int, dict[str, Any]]:
+    response = client.post("/v1/analyze", json=body, headers=headers or {})
+    return response.status_code, response.json()
+
+
+def test_a_follow_up_reuses_the_image_and_on_the_reasoning_route_its_description() -> None:
+    vision = FakeVision()
+    with TestClient(create_app(Settings(), Backends(vision, FakeReasoning()))) as client:
+        status, first = ask(client, question="Why is the total 54.06?", image_base64=IMAGE, mode="reasoning")
+        assert status == 200
+        session = first["session_id"]
+        status, follow_up = ask(client, question="Is the total reasonable?", session_id=session, mode="reasoning")
+        assert status == 200, follow_up
+        assert [r.task for r in vision.requests] == ["describe"]  # the description was reused
+        assert follow_up["session_id"] == session
+        assert follow_up["vision"]["description"] == first["vision"]["description"]
+        status, direct = ask(client, question="What is the total?", session_id=session, mode="vision")
+    assert status == 200
+    assert [r.task for r in vision.requests] == ["describe", "answer"]  # a direct answer is the question's own
+    assert vision.requests[1].image.sha256 == vision.requests[0].image.sha256
+    assert vision.requests[1].question == "What is the total?"
+    assert direct["mode"] == "vision_only"
+
+
+def test_a_follow_up_works_from_a_form_and_in_a_stream() -> None:
+    with TestClient(create_app(Settings(), Backends(FakeVision(), FakeReasoning()))) as client:
+        files = {"image": ("x.png", png_bytes(), "image/png")}
+        session = client.post("/v1/analyze", files=files, data={"question": "What is it?"}).json()["session_id"]
+        form = client.post("/v1/analyze", files={"session_id": (None, session), "question": (None, "And the total?")})
+        assert form.status_code == 200, form.json()
+        stream = client.post("/v1/analyze", json={"question": "Total?", "session_id": session, "stream": True})
+    done = [line for line in stream.text.split("\n\n") if line.startswith("event: done")]
+    assert json.loads(done[0].split("data: ", 1)[1])["session_id"] == session
+
+
+def test_an_unknown_foreign_or_ambiguous_session_is_refused_clearly() -> None:
+    settings = Settings(api_keys=SecretStr("key-a,key-b"))
+    with TestClient(create_app(settings, Backends(FakeVision(), FakeReasoning()))) as client:
+        a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+        session = ask(client, a, question="What is it?", image_base64=IMAGE)[1]["session_id"]
+        assert ask(client, a, question="And now?", session_id=session)[0] == 200
+        status, body = ask(client, b, question="And now?", session_id=session)  # another key's session
+        assert (status, body["error"]["type"]) == (404, "session_not_found")
+        status, body = ask(client, a, question="And now?", session_id="no-such-session")
+        assert (status, body["error"]["type"]) == (404, "session_not_found")
+        status, body = ask(client, a, question="Which?", session_id=session, image_base64=IMAGE)
+        assert (status, body["error"]["type"]) == (400, "image_missing")
+
+
+def test_sessions_expire_and_the_least_recently_used_go_first() -> None:
+    store = SessionStore(SessionSettings(ttl_s=0.05, max_sessions=2))
+    first = store.open("me", decoded(), None)
+    second = store.open("me", decoded(), None)
+    store.get(first.id, "me")  # first is now the most recently used
+    store.open("me", decoded(), None)  # evicts second
+    with pytest.raises(SessionNotFound):
+        store.get(second.id, "me")
+    time.sleep(0.06)
+    with pytest.raises(SessionNotFound, match="expired"):
+        store.get(first.id, "me")
