@@ -132,3 +132,29 @@ async def test_the_request_id_goes_to_the_remote_stage() -> None:
         await backend.generate(ReasoningRequest((ChatMessage("user", "hi"),)))
     assert result.text == "fine"
     assert seen == ["req-7", None]
+
+
+def test_the_app_serves_metrics_and_keeps_a_sane_incoming_request_id() -> None:
+    from orchestrator.api.app import create_app
+    from orchestrator.settings import Settings
+    from orchestrator.wiring import Backends
+    from tests.fakes import FakeReasoning, FakeVision
+    from tests.images import png_bytes
+
+    files = {"image": ("x.png", png_bytes(), "image/png")}
+    with TestClient(create_app(Settings(), Backends(FakeVision(), FakeReasoning()))) as client:
+        answered = client.post(
+            "/v1/analyze", files=files, data={"question": "Why?", "profile": "legal"}, headers={"X-Request-ID": "t-1"}
+        )
+        refused = client.post("/v1/analyze", data={"question": "Why?"}, headers={"X-Request-ID": "bad id!"})
+        text = client.get("/metrics").text
+    assert answered.headers["x-request-id"] == "t-1"
+    assert answered.json()["request_id"] == "t-1"
+    assert refused.headers["x-request-id"] != "bad id!"
+    assert (
+        'orchestrator_requests_total{endpoint="POST /v1/analyze",mode="vision_then_reasoning",outcome="ok",'
+        'profile="legal"} 1.0' in text
+    )
+    assert 'outcome="unsupported_media_type"' in text  # a form without a file is not multipart
+    assert 'orchestrator_stage_seconds_count{backend="fake:fake-vision",stage="vision"} 1.0' in text
+    assert 'orchestrator_arbitration_total{status="' in text
