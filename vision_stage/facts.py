@@ -88,7 +88,7 @@ def dominant_colors(pixels: Image.Image, *, max_colors: int = 4, min_fraction: f
     The hex value of a merged colour is the pixel-weighted mean of the palette entries that share its name.
     """
     thumbnail = _sample(pixels.convert("RGB"))
-    palette_image = thumbnail.quantize(colors=max(2, 2 * max_colors), method=Image.Quantize.MEDIANCUT)
+    palette_image = thumbnail.quantize(colors=max(2, 2 * max_colors), method=Image.Quantize.FASTOCTREE)
     counts = _palette_counts(palette_image)
     total = sum(count for count, _ in counts)
     groups: dict[str, list[tuple[int, RGB]]] = {}
