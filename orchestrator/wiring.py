@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from orchestrator.cache import CachedVision, build_store
 from orchestrator.logs import stage_headers
@@ -123,13 +123,7 @@ def _vision_loader(settings: VisionSettings, base_url: str) -> Callable[[], Awai
             from vision_stage.remote import RemoteVisionBackend
 
             return await RemoteVisionBackend.load(
-                base_url=base_url,
-                model=_required(settings.model),
-                api_key=_secret(settings),
-                timeout_s=settings.timeout_s,
-                connect_timeout_s=settings.connect_timeout_s,
-                first_byte_timeout_s=settings.first_byte_timeout_s,
-                headers=stage_headers,
+                **_remote_call(settings, base_url),
                 thinking=settings.thinking,
                 max_new_tokens=settings.max_new_tokens,
                 pass_image_urls=settings.pass_image_urls,
@@ -154,15 +148,7 @@ def _reasoning_loader(settings: ReasoningSettings, base_url: str) -> Callable[[]
         if settings.backend == "remote":
             from reasoning_stage.remote import RemoteReasoningBackend
 
-            return await RemoteReasoningBackend.load(
-                base_url=base_url,
-                model=_required(settings.model),
-                api_key=_secret(settings),
-                timeout_s=settings.timeout_s,
-                connect_timeout_s=settings.connect_timeout_s,
-                first_byte_timeout_s=settings.first_byte_timeout_s,
-                headers=stage_headers,
-            )
+            return await RemoteReasoningBackend.load(**_remote_call(settings, base_url))
         from reasoning_stage.local import LocalReasoningBackend
 
         return await LocalReasoningBackend.load(
@@ -186,6 +172,30 @@ async def build_router(settings: RouterSettings) -> Router:
 def _load_embedding_router(settings: RouterSettings) -> EmbeddingRouter:
     return EmbeddingRouter.build(
         shared_embedder(), load_prototypes(), settings.threshold, cache_size=settings.cache_size
+    )
+
+
+class _RemoteCall(TypedDict):
+    """What every `remote` backend's `load` takes: where, which model, the key, the timeouts, the request id."""
+
+    base_url: str
+    model: str
+    api_key: str | None
+    timeout_s: float
+    connect_timeout_s: float
+    first_byte_timeout_s: float
+    headers: Callable[[], Mapping[str, str]]
+
+
+def _remote_call(settings: VisionSettings | ReasoningSettings, base_url: str) -> _RemoteCall:
+    return _RemoteCall(
+        base_url=base_url,
+        model=_required(settings.model),
+        api_key=_secret(settings),
+        timeout_s=settings.timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        first_byte_timeout_s=settings.first_byte_timeout_s,
+        headers=stage_headers,
     )
 
 
