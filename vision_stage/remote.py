@@ -19,7 +19,7 @@ Errors are translated in `translate_error` (foreign exceptions) and `_finish_rea
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
 | connection refused or reset, DNS failure, timeout               | `VisionUnavailable`; `retryable` False   |
-|                                                                 | once a chunk had arrived                 |
+|                                                                 | once text of the answer had arrived      |
 | HTTP 408, 429 or 5xx                                            | `VisionUnavailable`, `retry_after_s`     |
 |                                                                 | from `Retry-After` (seconds or a date)   |
 | other HTTP 4xx (bad request, context too long, unknown model)   | `VisionRejected`                         |
@@ -229,11 +229,11 @@ class RemoteVisionBackend:
                     return await _collect(stream, self._where, progress)
         except TimeoutError as exc:
             raise VisionUnavailable(
-                f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chunks
+                f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
             ) from exc
         except (OpenAIError, ValueError) as exc:  # ValueError: an event that is not JSON, or not UTF-8
             error = translate_error(exc, self._where)
-            if progress.chunks and isinstance(error, VisionUnavailable):
+            if progress.chars and isinstance(error, VisionUnavailable):
                 error = VisionUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
             raise error from exc
 
@@ -300,12 +300,10 @@ class _Progress:
     """How much of the answer has arrived; more than `max_chars` is `VisionInvalidOutput`."""
 
     def __init__(self, max_chars: int) -> None:
-        self.chunks = 0
         self.chars = 0
         self._max_chars = max_chars
 
     def add(self, *texts: str, where: str) -> None:
-        self.chunks += 1
         self.chars += sum(len(text) for text in texts)
         if self.chars > self._max_chars:
             raise VisionInvalidOutput(f"{where} sent more than {self._max_chars} characters: max_tokens ignored?")
