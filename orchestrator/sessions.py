@@ -6,8 +6,9 @@ the reasoning route reuses instead of asking the vision stage again (a vision-on
 stage, about the kept image, since its answer is the question's). A session belongs to the API key that opened it
 (to the client address when no keys are configured): another caller's session id is unknown to it.
 
-Sessions live in this process's memory: at most `max_sessions` (the least recently used go first), each for `ttl_s`
-after its last use. With several replicas, route a session's requests to the same replica, or send the image again.
+Sessions live in this process's memory: at most `max_sessions`, holding at most `max_bytes` of images (decoded pixels
+and uploaded bytes; the least recently used go first), each for `ttl_s` after its last use. With several replicas,
+route a session's requests to the same replica, or send the image again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SessionStore:
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
         self._sessions: OrderedDict[str, tuple[float, Session]] = OrderedDict()
+        self._bytes = 0
 
     def open(self, owner: str, image: DecodedImage, image_url: str | None) -> Session:
         session = Session(secrets.token_urlsafe(18), owner, image, image_url, None)
@@ -49,6 +51,7 @@ class SessionStore:
         if entry is None or entry[1].owner != owner or entry[0] <= time.monotonic():
             if entry is not None and entry[0] <= time.monotonic():
                 del self._sessions[session_id]
+                self._bytes -= _size(entry[1])
             raise SessionNotFound(
                 f"no session {session_id!r}: it expired ({self._settings.ttl_s:g} s after its last use), was "
                 "evicted, or was never opened by this caller; send the image again"
@@ -66,7 +69,18 @@ class SessionStore:
         return updated
 
     def _put(self, session: Session) -> None:
+        previous = self._sessions.pop(session.id, None)
+        if previous is not None:
+            self._bytes -= _size(previous[1])
         self._sessions[session.id] = (time.monotonic() + self._settings.ttl_s, session)
-        self._sessions.move_to_end(session.id)
-        while len(self._sessions) > self._settings.max_sessions:
-            self._sessions.popitem(last=False)
+        self._bytes += _size(session)
+        limits = self._settings
+        while len(self._sessions) > limits.max_sessions or (self._bytes > limits.max_bytes and len(self._sessions) > 1):
+            _, (_, evicted) = self._sessions.popitem(last=False)
+            self._bytes -= _size(evicted)
+
+
+def _size(session: Session) -> int:
+    """What a session's image holds in memory: its decoded pixels and the uploaded bytes kept with them."""
+    image = session.image
+    return image.width * image.height * len(image.pixels.getbands()) + len(image.source or b"")

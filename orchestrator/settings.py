@@ -245,7 +245,9 @@ class SessionSettings(_Section):
     ttl_s: float = Field(default=1800.0, gt=0)
     """How long a session lives after its last use."""
     max_sessions: int = Field(default=1000, ge=1)
-    """Kept in memory, decoded images included: the least recently used go first."""
+    """Kept in memory, decoded images included: the least recently used go first…"""
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """…and so they go while the kept images (decoded pixels plus uploaded bytes) take more than this."""
 
 
 class Settings(BaseSettings):

@@ -82,3 +82,15 @@ def test_sessions_expire_and_the_least_recently_used_go_first() -> None:
     time.sleep(0.06)
     with pytest.raises(SessionNotFound, match="expired"):
         store.get(first.id, "me")
+
+
+def test_kept_images_stay_within_the_byte_budget() -> None:
+    image = decoded((100, 100))  # 30,000 bytes of pixels, plus its PNG
+    store = SessionStore(SessionSettings(max_bytes=70_000))
+    first = store.open("me", image, None)
+    second = store.open("me", image, None)
+    third = store.open("me", image, None)  # over the budget: the least recently used goes
+    with pytest.raises(SessionNotFound):
+        store.get(first.id, "me")
+    assert store.get(second.id, "me").image is image
+    assert store.get(third.id, "me").image is image
