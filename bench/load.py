@@ -45,7 +45,8 @@ from PIL import Image, ImageDraw
 from reasoning_stage.errors import ReasoningError
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
-from tests.faulty_server import MODES, Faults, FaultyServer, Mode, unused_port
+from tests.faulty_server import MODES, Faults, FaultyServer, Mode
+from tests.servers import unused_port
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.remote import RemoteVisionBackend
 from vision_stage.types import DecodedImage, VisionRequest

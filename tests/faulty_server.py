@@ -48,7 +48,6 @@ import asyncio
 import itertools
 import json
 import random
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -63,7 +62,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from tests.servers import RunningServer, serving
+from tests.servers import RunningServer, serving, unused_port
 from vision_stage.prompts import parse_task_prompt
 
 Mode = Literal["ok", "status_500", "status_503", "status_429", "hang_before_headers", "hang_after_headers",
@@ -359,14 +358,6 @@ def running(server: FaultyServer) -> Iterator[RunningServer]:
             yield live
         finally:
             server.release()
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on (free when asked; nothing keeps it free)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def refused_base_url() -> str:

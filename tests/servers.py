@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,14 @@ class RunningServer:
     def base_url(self) -> str:
         """The OpenAI client's `base_url`."""
         return f"{self.url}/v1"
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (free when asked; nothing keeps it free)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,19 +27,13 @@ import pytest
 from orchestrator.audit import AuditLog
 from tests.faulty_server import FaultyServer, running
 from tests.images import png_bytes
-from tests.servers import data_url
+from tests.servers import data_url, unused_port
 
 KEY = "audit-kill-test-key-0123"
 WORKERS = 8
 TARGET = 200
 """Completed requests to wait for (at most 15 s) before the kill: the log then holds many group commits."""
 AT_LEAST = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_orchestrator(vision_url: str, audit_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -91,7 +84,7 @@ def drive(url: str, completed: list[str], stop: threading.Event) -> None:
 
 def test_every_completed_request_is_in_the_log_after_a_sigkill(tmp_path: Path) -> None:
     audit_path = tmp_path / "audit.jsonl"
-    port = free_port()
+    port = unused_port()
     url = f"http://127.0.0.1:{port}"
     completed: list[str] = []
     stop = threading.Event()

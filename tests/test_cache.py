@@ -21,6 +21,7 @@ from orchestrator.cache import CachedVision, MemoryStore, RedisStore, cache_key,
 from orchestrator.settings import CacheSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
+from tests.servers import unused_port
 from vision_stage.errors import VisionUnavailable
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage, VisionFallback, VisionRequest, VisionResult
@@ -139,18 +140,12 @@ def test_the_response_says_when_the_cache_answered() -> None:
 # --- Redis -------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (`make test` installs it)")
-    port = free_port()
+    port = unused_port()
     server = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.servers import unused_port
+
 RECEIPT = Path(__file__).resolve().parent / "fixtures" / "receipt.png"
 pytestmark = pytest.mark.slow
 
@@ -24,13 +25,6 @@ class Server:
     url: str
     process: subprocess.Popen[str]
     log: list[str] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_ready(server: Server, timeout_s: float) -> None:
@@ -49,7 +43,7 @@ def wait_ready(server: Server, timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def server(embedded_model_cache: Path) -> Iterator[Server]:
-    port = free_port()
+    port = unused_port()
     env = {
         **os.environ,
         "ORCH_REASONING__CACHE_DIR": str(embedded_model_cache),

@@ -32,9 +32,8 @@ from orchestrator.fetch import AllowList, ImageFetcher, refusal
 from orchestrator.settings import FetchSettings, LimitSettings, RateLimitSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
-from tests.faulty_server import unused_port
 from tests.images import png_bytes
-from tests.servers import RunningServer, image_message, serving
+from tests.servers import RunningServer, image_message, serving, unused_port
 from vision_stage.errors import ImageTooLarge
 
 PNG = png_bytes()

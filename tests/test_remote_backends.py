@@ -4,7 +4,6 @@ real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import io
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,7 @@ from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningRejected, Re
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest, ReasoningResult
 from tests.images import decoded, image_bytes
-from tests.servers import serving
+from tests.servers import serving, unused_port
 from tests.vllm_fake import FakeVllm, Recorded, decode_data_url, recorded, vllm_stream
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import VisionInvalidOutput, VisionRejected, VisionUnavailable
@@ -498,9 +497,7 @@ async def test_over_loopback_http_both_backends_stream_errors_and_health() -> No
 
 
 async def test_over_loopback_a_closed_port_is_unavailable() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = unused_port()
     backend = await RemoteReasoningBackend.load(base_url=f"http://127.0.0.1:{port}/v1", model=LLM_MODEL, timeout_s=5)
     try:
         with pytest.raises(ReasoningUnavailable, match="could not be reached"):
