@@ -14,12 +14,17 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from orchestrator import audit
+from orchestrator.api.app import create_app
 from orchestrator.logs import JsonFormatter, accepted_request_id, request_id, stage_headers
 from orchestrator.metrics import Metrics, MetricsMiddleware, StateCollector
 from orchestrator.resilience.breaker import BreakerState
 from orchestrator.resilience.stage import EndpointStatus
+from orchestrator.settings import Settings
+from orchestrator.wiring import Backends
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
+from tests.fakes import FakeReasoning, FakeVision
+from tests.images import png_bytes
 from tests.vllm_fake import vllm_stream
 
 
@@ -135,12 +140,6 @@ async def test_the_request_id_goes_to_the_remote_stage() -> None:
 
 
 def test_the_app_serves_metrics_and_keeps_a_sane_incoming_request_id() -> None:
-    from orchestrator.api.app import create_app
-    from orchestrator.settings import Settings
-    from orchestrator.wiring import Backends
-    from tests.fakes import FakeReasoning, FakeVision
-    from tests.images import png_bytes
-
     files = {"image": ("x.png", png_bytes(), "image/png")}
     with TestClient(create_app(Settings(), Backends(FakeVision(), FakeReasoning()))) as client:
         answered = client.post(
