@@ -12,7 +12,8 @@ the block closes; `stream` passes such text through, and `generate` moves what p
 The last delta carries the finish reason and the token counts of the server's final usage chunk; a server that sends
 no usage gives `None` there, which `generate` reports as 0 tokens.
 
-Errors are translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict):
+The request and the stream go through `stage_client.ChatClient`, which checks each chunk's shape. Errors are
+translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict):
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
@@ -41,27 +42,12 @@ Every message names the backend, the server's base URL and the model.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal
 
 import httpx
-from openai import (
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    APITimeoutError,
-    AsyncOpenAI,
-    AsyncStream,
-    OpenAIError,
-    Timeout,
-)
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
-from openai.types.chat.chat_completion_chunk import Choice
 
 from reasoning_stage.backend import Health
 from reasoning_stage.errors import (
@@ -72,42 +58,33 @@ from reasoning_stage.errors import (
     ReasoningUnavailable,
 )
 from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
+from stage_client import ChatClient, Chunk, StageHttpError, classify
 
-if TYPE_CHECKING:
-    import httpx2
-
-NO_API_KEY = "EMPTY"
-"""Sent when no key is configured: vLLM and SGLang accept any key unless started with one."""
 HEALTH_TIMEOUT_S = 10.0
-RETRYABLE_STATUSES = frozenset({408, 429})
-"""With every 5xx: the statuses that mean "not now" rather than "not this request"."""
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MAX_CHARS_PER_TOKEN = 32
 """A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
 
 
 class RemoteReasoningBackend:
-    """The `remote` reasoning backend over an `AsyncOpenAI` client (built by `load`, or injected)."""
+    """The `remote` reasoning backend over a `stage_client.ChatClient` (built by `load`, or injected)."""
 
     name = "remote"
 
     def __init__(
         self,
-        client: AsyncOpenAI,
+        client: ChatClient,
         *,
         base_url: str,
         model: str,
         timeout_s: float = 120.0,
         headers: Callable[[], Mapping[str, str]] | None = None,
-        owns_client: bool = True,
     ) -> None:
         self.model = model
-        self._headers = headers
         self.base_url = base_url
+        self._headers = headers
         self._timeout_s = timeout_s
         self._client = client
-        self._base_url = base_url
-        self._owns_client = owns_client
         self._closed = False
         self._where = f"the remote reasoning backend ({base_url}, model {model!r})"
 
@@ -125,28 +102,20 @@ class RemoteReasoningBackend:
         http_client: httpx.AsyncClient | None = None,
     ) -> RemoteReasoningBackend:
         """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
-        to the caller (`max_retries=0`).
+        to the caller.
 
         `headers` gives extra headers for each request (the orchestrator sends its request id). `http_client` (tests,
         custom transports) is used as is and never closed by `aclose`."""
         if httpx.URL(base_url).scheme not in ("http", "https"):
             raise ValueError(f"the remote reasoning backend needs an http(s) base URL, got {base_url!r}")
-        client = AsyncOpenAI(
-            base_url=base_url,
-            api_key=api_key or NO_API_KEY,
-            timeout=Timeout(first_byte_timeout_s, connect=connect_timeout_s),
-            max_retries=0,
-            # openai 3 is typed for httpx2 but takes an httpx.AsyncClient too (its `_httpx2` compatibility shims)
-            http_client=cast("httpx2.AsyncClient | None", http_client),
+        client = ChatClient(
+            base_url,
+            api_key=api_key,
+            connect_timeout_s=connect_timeout_s,
+            first_byte_timeout_s=first_byte_timeout_s,
+            http_client=http_client,
         )
-        return cls(
-            client,
-            base_url=base_url,
-            model=model,
-            timeout_s=timeout_s,
-            headers=headers,
-            owns_client=http_client is None,
-        )
+        return cls(client, base_url=base_url, model=model, timeout_s=timeout_s, headers=headers)
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         """`stream` collected. Token counts are 0 when the server sent no usage."""
@@ -179,19 +148,17 @@ class RemoteReasoningBackend:
             raise ReasoningUnavailable(f"{self._where} is closed")
         deadline = asyncio.get_running_loop().time() + self._timeout_s
         progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * request.max_new_tokens)
+        body = {
+            "model": self.model,
+            "messages": [_message(message) for message in request.messages],
+            "temperature": request.temperature,
+            "max_tokens": request.max_new_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        chunks = self._client.chunks(body, self._headers() if self._headers else None)
         try:
-            async with asyncio.timeout_at(deadline):
-                stream = await self._client.chat.completions.create(
-                    model=self.model,
-                    messages=[_message(message) for message in request.messages],
-                    temperature=request.temperature,
-                    max_tokens=request.max_new_tokens,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    extra_headers=dict(self._headers()) if self._headers else None,
-                )
-            async with stream, aclosing(_deltas(stream, self._where)) as deltas:
-                _check_event_stream(stream.response.headers.get("content-type", ""), self._where)
+            async with aclosing(chunks), aclosing(_deltas(chunks, self._where)) as deltas:
                 while True:
                     async with asyncio.timeout_at(deadline):  # the read only: never around the consumer's time
                         delta = await anext(deltas, None)
@@ -203,7 +170,7 @@ class RemoteReasoningBackend:
             raise ReasoningUnavailable(
                 f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
             ) from exc
-        except (OpenAIError, ValueError) as exc:  # ValueError: an event that is not JSON, or not UTF-8
+        except StageHttpError as exc:
             error = translate_error(exc, self._where)
             if progress.chars and isinstance(error, ReasoningUnavailable):
                 error = ReasoningUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
@@ -214,20 +181,18 @@ class RemoteReasoningBackend:
         if self._closed:
             return Health(ok=False, detail="closed")
         try:
-            page = await self._client.models.list(timeout=HEALTH_TIMEOUT_S)
-            served = [str(getattr(entry, "id", "")) for entry in page.data]
+            served = await self._client.model_ids(HEALTH_TIMEOUT_S)
         except Exception as exc:  # health reports every failure, whatever raised it
-            error = translate_error(exc, self._where) if isinstance(exc, OpenAIError) else exc
+            error = translate_error(exc, self._where) if isinstance(exc, StageHttpError) else exc
             return Health(ok=False, detail=f"{type(error).__name__}: {error}")
         if self.model not in served:
             return Health(ok=False, detail=f"{self._where} is up but serves only: {', '.join(served) or 'nothing'}")
-        return Health(ok=True, detail=f"{self._base_url} serves {self.model!r}")
+        return Health(ok=True, detail=f"{self.base_url} serves {self.model!r}")
 
     async def aclose(self) -> None:
-        """Close the client, unless its HTTP client was injected (the injector closes that)."""
+        """Close the client (its HTTP client too, unless that was injected)."""
         self._closed = True
-        if self._owns_client:
-            await self._client.close()
+        await self._client.aclose()
 
 
 class _Progress:
@@ -243,79 +208,30 @@ class _Progress:
             raise ReasoningInvalidOutput(f"{where} sent more than {self._max_chars} characters: max_tokens ignored?")
 
 
-def _message(message: ChatMessage) -> ChatCompletionMessageParam:
-    if message.role == "system":
-        return {"role": "system", "content": message.content}
-    if message.role == "assistant":
-        return {"role": "assistant", "content": message.content}
-    return {"role": "user", "content": message.content}
+def _message(message: ChatMessage) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}
 
 
-def _check_event_stream(content_type: str, where: str) -> None:
-    if not content_type.lower().startswith("text/event-stream"):
-        shown = content_type or "no content type"
-        raise ReasoningInvalidOutput(f"{where} answered a streaming request with {shown!r}, not text/event-stream")
-
-
-async def _deltas(stream: AsyncStream[ChatCompletionChunk], where: str) -> AsyncGenerator[ReasoningDelta, None]:
-    """The stream as deltas, ending with the finish reason and usage; no chunk, or no finish reason (a stream cut
-    mid-answer), is `ReasoningInvalidOutput` after the deltas already yielded."""
+async def _deltas(chunks: AsyncIterator[Chunk], where: str) -> AsyncGenerator[ReasoningDelta, None]:
+    """The chunks as deltas, ending with the finish reason and usage (the client raises on an empty or cut stream,
+    after the deltas already yielded)."""
     splitter = _ThinkSplitter()
-    finish: FinishReason | None = None
+    finish: FinishReason = "stop"
     usage: tuple[int | None, int | None] = (None, None)
-    chunks = 0
-    async for chunk in stream:
-        chunks += 1
-        choice = _first_choice(chunk, where)
-        usage = _usage(chunk) or usage
-        if choice is None:  # the usage chunk
+    async for chunk in chunks:
+        usage = chunk.usage or usage
+        if not chunk.choice:  # the usage chunk
             continue
-        text, thinking = splitter.feed(_text(getattr(choice.delta, "content", None)))
-        thinking = _reasoning(choice) + thinking
+        text, thinking = splitter.feed(chunk.content)
+        thinking = chunk.reasoning + thinking
         if text or thinking:
             yield ReasoningDelta(text=text, thinking=thinking)
-        if isinstance(choice.finish_reason, str):
-            finish = _finish_reason(choice.finish_reason, where)
-    if chunks == 0:
-        raise ReasoningInvalidOutput(f"{where} sent an empty stream")
-    if finish is None:
-        raise ReasoningInvalidOutput(f"{where} ended the stream without a finish_reason: the answer was cut off")
+        if chunk.finish_reason is not None:
+            finish = _finish_reason(chunk.finish_reason, where)
     text, thinking = splitter.flush()
     if text or thinking:
         yield ReasoningDelta(text=text, thinking=thinking)
     yield ReasoningDelta(finish_reason=finish, prompt_tokens=usage[0], completion_tokens=usage[1])
-
-
-def _first_choice(chunk: object, where: str) -> Choice | None:
-    choices = getattr(chunk, "choices", None)
-    if not isinstance(chunk, ChatCompletionChunk) or not isinstance(choices, list):
-        raise ReasoningInvalidOutput(f"{where} sent a chunk without choices: {_clip(chunk)}")
-    if not choices:
-        return None
-    if not isinstance(choices[0], Choice):
-        raise ReasoningInvalidOutput(f"{where} sent a malformed choice: {_clip(choices[0])}")
-    return choices[0]
-
-
-def _usage(chunk: ChatCompletionChunk) -> tuple[int | None, int | None] | None:
-    """(prompt, completion) tokens of a chunk carrying usage; counts that are not integers read as None."""
-    usage = chunk.usage
-    if usage is None:
-        return None
-    return _count(getattr(usage, "prompt_tokens", None)), _count(getattr(usage, "completion_tokens", None))
-
-
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _reasoning(choice: Choice) -> str:
-    """The delta's thinking: `reasoning_content` (vLLM up to 0.11, SGLang), else `reasoning` (newer vLLM)."""
-    return _text(getattr(choice.delta, "reasoning_content", None)) or _text(getattr(choice.delta, "reasoning", None))
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
 
 
 def _finish_reason(reason: str, where: str) -> FinishReason:
@@ -397,26 +313,18 @@ def _late_thinking(text: str) -> tuple[str, str]:
     return head.strip(), answer.strip()
 
 
-def translate_error(exc: Exception, where: str) -> ReasoningError:
-    """Map an exception of the `openai` client, or the `ValueError` of a stream event that is not JSON (or not
-    UTF-8), into the reasoning error tree."""
-    if isinstance(exc, APITimeoutError):
-        return ReasoningUnavailable(f"{where} did not answer in time")
-    if isinstance(exc, APIConnectionError):
-        cause = exc.__cause__
-        reason = f"{type(cause).__name__}: {cause}" if cause else exc.message
-        return ReasoningUnavailable(f"{where} could not be reached ({reason})")
-    if isinstance(exc, APIStatusError):
-        headers = exc.response.headers
-        known = _stage_error(exc.body, where)
-        if known is not None:
-            return known
-        return _status_error(exc.status_code, _detail(exc.body, exc.message), where, retry_after_s(headers))
-    if isinstance(exc, APIError):  # an error event inside a 200 stream
-        code = exc.body.get("code") if isinstance(exc.body, dict) else None
-        status = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
-        return _status_error(status, _detail(exc.body, exc.message), where, None, in_stream=True)
-    return ReasoningInvalidOutput(f"{where} sent a malformed stream ({type(exc).__name__}: {exc})")
+def translate_error(exc: StageHttpError, where: str) -> ReasoningError:
+    """Map a failure of the stage client into the reasoning error tree (`stage_client.classify` says what it
+    means)."""
+    failure = classify(exc)
+    own = STAGE_SERVER_CODES.get(failure.code or "")
+    if own is not None:
+        return own(f"{where}: {failure.detail}")
+    if failure.kind == "unavailable":
+        return ReasoningUnavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
+    if failure.kind == "rejected":
+        return ReasoningRejected(f"{where} {failure.message}")
+    return ReasoningInvalidOutput(f"{where} {failure.message}")
 
 
 STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {
@@ -425,46 +333,3 @@ STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {
 }
 """Error codes of our own reasoning stage server (`reasoning_stage.server`) that keep their error class across the
 hop; other codes map by HTTP status."""
-
-
-def _stage_error(body: object, where: str) -> ReasoningError | None:
-    code = body.get("code") if isinstance(body, dict) else None
-    cls = STAGE_SERVER_CODES.get(code) if isinstance(code, str) else None
-    return cls(f"{where}: {_detail(body, code or '')}") if cls is not None else None
-
-
-def _status_error(
-    status: int | None, detail: str, where: str, retry_after: float | None, *, in_stream: bool = False
-) -> ReasoningError:
-    what = f"an error event (code {status})" if in_stream else f"HTTP {status}"
-    if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUSES:
-        return ReasoningRejected(f"{where} refused the request with {what}: {detail}")
-    return ReasoningUnavailable(f"{where} answered {what}: {detail}", retry_after_s=retry_after)
-
-
-def _detail(body: object, fallback: str) -> str:
-    """The server's own words: `error.message` of an OpenAI-style body, else the body's text."""
-    message = body.get("message") if isinstance(body, dict) else body
-    return _clip(message) if isinstance(message, str) and message else fallback
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from a `Retry-After` header: delay-seconds or an HTTP date; None when absent or unreadable."""
-    value = (headers.get("retry-after") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _clip(value: object, limit: int = 300) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,8 +1,8 @@
 """Facts about an image that need no model: size, orientation, format and dominant colours.
 
 Everything here is a pure function of the pixels. Dominant colours: take a nearest-neighbour sample of at most
-128 pixels a side (real pixel colours, so thin black text is not blended into grey), quantise it with Pillow's median
-cut, name each palette entry after the nearest colour of `NAMED_COLORS`, and merge the entries that got one name.
+128 pixels a side (real pixel colours, so thin black text is not blended into grey), quantise it with Pillow's fast
+octree, name each palette entry after the nearest colour of `NAMED_COLORS`, and merge the entries that got one name.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ _ZH_NAMES = {color.name: color.name_zh for color in NAMED_COLORS}
 ORIENTATION_ZH: dict[Orientation, str] = {"landscape": "横向", "portrait": "竖向", "square": "方形"}
 
 
-def image_facts(image: DecodedImage, *, max_colors: int = 4) -> ImageFacts:
+def image_facts(image: DecodedImage, *, max_colors: int = 4, colors: bool = True) -> ImageFacts:
+    """The facts; with `colors=False`, no dominant colours (an empty tuple), so the pixels need not be decoded."""
     return ImageFacts(
         width=image.width,
         height=image.height,
         orientation=orientation(image.width, image.height),
         format=image.format,
-        dominant_colors=dominant_colors(image.pixels, max_colors=max_colors),
+        dominant_colors=dominant_colors(image.pixels, max_colors=max_colors) if colors else (),
     )
 
 

@@ -11,10 +11,11 @@ small text stays sharp. With `pass_image_urls`, a client's own http(s) URL is se
 
 The answer is streamed (`stream_options.include_usage`) and accumulated. Thinking arrives in the non-standard delta
 field `reasoning_content` (vLLM up to 0.11, SGLang) or `reasoning` (newer vLLM), or as a `<think>` block in the
-content when the server runs no reasoning parser; it is returned as `thinking`, never as the answer. The `openai`
-package parses chunks leniently (servers differ in the fields they send), so their shape is checked here.
+content when the server runs no reasoning parser; it is returned as `thinking`, never as the answer. The request
+and the stream go through `stage_client.ChatClient`, which checks each chunk's shape.
 
-Errors are translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict):
+Errors are translated in `translate_error` (the client's `StageHttpError`s) and `_finish_reason` (the stream's own
+verdict):
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
@@ -43,31 +44,17 @@ Every message names the backend, the server's base URL and the model.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import io
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, cast
 
 import httpx
-from openai import (
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    APITimeoutError,
-    AsyncOpenAI,
-    AsyncStream,
-    OpenAIError,
-    Timeout,
-)
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
-from openai.types.chat.chat_completion_chunk import Choice
+import pybase64
 
+from stage_client import ChatClient, Chunk, StageHttpError, classify
 from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
@@ -83,19 +70,16 @@ from vision_stage.errors import (
 from vision_stage.facts import image_facts
 from vision_stage.parsing import read_output, split_thinking
 from vision_stage.prompts import task_prompt
-from vision_stage.types import DecodedImage, ImageFacts, VisionRequest, VisionResult
+from vision_stage.types import DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
 
-if TYPE_CHECKING:
-    import httpx2
-
-NO_API_KEY = "EMPTY"
-"""Sent when no key is configured: vLLM and SGLang accept any key unless started with one."""
 JPEG_QUALITY = 90
 HEALTH_TIMEOUT_S = 10.0
-RETRYABLE_STATUSES = frozenset({408, 429})
-"""With every 5xx: the statuses that mean "not now" rather than "not this request"."""
 MAX_CHARS_PER_TOKEN = 32
 """A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
+COLOR_TASKS: frozenset[VisionTask] = frozenset({"describe"})
+"""The tasks whose facts include the dominant colours (the reasoning route's description, whose colour claims the
+arbiter checks). Measuring them means decoding every pixel, which `answer` and `caption` otherwise never need: an
+upload that can be forwarded as it is goes to the server undecoded (`DecodedImage.pixels` is lazy)."""
 
 
 @dataclass(frozen=True)
@@ -108,13 +92,13 @@ class _Answer:
 
 
 class RemoteVisionBackend:
-    """The `remote` vision backend over an `AsyncOpenAI` client (built by `load`, or injected)."""
+    """The `remote` vision backend over a `stage_client.ChatClient` (built by `load`, or injected)."""
 
     name = "remote"
 
     def __init__(
         self,
-        client: AsyncOpenAI,
+        client: ChatClient,
         *,
         base_url: str,
         model: str,
@@ -123,18 +107,15 @@ class RemoteVisionBackend:
         pass_image_urls: bool = False,
         timeout_s: float = 120.0,
         headers: Callable[[], Mapping[str, str]] | None = None,
-        owns_client: bool = True,
     ) -> None:
         self.model = model
-        self._headers = headers
         self.base_url = base_url
+        self._headers = headers
         self._timeout_s = timeout_s
         self._client = client
-        self._base_url = base_url
         self._thinking = thinking
         self._max_new_tokens = max_new_tokens
         self._pass_image_urls = pass_image_urls
-        self._owns_client = owns_client
         self._closed = False
         self._where = f"the remote vision backend ({base_url}, model {model!r})"
 
@@ -155,19 +136,18 @@ class RemoteVisionBackend:
         http_client: httpx.AsyncClient | None = None,
     ) -> RemoteVisionBackend:
         """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
-        to the caller (`max_retries=0`).
+        to the caller.
 
         `headers` gives extra headers for each request (the orchestrator sends its request id). `http_client` (tests,
         custom transports) is used as is and never closed by `aclose`."""
         if httpx.URL(base_url).scheme not in ("http", "https"):
             raise ValueError(f"the remote vision backend needs an http(s) base URL, got {base_url!r}")
-        client = AsyncOpenAI(
-            base_url=base_url,
-            api_key=api_key or NO_API_KEY,
-            timeout=Timeout(first_byte_timeout_s, connect=connect_timeout_s),
-            max_retries=0,
-            # openai 3 is typed for httpx2 but takes an httpx.AsyncClient too (its `_httpx2` compatibility shims)
-            http_client=cast("httpx2.AsyncClient | None", http_client),
+        client = ChatClient(
+            base_url,
+            api_key=api_key,
+            connect_timeout_s=connect_timeout_s,
+            first_byte_timeout_s=first_byte_timeout_s,
+            http_client=http_client,
         )
         return cls(
             client,
@@ -178,7 +158,6 @@ class RemoteVisionBackend:
             pass_image_urls=pass_image_urls,
             timeout_s=timeout_s,
             headers=headers,
-            owns_client=http_client is None,
         )
 
     async def generate(self, request: VisionRequest) -> VisionResult:
@@ -186,8 +165,11 @@ class RemoteVisionBackend:
         if self._closed:
             raise VisionUnavailable(f"{self._where} is closed")
         prompt = self._prompt(request)
-        image_url, facts = await asyncio.to_thread(self._prepare, request)
-        answer = await self._complete(_messages(image_url, prompt))
+        if self._needs_pixels(request):
+            image_url, facts = await asyncio.to_thread(self._prepare, request)
+        else:
+            image_url, facts = self._prepare(request)
+        answer = await self._complete(self._body(image_url, prompt))
         thinking, text = _thinking_and_text(answer)
         if not text:
             spent = f": thinking used all {self._max_new_tokens} tokens" if answer.finish_reason == "length" else ""
@@ -204,34 +186,46 @@ class RemoteVisionBackend:
         except ValueError as exc:
             raise VisionRejected(f"{self._where} cannot run this request: {exc}") from exc
 
-    def _prepare(self, request: VisionRequest) -> tuple[str, ImageFacts]:
-        """The image URL to send and the image's facts (CPU work: runs in a worker thread)."""
-        url = request.image_url or ""
-        passed = self._pass_image_urls and url.startswith(("http://", "https://"))
-        return (url if passed else image_data_url(request.image)), image_facts(request.image)
+    def _passes_url(self, request: VisionRequest) -> bool:
+        return self._pass_image_urls and (request.image_url or "").startswith(("http://", "https://"))
 
-    async def _complete(self, messages: list[ChatCompletionMessageParam]) -> _Answer:
+    def _needs_pixels(self, request: VisionRequest) -> bool:
+        """Whether `_prepare` decodes pixels (CPU work for a worker thread): for the colours, or to encode them."""
+        image = request.image
+        if image.pixels_decoded:
+            return False
+        forwarded = self._passes_url(request) or image.source is not None
+        return request.task in COLOR_TASKS or not forwarded
+
+    def _prepare(self, request: VisionRequest) -> tuple[str, ImageFacts]:
+        """The image URL to send and the image's facts."""
+        url = request.image_url if self._passes_url(request) else None
+        facts = image_facts(request.image, colors=request.task in COLOR_TASKS)
+        return (url or image_data_url(request.image)), facts
+
+    def _body(self, image_url: str, prompt: str) -> dict[str, object]:
+        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": prompt}]
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": self._max_new_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "chat_template_kwargs": {"enable_thinking": self._thinking},
+        }
+
+    async def _complete(self, body: dict[str, object]) -> _Answer:
         progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * self._max_new_tokens)
+        headers = self._headers() if self._headers else None
         try:
-            async with asyncio.timeout(self._timeout_s):
-                stream = await self._client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    temperature=0,
-                    max_tokens=self._max_new_tokens,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    extra_body={"chat_template_kwargs": {"enable_thinking": self._thinking}},
-                    extra_headers=dict(self._headers()) if self._headers else None,
-                )
-                async with stream:
-                    _check_event_stream(stream.response.headers.get("content-type", ""), self._where)
-                    return await _collect(stream, self._where, progress)
+            async with asyncio.timeout(self._timeout_s), aclosing(self._client.chunks(body, headers)) as chunks:
+                return await _collect(chunks, self._where, progress)
         except TimeoutError as exc:
             raise VisionUnavailable(
                 f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
             ) from exc
-        except (OpenAIError, ValueError) as exc:  # ValueError: an event that is not JSON, or not UTF-8
+        except StageHttpError as exc:
             error = translate_error(exc, self._where)
             if progress.chars and isinstance(error, VisionUnavailable):
                 error = VisionUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
@@ -242,20 +236,18 @@ class RemoteVisionBackend:
         if self._closed:
             return Health(ok=False, detail="closed")
         try:
-            page = await self._client.models.list(timeout=HEALTH_TIMEOUT_S)
-            served = [str(getattr(entry, "id", "")) for entry in page.data]
+            served = await self._client.model_ids(HEALTH_TIMEOUT_S)
         except Exception as exc:  # health reports every failure, whatever raised it
-            error = translate_error(exc, self._where) if isinstance(exc, OpenAIError) else exc
+            error = translate_error(exc, self._where) if isinstance(exc, StageHttpError) else exc
             return Health(ok=False, detail=f"{type(error).__name__}: {error}")
         if self.model not in served:
             return Health(ok=False, detail=f"{self._where} is up but serves only: {', '.join(served) or 'nothing'}")
-        return Health(ok=True, detail=f"{self._base_url} serves {self.model!r}")
+        return Health(ok=True, detail=f"{self.base_url} serves {self.model!r}")
 
     async def aclose(self) -> None:
-        """Close the client, unless its HTTP client was injected (the injector closes that)."""
+        """Close the client (its HTTP client too, unless that was injected)."""
         self._closed = True
-        if self._owns_client:
-            await self._client.close()
+        await self._client.aclose()
 
 
 def image_data_url(image: DecodedImage) -> str:
@@ -263,7 +255,7 @@ def image_data_url(image: DecodedImage) -> str:
     pixels as JPEG (quality `JPEG_QUALITY`) for a JPEG upload and PNG for anything else."""
     if image.source is not None:
         mime = "image/jpeg" if image.format == "JPEG" else "image/png"
-        return f"data:{mime};base64,{base64.b64encode(image.source).decode('ascii')}"
+        return f"data:{mime};base64,{pybase64.b64encode(image.source).decode('ascii')}"
     buffer = io.BytesIO()
     if image.format == "JPEG":
         image.pixels.save(buffer, format="JPEG", quality=JPEG_QUALITY)
@@ -271,16 +263,7 @@ def image_data_url(image: DecodedImage) -> str:
     else:
         image.pixels.save(buffer, format="PNG")
         mime = "image/png"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-
-
-def _messages(image_url: str, prompt: str) -> list[ChatCompletionMessageParam]:
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": prompt}],
-        }
-    ]
+    return f"data:{mime};base64,{pybase64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
 def _thinking_and_text(answer: _Answer) -> tuple[str | None, str]:
@@ -288,12 +271,6 @@ def _thinking_and_text(answer: _Answer) -> tuple[str | None, str]:
     in_content, text = split_thinking(answer.content)
     parts = [part for part in (answer.reasoning.strip(), in_content) if part]
     return ("\n".join(parts) or None), text
-
-
-def _check_event_stream(content_type: str, where: str) -> None:
-    if not content_type.lower().startswith("text/event-stream"):
-        shown = content_type or "no content type"
-        raise VisionInvalidOutput(f"{where} answered a streaming request with {shown!r}, not text/event-stream")
 
 
 class _Progress:
@@ -309,47 +286,20 @@ class _Progress:
             raise VisionInvalidOutput(f"{where} sent more than {self._max_chars} characters: max_tokens ignored?")
 
 
-async def _collect(stream: AsyncStream[ChatCompletionChunk], where: str, progress: _Progress) -> _Answer:
-    """Accumulate a stream; a stream with no chunk, or without a finish reason (cut), is `VisionInvalidOutput`."""
+async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress) -> _Answer:
+    """Accumulate the chunks (the client raises on an empty or cut stream)."""
     content: list[str] = []
     reasoning: list[str] = []
-    finish: str | None = None
-    chunks = 0
-    async for chunk in stream:
-        chunks += 1
-        choice = _first_choice(chunk, where)
-        if choice is None:  # the usage chunk
+    finish = "stop"
+    async for chunk in chunks:
+        if not chunk.choice:  # the usage chunk
             continue
-        content.append(_text(getattr(choice.delta, "content", None)))
-        reasoning.append(_reasoning(choice))
-        progress.add(content[-1], reasoning[-1], where=where)
-        if isinstance(choice.finish_reason, str):
-            finish = choice.finish_reason
-    if chunks == 0:
-        raise VisionInvalidOutput(f"{where} sent an empty stream")
-    if finish is None:
-        raise VisionInvalidOutput(f"{where} ended the stream without a finish_reason: the answer was cut off")
+        content.append(chunk.content)
+        reasoning.append(chunk.reasoning)
+        progress.add(chunk.content, chunk.reasoning, where=where)
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
     return _Answer("".join(content), "".join(reasoning), _finish_reason(finish, where))
-
-
-def _first_choice(chunk: object, where: str) -> Choice | None:
-    choices = getattr(chunk, "choices", None)
-    if not isinstance(chunk, ChatCompletionChunk) or not isinstance(choices, list):
-        raise VisionInvalidOutput(f"{where} sent a chunk without choices: {_clip(chunk)}")
-    if not choices:
-        return None
-    if not isinstance(choices[0], Choice):
-        raise VisionInvalidOutput(f"{where} sent a malformed choice: {_clip(choices[0])}")
-    return choices[0]
-
-
-def _reasoning(choice: Choice) -> str:
-    """The delta's thinking: `reasoning_content` (vLLM up to 0.11, SGLang), else `reasoning` (newer vLLM)."""
-    return _text(getattr(choice.delta, "reasoning_content", None)) or _text(getattr(choice.delta, "reasoning", None))
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
 
 
 def _finish_reason(reason: str, where: str) -> str:
@@ -362,26 +312,17 @@ def _finish_reason(reason: str, where: str) -> str:
     raise VisionInvalidOutput(f"{where} stopped for an unexpected reason: finish_reason {reason!r}")
 
 
-def translate_error(exc: Exception, where: str) -> VisionError:
-    """Map an exception of the `openai` client, or the `ValueError` of a stream event that is not JSON (or not
-    UTF-8), into the vision error tree."""
-    if isinstance(exc, APITimeoutError):
-        return VisionUnavailable(f"{where} did not answer in time")
-    if isinstance(exc, APIConnectionError):
-        cause = exc.__cause__
-        reason = f"{type(cause).__name__}: {cause}" if cause else exc.message
-        return VisionUnavailable(f"{where} could not be reached ({reason})")
-    if isinstance(exc, APIStatusError):
-        headers = exc.response.headers
-        known = _stage_error(exc.body, where)
-        if known is not None:
-            return known
-        return _status_error(exc.status_code, _detail(exc.body, exc.message), where, retry_after_s(headers))
-    if isinstance(exc, APIError):  # an error event inside a 200 stream
-        code = exc.body.get("code") if isinstance(exc.body, dict) else None
-        status = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
-        return _status_error(status, _detail(exc.body, exc.message), where, None, in_stream=True)
-    return VisionInvalidOutput(f"{where} sent a malformed stream ({type(exc).__name__}: {exc})")
+def translate_error(exc: StageHttpError, where: str) -> VisionError:
+    """Map a failure of the stage client into the vision error tree (`stage_client.classify` says what it means)."""
+    failure = classify(exc)
+    own = STAGE_SERVER_CODES.get(failure.code or "")
+    if own is not None:
+        return own(f"{where}: {failure.detail}")
+    if failure.kind == "unavailable":
+        return VisionUnavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
+    if failure.kind == "rejected":
+        return VisionRejected(f"{where} {failure.message}")
+    return VisionInvalidOutput(f"{where} {failure.message}")
 
 
 STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
@@ -394,46 +335,3 @@ STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
 }
 """Error codes of our own vision stage server (`vision_stage.server`) that keep their error class across the hop;
 other codes map by HTTP status."""
-
-
-def _stage_error(body: object, where: str) -> VisionError | None:
-    code = body.get("code") if isinstance(body, dict) else None
-    cls = STAGE_SERVER_CODES.get(code) if isinstance(code, str) else None
-    return cls(f"{where}: {_detail(body, code or '')}") if cls is not None else None
-
-
-def _status_error(
-    status: int | None, detail: str, where: str, retry_after: float | None, *, in_stream: bool = False
-) -> VisionError:
-    what = f"an error event (code {status})" if in_stream else f"HTTP {status}"
-    if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUSES:
-        return VisionRejected(f"{where} refused the request with {what}: {detail}")
-    return VisionUnavailable(f"{where} answered {what}: {detail}", retry_after_s=retry_after)
-
-
-def _detail(body: object, fallback: str) -> str:
-    """The server's own words: `error.message` of an OpenAI-style body, else the body's text."""
-    message = body.get("message") if isinstance(body, dict) else body
-    return _clip(message) if isinstance(message, str) and message else fallback
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from a `Retry-After` header: delay-seconds or an HTTP date; None when absent or unreadable."""
-    value = (headers.get("retry-after") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _clip(value: object, limit: int = 300) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"

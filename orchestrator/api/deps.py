@@ -24,7 +24,9 @@ class Services:
     sessions: SessionStore
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """The app's services (`async`: FastAPI runs a plain function dependency in a worker thread, a hop that costs
+    more than this whole lookup)."""
     services = request.app.state.services
     if not isinstance(services, Services):
         raise NotReady("the service is starting or stopping; the backends are not loaded")
