@@ -15,6 +15,7 @@ never fails a request. Results that a fallback backend gave are not cached.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,9 @@ from vision_stage.types import DecodedImage, VisionRequest, VisionResult
 log = logging.getLogger(__name__)
 
 HASH_SIZE = 8
+ON_LOOP_KEY_PIXELS = 65_536
+"""The key of an image with decoded pixels up to this many is computed on the event loop; a bigger image, or one
+whose pixels are still to be decoded (`DecodedImage.pixels` is lazy), in a worker thread."""
 """8 × 8 grey levels per hash: 64 bits each. At 16 × 16 a JPEG re-encoding or a resize already flips a bit or two,
 and a key must match exactly."""
 KEY_VERSION = "v1"
@@ -125,7 +129,9 @@ class CachedVision:
     async def generate(self, request: VisionRequest) -> VisionResult:
         if request.profile in self._bypass:
             return await self.backend.generate(request)
-        key = cache_key(request, self.backend.name, self.backend.model, self._settings.key)
+        image, args = request.image, (request, self.backend.name, self.backend.model, self._settings.key)
+        on_loop = image.pixels_decoded and image.width * image.height <= ON_LOOP_KEY_PIXELS
+        key = cache_key(*args) if on_loop else await asyncio.to_thread(cache_key, *args)
         cached = await self._get(key)
         if cached is not None:
             self.hits += 1

@@ -5,9 +5,13 @@ This is the one place where Pillow's errors are translated into `vision_stage.er
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import re
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -27,6 +31,12 @@ _SIGNATURES = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHUNK_HEADER = struct.Struct(">I4s")
+_CHUNK_TYPE = re.compile(rb"\w{4}")
+"""What Pillow accepts as a PNG chunk type."""
+_PNG_METADATA_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+"""The chunks an EXIF orientation can come from (eXIf; Pillow reads XMP and raw EXIF profiles from text chunks)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,10 @@ class ImageLimits:
 def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     """Validate `data` and decode it into RGB pixels, EXIF orientation applied.
 
+    An RGB PNG with no orientation to apply (one a remote backend forwards as it is) is checked for structure only
+    (every chunk's length and CRC, up to IEND), not inflated: its pixels are decoded on first access to
+    `DecodedImage.pixels`, which raises `ImageCorrupt` then if they do not decode. Every other image is decoded here.
+
     Raises an `ImageRejected` subclass naming what is wrong; never a Pillow error.
     """
     if not data:
@@ -45,6 +59,10 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
     image = _open(data, limits)
+    if image.format == "PNG" and image.mode == "RGB" and _png_upright(image, _png_chunks_after_pixels(data)):
+        width, height = image.size
+        decode = functools.partial(_decode_pixels, data, limits, image.size)
+        return DecodedImage.lazy(decode, "PNG", width, height, len(data), hashlib.sha256(data).hexdigest(), data)
     oriented = _load(image)
     pixels = _to_rgb(oriented)
     as_sent = oriented is image and pixels is oriented and image.format in FORWARDABLE_FORMATS
@@ -57,6 +75,17 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         sha256=hashlib.sha256(data).hexdigest(),
         source=data if as_sent else None,
     )
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """How many pixels `data`'s header declares, read without decoding anything; None when it does not say (not an
+    image, a damaged header, a bomb). A hint for scheduling the decoding, never a check: `decode_image` judges."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            width, height = image.size
+    except Exception:  # whatever is wrong, `decode_image` says so precisely
+        return None
+    return width * height
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -89,6 +118,57 @@ def sniff_format(data: bytes) -> str | None:
     if data[:12].startswith(b"RIFF") and data[8:12] == b"WEBP":
         return "WEBP"
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _png_chunks_after_pixels(data: bytes) -> set[bytes]:
+    """The types of the chunks between a PNG's first image data chunk and IEND, once the length and CRC of every
+    chunk up to IEND is checked (what Pillow's `verify` checks, without copying); `ImageCorrupt` otherwise."""
+    view = memoryview(data)
+    position = len(_PNG_SIGNATURE)
+    after: set[bytes] | None = None
+    while True:
+        if position + 8 > len(data):
+            raise ImageCorrupt("the PNG image is truncated or damaged: it ends before its IEND chunk")
+        length, kind = _CHUNK_HEADER.unpack_from(data, position)
+        if not _CHUNK_TYPE.fullmatch(kind):
+            raise ImageCorrupt(f"the PNG image is truncated or damaged: a broken chunk {kind!r} at byte {position}")
+        if kind == b"IEND":
+            if after is None:
+                raise ImageCorrupt("the PNG image is truncated or damaged: it has no image data (IDAT) chunk")
+            return after
+        end = position + 8 + length
+        if end + 4 > len(data):
+            raise ImageCorrupt(
+                f"the PNG image is truncated or damaged: its {kind.decode()} chunk at byte {position} runs past the end"
+            )
+        if zlib.crc32(view[position + 4 : end]) != int.from_bytes(view[end : end + 4], "big"):
+            raise ImageCorrupt(
+                f"the PNG image is truncated or damaged: a bad checksum in its {kind.decode()} chunk at byte {position}"
+            )
+        if after is not None:
+            after.add(kind)
+        elif kind == b"IDAT":
+            after = set()
+        position = end + 4
+
+
+def _png_upright(image: Image.Image, chunks_after_pixels: set[bytes]) -> bool:
+    """Whether Pillow finds no EXIF orientation in the PNG, judged without decoding it: from the metadata before
+    its pixels, when none follows them (Pillow's PNG `getexif` would decode the pixels to read what follows)."""
+    if chunks_after_pixels & _PNG_METADATA_CHUNKS:
+        return False
+    try:
+        return bool(Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1) == 1)
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return False  # decoded at once, which says what is wrong
+
+
+def _decode_pixels(data: bytes, limits: ImageLimits, size: tuple[int, int]) -> Image.Image:
+    """The pixels of an image `decode_image` validated but left undecoded."""
+    pixels = _to_rgb(_load(_open(data, limits)))
+    if pixels.size != size:
+        raise ImageCorrupt(f"the image decodes to {pixels.width}x{pixels.height}, not the declared {size[0]}x{size[1]}")
+    return pixels
 
 
 def _load(image: Image.Image) -> Image.Image:

@@ -17,7 +17,7 @@ from orchestrator.output_filter import OutputFilter
 from orchestrator.routing import RequestedMode
 from orchestrator.sessions import Session, SessionStore
 from orchestrator.settings import LimitSettings
-from vision_stage.images import ImageLimits, decode_image
+from vision_stage.images import ImageLimits, declared_pixels, decode_image
 from vision_stage.types import DecodedImage
 
 
@@ -41,19 +41,39 @@ def checked_text(text: str, name: str) -> str:
     return text
 
 
+INLINE_DECODE_MAX_BYTES = 64 * 1024
+INLINE_DECODE_MAX_PIXELS = 256 * 256
+"""An upload of at most this many bytes that declares at most this many pixels decodes on the event loop (well under
+a millisecond): a hop to a thread costs more. Bytes alone are no bound: a few kilobytes of PNG can declare 40
+megapixels."""
+
+
 async def decode(services: Services, data: bytes) -> DecodedImage:
-    """The image's pixels, decoded off the event loop under the configured limits."""
+    """The image, validated and decoded under the configured limits: a small one on the event loop, any other off
+    it."""
     limits = services.settings.limits
     image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+    if decodes_inline(data):
+        return decode_image(data, image_limits)
     return await asyncio.to_thread(decode_image, data, image_limits)
+
+
+def decodes_inline(data: bytes) -> bool:
+    """Whether `decode` decodes `data` on the event loop (see `INLINE_DECODE_MAX_BYTES`)."""
+    if len(data) > INLINE_DECODE_MAX_BYTES:
+        return False
+    pixels = declared_pixels(data)
+    return pixels is None or pixels <= INLINE_DECODE_MAX_PIXELS
 
 
 async def decode_and_route(
     services: Services, data: bytes, question: str, mode: RequestedMode, response_format: ResponseFormat
 ) -> tuple[DecodedImage, Routed]:
-    # Route while the image decodes, both off the event loop: routing then adds only what outlasts the decoding.
+    # Route while the image decodes: routing then adds only what outlasts the decoding. The routing task starts
+    # first (the yield), so that a decoding on the event loop does not hold it back.
     routing = asyncio.create_task(services.pipeline.route(question, mode, response_format))
     try:
+        await asyncio.sleep(0)
         image = await decode(services, data)
     finally:
         routed = await routing  # never cancelled mid-query: a bad image waits for at most one routing call

@@ -1,0 +1,403 @@
+"""The cheap intake path: base64 through pybase64, JSON through orjson (falling back to `json.loads` wherever the two
+differ), RGB PNGs validated by structure and decoded on first use, small uploads decoded on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import copy
+import dataclasses
+import io
+import json
+import math
+import random
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+from PIL import Image, ImageOps, PngImagePlugin
+
+from orchestrator.analysis import Routed
+from orchestrator.api import intake
+from orchestrator.api.deps import Services
+from orchestrator.api.inputs import _json_object, decode_base64
+from orchestrator.errors import InvalidBase64, InvalidJson, ValidationFailed
+from orchestrator.settings import LimitSettings
+from tests.images import image_bytes
+from vision_stage import images
+from vision_stage.errors import ImageCorrupt, ImageTooLarge, ImageTooManyPixels
+from vision_stage.images import ImageLimits, decode_image
+from vision_stage.types import DecodedImage
+
+LIMITS = ImageLimits()
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def noise_png(size: tuple[int, int] = (120, 90), seed: int = 7, **save: object) -> bytes:
+    """An RGB PNG of random pixels: its IDAT chunks are as large as the pixels, and every byte of them matters."""
+    pixels = random.Random(seed).randbytes(size[0] * size[1] * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", size, pixels).save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    found, position = [], len(SIGNATURE)
+    while position < len(png):
+        length, kind = struct.unpack_from(">I4s", png, position)
+        found.append((kind, png[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return found
+
+
+def assemble(parts: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of `parts`, each chunk with a correct CRC."""
+    body = b"".join(
+        struct.pack(">I4s", len(data), kind) + data + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in parts
+    )
+    return SIGNATURE + body
+
+
+def eager_pixels(data: bytes) -> bytes:
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+# --- lazy pixels ------------------------------------------------------------------------------------------------------
+
+
+def test_an_rgb_png_is_checked_but_not_decoded_until_its_pixels_are_used() -> None:
+    data = noise_png()
+    image = decode_image(data, LIMITS)
+    assert not image.pixels_decoded
+    assert (image.format, image.width, image.height, image.byte_size) == ("PNG", 120, 90, len(data))
+    assert image.source is data
+    assert "pixels_decoded=False" in repr(image)
+    assert len(repr(image)) < 300  # never the bytes
+    assert not image.pixels_decoded  # repr decoded nothing
+    pixels = image.pixels
+    assert image.pixels_decoded
+    assert (pixels.mode, pixels.size) == ("RGB", (120, 90))
+    assert pixels.tobytes() == eager_pixels(data)
+    assert image.pixels is pixels  # decoded once, kept
+
+
+@pytest.mark.parametrize(
+    ("format", "mode"), [("JPEG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "L"), ("GIF", "P"), ("WEBP", "RGB")]
+)
+def test_every_other_image_is_decoded_at_once(format: str, mode: str) -> None:
+    image = decode_image(image_bytes(format, mode=mode), LIMITS)
+    assert image.pixels_decoded
+    assert image.pixels.mode == "RGB"
+
+
+def test_lazily_and_eagerly_decoded_images_are_equal() -> None:
+    data = noise_png()
+    lazy = decode_image(data, LIMITS)
+    eager = DecodedImage(Image.open(io.BytesIO(data)), "PNG", 120, 90, len(data), lazy.sha256, data)
+    eager.pixels.load()
+    assert lazy == eager
+    assert hash(lazy) == hash(eager)
+
+
+def test_concurrent_first_accesses_decode_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = images._decode_pixels
+
+    def slow_decode(data: bytes, limits: ImageLimits, size: tuple[int, int]) -> Image.Image:
+        calls.append(threading.get_ident())
+        time.sleep(0.05)  # every thread arrives while the first decodes
+        return real(data, limits, size)
+
+    monkeypatch.setattr(images, "_decode_pixels", slow_decode)
+    image = decode_image(noise_png(), LIMITS)
+    assert calls == []
+    barrier = threading.Barrier(8)
+
+    def first_access() -> Image.Image:
+        barrier.wait()
+        return image.pixels
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: first_access(), range(8)))
+    assert len(calls) == 1
+    assert all(result is results[0] for result in results)
+
+
+def test_a_png_whose_compressed_stream_is_broken_behind_valid_checksums_fails_when_its_pixels_are_needed() -> None:
+    parts = chunks(noise_png())
+    kinds = [kind for kind, _ in parts]
+    first = kinds.index(b"IDAT")
+    parts[first] = (b"IDAT", b"\x00\x00" + parts[first][1][2:])  # no zlib header; the CRC is computed anew
+    damaged = assemble(parts)
+    image = decode_image(damaged, LIMITS)  # every chunk is whole and its CRC right: intake accepts it
+    assert (image.width, image.height, image.source) == (120, 90, damaged)
+    assert not image.pixels_decoded
+    with pytest.raises(ImageCorrupt, match="PNG image is truncated or damaged"):
+        _ = image.pixels
+    with pytest.raises(ImageCorrupt, match="PNG image is truncated or damaged"):  # again, without decoding again
+        _ = image.pixels
+    assert not image.pixels_decoded
+
+
+def test_a_png_of_damaged_structure_is_refused_at_once() -> None:
+    data = noise_png()
+    parts = chunks(data)
+    truncated = data[:-5000]
+    with pytest.raises(ImageCorrupt, match=r"PNG image is truncated or damaged: its IDAT chunk .* runs past the end"):
+        decode_image(truncated, LIMITS)
+    with pytest.raises(ImageCorrupt, match="ends before its IEND"):
+        decode_image(data[:-12], LIMITS)  # the pixels are whole; IEND is missing
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # in the IDAT data; its CRC now disagrees
+    with pytest.raises(ImageCorrupt, match="bad checksum in its IDAT chunk"):
+        decode_image(bytes(flipped), LIMITS)
+    no_pixels = assemble([(kind, chunk) for kind, chunk in parts if kind != b"IDAT"])
+    with pytest.raises(ImageCorrupt):
+        decode_image(no_pixels, LIMITS)
+
+
+def test_the_pixel_limit_still_holds_for_a_png_left_undecoded() -> None:
+    with pytest.raises(ImageTooManyPixels, match="120x90"):
+        decode_image(noise_png(), ImageLimits(max_pixels=10_000))
+
+
+def exif_oriented(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def xmp_oriented(orientation: int) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    return info
+
+
+def move_after_pixels(data: bytes, kind: bytes) -> bytes:
+    """`data` with its `kind` chunks moved to just before IEND (after the pixels)."""
+    parts = chunks(data)
+    moved = [part for part in parts if part[0] == kind]
+    assert moved
+    rest = [part for part in parts if part[0] != kind]
+    return assemble([*rest[:-1], *moved, rest[-1]])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        noise_png(exif=exif_oriented(6)),
+        noise_png(pnginfo=xmp_oriented(6)),
+        move_after_pixels(noise_png(exif=exif_oriented(6)), b"eXIf"),
+        move_after_pixels(noise_png(pnginfo=xmp_oriented(6)), b"iTXt"),
+    ],
+    ids=["exif", "xmp", "exif-after-pixels", "xmp-after-pixels"],
+)
+def test_an_rgb_png_with_an_orientation_is_turned_upright_at_once(data: bytes) -> None:
+    image = decode_image(data, LIMITS)
+    assert image.pixels_decoded
+    assert (image.width, image.height, image.source) == (90, 120, None)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert image.pixels.tobytes() == upright.convert("RGB").tobytes()
+
+
+def test_metadata_without_an_orientation_keeps_a_png_lazy_unless_it_follows_the_pixels() -> None:
+    before = noise_png(pnginfo=xmp_oriented(1), exif=exif_oriented(1))
+    image = decode_image(before, LIMITS)
+    assert (image.pixels_decoded, image.source) == (False, before)
+    after = move_after_pixels(noise_png(pnginfo=xmp_oriented(1)), b"iTXt")  # readable only by decoding: decoded
+    image = decode_image(after, LIMITS)
+    assert (image.pixels_decoded, image.source, image.width) == (True, after, 120)
+
+
+def test_a_decoded_image_is_immutable_and_copies_as_itself() -> None:
+    image = decode_image(noise_png(), LIMITS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        image.width = 3
+    with pytest.raises(AttributeError):
+        image.pixels = Image.new("RGB", (1, 1))  # type: ignore[misc]
+    assert copy.deepcopy(image) is image
+    assert not image.pixels_decoded
+
+
+def test_the_positional_constructor_makes_an_image_of_decoded_pixels() -> None:
+    pixels = Image.new("RGB", (4, 3), "white")
+    image = DecodedImage(pixels, "PNG", 4, 3, 0, "")
+    assert image.pixels_decoded
+    assert image.pixels is pixels
+    assert image.source is None
+
+
+def test_a_lazy_image_decodes_through_its_callable_once() -> None:
+    pixels = Image.new("RGB", (4, 3))
+    calls = []
+
+    def decode() -> Image.Image:
+        calls.append(1)
+        return pixels
+
+    image = DecodedImage.lazy(decode, "PNG", 4, 3, 10, "ab")
+    assert (image.pixels_decoded, calls) == (False, [])
+    assert image.pixels is pixels
+    assert image.pixels is pixels
+    assert calls == [1]
+
+
+# --- base64 -----------------------------------------------------------------------------------------------------------
+
+PAYLOAD = bytes(range(256)) * 40 + b"\xfb\xff"  # holds the bytes that encode to + / and - _
+
+
+def test_plain_base64_decodes_without_the_standard_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = base64.b64encode(PAYLOAD).decode()
+
+    def refuse(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the standard library decoded plain base64")
+
+    monkeypatch.setattr("orchestrator.api.inputs.base64.b64decode", refuse)
+    assert decode_base64(text, 1 << 20) == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        base64.urlsafe_b64encode(PAYLOAD).decode(),
+        "\n".join(codecs.encode(PAYLOAD, "base64").decode().split("\n")),  # MIME lines of 76 characters
+        " " + base64.b64encode(PAYLOAD).decode().replace("A", "A\t", 5) + "\r\n",
+        base64.urlsafe_b64encode(PAYLOAD).decode().rstrip("="),
+        base64.b64encode(PAYLOAD).decode() + "=",  # excess padding, which the standard library reads
+    ],
+    ids=["url-safe", "mime-lines", "whitespace", "url-safe-unpadded", "excess-padding"],
+)
+def test_other_base64_spellings_still_decode(text: str) -> None:
+    assert decode_base64(text, 1 << 20) == PAYLOAD
+
+
+def test_unpadded_short_base64_decodes() -> None:
+    assert decode_base64("QUI", 10) == b"AB"
+    assert decode_base64("QQ", 10) == b"A"
+
+
+@pytest.mark.parametrize("text", ["QUJD*", "QU JD!", "Q", "QQ==QQ==x", "QUJDé", "===="])
+def test_invalid_base64_is_invalid_base64(text: str) -> None:
+    with pytest.raises(InvalidBase64, match="not valid base64"):
+        decode_base64(text, 1 << 20)
+
+
+def test_oversize_base64_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("decoded an oversize image")
+
+    monkeypatch.setattr("orchestrator.api.inputs.pybase64.b64decode", refuse)
+    with pytest.raises(ImageTooLarge, match="more than 100 bytes"):
+        decode_base64("A" * 200, 100)
+
+
+# --- JSON -------------------------------------------------------------------------------------------------------------
+
+
+def test_json_is_parsed_by_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise AssertionError("json.loads parsed a body orjson reads")
+
+    monkeypatch.setattr("orchestrator.api.inputs.json.loads", refuse)
+    body = {"question": "Wh\u00e4t?", "n": 2**64 - 1, "m": -(2**63), "x": 1.5, "l": [None, True, {"k": "v"}]}
+    assert _json_object(json.dumps(body).encode()) == body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"question": "What?",', "not valid JSON"),
+        (b'{"question": "\xff\xfe"}', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b'{"a": 1} x', "not valid JSON"),
+        (b'{"question": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper than this service reads"),
+        (b'{"question": ' + b"[" * 2000 + b"]" * 2000 + b"}", "nests deeper than this service reads"),
+    ],
+    ids=["truncated", "not-utf8", "empty", "trailing", "very-deep", "past-orjson-depth"],
+)
+def test_invalid_json_is_invalid_json(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidJson, match=message):
+        _json_object(body)
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"hello"', b"null", b"3"])
+def test_json_that_is_not_an_object_fails_validation(body: bytes) -> None:
+    with pytest.raises(ValidationFailed, match="must be an object"):
+        _json_object(body)
+
+
+def test_what_json_loads_reads_and_orjson_refuses_or_rounds_is_read_as_json_loads_reads_it() -> None:
+    assert _json_object(b'{"q": "\\ud800What"}') == {"q": "\ud800What"}  # lone surrogate: checked_text names it
+    nan = _json_object(b'{"t": NaN, "u": -Infinity}')
+    assert math.isnan(cast(float, nan["t"]))
+    assert nan["u"] == -math.inf
+    huge = _json_object(b'{"n": 18446744073709551616, "m": [-9223372036854775809]}')
+    assert huge == {"n": 2**64, "m": [-(2**63) - 1]}
+    assert isinstance(huge["n"], int)
+    assert _json_object(b'{"f": 1e19}') == {"f": 1e19}
+    assert _json_object('{"q": "\u00e4"}'.encode("utf-16")) == {"q": "\u00e4"}
+    assert _json_object(b'\xef\xbb\xbf{"q": 1}') == {"q": 1}
+
+
+# --- where the decoding runs ------------------------------------------------------------------------------------------
+
+
+def services(pipeline: object = None) -> Services:
+    return cast(Services, SimpleNamespace(settings=SimpleNamespace(limits=LimitSettings()), pipeline=pipeline))
+
+
+def test_only_small_uploads_of_few_pixels_decode_on_the_event_loop() -> None:
+    assert intake.decodes_inline(image_bytes("JPEG", size=(200, 200)))
+    assert intake.decodes_inline(b"not an image")  # refused at once wherever it runs
+    tiny_but_huge = image_bytes("PNG", size=(3000, 3000), mode="1", color=1)
+    assert len(tiny_but_huge) < 64 * 1024
+    assert not intake.decodes_inline(tiny_but_huge)
+    large = noise_png(size=(200, 200))
+    assert len(large) > 64 * 1024
+    assert not intake.decodes_inline(large)
+
+
+async def test_decode_hops_to_a_thread_only_for_large_uploads(monkeypatch: pytest.MonkeyPatch) -> None:
+    hops = []
+    real = asyncio.to_thread
+
+    async def to_thread(func: object, /, *args: object) -> object:
+        hops.append(func)
+        return await real(func, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("orchestrator.api.intake.asyncio.to_thread", to_thread)
+    small = await intake.decode(services(), image_bytes("PNG", size=(40, 30)))
+    assert (small.width, hops) == (40, [])
+    large = await intake.decode(services(), noise_png(size=(200, 200)))
+    assert (large.width, large.pixels_decoded, hops) == (200, False, [decode_image])
+
+
+async def test_routing_starts_before_an_inline_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = []
+    routed = cast(Routed, object())
+
+    class Pipeline:
+        async def route(self, question: str, mode: object, response_format: object) -> Routed:
+            events.append("route")
+            await asyncio.sleep(0.01)
+            events.append("routed")
+            return routed
+
+    def decoding(data: bytes, limits: ImageLimits) -> DecodedImage:
+        events.append("decode")
+        return decode_image(data, limits)
+
+    monkeypatch.setattr(intake, "decode_image", decoding)
+    image, result = await intake.decode_and_route(
+        services(Pipeline()), image_bytes("PNG", size=(40, 30)), "What?", "auto", "text"
+    )
+    assert (image.width, result) == (40, routed)
+    assert events == ["route", "decode", "routed"]
