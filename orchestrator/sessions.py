@@ -81,6 +81,7 @@ class SessionStore:
 
 
 def _size(session: Session) -> int:
-    """What a session's image holds in memory: its decoded pixels and the uploaded bytes kept with them."""
+    """What a session's image holds in memory: its RGB pixels (counted whether or not they are decoded yet, so that
+    the total never depends on when they were) and the uploaded bytes kept with them."""
     image = session.image
-    return image.width * image.height * len(image.pixels.getbands()) + len(image.source or b"")
+    return image.width * image.height * 3 + len(image.source or b"")
