@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from stage_client.errors import StageMalformed, StageTimedOut, StageUnreachable
+from stage_client.errors import StageHttpError, StageMalformed, StageTimedOut, StageUnreachable
 
 MAX_IDLE_PER_HOST = 100
 PAUSE_READING_AT = 1024 * 1024
@@ -135,26 +135,22 @@ class WireTransport:
         """A connection that has sent `data` and received the response's head: a pooled one, else a new one. A
         pooled connection that the server closes before answering anything (it had timed out the idle connection)
         is replaced by a new one, once."""
-        idle = self._idle.get((host, port)) or []
-        reused = next((c for c in iter(idle.pop, None) if c.open), None) if idle else None
-        for connection in (reused, None):
-            fresh = connection is None
-            if fresh:
-                connection = await _connect(host, port, timeouts.connect_s)
-            assert connection is not None
-            connection.send(data)
+        pooled = self._pooled(host, port)
+        if pooled is not None:
             try:
-                async with asyncio.timeout(timeouts.read_s):
-                    await connection.head()
-                return connection
-            except TimeoutError as exc:
-                connection.close()
-                raise StageTimedOut("did not answer in time") from exc
+                return await _requested(pooled, data, timeouts.read_s)
             except StageUnreachable:
-                connection.close()
-                if fresh or connection.received:
+                if pooled.received:
                     raise
-        raise AssertionError("unreachable: the second attempt uses a new connection")
+        return await _requested(await _connect(host, port, timeouts.connect_s), data, timeouts.read_s)
+
+    def _pooled(self, host: str, port: int) -> _Connection | None:
+        idle = self._idle.get((host, port))
+        while idle:
+            connection = idle.pop()
+            if connection.open:
+                return connection
+        return None
 
     async def aclose(self) -> None:
         self._closed = True
@@ -170,6 +166,21 @@ def _request_head(method: str, target: str, host: str, headers: Mapping[str, str
         raise StageUnreachable("could not be reached (a request header holds a line break or NUL; nothing was sent)")
     lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _requested(connection: _Connection, data: bytes, read_s: float) -> _Connection:
+    """`connection`, once it has sent `data` and received the response's head; closed on failure."""
+    connection.send(data)
+    try:
+        async with asyncio.timeout(read_s):
+            await connection.head()
+    except TimeoutError as exc:
+        connection.close()
+        raise StageTimedOut("did not answer in time") from exc
+    except StageHttpError:
+        connection.close()
+        raise
+    return connection
 
 
 async def _connect(host: str, port: int, timeout_s: float) -> _Connection:
@@ -200,6 +211,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._complete = False
+        self._keep_alive = False
         self._received = False
         self._drained = False
 
@@ -243,6 +255,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        self._keep_alive = self._parser.should_keep_alive()  # the parser knows only until it resets for the next
         self._complete = True
         self._wake()
 
@@ -254,7 +267,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.open and self._complete and self._drained and self._parser.should_keep_alive()
+        return self.open and self._complete and self._drained and self._keep_alive
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
