@@ -18,9 +18,11 @@ Each gateway is pinned to one core, the stage and this load generator (`httpx`) 
 sends the same bytes to all three: `{"model": "vision-only", "messages": [{"role": "user", "content": [{"type":
 "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,…"}}]}]}`, no other
 field. `tiny` carries a 1×1 PNG (our vision-only path needs an image; LiteLLM gets the same); `image` carries a PNG of
-deterministic noise sized to about 1 MiB. LiteLLM passes the messages on to the stage, non-streaming; ours decodes
-the image, re-encodes it and calls the stage streaming, with its own prompt (what the stage received from each is
-printed). After a warm-up, each round runs, for each target in an order that rotates between rounds, a batch of
+deterministic noise sized to about 1 MiB. LiteLLM passes the messages on to the stage, non-streaming. Ours reads the
+request, decodes the base64, checks the PNG (signature, header, size limits, every chunk's length and CRC) and
+hashes it (SHA-256), then sends the upload's bytes on to the stage, streaming, with its own
+prompt (what the stage received from each is printed); it does not inflate the pixels, which nothing on this path
+needs. After a warm-up, each round runs, for each target in an order that rotates between rounds, a batch of
 sequential requests (concurrency 1: latency), then a batch at concurrency 32 (throughput).
 
 It prints, per kind and target: p50/p99 latency and what each gateway adds over direct; median requests/s; the

@@ -15,6 +15,7 @@ connect; `read_s` for the longest silence, before the response's head and betwee
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ MAX_IDLE_PER_HOST = 100
 PAUSE_READING_AT = 1024 * 1024
 """Body bytes received but not yet read by the caller beyond which the socket is not read (flow control)."""
 _NO_BODY_STATUSES = frozenset({204, 304})
+_BREAKS = re.compile("[\r\n\0]")
 
 
 @dataclass
@@ -162,7 +164,7 @@ class WireTransport:
 
 def _request_head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
     fields = {"host": host, "content-length": str(length), "accept-encoding": "identity", **headers}
-    if any(c in text for item in fields.items() for text in item for c in "\r\n\0"):
+    if _BREAKS.search("".join(f"{name}{value}" for name, value in fields.items())):
         raise StageUnreachable("could not be reached (a request header holds a line break or NUL; nothing was sent)")
     lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
