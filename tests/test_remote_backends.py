@@ -75,6 +75,32 @@ def answer_request(task: VisionTask = "answer", image_url: str | None = None) ->
 # --- vision -----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("task", "recording", "measured"),
+    [
+        ("answer", "glm46v_answer_thinking", False),
+        ("caption", "glm46v_caption_reasoning_field", False),
+        ("describe", "glm46v_describe", True),
+    ],
+)
+async def test_vision_forwards_an_rgb_png_undecoded_and_measures_colours_only_for_a_description(
+    task: VisionTask, recording: str, measured: bool
+) -> None:
+    data = image_bytes("PNG", (64, 48), color="red")
+    image = decode_image(data, ImageLimits())
+    assert not image.pixels_decoded
+    fake = FakeVllm(VISION_MODEL, [recorded(recording)])
+
+    result = await look(fake, VisionRequest(image, QUESTION, task=task))
+
+    [body] = fake.requests
+    _, sent = decode_data_url(body["messages"][0]["content"][0]["image_url"]["url"])
+    assert sent == data, "the upload's own bytes"
+    assert image.pixels_decoded is measured
+    assert [color.name for color in result.structured.facts.dominant_colors] == (["red"] if measured else [])
+    assert (result.structured.facts.width, result.structured.facts.height) == (64, 48)
+
+
 async def test_vision_sends_the_image_and_task_prompt_and_keeps_thinking_out_of_the_answer() -> None:
     fake = FakeVllm(VISION_MODEL, [recorded("glm46v_answer_thinking")])
     request = answer_request()
