@@ -91,6 +91,8 @@ class ChatClient:
         first_byte_timeout_s: float = 60.0,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
+        if api_key is not None and any(c in api_key for c in "\r\n\0"):
+            raise ValueError("the API key holds a line break or NUL: it cannot go in a header")
         root = base_url.rstrip("/")
         self._chat_url, self._models_url = f"{root}/chat/completions", f"{root}/models"
         self._headers = {"authorization": f"Bearer {api_key or NO_API_KEY}", "content-type": "application/json"}

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from stage_client.errors import StageHttpError, StageMalformed, StageTimedOut, StageUnreachable
+from stage_client.errors import StageMalformed, StageTimedOut, StageUnreachable
 
 MAX_IDLE_PER_HOST = 100
 PAUSE_READING_AT = 1024 * 1024
@@ -120,7 +120,8 @@ class WireTransport:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        data = _request_head(method, target, parts.netloc, headers, len(content or b"")) + (content or b"")
+        authority = parts.netloc.rpartition("@")[2]  # never a URL's user:password
+        data = _request_head(method, target, authority, headers, len(content or b"")) + (content or b"")
         connection = await self._exchanged(host, port, data, timeouts)
         try:
             status, response_headers = connection.response_head()
@@ -179,7 +180,7 @@ async def _requested(connection: _Connection, data: bytes, read_s: float) -> _Co
     except TimeoutError as exc:
         connection.close()
         raise StageTimedOut("did not answer in time") from exc
-    except StageHttpError:
+    except BaseException:  # our errors, and a cancellation (the caller's deadline, a client gone): never pooled
         connection.close()
         raise
     return connection
