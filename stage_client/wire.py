@@ -228,7 +228,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(StageMalformed(f"sent a response that is not HTTP/1.1 ({exc})"))
+            self._lost = StageMalformed(f"sent a response that is not HTTP/1.1 ({exc})")
+            self._fail(self._lost)
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -237,8 +238,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._complete and self._head.done() and self._close_delimited():
             self.on_message_complete()
-        reason = f"{type(exc).__name__}: {exc}" if exc else "the server closed the connection"
-        self._lost = StageUnreachable(f"could not be reached ({reason}, before the response was complete)")
+        if self._lost is None:  # else it is our own verdict, and we closed the connection
+            reason = f"{type(exc).__name__}: {exc}" if exc else "the server closed the connection"
+            self._lost = StageUnreachable(f"could not be reached ({reason}, before the response was complete)")
         self._fail(self._lost)
 
     # httptools' callbacks
