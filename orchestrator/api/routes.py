@@ -295,7 +295,8 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
         events = await started(services.pipeline.stream(analysis, routed))
         return event_stream(chat_events(filtered_events(events, answers), reply, include_usage=body.include_usage))
     outcome = await services.pipeline.run(analysis, routed)
-    return JSONResponse(reply.completion(answers.outcome(outcome)).model_dump(mode="json"))
+    completion = reply.completion(answers.outcome(outcome))
+    return Response(completion.model_dump_json(), media_type="application/json")
 
 
 @api.get("/v1/models", response_model=ModelListOut, summary="The model names of `/v1/chat/completions`: its routes")
