@@ -58,7 +58,7 @@ from reasoning_stage.errors import (
     ReasoningUnavailable,
 )
 from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
-from stage_client import ChatClient, Chunk, StageHttpError, classify
+from stage_client import ChatClient, Chunk, ErrorTree, StageHttpError, classify, finish_failure
 
 HEALTH_TIMEOUT_S = 10.0
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -235,15 +235,10 @@ async def _deltas(chunks: AsyncIterator[Chunk], where: str) -> AsyncGenerator[Re
 
 
 def _finish_reason(reason: str, where: str) -> FinishReason:
-    if reason == "stop":
-        return "stop"
-    if reason == "length":
-        return "length"
-    if reason == "content_filter":
-        raise ReasoningRejected(f"{where} refused to answer (finish_reason content_filter)")
-    if reason in ("abort", "error"):
-        raise ReasoningUnavailable(f"{where} gave up on the request (finish_reason {reason})")
-    raise ReasoningInvalidOutput(f"{where} stopped for an unexpected reason: finish_reason {reason!r}")
+    failure = finish_failure(reason)
+    if failure is not None:
+        raise ERRORS.error(failure, where)
+    return "length" if reason == "length" else "stop"
 
 
 class _ThinkSplitter:
@@ -316,15 +311,7 @@ def _late_thinking(text: str) -> tuple[str, str]:
 def translate_error(exc: StageHttpError, where: str) -> ReasoningError:
     """Map a failure of the stage client into the reasoning error tree (`stage_client.classify` says what it
     means)."""
-    failure = classify(exc)
-    own = STAGE_SERVER_CODES.get(failure.code or "")
-    if own is not None:
-        return own(f"{where}: {failure.detail}")
-    if failure.kind == "unavailable":
-        return ReasoningUnavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
-    if failure.kind == "rejected":
-        return ReasoningRejected(f"{where} {failure.message}")
-    return ReasoningInvalidOutput(f"{where} {failure.message}")
+    return ERRORS.error(classify(exc), where)
 
 
 STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {
@@ -333,3 +320,4 @@ STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {
 }
 """Error codes of our own reasoning stage server (`reasoning_stage.server`) that keep their error class across the
 hop; other codes map by HTTP status."""
+ERRORS = ErrorTree[ReasoningError](ReasoningUnavailable, ReasoningRejected, ReasoningInvalidOutput, STAGE_SERVER_CODES)

@@ -4,7 +4,7 @@
 `StageHttpError` tree, which `classify` turns into what a stage needs to know (`Failure`).
 """
 
-from stage_client.chat import ChatClient, Chunk, Failure, classify, retry_after_s
+from stage_client.chat import ChatClient, Chunk, ErrorTree, Failure, classify, finish_failure, retry_after_s
 from stage_client.errors import (
     StageErrorEvent,
     StageHttpError,
@@ -17,6 +17,7 @@ from stage_client.errors import (
 __all__ = [
     "ChatClient",
     "Chunk",
+    "ErrorTree",
     "Failure",
     "StageErrorEvent",
     "StageHttpError",
@@ -25,5 +26,6 @@ __all__ = [
     "StageTimedOut",
     "StageUnreachable",
     "classify",
+    "finish_failure",
     "retry_after_s",
 ]

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -62,6 +62,7 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429})
 """With every 5xx (and 3xx): the statuses that mean "not now" rather than "not this request"."""
 DONE = b"[DONE]"
+E = TypeVar("E", bound=Exception)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +298,38 @@ def classify(exc: StageHttpError) -> Failure:
     if isinstance(exc, StageUnreachable | StageTimedOut):
         return Failure("unavailable", str(exc))
     return Failure("invalid", str(exc))
+
+
+def finish_failure(reason: str) -> Failure | None:
+    """What a stream's `finish_reason` means: None for `stop` and `length` (an answer, whole or cut at the token
+    limit); `content_filter` rejected; `abort` and `error` (the server gave up) unavailable; anything else invalid."""
+    if reason in ("stop", "length"):
+        return None
+    if reason == "content_filter":
+        return Failure("rejected", "refused to answer (finish_reason content_filter)")
+    if reason in ("abort", "error"):
+        return Failure("unavailable", f"gave up on the request (finish_reason {reason})")
+    return Failure("invalid", f"stopped for an unexpected reason: finish_reason {reason!r}")
+
+
+@dataclass(frozen=True)
+class ErrorTree(Generic[E]):
+    """A stage's error class for each kind of failure (`unavailable` takes `retry_after_s`), and the classes that
+    our own stage servers name by the `code` of an HTTP error, which keep their class across the hop."""
+
+    unavailable: Callable[..., E]
+    rejected: Callable[[str], E]
+    invalid: Callable[[str], E]
+    by_code: Mapping[str, Callable[[str], E]]
+
+    def error(self, failure: Failure, where: str) -> E:
+        """The stage's error for `failure`, its message starting with `where` (the backend, its URL and model)."""
+        own = self.by_code.get(failure.code or "")
+        if own is not None:
+            return own(f"{where}: {failure.detail}")
+        if failure.kind == "unavailable":
+            return self.unavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
+        return (self.rejected if failure.kind == "rejected" else self.invalid)(f"{where} {failure.message}")
 
 
 def _by_status(status: int | None, what: str) -> tuple[Literal["unavailable", "rejected"], str]:

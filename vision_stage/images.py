@@ -82,7 +82,7 @@ def declared_pixels(data: bytes) -> int | None:
     image, a damaged header, a bomb). A hint for scheduling the decoding, never a check: `decode_image` judges."""
     if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
         width, height = struct.unpack(">II", data[16:24])  # the first chunk's fields, as the format fixes them
-        return width * height
+        return int(width) * int(height)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size

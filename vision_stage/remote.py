@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import httpx
 import pybase64
 
-from stage_client import ChatClient, Chunk, StageHttpError, classify
+from stage_client import ChatClient, Chunk, ErrorTree, StageHttpError, classify, finish_failure
 from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
@@ -303,26 +303,15 @@ async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress
 
 
 def _finish_reason(reason: str, where: str) -> str:
-    if reason in ("stop", "length"):
-        return reason
-    if reason == "content_filter":
-        raise VisionRejected(f"{where} refused to answer (finish_reason content_filter)")
-    if reason in ("abort", "error"):
-        raise VisionUnavailable(f"{where} gave up on the request (finish_reason {reason})")
-    raise VisionInvalidOutput(f"{where} stopped for an unexpected reason: finish_reason {reason!r}")
+    failure = finish_failure(reason)
+    if failure is not None:
+        raise ERRORS.error(failure, where)
+    return reason
 
 
 def translate_error(exc: StageHttpError, where: str) -> VisionError:
     """Map a failure of the stage client into the vision error tree (`stage_client.classify` says what it means)."""
-    failure = classify(exc)
-    own = STAGE_SERVER_CODES.get(failure.code or "")
-    if own is not None:
-        return own(f"{where}: {failure.detail}")
-    if failure.kind == "unavailable":
-        return VisionUnavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
-    if failure.kind == "rejected":
-        return VisionRejected(f"{where} {failure.message}")
-    return VisionInvalidOutput(f"{where} {failure.message}")
+    return ERRORS.error(classify(exc), where)
 
 
 STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
@@ -335,3 +324,4 @@ STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
 }
 """Error codes of our own vision stage server (`vision_stage.server`) that keep their error class across the hop;
 other codes map by HTTP status."""
+ERRORS = ErrorTree[VisionError](VisionUnavailable, VisionRejected, VisionInvalidOutput, STAGE_SERVER_CODES)
