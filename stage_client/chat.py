@@ -1,4 +1,5 @@
-"""Streaming chat completions over `httpx`, and the one translation of their failures.
+"""Streaming chat completions from an OpenAI-compatible server (`wire.py` carries the bytes), and the one translation
+of their failures.
 
 A request body goes out as JSON, as given (`orjson`); the answer must be a `text/event-stream` of chat completion
 chunks, read as they arrive, up to `data: [DONE]` or the end of the body (what follows `[DONE]` is read and dropped:
