@@ -121,7 +121,7 @@ class WireTransport:
         host, port = parts.hostname or "", parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         authority = parts.netloc.rpartition("@")[2]  # never a URL's user:password
-        data = _request_head(method, target, authority, headers, len(content or b"")) + (content or b"")
+        data = (_request_head(method, target, authority, headers, len(content or b"")), content or b"")
         connection = await self._exchanged(host, port, data, timeouts)
         try:
             status, response_headers = connection.response_head()
@@ -134,7 +134,7 @@ class WireTransport:
             else:
                 connection.close()
 
-    async def _exchanged(self, host: str, port: int, data: bytes, timeouts: Timeouts) -> _Connection:
+    async def _exchanged(self, host: str, port: int, data: tuple[bytes, bytes], timeouts: Timeouts) -> _Connection:
         """A connection that has sent `data` and received the response's head: a pooled one, else a new one. A
         pooled connection that the server closes before answering anything (it had timed out the idle connection)
         is replaced by a new one, once."""
@@ -171,8 +171,9 @@ def _request_head(method: str, target: str, host: str, headers: Mapping[str, str
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _requested(connection: _Connection, data: bytes, read_s: float) -> _Connection:
-    """`connection`, once it has sent `data` and received the response's head; closed on failure."""
+async def _requested(connection: _Connection, data: tuple[bytes, bytes], read_s: float) -> _Connection:
+    """`connection`, once it has sent `data` (the request's head and body) and received the response's head; closed on
+    failure."""
     connection.send(data)
     try:
         async with asyncio.timeout(read_s):
@@ -274,10 +275,11 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self.open and self._complete and self._drained and self._keep_alive
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: tuple[bytes, bytes]) -> None:
+        """Write the request's head and body (two writes: the body, megabytes at times, is not copied to join them)."""
         assert self._transport is not None
         self._reset()
-        self._transport.write(data)
+        self._transport.writelines(data)
 
     @property
     def received(self) -> bool:
