@@ -85,7 +85,11 @@ def test_reasoning_route_reports_the_llm_and_its_usage(client: TestClient) -> No
 
 def test_json_with_base64_and_with_data_url(client: TestClient) -> None:
     encoded = base64.b64encode(PNG).decode()
-    for payload in ({"image_base64": encoded}, {"image_url": f"data:image/png;base64,{encoded}"}):
+    for payload in (
+        {"image_base64": encoded},
+        {"image_url": f"data:image/png;base64,{encoded}"},
+        {"image_url": f"DATA:Image/PNG;BASE64,{encoded}"},  # scheme, type and encoding are case-insensitive
+    ):
         response = client.post("/v1/analyze", json={"question": "What is the total?", "mode": "vision", **payload})
         assert response.status_code == 200, response.text
         assert response.json()["route"]["forced"] is True

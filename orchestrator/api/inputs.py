@@ -41,7 +41,10 @@ from orchestrator.fetch import ImageFetcher
 from vision_stage.errors import ImageTooLarge
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
-_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
+_DATA_URL = re.compile(
+    r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.IGNORECASE
+)
+"""A `data:` URL's head; its scheme, media type and `base64` are case-insensitive (RFC 2397, RFC 3986)."""
 _FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format", "stream", "session_id"})
 M = TypeVar("M", bound=BaseModel)
 
