@@ -32,11 +32,11 @@ from vision_stage.types import DecodedImage, VisionRequest, VisionResult
 log = logging.getLogger(__name__)
 
 HASH_SIZE = 8
+"""8 × 8 grey levels per hash: 64 bits each. At 16 × 16 a JPEG re-encoding or a resize already flips a bit or two,
+and a key must match exactly."""
 ON_LOOP_KEY_PIXELS = 65_536
 """The key of an image with decoded pixels up to this many is computed on the event loop; a bigger image, or one
 whose pixels are still to be decoded (`DecodedImage.pixels` is lazy), in a worker thread."""
-"""8 × 8 grey levels per hash: 64 bits each. At 16 × 16 a JPEG re-encoding or a resize already flips a bit or two,
-and a key must match exactly."""
 KEY_VERSION = "v1"
 
 

@@ -63,6 +63,7 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429})
 """With every 5xx (and 3xx): the statuses that mean "not now" rather than "not this request"."""
 DONE = b"[DONE]"
+BOM = b"\xef\xbb\xbf"
 E = TypeVar("E", bound=Exception)
 
 
@@ -113,7 +114,7 @@ class ChatClient:
     ) -> AsyncGenerator[Chunk, None]:
         """The answer's chunks as they arrive. Close the generator (`contextlib.aclosing`) to let the connection go
         before the end. Raises `StageHttpError`s only."""
-        sent = self._headers | dict(headers) if headers else self._headers
+        sent = self._headers | {name.lower(): value for name, value in headers.items()} if headers else self._headers
         exchange = self._transport.exchange("POST", self._chat_url, orjson.dumps(body), sent, self._timeouts)
         async with exchange as response:
             await _check(response)
@@ -200,11 +201,17 @@ async def _chunks(response: Response) -> AsyncIterator[Chunk]:
 
 async def _events(body: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
     """(event name, data) of each server-sent event: `data:` lines joined by newlines, comments and other fields
-    skipped, a last event without its blank line still delivered."""
-    pending = b""
-    name, data = "", list[bytes]()
+    skipped, a byte order mark at the start dropped, a last event without its blank line still delivered."""
+    pending, start = b"", True
+    name, data, size = "", list[bytes](), 0
     async for piece in body:
-        lines = (pending + piece).split(b"\n")
+        buffer = pending + piece
+        if start:
+            if BOM.startswith(buffer):  # not yet enough bytes to tell
+                pending = buffer
+                continue
+            buffer, start = buffer.removeprefix(BOM), False
+        lines = buffer.split(b"\n")
         pending = lines.pop()
         if len(pending) > MAX_EVENT_BYTES:
             raise StageMalformed(f"sent a line of more than {MAX_EVENT_BYTES} bytes")
@@ -213,12 +220,15 @@ async def _events(body: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]
             if not line:
                 if data:
                     yield name, b"\n".join(data)
-                name, data = "", []
+                name, data, size = "", [], 0
                 continue
             field, _, value = line.partition(b":")
             value = value.removeprefix(b" ")
             if field == b"data":
                 data.append(value)
+                size += len(value)
+                if size > MAX_EVENT_BYTES:
+                    raise StageMalformed(f"sent an event of more than {MAX_EVENT_BYTES} bytes")
             elif field == b"event":
                 name = value.decode("utf-8", "replace")
     if pending.removesuffix(b"\r").startswith(b"data:"):

@@ -130,6 +130,8 @@ class WireTransport:
             if connection.reusable and not self._closed:
                 idle = self._idle.setdefault((host, port), [])
                 idle.append(connection)
+                for surplus in idle[:-MAX_IDLE_PER_HOST]:
+                    surplus.close()
                 del idle[:-MAX_IDLE_PER_HOST]
             else:
                 connection.close()
@@ -215,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._complete = False
+        self._interim = False
         self._keep_alive = False
         self._received = False
         self._drained = False
@@ -228,6 +231,10 @@ class _Connection(asyncio.Protocol):
         self._received = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._lost = StageMalformed("switched protocols (101): not a chat completion")
+            self._fail(self._lost)
+            self.close()
         except httptools.HttpParserError as exc:
             self._lost = StageMalformed(f"sent a response that is not HTTP/1.1 ({exc})")
             self._fail(self._lost)
@@ -246,14 +253,26 @@ class _Connection(asyncio.Protocol):
 
     # httptools' callbacks
 
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second response to one request: nothing on this connection can be trusted now
+            self._lost = StageMalformed("sent more than one response to one request")
+            self._fail(self._lost)
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:  # an interim response (100 Continue, 103): the real one follows
+            self._interim = True
+            self._headers = {}
+            return
         if not self._head.done():
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._complete or self._lost is not None:
+            return
         self._pieces.append(body)
         self._buffered += len(body)
         if self._buffered > PAUSE_READING_AT and self._transport is not None:
@@ -261,6 +280,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._keep_alive = self._parser.should_keep_alive()  # the parser knows only until it resets for the next
         self._complete = True
         self._wake()
@@ -276,9 +298,10 @@ class _Connection(asyncio.Protocol):
         return self.open and self._complete and self._drained and self._keep_alive
 
     def send(self, data: tuple[bytes, bytes]) -> None:
-        """Write the request's head and body (two writes: the body, megabytes at times, is not copied to join them)."""
+        """Write the request's head and body (uvloop writes both without joining them: the body can be megabytes)."""
         assert self._transport is not None
         self._reset()
+        self._transport.resume_reading()  # never paused between exchanges, but a paused one would wait out `read_s`
         self._transport.writelines(data)
 
     @property

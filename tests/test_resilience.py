@@ -23,6 +23,7 @@ from tests.fakes import FakeVision
 from tests.images import decoded
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import (
+    ImageCorrupt,
     VisionInvalidOutput,
     VisionOverloaded,
     VisionRejected,
@@ -242,6 +243,25 @@ async def test_an_endpoint_whose_breaker_opened_is_left_out_until_its_trial() ->
     assert after[0] == "ok from http://a/v1"  # the trial goes first, and closes the breaker
     assert after[1:] == ["ok from http://b/v1", "ok from http://a/v1", "ok from http://b/v1"]  # then they take turns
     assert stage.statuses()[0].breaker == BreakerState.CLOSED
+
+
+async def test_an_image_found_broken_mid_call_is_no_verdict_on_the_endpoint_not_even_a_trial() -> None:
+    clock = Clock()
+    a = Scripted("http://a/v1", [VisionUnavailable("down"), ImageCorrupt("broken pixels"), ImageCorrupt("again")])
+    settings = RemoteSettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=1, open_s=30))
+    stage = ResilientStage(VISION_ERRORS, [(a.label, a)], settings, clock=clock)
+    with pytest.raises(VisionUnavailable):
+        await run_on(stage)
+    assert state_of(stage.endpoints[0].breaker) == BreakerState.OPEN
+    clock.now += 30.0
+    with pytest.raises(ImageCorrupt):  # the trial's call: the request's own fault, the endpoint's health unknown
+        await run_on(stage)
+    assert state_of(stage.endpoints[0].breaker) != BreakerState.CLOSED
+    with pytest.raises(ImageCorrupt):  # the next call gets the trial
+        await run_on(stage)
+    assert a.calls == 3
+    assert await run_on(stage) == "ok from http://a/v1"
+    assert state_of(stage.endpoints[0].breaker) == BreakerState.CLOSED
 
 
 async def test_with_every_breaker_open_a_call_fails_fast_with_the_soonest_trial() -> None:

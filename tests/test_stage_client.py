@@ -37,7 +37,7 @@ from stage_client import (
 )
 from stage_client import errors as errors_module
 from stage_client.chat import MAX_ERROR_BODY_BYTES, MAX_EVENT_BYTES
-from stage_client.wire import HttpxTransport, WireTransport
+from stage_client.wire import MAX_IDLE_PER_HOST, HttpxTransport, WireTransport
 from tests.servers import unused_port
 
 BODY: dict[str, object] = {
@@ -420,6 +420,35 @@ async def test_what_follows_done_is_read_so_that_the_connection_serves_the_next_
         assert server.accepted == 1
 
 
+async def test_an_interim_response_is_skipped_and_the_final_one_read() -> None:
+    async def handle(request: Request, conn: Conn) -> None:
+        interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+        await conn.send(interim, response(), pause_s=0.02)
+
+    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+        for _ in range(2):
+            assert await collect(client) == EXPECTED
+        assert server.accepted == 1, "the connection stays in step: the next request gets its own answer"
+
+
+async def test_a_connection_that_sends_more_than_the_response_is_not_pooled() -> None:
+    async def handle(request: Request, conn: Conn) -> None:
+        await conn.send(response() + response(b"a stray second response"))
+
+    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+        for _ in range(2):
+            assert await collect(client) == EXPECTED
+        assert [(r.connection, r.index) for r in server.requests] == [(1, 0), (2, 0)]
+
+
+async def test_connections_beyond_the_pool_bound_are_closed_not_dropped() -> None:
+    at_once = MAX_IDLE_PER_HOST + 3
+    async with serve(always(response())) as server, wire(f"{server.url}/v1") as client:
+        assert await asyncio.gather(*(collect(client) for _ in range(at_once))) == [EXPECTED] * at_once
+        assert server.accepted == at_once
+        await eventually(lambda: server.left == 3)  # the pool keeps its bound's worth, and closes the rest
+
+
 async def test_a_response_announcing_connection_close_is_not_pooled() -> None:
     """The server says it will close but keeps the socket open: the client must close it and not send on it."""
     async with (
@@ -662,6 +691,20 @@ async def test_comments_and_other_fields_are_skipped_and_data_lines_are_joined()
         b": ping\n\n" + DONE
     )
     assert await parsed(data) == [Chunk(True, content="a"), Chunk(True, content="b", finish_reason="stop")]
+
+
+@pytest.mark.parametrize("split", ["whole", "bytes"])
+async def test_a_byte_order_mark_before_the_stream_is_skipped(split: str) -> None:
+    data = b"\xef\xbb\xbf" + STREAM
+    assert await parsed(*(one_by_one(data) if split == "bytes" else [data])) == EXPECTED
+
+
+async def test_an_event_of_many_data_lines_is_bounded_like_one_long_line() -> None:
+    line = b"data: " + b"x" * (64 * 1024) + b"\n"
+    got, error = await parsed_until_error(*([line] * (MAX_EVENT_BYTES // len(line) + 2)))
+    assert got == []
+    assert isinstance(error, StageMalformed)
+    assert "event of more than" in str(error)
 
 
 @pytest.mark.parametrize("ending", [b"", b"\n", b"\r", b"\r\n"], ids=["none", "lf", "cr", "crlf"])

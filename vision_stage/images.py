@@ -59,7 +59,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
     image = _open(data, limits)
-    if image.format == "PNG" and image.mode == "RGB" and _png_upright(image, _png_chunks_after_pixels(data)):
+    if image.format == "PNG" and image.mode == "RGB" and _lazy_png(image, data):
         width, height = image.size
         decode = functools.partial(_decode_pixels, data, limits, image.size)
         return DecodedImage.lazy(decode, "PNG", width, height, len(data), hashlib.sha256(data).hexdigest(), data)
@@ -121,6 +121,16 @@ def sniff_format(data: bytes) -> str | None:
     if data[:12].startswith(b"RIFF") and data[8:12] == b"WEBP":
         return "WEBP"
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _lazy_png(image: Image.Image, data: bytes) -> bool:
+    """Whether an RGB PNG's pixels may wait: its structure checks out whole (a PNG that does not is decoded at once,
+    and Pillow judges it, as for every other image) and there is no orientation to apply."""
+    try:
+        after = _png_chunks_after_pixels(data)
+    except ImageCorrupt:
+        return False
+    return _png_upright(image, after)
 
 
 def _png_chunks_after_pixels(data: bytes) -> set[bytes]:

@@ -22,7 +22,7 @@ from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningOverloaded, 
 from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
 from vision_stage import backend as vision_backend
 from vision_stage.backend import VisionBackend
-from vision_stage.errors import VisionInvalidOutput, VisionOverloaded, VisionUnavailable
+from vision_stage.errors import ImageRejected, VisionInvalidOutput, VisionOverloaded, VisionUnavailable
 from vision_stage.types import VisionFallback, VisionRequest, VisionResult
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ VISION_ERRORS = StageErrors(
     VisionUnavailable,
     (VisionUnavailable, VisionInvalidOutput),
     lambda message, retry_after: VisionOverloaded(message, retry_after_s=retry_after, retryable=False),
+    caller_faults=(ImageRejected,),
 )
 REASONING_ERRORS = StageErrors(
     "reasoning",

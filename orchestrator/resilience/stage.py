@@ -52,6 +52,9 @@ class StageErrors:
     endpoint_faults: tuple[type[Exception], ...]
     """Failures that count against an endpoint's breaker (it is down, slow, or answering garbage)."""
     overloaded: Callable[[str, float], Exception]
+    caller_faults: tuple[type[Exception], ...] = ()
+    """Failures that are the request's own, found only once the call began (an image whose pixels do not decode):
+    no verdict on the endpoint, not even a trial's."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,11 @@ class ResilientStage(Generic[B]):
             error = self._out_of_time(endpoint, permit)
             failures.append(self._failure(endpoint, number, error))
             raise error from None
+        except self.errors.caller_faults as exc:
+            endpoint.breaker.abandon(permit)
+            recorded = True
+            failures.append(self._failure(endpoint, number, exc))
+            raise
         except Exception as exc:
             endpoint.breaker.record(permit, ok=not isinstance(exc, self.errors.endpoint_faults))
             recorded = True
