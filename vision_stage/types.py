@@ -27,8 +27,9 @@ class DecodedImage:
     format, the declared size against the pixel limit (decompression bombs too); `sha256` is computed then too.
     The pixels are decoded then as well — EXIF orientation applied; palette, alpha, CMYK, greyscale and 16-bit
     normalised to 8-bit RGB — except for one kind of upload: an RGB PNG with no orientation to apply (its `source` is
-    set). Of such a PNG only the structure is checked at once (every chunk's length and CRC, up to IEND) and nothing
-    is inflated: its pixels are decoded on first access to `pixels` (once, under a lock, then kept). A damaged
+    set) whose structure checks out whole (every chunk's length and CRC, up to IEND; one that does not is decoded at
+    once, like any other image): nothing of it is inflated, and its pixels are decoded on first access to `pixels`
+    (once, under a lock, then kept). A damaged
     compressed stream behind valid checksums surfaces only then, as `ImageCorrupt` (an `ImageRejected`, a 4xx
     wherever it is raised), on that and every later access. `pixels_decoded` says whether the pixels exist yet.
 
