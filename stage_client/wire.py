@@ -2,10 +2,10 @@
 
 - `WireTransport`, for plain `http://` servers (a stage server on the same host or network, the usual case): HTTP/1.1
   on asyncio's own protocol API with `httptools`' response parser (the parser uvicorn uses), keep-alive connections
-  pooled per host. One exchange costs a small fraction of what a general-purpose client spends on it. No proxy is
-  ever used. Interim responses (1xx) are skipped; a connection that sends more than the response to its request is
-  closed, never reused. A pooled connection that the server had closed while idle is replaced once, transparently, when it
-  fails before any byte of the response; every other failure is the caller's.
+  pooled per host, none of a general-purpose client's layers in between. No proxy is ever used. Interim responses
+  (1xx) are skipped; a connection that sends more than the response to its request is closed, never reused. A pooled
+  connection that the server had closed while idle is replaced once, transparently, when it fails before any byte of
+  the response; every other failure is the caller's.
 - `HttpxTransport`, over an `httpx.AsyncClient`: for `https://` (TLS, and the proxy settings of the environment) and
   for a client injected by tests or by a deployment's own code.
 
