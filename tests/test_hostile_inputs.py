@@ -439,10 +439,16 @@ MULTIPARTS = (
     Multipart("no-boundary", lambda e: _raw_multipart(b"--x\r\n", "multipart/form-data"), 400, "invalid_multipart"),
     Multipart("wrong-boundary", lambda e: _raw_multipart(b"--other\r\ngarbage"), 400, "invalid_multipart"),
     Multipart(
-        "no-closing-boundary",  # the unfinished part is dropped: no file
+        "no-closing-boundary",  # an upload cut short: said so, not taken for a form without its file
         lambda e: _raw_multipart(_part(FILE_FIELD[e], PNG, "x.png")[:-30]),
         400,
-        "image_missing",
+        "invalid_multipart",
+    ),
+    Multipart(
+        "cut-after-a-whole-part",
+        lambda e: _raw_multipart(_part(FILE_FIELD[e], PNG, "x.png") + _part("question", b"What?")[:12]),
+        400,
+        "invalid_multipart",
     ),
     Multipart("empty-form", lambda e: _raw_multipart(b"--b0undary--\r\n"), 400, "image_missing"),
     Multipart(

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import orjson
 import pybase64
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
@@ -168,12 +169,22 @@ async def _from_json(request: Request, max_image_bytes: int) -> AnalyzeInputs:
     return AnalyzeInputs(image.data, cleared, image.url)
 
 
-async def _from_form(request: Request, max_image_bytes: int) -> AnalyzeInputs:
+async def read_form(request: Request, *, max_fields: int) -> FormData:
+    """The multipart form of `request` (one file part at most). A body cut before its closing boundary, or one
+    the parser refuses, is `InvalidMultipart` (the parser itself would quietly drop an unfinished part)."""
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in await request.body():
+        raise InvalidMultipart("the multipart body ends before its closing boundary: was the upload cut short?")
     try:
-        form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS))
+        return await request.form(max_files=1, max_fields=max_fields)
     except (HTTPException, MultiPartException) as exc:
         detail = exc.detail if isinstance(exc, HTTPException) else exc.message
         raise InvalidMultipart(f"the multipart body could not be read: {detail}") from None
+
+
+async def _from_form(request: Request, max_image_bytes: int) -> AnalyzeInputs:
+    form = await read_form(request, max_fields=len(_FORM_FIELDS))
     try:
         unknown = sorted(set(form.keys()) - _FORM_FIELDS)
         if unknown:

@@ -16,15 +16,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
 from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.deps import ServicesDep
-from orchestrator.api.inputs import read_image_url, read_json_request
+from orchestrator.api.inputs import read_form, read_image_url, read_json_request
 from orchestrator.api.intake import checked_question, decode, decode_and_route, output_filter, request_id
 from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut, usage_out
-from orchestrator.errors import ImageMissing, InvalidMultipart, UnsupportedMediaType, ValidationFailed
+from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed
 from orchestrator.routing import Decision
 from vision_stage.types import VisionResult
 
@@ -154,11 +152,7 @@ async def _read_upload(request: Request, max_image_bytes: int) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data":
         raise UnsupportedMediaType(f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data")
-    try:
-        form = await request.form(max_files=1, max_fields=1)
-    except (HTTPException, MultiPartException) as exc:
-        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
-        raise InvalidMultipart(f"the multipart body could not be read: {detail}") from None
+    form = await read_form(request, max_fields=1)
     try:
         unknown = sorted(set(form.keys()) - {CAPTION_FIELD})
         if unknown:
