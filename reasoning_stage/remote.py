@@ -171,10 +171,7 @@ class RemoteReasoningBackend:
                 f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
             ) from exc
         except StageHttpError as exc:
-            error = translate_error(exc, self._where)
-            if progress.chars and isinstance(error, ReasoningUnavailable):
-                error = ReasoningUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
-            raise error from exc
+            raise translate_error(exc, self._where, midway=progress.chars > 0) from exc
 
     async def health(self) -> Health:
         """`GET {base_url}/models`: ok when the server answers and serves the model. Never raises."""
@@ -308,10 +305,10 @@ def _late_thinking(text: str) -> tuple[str, str]:
     return head.strip(), answer.strip()
 
 
-def translate_error(exc: StageHttpError, where: str) -> ReasoningError:
+def translate_error(exc: StageHttpError, where: str, *, midway: bool = False) -> ReasoningError:
     """Map a failure of the stage client into the reasoning error tree (`stage_client.classify` says what it
     means)."""
-    return ERRORS.error(classify(exc), where)
+    return ERRORS.error(classify(exc), where, midway=midway)
 
 
 STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {

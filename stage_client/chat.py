@@ -325,19 +325,23 @@ def finish_failure(reason: str) -> Failure | None:
 
 @dataclass(frozen=True)
 class ErrorTree(Generic[E]):
-    """A stage's error class for each kind of failure (`unavailable` takes `retry_after_s`), and the classes that
-    our own stage servers name by the `code` of an HTTP error, which keep their class across the hop."""
+    """A stage's error class for each kind of failure (`unavailable` takes `retry_after_s` and `retryable`), and the
+    classes that our own stage servers name by the `code` of an HTTP error, which keep their class across the hop."""
 
     unavailable: Callable[..., E]
     rejected: Callable[[str], E]
     invalid: Callable[[str], E]
     by_code: Mapping[str, Callable[[str], E]]
 
-    def error(self, failure: Failure, where: str) -> E:
-        """The stage's error for `failure`, its message starting with `where` (the backend, its URL and model)."""
+    def error(self, failure: Failure, where: str, *, midway: bool = False) -> E:
+        """The stage's error for `failure`, its message starting with `where` (the backend, its URL and model).
+        `midway`: part of the answer had arrived, so an unavailable server is not worth asking again."""
         own = self.by_code.get(failure.code or "")
         if own is not None:
             return own(f"{where}: {failure.detail}")
+        if failure.kind == "unavailable" and midway:
+            message = f"{where} {failure.message} (after part of the answer had arrived)"
+            return self.unavailable(message, retry_after_s=failure.retry_after_s, retryable=False)
         if failure.kind == "unavailable":
             return self.unavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
         return (self.rejected if failure.kind == "rejected" else self.invalid)(f"{where} {failure.message}")

@@ -226,10 +226,7 @@ class RemoteVisionBackend:
                 f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
             ) from exc
         except StageHttpError as exc:
-            error = translate_error(exc, self._where)
-            if progress.chars and isinstance(error, VisionUnavailable):
-                error = VisionUnavailable(f"{error} (after part of the answer had arrived)", retryable=False)
-            raise error from exc
+            raise translate_error(exc, self._where, midway=progress.chars > 0) from exc
 
     async def health(self) -> Health:
         """`GET {base_url}/models`: ok when the server answers and serves the model. Never raises."""
@@ -309,9 +306,9 @@ def _finish_reason(reason: str, where: str) -> str:
     return reason
 
 
-def translate_error(exc: StageHttpError, where: str) -> VisionError:
+def translate_error(exc: StageHttpError, where: str, *, midway: bool = False) -> VisionError:
     """Map a failure of the stage client into the vision error tree (`stage_client.classify` says what it means)."""
-    return ERRORS.error(classify(exc), where)
+    return ERRORS.error(classify(exc), where, midway=midway)
 
 
 STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
