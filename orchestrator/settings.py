@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stage_client.dialects import DialectName
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,6 +64,9 @@ class RemoteSettings(_Section):
     """`remote`: an OpenAI-compatible server (vLLM, SGLang, a vendor API, our stage servers), e.g.
     `http://127.0.0.1:8001/v1`; several, comma-separated, spread the load and stand in for each other."""
     api_key: SecretStr | None = None
+    dialect: DialectName = "auto"
+    """`remote`: what the server accepts (`vllm`, `sglang`, `openai`, `zhipu` for the GLM open platform); `auto`
+    sends what suits our own stage servers and most vLLM or SGLang servers. The README says what each sends."""
     connect_timeout_s: float = Field(default=5.0, gt=0)
     """`remote`: to open a connection."""
     first_byte_timeout_s: float = Field(default=60.0, gt=0)

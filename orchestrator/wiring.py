@@ -15,6 +15,7 @@ from orchestrator.resilience.backends import FallbackVision, ResilientReasoning,
 from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
 from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
 from reasoning_stage.backend import ReasoningBackend
+from stage_client.dialects import DialectName
 from vision_stage.backend import VisionBackend
 from vision_stage.embedder import shared_embedder
 
@@ -185,6 +186,7 @@ class _RemoteCall(TypedDict):
     connect_timeout_s: float
     first_byte_timeout_s: float
     headers: Callable[[], Mapping[str, str]]
+    dialect_name: DialectName
 
 
 def _remote_call(settings: VisionSettings | ReasoningSettings, base_url: str) -> _RemoteCall:
@@ -196,6 +198,7 @@ def _remote_call(settings: VisionSettings | ReasoningSettings, base_url: str) ->
         connect_timeout_s=settings.connect_timeout_s,
         first_byte_timeout_s=settings.first_byte_timeout_s,
         headers=stage_headers,
+        dialect_name=settings.dialect,
     )
 
 

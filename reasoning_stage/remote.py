@@ -1,19 +1,23 @@
 """The `remote` reasoning backend: any OpenAI-compatible `/v1/chat/completions` server (our `reasoning_stage` server,
 vLLM, SGLang, llama.cpp's server, Ollama, a vendor API).
 
-The request's messages go as they are, with `max_tokens=max_new_tokens` and its `temperature`. Answers are always
-streamed (`stream_options.include_usage`): `stream` yields `ReasoningDelta`s as they arrive, and `generate` is
+The request's messages go as they are, with `max_new_tokens` as the token limit and its `temperature`, in the
+server's dialect (`stage_client.dialects`: the GLM open platform, for one, gets `thinking: {"type": "disabled"}`,
+since it thinks by default and would spend the token budget on it, and `do_sample: false` for greedy decoding).
+Answers are always streamed: `stream` yields `ReasoningDelta`s as they arrive, and `generate` is
 `stream` collected, so both behave alike. Thinking arrives in the non-standard delta field `reasoning_content`
 (vLLM up to 0.11, SGLang) or `reasoning` (newer vLLM), or as a `<think>…</think>` block at the start of the content
 when the server runs no reasoning parser; it becomes `thinking`, never `text`. One case only `generate` can see: a
 `</think>` whose opening tag was in the prompt (the chat template's), since a stream cannot know it was thinking until
-the block closes; `stream` passes such text through, and `generate` moves what precedes `</think>` to `thinking`.
+the block closes; `stream` passes such text through, and `generate` moves what precedes `</think>` to `thinking` (and
+keeps only what is inside `<answer>…</answer>` tags, `stage_client.model_text.split_thinking`).
 
 The last delta carries the finish reason and the token counts of the server's final usage chunk; a server that sends
 no usage gives `None` there, which `generate` reports as 0 tokens.
 
 The request and the stream go through `stage_client.ChatClient`, which checks each chunk's shape. Errors are
-translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict):
+translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict), as
+`stage_client.failures` classifies them:
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
@@ -21,14 +25,16 @@ translated in `translate_error` (foreign exceptions) and `_finish_reason` (the s
 |                                                                 | False once a delta had arrived           |
 | HTTP 408, 429 or 5xx                                            | `ReasoningUnavailable`, `retry_after_s`  |
 |                                                                 | from `Retry-After` (seconds or a date)   |
-| other HTTP 4xx (bad request, context too long, unknown model)   | `ReasoningRejected`                      |
-| an error event inside the stream                                | by its `code`, as a status; no code:     |
-|                                                                 | `ReasoningUnavailable`                   |
+| an exhausted account balance (the GLM open platform's 1113)     | `ReasoningUnavailable`, not retryable    |
+| other HTTP 4xx (bad request, context too long, unknown model,   | `ReasoningRejected`                      |
+| a vendor's safety refusal)                                      |                                          |
+| an error event inside the stream                                | by its `code`, as a status (100–599) or  |
+|                                                                 | a vendor code; else unavailable          |
 | a 200 not `text/event-stream`, an event not JSON, a chunk       | `ReasoningInvalidOutput`                 |
 | without `choices`, no chunk at all, a stream ending before a    |                                          |
 | `finish_reason` (cut mid-answer; after the deltas so far)       |                                          |
-| `finish_reason` `content_filter`                                | `ReasoningRejected`                      |
-| `finish_reason` `abort` or `error` (the server gave up)         | `ReasoningUnavailable`                   |
+| `finish_reason` `content_filter` or `sensitive`                 | `ReasoningRejected`                      |
+| `finish_reason` `abort`, `error` or `network_error`             | `ReasoningUnavailable`                   |
 | any other `finish_reason` than `stop` or `length`               | `ReasoningInvalidOutput`                 |
 | more than `MAX_CHARS_PER_TOKEN` characters per requested token  | `ReasoningInvalidOutput`                 |
 
@@ -58,10 +64,20 @@ from reasoning_stage.errors import (
     ReasoningUnavailable,
 )
 from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
-from stage_client import ChatClient, Chunk, ErrorTree, StageHttpError, classify, finish_failure
+from stage_client import (
+    ChatClient,
+    Chunk,
+    Dialect,
+    DialectName,
+    ErrorTree,
+    StageHttpError,
+    classify,
+    dialect,
+    finish_failure,
+)
+from stage_client.model_text import THINK_CLOSE, THINK_OPEN, split_thinking
 
 HEALTH_TIMEOUT_S = 10.0
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MAX_CHARS_PER_TOKEN = 32
 """A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
 
@@ -79,8 +95,10 @@ class RemoteReasoningBackend:
         model: str,
         timeout_s: float = 120.0,
         headers: Callable[[], Mapping[str, str]] | None = None,
+        speaks: Dialect | None = None,
     ) -> None:
         self.model = model
+        self.dialect = speaks or dialect("auto")
         self.base_url = base_url
         self._headers = headers
         self._timeout_s = timeout_s
@@ -100,6 +118,7 @@ class RemoteReasoningBackend:
         first_byte_timeout_s: float = 60.0,
         headers: Callable[[], Mapping[str, str]] | None = None,
         http_client: httpx.AsyncClient | None = None,
+        dialect_name: DialectName = "auto",
     ) -> RemoteReasoningBackend:
         """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
         to the caller.
@@ -115,7 +134,9 @@ class RemoteReasoningBackend:
             first_byte_timeout_s=first_byte_timeout_s,
             http_client=http_client,
         )
-        return cls(client, base_url=base_url, model=model, timeout_s=timeout_s, headers=headers)
+        return cls(
+            client, base_url=base_url, model=model, timeout_s=timeout_s, headers=headers, speaks=dialect(dialect_name)
+        )
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         """`stream` collected. Token counts are 0 when the server sent no usage."""
@@ -129,7 +150,7 @@ class RemoteReasoningBackend:
             last = delta
         if last.finish_reason is None:  # `stream` ends with the finish reason or raises; kept for the type checker
             raise ReasoningInvalidOutput(f"{self._where} ended without a finish reason")
-        late_thinking, answer = _late_thinking("".join(text))
+        late_thinking, answer = split_thinking("".join(text))
         parts = [part for part in ("".join(thinking).strip(), late_thinking) if part]
         return ReasoningResult(
             backend=self.name,
@@ -148,14 +169,12 @@ class RemoteReasoningBackend:
             raise ReasoningUnavailable(f"{self._where} is closed")
         deadline = asyncio.get_running_loop().time() + self._timeout_s
         progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * request.max_new_tokens)
-        body = {
-            "model": self.model,
-            "messages": [_message(message) for message in request.messages],
-            "temperature": request.temperature,
-            "max_tokens": request.max_new_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body = self.dialect.chat_body(
+            self.model,
+            [_message(message) for message in request.messages],
+            max_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+        )
         chunks = self._client.chunks(body, self._headers() if self._headers else None)
         try:
             async with aclosing(chunks), aclosing(_deltas(chunks, self._where)) as deltas:
@@ -295,14 +314,6 @@ def _partial_tag(text: str, tag: str) -> int:
         if text.endswith(tag[:size]):
             return size
     return 0
-
-
-def _late_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of collected text still holding a `</think>` whose opening tag was in the prompt."""
-    if THINK_CLOSE not in text:
-        return "", text.strip()
-    head, _, answer = text.partition(THINK_CLOSE)
-    return head.strip(), answer.strip()
 
 
 def translate_error(exc: StageHttpError, where: str, *, midway: bool = False) -> ReasoningError:

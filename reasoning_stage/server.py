@@ -4,8 +4,8 @@
 `image_url` part is 400 `image_not_supported`), and continues the chat with `ReasoningRequest(messages,
 max_new_tokens=max_completion_tokens or max_tokens or the server's default, temperature)`. A missing `temperature`
 means greedy decoding (0), not OpenAI's 1: answers are reproducible unless a client asks otherwise. Other sampling
-fields and `chat_template_kwargs` are accepted and ignored. `model` may be the served name, empty or missing; any
-other name is 404 `model_not_found`.
+fields and `chat_template_kwargs` are accepted and ignored. `model` may be the served name, the backend's name
+(`stage_client.serving`), empty or missing; any other name is 404 `model_not_found`.
 
 The model's thinking is `reasoning_content` (vLLM's field) on the message, or on the deltas when streaming. A
 streamed answer (`stream: true`) comes from the backend's `stream` when it has one (`StreamingReasoningBackend`),
@@ -28,7 +28,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from openai.types import Model
 
 from reasoning_stage import errors
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
@@ -47,6 +46,7 @@ from reasoning_stage.openai_wire import (
     primed,
 )
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
+from stage_client.serving import model_list, served_names, unknown_model
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ api = APIRouter()
 
 @api.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, service: Service) -> Response:
-    if body.model and body.model != service.model_name:
-        message = f"the model {body.model!r} is not served here; this server serves {service.model_name!r}"
-        raise ApiError(MODEL_NOT_FOUND, message, param="model")
+    unknown = unknown_model(body.model, served_names(service.model_name, service.backend.name))
+    if unknown is not None:
+        raise ApiError(MODEL_NOT_FOUND, unknown, param="model")
     request = reasoning_request(body, service.default_max_tokens)
     reply = Reply(service.model_name)
     if not body.stream:
@@ -166,8 +166,8 @@ async def _generated(backend: ReasoningBackend, request: ReasoningRequest) -> As
 
 @api.get("/v1/models")
 async def list_models(service: Service) -> dict[str, object]:
-    model = Model(id=service.model_name, created=service.created, object="model", owned_by="reasoning_stage")
-    return {"object": "list", "data": [model.to_dict(mode="json")]}
+    names = served_names(service.model_name, service.backend.name)
+    return model_list(names, service.created, "reasoning_stage")
 
 
 @api.get("/health", response_model=None)

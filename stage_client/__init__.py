@@ -4,7 +4,8 @@
 `StageHttpError` tree, which `classify` turns into what a stage needs to know (`Failure`).
 """
 
-from stage_client.chat import ChatClient, Chunk, ErrorTree, Failure, classify, finish_failure, retry_after_s
+from stage_client.chat import ChatClient, Chunk
+from stage_client.dialects import DIALECTS, Dialect, DialectName, dialect
 from stage_client.errors import (
     StageErrorEvent,
     StageHttpError,
@@ -13,10 +14,14 @@ from stage_client.errors import (
     StageTimedOut,
     StageUnreachable,
 )
+from stage_client.failures import ErrorTree, Failure, classify, finish_failure, retry_after_s
 
 __all__ = [
+    "DIALECTS",
     "ChatClient",
     "Chunk",
+    "Dialect",
+    "DialectName",
     "ErrorTree",
     "Failure",
     "StageErrorEvent",
@@ -26,6 +31,7 @@ __all__ = [
     "StageTimedOut",
     "StageUnreachable",
     "classify",
+    "dialect",
     "finish_failure",
     "retry_after_s",
 ]

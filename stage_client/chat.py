@@ -20,9 +20,7 @@ The errors, drawn once::
                              without `choices`, an event larger than `MAX_EVENT_BYTES`, no chunk at all, or a
                              stream ending before any `finish_reason` (cut mid-answer)
 
-`classify` says what each means for the stage: `unavailable` (worth asking again: connection failures, timeouts,
-408, 429, 5xx, error events without a client-error code), `rejected` (this request will never work: other 4xx) or
-`invalid` (the answer is unusable), with the server's own words and its `Retry-After`.
+`stage_client.failures.classify` says what each means for the stage.
 
 This client neither retries nor bounds an answer's total time: the stage backends and the orchestrator's resilience
 layer do.
@@ -31,12 +29,8 @@ layer do.
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -44,13 +38,10 @@ import orjson
 
 from stage_client.errors import (
     StageErrorEvent,
-    StageHttpError,
     StageMalformed,
     StageStatus,
     StageTimedOut,
-    StageUnreachable,
     clip,
-    detail,
 )
 from stage_client.wire import HttpxTransport, Response, Timeouts, Transport, WireTransport
 
@@ -60,11 +51,10 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 """No chunk of an answer is this large; a line that grows past it is a server sending garbage."""
 MAX_ERROR_BODY_BYTES = 64 * 1024
 """How much of an error response is read for its message."""
-RETRYABLE_STATUSES = frozenset({408, 429})
-"""With every 5xx (and 3xx): the statuses that mean "not now" rather than "not this request"."""
 DONE = b"[DONE]"
 BOM = b"\xef\xbb\xbf"
-E = TypeVar("E", bound=Exception)
+FINISH_ALIASES = {"model_context_window_exceeded": "length"}
+"""Finish reasons some servers name their own way (the GLM open platform's end of the context window)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +250,7 @@ def _chunk(name: str, data: bytes) -> Chunk:
         choice=True,
         content=_text(delta.get("content")),
         reasoning=_text(delta.get("reasoning_content")) or _text(delta.get("reasoning")),
-        finish_reason=finish if isinstance(finish, str) else None,
+        finish_reason=FINISH_ALIASES.get(finish, finish) if isinstance(finish, str) else None,
         usage=usage,
     )
 
@@ -277,94 +267,3 @@ def _count(value: object) -> int | None:
 
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
-
-
-# What a failure means for a stage
-
-
-@dataclass(frozen=True)
-class Failure:
-    """What a `StageHttpError` means: its `kind`, a message to follow the server's name, how long the server asked
-    to wait, and for an HTTP error, the `code` of its error object (our own stage servers name their errors so)
-    and the server's own words (`detail`)."""
-
-    kind: Literal["unavailable", "rejected", "invalid"]
-    message: str
-    retry_after_s: float | None = None
-    code: str | None = None
-    detail: str = ""
-
-
-def classify(exc: StageHttpError) -> Failure:
-    if isinstance(exc, StageStatus):
-        code = exc.body.get("code") if isinstance(exc.body, dict) else None
-        words = detail(exc.body, f"status {exc.status}")
-        kind, message = _by_status(exc.status, f"HTTP {exc.status}: {words}")
-        wait = retry_after_s(exc.headers) if kind == "unavailable" else None
-        return Failure(kind, message, wait, code if isinstance(code, str) else None, words)
-    if isinstance(exc, StageErrorEvent):
-        code = exc.body.get("code") if isinstance(exc.body, dict) else None
-        status = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
-        return Failure(*_by_status(status, f"an error event (code {status}): {detail(exc.body, 'no message')}"))
-    if isinstance(exc, StageUnreachable | StageTimedOut):
-        return Failure("unavailable", str(exc))
-    return Failure("invalid", str(exc))
-
-
-def finish_failure(reason: str) -> Failure | None:
-    """What a stream's `finish_reason` means: None for `stop` and `length` (an answer, whole or cut at the token
-    limit); `content_filter` rejected; `abort` and `error` (the server gave up) unavailable; anything else invalid."""
-    if reason in ("stop", "length"):
-        return None
-    if reason == "content_filter":
-        return Failure("rejected", "refused to answer (finish_reason content_filter)")
-    if reason in ("abort", "error"):
-        return Failure("unavailable", f"gave up on the request (finish_reason {reason})")
-    return Failure("invalid", f"stopped for an unexpected reason: finish_reason {reason!r}")
-
-
-@dataclass(frozen=True)
-class ErrorTree(Generic[E]):
-    """A stage's error class for each kind of failure (`unavailable` takes `retry_after_s` and `retryable`), and the
-    classes that our own stage servers name by the `code` of an HTTP error, which keep their class across the hop."""
-
-    unavailable: Callable[..., E]
-    rejected: Callable[[str], E]
-    invalid: Callable[[str], E]
-    by_code: Mapping[str, Callable[[str], E]]
-
-    def error(self, failure: Failure, where: str, *, midway: bool = False) -> E:
-        """The stage's error for `failure`, its message starting with `where` (the backend, its URL and model).
-        `midway`: part of the answer had arrived, so an unavailable server is not worth asking again."""
-        own = self.by_code.get(failure.code or "")
-        if own is not None:
-            return own(f"{where}: {failure.detail}")
-        if failure.kind == "unavailable" and midway:
-            message = f"{where} {failure.message} (after part of the answer had arrived)"
-            return self.unavailable(message, retry_after_s=failure.retry_after_s, retryable=False)
-        if failure.kind == "unavailable":
-            return self.unavailable(f"{where} {failure.message}", retry_after_s=failure.retry_after_s)
-        return (self.rejected if failure.kind == "rejected" else self.invalid)(f"{where} {failure.message}")
-
-
-def _by_status(status: int | None, what: str) -> tuple[Literal["unavailable", "rejected"], str]:
-    if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUSES:
-        return "rejected", f"refused the request with {what}"
-    return "unavailable", f"answered {what}"
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from a `Retry-After` header: delay-seconds or an HTTP date; None when absent or unreadable."""
-    value = (headers.get("retry-after") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None

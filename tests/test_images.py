@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.images import image_bytes
 from vision_stage.errors import ImageCorrupt, ImageEmpty, ImageTooLarge, ImageTooManyPixels, ImageUnsupported
+from vision_stage.image_wire import image_data_url
 from vision_stage.images import ImageLimits, decode_image, sniff_format
-from vision_stage.remote import image_data_url
 
 LIMITS = ImageLimits()
 

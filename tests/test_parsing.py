@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from vision_stage.errors import VisionInvalidOutput
-from vision_stage.parsing import description_json, extract_boxes, parse_description, split_thinking
+from vision_stage.description import NOT_JSON_NOTE, read_description
+from vision_stage.parsing import description_json, extract_boxes, split_thinking
 from vision_stage.prompts import CAPTION_PROMPT, DESCRIBE_PROMPT, parse_task_prompt, task_prompt
 from vision_stage.render import render_description
 from vision_stage.types import (
@@ -33,6 +33,11 @@ RECEIPT = {
 }
 
 
+def parse_description(text: str, facts: ImageFacts) -> tuple[str, StructuredDescription]:
+    description = read_description(extract_boxes(text)[0], facts)
+    return description.caption, description.structured
+
+
 # split_thinking
 
 
@@ -48,6 +53,10 @@ RECEIPT = {
         ("Plain answer.", None, "Plain answer."),
         ("", None, ""),
         ("<think>a</think>b</think>c", "a", "b</think>c"),  # only the first block is thinking
+        ("<think>look</think><answer>It is 3.50.</answer>", "look", "It is 3.50."),  # GLM-4.1V-Thinking
+        ("<think>look</think>\n<answer>cut at the lim", "look", "cut at the lim"),
+        ("look</think><answer>A</answer> trailing", "look", "A"),
+        ("Plain </answer>", None, "Plain"),
     ],
 )
 def test_split_thinking(text: str, thinking: str | None, answer: str) -> None:
@@ -77,8 +86,20 @@ def test_extract_boxes_without_numbers_keeps_the_text_and_adds_no_box() -> None:
     assert extract_boxes("see <|begin_of_box|>the red cup<|end_of_box|>") == ("see the red cup", ())
 
 
-def test_extract_boxes_ignores_a_trailing_incomplete_quadruple() -> None:
-    assert extract_boxes("<|begin_of_box|>[1, 2, 3, 4, 5, 6]<|end_of_box|>")[1] == (Box(1, 2, 3, 4),)
+@pytest.mark.parametrize(
+    "inner", ["[1, 2, 3, 4, 5, 6]", "80.00", "1, 2, 3, 4", "Total: 12, 13, 14, 15", "[[1, 2, 3]]", "the red cup"]
+)
+def test_a_boxed_answer_that_is_not_coordinates_is_no_box(inner: str) -> None:
+    """GLM boxes whole final answers too: only bracketed groups of four numbers are a box."""
+    assert extract_boxes(f"<|begin_of_box|>{inner}<|end_of_box|>") == (inner, ())
+
+
+def test_bare_coordinates_left_by_a_server_that_stripped_the_markers_are_boxes() -> None:
+    text, boxes = extract_boxes(
+        "the cup [[100, 200, 300, 400]] and the plate [[1,2,3,4],[5,6,7,8]] but not [9, 9, 9, 9]"
+    )
+    assert boxes == (Box(100, 200, 300, 400), Box(1, 2, 3, 4), Box(5, 6, 7, 8))
+    assert text.startswith("the cup [[100, 200, 300, 400]]")  # the text keeps what the model wrote
 
 
 def test_extract_boxes_drops_unbalanced_markup() -> None:
@@ -86,7 +107,7 @@ def test_extract_boxes_drops_unbalanced_markup() -> None:
     assert extract_boxes("stray <|end_of_box|> end") == ("stray  end", ())
 
 
-def test_extract_boxes_without_markup_is_identity() -> None:
+def test_extract_boxes_without_markup_or_double_brackets_is_identity() -> None:
     assert extract_boxes("A plain sentence [1, 2, 3, 4].") == ("A plain sentence [1, 2, 3, 4].", ())
 
 
@@ -153,30 +174,39 @@ def test_parse_description_accepts_nulls_and_plain_strings() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("text", "kept"),
     [
-        ("The image shows a cat.", "did not write a JSON object"),
-        ("", "did not write a JSON object"),
-        ("[1, 2, 3]", "did not write a JSON object"),
-        ('{"caption": "cut off', "does not parse"),
-        ("{'caption': 'single quotes'}", "does not parse"),
-        ('{"text_lines": {"text": "not a list"}}', "'text_lines' that is not a list"),
-        ('{"fields": [{"key": "Total"}]}', "malformed entry"),
-        ('{"objects": [{"box": [1, 2, 3, 4]}]}', "malformed entry"),
-        ('{"text_lines": [1, 2]}', "malformed entry"),
-        ('{"fields": ["Total: 3.50"]}', "malformed entry"),
+        ("The image shows a cat.", "The image shows a cat."),
+        ("[1, 2, 3]", "[1, 2, 3]"),
+        ("x" * 1000, "x" * 1000),
     ],
 )
-def test_parse_description_refuses_unusable_output(text: str, message: str) -> None:
-    with pytest.raises(VisionInvalidOutput, match=message):
-        parse_description(text, FACTS)
+def test_text_with_no_usable_json_becomes_the_description_as_written(text: str, kept: str) -> None:
+    read = read_description(text, FACTS)
+    assert kept in read.text
+    assert read.notes == (NOT_JSON_NOTE,)
+    assert read.text.startswith("Image: 500×1000 pixels")  # the facts still come first
 
 
-def test_parse_description_error_quotes_what_the_model_wrote_clipped() -> None:
-    with pytest.raises(VisionInvalidOutput) as caught:
-        parse_description("x" * 1000, FACTS)
-    assert "xxxx" in str(caught.value)
-    assert len(str(caught.value)) < 300
+@pytest.mark.parametrize(
+    ("text", "lines", "fields", "objects"),
+    [
+        ('{"caption": "cut off', [], [], []),
+        ("{'caption': 'single quotes', 'fields': {'Total': '3.50'}}", [], [("Total", "3.50")], []),
+        ('{"text_lines": {"text": "not a list"}}', ["not a list"], [], []),
+        ('{"fields": [{"key": "Total"}]}', [], [("Total", "")], []),
+        ('{"objects": [{"box": [1, 2, 3, 4]}]}', [], [], ["box"]),
+        ('{"text_lines": [1, 2]}', ["1", "2"], [], []),
+        ('{"fields": ["Total: 3.50"]}', [], [("Total", "3.50")], []),
+    ],
+)
+def test_json_of_other_shapes_is_read_not_refused(
+    text: str, lines: list[str], fields: list[tuple[str, str]], objects: list[str]
+) -> None:
+    read = read_description(text, FACTS)
+    assert [line.text for line in read.structured.text_lines] == lines
+    assert [(kv.key, kv.value) for kv in read.structured.fields] == fields
+    assert [o.label.split(" ")[0] for o in read.structured.objects] == objects
 
 
 def test_parse_description_finds_a_json_array_s_first_object() -> None:

@@ -109,7 +109,10 @@ async def test_streamed_deltas_add_up_to_the_plain_answer(llama_server: RunningS
 
 
 def test_models_and_health_name_the_served_model(llama_server: RunningServer) -> None:
-    assert [model.id for model in openai_client(llama_server).models.list()] == ["tiny-llama"]
+    assert [model.id for model in openai_client(llama_server).models.list()] == [
+        "tiny-llama",
+        "local",
+    ]  # the backend's name too
     health = httpx.get(f"{llama_server.url}/health")
     assert (health.status_code, health.json()["status"], health.json()["backend"]) == (200, "ok", "local")
 

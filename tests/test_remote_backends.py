@@ -21,6 +21,7 @@ from tests.images import decoded, image_bytes
 from tests.servers import serving, unused_port
 from tests.vllm_fake import FakeVllm, Recorded, decode_data_url, recorded, vllm_stream
 from vision_stage.backend import VisionBackend
+from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.prompts import task_prompt
@@ -214,9 +215,16 @@ async def test_vision_thinking_that_uses_every_token_is_no_answer() -> None:
         await look(fake, answer_request(), thinking=True)
 
 
-async def test_vision_describe_without_json_is_invalid_output_naming_the_backend() -> None:
-    fake = FakeVllm(VISION_MODEL, [vllm_stream(VISION_MODEL, ["I cannot describe this image."])])
-    with pytest.raises(VisionInvalidOutput, match=r"remote vision backend \(http://vllm\.test:8000/v1.*JSON"):
+async def test_vision_describe_without_json_keeps_the_model_s_text_with_a_note() -> None:
+    fake = FakeVllm(VISION_MODEL, [vllm_stream(VISION_MODEL, ["A receipt. TOTAL 54.06 is printed at the bottom."])])
+    result = await look(fake, answer_request("describe"))
+    assert "TOTAL 54.06 is printed at the bottom." in result.description
+    assert NOT_JSON_NOTE in result.notes
+
+
+async def test_vision_answer_with_no_text_at_all_is_invalid_output_naming_the_backend() -> None:
+    fake = FakeVllm(VISION_MODEL, [vllm_stream(VISION_MODEL, ["  \n "])])
+    with pytest.raises(VisionInvalidOutput, match=r"remote vision backend \(http://vllm\.test:8000/v1.*no answer"):
         await look(fake, answer_request("describe"))
 
 

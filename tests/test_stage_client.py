@@ -1065,8 +1065,19 @@ def test_classify_maps_statuses_and_passes_retry_after_only_when_asking_again_ma
         ({"message": "slow", "code": 429}, "unavailable", "answered an error event (code 429): slow"),
         ({"message": "down", "code": 500}, "unavailable", "answered an error event (code 500): down"),
         ({"message": "hm"}, "unavailable", "answered an error event (code None): hm"),
-        ({"message": "hm", "code": "invalid_request"}, "unavailable", "answered an error event (code None): hm"),
-        ({"message": "hm", "code": -400}, "unavailable", "answered an error event (code None): hm"),
+        (
+            {"message": "hm", "code": "invalid_request"},
+            "unavailable",
+            "answered an error event (code invalid_request): hm",
+        ),
+        ({"message": "hm", "code": -400}, "unavailable", "answered an error event (code -400): hm"),
+        # the GLM open platform's business codes are never read as HTTP statuses
+        ({"message": "hm", "code": "1234"}, "unavailable", "answered an error event (code 1234): hm"),
+        (
+            {"message": "敏感", "code": "1301"},
+            "rejected",
+            "refused the request with an error event (code 1301): 敏感 (the vendor's safety check refused the content)",
+        ),
         ("words", "unavailable", "answered an error event (code None): words"),
     ],
 )

@@ -20,9 +20,10 @@ from tests.images import png_bytes
 from tests.servers import RunningServer, data_url, image_message, openai_client, reset, serving
 from vision_stage import errors as vision_errors
 from vision_stage import server as vision_server
+from vision_stage.description import read_description
 from vision_stage.facts import image_facts
 from vision_stage.images import ImageLimits, decode_image
-from vision_stage.parsing import extract_boxes, parse_description
+from vision_stage.parsing import extract_boxes
 from vision_stage.prompts import task_prompt
 from vision_stage.types import Box, VisionRequest, VisionResult
 
@@ -79,7 +80,7 @@ def test_the_ocr_server_answers_the_three_tasks(ocr_server: RunningServer) -> No
 
     caption, described, answered = ask(task_prompt("caption", None)), ask(task_prompt("describe", None)), ask("total?")
     facts = image_facts(decode_image(RECEIPT.read_bytes(), ImageLimits()))
-    _, structured = parse_description(described, facts)
+    structured = read_description(described, facts).structured
     assert "TOTAL54.06" in [line.text.replace(" ", "") for line in structured.text_lines]
     assert caption.startswith("A 600×800 portrait image")
     assert "54.06" in answered
@@ -183,7 +184,7 @@ def test_vision_server_request_errors(fake_vision: tuple[SeeingVision, RunningSe
         f"{server.url}/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}
     )
     assert bad_json.json()["error"]["code"] == "invalid_json"
-    assert [model.id for model in look.models.list()] == ["fake-vision"]
+    assert [model.id for model in look.models.list()] == ["fake-vision", "fake"]  # the backend's name too
     vision.healthy = False
     unhealthy = httpx.get(f"{server.url}/health")
     assert (unhealthy.status_code, unhealthy.json()["status"], unhealthy.headers["retry-after"]) == (

@@ -2,20 +2,21 @@
 SGLang, a vendor API, our own `vision_stage` server).
 
 One request is one user message: the image as an `image_url` part, then `vision_stage.prompts.task_prompt` as a text
-part; greedy decoding (`temperature=0`), `max_tokens=max_new_tokens`, and thinking switched by
-`chat_template_kwargs.enable_thinking`, which vLLM and SGLang hand to GLM-4.5V/4.6V's chat template. The image
-travels as a `data:` URL: the upload's own bytes when they hold exactly the decoded pixels in PNG or JPEG (no
-orientation to apply, no colour conversion: nothing to encode again); otherwise the decoded pixels, as JPEG (quality
-90) when the upload was a JPEG, since a PNG of a photo is several times larger, and PNG otherwise, lossless so that
-small text stays sharp. With `pass_image_urls`, a client's own http(s) URL is sent as is and the server fetches it.
+part; greedy decoding, `max_new_tokens` as the token limit, and thinking switched as the server's dialect does it
+(`stage_client.dialects`: `chat_template_kwargs.enable_thinking` for vLLM and SGLang, `thinking.type` for the GLM
+open platform; vLLM and SGLang are also asked to keep GLM's box markers, `skip_special_tokens: false`). The image
+travels as a `data:` URL (`vision_stage.image_wire`: the upload's own bytes when they can be forwarded, re-encoded to
+fit a server's limits where it has them) or, with `pass_image_urls`, as the client's own http(s) URL, which the
+server then fetches.
 
-The answer is streamed (`stream_options.include_usage`) and accumulated. Thinking arrives in the non-standard delta
-field `reasoning_content` (vLLM up to 0.11, SGLang) or `reasoning` (newer vLLM), or as a `<think>` block in the
-content when the server runs no reasoning parser; it is returned as `thinking`, never as the answer. The request
-and the stream go through `stage_client.ChatClient`, which checks each chunk's shape.
+The answer is streamed and accumulated. Thinking arrives in the non-standard delta field `reasoning_content` (vLLM
+up to 0.11, SGLang, the GLM open platform) or `reasoning` (newer vLLM), or as a `<think>` block in the content when
+the server runs no reasoning parser; it is returned as `thinking`, never as the answer. What the model wrote is read
+liberally (`vision_stage.parsing`): a description in any JSON shape, Markdown or prose is kept, never an error. The
+request and the stream go through `stage_client.ChatClient`, which checks each chunk's shape.
 
 Errors are translated in `translate_error` (the client's `StageHttpError`s) and `_finish_reason` (the stream's own
-verdict):
+verdict), as `stage_client.failures` classifies them:
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
@@ -23,16 +24,19 @@ verdict):
 |                                                                 | once text of the answer had arrived      |
 | HTTP 408, 429 or 5xx                                            | `VisionUnavailable`, `retry_after_s`     |
 |                                                                 | from `Retry-After` (seconds or a date)   |
-| other HTTP 4xx (bad request, context too long, unknown model)   | `VisionRejected`                         |
-| an error event inside the stream                                | by its `code`, as a status; no code:     |
-|                                                                 | `VisionUnavailable`                      |
+| an exhausted account balance (the GLM open platform's 1113)     | `VisionUnavailable`, not retryable       |
+| vLLM's 500 for an image it could not decode                     | `ImageCorrupt`                           |
+| other HTTP 4xx (bad request, context too long, unknown model,   | `VisionRejected`                         |
+| a vendor's safety refusal)                                      |                                          |
+| an error event inside the stream                                | by its `code`, as a status (100–599) or  |
+|                                                                 | a vendor code; else `VisionUnavailable`  |
 | a 200 not `text/event-stream`, an event not JSON, a chunk       | `VisionInvalidOutput`                    |
 | without `choices`, no chunk at all, a stream ending before a    |                                          |
 | `finish_reason` (cut mid-answer)                                |                                          |
-| `finish_reason` `content_filter`                                | `VisionRejected`                         |
-| `finish_reason` `abort` or `error` (the server gave up)         | `VisionUnavailable`                      |
+| `finish_reason` `content_filter` or `sensitive`                 | `VisionRejected`                         |
+| `finish_reason` `abort`, `error` or `network_error`             | `VisionUnavailable`                      |
 | any other `finish_reason` than `stop` or `length`               | `VisionInvalidOutput`                    |
-| nothing after the thinking; a describe answer with no JSON      | `VisionInvalidOutput`                    |
+| no answer at all, or nothing after the thinking                 | `VisionInvalidOutput`                    |
 | more than `MAX_CHARS_PER_TOKEN` characters per requested token  | `VisionInvalidOutput`                    |
 
 Timeouts: `connect_timeout_s` to connect; `first_byte_timeout_s` for the longest silence, before the answer begins
@@ -45,16 +49,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
 import httpx
-import pybase64
 
-from stage_client import ChatClient, Chunk, ErrorTree, StageHttpError, classify, finish_failure
+from stage_client import (
+    ChatClient,
+    Chunk,
+    Dialect,
+    DialectName,
+    ErrorTree,
+    StageHttpError,
+    classify,
+    dialect,
+    finish_failure,
+)
 from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
@@ -68,11 +80,11 @@ from vision_stage.errors import (
     VisionUnavailable,
 )
 from vision_stage.facts import image_facts
+from vision_stage.image_wire import fitted_data_url
 from vision_stage.parsing import read_output, split_thinking
 from vision_stage.prompts import task_prompt
-from vision_stage.types import DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
+from vision_stage.types import ImageFacts, VisionRequest, VisionResult, VisionTask
 
-JPEG_QUALITY = 90
 HEALTH_TIMEOUT_S = 10.0
 MAX_CHARS_PER_TOKEN = 32
 """A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
@@ -107,8 +119,10 @@ class RemoteVisionBackend:
         pass_image_urls: bool = False,
         timeout_s: float = 120.0,
         headers: Callable[[], Mapping[str, str]] | None = None,
+        speaks: Dialect | None = None,
     ) -> None:
         self.model = model
+        self.dialect = speaks or dialect("auto")
         self.base_url = base_url
         self._headers = headers
         self._timeout_s = timeout_s
@@ -134,6 +148,7 @@ class RemoteVisionBackend:
         pass_image_urls: bool = False,
         headers: Callable[[], Mapping[str, str]] | None = None,
         http_client: httpx.AsyncClient | None = None,
+        dialect_name: DialectName = "auto",
     ) -> RemoteVisionBackend:
         """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
         to the caller.
@@ -158,6 +173,7 @@ class RemoteVisionBackend:
             pass_image_urls=pass_image_urls,
             timeout_s=timeout_s,
             headers=headers,
+            speaks=dialect(dialect_name),
         )
 
     async def generate(self, request: VisionRequest) -> VisionResult:
@@ -166,9 +182,9 @@ class RemoteVisionBackend:
             raise VisionUnavailable(f"{self._where} is closed")
         prompt = self._prompt(request)
         if self._needs_pixels(request):
-            image_url, facts = await asyncio.to_thread(self._prepare, request)
+            image_url, facts, fitted = await asyncio.to_thread(self._prepare, request)
         else:
-            image_url, facts = self._prepare(request)
+            image_url, facts, fitted = self._prepare(request)
         answer = await self._complete(self._body(image_url, prompt))
         thinking, text = _thinking_and_text(answer)
         if not text:
@@ -177,7 +193,8 @@ class RemoteVisionBackend:
         reading = read_output(request.task, text, facts, who=self._where)
         if thinking:
             reading = dataclasses.replace(reading, thinking=thinking)
-        notes = (f"the answer was cut at {self._max_new_tokens} tokens",) if answer.finish_reason == "length" else ()
+        cut = f"the answer was cut at {self._max_new_tokens} tokens" if answer.finish_reason == "length" else None
+        notes = tuple(note for note in (fitted, cut) if note)
         return reading.result(self.name, self.model, request.task, started=started, notes=notes)
 
     def _prompt(self, request: VisionRequest) -> str:
@@ -194,26 +211,35 @@ class RemoteVisionBackend:
         image = request.image
         if image.pixels_decoded:
             return False
-        forwarded = self._passes_url(request) or image.source is not None
-        return request.task in COLOR_TASKS or not forwarded
+        if self._passes_url(request):
+            return request.task in COLOR_TASKS
+        limits = self.dialect.image_limits
+        oversized = limits is not None and (
+            max(image.width, image.height) > limits.max_side or image.byte_size > limits.max_bytes
+        )
+        return request.task in COLOR_TASKS or image.source is None or oversized
 
-    def _prepare(self, request: VisionRequest) -> tuple[str, ImageFacts]:
-        """The image URL to send and the image's facts."""
-        url = request.image_url if self._passes_url(request) else None
+    def _prepare(self, request: VisionRequest) -> tuple[str, ImageFacts, str | None]:
+        """The image URL to send, the image's facts, and a note when the image was changed to fit the server."""
         facts = image_facts(request.image, colors=request.task in COLOR_TASKS)
-        return (url or image_data_url(request.image)), facts
+        if self._passes_url(request) and request.image_url:
+            return request.image_url, facts, None
+        url, note = fitted_data_url(request.image, self.dialect.image_limits)
+        return url, facts, note
 
     def _body(self, image_url: str, prompt: str) -> dict[str, object]:
-        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": prompt}]
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": content}],
-            "temperature": 0,
-            "max_tokens": self._max_new_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "chat_template_kwargs": {"enable_thinking": self._thinking},
-        }
+        content = [
+            {"type": "image_url", "image_url": {"url": self.dialect.image_url(image_url)}},
+            {"type": "text", "text": prompt},
+        ]
+        return self.dialect.chat_body(
+            self.model,
+            [{"role": "user", "content": content}],
+            max_tokens=self._max_new_tokens,
+            temperature=0.0,
+            thinking=self._thinking,
+            keep_markup=True,
+        )
 
     async def _complete(self, body: dict[str, object]) -> _Answer:
         progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * self._max_new_tokens)
@@ -245,22 +271,6 @@ class RemoteVisionBackend:
         """Close the client (its HTTP client too, unless that was injected)."""
         self._closed = True
         await self._client.aclose()
-
-
-def image_data_url(image: DecodedImage) -> str:
-    """The image as a `data:` URL: the upload as it is when it can be forwarded (`DecodedImage.source`), else the
-    pixels as JPEG (quality `JPEG_QUALITY`) for a JPEG upload and PNG for anything else."""
-    if image.source is not None:
-        mime = "image/jpeg" if image.format == "JPEG" else "image/png"
-        return f"data:{mime};base64,{pybase64.b64encode(image.source).decode('ascii')}"
-    buffer = io.BytesIO()
-    if image.format == "JPEG":
-        image.pixels.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        mime = "image/jpeg"
-    else:
-        image.pixels.save(buffer, format="PNG")
-        mime = "image/png"
-    return f"data:{mime};base64,{pybase64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
 def _thinking_and_text(answer: _Answer) -> tuple[str | None, str]:
@@ -321,4 +331,6 @@ STAGE_SERVER_CODES: dict[str, type[VisionError]] = {
 }
 """Error codes of our own vision stage server (`vision_stage.server`) that keep their error class across the hop;
 other codes map by HTTP status."""
-ERRORS = ErrorTree[VisionError](VisionUnavailable, VisionRejected, VisionInvalidOutput, STAGE_SERVER_CODES)
+ERRORS = ErrorTree[VisionError](
+    VisionUnavailable, VisionRejected, VisionInvalidOutput, STAGE_SERVER_CODES, image=ImageCorrupt
+)

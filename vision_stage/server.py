@@ -18,7 +18,8 @@ results, not token streams, so the backend runs to the end before the first even
 status. `chat_template_kwargs.enable_thinking` is accepted and ignored: no vision backend switches thinking per request
 (the `glm` backend's thinking is set when it is loaded), nor takes a token limit or temperature per request
 (`max_tokens` and `temperature` are accepted and ignored). Token usage is reported as zeros: the backends do not count
-tokens. `model` may be the served name, empty or missing; any other name is 404 `model_not_found`.
+tokens. `model` may be the served name, the backend's name (`stage_client.serving`), empty or missing; any other name is
+404 `model_not_found`.
 
 Errors are OpenAI-shaped; `VISION_ERRORS` maps every error of the vision stage to its status and code.
 """
@@ -38,8 +39,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from openai.types import Model
 
+from stage_client.serving import model_list, served_names, unknown_model
 from vision_stage import errors
 from vision_stage.backend import VisionBackend
 from vision_stage.images import ImageLimits, decode_image
@@ -148,9 +149,9 @@ api = APIRouter()
 
 @api.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, service: Service) -> Response:
-    if body.model and body.model != service.model_name:
-        message = f"the model {body.model!r} is not served here; this server serves {service.model_name!r}"
-        raise ApiError(MODEL_NOT_FOUND, message, param="model")
+    unknown = unknown_model(body.model, served_names(service.model_name, service.backend.name))
+    if unknown is not None:
+        raise ApiError(MODEL_NOT_FOUND, unknown, param="model")
     request = await read_vision_request(body, service.image_limits)
     result = await service.backend.generate(request)
     content = content_of(request.task, result)
@@ -169,8 +170,8 @@ async def _whole(*pieces: Piece) -> AsyncIterator[Piece]:
 
 @api.get("/v1/models")
 async def list_models(service: Service) -> dict[str, object]:
-    model = Model(id=service.model_name, created=service.created, object="model", owned_by="vision_stage")
-    return {"object": "list", "data": [model.to_dict(mode="json")]}
+    names = served_names(service.model_name, service.backend.name)
+    return model_list(names, service.created, "vision_stage")
 
 
 @api.get("/health", response_model=None)
