@@ -190,7 +190,7 @@ class RemoteReasoningBackend:
                 f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
             ) from exc
         except StageHttpError as exc:
-            raise translate_error(exc, self._where, midway=progress.chars > 0) from exc
+            raise translate_error(exc, self._where, midway=progress.chars > 0, speaks=self.dialect) from exc
 
     async def health(self) -> Health:
         """`GET {base_url}/models`: ok when the server answers and serves the model. Never raises."""
@@ -199,7 +199,7 @@ class RemoteReasoningBackend:
         try:
             served = await self._client.model_ids(HEALTH_TIMEOUT_S)
         except Exception as exc:  # health reports every failure, whatever raised it
-            error = translate_error(exc, self._where) if isinstance(exc, StageHttpError) else exc
+            error = translate_error(exc, self._where, speaks=self.dialect) if isinstance(exc, StageHttpError) else exc
             return Health(ok=False, detail=f"{type(error).__name__}: {error}")
         if self.model not in served:
             return Health(ok=False, detail=f"{self._where} is up but serves only: {', '.join(served) or 'nothing'}")
@@ -316,10 +316,13 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-def translate_error(exc: StageHttpError, where: str, *, midway: bool = False) -> ReasoningError:
+def translate_error(
+    exc: StageHttpError, where: str, *, midway: bool = False, speaks: Dialect | None = None
+) -> ReasoningError:
     """Map a failure of the stage client into the reasoning error tree (`stage_client.classify` says what it
     means)."""
-    return ERRORS.error(classify(exc), where, midway=midway)
+    stream_codes = speaks.stream_error_codes if speaks is not None else True
+    return ERRORS.error(classify(exc, stream_codes=stream_codes), where, midway=midway)
 
 
 STAGE_SERVER_CODES: dict[str, type[ReasoningError]] = {

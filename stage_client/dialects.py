@@ -61,6 +61,8 @@ class Dialect:
     stream_options: bool
     bare_base64_images: bool
     image_limits: ImageLimits | None = None
+    stream_error_codes: bool = True
+    """Whether the `code` of an in-stream error event is a meaningful HTTP status (`stage_client.failures`)."""
 
     def chat_body(
         self,
@@ -114,7 +116,7 @@ _VLLM = Dialect(
 )
 _BY_NAME: dict[DialectName, Dialect] = {
     "auto": replace(_VLLM, name="auto", keeps_special_tokens=False),
-    "vllm": _VLLM,
+    "vllm": replace(_VLLM, stream_error_codes=False),
     "sglang": replace(_VLLM, name="sglang"),
     "openai": Dialect(
         "openai",

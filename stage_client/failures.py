@@ -14,8 +14,10 @@ Servers differ in how they say it:
   (`{"error": {"code": "1113", "message": …}}`, codes as strings) that are never statuses; `VENDOR_CODES` says what
   each means (1113, an exhausted balance, comes with a 429 but waiting does not help; 1301 is a safety refusal);
 - an error event inside a stream carries its status as `code` (vLLM, SGLang), as an integer or a string;
-- vLLM answered an image it could not decode with a 500 until 2026-03 (`IMAGE_FAILURE` matches its messages), which
-  is the request's fault, not an outage: no retry, no verdict on the endpoint;
+- vLLM answered an image it could not decode with a 500 up to 0.19 (a truncated or damaged file, Pillow's `OSError`;
+  a 400 for bytes of no image format since mid-2025, and for both from 0.20, vLLM's PR 38253 of 2026-03):
+  `IMAGE_FAILURE` matches what it says, and either status is the request's fault, not an outage: no retry, no
+  verdict on the endpoint;
 - `finish_failure` reads a stream's `finish_reason`: `stop` and `length` are answers; `content_filter` (OpenAI) and
   `sensitive` (the GLM open platform) are refusals; `abort`, `error` and `network_error` mean the server gave up.
 """
@@ -85,21 +87,30 @@ class Failure:
     retryable: bool = True
 
 
-def classify(exc: StageHttpError) -> Failure:
+def classify(exc: StageHttpError, *, stream_codes: bool = True) -> Failure:
+    """What `exc` means (module docstring). `stream_codes` False: the server's in-stream error codes say nothing
+    (vLLM up to 0.14 labels every in-stream error 400 `BadRequestError`, engine failures included, and checks a
+    request before its stream begins), so an error event means the server gave up, unless it names the image."""
     if isinstance(exc, StageStatus):
         return _status_failure(exc)
     if isinstance(exc, StageErrorEvent):
-        code = _code(exc.body)
-        words = detail(exc.body, "no message")
-        vendor = VENDOR_CODES.get(code or "")
-        if vendor is not None:
-            return _vendor_failure(vendor, code or "", f"an error event (code {code}): {words}", words)
-        status = _status(code)
-        kind, message = _by_status(status, f"an error event (code {code}): {words}")
-        return Failure(kind, message, detail=words)
+        return _event_failure(exc, stream_codes)
     if isinstance(exc, StageUnreachable | StageTimedOut):
         return Failure("unavailable", str(exc))
     return Failure("invalid", str(exc))
+
+
+def _event_failure(exc: StageErrorEvent, stream_codes: bool) -> Failure:
+    code = _code(exc.body)
+    words = detail(exc.body, "no message")
+    what = f"an error event (code {code}): {words}"
+    vendor = VENDOR_CODES.get(code or "")
+    if vendor is not None:
+        return _vendor_failure(vendor, code or "", what, words)
+    if IMAGE_FAILURE.search(words):
+        return Failure("image", f"could not read the image ({what})", detail=words)
+    kind, message = _by_status(_status(code) if stream_codes else None, what)
+    return Failure(kind, message, detail=words)
 
 
 def _status_failure(exc: StageStatus) -> Failure:
@@ -109,7 +120,7 @@ def _status_failure(exc: StageStatus) -> Failure:
     vendor = VENDOR_CODES.get(code or "")
     if vendor is not None:
         failure = _vendor_failure(vendor, code or "", what, words)
-    elif exc.status >= 500 and IMAGE_FAILURE.search(words):
+    elif (exc.status >= 500 or exc.status == 400) and IMAGE_FAILURE.search(words):
         failure = Failure("image", f"could not read the image ({what})", code=code, detail=words)
     else:
         kind, message = _by_status(exc.status, what)
