@@ -233,6 +233,7 @@ async def _deltas(chunks: AsyncIterator[Chunk], where: str) -> AsyncGenerator[Re
     after the deltas already yielded)."""
     splitter = _ThinkSplitter()
     finish: FinishReason = "stop"
+    sent = False
     usage: tuple[int | None, int | None] = (None, None)
     async for chunk in chunks:
         usage = chunk.usage or usage
@@ -241,19 +242,20 @@ async def _deltas(chunks: AsyncIterator[Chunk], where: str) -> AsyncGenerator[Re
         text, thinking = splitter.feed(chunk.content)
         thinking = chunk.reasoning + thinking
         if text or thinking:
+            sent = True
             yield ReasoningDelta(text=text, thinking=thinking)
         if chunk.finish_reason is not None:
-            finish = _finish_reason(chunk.finish_reason, where)
+            finish = _finish_reason(chunk.finish_reason, where, midway=sent)
     text, thinking = splitter.flush()
     if text or thinking:
         yield ReasoningDelta(text=text, thinking=thinking)
     yield ReasoningDelta(finish_reason=finish, prompt_tokens=usage[0], completion_tokens=usage[1])
 
 
-def _finish_reason(reason: str, where: str) -> FinishReason:
+def _finish_reason(reason: str, where: str, *, midway: bool) -> FinishReason:
     failure = finish_failure(reason)
     if failure is not None:
-        raise ERRORS.error(failure, where)
+        raise ERRORS.error(failure, where, midway=midway)
     return "length" if reason == "length" else "stop"
 
 

@@ -25,7 +25,15 @@ from starlette.routing import Route
 
 RECORDED = Path(__file__).resolve().parent / "recorded"
 _DATA_URL = re.compile(r"data:image/(png|jpeg);base64,(.+)", re.DOTALL)
-_REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "chat_template_kwargs"}
+_VLLM_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "chat_template_kwargs"}
+REQUEST_FIELDS: dict[str, set[str]] = {
+    "auto": _VLLM_FIELDS,
+    "vllm": _VLLM_FIELDS | {"skip_special_tokens"},
+    "sglang": _VLLM_FIELDS | {"skip_special_tokens"},
+    "openai": {"model", "messages", "stream", "stream_options", "max_completion_tokens", "temperature"},
+    "zhipu": {"model", "messages", "stream", "max_tokens", "temperature", "do_sample", "thinking"},
+}
+"""The fields each dialect may send (`stage_client.dialects`): what that server documents and accepts."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +74,20 @@ def vllm_stream(model: str, pieces: list[str], finish_reason: str = "stop") -> R
     return Recorded(200, {"content-type": "text/event-stream; charset=utf-8"}, body.encode())
 
 
-def check_chat_request(body: dict[str, Any], model: str) -> None:
-    """Assert `body` is a streaming chat request vLLM accepts, for `model`."""
+def check_chat_request(body: dict[str, Any], model: str, dialect: str = "auto") -> None:
+    """Assert `body` is a streaming chat request the server of `dialect` accepts (vLLM's for `auto`), for `model`."""
+    allowed = REQUEST_FIELDS[dialect]
+    assert set(body) <= allowed, f"unexpected fields: {sorted(set(body) - allowed)}"
     assert body["model"] == model
     assert body["stream"] is True
-    assert body["stream_options"] == {"include_usage": True}
-    assert isinstance(body["max_tokens"], int)
-    assert body["max_tokens"] >= 1
-    assert isinstance(body["temperature"], int | float)
-    assert 0 <= body["temperature"] <= 2
-    assert set(body) <= _REQUEST_FIELDS, f"unexpected fields: {sorted(set(body) - _REQUEST_FIELDS)}"
+    if "stream_options" in allowed:
+        assert body["stream_options"] == {"include_usage": True}
+    limit = body["max_completion_tokens" if dialect == "openai" else "max_tokens"]
+    assert isinstance(limit, int)
+    assert limit >= 1
+    if "do_sample" not in body:
+        assert isinstance(body["temperature"], int | float)
+        assert 0 <= body["temperature"] <= (1 if dialect == "zhipu" else 2)
     messages = body["messages"]
     assert isinstance(messages, list)
     assert messages
@@ -83,18 +95,24 @@ def check_chat_request(body: dict[str, Any], model: str) -> None:
         assert message["role"] in ("system", "user", "assistant")
         if not isinstance(message["content"], str):
             for part in message["content"]:
-                _check_part(part)
+                _check_part(part, bare_base64=dialect == "zhipu")
 
 
-def _check_part(part: dict[str, Any]) -> None:
-    """A `text` part with text, or an `image_url` part with an http(s) URL or a base64 image `data:` URL."""
+def _check_part(part: dict[str, Any], *, bare_base64: bool) -> None:
+    """A `text` part with text, or an `image_url` part with an http(s) URL or a base64 image `data:` URL (bare
+    base64 for the GLM open platform)."""
     if part["type"] == "text":
         assert isinstance(part["text"], str)
         assert part["text"]
         return
     assert part["type"] == "image_url", f"unexpected content part {part['type']!r}"
     url = part["image_url"]["url"]
-    if not url.startswith(("http://", "https://")):
+    if url.startswith(("http://", "https://")):
+        return
+    if bare_base64:
+        assert not url.startswith("data:"), "the GLM open platform takes bare base64"
+        base64.b64decode(url, validate=True)
+    else:
         decode_data_url(url)
 
 
@@ -114,6 +132,7 @@ class FakeVllm:
     replies: list[Recorded | Exception] = field(default_factory=list)
     models: Recorded | Exception | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
+    dialect: str = "auto"
 
     def reply(self, method: str, path: str, authorization: str | None, content: bytes) -> Recorded:
         """The scripted answer to one request; asserts the request's shape first."""
@@ -122,7 +141,7 @@ class FakeVllm:
             return _answer_or_raise(self.models)
         assert (method, path.rsplit("/v1/", 1)[-1]) == ("POST", "chat/completions"), f"unexpected {method} {path}"
         body = json.loads(content)
-        check_chat_request(body, self.model)
+        check_chat_request(body, self.model, self.dialect)
         self.requests.append(body)
         assert self.replies, "more chat requests than scripted replies"
         return _answer_or_raise(self.replies.pop(0))

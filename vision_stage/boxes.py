@@ -2,7 +2,8 @@
 
 GLM-4.5V/4.6V mark a box as `<|begin_of_box|>[[x0, y0, x1, y1]]<|end_of_box|>` on a 0–1000 scale of the image. The
 markers are special tokens of its tokenizer, so a server that decodes with `skip_special_tokens=true` (vLLM's and
-SGLang's default) strips them and leaves the bare `[[x0, y0, x1, y1]]`; both forms are read. GLM also wraps a whole
+SGLang's default) strips them and leaves the bare `[[x0, y0, x1, y1]]`; both forms are read. GLM's own notes say the
+bracket style inside the markers may vary (`[]`, `[[]]`, `()`, `<>`): all are read there. GLM also wraps a whole
 final answer in the same markers (`<|begin_of_box|>80.00<|end_of_box|>`): a box is only what looks like coordinates
 (bracketed groups of four numbers), never numbers that happen to sit inside a boxed answer, and a bare box needs the
 double brackets GLM writes, so a plain list of four numbers in prose is not taken for one.
@@ -17,10 +18,13 @@ from vision_stage.types import Box, ImageFacts, Point
 
 BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_QUAD = rf"\[\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\]"
+_FOUR = rf"\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*"
+_QUAD = rf"\[{_FOUR}\]"
+_ANY_QUAD = rf"(?:\[{_FOUR}\]|\({_FOUR}\)|<{_FOUR}>)"
 _MARKED = re.compile(re.escape(BOX_OPEN) + r"(.*?)" + re.escape(BOX_CLOSE), re.DOTALL)
-_COORDINATES = re.compile(rf"\s*(?:\[\s*{_QUAD}(?:\s*,\s*{_QUAD})*\s*\]|{_QUAD}(?:\s*,\s*{_QUAD})*)\s*")
-"""What a box marker holds when it marks a box: `[[…]]`, `[[…], […]]`, or single-bracketed groups."""
+_COORDINATES = re.compile(rf"\s*[\[(<]?\s*{_ANY_QUAD}(?:\s*,\s*{_ANY_QUAD})*\s*[\])>]?\s*")
+"""What a box marker holds when it marks a box: groups of four numbers, each in brackets of any style GLM uses
+(`[…]`, `(…)`, `<…>`), the whole optionally in brackets too."""
 _BARE = re.compile(rf"\[\s*{_QUAD}(?:\s*,\s*{_QUAD})*\s*\]")
 """A bare box in text: double brackets, as GLM writes them."""
 _NUMBERS = re.compile(_NUMBER)
@@ -50,7 +54,7 @@ def _bare_boxes(segment: str, boxes: list[Box]) -> str:
 
 
 def _quads(text: str) -> list[Box]:
-    return [_box([float(n) for n in _NUMBERS.findall(quad)]) for quad in re.findall(_QUAD, text)]
+    return [_box([float(n) for n in _NUMBERS.findall(quad)]) for quad in re.findall(_ANY_QUAD, text)]
 
 
 def _box(numbers: list[float]) -> Box:

@@ -306,13 +306,14 @@ async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress
         progress.add(chunk.content, chunk.reasoning, where=where)
         if chunk.finish_reason is not None:
             finish = chunk.finish_reason
-    return _Answer("".join(content), "".join(reasoning), _finish_reason(finish, where))
+    text = "".join(content)
+    return _Answer(text, "".join(reasoning), _finish_reason(finish, where, midway=bool(text)))
 
 
-def _finish_reason(reason: str, where: str) -> str:
+def _finish_reason(reason: str, where: str, *, midway: bool) -> str:
     failure = finish_failure(reason)
     if failure is not None:
-        raise ERRORS.error(failure, where)
+        raise ERRORS.error(failure, where, midway=midway)
     return reason
 
 
