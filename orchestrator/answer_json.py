@@ -1,8 +1,9 @@
 """`response_format: "json"`: reading the reasoning stage's JSON answer into fields, and the fields into claims. Pure.
 
-`parse_fields(text)` finds the JSON object in an answer robustly — inside a code fence, with text around it, with
-trailing commas — and keeps its flat fields (key → string, number, boolean or null) and an optional `items` list (of
-such flat objects, or plain values); other nested values are dropped. None when there is no JSON object.
+`parse_fields(text)` finds the JSON object in an answer with the same reader as the vision stage's descriptions
+(`stage_client.model_text.find_json`: inside a code fence, with text around it, loosely written or cut off) and
+keeps its flat fields (key → string, number, boolean or null) and an optional `items` list (of such flat objects, or
+plain values); other nested values are dropped. None when there is no JSON object.
 `serialise(fields)` is the compact JSON the response's `answer` carries (`ensure_ascii=False`).
 
 `field_claims(fields, language)` makes the fields checkable like any other answer: each field is read as the line
@@ -15,37 +16,24 @@ image naming the item is the referent line.
 from __future__ import annotations
 
 import json
-import re
 from typing import Literal
 
 from orchestrator.claims import Claim, extract_claims
 from orchestrator.messages import Language
+from stage_client.model_text import find_json
 
 ResponseFormat = Literal["text", "json"]
 Scalar = str | int | float | bool | None
 Fields = dict[str, object]
 """Flat key → `Scalar`, plus `items`: a list of flat objects or scalars."""
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
-_TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _NAME_KEYS = ("name", "item", "description", "名称", "商品", "品名")
 
 
 def parse_fields(text: str) -> Fields | None:
-    """The answer's fields (module docstring), or None when it holds no JSON object."""
-    fenced = _FENCE.search(text)
-    body = fenced.group(1) if fenced else text
-    start, end = body.find("{"), body.rfind("}")
-    if start < 0 or end <= start:
-        return None
-    candidate = body[start : end + 1]
-    for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
-        try:
-            data = json.loads(attempt)
-        except json.JSONDecodeError:
-            continue
-        return _flat(data) if isinstance(data, dict) else None
-    return None
+    """The answer's fields (module docstring), or None when it holds no JSON object, even repaired."""
+    found = find_json(text, kinds=(dict,))
+    return _flat(found.value) if found is not None and isinstance(found.value, dict) else None
 
 
 def _flat(data: dict[str, object]) -> Fields:

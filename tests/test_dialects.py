@@ -16,12 +16,12 @@ from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult
 from stage_client import DialectName
+from tests.images import image_bytes
+from tests.vllm_fake import FakeVllm, decode_data_url, recorded
 from vision_stage.errors import ImageCorrupt, VisionError, VisionRejected, VisionUnavailable
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.remote import RemoteVisionBackend
 from vision_stage.types import Box, KeyValue, VisionRequest, VisionResult, VisionTask
-from tests.images import image_bytes
-from tests.vllm_fake import FakeVllm, decode_data_url, recorded
 
 BASE_URL = "http://server.test/v1"
 VISION_MODEL = "zai-org/GLM-4.6V-Flash"
@@ -180,7 +180,8 @@ async def test_vllm_0_16_markdown_description_is_kept_and_read() -> None:
 
 
 async def test_vllm_0_34_description_with_kept_markers_gives_located_lines() -> None:
-    result = await look(FakeVllm(VISION_MODEL, [recorded("vllm_0_34_glm46v_describe_markers_kept")]), "vllm", "describe")
+    recording = recorded("vllm_0_34_glm46v_describe_markers_kept")
+    result = await look(FakeVllm(VISION_MODEL, [recording]), "vllm", "describe")
     assert [line.text for line in result.structured.text_lines] == ["BLUE BOTTLE CAFE", "TOTAL 80.00"]
     assert result.structured.text_lines[1].box[0] == pytest.approx((612 * 64 / 1000, 838 * 48 / 1000))
     assert result.notes == ()
@@ -197,7 +198,8 @@ async def test_sglang_0_5_23_description_with_chinese_keys_is_read() -> None:
     recording = recorded("sglang_0_5_23_glm46v_describe_chinese_keys")
     result = await look(FakeVllm(VISION_MODEL, [recording]), "sglang", "describe")
     assert result.caption == "一张咖啡店小票"
-    assert [line.text for line in result.structured.text_lines] == ["BLUE BOTTLE CAFE", "拿铁 2 x 18.00 36.00", "合计 80.00"]
+    lines = [line.text for line in result.structured.text_lines]
+    assert lines == ["BLUE BOTTLE CAFE", "拿铁 2 x 18.00 36.00", "合计 80.00"]
     assert KeyValue("合计", "80.00") in result.structured.fields
     assert [o.label for o in result.structured.objects] == ["小票"]
 
