@@ -115,8 +115,8 @@ def _parse_at(text: str, lo: int, hi: int, kinds: tuple[type, ...], decoder: jso
 
 
 def _outermost(text: str, lo: int, hi: int, opens: str) -> list[int]:
-    """Where each outermost bracket of `opens` begins (up to `MAX_STARTS`), skipping what sits in double-quoted
-    strings; an unclosed bracket runs to `hi`."""
+    """Where each outermost bracket of `opens` begins (up to `MAX_STARTS`): a bracket inside any other (of either
+    kind) is not one, nor is what sits in double-quoted strings; an unclosed bracket runs to `hi`."""
     starts: list[int] = []
     depth, quoted, escaped = 0, False, False
     for index in range(lo, hi):
@@ -134,7 +134,7 @@ def _outermost(text: str, lo: int, hi: int, opens: str) -> list[int]:
                 starts.append(index)
                 if len(starts) == MAX_STARTS:
                     break
-            depth += depth > 0 or char in opens
+            depth += 1
         elif char in "}]" and depth:
             depth -= 1
         elif char == '"' and depth:

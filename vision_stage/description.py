@@ -111,7 +111,7 @@ def _norm(key: object) -> str:
 def _json_parts(value: object) -> _Parts | None:
     """The parts of a JSON value, or None when it holds no description (a list of numbers, say)."""
     if isinstance(value, list):
-        described = [item for item in value if isinstance(item, dict) and _sections_in(item)]
+        described = [item for item in value if isinstance(item, dict) and _sections_in(item) and not _is_line(item)]
         if described:
             return _dict_parts(described[0])
         parts = _Parts()
@@ -120,6 +120,11 @@ def _json_parts(value: object) -> _Parts | None:
     if isinstance(value, dict):
         return _dict_parts(_unwrapped(value))
     return None
+
+
+def _is_line(data: dict[str, object]) -> bool:
+    """Whether `data` is one line of text (`{"text": "…", "box": …}`) rather than a description."""
+    return isinstance(_first(data, TEXT_KEYS[:3]), str)
 
 
 def _sections_in(data: dict[str, object]) -> bool:
