@@ -10,13 +10,25 @@ import os
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from orchestrator.api.app import create_app
+from orchestrator.settings import (
+    BreakerSettings,
+    CacheSettings,
+    ReasoningSettings,
+    RetrySettings,
+    RouterSettings,
+    Settings,
+    VisionSettings,
+)
 from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult
 from stage_client import DialectName
 from tests.images import image_bytes
+from tests.servers import serving
 from tests.vllm_fake import FakeVllm, decode_data_url, recorded
 from vision_stage.errors import ImageCorrupt, VisionError, VisionRejected, VisionUnavailable
 from vision_stage.images import ImageLimits, decode_image
@@ -262,3 +274,64 @@ async def test_reasoning_errors_are_read_as_the_server_means_them(
     if retryable is not None:
         assert isinstance(caught.value, ReasoningUnavailable)
         assert caught.value.retryable is retryable
+
+
+# --- what the service makes of them -----------------------------------------------------------------------------------
+
+POLICY: dict[str, Any] = {
+    "retry": RetrySettings(attempts=3, backoff_s=0.0, backoff_max_s=0.0),
+    "breaker": BreakerSettings(failures=1, min_calls=1),  # one failure that counts opens it
+}
+
+
+def analyze_over_loopback(fake: FakeVllm, dialect: DialectName, **policy: Any) -> tuple[int, dict[str, Any], str]:
+    """POST /v1/analyze (vision route) to the service with `fake` as its vision server, in `dialect`; (status, body,
+    the endpoint's breaker state afterwards)."""
+    fake.dialect = dialect
+    with serving(fake.app()) as server:
+        vision = VisionSettings(
+            backend="remote", base_url=server.base_url, model=fake.model, dialect=dialect, **(POLICY | policy)
+        )
+        settings = Settings(
+            vision=vision,
+            reasoning=ReasoningSettings(backend="none"),
+            router=RouterSettings(kind="keyword"),
+            cache=CacheSettings(enabled=False),
+        )
+        with TestClient(create_app(settings)) as client:
+            image = base64.b64encode(image_bytes("PNG", (64, 48))).decode()
+            response = client.post("/v1/analyze", json={"image_base64": image, "question": "total?", "mode": "vision"})
+            breaker = client.get("/ready").json()["vision"]["endpoints"][0]["breaker"]
+    return response.status_code, response.json(), breaker
+
+
+def test_an_image_vllm_could_not_decode_is_a_400_asked_once_with_no_breaker_verdict() -> None:
+    fake = FakeVllm(VISION_MODEL, [recorded("vllm_0_19_error_500_truncated_image")])
+    status, body, breaker = analyze_over_loopback(fake, "vllm")
+    assert (status, body["error"]["type"]) == (400, "image_corrupt")
+    assert "image file is truncated" in body["error"]["message"]
+    assert len(fake.requests) == 1  # not retried
+    assert breaker == "closed"  # the endpoint is not to blame
+
+
+def test_an_exhausted_balance_is_asked_once_and_counts_against_the_endpoint() -> None:
+    fake = FakeVllm(VISION_MODEL, [recorded("zhipu_error_1113")])
+    status, body, breaker = analyze_over_loopback(fake, "zhipu")
+    assert (status, body["error"]["type"]) == (503, "vision_unavailable")
+    assert "balance is exhausted" in body["error"]["message"]
+    assert len(fake.requests) == 1  # waiting does not refill it
+    assert breaker == "open"
+
+
+def test_a_rate_limit_of_the_vendor_is_retried() -> None:
+    fake = FakeVllm(VISION_MODEL, [recorded("zhipu_error_1305"), recorded("zhipu_glm46v_answer")])
+    status, body, _ = analyze_over_loopback(fake, "zhipu", breaker=BreakerSettings(failures=5, min_calls=5))
+    assert status == 200
+    assert body["answer"] == "The total is 80.00."
+    assert len(fake.requests) == 2
+
+
+def test_the_dialect_is_a_setting() -> None:
+    assert VisionSettings.model_validate({"backend": "ocr", "dialect": "zhipu"}).dialect == "zhipu"
+    with pytest.raises(ValueError, match="dialect"):
+        ReasoningSettings.model_validate({"dialect": "ollama"})

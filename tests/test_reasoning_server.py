@@ -120,6 +120,8 @@ def test_models_and_health_name_the_served_model(llama_server: RunningServer) ->
 def test_a_missing_model_name_is_accepted_and_an_unknown_one_is_404(llama_server: RunningServer) -> None:
     body = {"messages": CHAT, "max_tokens": 2}
     assert httpx.post(f"{llama_server.url}/v1/chat/completions", json=body).status_code == 200
+    by_backend = openai_client(llama_server).chat.completions.create(model="local", messages=CHAT, max_tokens=2)
+    assert by_backend.model == "tiny-llama"  # asked by the backend's name, answered under the served name
     with pytest.raises(openai.NotFoundError) as caught:
         openai_client(llama_server).chat.completions.create(model="gpt-4o", messages=CHAT)
     assert (caught.value.code, caught.value.param) == ("model_not_found", "model")

@@ -185,6 +185,8 @@ def test_vision_server_request_errors(fake_vision: tuple[SeeingVision, RunningSe
     )
     assert bad_json.json()["error"]["code"] == "invalid_json"
     assert [model.id for model in look.models.list()] == ["fake-vision", "fake"]  # the backend's name too
+    by_backend = look.chat.completions.create(model="fake", messages=image_message("what?", PNG_URL))
+    assert by_backend.model == "fake-vision"
     vision.healthy = False
     unhealthy = httpx.get(f"{server.url}/health")
     assert (unhealthy.status_code, unhealthy.json()["status"], unhealthy.headers["retry-after"]) == (
