@@ -39,7 +39,7 @@ _DATA_URL_PREFIX = ";base64,"
 
 
 @dataclass(frozen=True)
-class ImageLimits:
+class ServerImageLimits:
     """What a server takes as an image (JPEG or PNG, as this project always sends): bytes of the encoded file, and
     pixels on the longer side."""
 
@@ -60,7 +60,7 @@ class Dialect:
     max_temperature: float | None
     stream_options: bool
     bare_base64_images: bool
-    image_limits: ImageLimits | None = None
+    image_limits: ServerImageLimits | None = None
     stream_error_codes: bool = True
     """Whether the `code` of an in-stream error event is a meaningful HTTP status (`stage_client.failures`)."""
 
@@ -137,7 +137,7 @@ _BY_NAME: dict[DialectName, Dialect] = {
         max_temperature=1.0,
         stream_options=False,
         bare_base64_images=True,
-        image_limits=ImageLimits(ZHIPU_IMAGE_BYTES, ZHIPU_IMAGE_SIDE),
+        image_limits=ServerImageLimits(ZHIPU_IMAGE_BYTES, ZHIPU_IMAGE_SIDE),
     ),
 }
 

@@ -30,8 +30,10 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\r?\n?(.*?)(?:```|\Z)", re.DOTALL)
 MAX_STARTS = 64
 """Starting points tried for strict JSON: prose before the object may hold braces and brackets of its own."""
-MAX_REPAIR_CHARS = 200_000
-"""Longer candidates are not repaired (json_repair is pure Python); no answer within our token limits is this long."""
+MAX_REPAIR_CHARS = 64_000
+"""Longer candidates are not repaired: json_repair is pure Python, and an answer within our token limits is shorter."""
+MAX_REPAIR_DEPTH = 32
+"""Deeper nesting is not repaired: no description nests so deep, and json_repair's time grows fast with depth."""
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:
@@ -103,7 +105,7 @@ def _parse_at(text: str, lo: int, hi: int, kinds: tuple[type, ...], decoder: jso
     for start in starts:
         try:
             value, length = decoder.raw_decode(text[start:hi])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(value, kinds):
             return FoundJson(value, start, start + length, repaired=False)
@@ -148,13 +150,25 @@ def _repaired(candidate: str) -> tuple[object, int] | None:
     end = max(candidate.rfind("}"), candidate.rfind("]")) + 1
     tail = candidate[end:]
     used = end if end > 0 and tail.strip() and not _looks_like_json(tail) else len(candidate)
-    if used > MAX_REPAIR_CHARS:
+    if used > MAX_REPAIR_CHARS or _depth(candidate[:used]) > MAX_REPAIR_DEPTH:
         return None
     try:
         value = repair_json(candidate[:used], return_objects=True, skip_json_loads=True)
     except (ValueError, RecursionError):  # json_repair documents none, but it is given arbitrary text
         return None
     return (value, used) if isinstance(value, dict | list) else None
+
+
+def _depth(text: str) -> int:
+    """How deeply brackets nest in `text` (strings not told apart: an upper bound is all that is needed)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "}]" and depth:
+            depth -= 1
+    return deepest
 
 
 def _looks_like_json(tail: str) -> bool:

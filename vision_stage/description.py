@@ -57,8 +57,8 @@ KEY_KEYS = ("key", "name", "label", "field", "title", "item", "键", "字段", "
 VALUE_KEYS = ("value", "text", "val", "content", "amount", "值", "内容", "数值", "金额")
 MAX_CAPTION_CHARS = 300
 NOT_JSON_NOTE = "the model's description was not usable JSON: its own text is passed on as it wrote it"
+PROSE_HEADER = "Description written by the model (not in the requested JSON form):"
 REPAIRED_NOTE = "the model's JSON description did not parse as written and was repaired to be read"
-Scalar = str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -290,5 +290,11 @@ def _prose(text: str, facts: ImageFacts) -> Description:
     evidence `vision_stage.prose` reads from it."""
     found = read_prose(text)
     parts = _Parts(found.caption, found.lines, found.objects, found.fields, found.layout)
-    body = "\n".join([*facts_lines(facts), "Description written by the model (not in the requested JSON form):"])
+    body = "\n".join([*facts_lines(facts), PROSE_HEADER])
     return Description(parts.caption, parts.structured(facts), f"{body}\n{text.strip()}", (NOT_JSON_NOTE,))
+
+
+def written_text(description: str) -> str | None:
+    """The model's own text of a description that was not JSON (what `_prose` put after its header), else None."""
+    _, header, text = description.partition(f"{PROSE_HEADER}\n")
+    return text if header else None

@@ -3,9 +3,9 @@
 The upload's own bytes go as they are when they hold exactly the decoded pixels in PNG or JPEG
 (`DecodedImage.source`); otherwise the decoded pixels are encoded, as JPEG (quality `JPEG_QUALITY`) when the upload
 was a JPEG, since a PNG of a photo is several times larger, and PNG otherwise, lossless so that small text stays
-sharp. A server with limits (`stage_client.dialects.ImageLimits`: the GLM open platform takes JPEG or PNG under 5 MB
-and 6000 pixels a side) gets an image that fits: scaled down to its side limit, then JPEG at falling quality and size
-until it is under its byte limit, with a note saying what was done.
+sharp. A server with limits (`stage_client.dialects.ServerImageLimits`: the GLM open platform takes JPEG or PNG
+under 5 MB and 6000 pixels a side) gets an image that fits: scaled down to its side limit, then JPEG at falling
+quality and size until it is under its byte limit, with a note saying what was done.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import io
 import pybase64
 from PIL import Image
 
-from stage_client.dialects import ImageLimits
+from stage_client.dialects import ServerImageLimits
 from vision_stage.types import DecodedImage
 
 JPEG_QUALITY = 90
@@ -28,7 +28,7 @@ def image_data_url(image: DecodedImage) -> str:
     return _data_url(*_payload(image))
 
 
-def fitted_data_url(image: DecodedImage, limits: ImageLimits | None) -> tuple[str, str | None]:
+def fitted_data_url(image: DecodedImage, limits: ServerImageLimits | None) -> tuple[str, str | None]:
     """The image as a `data:` URL that fits `limits`, and a note when it had to be changed to fit."""
     data, fmt = _payload(image)
     if limits is None or (max(image.width, image.height) <= limits.max_side and len(data) <= limits.max_bytes):
