@@ -68,9 +68,9 @@ class FoundJson:
     repaired: bool
 
     def outside(self, text: str) -> str:
-        """The text around the value, without fence markers."""
-        around = text[: self.start] + "\n" + text[self.end :]
-        return re.sub(r"```[A-Za-z0-9_-]*", "", around).strip()
+        """The text around the value, without fence markers or blank lines."""
+        around = re.sub(r"```[A-Za-z0-9_-]*", "", text[: self.start] + "\n" + text[self.end :])
+        return re.sub(r"\n\s*\n", "\n", around).strip()
 
 
 def find_json(
