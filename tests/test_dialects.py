@@ -30,9 +30,9 @@ from stage_client import DialectName
 from tests.images import image_bytes
 from tests.servers import serving
 from tests.vllm_fake import FakeVllm, decode_data_url, recorded
-from vision_stage.errors import ImageCorrupt, VisionError, VisionRejected, VisionUnavailable
+from vision_stage.errors import ImageCorrupt, VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.images import ImageLimits, decode_image
-from vision_stage.remote import RemoteVisionBackend
+from vision_stage.remote import ALL_REASONING_NOTE, RemoteVisionBackend
 from vision_stage.types import Box, KeyValue, VisionRequest, VisionResult, VisionTask
 
 BASE_URL = "http://server.test/v1"
@@ -335,3 +335,13 @@ def test_the_dialect_is_a_setting() -> None:
     assert VisionSettings.model_validate({"backend": "ocr", "dialect": "zhipu"}).dialect == "zhipu"
     with pytest.raises(ValueError, match="dialect"):
         ReasoningSettings.model_validate({"dialect": "ollama"})
+
+
+async def test_an_answer_sent_entirely_as_reasoning_is_read_as_the_answer_when_thinking_was_not_asked() -> None:
+    recording = recorded("vllm_0_20_glm46v_answer_all_reasoning")
+    result = await look(FakeVllm(VISION_MODEL, [recording]), "openai")  # no thinking switch: the parser assumed one
+    assert result.answer == "The total is 80.00."
+    assert result.thinking is None
+    assert ALL_REASONING_NOTE in result.notes
+    with pytest.raises(VisionInvalidOutput, match="gave no answer"):  # thinking asked for: it stays thinking
+        await look(FakeVllm(VISION_MODEL, [recording]), "openai", thinking=True)

@@ -88,6 +88,13 @@ from vision_stage.types import ImageFacts, VisionRequest, VisionResult, VisionTa
 HEALTH_TIMEOUT_S = 10.0
 MAX_CHARS_PER_TOKEN = 32
 """A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
+ALL_REASONING_NOTE = (
+    "the server sent the whole answer as reasoning and none as content (a reasoning parser that expected thinking "
+    "the model did not do); it is read as the answer"
+)
+"""With thinking not asked for, an answer that finished normally but came only as reasoning is the answer: vLLM
+0.16-0.23's `glm45` parser, for one, reads everything before a `</think>` that never comes as reasoning when the
+request does not turn thinking off (the `openai` dialect cannot)."""
 COLOR_TASKS: frozenset[VisionTask] = frozenset({"describe"})
 """The tasks whose facts include the dominant colours (the reasoning route's description, whose colour claims the
 arbiter checks). Measuring them means decoding every pixel, which `answer` and `caption` otherwise never need: an
@@ -187,6 +194,9 @@ class RemoteVisionBackend:
             image_url, facts, fitted = self._prepare(request)
         answer = await self._complete(self._body(image_url, prompt))
         thinking, text = _thinking_and_text(answer)
+        moved = None
+        if not text and thinking and not self._thinking and answer.finish_reason == "stop":
+            text, thinking, moved = thinking, None, ALL_REASONING_NOTE
         if not text:
             spent = f": thinking used all {self._max_new_tokens} tokens" if answer.finish_reason == "length" else ""
             raise VisionInvalidOutput(f"{self._where} gave no answer{spent}")
@@ -194,7 +204,7 @@ class RemoteVisionBackend:
         if thinking:
             reading = dataclasses.replace(reading, thinking=thinking)
         cut = f"the answer was cut at {self._max_new_tokens} tokens" if answer.finish_reason == "length" else None
-        notes = tuple(note for note in (fitted, cut) if note)
+        notes = tuple(note for note in (fitted, moved, cut) if note)
         return reading.result(self.name, self.model, request.task, started=started, notes=notes)
 
     def _prompt(self, request: VisionRequest) -> str:
