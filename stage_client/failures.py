@@ -12,7 +12,8 @@ Servers differ in how they say it:
 
 - an HTTP status is read as one only in 100–599: the GLM open platform names its errors by business codes
   (`{"error": {"code": "1113", "message": …}}`, codes as strings) that are never statuses; `VENDOR_CODES` says what
-  each means (1113, an exhausted balance, comes with a 429 but waiting does not help; 1301 is a safety refusal);
+  each means (1113, an exhausted balance, comes with a 429 but waiting does not help; 1301 is a safety refusal), and
+  OpenAI's `insufficient_quota` is such a 429 too;
 - an error event inside a stream carries its status as `code` (vLLM, SGLang), as an integer or a string;
 - vLLM answered an image it could not decode with a 500 up to 0.19 (a truncated or damaged file, Pillow's `OSError`;
   a 400 for bytes of no image format since mid-2025, and for both from 0.20, vLLM's PR 38253 of 2026-03):
@@ -62,8 +63,10 @@ VENDOR_CODES: dict[str, VendorCode] = {
     "1303": VendorCode("unavailable", "rate limit reached"),
     "1304": VendorCode("unavailable", "daily call limit reached", retryable=False),
     "1305": VendorCode("unavailable", "the model is overloaded"),
+    "insufficient_quota": VendorCode("unavailable", "the account's quota is used up", retryable=False),
 }
-"""The GLM open platform's business codes that mean something other than their HTTP status says."""
+"""Codes that mean something other than their HTTP status says: the GLM open platform's business codes, and OpenAI's
+`insufficient_quota` (a 429 that waiting does not cure)."""
 IMAGE_FAILURE = re.compile(
     r"cannot identify image file|image file is truncated|failed to load image|unidentifiedimageerror|"
     r"broken (?:png|data stream)|not a (?:png|jpeg) file|invalid (?:base64|image)|incorrect padding|"

@@ -216,6 +216,19 @@ async def test_sglang_0_5_23_description_with_chinese_keys_is_read() -> None:
     assert [o.label for o in result.structured.objects] == ["小票"]
 
 
+async def test_openai_stream_with_usage_null_and_obfuscation_on_every_chunk() -> None:
+    result = await look(FakeVllm(VISION_MODEL, [recorded("openai_gpt4o_answer")]), "openai")
+    assert result.answer == "The total is 80.00."
+    reasoning = await ask(FakeVllm(LLM_MODEL, [recorded("openai_gpt4o_answer")]), "openai")
+    assert (reasoning.text, reasoning.prompt_tokens, reasoning.completion_tokens) == ("The total is 80.00.", 812, 7)
+
+
+async def test_openai_rate_limit_keeps_its_retry_after() -> None:
+    with pytest.raises(VisionUnavailable) as caught:
+        await look(FakeVllm(VISION_MODEL, [recorded("openai_error_429_rate_limit")]), "openai")
+    assert caught.value.retry_after_s == 2.0
+
+
 async def test_zhipu_answer_with_usage_in_the_last_choice_chunk() -> None:
     result = await look(FakeVllm(VISION_MODEL, [recorded("zhipu_glm46v_answer")]), "zhipu")
     assert result.answer == "The total is 80.00."
@@ -243,6 +256,9 @@ async def test_zhipu_answer_with_usage_in_the_last_choice_chunk() -> None:
         ("zhipu_error_1301", "zhipu", VisionRejected, "safety check", None),
         ("zhipu_error_1214", "zhipu", VisionRejected, "temperature参数非法", None),
         ("zhipu_sensitive", "zhipu", VisionRejected, "finish_reason sensitive", None),
+        ("openai_error_429_insufficient_quota", "openai", VisionUnavailable, "quota is used up", False),
+        ("openai_error_429_rate_limit", "openai", VisionUnavailable, "Rate limit reached", True),
+        ("openai_error_400_context_length", "openai", VisionRejected, "maximum context length", None),
         ("zhipu_network_error", "zhipu", VisionUnavailable, "finish_reason network_error", False),
     ],
 )
