@@ -57,6 +57,7 @@ from orchestrator.settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
 from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
+from stage_client.model_text import split_thinking
 from vision_stage.backend import VisionBackend
 from vision_stage.types import DecodedImage, VisionRequest, VisionResult, VisionTask
 
@@ -97,15 +98,17 @@ class _Received:
         finish = self.last.finish_reason
         if finish is None:
             raise ReasoningInvalidOutput(f"the {backend.name} backend's stream ended without a finish reason")
+        late_thinking, text = split_thinking("".join(self.text))  # a lone `</think>`, `<answer>` tags
+        thinking = [part for part in ("".join(self.thinking).strip(), late_thinking) if part]
         return ReasoningResult(
             backend=backend.name,
             model=backend.model,
-            text="".join(self.text).strip(),
+            text=text,
             prompt_tokens=self.last.prompt_tokens or 0,
             completion_tokens=self.last.completion_tokens or 0,
             finish_reason=finish,
             latency_ms=_ms_since(self.started),
-            thinking="".join(self.thinking).strip() or None,
+            thinking="\n".join(thinking) or None,
         )
 
 

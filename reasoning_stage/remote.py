@@ -75,7 +75,7 @@ from stage_client import (
     dialect,
     finish_failure,
 )
-from stage_client.model_text import THINK_CLOSE, THINK_OPEN, split_thinking
+from stage_client.model_text import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, split_thinking
 
 HEALTH_TIMEOUT_S = 10.0
 MAX_CHARS_PER_TOKEN = 32
@@ -281,14 +281,15 @@ class _ThinkSplitter:
         pending, self._pending = self._pending, ""
         if self._state == "thinking":
             return "", pending
-        return (pending if self._state == "text" else pending.strip()), ""
+        return _without_answer_tags(pending if self._state == "text" else pending.strip()), ""
 
     def _step(self, text: list[str], thinking: list[str]) -> bool:
         """Release what the state allows; False when more input is needed."""
         pending = self._pending
-        if self._state == "text":
-            text.append(pending)
-            self._pending = ""
+        if self._state == "text":  # `<answer>` tags (GLM-4.1V-Thinking's) are dropped, wherever the chunks split them
+            keep = len(pending) - max(_partial_tag(pending, ANSWER_OPEN), _partial_tag(pending, ANSWER_CLOSE))
+            text.append(_without_answer_tags(pending[:keep]))
+            self._pending = pending[keep:]
             return False
         if self._state == "thinking":
             end = pending.find(THINK_CLOSE)
@@ -308,6 +309,10 @@ class _ThinkSplitter:
         else:
             self._pending, self._state = stripped, "text"
         return True
+
+
+def _without_answer_tags(text: str) -> str:
+    return text.replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "")
 
 
 def _partial_tag(text: str, tag: str) -> int:

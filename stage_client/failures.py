@@ -55,7 +55,13 @@ class VendorCode:
     retryable: bool = True
 
 
+_ACCOUNT = VendorCode(
+    "unavailable", "the account cannot be used (inactive, missing, locked or frozen)", retryable=False
+)
+_QUOTA = VendorCode("unavailable", "the account's usage limit or plan is used up", retryable=False)
 VENDOR_CODES: dict[str, VendorCode] = {
+    **dict.fromkeys(("1110", "1111", "1112", "1120", "1121"), _ACCOUNT),
+    **dict.fromkeys(("1308", "1309", "1310"), _QUOTA),
     "1113": VendorCode("unavailable", "the account's balance is exhausted", retryable=False),
     "1261": VendorCode("rejected", "the prompt is longer than the model takes"),
     "1301": VendorCode("rejected", "the vendor's safety check refused the content"),

@@ -32,6 +32,8 @@ MAX_STARTS = 64
 """Starting points tried for strict JSON: prose before the object may hold braces and brackets of its own."""
 MAX_REPAIR_CHARS = 64_000
 """Longer candidates are not repaired: json_repair is pure Python, and an answer within our token limits is shorter."""
+MAX_REPAIRS = 4
+"""Repairs tried in all for one text (json_repair's time grows with what it is given)."""
 MAX_REPAIR_DEPTH = 32
 """Deeper nesting is not repaired: no description nests so deep, and json_repair's time grows fast with depth."""
 
@@ -79,13 +81,18 @@ def find_json(
     """The first JSON value of one of `kinds` in `text` (module docstring), or None when there is none, even
     repaired. An empty object or list counts: what it means is the caller's to say. `parse_float` reads numbers
     with a fraction or exponent (`str` keeps "80.00" as written), except in repaired JSON, where json_repair has
-    already read them as floats."""
+    already read them as floats.
+
+    Repair is for what is plainly JSON written loosely: text in a code fence, or a bracket that opens like JSON (a
+    quoted key or value, a nested bracket, a number) or an object whose first key is bare but that begins a line.
+    A bracket in the middle of prose ("a receipt from [BLUE BOTTLE CAFE]", "(see {note: blurry})") is prose."""
     decoder = json.JSONDecoder(parse_float=parse_float)
+    repairs = [MAX_REPAIRS]
     for start, end in _fenced(text):
-        found = _parse_at(text, start, end, kinds, decoder)
+        found = _parse_at(text, start, end, kinds, decoder, repairs, fenced=True)
         if found is not None:
             return found
-    return _parse_at(text, 0, len(text), kinds, decoder)
+    return _parse_at(text, 0, len(text), kinds, decoder, repairs, fenced=False)
 
 
 def _fenced(text: str) -> list[tuple[int, int]]:
@@ -96,24 +103,48 @@ def _fenced(text: str) -> list[tuple[int, int]]:
     ]
 
 
-def _parse_at(text: str, lo: int, hi: int, kinds: tuple[type, ...], decoder: json.JSONDecoder) -> FoundJson | None:
+def _parse_at(
+    text: str,
+    lo: int,
+    hi: int,
+    kinds: tuple[type, ...],
+    decoder: json.JSONDecoder,
+    repairs: list[int],
+    *,
+    fenced: bool,
+) -> FoundJson | None:
     """A value of `kinds` at one of the outermost `{` or `[` between `lo` and `hi`: strict at each first, then
-    repaired. Brackets nested in an earlier one are not starts of their own, so a cut-off object is repaired whole
-    rather than replaced by the first complete object inside it."""
+    repaired where it may be (`find_json`), within what is left of `repairs`. Brackets nested in an earlier one are
+    not starts of their own, so a cut-off object is repaired whole rather than replaced by the first complete object
+    inside it."""
     opens = "{" * (dict in kinds) + "[" * (list in kinds)
     starts = _outermost(text, lo, hi, opens)
     for start in starts:
         try:
             value, length = decoder.raw_decode(text[start:hi])
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, and integers past Python's digit limit
             continue
         if isinstance(value, kinds):
             return FoundJson(value, start, start + length, repaired=False)
-    for start in starts[:4]:
+    for start in starts:
+        if repairs[0] <= 0:
+            break
+        if not (fenced or _opens_like_json(text, start)):
+            continue
+        repairs[0] -= 1
         repaired = _repaired(text[start:hi])
         if repaired is not None and isinstance(repaired[0], dict if text[start] == "{" else list):
             return FoundJson(repaired[0], start, start + repaired[1], repaired=True)
     return None
+
+
+def _opens_like_json(text: str, start: int) -> bool:
+    """Whether the bracket at `start` opens like JSON rather than like prose in brackets (`find_json`)."""
+    after = text[start + 1 : start + 64].lstrip()
+    if after[:1] in ('"', "'", "{", "[") or (text[start] == "[" and after[:1] in "-0123456789]" and after):
+        return True
+    line_start = text[:start].rsplit("\n", 1)[-1].strip() in ("", "```json", "```")
+    return text[start] == "{" and line_start and bool(re.match(r"[A-Za-z_\u4e00-\u9fff][\w \u4e00-\u9fff-]*:", after))
 
 
 def _outermost(text: str, lo: int, hi: int, opens: str) -> list[int]:

@@ -11,7 +11,7 @@ double brackets GLM writes, so a plain list of four numbers in prose is not take
 
 from __future__ import annotations
 
-import json
+import math
 import re
 
 from vision_stage.types import Box, ImageFacts, Point
@@ -28,6 +28,8 @@ _COORDINATES = re.compile(rf"\s*[\[(<]?\s*{_ANY_QUAD}(?:\s*,\s*{_ANY_QUAD})*\s*[
 _BARE = re.compile(rf"\[\s*{_QUAD}(?:\s*,\s*{_QUAD})*\s*\]")
 """A bare box in text: double brackets, as GLM writes them."""
 _NUMBERS = re.compile(_NUMBER)
+_NUMBERS_ONLY = re.compile(rf"[\s\[\]()<>,]*{_NUMBER}(?:[\s\[\]()<>,]+{_NUMBER})*[\s\[\]()<>,]*")
+"""A string of numbers and nothing else but brackets, commas and spaces."""
 
 
 def extract_boxes(text: str) -> tuple[str, tuple[Box, ...]]:
@@ -67,17 +69,37 @@ _SIZES = (("x", "y", "width", "height"), ("x", "y", "w", "h"))
 
 
 def box_of(value: object) -> Box | None:
-    """A box from a JSON value a model wrote for one: `[x0, y0, x1, y1]` (nested or in a string), named corners, an
-    origin and a size, or a four-point quad (its bounding box); None when it holds no such numbers."""
+    """A box from a JSON value a model wrote for one: `[x0, y0, x1, y1]` (nested, or a string of only those numbers),
+    named corners, an origin and a size, or a four-point quad (its bounding box); None for anything else, such as a
+    date or a phone number that happens to hold four numbers."""
     if isinstance(value, dict):
         return _named_box({str(k).lower(): v for k, v in value.items()})
-    if value is None or isinstance(value, bool):
+    numbers = _numbers_of(value)
+    if numbers is None or len(numbers) not in (4, 8):
         return None
-    numbers = [float(n) for n in _NUMBERS.findall(value if isinstance(value, str) else json.dumps(value))]
     if len(numbers) == 8:  # [[x, y], [x, y], [x, y], [x, y]]
         xs, ys = numbers[0::2], numbers[1::2]
         return _box([min(xs), min(ys), max(xs), max(ys)])
-    return _box(numbers[:4]) if len(numbers) >= 4 else None
+    return _box(numbers)
+
+
+def _numbers_of(value: object) -> list[float] | None:
+    """The numbers `value` is made of, when it is made of nothing else (nested lists, numbers, strings of numbers)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return [float(value)] if math.isfinite(value) else None
+    if isinstance(value, str):
+        return [float(n) for n in _NUMBERS.findall(value)] if _NUMBERS_ONLY.fullmatch(value) else None
+    if isinstance(value, list):
+        numbers: list[float] = []
+        for item in value:
+            found = _numbers_of(item)
+            if found is None:
+                return None
+            numbers += found
+        return numbers
+    return None
 
 
 def _named_box(data: dict[str, object]) -> Box | None:

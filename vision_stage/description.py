@@ -55,9 +55,9 @@ BOX_KEYS = ("box", "bbox", "bbox2d", "box2d", "boundingbox", "position", "coordi
 LABEL_KEYS = ("label", "name", "object", "type", "class", "category", "标签", "名称", "类别", "物体", "对象")
 KEY_KEYS = ("key", "name", "label", "field", "title", "item", "键", "字段", "名称", "项目", "项")
 VALUE_KEYS = ("value", "text", "val", "content", "amount", "值", "内容", "数值", "金额")
-MAX_CAPTION_CHARS = 300
 NOT_JSON_NOTE = "the model's description was not usable JSON: its own text is passed on as it wrote it"
 PROSE_HEADER = "Description written by the model (not in the requested JSON form):"
+REMARKS_HEADER = "Also written by the model, outside its JSON:"
 REPAIRED_NOTE = "the model's JSON description did not parse as written and was repaired to be read"
 
 
@@ -99,7 +99,7 @@ def read_description(text: str, facts: ImageFacts) -> Description:
     rendered = render_description(parts.caption, structured)
     remarks = found.outside(text)
     if len(remarks) >= 12:  # more than a "Here you go:"
-        rendered += f"\nAlso written by the model, outside its JSON:\n{remarks}"
+        rendered += f"\n{REMARKS_HEADER}\n{remarks}"
     notes = (REPAIRED_NOTE,) if found.repaired else ()
     return Description(parts.caption, structured, rendered, notes)
 
@@ -175,10 +175,21 @@ def _list_entries(items: list[object], parts: _Parts) -> None:
             parts.lines += _lines(item)
 
 
+def _pick(data: dict[str, object], keys: tuple[str, ...]) -> tuple[str, object] | None:
+    """The key and value of the first of `keys` (normalised) present and not null in `data`."""
+    by_norm = {_norm(key): (key, value) for key, value in data.items() if value is not None}
+    return next((by_norm[key] for key in keys if key in by_norm), None)
+
+
 def _first(data: dict[str, object], keys: tuple[str, ...]) -> object | None:
     """The value of the first of `keys` (normalised) present and not null in `data`."""
-    by_norm = {_norm(key): value for key, value in data.items()}
-    return next((by_norm[key] for key in keys if by_norm.get(key) is not None), None)
+    picked = _pick(data, keys)
+    return picked[1] if picked else None
+
+
+def _rest(data: dict[str, object], used: set[str]) -> dict[str, object]:
+    """`data` without the keys `used` and without empty values: the attributes still to keep."""
+    return {key: value for key, value in data.items() if key not in used and value not in (None, "", [], {})}
 
 
 def _scalar(value: object) -> str:
@@ -207,7 +218,7 @@ def _lines(value: object) -> list[tuple[str, list[float] | None]]:
     if isinstance(value, list):
         if value and isinstance(value[0], str) and len(value) == 2 and not isinstance(value[1], str):
             return [(value[0].strip(), _numbers_only(value[1]))]  # [text, box]
-        if len(value) == 2 and isinstance(value[1], str) and _numbers_only(value[0]) is not None:
+        if len(value) == 2 and isinstance(value[0], list) and isinstance(value[1], str) and _numbers_only(value[0]):
             return [(value[1].strip(), _numbers_only(value[0]))]  # [box, text]
         return [line for item in value for line in _lines(item)]
     return [] if value is None else [(_scalar(value), None)]
@@ -232,12 +243,14 @@ def _objects(value: object) -> list[DetectedObject]:
             return [DetectedObject(value[0].strip(), box_of(value[1]))]
         return [found for item in value for found in _objects(item)]
     if isinstance(value, dict):
-        label = _first(value, LABEL_KEYS)
+        label = _pick(value, LABEL_KEYS)
         if label is None:  # {"cup": [box], "people": 2}
             return [_named_object(str(key), item) for key, item in value.items()]
-        rest = {k: v for k, v in value.items() if _norm(k) not in LABEL_KEYS + BOX_KEYS and v not in (None, "", [])}
+        where = _pick(value, BOX_KEYS)
+        box = box_of(where[1]) if where else None
+        rest = _rest(value, {label[0]} | ({where[0]} if where and box else set()))
         extra = f" ({_flat_text(rest)})" if rest else ""
-        return [DetectedObject(f"{_flat_text(label)}{extra}", box_of(_first(value, BOX_KEYS)))]
+        return [DetectedObject(f"{_flat_text(label[1])}{extra}", box)]
     return [] if value is None else [DetectedObject(_scalar(value))]
 
 
@@ -266,12 +279,14 @@ def _entry(prefix: str, item: object) -> list[KeyValue]:
         return [KeyValue(_joined(prefix, _scalar(item[0])), _flat_text(item[1]))]
     if not isinstance(item, dict):
         return _fields(prefix, item)
-    key, value = _first(item, KEY_KEYS), _first(item, VALUE_KEYS)
-    if key is not None and value is not None and len(item) <= 3:
-        return [KeyValue(_joined(prefix, _flat_text(key)), _flat_text(value))]
+    key, value = _pick(item, KEY_KEYS), _pick(item, VALUE_KEYS)
+    if key is not None and value is not None and key[0] != value[0]:
+        rest = _rest(item, {key[0], value[0]})
+        extra = f" ({_flat_text(rest)})" if rest else ""
+        return [KeyValue(_joined(prefix, _flat_text(key[1])), _flat_text(value[1]) + extra)]
     if key is not None:  # a line item: its name, then its other attributes
-        rest = {k: v for k, v in item.items() if _norm(k) not in KEY_KEYS}
-        return [KeyValue(_joined(prefix, _flat_text(key)), _flat_text(rest))] if rest else _fields(prefix, key)
+        rest = _rest(item, {key[0]})
+        return [KeyValue(_joined(prefix, _flat_text(key[1])), _flat_text(rest))] if rest else _fields(prefix, key[1])
     return _fields(prefix, item)
 
 
@@ -297,4 +312,10 @@ def _prose(text: str, facts: ImageFacts) -> Description:
 def written_text(description: str) -> str | None:
     """The model's own text of a description that was not JSON (what `_prose` put after its header), else None."""
     _, header, text = description.partition(f"{PROSE_HEADER}\n")
+    return text if header else None
+
+
+def remarks(description: str) -> str | None:
+    """What the model wrote around its JSON (what `read_description` put after its header), else None."""
+    _, header, text = description.partition(f"\n{REMARKS_HEADER}\n")
     return text if header else None

@@ -95,6 +95,8 @@ ALL_REASONING_NOTE = (
 """With thinking not asked for, an answer that finished normally but came only as reasoning is the answer: vLLM
 0.16-0.23's `glm45` parser, for one, reads everything before a `</think>` that never comes as reasoning when the
 request does not turn thinking off (the `openai` dialect cannot)."""
+PARSE_ON_LOOP_CHARS = 4000
+"""Answers longer than this are read in a worker thread: reading a long, broken one can take tens of milliseconds."""
 COLOR_TASKS: frozenset[VisionTask] = frozenset({"describe"})
 """The tasks whose facts include the dominant colours (the reasoning route's description, whose colour claims the
 arbiter checks). Measuring them means decoding every pixel, which `answer` and `caption` otherwise never need: an
@@ -195,12 +197,15 @@ class RemoteVisionBackend:
         answer = await self._complete(self._body(image_url, prompt))
         thinking, text = _thinking_and_text(answer)
         moved = None
-        if not text and thinking and not self._thinking and answer.finish_reason == "stop":
-            text, thinking, moved = thinking, None, ALL_REASONING_NOTE
+        if _all_reasoning(answer) and not self._thinking:
+            text, thinking, moved = answer.reasoning.strip(), None, ALL_REASONING_NOTE
         if not text:
             spent = f": thinking used all {self._max_new_tokens} tokens" if answer.finish_reason == "length" else ""
             raise VisionInvalidOutput(f"{self._where} gave no answer{spent}")
-        reading = read_output(request.task, text, facts, who=self._where)
+        if len(text) > PARSE_ON_LOOP_CHARS:  # a long answer is read off the event loop
+            reading = await asyncio.to_thread(read_output, request.task, text, facts, who=self._where)
+        else:
+            reading = read_output(request.task, text, facts, who=self._where)
         if thinking:
             reading = dataclasses.replace(reading, thinking=thinking)
         cut = f"the answer was cut at {self._max_new_tokens} tokens" if answer.finish_reason == "length" else None
@@ -281,6 +286,12 @@ class RemoteVisionBackend:
         """Close the client (its HTTP client too, unless that was injected)."""
         self._closed = True
         await self._client.aclose()
+
+
+def _all_reasoning(answer: _Answer) -> bool:
+    """Whether a normally finished answer came only in the reasoning field: no content at all, not even a `<think>`
+    block (thinking the model itself marked stays thinking)."""
+    return answer.finish_reason == "stop" and not answer.content.strip() and bool(answer.reasoning.strip())
 
 
 def _thinking_and_text(answer: _Answer) -> tuple[str | None, str]:

@@ -8,7 +8,8 @@ each request is one look at one image. The message content returned is, per task
 - `caption`: the caption;
 - `describe`: the JSON object `DESCRIBE_PROMPT` asks for (`vision_stage.parsing.description_json`), which
   `vision_stage.description.read_description` reads back; or, when the backend's model wrote its description in
-  another form than JSON, that text as it wrote it, so that a remote client reads the same description from it;
+  another form than JSON, that text as it wrote it, so that a remote client reads the same description from it (and
+  what the model wrote around its JSON follows the JSON);
 - `answer`: the answer, followed by the grounding boxes as `<|begin_of_box|>[[x0,y0,x1,y1]]<|end_of_box|>` (0–1000
   scale) when the backend gave boxes that the answer text does not already carry, so a remote client recovers the
   same boxes with `vision_stage.parsing.extract_boxes`.
@@ -44,7 +45,7 @@ from fastapi.responses import JSONResponse
 from stage_client.serving import model_list, served_names, unknown_model
 from vision_stage import errors
 from vision_stage.backend import VisionBackend
-from vision_stage.description import NOT_JSON_NOTE, written_text
+from vision_stage.description import NOT_JSON_NOTE, remarks, written_text
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.openai_wire import (
     ApiError,
@@ -238,7 +239,11 @@ def content_of(task: VisionTask, result: VisionResult) -> str:
         return result.caption
     if task == "describe":  # a model's description that was not JSON goes on as it wrote it: nothing is lost
         written = written_text(result.description) if NOT_JSON_NOTE in result.notes else None
-        return written if written is not None else description_json(result.caption, result.structured)
+        if written is not None:
+            return written
+        around = remarks(result.description)
+        described = description_json(result.caption, result.structured)
+        return f"{described}\n{around}" if around else described
     if result.answer is None:
         raise errors.VisionInvalidOutput(f"the vision backend {result.backend!r} gave no answer to the question")
     return with_boxes(result.answer, result.boxes)
