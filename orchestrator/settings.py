@@ -182,12 +182,39 @@ class ArbitrationSettings(_Section):
 
 
 class RateLimitSettings(_Section):
-    """Per API key (per client address when no keys are configured): a token bucket of `burst` requests refilled at
-    `requests_per_s`, and at most `max_concurrent` requests at once; beyond either, `429` with `Retry-After`."""
+    """Per API key, and per client address where `per_address` is on: a token bucket of `burst` requests refilled at
+    `requests_per_s`, and at most `max_concurrent` requests at once; beyond either, `429` with `Retry-After`
+    (`orchestrator.security`). The defaults let one key send a batch of 64 requests at concurrency 16 at once, and
+    hold a flood from one key to 50 requests/s."""
 
-    requests_per_s: float = Field(default=10.0, gt=0)
-    burst: int = Field(default=20, ge=1)
-    max_concurrent: int = Field(default=16, ge=1)
+    requests_per_s: float = Field(default=50.0, gt=0)
+    """Sustained: above what a client at concurrency 16 gets answered (a vision answer takes about 0.45 s)."""
+    burst: int = Field(default=200, ge=1)
+    """At once: a batch of 64 requests three times over, however fast they are answered (cache hits)."""
+    max_concurrent: int = Field(default=32, ge=1)
+    """Twice a client at concurrency 16; half a stage's default admission slots, so one key cannot fill a stage."""
+    per_address: bool = False
+    """Also count against each client address (the real client's, through `trusted_proxies`). Off by default: behind
+    a proxy, a gateway or a NAT every user would be one client. Without keys and with this off, nothing is limited."""
+    trusted_proxies: str = ""
+    """Comma-separated IPs or CIDR ranges of the reverse proxies in front of the service: only when the direct peer is
+    one is `forwarded_header` read, and the client is its right-most address that is not itself a trusted proxy."""
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    """The header the trusted proxies append to; the other one is ignored, since a client can send it too."""
+    ipv6_prefix: int = Field(default=64, ge=16, le=128)
+    """An IPv6 client is counted by this prefix of its address: one host or site usually holds a whole /64."""
+
+    @model_validator(mode="after")
+    def _trusted_proxies_parse(self) -> RateLimitSettings:
+        """Each `trusted_proxies` entry is an IP address or a CIDR range (host bits allowed: `10.1.2.3/8`)."""
+        import ipaddress
+
+        for entry in filter(None, (part.strip() for part in self.trusted_proxies.split(","))):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is neither an IP address nor a CIDR range") from None
+        return self
 
 
 class FetchSettings(_Section):
