@@ -7,6 +7,7 @@ The orchestrator's own tree::
     │   ├── InvalidJson               a JSON body that does not parse
     │   ├── InvalidMultipart          a multipart body that does not parse, or has too many parts
     │   ├── ImageMissing              no image in the request (or more than one)
+    │   ├── TooManyImages             a chat message with more than one image (the vision stage looks at one)
     │   ├── InvalidBase64             `image_base64` or a data: URL's payload is not valid base64
     │   ├── InvalidDataUrl            a data: URL that is not `data:image/...;base64,...`
     │   ├── ImageUrlNotSupported      an http(s) or other URL scheme this deployment does not fetch
@@ -21,6 +22,7 @@ The orchestrator's own tree::
     │   ├── RequestTooLarge           the body is larger than the configured limit
     │   ├── UnsupportedMediaType      a body that is neither JSON nor multipart/form-data
     │   ├── ValidationFailed          fields missing, of the wrong type, or unknown
+    │   ├── ParameterNotSupported     a known OpenAI field asking for what this service cannot give (`logprobs`)
     │   └── SessionNotFound           a `session_id` that is expired, evicted, or not the caller's
     ├── Unauthenticated               no valid API key (401, with `WWW-Authenticate: Bearer`)
     │   ├── ApiKeyMissing             no `Authorization` header
@@ -60,6 +62,10 @@ class InvalidMultipart(RequestInvalid):
 
 class ImageMissing(RequestInvalid):
     """No image in the request."""
+
+
+class TooManyImages(RequestInvalid):
+    """A chat message with more than one image: the vision stage looks at one image per request."""
 
 
 class InvalidBase64(RequestInvalid):
@@ -118,6 +124,10 @@ class ValidationFailed(RequestInvalid):
     """Fields missing, of the wrong type, or unknown."""
 
 
+class ParameterNotSupported(RequestInvalid):
+    """A known OpenAI field set to ask for something this service cannot give (e.g. `logprobs: true`)."""
+
+
 class Unauthenticated(OrchestratorError):
     """No valid API key. `challenge` is the `WWW-Authenticate` header value (RFC 6750)."""
 
@@ -168,6 +178,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     InvalidJson: ErrorSpec(400, "invalid_json"),
     InvalidMultipart: ErrorSpec(400, "invalid_multipart"),
     ImageMissing: ErrorSpec(400, "image_missing"),
+    TooManyImages: ErrorSpec(400, "too_many_images"),
     InvalidBase64: ErrorSpec(400, "invalid_base64"),
     InvalidDataUrl: ErrorSpec(400, "invalid_data_url"),
     ImageUrlNotSupported: ErrorSpec(400, "image_url_not_supported"),
@@ -181,6 +192,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     RequestTooLarge: ErrorSpec(413, "request_too_large"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type"),
     ValidationFailed: ErrorSpec(422, "validation_error"),
+    ParameterNotSupported: ErrorSpec(400, "unsupported_parameter"),
     ApiKeyMissing: ErrorSpec(401, "api_key_missing"),
     ApiKeyInvalid: ErrorSpec(401, "api_key_invalid"),
     RateLimited: ErrorSpec(429, "rate_limited"),

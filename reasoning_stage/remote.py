@@ -1,9 +1,10 @@
 """The `remote` reasoning backend: any OpenAI-compatible `/v1/chat/completions` server (our `reasoning_stage` server,
 vLLM, SGLang, llama.cpp's server, Ollama, a vendor API).
 
-The request's messages go as they are, with `max_new_tokens` as the token limit and its `temperature`, in the
-server's dialect (`stage_client.dialects`: the GLM open platform, for one, gets `thinking: {"type": "disabled"}`,
-since it thinks by default and would spend the token budget on it, and `do_sample: false` for greedy decoding).
+The request's messages go as they are, with `max_new_tokens` as the token limit, its `temperature` and those of its
+optional sampling fields the server takes, in the server's dialect (`stage_client.dialects`: the GLM open platform,
+for one, gets `thinking: {"type": "disabled"}`, since it thinks by default and would spend the token budget on it,
+`do_sample: false` for greedy decoding, and of the sampling fields only `top_p` and `stop`).
 Answers are always streamed: `stream` yields `ReasoningDelta`s as they arrive, and `generate` is
 `stream` collected, so both behave alike. Thinking arrives in the non-standard delta field `reasoning_content`
 (vLLM up to 0.11, SGLang) or `reasoning` (newer vLLM), or as a `<think>…</think>` block at the start of the content
@@ -174,6 +175,7 @@ class RemoteReasoningBackend:
             [_message(message) for message in request.messages],
             max_tokens=request.max_new_tokens,
             temperature=request.temperature,
+            sampling=request.sampling.fields(),
         )
         chunks = self._client.chunks(body, self._headers() if self._headers else None)
         try:

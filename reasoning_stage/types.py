@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -16,12 +16,38 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Optional sampling fields a client asked for, by their OpenAI names; None (or no `stop`): the server's default.
+
+    The `remote` backend sends those its server's dialect takes (`stage_client.dialects`); the `local` backend
+    ignores them."""
+
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def fields(self) -> dict[str, object]:
+        """The fields set, by name (`stop` as a list), in this order."""
+        values: dict[str, object] = {
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": list(self.stop) or None,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class ReasoningRequest:
     """A chat to continue. `temperature == 0` means greedy decoding."""
 
     messages: tuple[ChatMessage, ...]
     max_new_tokens: int = 256
     temperature: float = 0.0
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 @dataclass(frozen=True)

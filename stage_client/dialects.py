@@ -14,6 +14,10 @@ only fields that server takes:
 All but `zhipu` send `stream_options: {"include_usage": true}`; `vllm` and `sglang` also send
 `skip_special_tokens: false` for the vision stage; `zhipu` sends images as bare base64.
 
+A caller's optional sampling fields (`top_p`, `seed`, `stop`, `presence_penalty`, `frequency_penalty`) go as they
+are where the server takes them (`Dialect.sampled`): every dialect but `zhipu` sends all five; `zhipu` sends `top_p`
+and `stop`, the latter only when it is a single word (the GLM open platform takes one stop word).
+
 - `auto` is what this project sent before dialects existed, and suits our own stage servers (which ignore fields
   they do not use) and most servers built on vLLM or SGLang.
 - `skip_special_tokens: false` (vision only) keeps GLM-4.6V's `<|begin_of_box|>`/`<|end_of_box|>`, which are special
@@ -36,6 +40,8 @@ DIALECTS: tuple[DialectName, ...] = get_args(DialectName)
 ZHIPU_IMAGE_BYTES = 5 * 1024 * 1024
 ZHIPU_IMAGE_SIDE = 6000
 _DATA_URL_PREFIX = ";base64,"
+SAMPLING_FIELDS = frozenset({"top_p", "seed", "stop", "presence_penalty", "frequency_penalty"})
+"""The optional sampling fields a caller may pass to `Dialect.chat_body`, by their OpenAI names."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ class Dialect:
     image_limits: ServerImageLimits | None = None
     stream_error_codes: bool = True
     """Whether the `code` of an in-stream error event is a meaningful HTTP status (`stage_client.failures`)."""
+    sampling_fields: frozenset[str] = SAMPLING_FIELDS
+    """The optional sampling fields the server takes."""
+    max_stop_words: int | None = None
+    """How many `stop` words the server takes; a longer list is not sent. None: no limit of its own."""
 
     def chat_body(
         self,
@@ -73,11 +83,14 @@ class Dialect:
         temperature: float,
         thinking: bool | None = None,
         keep_markup: bool = False,
+        sampling: Mapping[str, object] | None = None,
     ) -> dict[str, object]:
         """A streaming chat-completions request. `thinking` None sends no switch where the server has a neutral
-        default; `keep_markup` asks the server to keep special tokens (box markers) where it can."""
+        default; `keep_markup` asks the server to keep special tokens (box markers) where it can; of `sampling`
+        (optional sampling fields by their OpenAI names), what `sampled` keeps is sent."""
         body: dict[str, object] = {"model": model, "messages": list(messages)}
         body.update(self._sampling(temperature))
+        body.update(self.sampled(sampling or {}))
         body[self.token_limit_field] = max_tokens
         body["stream"] = True
         if self.stream_options:
@@ -89,6 +102,14 @@ class Dialect:
         if keep_markup and self.keeps_special_tokens:
             body["skip_special_tokens"] = False
         return body
+
+    def sampled(self, sampling: Mapping[str, object]) -> dict[str, object]:
+        """The fields of `sampling` this server takes (module docstring); the others are not sent."""
+        kept = {name: value for name, value in sampling.items() if name in self.sampling_fields}
+        stop = kept.get("stop")
+        if self.max_stop_words is not None and isinstance(stop, list) and len(stop) > self.max_stop_words:
+            del kept["stop"]
+        return kept
 
     def _sampling(self, temperature: float) -> dict[str, object]:
         if self.greedy_by_sampling_flag and temperature <= 0:
@@ -138,6 +159,8 @@ _BY_NAME: dict[DialectName, Dialect] = {
         stream_options=False,
         bare_base64_images=True,
         image_limits=ServerImageLimits(ZHIPU_IMAGE_BYTES, ZHIPU_IMAGE_SIDE),
+        sampling_fields=frozenset({"top_p", "stop"}),
+        max_stop_words=1,
     ),
 }
 

@@ -2,7 +2,8 @@
 
 The middleware, outermost first: `RequestContextMiddleware` (request id, body cap, deadline), `MetricsMiddleware`
 (`orchestrator.metrics`), `AuditMiddleware` (when `audit.path` is set: so that refused requests are audited too),
-`SecurityMiddleware` (API keys, then rate limits; it adds the key id to the audit record), then FastAPI's own.
+`SecurityMiddleware` (API keys, then rate limits; it adds the key id to the audit record), `DisconnectMiddleware`
+(`orchestrator.api.disconnect`: a request whose client has gone is cancelled), then FastAPI's own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import audit, logs
 from orchestrator.api.deps import Services
+from orchestrator.api.disconnect import DisconnectMiddleware
 from orchestrator.api.events import describe_error
 from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import SCHEMA_MODELS, api
@@ -124,6 +126,7 @@ async def _scrape(request: Request) -> Response:
 
 def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: AuditLog | None) -> None:
     """The module docstring's order; Starlette runs the middleware added last first."""
+    app.add_middleware(DisconnectMiddleware)
     app.add_middleware(SecurityMiddleware, keys=keys, limiter=RateLimiter(settings.rate_limit), refuse=_refuse)
     if audit_log is not None:
         app.add_middleware(AuditMiddleware, log=audit_log, paths=AUDITED_PATHS)
@@ -235,7 +238,10 @@ def _register_exception_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         spec = ErrorSpec(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"))
-        return error_response(request, spec, str(exc.detail))
+        response = error_response(request, spec, str(exc.detail))
+        if exc.headers and "Allow" in exc.headers:  # a 405: the methods the path takes (RFC 9110 §15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

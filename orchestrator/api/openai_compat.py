@@ -2,8 +2,12 @@
 
 The `model` names the route: `auto` (the router decides), `vision-only`, `vision-then-reasoning`. The question is the
 last message's text, which must be the user's; the image is the most recent `image_url` part in the conversation
-(a `data:image/...;base64,...` URL, or an http(s) URL, fetched as `/v1/analyze` fetches one); the earlier
-messages' text goes to the reasoning stage as history. The request model refuses unknown fields.
+(a `data:image/...;base64,...` URL, or an http(s) URL, fetched as `/v1/analyze` fetches one), and a message with more
+than one is refused (`too_many_images`: the vision stage looks at one image); the earlier messages' text goes to the
+reasoning stage as history, a `developer` message as a `system` one. The request model refuses unknown fields; the
+sampling fields OpenAI clients send (`top_p`, `seed`, `stop`, `presence_penalty`, `frequency_penalty`) go to the
+reasoning stage where its backend takes them, and the others are named in `orchestration.not_applied`; `logprobs`
+may only be false (`unsupported_parameter`).
 
 The answer is a `chat.completion` (or, with `stream: true`, `chat.completion.chunk` server-sent events ending in
 `data: [DONE]`) with one extra top-level field, `orchestration`: how the answer was reached (route, vision summary,
@@ -23,9 +27,9 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from starlette.exceptions import HTTPException
 
 from orchestrator.analysis import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
@@ -42,15 +46,22 @@ from orchestrator.api.schemas import (
     analyze_response,
     usage_out,
 )
-from orchestrator.errors import ImageMissing, ValidationFailed
+from orchestrator.errors import ImageMissing, ParameterNotSupported, TooManyImages, ValidationFailed
 from orchestrator.messages import Profile
 from orchestrator.routing import Decision, RequestedMode
-from reasoning_stage.types import ChatMessage, FinishReason
-from vision_stage.openai_wire import MessageIn, StreamOptions
+from orchestrator.settings import ReasoningSettings
+from reasoning_stage.types import ChatMessage, FinishReason, Sampling
+from stage_client import dialect
+from vision_stage.openai_wire import ContentPart, MessageIn, StreamOptions
 
 SSE_DONE = "data: [DONE]\n\n"
 MAX_TOKENS = 8192
 """The most `max_tokens` a request may ask of the reasoning stage (as `ORCH_REASONING__MAX_NEW_TOKENS` allows)."""
+MAX_STOP_WORDS = 4
+"""As OpenAI allows."""
+INT64 = 2**63
+StopWord = Annotated[str, StringConstraints(min_length=1)]
+StopWords = Annotated[list[StopWord], Field(min_length=1, max_length=MAX_STOP_WORDS)]
 
 MODELS: dict[str, tuple[RequestedMode, str]] = {
     "auto": ("auto", "The router decides per question whether the reasoning stage answers after the vision stage."),
@@ -58,6 +69,12 @@ MODELS: dict[str, tuple[RequestedMode, str]] = {
     "vision-then-reasoning": ("reasoning", "The vision stage describes the image; the reasoning stage answers."),
 }
 """The model names: each a route (the `/v1/analyze` `mode` it forces) and its description."""
+
+
+_SAMPLING = (
+    "Sent to the reasoning stage where its backend takes it (a `remote` one, by its dialect); otherwise accepted and "
+    "named in `orchestration.not_applied`."
+)
 
 
 class ChatResponseFormat(BaseModel):
@@ -73,6 +90,17 @@ _EXAMPLE_CONTENT: list[JsonValue] = [
     {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE_URL}},
     {"type": "text", "text": "What is the total?"},
 ]
+
+
+class ChatMessageIn(BaseModel):
+    """A message as OpenAI clients send it; `developer` (OpenAI's name for `system` since its o1 models) is read as
+    `system`."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def read(self) -> MessageIn:
+        return MessageIn(role="system" if self.role == "developer" else self.role, content=self.content)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -94,10 +122,11 @@ class ChatCompletionRequest(BaseModel):
     )
 
     model: str = Field(description="The route: `auto`, `vision-only` or `vision-then-reasoning` (`GET /v1/models`).")
-    messages: list[MessageIn] = Field(
+    messages: list[ChatMessageIn] = Field(
         min_length=1,
         description="The conversation; the last message is the user's question. The most recent `image_url` part "
-        "(a `data:image/...;base64,...` URL, or an http(s) URL where this deployment fetches them) is the image.",
+        "(a `data:image/...;base64,...` URL, or an http(s) URL where this deployment fetches them) is the image; a "
+        "message may hold one. A `developer` message is read as a `system` one.",
     )
     stream: bool = Field(default=False, description="Answer as `chat.completion.chunk` server-sent events.")
     stream_options: StreamOptions | None = None
@@ -108,6 +137,15 @@ class ChatCompletionRequest(BaseModel):
         default=None, ge=1, le=MAX_TOKENS, description="The reasoning stage's answer budget; unset: the configured one."
     )
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS, description="As `max_tokens`.")
+    top_p: float | None = Field(default=None, ge=0, le=1, description=_SAMPLING)
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64, description=_SAMPLING)
+    stop: StopWord | StopWords | None = Field(
+        default=None, description=f"Up to {MAX_STOP_WORDS} stop sequences. {_SAMPLING}"
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description=_SAMPLING)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description=_SAMPLING)
+    logprobs: bool | None = Field(default=None, description="Only false: this service returns no log probabilities.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Refused: no log probabilities.")
     n: int = Field(default=1, ge=1, le=1, description="Only 1: one answer per request.")
     response_format: ChatResponseFormat | None = None
     profile: Profile = Field(
@@ -120,6 +158,20 @@ class ChatCompletionRequest(BaseModel):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def sampling(self) -> Sampling:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return Sampling(self.top_p, self.seed, tuple(stop), self.presence_penalty, self.frequency_penalty)
+
+    def refuse_unsupported(self) -> None:
+        """Log probabilities cannot be given: the answer is composed from two stages and may be replaced."""
+        if self.logprobs or self.top_logprobs is not None:
+            raise ParameterNotSupported(
+                "logprobs and top_logprobs are not supported: the answer is composed from the vision and reasoning "
+                "stages and may be replaced after checking, so there are no token log probabilities to return; "
+                "leave them out or send logprobs: false"
+            )
 
     @property
     def include_usage(self) -> bool:
@@ -161,6 +213,11 @@ class OrchestrationOut(BaseModel):
     language: Literal["zh", "en"]
     failures: list[FailureOut]
     timings_ms: dict[str, float]
+    not_applied: list[str] = Field(
+        description="The request's sampling fields (`top_p`, `seed`, `stop`, `presence_penalty`, "
+        "`frequency_penalty`) that were accepted but not passed to the reasoning stage: its backend does not take "
+        "them (the in-process `local` one takes none; a `remote` one what its server's dialect takes)."
+    )
 
 
 class ChatMessageOut(BaseModel):
@@ -232,12 +289,26 @@ def model_list(created: int) -> ModelListOut:
     return ModelListOut(object="list", data=models)
 
 
+def model_out(model: str, created: int) -> ModelOut:
+    """One model (`GET /v1/models/{model}`); 404 for a name that is none of `MODELS`."""
+    requested_mode(model)
+    return ModelOut(id=model, object="model", created=created, owned_by="orchestrator", description=MODELS[model][1])
+
+
 def requested_mode(model: str) -> RequestedMode:
     """The route a model name forces; 404 for a name that is none of `MODELS`, as OpenAI answers."""
     if model not in MODELS:
         names = ", ".join(MODELS)
         raise HTTPException(404, f"the model {model!r} does not exist; the models are {names} (GET /v1/models)")
     return MODELS[model][0]
+
+
+def not_applied(sampling: Sampling, settings: ReasoningSettings) -> tuple[str, ...]:
+    """The sampling fields asked for that the configured reasoning backend does not pass on: a `remote` one sends
+    what its dialect takes (`stage_client.dialects`), the others none."""
+    asked = sampling.fields()
+    sent = dialect(settings.dialect).sampled(asked) if settings.backend == "remote" else {}
+    return tuple(name for name in asked if name not in sent)
 
 
 @dataclass(frozen=True)
@@ -250,9 +321,16 @@ class Conversation:
 
 
 def read_conversation(messages: Sequence[MessageIn]) -> Conversation:
+    """The question, the image and the history; a message holding more than one image is refused."""
     last = len(messages) - 1
     if messages[last].role != "user":
         raise ValidationFailed(f"messages.{last}.role: the last message must be the user's question")
+    for index, message in enumerate(messages):
+        if (count := len(message.image_urls())) > 1:
+            raise TooManyImages(
+                f"messages.{index} holds {count} images; the vision backend takes one image per request: send one "
+                "image_url part (in a conversation, the most recent image is the one looked at)"
+            )
     images = [url for message in messages for url in message.image_urls()]
     if not images:
         raise ImageMissing("no image in the conversation: send an image_url part (a data: or http(s) URL)")
@@ -263,7 +341,9 @@ def read_conversation(messages: Sequence[MessageIn]) -> Conversation:
     return Conversation(texts[last], images[-1], history)
 
 
-def orchestration_out(outcome: AnalyzeOutcome, request_id: str, replaced: bool = False) -> OrchestrationOut:
+def orchestration_out(
+    outcome: AnalyzeOutcome, request_id: str, replaced: bool = False, unapplied: Sequence[str] = ()
+) -> OrchestrationOut:
     full = analyze_response(outcome, request_id)
     vision = outcome.vision
     summary = VisionSummaryOut(
@@ -271,7 +351,7 @@ def orchestration_out(outcome: AnalyzeOutcome, request_id: str, replaced: bool =
         latency_ms=vision.latency_ms,
     )  # fmt: skip
     shared = full.model_dump(exclude={"vision", "reasoning", "usage"})
-    return OrchestrationOut(**shared, vision=summary, replaced=replaced)
+    return OrchestrationOut(**shared, vision=summary, replaced=replaced, not_applied=list(unapplied))
 
 
 def finish_reason(outcome: AnalyzeOutcome) -> FinishReason:
@@ -284,6 +364,8 @@ class ChatReply:
 
     model: str
     request_id: str
+    not_applied: tuple[str, ...] = ()
+    """The request's sampling fields the reasoning stage did not get (`not_applied`)."""
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -297,7 +379,7 @@ class ChatReply:
             model=self.model,
             choices=[ChatChoiceOut(index=0, message=message, finish_reason=finish_reason(outcome))],
             usage=usage_out(outcome),
-            orchestration=orchestration_out(outcome, self.request_id),
+            orchestration=orchestration_out(outcome, self.request_id, unapplied=self.not_applied),
         )
 
     def chunk(self, delta: ChunkDeltaOut, finish: FinishReason | None = None, **extra: Any) -> str:
@@ -311,7 +393,7 @@ class ChatReply:
             chunks.append(self.chunk(ChunkDeltaOut(content=outcome.answer)))
         elif done.replaced:
             chunks.append(self.chunk(ChunkDeltaOut(content=replacement(outcome))))
-        orchestration = orchestration_out(outcome, self.request_id, done.replaced)
+        orchestration = orchestration_out(outcome, self.request_id, done.replaced, self.not_applied)
         chunks.append(self.chunk(ChunkDeltaOut(), finish_reason(outcome), orchestration=orchestration))
         if include_usage:
             chunks.append(self._event([], usage=usage_out(outcome)))

@@ -1,5 +1,10 @@
 """The HTTP endpoints: thin handlers over the pipeline. Every answer leaves through the output filter
-(`orchestrator.output_filter`); the original write-ups' `/infer` and `/caption` are in `orchestrator.api.legacy`."""
+(`orchestrator.output_filter`); the original write-ups' `/infer` and `/caption` are in `orchestrator.api.legacy`.
+
+A whole (not streamed) answer of `/v1/analyze` or `/v1/chat/completions` also says in headers whether it is degraded,
+which mode ran and whether it needs human review (`OUTCOME_HEADERS`), for clients that drop fields they do not know;
+a streamed one cannot, since its headers leave before these are known.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis import AnalyzeInput, Routed
+from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome, Routed
 from orchestrator.api import legacy
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.events import analyze_events, event_stream, started
@@ -31,8 +36,11 @@ from orchestrator.api.openai_compat import (
     ChatCompletionRequest,
     ChatReply,
     ModelListOut,
+    ModelOut,
     chat_events,
     model_list,
+    model_out,
+    not_applied,
     read_conversation,
     requested_mode,
 )
@@ -56,6 +64,8 @@ from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
 
 api = APIRouter()
+
+OUTCOME_HEADERS = ("X-Orchestrator-Degraded", "X-Orchestrator-Mode", "X-Orchestrator-Needs-Human-Review")
 
 _CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
@@ -227,7 +237,7 @@ def _readiness(backend: VisionBackend | ReasoningBackend, ok: bool, detail: str)
     "has answered. Every answer carries a `session_id`: send it instead of the image to ask about the same image "
     "again.",
 )
-async def analyze(request: Request, services: ServicesDep) -> Response | AnalyzeResponse:
+async def analyze(request: Request, response: Response, services: ServicesDep) -> Response | AnalyzeResponse:
     limits = services.settings.limits
     inputs = await read_analyze_request(request, limits.max_image_bytes)
     options = inputs.options
@@ -244,7 +254,15 @@ async def analyze(request: Request, services: ServicesDep) -> Response | Analyze
         return event_stream(analyze_events(filtered_events(events, answers), request_id(request), session.id))
     outcome = await services.pipeline.run(analysis, routed)
     services.sessions.remember(session, outcome.vision)
-    return analyze_response(answers.outcome(outcome), request_id(request), session.id)
+    filtered = answers.outcome(outcome)
+    response.headers.update(outcome_headers(filtered))
+    return analyze_response(filtered, request_id(request), session.id)
+
+
+def outcome_headers(outcome: AnalyzeOutcome) -> dict[str, str]:
+    """`OUTCOME_HEADERS`' values for a whole answer."""
+    values = (str(outcome.degraded).lower(), outcome.mode, str(outcome.needs_human_review).lower())
+    return dict(zip(OUTCOME_HEADERS, values, strict=True))
 
 
 async def _session_and_route(
@@ -279,8 +297,9 @@ async def _session_and_route(
 )
 async def chat_completions(request: Request, services: ServicesDep) -> Response:
     body = await read_json_request(request, ChatCompletionRequest)
+    body.refuse_unsupported()
     mode = requested_mode(body.model)
-    conversation = read_conversation(body.messages)
+    conversation = read_conversation([message.read() for message in body.messages])
     limits = services.settings.limits
     question = checked_question(conversation.question, limits, f"messages.{len(body.messages) - 1}.content")
     source = await read_image_url(request, conversation.image_url, limits.max_image_bytes)
@@ -290,18 +309,29 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
         history=conversation.history, max_new_tokens=body.token_limit, temperature=body.temperature,
         image_url=source.url,
     )  # fmt: skip
-    reply, answers = ChatReply(body.model, request_id(request)), output_filter(services)
+    reply = ChatReply(body.model, request_id(request), not_applied(body.sampling, services.settings.reasoning))
+    answers = output_filter(services)
     if body.stream:
         events = await started(services.pipeline.stream(analysis, routed))
         return event_stream(chat_events(filtered_events(events, answers), reply, include_usage=body.include_usage))
-    outcome = await services.pipeline.run(analysis, routed)
-    completion = reply.completion(answers.outcome(outcome))
-    return Response(completion.model_dump_json(), media_type="application/json")
+    outcome = answers.outcome(await services.pipeline.run(analysis, routed))
+    completion = reply.completion(outcome)
+    return Response(completion.model_dump_json(), media_type="application/json", headers=outcome_headers(outcome))
 
 
 @api.get("/v1/models", response_model=ModelListOut, summary="The model names of `/v1/chat/completions`: its routes")
 async def list_models(request: Request) -> ModelListOut:
     return model_list(int(request.app.state.started))
+
+
+@api.get(
+    "/v1/models/{model}",
+    response_model=ModelOut,
+    responses={404: {"model": ErrorResponse, "description": "No such model (`not_found`)"}},
+    summary="One model name of `/v1/chat/completions`: a route",
+)
+async def retrieve_model(model: str, request: Request) -> ModelOut:
+    return model_out(model, int(request.app.state.started))
 
 
 api.include_router(legacy.api)
