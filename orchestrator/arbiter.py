@@ -30,6 +30,7 @@ from orchestrator.arbitration import (
     resolve,
 )
 from orchestrator.claims import Claim, extract_claims
+from orchestrator.degeneration import WHAT, degeneration
 from orchestrator.messages import Language, Profile, notice
 from orchestrator.probes import probe_question, probed_check
 from orchestrator.routing import RouteDecision
@@ -67,6 +68,8 @@ class Context:
     """The image the probes show the vision stage; without it, nothing is probed."""
     response_format: ResponseFormat = "text"
     """`json`: the answer's claims are its fields' (`orchestrator.answer_json`)."""
+    question: str = ""
+    """The user's question, which a degenerate re-asked answer may only restate."""
 
 
 def vision_confidence(context: Context) -> tuple[float, bool]:
@@ -100,7 +103,7 @@ class Arbiter:
             max_new_tokens=request.max_new_tokens,
             temperature=request.temperature,
         )
-        second = await self._ask_again(follow_up)
+        second = await self._ask_again(follow_up, context.question)
         if second is None:
             unresolved = _unresolved(verdict, context.language)
             return Judged(first, unresolved, (unresolved.notice,) if unresolved.notice else (), 2)
@@ -143,13 +146,19 @@ class Arbiter:
             return None
         return result.answer or ""
 
-    async def _ask_again(self, request: ReasoningRequest) -> ReasoningResult | None:
+    async def _ask_again(self, request: ReasoningRequest, question: str) -> ReasoningResult | None:
+        """The re-asked answer, or None when it failed or is degenerate (`orchestrator.degeneration`): a re-ask
+        passes the same checks as the first answer."""
         try:
             result = await self._reasoning.generate(request)
         except ReasoningError as exc:
             log.warning("re-asking the reasoning stage (backend %s) failed: %s", self._reasoning.name, exc)
             return None
-        return result if result.text.strip() else None
+        degenerate = degeneration(result.text, question, request.messages[-1].content)
+        if degenerate is not None:
+            log.warning("the re-asked answer (backend %s) is unusable: %s", self._reasoning.name, WHAT[degenerate])
+            return None
+        return result
 
 
 def _claims(text: str, context: Context) -> tuple[Claim, ...]:

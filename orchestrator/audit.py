@@ -201,6 +201,10 @@ class AuditMiddleware:
                 record["error"] = type(exc).__name__
                 await write()
             raise
+        else:
+            if not written:  # no response went out: its client disconnected first (`orchestrator.api.disconnect`)
+                record.setdefault("status", 499)
+                await write()
         finally:
             close_record(token)
 

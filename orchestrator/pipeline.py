@@ -50,6 +50,7 @@ from orchestrator.analysis import (
 )
 from orchestrator.answer_json import ResponseFormat, parse_fields, serialise
 from orchestrator.arbiter import Arbiter, Context, Judged, vision_confidence
+from orchestrator.degeneration import WHAT, degeneration
 from orchestrator.messages import Language, detect_language, disclaimer, notice
 from orchestrator.prompts import reasoning_messages
 from orchestrator.routing import RequestedMode, Router
@@ -191,7 +192,7 @@ class Pipeline:
         language = detect_language(request.question)
         context = Context(
             vision, routed.decision, self._router.threshold, request.profile, language, request.image,
-            request.response_format,
+            request.response_format, request.question,
         )  # fmt: skip
         if not wants_reasoning:
             yield DoneEvent(_vision_outcome(context, _vision_answer(vision), timings, routed.started))
@@ -268,10 +269,11 @@ class Pipeline:
             for item in _failed(failure, exc, type(exc).__name__, language, reasoning_request, received):
                 yield item
             return
-        if not result.text.strip():
-            failure = StageFailure("reasoning", backend.name, "EmptyAnswer", "the model answered nothing")
-            empty = ReasoningInvalidOutput(f"the {backend.name} backend's model answered nothing")
-            for item in _failed(failure, empty, "empty answer", language, reasoning_request, received):
+        degenerate = degeneration(result.text, request.question, reasoning_request.messages[-1].content)
+        if degenerate is not None:
+            failure = StageFailure("reasoning", backend.name, "DegenerateAnswer", WHAT[degenerate])
+            unusable = ReasoningInvalidOutput(f"the {backend.name} backend's model gave no answer: {WHAT[degenerate]}")
+            for item in _failed(failure, unusable, WHAT[degenerate], language, reasoning_request, received):
                 yield item
             return
         yield _ReasoningOutcome(result, (), False, None, reasoning_request, streamed=any(received.text))

@@ -37,12 +37,13 @@ from reasoning_stage.errors import (
 )
 from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
 from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
+from stage_client.loops import loop_stopper
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
-    from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase, StoppingCriteriaList
     from transformers.generation.utils import GenerateOutput
 
 Phase = Literal["load", "generate"]
@@ -99,6 +100,7 @@ class _CausalLM(Protocol):
         attention_mask: torch.Tensor,
         generation_config: GenerationConfig,
         streamer: TokenFeed | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
     ) -> torch.Tensor | GenerateOutput: ...
 
 
@@ -168,13 +170,19 @@ class _ChatModel:
     def complete(
         self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, feed: TokenFeed | None = None
     ) -> list[int]:
+        """The generated ids; generation also stops early once it loops (`stage_client.loops.loop_stopper`)."""
         import torch
+        from transformers import StoppingCriteriaList
 
         inputs = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
         config = self._generation_config(max_new_tokens, temperature)
         with self._lock, torch.inference_mode():
             output = self.model.generate(
-                inputs, attention_mask=torch.ones_like(inputs), generation_config=config, streamer=feed
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                generation_config=config,
+                streamer=feed,
+                stopping_criteria=StoppingCriteriaList([loop_stopper(len(prompt_ids))]),
             )
         sequences: torch.Tensor = output if isinstance(output, torch.Tensor) else output.sequences
         return [int(t) for t in sequences[0, len(prompt_ids) :].tolist()]
@@ -364,9 +372,7 @@ class LocalReasoningBackend:
                 yield chat, worker
             finally:
                 feed.stop.set()
-                await asyncio.wait([worker])
-                if not worker.cancelled():
-                    worker.exception()  # retrieved here when nobody awaited it (a closed stream)
+                await _settle(worker)
 
     async def _work(
         self,
@@ -404,6 +410,22 @@ class LocalReasoningBackend:
     async def aclose(self) -> None:
         async with self._lock:  # let an in-flight generation finish first
             self._chat = None
+
+
+async def _settle(worker: asyncio.Task[_Completion]) -> None:
+    """Wait until `worker` has ended, even when the waiting is cancelled meanwhile (a closed stream whose closer is
+    itself cancelled): the model lock must not be released while the generation thread still runs. Its exception is
+    retrieved (nobody awaits a closed stream's worker), and a cancellation that came meanwhile is raised after."""
+    cancelled = False
+    while not worker.done():
+        try:
+            await asyncio.wait([worker])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not worker.cancelled():
+        worker.exception()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _finish_reason(completion: _Completion, stop_ids: frozenset[int]) -> FinishReason:

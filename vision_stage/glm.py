@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from PIL import Image
 
+from stage_client.loops import loop_stopper
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
@@ -187,13 +188,16 @@ class GlmEngine:
         return Generation(text, prompt, len(ids), budget)
 
     def generate_ids(self, prompt: EncodedPrompt, max_new_tokens: int) -> list[int]:
-        """The new token ids of one greedy generation (blocking; foreign errors are not translated here)."""
+        """The new token ids of one greedy generation (blocking; foreign errors are not translated here), stopped
+        early once it loops (`stage_client.loops.loop_stopper`: GLM-4.6V can overthink and repeat)."""
         import torch
+        from transformers import StoppingCriteriaList
 
         inputs = {name: tensor.to(self.model.device) for name, tensor in prompt.inputs.items()}
         config = greedy_config(self.model.generation_config, max_new_tokens)
+        stop = StoppingCriteriaList([loop_stopper(prompt.prompt_tokens)])
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=config)
+            output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stop)
         sequences: torch.Tensor = output if isinstance(output, torch.Tensor) else output.sequences
         return [int(t) for t in sequences[0, prompt.prompt_tokens :].tolist()]
 

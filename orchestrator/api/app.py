@@ -41,7 +41,7 @@ from orchestrator.resilience.backends import endpoint_statuses
 from orchestrator.resilience.deadline import request_deadline
 from orchestrator.resilience.stage import EndpointStatus
 from orchestrator.routing import KeywordRouter, Router
-from orchestrator.security import ApiKeys, RateLimiter, SecurityMiddleware, is_open
+from orchestrator.security import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware, is_open
 from orchestrator.sessions import SessionStore
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
@@ -127,7 +127,9 @@ async def _scrape(request: Request) -> Response:
 def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: AuditLog | None) -> None:
     """The module docstring's order; Starlette runs the middleware added last first."""
     app.add_middleware(DisconnectMiddleware)
-    app.add_middleware(SecurityMiddleware, keys=keys, limiter=RateLimiter(settings.rate_limit), refuse=_refuse)
+    limits = settings.rate_limit
+    addresses = ClientAddresses.from_settings(limits) if limits.per_address else None
+    app.add_middleware(SecurityMiddleware, keys=keys, limiter=RateLimiter(limits), refuse=_refuse, addresses=addresses)
     if audit_log is not None:
         app.add_middleware(AuditMiddleware, log=audit_log, paths=AUDITED_PATHS)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=AUDITED_PATHS)

@@ -1,0 +1,101 @@
+"""Work for a client that has gone stops: `DisconnectMiddleware` cancels a request's handling when its client
+disconnects before the response is complete.
+
+Without it, a client that gives up on a non-streamed request (the `openai` SDK's timeout, then its two retries)
+leaves its pipeline running: its stage calls go on, the in-process model keeps generating, and the next user waits
+behind abandoned work. Starlette already stops a streamed response when its client goes; this covers the rest.
+
+Once the request's body has been read, the middleware listens for `http.disconnect`. When it comes before the
+response's last body message, the handling is cancelled: stage calls are cancelled (a remote server's connection is
+closed, which makes vLLM and SGLang abort the generation), an in-process generation stops within one decoding step,
+and work still queued in admission control or behind the model's lock never starts. The request's record gets status
+499 (nginx's "client closed request") and is audited like any other. A disconnect after the response is complete
+(every server reports one) changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator.audit import close_record, open_record
+
+log = logging.getLogger(__name__)
+CLIENT_CLOSED = 499
+
+
+class DisconnectMiddleware:
+    """Cancels the handling of a request whose client disconnects before its response is complete."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        answered = False
+
+        async def receive_body() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def send_answer(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        async def handle() -> None:
+            await self.app(scope, receive_body, send_answer)
+
+        handling = asyncio.create_task(handle())
+        listening = asyncio.create_task(_disconnected(receive, body_read))
+        try:
+            await asyncio.wait([handling, listening], return_when=asyncio.FIRST_COMPLETED)
+            if handling.done():
+                await handling  # its result, or its exception, as if it had run here
+                return
+            if answered:  # the disconnect every server reports once the response is complete
+                await handling
+                return
+            await _cancel(handling)
+            _note_gone(scope)
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+            if not handling.done():  # this middleware itself was cancelled
+                await _cancel(handling)
+
+
+async def _disconnected(receive: Receive, body_read: asyncio.Event) -> None:
+    """Returns when the client disconnects, listening only once the handler has read the whole body."""
+    await body_read.wait()
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for it to end; what it raises on the way out has nobody left to answer."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:  # the client is gone: nothing to answer, only to log
+        log.info("a cancelled request ended with %s: %s", type(exc).__name__, exc)
+
+
+def _note_gone(scope: Scope) -> None:
+    record, token = open_record(scope)
+    record.setdefault("status", CLIENT_CLOSED)
+    record["error"] = "client_disconnected"
+    close_record(token)
+    log.info("the client disconnected before its response was complete; its request was cancelled")

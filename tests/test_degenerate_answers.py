@@ -1,0 +1,104 @@
+"""Degenerate answers are caught: a loop, an empty answer or a restated question is never `agreed` or `corrected`;
+the generation guards stop a loop early. On loops in English and Chinese, on the embedded model's real looping output
+(`tests/recorded/smollm2_135m_loop.json`, captured from SmolLM2-135M-Instruct on the receipt fixture), and on a
+degenerate re-ask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.analysis import AnalyzeInput
+from orchestrator.degeneration import degeneration
+from orchestrator.pipeline import Pipeline
+from orchestrator.routing import KeywordRouter
+from orchestrator.settings import ReasoningSettings
+from stage_client.loops import loop_stopper, loops, repeats_at_end
+from tests.fakes import FakeReasoning, FakeVision
+from tests.images import decoded
+
+SMOLLM_LOOP = json.loads((Path(__file__).parent / "recorded" / "smollm2_135m_loop.json").read_text(encoding="utf-8"))
+QUESTION = "Why is the total higher than the subtotal?"
+EN_LOOP = "The total is higher because " + "the tax is added and " * 8
+ZH_LOOP = "合计比小计高，" + "因为加上了服务费，" * 6
+ZH_OK = "合计比小计高出 3.06 元，因为账单上加收了税费，小计为 51.00 元，税费为 3.06 元，所以合计为 54.06 元。"
+EN_OK = (
+    "The total is higher than the subtotal because tax of 3.06 was added: the subtotal is 51.00 and the receipt "
+    "lists the tax on its own line, so the total comes to 54.06."
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (SMOLLM_LOOP["answer"], "loops"),
+        (EN_LOOP, "loops"),
+        (ZH_LOOP, "loops"),
+        ("", "empty"),
+        (" … ** !! ", "empty"),
+        (QUESTION, "restates"),
+        (f"Question: {QUESTION}", "restates"),
+        (EN_OK, None),
+        (ZH_OK, None),
+        ("54.06", None),
+        ("No.", None),
+        ("Latte 2 x 18.00 36.00. Latte 1 x 18.00 18.00. Scone 1 x 4.00 4.00. Total 58.00.", None),
+    ],
+)
+def test_degenerate_answers_are_told_from_answers(answer: str, expected: str | None) -> None:
+    assert degeneration(answer, QUESTION, f"Description of the image: …\nQuestion: {QUESTION}") == expected
+
+
+def test_an_answer_that_copies_the_prompt_restates_it() -> None:
+    lines = "Text read by the vision model: “BLUE BOTTLE CAFE”, “Latte 2 x 18.00 36.00”, “Subtotal 51.00”."
+    prompt = f"{lines}\n{lines}\nQuestion: {QUESTION}"
+    copied = f"{lines} {lines}"
+    assert degeneration(copied, QUESTION, prompt) == "restates"
+    assert degeneration("The bottom line reads “Subtotal 51.00”.", QUESTION, prompt) is None
+
+
+def test_the_real_looping_output_of_the_embedded_model_is_a_loop_by_tokens_too() -> None:
+    assert SMOLLM_LOOP["finish_reason"] == "length"  # it ran to its budget: what the guard now prevents
+    assert loops(SMOLLM_LOOP["answer"])
+    assert repeats_at_end(["a", "b", "c", "d", "e", "f"] * 4)
+    assert not repeats_at_end(["a", "b", "c", "d", "e", "f"] * 3)  # three times is not yet a loop
+    assert not repeats_at_end(["no"] * 4)  # a short word said four times covers too little
+
+
+def test_the_generation_guard_stops_a_loop_and_only_a_loop() -> None:
+    stop = loop_stopper(prompt_length=3)
+    looping = torch.tensor([[7, 7, 7] + [1, 2, 3, 4, 5, 6] * 4, [7, 7, 7, *list(range(24))]])
+    assert stop(looping, torch.zeros(2, 1)).tolist() == [True, False]  # type: ignore[arg-type]
+    prompt_only = torch.tensor([[5] * 40])  # a prompt that repeats is not the model looping
+    assert loop_stopper(prompt_length=40)(prompt_only, torch.zeros(1, 1)).tolist() == [False]  # type: ignore[arg-type]
+
+
+async def ask(reasoning: FakeReasoning, question: str = QUESTION) -> tuple[object, FakeReasoning]:
+    pipeline = Pipeline(FakeVision(), reasoning, ReasoningSettings(), KeywordRouter())
+    return await pipeline.run(AnalyzeInput(decoded(), question, mode="reasoning")), reasoning
+
+
+@pytest.mark.parametrize("answer", [SMOLLM_LOOP["answer"], ZH_LOOP, "", QUESTION])
+async def test_a_degenerate_first_answer_is_replaced_by_the_vision_answer_marked_degraded(answer: str) -> None:
+    outcome, _ = await ask(FakeReasoning(answer=answer))
+    assert outcome.mode == "vision_only"  # type: ignore[attr-defined]
+    assert outcome.degraded  # type: ignore[attr-defined]
+    assert outcome.arbitration is None  # type: ignore[attr-defined]
+    assert answer not in outcome.answer or not answer  # type: ignore[attr-defined]
+    [failure] = outcome.failures  # type: ignore[attr-defined]
+    assert failure.error_type == "DegenerateAnswer"
+    assert any("Reasoning unavailable" in text or "推理服务不可用" in text for text in outcome.notices)  # type: ignore[attr-defined]
+
+
+async def test_a_degenerate_re_ask_is_never_corrected_but_sent_to_review() -> None:
+    outcome, reasoning = await ask(FakeReasoning(script=("The total is 8.00.", EN_LOOP)), "Is this bill reasonable?")
+    arbitration = outcome.arbitration  # type: ignore[attr-defined]
+    assert arbitration is not None
+    assert arbitration.status == "needs_review"
+    assert not arbitration.corrected
+    assert outcome.needs_human_review  # type: ignore[attr-defined]
+    assert outcome.answer == "The total is 8.00."  # type: ignore[attr-defined]
+    assert len(reasoning.requests) == 2
