@@ -7,8 +7,8 @@ stage's own (degraded, with a notice), and a degenerate re-asked answer leaves t
 
 - `empty`: no word at all (`stage_client.loops.words`: letters, digits or CJK characters);
 - `loops`: `stage_client.loops.loops`;
-- `restates`: the question again (with at most two words around it, "Question: …"), or a run copied from the prompt that makes up at
-  least half of the prompt's words and is at least `MIN_COPIED_WORDS` long.
+- `restates`: the question again (with at most two words around it, "Question: …"), or a run copied from the prompt
+  that makes up at least half of the prompt's words and is at least `MIN_COPIED_WORDS` long.
 """
 
 from __future__ import annotations
