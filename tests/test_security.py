@@ -252,10 +252,20 @@ def test_requests_over_the_rate_are_refused_per_key_with_retry_after() -> None:
         assert client.get("/health").status_code == 200  # never limited
 
 
-def test_without_keys_the_rate_is_limited_per_client_address() -> None:
+def test_without_keys_nothing_is_limited_unless_per_address_limits_are_on() -> None:
     with app_client(rate_limit=RateLimitSettings(requests_per_s=0.5, burst=1)) as client:
+        assert [client.get("/v1/models").status_code for _ in range(5)] == [200] * 5
+    with app_client(rate_limit=RateLimitSettings(requests_per_s=0.5, burst=1, per_address=True)) as client:
         assert client.get("/v1/models").status_code == 200
         assert_refused(client.get("/v1/models"), 429, "rate_limited")
+
+
+def test_per_address_limits_with_keys_count_each_key_and_each_address() -> None:
+    limits = RateLimitSettings(requests_per_s=0.5, burst=2, per_address=True)
+    with app_client(api_keys=KEYS, rate_limit=limits) as client:  # one address, the test client's
+        assert client.get("/v1/models", headers=bearer(KEY)).status_code == 200
+        assert client.get("/v1/models", headers=bearer(OTHER_KEY)).status_code == 200
+        assert_refused(client.get("/v1/models", headers=bearer(HASHED_KEY)), 429, "rate_limited")
 
 
 @dataclass
