@@ -9,9 +9,9 @@ a streamed one cannot, since its headers leave before these are known.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -65,6 +65,7 @@ from vision_stage.backend import VisionBackend
 
 api = APIRouter()
 
+MAX_MODEL_NAME = 256
 OUTCOME_HEADERS = ("X-Orchestrator-Degraded", "X-Orchestrator-Mode", "X-Orchestrator-Needs-Human-Review")
 
 _CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -327,10 +328,13 @@ async def list_models(request: Request) -> ModelListOut:
 @api.get(
     "/v1/models/{model}",
     response_model=ModelOut,
-    responses={404: {"model": ErrorResponse, "description": "No such model (`not_found`)"}},
+    responses={
+        404: {"model": ErrorResponse, "description": "No such model (`not_found`)"},
+        422: {"model": ErrorResponse, "description": "A model name longer than any (`validation_error`)"},
+    },
     summary="One model name of `/v1/chat/completions`: a route",
 )
-async def retrieve_model(model: str, request: Request) -> ModelOut:
+async def retrieve_model(model: Annotated[str, Path(max_length=MAX_MODEL_NAME)], request: Request) -> ModelOut:
     return model_out(model, int(request.app.state.started))
 
 
