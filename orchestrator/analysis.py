@@ -46,6 +46,42 @@ class StageFailure:
 
 
 @dataclass(frozen=True)
+class StageUsage:
+    """One stage's model generations for a request: how many, and the tokens they read and wrote (0 where the
+    backend does not count tokens, as `ocr` does not)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Spend:
+    """Every model generation a request caused, as it happens: the vision stage's (its description or answer, the
+    answer standing in for a failed reasoning stage, the arbiter's probes; not those served from the cache) and the
+    reasoning stage's (the first answer, unusable ones included, and a re-asked one). The pipeline and the arbiter
+    add to it; `usage` sums it up."""
+
+    vision: list[tuple[int, int]] = field(default_factory=list)
+    reasoning: list[tuple[int, int]] = field(default_factory=list)
+
+    def looked(self, result: VisionResult) -> None:
+        if not result.cached:
+            self.vision.append((result.prompt_tokens, result.completion_tokens))
+
+    def reasoned(self, result: ReasoningResult) -> None:
+        self.reasoning.append((result.prompt_tokens, result.completion_tokens))
+
+    def usage(self) -> tuple[StageUsage, StageUsage]:
+        """(vision, reasoning)."""
+        return _summed(self.vision), _summed(self.reasoning)
+
+
+def _summed(calls: list[tuple[int, int]]) -> StageUsage:
+    return StageUsage(len(calls), sum(p for p, _ in calls), sum(c for _, c in calls))
+
+
+@dataclass(frozen=True)
 class AnalyzeOutcome:
     answer: str
     mode: Decision
@@ -64,6 +100,8 @@ class AnalyzeOutcome:
     failures: tuple[StageFailure, ...] = field(default=())
     answer_fields: Fields | None = None
     """The answer's fields when `json` was asked for and the answer parsed; None otherwise."""
+    usage: tuple[StageUsage, StageUsage] = (StageUsage(), StageUsage())
+    """(vision, reasoning): every generation the request caused (`Spend`)."""
 
 
 @dataclass(frozen=True)

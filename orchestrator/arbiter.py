@@ -19,6 +19,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from orchestrator.analysis import Spend
 from orchestrator.answer_json import ResponseFormat, answer_claims
 from orchestrator.arbitration import (
     Arbitration,
@@ -70,6 +71,8 @@ class Context:
     """`json`: the answer's claims are its fields' (`orchestrator.answer_json`)."""
     question: str = ""
     """The user's question, which a degenerate re-asked answer may only restate."""
+    spend: Spend | None = None
+    """Where the re-ask and the probes are counted (`orchestrator.analysis.Spend`)."""
 
 
 def vision_confidence(context: Context) -> tuple[float, bool]:
@@ -103,7 +106,7 @@ class Arbiter:
             max_new_tokens=request.max_new_tokens,
             temperature=request.temperature,
         )
-        second = await self._ask_again(follow_up, context.question)
+        second = await self._ask_again(follow_up, context)
         if second is None:
             unresolved = _unresolved(verdict, context.language)
             return Judged(first, unresolved, (unresolved.notice,) if unresolved.notice else (), 2)
@@ -129,13 +132,13 @@ class Arbiter:
             if check.verdict == "unverifiable" and (question := probe_question(check.claim, context.language))
         ][: self._probe_limit]
         image = context.image
-        replies = await asyncio.gather(*(self._probe(image, question) for _, question in questions))
+        replies = await asyncio.gather(*(self._probe(image, question, context) for _, question in questions))
         for (index, question), reply in zip(questions, replies, strict=True):
             if reply is not None:
                 checks[index] = probed_check(checks[index], question, reply)
         return tuple(checks)
 
-    async def _probe(self, image: DecodedImage, question: str) -> str | None:
+    async def _probe(self, image: DecodedImage, question: str, context: Context) -> str | None:
         """The vision stage's reply to a probe, or None when it failed (logged)."""
         assert self._vision is not None  # only called with probes enabled, which needs a vision backend
         try:
@@ -144,9 +147,11 @@ class Arbiter:
             log.warning("probing the vision stage (backend %s) failed: %s: %s", self._vision.name,
                         type(exc).__name__, exc)  # fmt: skip
             return None
+        if context.spend is not None:
+            context.spend.looked(result)
         return result.answer or ""
 
-    async def _ask_again(self, request: ReasoningRequest, question: str) -> ReasoningResult | None:
+    async def _ask_again(self, request: ReasoningRequest, context: Context) -> ReasoningResult | None:
         """The re-asked answer, or None when it failed or is degenerate (`orchestrator.degeneration`): a re-ask
         passes the same checks as the first answer."""
         try:
@@ -154,7 +159,9 @@ class Arbiter:
         except ReasoningError as exc:
             log.warning("re-asking the reasoning stage (backend %s) failed: %s", self._reasoning.name, exc)
             return None
-        degenerate = degeneration(result.text, question, request.messages[-1].content)
+        if context.spend is not None:
+            context.spend.reasoned(result)
+        degenerate = degeneration(result.text, context.question, request.messages[-1].content)
         if degenerate is not None:
             log.warning("the re-asked answer (backend %s) is unusable: %s", self._reasoning.name, WHAT[degenerate])
             return None

@@ -45,6 +45,7 @@ from orchestrator.analysis import (
     PipelineEvent,
     Routed,
     RouteEvent,
+    Spend,
     StageFailure,
     VisionEvent,
 )
@@ -190,9 +191,11 @@ class Pipeline:
         timings["vision"] = _ms_since(vision_started)
         yield VisionEvent(vision)
         language = detect_language(request.question)
+        spend = Spend()
+        spend.looked(vision)
         context = Context(
             vision, routed.decision, self._router.threshold, request.profile, language, request.image,
-            request.response_format, request.question,
+            request.response_format, request.question, spend,
         )  # fmt: skip
         if not wants_reasoning:
             yield DoneEvent(_vision_outcome(context, _vision_answer(vision), timings, routed.started))
@@ -217,7 +220,9 @@ class Pipeline:
         timings["reasoning"] = _ms_since(reasoning_started)
         if reasoning.result is None:
             fallback_started = time.perf_counter()
-            answer = _vision_answer(await self._look(request, "answer"))
+            stand_in = await self._look(request, "answer")
+            _spend(context).looked(stand_in)
+            answer = _vision_answer(stand_in)
             timings["vision_answer"] = _ms_since(fallback_started)
             outcome = _vision_outcome(context, answer, timings, started, reasoning)
             yield DoneEvent(outcome, replaced=reasoning.streamed)
@@ -269,6 +274,7 @@ class Pipeline:
             for item in _failed(failure, exc, type(exc).__name__, language, reasoning_request, received):
                 yield item
             return
+        _spend(context).reasoned(result)
         degenerate = degeneration(result.text, request.question, reasoning_request.messages[-1].content)
         if degenerate is not None:
             failure = StageFailure("reasoning", backend.name, "DegenerateAnswer", WHAT[degenerate])
@@ -338,6 +344,7 @@ def _reasoned_outcome(context: Context, judged: Judged, timings: dict[str, float
         arbitration=judged.arbitration,
         answer_fields=fields,
         failures=_vision_failure(context.vision),
+        usage=_spend(context).usage(),
     )
 
 
@@ -365,7 +372,14 @@ def _vision_outcome(
         timings_ms=timings,
         confidence=score,
         failures=(*_vision_failure(context.vision), *((reasoning.failure,) if reasoning and reasoning.failure else ())),
+        usage=_spend(context).usage(),
     )
+
+
+def _spend(context: Context) -> Spend:
+    """The request's `Spend` (the pipeline always gives its context one)."""
+    assert context.spend is not None
+    return context.spend
 
 
 def _stood_in(context: Context) -> tuple[str, ...]:

@@ -66,7 +66,13 @@ def test_multipart_answer_has_every_documented_field(client: TestClient) -> None
     assert body["reasoning"] is None
     assert body["arbitration"]["status"] == "skipped"
     assert 0.0 < body["confidence"] <= 1.0
-    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert body["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "vision": {"calls": 1, "prompt_tokens": 0, "completion_tokens": 0},  # one look; the fake counts no tokens
+        "reasoning": {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0},
+    }
 
 
 def test_reasoning_route_reports_the_llm_and_its_usage(client: TestClient) -> None:
@@ -81,6 +87,7 @@ def test_reasoning_route_reports_the_llm_and_its_usage(client: TestClient) -> No
     assert (check["kind"], check["value"], check["verdict"]) == ("number", "54.06", "supported")
     assert check["evidence"]["text"] == "TOTAL 54.06"
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 4
+    assert (body["usage"]["vision"]["calls"], body["usage"]["reasoning"]["calls"]) == (1, 1)
 
 
 def test_json_with_base64_and_with_data_url(client: TestClient) -> None:

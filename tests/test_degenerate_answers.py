@@ -71,9 +71,9 @@ def test_the_real_looping_output_of_the_embedded_model_is_a_loop_by_tokens_too()
 def test_the_generation_guard_stops_a_loop_and_only_a_loop() -> None:
     stop = loop_stopper(prompt_length=3)
     looping = torch.tensor([[7, 7, 7] + [1, 2, 3, 4, 5, 6] * 4, [7, 7, 7, *list(range(24))]])
-    assert stop(looping, torch.zeros(2, 1)).tolist() == [True, False]  # type: ignore[arg-type]
+    assert stop(looping, torch.zeros(2, 1)).tolist() == [True, False]
     prompt_only = torch.tensor([[5] * 40])  # a prompt that repeats is not the model looping
-    assert loop_stopper(prompt_length=40)(prompt_only, torch.zeros(1, 1)).tolist() == [False]  # type: ignore[arg-type]
+    assert loop_stopper(prompt_length=40)(prompt_only, torch.zeros(1, 1)).tolist() == [False]
 
 
 async def ask(reasoning: FakeReasoning, question: str = QUESTION) -> tuple[object, FakeReasoning]:

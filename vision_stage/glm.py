@@ -292,7 +292,10 @@ class GlmVisionBackend:
             who="the glm vision model",
             budget_spent=generation.completion_tokens >= generation.budget,
         )
-        return reading.result(self.name, self.model, request.task, started=started, notes=generation.prompt.notes)
+        tokens = (generation.prompt.prompt_tokens, generation.completion_tokens)
+        return reading.result(
+            self.name, self.model, request.task, started=started, notes=generation.prompt.notes, tokens=tokens
+        )
 
     def _look(self, engine: GlmEngine, request: VisionRequest) -> tuple[Generation, ImageFacts]:
         generation = engine.generate(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)

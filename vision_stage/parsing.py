@@ -62,10 +62,17 @@ class Reading:
     notes: tuple[str, ...] = ()
 
     def result(
-        self, backend: str, model: str, task: VisionTask, *, started: float, notes: tuple[str, ...] = ()
+        self,
+        backend: str,
+        model: str,
+        task: VisionTask,
+        *,
+        started: float,
+        notes: tuple[str, ...] = (),
+        tokens: tuple[int, int] = (0, 0),
     ) -> VisionResult:
         """The `VisionResult` of this reading; `started` is the request's `time.perf_counter()` at its start; `notes`
-        follow the reading's own."""
+        follow the reading's own; `tokens` are the (prompt, completion) tokens the model spent on it."""
         return VisionResult(
             backend=backend,
             model=model,
@@ -78,6 +85,8 @@ class Reading:
             notes=self.notes + notes,
             thinking=self.thinking,
             boxes=self.boxes,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
         )
 
 

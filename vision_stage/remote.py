@@ -110,6 +110,8 @@ class _Answer:
     content: str
     reasoning: str
     finish_reason: str
+    tokens: tuple[int, int] = (0, 0)
+    """(prompt, completion) tokens from the server's usage, 0 where it sent none."""
 
 
 class RemoteVisionBackend:
@@ -210,7 +212,7 @@ class RemoteVisionBackend:
             reading = dataclasses.replace(reading, thinking=thinking)
         cut = f"the answer was cut at {self._max_new_tokens} tokens" if answer.finish_reason == "length" else None
         notes = tuple(note for note in (fitted, moved, cut) if note)
-        return reading.result(self.name, self.model, request.task, started=started, notes=notes)
+        return reading.result(self.name, self.model, request.task, started=started, notes=notes, tokens=answer.tokens)
 
     def _prompt(self, request: VisionRequest) -> str:
         try:
@@ -319,7 +321,10 @@ async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress
     content: list[str] = []
     reasoning: list[str] = []
     finish = "stop"
+    tokens = (0, 0)
     async for chunk in chunks:
+        if chunk.usage is not None:
+            tokens = (chunk.usage[0] or 0, chunk.usage[1] or 0)
         if not chunk.choice:  # the usage chunk
             continue
         content.append(chunk.content)
@@ -328,7 +333,7 @@ async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress
         if chunk.finish_reason is not None:
             finish = chunk.finish_reason
     text = "".join(content)
-    return _Answer(text, "".join(reasoning), _finish_reason(finish, where, midway=bool(text)))
+    return _Answer(text, "".join(reasoning), _finish_reason(finish, where, midway=bool(text)), tokens)
 
 
 def _finish_reason(reason: str, where: str, *, midway: bool) -> str:

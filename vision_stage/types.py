@@ -311,4 +311,7 @@ class VisionResult:
     boxes: tuple[Box, ...] = ()
     fallback: VisionFallback | None = None
     cached: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens the model read and wrote for this result, where the backend counts them (0 for `ocr`)."""
     """True when the orchestrator's cache answered (`orchestrator.cache`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any, Literal
 
@@ -176,10 +177,22 @@ class ArbitrationOut(BaseModel):
     checks: list[CheckOut] = Field(description="Each concrete claim of the answer, checked against the image.")
 
 
+class StageUsageOut(BaseModel):
+    calls: int = Field(description="Model generations of this stage the request caused (cache hits excluded).")
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class UsageOut(BaseModel):
+    """Every generation the request caused, in both stages: the vision stage's description or answer (and the
+    answer standing in for a failed reasoning stage, and the arbiter's probes), the reasoning stage's first answer
+    and a re-asked one. Tokens are 0 where a backend does not count them (`ocr`)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    vision: StageUsageOut
+    reasoning: StageUsageOut
 
 
 class FailureOut(BaseModel):
@@ -306,12 +319,16 @@ def analyze_response(outcome: AnalyzeOutcome, request_id: str, session_id: str |
 
 
 def usage_out(outcome: AnalyzeOutcome) -> UsageOut:
-    """The reasoning stage's tokens (0 when it did not answer)."""
-    reasoning = outcome.reasoning
-    prompt_tokens = reasoning.prompt_tokens if reasoning else 0
-    completion_tokens = reasoning.completion_tokens if reasoning else 0
+    """The request's generations (`UsageOut`), summed over both stages and by stage."""
+    vision, reasoning = outcome.usage
+    prompt_tokens = vision.prompt_tokens + reasoning.prompt_tokens
+    completion_tokens = vision.completion_tokens + reasoning.completion_tokens
     return UsageOut(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        vision=StageUsageOut(**dataclasses.asdict(vision)),
+        reasoning=StageUsageOut(**dataclasses.asdict(reasoning)),
     )
 
 
