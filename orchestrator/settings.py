@@ -94,6 +94,11 @@ class RemoteSettings(_Section):
 
 
 class VisionSettings(RemoteSettings):
+    first_byte_timeout_s: float = Field(default=15.0, gt=0)
+    """`remote`: the first-token budget: a vision model reads the image (prefill) before its first token, which takes
+    seconds for a large image on a busy server, but a server silent for 15 s is hung."""
+    timeout_s: float = Field(default=25.0, gt=0)
+    """`remote`: one attempt in all; inside the request's 30 s deadline."""
     backend: Literal["ocr", "glm", "remote"] = "ocr"
     """`ocr`: the embedded default (RapidOCR + image tags, CPU, no download); `glm`: GLM-4.6V-Flash in this process;
     `remote`: an OpenAI-compatible server."""
@@ -124,6 +129,11 @@ class VisionSettings(RemoteSettings):
 
 
 class ReasoningSettings(RemoteSettings):
+    first_byte_timeout_s: float = Field(default=10.0, gt=0)
+    """`remote`: the first-token budget: a text model's prompt here is a description and a question, seconds of
+    prefill at most; a server silent for 10 s is hung, and the vision-only answer is better than more waiting."""
+    timeout_s: float = Field(default=20.0, gt=0)
+    """`remote`: one attempt in all: 192 tokens at a slow 10 tokens/s fit; a trickle slower than that degrades."""
     backend: Literal["local", "none", "remote"] = "local"
     """`local`: a transformers causal LM in this process; `none`: vision-only by design; `remote`: an
     OpenAI-compatible server."""
@@ -166,10 +176,13 @@ class LimitSettings(_Section):
     max_request_bytes: int = Field(default=30 * 1024 * 1024, ge=1)
     """Whole request body; base64 inflates an image by a third, so keep this above 4/3 of `max_image_bytes`."""
     max_question_chars: int = Field(default=2000, ge=1)
-    request_deadline_s: float = Field(default=180.0, gt=0)
-    """One request in all: every stage call, retry and fallback lives inside it."""
-    fallback_reserve_s: float = Field(default=15.0, ge=0)
-    """Time kept back from the reasoning stage for the vision-only answer that stands in when it fails."""
+    request_deadline_s: float = Field(default=30.0, gt=0)
+    """One request in all: every stage call, retry and fallback lives inside it. 30 s by default: a person waiting
+    for an answer gives up long before minutes, so a stage that is down, hung or slow yields the degraded answer
+    within it. Long jobs (thinking models, large images on a slow GPU, batch work) raise it."""
+    fallback_reserve_s: float = Field(default=8.0, ge=0)
+    """Time kept back from the reasoning stage for the vision-only answer that stands in when it fails: enough for a
+    remote vision model's short answer (the embedded `ocr` backend needs under a second)."""
 
 
 class ArbitrationSettings(_Section):

@@ -231,3 +231,41 @@ def test_beyond_the_admission_bounds_a_request_is_refused_at_once_as_overloaded(
     assert headers["retry-after"] == "1"
     assert took < 0.5
     assert not first.is_alive()
+
+
+# With the default settings: an interactive user gets the degraded answer within 30 s, whatever the reasoning stage does
+
+
+INTERACTIVE_S = 30.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "faults"),
+    [
+        ("hang_before_headers", Faults(hang_limit_s=120)),  # hung: accepts the request, never answers
+        ("hang_after_headers", Faults(hang_limit_s=120)),  # silent: answers 200, then nothing
+        ("trickle", Faults(pieces=40, trickle_delay_s=2.0)),  # slow: a token every 2 s, 80 s for the answer
+    ],
+)
+def test_with_default_settings_a_hung_silent_or_slow_reasoning_stage_degrades_within_30_s(
+    stages: tuple[FaultyServer, str, FaultyServer, str], mode: Mode, faults: Faults
+) -> None:
+    vision, vision_url, reasoning, reasoning_url = stages
+    vision.reset()
+    reasoning.reset(default=mode, faults=faults)
+    settings = Settings(
+        vision=VisionSettings(backend="remote", base_url=vision_url, model="m"),
+        reasoning=ReasoningSettings(backend="remote", base_url=reasoning_url, model="m"),
+        router=RouterSettings(kind="keyword"),
+        cache=CacheSettings(enabled=False),
+    )
+    try:
+        with orchestrator(settings) as client:
+            status, body, took, _ = analyze(client)
+    finally:
+        reasoning.release()
+    assert status == 200, body
+    assert (body["degraded"], body["mode"]) == (True, "vision_only")
+    assert body["answer"]
+    assert took < INTERACTIVE_S, f"the degraded answer took {took:.1f} s"
+    assert len(reasoning.chat_requests) == 1  # no second attempt that could not finish in time

@@ -7,7 +7,9 @@ Each call takes a slot (`admission`), then makes up to `retry.attempts` attempts
 says which failures are retried and how long to wait). Each attempt goes to an endpoint not yet tried by this call
 when there is one: first to one whose breaker is due for its half-open trial (so a recovered endpoint comes back
 while others are healthy), else to the closed one with the fewest calls in flight (ties take turns). An attempt is
-bounded by the request's deadline (less `reserve_s`), and a half-open breaker's trial also by `trial_timeout_s`.
+bounded by the request's deadline (less `reserve_s`), and a half-open breaker's trial also by `trial_timeout_s`;
+a retry is made only while a whole attempt (`timeout_s`) still fits before that bound, never a second attempt cut
+short by it.
 A failure that is the endpoint's fault (unavailable, garbage) counts against its breaker; a refusal of the request
 does not. When every breaker is open the call fails at once, with `retry_after_s` set to the soonest trial.
 
@@ -226,8 +228,8 @@ class ResilientStage(Generic[B]):
     def _stop(self, state: RetryCallState) -> bool:
         if state.attempt_number >= self.settings.retry.attempts:
             return True
-        if state.upcoming_sleep >= deadline.remaining() - self._reserve_s:
-            return True
+        if deadline.remaining() - self._reserve_s - state.upcoming_sleep < self.settings.timeout_s:
+            return True  # no second attempt that could not run its full length before the budget is spent
         return not self.budget.try_spend()
 
     def _out_of_time(self, endpoint: Endpoint[B], permit: Permit) -> Exception:
