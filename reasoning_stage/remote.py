@@ -14,7 +14,9 @@ the block closes; `stream` passes such text through, and `generate` moves what p
 keeps only what is inside `<answer>…</answer>` tags, `stage_client.model_text.split_thinking`).
 
 The last delta carries the finish reason and the token counts of the server's final usage chunk; a server that sends
-no usage gives `None` there, which `generate` reports as 0 tokens.
+no usage gives `None` there, which `generate` reports as 0 tokens. An answer that falls into a loop
+(`stage_client.loops.LoopWatch`) is left there: the stream is closed, which stops the server's generation, and the
+last delta says `stop` with no counts (the orchestrator then finds the answer degenerate).
 
 The request and the stream go through `stage_client.ChatClient`, which checks each chunk's shape. Errors are
 translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict), as
@@ -76,6 +78,7 @@ from stage_client import (
     dialect,
     finish_failure,
 )
+from stage_client.loops import LoopWatch
 from stage_client.model_text import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, split_thinking
 
 HEALTH_TIMEOUT_S = 10.0
@@ -178,6 +181,7 @@ class RemoteReasoningBackend:
             sampling=request.sampling.fields(),
         )
         chunks = self._client.chunks(body, self._headers() if self._headers else None)
+        watch = LoopWatch()
         try:
             async with aclosing(chunks), aclosing(_deltas(chunks, self._where)) as deltas:
                 while True:
@@ -187,6 +191,9 @@ class RemoteReasoningBackend:
                         return
                     progress.add(delta.text + delta.thinking, self._where)
                     yield delta
+                    if watch.add(delta.text):  # leaving the stream closes it: the server stops generating
+                        yield ReasoningDelta(finish_reason="stop")
+                        return
         except TimeoutError as exc:
             raise ReasoningUnavailable(
                 f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars

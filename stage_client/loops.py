@@ -81,3 +81,23 @@ def loop_stopper(prompt_length: int) -> StoppingCriteria:
             return torch.tensor(looping, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
     return LoopStopper()
+
+
+class LoopWatch:
+    """Watches a streamed answer for a loop: `add` each piece as it arrives; it says whether the text now loops,
+    looking every `every` characters at the last `window` (a remote server's generation can only be stopped by
+    leaving its stream, which the caller then does)."""
+
+    def __init__(self, every: int = 200, window: int = 4000) -> None:
+        self._text = ""
+        self._unchecked = 0
+        self._every = every
+        self._window = window
+
+    def add(self, piece: str) -> bool:
+        self._text = (self._text + piece)[-self._window :]
+        self._unchecked += len(piece)
+        if self._unchecked < self._every:
+            return False
+        self._unchecked = 0
+        return loops(self._text)

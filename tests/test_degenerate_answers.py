@@ -16,12 +16,18 @@ from orchestrator.degeneration import degeneration
 from orchestrator.pipeline import Pipeline
 from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ReasoningSettings
+from reasoning_stage.remote import RemoteReasoningBackend
+from reasoning_stage.types import ChatMessage, ReasoningRequest
 from stage_client.loops import loop_stopper, loops, repeats_at_end
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded
+from tests.vllm_fake import FakeVllm, vllm_stream
+from vision_stage.remote import LOOP_NOTE, RemoteVisionBackend
+from vision_stage.types import VisionRequest
 
 SMOLLM_LOOP = json.loads((Path(__file__).parent / "recorded" / "smollm2_135m_loop.json").read_text(encoding="utf-8"))
 QUESTION = "Why is the total higher than the subtotal?"
+LLM_MODEL, VISION_MODEL = "zai-org/GLM-4-9B-0414", "zai-org/GLM-4.6V-Flash"
 EN_LOOP = "The total is higher because " + "the tax is added and " * 8
 ZH_LOOP = "合计比小计高，" + "因为加上了服务费，" * 6
 ZH_OK = "合计比小计高出 3.06 元，因为账单上加收了税费，小计为 51.00 元，税费为 3.06 元，所以合计为 54.06 元。"
@@ -102,3 +108,33 @@ async def test_a_degenerate_re_ask_is_never_corrected_but_sent_to_review() -> No
     assert outcome.needs_human_review  # type: ignore[attr-defined]
     assert outcome.answer == "The total is 8.00."  # type: ignore[attr-defined]
     assert len(reasoning.requests) == 2
+
+
+# --- remote streams: the guard leaves a looping stream, which stops the server's generation --------------------------
+
+
+async def test_a_remote_reasoning_stream_that_loops_is_left_early() -> None:
+    pieces = ["The total is higher because "] + ["the tax is added and "] * 200
+    fake = FakeVllm(LLM_MODEL, [vllm_stream(LLM_MODEL, pieces)])
+    backend = await RemoteReasoningBackend.load(
+        base_url="http://llm.test/v1", model=LLM_MODEL, http_client=fake.client()
+    )
+    deltas = [delta async for delta in backend.stream(ReasoningRequest((ChatMessage("user", QUESTION),), 2048))]
+    await backend.aclose()
+    text = "".join(delta.text for delta in deltas)
+    assert deltas[-1].finish_reason == "stop"
+    assert len(text) < len("".join(pieces)) // 4, "it read on through the loop"
+    assert degeneration(text, QUESTION, QUESTION) == "loops"
+
+
+async def test_a_remote_vision_answer_that_loops_is_cut_with_a_note() -> None:
+    pieces = ["The receipt shows "] + ["a latte and a latte and "] * 200
+    fake = FakeVllm(VISION_MODEL, [vllm_stream(VISION_MODEL, pieces)])
+    backend = await RemoteVisionBackend.load(
+        base_url="http://vlm.test/v1", model=VISION_MODEL, http_client=fake.client(), max_new_tokens=4096
+    )
+    result = await backend.generate(VisionRequest(decoded(), QUESTION, task="answer"))
+    await backend.aclose()
+    assert LOOP_NOTE in result.notes
+    assert result.answer is not None
+    assert len(result.answer) < len("".join(pieces)) // 4

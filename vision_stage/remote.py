@@ -67,6 +67,7 @@ from stage_client import (
     dialect,
     finish_failure,
 )
+from stage_client.loops import LoopWatch
 from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
@@ -95,6 +96,7 @@ ALL_REASONING_NOTE = (
 """With thinking not asked for, an answer that finished normally but came only as reasoning is the answer: vLLM
 0.16-0.23's `glm45` parser, for one, reads everything before a `</think>` that never comes as reasoning when the
 request does not turn thinking off (the `openai` dialect cannot)."""
+LOOP_NOTE = "the model's answer fell into a loop and was cut off there"
 PARSE_ON_LOOP_CHARS = 4000
 """Answers longer than this are read in a worker thread: reading a long, broken one can take tens of milliseconds."""
 COLOR_TASKS: frozenset[VisionTask] = frozenset({"describe"})
@@ -112,6 +114,8 @@ class _Answer:
     finish_reason: str
     tokens: tuple[int, int] = (0, 0)
     """(prompt, completion) tokens from the server's usage, 0 where it sent none."""
+    looped: bool = False
+    """The answer fell into a loop and was left there (`stage_client.loops.LoopWatch`)."""
 
 
 class RemoteVisionBackend:
@@ -211,7 +215,8 @@ class RemoteVisionBackend:
         if thinking:
             reading = dataclasses.replace(reading, thinking=thinking)
         cut = f"the answer was cut at {self._max_new_tokens} tokens" if answer.finish_reason == "length" else None
-        notes = tuple(note for note in (fitted, moved, cut) if note)
+        looped = LOOP_NOTE if answer.looped else None
+        notes = tuple(note for note in (fitted, moved, cut, looped) if note)
         return reading.result(self.name, self.model, request.task, started=started, notes=notes, tokens=answer.tokens)
 
     def _prompt(self, request: VisionRequest) -> str:
@@ -322,6 +327,7 @@ async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress
     reasoning: list[str] = []
     finish = "stop"
     tokens = (0, 0)
+    watch = LoopWatch()
     async for chunk in chunks:
         if chunk.usage is not None:
             tokens = (chunk.usage[0] or 0, chunk.usage[1] or 0)
@@ -332,6 +338,8 @@ async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress
         progress.add(chunk.content, chunk.reasoning, where=where)
         if chunk.finish_reason is not None:
             finish = chunk.finish_reason
+        if watch.add(chunk.content + chunk.reasoning):  # the caller closes the stream: the server stops
+            return _Answer("".join(content), "".join(reasoning), "stop", tokens, looped=True)
     text = "".join(content)
     return _Answer(text, "".join(reasoning), _finish_reason(finish, where, midway=bool(text)), tokens)
 
