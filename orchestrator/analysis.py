@@ -10,7 +10,7 @@ from orchestrator.arbitration import Arbitration
 from orchestrator.messages import Language, Profile
 from orchestrator.routing import Decision, RequestedMode, RouteDecision
 from reasoning_stage.errors import ReasoningError
-from reasoning_stage.types import ChatMessage, ReasoningResult
+from reasoning_stage.types import ChatMessage, ReasoningResult, Sampling
 from vision_stage.types import DecodedImage, VisionResult
 
 
@@ -27,6 +27,8 @@ class AnalyzeInput:
     """The reasoning stage's answer budget; None: the configured `reasoning.max_new_tokens`."""
     temperature: float | None = None
     """The reasoning stage's sampling temperature (0: greedy); None: the configured `reasoning.temperature`."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """Optional sampling fields for the reasoning stage (`top_p`, `seed`, `stop`, …); unset: its server's defaults."""
     image_url: str | None = None
     """The http(s) URL the image was fetched from, for a vision backend that passes URLs through
     (`vision.pass_image_urls`); None for uploads, base64 and `data:` URLs."""

@@ -105,6 +105,7 @@ class Arbiter:
             (*request.messages, ChatMessage("assistant", first.text), ChatMessage("user", verdict.correction_prompt)),
             max_new_tokens=request.max_new_tokens,
             temperature=request.temperature,
+            sampling=request.sampling,
         )
         second = await self._ask_again(follow_up, context)
         if second is None:

@@ -294,6 +294,7 @@ class Pipeline:
             (system, *request.history, *question),
             max_new_tokens=request.max_new_tokens or self._settings.max_new_tokens,
             temperature=temperature,
+            sampling=request.sampling,
         )
 
 

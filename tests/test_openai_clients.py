@@ -273,12 +273,13 @@ class CapturingServer:
     """A chat-completions server that records each request body and answers `ok` (any field allowed, unlike
     `tests.vllm_fake.FakeVllm`, which allows only what each dialect sent before sampling fields)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: str = "ok") -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.answer = answer
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.bodies.append(json.loads(request.read()))
-        reply = vllm_stream("m", ["ok"])
+        reply = vllm_stream("m", [self.answer])
         return httpx.Response(reply.status, headers=reply.headers, content=reply.body)
 
 
@@ -316,3 +317,36 @@ async def test_sampling_fields_reach_the_remote_server(
     assert result.text == "ok"
     (body,) = server.bodies
     assert {name: body[name] for name in SAMPLING_FIELDS if name in body} == sent
+
+
+@pytest.mark.parametrize(
+    ("dialect", "sent", "not_applied"),
+    [
+        ("vllm", SENT, []),
+        ("zhipu", {"top_p": 0.9}, ["seed", "stop", "presence_penalty", "frequency_penalty"]),
+    ],
+)
+@pytest.mark.parametrize("name", ["openai_sampling_plain.json", "langchain_sampling_stream.json"])
+async def test_a_clients_sampling_fields_reach_the_remote_reasoning_server(
+    dialect: DialectName, sent: dict[str, object], not_applied: list[str], name: str
+) -> None:
+    server = CapturingServer(LLM_ANSWER)
+    reasoning = await RemoteReasoningBackend.load(
+        base_url="http://llm.test/v1",
+        model="m",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(server.handler)),
+        dialect_name=dialect,
+    )
+    settings = Settings(
+        reasoning=ReasoningSettings(backend="remote", base_url="http://llm.test/v1", model="m", dialect=dialect)
+    )
+    backends = Backends(FakeVision(), reasoning)
+    with serving(create_app(settings, backends)) as running, httpx.Client(base_url=running.url) as client:
+        response = chat(client, recorded_body(name))
+    assert response.status_code == 200, response.text
+    orchestration = streamed_answer(response)[1] if "stream" in name else response.json()["orchestration"]
+    assert orchestration["answer"] == LLM_ANSWER
+    assert orchestration["not_applied"] == not_applied
+    (body,) = server.bodies
+    assert {field: body[field] for field in SAMPLING_FIELDS if field in body} == sent
+    assert body["temperature"] == 0.2

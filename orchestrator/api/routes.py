@@ -308,7 +308,7 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
     analysis = AnalyzeInput(
         image, question, mode=mode, profile=body.profile, response_format=body.answer_format,
         history=conversation.history, max_new_tokens=body.token_limit, temperature=body.temperature,
-        image_url=source.url,
+        sampling=body.sampling, image_url=source.url,
     )  # fmt: skip
     reply = ChatReply(body.model, request_id(request), not_applied(body.sampling, services.settings.reasoning))
     answers = output_filter(services)
