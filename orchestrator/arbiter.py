@@ -162,7 +162,7 @@ class Arbiter:
             return None
         if context.spend is not None:
             context.spend.reasoned(result)
-        degenerate = degeneration(result.text, context.question, request.messages[-1].content)
+        degenerate = degeneration(result.text, context.question)
         if degenerate is not None:
             log.warning("the re-asked answer (backend %s) is unusable: %s", self._reasoning.name, WHAT[degenerate])
             return None

@@ -192,7 +192,8 @@ class Pipeline:
         yield VisionEvent(vision)
         language = detect_language(request.question)
         spend = Spend()
-        spend.looked(vision)
+        if vision is not request.description:  # a session's kept description costs no generation
+            spend.looked(vision)
         context = Context(
             vision, routed.decision, self._router.threshold, request.profile, language, request.image,
             request.response_format, request.question, spend,
@@ -275,7 +276,7 @@ class Pipeline:
                 yield item
             return
         _spend(context).reasoned(result)
-        degenerate = degeneration(result.text, request.question, reasoning_request.messages[-1].content)
+        degenerate = degeneration(result.text, request.question)
         if degenerate is not None:
             failure = StageFailure("reasoning", backend.name, "DegenerateAnswer", WHAT[degenerate])
             unusable = ReasoningInvalidOutput(f"the {backend.name} backend's model gave no answer: {WHAT[degenerate]}")

@@ -9,7 +9,7 @@ import base64
 import gc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +20,8 @@ from orchestrator.api.app import create_app
 from orchestrator.settings import AuditSettings, CacheSettings, RouterSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.local import _settle
-from reasoning_stage.types import ReasoningRequest, ReasoningResult
-from tests.fakes import FakeReasoning, FakeVision
+from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
+from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision
 from tests.images import png_bytes
 from tests.servers import RunningServer, serving
 
@@ -104,3 +104,45 @@ async def test_a_closed_generation_is_awaited_even_when_its_closer_is_cancelled(
     del worker
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+@dataclass
+class Words(FakeStreamingReasoning):
+    """Streams a word every 0.1 s for 10 s; counts streams closed before their end."""
+
+    cancelled: int = 0
+
+    async def stream(self, request: ReasoningRequest) -> AsyncGenerator[ReasoningDelta, None]:
+        self.requests.append(request)
+        try:
+            for index in range(100):
+                yield ReasoningDelta(text=f" word{index}")
+                await asyncio.sleep(0.1)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled += 1
+            raise
+        yield ReasoningDelta(finish_reason="stop")
+
+
+def test_a_streamed_request_whose_client_leaves_is_stopped_and_audited_as_499(tmp_path: Path) -> None:
+    reasoning, audit = Words(), tmp_path / "audit.jsonl"
+    settings = Settings(
+        router=RouterSettings(kind="keyword"), cache=CacheSettings(enabled=False), audit=AuditSettings(path=audit)
+    )
+    with serving(create_app(settings, Backends(FakeVision(), reasoning))) as server:
+        with httpx.stream("POST", f"{server.url}/v1/analyze", json={**BODY, "stream": True}, timeout=10) as response:
+            received = b""
+            for chunk in response.iter_bytes():
+                received += chunk
+                if b"word3" in received:
+                    break  # the client leaves mid-answer
+        deadline = time.monotonic() + 10
+        while not audit.exists() or not audit.read_text().strip():
+            assert time.monotonic() < deadline, "the request was not audited"
+            time.sleep(0.05)
+        metrics = httpx.get(f"{server.url}/metrics").text.splitlines()
+        in_flight = [line for line in metrics if line.startswith("orchestrator_requests_in_flight ")]
+    assert reasoning.cancelled == 1
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert (record["status"], record["error"]) == (499, "client_disconnected")
+    assert in_flight == ["orchestrator_requests_in_flight 0.0"]

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from orchestrator.api.app import create_app
-from orchestrator.api.openai_compat import ChatCompletionOut
+from orchestrator.api.openai_compat import ChatCompletionOut, ChatCompletionRequest
 from orchestrator.settings import ReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
@@ -350,3 +350,15 @@ async def test_a_clients_sampling_fields_reach_the_remote_reasoning_server(
     (body,) = server.bodies
     assert {field: body[field] for field in SAMPLING_FIELDS if field in body} == sent
     assert body["temperature"] == 0.2
+
+
+def test_top_p_zero_is_greedy_decoding_not_a_top_p_servers_refuse() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "top_p": 0, "temperature": 0.7}
+    )
+    assert "top_p" not in body.sampling.fields()  # vLLM and SGLang refuse top_p 0
+    assert body.reasoning_temperature == 0.0
+    kept = ChatCompletionRequest.model_validate(
+        {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "top_p": 0.9, "temperature": 0.7}
+    )
+    assert (kept.sampling.fields()["top_p"], kept.reasoning_temperature) == (0.9, 0.7)

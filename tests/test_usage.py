@@ -91,3 +91,15 @@ def test_the_api_reports_the_sum_and_each_stage(stream: bool) -> None:
     assert usage["prompt_tokens"] == spent.prompt_tokens + 100
     assert usage["completion_tokens"] == 8 + 7
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_a_session_follow_up_reusing_the_kept_description_costs_no_vision_generation() -> None:
+    vision = CountingVision()
+    first = await run(vision, FakeReasoning(), "Why is the total 54.06?")
+    kept = first.vision
+    pipeline = Pipeline(vision, FakeReasoning(), ReasoningSettings(), KeywordRouter())
+    follow_up = await pipeline.run(AnalyzeInput(decoded(), "And the tax?", mode="reasoning", description=kept))
+    looked, spent = follow_up.usage
+    assert looked == StageUsage(0, 0, 0)
+    assert spent.calls == 1
+    assert len(vision.requests) == 1

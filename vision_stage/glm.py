@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from PIL import Image
 
-from stage_client.loops import loop_stopper
+from stage_client.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
@@ -129,6 +129,8 @@ class Generation:
     prompt: EncodedPrompt
     completion_tokens: int
     budget: int
+    looped: bool = False
+    """The generation was stopped at a loop (`stage_client.loops.loop_stopper`)."""
 
 
 class GlmEngine:
@@ -185,7 +187,7 @@ class GlmEngine:
                 ids = self.generate_ids(prompt, budget)
             with _translated("decode", model_name):
                 text = self.codec.decode(ids)
-        return Generation(text, prompt, len(ids), budget)
+        return Generation(text, prompt, len(ids), budget, looped=repeats_at_end(ids[-WINDOW:]))
 
     def generate_ids(self, prompt: EncodedPrompt, max_new_tokens: int) -> list[int]:
         """The new token ids of one greedy generation (blocking; foreign errors are not translated here), stopped
@@ -293,9 +295,8 @@ class GlmVisionBackend:
             budget_spent=generation.completion_tokens >= generation.budget,
         )
         tokens = (generation.prompt.prompt_tokens, generation.completion_tokens)
-        return reading.result(
-            self.name, self.model, request.task, started=started, notes=generation.prompt.notes, tokens=tokens
-        )
+        notes = (*generation.prompt.notes, *((LOOP_NOTE,) if generation.looped else ()))
+        return reading.result(self.name, self.model, request.task, started=started, notes=notes, tokens=tokens)
 
     def _look(self, engine: GlmEngine, request: VisionRequest) -> tuple[Generation, ImageFacts]:
         generation = engine.generate(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)

@@ -67,7 +67,7 @@ from stage_client import (
     dialect,
     finish_failure,
 )
-from stage_client.loops import LoopWatch
+from stage_client.loops import LOOP_NOTE, LoopWatch
 from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
@@ -96,7 +96,6 @@ ALL_REASONING_NOTE = (
 """With thinking not asked for, an answer that finished normally but came only as reasoning is the answer: vLLM
 0.16-0.23's `glm45` parser, for one, reads everything before a `</think>` that never comes as reasoning when the
 request does not turn thinking off (the `openai` dialect cannot)."""
-LOOP_NOTE = "the model's answer fell into a loop and was cut off there"
 PARSE_ON_LOOP_CHARS = 4000
 """Answers longer than this are read in a worker thread: reading a long, broken one can take tens of milliseconds."""
 COLOR_TASKS: frozenset[VisionTask] = frozenset({"describe"})

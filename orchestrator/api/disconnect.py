@@ -9,7 +9,8 @@ Once the request's body has been read, the middleware listens for `http.disconne
 response's last body message, the handling is cancelled: stage calls are cancelled (a remote server's connection is
 closed, which makes vLLM and SGLang abort the generation), an in-process generation stops within one decoding step,
 and work still queued in admission control or behind the model's lock never starts. The request's record gets status
-499 (nginx's "client closed request") and is audited like any other. A disconnect after the response is complete
+499 (nginx's "client closed request"), a streamed one's too (its 200 had gone out, its end had not), and is audited
+like any other. A disconnect after the response is complete
 (every server reports one) changes nothing.
 """
 
@@ -61,6 +62,8 @@ class DisconnectMiddleware:
             await asyncio.wait([handling, listening], return_when=asyncio.FIRST_COMPLETED)
             if handling.done():
                 await handling  # its result, or its exception, as if it had run here
+                if not answered:  # a streamed response Starlette stopped because its client went away
+                    _note_gone(scope)
                 return
             if answered:  # the disconnect every server reports once the response is complete
                 await handling
@@ -95,7 +98,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 def _note_gone(scope: Scope) -> None:
     record, token = open_record(scope)
-    record.setdefault("status", CLIENT_CLOSED)
+    record["status"] = CLIENT_CLOSED  # a streamed response's 200 had gone out, but the response was never complete
     record["error"] = "client_disconnected"
     close_record(token)
     log.info("the client disconnected before its response was complete; its request was cancelled")

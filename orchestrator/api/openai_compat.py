@@ -161,8 +161,16 @@ class ChatCompletionRequest(BaseModel):
 
     @property
     def sampling(self) -> Sampling:
+        """The sampling fields; `top_p: 0` (only the likeliest token: greedy) is not sent as such, since vLLM and
+        SGLang refuse 0, but as greedy decoding (`reasoning_temperature` 0)."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return Sampling(self.top_p, self.seed, tuple(stop), self.presence_penalty, self.frequency_penalty)
+        top_p = self.top_p if self.top_p else None
+        return Sampling(top_p, self.seed, tuple(stop), self.presence_penalty, self.frequency_penalty)
+
+    @property
+    def reasoning_temperature(self) -> float | None:
+        """`temperature`, or 0 (greedy) when `top_p: 0` asks for the likeliest token only."""
+        return 0.0 if self.top_p == 0 else self.temperature
 
     def refuse_unsupported(self) -> None:
         """Log probabilities cannot be given: the answer is composed from two stages and may be replaced."""

@@ -307,7 +307,7 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
     image, routed = await decode_and_route(services, source.data, question, mode, body.answer_format)
     analysis = AnalyzeInput(
         image, question, mode=mode, profile=body.profile, response_format=body.answer_format,
-        history=conversation.history, max_new_tokens=body.token_limit, temperature=body.temperature,
+        history=conversation.history, max_new_tokens=body.token_limit, temperature=body.reasoning_temperature,
         sampling=body.sampling, image_url=source.url,
     )  # fmt: skip
     reply = ChatReply(body.model, request_id(request), not_applied(body.sampling, services.settings.reasoning))

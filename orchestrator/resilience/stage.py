@@ -8,8 +8,9 @@ says which failures are retried and how long to wait). Each attempt goes to an e
 when there is one: first to one whose breaker is due for its half-open trial (so a recovered endpoint comes back
 while others are healthy), else to the closed one with the fewest calls in flight (ties take turns). An attempt is
 bounded by the request's deadline (less `reserve_s`), and a half-open breaker's trial also by `trial_timeout_s`;
-a retry is made only while a whole attempt (`timeout_s`) still fits before that bound, never a second attempt cut
-short by it.
+a retry is made only while there is at least as much time left before that bound as the failed attempt took: a
+fast failure (a refused connection, a 503) is retried, but a hang that ran into a timeout is not repeated when the
+repeat could not run as long.
 A failure that is the endpoint's fault (unavailable, garbage) counts against its breaker; a refusal of the request
 does not. When every breaker is open the call fails at once, with `retry_after_s` set to the soonest trial.
 
@@ -66,6 +67,8 @@ class AttemptFailure:
     attempt: int
     error_type: str
     message: str
+    seconds: float = 0.0
+    """How long the attempt ran before it failed."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class ResilientStage(Generic[B]):
             endpoint.in_flight += 1
             try:
                 yield first
-                async for item in _bounded_reads(rest):
+                async for item in _bounded_reads(rest, self._reserve_s):
                     yield item
             except TimeoutError:
                 endpoint.breaker.record(Permit(trial=False), ok=False)
@@ -149,7 +152,12 @@ class ResilientStage(Generic[B]):
     async def _with_retries(self, operation: Callable[[Endpoint[B]], Awaitable[T]]) -> T:
         failures: list[AttemptFailure] = []
         tried: set[str] = set()
-        retrying = AsyncRetrying(retry=retry_if_exception(is_retryable), wait=self._wait, stop=self._stop, reraise=True)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            wait=self._wait,
+            stop=lambda state: self._stop(state, failures),
+            reraise=True,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
@@ -167,6 +175,7 @@ class ResilientStage(Generic[B]):
         timeout = deadline.bounded(self.settings.breaker.trial_timeout_s if permit.trial else None, self._reserve_s)
         endpoint.in_flight += 1
         recorded = False
+        started = time.monotonic()
         try:
             if timeout is not None and timeout <= 0:
                 raise self._out_of_time(endpoint, permit)
@@ -176,17 +185,17 @@ class ResilientStage(Generic[B]):
             endpoint.breaker.record(permit, ok=False)
             recorded = True
             error = self._out_of_time(endpoint, permit)
-            failures.append(self._failure(endpoint, number, error))
+            failures.append(self._failure(endpoint, number, error, started))
             raise error from None
         except self.errors.caller_faults as exc:
             endpoint.breaker.abandon(permit)
             recorded = True
-            failures.append(self._failure(endpoint, number, exc))
+            failures.append(self._failure(endpoint, number, exc, started))
             raise
         except Exception as exc:
             endpoint.breaker.record(permit, ok=not isinstance(exc, self.errors.endpoint_faults))
             recorded = True
-            failures.append(self._failure(endpoint, number, exc))
+            failures.append(self._failure(endpoint, number, exc, started))
             raise
         else:
             endpoint.breaker.record(permit, ok=True)
@@ -225,11 +234,13 @@ class ResilientStage(Generic[B]):
         hint = float(retry_after) if isinstance(retry_after, int | float) else None
         return backoff_s(self.settings.retry, state.attempt_number, hint, self._rng)
 
-    def _stop(self, state: RetryCallState) -> bool:
+    def _stop(self, state: RetryCallState, failures: list[AttemptFailure]) -> bool:
         if state.attempt_number >= self.settings.retry.attempts:
             return True
-        if deadline.remaining() - self._reserve_s - state.upcoming_sleep < self.settings.timeout_s:
-            return True  # no second attempt that could not run its full length before the budget is spent
+        left = deadline.remaining() - self._reserve_s - state.upcoming_sleep
+        took = failures[-1].seconds if failures else 0.0
+        if left <= 0 or left < took:
+            return True  # an attempt that failed slowly (a hang, a timeout) would not finish a second time
         return not self.budget.try_spend()
 
     def _out_of_time(self, endpoint: Endpoint[B], permit: Permit) -> Exception:
@@ -240,8 +251,9 @@ class ResilientStage(Generic[B]):
         )
         return self.errors.unavailable(f"the {self.errors.stage} endpoint {endpoint.label}: {why}", retryable=False)
 
-    def _failure(self, endpoint: Endpoint[B], number: int, exc: BaseException) -> AttemptFailure:
-        return AttemptFailure(self.errors.stage, endpoint.label, number, type(exc).__name__, str(exc))
+    def _failure(self, endpoint: Endpoint[B], number: int, exc: BaseException, started: float) -> AttemptFailure:
+        seconds = time.monotonic() - started
+        return AttemptFailure(self.errors.stage, endpoint.label, number, type(exc).__name__, str(exc), seconds)
 
     def _annotated(self, exc: Exception, failures: list[AttemptFailure]) -> Exception:
         """`exc` with the stage, its attempt and the earlier attempts in its message (module docstring)."""
@@ -266,11 +278,11 @@ async def _opened(
     return endpoint, first, iterator
 
 
-async def _bounded_reads(iterator: AsyncIterator[D]) -> AsyncIterator[D]:
-    """The items of `iterator`, each read bounded by the request's deadline (only the read, never the consumer's
-    time between reads)."""
+async def _bounded_reads(iterator: AsyncIterator[D], reserve_s: float) -> AsyncIterator[D]:
+    """The items of `iterator`, each read bounded by the request's deadline less `reserve_s` (only the read, never
+    the consumer's time between reads): a stream that trickles on leaves the reserve to the answer standing in."""
     while True:
-        async with asyncio.timeout(deadline.bounded(None)):
+        async with asyncio.timeout(deadline.bounded(None, reserve_s)):
             item = await anext(iterator, None)
         if item is None:
             return
