@@ -27,9 +27,9 @@ The orchestrator's own tree::
     ├── Unauthenticated               no valid API key (401, with `WWW-Authenticate: Bearer`)
     │   ├── ApiKeyMissing             no `Authorization` header
     │   └── ApiKeyInvalid             a malformed `Authorization` header, or a key that is not configured
-    ├── Throttled                     over a per-key limit (429, with `Retry-After`)
+    ├── Throttled                     over a key's or an address's limit (429, with `Retry-After`)
     │   ├── RateLimited               the key's token bucket is empty
-    │   └── TooManyInFlight           the key already has `rate_limit.max_concurrent` requests in flight
+    │   └── TooManyInFlight           the key (or address) already has `rate_limit.max_concurrent` in flight
     └── NotReady                      the backends are not loaded (yet, or any more)
 
 Errors of the stages (`vision_stage.errors`, `reasoning_stage.errors`) are mapped in the same table. Anything not in
@@ -153,7 +153,7 @@ class Throttled(OrchestratorError):
 
 
 class RateLimited(Throttled):
-    """The key's request rate is over its limit."""
+    """The key's (or the address's) request rate is over its limit."""
 
 
 class TooManyInFlight(Throttled):

@@ -268,4 +268,4 @@ def test_with_default_settings_a_hung_silent_or_slow_reasoning_stage_degrades_wi
     assert (body["degraded"], body["mode"]) == (True, "vision_only")
     assert body["answer"]
     assert took < INTERACTIVE_S, f"the degraded answer took {took:.1f} s"
-    assert len(reasoning.chat_requests) == 1  # no second attempt that could not finish in time
+    assert len(reasoning.chat_requests) <= 2  # a second attempt only when it could run as long as the first

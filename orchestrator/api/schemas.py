@@ -250,7 +250,8 @@ ERROR_STATUSES: dict[int, str] = {
     413: "Too large (`request_too_large`, `image_too_large`, `image_too_many_pixels`)",
     415: "Not an accepted image or body type (`image_unsupported`, `image_url_not_image`, `unsupported_media_type`)",
     422: "Missing, invalid or unknown fields (`validation_error`)",
-    429: "Over the API key's rate or concurrency limit (`rate_limited`, `too_many_in_flight`); see Retry-After",
+    429: "Over the API key's (or, when enabled, the client address's) rate or concurrency limit (`rate_limited`, "
+    "`too_many_in_flight`); see Retry-After",
     502: "The vision stage answered something unusable (`vision_invalid_output`, `vision_rejected`)",
     503: "Not ready, or the vision stage is unavailable (`not_ready`, `vision_unavailable`, `overloaded`); see "
     "Retry-After",
