@@ -31,7 +31,8 @@ from fastapi.responses import JSONResponse
 
 from reasoning_stage import errors
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
-from reasoning_stage.openai_wire import (
+from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
+from stage_client.openai_server import (
     ApiError,
     BodyLimit,
     ChatCompletionRequest,
@@ -45,7 +46,6 @@ from reasoning_stage.openai_wire import (
     install_error_handlers,
     primed,
 )
-from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
 from stage_client.serving import model_list, served_names, unknown_model
 
 log = logging.getLogger(__name__)

@@ -1,20 +1,16 @@
-"""What both stage servers share: every stage error has a status, the two copies of the wire module stay alike, and
-the command lines start."""
+"""What both stage servers share: every stage error has a status, and the command lines start."""
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 
 import pytest
 
 from reasoning_stage import errors as reasoning_errors
-from reasoning_stage import openai_wire as reasoning_wire
 from reasoning_stage import server as reasoning_server
 from tests.test_errors import leaves
 from vision_stage import errors as vision_errors
-from vision_stage import openai_wire as vision_wire
 from vision_stage import server as vision_server
 
 
@@ -29,15 +25,7 @@ def test_every_vision_error_has_its_status_and_code() -> None:
     assert all(status.status == 400 for cls, status in vision_server.VISION_ERRORS.items() if "Image" in cls.__name__)
 
 
-# -- the wire modules and the command lines ---------------------------------------------------------------------------
-
-SHARED = ("ChatCompletionRequest", "Failure", "install_error_handlers", "validation_failure", "BodyLimit", "Reply",
-          "chat_events", "primed", "closing")  # fmt: skip
-
-
-@pytest.mark.parametrize("name", SHARED)
-def test_the_two_stages_wire_modules_stay_alike(name: str) -> None:
-    assert inspect.getsource(getattr(vision_wire, name)) == inspect.getsource(getattr(reasoning_wire, name))
+# -- the command lines ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stage", ["vision_stage", "reasoning_stage"])

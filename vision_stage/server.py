@@ -42,12 +42,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from stage_client.serving import model_list, served_names, unknown_model
-from vision_stage import errors
-from vision_stage.backend import VisionBackend
-from vision_stage.description import NOT_JSON_NOTE, remarks, written_text
-from vision_stage.images import ImageLimits, decode_image
-from vision_stage.openai_wire import (
+from stage_client.openai_server import (
     ApiError,
     BodyLimit,
     ChatCompletionRequest,
@@ -60,6 +55,11 @@ from vision_stage.openai_wire import (
     event_stream,
     install_error_handlers,
 )
+from stage_client.serving import model_list, served_names, unknown_model
+from vision_stage import errors
+from vision_stage.backend import VisionBackend
+from vision_stage.description import NOT_JSON_NOTE, remarks, written_text
+from vision_stage.images import ImageLimits, decode_image
 from vision_stage.parsing import BOX_CLOSE, BOX_OPEN, description_json, extract_boxes
 from vision_stage.prompts import parse_task_prompt
 from vision_stage.types import Box, VisionRequest, VisionResult, VisionTask

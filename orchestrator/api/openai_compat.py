@@ -52,7 +52,7 @@ from orchestrator.routing import Decision, RequestedMode
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.types import ChatMessage, FinishReason, Sampling
 from stage_client import dialect
-from vision_stage.openai_wire import ContentPart, MessageIn, StreamOptions
+from stage_client.openai_server import ContentPart, MessageIn, StreamOptions
 
 SSE_DONE = "data: [DONE]\n\n"
 MAX_TOKENS = 8192

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions wire format as the reasoning stage's server speaks it.
+"""The OpenAI chat-completions wire format as both stage servers speak it (the server half of what the stages share).
 
 Requests are read by the small pydantic model below (what clients send: text and `image_url` parts, token limits,
 `stream`, `stream_options`, vLLM's `chat_template_kwargs`; other fields are accepted and ignored, as vLLM does).
@@ -6,8 +6,8 @@ Responses are the `openai` package's own pydantic models. Errors have OpenAI's s
 `{"error": {"message", "type", "param", "code"}}`; a failure after a stream has started is sent in-band as
 `data: {"error": {...}}`, followed by `data: [DONE]`, so a client never mistakes a cut stream for a finished one.
 
-The vision stage's server has its own copy of these generic parts, the two stages never importing each other; a test
-keeps the copies alike. Only `Piece` differs: here it is the stage's own `ReasoningDelta`.
+A streamed answer is a series of `Step`s: the vision server builds `Piece`s, the reasoning server passes its
+backend's `ReasoningDelta`s, which have the same fields.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -31,8 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from reasoning_stage.types import ReasoningDelta
 
 T = TypeVar("T")
 FinishReason = Literal["stop", "length"]
@@ -224,8 +222,34 @@ class BodyLimit:
         return capped_receive
 
 
-Piece = ReasoningDelta
-"""One step of an answer: text, or thinking, or (last) the finish reason and token counts."""
+class Step(Protocol):
+    """One step of an answer, as `chat_events` reads it: text, or thinking, or (last) the finish reason and token
+    counts."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def thinking(self) -> str: ...
+    @property
+    def finish_reason(self) -> FinishReason | None: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
+
+
+S = TypeVar("S", bound=Step)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A `Step` built by a server whose backend does not stream its own (the vision stage's)."""
+
+    text: str = ""
+    thinking: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -236,7 +260,7 @@ class Reply:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def completion(self, text: str, thinking: str | None, finish: Piece) -> ChatCompletion:
+    def completion(self, text: str, thinking: str | None, finish: Step) -> ChatCompletion:
         message = ChatCompletionMessage(role="assistant", content=text, reasoning_content=thinking)
         choice = completion_types.Choice(index=0, message=message, finish_reason=finish.finish_reason or "stop")
         return ChatCompletion(
@@ -252,7 +276,7 @@ class Reply:
         choice = chunk_types.Choice(index=0, delta=delta, finish_reason=finish_reason)
         return self._event(self._chunk([choice]))
 
-    def usage_chunk(self, finish: Piece) -> str:
+    def usage_chunk(self, finish: Step) -> str:
         """The last chunk when `stream_options.include_usage` is set: no choices, the usage of the whole answer."""
         chunk = self._chunk([])
         chunk.usage = usage(finish)
@@ -268,13 +292,13 @@ class Reply:
         return f"data: {chunk.to_json(indent=None)}\n\n"
 
 
-def usage(finish: Piece) -> CompletionUsage:
+def usage(finish: Step) -> CompletionUsage:
     prompt, completion = finish.prompt_tokens or 0, finish.completion_tokens or 0
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 async def chat_events(
-    reply: Reply, pieces: AsyncIterator[Piece], *, include_usage: bool, on_error: Callable[[Exception], Failure]
+    reply: Reply, pieces: AsyncIterator[Step], *, include_usage: bool, on_error: Callable[[Exception], Failure]
 ) -> AsyncIterator[str]:
     """The SSE events of a streamed answer: the role, thinking and text deltas, the finish reason, the usage chunk
     when asked for, and `[DONE]`. An error while streaming (a stream that ends without a finish reason included)
@@ -304,14 +328,14 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-async def primed(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+async def primed(pieces: AsyncIterator[S]) -> AsyncIterator[S]:
     """`pieces` with its first item already taken, so errors raised before the answer starts raise here, while an
     HTTP status can still say so. Iterate the returned iterator to get every item, the first included."""
     first = await anext(pieces, None)
     if first is None:
         raise ApiError(INCOMPLETE_STREAM, "the backend's answer was empty: it ended before its first piece")
 
-    async def chained() -> AsyncIterator[Piece]:
+    async def chained() -> AsyncIterator[S]:
         async with closing(pieces):
             yield first
             async for piece in pieces:
