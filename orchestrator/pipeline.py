@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from orchestrator import audit
 from orchestrator.analysis import (
@@ -58,8 +58,7 @@ from orchestrator.routing import RequestedMode, Router
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
-from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
-from stage_client.model_text import split_thinking
+from reasoning_stage.types import Collected, ReasoningRequest, ReasoningResult
 from vision_stage.backend import VisionBackend
 from vision_stage.types import DecodedImage, VisionRequest, VisionResult, VisionTask
 
@@ -75,43 +74,6 @@ class _ReasoningOutcome:
     request: ReasoningRequest
     streamed: bool = False
     """Text deltas of this answer were yielded."""
-
-
-@dataclass
-class _Received:
-    """What a reasoning stream has delivered so far."""
-
-    text: list[str] = field(default_factory=list)
-    thinking: list[str] = field(default_factory=list)
-    last: ReasoningDelta = field(default_factory=ReasoningDelta)
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, delta: ReasoningDelta) -> None:
-        self.text.append(delta.text)
-        self.thinking.append(delta.thinking)
-        self.last = delta
-
-    @property
-    def anything(self) -> bool:
-        return any(self.text) or any(self.thinking)
-
-    def result(self, backend: ReasoningBackend) -> ReasoningResult:
-        """The streamed answer, whole, as `generate` would have returned it."""
-        finish = self.last.finish_reason
-        if finish is None:
-            raise ReasoningInvalidOutput(f"the {backend.name} backend's stream ended without a finish reason")
-        late_thinking, text = split_thinking("".join(self.text))  # a lone `</think>`, `<answer>` tags
-        thinking = [part for part in ("".join(self.thinking).strip(), late_thinking) if part]
-        return ReasoningResult(
-            backend=backend.name,
-            model=backend.model,
-            text=text,
-            prompt_tokens=self.last.prompt_tokens or 0,
-            completion_tokens=self.last.completion_tokens or 0,
-            finish_reason=finish,
-            latency_ms=_ms_since(self.started),
-            thinking="\n".join(thinking) or None,
-        )
 
 
 class Pipeline:
@@ -251,7 +213,7 @@ class Pipeline:
         """The reasoning stage's answer as a `_ReasoningOutcome`, last; before it, when `streaming` and the backend
         streams, its deltas, and an `ErrorEvent` when it fails after some. A reasoning failure never raises."""
         reasoning_request = self._reasoning_request(request, context)
-        received = _Received()
+        received = Collected()
         language, backend = context.language, self._reasoning
         try:
             if streaming and isinstance(backend, StreamingReasoningBackend):
@@ -263,7 +225,7 @@ class Pipeline:
                             yield DeltaEvent(delta.text, delta.thinking)
                 finally:
                     await _aclose(deltas)
-                result = received.result(backend)
+                result = received.result(backend.name, backend.model, where=f"the {backend.name} backend's stream")
             else:
                 result = await backend.generate(reasoning_request)
         except ReasoningDisabled:
@@ -305,7 +267,7 @@ def _failed(
     detail: str,
     language: Language,
     request: ReasoningRequest,
-    received: _Received,
+    received: Collected,
 ) -> tuple[ErrorEvent | _ReasoningOutcome, ...]:
     """A failed reasoning stage: the fallback's outcome, after an `ErrorEvent` when deltas were already yielded."""
     text = notice("reasoning_failed", language, detail=f"{failure.backend}: {detail}")

@@ -51,7 +51,6 @@ Every message names the backend, the server's base URL and the model.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import Literal
@@ -66,7 +65,14 @@ from reasoning_stage.errors import (
     ReasoningRejected,
     ReasoningUnavailable,
 )
-from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
+from reasoning_stage.types import (
+    ChatMessage,
+    Collected,
+    FinishReason,
+    ReasoningDelta,
+    ReasoningRequest,
+    ReasoningResult,
+)
 from stage_client import (
     ChatClient,
     Chunk,
@@ -79,7 +85,7 @@ from stage_client import (
     finish_failure,
 )
 from stage_client.loops import LoopWatch
-from stage_client.model_text import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, split_thinking
+from stage_client.model_text import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 HEALTH_TIMEOUT_S = 10.0
 MAX_CHARS_PER_TOKEN = 32
@@ -144,28 +150,10 @@ class RemoteReasoningBackend:
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         """`stream` collected. Token counts are 0 when the server sent no usage."""
-        started = time.perf_counter()
-        text: list[str] = []
-        thinking: list[str] = []
-        last = ReasoningDelta()
+        collected = Collected()
         async for delta in self.stream(request):
-            text.append(delta.text)
-            thinking.append(delta.thinking)
-            last = delta
-        if last.finish_reason is None:  # `stream` ends with the finish reason or raises; kept for the type checker
-            raise ReasoningInvalidOutput(f"{self._where} ended without a finish reason")
-        late_thinking, answer = split_thinking("".join(text))
-        parts = [part for part in ("".join(thinking).strip(), late_thinking) if part]
-        return ReasoningResult(
-            backend=self.name,
-            model=self.model,
-            text=answer,
-            prompt_tokens=last.prompt_tokens or 0,
-            completion_tokens=last.completion_tokens or 0,
-            finish_reason=last.finish_reason,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            thinking="\n".join(parts) or None,
-        )
+            collected.add(delta)
+        return collected.result(self.name, self.model, where=self._where)
 
     async def stream(self, request: ReasoningRequest) -> AsyncIterator[ReasoningDelta]:
         """Deltas of text or thinking as they arrive; the last one holds the finish reason and token counts."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
+
+from reasoning_stage.errors import ReasoningInvalidOutput
+from stage_client.model_text import split_thinking
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
@@ -74,3 +78,43 @@ class ReasoningDelta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+
+@dataclass
+class Collected:
+    """A streamed answer as it arrives (`add` each delta), and whole (`result`): the same `ReasoningResult` that
+    `generate` returns, thinking split off the text even where the stream could not tell (a lone `</think>`,
+    `<answer>` tags)."""
+
+    text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    last: ReasoningDelta = field(default_factory=ReasoningDelta)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, delta: ReasoningDelta) -> None:
+        self.text.append(delta.text)
+        self.thinking.append(delta.thinking)
+        self.last = delta
+
+    @property
+    def anything(self) -> bool:
+        return any(self.text) or any(self.thinking)
+
+    def result(self, backend: str, model: str, *, where: str) -> ReasoningResult:
+        """The answer so far, whole; `ReasoningInvalidOutput` naming `where` when the stream gave no finish reason.
+        Token counts are 0 when the server sent no usage."""
+        finish = self.last.finish_reason
+        if finish is None:
+            raise ReasoningInvalidOutput(f"{where} ended without a finish reason")
+        late_thinking, text = split_thinking("".join(self.text))
+        thinking = [part for part in ("".join(self.thinking).strip(), late_thinking) if part]
+        return ReasoningResult(
+            backend=backend,
+            model=model,
+            text=text,
+            prompt_tokens=self.last.prompt_tokens or 0,
+            completion_tokens=self.last.completion_tokens or 0,
+            finish_reason=finish,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            thinking="\n".join(thinking) or None,
+        )
