@@ -49,6 +49,17 @@ def extract_boxes(text: str) -> tuple[str, tuple[Box, ...]]:
     return "".join(pieces).replace(BOX_OPEN, "").replace(BOX_CLOSE, ""), tuple(boxes)
 
 
+def bare_box(text: str, *, at_start: bool = False) -> Box | None:
+    """The first bare `[[x0, y0, x1, y1]]` in `text` (with `at_start`, only one that begins it, after spaces)."""
+    match = _BARE.match(text.lstrip()) if at_start else _BARE.search(text)
+    return _quads(match.group(0))[0] if match else None
+
+
+def without_bare_boxes(text: str) -> str:
+    """`text` with its bare boxes taken out."""
+    return _BARE.sub("", text)
+
+
 def _bare_boxes(segment: str, boxes: list[Box]) -> str:
     for match in _BARE.finditer(segment):
         boxes.extend(_quads(match.group(0)))

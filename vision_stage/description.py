@@ -34,7 +34,7 @@ from vision_stage.boxes import box_of, quad
 from vision_stage.facts import facts_lines
 from vision_stage.prose import read_prose
 from vision_stage.render import render_description
-from vision_stage.types import DetectedObject, ImageFacts, KeyValue, StructuredDescription, TextLine
+from vision_stage.types import Box, DetectedObject, ImageFacts, KeyValue, StructuredDescription, TextLine
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "caption": ("caption", "description", "summary", "overview", "scene", "imagedescription", "描述", "图片描述",
@@ -75,15 +75,13 @@ class Description:
 @dataclass
 class _Parts:
     caption: str = ""
-    lines: list[tuple[str, list[float] | None]] = field(default_factory=list)
+    lines: list[tuple[str, Box | None]] = field(default_factory=list)
     objects: list[DetectedObject] = field(default_factory=list)
     fields: list[KeyValue] = field(default_factory=list)
     layout: str = ""
 
     def structured(self, facts: ImageFacts) -> StructuredDescription:
-        lines = tuple(
-            TextLine(text, quad(box_of(box), facts), 1.0, order) for order, (text, box) in enumerate(self.lines)
-        )
+        lines = tuple(TextLine(text, quad(box, facts), 1.0, order) for order, (text, box) in enumerate(self.lines))
         return StructuredDescription(
             facts, lines, (), (), tuple(self.objects), tuple(self.fields), self.layout.strip() or None
         )
@@ -163,7 +161,7 @@ def _dict_parts(data: dict[str, object]) -> _Parts:
 def _list_entries(items: list[object], parts: _Parts) -> None:
     """A top-level list: each entry read as a line, a field or an object by its shape."""
     for item in items:
-        if _numbers_only(item) is not None and not isinstance(item, dict | str):
+        if box_of(item) is not None and not isinstance(item, dict | str):
             continue  # a bare box, or other numbers: no reading of the image's content
         if isinstance(item, dict) and _first(item, TEXT_KEYS[:3]) is not None:
             parts.lines += _lines([item])
@@ -207,7 +205,7 @@ def _flat_text(value: object) -> str:
     return "" if value is None else _scalar(value)
 
 
-def _lines(value: object) -> list[tuple[str, list[float] | None]]:
+def _lines(value: object) -> list[tuple[str, Box | None]]:
     if isinstance(value, str):
         return [(line.strip(), None) for line in value.splitlines() if line.strip()]
     if isinstance(value, dict):
@@ -217,29 +215,23 @@ def _lines(value: object) -> list[tuple[str, list[float] | None]]:
         return [(line, _box_value(value)) for line, _ in _lines(_flat_text(text))]
     if isinstance(value, list):
         if value and isinstance(value[0], str) and len(value) == 2 and not isinstance(value[1], str):
-            return [(value[0].strip(), _numbers_only(value[1]))]  # [text, box]
-        if len(value) == 2 and isinstance(value[0], list) and isinstance(value[1], str) and _numbers_only(value[0]):
-            return [(value[1].strip(), _numbers_only(value[0]))]  # [box, text]
+            return [(value[0].strip(), box_of(value[1]))]  # [text, box]
+        if len(value) == 2 and isinstance(value[0], list) and isinstance(value[1], str) and box_of(value[0]):
+            return [(value[1].strip(), box_of(value[0]))]  # [box, text]
         return [line for item in value for line in _lines(item)]
     return [] if value is None else [(_scalar(value), None)]
 
 
-def _box_value(data: dict[str, object]) -> list[float] | None:
+def _box_value(data: dict[str, object]) -> Box | None:
     box = _first(data, BOX_KEYS)
-    return _numbers_only(box) if box is not None else None
-
-
-def _numbers_only(value: object) -> list[float] | None:
-    """`value` as box numbers when it is made of numbers (or a string of them, or a dict of named corners)."""
-    box = box_of(value)
-    return [box.x0, box.y0, box.x1, box.y1] if box is not None else None
+    return box_of(box) if box is not None else None
 
 
 def _objects(value: object) -> list[DetectedObject]:
     if isinstance(value, str):
         return [DetectedObject(label.strip()) for label in re.split(r"[,;，；、\n]", value) if label.strip()]
     if isinstance(value, list):
-        if len(value) == 2 and isinstance(value[0], str) and _numbers_only(value[1]) is not None:
+        if len(value) == 2 and isinstance(value[0], str) and box_of(value[1]) is not None:
             return [DetectedObject(value[0].strip(), box_of(value[1]))]
         return [found for item in value for found in _objects(item)]
     if isinstance(value, dict):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vision_stage.types import DetectedObject, KeyValue
+from vision_stage.boxes import bare_box, without_bare_boxes
+from vision_stage.types import Box, DetectedObject, KeyValue
 
 _BULLET = re.compile(r"^\s*(?:[-*+•·]|\d{1,3}[.)、])\s+")
 _HEADING = re.compile(r"^\s*(?:#{1,6}\s*(.+?)\s*#*|\*\*(.+?)\*\*\s*[:：]?|([^:：]{1,40})[:：])\s*$")
@@ -26,7 +27,6 @@ _PAIR = re.compile(r"^\s*(?:\*\*|__)?([^:：|\[\]]{1,60}?)(?:\*\*|__)?\s*[:：]\
 _QUOTED = re.compile(
     r"“([^”\n]{2,200})”|\"([^\"\n]{2,200})\"|「([^」\n]{2,200})」|«([^»\n]{2,200})»|『([^』\n]{2,200})』"
 )
-_BARE_BOX = re.compile(r"\[\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?){3})\s*\]\]")
 _SEPARATOR = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
 _EMPHASIS = re.compile(r"\*\*|__|`")
 _SECTION_WORDS = {
@@ -41,11 +41,11 @@ _SECTION_OF = {word: section for section, words in _SECTION_WORDS.items() for wo
 
 @dataclass
 class ProseEvidence:
-    """What could be read from the text; `lines` are (text, box numbers or None)."""
+    """What could be read from the text; `lines` are (text, box or None)."""
 
     caption: str = ""
     layout: str = ""
-    lines: list[tuple[str, list[float] | None]] = field(default_factory=list)
+    lines: list[tuple[str, Box | None]] = field(default_factory=list)
     objects: list[DetectedObject] = field(default_factory=list)
     fields: list[KeyValue] = field(default_factory=list)
 
@@ -87,8 +87,8 @@ def _section_heading(line: str) -> str | None:
 
 def _line(line: str, section: str, found: ProseEvidence) -> None:
     marked = _plain(_BULLET.sub("", line)).strip()
-    box = _box_numbers(marked)
-    item = re.sub(r"\s{2,}", " ", _BARE_BOX.sub("", marked)).strip()
+    box = bare_box(marked)
+    item = re.sub(r"\s{2,}", " ", without_bare_boxes(marked)).strip()
     quotes = _quotes(marked)
     found.lines.extend(quotes)
     pair = _PAIR.match(item)
@@ -127,19 +127,13 @@ def _table(raw_rows: list[str], found: ProseEvidence) -> None:
             found.fields.append(KeyValue(cells[0], value))
 
 
-def _quotes(line: str) -> list[tuple[str, list[float] | None]]:
+def _quotes(line: str) -> list[tuple[str, Box | None]]:
     """Each quoted text in `line`, with the bare box written right after it, if any."""
     found = []
     for match in _QUOTED.finditer(line):
-        after = _BARE_BOX.match(line[match.end() :].lstrip())
         quote = next(group for group in match.groups() if group).strip()
-        found.append((quote, _box_numbers(after.group(0)) if after else None))
+        found.append((quote, bare_box(line[match.end() :], at_start=True)))
     return found
-
-
-def _box_numbers(line: str) -> list[float] | None:
-    match = _BARE_BOX.search(line)
-    return [float(n) for n in match.group(1).split(",")] if match else None
 
 
 def _plain(text: str) -> str:
@@ -152,7 +146,7 @@ def _first_sentence(text: str) -> str:
         line = raw.strip()
         if not line or line.startswith(("|", "#", "```", "{", "[")) or _BULLET.match(line) or _PAIR.match(line):
             continue
-        sentence = re.split(r"(?<=[.!?。！？])\s", _BARE_BOX.sub("", _plain(line)), maxsplit=1)[0]
+        sentence = re.split(r"(?<=[.!?。！？])\s", without_bare_boxes(_plain(line)), maxsplit=1)[0]
         sentence = re.sub(r"\s+(?=[.,;:!?])|(?<=\s)\s+", "", sentence).strip()
         return sentence[:300]
     return ""
