@@ -52,6 +52,10 @@ class ServerImageLimits:
     max_bytes: int
     max_side: int
 
+    def take(self, width: int, height: int, size: int) -> bool:
+        """Whether an image of `width`×`height` pixels in `size` bytes is within these limits."""
+        return max(width, height) <= self.max_side and size <= self.max_bytes
+
 
 @dataclass(frozen=True)
 class Dialect:

@@ -31,7 +31,7 @@ def image_data_url(image: DecodedImage) -> str:
 def fitted_data_url(image: DecodedImage, limits: ServerImageLimits | None) -> tuple[str, str | None]:
     """The image as a `data:` URL that fits `limits`, and a note when it had to be changed to fit."""
     data, fmt = _payload(image)
-    if limits is None or (max(image.width, image.height) <= limits.max_side and len(data) <= limits.max_bytes):
+    if limits is None or limits.take(image.width, image.height, len(data)):
         return _data_url(data, fmt), None
     pixels = _scaled(image.pixels, min(1.0, limits.max_side / max(image.width, image.height)))
     data = _encoded(pixels, fmt, JPEG_QUALITY)

@@ -235,9 +235,7 @@ class RemoteVisionBackend:
         if self._passes_url(request):
             return request.task in COLOR_TASKS
         limits = self.dialect.image_limits
-        oversized = limits is not None and (
-            max(image.width, image.height) > limits.max_side or image.byte_size > limits.max_bytes
-        )
+        oversized = limits is not None and not limits.take(image.width, image.height, image.byte_size)
         return request.task in COLOR_TASKS or image.source is None or oversized
 
     def _prepare(self, request: VisionRequest) -> tuple[str, ImageFacts, str | None]:
