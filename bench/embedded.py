@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from orchestrator.analysis.messages import detect_language
+from orchestrator.analysis.prompts import reasoning_messages
 from orchestrator.api.app import create_app
-from orchestrator.messages import detect_language
-from orchestrator.prompts import reasoning_messages
 from orchestrator.settings import CacheSettings, ReasoningSettings, Settings
 from orchestrator.wiring import Backends, build_backends, build_router
 from reasoning_stage.types import ReasoningRequest

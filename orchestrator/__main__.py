@@ -13,8 +13,8 @@ import sys
 
 from pydantic import ValidationError
 
-from orchestrator import logs
-from orchestrator.security import ApiKeys
+from orchestrator.observability import logs
+from orchestrator.security.access import ApiKeys
 from orchestrator.settings import Settings
 
 DEFAULT_HOST = "127.0.0.1"

@@ -11,7 +11,7 @@ The orchestrator's own tree::
     │   ├── InvalidBase64             `image_base64` or a data: URL's payload is not valid base64
     │   ├── InvalidDataUrl            a data: URL that is not `data:image/...;base64,...`
     │   ├── ImageUrlNotSupported      an http(s) or other URL scheme this deployment does not fetch
-    │   ├── ImageUrlError             an http(s) image URL that could not be fetched (`orchestrator.fetch`)
+    │   ├── ImageUrlError             an http(s) image URL that could not be fetched (`orchestrator.security.fetch`)
     │   │   ├── ImageUrlInvalid           malformed, with credentials, or redirecting to a URL we do not fetch
     │   │   ├── ImageUrlForbidden         its host resolves to a private, loopback, metadata… address
     │   │   ├── ImageUrlUnreachable       the name does not resolve, or no connection could be made

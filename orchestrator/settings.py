@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stage_client.dialects import DialectName
+from stage_protocol.client.dialects import DialectName
 
 
 class _Section(BaseModel):
@@ -23,7 +23,7 @@ class _Section(BaseModel):
 class RetrySettings(_Section):
     """Retries of retryable failures only (connection errors, 429, 5xx, timeouts before any byte arrived), with
     jittered exponential backoff that honours `Retry-After`, inside the request's deadline
-    (`orchestrator.resilience`)."""
+    (`orchestrator.stages`)."""
 
     attempts: int = Field(default=3, ge=1, le=10)
     """Attempts in all, the first included; 1 turns retries off."""
@@ -197,8 +197,8 @@ class ArbitrationSettings(_Section):
 class RateLimitSettings(_Section):
     """Per API key, and per client address where `per_address` is on: a token bucket of `burst` requests refilled at
     `requests_per_s`, and at most `max_concurrent` requests at once; beyond either, `429` with `Retry-After`
-    (`orchestrator.security`). The defaults let one key send a batch of 64 requests at concurrency 16 at once, and
-    hold a flood from one key to 50 requests/s."""
+    (`orchestrator.security.access`). The defaults let one key send a batch of 64 requests at concurrency 16 at once,
+    and hold a flood from one key to 50 requests/s."""
 
     requests_per_s: float = Field(default=50.0, gt=0)
     """Sustained: above what a client at concurrency 16 gets answered (a vision answer takes about 0.45 s)."""
@@ -269,7 +269,8 @@ class OutputFilterSettings(_Section):
 
 
 class CacheSettings(_Section):
-    """Vision results cached under a perceptual hash of the image plus the vision prompt (`orchestrator.cache`)."""
+    """Vision results cached under a perceptual hash of the image plus the vision prompt
+    (`orchestrator.stages.cache`)."""
 
     enabled: bool = True
     url: str | None = None
@@ -285,7 +286,7 @@ class CacheSettings(_Section):
 
 
 class SessionSettings(_Section):
-    """Follow-up questions about a kept image (`orchestrator.sessions`)."""
+    """Follow-up questions about a kept image (`orchestrator.analysis.sessions`)."""
 
     ttl_s: float = Field(default=1800.0, gt=0)
     """How long a session lives after its last use."""
@@ -317,4 +318,4 @@ class Settings(BaseSettings):
     sessions: SessionSettings = SessionSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
-    """`json`: one object per line with the request id (`orchestrator.logs`); `text`: plain lines."""
+    """`json`: one object per line with the request id (`orchestrator.observability.logs`); `text`: plain lines."""

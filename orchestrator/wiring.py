@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypedDict, TypeVar
 
-from orchestrator.cache import CachedVision, build_store
-from orchestrator.logs import stage_headers
-from orchestrator.resilience.backends import FallbackVision, ResilientReasoning, ResilientVision
-from orchestrator.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
+from orchestrator.analysis.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
+from orchestrator.observability.logs import stage_headers
 from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
+from orchestrator.stages.cache import CachedVision, build_store
+from orchestrator.stages.resilient import FallbackVision, ResilientReasoning, ResilientVision
 from reasoning_stage.backend import ReasoningBackend
-from stage_client.dialects import DialectName
+from stage_protocol.client.dialects import DialectName
 from vision_stage.backend import VisionBackend
 from vision_stage.embedder import shared_embedder
 
@@ -45,7 +45,7 @@ def probe_limit(settings: Settings) -> int:
 
 
 async def build_backends(settings: Settings) -> Backends:
-    """Load both stages' backends behind their resilience policy (`orchestrator.resilience`), logging what was
+    """Load both stages' backends behind their resilience policy (`orchestrator.stages`), logging what was
     loaded and how long it took."""
     vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))
     if settings.cache.enabled:

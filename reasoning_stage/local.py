@@ -37,7 +37,7 @@ from reasoning_stage.errors import (
 )
 from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
 from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
-from stage_client.loops import loop_stopper
+from stage_protocol.loops import loop_stopper
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class _ChatModel:
     def complete(
         self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, feed: TokenFeed | None = None
     ) -> list[int]:
-        """The generated ids; generation also stops early once it loops (`stage_client.loops.loop_stopper`)."""
+        """The generated ids; generation also stops early once it loops (`stage_protocol.loops.loop_stopper`)."""
         import torch
         from transformers import StoppingCriteriaList
 

@@ -2,25 +2,25 @@
 vLLM, SGLang, llama.cpp's server, Ollama, a vendor API).
 
 The request's messages go as they are, with `max_new_tokens` as the token limit, its `temperature` and those of its
-optional sampling fields the server takes, in the server's dialect (`stage_client.dialects`: the GLM open platform,
-for one, gets `thinking: {"type": "disabled"}`, since it thinks by default and would spend the token budget on it,
-`do_sample: false` for greedy decoding, and of the sampling fields only `top_p` and `stop`).
+optional sampling fields the server takes, in the server's dialect (`stage_protocol.client.dialects`: the GLM open
+platform, for one, gets `thinking: {"type": "disabled"}`, since it thinks by default and would spend the token budget on
+it, `do_sample: false` for greedy decoding, and of the sampling fields only `top_p` and `stop`).
 Answers are always streamed: `stream` yields `ReasoningDelta`s as they arrive, and `generate` is
 `stream` collected, so both behave alike. Thinking arrives in the non-standard delta field `reasoning_content`
 (vLLM up to 0.11, SGLang) or `reasoning` (newer vLLM), or as a `<think>…</think>` block at the start of the content
 when the server runs no reasoning parser; it becomes `thinking`, never `text`. One case only `generate` can see: a
 `</think>` whose opening tag was in the prompt (the chat template's), since a stream cannot know it was thinking until
 the block closes; `stream` passes such text through, and `generate` moves what precedes `</think>` to `thinking` (and
-keeps only what is inside `<answer>…</answer>` tags, `stage_client.model_text.split_thinking`).
+keeps only what is inside `<answer>…</answer>` tags, `stage_protocol.model_text.split_thinking`).
 
 The last delta carries the finish reason and the token counts of the server's final usage chunk; a server that sends
 no usage gives `None` there, which `generate` reports as 0 tokens. An answer that falls into a loop
-(`stage_client.loops.LoopWatch`) is left there: the stream is closed, which stops the server's generation, and the
+(`stage_protocol.loops.LoopWatch`) is left there: the stream is closed, which stops the server's generation, and the
 last delta says `stop` with no counts (the orchestrator then finds the answer degenerate).
 
-The request and the stream go through `stage_client.ChatClient`, which checks each chunk's shape. Errors are
+The request and the stream go through `stage_protocol.ChatClient`, which checks each chunk's shape. Errors are
 translated in `translate_error` (foreign exceptions) and `_finish_reason` (the stream's own verdict), as
-`stage_client.failures` classifies them:
+`stage_protocol.client.failures` classifies them:
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
@@ -73,7 +73,7 @@ from reasoning_stage.types import (
     ReasoningRequest,
     ReasoningResult,
 )
-from stage_client import (
+from stage_protocol.client import (
     ChatClient,
     Chunk,
     Dialect,
@@ -84,8 +84,8 @@ from stage_client import (
     dialect,
     finish_failure,
 )
-from stage_client.loops import LoopWatch
-from stage_client.model_text import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+from stage_protocol.loops import LoopWatch
+from stage_protocol.model_text import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 HEALTH_TIMEOUT_S = 10.0
 MAX_CHARS_PER_TOKEN = 32
@@ -93,7 +93,7 @@ MAX_CHARS_PER_TOKEN = 32
 
 
 class RemoteReasoningBackend:
-    """The `remote` reasoning backend over a `stage_client.ChatClient` (built by `load`, or injected)."""
+    """The `remote` reasoning backend over a `stage_protocol.ChatClient` (built by `load`, or injected)."""
 
     name = "remote"
 
@@ -323,7 +323,7 @@ def _partial_tag(text: str, tag: str) -> int:
 def translate_error(
     exc: StageHttpError, where: str, *, midway: bool = False, speaks: Dialect | None = None
 ) -> ReasoningError:
-    """Map a failure of the stage client into the reasoning error tree (`stage_client.classify` says what it
+    """Map a failure of the stage client into the reasoning error tree (`stage_protocol.classify` says what it
     means)."""
     stream_codes = speaks.stream_error_codes if speaks is not None else True
     return ERRORS.error(classify(exc, stream_codes=stream_codes), where, midway=midway)

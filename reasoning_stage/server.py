@@ -5,7 +5,7 @@
 max_new_tokens=max_completion_tokens or max_tokens or the server's default, temperature)`. A missing `temperature`
 means greedy decoding (0), not OpenAI's 1: answers are reproducible unless a client asks otherwise. Other sampling
 fields and `chat_template_kwargs` are accepted and ignored. `model` may be the served name, the backend's name
-(`stage_client.serving`), empty or missing; any other name is 404 `model_not_found`.
+(`stage_protocol.server.serving`), empty or missing; any other name is 404 `model_not_found`.
 
 The model's thinking is `reasoning_content` (vLLM's field) on the message, or on the deltas when streaming. A
 streamed answer (`stream: true`) comes from the backend's `stream` when it has one (`StreamingReasoningBackend`),
@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from reasoning_stage import errors
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
-from stage_client.openai_server import (
+from stage_protocol.server.openai import (
     ApiError,
     BodyLimit,
     ChatCompletionRequest,
@@ -46,7 +46,7 @@ from stage_client.openai_server import (
     install_error_handlers,
     primed,
 )
-from stage_client.serving import model_list, served_names, unknown_model
+from stage_protocol.server.serving import model_list, served_names, unknown_model
 
 log = logging.getLogger(__name__)
 

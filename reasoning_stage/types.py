@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reasoning_stage.errors import ReasoningInvalidOutput
-from stage_client.model_text import split_thinking
+from stage_protocol.model_text import split_thinking
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
@@ -23,7 +23,7 @@ class ChatMessage:
 class Sampling:
     """Optional sampling fields a client asked for, by their OpenAI names; None (or no `stop`): the server's default.
 
-    The `remote` backend sends those its server's dialect takes (`stage_client.dialects`); the `local` backend
+    The `remote` backend sends those its server's dialect takes (`stage_protocol.client.dialects`); the `local` backend
     ignores them."""
 
     top_p: float | None = None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.routing import Vector
+from orchestrator.analysis.routing import Vector
 from reasoning_stage.backend import Health as ReasoningHealth
 from reasoning_stage.errors import ReasoningError, ReasoningUnavailable
 from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult

@@ -9,11 +9,11 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
-from orchestrator.answer_json import field_claims, parse_fields, serialise
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.app import create_app
-from orchestrator.pipeline import Pipeline
-from orchestrator.routing import KeywordRouter
+from orchestrator.arbitration.answer_json import field_claims, parse_fields, serialise
 from orchestrator.settings import ReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.arbitration import (
+from orchestrator.analysis.messages import Profile
+from orchestrator.arbitration.claims import Claim
+from orchestrator.arbitration.decision import (
     PROFILE_BARS,
     confidence,
     conflict_notice,
@@ -13,9 +15,7 @@ from orchestrator.arbitration import (
     evidence_quality,
     resolve,
 )
-from orchestrator.claims import Claim
-from orchestrator.messages import Profile
-from orchestrator.verification import Check, Evidence, EvidenceItem, Verdict
+from orchestrator.arbitration.verification import Check, Evidence, EvidenceItem, Verdict
 
 TOTAL_LINE = EvidenceItem("text", "TOTAL 54.06", "line 8", 0.99)
 

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from orchestrator.audit import AuditLog, AuditMiddleware, digest, note
+from orchestrator.observability.audit import AuditLog, AuditMiddleware, digest, note
 
 
 def lines(path: Path) -> list[dict[str, object]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.audit import AuditLog
+from orchestrator.observability.audit import AuditLog
 from tests.faulty_server import FaultyServer, running
 from tests.images import png_bytes
 from tests.servers import data_url, unused_port

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from orchestrator.api.app import create_app
-from orchestrator.cache import CachedVision, MemoryStore, RedisStore, cache_key, result_from_json, result_to_json
 from orchestrator.settings import CacheSettings, Settings
+from orchestrator.stages.cache import CachedVision, MemoryStore, RedisStore, cache_key, result_from_json, result_to_json
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
 from tests.servers import unused_port

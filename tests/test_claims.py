@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.claim_values import find_dates, parse_number
-from orchestrator.claims import Claim, extract_claims
+from orchestrator.arbitration.claim_values import find_dates, parse_number
+from orchestrator.arbitration.claims import Claim, extract_claims
 
 
 def claims_of(answer: str, kind: str) -> list[Claim]:

@@ -16,17 +16,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from orchestrator.analysis import AnalyzeInput
+from orchestrator.analysis.degeneration import degeneration
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput
 from orchestrator.api.app import create_app
-from orchestrator.degeneration import degeneration
-from orchestrator.pipeline import Pipeline
-from orchestrator.resilience.backends import ResilientReasoning, ResilientVision
-from orchestrator.routing import KeywordRouter
 from orchestrator.settings import CacheSettings, LimitSettings, ReasoningSettings, RouterSettings, Settings
+from orchestrator.stages.resilient import ResilientReasoning, ResilientVision
 from orchestrator.wiring import Backends
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
-from stage_client.loops import LOOP_NOTE, loop_stopper, loops, repeats_at_end
+from stage_protocol.loops import LOOP_NOTE, loop_stopper, loops, repeats_at_end
 from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision
 from tests.images import decoded, png_bytes
 from tests.vllm_fake import FakeVllm, vllm_stream

@@ -1,4 +1,4 @@
-"""Each dialect of a `remote` stage (`stage_client.dialects`) against recordings of that server's real format
+"""Each dialect of a `remote` stage (`stage_protocol.client.dialects`) against recordings of that server's real format
 (`tests/recorded/README.md` cites the versions and source lines): the request body sent, fields present and absent;
 the reading of its streams; and the reading of its error bodies, as that server means them."""
 
@@ -26,7 +26,7 @@ from orchestrator.settings import (
 from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult
-from stage_client import DialectName
+from stage_protocol.client import DialectName
 from tests.images import image_bytes
 from tests.servers import serving
 from tests.vllm_fake import FakeVllm, decode_data_url, recorded

@@ -1,5 +1,5 @@
-"""Fetching client image URLs (`orchestrator.fetch`) against a real image server on loopback: what is refused, what
-is fetched, and that the address check holds when the connection is made; then the same through the API."""
+"""Fetching client image URLs (`orchestrator.security.fetch`) against a real image server on loopback: what is refused,
+what is fetched, and that the address check holds when the connection is made; then the same through the API."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from orchestrator.errors import (
     ImageUrlTooManyRedirects,
     ImageUrlUnreachable,
 )
-from orchestrator.fetch import AllowList, ImageFetcher, refusal
+from orchestrator.security.fetch import AllowList, ImageFetcher, refusal
 from orchestrator.settings import FetchSettings, LimitSettings, RateLimitSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

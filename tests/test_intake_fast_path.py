@@ -23,7 +23,7 @@ from typing import cast
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from orchestrator.analysis import Routed
+from orchestrator.analysis.types import Routed
 from orchestrator.api import intake
 from orchestrator.api.deps import Services
 from orchestrator.api.inputs import _json_object, decode_base64

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.answer_json import parse_fields
 from orchestrator.api.app import create_app
+from orchestrator.arbitration.answer_json import parse_fields
 from orchestrator.settings import (
     ArbitrationSettings,
     CacheSettings,
@@ -22,8 +22,8 @@ from orchestrator.settings import (
 )
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
-from stage_client.errors import StageStatus
-from stage_client.failures import classify
+from stage_protocol.client.errors import StageStatus
+from stage_protocol.client.failures import classify
 from tests.images import decoded, png_bytes
 from tests.servers import serving
 from tests.vllm_fake import FakeVllm, vllm_stream

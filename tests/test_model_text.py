@@ -1,11 +1,11 @@
-"""JSON inside a model's text (`stage_client.model_text.find_json`), the one reader of the vision stage's descriptions
+"""JSON inside a model's text (`stage_protocol.model_text.find_json`), the one reader of the vision stage's descriptions
 and the reasoning stage's `response_format: json` answers. Pure."""
 
 from __future__ import annotations
 
 import pytest
 
-from stage_client.model_text import find_json
+from stage_protocol.model_text import find_json
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from orchestrator import audit
 from orchestrator.api.app import create_app
-from orchestrator.logs import JsonFormatter, accepted_request_id, request_id, stage_headers
-from orchestrator.metrics import Metrics, MetricsMiddleware, StateCollector
-from orchestrator.resilience.breaker import BreakerState
-from orchestrator.resilience.stage import EndpointStatus
+from orchestrator.observability import audit
+from orchestrator.observability.logs import JsonFormatter, accepted_request_id, request_id, stage_headers
+from orchestrator.observability.metrics import Metrics, MetricsMiddleware, StateCollector
 from orchestrator.settings import Settings
+from orchestrator.stages.breaker import BreakerState
+from orchestrator.stages.endpoints import EndpointStatus
 from orchestrator.wiring import Backends
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
@@ -94,7 +94,9 @@ def test_the_middleware_counts_api_requests_with_what_the_handler_noted() -> Non
 
 
 def test_json_logs_carry_the_request_id() -> None:
-    record = logging.LogRecord("orchestrator.pipeline", logging.WARNING, __file__, 1, "stage %s failed", ("x",), None)
+    record = logging.LogRecord(
+        "orchestrator.analysis.pipeline", logging.WARNING, __file__, 1, "stage %s failed", ("x",), None
+    )
     token = request_id.set("req-42")
     try:
         line = json.loads(JsonFormatter().format(record))
@@ -102,7 +104,7 @@ def test_json_logs_carry_the_request_id() -> None:
         request_id.reset(token)
     assert (line["level"], line["logger"], line["message"], line["request_id"]) == (
         "WARNING",
-        "orchestrator.pipeline",
+        "orchestrator.analysis.pipeline",
         "stage x failed",
         "req-42",
     )

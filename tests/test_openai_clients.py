@@ -22,7 +22,7 @@ from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest, Sampling
-from stage_client import DialectName
+from stage_protocol.client import DialectName
 from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision
 from tests.images import png_bytes
 from tests.servers import data_url, image_message, openai_client, serving, sse_events

@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from orchestrator.analysis import AnalyzeInput, DeltaEvent, DoneEvent, PipelineEvent
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput, DeltaEvent, DoneEvent, PipelineEvent
 from orchestrator.api.app import create_app
-from orchestrator.output_filter import OutputFilter, filtered_events, flush, release
-from orchestrator.pipeline import Pipeline
-from orchestrator.routing import KeywordRouter
+from orchestrator.security.output_filter import OutputFilter, filtered_events, flush, release
 from orchestrator.settings import OutputFilterSettings, ReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision

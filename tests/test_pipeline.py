@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.analysis import AnalyzeInput
-from orchestrator.pipeline import Pipeline
-from orchestrator.routing import EmbeddingRouter, KeywordRouter, Prototype, Router
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import EmbeddingRouter, KeywordRouter, Prototype, Router
+from orchestrator.analysis.types import AnalyzeInput
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningUnavailable
 from reasoning_stage.none import NoneReasoningBackend

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
-from orchestrator.messages import Profile
-from orchestrator.pipeline import Pipeline
-from orchestrator.routing import KeywordRouter
+from orchestrator.analysis.messages import Profile
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.errors import ReasoningUnavailable
 from tests.fakes import FakeReasoning, FakeVision

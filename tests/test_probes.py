@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.app import create_app
-from orchestrator.claims import extract_claims
-from orchestrator.pipeline import Pipeline
-from orchestrator.probes import parse_reply, probe_question
-from orchestrator.routing import KeywordRouter
+from orchestrator.arbitration.claims import extract_claims
+from orchestrator.arbitration.probes import parse_reply, probe_question
+from orchestrator.arbitration.verification import Check
 from orchestrator.settings import ArbitrationSettings, ReasoningSettings, Settings, VisionSettings
-from orchestrator.verification import Check
 from orchestrator.wiring import Backends, probe_limit
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes

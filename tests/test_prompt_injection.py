@@ -19,8 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw, ImageFont
 
+from orchestrator.analysis.prompts import DATA_TAG, data_block, inline_data
 from orchestrator.api.app import create_app
-from orchestrator.prompts import DATA_TAG, data_block, inline_data
 from orchestrator.settings import ReasoningSettings, Settings, VisionSettings
 from orchestrator.wiring import Backends, build_reasoning, build_vision
 from reasoning_stage.types import ChatMessage

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from orchestrator.api.app import create_app
 from orchestrator.errors import RateLimited, TooManyInFlight
-from orchestrator.security import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware
+from orchestrator.security.access import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware
 from orchestrator.settings import RateLimitSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

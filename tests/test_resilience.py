@@ -12,12 +12,12 @@ from typing import cast
 
 import pytest
 
-from orchestrator.resilience import deadline
-from orchestrator.resilience.backends import REASONING_ERRORS, VISION_ERRORS, FallbackVision, ResilientVision
-from orchestrator.resilience.breaker import BreakerState, CircuitBreaker, Permit
-from orchestrator.resilience.retry import RetryBudget, backoff_s, is_retryable
-from orchestrator.resilience.stage import Endpoint, ResilientStage
 from orchestrator.settings import AdmissionSettings, BreakerSettings, RemoteSettings, RetrySettings
+from orchestrator.stages import deadline
+from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
+from orchestrator.stages.endpoints import Endpoint, ResilientStage
+from orchestrator.stages.resilient import REASONING_ERRORS, VISION_ERRORS, FallbackVision, ResilientVision
+from orchestrator.stages.retry import RetryBudget, backoff_s, is_retryable
 from reasoning_stage.errors import ReasoningUnavailable
 from tests.fakes import FakeVision
 from tests.images import decoded

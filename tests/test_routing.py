@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.api.app import create_app
-from orchestrator.routing import (
+from orchestrator.analysis.routing import (
     EmbeddingEvidence,
     EmbeddingRouter,
     KeywordRouter,
@@ -22,6 +21,7 @@ from orchestrator.routing import (
     load_prototypes,
     routing_window,
 )
+from orchestrator.api.app import create_app
 from orchestrator.settings import RouterSettings, Settings
 from orchestrator.wiring import Backends, build_router
 from tests.fakes import FakeEmbedder, FakeReasoning, FakeVision

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator.api.app import create_app
 from orchestrator.errors import ApiKeyInvalid, ApiKeyMissing, RateLimited, TooManyInFlight
-from orchestrator.security import ApiKeys, RateLimiter, key_id
+from orchestrator.security.access import ApiKeys, RateLimiter, key_id
 from orchestrator.settings import AuditSettings, RateLimitSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from orchestrator.analysis.sessions import SessionStore
 from orchestrator.api.app import create_app
 from orchestrator.errors import SessionNotFound
-from orchestrator.sessions import SessionStore
 from orchestrator.settings import SessionSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

@@ -16,7 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from orchestrator.analysis import AnalyzeInput, ArbitrationEvent, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput, ArbitrationEvent, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.api.app import create_app
 from orchestrator.api.schemas import (
     AnalyzeResponse,
@@ -27,8 +29,6 @@ from orchestrator.api.schemas import (
     StreamErrorOut,
     VisionOut,
 )
-from orchestrator.pipeline import Pipeline
-from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome, StageUsage
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, StageUsage
 from orchestrator.api.app import create_app
-from orchestrator.pipeline import Pipeline
-from orchestrator.routing import KeywordRouter
 from orchestrator.settings import ReasoningSettings, RouterSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

@@ -27,9 +27,9 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.command import Command
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from orchestrator.analysis.messages import disclaimer
 from orchestrator.api.app import create_app
 from orchestrator.api.web import web
-from orchestrator.messages import disclaimer
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
 from tests.fakes import RECEIPT_LINES, FakeStreamingReasoning, FakeVision

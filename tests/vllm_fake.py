@@ -33,7 +33,7 @@ REQUEST_FIELDS: dict[str, set[str]] = {
     "openai": {"model", "messages", "stream", "stream_options", "max_completion_tokens", "temperature"},
     "zhipu": {"model", "messages", "stream", "max_tokens", "temperature", "do_sample", "thinking"},
 }
-"""The fields each dialect may send (`stage_client.dialects`): what that server documents and accepts."""
+"""The fields each dialect may send (`stage_protocol.client.dialects`): what that server documents and accepts."""
 
 
 @dataclass(frozen=True)

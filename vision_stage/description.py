@@ -6,7 +6,7 @@
 | part       | accepted                                                                                              |
 | ---------- | ----------------------------------------------------------------------------------------------------- |
 | the object | bare, in a code fence, inside prose, wrapped in one outer key, the first of a list, repaired when cut |
-|            | off or written loosely (`stage_client.model_text.find_json`)                                          |
+|            | off or written loosely (`stage_protocol.model_text.find_json`)                                          |
 | keys       | any case, spaces or dashes for underscores, English synonyms and Chinese names (`SECTIONS`)           |
 | caption    | a string, or anything else flattened to text                                                          |
 | text lines | strings (several lines split), objects with `text`/`content`/`line` and an optional box, `[text,     |
@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from stage_client.model_text import find_json
+from stage_protocol.model_text import find_json
 from vision_stage.boxes import box_of, quad
 from vision_stage.facts import facts_lines
 from vision_stage.prose import read_prose

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from PIL import Image
 
-from stage_client.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
+from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
@@ -130,7 +130,7 @@ class Generation:
     completion_tokens: int
     budget: int
     looped: bool = False
-    """The generation was stopped at a loop (`stage_client.loops.loop_stopper`)."""
+    """The generation was stopped at a loop (`stage_protocol.loops.loop_stopper`)."""
 
 
 class GlmEngine:
@@ -191,7 +191,7 @@ class GlmEngine:
 
     def generate_ids(self, prompt: EncodedPrompt, max_new_tokens: int) -> list[int]:
         """The new token ids of one greedy generation (blocking; foreign errors are not translated here), stopped
-        early once it loops (`stage_client.loops.loop_stopper`: GLM-4.6V can overthink and repeat)."""
+        early once it loops (`stage_protocol.loops.loop_stopper`: GLM-4.6V can overthink and repeat)."""
         import torch
         from transformers import StoppingCriteriaList
 

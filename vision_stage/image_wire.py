@@ -3,7 +3,7 @@
 The upload's own bytes go as they are when they hold exactly the decoded pixels in PNG or JPEG
 (`DecodedImage.source`); otherwise the decoded pixels are encoded, as JPEG (quality `JPEG_QUALITY`) when the upload
 was a JPEG, since a PNG of a photo is several times larger, and PNG otherwise, lossless so that small text stays
-sharp. A server with limits (`stage_client.dialects.ServerImageLimits`: the GLM open platform takes JPEG or PNG
+sharp. A server with limits (`stage_protocol.client.dialects.ServerImageLimits`: the GLM open platform takes JPEG or PNG
 under 5 MB and 6000 pixels a side) gets an image that fits: scaled down to its side limit, then JPEG at falling
 quality and size until it is under its byte limit, with a note saying what was done.
 """
@@ -15,7 +15,7 @@ import io
 import pybase64
 from PIL import Image
 
-from stage_client.dialects import ServerImageLimits
+from stage_protocol.client.dialects import ServerImageLimits
 from vision_stage.types import DecodedImage
 
 JPEG_QUALITY = 90

@@ -1,7 +1,7 @@
 """Reading what a vision-language model writes, per task, and writing the JSON description a GLM model would. Pure
 functions.
 
-`read_output` takes the model's whole text: thinking is split off (`stage_client.model_text.split_thinking`: `<think>`
+`read_output` takes the model's whole text: thinking is split off (`stage_protocol.model_text.split_thinking`: `<think>`
 blocks, a lone `</think>`, GLM-4.1V-Thinking's `<answer>` tags), control tokens a server left in are dropped, boxes are
 read (`vision_stage.boxes`), and a describe answer is read in whatever shape it came (`vision_stage.description`).
 Only an answer with no text at all is `VisionInvalidOutput`.
@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from stage_client.model_text import THINK_CLOSE, THINK_OPEN, split_thinking
+from stage_protocol.model_text import THINK_CLOSE, THINK_OPEN, split_thinking
 from vision_stage.boxes import BOX_CLOSE, BOX_OPEN, extract_boxes
 from vision_stage.description import read_description
 from vision_stage.errors import VisionInvalidOutput

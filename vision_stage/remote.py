@@ -3,8 +3,8 @@ SGLang, a vendor API, our own `vision_stage` server).
 
 One request is one user message: the image as an `image_url` part, then `vision_stage.prompts.task_prompt` as a text
 part; greedy decoding, `max_new_tokens` as the token limit, and thinking switched as the server's dialect does it
-(`stage_client.dialects`: `chat_template_kwargs.enable_thinking` for vLLM and SGLang, `thinking.type` for the GLM
-open platform; vLLM and SGLang are also asked to keep GLM's box markers, `skip_special_tokens: false`). The image
+(`stage_protocol.client.dialects`: `chat_template_kwargs.enable_thinking` for vLLM and SGLang, `thinking.type` for the
+GLM open platform; vLLM and SGLang are also asked to keep GLM's box markers, `skip_special_tokens: false`). The image
 travels as a `data:` URL (`vision_stage.image_wire`: the upload's own bytes when they can be forwarded, re-encoded to
 fit a server's limits where it has them) or, with `pass_image_urls`, as the client's own http(s) URL, which the
 server then fetches.
@@ -13,10 +13,10 @@ The answer is streamed and accumulated. Thinking arrives in the non-standard del
 up to 0.11, SGLang, the GLM open platform) or `reasoning` (newer vLLM), or as a `<think>` block in the content when
 the server runs no reasoning parser; it is returned as `thinking`, never as the answer. What the model wrote is read
 liberally (`vision_stage.parsing`): a description in any JSON shape, Markdown or prose is kept, never an error. The
-request and the stream go through `stage_client.ChatClient`, which checks each chunk's shape.
+request and the stream go through `stage_protocol.ChatClient`, which checks each chunk's shape.
 
 Errors are translated in `translate_error` (the client's `StageHttpError`s) and `_finish_reason` (the stream's own
-verdict), as `stage_client.failures` classifies them:
+verdict), as `stage_protocol.client.failures` classifies them:
 
 | what happened                                                   | raised                                   |
 | --------------------------------------------------------------- | ---------------------------------------- |
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from stage_client import (
+from stage_protocol.client import (
     ChatClient,
     Chunk,
     Dialect,
@@ -67,7 +67,7 @@ from stage_client import (
     dialect,
     finish_failure,
 )
-from stage_client.loops import LOOP_NOTE, LoopWatch
+from stage_protocol.loops import LOOP_NOTE, LoopWatch
 from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
@@ -114,11 +114,11 @@ class _Answer:
     tokens: tuple[int, int] = (0, 0)
     """(prompt, completion) tokens from the server's usage, 0 where it sent none."""
     looped: bool = False
-    """The answer fell into a loop and was left there (`stage_client.loops.LoopWatch`)."""
+    """The answer fell into a loop and was left there (`stage_protocol.loops.LoopWatch`)."""
 
 
 class RemoteVisionBackend:
-    """The `remote` vision backend over a `stage_client.ChatClient` (built by `load`, or injected)."""
+    """The `remote` vision backend over a `stage_protocol.ChatClient` (built by `load`, or injected)."""
 
     name = "remote"
 
@@ -351,7 +351,7 @@ def _finish_reason(reason: str, where: str, *, midway: bool) -> str:
 def translate_error(
     exc: StageHttpError, where: str, *, midway: bool = False, speaks: Dialect | None = None
 ) -> VisionError:
-    """Map a failure of the stage client into the vision error tree (`stage_client.classify` says what it means)."""
+    """Map a failure of the stage client into the vision error tree (`stage_protocol.classify` says what it means)."""
     stream_codes = speaks.stream_error_codes if speaks is not None else True
     return ERRORS.error(classify(exc, stream_codes=stream_codes), where, midway=midway)
 

@@ -20,8 +20,8 @@ results, not token streams, so the backend runs to the end before the first even
 status. `chat_template_kwargs.enable_thinking` is accepted and ignored: no vision backend switches thinking per request
 (the `glm` backend's thinking is set when it is loaded), nor takes a token limit or temperature per request
 (`max_tokens` and `temperature` are accepted and ignored). Token usage is reported as zeros: the backends do not count
-tokens. `model` may be the served name, the backend's name (`stage_client.serving`), empty or missing; any other name is
-404 `model_not_found`.
+tokens. `model` may be the served name, the backend's name (`stage_protocol.server.serving`), empty or missing; any
+other name is 404 `model_not_found`.
 
 Errors are OpenAI-shaped; `VISION_ERRORS` maps every error of the vision stage to its status and code.
 """
@@ -42,7 +42,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from stage_client.openai_server import (
+from stage_protocol.server.openai import (
     ApiError,
     BodyLimit,
     ChatCompletionRequest,
@@ -55,7 +55,7 @@ from stage_client.openai_server import (
     event_stream,
     install_error_handlers,
 )
-from stage_client.serving import model_list, served_names, unknown_model
+from stage_protocol.server.serving import model_list, served_names, unknown_model
 from vision_stage import errors
 from vision_stage.backend import VisionBackend
 from vision_stage.description import NOT_JSON_NOTE, remarks, written_text

@@ -294,7 +294,7 @@ class VisionResult:
     `description` is the readable text a reasoning stage reads; `structured` holds the same evidence as data;
     `answer` is set for the `answer` task. `thinking` is the model's reasoning trace when thinking was on (never part
     of `answer`); `boxes` are the grounding boxes the model gave in its answer, in order. `fallback` says why
-    another backend than the configured one answered (`orchestrator.resilience.backends.FallbackVision`); None when
+    another backend than the configured one answered (`orchestrator.stages.resilient.FallbackVision`); None when
     the configured one did.
     """
 
@@ -314,4 +314,4 @@ class VisionResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens the model read and wrote for this result, where the backend counts them (0 for `ocr`)."""
-    """True when the orchestrator's cache answered (`orchestrator.cache`)."""
+    """True when the orchestrator's cache answered (`orchestrator.stages.cache`)."""

@@ -1,9 +1,10 @@
 """The FastAPI application: `create_app`, its lifespan, its middleware and every exception handler in one block.
 
 The middleware, outermost first: `RequestContextMiddleware` (request id, body cap, deadline), `MetricsMiddleware`
-(`orchestrator.metrics`), `AuditMiddleware` (when `audit.path` is set: so that refused requests are audited too),
-`SecurityMiddleware` (API keys, then rate limits; it adds the key id to the audit record), `DisconnectMiddleware`
-(`orchestrator.api.disconnect`: a request whose client has gone is cancelled), then FastAPI's own.
+(`orchestrator.observability.metrics`), `AuditMiddleware` (when `audit.path` is set: so that refused requests are
+audited too), `SecurityMiddleware` (API keys, then rate limits; it adds the key id to the audit record),
+`DisconnectMiddleware` (`orchestrator.api.disconnect`: a request whose client has gone is cancelled), then FastAPI's
+own.
 """
 
 from __future__ import annotations
@@ -24,26 +25,26 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator import audit, logs
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.routing import KeywordRouter, Router
+from orchestrator.analysis.sessions import SessionStore
 from orchestrator.api.deps import Services
 from orchestrator.api.disconnect import DisconnectMiddleware
 from orchestrator.api.events import describe_error
 from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import SCHEMA_MODELS, api
 from orchestrator.api.web import web
-from orchestrator.audit import AuditLog, AuditMiddleware
 from orchestrator.errors import ROOTS, ErrorSpec, OrchestratorError, RequestTooLarge, Unauthenticated, retry_after_s
-from orchestrator.fetch import ImageFetcher
-from orchestrator.logs import accepted_request_id
-from orchestrator.metrics import Metrics, MetricsMiddleware, StateCollector
-from orchestrator.pipeline import Pipeline
-from orchestrator.resilience.backends import endpoint_statuses
-from orchestrator.resilience.deadline import request_deadline
-from orchestrator.resilience.stage import EndpointStatus
-from orchestrator.routing import KeywordRouter, Router
-from orchestrator.security import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware, is_open
-from orchestrator.sessions import SessionStore
+from orchestrator.observability import audit, logs
+from orchestrator.observability.audit import AuditLog, AuditMiddleware
+from orchestrator.observability.logs import accepted_request_id
+from orchestrator.observability.metrics import Metrics, MetricsMiddleware, StateCollector
+from orchestrator.security.access import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware, is_open
+from orchestrator.security.fetch import ImageFetcher
 from orchestrator.settings import Settings
+from orchestrator.stages.deadline import request_deadline
+from orchestrator.stages.endpoints import EndpointStatus
+from orchestrator.stages.resilient import endpoint_statuses
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 NOT_READY_RETRY_AFTER_S = 5
 AUDITED_PATHS = ("/v1/", "/infer", "/caption")
-"""Path prefixes whose every request is audited (`orchestrator.audit`): the API, not probes, docs or the page."""
+"""Path prefixes whose every request is audited (`orchestrator.observability.audit`): the API, not probes, docs or the
+page."""
 
 
 def create_app(settings: Settings, backends: Backends | None = None, router: Router | None = None) -> FastAPI:
@@ -119,7 +121,7 @@ def _metrics(app: FastAPI) -> Metrics:
 
 
 async def _scrape(request: Request) -> Response:
-    """The Prometheus text exposition of the app's metrics (`orchestrator.metrics` lists them)."""
+    """The Prometheus text exposition of the app's metrics (`orchestrator.observability.metrics` lists them)."""
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -257,7 +259,7 @@ def _register_exception_handlers(app: FastAPI) -> None:
 
 class RequestContextMiddleware:
     """Gives every request an id (returned as `X-Request-ID`), caps the body at `max_body_bytes`, and sets the
-    request's deadline (`orchestrator.resilience.deadline`), which a streamed response lives inside too.
+    request's deadline (`orchestrator.stages.deadline`), which a streamed response lives inside too.
 
     A declared `Content-Length` over the cap is refused before the body is read; a body that grows past the cap while
     streaming raises `RequestTooLarge` inside the handler that reads it.

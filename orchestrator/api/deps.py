@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from orchestrator.analysis.pipeline import Pipeline
+from orchestrator.analysis.sessions import SessionStore
 from orchestrator.errors import NotReady
-from orchestrator.pipeline import Pipeline
-from orchestrator.sessions import SessionStore
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
 

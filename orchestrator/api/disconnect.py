@@ -22,7 +22,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.audit import close_record, open_record
+from orchestrator.observability.audit import close_record, open_record
 
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499

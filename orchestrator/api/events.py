@@ -26,7 +26,7 @@ from typing import assert_never
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from orchestrator.analysis import (
+from orchestrator.analysis.types import (
     ArbitrationEvent,
     DeltaEvent,
     DoneEvent,

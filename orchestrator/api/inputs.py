@@ -1,7 +1,7 @@
 """Reading requests: an analyze request, JSON or multipart, into image bytes and validated options; a JSON body into a
 validated model (the chat completions request); images from base64, `data:` URLs and http(s) URLs.
 
-An http(s) URL is fetched by the app's `orchestrator.fetch.ImageFetcher` (`image_fetcher`: none when
+An http(s) URL is fetched by the app's `orchestrator.security.fetch.ImageFetcher` (`image_fetcher`: none when
 `fetch.enabled` is off, and then the URL is refused with `image_url_not_supported`).
 
 Every way a request can be malformed ends here as an `orchestrator.errors.RequestInvalid` subclass.
@@ -38,7 +38,7 @@ from orchestrator.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from orchestrator.fetch import ImageFetcher
+from orchestrator.security.fetch import ImageFetcher
 from vision_stage.errors import ImageTooLarge
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")

@@ -9,13 +9,13 @@ from contextlib import aclosing
 
 from fastapi import Request
 
-from orchestrator.analysis import PipelineEvent, Routed, VisionEvent
-from orchestrator.answer_json import ResponseFormat
+from orchestrator.analysis.routing import RequestedMode
+from orchestrator.analysis.sessions import Session, SessionStore
+from orchestrator.analysis.types import PipelineEvent, Routed, VisionEvent
 from orchestrator.api.deps import Services
+from orchestrator.arbitration.answer_json import ResponseFormat
 from orchestrator.errors import ValidationFailed
-from orchestrator.output_filter import OutputFilter
-from orchestrator.routing import RequestedMode
-from orchestrator.sessions import Session, SessionStore
+from orchestrator.security.output_filter import OutputFilter
 from orchestrator.settings import LimitSettings
 from vision_stage.images import ImageLimits, declared_pixels, decode_image
 from vision_stage.types import DecodedImage
@@ -104,5 +104,5 @@ async def remembered(
 
 
 def output_filter(services: Services) -> OutputFilter:
-    """The filter every answer of this service leaves through (`orchestrator.output_filter`)."""
+    """The filter every answer of this service leaves through (`orchestrator.security.output_filter`)."""
     return OutputFilter.from_settings(services.settings.output_filter)

@@ -17,13 +17,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome
+from orchestrator.analysis.routing import Decision
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.inputs import read_form, read_image_url, read_json_request
 from orchestrator.api.intake import checked_question, decode, decode_and_route, output_filter, request_id
 from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut, usage_out
 from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed
-from orchestrator.routing import Decision
 from vision_stage.types import VisionResult
 
 api = APIRouter()

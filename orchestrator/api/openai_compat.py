@@ -32,8 +32,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from starlette.exceptions import HTTPException
 
-from orchestrator.analysis import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
-from orchestrator.answer_json import ResponseFormat
+from orchestrator.analysis.messages import Profile
+from orchestrator.analysis.routing import Decision, RequestedMode
+from orchestrator.analysis.types import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.api.events import error_body, sse, stage_error_body
 from orchestrator.api.intake import checked_text
 from orchestrator.api.schemas import (
@@ -46,13 +47,12 @@ from orchestrator.api.schemas import (
     analyze_response,
     usage_out,
 )
+from orchestrator.arbitration.answer_json import ResponseFormat
 from orchestrator.errors import ImageMissing, ParameterNotSupported, TooManyImages, ValidationFailed
-from orchestrator.messages import Profile
-from orchestrator.routing import Decision, RequestedMode
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.types import ChatMessage, FinishReason, Sampling
-from stage_client import dialect
-from stage_client.openai_server import ContentPart, MessageIn, StreamOptions
+from stage_protocol.client import dialect
+from stage_protocol.server.openai import ContentPart, MessageIn, StreamOptions
 
 SSE_DONE = "data: [DONE]\n\n"
 MAX_TOKENS = 8192
@@ -313,7 +313,7 @@ def requested_mode(model: str) -> RequestedMode:
 
 def not_applied(sampling: Sampling, settings: ReasoningSettings) -> tuple[str, ...]:
     """The sampling fields asked for that the configured reasoning backend does not pass on: a `remote` one sends
-    what its dialect takes (`stage_client.dialects`), the others none."""
+    what its dialect takes (`stage_protocol.client.dialects`), the others none."""
     asked = sampling.fields()
     sent = dialect(settings.dialect).sampled(asked) if settings.backend == "remote" else {}
     return tuple(name for name in asked if name not in sent)

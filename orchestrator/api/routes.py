@@ -1,5 +1,6 @@
 """The HTTP endpoints: thin handlers over the pipeline. Every answer leaves through the output filter
-(`orchestrator.output_filter`); the original write-ups' `/infer` and `/caption` are in `orchestrator.api.legacy`.
+(`orchestrator.security.output_filter`); the original write-ups' `/infer` and `/caption` are in
+`orchestrator.api.legacy`.
 
 A whole (not streamed) answer of `/v1/analyze` or `/v1/chat/completions` also says in headers whether it is degraded,
 which mode ran and whether it needs human review (`OUTCOME_HEADERS`), for clients that drop fields they do not know;
@@ -15,7 +16,8 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis import AnalyzeInput, AnalyzeOutcome, Routed
+from orchestrator.analysis.sessions import Session
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, Routed
 from orchestrator.api import legacy
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.events import analyze_events, event_stream, started
@@ -57,9 +59,8 @@ from orchestrator.api.schemas import (
     VisionOut,
     analyze_response,
 )
-from orchestrator.output_filter import filtered_events
-from orchestrator.resilience.backends import endpoint_statuses
-from orchestrator.sessions import Session
+from orchestrator.security.output_filter import filtered_events
+from orchestrator.stages.resilient import endpoint_statuses
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
 

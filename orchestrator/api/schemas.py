@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.analysis import AnalyzeOutcome
-from orchestrator.answer_json import ResponseFormat
-from orchestrator.arbitration import Arbitration
-from orchestrator.messages import Profile
-from orchestrator.routing import Decision, RequestedMode
-from orchestrator.verification import Check
+from orchestrator.analysis.messages import Profile
+from orchestrator.analysis.routing import Decision, RequestedMode
+from orchestrator.analysis.types import AnalyzeOutcome
+from orchestrator.arbitration.answer_json import ResponseFormat
+from orchestrator.arbitration.decision import Arbitration
+from orchestrator.arbitration.verification import Check
 from reasoning_stage.types import ReasoningResult
 from vision_stage.types import StructuredDescription, VisionResult
 

@@ -1,0 +1,130 @@
+"""Prometheus metrics (`GET /metrics`), one registry per app.
+
+Per request (`MetricsMiddleware`, from the request's record — `orchestrator.observability.audit.open_record` — which the
+pipeline fills in): `orchestrator_requests_total{endpoint, mode, profile, outcome}`, `orchestrator_requests_in_flight`,
+`orchestrator_stage_seconds{stage, backend}` (each stage's share of the request), `orchestrator_degraded_total{stage}`,
+`orchestrator_arbitration_total{status}`, `orchestrator_vision_cache_total{result}`. At scrape time (`StateCollector`):
+`orchestrator_breaker_state{stage, endpoint, state}` (1 for the endpoint's current state, 0 for the others) and
+`orchestrator_endpoint_in_flight{stage, endpoint}`.
+
+`outcome` is `ok`, `degraded`, or the error `type` of a failed request (`vision_unavailable`, `overloaded`, …) — or
+`http_<status>` when no error type was recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator.observability.audit import close_record, open_record
+from orchestrator.stages.endpoints import EndpointStatus
+
+BREAKER_STATES = ("closed", "open", "half_open")
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "orchestrator_requests",
+            "Requests by endpoint, mode, profile and outcome.",
+            ["endpoint", "mode", "profile", "outcome"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("orchestrator_requests_in_flight", "Requests being answered.", registry=self.registry)
+        self.stage_seconds = Histogram(
+            "orchestrator_stage_seconds",
+            "Time each stage took within a request.",
+            ["stage", "backend"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "orchestrator_degraded", "Answers given without a stage that failed.", ["stage"], registry=self.registry
+        )
+        self.arbitration = Counter(
+            "orchestrator_arbitration", "Arbitration outcomes of reasoning answers.", ["status"], registry=self.registry
+        )
+        self.cache = Counter(
+            "orchestrator_vision_cache", "Vision cache lookups: hit or miss.", ["result"], registry=self.registry
+        )
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """Count one finished request from its record."""
+        status = int(record.get("status") or 0)
+        outcome = str(record.get("error_type") or ("degraded" if record.get("degraded") else "ok"))
+        if status >= 400 and not record.get("error_type"):
+            outcome = f"http_{status}"
+        labels = (str(record.get("endpoint", "")), str(record.get("mode") or "-"), str(record.get("profile") or "-"))
+        self.requests.labels(*labels, outcome).inc()
+        for stage, backend in (("vision", record.get("vision")), ("reasoning", record.get("reasoning"))):
+            seconds = (record.get("timings_ms") or {}).get(stage)
+            if backend and isinstance(seconds, int | float):
+                self.stage_seconds.labels(stage, str(backend)).observe(seconds / 1000.0)
+        for failure in record.get("failures") or ():
+            self.degraded.labels(str(failure).split(":", 1)[0]).inc()
+        if record.get("arbitration"):
+            self.arbitration.labels(str(record["arbitration"])).inc()
+        if "vision_cached" in record:
+            self.cache.labels("hit" if record["vision_cached"] else "miss").inc()
+
+
+class StateCollector(Collector):
+    """Breaker states and endpoint load, read when Prometheus scrapes."""
+
+    def __init__(self, statuses: Callable[[], dict[str, tuple[EndpointStatus, ...]]]) -> None:
+        self._statuses = statuses
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        breaker = GaugeMetricFamily(
+            "orchestrator_breaker_state",
+            "Circuit breaker state per endpoint (1 = current).",
+            labels=["stage", "endpoint", "state"],
+        )
+        in_flight = GaugeMetricFamily(
+            "orchestrator_endpoint_in_flight", "Calls under way per endpoint.", labels=["stage", "endpoint"]
+        )
+        for stage, statuses in self._statuses().items():
+            for status in statuses:
+                for state in BREAKER_STATES:
+                    breaker.add_metric([stage, status.endpoint, state], 1.0 if status.breaker == state else 0.0)
+                in_flight.add_metric([stage, status.endpoint], float(status.in_flight))
+        yield breaker
+        yield in_flight
+
+
+class MetricsMiddleware:
+    """Counts every API request (paths under `paths`) once its response is complete."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: tuple[str, ...] = ("/v1/", "/infer", "/caption")) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
+            await self.app(scope, receive, send)
+            return
+        record, token = open_record(scope)
+        self.metrics.in_flight.inc()
+        started = time.perf_counter()
+
+        async def observe_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe_status)
+        finally:
+            self.metrics.in_flight.dec()
+            record.setdefault("duration_ms", round((time.perf_counter() - started) * 1000, 1))
+            self.metrics.observe(record)
+            close_record(token)

@@ -1,0 +1,369 @@
+"""Who may call the API and how often: API keys, per-key rate limits, and the middleware that enforces both.
+
+- `ApiKeys` (pure): the configured keys (`api_keys`, comma-separated; `sha256:<hex>` entries are a key's digest),
+  kept only as SHA-256 digests. A presented key is hashed and compared with every digest in constant time, so
+  neither the comparison nor the configuration leaks a key; a key's id in logs and the audit log is the first 8 hex
+  digits of its digest.
+- `RateLimiter` (pure, clock injected): per client, a token bucket of `rate_limit.burst` requests refilled at
+  `rate_limit.requests_per_s`, and at most `rate_limit.max_concurrent` requests in flight. A request counts against
+  its key (`key:<id>`, when keys are configured) and, when `rate_limit.per_address` is on, its client's address
+  (`address:<address>`), each with its own bucket: it is let through only if every one of them has room. It
+  remembers at most `max_clients` clients; an idle client whose bucket has refilled is forgotten first (forgetting it
+  changes nothing), and past the bound the least recently seen idle ones are.
+- `ClientAddresses` (pure): the client's address behind reverse proxies. The direct peer's address, unless the peer
+  is in `rate_limit.trusted_proxies`; then the forwarded header's (`rate_limit.forwarded_header`: `X-Forwarded-For`,
+  or RFC 7239's `Forwarded`) right-most address that is not itself a trusted proxy (the left-most when all are). A
+  hop on that walk that cannot be read (garbage, `unknown`, an obfuscated name) falls back to the peer's address:
+  headers never fail a request. An IPv6 client is counted by its `rate_limit.ipv6_prefix` network.
+- `SecurityMiddleware` (ASGI): every path but the open ones (`is_open`) needs `Authorization: Bearer <key>` when
+  keys are configured (401 `api_key_missing` / `api_key_invalid`, with `WWW-Authenticate`), then passes the limiter
+  (429 `rate_limited` / `too_many_in_flight`, with `Retry-After`). Without keys and without `per_address` nothing is
+  counted. A request leaves the in-flight count as its response's last byte is handed on (or when it ends without
+  one), so that a client that has its answer never finds it still counted. It notes the key id in the request's
+  audit record and in `request.state.key_id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator.errors import (
+    ApiKeyInvalid,
+    ApiKeyMissing,
+    OrchestratorError,
+    RateLimited,
+    Throttled,
+    TooManyInFlight,
+    Unauthenticated,
+)
+from orchestrator.observability import audit
+from orchestrator.settings import RateLimitSettings
+
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+"""Paths served without a key and without rate limits: liveness, the API's description (no secret: it is what the
+README says) and the web page (static files; the page sends the key the user enters with its API calls). `/ready`
+and `/metrics` are not among them: they name the stages' endpoints and their breakers' states."""
+OPEN_FOLDERS = ("/web/",)
+"""The web page's script and style sheet: a plain file name in these folders is open (nothing deeper, no dot
+segments), so that no path that routes elsewhere can borrow their openness."""
+MAX_AUTHORIZATION_BYTES = 1024
+_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +(?P<token>[A-Za-z0-9\-._~+/]+=*) *$")
+"""RFC 6750's `Bearer b64token`; the scheme's name is case-insensitive."""
+_DIGEST = re.compile(r"^sha256:(?P<hex>[0-9a-fA-F]{64})$")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+Refuse = Callable[[Scope, Receive, Send, OrchestratorError], Awaitable[None]]
+"""Sends the error response for a refused request (the app's error format)."""
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is served without a key (`OPEN_PATHS`, `OPEN_FOLDERS`)."""
+    folder, _, name = path.rpartition("/")
+    return path in OPEN_PATHS or (f"{folder}/" in OPEN_FOLDERS and bool(name) and not name.startswith("."))
+
+
+def key_id(digest: bytes) -> str:
+    """What logs and the audit log call a key: the first 8 hex digits of its SHA-256 digest."""
+    return digest.hex()[:8]
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    digests: tuple[bytes, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> ApiKeys:
+        """Comma-separated keys, each a key as clients send it or `sha256:<64 hex digits>`; blanks are skipped. A key
+        that no `Authorization: Bearer` header could carry is a `ValueError`."""
+        digests = []
+        for entry in (part.strip() for part in (text or "").split(",")):
+            if not entry:
+                continue
+            match = _DIGEST.match(entry)
+            if match is not None:
+                digests.append(bytes.fromhex(match.group("hex")))
+            elif entry.startswith("sha256:"):
+                raise ValueError("an api_keys entry starting with sha256: must be followed by 64 hex digits")
+            elif _BEARER.match(f"Bearer {entry}") is None:
+                raise ValueError("an api_keys entry holds characters a bearer token cannot: use A-Z a-z 0-9 -._~+/")
+            else:
+                digests.append(hashlib.sha256(entry.encode()).digest())
+        return cls(tuple(dict.fromkeys(digests)))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def authenticate(self, authorization: list[bytes]) -> str:
+        """The key id of the key in the `Authorization` header values; `ApiKeyMissing` or `ApiKeyInvalid` else."""
+        if not authorization:
+            raise ApiKeyMissing("this API needs a key: send Authorization: Bearer <key>")
+        if len(authorization) > 1:
+            raise ApiKeyInvalid("send one Authorization header, not several")
+        raw = authorization[0]
+        if len(raw) > MAX_AUTHORIZATION_BYTES:
+            raise ApiKeyInvalid(f"the Authorization header is longer than {MAX_AUTHORIZATION_BYTES} bytes")
+        match = _BEARER.match(raw.decode("latin-1"))
+        if match is None:
+            raise ApiKeyInvalid("the Authorization header must be: Bearer <key>")
+        presented = hashlib.sha256(match.group("token").encode("ascii")).digest()
+        found = False
+        for digest in self.digests:  # every digest compared, in constant time: no early exit to time
+            found |= hmac.compare_digest(presented, digest)
+        if not found:
+            raise ApiKeyInvalid("the API key is not valid")
+        return key_id(presented)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+    in_flight: int = 0
+
+
+class RateLimiter:
+    """Token buckets and in-flight counts per client (module docstring). `acquire` before a request, `release`
+    after it, with the same clients, from one event loop."""
+
+    def __init__(
+        self, settings: RateLimitSettings, *, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = settings.requests_per_s
+        self._burst = float(settings.burst)
+        self._max_concurrent = settings.max_concurrent
+        self._max_clients = max_clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def acquire(self, *clients: str) -> None:
+        """Take a token and an in-flight slot from each of `clients`, or, when any of them is over a limit, from
+        none: `TooManyInFlight` / `RateLimited`."""
+        now = self._clock()
+        buckets = [self._seen(client, now) for client in clients]
+        self._evict(now, keep=len(clients))
+        for client, bucket in zip(clients, buckets, strict=True):
+            self._check(client, bucket)
+        for bucket in buckets:
+            bucket.tokens -= 1
+            bucket.in_flight += 1
+
+    def release(self, *clients: str) -> None:
+        for client in clients:
+            bucket = self._buckets.get(client)
+            if bucket is not None and bucket.in_flight > 0:
+                bucket.in_flight -= 1
+
+    def _seen(self, client: str, now: float) -> _Bucket:
+        """`client`'s bucket, refilled to `now` and moved to the most recently seen end."""
+        bucket = self._buckets.get(client) or _Bucket(self._burst, now)
+        bucket.tokens = self._refilled(bucket, now)
+        bucket.updated = now
+        self._buckets[client] = bucket
+        self._buckets.move_to_end(client)
+        return bucket
+
+    def _check(self, client: str, bucket: _Bucket) -> None:
+        who = "this API key" if client.startswith("key:") else "this client address"
+        if bucket.in_flight >= self._max_concurrent:
+            raise TooManyInFlight(
+                f"{who} already has {bucket.in_flight} requests in flight; the limit is {self._max_concurrent}",
+                retry_after_s=1,
+            )
+        if bucket.tokens < 1:
+            wait_s = math.ceil((1 - bucket.tokens) / self._rate)
+            raise RateLimited(
+                f"{who} sent more than {self._rate:g} requests per second (bursts of {self._burst:g}); "
+                f"retry in {wait_s} s",
+                retry_after_s=wait_s,
+            )
+
+    def _refilled(self, bucket: _Bucket, now: float) -> float:
+        return min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
+
+    def _evict(self, now: float, keep: int) -> None:
+        """From the least recently seen client on: forget idle clients whose bucket has refilled (nothing is lost),
+        and while over the bound, idle ones whatever their bucket; stop at the first client to keep. The `keep`
+        clients just seen (last) are never looked at: each step removes one client or moves one with requests in
+        flight behind them."""
+        for _ in range(len(self._buckets) - keep):
+            client, bucket = next(iter(self._buckets.items()))
+            over = len(self._buckets) > self._max_clients
+            if bucket.in_flight == 0 and (over or self._refilled(bucket, now) >= self._burst):
+                del self._buckets[client]
+            elif over:
+                self._buckets.move_to_end(client)
+            else:
+                return
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """`rate_limit.trusted_proxies`: comma-separated IP addresses or CIDR ranges, host bits allowed."""
+    entries = (entry.strip() for entry in text.split(","))
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries if entry)
+
+
+def parse_address(text: str) -> Address | None:
+    """An address as proxies write one: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1` or `[2001:db8::1]:8080`; an
+    IPv4-mapped IPv6 address is its IPv4 address. None for anything else (`unknown`, `_hidden`, garbage)."""
+    host = text.strip()
+    if host.startswith("["):
+        host, bracket, port = host[1:].partition("]")
+        if not bracket or (port and not (port.startswith(":") and _PORT.fullmatch(port[1:]))):
+            return None
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+        if not _PORT.fullmatch(port):
+            return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def forwarded_nodes(value: str) -> list[str]:
+    """The `for=` node of each element of an RFC 7239 `Forwarded` value, unquoted; "" for an element with none or
+    several. Elements are split at every comma: a node never holds one."""
+    nodes = []
+    for element in value.split(","):
+        pairs = (pair.partition("=") for pair in element.split(";"))
+        fors = [node.strip() for name, _, node in pairs if name.strip().lower() == "for"]
+        node = fors[0] if len(fors) == 1 else ""
+        nodes.append(node[1:-1] if len(node) >= 2 and node[0] == node[-1] == '"' else node)
+    return nodes
+
+
+@dataclass(frozen=True)
+class ClientAddresses:
+    """Whose address a request counts against (module docstring)."""
+
+    trusted: tuple[Network, ...] = ()
+    header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    ipv6_prefix: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: RateLimitSettings) -> ClientAddresses:
+        return cls(parse_networks(settings.trusted_proxies), settings.forwarded_header, settings.ipv6_prefix)
+
+    def client(self, peer: str | None, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """What the limits count: the client's address (`resolve`), an IPv6 one as its `ipv6_prefix` network; a peer
+        that is not an IP address (a test client's name) as the server named it, `-` for none (a Unix socket)."""
+        address = parse_address(peer) if peer else None
+        if address is None:
+            return peer or "-"
+        address = self.resolve(address, headers)
+        if isinstance(address, IPv6Address) and self.ipv6_prefix < 128:
+            return str(IPv6Network((address.packed, self.ipv6_prefix), strict=False))
+        return str(address)
+
+    def resolve(self, peer: Address, headers: Iterable[tuple[bytes, bytes]]) -> Address:
+        """`peer`, unless it is a trusted proxy; then, from the right of the forwarded header, the first hop that is
+        not a trusted proxy (the left-most hop when all are), or `peer` when a hop on the way cannot be read."""
+        if not self.trusts(peer):
+            return peer
+        client = peer
+        for hop in reversed(self.hops(headers)):
+            if hop is None:
+                return peer
+            client = hop
+            if not self.trusts(hop):
+                return hop
+        return client
+
+    def trusts(self, address: Address) -> bool:
+        return any(address in network for network in self.trusted)
+
+    def hops(self, headers: Iterable[tuple[bytes, bytes]]) -> list[Address | None]:
+        """The addresses in the forwarded header, left (farthest) to right (nearest): its fields joined in order, as
+        one; None where an entry is not an address."""
+        name = self.header.encode()
+        fields = [value.decode("latin-1") for key, value in headers if key.lower() == name]
+        if not fields:
+            return []
+        joined = ",".join(fields)
+        nodes = forwarded_nodes(joined) if self.header == "forwarded" else joined.split(",")
+        return [parse_address(node) for node in nodes]
+
+
+class SecurityMiddleware:
+    """Authentication, then rate limits, for every HTTP request to a path that is not open (module docstring).
+    `addresses`: count each request against its client's address too (`rate_limit.per_address`)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: ApiKeys,
+        limiter: RateLimiter,
+        refuse: Refuse,
+        addresses: ClientAddresses | None = None,
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.limiter = limiter
+        self.refuse = refuse
+        self.addresses = addresses
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            clients = self._clients(scope)
+            self.limiter.acquire(*clients)
+        except (Unauthenticated, Throttled) as exc:
+            await self.refuse(scope, receive, send, exc)
+            return
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.limiter.release(*clients)
+
+        async def send_and_release(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()  # before the last byte goes out: a client holding its answer is no longer in flight
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_release)
+        finally:
+            release()
+
+    def _clients(self, scope: Scope) -> tuple[str, ...]:
+        """Whom the limits count the request against: `key:<id>` once authenticated (with keys), and
+        `address:<client>` (with `addresses`)."""
+        clients = []
+        if self.keys.enabled:
+            authorization = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+            identity = self.keys.authenticate(authorization)
+            audit.note(key_id=identity)
+            scope.setdefault("state", {})["key_id"] = identity
+            clients.append(f"key:{identity}")
+        if self.addresses is not None:
+            peer = scope.get("client")
+            address = self.addresses.client(peer[0] if peer else None, scope.get("headers", []))
+            clients.append(f"address:{address}")
+        return tuple(clients)

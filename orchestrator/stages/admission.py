@@ -1,0 +1,52 @@
+"""Admission control for one stage: at most `max_in_flight` calls at once and `max_queue` waiting for a turn.
+
+A call beyond both bounds is refused at once (the stage's `…Overloaded` error, with a short `Retry-After`), and a
+waiting call gives up when the request's deadline leaves no time to wait: latency stays bounded under overload
+instead of growing with the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from orchestrator.settings import AdmissionSettings
+from orchestrator.stages import deadline
+
+OVERLOADED_RETRY_AFTER_S = 1.0
+
+
+class Admission:
+    def __init__(self, settings: AdmissionSettings, stage: str, overloaded: Callable[[str, float], Exception]) -> None:
+        """`overloaded(message, retry_after_s)` builds the stage's error."""
+        self.settings = settings
+        self.in_flight = 0
+        self.waiting = 0
+        self._stage = stage
+        self._overloaded = overloaded
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the stage's slots for the block; raise the stage's overloaded error when none is to be had."""
+        if self._slots.locked() and self.waiting >= self.settings.max_queue:
+            raise self._refusal(f"{self.in_flight} calls in flight and {self.waiting} waiting")
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(deadline.bounded(None)):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise self._refusal("the request's deadline passed while it waited for a turn") from None
+        finally:
+            self.waiting -= 1
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
+
+    def _refusal(self, why: str) -> Exception:
+        limits = f"at most {self.settings.max_in_flight} in flight and {self.settings.max_queue} waiting"
+        return self._overloaded(f"the {self._stage} stage is overloaded ({why}; {limits})", OVERLOADED_RETRY_AFTER_S)
