@@ -12,7 +12,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from orchestrator.observability.audit import AuditLog, AuditMiddleware, digest, note
+from orchestrator.observability.audit import AuditLog, AuditMiddleware
+from orchestrator.observability.record import RequestRecord, digest
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -65,13 +66,13 @@ def app_with_audit(path: Path, on_disk_before_last_byte: list[bool]) -> Starlett
     log = AuditLog(path)
 
     async def answer(request: Request) -> Response:
-        note(route="vision_only", answer=digest("42"))
+        RequestRecord.of(request.scope).analysis.update(route="vision_only", answer=digest("42"))
         return JSONResponse({"answer": "42"})
 
     async def stream(request: Request) -> Response:
         async def events() -> object:
             yield b"data: 1\n\n"
-            note(outcome="streamed")
+            RequestRecord.of(request.scope).analysis["outcome"] = "streamed"
             on_disk_before_last_byte.append(holds(path, "streamed"))
             yield b"data: [DONE]\n\n"
 

@@ -14,9 +14,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from orchestrator.api.app import create_app
-from orchestrator.observability import audit
 from orchestrator.observability.logs import JsonFormatter, accepted_request_id, request_id, stage_headers
 from orchestrator.observability.metrics import Metrics, MetricsMiddleware, StateCollector
+from orchestrator.observability.record import RequestRecord
 from orchestrator.settings import Settings
 from orchestrator.stages.breaker import BreakerState
 from orchestrator.stages.endpoints import EndpointStatus
@@ -34,21 +34,19 @@ def scrape(metrics: Metrics) -> str:
 
 def test_a_finished_request_is_counted_by_its_record() -> None:
     metrics = Metrics()
-    metrics.observe(
-        {
-            "endpoint": "POST /v1/analyze",
-            "status": 200,
-            "mode": "vision_then_reasoning",
-            "profile": "general",
-            "degraded": True,
-            "failures": ["reasoning:remote:ReasoningUnavailable"],
-            "vision": "ocr:rapidocr",
-            "timings_ms": {"vision": 120.0, "route": 3.0},
-            "arbitration": None,
-            "vision_cached": True,
-        }
-    )
-    metrics.observe({"endpoint": "POST /v1/analyze", "status": 503, "error_type": "vision_unavailable"})
+    analysed = RequestRecord("a", "POST /v1/analyze", None, status=200)
+    analysed.analysis = {
+        "mode": "vision_then_reasoning",
+        "profile": "general",
+        "degraded": True,
+        "failures": ["reasoning:remote:ReasoningUnavailable"],
+        "vision": "ocr:rapidocr",
+        "timings_ms": {"vision": 120.0, "route": 3.0},
+        "arbitration": None,
+        "vision_cached": True,
+    }
+    metrics.observe(analysed)
+    metrics.observe(RequestRecord("b", "POST /v1/analyze", None, status=503, error_type="vision_unavailable"))
     text = scrape(metrics)
     assert (
         'orchestrator_requests_total{endpoint="POST /v1/analyze",mode="vision_then_reasoning",outcome="degraded",'
@@ -79,7 +77,7 @@ def test_the_middleware_counts_api_requests_with_what_the_handler_noted() -> Non
     metrics = Metrics()
 
     async def answer(request: Request) -> Response:
-        audit.note(mode="vision_only", profile="medical")
+        RequestRecord.of(request.scope).analysis.update(mode="vision_only", profile="medical")
         return JSONResponse({"ok": True})
 
     app = Starlette(routes=[Route("/v1/analyze", answer, methods=["POST"]), Route("/health", answer)])

@@ -54,7 +54,6 @@ from orchestrator.analysis.types import (
 )
 from orchestrator.arbitration.answer_json import ResponseFormat, parse_fields, serialise
 from orchestrator.arbitration.driver import Arbiter, Context, Judged, vision_confidence
-from orchestrator.observability import audit
 from orchestrator.settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
@@ -108,38 +107,21 @@ class Pipeline:
     async def run(self, request: AnalyzeInput, routed: Routed | None = None) -> AnalyzeOutcome:
         """Answer `request`; `routed` is its route when the caller already has it (timings then count from the
         route's start)."""
-        async with aclosing(self._events(request, routed, streaming=False)) as events:
+        async with aclosing(self._steps(request, routed, streaming=False)) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
                     return event.outcome
-        raise AssertionError("the pipeline ended without a DoneEvent")  # unreachable: `_events` always ends with one
+        raise AssertionError("the pipeline ended without a DoneEvent")  # unreachable: `_steps` always ends with one
 
     async def caption(self, image: DecodedImage) -> VisionResult:
-        """The vision stage's one-sentence caption of `image` (its `caption` task), noted in the request's audit
-        record. A vision failure raises, as it fails an analysis."""
-        vision = await self._vision.generate(VisionRequest(image, task="caption"))
-        audit.note(
-            image="sha256:" + image.sha256, image_bytes=image.byte_size, mode="caption",
-            vision=f"{vision.backend}:{vision.model}", degraded=vision.fallback is not None,
-            answer=audit.digest(vision.caption),
-        )  # fmt: skip
-        return vision
+        """The vision stage's one-sentence caption of `image` (its `caption` task). A vision failure raises, as it
+        fails an analysis."""
+        return await self._vision.generate(VisionRequest(image, task="caption"))
 
     def stream(self, request: AnalyzeInput, routed: Routed | None = None) -> AsyncGenerator[PipelineEvent, None]:
         """`run` as events, the reasoning stage's answer streamed (module docstring). Close the generator (or use
         `contextlib.aclosing`) when leaving it early."""
-        return self._events(request, routed, streaming=True)
-
-    async def _events(
-        self, request: AnalyzeInput, routed: Routed | None, *, streaming: bool
-    ) -> AsyncGenerator[PipelineEvent, None]:
-        """The analysis's events; its outcome also goes into the request's audit record
-        (`orchestrator.observability.audit`)."""
-        async with aclosing(self._steps(request, routed, streaming=streaming)) as steps:
-            async for event in steps:
-                if isinstance(event, DoneEvent):
-                    audit.note(**audit.outcome_fields(request, event.outcome))
-                yield event
+        return self._steps(request, routed, streaming=True)
 
     async def _steps(
         self, request: AnalyzeInput, routed: Routed | None, *, streaming: bool

@@ -35,12 +35,14 @@ from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import SCHEMA_MODELS, api
 from orchestrator.api.web import web
 from orchestrator.errors import ROOTS, ErrorSpec, OrchestratorError, RequestTooLarge, Unauthenticated, retry_after_s
-from orchestrator.observability import audit, logs
+from orchestrator.observability import logs
 from orchestrator.observability.audit import AuditLog, AuditMiddleware
 from orchestrator.observability.logs import accepted_request_id
 from orchestrator.observability.metrics import Metrics, MetricsMiddleware, StateCollector
+from orchestrator.observability.record import RequestRecord
 from orchestrator.security.access import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware, is_open
 from orchestrator.security.fetch import ImageFetcher
+from orchestrator.security.output_filter import OutputFilter
 from orchestrator.settings import Settings
 from orchestrator.stages.deadline import request_deadline
 from orchestrator.stages.endpoints import EndpointStatus
@@ -154,7 +156,8 @@ async def _services(
         await loaded.aclose()
         raise
     pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings))
-    app.state.services = Services(settings, loaded, pipeline, SessionStore(settings.sessions))
+    answers = OutputFilter.from_settings(settings.output_filter)
+    app.state.services = Services(settings, loaded, pipeline, SessionStore(settings.sessions), answers)
     try:
         yield
     finally:
@@ -208,22 +211,19 @@ def _document_refusals(schema: dict[str, Any], secured: bool) -> None:
                 operation.setdefault("responses", {}).setdefault(status, response)
 
 
-def request_id_of(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", "-"))
-
-
 def error_response(request: Request, spec: ErrorSpec, message: str, retry_after: float | None = None) -> JSONResponse:
-    audit.note(error_type=spec.type)
-    headers = {"X-Request-ID": request_id_of(request)}
+    record = RequestRecord.of(request.scope)
+    record.error_type = spec.type
+    headers = {"X-Request-ID": record.request_id}
     if spec.status == 503 or retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after if retry_after is not None else NOT_READY_RETRY_AFTER_S)))
-    body = {"error": {"type": spec.type, "message": message, "request_id": request_id_of(request)}}
+    body = {"error": {"type": spec.type, "message": message, "request_id": record.request_id}}
     return JSONResponse(body, status_code=spec.status, headers=headers)
 
 
 def exception_response(request: Request, exc: BaseException) -> JSONResponse:
     """The error response for `exc`: its table row, message, `Retry-After` and `WWW-Authenticate` when it has them."""
-    spec, message = describe_error(exc, request_id_of(request))
+    spec, message = describe_error(exc, RequestRecord.of(request.scope).request_id)
     response = error_response(request, spec, message, retry_after_s(exc))
     if isinstance(exc, Unauthenticated):
         response.headers["WWW-Authenticate"] = exc.challenge
@@ -258,8 +258,9 @@ def _register_exception_handlers(app: FastAPI) -> None:
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (returned as `X-Request-ID`), caps the body at `max_body_bytes`, and sets the
-    request's deadline (`orchestrator.stages.deadline`), which a streamed response lives inside too.
+    """Opens every request's record (`orchestrator.observability.record`) with its id (returned as `X-Request-ID`),
+    caps the body at `max_body_bytes`, and sets the request's deadline (`orchestrator.stages.deadline`), which a
+    streamed response lives inside too.
 
     A declared `Content-Length` over the cap is refused before the body is read; a body that grows past the cap while
     streaming raises `RequestTooLarge` inside the handler that reads it.
@@ -275,7 +276,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = accepted_request_id(_header(scope, b"x-request-id"))
-        scope.setdefault("state", {})["request_id"] = request_id
+        RequestRecord.open(scope, request_id)
         token = logs.request_id.set(request_id)
         try:
             await self._serve(scope, receive, send, request_id)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.sessions import SessionStore
 from orchestrator.errors import NotReady
+from orchestrator.security.output_filter import OutputFilter
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
 
@@ -22,6 +23,8 @@ class Services:
     backends: Backends
     pipeline: Pipeline
     sessions: SessionStore
+    answers: OutputFilter
+    """The output filter every answer leaves through (`orchestrator.security.output_filter`)."""
 
 
 async def get_services(request: Request) -> Services:

@@ -22,7 +22,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.observability.audit import close_record, open_record
+from orchestrator.observability.record import RequestRecord
 
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499
@@ -97,8 +97,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def _note_gone(scope: Scope) -> None:
-    record, token = open_record(scope)
-    record["status"] = CLIENT_CLOSED  # a streamed response's 200 had gone out, but the response was never complete
-    record["error"] = "client_disconnected"
-    close_record(token)
+    record = RequestRecord.of(scope)
+    record.status = CLIENT_CLOSED  # a streamed response's 200 had gone out, but the response was never complete
+    record.error = "client_disconnected"
     log.info("the client disconnected before its response was complete; its request was cancelled")

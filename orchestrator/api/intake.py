@@ -1,24 +1,35 @@
-"""What every endpoint that analyses an image does with a request before the pipeline: check the question, decode the
-image (routing the question meanwhile), and know the request's id and the output filter its answer leaves through."""
+"""One intake for every endpoint that analyses an image: prepare → run or stream → render.
+
+An endpoint reads its own body (`orchestrator.api.inputs`) and renders its own answer; in between, `Intake` does what
+they all share: `prepare` checks the question, decodes the image while the question is routed, and opens or finds
+the request's session; `run` and `stream` run the pipeline, keep the description in the session, record the
+analysis on the request's record (`orchestrator.observability.record`), and pass the answer through the output
+filter (`orchestrator.security.output_filter`), built once per app.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from orchestrator.analysis.messages import Profile
 from orchestrator.analysis.routing import RequestedMode
-from orchestrator.analysis.sessions import Session, SessionStore
-from orchestrator.analysis.types import PipelineEvent, Routed, VisionEvent
+from orchestrator.analysis.sessions import Session
+from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, DoneEvent, PipelineEvent, Routed, VisionEvent
 from orchestrator.api.deps import Services
+from orchestrator.api.events import started
 from orchestrator.arbitration.answer_json import ResponseFormat
 from orchestrator.errors import ValidationFailed
-from orchestrator.security.output_filter import OutputFilter
+from orchestrator.observability.record import RequestRecord
+from orchestrator.security.output_filter import filtered_events
 from orchestrator.settings import LimitSettings
+from reasoning_stage.types import ChatMessage, Sampling
 from vision_stage.images import ImageLimits, declared_pixels, decode_image
-from vision_stage.types import DecodedImage
+from vision_stage.types import DecodedImage, VisionResult
 
 
 def checked_question(text: str, limits: LimitSettings, name: str = "question") -> str:
@@ -80,29 +91,115 @@ async def decode_and_route(
     return image, routed
 
 
-def request_id(request: Request) -> str:
-    return str(request.scope["state"]["request_id"])
+@dataclass(frozen=True)
+class Prepared:
+    """An analysis ready to run: its input, its route, and (`/v1/analyze`) its session."""
+
+    analysis: AnalyzeInput
+    routed: Routed
+    session: Session | None = None
 
 
-def session_owner(request: Request) -> str:
-    """Who a session belongs to: the API key's id, or the client's address when no keys are configured."""
-    state = request.scope.get("state", {})
-    if state.get("key_id"):
-        return f"key:{state['key_id']}"
-    return f"client:{request.client.host if request.client else '-'}"
+@dataclass(frozen=True)
+class Options:
+    """What an endpoint asks of the analysis besides the question and the image (`AnalyzeInput` says what each
+    does)."""
+
+    mode: RequestedMode = "auto"
+    profile: Profile = "general"
+    response_format: ResponseFormat = "text"
+    history: tuple[ChatMessage, ...] = ()
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    sampling: Sampling = field(default_factory=Sampling)
 
 
-async def remembered(
-    sessions: SessionStore, session: Session, events: AsyncGenerator[PipelineEvent, None]
-) -> AsyncGenerator[PipelineEvent, None]:
-    """`events`, keeping the vision stage's description in `session` as it passes."""
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, VisionEvent):
-                sessions.remember(session, event.vision)
-            yield event
+class Intake:
+    """One request's way from its read body to the answer it renders."""
 
+    def __init__(self, request: Request, services: Services) -> None:
+        self.services = services
+        self.record = RequestRecord.of(request.scope)
 
-def output_filter(services: Services) -> OutputFilter:
-    """The filter every answer of this service leaves through (`orchestrator.security.output_filter`)."""
-    return OutputFilter.from_settings(services.settings.output_filter)
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    def question(self, text: str, name: str = "question") -> str:
+        """`checked_question` under the configured limits."""
+        return checked_question(text, self.services.settings.limits, name)
+
+    async def image(self, data: bytes) -> DecodedImage:
+        """`data` decoded under the configured limits (`decode`)."""
+        return await decode(self.services, data)
+
+    async def prepare(
+        self, question: str, image: bytes, options: Options, *, image_url: str | None = None, session: bool = False
+    ) -> Prepared:
+        """The image decoded while `question` (checked already) is routed; with `session`, a new session for it."""
+        decoded, routed = await decode_and_route(self.services, image, question, options.mode, options.response_format)
+        opened = self.services.sessions.open(self.session_owner, decoded, image_url) if session else None
+        return Prepared(self._input(decoded, question, options, image_url), routed, opened)
+
+    async def resume(self, session_id: str, question: str, options: Options) -> Prepared:
+        """A question about the image of the caller's session `session_id` (404 `session_not_found` without one)."""
+        session = self.services.sessions.get(session_id, self.session_owner)
+        routed = await self.services.pipeline.route(question, options.mode, options.response_format)
+        analysis = self._input(session.image, question, options, session.image_url, session.description)
+        return Prepared(analysis, routed, session)
+
+    async def run(self, prepared: Prepared) -> AnalyzeOutcome:
+        """The whole answer, recorded, filtered."""
+        outcome = await self.services.pipeline.run(prepared.analysis, prepared.routed)
+        self._finished(prepared, outcome)
+        return self.services.answers.outcome(outcome)
+
+    async def stream(self, prepared: Prepared) -> AsyncGenerator[PipelineEvent, None]:
+        """The analysis's events, filtered, started (`orchestrator.api.events.started`): what fails before the vision
+        stage has answered raises here; the outcome is recorded as its `DoneEvent` passes."""
+        events = self._watched(prepared, self.services.pipeline.stream(prepared.analysis, prepared.routed))
+        return filtered_events(await started(events), self.services.answers)
+
+    async def caption(self, image: DecodedImage) -> VisionResult:
+        """The vision stage's caption of `image`, recorded, filtered."""
+        vision = await self.services.pipeline.caption(image)
+        self.record.captioned(image, vision)
+        return self.services.answers.vision(vision)
+
+    @property
+    def session_owner(self) -> str:
+        """Who a session belongs to: the API key's id, or the client's address when no keys are configured."""
+        if self.record.key_id:
+            return f"key:{self.record.key_id}"
+        return f"client:{self.record.client.rsplit(':', 1)[0] if self.record.client else '-'}"
+
+    def _input(
+        self,
+        image: DecodedImage,
+        question: str,
+        options: Options,
+        image_url: str | None,
+        description: VisionResult | None = None,
+    ) -> AnalyzeInput:
+        return AnalyzeInput(
+            image, question, mode=options.mode, profile=options.profile, response_format=options.response_format,
+            history=options.history, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+            sampling=options.sampling, image_url=image_url, description=description,
+        )  # fmt: skip
+
+    def _finished(self, prepared: Prepared, outcome: AnalyzeOutcome) -> None:
+        if prepared.session is not None:
+            self.services.sessions.remember(prepared.session, outcome.vision)
+        self.record.analysed(prepared.analysis, outcome)
+
+    async def _watched(
+        self, prepared: Prepared, events: AsyncGenerator[PipelineEvent, None]
+    ) -> AsyncGenerator[PipelineEvent, None]:
+        """`events`, keeping the description in the session and recording the outcome as they pass."""
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, VisionEvent) and prepared.session is not None:
+                    self.services.sessions.remember(prepared.session, event.vision)
+                elif isinstance(event, DoneEvent):
+                    self.record.analysed(prepared.analysis, event.outcome)
+                yield event

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from orchestrator.analysis.routing import Decision
-from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
+from orchestrator.analysis.types import AnalyzeOutcome
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.inputs import read_form, read_image_url, read_json_request
-from orchestrator.api.intake import checked_question, decode, decode_and_route, output_filter, request_id
+from orchestrator.api.intake import Intake, Options
 from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut, usage_out
 from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed
 from vision_stage.types import VisionResult
@@ -124,12 +124,11 @@ _CAPTION_BODY: dict[str, Any] = {
 )
 async def infer(request: Request, services: ServicesDep) -> InferResponse:
     body = await read_json_request(request, InferRequest)
-    limits = services.settings.limits
-    question = checked_question(body.prompt, limits, "prompt")
-    source = await read_image_url(request, body.image_url, limits.max_image_bytes)
-    image, routed = await decode_and_route(services, source.data, question, "auto", "text")
-    outcome = await services.pipeline.run(AnalyzeInput(image, question, image_url=source.url), routed)
-    return infer_response(output_filter(services).outcome(outcome), request_id(request))
+    intake = Intake(request, services)
+    question = intake.question(body.prompt, "prompt")
+    source = await read_image_url(request, body.image_url, services.settings.limits.max_image_bytes)
+    outcome = await intake.run(await intake.prepare(question, source.data, Options(), image_url=source.url))
+    return infer_response(outcome, intake.request_id)
 
 
 @api.post(
@@ -143,8 +142,9 @@ async def infer(request: Request, services: ServicesDep) -> InferResponse:
 )
 async def caption(request: Request, services: ServicesDep) -> CaptionResponse:
     data = await _read_upload(request, services.settings.limits.max_image_bytes)
-    vision = await services.pipeline.caption(await decode(services, data))
-    return caption_response(output_filter(services).vision(vision), request_id(request))
+    intake = Intake(request, services)
+    vision = await intake.caption(await intake.image(data))
+    return caption_response(vision, intake.request_id)
 
 
 async def _read_upload(request: Request, max_image_bytes: int) -> bytes:

@@ -16,20 +16,12 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis.sessions import Session
-from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, Routed
+from orchestrator.analysis.types import AnalyzeOutcome
 from orchestrator.api import legacy
 from orchestrator.api.deps import ServicesDep
-from orchestrator.api.events import analyze_events, event_stream, started
-from orchestrator.api.inputs import AnalyzeInputs, read_analyze_request, read_image_url, read_json_request
-from orchestrator.api.intake import (
-    checked_question,
-    decode_and_route,
-    output_filter,
-    remembered,
-    request_id,
-    session_owner,
-)
+from orchestrator.api.events import analyze_events, event_stream
+from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
+from orchestrator.api.intake import Intake, Options
 from orchestrator.api.openai_compat import (
     SSE_DONE,
     STREAM_EVENTS,
@@ -59,7 +51,6 @@ from orchestrator.api.schemas import (
     VisionOut,
     analyze_response,
 )
-from orchestrator.security.output_filter import filtered_events
 from orchestrator.stages.resilient import endpoint_statuses
 from reasoning_stage.backend import ReasoningBackend
 from vision_stage.backend import VisionBackend
@@ -240,44 +231,26 @@ def _readiness(backend: VisionBackend | ReasoningBackend, ok: bool, detail: str)
     "again.",
 )
 async def analyze(request: Request, response: Response, services: ServicesDep) -> Response | AnalyzeResponse:
-    limits = services.settings.limits
-    inputs = await read_analyze_request(request, limits.max_image_bytes)
-    options = inputs.options
-    question = checked_question(options.question, limits)
-    session, routed = await _session_and_route(request, services, inputs, question)
-    analysis = AnalyzeInput(
-        session.image, question, mode=options.mode, profile=options.profile, response_format=options.response_format,
-        image_url=session.image_url, description=session.description,
-    )  # fmt: skip
-    answers = output_filter(services)
-    if options.stream:
-        events = remembered(services.sessions, session, services.pipeline.stream(analysis, routed))
-        events = await started(events)
-        return event_stream(analyze_events(filtered_events(events, answers), request_id(request), session.id))
-    outcome = await services.pipeline.run(analysis, routed)
-    services.sessions.remember(session, outcome.vision)
-    filtered = answers.outcome(outcome)
-    response.headers.update(outcome_headers(filtered))
-    return analyze_response(filtered, request_id(request), session.id)
+    inputs = await read_analyze_request(request, services.settings.limits.max_image_bytes)
+    asked, intake = inputs.options, Intake(request, services)
+    question = intake.question(asked.question)
+    options = Options(mode=asked.mode, profile=asked.profile, response_format=asked.response_format)
+    if inputs.image is None:
+        prepared = await intake.resume(asked.session_id or "", question, options)
+    else:
+        prepared = await intake.prepare(question, inputs.image, options, image_url=inputs.image_url, session=True)
+    session_id = prepared.session.id if prepared.session else None
+    if asked.stream:
+        return event_stream(analyze_events(await intake.stream(prepared), intake.request_id, session_id))
+    outcome = await intake.run(prepared)
+    response.headers.update(outcome_headers(outcome))
+    return analyze_response(outcome, intake.request_id, session_id)
 
 
 def outcome_headers(outcome: AnalyzeOutcome) -> dict[str, str]:
     """`OUTCOME_HEADERS`' values for a whole answer."""
     values = (str(outcome.degraded).lower(), outcome.mode, str(outcome.needs_human_review).lower())
     return dict(zip(OUTCOME_HEADERS, values, strict=True))
-
-
-async def _session_and_route(
-    request: Request, services: ServicesDep, inputs: AnalyzeInputs, question: str
-) -> tuple[Session, Routed]:
-    """The request's session — the one it names, or a new one for its image — and the question's route."""
-    options = inputs.options
-    owner = session_owner(request)
-    if inputs.image is None:
-        session = services.sessions.get(options.session_id or "", owner)
-        return session, await services.pipeline.route(question, options.mode, options.response_format)
-    image, routed = await decode_and_route(services, inputs.image, question, options.mode, options.response_format)
-    return services.sessions.open(owner, image, inputs.image_url), routed
 
 
 @api.post(
@@ -300,23 +273,19 @@ async def _session_and_route(
 async def chat_completions(request: Request, services: ServicesDep) -> Response:
     body = await read_json_request(request, ChatCompletionRequest)
     body.refuse_unsupported()
-    mode = requested_mode(body.model)
+    intake, mode = Intake(request, services), requested_mode(body.model)
     conversation = read_conversation([message.read() for message in body.messages])
-    limits = services.settings.limits
-    question = checked_question(conversation.question, limits, f"messages.{len(body.messages) - 1}.content")
-    source = await read_image_url(request, conversation.image_url, limits.max_image_bytes)
-    image, routed = await decode_and_route(services, source.data, question, mode, body.answer_format)
-    analysis = AnalyzeInput(
-        image, question, mode=mode, profile=body.profile, response_format=body.answer_format,
-        history=conversation.history, max_new_tokens=body.token_limit, temperature=body.reasoning_temperature,
-        sampling=body.sampling, image_url=source.url,
+    question = intake.question(conversation.question, f"messages.{len(body.messages) - 1}.content")
+    source = await read_image_url(request, conversation.image_url, services.settings.limits.max_image_bytes)
+    options = Options(
+        mode=mode, profile=body.profile, response_format=body.answer_format, history=conversation.history,
+        max_new_tokens=body.token_limit, temperature=body.reasoning_temperature, sampling=body.sampling,
     )  # fmt: skip
-    reply = ChatReply(body.model, request_id(request), not_applied(body.sampling, services.settings.reasoning))
-    answers = output_filter(services)
+    prepared = await intake.prepare(question, source.data, options, image_url=source.url)
+    reply = ChatReply(body.model, intake.request_id, not_applied(body.sampling, services.settings.reasoning))
     if body.stream:
-        events = await started(services.pipeline.stream(analysis, routed))
-        return event_stream(chat_events(filtered_events(events, answers), reply, include_usage=body.include_usage))
-    outcome = answers.outcome(await services.pipeline.run(analysis, routed))
+        return event_stream(chat_events(await intake.stream(prepared), reply, include_usage=body.include_usage))
+    outcome = await intake.run(prepared)
     completion = reply.completion(outcome)
     return Response(completion.model_dump_json(), media_type="application/json", headers=outcome_headers(outcome))
 

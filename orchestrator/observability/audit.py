@@ -4,11 +4,9 @@ A record holds what a reviewer needs and nothing a leak could hurt: time, reques
 endpoint, status, SHA-256 digests of the inputs (image, question) and of the answer — never the image, the text or a
 key — the route, the stages and backends used, the outcome, and the degraded / disclaimer / human-review flags.
 
-`AuditMiddleware` writes the record when the response's last body message is about to go out, and holds that message
-until the record is written, flushed and fsync'd: a client that received a whole response can count on its record
-being on disk, even if the process is killed the next instant. Whatever runs for the request adds what it knows with
-`note(...)` (the record travels in a context variable): the pipeline adds the analysis (`outcome_fields`), the
-security layer the key id.
+`AuditMiddleware` writes the request's record (`orchestrator.observability.record`) when the response's last body
+message is about to go out, and holds that message until the record is written, flushed and fsync'd: a client that
+received a whole response can count on its record being on disk, even if the process is killed the next instant.
 
 Records are written by one writer task in group commits: every record waiting when the writer wakes goes out in one
 `write` and one `fsync`, so durability costs one disk flush per batch, not per request. The file is rotated by size
@@ -18,58 +16,16 @@ Records are written by one writer task in group commits: every record waiting wh
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
-from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-if TYPE_CHECKING:
-    from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
-
-_record: ContextVar[dict[str, object] | None] = ContextVar("audit_record", default=None)
-
-
-def digest(data: bytes | str) -> str:
-    """`sha256:` and the hex digest of `data` (text as UTF-8)."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
-def note(**fields: object) -> None:
-    """Add `fields` to the request's audit record (a no-op outside an audited request)."""
-    record = _record.get()
-    if record is not None:
-        record.update(fields)
-
-
-def outcome_fields(request: AnalyzeInput, outcome: AnalyzeOutcome) -> dict[str, object]:
-    """What the audit keeps of one analysis: digests of what came in and went out, never the content."""
-    reasoning = outcome.reasoning
-    return {
-        "image": "sha256:" + request.image.sha256,
-        "image_bytes": request.image.byte_size,
-        "question": digest(request.question),
-        "profile": request.profile,
-        "route": outcome.route.decision,
-        "route_forced": outcome.route.forced,
-        "mode": outcome.mode,
-        "vision": f"{outcome.vision.backend}:{outcome.vision.model}",
-        "reasoning": f"{reasoning.backend}:{reasoning.model}" if reasoning else None,
-        "degraded": outcome.degraded,
-        "failures": [f"{f.stage}:{f.backend}:{f.error_type}" for f in outcome.failures],
-        "arbitration": outcome.arbitration.status if outcome.arbitration else None,
-        "answer": digest(outcome.answer),
-        "disclaimer": outcome.disclaimer is not None,
-        "needs_human_review": outcome.needs_human_review,
-        "vision_cached": outcome.vision.cached,
-        "timings_ms": dict(outcome.timings_ms),
-    }
+from orchestrator.observability.record import RequestRecord
 
 
 @dataclass
@@ -164,7 +120,7 @@ class AuditLog:
 
 
 class AuditMiddleware:
-    """Starts each request's record (`scope["state"]["audit"]`) and writes it before the last body message."""
+    """Writes each API request's record (`RequestRecord.line`) before the last body message goes out."""
 
     def __init__(self, app: ASGIApp, log: AuditLog, paths: tuple[str, ...] = ("/v1/",)) -> None:
         self.app = app
@@ -175,19 +131,18 @@ class AuditMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(self.paths):
             await self.app(scope, receive, send)
             return
-        record, token = open_record(scope)
+        record = RequestRecord.of(scope)
         written = False
 
         async def write() -> None:
             nonlocal written
             written = True
-            record["request_id"] = scope.get("state", {}).get("request_id")
-            record["duration_ms"] = round((time.time() - float(str(record["time"]))) * 1000, 1)
-            await self.log.write(record)
+            record.duration_ms = round((time.time() - record.time) * 1000, 1)
+            await self.log.write(record.line())
 
         async def send_after_audit(message: Message) -> None:
             if message["type"] == "http.response.start":
-                record["status"] = message["status"]
+                record.status = message["status"]
             last = message["type"] == "http.response.body" and not message.get("more_body", False)
             if last and not written:
                 await write()
@@ -197,33 +152,11 @@ class AuditMiddleware:
             await self.app(scope, receive, send_after_audit)
         except Exception as exc:  # answered (500) by Starlette's last resort, outside this middleware: audited here
             if not written:
-                record.setdefault("status", 500)
-                record["error"] = type(exc).__name__
+                record.status = record.status or 500
+                record.error = type(exc).__name__
                 await write()
             raise
         else:
             if not written:  # no response went out: its client disconnected first (`orchestrator.api.disconnect`)
-                record.setdefault("status", 499)
+                record.status = record.status or 499
                 await write()
-        finally:
-            close_record(token)
-
-
-def open_record(scope: Scope) -> tuple[dict[str, object], Token[dict[str, object] | None] | None]:
-    """The request's record: the one an outer middleware opened, or a new one (and the token to close it with)."""
-    record = _record.get()
-    if record is not None:
-        return record, None
-    client = scope.get("client")
-    record = {
-        "time": round(time.time(), 3),
-        "endpoint": f"{scope['method']} {scope['path']}",
-        "client": f"{client[0]}:{client[1]}" if client else None,
-    }
-    return record, _record.set(record)
-
-
-def close_record(token: Token[dict[str, object] | None] | None) -> None:
-    """End the record `open_record` opened (no-op for one it reused)."""
-    if token is not None:
-        _record.reset(token)

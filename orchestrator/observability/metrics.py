@@ -1,7 +1,7 @@
 """Prometheus metrics (`GET /metrics`), one registry per app.
 
-Per request (`MetricsMiddleware`, from the request's record — `orchestrator.observability.audit.open_record` — which the
-pipeline fills in): `orchestrator_requests_total{endpoint, mode, profile, outcome}`, `orchestrator_requests_in_flight`,
+Per request (`MetricsMiddleware`, from the request's record, `orchestrator.observability.record`):
+`orchestrator_requests_total{endpoint, mode, profile, outcome}`, `orchestrator_requests_in_flight`,
 `orchestrator_stage_seconds{stage, backend}` (each stage's share of the request), `orchestrator_degraded_total{stage}`,
 `orchestrator_arbitration_total{status}`, `orchestrator_vision_cache_total{result}`. At scrape time (`StateCollector`):
 `orchestrator_breaker_state{stage, endpoint, state}` (1 for the endpoint's current state, 0 for the others) and
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.observability.audit import close_record, open_record
+from orchestrator.observability.record import RequestRecord
 from orchestrator.stages.endpoints import EndpointStatus
 
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -56,24 +55,23 @@ class Metrics:
             "orchestrator_vision_cache", "Vision cache lookups: hit or miss.", ["result"], registry=self.registry
         )
 
-    def observe(self, record: dict[str, Any]) -> None:
+    def observe(self, record: RequestRecord) -> None:
         """Count one finished request from its record."""
-        status = int(record.get("status") or 0)
-        outcome = str(record.get("error_type") or ("degraded" if record.get("degraded") else "ok"))
-        if status >= 400 and not record.get("error_type"):
-            outcome = f"http_{status}"
-        labels = (str(record.get("endpoint", "")), str(record.get("mode") or "-"), str(record.get("profile") or "-"))
-        self.requests.labels(*labels, outcome).inc()
-        for stage, backend in (("vision", record.get("vision")), ("reasoning", record.get("reasoning"))):
-            seconds = (record.get("timings_ms") or {}).get(stage)
-            if backend and isinstance(seconds, int | float):
-                self.stage_seconds.labels(stage, str(backend)).observe(seconds / 1000.0)
-        for failure in record.get("failures") or ():
+        analysis = record.analysis
+        labels = (record.endpoint, str(analysis.get("mode") or "-"), str(analysis.get("profile") or "-"))
+        self.requests.labels(*labels, record.outcome).inc()
+        timings = analysis.get("timings_ms")
+        for stage in ("vision", "reasoning"):
+            backend, ms = analysis.get(stage), timings.get(stage) if isinstance(timings, dict) else None
+            if backend and isinstance(ms, int | float):
+                self.stage_seconds.labels(stage, str(backend)).observe(ms / 1000.0)
+        failures = analysis.get("failures")
+        for failure in failures if isinstance(failures, list) else ():
             self.degraded.labels(str(failure).split(":", 1)[0]).inc()
-        if record.get("arbitration"):
-            self.arbitration.labels(str(record["arbitration"])).inc()
-        if "vision_cached" in record:
-            self.cache.labels("hit" if record["vision_cached"] else "miss").inc()
+        if analysis.get("arbitration"):
+            self.arbitration.labels(str(analysis["arbitration"])).inc()
+        if "vision_cached" in analysis:
+            self.cache.labels("hit" if analysis["vision_cached"] else "miss").inc()
 
 
 class StateCollector(Collector):
@@ -112,19 +110,19 @@ class MetricsMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(self.paths):
             await self.app(scope, receive, send)
             return
-        record, token = open_record(scope)
+        record = RequestRecord.of(scope)
         self.metrics.in_flight.inc()
         started = time.perf_counter()
 
         async def observe_status(message: Message) -> None:
             if message["type"] == "http.response.start":
-                record["status"] = message["status"]
+                record.status = message["status"]
             await send(message)
 
         try:
             await self.app(scope, receive, observe_status)
         finally:
             self.metrics.in_flight.dec()
-            record.setdefault("duration_ms", round((time.perf_counter() - started) * 1000, 1))
+            if record.duration_ms is None:
+                record.duration_ms = round((time.perf_counter() - started) * 1000, 1)
             self.metrics.observe(record)
-            close_record(token)

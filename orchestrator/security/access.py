@@ -19,8 +19,8 @@
   keys are configured (401 `api_key_missing` / `api_key_invalid`, with `WWW-Authenticate`), then passes the limiter
   (429 `rate_limited` / `too_many_in_flight`, with `Retry-After`). Without keys and without `per_address` nothing is
   counted. A request leaves the in-flight count as its response's last byte is handed on (or when it ends without
-  one), so that a client that has its answer never finds it still counted. It notes the key id in the request's
-  audit record and in `request.state.key_id`.
+  one), so that a client that has its answer never finds it still counted. It sets the key id on the request's record
+  (`orchestrator.observability.record`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from orchestrator.errors import (
     TooManyInFlight,
     Unauthenticated,
 )
-from orchestrator.observability import audit
+from orchestrator.observability.record import RequestRecord
 from orchestrator.settings import RateLimitSettings
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
@@ -359,8 +359,7 @@ class SecurityMiddleware:
         if self.keys.enabled:
             authorization = [value for name, value in scope.get("headers", []) if name == b"authorization"]
             identity = self.keys.authenticate(authorization)
-            audit.note(key_id=identity)
-            scope.setdefault("state", {})["key_id"] = identity
+            RequestRecord.of(scope).key_id = identity
             clients.append(f"key:{identity}")
         if self.addresses is not None:
             peer = scope.get("client")
