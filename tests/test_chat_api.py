@@ -18,7 +18,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from orchestrator.api.app import create_app
-from orchestrator.api.openai_compat import ChatCompletionChunkOut, ChatCompletionOut, OrchestrationOut
+from orchestrator.api.chat_reply import ChatCompletionChunkOut, ChatCompletionOut, OrchestrationOut
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.backend import ReasoningBackend

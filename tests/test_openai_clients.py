@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from orchestrator.api.app import create_app
-from orchestrator.api.openai_compat import ChatCompletionOut, ChatCompletionRequest
+from orchestrator.api.chat_reply import ChatCompletionOut
+from orchestrator.api.chat_request import ChatCompletionRequest
 from orchestrator.settings import ReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable

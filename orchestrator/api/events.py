@@ -35,6 +35,7 @@ from orchestrator.analysis.types import (
     RouteEvent,
     VisionEvent,
 )
+from orchestrator.api.render import analyze_response, arbitration_out, vision_out
 from orchestrator.api.schemas import (
     AnalyzeStreamDone,
     ArbitrationEventOut,
@@ -43,9 +44,6 @@ from orchestrator.api.schemas import (
     ReasoningDeltaOut,
     RouteOut,
     StreamErrorOut,
-    analyze_response,
-    arbitration_out,
-    vision_out,
 )
 from orchestrator.errors import ErrorSpec, spec_for
 
@@ -135,10 +133,15 @@ def analyze_event(event: PipelineEvent, request_id: str, session_id: str | None 
             failure = FailureOut(**vars(event.failure))
             return sse(StreamErrorOut(error=stage_error_body(event, request_id), failure=failure), "error")
         case ArbitrationEvent():
-            checked = arbitration_out(event.arbitration).model_dump()
-            return sse(ArbitrationEventOut(**checked, answer=event.answer, replaced=event.replaced), "arbitration")
+            arbitration = event.arbitration
+            checked = arbitration_out(
+                arbitration, model=ArbitrationEventOut, answer=event.answer, replaced=event.replaced
+            )
+            return sse(checked, "arbitration")
         case DoneEvent():
-            response = analyze_response(event.outcome, request_id, session_id).model_dump()
-            return sse(AnalyzeStreamDone(**response, replaced=event.replaced), "done")
+            done = analyze_response(
+                event.outcome, request_id, session_id, model=AnalyzeStreamDone, replaced=event.replaced
+            )
+            return sse(done, "done")
         case _:
             assert_never(event)

@@ -22,7 +22,8 @@ from orchestrator.analysis.types import AnalyzeOutcome
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.inputs import read_form, read_image_url, read_json_request
 from orchestrator.api.intake import Intake, Options
-from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut, usage_out
+from orchestrator.api.render import usage_out
+from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut
 from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed
 from vision_stage.types import VisionResult
 

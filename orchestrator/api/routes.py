@@ -18,26 +18,29 @@ from pydantic import BaseModel, Field
 
 from orchestrator.analysis.types import AnalyzeOutcome
 from orchestrator.api import legacy
-from orchestrator.api.deps import ServicesDep
-from orchestrator.api.events import analyze_events, event_stream
-from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
-from orchestrator.api.intake import Intake, Options
-from orchestrator.api.openai_compat import (
+from orchestrator.api.chat_reply import (
     SSE_DONE,
     STREAM_EVENTS,
     ChatCompletionChunkOut,
     ChatCompletionOut,
-    ChatCompletionRequest,
     ChatReply,
+    chat_events,
+)
+from orchestrator.api.chat_request import (
+    ChatCompletionRequest,
     ModelListOut,
     ModelOut,
-    chat_events,
     model_list,
     model_out,
     not_applied,
     read_conversation,
     requested_mode,
 )
+from orchestrator.api.deps import ServicesDep
+from orchestrator.api.events import analyze_events, event_stream
+from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
+from orchestrator.api.intake import Intake, Options
+from orchestrator.api.render import analyze_response
 from orchestrator.api.schemas import (
     ERROR_RESPONSES,
     AnalyzeJsonRequest,
@@ -49,7 +52,6 @@ from orchestrator.api.schemas import (
     RouteOut,
     StreamErrorOut,
     VisionOut,
-    analyze_response,
 )
 from orchestrator.stages.resilient import endpoint_statuses
 from reasoning_stage.backend import ReasoningBackend

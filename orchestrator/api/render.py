@@ -1,0 +1,171 @@
+"""Rendering the pipeline's outcome as the public API's bodies (`orchestrator.api.schemas`): each response built
+once, straight from the outcome."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from orchestrator.analysis.types import AnalyzeOutcome
+from orchestrator.api.schemas import (
+    AnalyzeResponse,
+    ArbitrationOut,
+    BoxOut,
+    CheckOut,
+    ColorOut,
+    EvidenceOut,
+    FactsOut,
+    FailureOut,
+    FieldOut,
+    ObjectOut,
+    ReasoningOut,
+    RouteOut,
+    StageUsageOut,
+    StructuredOut,
+    TagOut,
+    TextLineOut,
+    UsageOut,
+    VisionOut,
+)
+from orchestrator.arbitration.decision import Arbitration
+from orchestrator.arbitration.verification import Check
+from reasoning_stage.types import ReasoningResult
+from vision_stage.types import StructuredDescription, VisionResult
+
+
+def analyze_response(
+    outcome: AnalyzeOutcome,
+    request_id: str,
+    session_id: str | None = None,
+    *,
+    model: type[AnalyzeResponse] = AnalyzeResponse,
+    **extra: Any,
+) -> AnalyzeResponse:
+    """The `/v1/analyze` response (or, with `model` and `extra`, a subclass of it: the stream's `done` event)."""
+    reasoning = outcome.reasoning
+    return model(
+        **outcome_fields(outcome, request_id),
+        session_id=session_id,
+        vision=vision_out(outcome.vision),
+        reasoning=_reasoning_out(reasoning) if reasoning else None,
+        usage=usage_out(outcome),
+        **extra,
+    )
+
+
+def outcome_fields(outcome: AnalyzeOutcome, request_id: str) -> dict[str, Any]:
+    """What every rendering of an outcome shares (`AnalyzeResponse`, the chat completion's `orchestration`)."""
+    return {
+        "request_id": request_id,
+        "answer": outcome.answer,
+        "answer_fields": outcome.answer_fields,
+        "mode": outcome.mode,
+        "route": RouteOut(**vars(outcome.route)),
+        "arbitration": arbitration_out(outcome.arbitration),
+        "confidence": outcome.confidence,
+        "degraded": outcome.degraded,
+        "notices": list(outcome.notices),
+        "disclaimer": outcome.disclaimer,
+        "needs_human_review": outcome.needs_human_review,
+        "language": outcome.language,
+        "failures": [FailureOut(**vars(failure)) for failure in outcome.failures],
+        "timings_ms": outcome.timings_ms,
+    }
+
+
+def usage_out(outcome: AnalyzeOutcome) -> UsageOut:
+    """The request's generations (`UsageOut`), summed over both stages and by stage."""
+    vision, reasoning = outcome.usage
+    prompt_tokens = vision.prompt_tokens + reasoning.prompt_tokens
+    completion_tokens = vision.completion_tokens + reasoning.completion_tokens
+    return UsageOut(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        vision=StageUsageOut(**dataclasses.asdict(vision)),
+        reasoning=StageUsageOut(**dataclasses.asdict(reasoning)),
+    )
+
+
+def arbitration_out(
+    arbitration: Arbitration | None, *, model: type[ArbitrationOut] = ArbitrationOut, **extra: Any
+) -> ArbitrationOut:
+    """The arbitration's summary (or, with `model` and `extra`, a subclass of it: the stream's `arbitration` event)."""
+    if arbitration is None:
+        return model(status="skipped", reason="no reasoning answer to check", corrected=False, checks=[], **extra)
+    checks = [_check_out(check) for check in arbitration.checks]
+    counts = Counter(check.verdict for check in checks)
+    summary = ", ".join(f"{counts[v]} {v}" for v in ("supported", "contradicted", "unverifiable") if counts[v])
+    reason = f"{len(checks)} claims checked against the image: {summary}" if checks else "no concrete claims to check"
+    status = "needs_review" if arbitration.status == "contradicted" else arbitration.status
+    return model(status=status, reason=reason, corrected=arbitration.corrected, checks=checks, **extra)
+
+
+def _check_out(check: Check) -> CheckOut:
+    claim, evidence = check.claim, check.evidence
+    return CheckOut(
+        kind=claim.kind,
+        claim=claim.text,
+        value=claim.value,
+        referent=claim.referent,
+        verdict=check.verdict,
+        reason=check.reason,
+        evidence=EvidenceOut(source=evidence.source, text=evidence.text, where=evidence.where) if evidence else None,
+    )
+
+
+def vision_out(vision: VisionResult) -> VisionOut:
+    return VisionOut(
+        backend=vision.backend,
+        model=vision.model,
+        caption=vision.caption,
+        description=vision.description,
+        structured=_structured_out(vision.structured),
+        answer=vision.answer,
+        thinking=vision.thinking,
+        boxes=[BoxOut(**vars(box)) for box in vision.boxes],
+        notes=list(vision.notes),
+        latency_ms=vision.latency_ms,
+        cached=vision.cached,
+    )
+
+
+def _structured_out(structured: StructuredDescription) -> StructuredOut:
+    facts = structured.facts
+    return StructuredOut(
+        facts=FactsOut(
+            width=facts.width,
+            height=facts.height,
+            orientation=facts.orientation,
+            format=facts.format,
+            dominant_colors=[ColorOut(**vars(color)) for color in facts.dominant_colors],
+        ),
+        text_lines=[
+            TextLineOut(
+                text=line.text, box=list(line.box), score=line.score, order=line.order, relevance=line.relevance
+            )
+            for line in structured.text_lines
+        ],
+        tags=[TagOut(**vars(tag)) for tag in structured.tags],
+        languages=list(structured.languages),
+        objects=[
+            ObjectOut(label=item.label, box=BoxOut(**vars(item.box)) if item.box else None)
+            for item in structured.objects
+        ],
+        fields=[FieldOut(key=item.key, value=item.value) for item in structured.fields],
+        layout=structured.layout,
+    )
+
+
+def _reasoning_out(reasoning: ReasoningResult) -> ReasoningOut:
+    return ReasoningOut(
+        backend=reasoning.backend,
+        model=reasoning.model,
+        answer=reasoning.text,
+        thinking=reasoning.thinking,
+        finish_reason=reasoning.finish_reason,
+        prompt_tokens=reasoning.prompt_tokens,
+        completion_tokens=reasoning.completion_tokens,
+        latency_ms=reasoning.latency_ms,
+    )
