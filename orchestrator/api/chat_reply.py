@@ -23,11 +23,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis.routing import Decision
 from orchestrator.analysis.types import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.api.events import error_body, sse, stage_error_body
 from orchestrator.api.render import outcome_fields, usage_out
-from orchestrator.api.schemas import ArbitrationOut, ErrorResponse, FailureOut, RouteOut, UsageOut
+from orchestrator.api.schemas import ErrorResponse, OutcomeOut, UsageOut
 from reasoning_stage.types import FinishReason
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -41,28 +40,15 @@ class VisionSummaryOut(BaseModel):
     latency_ms: float
 
 
-class OrchestrationOut(BaseModel):
+class OrchestrationOut(OutcomeOut):
     """How the answer was reached, in the `/v1/analyze` response's terms."""
 
-    request_id: str
     answer: str = Field(description="The answer; when streamed, the one that stands (see `replaced`).")
-    answer_fields: dict[str, Any] | None
     replaced: bool = Field(
         description="Streamed only: true when a re-asked answer replaced the streamed content (which then goes on "
         "with the notices and the corrected answer)."
     )
-    mode: Decision = Field(description="What actually ran.")
-    route: RouteOut
     vision: VisionSummaryOut
-    arbitration: ArbitrationOut
-    confidence: float
-    degraded: bool
-    notices: list[str]
-    disclaimer: str | None
-    needs_human_review: bool
-    language: Literal["zh", "en"]
-    failures: list[FailureOut]
-    timings_ms: dict[str, float]
     not_applied: list[str] = Field(
         description="The request's sampling fields (`top_p`, `seed`, `stop`, `presence_penalty`, "
         "`frequency_penalty`) that were accepted but not passed to the reasoning stage: its backend does not take "

@@ -195,11 +195,11 @@ class FailureOut(BaseModel):
     message: str
 
 
-class AnalyzeResponse(BaseModel):
+class OutcomeOut(BaseModel):
+    """What every rendering of an analysis's outcome holds: `AnalyzeResponse`, and the chat completion's
+    `orchestration`."""
+
     request_id: str
-    session_id: str | None = Field(
-        description="Send it instead of the image to ask about the same image again (`/v1/analyze`; null elsewhere)."
-    )
     answer: str
     answer_fields: dict[str, Any] | None = Field(
         description="With `response_format: json`, the answer's parsed fields; null for text answers or unparseable "
@@ -207,8 +207,6 @@ class AnalyzeResponse(BaseModel):
     )
     mode: Decision = Field(description="What actually ran.")
     route: RouteOut
-    vision: VisionOut
-    reasoning: ReasoningOut | None = Field(description="Null when the route skipped it or it failed.")
     arbitration: ArbitrationOut
     confidence: float = Field(
         description="0–1: 0.3 × evidence quality + 0.5 × claim verification + 0.2 × routing certainty (README)."
@@ -220,6 +218,14 @@ class AnalyzeResponse(BaseModel):
     language: Literal["zh", "en"]
     failures: list[FailureOut]
     timings_ms: dict[str, float]
+
+
+class AnalyzeResponse(OutcomeOut):
+    session_id: str | None = Field(
+        description="Send it instead of the image to ask about the same image again (`/v1/analyze`; null elsewhere)."
+    )
+    vision: VisionOut
+    reasoning: ReasoningOut | None = Field(description="Null when the route skipped it or it failed.")
     usage: UsageOut
 
 
