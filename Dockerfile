@@ -1,5 +1,5 @@
 # The project's image. By default it runs the orchestrator; with another command, our own stage servers
-# (`python -m vision_stage serve ...`, `python -m reasoning_stage serve ...`). See README "Deployment";
+# (`python -m vision_stage serve ...`, `python -m reasoning_stage serve ...`). See docs/deployment.md;
 # tests/test_deployment.py checks this file against compose.yaml, pyproject.toml and the Makefile.
 FROM python:3.11-slim
 
@@ -35,7 +35,8 @@ RUN python -m pip install . \
 USER 10001
 EXPOSE 8000
 
-# /health answers 200 once the app has loaded its backends and while the process is alive (README "Other endpoints").
+# /health answers 200 once the app has loaded its backends and while the process is alive
+# (docs/api.md "Other endpoints").
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 

@@ -66,7 +66,7 @@ class RemoteSettings(_Section):
     api_key: SecretStr | None = None
     dialect: DialectName = "auto"
     """`remote`: what the server accepts (`vllm`, `sglang`, `openai`, `zhipu` for the GLM open platform); `auto`
-    sends what suits our own stage servers and most vLLM or SGLang servers. The README says what each sends."""
+    sends what suits our own stage servers and most vLLM or SGLang servers. docs/deployment.md says what each sends."""
     connect_timeout_s: float = Field(default=5.0, gt=0)
     """`remote`: to open a connection."""
     first_byte_timeout_s: float = Field(default=60.0, gt=0)

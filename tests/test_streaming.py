@@ -195,7 +195,7 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
 
 
 def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """(name, data) of each event, every data checked against the model the README and OpenAPI give it."""
+    """(name, data) of each event, every data checked against the model docs/api.md and OpenAPI give it."""
     events = []
     for block in text.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n"))

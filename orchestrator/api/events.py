@@ -4,7 +4,7 @@ A streamed response starts only once the vision stage has answered (`started`): 
 the vision stage down) still gets its HTTP status and JSON error body, like an unstreamed request. After that, an
 error is an in-band event, never a silently cut stream.
 
-The analyze events, each `event: NAME` with one JSON `data:` line, in order (README "Streaming"):
+The analyze events, each `event: NAME` with one JSON `data:` line, in order (docs/api.md "Streaming"):
 
 | event         | data                     | when                                                              |
 | ------------- | ------------------------ | ----------------------------------------------------------------- |

@@ -209,7 +209,7 @@ class OutcomeOut(BaseModel):
     route: RouteOut
     arbitration: ArbitrationOut
     confidence: float = Field(
-        description="0–1: 0.3 × evidence quality + 0.5 × claim verification + 0.2 × routing certainty (README)."
+        description="0–1: 0.3 × evidence quality + 0.5 × claim verification + 0.2 × routing certainty (docs/api.md)."
     )
     degraded: bool = Field(description="True when a stage the route wanted failed and a fallback answered.")
     notices: list[str]

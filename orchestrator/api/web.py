@@ -1,4 +1,4 @@
-"""The web page: `GET /` and its script and style sheet, packaged in `orchestrator/web/` (README "Web page").
+"""The web page: `GET /` and its script and style sheet, packaged in `orchestrator/web/` (docs/api.md "Web page").
 
 The page is a client of `POST /v1/analyze` like any other: it posts the image and question with `stream=true` and
 reads the events. Nothing is built, and nothing is fetched from elsewhere at run time: the three files are served as

@@ -53,7 +53,7 @@ from orchestrator.settings import RateLimitSettings
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
 """Paths served without a key and without rate limits: liveness, the API's description (no secret: it is what the
-README says) and the web page (static files; the page sends the key the user enters with its API calls). `/ready`
+docs say) and the web page (static files; the page sends the key the user enters with its API calls). `/ready`
 and `/metrics` are not among them: they name the stages' endpoints and their breakers' states."""
 OPEN_FOLDERS = ("/web/",)
 """The web page's script and style sheet: a plain file name in these folders is open (nothing deeper, no dot

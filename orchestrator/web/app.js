@@ -1,5 +1,5 @@
 // The web page's script: posts the image and question to /v1/analyze with stream=true and shows the events as they
-// come (README "Web page", "Streaming"). Server text (answers, image text, errors) goes into the page only through
+// come (docs/api.md "Web page", "Streaming"). Server text (answers, image text, errors) goes into the page only through
 // textContent: it is untrusted, and is never parsed as markup.
 "use strict";
 
