@@ -67,10 +67,19 @@ def analyze(client: TestClient, mode: str = "reasoning") -> tuple[int, dict[str,
 
 
 @pytest.fixture(scope="module")
-def stages() -> Iterator[tuple[FaultyServer, str, FaultyServer, str]]:
+def servers() -> Iterator[tuple[FaultyServer, str, FaultyServer, str]]:
     vision, reasoning = FaultyServer(model="m", faults=FAULTS), FaultyServer(model="m", faults=FAULTS)
     with running(vision) as vision_live, running(reasoning) as reasoning_live:
         yield vision, vision_live.base_url, reasoning, reasoning_live.base_url
+
+
+@pytest.fixture
+def stages(servers: tuple[FaultyServer, str, FaultyServer, str]) -> tuple[FaultyServer, str, FaultyServer, str]:
+    """The two servers, answering normally again and with nothing recorded (each test scripts its faults)."""
+    vision, _, reasoning, _ = servers
+    vision.reset()
+    reasoning.reset()
+    return servers
 
 
 REASONING_FAULTS: list[tuple[Mode, int]] = [
@@ -91,8 +100,7 @@ REASONING_FAULTS: list[tuple[Mode, int]] = [
 def test_a_failing_reasoning_stage_gives_a_degraded_answer_in_time(
     stages: tuple[FaultyServer, str, FaultyServer, str], mode: Mode, attempts: int
 ) -> None:
-    vision, vision_url, reasoning, reasoning_url = stages
-    vision.reset()
+    _vision, vision_url, reasoning, reasoning_url = stages
     reasoning.reset(default=mode, faults=FAULTS)
     with orchestrator(settings_for(vision_url, reasoning_url)) as client:
         status, body, took, _ = analyze(client)
@@ -112,9 +120,7 @@ def test_a_failing_reasoning_stage_gives_a_degraded_answer_in_time(
 def test_a_transient_reasoning_failure_is_retried_and_answered_whole(
     stages: tuple[FaultyServer, str, FaultyServer, str],
 ) -> None:
-    vision, vision_url, reasoning, reasoning_url = stages
-    vision.reset()
-    reasoning.reset()
+    _vision, vision_url, reasoning, reasoning_url = stages
     reasoning.script(["status_429"])
     with orchestrator(settings_for(vision_url, reasoning_url)) as client:
         status, body, _, _ = analyze(client)
@@ -127,8 +133,7 @@ def test_a_transient_reasoning_failure_is_retried_and_answered_whole(
 def test_a_refused_reasoning_connection_gives_a_degraded_answer(
     stages: tuple[FaultyServer, str, FaultyServer, str],
 ) -> None:
-    vision, vision_url, _, _ = stages
-    vision.reset()
+    _vision, vision_url, _, _ = stages
     with orchestrator(settings_for(vision_url, refused_base_url())) as client:
         status, body, took, _ = analyze(client)
     assert status == 200
@@ -156,7 +161,6 @@ def test_a_failing_vision_stage_is_a_clear_error_naming_the_stage_in_time(
 ) -> None:
     vision, vision_url, reasoning, reasoning_url = stages
     vision.reset(default=mode, faults=FAULTS)
-    reasoning.reset()
     with orchestrator(settings_for(vision_url, reasoning_url)) as client:
         got, body, took, headers = analyze(client, mode="vision")
     assert got == status, body
@@ -171,9 +175,8 @@ def test_a_failing_vision_stage_is_a_clear_error_naming_the_stage_in_time(
 def test_the_ocr_fallback_answers_when_the_vision_server_is_down(
     stages: tuple[FaultyServer, str, FaultyServer, str],
 ) -> None:
-    vision, vision_url, reasoning, reasoning_url = stages
+    vision, vision_url, _reasoning, reasoning_url = stages
     vision.reset(default="status_500")
-    reasoning.reset()
     settings = settings_for(vision_url, reasoning_url, fallback="ocr", tags=False)
     with orchestrator(settings) as client:
         status, body, took, _ = analyze(client, mode="vision")
@@ -192,9 +195,7 @@ def test_the_ocr_fallback_answers_when_the_vision_server_is_down(
 def test_a_dead_endpoint_is_ejected_by_its_breaker_and_shown_in_ready(
     stages: tuple[FaultyServer, str, FaultyServer, str],
 ) -> None:
-    vision, vision_url, reasoning, reasoning_url = stages
-    vision.reset()
-    reasoning.reset()
+    vision, vision_url, _reasoning, reasoning_url = stages
     dead = refused_base_url()
     breaker = BreakerSettings(failures=2, open_s=60)
     settings = settings_for(f"{dead},{vision_url}", reasoning_url, breaker=breaker)
@@ -214,9 +215,8 @@ def test_beyond_the_admission_bounds_a_request_is_refused_at_once_as_overloaded(
 ) -> None:
     import threading
 
-    vision, vision_url, reasoning, reasoning_url = stages
+    vision, vision_url, _reasoning, reasoning_url = stages
     vision.reset(default="trickle", faults=Faults(trickle_delay_s=0.2))
-    reasoning.reset()
     admission = AdmissionSettings(max_in_flight=1, max_queue=0)
     settings = settings_for(vision_url, reasoning_url, admission=admission, timeout_s=5.0, first_byte_timeout_s=5.0)
     with orchestrator(settings) as client:
@@ -250,8 +250,7 @@ INTERACTIVE_S = 30.0
 def test_with_default_settings_a_hung_silent_or_slow_reasoning_stage_degrades_within_30_s(
     stages: tuple[FaultyServer, str, FaultyServer, str], mode: Mode, faults: Faults
 ) -> None:
-    vision, vision_url, reasoning, reasoning_url = stages
-    vision.reset()
+    _vision, vision_url, reasoning, reasoning_url = stages
     reasoning.reset(default=mode, faults=faults)
     settings = Settings(
         vision=VisionSettings(backend="remote", base_url=vision_url, model="m"),

@@ -50,6 +50,16 @@ GLM_CHAT_TEMPLATE = (
 """The shape of GLM-4-0414's template: a `[gMASK]<sop>` prefix and role tokens, no closing tag per turn."""
 
 
+TINY_DECODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""The size of every tiny decoder here: two layers, 32 wide, grouped-query attention."""
+
+
 def build_tiny_llama(
     directory: Path,
     *,
@@ -64,11 +74,7 @@ def build_tiny_llama(
     vocab = tokenizer.get_vocab()
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=vocab["<s>"],
         eos_token_id=vocab["<|im_end|>"],
@@ -99,11 +105,7 @@ def build_tiny_glm4(
     vocab = tokenizer.get_vocab()
     config = config_class(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         head_dim=8,
         max_position_embeddings=max_position_embeddings,
         pad_token_id=vocab["<|endoftext|>"],
