@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from bench.arbitration_cases import Case, generate
 from orchestrator.analysis.messages import detect_language
 from orchestrator.arbitration.claims import extract_claims
-from orchestrator.arbitration.verification import Check, evidence_from_vision, verify_all
+from orchestrator.arbitration.evidence import evidence_from_vision
+from orchestrator.arbitration.verification import Check, verify_all
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.ocr import OcrVisionBackend
 from vision_stage.types import VisionRequest, VisionResult

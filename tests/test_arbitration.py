@@ -15,7 +15,8 @@ from orchestrator.arbitration.decision import (
     evidence_quality,
     resolve,
 )
-from orchestrator.arbitration.verification import Check, Evidence, EvidenceItem, Verdict
+from orchestrator.arbitration.evidence import Evidence, EvidenceItem
+from orchestrator.arbitration.verification import Check, Verdict
 
 TOTAL_LINE = EvidenceItem("text", "TOTAL 54.06", "line 8", 0.99)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from orchestrator.arbitration.claims import extract_claims
-from orchestrator.arbitration.verification import Check, Evidence, evidence_from_vision, verify, verify_all
+from orchestrator.arbitration.evidence import Evidence, evidence_from_vision
+from orchestrator.arbitration.verification import Check, verify, verify_all
 from tests.fakes import text_line
 from vision_stage.relevance import Vector
 from vision_stage.types import DetectedObject, ImageFacts, KeyValue, StructuredDescription, Tag, TextLine, VisionResult

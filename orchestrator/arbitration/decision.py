@@ -35,7 +35,8 @@ from typing import Literal
 
 from orchestrator.analysis.messages import REVIEW_PROFILES, Language, Profile
 from orchestrator.analysis.prompts import inline_data
-from orchestrator.arbitration.verification import Check, Evidence
+from orchestrator.arbitration.evidence import Evidence
+from orchestrator.arbitration.verification import Check
 
 Status = Literal["agreed", "contradicted", "corrected", "needs_review"]
 

@@ -34,8 +34,9 @@ from orchestrator.arbitration.decision import (
     needs_review,
     resolve,
 )
+from orchestrator.arbitration.evidence import Evidence, evidence_from_vision
 from orchestrator.arbitration.probes import probe_question, probed_check
-from orchestrator.arbitration.verification import Check, Evidence, evidence_from_vision, verify_all
+from orchestrator.arbitration.verification import Check, verify_all
 from reasoning_stage.backend import ReasoningBackend
 from reasoning_stage.errors import ReasoningError
 from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult

@@ -22,7 +22,8 @@ from dataclasses import replace
 
 from orchestrator.analysis.messages import Language
 from orchestrator.arbitration.claims import OBJECTS, Claim
-from orchestrator.arbitration.verification import Check, EvidenceItem, EvidenceSource, Verdict
+from orchestrator.arbitration.evidence import EvidenceItem, EvidenceSource
+from orchestrator.arbitration.verification import Check, Verdict
 
 PROBE_SOURCE: EvidenceSource = "probe"
 """Evidence from a probe: `where` is the question put to the vision stage, `text` its reply."""

@@ -1,13 +1,10 @@
 """Checking each claim of a reasoning answer against what the vision stage saw. Pure functions over frozen data.
 
-`evidence_from_vision(result)` gathers the evidence; `verify(claim, evidence)` gives one `Check` with a verdict
-(`supported`, `contradicted`, `unverifiable`), the evidence it rests on and a short reason. The rules:
+`verify(claim, evidence)` gives one `Check` with a verdict (`supported`, `contradicted`, `unverifiable`), the evidence
+it rests on and a short reason. The rules:
 
-- **Evidence.** Text rows (OCR lines on one row joined, so "TOTAL" and "54.06" read as one row), key-value fields,
-  detected objects, tags, and — for backends other than `ocr`, whose caption and description are composed from the
-  same rows — the sentences of the caption, answer and description. Strings are compared *compacted*: NFKC
-  (full-width → half-width), case-folded, without whitespace or punctuation, because OCR drops spaces
-  ("BLUEBOTTLECAFE").
+- **Evidence** is gathered by `orchestrator.arbitration.evidence` (rows, fields, objects, tags, sentences), its
+  strings compared compacted.
 - **Numbers** (`number`, and `count` of things that are not visual concepts, "3 items"): 54.06 = "54.060" = "¥54.06"
   = "54,06"; percentages only match percentages; a two-decimal amount also matches where OCR ran two amounts
   together ("Sandwich3x5.7517.25" shows 5.75). A *referent line* is a row, field or sentence that mentions every
@@ -36,7 +33,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -46,11 +42,10 @@ from typing import Literal
 from orchestrator.analysis.messages import detect_language
 from orchestrator.arbitration.claim_values import find_dates, find_numbers, find_times, parse_number
 from orchestrator.arbitration.claims import OBJECTS, Claim, extract_claims
+from orchestrator.arbitration.evidence import Evidence, EvidenceItem, compact
 from vision_stage.relevance import Embedder
-from vision_stage.types import TextLine, VisionResult
 
 Verdict = Literal["supported", "contradicted", "unverifiable"]
-EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description", "probe"]
 
 QUOTE_SUPPORT = 0.85
 QUOTE_CONFLICT = 0.5
@@ -73,28 +68,6 @@ REFERENT_GROUPS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 _TERM_GROUP = {term: group for group, terms in REFERENT_GROUPS.items() for term in terms}
 _VOCABULARY = sorted(_TERM_GROUP, key=len, reverse=True)
-_PUNCTUATION = re.compile(r"[\W_]+", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class EvidenceItem:
-    """One piece of what the vision stage saw: `where` says where ("line 8", "field “Total”", "caption")."""
-
-    source: EvidenceSource
-    text: str
-    where: str
-    score: float | None = None
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What claims are checked against; `lists_objects` says whether absence from `objects` means anything."""
-
-    backend: str
-    items: tuple[EvidenceItem, ...]
-    objects: tuple[str, ...] = ()
-    tags: tuple[EvidenceItem, ...] = ()
-    lists_objects: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,58 +78,6 @@ class Check:
     verdict: Verdict
     reason: str
     evidence: EvidenceItem | None = None
-
-
-def compact(text: str) -> str:
-    """NFKC, case-folded, without whitespace or punctuation: how strings are compared."""
-    return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", text).casefold())
-
-
-def evidence_from_vision(result: VisionResult) -> Evidence:
-    structured = result.structured
-    items = list(_rows(structured.text_lines))
-    items += [EvidenceItem("field", f"{kv.key}: {kv.value}", f"field “{kv.key}”") for kv in structured.fields]
-    if result.backend != "ocr":
-        said: tuple[tuple[EvidenceSource, str | None], ...] = (
-            ("caption", result.caption),
-            ("answer", result.answer),
-            ("description", result.description),
-        )
-        items += [
-            EvidenceItem(source, sentence, source) for source, text in said for sentence in _sentences(text or "")
-        ]
-    tags = tuple(EvidenceItem("tag", tag.label, "tag", tag.score) for tag in structured.tags)
-    objects = tuple(item.label for item in structured.objects)
-    return Evidence(result.backend, tuple(items), objects, tags, lists_objects=bool(objects))
-
-
-def _rows(lines: Sequence[TextLine]) -> list[EvidenceItem]:
-    """Lines in reading order, joined when their boxes share a row (vertical centres within half a line height)."""
-    rows: list[list[TextLine]] = []
-    for line in sorted(lines, key=lambda line: line.order):
-        if rows and _same_row(rows[-1][-1], line):
-            rows[-1].append(line)
-        else:
-            rows.append([line])
-    return [
-        EvidenceItem(
-            "text", " ".join(line.text for line in row), f"line {row[0].order + 1}", min(line.score for line in row)
-        )
-        for row in rows
-    ]
-
-
-def _same_row(left: TextLine, right: TextLine) -> bool:
-    def centre_and_height(line: TextLine) -> tuple[float, float]:
-        ys = [y for _, y in line.box]
-        return (max(ys) + min(ys)) / 2, max(ys) - min(ys)
-
-    (c1, h1), (c2, h2) = centre_and_height(left), centre_and_height(right)
-    return abs(c1 - c2) <= 0.5 * min(h1, h2)
-
-
-def _sentences(text: str) -> list[str]:
-    return [part.strip() for part in re.split(r"(?<=[.!?。！？；;])\s*|\n+", text) if part.strip()]
 
 
 def verify_all(claims: Sequence[Claim], evidence: Evidence, embedder: Embedder | None = None) -> tuple[Check, ...]:

@@ -1,0 +1,96 @@
+"""The evidence a reasoning answer's claims are checked against, gathered from what the vision stage saw. Pure.
+
+`evidence_from_vision(result)`: text rows (OCR lines on one row joined, so "TOTAL" and "54.06" read as one row),
+key-value fields, detected objects, tags, and — for backends other than `ocr`, whose caption and description are
+composed from the same rows — the sentences of the caption, answer and description. Strings are compared
+*compacted* (`compact`): NFKC (full-width → half-width), case-folded, without whitespace or punctuation, because OCR
+drops spaces ("BLUEBOTTLECAFE"). `orchestrator.arbitration.verification` gives each claim its verdict against it.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from vision_stage.types import TextLine, VisionResult
+
+EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description", "probe"]
+
+
+_PUNCTUATION = re.compile(r"[\W_]+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class EvidenceItem:
+    """One piece of what the vision stage saw: `where` says where ("line 8", "field “Total”", "caption")."""
+
+    source: EvidenceSource
+    text: str
+    where: str
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What claims are checked against; `lists_objects` says whether absence from `objects` means anything."""
+
+    backend: str
+    items: tuple[EvidenceItem, ...]
+    objects: tuple[str, ...] = ()
+    tags: tuple[EvidenceItem, ...] = ()
+    lists_objects: bool = False
+
+
+def compact(text: str) -> str:
+    """NFKC, case-folded, without whitespace or punctuation: how strings are compared."""
+    return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def evidence_from_vision(result: VisionResult) -> Evidence:
+    structured = result.structured
+    items = list(_rows(structured.text_lines))
+    items += [EvidenceItem("field", f"{kv.key}: {kv.value}", f"field “{kv.key}”") for kv in structured.fields]
+    if result.backend != "ocr":
+        said: tuple[tuple[EvidenceSource, str | None], ...] = (
+            ("caption", result.caption),
+            ("answer", result.answer),
+            ("description", result.description),
+        )
+        items += [
+            EvidenceItem(source, sentence, source) for source, text in said for sentence in _sentences(text or "")
+        ]
+    tags = tuple(EvidenceItem("tag", tag.label, "tag", tag.score) for tag in structured.tags)
+    objects = tuple(item.label for item in structured.objects)
+    return Evidence(result.backend, tuple(items), objects, tags, lists_objects=bool(objects))
+
+
+def _rows(lines: Sequence[TextLine]) -> list[EvidenceItem]:
+    """Lines in reading order, joined when their boxes share a row (vertical centres within half a line height)."""
+    rows: list[list[TextLine]] = []
+    for line in sorted(lines, key=lambda line: line.order):
+        if rows and _same_row(rows[-1][-1], line):
+            rows[-1].append(line)
+        else:
+            rows.append([line])
+    return [
+        EvidenceItem(
+            "text", " ".join(line.text for line in row), f"line {row[0].order + 1}", min(line.score for line in row)
+        )
+        for row in rows
+    ]
+
+
+def _same_row(left: TextLine, right: TextLine) -> bool:
+    def centre_and_height(line: TextLine) -> tuple[float, float]:
+        ys = [y for _, y in line.box]
+        return (max(ys) + min(ys)) / 2, max(ys) - min(ys)
+
+    (c1, h1), (c2, h2) = centre_and_height(left), centre_and_height(right)
+    return abs(c1 - c2) <= 0.5 * min(h1, h2)
+
+
+def _sentences(text: str) -> list[str]:
+    return [part.strip() for part in re.split(r"(?<=[.!?。！？；;])\s*|\n+", text) if part.strip()]
