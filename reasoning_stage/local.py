@@ -4,7 +4,8 @@
 directory or a hub id, loaded through the same code path with no special case by model name. torch and transformers
 are imported inside functions only, so importing this module stays cheap.
 
-Foreign errors are translated into the `reasoning_stage.errors` tree by `translate_error`, and only there.
+The model itself, and the translation of foreign errors into the `reasoning_stage.errors` tree, are in
+`reasoning_stage.chat_model`.
 
 `generate` and `stream` share one path: the model generates in a worker thread with a `TokenFeed` as its
 transformers streamer, which hands each new token to the event loop (when streaming) and checks, at every decoding
@@ -16,92 +17,29 @@ feed raises inside `model.generate`, the thread unwinds, and only then is the mo
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import math
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING
 
 from reasoning_stage.backend import Health
+from reasoning_stage.chat_model import ChatModel, Completion, translated
 from reasoning_stage.embedded import CONVERSION_HINT, EMBEDDED_MODEL, ensure_converted
 from reasoning_stage.errors import (
-    ReasoningError,
-    ReasoningModelError,
     ReasoningRejected,
     ReasoningUnavailable,
 )
 from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
-from reasoning_stage.types import ChatMessage, FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
-from stage_protocol.loops import loop_stopper
+from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase, StoppingCriteriaList
-    from transformers.generation.utils import GenerateOutput
-
-Phase = Literal["load", "generate"]
-
-
-def translate_error(exc: Exception, *, phase: Phase, model: str, hint: str | None = None) -> ReasoningError:
-    """Map any exception raised while loading or running `model` into the reasoning error tree.
-
-    Loading: everything is a `ReasoningModelError` naming the model and what to do (`hint`, or one derived from
-    `model`). Generating: a bad value or a chat template refusing the conversation is `ReasoningRejected`; anything
-    else (torch's RuntimeError, out of memory included) is `ReasoningUnavailable`. Our own errors pass through.
-    """
-    from jinja2 import TemplateError
-
-    if isinstance(exc, ReasoningError):
-        return exc
-    detail = f"{type(exc).__name__}: {exc}"
-    if phase == "load":
-        hint = hint or _load_hint(model)
-        return ReasoningModelError(f"could not load the reasoning model {model!r} ({detail}); {hint}")
-    if isinstance(exc, ValueError | TemplateError):
-        return ReasoningRejected(f"the reasoning model {model!r} refused the request ({detail})")
-    return ReasoningUnavailable(f"the reasoning model {model!r} failed while generating ({detail})")
-
-
-def _load_hint(model: str) -> str:
-    if Path(model).expanduser().is_dir():
-        return "check that the directory holds config.json, tokenizer files and weights of a causal LM"
-    return (
-        "it is neither an existing local directory nor a model in the local hub cache: point the reasoning model "
-        "at a directory holding config.json, tokenizer files and weights, or allow downloads to fetch a hub id"
-    )
-
-
-@contextmanager
-def _translated(phase: Phase, model: str, hint: str | None = None) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        raise translate_error(exc, phase=phase, model=model, hint=hint) from exc
-
-
-class _CausalLM(Protocol):
-    """The part of a transformers `PreTrainedModel` this backend uses, typed more tightly than its stubs."""
-
-    config: PreTrainedConfig
-    generation_config: GenerationConfig
-    device: torch.device
-
-    def generate(
-        self,
-        inputs: torch.Tensor,
-        *,
-        attention_mask: torch.Tensor,
-        generation_config: GenerationConfig,
-        streamer: TokenFeed | None = None,
-        stopping_criteria: StoppingCriteriaList | None = None,
-    ) -> torch.Tensor | GenerateOutput: ...
+    pass
 
 
 @dataclass(frozen=True)
@@ -114,130 +52,9 @@ class _Source:
     converted: bool = False
 
 
-@dataclass(frozen=True)
-class _Completion:
-    prompt_tokens: int
-    token_ids: list[int]
-    budget: int
-    text: str
-
-
-class _ChatModel:
-    """A tokenizer and a causal LM behind small typed methods; every call blocks, so run it in a worker thread."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: _CausalLM) -> None:
-        self.tokenizer = tokenizer
-        self.model = model
-        self.architecture = type(model).__name__
-        self.context_tokens = _context_tokens(model, tokenizer)
-        self.stop_ids = _stop_ids(model, tokenizer)
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, source: str, *, device: str, dtype: str, local_files_only: bool) -> _ChatModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        with _translated("load", source):
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-            if not getattr(tokenizer, "chat_template", None):
-                raise ReasoningModelError(
-                    f"the reasoning model {source!r} has no chat template (a base model, or a tokenizer saved "
-                    "without `chat_template`); use an instruction-tuned chat model"
-                )
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                source, dtype=_torch_dtype(dtype), local_files_only=local_files_only
-            )
-            model.to(device).eval()
-            chat = cls(tokenizer, model)
-            chat.warm_up()
-            return chat
-
-    def warm_up(self) -> None:
-        """Run the template and one decoding step now, so a broken checkpoint fails at load time and the first
-        request does not pay for paging in lazily mapped weights."""
-        self.complete(self.encode_chat((ChatMessage("user", "Hello"),)), max_new_tokens=1, temperature=0.0)
-
-    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        ids = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        token_ids = [i for i in ids if isinstance(i, int)] if isinstance(ids, list) else []
-        if not isinstance(ids, list) or len(token_ids) != len(ids):
-            raise ReasoningModelError(f"the chat template returned {type(ids).__name__}, not a list of token ids")
-        return token_ids
-
-    def complete(
-        self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, feed: TokenFeed | None = None
-    ) -> list[int]:
-        """The generated ids; generation also stops early once it loops (`stage_protocol.loops.loop_stopper`)."""
-        import torch
-        from transformers import StoppingCriteriaList
-
-        inputs = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
-        config = self._generation_config(max_new_tokens, temperature)
-        with self._lock, torch.inference_mode():
-            output = self.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                generation_config=config,
-                streamer=feed,
-                stopping_criteria=StoppingCriteriaList([loop_stopper(len(prompt_ids))]),
-            )
-        sequences: torch.Tensor = output if isinstance(output, torch.Tensor) else output.sequences
-        return [int(t) for t in sequences[0, len(prompt_ids) :].tolist()]
-
-    def decode(self, token_ids: list[int]) -> str:
-        """The text of `token_ids`, special tokens skipped, not stripped."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return text if isinstance(text, str) else "".join(text)
-
-    def _generation_config(self, max_new_tokens: int, temperature: float) -> GenerationConfig:
-        config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = max_new_tokens
-        config.max_length = None
-        config.do_sample = temperature > 0
-        if config.do_sample:
-            config.temperature = temperature
-        else:  # greedy: drop the checkpoint's sampling defaults so generate does not warn about them
-            config.temperature, config.top_p, config.top_k = None, None, None
-        if config.pad_token_id is None and self.stop_ids:
-            config.pad_token_id = min(self.stop_ids)
-        return config
-
-
-def _torch_dtype(dtype: str) -> torch.dtype | Literal["auto"]:
-    import torch
-
-    if dtype == "auto":
-        return "auto"
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype):
-        raise ReasoningModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return value
-
-
-def _context_tokens(model: _CausalLM, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The longest sequence the model was built for, when its config or tokenizer says so."""
-    config = model.config.get_text_config()
-    for attribute in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = tokenizer.model_max_length
-    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
-
-
-def _stop_ids(model: _CausalLM, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    declared: Any = model.generation_config.eos_token_id
-    ids = set(declared if isinstance(declared, list) else [declared])
-    ids.add(tokenizer.eos_token_id)
-    return frozenset(i for i in ids if isinstance(i, int))
-
-
 def _resolve(model: str | None, *, cache_dir: Path | None, allow_download: bool) -> _Source:
     if model is None:
-        with _translated("load", EMBEDDED_MODEL, hint=CONVERSION_HINT):
+        with translated("load", EMBEDDED_MODEL, hint=CONVERSION_HINT):
             path, converted = ensure_converted(cache_dir)
         return _Source(EMBEDDED_MODEL, str(path), local_only=True, converted=converted)
     expanded = Path(model).expanduser()
@@ -261,7 +78,7 @@ class LocalReasoningBackend:
 
     def __init__(
         self,
-        chat: _ChatModel,
+        chat: ChatModel,
         *,
         model: str,
         source: str,
@@ -279,7 +96,7 @@ class LocalReasoningBackend:
         """Whether this load converted the embedded GGUF (first run) rather than reading an existing copy."""
         self.load_seconds = load_seconds
         """Wall time of `load`, conversion included."""
-        self._chat: _ChatModel | None = chat
+        self._chat: ChatModel | None = chat
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -302,7 +119,7 @@ class LocalReasoningBackend:
         src = await asyncio.to_thread(_resolve, model, cache_dir=cache_dir, allow_download=allow_download)
         log.info("local backend: loading the tokenizer and weights of %s onto %s ...", src.model, device)
         chat = await asyncio.to_thread(
-            _ChatModel.load, src.location, device=device, dtype=dtype, local_files_only=src.local_only
+            ChatModel.load, src.location, device=device, dtype=dtype, local_files_only=src.local_only
         )
         log.info("local backend: %s ready in %.2f s", src.model, time.perf_counter() - started)
         return cls(
@@ -356,7 +173,7 @@ class LocalReasoningBackend:
     @asynccontextmanager
     async def _generating(
         self, request: ReasoningRequest, pieces: asyncio.Queue[list[int] | None] | None
-    ) -> AsyncIterator[tuple[_ChatModel, asyncio.Task[_Completion]]]:
+    ) -> AsyncIterator[tuple[ChatModel, asyncio.Task[Completion]]]:
         """Hold the model and run `request` in a worker thread, feeding new token ids into `pieces` (then None).
 
         On leaving (done, failed, closed or cancelled) the generation is told to stop and awaited: the thread ends
@@ -376,19 +193,19 @@ class LocalReasoningBackend:
 
     async def _work(
         self,
-        chat: _ChatModel,
+        chat: ChatModel,
         request: ReasoningRequest,
         feed: TokenFeed,
         pieces: asyncio.Queue[list[int] | None] | None,
-    ) -> _Completion:
+    ) -> Completion:
         try:
             return await asyncio.to_thread(self._complete, chat, request, feed)
         finally:
             if pieces is not None:  # after every token: the thread scheduled those before it returned
                 pieces.put_nowait(None)
 
-    def _complete(self, chat: _ChatModel, request: ReasoningRequest, feed: TokenFeed) -> _Completion:
-        with _translated("generate", self.model):
+    def _complete(self, chat: ChatModel, request: ReasoningRequest, feed: TokenFeed) -> Completion:
+        with translated("generate", self.model):
             prompt_ids = chat.encode_chat(request.messages)
             budget = request.max_new_tokens
             if chat.context_tokens is not None:
@@ -400,7 +217,7 @@ class LocalReasoningBackend:
                     )
                 budget = min(budget, room)
             ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature, feed=feed)
-            return _Completion(len(prompt_ids), ids, budget, chat.decode(ids).strip())
+            return Completion(len(prompt_ids), ids, budget, chat.decode(ids).strip())
 
     async def health(self) -> Health:
         if self._chat is None:
@@ -412,7 +229,7 @@ class LocalReasoningBackend:
             self._chat = None
 
 
-async def _settle(worker: asyncio.Task[_Completion]) -> None:
+async def _settle(worker: asyncio.Task[Completion]) -> None:
     """Wait until `worker` has ended, even when the waiting is cancelled meanwhile (a closed stream whose closer is
     itself cancelled): the model lock must not be released while the generation thread still runs. Its exception is
     retrieved (nobody awaits a closed stream's worker), and a cancellation that came meanwhile is raised after."""
@@ -428,7 +245,7 @@ async def _settle(worker: asyncio.Task[_Completion]) -> None:
         raise asyncio.CancelledError
 
 
-def _finish_reason(completion: _Completion, stop_ids: frozenset[int]) -> FinishReason:
+def _finish_reason(completion: Completion, stop_ids: frozenset[int]) -> FinishReason:
     ids = completion.token_ids
     if ids and ids[-1] in stop_ids:
         return "stop"

@@ -16,6 +16,7 @@ import pytest
 from jinja2 import TemplateError
 
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
+from reasoning_stage.chat_model import Phase, translate_error
 from reasoning_stage.embedded import CACHE_NAME, EMBEDDED_MODEL
 from reasoning_stage.errors import (
     ReasoningError,
@@ -23,7 +24,7 @@ from reasoning_stage.errors import (
     ReasoningRejected,
     ReasoningUnavailable,
 )
-from reasoning_stage.local import LocalReasoningBackend, Phase, translate_error
+from reasoning_stage.local import LocalReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest, ReasoningResult
 from tests.tiny_models import build_tiny_glm4, build_tiny_llama
 
