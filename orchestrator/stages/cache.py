@@ -22,10 +22,9 @@ import functools
 import hashlib
 import json
 import logging
-import time
-from collections import OrderedDict
 from typing import Literal, Protocol
 
+from cachetools import TTLCache
 from pydantic import TypeAdapter
 
 from orchestrator.settings import CacheSettings
@@ -71,26 +70,13 @@ class MemoryStore:
     """At most `max_entries` values, each for `ttl_s`; the least recently used goes first."""
 
     def __init__(self, max_entries: int, ttl_s: float) -> None:
-        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._max_entries = max_entries
-        self._ttl_s = ttl_s
+        self._entries: TTLCache[str, str] = TTLCache(max_entries, ttl_s)
 
     async def get(self, key: str) -> str | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, value = entry
-        if expires <= time.monotonic():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return value
+        return self._entries.get(key)
 
     async def set(self, key: str, value: str) -> None:
-        self._entries[key] = (time.monotonic() + self._ttl_s, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._entries[key] = value
 
     async def aclose(self) -> None:
         self._entries.clear()
