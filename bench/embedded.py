@@ -32,7 +32,7 @@ import uvicorn
 from orchestrator.analysis.messages import detect_language
 from orchestrator.analysis.prompts import reasoning_messages
 from orchestrator.api.app import create_app
-from orchestrator.settings import CacheSettings, ReasoningSettings, Settings
+from orchestrator.settings import CacheSettings, LocalReasoningSettings, ReasoningSettings, Settings
 from orchestrator.wiring import Backends, build_backends, build_router
 from reasoning_stage.types import ReasoningRequest
 from vision_stage.images import ImageLimits, decode_image
@@ -89,7 +89,9 @@ class Bench:
 
 async def run(rounds: int, max_new_tokens: int, image: bytes) -> dict[str, list[float]]:
     # The same image throughout: with the vision cache on, every round after the first would measure a cache hit.
-    settings = Settings(reasoning=ReasoningSettings(max_new_tokens=max_new_tokens), cache=CacheSettings(enabled=False))
+    settings = Settings(
+        reasoning=LocalReasoningSettings(max_new_tokens=max_new_tokens), cache=CacheSettings(enabled=False)
+    )
     backends = await build_backends(settings)
     app = create_app(settings, backends, router=await build_router(settings.router))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))

@@ -3,14 +3,18 @@
 Examples: `ORCH_VISION__BACKEND=ocr`, `ORCH_REASONING__BACKEND=local`, `ORCH_REASONING__MODEL=/models/glm-4-9b`,
 `ORCH_ROUTER__THRESHOLD=0.6`, `ORCH_LIMITS__MAX_IMAGE_BYTES=10485760`, `ORCH_ARBITRATION__PROBES=off`. Nothing here
 is built at import time: `Settings()` reads the environment when called.
+
+A stage's settings are one model per backend (`VisionSettings`, `ReasoningSettings`: unions chosen by `backend`,
+which defaults to `ocr` and `local` when unset); each model refuses the fields of the others, so a variable set for
+another backend than the configured one stops the service at start instead of being ignored.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stage_protocol.client.dialects import DialectName
@@ -57,105 +61,169 @@ class AdmissionSettings(_Section):
     max_queue: int = Field(default=256, ge=0)
 
 
-class RemoteSettings(_Section):
-    """How a stage reaches its backend, and the policy around every call to it."""
+class PolicySettings(_Section):
+    """The policy around every call to a stage's backend, whichever backend it is (`orchestrator.stages`)."""
 
-    base_url: str | None = None
-    """`remote`: an OpenAI-compatible server (vLLM, SGLang, a vendor API, our stage servers), e.g.
-    `http://127.0.0.1:8001/v1`; several, comma-separated, spread the load and stand in for each other."""
-    api_key: SecretStr | None = None
-    dialect: DialectName = "auto"
-    """`remote`: what the server accepts (`vllm`, `sglang`, `openai`, `zhipu` for the GLM open platform); `auto`
-    sends what suits our own stage servers and most vLLM or SGLang servers. docs/deployment.md says what each sends."""
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    """`remote`: to open a connection."""
-    first_byte_timeout_s: float = Field(default=60.0, gt=0)
-    """`remote`: the longest silence while waiting for the answer to begin, and between its parts."""
-    timeout_s: float = Field(default=120.0, gt=0)
-    """`remote`: one attempt in all, from connecting to the end of the answer."""
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
     admission: AdmissionSettings = AdmissionSettings()
 
-    def base_urls(self) -> tuple[str, ...]:
-        return tuple(url.strip() for url in (self.base_url or "").split(",") if url.strip())
 
-    def _require_base_url(self, stage: str, backend: str) -> None:
-        if backend != "remote":
-            return
-        urls = self.base_urls()
+class RemoteSettings(_Section):
+    """How a stage reaches a `remote` backend: an OpenAI-compatible server (vLLM, SGLang, a vendor API, our stage
+    servers)."""
+
+    base_url: str
+    """e.g. `http://127.0.0.1:8001/v1`; several, comma-separated, spread the load and stand in for each other."""
+    api_key: SecretStr | None = None
+    dialect: DialectName = "auto"
+    """What the server accepts (`vllm`, `sglang`, `openai`, `zhipu` for the GLM open platform); `auto` sends what
+    suits our own stage servers and most vLLM or SGLang servers. docs/deployment.md says what each sends."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """To open a connection."""
+    first_byte_timeout_s: float = Field(gt=0)
+    """The longest silence while waiting for the answer to begin, and between its parts (each stage's default)."""
+    timeout_s: float = Field(gt=0)
+    """One attempt in all, from connecting to the end of the answer (each stage's default)."""
+
+    def base_urls(self) -> tuple[str, ...]:
+        return _urls(self.base_url)
+
+    @field_validator("base_url")
+    @classmethod
+    def _endpoints(cls, base_url: str) -> str:
+        urls = _urls(base_url)
         if not urls:
-            raise ValueError(f"the remote {stage} backend needs ORCH_{stage.upper()}__BASE_URL")
+            raise ValueError("no endpoint given")
         for url in urls:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"ORCH_{stage.upper()}__BASE_URL: {url!r} is not an http(s) URL")
+                raise ValueError(f"{url!r} is not an http(s) URL")
         if len(set(urls)) != len(urls):
-            raise ValueError(f"ORCH_{stage.upper()}__BASE_URL lists an endpoint twice")
+            raise ValueError("an endpoint is listed twice")
+        return base_url
 
 
-class VisionSettings(RemoteSettings):
-    first_byte_timeout_s: float = Field(default=15.0, gt=0)
-    """`remote`: the first-token budget: a vision model reads the image (prefill) before its first token, which takes
-    seconds for a large image on a busy server, but a server silent for 15 s is hung."""
-    timeout_s: float = Field(default=25.0, gt=0)
-    """`remote`: one attempt in all; inside the request's 30 s deadline."""
-    backend: Literal["ocr", "glm", "remote"] = "ocr"
-    """`ocr`: the embedded default (RapidOCR + image tags, CPU, no download); `glm`: GLM-4.6V-Flash in this process;
-    `remote`: an OpenAI-compatible server."""
+def _urls(text: str) -> tuple[str, ...]:
+    return tuple(url.strip() for url in text.split(",") if url.strip())
+
+
+def _backend_of(stage: str, default: str, names: str) -> Discriminator:
+    """Which backend's settings a stage's variables are: `ORCH_<STAGE>__BACKEND`, `default` when it is unset."""
+
+    def backend(value: object) -> object:
+        return value.get("backend", default) if isinstance(value, dict) else getattr(value, "backend", None)
+
+    message = f"{stage}.backend (ORCH_{stage.upper()}__BACKEND) must be one of {names}"
+    return Discriminator(backend, custom_error_type="backend_unknown", custom_error_message=message)
+
+
+class _VisionSettings(PolicySettings):
+    """What every vision backend reads."""
+
     tags: bool = True
-    """`ocr`: run the EfficientNet-Lite0 ImageNet tagger alongside OCR."""
-    model: str | None = None
+    """`ocr`: run the EfficientNet-Lite0 ImageNet tagger alongside OCR (the `ocr` fallback's, for `glm`/`remote`)."""
+
+
+class OcrVisionSettings(_VisionSettings):
+    """The embedded default: RapidOCR + image tags, CPU, no download."""
+
+    backend: Literal["ocr"] = "ocr"
+
+
+class _ModelVisionSettings(_VisionSettings):
+    """What the backends that run GLM-4.6V (`glm`, `remote`) share."""
+
+    model: str = Field(min_length=1)
     """`glm`: a local directory or hub id; `remote`: the served model name."""
-    device: str = "cpu"
-    dtype: str = "auto"
-    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
     thinking: bool = False
     """Let GLM-4.6V think before answering (slower; the thinking is returned separately, never as the answer)."""
     max_new_tokens: int = Field(default=1024, ge=1, le=32768)
-    allow_download: bool = False
-    """`glm`: let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
-    pass_image_urls: bool = False
-    """`remote`: send a client's http(s) image URL to the server as is, instead of the image's bytes."""
     fallback: Literal["none", "ocr"] = "none"
-    """`glm`/`remote`: when the backend cannot answer (down, open breakers, garbage), let the embedded `ocr` backend
-    answer instead; the response is then marked degraded."""
-
-    @model_validator(mode="after")
-    def _complete(self) -> VisionSettings:
-        self._require_base_url("vision", self.backend)
-        if self.backend in ("glm", "remote") and not self.model:
-            raise ValueError(f"the {self.backend} vision backend needs ORCH_VISION__MODEL")
-        return self
+    """When the backend cannot answer (down, open breakers, garbage), let the embedded `ocr` backend answer instead;
+    the response is then marked degraded."""
 
 
-class ReasoningSettings(RemoteSettings):
-    first_byte_timeout_s: float = Field(default=10.0, gt=0)
-    """`remote`: the first-token budget: a text model's prompt here is a description and a question, seconds of
-    prefill at most; a server silent for 10 s is hung, and the vision-only answer is better than more waiting."""
-    timeout_s: float = Field(default=20.0, gt=0)
-    """`remote`: one attempt in all: 192 tokens at a slow 10 tokens/s fit; a trickle slower than that degrades."""
-    backend: Literal["local", "none", "remote"] = "local"
-    """`local`: a transformers causal LM in this process; `none`: vision-only by design; `remote`: an
-    OpenAI-compatible server."""
+class GlmVisionSettings(_ModelVisionSettings):
+    """GLM-4.6V-Flash in this process."""
+
+    backend: Literal["glm"] = "glm"
+    device: str = "cpu"
+    dtype: str = "auto"
+    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
+    allow_download: bool = False
+    """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
+
+
+class RemoteVisionSettings(_ModelVisionSettings, RemoteSettings):
+    """An OpenAI-compatible server."""
+
+    backend: Literal["remote"] = "remote"
+    first_byte_timeout_s: float = Field(default=15.0, gt=0)
+    """The first-token budget: a vision model reads the image (prefill) before its first token, which takes seconds
+    for a large image on a busy server, but a server silent for 15 s is hung."""
+    timeout_s: float = Field(default=25.0, gt=0)
+    """One attempt in all; inside the request's 30 s deadline."""
+    pass_image_urls: bool = False
+    """Send a client's http(s) image URL to the server as is, instead of the image's bytes."""
+
+
+VisionSettings: TypeAlias = Annotated[
+    Annotated[OcrVisionSettings, Tag("ocr")]
+    | Annotated[GlmVisionSettings, Tag("glm")]
+    | Annotated[RemoteVisionSettings, Tag("remote")],
+    _backend_of("vision", "ocr", "'ocr', 'glm', 'remote'"),
+]
+"""The vision stage's settings: those of the backend `backend` names (each refuses the others' fields)."""
+
+
+class _ReasoningSettings(PolicySettings):
+    """What every reasoning backend reads."""
+
+    max_new_tokens: int = Field(default=192, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """0 means greedy decoding."""
+
+
+class LocalReasoningSettings(_ReasoningSettings):
+    """A transformers causal LM in this process."""
+
+    backend: Literal["local"] = "local"
     model: str | None = None
-    """`local`: a local directory or hub id, unset meaning the packaged SmolLM2-135M-Instruct; `remote`: the served
-    model name."""
+    """A local directory or hub id, unset meaning the packaged SmolLM2-135M-Instruct."""
     device: str = "cpu"
     dtype: str = "auto"
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
     cache_dir: Path | None = None
     """Where the converted embedded model is cached; unset means the user cache directory."""
-    max_new_tokens: int = Field(default=192, ge=1, le=8192)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    """0 means greedy decoding."""
 
-    @model_validator(mode="after")
-    def _complete(self) -> ReasoningSettings:
-        self._require_base_url("reasoning", self.backend)
-        if self.backend == "remote" and not self.model:
-            raise ValueError("the remote reasoning backend needs ORCH_REASONING__MODEL")
-        return self
+
+class NoneReasoningSettings(_ReasoningSettings):
+    """Vision-only by design."""
+
+    backend: Literal["none"] = "none"
+
+
+class RemoteReasoningSettings(_ReasoningSettings, RemoteSettings):
+    """An OpenAI-compatible server."""
+
+    backend: Literal["remote"] = "remote"
+    model: str = Field(min_length=1)
+    """The served model name."""
+    first_byte_timeout_s: float = Field(default=10.0, gt=0)
+    """The first-token budget: a text model's prompt here is a description and a question, seconds of prefill at
+    most; a server silent for 10 s is hung, and the vision-only answer is better than more waiting."""
+    timeout_s: float = Field(default=20.0, gt=0)
+    """One attempt in all: 192 tokens at a slow 10 tokens/s fit; a trickle slower than that degrades."""
+
+
+ReasoningSettings: TypeAlias = Annotated[
+    Annotated[LocalReasoningSettings, Tag("local")]
+    | Annotated[NoneReasoningSettings, Tag("none")]
+    | Annotated[RemoteReasoningSettings, Tag("remote")],
+    _backend_of("reasoning", "local", "'local', 'none', 'remote'"),
+]
+"""The reasoning stage's settings: those of the backend `backend` names (each refuses the others' fields)."""
 
 
 class RouterSettings(_Section):
@@ -301,8 +369,8 @@ class Settings(BaseSettings):
         env_prefix="ORCH_", env_nested_delimiter="__", extra="forbid", frozen=True, validate_default=True
     )
 
-    vision: VisionSettings = VisionSettings()
-    reasoning: ReasoningSettings = ReasoningSettings()
+    vision: VisionSettings = OcrVisionSettings()
+    reasoning: ReasoningSettings = LocalReasoningSettings()
     router: RouterSettings = RouterSettings()
     limits: LimitSettings = LimitSettings()
     arbitration: ArbitrationSettings = ArbitrationSettings()

@@ -11,7 +11,18 @@ from typing import TypedDict, TypeVar
 
 from orchestrator.analysis.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
 from orchestrator.observability.logs import stage_headers
-from orchestrator.settings import ReasoningSettings, RemoteSettings, RouterSettings, Settings, VisionSettings
+from orchestrator.settings import (
+    GlmVisionSettings,
+    NoneReasoningSettings,
+    OcrVisionSettings,
+    ReasoningSettings,
+    RemoteReasoningSettings,
+    RemoteSettings,
+    RemoteVisionSettings,
+    RouterSettings,
+    Settings,
+    VisionSettings,
+)
 from orchestrator.stages.cache import CachedVision, build_store
 from orchestrator.stages.resilient import FallbackVision, ResilientReasoning, ResilientVision
 from reasoning_stage.backend import ReasoningBackend
@@ -67,7 +78,7 @@ async def build_vision(settings: VisionSettings) -> VisionBackend:
     and the `ocr` backend behind it when `fallback` is `ocr`."""
     endpoints = await _load_all([(label, _vision_loader(settings, label)) for label in _labels(settings)])
     primary = ResilientVision(endpoints, settings)
-    if settings.fallback == "none" or settings.backend == "ocr":
+    if isinstance(settings, OcrVisionSettings) or settings.fallback == "none":
         return primary
     try:
         ocr = await _timed("vision fallback", "ocr", lambda: _load_ocr(settings))
@@ -86,7 +97,7 @@ async def build_reasoning(settings: ReasoningSettings, *, reserve_s: float = 0.0
 
 def _labels(settings: VisionSettings | ReasoningSettings) -> tuple[str, ...]:
     """One label per endpoint: the base URLs of a `remote` backend, else the backend's name."""
-    return settings.base_urls() if settings.backend == "remote" else (settings.backend,)
+    return settings.base_urls() if isinstance(settings, RemoteSettings) else (settings.backend,)
 
 
 async def _load_all(loaders: list[tuple[str, Callable[[], Awaitable[T]]]]) -> list[tuple[str, T]]:
@@ -109,18 +120,18 @@ async def _aclose(backend: object) -> None:
 
 def _vision_loader(settings: VisionSettings, base_url: str) -> Callable[[], Awaitable[VisionBackend]]:
     async def load() -> VisionBackend:
-        if settings.backend == "glm":
+        if isinstance(settings, GlmVisionSettings):
             from vision_stage.glm import GlmVisionBackend
 
             return await GlmVisionBackend.load(
-                _required(settings.model),
+                settings.model,
                 device=settings.device,
                 dtype=settings.dtype,
                 thinking=settings.thinking,
                 max_new_tokens=settings.max_new_tokens,
                 allow_download=settings.allow_download,
             )
-        if settings.backend == "remote":
+        if isinstance(settings, RemoteVisionSettings):
             from vision_stage.remote import RemoteVisionBackend
 
             return await RemoteVisionBackend.load(
@@ -142,11 +153,11 @@ async def _load_ocr(settings: VisionSettings) -> VisionBackend:
 
 def _reasoning_loader(settings: ReasoningSettings, base_url: str) -> Callable[[], Awaitable[ReasoningBackend]]:
     async def load() -> ReasoningBackend:
-        if settings.backend == "none":
+        if isinstance(settings, NoneReasoningSettings):
             from reasoning_stage.none import NoneReasoningBackend
 
             return NoneReasoningBackend()
-        if settings.backend == "remote":
+        if isinstance(settings, RemoteReasoningSettings):
             from reasoning_stage.remote import RemoteReasoningBackend
 
             return await RemoteReasoningBackend.load(**_remote_call(settings, base_url))
@@ -189,27 +200,17 @@ class _RemoteCall(TypedDict):
     dialect_name: DialectName
 
 
-def _remote_call(settings: VisionSettings | ReasoningSettings, base_url: str) -> _RemoteCall:
+def _remote_call(settings: RemoteVisionSettings | RemoteReasoningSettings, base_url: str) -> _RemoteCall:
     return _RemoteCall(
         base_url=base_url,
-        model=_required(settings.model),
-        api_key=_secret(settings),
+        model=settings.model,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         timeout_s=settings.timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
         first_byte_timeout_s=settings.first_byte_timeout_s,
         headers=stage_headers,
         dialect_name=settings.dialect,
     )
-
-
-def _required(value: str | None) -> str:
-    if not value:  # the settings validators make this unreachable; kept so a bad construction fails clearly
-        raise ValueError("a required backend setting is missing")
-    return value
-
-
-def _secret(settings: RemoteSettings) -> str | None:
-    return settings.api_key.get_secret_value() if settings.api_key else None
 
 
 async def _timed(stage: str, name: str, load: Callable[[], Awaitable[T]]) -> T:

@@ -14,7 +14,7 @@ from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.app import create_app
 from orchestrator.arbitration.answer_json import field_claims, parse_fields, serialise
-from orchestrator.settings import ReasoningSettings, Settings
+from orchestrator.settings import LocalReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes
@@ -62,7 +62,7 @@ def test_each_field_becomes_a_claim_with_a_referent() -> None:
 
 
 async def ask(reasoning: FakeReasoning, question: str = "Extract the receipt fields.") -> AnalyzeOutcome:
-    pipeline = Pipeline(FakeVision(), reasoning, ReasoningSettings(), KeywordRouter())
+    pipeline = Pipeline(FakeVision(), reasoning, LocalReasoningSettings(), KeywordRouter())
     return await pipeline.run(AnalyzeInput(decoded(), question, mode="vision", response_format="json"))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -67,6 +68,19 @@ def test_a_result_survives_the_json_round_trip() -> None:
     assert result_from_json(result_to_json(result)) == result
     with pytest.raises((TypeError, ValueError, KeyError)):
         result_from_json('{"backend": 3}')
+
+
+async def test_a_stored_value_that_is_not_a_vision_result_is_a_miss() -> None:
+    vision, store = FakeVision(), MemoryStore(10, 60)
+    cached = CachedVision(vision, store, SETTINGS)
+    asked = request(encoded(picture()))
+    key = cache_key(asked, vision.name, vision.model, SETTINGS.key)
+    coerced = json.loads(result_to_json(await FakeVision().generate(asked))) | {"prompt_tokens": "12"}
+    for value in ("not json", '{"backend": 3}', "[]", json.dumps(coerced)):
+        await store.set(key, value)
+        assert (await cached.generate(asked)).cached is False
+    assert len(vision.requests) == 4
+    assert (await cached.generate(asked)).cached is True  # the last miss stored the backend's own answer
 
 
 async def test_a_hit_is_marked_and_skips_the_backend() -> None:

@@ -21,7 +21,7 @@ from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput
 from orchestrator.api.app import create_app
-from orchestrator.settings import CacheSettings, LimitSettings, ReasoningSettings, RouterSettings, Settings
+from orchestrator.settings import CacheSettings, LimitSettings, LocalReasoningSettings, RouterSettings, Settings
 from orchestrator.stages.resilient import ResilientReasoning, ResilientVision
 from orchestrator.wiring import Backends
 from reasoning_stage.remote import RemoteReasoningBackend
@@ -111,7 +111,7 @@ def test_the_generation_guard_stops_a_loop_and_only_a_loop() -> None:
 
 
 async def ask(reasoning: FakeReasoning, question: str = QUESTION) -> tuple[object, FakeReasoning]:
-    pipeline = Pipeline(FakeVision(), reasoning, ReasoningSettings(), KeywordRouter())
+    pipeline = Pipeline(FakeVision(), reasoning, LocalReasoningSettings(), KeywordRouter())
     return await pipeline.run(AnalyzeInput(decoded(), question, mode="reasoning")), reasoning
 
 

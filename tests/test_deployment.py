@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import pytest
@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from orchestrator.__main__ import main as orchestrator_main
 from orchestrator.api.app import create_app
-from orchestrator.settings import Settings
+from orchestrator.settings import RemoteVisionSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage import server as reasoning_server
 from reasoning_stage.__main__ import _parser as reasoning_stage_parser
@@ -215,16 +215,24 @@ def pinned(text: str, package: str) -> str:
 
 
 def settings_env_names(model: type[BaseModel], prefix: str = "ORCH_") -> frozenset[str]:
-    """Every environment variable that sets a field of `model`, walking its nested sections."""
+    """Every environment variable that sets a field of `model`, walking its nested sections (each backend's, for a
+    stage's settings)."""
     names: set[str] = set()
     for field_name, field in model.model_fields.items():
         name = prefix + field_name.upper()
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names |= settings_env_names(annotation, name + "__")
-        else:
+        sections = models_in(field.annotation)
+        for section in sections:
+            names |= settings_env_names(section, name + "__")
+        if not sections:
             names.add(name)
     return frozenset(names)
+
+
+def models_in(annotation: object) -> list[type[BaseModel]]:
+    """The models an annotation names: itself, or the members of a union (`Annotated` or not)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in models_in(arg)]
 
 
 def valid_env_names() -> frozenset[str]:
@@ -324,7 +332,9 @@ def test_vllm_vision_server_has_the_flags_glm_46v_needs(clean_env: pytest.Monkey
     assert flags["--reasoning-parser"] == "glm45"
     assert flags["--mm-encoder-tp-mode"] == "data"
     assert flags["--host"] == "0.0.0.0"
-    answer_budget = compose_settings("orchestrator", clean_env).vision.max_new_tokens
+    vision = compose_settings("orchestrator", clean_env).vision
+    assert isinstance(vision, RemoteVisionSettings)
+    answer_budget = vision.max_new_tokens
     assert int(flags["--max-model-len"]) >= MAX_VISUAL_TOKENS + answer_budget + PROMPT_ALLOWANCE
 
 

@@ -17,11 +17,12 @@ from orchestrator.api.app import create_app
 from orchestrator.settings import (
     BreakerSettings,
     CacheSettings,
-    ReasoningSettings,
+    NoneReasoningSettings,
+    RemoteReasoningSettings,
+    RemoteVisionSettings,
     RetrySettings,
     RouterSettings,
     Settings,
-    VisionSettings,
 )
 from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend
@@ -305,12 +306,10 @@ def analyze_over_loopback(fake: FakeVllm, dialect: DialectName, **policy: Any) -
     the endpoint's breaker state afterwards)."""
     fake.dialect = dialect
     with serving(fake.app()) as server:
-        vision = VisionSettings(
-            backend="remote", base_url=server.base_url, model=fake.model, dialect=dialect, **(POLICY | policy)
-        )
+        vision = RemoteVisionSettings(base_url=server.base_url, model=fake.model, dialect=dialect, **(POLICY | policy))
         settings = Settings(
             vision=vision,
-            reasoning=ReasoningSettings(backend="none"),
+            reasoning=NoneReasoningSettings(),
             router=RouterSettings(kind="keyword"),
             cache=CacheSettings(enabled=False),
         )
@@ -348,9 +347,10 @@ def test_a_rate_limit_of_the_vendor_is_retried() -> None:
 
 
 def test_the_dialect_is_a_setting() -> None:
-    assert VisionSettings.model_validate({"backend": "ocr", "dialect": "zhipu"}).dialect == "zhipu"
+    remote = {"base_url": "http://127.0.0.1:1/v1", "model": "m"}
+    assert RemoteVisionSettings.model_validate({**remote, "dialect": "zhipu"}).dialect == "zhipu"
     with pytest.raises(ValueError, match="dialect"):
-        ReasoningSettings.model_validate({"dialect": "ollama"})
+        RemoteReasoningSettings.model_validate({**remote, "dialect": "ollama"})
 
 
 async def test_an_answer_sent_entirely_as_reasoning_is_read_as_the_answer_when_thinking_was_not_asked() -> None:

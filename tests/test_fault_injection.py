@@ -23,11 +23,11 @@ from orchestrator.settings import (
     BreakerSettings,
     CacheSettings,
     LimitSettings,
-    ReasoningSettings,
+    RemoteReasoningSettings,
+    RemoteVisionSettings,
     RetrySettings,
     RouterSettings,
     Settings,
-    VisionSettings,
 )
 from tests.faulty_server import Faults, FaultyServer, Mode, refused_base_url, running
 from tests.images import png_bytes
@@ -46,8 +46,8 @@ REQUEST = {"image_base64": base64.b64encode(png_bytes()).decode(), "question": "
 
 def settings_for(vision_urls: str, reasoning_urls: str, **vision: Any) -> Settings:
     return Settings(
-        vision=VisionSettings(backend="remote", base_url=vision_urls, model="m", **{**TIMEOUTS, **vision}),
-        reasoning=ReasoningSettings(backend="remote", base_url=reasoning_urls, model="m", **TIMEOUTS),
+        vision=RemoteVisionSettings(base_url=vision_urls, model="m", **{**TIMEOUTS, **vision}),
+        reasoning=RemoteReasoningSettings(base_url=reasoning_urls, model="m", **TIMEOUTS),
         router=RouterSettings(kind="keyword"),
         limits=LimitSettings(request_deadline_s=DEADLINE_S, fallback_reserve_s=2.0),
         cache=CacheSettings(enabled=False),  # every request must reach the stages
@@ -253,8 +253,8 @@ def test_with_default_settings_a_hung_silent_or_slow_reasoning_stage_degrades_wi
     _vision, vision_url, reasoning, reasoning_url = stages
     reasoning.reset(default=mode, faults=faults)
     settings = Settings(
-        vision=VisionSettings(backend="remote", base_url=vision_url, model="m"),
-        reasoning=ReasoningSettings(backend="remote", base_url=reasoning_url, model="m"),
+        vision=RemoteVisionSettings(base_url=vision_url, model="m"),
+        reasoning=RemoteReasoningSettings(base_url=reasoning_url, model="m"),
         router=RouterSettings(kind="keyword"),
         cache=CacheSettings(enabled=False),
     )

@@ -218,7 +218,7 @@ def test_metadata_without_an_orientation_keeps_a_png_lazy_unless_it_follows_the_
 def test_a_decoded_image_is_immutable_and_copies_as_itself() -> None:
     image = decode_image(noise_png(), LIMITS)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        image.width = 3
+        image.width = 3  # type: ignore[misc]
     with pytest.raises(AttributeError):
         image.pixels = Image.new("RGB", (1, 1))  # type: ignore[misc]
     assert copy.deepcopy(image) is image
@@ -241,7 +241,7 @@ def test_a_lazy_image_decodes_through_its_callable_once() -> None:
         calls.append(1)
         return pixels
 
-    image = DecodedImage.lazy(decode, "PNG", 4, 3, 10, "ab")
+    image = DecodedImage(decode, "PNG", 4, 3, 10, "ab")
     assert (image.pixels_decoded, calls) == (False, [])
     assert image.pixels is pixels
     assert image.pixels is pixels

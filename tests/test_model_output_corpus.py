@@ -20,10 +20,10 @@ from orchestrator.settings import (
     ArbitrationSettings,
     CacheSettings,
     RateLimitSettings,
-    ReasoningSettings,
+    RemoteReasoningSettings,
+    RemoteVisionSettings,
     RouterSettings,
     Settings,
-    VisionSettings,
 )
 from tests.images import png_bytes
 from tests.servers import serving
@@ -70,8 +70,8 @@ def service() -> Iterator[tuple[TestClient, FakeVllm, FakeVllm]]:
     vision, reasoning = FakeVllm(VISION_MODEL), FakeVllm(LLM_MODEL)
     with serving(vision.app()) as vision_server, serving(reasoning.app()) as reasoning_server:
         settings = Settings(
-            vision=VisionSettings(backend="remote", base_url=vision_server.base_url, model=VISION_MODEL),
-            reasoning=ReasoningSettings(backend="remote", base_url=reasoning_server.base_url, model=LLM_MODEL),
+            vision=RemoteVisionSettings(base_url=vision_server.base_url, model=VISION_MODEL),
+            reasoning=RemoteReasoningSettings(base_url=reasoning_server.base_url, model=LLM_MODEL),
             router=RouterSettings(kind="keyword"),
             arbitration=ArbitrationSettings(probes="off"),
             cache=CacheSettings(enabled=False),

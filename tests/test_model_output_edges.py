@@ -15,10 +15,10 @@ from orchestrator.arbitration.answer_json import parse_fields
 from orchestrator.settings import (
     ArbitrationSettings,
     CacheSettings,
-    ReasoningSettings,
+    RemoteReasoningSettings,
+    RemoteVisionSettings,
     RouterSettings,
     Settings,
-    VisionSettings,
 )
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
@@ -124,8 +124,8 @@ def service() -> Iterator[tuple[TestClient, FakeVllm, FakeVllm]]:
     vision, reasoning = FakeVllm("vlm"), FakeVllm(LLM)
     with serving(vision.app()) as vision_server, serving(reasoning.app()) as reasoning_server:
         settings = Settings(
-            vision=VisionSettings(backend="remote", base_url=vision_server.base_url, model="vlm"),
-            reasoning=ReasoningSettings(backend="remote", base_url=reasoning_server.base_url, model=LLM),
+            vision=RemoteVisionSettings(base_url=vision_server.base_url, model="vlm"),
+            reasoning=RemoteReasoningSettings(base_url=reasoning_server.base_url, model=LLM),
             router=RouterSettings(kind="keyword"),
             arbitration=ArbitrationSettings(probes="off"),
             cache=CacheSettings(enabled=False),

@@ -18,7 +18,7 @@ import pytest
 from orchestrator.api.app import create_app
 from orchestrator.api.chat_reply import ChatCompletionOut
 from orchestrator.api.chat_request import ChatCompletionRequest
-from orchestrator.settings import ReasoningSettings, Settings
+from orchestrator.settings import RemoteReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend
@@ -121,7 +121,7 @@ def test_without_sampling_fields_nothing_is_named(client: httpx.Client) -> None:
     ],
 )
 def test_a_remote_backend_is_named_by_its_dialect(dialect: DialectName, not_applied: list[str]) -> None:
-    reasoning = ReasoningSettings(backend="remote", base_url="http://llm.test/v1", model="m", dialect=dialect)
+    reasoning = RemoteReasoningSettings(base_url="http://llm.test/v1", model="m", dialect=dialect)
     with app_client(settings=Settings(reasoning=reasoning)) as client:
         response = chat(client, recorded_body("langchain_sampling_plain.json"))
     assert response.status_code == 200, response.text
@@ -338,9 +338,7 @@ async def test_a_clients_sampling_fields_reach_the_remote_reasoning_server(
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(server.handler)),
         dialect_name=dialect,
     )
-    settings = Settings(
-        reasoning=ReasoningSettings(backend="remote", base_url="http://llm.test/v1", model="m", dialect=dialect)
-    )
+    settings = Settings(reasoning=RemoteReasoningSettings(base_url="http://llm.test/v1", model="m", dialect=dialect))
     backends = Backends(FakeVision(), reasoning)
     with serving(create_app(settings, backends)) as running, httpx.Client(base_url=running.url) as client:
         response = chat(client, recorded_body(name))

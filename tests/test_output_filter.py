@@ -18,7 +18,7 @@ from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, DeltaEvent, DoneEvent, PipelineEvent
 from orchestrator.api.app import create_app
 from orchestrator.security.output_filter import OutputFilter, filtered_events, flush, release
-from orchestrator.settings import OutputFilterSettings, ReasoningSettings, Settings
+from orchestrator.settings import LocalReasoningSettings, OutputFilterSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision
 from tests.images import decoded, png_bytes
@@ -105,7 +105,7 @@ def test_only_a_tail_shorter_than_the_longest_term_is_held_back() -> None:
 
 
 async def test_filtered_events_flush_the_tail_before_the_next_event() -> None:
-    pipe = Pipeline(FakeVision(), FakeStreamingReasoning(answer=ANSWER), ReasoningSettings(), KeywordRouter())
+    pipe = Pipeline(FakeVision(), FakeStreamingReasoning(answer=ANSWER), LocalReasoningSettings(), KeywordRouter())
     events: list[PipelineEvent] = [
         event async for event in filtered_events(pipe.stream(AnalyzeInput(decoded(), WHY)), make_filter())
     ]

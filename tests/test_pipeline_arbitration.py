@@ -9,7 +9,7 @@ from orchestrator.analysis.messages import Profile
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
-from orchestrator.settings import ReasoningSettings
+from orchestrator.settings import LocalReasoningSettings
 from reasoning_stage.errors import ReasoningUnavailable
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded
@@ -21,7 +21,7 @@ async def ask(
     reasoning: FakeReasoning, question: str, *, lines: tuple[str, ...] | None = None, profile: Profile = "general"
 ) -> AnalyzeOutcome:
     vision = FakeVision() if lines is None else FakeVision(lines=lines)
-    pipeline = Pipeline(vision, reasoning, ReasoningSettings(), KeywordRouter())
+    pipeline = Pipeline(vision, reasoning, LocalReasoningSettings(), KeywordRouter())
     return await pipeline.run(AnalyzeInput(decoded(), question, mode="reasoning", profile=profile))
 
 
@@ -91,7 +91,7 @@ async def test_confidence_falls_with_a_contradiction_and_vision_answers_are_not_
     agreed = await ask(FakeReasoning(answer="The total is 54.06."), "Is this bill reasonable?")
     kept_wrong = await ask(FakeReasoning(script=("The total is 8.00.", "The total is 9.00.")), "Is it fine?")
     assert 0.0 <= kept_wrong.confidence < agreed.confidence <= 1.0
-    pipeline = Pipeline(FakeVision(), FakeReasoning(), ReasoningSettings(), KeywordRouter())
+    pipeline = Pipeline(FakeVision(), FakeReasoning(), LocalReasoningSettings(), KeywordRouter())
     vision_only = await pipeline.run(AnalyzeInput(decoded(), "What is the total?"))
     assert vision_only.arbitration is None
     assert 0.0 < vision_only.confidence <= 1.0

@@ -13,7 +13,15 @@ from orchestrator.api.app import create_app
 from orchestrator.arbitration.claims import extract_claims
 from orchestrator.arbitration.probes import parse_reply, probe_question
 from orchestrator.arbitration.verification import Check
-from orchestrator.settings import ArbitrationSettings, ReasoningSettings, Settings, VisionSettings
+from orchestrator.settings import (
+    ArbitrationSettings,
+    GlmVisionSettings,
+    LocalReasoningSettings,
+    OcrVisionSettings,
+    RemoteVisionSettings,
+    Settings,
+    VisionSettings,
+)
 from orchestrator.wiring import Backends, probe_limit
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes
@@ -76,7 +84,7 @@ def test_replies_are_read_as_yes_no_or_nothing(reply: str, expected: bool | None
 async def ask(
     vision: FakeVision, reasoning: FakeReasoning, question: str = "Is this a normal café?", limit: int = 3
 ) -> AnalyzeOutcome:
-    pipeline = Pipeline(vision, reasoning, ReasoningSettings(), KeywordRouter(), probe_limit=limit)
+    pipeline = Pipeline(vision, reasoning, LocalReasoningSettings(), KeywordRouter(), probe_limit=limit)
     return await pipeline.run(AnalyzeInput(decoded(), question, mode="reasoning"))
 
 
@@ -181,19 +189,25 @@ async def test_no_more_probes_than_the_limit_and_none_for_supported_claims() -> 
     assert probes_sent(none) == []
 
 
+VISION: dict[str, VisionSettings] = {
+    "ocr": OcrVisionSettings(),
+    "glm": GlmVisionSettings(model="m"),
+    "remote": RemoteVisionSettings(model="m", base_url="http://127.0.0.1:1/v1"),
+}
+
+
 @pytest.mark.parametrize(
     ("backend", "probes", "expected"),
     [("ocr", "auto", 0), ("glm", "auto", 3), ("remote", "auto", 3), ("ocr", "on", 3), ("glm", "off", 0)],
 )
 def test_auto_probes_only_vision_backends_that_answer_questions(backend: str, probes: str, expected: int) -> None:
-    vision = VisionSettings.model_validate({"backend": backend, "model": "m", "base_url": "http://127.0.0.1:1/v1"})
     arbitration = ArbitrationSettings.model_validate({"probes": probes})
-    assert probe_limit(Settings(vision=vision, arbitration=arbitration)) == expected
+    assert probe_limit(Settings(vision=VISION[backend], arbitration=arbitration)) == expected
 
 
 @pytest.mark.parametrize(("backend", "probed"), [("ocr", False), ("glm", True)])
 def test_the_app_probes_according_to_the_configured_vision_backend(backend: str, probed: bool) -> None:
-    settings = Settings(vision=VisionSettings.model_validate({"backend": backend, "model": "m"}))
+    settings = Settings(vision=VISION[backend])
     vision = FakeVision(replies=lambda _: "Yes.")
     backends = Backends(vision, FakeReasoning(answer="There is a person at the counter."))
     with TestClient(create_app(settings, backends)) as client:

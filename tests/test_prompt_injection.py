@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from orchestrator.analysis.prompts import DATA_TAG, data_block, inline_data
 from orchestrator.api.app import create_app
-from orchestrator.settings import ReasoningSettings, Settings, VisionSettings
+from orchestrator.settings import LocalReasoningSettings, OcrVisionSettings, Settings
 from orchestrator.wiring import Backends, build_reasoning, build_vision
 from reasoning_stage.types import ChatMessage
 from tests.fakes import FakeReasoning, FakeVision
@@ -143,10 +143,10 @@ def test_quoting_is_pure_and_leaves_ordinary_text_alone() -> None:
 @pytest.fixture(scope="module")
 def embedded(embedded_model_cache: Path) -> Iterator[TestClient]:
     """The service on the embedded models: RapidOCR reads the image, SmolLM2 answers."""
-    reasoning_settings = ReasoningSettings(cache_dir=embedded_model_cache, max_new_tokens=32)
+    reasoning_settings = LocalReasoningSettings(cache_dir=embedded_model_cache, max_new_tokens=32)
 
     async def load() -> Backends:
-        return Backends(await build_vision(VisionSettings(tags=False)), await build_reasoning(reasoning_settings))
+        return Backends(await build_vision(OcrVisionSettings(tags=False)), await build_reasoning(reasoning_settings))
 
     settings = Settings(reasoning=reasoning_settings)
     with TestClient(create_app(settings, asyncio.run(load()))) as client:

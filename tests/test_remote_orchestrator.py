@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.api.app import create_app
-from orchestrator.settings import ReasoningSettings, Settings, VisionSettings
+from orchestrator.settings import LocalReasoningSettings, RemoteReasoningSettings, RemoteVisionSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.local import LocalReasoningBackend
 from reasoning_stage.server import create_app as reasoning_server
@@ -46,8 +46,8 @@ def remote_settings(llm: Path) -> Iterator[Settings]:
         vision = stack.enter_context(serving(vision_server(backends.vision, served_model_name="ocr")))
         reasoning = stack.enter_context(serving(reasoning_server(backends.reasoning, served_model_name="tiny")))
         yield Settings(
-            vision=VisionSettings(backend="remote", base_url=vision.base_url, model="ocr"),
-            reasoning=ReasoningSettings(backend="remote", base_url=reasoning.base_url, model="tiny", max_new_tokens=8),
+            vision=RemoteVisionSettings(base_url=vision.base_url, model="ocr"),
+            reasoning=RemoteReasoningSettings(base_url=reasoning.base_url, model="tiny", max_new_tokens=8),
         )
 
 
@@ -85,7 +85,7 @@ def assert_same_shape(local: Any, remote: Any, path: str = "") -> None:
 
 
 def test_both_stages_remote_answer_in_the_in_process_shape(llm: Path, remote_settings: Settings) -> None:
-    in_process = Settings(reasoning=ReasoningSettings(max_new_tokens=8))
+    in_process = Settings(reasoning=LocalReasoningSettings(max_new_tokens=8))
     with TestClient(create_app(in_process, load_backends(llm))) as local_client:
         local = [ask(local_client, question) for question in QUESTIONS]
     with TestClient(create_app(remote_settings)) as remote_client:  # the lifespan builds the remote backends

@@ -12,7 +12,7 @@ from typing import cast
 
 import pytest
 
-from orchestrator.settings import AdmissionSettings, BreakerSettings, RemoteSettings, RetrySettings
+from orchestrator.settings import AdmissionSettings, BreakerSettings, PolicySettings, RetrySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
 from orchestrator.stages.endpoints import Endpoint, ResilientStage
@@ -68,7 +68,7 @@ def state_of(breaker: CircuitBreaker) -> BreakerState:
 
 
 def stage_of(*backends: Scripted, **overrides: object) -> ResilientStage[Scripted]:
-    settings = RemoteSettings(retry=FAST_RETRY, **overrides)
+    settings = PolicySettings(retry=FAST_RETRY, **overrides)
     return ResilientStage(VISION_ERRORS, [(b.label, b) for b in backends], settings, rng=random.Random(0))
 
 
@@ -226,7 +226,7 @@ async def test_an_endpoint_whose_breaker_opened_is_left_out_until_its_trial() ->
     clock = Clock()
     a = Scripted("http://a/v1", [VisionUnavailable("down")] * 2)
     b = Scripted("http://b/v1", [])
-    settings = RemoteSettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=2, open_s=30))
+    settings = PolicySettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=2, open_s=30))
     stage = ResilientStage(VISION_ERRORS, [(a.label, a), (b.label, b)], settings, clock=clock)
     results = []
     for _ in range(6):
@@ -248,7 +248,7 @@ async def test_an_endpoint_whose_breaker_opened_is_left_out_until_its_trial() ->
 async def test_an_image_found_broken_mid_call_is_no_verdict_on_the_endpoint_not_even_a_trial() -> None:
     clock = Clock()
     a = Scripted("http://a/v1", [VisionUnavailable("down"), ImageCorrupt("broken pixels"), ImageCorrupt("again")])
-    settings = RemoteSettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=1, open_s=30))
+    settings = PolicySettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=1, open_s=30))
     stage = ResilientStage(VISION_ERRORS, [(a.label, a)], settings, clock=clock)
     with pytest.raises(VisionUnavailable):
         await run_on(stage)
@@ -266,7 +266,7 @@ async def test_an_image_found_broken_mid_call_is_no_verdict_on_the_endpoint_not_
 
 async def test_with_every_breaker_open_a_call_fails_fast_with_the_soonest_trial() -> None:
     a = Scripted("http://a/v1", [VisionUnavailable("down")])
-    settings = RemoteSettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=1, open_s=20))
+    settings = PolicySettings(retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=1, open_s=20))
     stage = ResilientStage(VISION_ERRORS, [(a.label, a)], settings)
     with pytest.raises(VisionUnavailable):
         await run_on(stage)
@@ -281,7 +281,7 @@ async def test_with_every_breaker_open_a_call_fails_fast_with_the_soonest_trial(
 async def test_a_half_open_trial_is_bounded_by_its_own_timeout() -> None:
     clock = Clock()
     a = Scripted("http://a/v1", [VisionUnavailable("down")])
-    settings = RemoteSettings(
+    settings = PolicySettings(
         retry=RetrySettings(attempts=1), breaker=BreakerSettings(failures=1, open_s=5, trial_timeout_s=0.2)
     )
     stage = ResilientStage(VISION_ERRORS, [(a.label, a)], settings, clock=clock)
@@ -358,14 +358,14 @@ class StreamScript:
 async def test_a_stream_is_retried_before_its_first_item_and_never_after() -> None:
     flaky = StreamScript("http://a/v1", fail_before=2)
     stage: ResilientStage[StreamScript] = ResilientStage(
-        REASONING_ERRORS, [(flaky.label, flaky)], RemoteSettings(retry=FAST_RETRY)
+        REASONING_ERRORS, [(flaky.label, flaky)], PolicySettings(retry=FAST_RETRY)
     )
     assert [item async for item in stage.stream(lambda backend: backend.items())] == ["first", "second"]
     assert flaky.opened == 3
 
     cut = StreamScript("http://b/v1", fail_after_first=True)
     cutting: ResilientStage[StreamScript] = ResilientStage(
-        REASONING_ERRORS, [(cut.label, cut)], RemoteSettings(retry=FAST_RETRY, breaker=BreakerSettings(failures=1))
+        REASONING_ERRORS, [(cut.label, cut)], PolicySettings(retry=FAST_RETRY, breaker=BreakerSettings(failures=1))
     )
     received: list[str] = []
 
@@ -389,7 +389,7 @@ async def test_the_fallback_answers_when_the_primary_cannot_and_says_why() -> No
         async def generate(self, request: VisionRequest) -> object:  # type: ignore[override]
             raise VisionUnavailable("the remote vision backend (http://a/v1) could not be reached")
 
-    settings = RemoteSettings(retry=RetrySettings(attempts=1))
+    settings = PolicySettings(retry=RetrySettings(attempts=1))
     primary = ResilientVision([("http://a/v1", cast(VisionBackend, Down()))], settings)
     chain = FallbackVision(primary, ResilientVision([("ocr", FakeVision())], settings))
     result = await chain.generate(VisionRequest(decoded(), "What is the total?", task="answer"))

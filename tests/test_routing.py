@@ -195,6 +195,10 @@ async def test_a_repeated_question_is_answered_from_memory_and_the_memory_is_bou
     await router.route("这张能走公司账吗？", "auto")
     seen = ["这张能走公司账吗？", "What colour is the car?", "How many people are there?", "这张能走公司账吗？"]
     assert embedder.calls[1:] == seen
+    await router.route("How many people are there?", "auto")  # remembered, and now the most recent
+    await router.route("What colour is the car?", "auto")  # pushes out 这张…, not the question just asked again
+    await router.route("How many people are there?", "auto")
+    assert embedder.calls[1:] == [*seen, "What colour is the car?"]
     off = EmbeddingRouter.build(FakeEmbedder(VECTORS), PROTOTYPES, 0.5, cache_size=0)
     await off.route("What colour is the car?", "auto")
     await off.route("What colour is the car?", "auto")

@@ -94,3 +94,9 @@ def test_kept_images_stay_within_the_byte_budget() -> None:
         store.get(first.id, "me")
     assert store.get(second.id, "me").image is image
     assert store.get(third.id, "me").image is image
+    alone = SessionStore(SessionSettings(max_bytes=1_000))  # less than one image: the most recent is still kept
+    kept = alone.open("me", image, None)
+    newest = alone.open("me", image, None)
+    with pytest.raises(SessionNotFound):
+        alone.get(kept.id, "me")
+    assert alone.get(newest.id, "me").image is image

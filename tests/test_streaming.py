@@ -29,7 +29,7 @@ from orchestrator.api.schemas import (
     StreamErrorOut,
     VisionOut,
 )
-from orchestrator.settings import ReasoningSettings, Settings
+from orchestrator.settings import LocalReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
 from reasoning_stage.types import ChatMessage
@@ -44,7 +44,9 @@ WHY = "Why is the total 54.06?"
 
 
 def pipeline(vision: FakeVision | None = None, reasoning: FakeReasoning | None = None) -> Pipeline:
-    return Pipeline(vision or FakeVision(), reasoning or FakeStreamingReasoning(), ReasoningSettings(), KeywordRouter())
+    return Pipeline(
+        vision or FakeVision(), reasoning or FakeStreamingReasoning(), LocalReasoningSettings(), KeywordRouter()
+    )
 
 
 async def events_of(pipe: Pipeline, request: AnalyzeInput) -> list[PipelineEvent]:

@@ -13,7 +13,7 @@ from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, StageUsage
 from orchestrator.api.app import create_app
-from orchestrator.settings import ReasoningSettings, RouterSettings, Settings
+from orchestrator.settings import LocalReasoningSettings, RouterSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes
@@ -30,7 +30,7 @@ class CountingVision(FakeVision):
 
 
 async def run(vision: FakeVision, reasoning: FakeReasoning, question: str, probes: int = 0) -> AnalyzeOutcome:
-    pipeline = Pipeline(vision, reasoning, ReasoningSettings(), KeywordRouter(), probe_limit=probes)
+    pipeline = Pipeline(vision, reasoning, LocalReasoningSettings(), KeywordRouter(), probe_limit=probes)
     return await pipeline.run(AnalyzeInput(decoded(), question, mode="reasoning"))
 
 
@@ -97,7 +97,7 @@ async def test_a_session_follow_up_reusing_the_kept_description_costs_no_vision_
     vision = CountingVision()
     first = await run(vision, FakeReasoning(), "Why is the total 54.06?")
     kept = first.vision
-    pipeline = Pipeline(vision, FakeReasoning(), ReasoningSettings(), KeywordRouter())
+    pipeline = Pipeline(vision, FakeReasoning(), LocalReasoningSettings(), KeywordRouter())
     follow_up = await pipeline.run(AnalyzeInput(decoded(), "And the tax?", mode="reasoning", description=kept))
     looked, spent = follow_up.usage
     assert looked == StageUsage(0, 0, 0)

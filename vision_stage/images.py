@@ -62,12 +62,12 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     if image.format == "PNG" and image.mode == "RGB" and _lazy_png(image, data):
         width, height = image.size
         decode = functools.partial(_decode_pixels, data, limits, image.size)
-        return DecodedImage.lazy(decode, "PNG", width, height, len(data), hashlib.sha256(data).hexdigest(), data)
+        return DecodedImage(decode, "PNG", width, height, len(data), hashlib.sha256(data).hexdigest(), data)
     oriented = _load(image)
     pixels = _to_rgb(oriented)
     as_sent = oriented is image and pixels is oriented and image.format in FORWARDABLE_FORMATS
     return DecodedImage(
-        pixels=pixels,
+        pixels,
         format=image.format or "unknown",
         width=pixels.width,
         height=pixels.height,

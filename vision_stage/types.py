@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from vision_stage.errors import ImageRejected
@@ -20,6 +20,39 @@ Orientation = Literal["landscape", "portrait", "square"]
 Point = tuple[float, float]
 
 
+class _Pixels:
+    """An image's pixels: given, or decoded by a callable on first use (once, under a lock, then kept). A decoding
+    failure (`ImageRejected`) is kept too, and raised anew on every later use without decoding again."""
+
+    __slots__ = ("_decode", "_failure", "_lock", "image")
+
+    def __init__(self, raster: Image.Image | Callable[[], Image.Image]) -> None:
+        self._decode = raster if callable(raster) else None
+        self.image: Image.Image | None = None if callable(raster) else raster
+        self._failure: ImageRejected | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Image.Image:
+        if self.image is None:
+            with self._lock:
+                if self.image is None and self._failure is None and self._decode is not None:
+                    try:
+                        self.image = self._decode()
+                    except ImageRejected as exc:
+                        self._failure = exc
+        if self._failure is not None:
+            raise type(self._failure)(*self._failure.args) from None
+        assert self.image is not None
+        return self.image
+
+    def __repr__(self) -> str:
+        return f"<pixels_decoded={self.image is not None}>"
+
+    def __reduce__(self) -> tuple[type[_Pixels], tuple[Image.Image]]:
+        return (_Pixels, (self.get(),))
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     """A validated image: its RGB pixels plus facts about the bytes it came from.
 
@@ -29,151 +62,43 @@ class DecodedImage:
     normalised to 8-bit RGB — except for one kind of upload: an RGB PNG with no orientation to apply (its `source` is
     set) whose structure checks out whole (every chunk's length and CRC, up to IEND; one that does not is decoded at
     once, like any other image): nothing of it is inflated, and its pixels are decoded on first access to `pixels`
-    (once, under a lock, then kept). A damaged
-    compressed stream behind valid checksums surfaces only then, as `ImageCorrupt` (an `ImageRejected`, a 4xx
-    wherever it is raised), on that and every later access. `pixels_decoded` says whether the pixels exist yet.
+    (once, under a lock, then kept). A damaged compressed stream behind valid checksums surfaces only then, as
+    `ImageCorrupt` (an `ImageRejected`, a 4xx wherever it is raised), on that and every later access.
+    `pixels_decoded` says whether the pixels exist yet.
 
     `source` is the uploaded bytes when they hold exactly `pixels` (no orientation to apply, no colour conversion)
     in a format every OpenAI-compatible server reads (PNG, JPEG): a remote backend forwards them as they are instead
     of encoding the pixels again. None otherwise.
 
-    Immutable; `DecodedImage(pixels, format, width, height, byte_size, sha256, source=None)` makes one of pixels
-    already decoded, `DecodedImage.lazy(decode, …)` one whose pixels `decode()` gives when first needed."""
+    `DecodedImage(raster, format, width, height, byte_size, sha256, source=None)`: `raster` is the decoded pixels, or
+    a callable that decodes them when they are first needed. Two images are equal when their bytes' facts are
+    (format, size, SHA-256); their pixels are never compared.
+    """
 
-    __slots__ = (
-        "_decode",
-        "_failure",
-        "_lock",
-        "_pixels",
-        "byte_size",
-        "format",
-        "height",
-        "sha256",
-        "source",
-        "width",
-    )
-
+    raster: InitVar[Image.Image | Callable[[], Image.Image]]
     format: str
     width: int
     height: int
     byte_size: int
     sha256: str
-    source: bytes | None
-    _pixels: Image.Image | None
-    _decode: Callable[[], Image.Image] | None
-    _failure: ImageRejected | None
-    _lock: threading.Lock | None
+    source: bytes | None = field(default=None, compare=False, repr=False)
+    _pixels: _Pixels = field(init=False, compare=False)
 
-    def __init__(
-        self,
-        pixels: Image.Image,
-        format: str,
-        width: int,
-        height: int,
-        byte_size: int,
-        sha256: str,
-        source: bytes | None = None,
-    ) -> None:
-        self._set(pixels, None, format, width, height, byte_size, sha256, source)
-
-    @classmethod
-    def lazy(
-        cls,
-        decode: Callable[[], Image.Image],
-        format: str,
-        width: int,
-        height: int,
-        byte_size: int,
-        sha256: str,
-        source: bytes | None = None,
-    ) -> DecodedImage:
-        """An image whose pixels `decode()` gives on first access to `pixels`; it raises `ImageRejected` when the
-        bytes turn out not to decode."""
-        image = cls.__new__(cls)
-        image._set(None, decode, format, width, height, byte_size, sha256, source)
-        return image
-
-    def _set(
-        self,
-        pixels: Image.Image | None,
-        decode: Callable[[], Image.Image] | None,
-        format: str,
-        width: int,
-        height: int,
-        byte_size: int,
-        sha256: str,
-        source: bytes | None,
-    ) -> None:
-        assign = object.__setattr__
-        assign(self, "format", format)
-        assign(self, "width", width)
-        assign(self, "height", height)
-        assign(self, "byte_size", byte_size)
-        assign(self, "sha256", sha256)
-        assign(self, "source", source)
-        assign(self, "_pixels", pixels)
-        assign(self, "_decode", decode)
-        assign(self, "_failure", None)
-        assign(self, "_lock", None if decode is None else threading.Lock())
+    def __post_init__(self, raster: Image.Image | Callable[[], Image.Image]) -> None:
+        object.__setattr__(self, "_pixels", _Pixels(raster))
 
     @property
     def pixels(self) -> Image.Image:
         """The RGB pixels, decoded now when they were not yet (see the class); `ImageRejected` when they do not."""
-        pixels = self._pixels
-        if pixels is not None:
-            return pixels
-        assert self._lock is not None  # set whenever `_pixels` starts as None
-        with self._lock:
-            if self._pixels is None:
-                if self._failure is None:
-                    assert self._decode is not None
-                    try:
-                        object.__setattr__(self, "_pixels", self._decode())
-                    except ImageRejected as exc:
-                        object.__setattr__(self, "_failure", exc)
-                if self._failure is not None:
-                    failure = self._failure
-                    raise type(failure)(*failure.args) from None
-            assert self._pixels is not None
-            return self._pixels
+        return self._pixels.get()
 
     @property
     def pixels_decoded(self) -> bool:
         """Whether the pixels have been decoded (always, but for the lazily decoded PNG of the class's docstring)."""
-        return self._pixels is not None
-
-    def _facts(self) -> tuple[str, int, int, int, str, bytes | None]:
-        return (self.format, self.width, self.height, self.byte_size, self.sha256, self.source)
-
-    def __eq__(self, other: object) -> bool:
-        """Same facts and same pixels (decoding either image's pixels when the facts match)."""
-        if not isinstance(other, DecodedImage):
-            return NotImplemented
-        return self is other or (self._facts() == other._facts() and self.pixels == other.pixels)
-
-    def __hash__(self) -> int:
-        return hash(self._facts()[:5])
-
-    def __repr__(self) -> str:
-        return (
-            f"DecodedImage(format={self.format!r}, width={self.width}, height={self.height}, "
-            f"byte_size={self.byte_size}, sha256={self.sha256!r}, pixels_decoded={self.pixels_decoded})"
-        )
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}: a DecodedImage is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}: a DecodedImage is immutable")
-
-    def __copy__(self) -> DecodedImage:
-        return self
+        return self._pixels.image is not None
 
     def __deepcopy__(self, memo: dict[int, object]) -> DecodedImage:
-        return self  # immutable, and its pixels are never changed in place
-
-    def __reduce__(self) -> tuple[type[DecodedImage], tuple[Image.Image, str, int, int, int, str, bytes | None]]:
-        return (DecodedImage, (self.pixels, *self._facts()))
+        return self  # immutable, and its pixels are never changed in place: copying would only decode them
 
 
 @dataclass(frozen=True)
@@ -311,7 +236,7 @@ class VisionResult:
     boxes: tuple[Box, ...] = ()
     fallback: VisionFallback | None = None
     cached: bool = False
+    """True when the orchestrator's cache answered (`orchestrator.stages.cache`)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens the model read and wrote for this result, where the backend counts them (0 for `ocr`)."""
-    """True when the orchestrator's cache answered (`orchestrator.stages.cache`)."""

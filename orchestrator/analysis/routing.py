@@ -31,7 +31,6 @@ import json
 import math
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +38,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from cachetools import LRUCache
 
 Decision = Literal["vision_only", "vision_then_reasoning"]
 RequestedMode = Literal["auto", "vision", "reasoning"]
@@ -273,8 +273,7 @@ class EmbeddingRouter:
         self._embedder = embedder
         self._prototypes = tuple(prototypes)
         self.prototype_vectors = prototype_vectors
-        self._cache_size = cache_size
-        self._cache: OrderedDict[str, RouteDecision] = OrderedDict()
+        self._cache: LRUCache[str, RouteDecision] | None = LRUCache(cache_size) if cache_size > 0 else None
         self._model_lock = threading.Lock()  # one model call at a time: the engine's thread safety is not documented
         self._lock = threading.Lock()  # guards the memory only: the event loop looks there too
 
@@ -295,19 +294,16 @@ class EmbeddingRouter:
             vector = np.asarray(self._embedder.query(routing_window(question)), dtype=np.float32)
         evidence = embedding_evidence(vector.reshape(-1), self.prototype_vectors, self._prototypes)
         decision = embedding_decision(question, evidence, self.threshold)
-        if self._cache_size > 0:
+        if self._cache is not None:
             with self._lock:
                 self._cache[question] = decision
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
         return decision
 
     def _remembered(self, question: str) -> RouteDecision | None:
+        if self._cache is None:
+            return None
         with self._lock:
-            cached = self._cache.get(question)
-            if cached is not None:
-                self._cache.move_to_end(question)
-            return cached
+            return self._cache.get(question)
 
     async def route(self, question: str, mode: RequestedMode, /) -> RouteDecision:
         forced = forced_decision(mode, keyword_decision(question).score)

@@ -13,10 +13,11 @@ route a session's requests to the same replica, or send the image again.
 
 from __future__ import annotations
 
+import math
 import secrets
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
+
+from cachetools import TTLCache
 
 from orchestrator.errors import SessionNotFound
 from orchestrator.settings import SessionSettings
@@ -36,8 +37,8 @@ class Session:
 class SessionStore:
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
-        self._sessions: OrderedDict[str, tuple[float, Session]] = OrderedDict()
-        self._bytes = 0
+        # keyed by owner too, so that another caller's lookup misses without touching the session; sized in bytes
+        self._sessions: TTLCache[tuple[str, str], Session] = TTLCache(math.inf, settings.ttl_s, getsizeof=_size)
 
     def open(self, owner: str, image: DecodedImage, image_url: str | None) -> Session:
         session = Session(secrets.token_urlsafe(18), owner, image, image_url, None)
@@ -47,37 +48,31 @@ class SessionStore:
     def get(self, session_id: str, owner: str) -> Session:
         """The live session `session_id` of `owner`; `SessionNotFound` otherwise (expired, evicted, never opened,
         or another caller's: all look the same)."""
-        entry = self._sessions.get(session_id)
-        if entry is None or entry[1].owner != owner or entry[0] <= time.monotonic():
-            if entry is not None and entry[0] <= time.monotonic():
-                del self._sessions[session_id]
-                self._bytes -= _size(entry[1])
+        session = self._sessions.get((owner, session_id))
+        if session is None:
             raise SessionNotFound(
                 f"no session {session_id!r}: it expired ({self._settings.ttl_s:g} s after its last use), was "
                 "evicted, or was never opened by this caller; send the image again"
             )
-        self._put(entry[1])
-        return entry[1]
+        self._put(session)
+        return session
 
     def remember(self, session: Session, vision: VisionResult) -> Session:
         """Keep `vision` as the session's description when it is one (a `describe` result)."""
         if vision.task != "describe" or vision.fallback is not None:
             return session
         updated = replace(session, description=vision)
-        if session.id in self._sessions:
+        if (session.owner, session.id) in self._sessions:
             self._put(updated)
         return updated
 
     def _put(self, session: Session) -> None:
-        previous = self._sessions.pop(session.id, None)
-        if previous is not None:
-            self._bytes -= _size(previous[1])
-        self._sessions[session.id] = (time.monotonic() + self._settings.ttl_s, session)
-        self._bytes += _size(session)
-        limits = self._settings
-        while len(self._sessions) > limits.max_sessions or (self._bytes > limits.max_bytes and len(self._sessions) > 1):
-            _, (_, evicted) = self._sessions.popitem(last=False)
-            self._bytes -= _size(evicted)
+        """Keep `session` for `ttl_s` from now as the most recently used; then the least recently used go while
+        there are more than `max_sessions`, or while they hold more than `max_bytes` (all but the last one)."""
+        sessions, limits = self._sessions, self._settings
+        sessions[session.owner, session.id] = session
+        while len(sessions) > limits.max_sessions or (sessions.currsize > limits.max_bytes and len(sessions) > 1):
+            sessions.popitem()
 
 
 def _size(session: Session) -> int:

@@ -9,21 +9,23 @@ default); `key: exact` keys on the decoded pixels' SHA-256 instead (only the ver
 
 Stores: `MemoryStore` (LRU with a time to live, bounded in entries) by default; `RedisStore` when `url` is set, shared
 by every orchestrator replica. Values are JSON (`result_to_json` / `result_from_json`), never pickles: a store that
-others can write to cannot make this process run code. A store that fails is logged and treated as a miss; the cache
-never fails a request. Results that a fallback backend gave are not cached.
+others can write to cannot make this process run code, and a value that does not validate as a `VisionResult` (strict
+types, no coercion) is a miss. A store that fails is logged and treated as a miss; the cache never fails a request.
+Results that a fallback backend gave are not cached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
-import time
-import types
-from collections import OrderedDict
-from typing import Any, Literal, Protocol, Union, get_args, get_origin, get_type_hints
+from typing import Literal, Protocol
+
+from cachetools import TTLCache
+from pydantic import TypeAdapter
 
 from orchestrator.settings import CacheSettings
 from vision_stage.backend import Health, VisionBackend
@@ -68,26 +70,13 @@ class MemoryStore:
     """At most `max_entries` values, each for `ttl_s`; the least recently used goes first."""
 
     def __init__(self, max_entries: int, ttl_s: float) -> None:
-        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._max_entries = max_entries
-        self._ttl_s = ttl_s
+        self._entries: TTLCache[str, str] = TTLCache(max_entries, ttl_s)
 
     async def get(self, key: str) -> str | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, value = entry
-        if expires <= time.monotonic():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return value
+        return self._entries.get(key)
 
     async def set(self, key: str, value: str) -> None:
-        self._entries[key] = (time.monotonic() + self._ttl_s, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._entries[key] = value
 
     async def aclose(self) -> None:
         self._entries.clear()
@@ -172,45 +161,17 @@ def build_store(settings: CacheSettings) -> Store:
     return MemoryStore(settings.max_entries, settings.ttl_s)
 
 
+@functools.cache
+def _results() -> TypeAdapter[VisionResult]:
+    return TypeAdapter(VisionResult)
+
+
 def result_to_json(result: VisionResult) -> str:
-    return json.dumps(dataclasses.asdict(result), ensure_ascii=False, separators=(",", ":"))
+    # through Python's json: a score that is not a number stays NaN (pydantic's JSON would write null)
+    return json.dumps(_results().dump_python(result, mode="json"), ensure_ascii=False, separators=(",", ":"))
 
 
 def result_from_json(text: str) -> VisionResult:
-    """The `VisionResult` that `result_to_json` wrote; a value of another shape raises (`TypeError`, `ValueError`)."""
-    value = _build(VisionResult, json.loads(text))
-    if not isinstance(value, VisionResult):
-        raise TypeError("the cached value is not a vision result")
-    return value
-
-
-def _build(annotation: Any, value: Any) -> Any:
-    """`value` (parsed JSON) as `annotation`: dataclasses, tuples, unions with None, literals and plain types."""
-    origin = get_origin(annotation)
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        if not isinstance(value, dict):
-            raise TypeError(f"{annotation.__name__}: expected an object")
-        hints = get_type_hints(annotation)
-        names = {f.name for f in dataclasses.fields(annotation)}
-        return annotation(**{name: _build(hints[name], value[name]) for name in names if name in value})
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in get_args(annotation):
-            return None
-        choices = [arg for arg in get_args(annotation) if arg is not type(None)]
-        return _build(choices[0], value) if len(choices) == 1 else value
-    if origin is tuple:
-        args = get_args(annotation)
-        if not isinstance(value, list):
-            raise TypeError("expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], item) for item in value)
-        return tuple(_build(arg, item) for arg, item in zip(args, value, strict=True))
-    if origin is Literal:
-        if value not in get_args(annotation):
-            raise ValueError(f"{value!r} is not one of {get_args(annotation)}")
-        return value
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise TypeError(f"expected {annotation.__name__}, got {type(value).__name__}")
-    return value
+    """The `VisionResult` that `result_to_json` wrote; a value of another shape raises `pydantic.ValidationError`
+    (a `ValueError`)."""
+    return _results().validate_json(text, strict=True)

@@ -31,7 +31,7 @@ from typing import Generic, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from orchestrator.settings import RemoteSettings
+from orchestrator.settings import PolicySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.admission import Admission
 from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
@@ -97,7 +97,7 @@ class ResilientStage(Generic[B]):
         self,
         errors: StageErrors,
         endpoints: Sequence[tuple[str, B]],
-        settings: RemoteSettings,
+        settings: PolicySettings,
         *,
         reserve_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,

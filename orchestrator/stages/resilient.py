@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from orchestrator.settings import RemoteSettings
+from orchestrator.settings import PolicySettings
 from orchestrator.stages.cache import CachedVision
 from orchestrator.stages.endpoints import EndpointStatus, ResilientStage, StageErrors
 from reasoning_stage import backend as reasoning_backend
@@ -46,7 +46,7 @@ class ResilientVision:
     """Vision endpoints behind the stage's policy (`orchestrator.stages.endpoints`)."""
 
     def __init__(
-        self, endpoints: Sequence[tuple[str, VisionBackend]], settings: RemoteSettings, *, reserve_s: float = 0.0
+        self, endpoints: Sequence[tuple[str, VisionBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
     ) -> None:
         first = endpoints[0][1]
         self.name = first.name
@@ -71,7 +71,7 @@ class ResilientReasoning:
     """Reasoning endpoints behind the stage's policy; `stream` retries only before the first delta."""
 
     def __init__(
-        self, endpoints: Sequence[tuple[str, ReasoningBackend]], settings: RemoteSettings, *, reserve_s: float = 0.0
+        self, endpoints: Sequence[tuple[str, ReasoningBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
     ) -> None:
         first = endpoints[0][1]
         self.name = first.name
