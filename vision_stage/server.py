@@ -1,9 +1,10 @@
 """The vision stage as its own OpenAI-compatible server: `create_app(backend, served_model_name=...)`.
 
 `POST /v1/chat/completions` reads the last user message: exactly one `image_url` part holding a
-`data:image/...;base64,...` URL (http(s) URLs are refused with 400 `image_url_not_supported`: this server fetches
-nothing), and text, which `vision_stage.prompts.parse_task_prompt` turns into a task. Earlier messages are ignored:
-each request is one look at one image. The message content returned is, per task:
+`data:image/...;base64,...` URL, read as the orchestrator reads one (`stage_protocol.data_url`; http(s) URLs are
+refused with 400 `image_url_not_supported`: this server fetches nothing), and text, which
+`vision_stage.prompts.parse_task_prompt` turns into a task. Earlier messages are ignored: each request is one look at
+one image. The message content returned is, per task:
 
 - `caption`: the caption;
 - `describe`: the JSON object `DESCRIBE_PROMPT` asks for (`vision_stage.parsing.description_json`), which
@@ -29,15 +30,13 @@ errors) is `stage_protocol.server.app`'s; `VISION_ERRORS` maps every error of th
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from stage_protocol.data_url import Base64Invalid, Base64TooLarge, DataUrlInvalid, NotDataUrl, decode_data_url
 from stage_protocol.server.app import create_stage_app
 from stage_protocol.server.errors import ApiError, ErrorTable, Status
 from stage_protocol.server.openai import ChatCompletionRequest, Completion, MessageIn, Piece
@@ -74,8 +73,6 @@ TOO_MANY_IMAGES = Status(400, "too_many_images")
 IMAGE_URL_NOT_SUPPORTED = Status(400, "image_url_not_supported")
 INVALID_IMAGE_URL = Status(400, "invalid_image_url")
 INVALID_BASE64 = Status(400, "invalid_base64")
-
-_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
 
 
 def create_app(
@@ -133,21 +130,19 @@ def _last_user_message(messages: list[MessageIn]) -> tuple[int, MessageIn]:
 
 
 def data_url_bytes(url: str, max_bytes: int, *, param: str | None = None) -> bytes:
-    """The bytes of a `data:image/...;base64,...` URL; refuses http(s) and other URLs, and what decodes too large."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        message = "this server fetches no image URLs: send the image inline as a data:image/...;base64,... URL"
-        raise ApiError(IMAGE_URL_NOT_SUPPORTED, message, param=param)
-    match = _DATA_URL.match(url)
-    media_type = (match.group("type") or "").lower() if match else ""
-    if match is None or not media_type.startswith("image/") or match.group("b64") is None:
-        raise ApiError(INVALID_IMAGE_URL, "the image URL must be a data:image/...;base64,... URL", param=param)
-    encoded = "".join(url[match.end() :].split())
-    if len(encoded) * 3 // 4 > max_bytes + 3:
-        raise errors.ImageTooLarge(f"the image decodes to more than {max_bytes} bytes; that is the limit")
+    """The bytes of a `data:image/...;base64,...` URL (`stage_protocol.data_url`); refuses http(s) and other URLs,
+    and what decodes too large."""
     try:
-        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
+        return decode_data_url(url, max_bytes)
+    except (NotDataUrl, DataUrlInvalid) as exc:
+        if isinstance(exc, NotDataUrl) and exc.scheme in ("http", "https"):
+            message = "this server fetches no image URLs: send the image inline as a data:image/...;base64,... URL"
+            raise ApiError(IMAGE_URL_NOT_SUPPORTED, message, param=param) from None
+        message = "the image URL must be a data:image/...;base64,... URL"
+        raise ApiError(INVALID_IMAGE_URL, message, param=param) from None
+    except Base64TooLarge:
+        raise errors.ImageTooLarge(f"the image decodes to more than {max_bytes} bytes; that is the limit") from None
+    except Base64Invalid as exc:
         raise ApiError(INVALID_BASE64, f"the image's base64 does not decode: {exc}", param=param) from None
 
 
