@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
+from stage_protocol.backend import Health, StageBackend
 
-
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    detail: str = ""
+__all__ = ["Health", "ReasoningBackend", "StreamingReasoningBackend"]
 
 
 @runtime_checkable
-class ReasoningBackend(Protocol):
-    """A loaded reasoning backend. `name` is the config value (`local`, `none`, `remote`); `model` names what it
-    runs."""
-
-    name: str
-    model: str
+class ReasoningBackend(StageBackend, Protocol):
+    """A loaded reasoning backend (`name`: `local`, `none`, `remote`), with `health` and `aclose` as every stage
+    backend has them (`stage_protocol.backend`)."""
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         """Continue the chat; raise a `reasoning_stage.errors.ReasoningError` when that fails."""
         ...
-
-    async def health(self) -> Health: ...
-
-    async def aclose(self) -> None: ...
 
 
 @runtime_checkable

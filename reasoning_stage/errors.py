@@ -16,6 +16,8 @@ calls the foreign library; nothing outside the stage sees them.
 
 from __future__ import annotations
 
+from stage_protocol.errors import Unavailable
+
 
 class ReasoningError(Exception):
     """Root of every error the reasoning stage raises."""
@@ -25,14 +27,8 @@ class ReasoningDisabled(ReasoningError):
     """No reasoning backend is deployed."""
 
 
-class ReasoningUnavailable(ReasoningError):
-    """The backend cannot answer now. `retryable`: whether asking again may help — False once part of an answer
-    had arrived (the work would be redone) or when the request's own deadline passed."""
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.retryable = retryable
+class ReasoningUnavailable(ReasoningError, Unavailable):
+    """The backend cannot answer now (`retry_after_s`, `retryable`: see `stage_protocol.errors.Unavailable`)."""
 
 
 class ReasoningOverloaded(ReasoningUnavailable):

@@ -259,7 +259,7 @@ def test_plain_base64_decodes_without_the_standard_library(monkeypatch: pytest.M
     def refuse(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("the standard library decoded plain base64")
 
-    monkeypatch.setattr("orchestrator.api.inputs.base64.b64decode", refuse)
+    monkeypatch.setattr("stage_protocol.data_url.base64.b64decode", refuse)
     assert decode_base64(text, 1 << 20) == PAYLOAD
 
 
@@ -278,6 +278,14 @@ def test_other_base64_spellings_still_decode(text: str) -> None:
     assert decode_base64(text, 1 << 20) == PAYLOAD
 
 
+def test_whitespace_does_not_count_against_the_limit() -> None:
+    data = bytes(range(60))
+    spaced = "\n".join(base64.b64encode(data).decode())  # twice as long as the base64 itself
+    assert decode_base64(spaced, 60) == data
+    with pytest.raises(ImageTooLarge, match="more than 50 bytes"):
+        decode_base64(spaced, 50)
+
+
 def test_unpadded_short_base64_decodes() -> None:
     assert decode_base64("QUI", 10) == b"AB"
     assert decode_base64("QQ", 10) == b"A"
@@ -293,7 +301,7 @@ def test_oversize_base64_is_refused_before_decoding(monkeypatch: pytest.MonkeyPa
     def refuse(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("decoded an oversize image")
 
-    monkeypatch.setattr("orchestrator.api.inputs.pybase64.b64decode", refuse)
+    monkeypatch.setattr("stage_protocol.data_url.pybase64.b64decode", refuse)
     with pytest.raises(ImageTooLarge, match="more than 100 bytes"):
         decode_base64("A" * 200, 100)
 

@@ -5,6 +5,8 @@ every stage error."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import codecs
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,6 +172,27 @@ def test_bad_images_are_refused_with_a_precise_code(
     response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "fake-vision", "messages": messages})
     assert (response.status_code, response.json()["error"]["code"]) == (status, code)
     assert not vision.requests  # refused before the backend saw it
+
+
+PNG = png_bytes(color="red")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "DATA:image/png;BASE64," + base64.b64encode(PNG).decode(),
+        "data:image/png;base64," + base64.urlsafe_b64encode(PNG).decode().rstrip("="),
+        "data:image/png;base64," + codecs.encode(PNG, "base64").decode(),  # MIME lines of 76 characters
+    ],
+    ids=["upper-case", "url-safe-unpadded", "mime-lines"],
+)
+def test_data_urls_are_read_as_the_orchestrator_reads_them(
+    fake_vision: tuple[SeeingVision, RunningServer], url: str
+) -> None:
+    vision, server = fake_vision
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": image_message("what?", url)})
+    assert response.status_code == 200
+    assert vision.requests[0].image.source == PNG
 
 
 def test_vision_server_request_errors(fake_vision: tuple[SeeingVision, RunningServer]) -> None:

@@ -4,11 +4,10 @@ OpenAI-compatible server (see `vision_stage.server`)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
-import time
 
+from stage_protocol.server.command import add_listening, add_log_level, run, serve, serve_command
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import VisionError
 
@@ -20,51 +19,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.backend == "glm" and not args.model:
         parser.error("--backend glm needs --model (a local directory, or a hub id with --allow-download)")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    try:
-        return asyncio.run(_serve(args))
-    except VisionError as exc:
-        log.error("could not start the vision stage: %s", exc)
-        return 1
+    return run(_serve(args), stage="vision", log_level=args.log_level, fails=VisionError, log=log)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vision_stage", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve POST /v1/chat/completions, GET /v1/models and GET /health")
+    parser, serve = serve_command("python -m vision_stage", __doc__)
     serve.add_argument("--backend", choices=("glm", "ocr"), default="ocr", help="what looks (default: ocr)")
     serve.add_argument("--model", help="glm: the model's local directory or hub id (ocr needs none)")
-    serve.add_argument("--served-model-name", help="the name clients ask for (default: the backend's model)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8001, help="port to bind (default: 8001)")
+    add_listening(serve, port=8001)
     serve.add_argument("--device", default="cpu", help="glm: torch device (default: cpu)")
     serve.add_argument("--dtype", default="auto", help="glm: auto, bfloat16, float16 or float32 (default: auto)")
     serve.add_argument("--thinking", action="store_true", help="glm: let the model think before answering")
     serve.add_argument("--max-new-tokens", type=int, default=1024, help="glm: tokens per answer (default: 1024)")
     serve.add_argument("--allow-download", action="store_true", help="glm: fetch a hub id missing from the cache")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_log_level(serve)
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from vision_stage.server import create_app
 
-    started = time.perf_counter()
-    log.info("loading vision backend %r ...", args.backend)
-    backend = await _load(args)
-    log.info(
-        "loaded vision backend %r (model %s) in %.2f s", backend.name, backend.model, time.perf_counter() - started
+    return await serve(
+        args, _load(args), lambda backend, name: create_app(backend, served_model_name=name), stage="vision", log=log
     )
-    name = args.served_model_name or backend.model
-    app = create_app(backend, served_model_name=name)
-    log.info("serving %r on http://%s:%d/v1", name, args.host, args.port)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
-    await uvicorn.Server(config).serve()
-    return 0
 
 
 async def _load(args: argparse.Namespace) -> VisionBackend:

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from stage_protocol.backend import Health, StageBackend
 from vision_stage.types import VisionRequest, VisionResult
 
-
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    detail: str = ""
+__all__ = ["Health", "VisionBackend"]
 
 
 @runtime_checkable
-class VisionBackend(Protocol):
-    """A loaded vision backend. `name` is the config value (`ocr`, `glm`, `remote`); `model` names what it runs."""
-
-    name: str
-    model: str
+class VisionBackend(StageBackend, Protocol):
+    """A loaded vision backend (`name`: `ocr`, `glm`, `remote`), with `health` and `aclose` as every stage backend
+    has them (`stage_protocol.backend`)."""
 
     async def generate(self, request: VisionRequest) -> VisionResult:
         """Look at the image; raise a `vision_stage.errors.VisionError` when that fails."""
         ...
-
-    async def health(self) -> Health: ...
-
-    async def aclose(self) -> None: ...

@@ -20,6 +20,8 @@ foreign library; nothing outside the stage sees them.
 
 from __future__ import annotations
 
+from stage_protocol.errors import Unavailable
+
 
 class VisionError(Exception):
     """Root of every error the vision stage raises."""
@@ -49,14 +51,8 @@ class ImageCorrupt(ImageRejected):
     """The image is truncated or damaged."""
 
 
-class VisionUnavailable(VisionError):
-    """The backend cannot answer now. `retryable`: whether asking again may help — False once part of an answer
-    had arrived (the work would be redone) or when the request's own deadline passed."""
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.retryable = retryable
+class VisionUnavailable(VisionError, Unavailable):
+    """The backend cannot answer now (`retry_after_s`, `retryable`: see `stage_protocol.errors.Unavailable`)."""
 
 
 class VisionOverloaded(VisionUnavailable):

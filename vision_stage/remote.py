@@ -15,34 +15,11 @@ the server runs no reasoning parser; it is returned as `thinking`, never as the 
 liberally (`vision_stage.parsing`): a description in any JSON shape, Markdown or prose is kept, never an error. The
 request and the stream go through `stage_protocol.ChatClient`, which checks each chunk's shape.
 
-Errors are translated in `translate_error` (the client's `StageHttpError`s) and `_finish_reason` (the stream's own
-verdict), as `stage_protocol.client.failures` classifies them:
-
-| what happened                                                   | raised                                   |
-| --------------------------------------------------------------- | ---------------------------------------- |
-| connection refused or reset, DNS failure, timeout               | `VisionUnavailable`; `retryable` False   |
-|                                                                 | once text of the answer had arrived      |
-| HTTP 408, 429 or 5xx                                            | `VisionUnavailable`, `retry_after_s`     |
-|                                                                 | from `Retry-After` (seconds or a date)   |
-| an exhausted account balance (the GLM open platform's 1113)     | `VisionUnavailable`, not retryable       |
-| vLLM's 500 for an image it could not decode                     | `ImageCorrupt`                           |
-| other HTTP 4xx (bad request, context too long, unknown model,   | `VisionRejected`                         |
-| a vendor's safety refusal)                                      |                                          |
-| an error event inside the stream                                | by its `code`, as a status (100–599) or  |
-|                                                                 | a vendor code; else `VisionUnavailable`  |
-| a 200 not `text/event-stream`, an event not JSON, a chunk       | `VisionInvalidOutput`                    |
-| without `choices`, no chunk at all, a stream ending before a    |                                          |
-| `finish_reason` (cut mid-answer)                                |                                          |
-| `finish_reason` `content_filter` or `sensitive`                 | `VisionRejected`                         |
-| `finish_reason` `abort`, `error` or `network_error`             | `VisionUnavailable`                      |
-| any other `finish_reason` than `stop` or `length`               | `VisionInvalidOutput`                    |
-| no answer at all, or nothing after the thinking                 | `VisionInvalidOutput`                    |
-| more than `MAX_CHARS_PER_TOKEN` characters per requested token  | `VisionInvalidOutput`                    |
-
-Timeouts: `connect_timeout_s` to connect; `first_byte_timeout_s` for the longest silence, before the answer begins
-and between its parts; `timeout_s` for one answer in all.
-
-Every message names the backend, the server's base URL and the model.
+The client, `health`, `aclose`, the timeouts and the translation of every failure are `RemoteBackend`'s
+(`stage_protocol.client.remote`, whose table says what is raised when), into `VisionUnavailable`, `VisionRejected`
+and `VisionInvalidOutput`; vLLM's 500 for an image it could not decode is `ImageCorrupt`, and the image errors of our
+own vision server keep their class (`STAGE_SERVER_CODES`). No answer at all, or nothing after the thinking, is
+`VisionInvalidOutput`.
 """
 
 from __future__ import annotations
@@ -50,25 +27,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Unpack
 
-import httpx
-
-from stage_protocol.client import (
-    ChatClient,
-    Chunk,
-    Dialect,
-    DialectName,
-    ErrorTree,
-    StageHttpError,
-    classify,
-    dialect,
-    finish_failure,
-)
+from stage_protocol.client import Chunk, ErrorTree
+from stage_protocol.client.remote import Progress, RemoteBackend, RemoteEndpoint, RemoteOptions, connect
 from stage_protocol.loops import LOOP_NOTE, LoopWatch
-from vision_stage.backend import Health
 from vision_stage.errors import (
     ImageCorrupt,
     ImageEmpty,
@@ -86,9 +52,6 @@ from vision_stage.parsing import read_output, split_thinking
 from vision_stage.prompts import task_prompt
 from vision_stage.types import ImageFacts, VisionRequest, VisionResult, VisionTask
 
-HEALTH_TIMEOUT_S = 10.0
-MAX_CHARS_PER_TOKEN = 32
-"""A server that sends more text than this per requested token is not honouring `max_tokens`: cut it off."""
 ALL_REASONING_NOTE = (
     "the server sent the whole answer as reasoning and none as content (a reasoning parser that expected thinking "
     "the model did not do); it is read as the answer"
@@ -117,35 +80,21 @@ class _Answer:
     """The answer fell into a loop and was left there (`stage_protocol.loops.LoopWatch`)."""
 
 
-class RemoteVisionBackend:
-    """The `remote` vision backend over a `stage_protocol.ChatClient` (built by `load`, or injected)."""
-
-    name = "remote"
+class RemoteVisionBackend(RemoteBackend[VisionError]):
+    """The `remote` vision backend over a `RemoteEndpoint` (built by `load`)."""
 
     def __init__(
         self,
-        client: ChatClient,
+        endpoint: RemoteEndpoint,
         *,
-        base_url: str,
-        model: str,
         thinking: bool = False,
         max_new_tokens: int = 1024,
         pass_image_urls: bool = False,
-        timeout_s: float = 120.0,
-        headers: Callable[[], Mapping[str, str]] | None = None,
-        speaks: Dialect | None = None,
     ) -> None:
-        self.model = model
-        self.dialect = speaks or dialect("auto")
-        self.base_url = base_url
-        self._headers = headers
-        self._timeout_s = timeout_s
-        self._client = client
+        super().__init__(endpoint, ERRORS)
         self._thinking = thinking
         self._max_new_tokens = max_new_tokens
         self._pass_image_urls = pass_image_urls
-        self._closed = False
-        self._where = f"the remote vision backend ({base_url}, model {model!r})"
 
     @classmethod
     async def load(
@@ -153,47 +102,19 @@ class RemoteVisionBackend:
         *,
         base_url: str,
         model: str,
-        api_key: str | None = None,
-        timeout_s: float = 120.0,
-        connect_timeout_s: float = 5.0,
-        first_byte_timeout_s: float = 60.0,
         thinking: bool = False,
         max_new_tokens: int = 1024,
         pass_image_urls: bool = False,
-        headers: Callable[[], Mapping[str, str]] | None = None,
-        http_client: httpx.AsyncClient | None = None,
-        dialect_name: DialectName = "auto",
+        **options: Unpack[RemoteOptions],
     ) -> RemoteVisionBackend:
-        """Build the client; nothing is sent (see `health`). Timeouts as in the module docstring; retries are left
-        to the caller.
-
-        `headers` gives extra headers for each request (the orchestrator sends its request id). `http_client` (tests,
-        custom transports) is used as is and never closed by `aclose`."""
-        if httpx.URL(base_url).scheme not in ("http", "https"):
-            raise ValueError(f"the remote vision backend needs an http(s) base URL, got {base_url!r}")
-        client = ChatClient(
-            base_url,
-            api_key=api_key,
-            connect_timeout_s=connect_timeout_s,
-            first_byte_timeout_s=first_byte_timeout_s,
-            http_client=http_client,
-        )
-        return cls(
-            client,
-            base_url=base_url,
-            model=model,
-            thinking=thinking,
-            max_new_tokens=max_new_tokens,
-            pass_image_urls=pass_image_urls,
-            timeout_s=timeout_s,
-            headers=headers,
-            speaks=dialect(dialect_name),
-        )
+        """Build the client (`stage_protocol.client.remote.connect`, which takes `options`); nothing is sent (see
+        `health`)."""
+        endpoint = connect("vision", base_url=base_url, model=model, **options)
+        return cls(endpoint, thinking=thinking, max_new_tokens=max_new_tokens, pass_image_urls=pass_image_urls)
 
     async def generate(self, request: VisionRequest) -> VisionResult:
         started = time.perf_counter()
-        if self._closed:
-            raise VisionUnavailable(f"{self._where} is closed")
+        self._check_open()
         prompt = self._prompt(request)
         if self._needs_pixels(request):
             image_url, facts, fitted = await asyncio.to_thread(self._prepare, request)
@@ -261,35 +182,33 @@ class RemoteVisionBackend:
         )
 
     async def _complete(self, body: dict[str, object]) -> _Answer:
-        progress = _Progress(max_chars=MAX_CHARS_PER_TOKEN * self._max_new_tokens)
-        headers = self._headers() if self._headers else None
-        try:
-            async with asyncio.timeout(self._timeout_s), aclosing(self._client.chunks(body, headers)) as chunks:
-                return await _collect(chunks, self._where, progress)
-        except TimeoutError as exc:
-            raise VisionUnavailable(
-                f"{self._where} did not finish its answer within {self._timeout_s:g} s", retryable=not progress.chars
-            ) from exc
-        except StageHttpError as exc:
-            raise translate_error(exc, self._where, midway=progress.chars > 0, speaks=self.dialect) from exc
+        progress = self._progress(self._max_new_tokens)
+        with self._translating(progress):
+            async with asyncio.timeout(self._endpoint.timeout_s), aclosing(self._chunks(body)) as chunks:
+                return await self._collect(chunks, progress)
 
-    async def health(self) -> Health:
-        """`GET {base_url}/models`: ok when the server answers and serves the model. Never raises."""
-        if self._closed:
-            return Health(ok=False, detail="closed")
-        try:
-            served = await self._client.model_ids(HEALTH_TIMEOUT_S)
-        except Exception as exc:  # health reports every failure, whatever raised it
-            error = translate_error(exc, self._where, speaks=self.dialect) if isinstance(exc, StageHttpError) else exc
-            return Health(ok=False, detail=f"{type(error).__name__}: {error}")
-        if self.model not in served:
-            return Health(ok=False, detail=f"{self._where} is up but serves only: {', '.join(served) or 'nothing'}")
-        return Health(ok=True, detail=f"{self.base_url} serves {self.model!r}")
-
-    async def aclose(self) -> None:
-        """Close the client (its HTTP client too, unless that was injected)."""
-        self._closed = True
-        await self._client.aclose()
+    async def _collect(self, chunks: AsyncIterator[Chunk], progress: Progress) -> _Answer:
+        """Accumulate the chunks (the client raises on an empty or cut stream)."""
+        content: list[str] = []
+        reasoning: list[str] = []
+        finish = "stop"
+        tokens = (0, 0)
+        watch = LoopWatch()
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                tokens = (chunk.usage[0] or 0, chunk.usage[1] or 0)
+            if not chunk.choice:  # the usage chunk
+                continue
+            content.append(chunk.content)
+            reasoning.append(chunk.reasoning)
+            progress.add(chunk.content, chunk.reasoning)
+            if chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+            if watch.add(chunk.content + chunk.reasoning):  # the caller closes the stream: the server stops
+                return _Answer("".join(content), "".join(reasoning), "stop", tokens, looped=True)
+        text = "".join(content)
+        self._check_finish(finish, midway=bool(text))
+        return _Answer(text, "".join(reasoning), finish, tokens)
 
 
 def _all_reasoning(answer: _Answer) -> bool:
@@ -303,57 +222,6 @@ def _thinking_and_text(answer: _Answer) -> tuple[str | None, str]:
     in_content, text = split_thinking(answer.content)
     parts = [part for part in (answer.reasoning.strip(), in_content) if part]
     return ("\n".join(parts) or None), text
-
-
-class _Progress:
-    """How much of the answer has arrived; more than `max_chars` is `VisionInvalidOutput`."""
-
-    def __init__(self, max_chars: int) -> None:
-        self.chars = 0
-        self._max_chars = max_chars
-
-    def add(self, *texts: str, where: str) -> None:
-        self.chars += sum(len(text) for text in texts)
-        if self.chars > self._max_chars:
-            raise VisionInvalidOutput(f"{where} sent more than {self._max_chars} characters: max_tokens ignored?")
-
-
-async def _collect(chunks: AsyncIterator[Chunk], where: str, progress: _Progress) -> _Answer:
-    """Accumulate the chunks (the client raises on an empty or cut stream)."""
-    content: list[str] = []
-    reasoning: list[str] = []
-    finish = "stop"
-    tokens = (0, 0)
-    watch = LoopWatch()
-    async for chunk in chunks:
-        if chunk.usage is not None:
-            tokens = (chunk.usage[0] or 0, chunk.usage[1] or 0)
-        if not chunk.choice:  # the usage chunk
-            continue
-        content.append(chunk.content)
-        reasoning.append(chunk.reasoning)
-        progress.add(chunk.content, chunk.reasoning, where=where)
-        if chunk.finish_reason is not None:
-            finish = chunk.finish_reason
-        if watch.add(chunk.content + chunk.reasoning):  # the caller closes the stream: the server stops
-            return _Answer("".join(content), "".join(reasoning), "stop", tokens, looped=True)
-    text = "".join(content)
-    return _Answer(text, "".join(reasoning), _finish_reason(finish, where, midway=bool(text)), tokens)
-
-
-def _finish_reason(reason: str, where: str, *, midway: bool) -> str:
-    failure = finish_failure(reason)
-    if failure is not None:
-        raise ERRORS.error(failure, where, midway=midway)
-    return reason
-
-
-def translate_error(
-    exc: StageHttpError, where: str, *, midway: bool = False, speaks: Dialect | None = None
-) -> VisionError:
-    """Map a failure of the stage client into the vision error tree (`stage_protocol.classify` says what it means)."""
-    stream_codes = speaks.stream_error_codes if speaks is not None else True
-    return ERRORS.error(classify(exc, stream_codes=stream_codes), where, midway=midway)
 
 
 STAGE_SERVER_CODES: dict[str, type[VisionError]] = {

@@ -1,9 +1,10 @@
 """The vision stage as its own OpenAI-compatible server: `create_app(backend, served_model_name=...)`.
 
 `POST /v1/chat/completions` reads the last user message: exactly one `image_url` part holding a
-`data:image/...;base64,...` URL (http(s) URLs are refused with 400 `image_url_not_supported`: this server fetches
-nothing), and text, which `vision_stage.prompts.parse_task_prompt` turns into a task. Earlier messages are ignored:
-each request is one look at one image. The message content returned is, per task:
+`data:image/...;base64,...` URL, read as the orchestrator reads one (`stage_protocol.data_url`; http(s) URLs are
+refused with 400 `image_url_not_supported`: this server fetches nothing), and text, which
+`vision_stage.prompts.parse_task_prompt` turns into a task. Earlier messages are ignored: each request is one look at
+one image. The message content returned is, per task:
 
 - `caption`: the caption;
 - `describe`: the JSON object `DESCRIBE_PROMPT` asks for (`vision_stage.parsing.description_json`), which
@@ -20,42 +21,25 @@ results, not token streams, so the backend runs to the end before the first even
 status. `chat_template_kwargs.enable_thinking` is accepted and ignored: no vision backend switches thinking per request
 (the `glm` backend's thinking is set when it is loaded), nor takes a token limit or temperature per request
 (`max_tokens` and `temperature` are accepted and ignored). Token usage is reported as zeros: the backends do not count
-tokens. `model` may be the served name, the backend's name (`stage_protocol.server.serving`), empty or missing; any
-other name is 404 `model_not_found`.
+tokens.
 
-Errors are OpenAI-shaped; `VISION_ERRORS` maps every error of the vision stage to its status and code.
+What both stage servers share (the names served, `GET /v1/models`, `GET /health`, the body limit, OpenAI-shaped
+errors) is `stage_protocol.server.app`'s; `VISION_ERRORS` maps every error of the vision stage to its status and code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import re
-import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from stage_protocol.server.openai import (
-    ApiError,
-    BodyLimit,
-    ChatCompletionRequest,
-    Failure,
-    MessageIn,
-    Piece,
-    Reply,
-    Status,
-    chat_events,
-    event_stream,
-    install_error_handlers,
-)
-from stage_protocol.server.serving import model_list, served_names, unknown_model
+from stage_protocol.data_url import Base64Invalid, Base64TooLarge, DataUrlInvalid, NotDataUrl, decode_data_url
+from stage_protocol.server.app import create_stage_app
+from stage_protocol.server.errors import ApiError, ErrorTable, Status
+from stage_protocol.server.openai import ChatCompletionRequest, Completion, MessageIn, Piece
 from vision_stage import errors
 from vision_stage.backend import VisionBackend
 from vision_stage.description import NOT_JSON_NOTE, remarks, written_text
@@ -68,7 +52,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 """Room for a base64 image at `ImageLimits`' default 20 MiB (about 27 MiB encoded) and the rest of the request."""
-DEFAULT_RETRY_AFTER_S = 5.0
 
 VISION_ERRORS: dict[type[errors.VisionError], Status] = {
     errors.ImageEmpty: Status(400, "image_empty"),
@@ -82,25 +65,14 @@ VISION_ERRORS: dict[type[errors.VisionError], Status] = {
     errors.VisionInvalidOutput: Status(502, "vision_invalid_output"),
 }
 """Every error of the vision stage's tree: its HTTP status and OpenAI `code` (a test checks every leaf is here)."""
-INTERNAL_ERROR = Status(500, "internal_error")
+ERRORS = ErrorTable("vision", errors.VisionError, VISION_ERRORS, log)
 
-MODEL_NOT_FOUND = Status(404, "model_not_found")
 USER_MESSAGE_MISSING = Status(400, "user_message_missing")
 IMAGE_MISSING = Status(400, "image_missing")
 TOO_MANY_IMAGES = Status(400, "too_many_images")
 IMAGE_URL_NOT_SUPPORTED = Status(400, "image_url_not_supported")
 INVALID_IMAGE_URL = Status(400, "invalid_image_url")
 INVALID_BASE64 = Status(400, "invalid_base64")
-
-_DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
-
-
-@dataclass(frozen=True)
-class VisionService:
-    backend: VisionBackend
-    model_name: str
-    image_limits: ImageLimits
-    created: int
 
 
 def create_app(
@@ -110,85 +82,28 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     image_limits: ImageLimits | None = None,
 ) -> FastAPI:
-    """An app serving `backend` under `served_model_name`; it owns the backend and closes it at shutdown."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await backend.aclose()
-
-    app = FastAPI(title="vision stage", lifespan=lifespan)
-    app.state.service = VisionService(backend, served_model_name, image_limits or ImageLimits(), int(time.time()))
-    app.include_router(api)
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
-    install_error_handlers(app, failure_of, (errors.VisionError,))
-    return app
+    """An app serving `backend` under `served_model_name` (`stage_protocol.server.app`); it owns the backend and
+    closes it at shutdown."""
+    answers = VisionAnswers(backend, image_limits or ImageLimits())
+    return create_stage_app(answers, ERRORS, served_model_name=served_model_name, max_body_bytes=max_body_bytes)
 
 
-def failure_of(exc: Exception) -> Failure:
-    """How `exc` is reported to the client; 5xx are logged, unknown errors with their traceback."""
-    if isinstance(exc, ApiError):
-        return Failure(exc.status, str(exc), exc.param)
-    status = next((VISION_ERRORS[cls] for cls in type(exc).__mro__ if cls in VISION_ERRORS), None)
-    if status is None:
-        log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        return Failure(INTERNAL_ERROR, "internal error in the vision stage server; see its log")
-    if status.status >= 500:
-        log.warning("vision backend failed: %s: %s", type(exc).__name__, exc)
-    retry = (exc.retry_after_s or DEFAULT_RETRY_AFTER_S) if isinstance(exc, errors.VisionUnavailable) else None
-    return Failure(status, str(exc), retry_after_s=retry)
+@dataclass(frozen=True)
+class VisionAnswers:
+    """One look at one image per request (module docstring); a streamed answer is the whole one in two pieces."""
 
+    backend: VisionBackend
+    limits: ImageLimits
 
-def _service(request: Request) -> VisionService:
-    service: VisionService = request.app.state.service
-    return service
+    async def complete(self, body: ChatCompletionRequest) -> Completion:
+        request = await read_vision_request(body, self.limits)
+        result = await self.backend.generate(request)
+        return Completion(content_of(request.task, result), result.thinking)
 
-
-Service = Annotated[VisionService, Depends(_service)]
-api = APIRouter()
-
-
-@api.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, service: Service) -> Response:
-    unknown = unknown_model(body.model, served_names(service.model_name, service.backend.name))
-    if unknown is not None:
-        raise ApiError(MODEL_NOT_FOUND, unknown, param="model")
-    request = await read_vision_request(body, service.image_limits)
-    result = await service.backend.generate(request)
-    content = content_of(request.task, result)
-    reply, finish = Reply(service.model_name), Piece(finish_reason="stop")
-    if not body.stream:
-        return JSONResponse(reply.completion(content, result.thinking, finish).to_dict(mode="json"))
-    pieces = _whole(Piece(thinking=result.thinking or ""), Piece(text=content, finish_reason="stop"))
-    events = chat_events(reply, pieces, include_usage=body.include_usage, on_error=failure_of)
-    return event_stream(events)
-
-
-async def _whole(*pieces: Piece) -> AsyncIterator[Piece]:
-    for piece in pieces:
-        yield piece
-
-
-@api.get("/v1/models")
-async def list_models(service: Service) -> dict[str, object]:
-    names = served_names(service.model_name, service.backend.name)
-    return model_list(names, service.created, "vision_stage")
-
-
-@api.get("/health", response_model=None)
-async def health(service: Service) -> JSONResponse:
-    """200 while the backend can answer, 503 (with Retry-After) while it cannot."""
-    state = await service.backend.health()
-    body = {
-        "status": "ok" if state.ok else "unavailable",
-        "model": service.model_name,
-        "backend": service.backend.name,
-        "detail": state.detail,
-    }
-    headers = None if state.ok else {"Retry-After": str(round(DEFAULT_RETRY_AFTER_S))}
-    return JSONResponse(body, status_code=200 if state.ok else 503, headers=headers)
+    async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[Piece]:
+        answer = await self.complete(body)
+        yield Piece(thinking=answer.thinking or "")
+        yield Piece(text=answer.text, finish_reason="stop")
 
 
 async def read_vision_request(body: ChatCompletionRequest, limits: ImageLimits) -> VisionRequest:
@@ -215,21 +130,19 @@ def _last_user_message(messages: list[MessageIn]) -> tuple[int, MessageIn]:
 
 
 def data_url_bytes(url: str, max_bytes: int, *, param: str | None = None) -> bytes:
-    """The bytes of a `data:image/...;base64,...` URL; refuses http(s) and other URLs, and what decodes too large."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        message = "this server fetches no image URLs: send the image inline as a data:image/...;base64,... URL"
-        raise ApiError(IMAGE_URL_NOT_SUPPORTED, message, param=param)
-    match = _DATA_URL.match(url)
-    media_type = (match.group("type") or "").lower() if match else ""
-    if match is None or not media_type.startswith("image/") or match.group("b64") is None:
-        raise ApiError(INVALID_IMAGE_URL, "the image URL must be a data:image/...;base64,... URL", param=param)
-    encoded = "".join(url[match.end() :].split())
-    if len(encoded) * 3 // 4 > max_bytes + 3:
-        raise errors.ImageTooLarge(f"the image decodes to more than {max_bytes} bytes; that is the limit")
+    """The bytes of a `data:image/...;base64,...` URL (`stage_protocol.data_url`); refuses http(s) and other URLs,
+    and what decodes too large."""
     try:
-        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
+        return decode_data_url(url, max_bytes)
+    except (NotDataUrl, DataUrlInvalid) as exc:
+        if isinstance(exc, NotDataUrl) and exc.scheme in ("http", "https"):
+            message = "this server fetches no image URLs: send the image inline as a data:image/...;base64,... URL"
+            raise ApiError(IMAGE_URL_NOT_SUPPORTED, message, param=param) from None
+        message = "the image URL must be a data:image/...;base64,... URL"
+        raise ApiError(INVALID_IMAGE_URL, message, param=param) from None
+    except Base64TooLarge:
+        raise errors.ImageTooLarge(f"the image decodes to more than {max_bytes} bytes; that is the limit") from None
+    except Base64Invalid as exc:
         raise ApiError(INVALID_BASE64, f"the image's base64 does not decode: {exc}", param=param) from None
 
 

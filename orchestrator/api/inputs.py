@@ -9,9 +9,6 @@ Every way a request can be malformed ends here as an `orchestrator.errors.Reques
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -19,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-import pybase64
 from pydantic import BaseModel, ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
@@ -39,13 +35,10 @@ from orchestrator.errors import (
     ValidationFailed,
 )
 from orchestrator.security.fetch import ImageFetcher
+from stage_protocol import data_url
 from vision_stage.errors import ImageTooLarge
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
-_DATA_URL = re.compile(
-    r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.IGNORECASE
-)
-"""A `data:` URL's head; its scheme, media type and `base64` are case-insensitive (RFC 2397, RFC 3986)."""
 _FORM_FIELDS = frozenset({"image", "question", "mode", "profile", "response_format", "stream", "session_id"})
 M = TypeVar("M", bound=BaseModel)
 
@@ -212,44 +205,34 @@ def validation_problems(errors: Sequence[Mapping[str, Any]]) -> str:
 
 
 def decode_base64(text: str, max_image_bytes: int) -> bytes:
-    """Decode standard or URL-safe base64, whitespace allowed; refuse what would decode past the byte limit.
-
-    Plain padded standard base64 (what clients send) decodes in one pass (pybase64, SIMD), without copying the
-    text; anything else is first made so."""
-    if len(text) * 3 // 4 > max_image_bytes + 3:
-        raise ImageTooLarge(f"the base64 image decodes to more than {max_image_bytes} bytes; that is the limit")
-    with contextlib.suppress(binascii.Error, ValueError):
-        return pybase64.b64decode(text, validate=True)
-    compact = "".join(text.split())
-    if len(compact) * 3 // 4 > max_image_bytes + 3:
-        raise ImageTooLarge(f"the base64 image decodes to more than {max_image_bytes} bytes; that is the limit")
-    compact = compact.replace("-", "+").replace("_", "/")
-    compact += "=" * (-len(compact) % 4)
-    with contextlib.suppress(binascii.Error, ValueError):
-        return pybase64.b64decode(compact, validate=True)
-    try:  # the standard library's errors say what is wrong more precisely
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as exc:
+    """Decode standard or URL-safe base64, whitespace allowed; refuse what would decode past the byte limit
+    (`stage_protocol.data_url.decode_base64`)."""
+    try:
+        return data_url.decode_base64(text, max_image_bytes)
+    except data_url.Base64TooLarge:
+        message = f"the base64 image decodes to more than {max_image_bytes} bytes; that is the limit"
+        raise ImageTooLarge(message) from None
+    except data_url.Base64Invalid as exc:
         raise InvalidBase64(f"the image is not valid base64: {exc}") from None
 
 
 def decode_data_url(url: str, max_image_bytes: int) -> bytes:
-    """The bytes of a `data:image/...;base64,...` URL. Any other scheme is refused (`image_url_not_supported`):
-    http(s) URLs are fetched by `read_image_url`, not here."""
-    scheme = _scheme(url)
-    if scheme in ("http", "https"):
-        raise ImageUrlNotSupported("http(s) image URLs are not fetched here; send a data: URL or the bytes")
-    if scheme not in ("", "data"):
-        raise ImageUrlNotSupported(f"the {scheme}: scheme is not fetched; send an http(s) URL or a data: URL")
-    match = _DATA_URL.match(url)
-    if scheme != "data" or match is None:
-        raise InvalidDataUrl("`image_url` must be a data: URL such as data:image/png;base64,... or an http(s) URL")
-    media_type = (match.group("type") or "").lower()
-    if not media_type.startswith("image/"):
-        raise InvalidDataUrl(f"the data: URL's media type is {media_type or '(none)'!r}; it must be image/*")
-    if match.group("b64") is None:
-        raise InvalidDataUrl("the data: URL must be base64-encoded (…;base64,…)")
-    return decode_base64(url[match.end() :], max_image_bytes)
+    """The bytes of a `data:image/...;base64,...` URL (`stage_protocol.data_url`). Any other scheme is refused
+    (`image_url_not_supported`): http(s) URLs are fetched by `read_image_url`, not here."""
+    try:
+        payload = data_url.base64_payload(url)
+    except data_url.NotDataUrl as exc:
+        if exc.scheme in ("http", "https"):
+            message = "http(s) image URLs are not fetched here; send a data: URL or the bytes"
+            raise ImageUrlNotSupported(message) from None
+        if exc.scheme not in ("", "data"):
+            message = f"the {exc.scheme}: scheme is not fetched; send an http(s) URL or a data: URL"
+            raise ImageUrlNotSupported(message) from None
+        message = "`image_url` must be a data: URL such as data:image/png;base64,... or an http(s) URL"
+        raise InvalidDataUrl(message) from None
+    except data_url.DataUrlInvalid as exc:
+        raise InvalidDataUrl(str(exc)) from None
+    return decode_base64(payload, max_image_bytes)
 
 
 def _scheme(url: str) -> str:

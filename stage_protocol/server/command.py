@@ -1,0 +1,78 @@
+"""The command line both stage servers share: `python -m <stage> serve [...]` loads a backend and serves it with
+uvicorn (`vision_stage.__main__`, `reasoning_stage.__main__` add their backends' own flags)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from starlette.types import ASGIApp
+
+from stage_protocol.backend import StageBackend
+
+B = TypeVar("B", bound=StageBackend)
+SERVE_HELP = "serve POST /v1/chat/completions, GET /v1/models and GET /health"
+
+
+def serve_command(prog: str, description: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parser of `prog`, and its `serve` command, to which the stage adds its flags (`add_listening` for where,
+    `add_log_level` last)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    commands = parser.add_subparsers(dest="command", required=True)
+    return parser, commands.add_parser("serve", help=SERVE_HELP)
+
+
+def add_listening(serve: argparse.ArgumentParser, *, port: int) -> None:
+    """`--served-model-name`, `--host` and `--port` (default `port`)."""
+    serve.add_argument("--served-model-name", help="the name clients ask for (default: the backend's model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=port, help=f"port to bind (default: {port})")
+
+
+def add_log_level(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def run(
+    serving: Coroutine[Any, Any, int], *, stage: str, log_level: str, fails: type[Exception], log: logging.Logger
+) -> int:
+    """Log to stderr at `log_level` and run `serving` to its end: its exit status, or 1 when it raises the stage's
+    `fails` (a backend that cannot be loaded)."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return asyncio.run(serving)
+    except fails as exc:
+        log.error("could not start the %s stage: %s", stage, exc)
+        return 1
+
+
+async def serve(
+    args: argparse.Namespace,
+    loading: Awaitable[B],
+    app_for: Callable[[B, str], ASGIApp],
+    *,
+    stage: str,
+    log: logging.Logger,
+    about: Callable[[B], str] = lambda backend: f"model {backend.model}",
+) -> int:
+    """Load the backend (`loading`, timed and logged: `about` says what was loaded), build its app under the served
+    name (`app_for(backend, name)`) and serve it on `args.host` and `args.port` until the server stops."""
+    import uvicorn
+
+    started = time.perf_counter()
+    log.info("loading %s backend %r ...", stage, args.backend)
+    backend = await loading
+    log.info("loaded %s backend %r (%s) in %.2f s", stage, backend.name, about(backend), time.perf_counter() - started)
+    name = args.served_model_name or backend.model
+    app = app_for(backend, name)
+    log.info("serving %r on http://%s:%d/v1", name, args.host, args.port)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    await uvicorn.Server(config).serve()
+    return 0
