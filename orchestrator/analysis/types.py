@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.analysis.messages import Language, Profile
 from orchestrator.analysis.routing import Decision, RequestedMode, RouteDecision
@@ -14,10 +15,10 @@ from reasoning_stage.types import ChatMessage, ReasoningResult, Sampling
 from vision_stage.types import DecodedImage, VisionResult
 
 
-@dataclass(frozen=True)
-class AnalyzeInput:
-    image: DecodedImage
-    question: str
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What a request asks of an analysis besides its image and question."""
+
     mode: RequestedMode = "auto"
     profile: Profile = "general"
     response_format: ResponseFormat = "text"
@@ -29,6 +30,16 @@ class AnalyzeInput:
     """The reasoning stage's sampling temperature (0: greedy); None: the configured `reasoning.temperature`."""
     sampling: Sampling = field(default_factory=Sampling)
     """Optional sampling fields for the reasoning stage (`top_p`, `seed`, `stop`, …); unset: its server's defaults."""
+
+    def given(self) -> dict[str, Any]:
+        """The options as keyword arguments (of `Options` or `AnalyzeInput`)."""
+        return {name: getattr(self, name) for name in Options.__dataclass_fields__}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnalyzeInput(Options):
+    image: DecodedImage = field(kw_only=False)
+    question: str = field(kw_only=False)
     image_url: str | None = None
     """The http(s) URL the image was fetched from, for a vision backend that passes URLs through
     (`vision.pass_image_urls`); None for uploads, base64 and `data:` URLs."""

@@ -12,14 +12,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 
-from orchestrator.analysis.messages import Profile
 from orchestrator.analysis.routing import RequestedMode
 from orchestrator.analysis.sessions import Session
-from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, DoneEvent, PipelineEvent, Routed, VisionEvent
+from orchestrator.analysis.types import (
+    AnalyzeInput,
+    AnalyzeOutcome,
+    DoneEvent,
+    Options,
+    PipelineEvent,
+    Routed,
+    VisionEvent,
+)
 from orchestrator.api.deps import Services
 from orchestrator.api.events import started
 from orchestrator.arbitration.answer_json import ResponseFormat
@@ -27,7 +34,6 @@ from orchestrator.errors import ValidationFailed
 from orchestrator.observability.record import RequestRecord
 from orchestrator.security.output_filter import filtered_events
 from orchestrator.settings import LimitSettings
-from reasoning_stage.types import ChatMessage, Sampling
 from vision_stage.images import ImageLimits, declared_pixels, decode_image
 from vision_stage.types import DecodedImage, VisionResult
 
@@ -100,20 +106,6 @@ class Prepared:
     session: Session | None = None
 
 
-@dataclass(frozen=True)
-class Options:
-    """What an endpoint asks of the analysis besides the question and the image (`AnalyzeInput` says what each
-    does)."""
-
-    mode: RequestedMode = "auto"
-    profile: Profile = "general"
-    response_format: ResponseFormat = "text"
-    history: tuple[ChatMessage, ...] = ()
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    sampling: Sampling = field(default_factory=Sampling)
-
-
 class Intake:
     """One request's way from its read body to the answer it renders."""
 
@@ -181,11 +173,7 @@ class Intake:
         image_url: str | None,
         description: VisionResult | None = None,
     ) -> AnalyzeInput:
-        return AnalyzeInput(
-            image, question, mode=options.mode, profile=options.profile, response_format=options.response_format,
-            history=options.history, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-            sampling=options.sampling, image_url=image_url, description=description,
-        )  # fmt: skip
+        return AnalyzeInput(image, question, image_url=image_url, description=description, **options.given())
 
     def _finished(self, prepared: Prepared, outcome: AnalyzeOutcome) -> None:
         if prepared.session is not None:

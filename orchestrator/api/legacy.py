@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from orchestrator.analysis.routing import Decision
-from orchestrator.analysis.types import AnalyzeOutcome
+from orchestrator.analysis.types import AnalyzeOutcome, Options
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.inputs import read_form, read_image_url, read_json_request
-from orchestrator.api.intake import Intake, Options
+from orchestrator.api.intake import Intake
 from orchestrator.api.render import usage_out
 from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut
 from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed

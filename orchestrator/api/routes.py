@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from orchestrator.analysis.types import AnalyzeOutcome
+from orchestrator.analysis.types import AnalyzeOutcome, Options
 from orchestrator.api import legacy
 from orchestrator.api.chat_reply import (
     SSE_DONE,
@@ -39,7 +39,7 @@ from orchestrator.api.chat_request import (
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.events import analyze_events, event_stream
 from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
-from orchestrator.api.intake import Intake, Options
+from orchestrator.api.intake import Intake
 from orchestrator.api.render import analyze_response
 from orchestrator.api.schemas import (
     ERROR_RESPONSES,
