@@ -25,7 +25,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.observability.record import RequestRecord
+from orchestrator.observability.record import RecordingMiddleware, RequestRecord
 
 
 @dataclass
@@ -119,19 +119,14 @@ class AuditLog:
         self._file = open(self.path, "ab")  # noqa: SIM115 (kept open across batches; closed by aclose)
 
 
-class AuditMiddleware:
+class AuditMiddleware(RecordingMiddleware):
     """Writes each API request's record (`RequestRecord.line`) before the last body message goes out."""
 
     def __init__(self, app: ASGIApp, log: AuditLog, paths: tuple[str, ...] = ("/v1/",)) -> None:
-        self.app = app
+        super().__init__(app, paths)
         self.log = log
-        self.paths = paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
-            await self.app(scope, receive, send)
-            return
-        record = RequestRecord.of(scope)
+    async def serve(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
         written = False
 
         async def write() -> None:
@@ -141,8 +136,6 @@ class AuditMiddleware:
             await self.log.write(record.line())
 
         async def send_after_audit(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                record.status = message["status"]
             last = message["type"] == "http.response.body" and not message.get("more_body", False)
             if last and not written:
                 await write()

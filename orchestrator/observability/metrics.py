@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.observability.record import RequestRecord
+from orchestrator.observability.record import RecordingMiddleware, RequestRecord
 from orchestrator.stages.endpoints import EndpointStatus
 
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -98,29 +98,18 @@ class StateCollector(Collector):
         yield in_flight
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(RecordingMiddleware):
     """Counts every API request (paths under `paths`) once its response is complete."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, paths: tuple[str, ...] = ("/v1/", "/infer", "/caption")) -> None:
-        self.app = app
+        super().__init__(app, paths)
         self.metrics = metrics
-        self.paths = paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
-            await self.app(scope, receive, send)
-            return
-        record = RequestRecord.of(scope)
+    async def serve(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.in_flight.inc()
         started = time.perf_counter()
-
-        async def observe_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                record.status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, observe_status)
+            await self.app(scope, receive, send)
         finally:
             self.metrics.in_flight.dec()
             if record.duration_ms is None:

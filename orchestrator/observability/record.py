@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
@@ -127,3 +127,28 @@ def caption_fields(image: DecodedImage, vision: VisionResult) -> dict[str, objec
         "degraded": vision.fallback is not None,
         "answer": digest(vision.caption),
     }
+
+
+class RecordingMiddleware:
+    """An ASGI middleware over the requests under `paths` (others pass through untouched), given each one's record
+    with its status kept as the response starts. A subclass does its part in `serve`."""
+
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord.of(scope)
+
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        await self.serve(record, scope, receive, send_with_status)
+
+    async def serve(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
