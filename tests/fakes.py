@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from vision_stage.types import ImageFacts, StructuredDescription, TextLine, Visi
 
 RECEIPT_LINES = ("BLUE BOTTLE CAFE", "Latte 2 x 18.00 36.00", "TOTAL 54.06")
 
+RequestT = TypeVar("RequestT")
+
 
 def text_line(text: str, order: int) -> TextLine:
     top = 40.0 + 50.0 * order
@@ -26,7 +29,29 @@ def text_line(text: str, order: int) -> TextLine:
 
 
 @dataclass
-class FakeVision:
+class FakeStage(Generic[RequestT]):
+    """What both fake stages share: they record every request, and once closed they refuse work with `unavailable`
+    and report themselves unhealthy."""
+
+    unavailable: ClassVar[type[Exception]]
+    name: str = "fake"
+    requests: list[RequestT] = field(default_factory=list)
+    closed: bool = False
+
+    def _record(self, request: RequestT) -> None:
+        self.requests.append(request)
+        if self.closed:
+            raise self.unavailable(f"the {type(self).__name__} backend is closed")
+
+    def _health_detail(self) -> str:
+        return "closed" if self.closed else "fake"
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeVision(FakeStage[VisionRequest]):
     """Reads `lines` from any image; answers with the last line; or raises `error`. With `replies`, an `answer` task
     is answered with `replies(question)` instead (which may raise a `VisionError`), as a probe would be."""
 
@@ -34,15 +59,11 @@ class FakeVision:
     error: VisionError | None = None
     replies: Callable[[str], str] | None = None
     healthy: bool = True
-    name: str = "fake"
     model: str = "fake-vision"
-    requests: list[VisionRequest] = field(default_factory=list)
-    closed: bool = False
+    unavailable = VisionUnavailable
 
     async def generate(self, request: VisionRequest) -> VisionResult:
-        self.requests.append(request)
-        if self.closed:
-            raise VisionUnavailable("the fake vision backend is closed")
+        self._record(request)
         if self.error is not None:
             raise self.error
         image = request.image
@@ -67,14 +88,11 @@ class FakeVision:
         return f"Text in the image most relevant to the question: “{self.lines[-1]}”."
 
     async def health(self) -> VisionHealth:
-        return VisionHealth(self.healthy and not self.closed, "closed" if self.closed else "fake")
-
-    async def aclose(self) -> None:
-        self.closed = True
+        return VisionHealth(self.healthy and not self.closed, self._health_detail())
 
 
 @dataclass
-class FakeReasoning:
+class FakeReasoning(FakeStage[ReasoningRequest]):
     """Answers `answer`, or raises `error`; with `script`, the n-th call gets the n-th entry (an answer or an error),
     and calls past its end get `answer`."""
 
@@ -82,15 +100,11 @@ class FakeReasoning:
     finish_reason: FinishReason = "stop"
     error: ReasoningError | None = None
     script: tuple[str | ReasoningError, ...] = ()
-    name: str = "fake"
     model: str = "fake-llm"
-    requests: list[ReasoningRequest] = field(default_factory=list)
-    closed: bool = False
+    unavailable = ReasoningUnavailable
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
-        self.requests.append(request)
-        if self.closed:
-            raise ReasoningUnavailable("the fake reasoning backend is closed")
+        self._record(request)
         scripted = self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else None
         error = scripted if isinstance(scripted, ReasoningError) else self.error
         if error is not None:
@@ -100,10 +114,7 @@ class FakeReasoning:
         return ReasoningResult(self.name, self.model, text, prompt_tokens, len(text.split()), self.finish_reason, 2.0)
 
     async def health(self) -> ReasoningHealth:
-        return ReasoningHealth(not self.closed, "closed" if self.closed else "fake")
-
-    async def aclose(self) -> None:
-        self.closed = True
+        return ReasoningHealth(not self.closed, self._health_detail())
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -74,52 +76,58 @@ def servers(checkpoints: dict[str, Path]) -> Iterator[dict[str, str]]:
         yield {"vision": vision_url, "reasoning": reasoning_url.base_url}
 
 
-@pytest.fixture(params=VISION_KINDS)
-async def vision_factory(
-    request: pytest.FixtureRequest, checkpoints: dict[str, Path], servers: dict[str, str]
-) -> AsyncIterator[VisionFactory]:
-    kind: str = request.param
+@dataclass
+class Sources:
+    """Where each kind of backend comes from: the tiny checkpoints, the stage servers serving them, and a stack that
+    closes the recorded-vLLM clients a test opened."""
+
+    checkpoints: dict[str, Path]
+    servers: dict[str, str]
+    stack: AsyncExitStack
+
+    async def vision(self, kind: str, tasks: tuple[VisionTask, ...]) -> VisionBackend:
+        if kind == "fake":
+            return FakeVision()
+        if kind == "ocr":
+            return await OcrVisionBackend.load(tags=False)
+        if kind == "glm-tiny":
+            return await GlmVisionBackend.load(str(self.checkpoints["glm4v"]))
+        if kind == "remote-stage-server":
+            return await RemoteVisionBackend.load(base_url=self.servers["vision"], model="tiny-glm4v")
+        fake = FakeVllm(VLLM_VISION, [recorded(RECORDED_VISION[task]) for task in tasks])
+        fake.models = recorded("models_glm46v")
+        client = await self.stack.enter_async_context(fake.client())
+        return await RemoteVisionBackend.load(base_url="http://vllm.test/v1", model=VLLM_VISION, http_client=client)
+
+    async def reasoning(self, kind: str, calls: int) -> ReasoningBackend:
+        if kind == "fake":
+            return FakeReasoning()
+        if kind == "local-tiny":
+            return await LocalReasoningBackend.load(str(self.checkpoints["glm4"]))
+        if kind == "remote-stage-server":
+            return await RemoteReasoningBackend.load(base_url=self.servers["reasoning"], model="tiny-glm4")
+        fake = FakeVllm(VLLM_REASONING, [recorded("glm4_answer_reasoning") for _ in range(calls)])
+        fake.models = recorded("models_glm_z1")
+        client = await self.stack.enter_async_context(fake.client())
+        return await RemoteReasoningBackend.load(
+            base_url="http://vllm.test/v1", model=VLLM_REASONING, http_client=client
+        )
+
+
+@pytest.fixture
+async def sources(checkpoints: dict[str, Path], servers: dict[str, str]) -> AsyncIterator[Sources]:
     async with AsyncExitStack() as stack:
+        yield Sources(checkpoints, servers, stack)
 
-        async def make(tasks: tuple[VisionTask, ...]) -> VisionBackend:
-            if kind == "fake":
-                return FakeVision()
-            if kind == "ocr":
-                return await OcrVisionBackend.load(tags=False)
-            if kind == "glm-tiny":
-                return await GlmVisionBackend.load(str(checkpoints["glm4v"]))
-            if kind == "remote-stage-server":
-                return await RemoteVisionBackend.load(base_url=servers["vision"], model="tiny-glm4v")
-            fake = FakeVllm(VLLM_VISION, [recorded(RECORDED_VISION[task]) for task in tasks])
-            fake.models = recorded("models_glm46v")
-            client = await stack.enter_async_context(fake.client())
-            return await RemoteVisionBackend.load(base_url="http://vllm.test/v1", model=VLLM_VISION, http_client=client)
 
-        yield make
+@pytest.fixture(params=VISION_KINDS)
+def vision_factory(request: pytest.FixtureRequest, sources: Sources) -> VisionFactory:
+    return partial(sources.vision, request.param)
 
 
 @pytest.fixture(params=REASONING_KINDS)
-async def reasoning_factory(
-    request: pytest.FixtureRequest, checkpoints: dict[str, Path], servers: dict[str, str]
-) -> AsyncIterator[ReasoningFactory]:
-    kind: str = request.param
-    async with AsyncExitStack() as stack:
-
-        async def make(calls: int) -> ReasoningBackend:
-            if kind == "fake":
-                return FakeReasoning()
-            if kind == "local-tiny":
-                return await LocalReasoningBackend.load(str(checkpoints["glm4"]))
-            if kind == "remote-stage-server":
-                return await RemoteReasoningBackend.load(base_url=servers["reasoning"], model="tiny-glm4")
-            fake = FakeVllm(VLLM_REASONING, [recorded("glm4_answer_reasoning") for _ in range(calls)])
-            fake.models = recorded("models_glm_z1")
-            client = await stack.enter_async_context(fake.client())
-            return await RemoteReasoningBackend.load(
-                base_url="http://vllm.test/v1", model=VLLM_REASONING, http_client=client
-            )
-
-        yield make
+def reasoning_factory(request: pytest.FixtureRequest, sources: Sources) -> ReasoningFactory:
+    return partial(sources.reasoning, request.param)
 
 
 def assert_box(box: Box) -> None:

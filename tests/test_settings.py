@@ -3,9 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.settings import (
+    LimitSettings,
     LocalReasoningSettings,
     OcrVisionSettings,
     RemoteReasoningSettings,
@@ -14,17 +15,51 @@ from orchestrator.settings import (
 )
 
 
-def test_nested_environment_variables_configure_the_stages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCH_VISION__BACKEND", "ocr")
-    monkeypatch.setenv("ORCH_REASONING__BACKEND", "local")
-    monkeypatch.setenv("ORCH_REASONING__MODEL", "/models/glm-4-9b")
-    monkeypatch.setenv("ORCH_LIMITS__MAX_IMAGE_BYTES", "1234")
-    settings = Settings()
-    assert settings.vision.backend == "ocr"
-    assert settings.reasoning.backend == "local"
-    assert isinstance(settings.reasoning, LocalReasoningSettings)
-    assert settings.reasoning.model == "/models/glm-4-9b"
-    assert settings.limits.max_image_bytes == 1234
+def settings_with(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:
+    """`Settings()` read from an environment with `variables` set."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        pytest.param(
+            {
+                "ORCH_VISION__BACKEND": "ocr",
+                "ORCH_REASONING__BACKEND": "local",
+                "ORCH_REASONING__MODEL": "/models/glm-4-9b",
+                "ORCH_LIMITS__MAX_IMAGE_BYTES": "1234",
+            },
+            {
+                "vision": OcrVisionSettings(),
+                "reasoning": LocalReasoningSettings(model="/models/glm-4-9b"),
+                "limits": LimitSettings(max_image_bytes=1234),
+            },
+            id="backends-named",
+        ),
+        pytest.param(
+            {
+                "ORCH_VISION__TAGS": "false",
+                "ORCH_VISION__RETRY__ATTEMPTS": "1",
+                "ORCH_REASONING__CACHE_DIR": "/cache",
+                "ORCH_REASONING__MAX_NEW_TOKENS": "40",
+            },
+            {
+                "vision": OcrVisionSettings.model_validate({"tags": False, "retry": {"attempts": 1}}),
+                "reasoning": LocalReasoningSettings(cache_dir=Path("/cache"), max_new_tokens=40),
+            },
+            id="default-backends-unnamed",
+        ),
+    ],
+)
+def test_nested_environment_variables_configure_the_stages(
+    variables: dict[str, str], expected: dict[str, BaseModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each variable reaches its section's field, whether or not the backend it belongs to is named."""
+    settings = settings_with(monkeypatch, variables)
+    assert {section: getattr(settings, section) for section in expected} == expected
 
 
 def test_defaults_run_the_embedded_models_offline() -> None:
@@ -45,25 +80,15 @@ def test_unknown_backends_and_fields_are_refused(monkeypatch: pytest.MonkeyPatch
         Settings()
 
 
-def test_a_backends_variables_apply_without_naming_the_default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCH_VISION__TAGS", "false")
-    monkeypatch.setenv("ORCH_VISION__RETRY__ATTEMPTS", "1")
-    monkeypatch.setenv("ORCH_REASONING__CACHE_DIR", "/cache")
-    monkeypatch.setenv("ORCH_REASONING__MAX_NEW_TOKENS", "40")
-    settings = Settings()
-    assert settings.vision == OcrVisionSettings.model_validate({"tags": False, "retry": {"attempts": 1}})
-    assert settings.reasoning == LocalReasoningSettings(cache_dir=Path("/cache"), max_new_tokens=40)
-
-
 def test_the_remote_backends_read_their_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
-    for stage in ("VISION", "REASONING"):
-        monkeypatch.setenv(f"ORCH_{stage}__BACKEND", "remote")
-        monkeypatch.setenv(f"ORCH_{stage}__BASE_URL", "http://a:8000/v1, http://b:8000/v1")
-        monkeypatch.setenv(f"ORCH_{stage}__MODEL", "m")
-    monkeypatch.setenv("ORCH_VISION__FALLBACK", "ocr")
-    monkeypatch.setenv("ORCH_VISION__TAGS", "false")  # the `ocr` fallback's
-    monkeypatch.setenv("ORCH_REASONING__DIALECT", "vllm")
-    settings = Settings()
+    remote = {"BACKEND": "remote", "BASE_URL": "http://a:8000/v1, http://b:8000/v1", "MODEL": "m"}
+    variables = {
+        **{f"ORCH_{stage}__{name}": value for stage in ("VISION", "REASONING") for name, value in remote.items()},
+        "ORCH_VISION__FALLBACK": "ocr",
+        "ORCH_VISION__TAGS": "false",  # the `ocr` fallback's
+        "ORCH_REASONING__DIALECT": "vllm",
+    }
+    settings = settings_with(monkeypatch, variables)
     vision, reasoning = settings.vision, settings.reasoning
     assert isinstance(vision, RemoteVisionSettings)
     assert isinstance(reasoning, RemoteReasoningSettings)
@@ -88,10 +113,8 @@ def test_the_remote_backends_read_their_endpoints(monkeypatch: pytest.MonkeyPatc
 def test_a_variable_of_another_backend_or_a_missing_one_is_refused(
     variables: dict[str, str], refused: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name, value in variables.items():
-        monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=refused):
-        Settings()
+        settings_with(monkeypatch, variables)
 
 
 @pytest.mark.parametrize(

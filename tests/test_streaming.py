@@ -19,16 +19,9 @@ from pydantic import BaseModel
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, ArbitrationEvent, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
+from orchestrator.api import schemas
 from orchestrator.api.app import create_app
-from orchestrator.api.schemas import (
-    AnalyzeResponse,
-    AnalyzeStreamDone,
-    ArbitrationEventOut,
-    ReasoningDeltaOut,
-    RouteOut,
-    StreamErrorOut,
-    VisionOut,
-)
+from orchestrator.api.schemas import AnalyzeResponse
 from orchestrator.settings import LocalReasoningSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
@@ -186,24 +179,24 @@ async def test_history_and_sampling_options_reach_the_reasoning_stage() -> None:
 
 # --- /v1/analyze with stream: true ---
 
-EVENT_MODELS: dict[str, type[BaseModel]] = {
-    "route": RouteOut,
-    "vision": VisionOut,
-    "reasoning": ReasoningDeltaOut,
-    "arbitration": ArbitrationEventOut,
-    "error": StreamErrorOut,
-    "done": AnalyzeStreamDone,
-}
+
+def event_models(client: TestClient) -> dict[str, type[BaseModel]]:
+    """The analyze stream's events and the model of each one's data, as the app's OpenAPI description publishes them
+    (`x-events`): streams are held to the published contract, not to a copy of it."""
+    operation = client.get("/openapi.json").json()["paths"]["/v1/analyze"]["post"]
+    events = operation["responses"]["200"]["content"]["text/event-stream"]["x-events"]
+    return {name: getattr(schemas, ref["$ref"].removeprefix("#/components/schemas/")) for name, ref in events.items()}
 
 
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+def sse_events(client: TestClient, text: str) -> list[tuple[str, dict[str, Any]]]:
     """(name, data) of each event, every data checked against the model docs/api.md and OpenAPI give it."""
+    models = event_models(client)
     events = []
     for block in text.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
         assert set(fields) == {"event", "data"}, block
         data = json.loads(fields["data"])
-        model = EVENT_MODELS[fields["event"]]
+        model = models[fields["event"]]
         assert set(data) == set(model.model_fields), fields["event"]
         model.model_validate(data)
         events.append((fields["event"], data))
@@ -231,7 +224,7 @@ def test_analyze_streams_route_vision_deltas_arbitration_and_done(client: TestCl
     response = stream_json(client)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(response.text)
+    events = sse_events(client, response.text)
     assert [name for name, _ in events] == ["route", "vision", *["reasoning"] * 4, "arbitration", "done"]
     assert events[0][1]["decision"] == "vision_then_reasoning"
     assert "".join(data["text"] for name, data in events if name == "reasoning") == "The total is 54.06."
@@ -254,7 +247,7 @@ def comparable(body: dict[str, Any]) -> dict[str, Any]:
 def test_multipart_streaming_on_the_vision_only_route(client: TestClient) -> None:
     files = {"image": ("x.png", PNG, "image/png")}
     response = client.post("/v1/analyze", files=files, data={"question": "What is the total?", "stream": "true"})
-    events = sse_events(response.text)
+    events = sse_events(client, response.text)
     assert [name for name, _ in events] == ["route", "vision", "done"]
     assert events[-1][1]["answer"] == VISION_ANSWER
     assert events[-1][1]["mode"] == "vision_only"
@@ -262,7 +255,7 @@ def test_multipart_streaming_on_the_vision_only_route(client: TestClient) -> Non
 
 def test_a_mid_stream_failure_is_an_error_event_then_a_degraded_done() -> None:
     with client_with(FakeStreamingReasoning(answer="The total is 54.06.", fail_after=1)) as client:
-        events = sse_events(stream_json(client).text)
+        events = sse_events(client, stream_json(client).text)
     assert [name for name, _ in events] == ["route", "vision", "reasoning", "error", "done"]
     error = events[3][1]
     assert error["error"]["type"] == "reasoning_unavailable"
@@ -275,14 +268,14 @@ def test_a_mid_stream_failure_is_an_error_event_then_a_degraded_done() -> None:
 
 def test_a_failure_before_the_first_delta_streams_the_fallback_without_an_error() -> None:
     with client_with(FakeStreamingReasoning(error=ReasoningUnavailable("down"))) as client:
-        events = sse_events(stream_json(client).text)
+        events = sse_events(client, stream_json(client).text)
     assert [name for name, _ in events] == ["route", "vision", "done"]
     assert (events[-1][1]["degraded"], events[-1][1]["replaced"]) == (True, False)
 
 
 def test_a_corrected_answer_says_it_replaced_the_streamed_text() -> None:
     with client_with(FakeStreamingReasoning(script=("The total is 8.00.", "The total is 54.06."))) as client:
-        events = sse_events(stream_json(client, "Is this bill reasonable?").text)
+        events = sse_events(client, stream_json(client, "Is this bill reasonable?").text)
     arbitration, final = events[-2][1], events[-1][1]
     assert (arbitration["status"], arbitration["answer"], arbitration["replaced"]) == (
         "corrected", "The total is 54.06.", True
