@@ -48,6 +48,7 @@ from orchestrator.stages.deadline import request_deadline
 from orchestrator.stages.endpoints import EndpointStatus
 from orchestrator.stages.resilient import endpoint_statuses
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
+from stage_protocol.body_limit import capped, declared_length, too_large_message
 
 log = logging.getLogger(__name__)
 
@@ -292,31 +293,14 @@ class RequestContextMiddleware:
                     headers.append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        declared = _content_length(scope)
+        declared = declared_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            request = Request(scope)
-            spec = ErrorSpec(413, "request_too_large")
-            response = error_response(
-                request, spec, f"the body has {declared} bytes; the limit is {self.max_body_bytes}"
-            )
+            message = too_large_message(declared, self.max_body_bytes)
+            response = error_response(Request(scope), ErrorSpec(413, "request_too_large"), message)
             await response(scope, receive, send_with_id)
             return
         with request_deadline(self.deadline_s):
-            await self.app(scope, self._capped(receive), send_with_id)
-
-    def _capped(self, receive: Receive) -> Receive:
-        seen = 0
-
-        async def capped_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise RequestTooLarge(f"the body is larger than the limit of {self.max_body_bytes} bytes")
-            return message
-
-        return capped_receive
+            await self.app(scope, capped(receive, self.max_body_bytes, RequestTooLarge), send_with_id)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -324,11 +308,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return bytes(value).decode("latin-1")
     return None
-
-
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None

@@ -13,8 +13,10 @@ import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
-from fastapi import Request
+from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from orchestrator.analysis.routing import RequestedMode
 from orchestrator.analysis.sessions import Session
@@ -27,8 +29,9 @@ from orchestrator.analysis.types import (
     Routed,
     VisionEvent,
 )
-from orchestrator.api.deps import Services
+from orchestrator.api.deps import Services, ServicesDep
 from orchestrator.api.events import started
+from orchestrator.api.inputs import ImageInput, read_image_url, read_json_request
 from orchestrator.arbitration.answer_json import ResponseFormat
 from orchestrator.errors import ValidationFailed
 from orchestrator.observability.record import RequestRecord
@@ -36,6 +39,8 @@ from orchestrator.security.output_filter import filtered_events
 from orchestrator.settings import LimitSettings
 from vision_stage.images import ImageLimits, declared_pixels, decode_image
 from vision_stage.types import DecodedImage, VisionResult
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def checked_question(text: str, limits: LimitSettings, name: str = "question") -> str:
@@ -110,6 +115,7 @@ class Intake:
     """One request's way from its read body to the answer it renders."""
 
     def __init__(self, request: Request, services: Services) -> None:
+        self.request = request
         self.services = services
         self.record = RequestRecord.of(request.scope)
 
@@ -120,6 +126,14 @@ class Intake:
     def question(self, text: str, name: str = "question") -> str:
         """`checked_question` under the configured limits."""
         return checked_question(text, self.services.settings.limits, name)
+
+    async def body(self, model: type[M]) -> M:
+        """The request's JSON body as `model` (`read_json_request`)."""
+        return await read_json_request(self.request, model)
+
+    async def image_at(self, url: str) -> ImageInput:
+        """The image a `data:` or http(s) URL gives, under the configured limit (`read_image_url`)."""
+        return await read_image_url(self.request, url, self.services.settings.limits.max_image_bytes)
 
     async def image(self, data: bytes) -> DecodedImage:
         """`data` decoded under the configured limits (`decode`)."""
@@ -191,3 +205,11 @@ class Intake:
                 elif isinstance(event, DoneEvent):
                     self.record.analysed(prepared.analysis, event.outcome)
                 yield event
+
+
+async def get_intake(request: Request, services: ServicesDep) -> Intake:
+    return Intake(request, services)
+
+
+IntakeDep = Annotated[Intake, Depends(get_intake)]
+"""What an analysing handler depends on: its request's `Intake`."""

@@ -19,9 +19,8 @@ from starlette.datastructures import UploadFile
 
 from orchestrator.analysis.routing import Decision
 from orchestrator.analysis.types import AnalyzeOutcome, Options
-from orchestrator.api.deps import ServicesDep
-from orchestrator.api.inputs import read_form, read_image_url, read_json_request
-from orchestrator.api.intake import Intake
+from orchestrator.api.inputs import read_form
+from orchestrator.api.intake import IntakeDep
 from orchestrator.api.render import usage_out
 from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut
 from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed
@@ -123,11 +122,10 @@ _CAPTION_BODY: dict[str, Any] = {
     "`/v1/analyze` answers a question in mode `auto`. `image_url` is a `data:image/...;base64,...` URL, or an "
     "http(s) URL where this deployment fetches them.",
 )
-async def infer(request: Request, services: ServicesDep) -> InferResponse:
-    body = await read_json_request(request, InferRequest)
-    intake = Intake(request, services)
+async def infer(intake: IntakeDep) -> InferResponse:
+    body = await intake.body(InferRequest)
     question = intake.question(body.prompt, "prompt")
-    source = await read_image_url(request, body.image_url, services.settings.limits.max_image_bytes)
+    source = await intake.image_at(body.image_url)
     outcome = await intake.run(await intake.prepare(question, source.data, Options(), image_url=source.url))
     return infer_response(outcome, intake.request_id)
 
@@ -141,9 +139,8 @@ async def infer(request: Request, services: ServicesDep) -> InferResponse:
     description="Multipart with one `file` part (the image), as the original write-ups sent it: the vision stage's "
     "one-sentence caption.",
 )
-async def caption(request: Request, services: ServicesDep) -> CaptionResponse:
-    data = await _read_upload(request, services.settings.limits.max_image_bytes)
-    intake = Intake(request, services)
+async def caption(intake: IntakeDep) -> CaptionResponse:
+    data = await _read_upload(intake.request, intake.services.settings.limits.max_image_bytes)
     vision = await intake.caption(await intake.image(data))
     return caption_response(vision, intake.request_id)
 

@@ -38,8 +38,8 @@ from orchestrator.api.chat_request import (
 )
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.events import analyze_events, event_stream
-from orchestrator.api.inputs import read_analyze_request, read_image_url, read_json_request
-from orchestrator.api.intake import Intake
+from orchestrator.api.inputs import read_analyze_request
+from orchestrator.api.intake import IntakeDep
 from orchestrator.api.render import analyze_response
 from orchestrator.api.schemas import (
     ERROR_RESPONSES,
@@ -232,9 +232,9 @@ def _readiness(backend: VisionBackend | ReasoningBackend, ok: bool, detail: str)
     "has answered. Every answer carries a `session_id`: send it instead of the image to ask about the same image "
     "again.",
 )
-async def analyze(request: Request, response: Response, services: ServicesDep) -> Response | AnalyzeResponse:
-    inputs = await read_analyze_request(request, services.settings.limits.max_image_bytes)
-    asked, intake = inputs.options, Intake(request, services)
+async def analyze(response: Response, intake: IntakeDep) -> Response | AnalyzeResponse:
+    inputs = await read_analyze_request(intake.request, intake.services.settings.limits.max_image_bytes)
+    asked = inputs.options
     question = intake.question(asked.question)
     options = Options(mode=asked.mode, profile=asked.profile, response_format=asked.response_format)
     if inputs.image is None:
@@ -272,19 +272,19 @@ def outcome_headers(outcome: AnalyzeOutcome) -> dict[str, str]:
     "`vision-then-reasoning`); the last message is the user's question, the most recent `image_url` part (a "
     "`data:` or http(s) URL) the image; the answer carries how it was reached in the extra field `orchestration`.",
 )
-async def chat_completions(request: Request, services: ServicesDep) -> Response:
-    body = await read_json_request(request, ChatCompletionRequest)
+async def chat_completions(intake: IntakeDep) -> Response:
+    body = await intake.body(ChatCompletionRequest)
     body.refuse_unsupported()
-    intake, mode = Intake(request, services), requested_mode(body.model)
+    mode = requested_mode(body.model)
     conversation = read_conversation([message.read() for message in body.messages])
     question = intake.question(conversation.question, f"messages.{len(body.messages) - 1}.content")
-    source = await read_image_url(request, conversation.image_url, services.settings.limits.max_image_bytes)
+    source = await intake.image_at(conversation.image_url)
     options = Options(
         mode=mode, profile=body.profile, response_format=body.answer_format, history=conversation.history,
         max_new_tokens=body.token_limit, temperature=body.reasoning_temperature, sampling=body.sampling,
     )  # fmt: skip
     prepared = await intake.prepare(question, source.data, options, image_url=source.url)
-    reply = ChatReply(body.model, intake.request_id, not_applied(body.sampling, services.settings.reasoning))
+    reply = ChatReply(body.model, intake.request_id, not_applied(body.sampling, intake.services.settings.reasoning))
     if body.stream:
         return event_stream(chat_events(await intake.stream(prepared), reply, include_usage=body.include_usage))
     outcome = await intake.run(prepared)

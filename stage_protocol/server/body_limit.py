@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from stage_protocol.body_limit import capped, declared_length, too_large_message
 from stage_protocol.server.errors import REQUEST_TOO_LARGE, Failure
 
 
@@ -22,22 +22,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            message = f"the body has {declared} bytes; the limit is {self.max_body_bytes}"
-            await Failure(REQUEST_TOO_LARGE, message).response()(scope, receive, send)
+        declared = declared_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            failure = Failure(REQUEST_TOO_LARGE, too_large_message(declared, self.max_body_bytes))
+            await failure.response()(scope, receive, send)
             return
-        await self.app(scope, self._capped(receive), send)
+        await self.app(scope, capped(receive, self.max_body_bytes, _http_413), send)
 
-    def _capped(self, receive: Receive) -> Receive:
-        seen = 0
 
-        async def capped_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
-            if seen > self.max_body_bytes:
-                raise StarletteHTTPException(413, f"the body is larger than the limit of {self.max_body_bytes} bytes")
-            return message
-
-        return capped_receive
+def _http_413(message: str) -> Exception:
+    return StarletteHTTPException(413, message)
