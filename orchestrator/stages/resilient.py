@@ -12,20 +12,22 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Generic, TypeVar
 
 from orchestrator.settings import PolicySettings
 from orchestrator.stages.cache import CachedVision
 from orchestrator.stages.endpoints import EndpointStatus, ResilientStage, StageErrors
-from reasoning_stage import backend as reasoning_backend
-from reasoning_stage.backend import ReasoningBackend
+from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningOverloaded, ReasoningUnavailable
 from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
-from vision_stage import backend as vision_backend
+from stage_protocol.backend import Health, StageBackend
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import ImageRejected, VisionInvalidOutput, VisionOverloaded, VisionUnavailable
 from vision_stage.types import VisionFallback, VisionRequest, VisionResult
 
 log = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=StageBackend)
 
 VISION_ERRORS = StageErrors(
     "vision",
@@ -42,57 +44,51 @@ REASONING_ERRORS = StageErrors(
 )
 
 
-class ResilientVision:
-    """Vision endpoints behind the stage's policy (`orchestrator.stages.endpoints`)."""
+class _Resilient(Generic[B]):
+    """A stage's endpoints behind its policy (`orchestrator.stages.endpoints`), named after the first one."""
 
     def __init__(
-        self, endpoints: Sequence[tuple[str, VisionBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
+        self, errors: StageErrors, endpoints: Sequence[tuple[str, B]], settings: PolicySettings, reserve_s: float
     ) -> None:
         first = endpoints[0][1]
         self.name = first.name
         self.model = first.model
-        self.stage: ResilientStage[VisionBackend] = ResilientStage(
-            VISION_ERRORS, endpoints, settings, reserve_s=reserve_s
-        )
+        self.stage: ResilientStage[B] = ResilientStage(errors, endpoints, settings, reserve_s=reserve_s)
 
-    async def generate(self, request: VisionRequest) -> VisionResult:
-        return await self.stage.call(lambda endpoint: endpoint.backend.generate(request))
-
-    async def health(self) -> vision_backend.Health:
+    async def health(self) -> Health:
         healths = await asyncio.gather(*(e.backend.health() for e in self.stage.endpoints))
         ok, detail = _summary(self.stage.statuses(), [(h.ok, h.detail) for h in healths])
-        return vision_backend.Health(ok=ok, detail=detail)
+        return Health(ok=ok, detail=detail)
 
     async def aclose(self) -> None:
         await _close_all([e.backend.aclose() for e in self.stage.endpoints])
 
 
-class ResilientReasoning:
+class ResilientVision(_Resilient[VisionBackend]):
+    """Vision endpoints behind the stage's policy."""
+
+    def __init__(
+        self, endpoints: Sequence[tuple[str, VisionBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
+    ) -> None:
+        super().__init__(VISION_ERRORS, endpoints, settings, reserve_s)
+
+    async def generate(self, request: VisionRequest) -> VisionResult:
+        return await self.stage.call(lambda endpoint: endpoint.backend.generate(request))
+
+
+class ResilientReasoning(_Resilient[ReasoningBackend]):
     """Reasoning endpoints behind the stage's policy; `stream` retries only before the first delta."""
 
     def __init__(
         self, endpoints: Sequence[tuple[str, ReasoningBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
     ) -> None:
-        first = endpoints[0][1]
-        self.name = first.name
-        self.model = first.model
-        self.stage: ResilientStage[ReasoningBackend] = ResilientStage(
-            REASONING_ERRORS, endpoints, settings, reserve_s=reserve_s
-        )
+        super().__init__(REASONING_ERRORS, endpoints, settings, reserve_s)
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         return await self.stage.call(lambda endpoint: endpoint.backend.generate(request))
 
     def stream(self, request: ReasoningRequest) -> AsyncIterator[ReasoningDelta]:
         return self.stage.stream(lambda backend: _deltas(backend, request))
-
-    async def health(self) -> reasoning_backend.Health:
-        healths = await asyncio.gather(*(e.backend.health() for e in self.stage.endpoints))
-        ok, detail = _summary(self.stage.statuses(), [(h.ok, h.detail) for h in healths])
-        return reasoning_backend.Health(ok=ok, detail=detail)
-
-    async def aclose(self) -> None:
-        await _close_all([e.backend.aclose() for e in self.stage.endpoints])
 
 
 class FallbackVision:
@@ -119,10 +115,10 @@ class FallbackVision:
             why = VisionFallback(self.primary.name, type(exc).__name__, str(exc))
             return dataclasses.replace(result, fallback=why)
 
-    async def health(self) -> vision_backend.Health:
+    async def health(self) -> Health:
         primary, fallback = await asyncio.gather(self.primary.health(), self.fallback.health())
         detail = f"{primary.detail}; fallback {self.fallback.name}: {'ok' if fallback.ok else fallback.detail}"
-        return vision_backend.Health(ok=primary.ok or fallback.ok, detail=detail)
+        return Health(ok=primary.ok or fallback.ok, detail=detail)
 
     async def aclose(self) -> None:
         await _close_all([self.primary.aclose(), self.fallback.aclose()])
@@ -141,7 +137,7 @@ def endpoint_statuses(backend: object) -> tuple[EndpointStatus, ...]:
 
 
 def _deltas(backend: ReasoningBackend, request: ReasoningRequest) -> AsyncIterator[ReasoningDelta]:
-    if isinstance(backend, reasoning_backend.StreamingReasoningBackend):
+    if isinstance(backend, StreamingReasoningBackend):
         return backend.stream(request)
     return _generated(backend, request)
 
