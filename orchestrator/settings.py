@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stage_protocol.client.dialects import DialectName
+from stage_protocol.client.transport import TransportName
 
 
 class _Section(BaseModel):
@@ -79,6 +80,9 @@ class RemoteSettings(_Section):
     dialect: DialectName = "auto"
     """What the server accepts (`vllm`, `sglang`, `openai`, `zhipu` for the GLM open platform); `auto` sends what
     suits our own stage servers and most vLLM or SGLang servers. docs/deployment.md says what each sends."""
+    transport: TransportName = "auto"
+    """The HTTP client: `aiohttp`, `httpx`; `auto` takes aiohttp for `http://` and httpx for `https://` (TLS, and
+    the proxy settings of the environment). docs/benchmarks.md measures them side by side."""
     connect_timeout_s: float = Field(default=5.0, gt=0)
     """To open a connection."""
     first_byte_timeout_s: float = Field(gt=0)

@@ -27,6 +27,7 @@ from orchestrator.stages.cache import CachedVision, build_store
 from orchestrator.stages.resilient import FallbackVision, ResilientReasoning, ResilientVision
 from reasoning_stage.backend import ReasoningBackend
 from stage_protocol.client.dialects import DialectName
+from stage_protocol.client.transport import TransportName
 from vision_stage.backend import VisionBackend
 from vision_stage.embedder import shared_embedder
 
@@ -198,6 +199,7 @@ class _RemoteCall(TypedDict):
     first_byte_timeout_s: float
     headers: Callable[[], Mapping[str, str]]
     dialect_name: DialectName
+    transport: TransportName
 
 
 def _remote_call(settings: RemoteVisionSettings | RemoteReasoningSettings, base_url: str) -> _RemoteCall:
@@ -210,6 +212,7 @@ def _remote_call(settings: RemoteVisionSettings | RemoteReasoningSettings, base_
         first_byte_timeout_s=settings.first_byte_timeout_s,
         headers=stage_headers,
         dialect_name=settings.dialect,
+        transport=settings.transport,
     )
 
 

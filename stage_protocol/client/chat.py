@@ -1,5 +1,5 @@
-"""Streaming chat completions from an OpenAI-compatible server (`wire.py` carries the bytes), and the one translation
-of their failures.
+"""Streaming chat completions from an OpenAI-compatible server (`transport.py` carries the bytes), and the one
+translation of their failures.
 
 A request body goes out as JSON, as given (`orjson`); the answer must be a `text/event-stream` of chat completion
 chunks, read as they arrive, up to `data: [DONE]` or the end of the body (what follows `[DONE]` is read and dropped:
@@ -29,9 +29,10 @@ layer do.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -41,9 +42,19 @@ from stage_protocol.client.errors import (
     StageMalformed,
     StageStatus,
     StageTimedOut,
+    StageUnreachable,
     clip,
 )
-from stage_protocol.client.wire import HttpxTransport, Response, Timeouts, Transport, WireTransport
+from stage_protocol.client.transport import (
+    AiohttpTransport,
+    HttpxTransport,
+    Response,
+    Timeouts,
+    Transport,
+    TransportName,
+    httpx_transport,
+)
+from stage_protocol.client.wire import WireTransport
 
 NO_API_KEY = "EMPTY"
 """Sent when no key is configured: vLLM and SGLang accept any key unless started with one."""
@@ -55,6 +66,7 @@ DONE = b"[DONE]"
 BOM = b"\xef\xbb\xbf"
 FINISH_ALIASES = {"model_context_window_exceeded": "length"}
 """Finish reasons some servers name their own way (the GLM open platform's end of the context window)."""
+_BREAKS = re.compile("[\r\n\0]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +83,9 @@ class Chunk:
 
 
 class ChatClient:
-    """`POST {base_url}/chat/completions` with streaming, `GET {base_url}/models`. Plain `http://` goes through
-    `WireTransport`; `https://`, or an injected `httpx.AsyncClient` (tests, custom transports; never closed by
-    `aclose`), through `HttpxTransport`."""
+    """`POST {base_url}/chat/completions` with streaming, `GET {base_url}/models`, through the `transport` named
+    (`auto`: `aiohttp` for plain `http://`, `httpx` for `https://`) or an injected `httpx.AsyncClient` (tests, custom
+    transports; never closed by `aclose`). Credentials in the base URL are dropped: the API key is the only one sent."""
 
     def __init__(
         self,
@@ -83,28 +95,27 @@ class ChatClient:
         connect_timeout_s: float = 5.0,
         first_byte_timeout_s: float = 60.0,
         http_client: httpx.AsyncClient | None = None,
+        transport: TransportName = "auto",
     ) -> None:
-        if api_key is not None and any(c in api_key for c in "\r\n\0"):
+        if api_key is not None and _BREAKS.search(api_key):
             raise ValueError("the API key holds a line break or NUL: it cannot go in a header")
-        root = base_url.rstrip("/")
+        parts = urlsplit(base_url.rstrip("/"))
+        root = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self._chat_url, self._models_url = f"{root}/chat/completions", f"{root}/models"
-        self._headers = {"authorization": f"Bearer {api_key or NO_API_KEY}", "content-type": "application/json"}
+        self._headers = {
+            "authorization": f"Bearer {api_key or NO_API_KEY}",
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+        }
         self._timeouts = Timeouts(connect_s=connect_timeout_s, read_s=first_byte_timeout_s)
-        self._transport: Transport
-        if http_client is not None:
-            self._transport = HttpxTransport(http_client, owned=False)
-        elif urlsplit(root).scheme == "http":
-            self._transport = WireTransport()
-        else:
-            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-            self._transport = HttpxTransport(httpx.AsyncClient(limits=limits), owned=True)
+        self._transport = _transport(transport, parts.scheme, http_client)
 
     async def chunks(
         self, body: Mapping[str, object], headers: Mapping[str, str] | None = None
     ) -> AsyncGenerator[Chunk, None]:
         """The answer's chunks as they arrive. Close the generator (`contextlib.aclosing`) to let the connection go
         before the end. Raises `StageHttpError`s only."""
-        sent = self._headers | {name.lower(): value for name, value in headers.items()} if headers else self._headers
+        sent = self._headers | _checked(headers) if headers else self._headers
         exchange = self._transport.exchange("POST", self._chat_url, orjson.dumps(body), sent, self._timeouts)
         async with exchange as response:
             await _check(response)
@@ -134,6 +145,23 @@ class ChatClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def _transport(name: TransportName, scheme: str, http_client: httpx.AsyncClient | None) -> Transport:
+    if http_client is not None:
+        return HttpxTransport(http_client, owned=False)
+    if name == "wire":
+        return WireTransport()
+    if name == "aiohttp" or (name == "auto" and scheme == "http"):
+        return AiohttpTransport()
+    return httpx_transport()
+
+
+def _checked(headers: Mapping[str, str]) -> dict[str, str]:
+    """`headers`, names in lower case; `StageUnreachable` (before anything is sent) when one holds a line break."""
+    if any(_BREAKS.search(name) or _BREAKS.search(value) for name, value in headers.items()):
+        raise StageUnreachable("could not be reached (a request header holds a line break or NUL; nothing was sent)")
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def _ok(response: Response) -> bool:

@@ -47,6 +47,7 @@ from stage_protocol.client.chat import ChatClient, Chunk
 from stage_protocol.client.dialects import Dialect, DialectName, dialect
 from stage_protocol.client.errors import StageHttpError
 from stage_protocol.client.failures import ErrorTree, classify, finish_failure
+from stage_protocol.client.transport import TransportName
 
 E = TypeVar("E", bound=Exception)
 HEALTH_TIMEOUT_S = 10.0
@@ -64,6 +65,7 @@ class RemoteOptions(TypedDict, total=False):
     headers: Callable[[], Mapping[str, str]] | None
     http_client: httpx.AsyncClient | None
     dialect_name: DialectName
+    transport: TransportName
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,13 @@ def connect(
     headers: Callable[[], Mapping[str, str]] | None = None,
     http_client: httpx.AsyncClient | None = None,
     dialect_name: DialectName = "auto",
+    transport: TransportName = "auto",
 ) -> RemoteEndpoint:
     """The endpoint of a `remote` backend of `stage`, its client built; nothing is sent (see `RemoteBackend.health`).
     Timeouts as in the module docstring; retries are left to the caller.
 
-    `headers` gives extra headers for each request (the orchestrator sends its request id). `http_client` (tests,
-    custom transports) is used as is and never closed by `aclose`."""
+    `headers` gives extra headers for each request (the orchestrator sends its request id). `transport` names the
+    HTTP client (`ChatClient`); `http_client` (tests, custom transports) is used as is and never closed by `aclose`."""
     if httpx.URL(base_url).scheme not in ("http", "https"):
         raise ValueError(f"the remote {stage} backend needs an http(s) base URL, got {base_url!r}")
     client = ChatClient(
@@ -111,6 +114,7 @@ def connect(
         connect_timeout_s=connect_timeout_s,
         first_byte_timeout_s=first_byte_timeout_s,
         http_client=http_client,
+        transport=transport,
     )
     return RemoteEndpoint(stage, client, base_url, model, dialect(dialect_name), timeout_s, headers)
 

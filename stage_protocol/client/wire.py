@@ -1,110 +1,29 @@
-"""How `ChatClient` exchanges bytes with a server: `Transport` and its two implementations.
-
-- `WireTransport`, for plain `http://` servers (a stage server on the same host or network, the usual case): HTTP/1.1
-  on asyncio's own protocol API with `httptools`' response parser (the parser uvicorn uses), keep-alive connections
-  pooled per host, none of a general-purpose client's layers in between. No proxy is ever used. Interim responses
-  (1xx) are skipped; a connection that sends more than the response to its request is closed, never reused. A pooled
-  connection that the server had closed while idle is replaced once, transparently, when it fails before any byte of
-  the response; every other failure is the caller's.
-- `HttpxTransport`, over an `httpx.AsyncClient`: for `https://` (TLS, and the proxy settings of the environment) and
-  for a client injected by tests or by a deployment's own code.
-
-Both raise `StageUnreachable` and `StageTimedOut` only (`chat.py` draws the tree). Timeouts: `connect_s` to
-connect; `read_s` for the longest silence, before the response's head and between pieces of its body.
+"""Our own HTTP/1.1 client, `WireTransport`, kept for the side-by-side measurement of `bench/overhead_vs_litellm.py
+--transport` (docs/benchmarks.md): HTTP/1.1 on asyncio's own protocol API with `httptools`' response parser,
+keep-alive connections pooled per host. Interim responses (1xx) are skipped; a connection that sends more than the
+response to its request is closed, never reused. A pooled connection that the server had closed while idle is
+replaced once, transparently, when it fails before any byte of the response; every other failure is the caller's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from typing import Protocol, cast
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-import httpx
 
 from stage_protocol.client.errors import StageMalformed, StageTimedOut, StageUnreachable
+from stage_protocol.client.transport import Response, Timeouts
 
 MAX_IDLE_PER_HOST = 100
 PAUSE_READING_AT = 1024 * 1024
 """Body bytes received but not yet read by the caller beyond which the socket is not read (flow control)."""
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BREAKS = re.compile("[\r\n\0]")
-
-
-@dataclass
-class Response:
-    """A response whose head has arrived: `status`, `headers` (names in lower case) and the body, read by
-    iterating `body` once."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: AsyncIterator[bytes]
-
-
-class Transport(Protocol):
-    def exchange(
-        self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
-    ) -> AbstractAsyncContextManager[Response]: ...
-
-    async def aclose(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    connect_s: float
-    read_s: float
-
-
-# Over httpx
-
-
-class HttpxTransport:
-    def __init__(self, client: httpx.AsyncClient, *, owned: bool) -> None:
-        self._client = client
-        self._owned = owned
-
-    @asynccontextmanager
-    async def exchange(
-        self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
-    ) -> AsyncIterator[Response]:
-        timeout = httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s)
-        with _translated():
-            request = self._client.build_request(method, url, content=content, headers=headers, timeout=timeout)
-            response = await self._client.send(request, stream=True)
-        try:
-            yield Response(response.status_code, response.headers, _httpx_body(response))
-        finally:
-            await response.aclose()
-
-    async def aclose(self) -> None:
-        if self._owned:
-            await self._client.aclose()
-
-
-async def _httpx_body(response: httpx.Response) -> AsyncIterator[bytes]:
-    with _translated():
-        async for piece in response.aiter_bytes():
-            yield piece
-
-
-@contextmanager
-def _translated() -> Iterator[None]:
-    """httpx's exceptions as the `StageHttpError` tree."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise StageTimedOut("did not answer in time") from exc
-    except httpx.DecodingError as exc:
-        raise StageMalformed(f"sent a body that does not decode ({exc})") from exc
-    except httpx.HTTPError as exc:
-        raise StageUnreachable(f"could not be reached ({type(exc).__name__}: {exc})") from exc
-
-
-# Our own HTTP/1.1
 
 
 class WireTransport:

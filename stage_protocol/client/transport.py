@@ -1,0 +1,223 @@
+"""How `ChatClient` exchanges bytes with a server: the `Transport` seam and its implementations.
+
+- `AiohttpTransport` (`aiohttp`, the client LiteLLM itself uses): plain `http://` servers, a stage server on the same
+  host or network, the usual case. No proxy and no `.netrc` is ever used. Idle connections are kept `KEEPALIVE_S`,
+  less than the 5 s after which uvicorn (vLLM's, SGLang's and our stage servers') closes them; a pooled connection
+  that the server closed anyway as the request went out is replaced once, transparently, when it fails before any
+  byte of the response; every other failure is the caller's.
+- `HttpxTransport` (`httpx`): `https://` servers (TLS, and the proxy settings of the environment), and a client
+  injected by tests or by a deployment's own code.
+
+Both raise `StageUnreachable`, `StageTimedOut` and `StageMalformed` only (`chat.py` draws the tree). Timeouts:
+`connect_s` to connect; `read_s` for the longest silence, before the response's head and between pieces of its body.
+
+`bench/overhead_vs_litellm.py --transport` measured the candidates side by side (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Literal, Protocol
+
+import aiohttp
+import aiohttp.http_exceptions
+import httpx
+
+from stage_protocol.client.errors import StageMalformed, StageTimedOut, StageUnreachable
+
+TransportName = Literal["auto", "aiohttp", "httpx", "wire"]
+"""`auto`: `aiohttp` for `http://`, `httpx` for `https://`."""
+MAX_CONNECTIONS = 1000
+"""Connections open to one server at once; a request beyond them waits for one (within `connect_s`)."""
+KEEPALIVE_S = 4.0
+"""How long an idle connection is kept: less than uvicorn's 5 s, so the server rarely closes one as it is reused."""
+
+
+@dataclass
+class Response:
+    """A response whose head has arrived: `status`, `headers` (names in lower case) and the body, read by
+    iterating `body` once."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: AsyncIterator[bytes]
+
+
+class Transport(Protocol):
+    def exchange(
+        self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
+    ) -> AbstractAsyncContextManager[Response]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float
+    read_s: float
+
+
+# Over aiohttp
+
+
+class AiohttpTransport:
+    """Plain-HTTP exchanges over one `aiohttp.ClientSession`, opened on first use (in the loop that uses it)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _opened(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            reuse = aiohttp.TraceConfig()
+            reuse.on_connection_reuseconn.append(_noted_reuse)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trace_configs=[reuse],
+                auto_decompress=False,  # identity is asked for; anything else is the server's mistake, passed on
+                trust_env=False,
+            )
+        return self._session
+
+    @asynccontextmanager
+    async def exchange(
+        self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
+    ) -> AsyncIterator[Response]:
+        session = self._opened()
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
+        )
+        for attempt in (1, 2):
+            reused = SimpleNamespace(reused=False)
+            try:
+                with _aiohttp_translated():
+                    response = await session.request(
+                        method,
+                        url,
+                        data=content,
+                        headers=headers,
+                        timeout=timeout,
+                        allow_redirects=False,
+                        trace_request_ctx=reused,
+                    )
+                break
+            except StageUnreachable as exc:  # a pooled connection the server closed: once more, on a new one
+                if attempt == 2 or not reused.reused or not isinstance(exc.__cause__, _CLOSED_BEFORE_ANSWERING):
+                    raise
+        finished = False
+        try:
+            yield Response(response.status, response.headers, _aiohttp_body(response, timeouts.read_s))
+            finished = True
+        finally:
+            if finished:
+                response.release()  # back to the pool when the body was read to its end, else closed
+            else:
+                response.close()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+_CLOSED_BEFORE_ANSWERING = aiohttp.ServerDisconnectedError
+
+
+async def _noted_reuse(_session: object, context: SimpleNamespace, _params: object) -> None:
+    context.trace_request_ctx.reused = True
+
+
+async def _aiohttp_body(response: aiohttp.ClientResponse, read_s: float) -> AsyncIterator[bytes]:
+    """The body's pieces as they arrive. Each wait is bounded here too: aiohttp 3.14 leaves a reader waiting, its own
+    `sock_read` timer stopped, when the body's framing breaks after the head (the error stays on the connection's
+    protocol), so a wait that outlasts `read_s` looks there before it calls the silence a timeout."""
+    with _aiohttp_translated():
+        while True:
+            try:
+                async with asyncio.timeout(read_s):
+                    piece = await response.content.readany()
+            except TimeoutError:
+                protocol = response.connection.protocol if response.connection else None
+                broken = protocol.exception() if protocol is not None else None
+                if not isinstance(broken, aiohttp.http_exceptions.HttpProcessingError):
+                    raise
+                raise aiohttp.ClientResponseError(response.request_info, (), message=str(broken)) from broken
+            if not piece:
+                return
+            yield piece
+
+
+@contextmanager
+def _aiohttp_translated() -> Iterator[None]:
+    """aiohttp's exceptions as the `StageHttpError` tree."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise StageTimedOut("did not answer in time (connecting)") from exc
+    except TimeoutError as exc:  # aiohttp's own (a silence longer than `read_s`); the caller's arrive as cancellation
+        raise StageTimedOut("did not answer in time") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise StageUnreachable(f"could not be reached (ConnectError: {exc})") from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise StageUnreachable(
+            "could not be reached (the server closed the connection, before the response was complete)"
+        ) from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise StageUnreachable(f"could not be reached ({exc}, before the response was complete)") from exc
+    except aiohttp.ClientResponseError as exc:
+        raise StageMalformed(f"sent a response that is not HTTP/1.1 ({exc.message})") from exc
+    except aiohttp.ClientError as exc:
+        raise StageUnreachable(f"could not be reached ({type(exc).__name__}: {exc})") from exc
+
+
+# Over httpx
+
+
+class HttpxTransport:
+    def __init__(self, client: httpx.AsyncClient, *, owned: bool) -> None:
+        self._client = client
+        self._owned = owned
+
+    @asynccontextmanager
+    async def exchange(
+        self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
+    ) -> AsyncIterator[Response]:
+        timeout = httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s)
+        with _httpx_translated():
+            request = self._client.build_request(method, url, content=content, headers=headers, timeout=timeout)
+            response = await self._client.send(request, stream=True)
+        try:
+            yield Response(response.status_code, response.headers, _httpx_body(response))
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._client.aclose()
+
+
+async def _httpx_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    with _httpx_translated():
+        async for piece in response.aiter_bytes():
+            yield piece
+
+
+@contextmanager
+def _httpx_translated() -> Iterator[None]:
+    """httpx's exceptions as the `StageHttpError` tree."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise StageTimedOut("did not answer in time") from exc
+    except httpx.DecodingError as exc:
+        raise StageMalformed(f"sent a body that does not decode ({exc})") from exc
+    except httpx.HTTPError as exc:
+        raise StageUnreachable(f"could not be reached ({type(exc).__name__}: {exc})") from exc
+
+
+def httpx_transport() -> HttpxTransport:
+    limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100, keepalive_expiry=KEEPALIVE_S)
+    return HttpxTransport(httpx.AsyncClient(limits=limits), owned=True)
