@@ -36,8 +36,8 @@ from stage_protocol.client import (
     retry_after_s,
 )
 from stage_protocol.client import errors as errors_module
-from stage_protocol.client.chat import MAX_ERROR_BODY_BYTES, MAX_EVENT_BYTES
 from stage_protocol.client import transport as transport_module
+from stage_protocol.client.chat import MAX_ERROR_BODY_BYTES, MAX_EVENT_BYTES
 from stage_protocol.client.transport import AiohttpTransport, HttpxTransport
 from tests.servers import unused_port
 
