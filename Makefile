@@ -61,7 +61,7 @@ $(LITELLM_STAMP):
 
 .PHONY: bench-litellm
 bench-litellm: $(STAMP) $(LITELLM_STAMP)
-	$(BIN)/python -m bench.overhead_vs_litellm --transport wire,httpx,aiohttp
+	$(BIN)/python -m bench.overhead_vs_litellm --transport aiohttp,httpx
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -29,9 +29,8 @@ sequential requests (concurrency 1: latency), then a batch at concurrency 32 (th
 
 It prints, per kind and target: p50/p99 latency and what each gateway adds over direct; median requests/s; the
 target process's CPU time per request (the stage's for direct: less sensitive to other load than wall time); errors;
-the ratios ours/LiteLLM and whether the targets are met, for each transport; with `wire` among several transports,
-whether the own client beats the best maintained one by the margin that would keep it. Last, the CPU time that other
-processes took during the measurement: on a shared machine the numbers are only as clean as that is small.
+the ratios ours/LiteLLM and whether the targets are met, for each transport. Last, the CPU time that other processes
+took during the measurement: on a shared machine the numbers are only as clean as that is small.
 """
 
 from __future__ import annotations
@@ -68,10 +67,7 @@ IMAGE_BYTES = 1024 * 1024
 STARTUP_TIMEOUT_S = 180.0
 TARGETS = {"tiny": (5.0, 2.0), "image": (2.0, 2.0)}
 """Per kind: ours' added p50 latency must be at most 1/x of LiteLLM's; ours' throughput at least y times LiteLLM's."""
-TRANSPORTS = ("wire", "httpx", "aiohttp")
-OWN_CLIENT_MUST_WIN_BY = {"tiny": ("added p50", 1.0), "image": ("req/s", 0.20)}
-"""The own HTTP client (`wire`) is worth keeping only if it beats the best maintained client by 1 ms of added p50
-on the tiny request, or by 20 % throughput with the 1 MiB image."""
+TRANSPORTS = ("aiohttp", "httpx")
 
 
 # What is sent
@@ -254,8 +250,6 @@ def report(kind: str, samples: dict[str, Samples]) -> None:
     if "litellm" in samples:
         for name in ours:
             verdicts(kind, name, samples[name], samples["litellm"], direct)
-    if "ours-wire" in samples and len(ours) > 1:
-        own_client_verdict(kind, {name.removeprefix("ours-"): samples[name] for name in ours}, direct)
 
 
 def verdicts(kind: str, name: str, ours: Samples, theirs: Samples, direct: Samples) -> None:
@@ -271,23 +265,6 @@ def verdicts(kind: str, name: str, ours: Samples, theirs: Samples, direct: Sampl
         f"{verdict(latency <= 1 / latency_target)}; throughput ≥ {throughput_target:g}× LiteLLM's: "
         f"{verdict(throughput >= throughput_target)}"
     )
-
-
-def own_client_verdict(kind: str, transports: dict[str, Samples], direct: Samples) -> None:
-    """Whether the own client (`wire`) beats the best maintained one by `OWN_CLIENT_MUST_WIN_BY` on this kind."""
-    wire = transports.pop("wire")
-    measure, margin = OWN_CLIENT_MUST_WIN_BY[kind]
-    if measure == "added p50":
-        best = min(transports, key=lambda name: added_ms(transports[name], direct)[0])
-        gain = added_ms(transports[best], direct)[0] - added_ms(wire, direct)[0]
-        shown, won = f"{gain:+.2f} ms added p50", gain >= margin
-        wanted = f"≥ {margin:g} ms"
-    else:
-        best = max(transports, key=lambda name: median(transports[name].rps))
-        gain = ratio(median(wire.rps), median(transports[best].rps)) - 1
-        shown, won = f"{gain:+.1%} req/s", gain >= margin
-        wanted = f"≥ {margin:.0%}"
-    print(f"own client vs the best maintained ({best}): {shown} (worth keeping at {wanted}): {verdict(won)}")
 
 
 def median(values: list[float]) -> float:
@@ -373,7 +350,7 @@ def main() -> None:
         "--transport",
         type=transport_list,
         default=["aiohttp"],
-        help="comma-separated HTTP clients of ours to run side by side: wire, httpx, aiohttp (default aiohttp)",
+        help="comma-separated HTTP clients of ours to run side by side: aiohttp, httpx (default aiohttp)",
     )
     parser.add_argument("--litellm", type=Path, default=ROOT / ".venv-litellm" / "bin" / "litellm")
     parser.add_argument("--gateway-core", type=int)

@@ -1,5 +1,5 @@
-"""`stage_protocol` on its own: `WireTransport` against raw-byte servers on loopback (`asyncio.start_server`, so the
-framing is exactly what each test writes), `HttpxTransport` through `httpx.MockTransport` and over loopback.
+"""`stage_protocol` on its own: `AiohttpTransport` against raw-byte servers on loopback (`asyncio.start_server`, so
+the framing is exactly what each test writes), `HttpxTransport` through `httpx.MockTransport` and over loopback.
 
 What the stage backends' tests (`test_remote_backends`, `test_faulty_server`) do not reach: keep-alive and the pool,
 HTTP framing, the event-stream parser's corners, the timeouts' two owners (ours become `StageTimedOut`, the caller's
@@ -272,7 +272,7 @@ async def collect_until_error(client: ChatClient) -> tuple[list[Chunk], StageHtt
     raise AssertionError(f"no StageHttpError after {got}")
 
 
-def wire(base_url: str, *, connect_timeout_s: float = 5.0, first_byte_timeout_s: float = 60.0) -> aclosing[ChatClient]:
+def plain(base_url: str, *, connect_timeout_s: float = 5.0, first_byte_timeout_s: float = 60.0) -> aclosing[ChatClient]:
     client = ChatClient(base_url, connect_timeout_s=connect_timeout_s, first_byte_timeout_s=first_byte_timeout_s)
     return aclosing(client)
 
@@ -319,7 +319,7 @@ def test_the_aiohttp_transport_works_on_uvloop() -> None:
             else:
                 await conn.send(head(chunked=True), chunked(STREAM, range(0, len(STREAM), 50)), pause_s=0.002)
 
-        async with serve(handle) as server, wire(f"{server.url}/v1", first_byte_timeout_s=0.3) as client:
+        async with serve(handle) as server, plain(f"{server.url}/v1", first_byte_timeout_s=0.3) as client:
             assert await collect(client) == EXPECTED  # connection 1
             assert await collect(client) == EXPECTED  # connection 1 closes unanswered: retried on connection 2
             async with aclosing(client.chunks({"abandon": True})) as stream:  # connection 2 again, abandoned: closed
@@ -357,7 +357,7 @@ async def test_an_https_base_url_speaks_tls(monkeypatch: pytest.MonkeyPatch) -> 
 
     server = await asyncio.start_server(record, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server, wire(f"https://127.0.0.1:{port}/v1", connect_timeout_s=2) as client:
+    async with server, plain(f"https://127.0.0.1:{port}/v1", connect_timeout_s=2) as client:
         with pytest.raises(StageUnreachable, match="could not be reached"):
             await collect(client)
     assert len(first_bytes) == 1
@@ -375,7 +375,7 @@ async def test_a_stream_closed_early_gives_its_connection_up_and_leaks_nothing()
             await conn.send(response())
 
     async with serve(handle) as server:
-        async with wire(f"{server.url}/v1") as client:
+        async with plain(f"{server.url}/v1") as client:
             assert await collect(client) == EXPECTED
             async with aclosing(client.chunks({"abandon": True})) as stream:
                 assert await anext(stream) == EXPECTED[0]
@@ -387,7 +387,7 @@ async def test_a_stream_closed_early_gives_its_connection_up_and_leaks_nothing()
 
 
 async def test_concurrent_streams_open_one_connection_each_and_the_pool_serves_them_all_again() -> None:
-    async with serve(always(response())) as server, wire(f"{server.url}/v1") as client:
+    async with serve(always(response())) as server, plain(f"{server.url}/v1") as client:
         for _ in range(3):
             assert await asyncio.gather(*(collect(client) for _ in range(4))) == [EXPECTED] * 4
         assert server.accepted == 4
@@ -399,7 +399,7 @@ async def test_an_error_response_read_to_its_end_keeps_the_connection() -> None:
         body = orjson.dumps({"error": {"message": "busy", "code": 503}})
         await conn.send(response(STREAM) if request.index % 2 else response(body, 503, content_type="application/json"))
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         for _ in range(2):
             with pytest.raises(StageStatus, match="busy"):
                 await collect(client)
@@ -420,7 +420,7 @@ async def test_what_follows_done_is_read_so_that_the_connection_serves_the_next_
     async def handle(request: Request, conn: Conn) -> None:
         await conn.send(before, rest, pause_s=0.03)  # the rest of the body well after [DONE]
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         for _ in range(3):
             assert await collect(client) == EXPECTED
         assert server.accepted == 1
@@ -431,7 +431,7 @@ async def test_an_interim_response_is_skipped_and_the_final_one_read() -> None:
         interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
         await conn.send(interim, response(), pause_s=0.02)
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         for _ in range(2):
             assert await collect(client) == EXPECTED
         assert server.accepted == 1, "the connection stays in step: the next request gets its own answer"
@@ -441,7 +441,7 @@ async def test_a_connection_that_sends_more_than_the_response_is_not_pooled() ->
     async def handle(request: Request, conn: Conn) -> None:
         await conn.send(response() + response(b"a stray second response"))
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         for _ in range(2):
             assert await collect(client) == EXPECTED
         assert [(r.connection, r.index) for r in server.requests] == [(1, 0), (2, 0)]
@@ -454,14 +454,14 @@ async def test_requests_beyond_the_connection_bound_wait_for_a_connection(monkey
         await asyncio.sleep(0.02)  # all five are in flight at once
         await conn.send(response())
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         assert await asyncio.gather(*(collect(client) for _ in range(5))) == [EXPECTED] * 5
         assert server.accepted == 2
 
 
 async def test_idle_connections_are_closed_after_the_keep_alive_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "KEEPALIVE_S", 0.2)
-    async with serve(always(response())) as server, wire(f"{server.url}/v1") as client:
+    async with serve(always(response())) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         await eventually(lambda: server.left == 1)  # closed by the client, well before uvicorn's 5 s
         assert await collect(client) == EXPECTED
@@ -472,7 +472,7 @@ async def test_a_response_announcing_connection_close_is_not_pooled() -> None:
     """The server says it will close but keeps the socket open: the client must close it and not send on it."""
     async with (
         serve(always(response(headers={"Connection": "close"}))) as server,
-        wire(f"{server.url}/v1") as client,
+        plain(f"{server.url}/v1") as client,
     ):
         assert await collect(client) == EXPECTED
         assert await collect(client) == EXPECTED
@@ -489,7 +489,7 @@ async def test_a_pooled_connection_the_server_closed_while_idle_is_replaced() ->
         await asyncio.sleep(0.01)
         await conn.close()
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         await eventually(lambda: len(server.tasks) == 1 and all(task.done() for task in server.tasks))
         await asyncio.sleep(0.05)  # the client's loop reads the end of file and closes its side
@@ -510,7 +510,7 @@ async def test_a_pooled_connection_closed_as_the_request_arrives_is_retried_once
             await conn.send(partial)
             await conn.close()
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         assert await collect(client) == EXPECTED
         assert [(r.connection, r.index) for r in server.requests] == [(1, 0), (1, 1), (2, 0)]
@@ -524,7 +524,7 @@ async def test_a_new_connection_closed_before_any_answer_raises_without_retrying
         else:
             await conn.close()
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         with_pool = await collect(client)
         assert with_pool == EXPECTED
         # the pooled connection fails, then the new one: one retry, then the error
@@ -549,7 +549,7 @@ async def test_a_reused_connection_that_breaks_after_part_of_the_body_is_not_ret
             await conn.send(partial)
             await conn.close()
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         with pytest.raises(StageUnreachable, match="before the response was complete"):
             await collect(client)
@@ -562,7 +562,7 @@ async def test_a_slow_reader_of_a_big_stream_gets_every_byte_and_keeps_the_conne
     pieces = [f"{i:07d}" + "é" * 8000 for i in range(400)]  # ~6.4 MB of content
     stream = sse(*(event({"content": piece}) for piece in pieces), event(finish="length"))
 
-    async with serve(always(response(stream))) as server, wire(f"{server.url}/v1") as client:
+    async with serve(always(response(stream))) as server, plain(f"{server.url}/v1") as client:
         for _ in range(2):
             got: list[str] = []
             async for chunk in client.chunks(BODY):
@@ -605,7 +605,7 @@ async def test_every_framing_delivers_the_same_chunks_however_the_bytes_are_spli
         if framing == "close":
             await conn.close()
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         assert await collect(client) == EXPECTED
         assert server.accepted == (2 if framing == "close" else 1)
@@ -621,7 +621,7 @@ async def test_a_body_cut_short_raises_unreachable_after_the_chunks_it_held(data
         await conn.send(data)
         await conn.close()
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         got, error = await collect_until_error(client)
         assert got == EXPECTED
         assert isinstance(error, StageUnreachable)
@@ -633,7 +633,7 @@ async def test_an_answer_that_is_not_http_is_malformed() -> None:
     async def handle(request: Request, conn: Conn) -> None:
         await conn.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
 
-    async with serve(handle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         with pytest.raises(StageMalformed, match=r"not HTTP/1\.1"):
             await collect(client)
 
@@ -650,7 +650,7 @@ async def test_a_body_that_stops_being_http_midway_is_malformed(pause_s: float) 
     async def handle(request: Request, conn: Conn) -> None:
         await conn.send(*([good, garbage] if pause_s else [good + garbage]), pause_s=pause_s)
 
-    async with serve(handle) as server, wire(f"{server.url}/v1", first_byte_timeout_s=0.5) as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1", first_byte_timeout_s=0.5) as client:
         started = time.monotonic()
         got, error = await collect_until_error(client)
     # aiohttp drops what it had buffered when the framing breaks in the same read; nothing after the break arrives
@@ -936,7 +936,7 @@ async def test_the_callers_own_timeout_stays_a_timeout_error(transport: str, han
 
 @pytest.mark.parametrize("handler", [silent, one_event_then_silent], ids=["before-the-head", "mid-body"])
 async def test_a_connection_whose_caller_gave_up_is_closed_not_pooled(handler: Handler) -> None:
-    async with serve(handler) as server, wire(f"{server.url}/v1", first_byte_timeout_s=10) as client:
+    async with serve(handler) as server, plain(f"{server.url}/v1", first_byte_timeout_s=10) as client:
         for _ in range(2):
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.1):
@@ -952,14 +952,14 @@ async def test_a_slow_but_steady_stream_is_not_timed_out() -> None:
         await conn.send(head(chunked=True), *(chunked(sse(e, done=False), end=False) for e in EVENTS), pause_s=0.08)
         await conn.send(chunked(DONE))
 
-    async with serve(handle) as server, wire(f"{server.url}/v1", first_byte_timeout_s=0.3) as client:
+    async with serve(handle) as server, plain(f"{server.url}/v1", first_byte_timeout_s=0.3) as client:
         started = time.monotonic()
         assert await collect(client) == EXPECTED
         assert time.monotonic() - started > 0.3
 
 
 async def test_a_refused_connection_is_unreachable_at_once() -> None:
-    async with wire(f"http://127.0.0.1:{unused_port()}/v1") as client:
+    async with plain(f"http://127.0.0.1:{unused_port()}/v1") as client:
         with pytest.raises(StageUnreachable, match="ConnectError"):
             await collect(client)
 
@@ -1176,15 +1176,15 @@ def test_an_api_key_with_a_line_break_is_refused_at_construction(key: str) -> No
 
 
 async def test_credentials_in_the_base_url_never_reach_the_server() -> None:
-    async with serve(always(response())) as server, wire(f"http://user:secret@127.0.0.1:{server.port}/v1") as client:
+    async with serve(always(response())) as server, plain(f"http://user:secret@127.0.0.1:{server.port}/v1") as client:
         assert await collect(client) == EXPECTED
     [request] = server.requests
     assert request.headers["host"] == f"127.0.0.1:{server.port}"
     assert "secret" not in repr(request)
 
 
-async def test_the_wire_asks_for_an_unencoded_body() -> None:
-    async with serve(always(response())) as server, wire(server.url) as client:
+async def test_the_client_asks_for_an_unencoded_body() -> None:
+    async with serve(always(response())) as server, plain(server.url) as client:
         await collect(client)
     assert server.requests[0].headers["accept-encoding"] == "identity"
 
@@ -1195,7 +1195,7 @@ async def test_the_wire_asks_for_an_unencoded_body() -> None:
     ids=["crlf", "lf", "cr", "nul", "in-name"],
 )
 async def test_a_header_with_a_line_break_is_refused_and_nothing_is_sent(headers: dict[str, str]) -> None:
-    async with serve(always(response())) as server, wire(f"{server.url}/v1") as client:
+    async with serve(always(response())) as server, plain(f"{server.url}/v1") as client:
         with pytest.raises(StageUnreachable, match="nothing was sent"):
             await collect(client, headers)
         assert server.accepted == 0
@@ -1239,7 +1239,7 @@ async def test_model_ids_lists_the_ids(transport: str) -> None:
     ids=["not-json", "no-data", "404", "503", "silent", "head-only"],
 )
 async def test_model_ids_raises_stage_errors_only(handler: Handler, error: type[StageHttpError], says: str) -> None:
-    async with serve(handler) as server, wire(f"{server.url}/v1") as client:
+    async with serve(handler) as server, plain(f"{server.url}/v1") as client:
         started = time.monotonic()
         with pytest.raises(error, match=says):
             await client.model_ids(0.3)
@@ -1253,7 +1253,7 @@ async def test_model_ids_bounds_a_trickle_by_its_whole_timeout() -> None:
         page = orjson.dumps({"data": [{"id": "a"}]})
         await conn.send(head(length=len(page), content_type="application/json"), *one_by_one(page), pause_s=0.1)
 
-    async with serve(trickle) as server, wire(f"{server.url}/v1") as client:
+    async with serve(trickle) as server, plain(f"{server.url}/v1") as client:
         started = time.monotonic()
         with pytest.raises(StageTimedOut):
             await client.model_ids(0.3)

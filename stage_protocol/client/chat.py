@@ -54,7 +54,6 @@ from stage_protocol.client.transport import (
     TransportName,
     httpx_transport,
 )
-from stage_protocol.client.wire import WireTransport
 
 NO_API_KEY = "EMPTY"
 """Sent when no key is configured: vLLM and SGLang accept any key unless started with one."""
@@ -150,8 +149,6 @@ class ChatClient:
 def _transport(name: TransportName, scheme: str, http_client: httpx.AsyncClient | None) -> Transport:
     if http_client is not None:
         return HttpxTransport(http_client, owned=False)
-    if name == "wire":
-        return WireTransport()
     if name == "aiohttp" or (name == "auto" and scheme == "http"):
         return AiohttpTransport()
     return httpx_transport()

@@ -11,7 +11,8 @@
 Both raise `StageUnreachable`, `StageTimedOut` and `StageMalformed` only (`chat.py` draws the tree). Timeouts:
 `connect_s` to connect; `read_s` for the longest silence, before the response's head and between pieces of its body.
 
-`bench/overhead_vs_litellm.py --transport` measured the candidates side by side (docs/benchmarks.md).
+`bench/overhead_vs_litellm.py --transport` measured both, and an own HTTP/1.1 client that aiohttp replaced, side by
+side (docs/benchmarks.md, "HTTP transport").
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import httpx
 
 from stage_protocol.client.errors import StageMalformed, StageTimedOut, StageUnreachable
 
-TransportName = Literal["auto", "aiohttp", "httpx", "wire"]
+TransportName = Literal["auto", "aiohttp", "httpx"]
 """`auto`: `aiohttp` for `http://`, `httpx` for `https://`."""
 MAX_CONNECTIONS = 1000
 """Connections open to one server at once; a request beyond them waits for one (within `connect_s`)."""
