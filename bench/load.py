@@ -28,20 +28,18 @@ import base64
 import contextlib
 import io
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import httpx
 from PIL import Image, ImageDraw
 
+from bench.processes import Child, child_process, cpu_s, peak_kib
 from reasoning_stage.errors import ReasoningError
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
@@ -51,7 +49,6 @@ from vision_stage.images import ImageLimits, decode_image
 from vision_stage.remote import RemoteVisionBackend
 from vision_stage.types import DecodedImage, VisionRequest
 
-ROOT = Path(__file__).resolve().parents[1]
 VISION_MODEL, REASONING_MODEL = "fake-vision", "fake-reasoning"
 QUESTIONS = {"vision": "What is the total on this receipt?", "reasoning": "Is this receipt a business expense?"}
 REQUEST_TIMEOUT_S = 60.0
@@ -107,36 +104,6 @@ class Measured:
 # --- processes --------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: IO[bytes]
-    url: str
-
-    def log_tail(self, lines: int = 20) -> str:
-        self.log.seek(0)
-        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
-
-
-@contextmanager
-def child_process(name: str, args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Child]:
-    """`python ARGS` in the repository root, its output kept in a temporary file, until the block ends."""
-    with tempfile.TemporaryFile(prefix=f"load-{name}-") as log:
-        process = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            yield Child(name, process, log, f"http://127.0.0.1:{port}")
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
-
-
 def start_fake(stack: ExitStack, model: str, mode: Mode, seed: int) -> Child:
     port = unused_port()
     args = ["-m", "bench.load", "--seed", str(seed), "fake", "--port", str(port), "--model", model, "--mode", mode]
@@ -175,23 +142,6 @@ async def wait_ready(child: Child, path: str) -> None:
                     return
             await asyncio.sleep(0.1)
     raise TimeoutError(f"{child.name} was not ready within {STARTUP_TIMEOUT_S:g} s:\n{child.log_tail()}")
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far; 0 where /proc does not say."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
-
-
-def peak_kib(pid: int) -> int | None:
-    """The process's peak resident set (VmHWM), in KiB; None where /proc does not say."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return None
 
 
 # --- load -------------------------------------------------------------------------------------------------------------

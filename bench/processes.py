@@ -9,8 +9,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -123,3 +129,47 @@ def cores(args: argparse.Namespace) -> tuple[int, int]:
     gateway = available[0] if args.gateway_core is None else int(args.gateway_core)
     client = available[1] if args.client_core is None else int(args.client_core)
     return gateway, client
+
+
+@dataclass(frozen=True)
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+    url: str
+
+    def log_tail(self, lines: int = 20) -> str:
+        self.log.seek(0)
+        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def child_process(name: str, args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Child]:
+    """`python ARGS` in the repository root, its output kept in a temporary file, until the block ends."""
+    with tempfile.TemporaryFile(prefix=f"load-{name}-") as log:
+        process = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            yield Child(name, process, log, f"http://127.0.0.1:{port}")
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=15)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far; 0 where /proc does not say."""
+    return process_ticks(pid) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_kib(pid: int) -> int | None:
+    """The process's peak resident set (VmHWM), in KiB; None where /proc does not say."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
