@@ -498,10 +498,8 @@ async def test_a_pooled_connection_the_server_closed_while_idle_is_replaced() ->
         assert server.accepted == 3
 
 
-@pytest.mark.parametrize("partial", [b"", b"HTTP/1.1 200 OK\r\nContent-Ty"], ids=["nothing", "mid-head"])
-async def test_a_pooled_connection_closed_as_the_request_arrives_is_retried_once_on_a_new_one(partial: bytes) -> None:
-    """The race the pool cannot see coming: the server closes the idle connection just as the next request goes
-    out on it. No response head came, so the request is sent again, on a new connection."""
+def answered_once_then(partial: bytes) -> Handler:
+    """The first request on a connection is answered; a later one gets `partial`, then the connection closes."""
 
     async def handle(request: Request, conn: Conn) -> None:
         if request.index == 0:
@@ -510,7 +508,15 @@ async def test_a_pooled_connection_closed_as_the_request_arrives_is_retried_once
             await conn.send(partial)
             await conn.close()
 
-    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
+    return handle
+
+
+@pytest.mark.parametrize("partial", [b"", b"HTTP/1.1 200 OK\r\nContent-Ty"], ids=["nothing", "mid-head"])
+async def test_a_pooled_connection_closed_as_the_request_arrives_is_retried_once_on_a_new_one(partial: bytes) -> None:
+    """The race the pool cannot see coming: the server closes the idle connection just as the next request goes
+    out on it. No response head came, so the request is sent again, on a new connection."""
+
+    async with serve(answered_once_then(partial)) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         assert await collect(client) == EXPECTED
         assert [(r.connection, r.index) for r in server.requests] == [(1, 0), (1, 1), (2, 0)]
@@ -542,14 +548,7 @@ async def test_a_reused_connection_that_breaks_after_part_of_the_body_is_not_ret
     """Part of the answer came: the server did take the request, so sending it again could do the work twice."""
     partial = head(length=len(STREAM)) + STREAM[:40]
 
-    async def handle(request: Request, conn: Conn) -> None:
-        if request.index == 0:
-            await conn.send(response())
-        else:
-            await conn.send(partial)
-            await conn.close()
-
-    async with serve(handle) as server, plain(f"{server.url}/v1") as client:
+    async with serve(answered_once_then(partial)) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
         with pytest.raises(StageUnreachable, match="before the response was complete"):
             await collect(client)

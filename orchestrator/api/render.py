@@ -11,27 +11,18 @@ from orchestrator.analysis.types import AnalyzeOutcome
 from orchestrator.api.schemas import (
     AnalyzeResponse,
     ArbitrationOut,
-    BoxOut,
     CheckOut,
-    ColorOut,
     EvidenceOut,
-    FactsOut,
     FailureOut,
-    FieldOut,
-    ObjectOut,
     ReasoningOut,
     RouteOut,
     StageUsageOut,
-    StructuredOut,
-    TagOut,
-    TextLineOut,
     UsageOut,
     VisionOut,
 )
 from orchestrator.arbitration.decision import Arbitration
 from orchestrator.arbitration.verification import Check
-from reasoning_stage.types import ReasoningResult
-from vision_stage.types import StructuredDescription, VisionResult
+from vision_stage.types import VisionResult
 
 
 def analyze_response(
@@ -48,7 +39,7 @@ def analyze_response(
         **outcome_fields(outcome, request_id),
         session_id=session_id,
         vision=vision_out(outcome.vision),
-        reasoning=_reasoning_out(reasoning) if reasoning else None,
+        reasoning=ReasoningOut.model_validate(reasoning) if reasoning else None,
         usage=usage_out(outcome),
         **extra,
     )
@@ -111,61 +102,9 @@ def _check_out(check: Check) -> CheckOut:
         referent=claim.referent,
         verdict=check.verdict,
         reason=check.reason,
-        evidence=EvidenceOut(source=evidence.source, text=evidence.text, where=evidence.where) if evidence else None,
+        evidence=EvidenceOut.model_validate(evidence) if evidence else None,
     )
 
 
 def vision_out(vision: VisionResult) -> VisionOut:
-    return VisionOut(
-        backend=vision.backend,
-        model=vision.model,
-        caption=vision.caption,
-        description=vision.description,
-        structured=_structured_out(vision.structured),
-        answer=vision.answer,
-        thinking=vision.thinking,
-        boxes=[BoxOut(**vars(box)) for box in vision.boxes],
-        notes=list(vision.notes),
-        latency_ms=vision.latency_ms,
-        cached=vision.cached,
-    )
-
-
-def _structured_out(structured: StructuredDescription) -> StructuredOut:
-    facts = structured.facts
-    return StructuredOut(
-        facts=FactsOut(
-            width=facts.width,
-            height=facts.height,
-            orientation=facts.orientation,
-            format=facts.format,
-            dominant_colors=[ColorOut(**vars(color)) for color in facts.dominant_colors],
-        ),
-        text_lines=[
-            TextLineOut(
-                text=line.text, box=list(line.box), score=line.score, order=line.order, relevance=line.relevance
-            )
-            for line in structured.text_lines
-        ],
-        tags=[TagOut(**vars(tag)) for tag in structured.tags],
-        languages=list(structured.languages),
-        objects=[
-            ObjectOut(label=item.label, box=BoxOut(**vars(item.box)) if item.box else None)
-            for item in structured.objects
-        ],
-        fields=[FieldOut(key=item.key, value=item.value) for item in structured.fields],
-        layout=structured.layout,
-    )
-
-
-def _reasoning_out(reasoning: ReasoningResult) -> ReasoningOut:
-    return ReasoningOut(
-        backend=reasoning.backend,
-        model=reasoning.model,
-        answer=reasoning.text,
-        thinking=reasoning.thinking,
-        finish_reason=reasoning.finish_reason,
-        prompt_tokens=reasoning.prompt_tokens,
-        completion_tokens=reasoning.completion_tokens,
-        latency_ms=reasoning.latency_ms,
-    )
+    return VisionOut.model_validate(vision)

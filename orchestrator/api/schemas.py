@@ -59,6 +59,12 @@ class AnalyzeJsonRequest(BaseModel):
     )
 
 
+class _Read(BaseModel):
+    """Read from the pipeline's dataclass of the same fields (`model_validate(result)`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
 class RouteOut(BaseModel):
     decision: Decision
     score: float = Field(description="Evidence for reasoning, 0 to 1.")
@@ -66,7 +72,7 @@ class RouteOut(BaseModel):
     forced: bool = Field(description="True when the client's `mode` decided, not the router.")
 
 
-class TextLineOut(BaseModel):
+class TextLineOut(_Read):
     text: str
     box: list[tuple[float, float]] = Field(description="Four corners in pixels, clockwise from top-left.")
     score: float = Field(description="Recognition confidence, 0 to 1.")
@@ -74,18 +80,18 @@ class TextLineOut(BaseModel):
     relevance: float | None = Field(description="Similarity to the question, when one was asked.")
 
 
-class TagOut(BaseModel):
+class TagOut(_Read):
     label: str
     score: float
 
 
-class ColorOut(BaseModel):
+class ColorOut(_Read):
     name: str
     hex: str
     fraction: float
 
 
-class FactsOut(BaseModel):
+class FactsOut(_Read):
     width: int
     height: int
     orientation: Literal["landscape", "portrait", "square"]
@@ -93,7 +99,7 @@ class FactsOut(BaseModel):
     dominant_colors: list[ColorOut]
 
 
-class BoxOut(BaseModel):
+class BoxOut(_Read):
     """A box on the 0–1000 scale relative to the image (x right, y down), as GLM-4.6V grounds."""
 
     x0: float
@@ -102,17 +108,17 @@ class BoxOut(BaseModel):
     y1: float
 
 
-class ObjectOut(BaseModel):
+class ObjectOut(_Read):
     label: str
     box: BoxOut | None
 
 
-class FieldOut(BaseModel):
+class FieldOut(_Read):
     key: str
     value: str
 
 
-class StructuredOut(BaseModel):
+class StructuredOut(_Read):
     facts: FactsOut
     text_lines: list[TextLineOut] = Field(description="Most relevant to the question first; see `order`.")
     tags: list[TagOut] = Field(description="ImageNet tags (the `ocr` backend).")
@@ -122,7 +128,7 @@ class StructuredOut(BaseModel):
     layout: str | None
 
 
-class VisionOut(BaseModel):
+class VisionOut(_Read):
     backend: str
     model: str
     caption: str
@@ -136,10 +142,10 @@ class VisionOut(BaseModel):
     cached: bool = Field(description="True when the orchestrator's cache answered for the vision stage.")
 
 
-class ReasoningOut(BaseModel):
+class ReasoningOut(_Read):
     backend: str
     model: str
-    answer: str
+    answer: str = Field(validation_alias="text")
     thinking: str | None = Field(description="The LLM's reasoning trace, when it produced one.")
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
@@ -147,7 +153,7 @@ class ReasoningOut(BaseModel):
     latency_ms: float
 
 
-class EvidenceOut(BaseModel):
+class EvidenceOut(_Read):
     source: str
     text: str
     where: str = Field(description="Where in the vision result, e.g. `line 8`, `field “Total”`.")
