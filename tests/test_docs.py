@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.settings import Settings
-from tests.test_deployment import settings_env_names
+from tests.deployment_files import settings_env_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
