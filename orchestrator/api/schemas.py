@@ -142,10 +142,10 @@ class VisionOut(_Read):
     cached: bool = Field(description="True when the orchestrator's cache answered for the vision stage.")
 
 
-class ReasoningOut(_Read):
+class ReasoningOut(BaseModel):
     backend: str
     model: str
-    answer: str = Field(validation_alias="text")
+    answer: str
     thinking: str | None = Field(description="The LLM's reasoning trace, when it produced one.")
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
