@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.analysis.routing import (
+    EN_CUES,
     EmbeddingEvidence,
     EmbeddingRouter,
     KeywordRouter,
@@ -17,6 +18,7 @@ from orchestrator.analysis.routing import (
     Prototype,
     embedding_decision,
     embedding_evidence,
+    find_cue,
     keyword_decision,
     load_prototypes,
     routing_window,
@@ -267,3 +269,15 @@ async def test_the_embedding_router_routes_at_least_95_percent_of_the_test_quest
         if decision.decision != question["label"]:
             mistakes.append(f"{question['question']} ({question['label']}): {decision.reason}")
     assert len(mistakes) <= 0.05 * len(test), "\n".join(mistakes)
+
+
+@pytest.mark.parametrize("cue", EN_CUES)
+def test_every_english_cue_is_found_whatever_its_case_and_ending(cue: str) -> None:
+    stem = cue.removesuffix("*")
+    word = stem + ("ed" if cue.endswith("*") else "")
+    assert find_cue(f"Tell me, {word.upper()} here?") is not None
+
+
+def test_the_first_cue_of_the_list_wins_not_the_first_in_the_question() -> None:
+    assert find_cue("Should I pay it, and why?") == "why"
+    assert find_cue("What is in this image?") is None

@@ -17,7 +17,6 @@ like any other. A disconnect after the response is complete
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,29 +52,38 @@ class DisconnectMiddleware:
                 answered = True
             await send(message)
 
-        async def handle() -> None:
-            await self.app(scope, receive_body, send_answer)
+        handling = asyncio.current_task()
+        assert handling is not None
+        gone = False
 
-        handling = asyncio.create_task(handle())
-        listening = asyncio.create_task(_disconnected(receive, body_read))
+        async def listen() -> None:
+            nonlocal gone
+            await _disconnected(receive, body_read)
+            if not answered:  # else the disconnect every server reports once the response is complete
+                gone = True
+                handling.cancel()
+
+        listening = asyncio.create_task(listen())
         try:
-            await asyncio.wait([handling, listening], return_when=asyncio.FIRST_COMPLETED)
-            if handling.done():
-                await handling  # its result, or its exception, as if it had run here
-                if not answered:  # a streamed response Starlette stopped because its client went away
-                    _note_gone(scope)
-                return
-            if answered:  # the disconnect every server reports once the response is complete
-                await handling
-                return
-            await _cancel(handling)
+            await self.app(scope, receive_body, send_answer)
+        except asyncio.CancelledError:
+            if not gone or handling.uncancel() > 0:  # not ours alone: the server's, or the loop's, goes on
+                raise
             _note_gone(scope)
+            return
+        except Exception as exc:
+            if not gone:
+                raise
+            log.info("a cancelled request ended with %s: %s", type(exc).__name__, exc)  # nobody left to answer
+            _note_gone(scope)
+            return
         finally:
             listening.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listening
-            if not handling.done():  # this middleware itself was cancelled
-                await _cancel(handling)
+        if gone:  # cancelled as the handler returned: its answer had been sent but not completed
+            handling.uncancel()
+            _note_gone(scope)
+        elif not answered:  # a streamed response Starlette stopped because its client went away
+            _note_gone(scope)
 
 
 async def _disconnected(receive: Receive, body_read: asyncio.Event) -> None:
@@ -83,17 +91,6 @@ async def _disconnected(receive: Receive, body_read: asyncio.Event) -> None:
     await body_read.wait()
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    """Cancel `task` and wait for it to end; what it raises on the way out has nobody left to answer."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception as exc:  # the client is gone: nothing to answer, only to log
-        log.info("a cancelled request ended with %s: %s", type(exc).__name__, exc)
 
 
 def _note_gone(scope: Scope) -> None:

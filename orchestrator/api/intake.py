@@ -29,7 +29,7 @@ from orchestrator.analysis.types import (
     Routed,
     VisionEvent,
 )
-from orchestrator.api.deps import Services, ServicesDep
+from orchestrator.api.deps import Services, get_services
 from orchestrator.api.events import started
 from orchestrator.api.inputs import ImageInput, read_image_url, read_json_request
 from orchestrator.arbitration.answer_json import ResponseFormat
@@ -207,8 +207,10 @@ class Intake:
                 yield event
 
 
-async def get_intake(request: Request, services: ServicesDep) -> Intake:
-    return Intake(request, services)
+async def get_intake(request: Request) -> Intake:
+    """The request's `Intake` (the services looked up here, not through a second dependency: FastAPI resolves each
+    level of dependencies per request)."""
+    return Intake(request, await get_services(request))
 
 
 IntakeDep = Annotated[Intake, Depends(get_intake)]

@@ -3,7 +3,6 @@ once, straight from the outcome."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -75,8 +74,8 @@ def usage_out(outcome: AnalyzeOutcome) -> UsageOut:
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
-        vision=StageUsageOut(**dataclasses.asdict(vision)),
-        reasoning=StageUsageOut(**dataclasses.asdict(reasoning)),
+        vision=StageUsageOut.model_validate(vision),
+        reasoning=StageUsageOut.model_validate(reasoning),
     )
 
 

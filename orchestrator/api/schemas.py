@@ -176,7 +176,7 @@ class ArbitrationOut(BaseModel):
     checks: list[CheckOut] = Field(description="Each concrete claim of the answer, checked against the image.")
 
 
-class StageUsageOut(BaseModel):
+class StageUsageOut(_Read):
     calls: int = Field(description="Model generations of this stage the request caused (cache hits excluded).")
     prompt_tokens: int
     completion_tokens: int
