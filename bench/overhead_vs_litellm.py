@@ -188,16 +188,15 @@ def fleet(args: argparse.Namespace, gateway_core: int, client_core: int, logs: P
         wait_ready("stage", stage, f"{stage_url}/v1/models", stage_log, 60.0)
         os.sched_setaffinity(0, {client_core})
         gateways: list[Gateway] = []
-        for name in args.gateways:
-            if name == "litellm":
-                starting = [start_litellm(args.litellm, stage_port, gateway_core, logs)]
-            else:
-                starting = [start_ours(transport, stage_port, gateway_core, logs) for transport in args.transport]
-            for gateway in starting:
+        for name in args.gateways:  # one at a time, so that each startup time is its own
+            for transport in [None] if name == "litellm" else args.transport:
+                if transport is None:
+                    gateway = start_litellm(args.litellm, stage_port, gateway_core, logs)
+                else:
+                    gateway = start_ours(transport, stage_port, gateway_core, logs)
                 started.append(gateway.process)
-                gateway.startup_s = wait_ready(
-                    gateway.name, gateway.process, gateway.health, gateway.log, STARTUP_TIMEOUT_S
-                )
+                health, log = gateway.health, gateway.log
+                gateway.startup_s = wait_ready(gateway.name, gateway.process, health, log, STARTUP_TIMEOUT_S)
                 gateways.append(gateway)
         yield Fleet(stage_url, stage, gateways)
     finally:
