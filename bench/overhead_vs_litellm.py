@@ -138,11 +138,9 @@ def start_litellm(litellm: Path, stage_port: int, core: int, logs: Path) -> Gate
     return Gateway("litellm", f"{url}/v1/chat/completions", f"{url}/health/liveliness", process, log)
 
 
-def start_ours(transport: str, stage_port: int, core: int, logs: Path) -> Gateway:
-    port = free_port()
-    name = f"ours-{transport}"
-    env = base_env() | {
-        "ORCH_VISION__TRANSPORT": transport,
+def ours_env(stage_port: int) -> dict[str, str]:
+    """Our orchestrator's environment: the remote vision backend on the stage, its vision-only path, unthrottled."""
+    return base_env() | {
         "ORCH_VISION__BACKEND": "remote",
         "ORCH_VISION__BASE_URL": f"http://127.0.0.1:{stage_port}/v1",
         "ORCH_VISION__MODEL": "m",
@@ -152,6 +150,12 @@ def start_ours(transport: str, stage_port: int, core: int, logs: Path) -> Gatewa
         "ORCH_LOG_LEVEL": "warning",
         **OURS_UNTHROTTLED,
     }
+
+
+def start_ours(transport: str, stage_port: int, core: int, logs: Path) -> Gateway:
+    port = free_port()
+    name = f"ours-{transport}"
+    env = ours_env(stage_port) | {"ORCH_VISION__TRANSPORT": transport}
     argv = [sys.executable, "-m", "orchestrator", "serve", "--host", "127.0.0.1", "--port", str(port)]
     process, log = spawn(name, argv, env, core, logs)
     url = f"http://127.0.0.1:{port}"

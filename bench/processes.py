@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def spawn(
-    name: str, argv: list[str], env: dict[str, str], core: int, logs: Path
+    name: str, argv: list[str], env: dict[str, str], core: int, logs: Path, *, cwd: Path = ROOT
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """Start `argv` pinned to `core` (the child inherits this process's affinity), in its own process group, its
     output in a log file."""
@@ -41,7 +41,7 @@ def spawn(
     try:
         with log.open("wb") as out:
             process = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
     finally:
         os.sched_setaffinity(0, own)
