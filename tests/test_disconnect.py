@@ -15,8 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from orchestrator.api.app import create_app
+from orchestrator.api.disconnect import DisconnectMiddleware
+from orchestrator.observability.record import RequestRecord
 from orchestrator.settings import AuditSettings, CacheSettings, RouterSettings, Settings
 from orchestrator.wiring import Backends
 from reasoning_stage.local import _settle
@@ -146,3 +149,44 @@ def test_a_streamed_request_whose_client_leaves_is_stopped_and_audited_as_499(tm
     [record] = [json.loads(line) for line in audit.read_text().splitlines()]
     assert (record["status"], record["error"]) == (499, "client_disconnected")
     assert in_flight == ["orchestrator_requests_in_flight 0.0"]
+
+
+@pytest.mark.parametrize("handler_does", ["reraise", "swallow", "raise-other"])
+async def test_the_middleware_takes_back_its_own_cancellation_whatever_the_handler_does(handler_does: str) -> None:
+    """The handler runs in the request's own task, which the middleware cancels when the client goes: the request is
+    recorded as 499 and the task is left with no cancellation pending, so later code in it is not cancelled."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the whole body: the middleware starts listening
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await asyncio.sleep(10)  # the client disconnects meanwhile
+        except asyncio.CancelledError:
+            if handler_does == "raise-other":
+                raise RuntimeError("cleanup failed while cancelled") from None
+            if handler_does == "reraise":
+                raise
+
+    messages: list[Message] = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope: Scope = {"type": "http", "path": "/v1/analyze", "method": "POST", "headers": [], "state": {}}
+
+    async def request() -> tuple[int | None, int]:
+        asyncio.get_running_loop().call_later(0.05, gone.set)
+        await DisconnectMiddleware(app)(scope, receive, send)
+        task = asyncio.current_task()
+        assert task is not None
+        await asyncio.sleep(0)  # a pending cancellation would strike here
+        return RequestRecord.of(scope).status, task.cancelling()
+
+    assert await asyncio.wait_for(asyncio.create_task(request()), 5) == (499, 0)

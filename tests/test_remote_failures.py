@@ -180,6 +180,17 @@ async def test_health_never_raises(models: Callable[[], Recorded | Exception], s
         assert says in health.detail
 
 
+async def test_credentials_in_the_base_url_stay_out_of_messages_and_health() -> None:
+    fake = FakeVllm(VISION_MODEL, models=httpx.ConnectError("[Errno 111] Connection refused"))
+    keyed = BASE_URL.replace("http://", "http://user:s3cret@")
+    backend = await RemoteVisionBackend.load(base_url=keyed, model=VISION_MODEL, http_client=fake.client())
+    health = await backend.health()
+    assert not health.ok
+    assert backend.base_url == BASE_URL
+    assert "s3cret" not in health.detail
+    assert f"({BASE_URL}, model" in health.detail
+
+
 async def test_aclose_leaves_an_injected_client_open_and_refuses_new_work() -> None:
     client = FakeVllm(LLM_MODEL).client()
     reasoning = await RemoteReasoningBackend.load(base_url=BASE_URL, model=LLM_MODEL, http_client=client)

@@ -168,10 +168,15 @@ async def test_the_request_goes_to_the_base_urls_path_as_json_with_its_headers(
     assert keyed_request.headers["authorization"] == "Bearer sk-test"
 
 
-@pytest.mark.parametrize("key", ["sk\r\nx-injected: 1", "sk\n", "sk\0"])
-def test_an_api_key_with_a_line_break_is_refused_at_construction(key: str) -> None:
-    with pytest.raises(ValueError, match="line break"):
+@pytest.mark.parametrize("key", ["sk\r\nx-injected: 1", "sk\n", "sk\0", "sk-clé"])
+def test_an_api_key_that_cannot_be_a_header_is_refused_at_construction(key: str) -> None:
+    with pytest.raises(ValueError, match="cannot go in a header"):
         ChatClient("http://stage.test/v1", api_key=key)
+
+
+def test_a_port_no_client_could_connect_to_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"(?i)port"):
+        ChatClient("https://stage.test:99999/v1")
 
 
 async def test_credentials_in_the_base_url_never_reach_the_server() -> None:
@@ -190,11 +195,21 @@ async def test_the_client_asks_for_an_unencoded_body() -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{"x-a": "v\r\nx-injected: 1"}, {"x-a": "v\nw"}, {"x-a": "v\rw"}, {"x-a": "v\0w"}, {"x-a\r\nx-b": "v"}],
-    ids=["crlf", "lf", "cr", "nul", "in-name"],
+    [
+        {"x-a": "v\r\nx-injected: 1"},
+        {"x-a": "v\nw"},
+        {"x-a": "v\rw"},
+        {"x-a": "v\0w"},
+        {"x-a\r\nx-b": "v"},
+        {"x:a": "v"},
+        {"x a": "v"},
+        {"x-a": "vé"},
+    ],
+    ids=["crlf", "lf", "cr", "nul", "in-name", "colon-in-name", "space-in-name", "non-ascii"],
 )
-async def test_a_header_with_a_line_break_is_refused_and_nothing_is_sent(headers: dict[str, str]) -> None:
-    async with serve(always(response())) as server, plain(f"{server.url}/v1") as client:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_malformed_header_is_refused_and_nothing_is_sent(transport: str, headers: dict[str, str]) -> None:
+    async with serve(always(response())) as server, client_for(transport, f"{server.url}/v1") as client:
         with pytest.raises(StageUnreachable, match="nothing was sent"):
             await collect(client, headers)
         assert server.accepted == 0

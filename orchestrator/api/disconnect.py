@@ -74,6 +74,7 @@ class DisconnectMiddleware:
         except Exception as exc:
             if not gone:
                 raise
+            handling.uncancel()  # the handler turned our cancellation into another error
             log.info("a cancelled request ended with %s: %s", type(exc).__name__, exc)  # nobody left to answer
             _note_gone(scope)
             return

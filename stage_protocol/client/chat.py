@@ -66,6 +66,8 @@ BOM = b"\xef\xbb\xbf"
 FINISH_ALIASES = {"model_context_window_exceeded": "length"}
 """Finish reasons some servers name their own way (the GLM open platform's end of the context window)."""
 _BREAKS = re.compile("[\r\n\0]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP header name (RFC 9110's token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +98,11 @@ class ChatClient:
         http_client: httpx.AsyncClient | None = None,
         transport: TransportName = "auto",
     ) -> None:
-        if api_key is not None and _BREAKS.search(api_key):
-            raise ValueError("the API key holds a line break or NUL: it cannot go in a header")
+        if api_key is not None and (_BREAKS.search(api_key) or not api_key.isascii()):
+            raise ValueError("the API key holds a line break, a NUL or a non-ASCII character: it cannot go in a header")
         parts = urlsplit(base_url.rstrip("/"))
-        root = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        parts.port  # noqa: B018 (raises ValueError for a port out of range, which no client could connect to)
+        root = without_credentials(base_url.rstrip("/"))
         self._chat_url, self._models_url = f"{root}/chat/completions", f"{root}/models"
         self._headers = {
             "authorization": f"Bearer {api_key or NO_API_KEY}",
@@ -154,10 +157,19 @@ def _transport(name: TransportName, scheme: str, http_client: httpx.AsyncClient 
     return httpx_transport()
 
 
+def without_credentials(url: str) -> str:
+    """`url` without the `user:password@` of its authority."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _checked(headers: Mapping[str, str]) -> dict[str, str]:
-    """`headers`, names in lower case; `StageUnreachable` (before anything is sent) when one holds a line break."""
-    if any(_BREAKS.search(name) or _BREAKS.search(value) for name, value in headers.items()):
-        raise StageUnreachable("could not be reached (a request header holds a line break or NUL; nothing was sent)")
+    """`headers`, names in lower case; `StageUnreachable` (before anything is sent) when one is not a header: a name
+    that is not an HTTP token, a value with a line break, a NUL or a character outside ASCII."""
+    if any(
+        not _TOKEN.fullmatch(name) or _BREAKS.search(value) or not value.isascii() for name, value in headers.items()
+    ):
+        raise StageUnreachable("could not be reached (a request header is malformed; nothing was sent)")
     return {name.lower(): value for name, value in headers.items()}
 
 

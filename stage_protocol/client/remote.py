@@ -43,7 +43,7 @@ from typing import Generic, TypedDict, TypeVar
 import httpx
 
 from stage_protocol.backend import Health
-from stage_protocol.client.chat import ChatClient, Chunk
+from stage_protocol.client.chat import ChatClient, Chunk, without_credentials
 from stage_protocol.client.dialects import Dialect, DialectName, dialect
 from stage_protocol.client.errors import StageHttpError
 from stage_protocol.client.failures import ErrorTree, classify, finish_failure
@@ -70,8 +70,9 @@ class RemoteOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class RemoteEndpoint:
-    """The server a `remote` backend of `stage` (`vision`) calls: its client, base URL, model and dialect, how long
-    one answer may take in all, and the extra headers of each request."""
+    """The server a `remote` backend of `stage` (`vision`) calls: its client, base URL (without any credentials it
+    held: messages, logs and health show it), model and dialect, how long one answer may take in all, and the extra
+    headers of each request."""
 
     stage: str
     client: ChatClient
@@ -116,7 +117,8 @@ def connect(
         http_client=http_client,
         transport=transport,
     )
-    return RemoteEndpoint(stage, client, base_url, model, dialect(dialect_name), timeout_s, headers)
+    shown = without_credentials(base_url)
+    return RemoteEndpoint(stage, client, shown, model, dialect(dialect_name), timeout_s, headers)
 
 
 class Progress:

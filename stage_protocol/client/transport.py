@@ -3,13 +3,14 @@
 - `AiohttpTransport` (`aiohttp`, the client LiteLLM itself uses): plain `http://` servers, a stage server on the same
   host or network, the usual case. No proxy and no `.netrc` is ever used. Idle connections are kept `KEEPALIVE_S`,
   less than the 5 s after which uvicorn (vLLM's, SGLang's and our stage servers') closes them; a pooled connection
-  that the server closed anyway as the request went out is replaced once, transparently, when it fails before any
-  byte of the response; every other failure is the caller's.
+  that the server closed (or reset) anyway as a POST went out is replaced once, transparently, when it fails before
+  any byte of the response (aiohttp itself retries a GET once); every other failure is the caller's.
 - `HttpxTransport` (`httpx`): `https://` servers (TLS, and the proxy settings of the environment), and a client
   injected by tests or by a deployment's own code.
 
-Both raise `StageUnreachable`, `StageTimedOut` and `StageMalformed` only (`chat.py` draws the tree). Timeouts:
-`connect_s` to connect; `read_s` for the longest silence, before the response's head and between pieces of its body.
+Both raise `StageUnreachable`, `StageTimedOut` and `StageMalformed` only (`chat.py` draws the tree), a closed client
+included. Timeouts: `connect_s` to connect; `read_s` for the longest silence, before the response's head and between
+pieces of its body.
 
 `bench/overhead_vs_litellm.py --transport` measured both, and an own HTTP/1.1 client that aiohttp replaced, side by
 side (docs/benchmarks.md, "HTTP transport").
@@ -18,6 +19,7 @@ side (docs/benchmarks.md, "HTTP transport").
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from types import SimpleNamespace
 from typing import Literal, Protocol
 
 import aiohttp
+import aiohttp.http
 import aiohttp.http_exceptions
 import httpx
 
@@ -34,6 +37,8 @@ TransportName = Literal["auto", "aiohttp", "httpx"]
 """`auto`: `aiohttp` for `http://`, `httpx` for `https://`."""
 MAX_CONNECTIONS = 1000
 """Connections open to one server at once; a request beyond them waits for one (within `connect_s`)."""
+BROKEN_BODY_POLL_S = 0.25
+"""How often a silent body read looks for a framing error aiohttp has recorded but not raised."""
 KEEPALIVE_S = 4.0
 """How long an idle connection is kept: less than uvicorn's 5 s, so the server rarely closes one as it is reused."""
 
@@ -88,6 +93,8 @@ class AiohttpTransport:
     async def exchange(
         self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
     ) -> AsyncIterator[Response]:
+        if self._session is not None and self._session.closed:
+            raise StageUnreachable("could not be reached (the client is closed)")
         session = self._opened()
         timeout = aiohttp.ClientTimeout(
             total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
@@ -107,7 +114,7 @@ class AiohttpTransport:
                     )
                 break
             except StageUnreachable as exc:  # a pooled connection the server closed: once more, on a new one
-                if attempt == 2 or not reused.reused or not isinstance(exc.__cause__, _CLOSED_BEFORE_ANSWERING):
+                if attempt == 2 or method in _IDEMPOTENT or not reused.reused or not _closed_unanswered(exc.__cause__):
                     raise
         finished = False
         try:
@@ -124,7 +131,17 @@ class AiohttpTransport:
             await self._session.close()
 
 
-_CLOSED_BEFORE_ANSWERING = aiohttp.ServerDisconnectedError
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+"""aiohttp retries these once itself, on any connection."""
+_CLOSED = frozenset({errno.ECONNRESET, errno.EPIPE})
+
+
+def _closed_unanswered(exc: BaseException | None) -> bool:
+    """Whether `exc` is a connection the server closed (or reset) before any byte of the response's head: the server
+    cannot have taken the request, so it may go again."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return not isinstance(exc.message, aiohttp.http.RawResponseMessage)  # else part of a head had arrived
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in _CLOSED
 
 
 async def _noted_reuse(_session: object, context: SimpleNamespace, _params: object) -> None:
@@ -132,20 +149,25 @@ async def _noted_reuse(_session: object, context: SimpleNamespace, _params: obje
 
 
 async def _aiohttp_body(response: aiohttp.ClientResponse, read_s: float) -> AsyncIterator[bytes]:
-    """The body's pieces as they arrive. Each wait is bounded here too: aiohttp 3.14 leaves a reader waiting, its own
+    """The body's pieces as they arrive, within `read_s` of silence. aiohttp 3.14 leaves a reader waiting, its own
     `sock_read` timer stopped, when the body's framing breaks after the head (the error stays on the connection's
-    protocol), so a wait that outlasts `read_s` looks there before it calls the silence a timeout."""
+    protocol), so the wait goes in slices of `BROKEN_BODY_POLL_S`, each followed by a look there."""
+    loop = asyncio.get_running_loop()
     with _aiohttp_translated():
         while True:
-            try:
-                async with asyncio.timeout(read_s):
-                    piece = await response.content.readany()
-            except TimeoutError:
-                protocol = response.connection.protocol if response.connection else None
-                broken = protocol.exception() if protocol is not None else None
-                if not isinstance(broken, aiohttp.http_exceptions.HttpProcessingError):
-                    raise
-                raise aiohttp.ClientResponseError(response.request_info, (), message=str(broken)) from broken
+            silent_until = loop.time() + read_s
+            while True:
+                try:
+                    async with asyncio.timeout(min(BROKEN_BODY_POLL_S, max(0.0, silent_until - loop.time()))):
+                        piece = await response.content.readany()
+                    break
+                except TimeoutError:
+                    protocol = response.connection.protocol if response.connection else None
+                    broken = protocol.exception() if protocol is not None else None
+                    if isinstance(broken, aiohttp.http_exceptions.HttpProcessingError):
+                        raise aiohttp.ClientResponseError(response.request_info, (), message=str(broken)) from broken
+                    if loop.time() >= silent_until:
+                        raise
             if not piece:
                 return
             yield piece
@@ -186,6 +208,8 @@ class HttpxTransport:
     async def exchange(
         self, method: str, url: str, content: bytes | None, headers: Mapping[str, str], timeouts: Timeouts
     ) -> AsyncIterator[Response]:
+        if self._client.is_closed:
+            raise StageUnreachable("could not be reached (the client is closed)")
         timeout = httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s)
         with _httpx_translated():
             request = self._client.build_request(method, url, content=content, headers=headers, timeout=timeout)
@@ -215,7 +239,7 @@ def _httpx_translated() -> Iterator[None]:
         raise StageTimedOut("did not answer in time") from exc
     except httpx.DecodingError as exc:
         raise StageMalformed(f"sent a body that does not decode ({exc})") from exc
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise StageUnreachable(f"could not be reached ({type(exc).__name__}: {exc})") from exc
 
 
