@@ -48,8 +48,8 @@ load: $(STAMP)
 	$(BIN)/python -m bench.load
 
 # LiteLLM's proxy in its own virtualenv (never in .venv, whose fastapi and pydantic pins it must not move), then the
-# gateway-overhead benchmark. 1.103.7: from 1.103.8 on, LiteLLM requires certifi>=2026.10.19, which the package index
-# we install from does not offer.
+# gateway-overhead benchmark. 1.103.7 is the release the figures in docs/benchmarks.md were measured against; it was
+# pinned when later ones needed a certifi the package index lacked (the index has it now; they are not measured yet).
 LITELLM_VENV := .venv-litellm
 LITELLM_VERSION := 1.103.7
 LITELLM_STAMP := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
