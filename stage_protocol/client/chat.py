@@ -100,9 +100,9 @@ class ChatClient:
     ) -> None:
         if api_key is not None and (_BREAKS.search(api_key) or not api_key.isascii()):
             raise ValueError("the API key holds a line break, a NUL or a non-ASCII character: it cannot go in a header")
-        parts = urlsplit(base_url.rstrip("/"))
-        parts.port  # noqa: B018 (raises ValueError for a port out of range, which no client could connect to)
         root = without_credentials(base_url.rstrip("/"))
+        parts = urlsplit(root)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range, which no client could connect to)
         self._chat_url, self._models_url = f"{root}/chat/completions", f"{root}/models"
         self._headers = {
             "authorization": f"Bearer {api_key or NO_API_KEY}",
