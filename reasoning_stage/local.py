@@ -24,7 +24,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from reasoning_stage.backend import Health
 from reasoning_stage.chat_model import ChatModel, Completion, translated
@@ -37,9 +36,6 @@ from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
 from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from stage_protocol.client import (
-    ChatClient,
-    Chunk,
-    Failure,
-    StageErrorEvent,
-    StageHttpError,
-    StageMalformed,
-    StageStatus,
-    StageTimedOut,
-    StageUnreachable,
-    classify,
-    retry_after_s,
-)
+from stage_protocol import client as protocol
 from stage_protocol.client.chat import MAX_ERROR_BODY_BYTES, MAX_EVENT_BYTES
 from tests.raw_http import (
     DONE,
@@ -59,7 +47,7 @@ from tests.servers import unused_port
 
 
 @asynccontextmanager
-async def mocked(*pieces: bytes, content_type: str = "text/event-stream") -> AsyncIterator[ChatClient]:
+async def mocked(*pieces: bytes, content_type: str = "text/event-stream") -> AsyncIterator[protocol.ChatClient]:
     """A client whose every chat request is answered 200 with `pieces`, each arriving on its own."""
 
     async def stream() -> AsyncIterator[bytes]:
@@ -70,15 +58,15 @@ async def mocked(*pieces: bytes, content_type: str = "text/event-stream") -> Asy
         return httpx.Response(200, headers={"content-type": content_type}, content=stream())
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
-        yield ChatClient("http://stage.test/v1", http_client=http)
+        yield protocol.ChatClient("http://stage.test/v1", http_client=http)
 
 
-async def parsed(*pieces: bytes) -> list[Chunk]:
+async def parsed(*pieces: bytes) -> list[protocol.Chunk]:
     async with mocked(*pieces) as client:
         return await collect(client)
 
 
-async def parsed_until_error(*pieces: bytes) -> tuple[list[Chunk], StageHttpError]:
+async def parsed_until_error(*pieces: bytes) -> tuple[list[protocol.Chunk], protocol.StageHttpError]:
     async with mocked(*pieces) as client:
         return await collect_until_error(client)
 
@@ -101,7 +89,10 @@ async def test_comments_and_other_fields_are_skipped_and_data_lines_are_joined()
         b'data: "finish_reason":"stop"}]}\n\n'
         b": ping\n\n" + DONE
     )
-    assert await parsed(data) == [Chunk(True, content="a"), Chunk(True, content="b", finish_reason="stop")]
+    assert await parsed(data) == [
+        protocol.Chunk(True, content="a"),
+        protocol.Chunk(True, content="b", finish_reason="stop"),
+    ]
 
 
 @pytest.mark.parametrize("split", ["whole", "bytes"])
@@ -114,7 +105,7 @@ async def test_an_event_of_many_data_lines_is_bounded_like_one_long_line() -> No
     line = b"data: " + b"x" * (64 * 1024) + b"\n"
     got, error = await parsed_until_error(*([line] * (MAX_EVENT_BYTES // len(line) + 2)))
     assert got == []
-    assert isinstance(error, StageMalformed)
+    assert isinstance(error, protocol.StageMalformed)
     assert "event of more than" in str(error)
 
 
@@ -142,15 +133,15 @@ async def test_a_line_longer_than_the_event_limit_is_malformed_without_reading_o
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=endless())
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
-        client = ChatClient("http://stage.test/v1", http_client=http)
-        with pytest.raises(StageMalformed, match=f"a line of more than {MAX_EVENT_BYTES} bytes"):
+        client = protocol.ChatClient("http://stage.test/v1", http_client=http)
+        with pytest.raises(protocol.StageMalformed, match=f"a line of more than {MAX_EVENT_BYTES} bytes"):
             await collect(client)
     assert pulled <= MAX_EVENT_BYTES // (1024 * 1024) + 1
 
 
 @pytest.mark.parametrize("data", [b"", DONE, b": ping\n\n" + DONE, b"\n\n\n"])
 async def test_a_stream_without_any_chunk_is_malformed(data: bytes) -> None:
-    with pytest.raises(StageMalformed, match="empty stream"):
+    with pytest.raises(protocol.StageMalformed, match="empty stream"):
         await parsed(data)
 
 
@@ -158,9 +149,9 @@ async def test_a_stream_without_any_chunk_is_malformed(data: bytes) -> None:
 async def test_a_stream_without_a_finish_reason_is_cut_off_after_the_chunks_it_held(done: bool) -> None:
     got, error = await parsed_until_error(sse(*EVENTS[:4], done=done))
     assert got == EXPECTED[:4]
-    assert isinstance(error, StageMalformed)
+    assert isinstance(error, protocol.StageMalformed)
     assert "cut off" in str(error)
-    assert classify(error).kind == "invalid"
+    assert protocol.classify(error).kind == "invalid"
 
 
 @pytest.mark.parametrize(
@@ -188,11 +179,11 @@ async def test_an_error_event_raises_with_its_body_after_the_chunks_before_it(
 ) -> None:
     got, error = await parsed_until_error(sse(EVENTS[2], done=False) + data + sse(*EVENTS[3:]))
     assert got == [EXPECTED[2]]
-    assert isinstance(error, StageErrorEvent)
+    assert isinstance(error, protocol.StageErrorEvent)
     assert error.body == body
     words = body.get("message") if isinstance(body, dict) else body
     assert str(error) == f"sent an error event: {words}"
-    failure = classify(error)
+    failure = protocol.classify(error)
     assert failure.kind == kind
     assert str(words) in failure.message
 
@@ -210,7 +201,7 @@ async def test_an_error_event_raises_with_its_body_after_the_chunks_before_it(
 async def test_a_chunk_of_the_wrong_shape_is_malformed(line: bytes, says: str) -> None:
     got, error = await parsed_until_error(sse(EVENTS[2], done=False) + line + b"\n\n" + sse(*EVENTS[3:]))
     assert got == [EXPECTED[2]]
-    assert isinstance(error, StageMalformed)
+    assert isinstance(error, protocol.StageMalformed)
     assert says in str(error)
 
 
@@ -230,7 +221,7 @@ async def test_thinking_comes_from_reasoning_content_else_reasoning(
     delta: object, content: str, reasoning: str
 ) -> None:
     choice = {"index": 0, "delta": delta, "finish_reason": "stop"}
-    assert await parsed(sse({"choices": [choice]})) == [Chunk(True, content, reasoning, "stop")]
+    assert await parsed(sse({"choices": [choice]})) == [protocol.Chunk(True, content, reasoning, "stop")]
 
 
 @pytest.mark.parametrize(
@@ -249,12 +240,12 @@ async def test_usage_counts_that_are_not_counts_are_none(
     usage: object, counts: tuple[int | None, int | None] | None
 ) -> None:
     chunks = await parsed(sse(event(finish="stop"), {"choices": [], "usage": usage}))
-    assert chunks == [Chunk(True, finish_reason="stop"), Chunk(False, usage=counts)]
+    assert chunks == [protocol.Chunk(True, finish_reason="stop"), protocol.Chunk(False, usage=counts)]
 
 
 async def test_usage_on_a_chunk_with_a_choice_is_kept() -> None:
     data = sse({"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 1}})
-    assert await parsed(data) == [Chunk(True, "x", "", "stop", (1, None))]
+    assert await parsed(data) == [protocol.Chunk(True, "x", "", "stop", (1, None))]
 
 
 @pytest.mark.parametrize(
@@ -271,7 +262,7 @@ async def test_only_an_event_stream_is_read(content_type: str, ok: bool) -> None
         if ok:
             assert await collect(client) == EXPECTED
         else:
-            with pytest.raises(StageMalformed, match=re.escape(repr(content_type or "no content type"))):
+            with pytest.raises(protocol.StageMalformed, match=re.escape(repr(content_type or "no content type"))):
                 await collect(client)
 
 
@@ -285,16 +276,16 @@ async def test_only_an_event_stream_is_read(content_type: str, ok: bool) -> None
 )
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_silent_server_times_out_within_the_first_byte_timeout(
-    transport: str, handler: Handler, before: list[Chunk]
+    transport: str, handler: Handler, before: list[protocol.Chunk]
 ) -> None:
     async with serve(handler) as server, client_for(transport, f"{server.url}/v1", first_byte_timeout_s=0.3) as client:
         started = time.monotonic()
         got, error = await collect_until_error(client)
         elapsed = time.monotonic() - started
-        assert isinstance(error, StageTimedOut)
+        assert isinstance(error, protocol.StageTimedOut)
         assert got == before
         assert 0.25 < elapsed < 2
-        assert classify(error).kind == "unavailable"
+        assert protocol.classify(error).kind == "unavailable"
         await eventually(lambda: server.left == 1)  # the client closed the connection it gave up on
 
 
@@ -337,7 +328,7 @@ async def test_a_slow_but_steady_stream_is_not_timed_out() -> None:
 
 async def test_a_refused_connection_is_unreachable_at_once() -> None:
     async with plain(f"http://127.0.0.1:{unused_port()}/v1") as client:
-        with pytest.raises(StageUnreachable, match="ConnectError"):
+        with pytest.raises(protocol.StageUnreachable, match="ConnectError"):
             await collect(client)
 
 
@@ -374,13 +365,13 @@ async def test_an_error_status_raises_with_the_servers_words(
         serve(always(response(raw, status, content_type=content_type, headers={"X-Trace": "t1"}))) as server,
         client_for(transport, f"{server.url}/v1") as client,
     ):
-        with pytest.raises(StageStatus) as caught:
+        with pytest.raises(protocol.StageStatus) as caught:
             await collect(client)
     error = caught.value
     assert (error.status, error.body) == (status, body)
     assert error.headers.get("x-trace") == "t1"
     assert str(error) == f"answered HTTP {status}: {words}"
-    failure = classify(error)
+    failure = protocol.classify(error)
     assert (failure.kind, failure.detail) == (kind, words)
     assert failure.message.endswith(f"HTTP {status}: {words}")
 
@@ -389,10 +380,10 @@ async def test_an_error_status_raises_with_the_servers_words(
 async def test_retry_after_is_read_from_the_response_headers(transport: str) -> None:
     answer = response(b'{"error":{"message":"slow down","code":"rate_limited"}}', 429, headers={"Retry-After": "7"})
     async with serve(always(answer)) as server, client_for(transport, f"{server.url}/v1") as client:
-        with pytest.raises(StageStatus) as caught:
+        with pytest.raises(protocol.StageStatus) as caught:
             await collect(client)
-    assert retry_after_s(caught.value.headers) == 7.0
-    assert classify(caught.value) == Failure(
+    assert protocol.retry_after_s(caught.value.headers) == 7.0
+    assert protocol.classify(caught.value) == protocol.Failure(
         "unavailable", "answered HTTP 429: slow down", 7.0, "rate_limited", "slow down"
     )
 
@@ -409,7 +400,7 @@ async def test_a_huge_error_body_is_read_only_as_far_as_the_message_needs(transp
 
     async with serve(handle) as server, client_for(transport, f"{server.url}/v1", first_byte_timeout_s=5) as client:
         started = time.monotonic()
-        with pytest.raises(StageStatus) as caught:
+        with pytest.raises(protocol.StageStatus) as caught:
             await collect(client)
         assert time.monotonic() - started < 1
         await eventually(lambda: server.left == 1)

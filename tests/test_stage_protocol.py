@@ -13,17 +13,7 @@ from contextlib import aclosing
 import orjson
 import pytest
 
-from stage_protocol.client import (
-    ChatClient,
-    Failure,
-    StageErrorEvent,
-    StageHttpError,
-    StageMalformed,
-    StageStatus,
-    StageTimedOut,
-    StageUnreachable,
-    classify,
-)
+from stage_protocol import client as protocol
 from stage_protocol.client import errors as errors_module
 from tests.raw_http import (
     BODY,
@@ -67,7 +57,7 @@ from tests.raw_http import (
     ],
 )
 def test_classify_maps_statuses_and_passes_retry_after_only_when_asking_again_may_help(status: int, kind: str) -> None:
-    failure = classify(StageStatus(status, {"message": "m", "code": "c"}, {"retry-after": "3"}))
+    failure = protocol.classify(protocol.StageStatus(status, {"message": "m", "code": "c"}, {"retry-after": "3"}))
     assert failure.kind == kind
     assert failure.retry_after_s == (3.0 if kind == "unavailable" else None)
     assert (failure.code, failure.detail) == ("c", "m")
@@ -101,35 +91,39 @@ def test_classify_maps_statuses_and_passes_retry_after_only_when_asking_again_ma
     ],
 )
 def test_classify_maps_error_events_by_their_code(body: object, kind: str, says: str) -> None:
-    failure = classify(StageErrorEvent(body))
+    failure = protocol.classify(protocol.StageErrorEvent(body))
     assert (failure.kind, failure.message, failure.retry_after_s) == (kind, says, None)
 
 
 def test_classify_maps_connection_failures_timeouts_and_malformed_answers() -> None:
-    assert classify(StageUnreachable("could not be reached (x)")) == Failure("unavailable", "could not be reached (x)")
-    assert classify(StageTimedOut("did not answer in time")) == Failure("unavailable", "did not answer in time")
-    assert classify(StageMalformed("sent junk")) == Failure("invalid", "sent junk")
+    assert protocol.classify(protocol.StageUnreachable("could not be reached (x)")) == protocol.Failure(
+        "unavailable", "could not be reached (x)"
+    )
+    assert protocol.classify(protocol.StageTimedOut("did not answer in time")) == protocol.Failure(
+        "unavailable", "did not answer in time"
+    )
+    assert protocol.classify(protocol.StageMalformed("sent junk")) == protocol.Failure("invalid", "sent junk")
 
 
-def subclasses(cls: type[StageHttpError]) -> set[type[StageHttpError]]:
+def subclasses(cls: type[protocol.StageHttpError]) -> set[type[protocol.StageHttpError]]:
     found = set(cls.__subclasses__())
     return found.union(*(subclasses(sub) for sub in found))
 
 
-EXAMPLES: dict[type[StageHttpError], StageHttpError] = {
-    StageUnreachable: StageUnreachable("could not be reached (x)"),
-    StageTimedOut: StageTimedOut("did not answer in time"),
-    StageStatus: StageStatus(418, "teapot", {}),
-    StageErrorEvent: StageErrorEvent({"message": "x"}),
-    StageMalformed: StageMalformed("sent junk"),
+EXAMPLES: dict[type[protocol.StageHttpError], protocol.StageHttpError] = {
+    protocol.StageUnreachable: protocol.StageUnreachable("could not be reached (x)"),
+    protocol.StageTimedOut: protocol.StageTimedOut("did not answer in time"),
+    protocol.StageStatus: protocol.StageStatus(418, "teapot", {}),
+    protocol.StageErrorEvent: protocol.StageErrorEvent({"message": "x"}),
+    protocol.StageMalformed: protocol.StageMalformed("sent junk"),
 }
 
 
 def test_every_error_of_the_tree_has_a_meaning() -> None:
-    defined = {cls for cls in subclasses(StageHttpError) if cls.__module__ == errors_module.__name__}
+    defined = {cls for cls in subclasses(protocol.StageHttpError) if cls.__module__ == errors_module.__name__}
     assert defined == set(EXAMPLES), "a new StageHttpError needs an example here and a case in classify"
     for error in EXAMPLES.values():
-        failure = classify(error)
+        failure = protocol.classify(error)
         assert failure.kind in ("unavailable", "rejected", "invalid")
         assert failure.message
 
@@ -153,7 +147,7 @@ async def test_the_request_goes_to_the_base_urls_path_as_json_with_its_headers(
 ) -> None:
     async with serve(always(response())) as server, client_for(transport, server.url + suffix) as client:
         assert await collect(client, {"x-request-id": "r-1"}) == EXPECTED
-        async with aclosing(ChatClient(server.url + suffix, api_key="sk-test")) as keyed:
+        async with aclosing(protocol.ChatClient(server.url + suffix, api_key="sk-test")) as keyed:
             assert await collect(keyed) == EXPECTED
     plain, keyed_request = server.requests
     assert (plain.method, plain.target) == ("POST", path)
@@ -171,12 +165,12 @@ async def test_the_request_goes_to_the_base_urls_path_as_json_with_its_headers(
 @pytest.mark.parametrize("key", ["sk\r\nx-injected: 1", "sk\n", "sk\0", "sk-clé"])
 def test_an_api_key_that_cannot_be_a_header_is_refused_at_construction(key: str) -> None:
     with pytest.raises(ValueError, match="cannot go in a header"):
-        ChatClient("http://stage.test/v1", api_key=key)
+        protocol.ChatClient("http://stage.test/v1", api_key=key)
 
 
 def test_a_port_no_client_could_connect_to_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match=r"(?i)port"):
-        ChatClient("https://stage.test:99999/v1")
+        protocol.ChatClient("https://stage.test:99999/v1")
 
 
 async def test_credentials_in_the_base_url_never_reach_the_server() -> None:
@@ -210,11 +204,11 @@ async def test_the_client_asks_for_an_unencoded_body() -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_malformed_header_is_refused_and_nothing_is_sent(transport: str, headers: dict[str, str]) -> None:
     async with serve(always(response())) as server, client_for(transport, f"{server.url}/v1") as client:
-        with pytest.raises(StageUnreachable, match="nothing was sent"):
+        with pytest.raises(protocol.StageUnreachable, match="nothing was sent"):
             await collect(client, headers)
         assert server.accepted == 0
         assert await collect(client) == EXPECTED  # with a pooled connection too: it stays usable
-        with pytest.raises(StageUnreachable, match="nothing was sent"):
+        with pytest.raises(protocol.StageUnreachable, match="nothing was sent"):
             await collect(client, headers)
         assert await collect(client) == EXPECTED
     assert len(server.requests) == 2
@@ -243,16 +237,18 @@ async def test_model_ids_lists_the_ids(transport: str) -> None:
 @pytest.mark.parametrize(
     ("handler", "error", "says"),
     [
-        (models(b"<html>Not here</html>", content_type="text/html"), StageMalformed, "not JSON"),
-        (models(b'{"models": []}'), StageMalformed, "without `data`"),
-        (models(b'{"detail":"Not Found"}', 404), StageStatus, "HTTP 404"),
-        (models(b'{"error":{"message":"down"}}', 503), StageStatus, "HTTP 503: down"),
-        (silent, StageTimedOut, "did not answer in time"),
-        (head_then_silent, StageTimedOut, "did not answer in time"),
+        (models(b"<html>Not here</html>", content_type="text/html"), protocol.StageMalformed, "not JSON"),
+        (models(b'{"models": []}'), protocol.StageMalformed, "without `data`"),
+        (models(b'{"detail":"Not Found"}', 404), protocol.StageStatus, "HTTP 404"),
+        (models(b'{"error":{"message":"down"}}', 503), protocol.StageStatus, "HTTP 503: down"),
+        (silent, protocol.StageTimedOut, "did not answer in time"),
+        (head_then_silent, protocol.StageTimedOut, "did not answer in time"),
     ],
     ids=["not-json", "no-data", "404", "503", "silent", "head-only"],
 )
-async def test_model_ids_raises_stage_errors_only(handler: Handler, error: type[StageHttpError], says: str) -> None:
+async def test_model_ids_raises_stage_errors_only(
+    handler: Handler, error: type[protocol.StageHttpError], says: str
+) -> None:
     async with serve(handler) as server, plain(f"{server.url}/v1") as client:
         started = time.monotonic()
         with pytest.raises(error, match=says):
@@ -269,6 +265,6 @@ async def test_model_ids_bounds_a_trickle_by_its_whole_timeout() -> None:
 
     async with serve(trickle) as server, plain(f"{server.url}/v1") as client:
         started = time.monotonic()
-        with pytest.raises(StageTimedOut):
+        with pytest.raises(protocol.StageTimedOut):
             await client.model_ids(0.3)
         assert time.monotonic() - started < 1

@@ -14,14 +14,7 @@ import orjson
 import pytest
 import uvloop
 
-from stage_protocol.client import (
-    ChatClient,
-    StageMalformed,
-    StageStatus,
-    StageTimedOut,
-    StageUnreachable,
-    classify,
-)
+from stage_protocol import client as protocol
 from stage_protocol.client import transport as transport_module
 from stage_protocol.client.transport import AiohttpTransport, HttpxTransport
 from tests.raw_http import (
@@ -87,7 +80,7 @@ def test_the_aiohttp_transport_works_on_uvloop() -> None:
             assert await collect(client) == EXPECTED  # connection 3
             assert server.accepted == 3
             started = time.monotonic()
-            with pytest.raises(StageTimedOut):  # connection 3 again
+            with pytest.raises(protocol.StageTimedOut):  # connection 3 again
                 await anext(aiter(client.chunks({"hang": True})))
             assert time.monotonic() - started < 2
             await eventually(lambda: server.left == 2)
@@ -97,11 +90,11 @@ def test_the_aiohttp_transport_works_on_uvloop() -> None:
 
 
 def test_plain_http_goes_through_aiohttp_and_https_through_httpx_unless_named() -> None:
-    assert isinstance(ChatClient("https://stage.example/v1")._transport, HttpxTransport)
-    assert isinstance(ChatClient("http://stage.example/v1")._transport, AiohttpTransport)
-    assert isinstance(ChatClient("http://stage.example/v1", transport="httpx")._transport, HttpxTransport)
-    assert isinstance(ChatClient("https://stage.example/v1", transport="aiohttp")._transport, AiohttpTransport)
-    injected = ChatClient("http://stage.example/v1", http_client=httpx.AsyncClient())
+    assert isinstance(protocol.ChatClient("https://stage.example/v1")._transport, HttpxTransport)
+    assert isinstance(protocol.ChatClient("http://stage.example/v1")._transport, AiohttpTransport)
+    assert isinstance(protocol.ChatClient("http://stage.example/v1", transport="httpx")._transport, HttpxTransport)
+    assert isinstance(protocol.ChatClient("https://stage.example/v1", transport="aiohttp")._transport, AiohttpTransport)
+    injected = protocol.ChatClient("http://stage.example/v1", http_client=httpx.AsyncClient())
     assert isinstance(injected._transport, HttpxTransport)
 
 
@@ -117,7 +110,7 @@ async def test_an_https_base_url_speaks_tls(monkeypatch: pytest.MonkeyPatch) -> 
     server = await asyncio.start_server(record, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server, plain(f"https://127.0.0.1:{port}/v1", connect_timeout_s=2) as client:
-        with pytest.raises(StageUnreachable, match="could not be reached"):
+        with pytest.raises(protocol.StageUnreachable, match="could not be reached"):
             await collect(client)
     assert len(first_bytes) == 1
     assert first_bytes[0].startswith(b"\x16\x03")  # a TLS handshake record, not "POST"
@@ -160,7 +153,7 @@ async def test_an_error_response_read_to_its_end_keeps_the_connection() -> None:
 
     async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         for _ in range(2):
-            with pytest.raises(StageStatus, match="busy"):
+            with pytest.raises(protocol.StageStatus, match="busy"):
                 await collect(client)
             assert await collect(client) == EXPECTED
         assert server.accepted == 1
@@ -300,11 +293,11 @@ async def test_a_new_connection_closed_before_any_answer_raises_without_retrying
         with_pool = await collect(client)
         assert with_pool == EXPECTED
         # the pooled connection fails, then the new one: one retry, then the error
-        with pytest.raises(StageUnreachable, match="could not be reached"):
+        with pytest.raises(protocol.StageUnreachable, match="could not be reached"):
             await collect(client)
         assert server.accepted == 2
         # no pooled connection: the new one fails, no retry
-        with pytest.raises(StageUnreachable, match="could not be reached"):
+        with pytest.raises(protocol.StageUnreachable, match="could not be reached"):
             await collect(client)
         assert server.accepted == 3
         assert len(server.requests) == 4
@@ -319,7 +312,7 @@ async def test_a_reused_connection_that_breaks_after_part_of_an_answer_is_not_re
     """Part of the answer came: the server did take the request, so sending it again could do the work twice."""
     async with serve(answered_once_then(partial)) as server, plain(f"{server.url}/v1") as client:
         assert await collect(client) == EXPECTED
-        with pytest.raises(StageUnreachable, match="before the response was complete"):
+        with pytest.raises(protocol.StageUnreachable, match="before the response was complete"):
             await collect(client)
         assert server.accepted == 1
         assert len(server.requests) == 2
@@ -337,7 +330,7 @@ async def test_a_model_list_is_sent_at_most_twice_when_connections_keep_closing(
 
     async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         assert await client.model_ids(2.0) == ["m"]
-        with pytest.raises(StageUnreachable):
+        with pytest.raises(protocol.StageUnreachable):
             await client.model_ids(2.0)
         assert len(server.requests) == 3
 
@@ -349,9 +342,9 @@ async def test_a_closed_client_is_unreachable_not_a_runtime_error(transport: str
         await client._transport.aclose()
         if isinstance(client._transport, HttpxTransport):
             await client._transport._client.aclose()  # an injected client: its owner closes it
-        with pytest.raises(StageUnreachable, match="closed"):
+        with pytest.raises(protocol.StageUnreachable, match="closed"):
             await collect(client)
-        with pytest.raises(StageUnreachable, match="closed"):
+        with pytest.raises(protocol.StageUnreachable, match="closed"):
             await client.model_ids(1.0)
 
 
@@ -422,9 +415,9 @@ async def test_a_body_cut_short_raises_unreachable_after_the_chunks_it_held(data
     async with serve(handle) as server, plain(f"{server.url}/v1") as client:
         got, error = await collect_until_error(client)
         assert got == EXPECTED
-        assert isinstance(error, StageUnreachable)
+        assert isinstance(error, protocol.StageUnreachable)
         assert "before the response was complete" in str(error)
-        assert classify(error).kind == "unavailable"
+        assert protocol.classify(error).kind == "unavailable"
 
 
 async def test_an_answer_that_is_not_http_is_malformed() -> None:
@@ -432,7 +425,7 @@ async def test_an_answer_that_is_not_http_is_malformed() -> None:
         await conn.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
 
     async with serve(handle) as server, plain(f"{server.url}/v1") as client:
-        with pytest.raises(StageMalformed, match=r"not HTTP/1\.1"):
+        with pytest.raises(protocol.StageMalformed, match=r"not HTTP/1\.1"):
             await collect(client)
 
 
@@ -453,6 +446,6 @@ async def test_a_body_that_stops_being_http_midway_is_malformed(pause_s: float) 
         got, error = await collect_until_error(client)
     # aiohttp drops what it had buffered when the framing breaks in the same read; nothing after the break arrives
     assert got == (EXPECTED[:1] if pause_s else [])
-    assert isinstance(error, StageMalformed)
+    assert isinstance(error, protocol.StageMalformed)
     assert "not HTTP/1.1" in str(error)
     assert time.monotonic() - started < 1  # aiohttp leaves the reader waiting: the transport looks, well before 5 s

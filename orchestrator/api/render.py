@@ -21,7 +21,6 @@ from orchestrator.api.schemas import (
 )
 from orchestrator.arbitration.decision import Arbitration
 from orchestrator.arbitration.verification import Check
-from reasoning_stage.types import ReasoningResult
 from vision_stage.types import VisionResult
 
 
@@ -39,7 +38,7 @@ def analyze_response(
         **outcome_fields(outcome, request_id),
         session_id=session_id,
         vision=vision_out(outcome.vision),
-        reasoning=_reasoning_out(reasoning) if reasoning else None,
+        reasoning=ReasoningOut.model_validate(reasoning) if reasoning else None,
         usage=usage_out(outcome),
         **extra,
     )
@@ -108,16 +107,3 @@ def _check_out(check: Check) -> CheckOut:
 
 def vision_out(vision: VisionResult) -> VisionOut:
     return VisionOut.model_validate(vision)
-
-
-def _reasoning_out(reasoning: ReasoningResult) -> ReasoningOut:
-    return ReasoningOut(
-        backend=reasoning.backend,
-        model=reasoning.model,
-        answer=reasoning.text,
-        thinking=reasoning.thinking,
-        finish_reason=reasoning.finish_reason,
-        prompt_tokens=reasoning.prompt_tokens,
-        completion_tokens=reasoning.completion_tokens,
-        latency_ms=reasoning.latency_ms,
-    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from orchestrator.analysis.messages import Profile
 from orchestrator.analysis.routing import Decision, RequestedMode
@@ -142,10 +142,10 @@ class VisionOut(_Read):
     cached: bool = Field(description="True when the orchestrator's cache answered for the vision stage.")
 
 
-class ReasoningOut(BaseModel):
+class ReasoningOut(_Read):
     backend: str
     model: str
-    answer: str
+    answer: str = Field(validation_alias=AliasChoices("text", "answer"))
     thinking: str | None = Field(description="The LLM's reasoning trace, when it produced one.")
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
