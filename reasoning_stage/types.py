@@ -15,6 +15,8 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class ChatMessage:
+    """One message of the conversation the reasoning stage continues."""
+
     role: Role
     content: str
 

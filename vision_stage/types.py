@@ -139,6 +139,8 @@ class Tag:
 
 @dataclass(frozen=True)
 class ColorShare:
+    """One of the image's dominant colours: its nearest named colour, its hex value, and its share of the pixels."""
+
     name: str
     hex: str
     fraction: float
@@ -146,6 +148,8 @@ class ColorShare:
 
 @dataclass(frozen=True)
 class ImageFacts:
+    """What is known of the image without looking: its size in pixels, orientation, file format and colours."""
+
     width: int
     height: int
     orientation: Orientation

@@ -105,6 +105,8 @@ class Prototype:
 
 @dataclass(frozen=True)
 class Neighbour:
+    """A labelled example and how similar the question is to it (cosine similarity)."""
+
     question: str
     label: Decision
     similarity: float
