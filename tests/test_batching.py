@@ -1,0 +1,186 @@
+"""The batching engine (`vision_stage.batching`) against plain `generate` on the tiny GLM-4.6V model on the CPU:
+token for token, for one request, for requests joining a running batch at different steps, for more requests than
+slots, and for a follow-up question that reuses its image's prefix KV.
+
+The tiny model's text weights are redrawn wider than their initialisation (`sharp`), so that greedy answers vary
+from token to token and an off-by-one position, a wrong mask or a row mixed up with another changes the tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny_glm4v import build_tiny_glm4v
+from vision_stage.batching import BatchEngine, EngineSettings
+from vision_stage.errors import VisionRejected, VisionUnavailable
+from vision_stage.glm import GlmEngine
+from vision_stage.glm_codec import EncodedPrompt
+from vision_stage.types import DecodedImage, VisionRequest
+
+BUDGET = 24
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
+    checkpoint = build_tiny_glm4v(tmp_path_factory.mktemp("glm4v") / "tiny", max_visual_tokens=64)
+    engine = GlmEngine.load(str(checkpoint), device="cpu", dtype="auto", local_files_only=True)
+    sharp(engine.model)
+    return engine
+
+
+def sharp(model: Any) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 and ("language_model" in name or "lm_head" in name):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def image(seed: int, width: int = 64, height: int = 48) -> DecodedImage:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand((height, width, 3), generator=generator) * 255).to(torch.uint8).numpy()
+    return DecodedImage(Image.fromarray(pixels), "PNG", width, height, 0, f"sha-{seed}-{width}x{height}")
+
+
+def prompt(glm: GlmEngine, seed: int, question: str = "what is the total?", **size: int) -> EncodedPrompt:
+    return glm.codec.encode(VisionRequest(image(seed, **size), question, task="answer"), thinking=False)
+
+
+def engine(glm: GlmEngine, **settings: Any) -> BatchEngine:
+    return BatchEngine(glm.model, EngineSettings(**{"slots": 4, "max_tokens": 256, **settings}))
+
+
+def submit(batch: BatchEngine, encoded: EncodedPrompt, key: str, budget: int = BUDGET) -> Any:
+    return batch.submit(encoded.inputs, image_key=key, max_new_tokens=budget)
+
+
+def test_one_request_equals_plain_generate(glm: GlmEngine) -> None:
+    encoded = prompt(glm, 1)
+    expected = glm.generate_ids(encoded, BUDGET)
+    assert len(set(expected)) > 4, "the sharp model should not repeat one token"
+    batch = engine(glm)
+    future = submit(batch, encoded, "one")
+    batch.run_until_idle()
+    completion = future.result()
+    assert completion.ids == expected
+    assert (completion.prompt_tokens, completion.reused_tokens) == (encoded.prompt_tokens, 0)
+    assert completion.first_token_ms >= completion.queue_ms >= 0
+
+
+def test_requests_joining_at_different_steps_each_equal_plain_generate(glm: GlmEngine) -> None:
+    prompts = [prompt(glm, seed, question) for seed, question in ((2, "what?"), (3, "how many?"), (4, "who is it?"))]
+    prompts.append(prompt(glm, 5, "where?", width=96, height=32))  # another grid: other M-RoPE positions
+    expected = [glm.generate_ids(encoded, BUDGET - n) for n, encoded in enumerate(prompts)]
+    batch = engine(glm)
+    futures = [submit(batch, prompts[0], "a", BUDGET)]
+    batch.step()
+    batch.step()
+    futures.append(submit(batch, prompts[1], "b", BUDGET - 1))
+    batch.step()
+    futures += [submit(batch, prompts[2], "c", BUDGET - 2), submit(batch, prompts[3], "d", BUDGET - 3)]
+    batch.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(batch.batch_sizes) >= 3, "the requests overlapped"
+
+
+def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine) -> None:
+    prompts = [prompt(glm, 10 + n, f"question {n}?") for n in range(5)]
+    budgets = [6, 20, 9, 14, 11]  # rows finish out of order, so the last row moves into freed ones
+    expected = [glm.generate_ids(encoded, budget) for encoded, budget in zip(prompts, budgets, strict=True)]
+    batch = engine(glm, slots=2)
+    futures = [
+        submit(batch, encoded, f"r{n}", budget)
+        for n, (encoded, budget) in enumerate(zip(prompts, budgets, strict=True))
+    ]
+    batch.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(batch.batch_sizes) == 2
+    assert batch.running == batch.waiting == 0
+
+
+def test_a_follow_up_on_the_same_image_prefills_only_its_own_text(glm: GlmEngine) -> None:
+    first, follow_up = prompt(glm, 20, "what is the total?"), prompt(glm, 20, "and the date, please?")
+    cold = glm.generate_ids(follow_up, BUDGET)
+    batch = engine(glm)
+    opening = submit(batch, first, "same-image")
+    batch.run_until_idle()
+    assert opening.result().reused_tokens == 0
+    again = submit(batch, follow_up, "same-image")
+    batch.run_until_idle()
+    reused = again.result()
+    assert reused.ids == cold
+    image_end = glm.model.config.image_end_token_id
+    assert reused.reused_tokens == int((follow_up.inputs["input_ids"][0] == image_end).nonzero()[-1, 0]) + 1
+    assert batch.prefixes.hits == 1
+
+
+def test_another_image_with_the_same_key_text_is_not_a_prefix_hit(glm: GlmEngine) -> None:
+    batch = engine(glm)
+    submit(batch, prompt(glm, 30), "k30")
+    batch.run_until_idle()
+    other = prompt(glm, 31)
+    future = submit(batch, other, "k31")
+    batch.run_until_idle()
+    assert future.result().reused_tokens == 0
+    assert future.result().ids == glm.generate_ids(other, BUDGET)
+
+
+def test_the_thread_serves_concurrent_submitters(glm: GlmEngine) -> None:
+    prompts = [prompt(glm, 40 + n, f"thread {n}?") for n in range(3)]
+    expected = [glm.generate_ids(encoded, BUDGET) for encoded in prompts]
+    batch = engine(glm)
+    batch.start()
+    results: dict[int, list[int]] = {}
+
+    def ask(n: int) -> None:
+        results[n] = submit(batch, prompts[n], f"t{n}").result(timeout=60).ids
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        batch.close()
+    assert [results[n] for n in range(3)] == expected
+    with pytest.raises(VisionUnavailable, match="closed"):
+        submit(batch, prompts[0], "late")
+
+
+def test_a_full_queue_refuses_with_a_retry_hint_and_a_long_prompt_is_rejected(glm: GlmEngine) -> None:
+    batch = engine(glm, queue_size=1)
+    encoded = prompt(glm, 50)
+    submit(batch, encoded, "q1")
+    with pytest.raises(VisionUnavailable, match="waiting") as refused:
+        submit(batch, encoded, "q2")
+    assert refused.value.retry_after_s == 1.0
+    small = engine(glm, max_tokens=encoded.prompt_tokens)
+    with pytest.raises(VisionRejected, match="holds at most"):
+        submit(small, encoded, "long")
+
+
+def test_close_fails_what_waits_and_runs(glm: GlmEngine) -> None:
+    batch = engine(glm, slots=1)
+    running, waiting = submit(batch, prompt(glm, 60), "x"), submit(batch, prompt(glm, 61), "y")
+    batch.step()
+    batch.close()
+    for future in (running, waiting):
+        with pytest.raises(VisionUnavailable, match="closed"):
+            future.result()
+
+
+def test_plain_generate_on_the_same_model_is_sdpa_as_before_the_engine_took_it(glm: GlmEngine) -> None:
+    model: Any = glm.model
+    text_config = model.model.language_model.config
+    encoded = prompt(glm, 70)
+    text_config._attn_implementation = "sdpa"
+    before = glm.generate_ids(encoded, BUDGET)
+    engine(glm)
+    assert text_config._attn_implementation == "glm_slots"
+    assert glm.generate_ids(encoded, BUDGET) == before

@@ -1,0 +1,198 @@
+"""Slot KV storage for the batching engine (`vision_stage.batching`) and the attention that reads it.
+
+`SlotCache` is a transformers `Cache` whose storage is one tensor per K and V, shaped
+(layers, slots, kv heads, max tokens, head dim): a request owns one slot (row) from its prefill to its last token,
+and the rows in use are always the first ones, so a decode step over `b` requests reads the views `[:, :b]` and
+needs no gather. GLM-4.6V-Flash holds about 40 KB of KV per token (40 layers × 2 KV heads × 128 × K and V in
+bfloat16), so contiguous slots suffice: 32 slots of 8,192 tokens are 10.7 GB.
+
+The model's attention layers call `update` with the new tokens' K and V; it writes them where the engine's current
+`target` says (a prefill's slot and offset, or each decoding row at its length) and returns views of the stored K
+and V. `slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the
+engine's mask: a decode step groups each KV head's query heads and multiplies against the stored K and V as they
+are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`.
+Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
+
+`PrefixStore` keeps the KV of image prefixes (everything up to the image's end token) and `EncoderStore` the vision
+encoder's output, both keyed by the decoded image's content hash and bounded in bytes (`cachetools`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cachetools import LRUCache
+
+if TYPE_CHECKING:
+    import torch
+
+ATTENTION = "glm_slots"
+"""The name `slot_attention` is registered under (transformers' `AttentionInterface`)."""
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Write the new tokens into `slot` from position `start`; attend to the slot's first `start + n` tokens."""
+
+    slot: int
+    start: int
+
+
+@dataclass(frozen=True)
+class Decode:
+    """Write one token per row `rows[i]` at `lengths[i]`; attend to each row's first `span` positions (masked)."""
+
+    rows: torch.Tensor
+    lengths: torch.Tensor
+    span: int
+
+
+@dataclass(frozen=True)
+class SlotStep:
+    """The engine's keyword to `slot_attention`: `causal` when a prefill starts at position 0 (no mask needed)."""
+
+    causal: bool
+
+
+def cache_class() -> type:
+    """`SlotCache`, defined on first use so that importing this module does not import transformers."""
+    global _SLOT_CACHE
+    if _SLOT_CACHE is None:
+        _SLOT_CACHE = _define_slot_cache()
+    return _SLOT_CACHE
+
+
+_SLOT_CACHE: type | None = None
+
+
+def _define_slot_cache() -> type:
+    import torch
+    from transformers.cache_utils import Cache
+
+    class SlotCache(Cache):
+        """K and V of every slot, written where `target` says (module docstring)."""
+
+        def __init__(
+            self, *, layers: int, slots: int, max_tokens: int, kv_heads: int, head_dim: int, dtype: Any, device: Any
+        ) -> None:
+            super().__init__(layers=[])
+            shape = (layers, slots, kv_heads, max_tokens, head_dim)
+            self.keys = torch.zeros(shape, dtype=dtype, device=device)
+            self.values = torch.zeros(shape, dtype=dtype, device=device)
+            self.target: Prefill | Decode = Prefill(0, 0)
+
+        @property
+        def nbytes(self) -> int:
+            return int(self.keys.nbytes + self.values.nbytes)
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values, target = self.keys[layer_idx], self.values[layer_idx], self.target
+            if isinstance(target, Prefill):
+                end = target.start + key_states.shape[2]
+                keys[target.slot, :, target.start : end] = key_states[0]
+                values[target.slot, :, target.start : end] = value_states[0]
+                row = slice(target.slot, target.slot + 1)
+                return keys[row, :, :end], values[row, :, :end]
+            keys[target.rows, :, target.lengths] = key_states[:, :, 0]
+            values[target.rows, :, target.lengths] = value_states[:, :, 0]
+            batch = key_states.shape[0]
+            return keys[:batch, :, : target.span], values[:batch, :, : target.span]
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return 0  # positions are always passed explicitly; nothing asks
+
+        def move(self, source: int, destination: int, length: int) -> None:
+            """Copy a slot's first `length` tokens to another slot (the engine keeps the rows in use first)."""
+            self.keys[:, destination, :, :length].copy_(self.keys[:, source, :, :length])
+            self.values[:, destination, :, :length].copy_(self.values[:, source, :, :length])
+
+    return SlotCache
+
+
+def slot_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    slot_step: SlotStep | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the slots (module docstring); outputs (batch, query length, heads, head dim)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if slot_step is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if length == 1:
+        grouped = query.view(batch, kv_heads, heads // kv_heads, head_dim)
+        scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling or head_dim**-0.5)
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(value.dtype), value)
+        return out.reshape(batch, 1, heads, head_dim), None
+    mask = None if slot_step.causal else attention_mask
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Register `slot_attention` (and sdpa's mask for plain `generate`) under `ATTENTION`; idempotent."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION, slot_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class StoredKV:
+    """The K and V of one prefix: (layers, kv heads, tokens, head dim) each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+
+def _nbytes(entry: Any) -> int:
+    return int(entry.nbytes)
+
+
+class ByteBoundStore(LRUCache[bytes, Any]):
+    """An LRU map from a content key to tensors, bounded by their bytes; an entry larger than the bound is not kept.
+    Only the engine's thread touches it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(maxsize=max(1, max_bytes), getsizeof=_nbytes)
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, key: bytes) -> Any | None:
+        found = self.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def keep(self, key: bytes, entry: Any) -> None:
+        if _nbytes(entry) <= self.maxsize:
+            self[key] = entry
