@@ -1,97 +1,120 @@
-"""The `glm` vision backend against plain `model.generate` on the same full-size GLM-4.6V-Flash, in one run.
+"""The batching engine against plain `model.generate` on the same full-size GLM-4.6V-Flash, side by side in one run.
 
-    python bench/gpu_vision.py [--rounds 5] [--decode-tokens 64] [--image-side 1024]    # on the GPU machine
-    python bench/gpu_vision.py --tiny                                                   # the same code path on a CPU
+    python bench/gpu_vision.py [--rounds 5] [--answer-tokens 256] [--image-side 1024]    # on the GPU machine
+    python bench/gpu_vision.py --tiny                                                    # the same code on a CPU
 
 No weights are downloaded: the model is GLM-4.6V-Flash's full architecture with random weights (`Glm46VConfig()`
 defaults, text rotary `partial_rotary_factor` 0.5; 10.29 B parameters, bfloat16 on the GPU), built in memory with a
 real-sized word-level vocabulary (`tests/tiny_glm4v.py`). Random weights give garbage text but the true compute; stop
-and other special tokens are suppressed (for both paths alike) so every generation writes exactly the words asked
-for. `--tiny` runs a 2-layer model on
-the CPU instead, to prove the code path end to end, not to measure anything.
+and other special tokens are suppressed for both paths alike, so answers run to their budget (the engine may still
+stop one early at a loop, `stage_protocol.loops`: tokens are counted as written). `--tiny` runs a 2-layer model on
+the CPU instead, to prove the code path, not to measure anything.
 
-One image (a gradient, `--image-side` pixels square) and a short question (the `answer` task). Each round measures,
-in an order that alternates between rounds:
+Both paths get the processor's output prepared outside the timing (the processor costs the same on either). Measured:
 
-- plain: `model.generate(**inputs)` on inputs the processor prepared once, outside the timing, with
-  `max_new_tokens` 1 (time to first token: the vision encoder and the prefill) and 1 + N;
-- backend: `GlmVisionBackend.generate(request)` with `max_new_tokens` 1 and 1 + N, everything a request costs
-  (chat template, image processor, generation, decoding, parsing, the image's facts, the worker thread);
-- the processor alone (`apply_chat_template` with the image), which explains most of the difference.
+- first token, one request alone (1024×1024 image): plain `generate(max_new_tokens=1)`; the engine's submit → first
+  token (M-RoPE positions, encoder, prefill);
+- decode ms/token at batch 1: (t(1 + N) − t(1)) / N for plain, the same over the tokens written for the engine;
+- aggregate tokens/s with 8 and 32 concurrent clients on distinct images (`--answer-tokens` each): plain is one
+  batched `generate` over all prompts (they are of equal length, so no padding); the engine gets every request at
+  once and batches them as it can; with each, the first-token latency under that load (plain: the batch's first
+  token; the engine: median and worst submit → first token);
+- follow-up first token: another question on an image the engine has just answered (its prefix KV reused), against
+  plain `generate`'s first token on the same prompt.
 
-Decode speed is (t(1 + N) − t(1)) / N. It prints the medians and the ratio backend / plain as a markdown table.
+It also checks that the engine's first 32 tokens equal plain `generate`'s on the same prompt, and prints one markdown
+table with the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
-if TYPE_CHECKING:
-    import torch
-
-    from vision_stage.glm import GlmVisionBackend
-    from vision_stage.types import VisionRequest
-
 ROOT = Path(__file__).resolve().parents[1]
-QUESTION = "What is written on the sign?"
+QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
 
 
-@dataclass(frozen=True)
-class Setup:
+@dataclass
+class Bench:
     model: Any
     processor: Any
-    request: VisionRequest
-    inputs: Mapping[str, torch.Tensor]
-    """The processor's output for `request`, on the model's device: plain `generate`'s input."""
-    first: GlmVisionBackend
-    """The backend at `max_new_tokens` 1."""
-    full: GlmVisionBackend
-    """The same engine at `max_new_tokens` 1 + N."""
+    engine: Any
     device: str
-    describe: str
+    side: int
+    answer: int
+
+    def prompt(self, seed: int, question: str = QUESTIONS[0]) -> Any:
+        from vision_stage.glm_codec import chat_messages
+        from vision_stage.prompts import task_prompt
+
+        messages = chat_messages(noise(self.side, seed), task_prompt("answer", question))
+        return self.processor.apply_chat_template(messages, **chat_kwargs(self.processor))
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]:
+        import torch
+
+        on_device = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+        self.sync()
+        started = time.perf_counter()
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # layers the engine compiled too
+            output = self.model.generate(**on_device, max_new_tokens=new_tokens, do_sample=False)
+        self.sync()
+        return (time.perf_counter() - started) * 1000, output[:, inputs["input_ids"].shape[1] :]
+
+    def engine_run(self, prompts: list[tuple[Any, str]], new_tokens: int) -> tuple[float, list[Any]]:
+        started = time.perf_counter()
+        futures = [self.engine.submit(inputs, image_key=key, max_new_tokens=new_tokens) for inputs, key in prompts]
+        completions = [future.result(timeout=600) for future in futures]
+        return (time.perf_counter() - started) * 1000, completions
 
 
-def build(tiny: bool, image_side: int, decode_tokens: int) -> Setup:
+def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) -> Bench:
     import torch
 
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
-    from vision_stage.glm import GlmEngine, GlmVisionBackend
-    from vision_stage.glm_codec import GlmCodec, chat_messages
-    from vision_stage.prompts import task_prompt
-    from vision_stage.types import DecodedImage, VisionRequest
+    from vision_stage.batching import BatchEngine, EngineSettings
 
-    device = "cpu" if tiny else "cuda"
     torch.manual_seed(0)
     if tiny:
         tokenizer = glm_tokenizer()
         model, processor = tiny_glm4v_model(tokenizer).eval(), glm_processor(tokenizer, max_visual_tokens=256)
+        device = "cpu"
     else:
-        model, processor = full_size_glm46v_flash(device, torch.bfloat16 if device == "cuda" else torch.float32)
+        model, processor = full_size_glm46v_flash("cuda", torch.bfloat16)
+        device = "cuda"
     write_words_only(model, processor.tokenizer)
-    pixels = gradient(image_side)
-    request = VisionRequest(DecodedImage(pixels, "PNG", image_side, image_side, 0, ""), QUESTION, task="answer")
-    engine = GlmEngine(model, GlmCodec(processor), name="random GLM-4.6V-Flash")
-    messages = chat_messages(pixels, task_prompt("answer", QUESTION))
-    inputs = engine.codec.processor.apply_chat_template(messages, **chat_kwargs(processor)).to(model.device)
-    name = "tiny random GLM-4.6V" if tiny else "random GLM-4.6V-Flash"
-    first = GlmVisionBackend(engine, model=name, device=device, max_new_tokens=1)
-    full = GlmVisionBackend(engine, model=name, device=device, max_new_tokens=1 + decode_tokens)
-    return Setup(model, processor, request, inputs, first, full, device, describe_setup(model, inputs, device))
+    bench = Bench(model, processor, None, device, side, answer)
+    longest = int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64
+    settings = EngineSettings(slots=slots, max_tokens=longest, queue_size=4 * slots, compile=compile_layers)
+    bench.engine = BatchEngine(model, settings)
+    started = time.perf_counter()
+    bench.engine.start()
+    if compile_layers:  # the first prefill and decode steps compile: one request outside the timing
+        bench.engine_run([(bench.prompt(0), "compile")], 4)
+    print(
+        f"engine started (graphs: {len(bench.engine._graphs)}) in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
+    return bench
 
 
 def write_words_only(model: Any, tokenizer: Any) -> None:
-    """Random weights: no stop token (every generation writes exactly the tokens asked for), and no special or markup
-    token either (the backend's answer is never empty). Plain `generate` reads the same generation config."""
+    """Random weights: no stop token, and no special or markup token either; both paths read this config."""
     from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS
 
     model.generation_config.eos_token_id = None
@@ -99,7 +122,7 @@ def write_words_only(model: Any, tokenizer: Any) -> None:
 
 
 def chat_kwargs(processor: Any) -> dict[str, Any]:
-    """The processor arguments `GlmCodec.encode` uses, so plain `generate` sees the same prompt."""
+    """The processor arguments `GlmCodec.encode` uses."""
     from vision_stage.glm_codec import visual_budget
 
     return {
@@ -112,130 +135,160 @@ def chat_kwargs(processor: Any) -> dict[str, Any]:
     }
 
 
-def gradient(side: int) -> Image.Image:
-    ramp = Image.linear_gradient("L").resize((side, side))
-    return Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.point(lambda v: 255 - v)))
+def noise(side: int, seed: int) -> Image.Image:
+    """A distinct image per seed, all of one size (so that every prompt has the same length)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR)
 
 
-def describe_setup(model: Any, inputs: Mapping[str, torch.Tensor], device: str) -> str:
+def batched(prompts: list[Any]) -> dict[str, Any]:
+    """Equal-length prompts as one batch for plain `generate`."""
     import torch
-    import transformers
 
-    parameters = sum(p.numel() for p in model.parameters()) / 1e9
-    t, h, w = (int(n) for n in inputs["image_grid_thw"][0].tolist())
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    return {name: torch.cat([p[name] for p in prompts]) for name in prompts[0]}
+
+
+def median_of(rounds: int, measure: Callable[[], float]) -> float:
+    measure()  # warm-up
+    return statistics.median(measure() for _ in range(rounds))
+
+
+def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple[str, float, float]], list[str]]:
+    answer, notes = bench.answer, []
+    one = bench.prompt(0)
+    _, plain_ids = bench.plain(one, 32)
+    _, (check,) = bench.engine_run([(one, "check")], 32)
+    same = next((n for n, (a, b) in enumerate(zip(plain_ids[0].tolist(), check.ids, strict=False)) if a != b), None)
+    notes.append(f"first 32 tokens equal to plain generate: {'yes' if same is None else f'no, they part at {same}'}")
+
+    plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
+    plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
+    seeds = iter(range(1000, 100000))
+
+    def engine_first() -> float:
+        _, (done,) = bench.engine_run([(bench.prompt(next(seeds)), "single")], 1)
+        return float(done.first_token_ms)
+
+    def engine_decode() -> float:
+        prompt = bench.prompt(next(seeds))
+        first_ms, _ = bench.engine_run([(prompt, "d1")], 1)
+        bench.engine.prefixes.clear()
+        bench.engine.encoder.clear()
+        full_ms, (done,) = bench.engine_run([(prompt, "d2")], 1 + 64)
+        return (full_ms - first_ms) / max(1, len(done.ids) - 1)
+
+    rows = [
+        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
+        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, median_of(rounds, engine_decode)),
+    ]
+    for count in clients:
+        prompts = [bench.prompt(next(seeds)) for _ in range(count)]  # one question: equal lengths, no padding
+        plain_ms, plain_out = bench.plain(batched(prompts), answer)
+        plain_first_ms, _ = bench.plain(batched(prompts), 1)
+        bench.engine.batch_sizes.clear()
+        engine_ms, done = bench.engine_run([(p, f"c{count}-{n}") for n, p in enumerate(prompts)], answer)
+        written = sum(len(c.ids) for c in done)
+        firsts = sorted(c.first_token_ms for c in done)
+        rows.append((f"{count} concurrent, tokens/s", plain_out.numel() / plain_ms * 1000, written / engine_ms * 1000))
+        rows.append((f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(firsts)))
+        looped = sum(c.looped for c in done)
+        sizes = bench.engine.batch_sizes
+        notes.append(
+            f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms ({looped} answers stopped at a "
+            f"loop), worst first token {firsts[-1]:.0f} ms, mean decode batch {statistics.fmean(sizes):.1f}; plain "
+            f"wrote {plain_out.numel()} in {plain_ms:.0f} ms"
+        )
+
+    def follow_up() -> float:
+        seed = next(seeds)
+        bench.engine_run([(bench.prompt(seed, QUESTIONS[0]), f"f{seed}")], 1)
+        _, (done,) = bench.engine_run([(bench.prompt(seed, QUESTIONS[1]), f"f{seed}")], 1)
+        if done.reused_tokens == 0:
+            raise RuntimeError("the follow-up did not reuse its image's prefix")
+        return float(done.first_token_ms)
+
+    rows.append(("follow-up on the same image, first token ms (p50)", plain_first, median_of(rounds, follow_up)))
+    return rows, notes
+
+
+def float32_check(bench: Bench) -> str:
+    """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
+    differs between their attention kernels, which flips near-ties of random weights)."""
+    from vision_stage.batching import BatchEngine, EngineSettings
+
+    bench.model.float()
+    one = bench.prompt(0)
+    bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=int(one["input_ids"].shape[1]) + 64))
+    bench.engine.start()
+    try:
+        _, plain_ids = bench.plain(one, 32)
+        _, (check,) = bench.engine_run([(one, "float32")], 32)
+    finally:
+        bench.engine.close()
+    plain_list = plain_ids[0].tolist()
+    same = next((n for n, (a, b) in enumerate(zip(plain_list, check.ids, strict=False)) if a != b), None)
     return (
-        f"{type(model).__name__}, {parameters:.2f} B parameters, {model.dtype}, on {gpu}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, attention {model.config._attn_implementation}; "
-        f"prompt {inputs['input_ids'].shape[1]} tokens of which {t * h * w // 4} visual ({h}×{w} patches)"
+        f"in float32, first 32 tokens equal to plain generate: {'yes' if same is None else f'no, they part at {same}'}"
     )
 
 
-def cuda_available() -> bool:
+def describe(bench: Bench) -> str:
     import torch
+    import transformers
 
-    return torch.cuda.is_available()
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def plain_ms(setup: Setup, new_tokens: int) -> float:
-    import torch
-
-    synchronize(setup.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = setup.model.generate(**setup.inputs, max_new_tokens=new_tokens, do_sample=False)
-    synchronize(setup.device)
-    elapsed = (time.perf_counter() - started) * 1000
-    written = output.shape[1] - setup.inputs["input_ids"].shape[1]
-    if written != new_tokens:
-        raise RuntimeError(f"plain generate wrote {written} tokens, not {new_tokens}")
-    return elapsed
-
-
-async def backend_ms(setup: Setup, backend: GlmVisionBackend) -> float:
-    synchronize(setup.device)
-    started = time.perf_counter()
-    result = await backend.generate(setup.request)
-    synchronize(setup.device)
-    if result.answer is None:
-        raise RuntimeError("the backend gave no answer")
-    return (time.perf_counter() - started) * 1000
-
-
-def processor_ms(setup: Setup) -> float:
-    from vision_stage.glm_codec import chat_messages
-    from vision_stage.prompts import task_prompt
-
-    started = time.perf_counter()
-    messages = chat_messages(setup.request.image.pixels, task_prompt("answer", QUESTION))
-    setup.processor.apply_chat_template(messages, **chat_kwargs(setup.processor))
-    return (time.perf_counter() - started) * 1000
-
-
-async def measure(setup: Setup, rounds: int, decode_tokens: int) -> dict[str, list[float]]:
-    """One warm-up round, then `rounds` rounds in alternating order; milliseconds per measurement."""
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("plain_first", lambda: plain_ms(setup, 1)),
-        ("plain_full", lambda: plain_ms(setup, 1 + decode_tokens)),
-        ("backend_first", lambda: backend_ms(setup, setup.first)),
-        ("backend_full", lambda: backend_ms(setup, setup.full)),
-        ("processor", lambda: processor_ms(setup)),
-    ]
-    samples: dict[str, list[float]] = {name: [] for name, _ in steps}
-    for round_index in range(rounds + 1):
-        for name, step in steps if round_index % 2 else reversed(steps):
-            value = step()
-            elapsed = await value if asyncio.iscoroutine(value) else value
-            if round_index > 0:
-                samples[name].append(float(elapsed))
-    return samples
-
-
-def report(samples: dict[str, list[float]], decode_tokens: int, setup: Setup) -> str:
-    p50 = {name: statistics.median(values) for name, values in samples.items()}
-    plain_decode = (p50["plain_full"] - p50["plain_first"]) / decode_tokens
-    backend_decode = (p50["backend_full"] - p50["backend_first"]) / decode_tokens
-    rows = [
-        ("time to first token, ms (p50)", p50["plain_first"], p50["backend_first"]),
-        ("decode, ms/token", plain_decode, backend_decode),
-        (f"whole request, 1 + {decode_tokens} tokens, ms (p50)", p50["plain_full"], p50["backend_full"]),
-    ]
-    lines = [
-        "| measure | plain `model.generate` | `GlmVisionBackend.generate` | backend / plain |",
-        "| --- | ---: | ---: | ---: |",
-        *(f"| {label} | {plain:.1f} | {ours:.1f} | {ours / plain:.2f} |" for label, plain, ours in rows),
-        "",
-        f"Processor alone (chat template + image processor, counted in the backend only): {p50['processor']:.1f} ms "
-        f"(p50). Rounds: {len(samples['plain_first'])}.",
-        "",
-        setup.describe,
-    ]
-    return "\n".join(lines)
+    parameters = sum(p.numel() for p in bench.model.parameters()) / 1e9
+    inputs = bench.prompt(0)
+    t, h, w = (int(n) for n in inputs["image_grid_thw"][0].tolist())
+    gpu = torch.cuda.get_device_name() if bench.device == "cuda" else "CPU"
+    settings = bench.engine.settings
+    return (
+        f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}; prompt {inputs['input_ids'].shape[1]} tokens "
+        f"of which {t * h * w // 4} visual ({h}×{w} patches); engine {settings.slots} slots of {settings.max_tokens} "
+        f"tokens, {len(bench.engine._graphs)} decode graphs"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--answer-tokens", type=int, default=256)
     parser.add_argument("--image-side", type=int, default=1024)
+    parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
+    parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
+    parser.add_argument(
+        "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
+    )
     args = parser.parse_args()
-    if not args.tiny and not cuda_available():
-        parser.error("the full-size model needs a CUDA GPU (about 21 GB); use --tiny to check the code path on a CPU")
     if str(ROOT) not in sys.path:  # run as a script: make `tests` and the stage packages importable
         sys.path.insert(0, str(ROOT))
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("the full-size model needs a CUDA GPU (about 21 GB); use --tiny to check the code path on a CPU")
+    side, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.image_side, args.answer_tokens)
+    clients = tuple(int(n) for n in args.clients.split(","))
     started = time.perf_counter()
-    setup = build(args.tiny, args.image_side, args.decode_tokens)
-    print(f"built in {time.perf_counter() - started:.1f} s: {setup.describe}", file=sys.stderr)
-    samples = asyncio.run(measure(setup, args.rounds, args.decode_tokens))
-    print(report(samples, args.decode_tokens, setup))
+    bench = build(args.tiny, side, answer, slots=max(clients), compile_layers=args.compile)
+    print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
+    try:
+        rows, notes = run(bench, args.rounds, clients)
+    finally:
+        bench.engine.close()
+    if args.check_float32:
+        notes.append(float32_check(bench))
+    print("| measure | plain `model.generate` | batching engine | engine's speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, plain, ours in rows:
+        ratio = ours / plain if "tokens/s" in label else plain / ours
+        print(f"| {label} | {plain:.1f} | {ours:.1f} | {ratio:.2f}× |")
+    print()
+    print(*(f"- {note}" for note in notes), sep="\n")
+    print()
+    print(describe(bench))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ class EngineSettings:
     """Bytes of vision-encoder output kept."""
     cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (on a CUDA device only)."""
+    compile: bool = False
+    """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
+    the many small kernels of a decode step. Slow to start (the first steps compile)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,11 @@ class BatchEngine:
         text = model.config.get_text_config()
         self.text = model.model.language_model
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
+        if settings.compile:
+            # One compilation for all layers: their index is an input, not a constant to specialise on.
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True
+            for layer in self.text.layers:
+                layer.compile(dynamic=True)
         self.device = model.device
         self.image_token_id = int(model.config.image_token_id)
         self.image_end_id = int(model.config.image_end_token_id)

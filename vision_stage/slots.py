@@ -86,6 +86,7 @@ def _define_slot_cache() -> type:
         def nbytes(self) -> int:
             return int(self.keys.nbytes + self.values.nbytes)
 
+        @torch.compiler.disable  # type: ignore[untyped-decorator]  # compiled layers call it as it is
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
