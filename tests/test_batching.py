@@ -8,7 +8,10 @@ from token to token and an off-by-one position, a wrong mask or a row mixed up w
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -184,3 +187,13 @@ def test_plain_generate_on_the_same_model_is_sdpa_as_before_the_engine_took_it(g
     engine(glm)
     assert text_config._attn_implementation == "glm_slots"
     assert glm.generate_ids(encoded, BUDGET) == before
+
+
+def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "1", "--clients", "2,3"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s", "follow-up"):
+        assert f"| {measure}" in finished.stdout
