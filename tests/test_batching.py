@@ -197,3 +197,18 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
     for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s", "follow-up"):
         assert f"| {measure}" in finished.stdout
+
+
+def test_stats_count_steps_batches_waits_and_prefix_hits(glm: GlmEngine) -> None:
+    batch = engine(glm, slots=2)
+    first, again = prompt(glm, 80, "what is the total?"), prompt(glm, 80, "and the date?")
+    for encoded, key in ((first, "s"), (prompt(glm, 81), "t"), (again, "s")):
+        submit(batch, encoded, key, 5)
+    assert batch.stats().waiting == 3
+    batch.run_until_idle()
+    stats = batch.stats()
+    assert (stats.running, stats.waiting, stats.admitted) == (0, 0, 3)
+    assert stats.steps == len(batch.batch_sizes) > 0
+    assert 1.0 <= stats.mean_batch <= 2.0
+    assert stats.mean_queue_ms > 0
+    assert (stats.prefix_hits, stats.encoder_hits) == (1, 0)

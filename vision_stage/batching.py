@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -76,6 +77,22 @@ class Completion:
     first_token_ms: float
     """From `submit` to the first token."""
     looped: bool
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine has done: decode steps and their mean batch size, requests admitted and their mean wait for
+    a slot, and lookups of the image-prefix and encoder stores."""
+
+    running: int
+    waiting: int
+    steps: int
+    mean_batch: float
+    admitted: int
+    mean_queue_ms: float
+    prefix_hits: int
+    prefix_misses: int
+    encoder_hits: int
 
 
 @dataclass(eq=False)
@@ -162,8 +179,11 @@ class BatchEngine:
         self._closed = threading.Event()
         self._wake = threading.Event()
         self.steps = 0
-        self.batch_sizes: list[int] = []
-        """The decode batch size of every step (cleared by whoever reads it)."""
+        self.batch_sizes: deque[int] = deque(maxlen=4096)
+        """The decode batch size of the latest steps."""
+        self._decoded = 0
+        self._admitted = 0
+        self._queue_ms = 0.0
 
     # --- the caller's side ----------------------------------------------------------------------------------------
 
@@ -212,6 +232,21 @@ class BatchEngine:
     @property
     def running(self) -> int:
         return len(self._rows)
+
+    def stats(self) -> EngineStats:
+        """Counters since the engine started (read from any thread; each figure is read once, not as one snapshot)."""
+        steps = self.steps
+        return EngineStats(
+            running=self.running,
+            waiting=self.waiting,
+            steps=steps,
+            mean_batch=self._decoded / steps if steps else 0.0,
+            admitted=self._admitted,
+            mean_queue_ms=self._queue_ms / self._admitted if self._admitted else 0.0,
+            prefix_hits=self.prefixes.hits,
+            prefix_misses=self.prefixes.misses,
+            encoder_hits=self.encoder.hits,
+        )
 
     def start(self) -> None:
         """Capture the decode graphs (on a GPU) and run `step` on the engine's own thread until `close`."""
@@ -312,6 +347,8 @@ class BatchEngine:
     def _prefill(self, request: _Request, stored: StoredKV | None) -> None:
 
         request.admitted = time.perf_counter()
+        self._admitted += 1
+        self._queue_ms += (request.admitted - request.submitted) * 1000
         row, device = len(self._rows), self.device
         start = 0
         if stored is not None:
@@ -389,6 +426,7 @@ class BatchEngine:
         else:
             self._decode_step(bucket, span)
         self.batch_sizes.append(batch)
+        self._decoded += batch
         tokens = self._next_ids[:batch].tolist()
         for request, token in zip(list(self._rows), tokens, strict=True):
             request.length += 1
