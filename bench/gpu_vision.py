@@ -201,16 +201,42 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
             f"wrote {plain_out.numel()} in {plain_ms:.0f} ms"
         )
 
+    waits: list[float] = []
+
     def follow_up() -> float:
         seed = next(seeds)
         bench.engine_run([(bench.prompt(seed, QUESTIONS[0]), f"f{seed}")], 1)
         _, (done,) = bench.engine_run([(bench.prompt(seed, QUESTIONS[1]), f"f{seed}")], 1)
         if done.reused_tokens == 0:
             raise RuntimeError("the follow-up did not reuse its image's prefix")
+        waits.append(done.queue_ms)
         return float(done.first_token_ms)
 
     rows.append(("follow-up on the same image, first token ms (p50)", plain_first, median_of(rounds, follow_up)))
+    notes.append(f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill")
+    notes.append(replays(bench))
     return rows, notes
+
+
+def replays(bench: Bench) -> str:
+    """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
+    graphs = bench.engine._graphs
+    if not graphs:
+        return "no graphs captured (not a CUDA device)"
+    span = max(key[-1] for key in graphs)
+    timed = []
+    for key in ((1, span), (8, span), (32, span), ("extend", 32, span)):
+        graph = graphs.get(key)
+        if graph is None:
+            continue
+        graph.replay()
+        bench.sync()
+        started = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        bench.sync()
+        timed.append(f"{key}: {(time.perf_counter() - started) * 1000 / 20:.2f} ms")
+    return "graph replay alone, ms per step: " + ", ".join(timed)
 
 
 def float32_check(bench: Bench) -> str:

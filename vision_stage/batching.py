@@ -21,6 +21,7 @@ only its own text. Storage and attention are in `vision_stage.slots`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -28,18 +29,20 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from stage_protocol.loops import WINDOW, repeats_at_end
 from vision_stage.errors import VisionRejected, VisionUnavailable
-from vision_stage.slots import ATTENTION, ByteBoundStore, Decode, Prefill, SlotStep, StoredKV, cache_class
+from vision_stage.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+EXTEND_BUCKETS = (16, 32, 64, 128)
+"""New-token counts of a follow-up's prefill (after a reused image prefix), each a CUDA graph like a decode step."""
 SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
 
 
@@ -169,12 +172,19 @@ class BatchEngine:
         self._active = torch.zeros(slots, dtype=torch.long, device=device)
         self._rows_index = torch.arange(slots, device=device)
         self._positions = torch.arange(settings.max_tokens, device=device)
+        longest = EXTEND_BUCKETS[-1]
+        self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
+        self._extend_positions = torch.zeros((3, longest), dtype=torch.long, device=device)
+        self._extend_row = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_start = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_last = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_token = torch.zeros(1, dtype=torch.long, device=device)
         self.prefixes = ByteBoundStore(settings.prefix_bytes)
         self.encoder = ByteBoundStore(settings.encoder_bytes)
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_size)
         self._held: _Request | None = None
         self._rows: list[_Request] = []
-        self._graphs: dict[tuple[int, int], Any] = {}
+        self._graphs: dict[tuple[Any, ...], Any] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -356,25 +366,29 @@ class BatchEngine:
             self.cache.values[:, row, :, : stored.tokens].copy_(stored.values)
             start = stored.tokens
         ids = request.ids.to(device)
-        embeds = self.text.embed_tokens(ids[start:])
-        if start == 0 and request.pixel_values is not None:
-            image = ids == self.image_token_id
-            embeds[image] = self._image_embeds(request).to(embeds.dtype)
-        total = request.prompt_tokens
-        mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
-        self.cache.target = Prefill(row, start)
-        hidden = self.text(
-            inputs_embeds=embeds[None],
-            position_ids=request.positions[:, None, start:].to(device),
-            attention_mask=mask.view(1, 1, total - start, total),
-            past_key_values=self.cache,
-            use_cache=True,
-            slot_step=SlotStep(causal=start == 0),
-        ).last_hidden_state
         self._seen[row] = False
         if self._penalty != 1.0:
             self._seen[row, ids] = True
-        token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
+        total = request.prompt_tokens
+        count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
+        if start and count and start + count <= self.settings.max_tokens:
+            token = self._extend(request, row, start, count)
+        else:
+            embeds = self.text.embed_tokens(ids[start:])
+            if start == 0 and request.pixel_values is not None:
+                image = ids == self.image_token_id
+                embeds[image] = self._image_embeds(request).to(embeds.dtype)
+            mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
+            self.cache.target = Prefill(row, start)
+            hidden = self.text(
+                inputs_embeds=embeds[None],
+                position_ids=request.positions[:, None, start:].to(device),
+                attention_mask=mask.view(1, 1, total - start, total),
+                past_key_values=self.cache,
+                use_cache=True,
+                slot_step=SlotStep(causal=start == 0),
+            ).last_hidden_state
+            token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
         if stored is None:
             self._keep_prefix(request, row)
         request.reused, request.length = start, total
@@ -385,6 +399,48 @@ class BatchEngine:
         self._rows.append(request)
         request.first_token = time.perf_counter()
         self._accept(request, token)
+
+    def _extend(self, request: _Request, row: int, start: int, count: int) -> int:
+        """A follow-up's own text after its reused prefix, through the step for `count` new tokens (padded; the
+        padding's K and V land past the prompt, masked until decoding overwrites them): a CUDA graph when one was
+        captured for (`count`, span)."""
+        total = request.prompt_tokens
+        new = total - start
+        self._extend_ids.zero_()
+        self._extend_ids[:new] = request.ids[start:].to(self.device)
+        positions = request.positions[:, start:]
+        self._extend_positions[:, :new] = positions.to(self.device)
+        self._extend_positions[:, new:count] = positions[:, -1:].to(self.device) + 1
+        self._extend_row.fill_(row)
+        self._extend_start.fill_(start)
+        self._extend_last.fill_(new - 1)
+        span = self._span(start + count)
+        graph = self._graphs.get(("extend", count, span))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._extend_step(count, span)
+        return int(self._extend_token.item())
+
+    def _extend_step(self, count: int, span: int) -> None:
+        written = self._extend_start + self._positions[:count]
+        mask = self._positions[:span].view(1, span) <= written.view(count, 1)
+        self.cache.target = Extend(self._extend_row, self._extend_start, count, span)
+        hidden = self.text(
+            inputs_embeds=self.text.embed_tokens(self._extend_ids[:count])[None],
+            position_ids=self._extend_positions[:, None, :count],
+            attention_mask=mask.view(1, 1, count, span),
+            past_key_values=self.cache,
+            use_cache=True,
+            slot_step=SlotStep(causal=False, grouped=True),
+        ).last_hidden_state
+        last = hidden[0].index_select(0, self._extend_last)
+        self._extend_token.copy_(self._choose(self.model.lm_head(last), self._extend_row))
+
+    def _span(self, longest: int) -> int:
+        """The span bucket holding `longest` positions."""
+        limit = self.settings.max_tokens
+        return min(next((size for size in SPAN_BUCKETS if size >= longest), limit), limit)
 
     def _image_embeds(self, request: _Request) -> Any:
         import torch
@@ -417,9 +473,7 @@ class BatchEngine:
         batch = len(self._rows)
         bucket = next(size for size in (*BATCH_BUCKETS, self.settings.slots) if size >= batch)
         bucket = min(bucket, self.settings.slots)
-        longest = max(request.length for request in self._rows) + 1
-        span = min(next(size for size in (*SPAN_BUCKETS, self.settings.max_tokens) if size >= longest),
-                   self.settings.max_tokens)  # fmt: skip
+        span = self._span(max(request.length for request in self._rows) + 1)
         graph = self._graphs.get((bucket, span))
         if graph is not None:
             graph.replay()
@@ -444,7 +498,7 @@ class BatchEngine:
             attention_mask=mask.view(bucket, 1, 1, span),
             past_key_values=self.cache,
             use_cache=True,
-            slot_step=SlotStep(causal=False),
+            slot_step=SlotStep(causal=False, grouped=True),
         ).last_hidden_state
         chosen = self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[:bucket])
         self._next_ids[:bucket].copy_(chosen)
@@ -517,28 +571,35 @@ class BatchEngine:
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         with torch.inference_mode():
-            for bucket, span in itertools.product(batches, spans):
+            steps: list[tuple[tuple[Any, ...], Callable[[], None]]] = [
+                ((bucket, span), functools.partial(self._decode_step, bucket, span))
+                for bucket, span in itertools.product(batches, spans)
+            ]
+            steps += [
+                (("extend", count, span), functools.partial(self._extend_step, count, span))
+                for count, span in itertools.product(EXTEND_BUCKETS, spans)
+                if count < span
+            ]
+            for key, step in steps:
                 try:
-                    self._graphs[(bucket, span)] = self._capture_one(bucket, span, pool)
+                    self._graphs[key] = self._capture_one(step, pool)
                 except Exception:
-                    log.exception(
-                        "glm engine: decode graph (batch %d, span %d) not captured; it runs eagerly", bucket, span
-                    )
+                    log.exception("glm engine: graph %s not captured; it runs eagerly", key)
         self._lengths.zero_()
         self._active.zero_()
         log.info("glm engine: %d decode graphs captured in %.1f s", len(self._graphs), time.perf_counter() - started)
 
-    def _capture_one(self, bucket: int, span: int, pool: Any) -> Any:
+    def _capture_one(self, step: Callable[[], None], pool: Any) -> Any:
         import torch
 
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode_step(bucket, span)  # warm-up, outside the graph
+            step()  # warm-up, outside the graph
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._decode_step(bucket, span)
+            step()
         torch.cuda.synchronize()
         return graph
 

@@ -49,10 +49,22 @@ class Decode:
 
 
 @dataclass(frozen=True)
+class Extend:
+    """Write `count` tokens into row `rows[0]` from position `start[0]` on; attend to its first `span` positions."""
+
+    rows: torch.Tensor
+    start: torch.Tensor
+    count: int
+    span: int
+
+
+@dataclass(frozen=True)
 class SlotStep:
-    """The engine's keyword to `slot_attention`: `causal` when a prefill starts at position 0 (no mask needed)."""
+    """The engine's keyword to `slot_attention`: `causal` when a prefill starts at position 0 (no mask needed);
+    `grouped` for decode and extend steps (query heads grouped per KV head, masked)."""
 
     causal: bool
+    grouped: bool = False
 
 
 def cache_class() -> type:
@@ -80,7 +92,8 @@ def _define_slot_cache() -> type:
             shape = (layers, slots, kv_heads, max_tokens, head_dim)
             self.keys = torch.zeros(shape, dtype=dtype, device=device)
             self.values = torch.zeros(shape, dtype=dtype, device=device)
-            self.target: Prefill | Decode = Prefill(0, 0)
+            self.offsets = torch.arange(max_tokens, device=device)
+            self.target: Prefill | Decode | Extend = Prefill(0, 0)
 
         @property
         def nbytes(self) -> int:
@@ -91,6 +104,15 @@ def _define_slot_cache() -> type:
             self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values, target = self.keys[layer_idx], self.values[layer_idx], self.target
+            if isinstance(target, Extend):
+                rows = target.rows.expand(target.count)
+                written = target.start + self.offsets[: target.count]
+                keys[rows, :, written] = key_states[0].transpose(0, 1)
+                values[rows, :, written] = value_states[0].transpose(0, 1)
+                return (
+                    keys.index_select(0, target.rows)[:, :, : target.span],
+                    values.index_select(0, target.rows)[:, :, : target.span],
+                )
             if isinstance(target, Prefill):
                 end = target.start + key_states.shape[2]
                 keys[target.slot, :, target.start : end] = key_states[0]
@@ -134,13 +156,15 @@ def slot_attention(
         )
     batch, heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
-    if length == 1:
-        grouped = query.view(batch, kv_heads, heads // kv_heads, head_dim)
+    if slot_step.grouped:
+        group = heads // kv_heads
+        grouped = query.reshape(batch, kv_heads, group * length, head_dim)
         scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling or head_dim**-0.5)
-        if attention_mask is not None:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        out = torch.matmul(scores.softmax(-1).to(value.dtype), value)
-        return out.reshape(batch, 1, heads, head_dim), None
+        scores = scores.view(batch, kv_heads, group, length, -1)
+        if attention_mask is not None:  # (batch, 1, length, span): the same for every head
+            scores = scores.masked_fill(~attention_mask.unsqueeze(1), float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(value.dtype).view(batch, kv_heads, group * length, -1), value)
+        return out.view(batch, heads, length, head_dim).transpose(1, 2), None
     mask = None if slot_step.causal else attention_mask
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
