@@ -6,8 +6,8 @@
 No weights are downloaded: the model is GLM-4.6V-Flash's full architecture with random weights (`Glm46VConfig()`
 defaults, text rotary `partial_rotary_factor` 0.5; 10.29 B parameters, bfloat16 on the GPU), built in memory with a
 real-sized word-level vocabulary (`tests/tiny_glm4v.py`). Random weights give garbage text but the true compute; stop
-and other special tokens are suppressed for both paths alike, so answers run to their budget (the engine may still
-stop one early at a loop, `stage_protocol.loops`: tokens are counted as written). `--tiny` runs a 2-layer model on
+and other special tokens are suppressed for both paths alike, and the engine does not stop at loops here
+(`EngineSettings.stop_loops`), so every answer runs to its budget on both. `--tiny` runs a 2-layer model on
 the CPU instead, to prove the code path, not to measure anything.
 
 Both paths get the processor's output prepared outside the timing (the processor costs the same on either). Measured:
@@ -29,6 +29,7 @@ table with the ratios.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import time
@@ -76,9 +77,14 @@ class Bench:
         self.sync()
         return (time.perf_counter() - started) * 1000, output[:, inputs["input_ids"].shape[1] :]
 
-    def engine_run(self, prompts: list[tuple[Any, str]], new_tokens: int) -> tuple[float, list[Any]]:
+    def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]:
+        """Submit every prompt at once, keyed by its image's content (as the backend keys a decoded image)."""
+        keys = [hashlib.sha256(inputs["pixel_values"].numpy().tobytes()).hexdigest() for inputs in prompts]
         started = time.perf_counter()
-        futures = [self.engine.submit(inputs, image_key=key, max_new_tokens=new_tokens) for inputs, key in prompts]
+        futures = [
+            self.engine.submit(inputs, image_key=key, max_new_tokens=new_tokens)
+            for inputs, key in zip(prompts, keys, strict=True)
+        ]
         completions = [future.result(timeout=600) for future in futures]
         return (time.perf_counter() - started) * 1000, completions
 
@@ -100,12 +106,14 @@ def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) 
     write_words_only(model, processor.tokenizer)
     bench = Bench(model, processor, None, device, side, answer)
     longest = int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64
-    settings = EngineSettings(slots=slots, max_tokens=longest, queue_size=4 * slots, compile=compile_layers)
+    settings = EngineSettings(
+        slots=slots, max_tokens=longest, queue_size=4 * slots, compile=compile_layers, stop_loops=False
+    )
     bench.engine = BatchEngine(model, settings)
     started = time.perf_counter()
     bench.engine.start()
     if compile_layers:  # the first prefill and decode steps compile: one request outside the timing
-        bench.engine_run([(bench.prompt(0), "compile")], 4)
+        bench.engine_run([bench.prompt(0)], 4)
     print(
         f"engine started (graphs: {len(bench.engine._graphs)}) in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
@@ -159,7 +167,7 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
     answer, notes = bench.answer, []
     one = bench.prompt(0)
     _, plain_ids = bench.plain(one, 32)
-    _, (check,) = bench.engine_run([(one, "check")], 32)
+    _, (check,) = bench.engine_run([one], 32)
     same = next((n for n, (a, b) in enumerate(zip(plain_ids[0].tolist(), check.ids, strict=False)) if a != b), None)
     notes.append(f"first 32 tokens equal to plain generate: {'yes' if same is None else f'no, they part at {same}'}")
 
@@ -168,15 +176,15 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
     seeds = iter(range(1000, 100000))
 
     def engine_first() -> float:
-        _, (done,) = bench.engine_run([(bench.prompt(next(seeds)), "single")], 1)
+        _, (done,) = bench.engine_run([bench.prompt(next(seeds))], 1)
         return float(done.first_token_ms)
 
     def engine_decode() -> float:
         prompt = bench.prompt(next(seeds))
-        first_ms, _ = bench.engine_run([(prompt, "d1")], 1)
+        first_ms, _ = bench.engine_run([prompt], 1)
         bench.engine.prefixes.clear()
         bench.engine.encoder.clear()
-        full_ms, (done,) = bench.engine_run([(prompt, "d2")], 1 + 64)
+        full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
         return (full_ms - first_ms) / max(1, len(done.ids) - 1)
 
     rows = [
@@ -188,25 +196,24 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
         plain_ms, plain_out = bench.plain(batched(prompts), answer)
         plain_first_ms, _ = bench.plain(batched(prompts), 1)
         bench.engine.batch_sizes.clear()
-        engine_ms, done = bench.engine_run([(p, f"c{count}-{n}") for n, p in enumerate(prompts)], answer)
+        engine_ms, done = bench.engine_run(prompts, answer)
         written = sum(len(c.ids) for c in done)
         firsts = sorted(c.first_token_ms for c in done)
         rows.append((f"{count} concurrent, tokens/s", plain_out.numel() / plain_ms * 1000, written / engine_ms * 1000))
         rows.append((f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(firsts)))
-        looped = sum(c.looped for c in done)
         sizes = bench.engine.batch_sizes
         notes.append(
-            f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms ({looped} answers stopped at a "
-            f"loop), worst first token {firsts[-1]:.0f} ms, mean decode batch {statistics.fmean(sizes):.1f}; plain "
-            f"wrote {plain_out.numel()} in {plain_ms:.0f} ms"
+            f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token "
+            f"{firsts[-1]:.0f} ms, mean decode batch {statistics.fmean(sizes):.1f}; plain wrote {plain_out.numel()} in "
+            f"{plain_ms:.0f} ms"
         )
 
     waits: list[float] = []
 
     def follow_up() -> float:
         seed = next(seeds)
-        bench.engine_run([(bench.prompt(seed, QUESTIONS[0]), f"f{seed}")], 1)
-        _, (done,) = bench.engine_run([(bench.prompt(seed, QUESTIONS[1]), f"f{seed}")], 1)
+        bench.engine_run([bench.prompt(seed, QUESTIONS[0])], 1)
+        _, (done,) = bench.engine_run([bench.prompt(seed, QUESTIONS[1])], 1)
         if done.reused_tokens == 0:
             raise RuntimeError("the follow-up did not reuse its image's prefix")
         waits.append(done.queue_ms)
@@ -239,6 +246,27 @@ def replays(bench: Bench) -> str:
     return "graph replay alone, ms per step: " + ", ".join(timed)
 
 
+def profile(bench: Bench) -> None:
+    """The kernels of ten eager decode steps at batch 1 and 32 (compiled layers, no graph), by device time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    span = max(key[-1] for key in bench.engine._graphs) if bench.engine._graphs else bench.engine.settings.max_tokens
+    activities = [ProfilerActivity.CUDA] if bench.device == "cuda" else [ProfilerActivity.CPU]
+    sort = "cuda_time_total" if bench.device == "cuda" else "cpu_time_total"
+    for batch in sorted({1, min(32, bench.engine.settings.slots)}):
+        with torch.inference_mode():
+            bench.engine._decode_step(batch, span)
+            bench.sync()
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(10):
+                    bench.engine._decode_step(batch, span)
+                bench.sync()
+        print(f"decode step, batch {batch}, span {span}, 10 steps:", file=sys.stderr)
+        print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90),
+              file=sys.stderr)  # fmt: skip
+
+
 def float32_check(bench: Bench) -> str:
     """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
     differs between their attention kernels, which flips near-ties of random weights)."""
@@ -250,7 +278,7 @@ def float32_check(bench: Bench) -> str:
     bench.engine.start()
     try:
         _, plain_ids = bench.plain(one, 32)
-        _, (check,) = bench.engine_run([(one, "float32")], 32)
+        _, (check,) = bench.engine_run([one], 32)
     finally:
         bench.engine.close()
     plain_list = plain_ids[0].tolist()
@@ -285,6 +313,7 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=1024)
     parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
     parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
+    parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
@@ -302,6 +331,8 @@ def main() -> None:
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
     try:
         rows, notes = run(bench, args.rounds, clients)
+        if args.profile:
+            profile(bench)
     finally:
         bench.engine.close()
     if args.check_float32:

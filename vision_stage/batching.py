@@ -62,6 +62,8 @@ class EngineSettings:
     """Bytes of vision-encoder output kept."""
     cuda_graphs: bool = True
     """Capture decode steps as CUDA graphs (on a CUDA device only)."""
+    stop_loops: bool = True
+    """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool = False
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
     the many small kernels of a decode step. Slow to start (the first steps compile)."""
@@ -522,7 +524,7 @@ class BatchEngine:
 
     def _accept(self, request: _Request, token: int) -> None:
         request.tokens.append(token)
-        looped = repeats_at_end(request.tokens[-WINDOW:])
+        looped = self.settings.stop_loops and repeats_at_end(request.tokens[-WINDOW:])
         if token in self.stop_ids or len(request.tokens) >= request.budget or looped:
             self._finish(request, looped)
 
