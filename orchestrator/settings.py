@@ -156,6 +156,20 @@ class GlmVisionSettings(_ModelVisionSettings):
     """`auto`: bfloat16 on a GPU, float32 on the CPU."""
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
+    engine: Literal["batched", "generate"] = "batched"
+    """`batched`: the batching engine (`vision_stage.batching`) decodes concurrent requests together and reuses an
+    image's prefix for follow-up questions; `generate`: plain `model.generate`, one request at a time (the
+    reference)."""
+    engine_slots: int = Field(default=16, ge=1, le=128)
+    """`batched`: requests decoded together at most; each holds a KV cache of `engine_max_tokens` from the start."""
+    engine_max_tokens: int = Field(default=8192, ge=256)
+    """`batched`: prompt (image included) plus answer per request at most; a longer prompt is refused."""
+    engine_queue: int = Field(default=64, ge=1)
+    """`batched`: requests waiting for a slot at most; beyond that a request is refused with a retry hint."""
+    engine_prefix_mb: int = Field(default=4096, ge=0)
+    """`batched`: MiB of image-prefix KV kept for follow-up questions on the same image; 0 keeps none."""
+    engine_cuda_graphs: bool = True
+    """`batched`: capture the decode steps as CUDA graphs at start (on a CUDA device only)."""
 
 
 class RemoteVisionSettings(_ModelVisionSettings, RemoteSettings):

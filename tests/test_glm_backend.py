@@ -7,7 +7,10 @@ never the text. The checkpoint is built once per module and loaded with the prod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +20,16 @@ import torch
 from jinja2 import TemplateError
 from PIL import Image
 
+from tests.raw_http import eventually
 from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, glm_tokenizer
 from vision_stage.backend import VisionBackend
+from vision_stage.batching import BatchEngine, Completion, EngineSettings
 from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, torch_dtype, translate_error
+from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, engine_settings, torch_dtype, translate_error
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
 from vision_stage.parsing import read_output
-from vision_stage.types import Box, DecodedImage, ImageFacts, VisionRequest, VisionTask
+from vision_stage.types import Box, DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
 
 TINY_MAX_TOKENS = 64
 """The tiny checkpoint's image processor allows 64 visual tokens per image (`size["longest_edge"]`)."""
@@ -57,6 +62,32 @@ def backend(engine: GlmEngine, checkpoint: Path) -> GlmVisionBackend:
     return GlmVisionBackend(engine, model=str(checkpoint), device="cpu", max_new_tokens=8)
 
 
+SMALL_ENGINE = EngineSettings(slots=4, max_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def batched_engine(checkpoint: Path) -> Iterator[GlmEngine]:
+    """The same checkpoint loaded again, with the batching engine started on its model."""
+    loaded = GlmEngine.load(str(checkpoint), device="cpu", dtype="auto", local_files_only=True, batching=SMALL_ENGINE)
+    yield loaded
+    loaded.close()
+
+
+def unstarted(engine: GlmEngine) -> GlmEngine:
+    """`engine`'s model and codec with a batching engine of its own whose thread is not started yet."""
+    return GlmEngine(engine.model, engine.codec, name=engine.name, batch=BatchEngine(engine.model, SMALL_ENGINE))
+
+
+async def queued(batch: BatchEngine, count: int) -> None:
+    """Wait until `count` requests wait in `batch`'s queue."""
+    await eventually(lambda: batch.waiting >= count, timeout_s=30)
+
+
+def same(result: VisionResult) -> VisionResult:
+    """`result` without its latency."""
+    return dataclasses.replace(result, latency_ms=0.0)
+
+
 # loading
 
 
@@ -75,6 +106,7 @@ async def test_load_reads_the_checkpoint_with_from_pretrained(checkpoint: Path) 
     assert "float32" in health.detail
     result = await backend.generate(request("caption"))
     assert result.caption
+    await backend.aclose()  # stops its batching engine's thread
 
 
 async def test_glm46v_model_type_loads_too(tmp_path: Path) -> None:
@@ -82,6 +114,7 @@ async def test_glm46v_model_type_loads_too(tmp_path: Path) -> None:
     backend = await GlmVisionBackend.load(str(path), max_new_tokens=4)
     assert backend.architecture == "Glm46VForConditionalGeneration"
     assert (await backend.generate(request("answer"))).answer
+    await backend.aclose()
 
 
 async def test_missing_model_is_unavailable_and_says_what_to_do(tmp_path: Path) -> None:
@@ -173,6 +206,213 @@ async def test_thinking_backend_generates(engine: GlmEngine, checkpoint: Path) -
     thinking = GlmVisionBackend(engine, model=str(checkpoint), device="cpu", thinking=True, max_new_tokens=6)
     result = await thinking.generate(request("answer"))
     assert result.answer  # the tiny model writes no <think> markup, so all of it is the answer
+
+
+# the batching engine
+
+
+async def test_load_starts_the_batching_engine_by_default_and_generate_on_request(checkpoint: Path) -> None:
+    batched = await GlmVisionBackend.load(str(checkpoint), engine_slots=2, engine_max_tokens=512, max_new_tokens=4)
+    plain = await GlmVisionBackend.load(str(checkpoint), engine="generate", max_new_tokens=4)
+    try:
+        assert batched.engine.batch is not None
+        assert batched.engine.batch.settings == EngineSettings(slots=2, max_tokens=512)
+        assert plain.engine.batch is None
+        assert (await batched.health()).detail.endswith("; batched, 2 slots (0 running, 0 waiting)")
+        assert (await plain.health()).detail.endswith("; generate")
+    finally:
+        await batched.aclose()
+        await plain.aclose()
+
+
+async def test_a_batching_engine_that_cannot_start_says_what_to_lower(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def start(self: BatchEngine) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr(BatchEngine, "start", start)
+    with pytest.raises(VisionUnavailable, match="ENGINE_SLOTS") as caught:
+        await GlmVisionBackend.load(str(checkpoint), engine_slots=2, engine_max_tokens=512)
+    assert "2 slots of 512 tokens" in str(caught.value)
+    assert "OutOfMemoryError" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("task", "question", "thinking", "max_new_tokens"),
+    [("caption", None, False, 8), ("answer", "what is the total?", False, 40), ("describe", "x?", True, 40)],
+)
+async def test_the_batched_engine_answers_as_plain_generate(
+    engine: GlmEngine,
+    batched_engine: GlmEngine,
+    checkpoint: Path,
+    task: VisionTask,
+    question: str | None,
+    thinking: bool,
+    max_new_tokens: int,
+) -> None:
+    settings: dict[str, Any] = {"model": str(checkpoint), "device": "cpu", "thinking": thinking}
+    plain = GlmVisionBackend(engine, **settings, max_new_tokens=max_new_tokens)
+    batched = GlmVisionBackend(batched_engine, **settings, max_new_tokens=max_new_tokens)
+    expected = await plain.generate(request(task, question))
+    result = await batched.generate(request(task, question))
+    assert same(result) == same(expected)
+    assert result.completion_tokens > 0
+
+
+async def test_concurrent_requests_are_batched_and_each_equals_its_sequential_answer(
+    batched_engine: GlmEngine, checkpoint: Path
+) -> None:
+    glm = unstarted(batched_engine)
+    batch = glm.batch
+    assert batch is not None
+    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=12)
+    requests = [request("answer", f"question {n}?", width=64 + 16 * n) for n in range(6)]  # more than the 4 slots
+    tasks = [asyncio.create_task(backend.generate(one)) for one in requests]
+    await queued(batch, len(requests))  # all submitted while nothing runs: nothing serialised them
+    batch.start()
+    try:
+        together = await asyncio.gather(*tasks)
+        one_by_one = [await backend.generate(one) for one in requests]
+    finally:
+        await backend.aclose()
+    assert [same(result) for result in together] == [same(result) for result in one_by_one]
+    assert max(batch.batch_sizes) >= 2
+
+
+async def test_aclose_closes_the_batching_engine(batched_engine: GlmEngine, checkpoint: Path) -> None:
+    glm = unstarted(batched_engine)
+    batch = glm.batch
+    assert batch is not None
+    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=4)
+    waiting = asyncio.create_task(backend.generate(request()))
+    await queued(batch, 1)
+    await backend.aclose()
+    with pytest.raises(VisionUnavailable, match="closed"):
+        await waiting  # the engine failed what it held
+    with pytest.raises(VisionUnavailable, match="closed"):
+        await backend.generate(request())
+    with pytest.raises(VisionUnavailable, match="closed"):
+        batch.submit(glm.codec.encode(request(), thinking=False).inputs, image_key=None, max_new_tokens=4)
+    assert not (await backend.health()).ok
+
+
+async def test_a_cancelled_request_still_waiting_for_a_slot_never_runs(
+    batched_engine: GlmEngine, checkpoint: Path
+) -> None:
+    glm = unstarted(batched_engine)
+    batch = glm.batch
+    assert batch is not None
+    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=4)
+    cancelled = asyncio.create_task(backend.generate(request()))
+    await queued(batch, 1)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    batch.start()
+    try:
+        assert (await backend.generate(request())).answer
+    finally:
+        await backend.aclose()
+    assert batch.stats().admitted == 1
+
+
+async def test_a_prompt_longer_than_a_slot_is_rejected_and_an_answer_is_cut_at_the_slot_s_end(
+    batched_engine: GlmEngine, checkpoint: Path
+) -> None:
+    backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=8)
+    with pytest.raises(VisionRejected, match="ORCH_VISION__ENGINE_MAX_TOKENS"):
+        await backend.generate(request(question="total " * SMALL_ENGINE.max_tokens))
+    base = batched_engine.codec.encode(request(question="total"), thinking=False).prompt_tokens
+    near_the_end = request(question="total" + " total" * (SMALL_ENGINE.max_tokens - 3 - base))
+    result = await backend.generate(near_the_end)
+    assert (result.prompt_tokens, result.completion_tokens) == (SMALL_ENGINE.max_tokens - 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (RuntimeError("CUDA error: device-side assert triggered"), VisionUnavailable),
+        (torch.OutOfMemoryError("CUDA out of memory"), VisionUnavailable),
+        (ValueError("Image features and image tokens do not match"), VisionRejected),
+        (VisionUnavailable("the glm batching engine was closed"), VisionUnavailable),
+    ],
+)
+async def test_what_the_engine_fails_with_is_translated(
+    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, expected: type
+) -> None:
+    failed: Future[Completion] = Future()
+    failed.set_exception(error)
+    assert batched_engine.batch is not None
+    monkeypatch.setattr(batched_engine.batch, "submit", lambda *args, **kwargs: failed)
+    backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=4)
+    with pytest.raises(expected) as caught:
+        await backend.generate(request())
+    assert type(caught.value) is expected
+    assert caught.value is error or type(error).__name__ in str(caught.value)
+
+
+async def test_the_image_s_content_hash_keys_the_engine(
+    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = batched_engine.batch
+    assert batch is not None
+    keys: list[str | None] = []
+    submit = batch.submit
+
+    def spy(inputs: Any, *, image_key: str | None, max_new_tokens: int) -> Future[Completion]:
+        keys.append(image_key)
+        return submit(inputs, image_key=image_key, max_new_tokens=max_new_tokens)
+
+    monkeypatch.setattr(batch, "submit", spy)
+    backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=4)
+    hashed = DecodedImage(Image.new("RGB", (64, 48), "white"), "PNG", 64, 48, 0, "ab" * 32)
+    hits = batch.prefixes.hits
+    await backend.generate(VisionRequest(hashed, "what is the total?", task="answer"))
+    await backend.generate(VisionRequest(hashed, "and the date?", task="answer"))
+    await backend.generate(request())  # no hash: nothing to key
+    assert keys == ["ab" * 32, "ab" * 32, None]
+    assert batch.prefixes.hits == hits + 1  # the follow-up reused the image's prefix
+
+
+async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vision_stage.__main__ import _load, _parser
+
+    calls: list[dict[str, Any]] = []
+
+    async def load(model: str, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+
+    monkeypatch.setattr(GlmVisionBackend, "load", load)
+    parser = _parser()
+    await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m"]))
+    options = ["--engine", "generate", "--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8"]
+    options += ["--engine-prefix-mb", "0", "--no-cuda-graphs"]
+    await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", *options]))
+    engines = [{name: value for name, value in call.items() if name.startswith("engine")} for call in calls]
+    assert engines == [
+        dict(engine="batched", engine_slots=16, engine_max_tokens=8192, engine_queue=64, engine_prefix_mb=4096,
+             engine_cuda_graphs=True),
+        dict(engine="generate", engine_slots=4, engine_max_tokens=2048, engine_queue=8, engine_prefix_mb=0,
+             engine_cuda_graphs=False),
+    ]  # fmt: skip
+    for wrong in (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--backend", "glm", "--model", "m", *wrong])
+
+
+def test_engine_settings_are_bounded() -> None:
+    assert engine_settings(prefix_mb=1) == EngineSettings(prefix_bytes=1 << 20)
+    wrongs: tuple[tuple[dict[str, Any], str], ...] = (
+        ({"slots": 0}, "engine_slots must be from 1 to 128"),
+        ({"slots": 129}, "engine_slots"),
+        ({"max_tokens": 255}, "engine_max_tokens must be at least 256"),
+        ({"queue": 0}, "engine_queue"),
+        ({"prefix_mb": -1}, "engine_prefix_mb"),
+    )
+    for wrong, message in wrongs:
+        with pytest.raises(ValueError, match=message):
+            engine_settings(**wrong)
 
 
 # the processor path

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.settings import (
+    GlmVisionSettings,
     LimitSettings,
     LocalReasoningSettings,
     OcrVisionSettings,
@@ -97,6 +99,68 @@ def test_the_remote_backends_read_their_endpoints(monkeypatch: pytest.MonkeyPatc
     assert (reasoning.dialect, reasoning.first_byte_timeout_s, reasoning.timeout_s) == ("vllm", 10, 20)
 
 
+def test_the_glm_backend_reads_its_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    glm = {"ORCH_VISION__BACKEND": "glm", "ORCH_VISION__MODEL": "/models/glm"}
+    vision = settings_with(monkeypatch, glm).vision
+    assert isinstance(vision, GlmVisionSettings)
+    assert (vision.engine, vision.engine_slots, vision.engine_max_tokens) == ("batched", 16, 8192)
+    assert (vision.engine_queue, vision.engine_prefix_mb, vision.engine_cuda_graphs) == (64, 4096, True)
+    variables = {
+        "ORCH_VISION__ENGINE": "generate",
+        "ORCH_VISION__ENGINE_SLOTS": "4",
+        "ORCH_VISION__ENGINE_MAX_TOKENS": "2048",
+        "ORCH_VISION__ENGINE_QUEUE": "8",
+        "ORCH_VISION__ENGINE_PREFIX_MB": "0",
+        "ORCH_VISION__ENGINE_CUDA_GRAPHS": "false",
+    }
+    vision = settings_with(monkeypatch, variables).vision
+    assert vision == GlmVisionSettings(
+        model="/models/glm",
+        engine="generate",
+        engine_slots=4,
+        engine_max_tokens=2048,
+        engine_queue=8,
+        engine_prefix_mb=0,
+        engine_cuda_graphs=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("ENGINE", "vllm"), ("ENGINE_SLOTS", "0"), ("ENGINE_SLOTS", "129"), ("ENGINE_MAX_TOKENS", "255"),
+     ("ENGINE_QUEUE", "0"), ("ENGINE_PREFIX_MB", "-1")],
+)  # fmt: skip
+def test_the_glm_engine_settings_are_bounded(name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = {"ORCH_VISION__BACKEND": "glm", "ORCH_VISION__MODEL": "m", f"ORCH_VISION__{name}": value}
+    with pytest.raises(ValidationError, match=rf"vision\.glm\.{name.lower()}"):
+        settings_with(monkeypatch, variables)
+
+
+async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.wiring import _vision_loader
+    from vision_stage.glm import GlmVisionBackend
+
+    calls: list[dict[str, Any]] = []
+
+    async def load(model: str, **kwargs: Any) -> Any:
+        calls.append({"model": model, **kwargs})
+        return object()
+
+    monkeypatch.setattr(GlmVisionBackend, "load", load)
+    settings = GlmVisionSettings(model="m", engine="generate", engine_slots=3, engine_prefix_mb=7)
+    await _vision_loader(settings, "glm")()
+    assert calls[0]["model"] == "m"
+    engine = {name: value for name, value in calls[0].items() if name.startswith("engine")}
+    assert engine == {
+        "engine": "generate",
+        "engine_slots": 3,
+        "engine_max_tokens": 8192,
+        "engine_queue": 64,
+        "engine_prefix_mb": 7,
+        "engine_cuda_graphs": True,
+    }
+
+
 @pytest.mark.parametrize(
     ("variables", "refused"),
     [
@@ -104,6 +168,7 @@ def test_the_remote_backends_read_their_endpoints(monkeypatch: pytest.MonkeyPatc
         ({"ORCH_VISION__BACKEND": "glm", "ORCH_VISION__MODEL": "m", "ORCH_VISION__DIALECT": "vllm"}, "glm.dialect"),
         ({"ORCH_VISION__BACKEND": "glm"}, r"vision\.glm\.model"),
         ({"ORCH_VISION__BACKEND": "glm", "ORCH_VISION__MODEL": ""}, r"vision\.glm\.model"),
+        ({"ORCH_VISION__ENGINE_MAX_TOKENS": "4096"}, r"vision\.ocr\.engine_max_tokens"),
         ({"ORCH_VISION__BACKEND": "remote", "ORCH_VISION__MODEL": "m"}, r"vision\.remote\.base_url"),
         ({"ORCH_REASONING__BACKEND": "none", "ORCH_REASONING__MODEL": "m"}, r"reasoning\.none\.model"),
         ({"ORCH_REASONING__BASE_URL": "http://a/v1"}, r"reasoning\.local\.base_url"),

@@ -1,15 +1,20 @@
 """The `glm` vision backend: GLM-4.6V-Flash in this process, through transformers.
 
 `GlmVisionBackend.load(model)` reads a local directory (or, with `allow_download`, a hub id) with `AutoProcessor` and
-`AutoModelForImageTextToText`; the constructor takes an already-built `GlmEngine` (a model plus its processor), which
-is how the GPU benchmark runs a full-size model with random weights. torch and transformers are imported inside
-functions only, so importing this module stays cheap.
+`AutoModelForImageTextToText`; the constructor takes an already-built `GlmEngine` (a model plus its processor, and
+its batching engine if any), which is how the GPU benchmark runs a full-size model with random weights. torch and
+transformers are imported inside functions only, so importing this module stays cheap.
 
 Each request is one greedy generation: the task prompt of `vision_stage.prompts` with the image through the
 processor's chat template (`vision_stage.glm_codec`), thinking on or off through the template's `enable_thinking`.
 The text is split into thinking and answer, grounding boxes are read out of the answer, and the describe task's JSON
-is parsed (`vision_stage.parsing`) and rendered for the reasoning stage (`vision_stage.render`). Generation runs in a
-worker thread, one request at a time.
+is parsed (`vision_stage.parsing`) and rendered for the reasoning stage (`vision_stage.render`).
+
+Two engines generate (`engine`, `ORCH_VISION__ENGINE`). `batched`, the default: the prompt is encoded in a worker
+thread and handed to the batching engine (`vision_stage.batching`), whose own thread decodes many requests together
+and reuses an image's prefix KV for a follow-up question on the same image (keyed by the image file's content hash);
+requests are not serialised here. `generate`: plain `model.generate` in a worker thread, one request at a time, the
+reference the batching engine is tested against. A model loads and warms up with plain `generate` either way.
 
 Foreign errors are translated into the `vision_stage.errors` tree by `translate_error`, and only there:
 
@@ -28,8 +33,10 @@ generate
 decode     anything                                                   VisionInvalidOutput
 =========  =========================================================  ====================================
 
-After loading, our own `VisionError`s pass through unchanged. Unusable model output (no JSON where JSON was asked
-for, an empty answer, thinking cut off by the token limit) is `VisionInvalidOutput`.
+With the `batched` engine, `generate` covers submitting to the engine and whatever its thread fails the request with
+(its own refusals, a full queue and a closed engine are `VisionError`s already). After loading, our own `VisionError`s
+pass through unchanged. Unusable model output (no JSON where JSON was asked for, an empty answer, thinking cut off by
+the token limit) is `VisionInvalidOutput`.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +72,11 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedConfig
     from transformers.generation.utils import GenerateOutput
 
+    from vision_stage.batching import BatchEngine, Completion, EngineSettings
+
 Phase = Literal["load", "encode", "generate", "decode"]
+EngineName = Literal["batched", "generate"]
+"""`batched`: the batching engine (`vision_stage.batching`); `generate`: plain `model.generate`, one at a time."""
 OOM_RETRY_AFTER_S = 1.0
 
 
@@ -134,12 +146,16 @@ class Generation:
 
 
 class GlmEngine:
-    """A GLM-4.6V model and its codec behind blocking methods; one generation at a time (run it in a worker
-    thread)."""
+    """A GLM-4.6V model and its codec behind blocking methods (run them in a worker thread). `generate` is plain
+    `model.generate`, one generation at a time; with a `batch` engine, `submit` hands prompts to it instead."""
 
-    def __init__(self, model: ImageTextModel, codec: GlmCodec, *, name: str | None = None) -> None:
+    def __init__(
+        self, model: ImageTextModel, codec: GlmCodec, *, name: str | None = None, batch: BatchEngine | None = None
+    ) -> None:
         self.model = model
         self.codec = codec
+        self.batch = batch
+        """The batching engine over `model`, started; None: plain `generate` only."""
         self.architecture = type(model).__name__
         self.name = name or self.architecture
         """What error messages call the model: the directory or hub id it was loaded from."""
@@ -149,9 +165,13 @@ class GlmEngine:
         self._busy = threading.Lock()
 
     @classmethod
-    def load(cls, source: str, *, device: str, dtype: str, local_files_only: bool) -> GlmEngine:
+    def load(
+        cls, source: str, *, device: str, dtype: str, local_files_only: bool, batching: EngineSettings | None = None
+    ) -> GlmEngine:
         """`from_pretrained` the processor and model from `source` (a directory, or a hub id) onto `device`, then
-        warm up (blocking). Any failure is `VisionUnavailable`, naming `source` and what to do."""
+        warm up with plain `generate` (blocking); with `batching`, then build the batching engine over the model and
+        start it (on a GPU it captures its CUDA graphs first). Any failure is `VisionUnavailable`, naming `source` and
+        what to do."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         expanded = Path(source).expanduser()
@@ -169,7 +189,9 @@ class GlmEngine:
             )
             engine = cls(model.eval(), GlmCodec(processor, max_visual_tokens=MAX_VISUAL_TOKENS), name=source)
             engine.warm_up()
-            return engine
+        if batching is not None:
+            engine.batch = start_batching(model, batching, source)
+        return engine
 
     def warm_up(self) -> None:
         """Encode a small image and generate one token, so a broken checkpoint fails now and not on a request."""
@@ -188,6 +210,38 @@ class GlmEngine:
             with _translated("decode", model_name):
                 text = self.codec.decode(ids)
         return Generation(text, prompt, len(ids), budget, looped=repeats_at_end(ids[-WINDOW:]))
+
+    def submit(
+        self, request: VisionRequest, *, thinking: bool, max_new_tokens: int
+    ) -> tuple[EncodedPrompt, int, Future[Completion]]:
+        """Encode `request` and queue it on the batching engine (blocking: the processor and the M-RoPE positions
+        are CPU work): the prompt, its token budget and the engine's future. Raises only `VisionError`s; the future
+        may fail with anything (translate it with `translate_error`, phase `generate`)."""
+        batch = self.batch
+        if batch is None:
+            raise VisionUnavailable(f"the glm vision model {self.name!r} has no batching engine")
+        with _translated("encode", self.name):
+            prompt = self.codec.encode(request, thinking=thinking)
+        # The slot's room bounds the answer too: counted in the budget, an answer cut there is seen as cut.
+        room = max(1, batch.settings.max_tokens - prompt.prompt_tokens)  # none at all: `submit` rejects it
+        budget = min(self._budget(prompt, max_new_tokens), room)
+        image_key = request.image.sha256 or None  # the image file's content hash, never a perceptual key
+        with _translated("generate", self.name):
+            future = batch.submit(prompt.inputs, image_key=image_key, max_new_tokens=budget)
+        return prompt, budget, future
+
+    def finish(self, prompt: EncodedPrompt, budget: int, completion: Completion) -> Generation:
+        """The `Generation` of what the batching engine answered to `submit` (blocking: decoding is CPU work); raises
+        only `VisionError`s."""
+        with _translated("decode", self.name):
+            text = self.codec.decode(completion.ids)
+        return Generation(text, prompt, len(completion.ids), budget, looped=completion.looped)
+
+    def close(self) -> None:
+        """Stop the batching engine, if any (blocking: it joins the engine's thread); what it still holds fails with
+        `VisionUnavailable`. The model itself stays loaded."""
+        if self.batch is not None:
+            self.batch.close()
 
     def generate_ids(self, prompt: EncodedPrompt, max_new_tokens: int) -> list[int]:
         """The new token ids of one greedy generation (blocking; foreign errors are not translated here), stopped
@@ -240,8 +294,43 @@ def torch_dtype(dtype: str, device: str) -> torch.dtype:
     return value
 
 
+def start_batching(model: Any, settings: EngineSettings, source: str) -> BatchEngine:
+    """The batching engine over `model`, started (blocking: on a GPU it captures its CUDA graphs first). Any failure
+    is `VisionUnavailable` saying what to lower: the KV cache of every slot is allocated here."""
+    from vision_stage.batching import BatchEngine
+
+    try:
+        batch = BatchEngine(model, settings)
+        batch.start()
+    except Exception as exc:
+        raise VisionUnavailable(
+            f"could not start the batching engine of the glm vision model {source!r} ({type(exc).__name__}: {exc}); "
+            f"its {settings.slots} slots of {settings.max_tokens} tokens may not fit: lower ORCH_VISION__ENGINE_SLOTS "
+            "or ORCH_VISION__ENGINE_MAX_TOKENS, or set ORCH_VISION__ENGINE=generate"
+        ) from exc
+    return batch
+
+
+def engine_settings(
+    *, slots: int = 16, max_tokens: int = 8192, queue: int = 64, prefix_mb: int = 4096, cuda_graphs: bool = True
+) -> EngineSettings:
+    """The batching engine's settings from the `engine_…` ones (`ORCH_VISION__ENGINE_…`); `ValueError` outside their
+    bounds."""
+    from vision_stage.batching import EngineSettings
+
+    bounds = (("slots", slots, 1, 128), ("max_tokens", max_tokens, 256, None), ("queue", queue, 1, None))
+    for name, value, low, high in (*bounds, ("prefix_mb", prefix_mb, 0, None)):
+        if value < low or (high is not None and value > high):
+            within = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"engine_{name} must be {within}, not {value}")
+    return EngineSettings(
+        slots=slots, max_tokens=max_tokens, queue_size=queue, prefix_bytes=prefix_mb << 20, cuda_graphs=cuda_graphs
+    )
+
+
 class GlmVisionBackend:
-    """GLM-4.6V-Flash in this process; one generation at a time, each in a worker thread."""
+    """GLM-4.6V-Flash in this process: through the engine's batching engine when it has one (requests run
+    together), else plain `generate`, one request at a time, each in a worker thread."""
 
     name = "glm"
 
@@ -257,6 +346,7 @@ class GlmVisionBackend:
         self.architecture = engine.architecture
         self._engine: GlmEngine | None = engine
         self._queue = asyncio.Lock()
+        """Plain `generate` only: one request at a time."""
 
     @classmethod
     async def load(
@@ -268,12 +358,32 @@ class GlmVisionBackend:
         thinking: bool = False,
         max_new_tokens: int = 1024,
         allow_download: bool = False,
+        engine: EngineName = "batched",
+        engine_slots: int = 16,
+        engine_max_tokens: int = 8192,
+        engine_queue: int = 64,
+        engine_prefix_mb: int = 4096,
+        engine_cuda_graphs: bool = True,
     ) -> GlmVisionBackend:
-        """Load `model` (a local directory, or a hub id fetched only with `allow_download`) in a worker thread."""
-        engine = await asyncio.to_thread(
-            GlmEngine.load, model, device=device, dtype=dtype, local_files_only=not allow_download
+        """Load `model` (a local directory, or a hub id fetched only with `allow_download`) in a worker thread, with
+        the batching engine (`engine="batched"`, sized by the `engine_…` arguments) or plain `generate`."""
+        if engine not in ("batched", "generate"):
+            raise ValueError(f"engine must be 'batched' or 'generate', not {engine!r}")
+        batching = (
+            engine_settings(
+                slots=engine_slots,
+                max_tokens=engine_max_tokens,
+                queue=engine_queue,
+                prefix_mb=engine_prefix_mb,
+                cuda_graphs=engine_cuda_graphs,
+            )
+            if engine == "batched"
+            else None
         )
-        return cls(engine, model=model, device=device, thinking=thinking, max_new_tokens=max_new_tokens)
+        loaded = await asyncio.to_thread(
+            GlmEngine.load, model, device=device, dtype=dtype, local_files_only=not allow_download, batching=batching
+        )
+        return cls(loaded, model=model, device=device, thinking=thinking, max_new_tokens=max_new_tokens)
 
     @property
     def engine(self) -> GlmEngine:
@@ -284,9 +394,13 @@ class GlmVisionBackend:
 
     async def generate(self, request: VisionRequest) -> VisionResult:
         started = time.perf_counter()
-        async with self._queue:
-            engine = self.engine
-            generation, facts = await asyncio.to_thread(self._look, engine, request)
+        engine = self.engine
+        if engine.batch is not None:
+            generation, facts = await self._look_batched(engine, request)
+        else:
+            async with self._queue:
+                engine = self.engine  # closed while this request waited: `VisionUnavailable`
+                generation, facts = await asyncio.to_thread(self._look, engine, request)
         reading = read_output(
             request.task,
             generation.text,
@@ -304,12 +418,47 @@ class GlmVisionBackend:
             facts = image_facts(request.image)
         return generation, facts
 
+    async def _look_batched(self, engine: GlmEngine, request: VisionRequest) -> tuple[Generation, ImageFacts]:
+        """Encode and submit in a worker thread, wait for the batching engine without holding anything, decode.
+
+        Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped
+        (its future is cancelled), one already running finishes in the engine's thread and its answer is discarded,
+        and one whose submission is under way in the worker thread is submitted and discarded the same way."""
+        prompt, budget, future, facts = await asyncio.to_thread(self._submit, engine, request)
+        try:
+            completion = await asyncio.wrap_future(future)
+        except Exception as exc:
+            raise translate_error(exc, phase="generate", model=engine.name) from exc
+        generation = await asyncio.to_thread(engine.finish, prompt, budget, completion)
+        return generation, facts
+
+    def _submit(
+        self, engine: GlmEngine, request: VisionRequest
+    ) -> tuple[EncodedPrompt, int, Future[Completion], ImageFacts]:
+        prompt, budget, future = engine.submit(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)
+        try:  # while the engine prefills
+            with _translated("decode", self.model):  # Pillow, measuring the image's colours
+                facts = image_facts(request.image)
+        except VisionError:
+            future.cancel()  # still queued: never runs; already running: finishes unread
+            raise
+        return prompt, budget, future, facts
+
     async def health(self) -> Health:
-        if self._engine is None:
+        engine = self._engine
+        if engine is None:
             return Health(ok=False, detail="closed")
-        dtype = str(self._engine.model.dtype).removeprefix("torch.")
-        return Health(ok=True, detail=f"{self.model} ({self.architecture}, {dtype}) on {self.device}")
+        dtype = str(engine.model.dtype).removeprefix("torch.")
+        if engine.batch is None:
+            generating = "generate"
+        else:
+            stats = engine.batch.stats()
+            slots = engine.batch.settings.slots
+            generating = f"batched, {slots} slots ({stats.running} running, {stats.waiting} waiting)"
+        return Health(ok=True, detail=f"{self.model} ({self.architecture}, {dtype}) on {self.device}; {generating}")
 
     async def aclose(self) -> None:
-        async with self._queue:  # let an in-flight generation finish first
-            self._engine = None
+        async with self._queue:  # let an in-flight plain generation finish first
+            engine, self._engine = self._engine, None
+        if engine is not None:  # the batching engine fails what it still holds with `VisionUnavailable`
+            await asyncio.to_thread(engine.close)
