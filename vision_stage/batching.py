@@ -142,16 +142,18 @@ class BatchEngine:
         if settings.compile:
             # One compilation for all layers: their index is an input, not a constant to specialise on.
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
-            for layer in self.text.layers:
+            for layer in (*self.text.layers, *model.model.visual.blocks):
                 layer.compile(dynamic=True)
         self.device = model.device
         self.image_token_id = int(model.config.image_token_id)
         self.image_end_id = int(model.config.image_end_token_id)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.capacity = -(-settings.max_tokens // 256) * 256
+        """Positions per slot: `max_tokens` rounded up, so that every span splits into whole attention chunks."""
         self.cache = cache_class()(
             layers=text.num_hidden_layers,
             slots=settings.slots,
-            max_tokens=settings.max_tokens,
+            max_tokens=self.capacity,
             kv_heads=text.num_key_value_heads,
             head_dim=head_dim,
             dtype=model.dtype,
@@ -173,7 +175,7 @@ class BatchEngine:
         self._deltas = torch.zeros(slots, dtype=torch.long, device=device)
         self._active = torch.zeros(slots, dtype=torch.long, device=device)
         self._rows_index = torch.arange(slots, device=device)
-        self._positions = torch.arange(settings.max_tokens, device=device)
+        self._positions = torch.arange(self.capacity, device=device)
         longest = EXTEND_BUCKETS[-1]
         self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
         self._extend_positions = torch.zeros((3, longest), dtype=torch.long, device=device)
@@ -373,7 +375,7 @@ class BatchEngine:
             self._seen[row, ids] = True
         total = request.prompt_tokens
         count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
-        if start and count and start + count <= self.settings.max_tokens:
+        if start and count and start + count <= self.capacity:
             token = self._extend(request, row, start, count)
         else:
             embeds = self.text.embed_tokens(ids[start:])
@@ -441,8 +443,7 @@ class BatchEngine:
 
     def _span(self, longest: int) -> int:
         """The span bucket holding `longest` positions."""
-        limit = self.settings.max_tokens
-        return min(next((size for size in SPAN_BUCKETS if size >= longest), limit), limit)
+        return min(next((size for size in SPAN_BUCKETS if size >= longest), self.capacity), self.capacity)
 
     def _image_embeds(self, request: _Request) -> Any:
         import torch
@@ -569,7 +570,7 @@ class BatchEngine:
         if self.device.type != "cuda" or not self.settings.cuda_graphs or self._rows:
             return
         batches = sorted({min(size, self.settings.slots) for size in BATCH_BUCKETS})
-        spans = sorted({min(size, self.settings.max_tokens) for size in SPAN_BUCKETS})
+        spans = sorted({min(size, self.capacity) for size in SPAN_BUCKETS})
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         with torch.inference_mode():

@@ -154,22 +154,41 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
     if slot_step.grouped:
-        group = heads // kv_heads
-        grouped = query.reshape(batch, kv_heads, group * length, head_dim)
-        scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling or head_dim**-0.5)
-        scores = scores.view(batch, kv_heads, group, length, -1)
-        if attention_mask is not None:  # (batch, 1, length, span): the same for every head
-            scores = scores.masked_fill(~attention_mask.unsqueeze(1), float("-inf"))
-        out = torch.matmul(scores.softmax(-1).to(value.dtype).view(batch, kv_heads, group * length, -1), value)
-        return out.view(batch, heads, length, head_dim).transpose(1, 2), None
+        return _grouped_attention(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
     mask = None if slot_step.causal else attention_mask
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+CHUNK = 128
+"""Positions per chunk of a grouped attention's keys: each chunk is its own small matrix product, so that a long span
+is read by many blocks at once (one product over the whole span left the device mostly idle at small batches)."""
+
+
+def _grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Decode and extend attention: each KV head's query heads (and query positions) as rows of one product against
+    the stored K and V as they are, split into `CHUNK`-position pieces of the span; (batch, length, heads, dim)."""
+    import torch
+
+    batch, heads, length, head_dim = query.shape
+    kv_heads, span = key.shape[1], key.shape[2]
+    rows = heads // kv_heads * length
+    chunks = span // CHUNK if span % CHUNK == 0 else 1
+    size = span // chunks
+    grouped = query.reshape(batch, kv_heads, 1, rows, head_dim)
+    keys = key.view(batch, kv_heads, chunks, size, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # (batch, kv, chunks, rows, size)
+    scores = scores.permute(0, 1, 3, 2, 4).reshape(batch, kv_heads, heads // kv_heads, length, span)
+    if mask is not None:  # (batch, 1, length, span): the same for every head
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = scores.softmax(-1).to(value.dtype).view(batch, kv_heads, rows, chunks, size).transpose(2, 3)
+    out = torch.matmul(probs, value.view(batch, kv_heads, chunks, size, head_dim)).sum(2)  # (batch, kv, rows, dim)
+    return out.view(batch, heads, length, head_dim).transpose(1, 2)
 
 
 def register_attention() -> None:
