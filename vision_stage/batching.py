@@ -142,7 +142,7 @@ class BatchEngine:
         if settings.compile:
             # One compilation for all layers: their index is an input, not a constant to specialise on.
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
-            for layer in (*self.text.layers, *model.model.visual.blocks):
+            for layer in self.text.layers:
                 layer.compile(dynamic=True)
         self.device = model.device
         self.image_token_id = int(model.config.image_token_id)
