@@ -105,7 +105,7 @@ def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) 
         device = "cuda"
     write_words_only(model, processor.tokenizer)
     bench = Bench(model, processor, None, device, side, answer)
-    longest = int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64
+    longest = max(256, int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64)
     settings = EngineSettings(
         slots=slots, max_tokens=longest, queue_size=4 * slots, compile=compile_layers, stop_loops=False
     )
@@ -274,7 +274,8 @@ def float32_check(bench: Bench) -> str:
 
     bench.model.float()
     one = bench.prompt(0)
-    bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=int(one["input_ids"].shape[1]) + 64))
+    longest = max(256, int(one["input_ids"].shape[1]) + 64)
+    bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=longest))
     bench.engine.start()
     try:
         _, plain_ids = bench.plain(one, 32)

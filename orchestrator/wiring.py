@@ -131,12 +131,7 @@ def _vision_loader(settings: VisionSettings, base_url: str) -> Callable[[], Awai
                 thinking=settings.thinking,
                 max_new_tokens=settings.max_new_tokens,
                 allow_download=settings.allow_download,
-                engine=settings.engine,
-                engine_slots=settings.engine_slots,
-                engine_max_tokens=settings.engine_max_tokens,
-                engine_queue=settings.engine_queue,
-                engine_prefix_mb=settings.engine_prefix_mb,
-                engine_cuda_graphs=settings.engine_cuda_graphs,
+                batching=settings.batching(),
             )
         if isinstance(settings, RemoteVisionSettings):
             from vision_stage.remote import RemoteVisionBackend

@@ -163,9 +163,10 @@ def test_a_full_queue_refuses_with_a_retry_hint_and_a_long_prompt_is_rejected(gl
     with pytest.raises(VisionUnavailable, match="waiting") as refused:
         submit(batch, encoded, "q2")
     assert refused.value.retry_after_s == 1.0
-    small = engine(glm, max_tokens=encoded.prompt_tokens)
-    with pytest.raises(VisionRejected, match="holds at most"):
-        submit(small, encoded, "long")
+    long = prompt(glm, 50, "how much " * 150 + "?")
+    assert long.prompt_tokens >= 256
+    with pytest.raises(VisionRejected, match="holds at most 256"):
+        submit(engine(glm, max_tokens=256), long, "long")
 
 
 def test_close_fails_what_waits_and_runs(glm: GlmEngine) -> None:
@@ -212,3 +213,25 @@ def test_stats_count_steps_batches_waits_and_prefix_hits(glm: GlmEngine) -> None
     assert 1.0 <= stats.mean_batch <= 2.0
     assert stats.mean_queue_ms > 0
     assert (stats.prefix_hits, stats.encoder_hits) == (1, 0)
+
+
+def test_a_failed_decode_step_fails_the_running_requests_as_unavailable_and_the_engine_serves_on(
+    glm: GlmEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = engine(glm)
+    encoded = prompt(glm, 90)
+    expected = glm.generate_ids(encoded, BUDGET)
+    running = submit(batch, encoded, "f1")
+
+    def broken(bucket: int, span: int) -> None:
+        raise ValueError("a shape the model refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(batch, "_decode_step", broken)
+        batch.start()
+        with pytest.raises(VisionUnavailable, match="decode step failed .ValueError"):
+            running.result(timeout=60)
+    try:
+        assert submit(batch, encoded, "f2").result(timeout=60).ids == expected
+    finally:
+        batch.close()

@@ -26,7 +26,7 @@ from vision_stage.backend import VisionBackend
 from vision_stage.batching import BatchEngine, Completion, EngineSettings
 from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, engine_settings, torch_dtype, translate_error
+from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, torch_dtype, translate_error
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
 from vision_stage.parsing import read_output
 from vision_stage.types import Box, DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
@@ -212,8 +212,10 @@ async def test_thinking_backend_generates(engine: GlmEngine, checkpoint: Path) -
 
 
 async def test_load_starts_the_batching_engine_by_default_and_generate_on_request(checkpoint: Path) -> None:
-    batched = await GlmVisionBackend.load(str(checkpoint), engine_slots=2, engine_max_tokens=512, max_new_tokens=4)
-    plain = await GlmVisionBackend.load(str(checkpoint), engine="generate", max_new_tokens=4)
+    batched = await GlmVisionBackend.load(
+        str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512), max_new_tokens=4
+    )
+    plain = await GlmVisionBackend.load(str(checkpoint), batching=None, max_new_tokens=4)
     try:
         assert batched.engine.batch is not None
         assert batched.engine.batch.settings == EngineSettings(slots=2, max_tokens=512)
@@ -233,7 +235,7 @@ async def test_a_batching_engine_that_cannot_start_says_what_to_lower(
 
     monkeypatch.setattr(BatchEngine, "start", start)
     with pytest.raises(VisionUnavailable, match="ENGINE_SLOTS") as caught:
-        await GlmVisionBackend.load(str(checkpoint), engine_slots=2, engine_max_tokens=512)
+        await GlmVisionBackend.load(str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512))
     assert "2 slots of 512 tokens" in str(caught.value)
     assert "OutOfMemoryError" in str(caught.value)
 
@@ -386,33 +388,29 @@ async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkey
     monkeypatch.setattr(GlmVisionBackend, "load", load)
     parser = _parser()
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m"]))
-    options = ["--engine", "generate", "--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8"]
-    options += ["--engine-prefix-mb", "0", "--no-cuda-graphs"]
+    options = ["--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8", "--engine-prefix-mb", "0"]
+    options += ["--no-cuda-graphs", "--engine-compile", "off"]
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", *options]))
-    engines = [{name: value for name, value in call.items() if name.startswith("engine")} for call in calls]
-    assert engines == [
-        dict(engine="batched", engine_slots=16, engine_max_tokens=8192, engine_queue=64, engine_prefix_mb=4096,
-             engine_cuda_graphs=True),
-        dict(engine="generate", engine_slots=4, engine_max_tokens=2048, engine_queue=8, engine_prefix_mb=0,
-             engine_cuda_graphs=False),
-    ]  # fmt: skip
+    await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", "--engine", "generate"]))
+    sized = EngineSettings(slots=4, max_tokens=2048, queue_size=8, prefix_bytes=0, cuda_graphs=False, compile=False)
+    assert [call["batching"] for call in calls] == [EngineSettings(), sized, None]
     for wrong in (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--backend", "glm", "--model", "m", *wrong])
 
 
 def test_engine_settings_are_bounded() -> None:
-    assert engine_settings(prefix_mb=1) == EngineSettings(prefix_bytes=1 << 20)
     wrongs: tuple[tuple[dict[str, Any], str], ...] = (
-        ({"slots": 0}, "engine_slots must be from 1 to 128"),
-        ({"slots": 129}, "engine_slots"),
-        ({"max_tokens": 255}, "engine_max_tokens must be at least 256"),
-        ({"queue": 0}, "engine_queue"),
-        ({"prefix_mb": -1}, "engine_prefix_mb"),
+        ({"slots": 0}, "slots must be from 1 to 128, not 0"),
+        ({"slots": 129}, "slots"),
+        ({"max_tokens": 255}, "max_tokens must be at least 256"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"prefix_bytes": -1}, "prefix_bytes"),
+        ({"prefill_tokens": 0}, "prefill_tokens"),
     )
     for wrong, message in wrongs:
         with pytest.raises(ValueError, match=message):
-            engine_settings(**wrong)
+            EngineSettings(**wrong)
 
 
 # the processor path

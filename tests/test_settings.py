@@ -15,6 +15,7 @@ from orchestrator.settings import (
     RemoteVisionSettings,
     Settings,
 )
+from vision_stage.batching import EngineSettings
 
 
 def settings_with(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:
@@ -147,18 +148,12 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
         return object()
 
     monkeypatch.setattr(GlmVisionBackend, "load", load)
-    settings = GlmVisionSettings(model="m", engine="generate", engine_slots=3, engine_prefix_mb=7)
-    await _vision_loader(settings, "glm")()
-    assert calls[0]["model"] == "m"
-    engine = {name: value for name, value in calls[0].items() if name.startswith("engine")}
-    assert engine == {
-        "engine": "generate",
-        "engine_slots": 3,
-        "engine_max_tokens": 8192,
-        "engine_queue": 64,
-        "engine_prefix_mb": 7,
-        "engine_cuda_graphs": True,
-    }
+    await _vision_loader(GlmVisionSettings(model="m", engine_slots=3, engine_prefix_mb=7, engine_compile="on"), "glm")()
+    await _vision_loader(GlmVisionSettings(model="m", engine="generate", engine_slots=3), "glm")()
+    assert [call["model"] for call in calls] == ["m", "m"]
+    assert calls[0]["batching"] == EngineSettings(slots=3, prefix_bytes=7 << 20, compile=True)
+    assert calls[1]["batching"] is None
+    assert GlmVisionSettings(model="m").batching() == EngineSettings(compile=None)  # auto: on a CUDA device
 
 
 @pytest.mark.parametrize(

@@ -64,9 +64,23 @@ class EngineSettings:
     """Capture decode steps as CUDA graphs (on a CUDA device only)."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
-    compile: bool = False
+    compile: bool | None = None
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
-    the many small kernels of a decode step. Slow to start (the first steps compile)."""
+    the many small kernels of a decode step, at about a minute more to start on a GPU. None: on a CUDA device."""
+
+    def __post_init__(self) -> None:
+        bounds = (
+            ("slots", self.slots, 1, 128),
+            ("max_tokens", self.max_tokens, 256, None),
+            ("queue_size", self.queue_size, 1, None),
+            ("prefill_tokens", self.prefill_tokens, 1, None),
+            ("prefix_bytes", self.prefix_bytes, 0, None),
+            ("encoder_bytes", self.encoder_bytes, 0, None),
+        )
+        for name, value, low, high in bounds:
+            if value < low or (high is not None and value > high):
+                within = f"from {low} to {high}" if high is not None else f"at least {low}"
+                raise ValueError(f"the batching engine's {name} must be {within}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -139,12 +153,12 @@ class BatchEngine:
         text = model.config.get_text_config()
         self.text = model.model.language_model
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
-        if settings.compile:
+        self.device = model.device
+        if settings.compile or (settings.compile is None and self.device.type == "cuda"):
             # One compilation for all layers: their index is an input, not a constant to specialise on.
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
             for layer in self.text.layers:
                 layer.compile(dynamic=True)
-        self.device = model.device
         self.image_token_id = int(model.config.image_token_id)
         self.image_end_id = int(model.config.image_end_token_id)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -553,9 +567,13 @@ class BatchEngine:
         )
 
     def _fail_all(self, exc: Exception) -> None:
+        """A decode step failed: every running request fails with it, as `VisionUnavailable` (not the step's own
+        error: a `ValueError` there would read as each request's input being refused)."""
+        failed = VisionUnavailable(f"the glm engine's decode step failed ({type(exc).__name__}: {exc})")
+        failed.__cause__ = exc
         for request in self._rows:
             if not request.future.done():
-                request.future.set_exception(exc)
+                request.future.set_exception(failed)
         self._rows = []
         self._active.zero_()
         self._lengths.zero_()

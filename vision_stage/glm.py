@@ -56,6 +56,7 @@ from PIL import Image
 
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
+from vision_stage.batching import EngineSettings
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor
@@ -72,11 +73,10 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedConfig
     from transformers.generation.utils import GenerateOutput
 
-    from vision_stage.batching import BatchEngine, Completion, EngineSettings
+    from vision_stage.batching import BatchEngine, Completion
 
 Phase = Literal["load", "encode", "generate", "decode"]
-EngineName = Literal["batched", "generate"]
-"""`batched`: the batching engine (`vision_stage.batching`); `generate`: plain `model.generate`, one at a time."""
+DEFAULT_BATCHING = EngineSettings()
 OOM_RETRY_AFTER_S = 1.0
 
 
@@ -311,23 +311,6 @@ def start_batching(model: Any, settings: EngineSettings, source: str) -> BatchEn
     return batch
 
 
-def engine_settings(
-    *, slots: int = 16, max_tokens: int = 8192, queue: int = 64, prefix_mb: int = 4096, cuda_graphs: bool = True
-) -> EngineSettings:
-    """The batching engine's settings from the `engine_…` ones (`ORCH_VISION__ENGINE_…`); `ValueError` outside their
-    bounds."""
-    from vision_stage.batching import EngineSettings
-
-    bounds = (("slots", slots, 1, 128), ("max_tokens", max_tokens, 256, None), ("queue", queue, 1, None))
-    for name, value, low, high in (*bounds, ("prefix_mb", prefix_mb, 0, None)):
-        if value < low or (high is not None and value > high):
-            within = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise ValueError(f"engine_{name} must be {within}, not {value}")
-    return EngineSettings(
-        slots=slots, max_tokens=max_tokens, queue_size=queue, prefix_bytes=prefix_mb << 20, cuda_graphs=cuda_graphs
-    )
-
-
 class GlmVisionBackend:
     """GLM-4.6V-Flash in this process: through the engine's batching engine when it has one (requests run
     together), else plain `generate`, one request at a time, each in a worker thread."""
@@ -358,28 +341,10 @@ class GlmVisionBackend:
         thinking: bool = False,
         max_new_tokens: int = 1024,
         allow_download: bool = False,
-        engine: EngineName = "batched",
-        engine_slots: int = 16,
-        engine_max_tokens: int = 8192,
-        engine_queue: int = 64,
-        engine_prefix_mb: int = 4096,
-        engine_cuda_graphs: bool = True,
+        batching: EngineSettings | None = DEFAULT_BATCHING,
     ) -> GlmVisionBackend:
         """Load `model` (a local directory, or a hub id fetched only with `allow_download`) in a worker thread, with
-        the batching engine (`engine="batched"`, sized by the `engine_…` arguments) or plain `generate`."""
-        if engine not in ("batched", "generate"):
-            raise ValueError(f"engine must be 'batched' or 'generate', not {engine!r}")
-        batching = (
-            engine_settings(
-                slots=engine_slots,
-                max_tokens=engine_max_tokens,
-                queue=engine_queue,
-                prefix_mb=engine_prefix_mb,
-                cuda_graphs=engine_cuda_graphs,
-            )
-            if engine == "batched"
-            else None
-        )
+        the batching engine sized by `batching`, or plain `generate` one request at a time when it is None."""
         loaded = await asyncio.to_thread(
             GlmEngine.load, model, device=device, dtype=dtype, local_files_only=not allow_download, batching=batching
         )
