@@ -172,8 +172,8 @@ class GlmVisionSettings(_ModelVisionSettings):
     engine_cuda_graphs: bool = True
     """`batched`: capture the decode steps as CUDA graphs at start (on a CUDA device only)."""
     engine_compile: Literal["auto", "on", "off"] = "auto"
-    """`batched`: `torch.compile` the text layers (about a minute more to start; decode 9.1 → 7.3 ms a step on an
-    H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""
+    """`batched`: `torch.compile` the text layers (about a minute more to start; decode at batch 1 12.8 → 8.9 ms/token
+    on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
