@@ -115,7 +115,7 @@ def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) 
     if compile_layers:  # the first prefill and decode steps compile: one request outside the timing
         bench.engine_run([bench.prompt(0)], 4)
     print(
-        f"engine started (graphs: {len(bench.engine._graphs)}) in {time.perf_counter() - started:.1f} s",
+        f"engine started (graphs: {len(bench.engine.device.graphs)}) in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )
     return bench
@@ -182,8 +182,8 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
     def engine_decode() -> float:
         prompt = bench.prompt(next(seeds))
         first_ms, _ = bench.engine_run([prompt], 1)
-        bench.engine.prefixes.clear()
-        bench.engine.encoder.clear()
+        bench.engine.device.prefixes.clear()
+        bench.engine.device.encoder.clear()
         full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
         return (full_ms - first_ms) / max(1, len(done.ids) - 1)
 
@@ -227,7 +227,7 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
 
 def replays(bench: Bench) -> str:
     """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
-    graphs = bench.engine._graphs
+    graphs = bench.engine.device.graphs
     if not graphs:
         return "no graphs captured (not a CUDA device)"
     span = max(key[-1] for key in graphs)
@@ -251,16 +251,20 @@ def profile(bench: Bench) -> None:
     import torch
     from torch.profiler import ProfilerActivity
 
-    span = max(key[-1] for key in bench.engine._graphs) if bench.engine._graphs else bench.engine.settings.max_tokens
+    span = (
+        max(key[-1] for key in bench.engine.device.graphs)
+        if bench.engine.device.graphs
+        else bench.engine.settings.max_tokens
+    )
     activities = [ProfilerActivity.CUDA] if bench.device == "cuda" else [ProfilerActivity.CPU]
     sort = "cuda_time_total" if bench.device == "cuda" else "cpu_time_total"
     for batch in sorted({1, min(32, bench.engine.settings.slots)}):
         with torch.inference_mode():
-            bench.engine._decode_step(batch, span)
+            bench.engine.device._decode_step(batch, span)
             bench.sync()
             with torch.profiler.profile(activities=activities) as profiler:
                 for _ in range(10):
-                    bench.engine._decode_step(batch, span)
+                    bench.engine.device._decode_step(batch, span)
                 bench.sync()
         print(f"decode step, batch {batch}, span {span}, 10 steps:", file=sys.stderr)
         print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90),
@@ -302,7 +306,7 @@ def describe(bench: Bench) -> str:
         f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
         f"{torch.__version__}, transformers {transformers.__version__}; prompt {inputs['input_ids'].shape[1]} tokens "
         f"of which {t * h * w // 4} visual ({h}×{w} patches); engine {settings.slots} slots of {settings.max_tokens} "
-        f"tokens, {len(bench.engine._graphs)} decode graphs"
+        f"tokens, {len(bench.engine.device.graphs)} decode graphs"
     )
 
 

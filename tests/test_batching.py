@@ -119,7 +119,7 @@ def test_a_follow_up_on_the_same_image_prefills_only_its_own_text(glm: GlmEngine
     assert reused.ids == cold
     image_end = glm.model.config.image_end_token_id
     assert reused.reused_tokens == int((follow_up.inputs["input_ids"][0] == image_end).nonzero()[-1, 0]) + 1
-    assert batch.prefixes.hits == 1
+    assert batch.device.prefixes.hits == 1
 
 
 def test_another_image_with_the_same_key_text_is_not_a_prefix_hit(glm: GlmEngine) -> None:
@@ -227,9 +227,9 @@ def test_a_failed_decode_step_fails_the_running_requests_as_unavailable_and_the_
         raise ValueError("a shape the model refused")
 
     with monkeypatch.context() as patched:
-        patched.setattr(batch, "_decode_step", broken)
+        patched.setattr(batch.device, "_decode_step", broken)
         batch.start()
-        with pytest.raises(VisionUnavailable, match="decode step failed .ValueError"):
+        with pytest.raises(VisionUnavailable, match=r"decode step failed \(ValueError"):
             running.result(timeout=60)
     try:
         assert submit(batch, encoded, "f2").result(timeout=60).ids == expected

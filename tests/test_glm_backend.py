@@ -369,12 +369,12 @@ async def test_the_image_s_content_hash_keys_the_engine(
     monkeypatch.setattr(batch, "submit", spy)
     backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=4)
     hashed = DecodedImage(Image.new("RGB", (64, 48), "white"), "PNG", 64, 48, 0, "ab" * 32)
-    hits = batch.prefixes.hits
+    hits = batch.device.prefixes.hits
     await backend.generate(VisionRequest(hashed, "what is the total?", task="answer"))
     await backend.generate(VisionRequest(hashed, "and the date?", task="answer"))
     await backend.generate(request())  # no hash: nothing to key
     assert keys == ["ab" * 32, "ab" * 32, None]
-    assert batch.prefixes.hits == hits + 1  # the follow-up reused the image's prefix
+    assert batch.device.prefixes.hits == hits + 1  # the follow-up reused the image's prefix
 
 
 async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,34 +16,28 @@ explicitly: the model's shared `rope_deltas` is never used). Each `step` of the 
 Reuse: the vision encoder's output is kept per image (`EncoderStore`), and so is the KV of the prompt up to the
 image's end token (`PrefixStore`), both keyed by the decoded image's content hash with the prefix's token ids: a
 follow-up question on the same image (a session, a probe, a re-ask, another task with the same prefix) prefills
-only its own text. Storage and attention are in `vision_stage.slots`.
+only its own text. The steps on the device are `vision_stage.batch_steps`; storage and attention,
+`vision_stage.slots`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from stage_protocol.loops import WINDOW, repeats_at_end
+from vision_stage.batch_steps import DeviceSteps, Prompt
 from vision_stage.errors import VisionRejected, VisionUnavailable
-from vision_stage.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
+from vision_stage.slots import StoredKV
 
 log = logging.getLogger(__name__)
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-EXTEND_BUCKETS = (16, 32, 64, 128)
-"""New-token counts of a follow-up's prefill (after a reused image prefix), each a CUDA graph like a decode step."""
-SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
 
 
 @dataclass(frozen=True)
@@ -116,14 +110,7 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _Request:
-    ids: Any
-    """The prompt's token ids, (prompt tokens,) on the CPU."""
-    positions: Any
-    """M-RoPE positions, (3, prompt tokens), on the CPU."""
-    delta: int
-    pixel_values: Any
-    grid: Any
-    image_key: bytes | None
+    prompt: Prompt
     budget: int
     future: Future[Completion]
     submitted: float = field(default_factory=time.perf_counter)
@@ -133,76 +120,19 @@ class _Request:
     admitted: float = 0.0
     first_token: float = 0.0
 
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.ids.shape[0])
-
 
 class BatchEngine:
     """Continuous batching over a `Glm4vForConditionalGeneration` (module docstring). `start` runs `step` on its
     own thread; tests and benchmarks may instead call `step` themselves, from one thread."""
 
     def __init__(self, model: Any, settings: EngineSettings) -> None:
-        import torch
-
-        from vision_stage.slots import register_attention
-
-        register_attention()
         self.model = model
         self.settings = settings
-        text = model.config.get_text_config()
-        self.text = model.model.language_model
-        self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
-        self.device = model.device
-        if settings.compile or (settings.compile is None and self.device.type == "cuda"):
-            # One compilation for all layers: their index is an input, not a constant to specialise on.
-            torch._dynamo.config.allow_unspec_int_on_nn_module = True
-            for layer in self.text.layers:
-                layer.compile(dynamic=True)
-        self.image_token_id = int(model.config.image_token_id)
-        self.image_end_id = int(model.config.image_end_token_id)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.capacity = -(-settings.max_tokens // 256) * 256
-        """Positions per slot: `max_tokens` rounded up, so that every span splits into whole attention chunks."""
-        self.cache = cache_class()(
-            layers=text.num_hidden_layers,
-            slots=settings.slots,
-            max_tokens=self.capacity,
-            kv_heads=text.num_key_value_heads,
-            head_dim=head_dim,
-            dtype=model.dtype,
-            device=self.device,
-        )
-        generation = model.generation_config
-        self.stop_ids = frozenset(stop_ids_of(generation))
-        slots, device = settings.slots, self.device
-        vocab = text.vocab_size
-        self._suppressed = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self._suppressed[list(generation.suppress_tokens or [])] = True
-        self._penalty = float(generation.repetition_penalty or 1.0)
-        self._seen = torch.zeros(
-            (slots, vocab) if self._penalty != 1.0 else (slots, 1), dtype=torch.bool, device=device
-        )
-        self._input_ids = torch.zeros((slots, 1), dtype=torch.long, device=device)
-        self._next_ids = torch.zeros(slots, dtype=torch.long, device=device)
-        self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self._deltas = torch.zeros(slots, dtype=torch.long, device=device)
-        self._active = torch.zeros(slots, dtype=torch.long, device=device)
-        self._rows_index = torch.arange(slots, device=device)
-        self._positions = torch.arange(self.capacity, device=device)
-        longest = EXTEND_BUCKETS[-1]
-        self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
-        self._extend_positions = torch.zeros((3, longest), dtype=torch.long, device=device)
-        self._extend_row = torch.zeros(1, dtype=torch.long, device=device)
-        self._extend_start = torch.zeros(1, dtype=torch.long, device=device)
-        self._extend_last = torch.zeros(1, dtype=torch.long, device=device)
-        self._extend_token = torch.zeros(1, dtype=torch.long, device=device)
-        self.prefixes = ByteBoundStore(settings.prefix_bytes)
-        self.encoder = ByteBoundStore(settings.encoder_bytes)
+        self.device = DeviceSteps(model, settings)
+        self.stop_ids = frozenset(stop_ids_of(model.generation_config))
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_size)
         self._held: _Request | None = None
         self._rows: list[_Request] = []
-        self._graphs: dict[tuple[Any, ...], Any] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -234,16 +164,15 @@ class BatchEngine:
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=None,
         )
-        request = _Request(
+        prompt = Prompt(
             ids=ids,
             positions=positions[:, 0],
             delta=int(delta.reshape(-1)[0]),
             pixel_values=inputs.get("pixel_values"),
             grid=inputs.get("image_grid_thw"),
             image_key=image_key.encode() if image_key else None,
-            budget=min(max_new_tokens, room),
-            future=Future(),
         )
+        request = _Request(prompt, budget=min(max_new_tokens, room), future=Future())
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -271,14 +200,14 @@ class BatchEngine:
             mean_batch=self._decoded / steps if steps else 0.0,
             admitted=self._admitted,
             mean_queue_ms=self._queue_ms / self._admitted if self._admitted else 0.0,
-            prefix_hits=self.prefixes.hits,
-            prefix_misses=self.prefixes.misses,
-            encoder_hits=self.encoder.hits,
+            prefix_hits=self.device.prefixes.hits,
+            prefix_misses=self.device.prefixes.misses,
+            encoder_hits=self.device.encoder.hits,
         )
 
     def start(self) -> None:
         """Capture the decode graphs (on a GPU) and run `step` on the engine's own thread until `close`."""
-        self.capture()
+        self.device.capture()
         self._thread = threading.Thread(target=self._run, name="glm-engine", daemon=True)
         self._thread.start()
 
@@ -339,9 +268,9 @@ class BatchEngine:
                     break
                 if not request.future.set_running_or_notify_cancel():
                     continue
-            stored = self._stored_prefix(request)
-            cost = request.prompt_tokens - (stored.tokens if stored else 0)
-            needs_image = stored is None and request.pixel_values is not None
+            stored = self.device.stored_prefix(request.prompt)
+            cost = request.prompt.tokens - (stored.tokens if stored else 0)
+            needs_image = stored is None and request.prompt.pixel_values is not None
             if admitted and ((needs_image and image_prefilled) or spent + cost > self.settings.prefill_tokens):
                 self._held = request
                 break
@@ -353,189 +282,25 @@ class BatchEngine:
             spent, image_prefilled, admitted = spent + cost, image_prefilled or needs_image, True
         return admitted
 
-    def _prefix_key(self, request: _Request) -> tuple[bytes, int] | None:
-        if request.image_key is None:
-            return None
-        ends = (request.ids == self.image_end_id).nonzero()
-        if ends.numel() == 0:
-            return None
-        length = int(ends[-1, 0]) + 1
-        digest = hashlib.sha256(request.image_key)
-        digest.update(request.ids[:length].numpy().tobytes())
-        digest.update(str(request.grid.tolist()).encode())
-        return digest.digest(), length
-
-    def _stored_prefix(self, request: _Request) -> StoredKV | None:
-        key = self._prefix_key(request)
-        if key is None or key[1] >= request.prompt_tokens:
-            return None
-        found: StoredKV | None = self.prefixes.lookup(key[0])
-        return found
-
     def _prefill(self, request: _Request, stored: StoredKV | None) -> None:
-
         request.admitted = time.perf_counter()
         self._admitted += 1
         self._queue_ms += (request.admitted - request.submitted) * 1000
-        row, device = len(self._rows), self.device
-        start = 0
-        if stored is not None:
-            self.cache.keys[:, row, :, : stored.tokens].copy_(stored.keys)
-            self.cache.values[:, row, :, : stored.tokens].copy_(stored.values)
-            start = stored.tokens
-        ids = request.ids.to(device)
-        self._seen[row] = False
-        if self._penalty != 1.0:
-            self._seen[row, ids] = True
-        total = request.prompt_tokens
-        count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
-        if start and count and start + count <= self.capacity:
-            token = self._extend(request, row, start, count)
-        else:
-            embeds = self.text.embed_tokens(ids[start:])
-            if start == 0 and request.pixel_values is not None:
-                image = ids == self.image_token_id
-                embeds[image] = self._image_embeds(request).to(embeds.dtype)
-            mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
-            self.cache.target = Prefill(row, start)
-            hidden = self.text(
-                inputs_embeds=embeds[None],
-                position_ids=request.positions[:, None, start:].to(device),
-                attention_mask=mask.view(1, 1, total - start, total),
-                past_key_values=self.cache,
-                use_cache=True,
-                slot_step=SlotStep(causal=start == 0),
-            ).last_hidden_state
-            token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
-        if stored is None:
-            self._keep_prefix(request, row)
-        request.reused, request.length = start, total
-        self._input_ids[row, 0] = token
-        self._lengths[row] = total
-        self._deltas[row] = request.delta
-        self._active[row] = 1
+        token = self.device.prefill(request.prompt, len(self._rows), stored)
+        request.reused = stored.tokens if stored else 0
+        request.length = request.prompt.tokens
         self._rows.append(request)
         request.first_token = time.perf_counter()
         self._accept(request, token)
 
-    def _extend(self, request: _Request, row: int, start: int, count: int) -> int:
-        """A follow-up's own text after its reused prefix, through the step for `count` new tokens (padded; the
-        padding's K and V land past the prompt, masked until decoding overwrites them): a CUDA graph when one was
-        captured for (`count`, span)."""
-        total = request.prompt_tokens
-        new = total - start
-        self._extend_ids.zero_()
-        self._extend_ids[:new] = request.ids[start:].to(self.device)
-        positions = request.positions[:, start:]
-        self._extend_positions[:, :new] = positions.to(self.device)
-        self._extend_positions[:, new:count] = positions[:, -1:].to(self.device) + 1
-        self._extend_row.fill_(row)
-        self._extend_start.fill_(start)
-        self._extend_last.fill_(new - 1)
-        span = self._span(start + count)
-        graph = self._graphs.get(("extend", count, span))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._extend_step(count, span)
-        return int(self._extend_token.item())
-
-    def _extend_step(self, count: int, span: int) -> None:
-        written = self._extend_start + self._positions[:count]
-        mask = self._positions[:span].view(1, span) <= written.view(count, 1)
-        self.cache.target = Extend(self._extend_row, self._extend_start, count, span)
-        hidden = self.text(
-            inputs_embeds=self.text.embed_tokens(self._extend_ids[:count])[None],
-            position_ids=self._extend_positions[:, None, :count],
-            attention_mask=mask.view(1, 1, count, span),
-            past_key_values=self.cache,
-            use_cache=True,
-            slot_step=SlotStep(causal=False, grouped=True),
-        ).last_hidden_state
-        last = hidden[0].index_select(0, self._extend_last)
-        self._extend_token.copy_(self._choose(self.model.lm_head(last), self._extend_row))
-
-    def _span(self, longest: int) -> int:
-        """The span bucket holding `longest` positions."""
-        return min(next((size for size in SPAN_BUCKETS if size >= longest), self.capacity), self.capacity)
-
-    def _image_embeds(self, request: _Request) -> Any:
-        import torch
-
-        key = (
-            hashlib.sha256(request.image_key + str(request.grid.tolist()).encode()).digest()
-            if request.image_key
-            else None
-        )
-        found = self.encoder.lookup(key) if key else None
-        if found is not None:
-            return found.tensor
-        output = self.model.model.get_image_features(
-            request.pixel_values.to(self.device), image_grid_thw=request.grid.to(self.device), return_dict=True
-        )
-        embeds = torch.cat(tuple(output.pooler_output), dim=0)
-        if key:
-            self.encoder.keep(key, _Tensor(embeds))
-        return embeds
-
-    def _keep_prefix(self, request: _Request, row: int) -> None:
-        key = self._prefix_key(request)
-        if key is None or key[1] >= request.prompt_tokens:
-            return
-        length = key[1]
-        stored = StoredKV(self.cache.keys[:, row, :, :length].clone(), self.cache.values[:, row, :, :length].clone())
-        self.prefixes.keep(key[0], stored)
-
     def _decode(self) -> None:
         batch = len(self._rows)
-        bucket = next(size for size in (*BATCH_BUCKETS, self.settings.slots) if size >= batch)
-        bucket = min(bucket, self.settings.slots)
-        span = self._span(max(request.length for request in self._rows) + 1)
-        graph = self._graphs.get((bucket, span))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._decode_step(bucket, span)
+        tokens = self.device.decode(batch, max(request.length for request in self._rows))
         self.batch_sizes.append(batch)
         self._decoded += batch
-        tokens = self._next_ids[:batch].tolist()
         for request, token in zip(list(self._rows), tokens, strict=True):
             request.length += 1
-            self._accept(request, int(token))
-
-    def _decode_step(self, bucket: int, span: int) -> None:
-        """One greedy token for rows [0, bucket) (rows past the requests in use compute and are ignored)."""
-        lengths = self._lengths[:bucket]
-        positions = (lengths + self._deltas[:bucket]).view(1, bucket, 1).expand(3, bucket, 1)
-        mask = self._positions[:span].view(1, span) <= lengths.view(bucket, 1)
-        self.cache.target = Decode(self._rows_index[:bucket], lengths, span)
-        hidden = self.text(
-            inputs_embeds=self.text.embed_tokens(self._input_ids[:bucket]),
-            position_ids=positions,
-            attention_mask=mask.view(bucket, 1, 1, span),
-            past_key_values=self.cache,
-            use_cache=True,
-            slot_step=SlotStep(causal=False, grouped=True),
-        ).last_hidden_state
-        chosen = self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[:bucket])
-        self._next_ids[:bucket].copy_(chosen)
-        self._input_ids[:bucket, 0].copy_(chosen)
-        lengths.add_(self._active[:bucket])
-
-    def _choose(self, logits: Any, rows: Any) -> Any:
-        """Greedy choice, as `generate` makes it under the checkpoint's `repetition_penalty` (over the prompt and
-        the answer so far) and `suppress_tokens`; on the device."""
-        import torch
-
-        scores = logits.float()
-        if self._penalty != 1.0:
-            penalised = torch.where(scores < 0, scores * self._penalty, scores / self._penalty)
-            scores = torch.where(self._seen[rows], penalised, scores)
-        scores = scores.masked_fill(self._suppressed, float("-inf"))
-        chosen = scores.argmax(-1)
-        if self._penalty != 1.0:
-            self._seen[rows, chosen] = True
-        return chosen
+            self._accept(request, token)
 
     def _accept(self, request: _Request, token: int) -> None:
         request.tokens.append(token)
@@ -548,17 +313,15 @@ class BatchEngine:
         last = len(self._rows) - 1
         if row != last:
             moved = self._rows[last]
-            self.cache.move(last, row, moved.length + 1)
-            for buffer in (self._input_ids, self._lengths, self._deltas, self._seen):
-                buffer[row] = buffer[last]
+            self.device.move(last, row, moved.length + 1)
             self._rows[row] = moved
+        else:
+            self.device.release(last)
         self._rows.pop()
-        self._active[last] = 0
-        self._lengths[last] = 0
         request.future.set_result(
             Completion(
                 ids=request.tokens,
-                prompt_tokens=request.prompt_tokens,
+                prompt_tokens=request.prompt.tokens,
                 reused_tokens=request.reused,
                 queue_ms=(request.admitted - request.submitted) * 1000,
                 first_token_ms=(request.first_token - request.submitted) * 1000,
@@ -575,63 +338,7 @@ class BatchEngine:
             if not request.future.done():
                 request.future.set_exception(failed)
         self._rows = []
-        self._active.zero_()
-        self._lengths.zero_()
-
-    # --- CUDA graphs ----------------------------------------------------------------------------------------------
-
-    def capture(self) -> None:
-        """Capture one decode graph per (batch, span) bucket (CUDA devices with `cuda_graphs` only; before any
-        request). A capture that fails leaves that bucket eager and says so in the log."""
-        import torch
-
-        if self.device.type != "cuda" or not self.settings.cuda_graphs or self._rows:
-            return
-        batches = sorted({min(size, self.settings.slots) for size in BATCH_BUCKETS})
-        spans = sorted({min(size, self.capacity) for size in SPAN_BUCKETS})
-        pool = torch.cuda.graph_pool_handle()
-        started = time.perf_counter()
-        with torch.inference_mode():
-            steps: list[tuple[tuple[Any, ...], Callable[[], None]]] = [
-                ((bucket, span), functools.partial(self._decode_step, bucket, span))
-                for bucket, span in itertools.product(batches, spans)
-            ]
-            steps += [
-                (("extend", count, span), functools.partial(self._extend_step, count, span))
-                for count, span in itertools.product(EXTEND_BUCKETS, spans)
-                if count < span
-            ]
-            for key, step in steps:
-                try:
-                    self._graphs[key] = self._capture_one(step, pool)
-                except Exception:
-                    log.exception("glm engine: graph %s not captured; it runs eagerly", key)
-        self._lengths.zero_()
-        self._active.zero_()
-        log.info("glm engine: %d decode graphs captured in %.1f s", len(self._graphs), time.perf_counter() - started)
-
-    def _capture_one(self, step: Callable[[], None], pool: Any) -> Any:
-        import torch
-
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # warm-up, outside the graph
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            step()
-        torch.cuda.synchronize()
-        return graph
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    tensor: Any
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.tensor.nbytes)
+        self.device.reset()
 
 
 def _take(source: queue.Queue[_Request]) -> _Request | None:

@@ -1,0 +1,354 @@
+"""The device side of the batching engine (`vision_stage.batching`): the model's steps over the slots.
+
+`DeviceSteps` owns everything on the device: the slot KV cache (`vision_stage.slots`), one row of small buffers per
+slot (the next input token, the length, the M-RoPE delta, the tokens seen for a repetition penalty), the CUDA
+graphs, and the stores of image prefixes and encoder output. It runs three kinds of step, each a forward of the
+unchanged transformers text model with the slot cache and the engine's attention:
+
+- `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for the image, then the
+  prompt from position 0; or, after an image prefix found in the store, only the text after it, as an `extend`
+  step of a few bucketed lengths, graph-captured like decode steps;
+- `decode`: one greedy token for every row in use, as one CUDA graph per (batch, span) bucket;
+- greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`.
+
+Rows in use are always the first ones; `move` copies a row into a freed one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vision_stage.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
+
+if TYPE_CHECKING:
+    from vision_stage.batching import EngineSettings
+
+log = logging.getLogger("vision_stage.batching")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
+EXTEND_BUCKETS = (16, 32, 64, 128)
+"""New-token counts of a follow-up's prefill (after a reused image prefix), each a CUDA graph like a decode step."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request's model inputs, on the CPU: token ids (prompt tokens,), M-RoPE positions (3, prompt tokens) and
+    delta, the image's pixel values and grid, and its content key (None: never reused)."""
+
+    ids: Any
+    positions: Any
+    delta: int
+    pixel_values: Any
+    grid: Any
+    image_key: bytes | None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class DeviceSteps:
+    """The model's steps over the slots (module docstring); only the engine's thread calls it."""
+
+    def __init__(self, model: Any, settings: EngineSettings) -> None:
+        import torch
+
+        from vision_stage.slots import register_attention
+
+        register_attention()
+        self.model = model
+        self.settings = settings
+        text = model.config.get_text_config()
+        self.text = model.model.language_model
+        self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
+        self.device = model.device
+        if settings.compile or (settings.compile is None and self.device.type == "cuda"):
+            # One compilation for all layers: their index is an input, not a constant to specialise on.
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True
+            for layer in self.text.layers:
+                layer.compile(dynamic=True)
+        self.image_token_id = int(model.config.image_token_id)
+        self.image_end_id = int(model.config.image_end_token_id)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.capacity = -(-settings.max_tokens // 256) * 256
+        """Positions per slot: `max_tokens` rounded up, so that every span splits into whole attention chunks."""
+        self.cache = cache_class()(
+            layers=text.num_hidden_layers,
+            slots=settings.slots,
+            max_tokens=self.capacity,
+            kv_heads=text.num_key_value_heads,
+            head_dim=head_dim,
+            dtype=model.dtype,
+            device=self.device,
+        )
+        generation = model.generation_config
+        slots, device, vocab = settings.slots, self.device, text.vocab_size
+        self._suppressed = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self._suppressed[list(generation.suppress_tokens or [])] = True
+        self._penalty = float(generation.repetition_penalty or 1.0)
+        self._seen = torch.zeros(
+            (slots, vocab) if self._penalty != 1.0 else (slots, 1), dtype=torch.bool, device=device
+        )
+        self._input_ids = torch.zeros((slots, 1), dtype=torch.long, device=device)
+        self._next_ids = torch.zeros(slots, dtype=torch.long, device=device)
+        self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self._deltas = torch.zeros(slots, dtype=torch.long, device=device)
+        self._active = torch.zeros(slots, dtype=torch.long, device=device)
+        self._rows_index = torch.arange(slots, device=device)
+        self._positions = torch.arange(self.capacity, device=device)
+        longest = EXTEND_BUCKETS[-1]
+        self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
+        self._extend_positions = torch.zeros((3, longest), dtype=torch.long, device=device)
+        self._extend_row = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_start = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_last = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_token = torch.zeros(1, dtype=torch.long, device=device)
+        self.prefixes = ByteBoundStore(settings.prefix_bytes)
+        self.encoder = ByteBoundStore(settings.encoder_bytes)
+        self.graphs: dict[tuple[Any, ...], Any] = {}
+
+    def _prefix_key(self, prompt: Prompt) -> tuple[bytes, int] | None:
+        if prompt.image_key is None:
+            return None
+        ends = (prompt.ids == self.image_end_id).nonzero()
+        if ends.numel() == 0:
+            return None
+        length = int(ends[-1, 0]) + 1
+        digest = hashlib.sha256(prompt.image_key)
+        digest.update(prompt.ids[:length].numpy().tobytes())
+        digest.update(str(prompt.grid.tolist()).encode())
+        return digest.digest(), length
+
+    def stored_prefix(self, prompt: Prompt) -> StoredKV | None:
+        key = self._prefix_key(prompt)
+        if key is None or key[1] >= prompt.tokens:
+            return None
+        found: StoredKV | None = self.prefixes.lookup(key[0])
+        return found
+
+    def prefill(self, prompt: Prompt, row: int, stored: StoredKV | None) -> int:
+        """`prompt` into `row` (after the `stored` prefix, when one was found); its first token."""
+        device, start = self.device, 0
+        if stored is not None:
+            self.cache.keys[:, row, :, : stored.tokens].copy_(stored.keys)
+            self.cache.values[:, row, :, : stored.tokens].copy_(stored.values)
+            start = stored.tokens
+        ids = prompt.ids.to(device)
+        self._seen[row] = False
+        if self._penalty != 1.0:
+            self._seen[row, ids] = True
+        total = prompt.tokens
+        count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
+        if start and count and start + count <= self.capacity:
+            token = self._extend(prompt, row, start, count)
+        else:
+            embeds = self.text.embed_tokens(ids[start:])
+            if start == 0 and prompt.pixel_values is not None:
+                image = ids == self.image_token_id
+                embeds[image] = self._image_embeds(prompt).to(embeds.dtype)
+            mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
+            self.cache.target = Prefill(row, start)
+            hidden = self.text(
+                inputs_embeds=embeds[None],
+                position_ids=prompt.positions[:, None, start:].to(device),
+                attention_mask=mask.view(1, 1, total - start, total),
+                past_key_values=self.cache,
+                use_cache=True,
+                slot_step=SlotStep(causal=start == 0),
+            ).last_hidden_state
+            token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
+        if stored is None:
+            self._keep_prefix(prompt, row)
+        self._input_ids[row, 0] = token
+        self._lengths[row] = total
+        self._deltas[row] = prompt.delta
+        self._active[row] = 1
+        return token
+
+    def decode(self, batch: int, longest: int) -> list[int]:
+        """One token for each of the first `batch` rows, the longest of which holds `longest` tokens."""
+        bucket = min(next(size for size in (*BATCH_BUCKETS, self.settings.slots) if size >= batch), self.settings.slots)
+        span = self._span(longest + 1)
+        graph = self.graphs.get((bucket, span))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_step(bucket, span)
+        return [int(token) for token in self._next_ids[:batch].tolist()]
+
+    def move(self, source: int, destination: int, length: int) -> None:
+        """Row `source` (holding `length` tokens) into row `destination`; `source` is then free."""
+        self.cache.move(source, destination, length)
+        for buffer in (self._input_ids, self._lengths, self._deltas, self._seen):
+            buffer[destination] = buffer[source]
+        self.release(source)
+
+    def release(self, row: int) -> None:
+        self._active[row] = 0
+        self._lengths[row] = 0
+
+    def reset(self) -> None:
+        """Every row free (after a failed step)."""
+        self._active.zero_()
+        self._lengths.zero_()
+
+    def _extend(self, prompt: Prompt, row: int, start: int, count: int) -> int:
+        """A follow-up's own text after its reused prefix, through the step for `count` new tokens (padded; the
+        padding's K and V land past the prompt, masked until decoding overwrites them): a CUDA graph when one was
+        captured for (`count`, span)."""
+        total = prompt.tokens
+        new = total - start
+        self._extend_ids.zero_()
+        self._extend_ids[:new] = prompt.ids[start:].to(self.device)
+        positions = prompt.positions[:, start:]
+        self._extend_positions[:, :new] = positions.to(self.device)
+        self._extend_positions[:, new:count] = positions[:, -1:].to(self.device) + 1
+        self._extend_row.fill_(row)
+        self._extend_start.fill_(start)
+        self._extend_last.fill_(new - 1)
+        span = self._span(start + count)
+        graph = self.graphs.get(("extend", count, span))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._extend_step(count, span)
+        return int(self._extend_token.item())
+
+    def _extend_step(self, count: int, span: int) -> None:
+        written = self._extend_start + self._positions[:count]
+        mask = self._positions[:span].view(1, span) <= written.view(count, 1)
+        self.cache.target = Extend(self._extend_row, self._extend_start, count, span)
+        hidden = self.text(
+            inputs_embeds=self.text.embed_tokens(self._extend_ids[:count])[None],
+            position_ids=self._extend_positions[:, None, :count],
+            attention_mask=mask.view(1, 1, count, span),
+            past_key_values=self.cache,
+            use_cache=True,
+            slot_step=SlotStep(causal=False, grouped=True),
+        ).last_hidden_state
+        last = hidden[0].index_select(0, self._extend_last)
+        self._extend_token.copy_(self._choose(self.model.lm_head(last), self._extend_row))
+
+    def _span(self, longest: int) -> int:
+        """The span bucket holding `longest` positions."""
+        return min(next((size for size in SPAN_BUCKETS if size >= longest), self.capacity), self.capacity)
+
+    def _image_embeds(self, prompt: Prompt) -> Any:
+        import torch
+
+        key = (
+            hashlib.sha256(prompt.image_key + str(prompt.grid.tolist()).encode()).digest() if prompt.image_key else None
+        )
+        found = self.encoder.lookup(key) if key else None
+        if found is not None:
+            return found.tensor
+        output = self.model.model.get_image_features(
+            prompt.pixel_values.to(self.device), image_grid_thw=prompt.grid.to(self.device), return_dict=True
+        )
+        embeds = torch.cat(tuple(output.pooler_output), dim=0)
+        if key:
+            self.encoder.keep(key, _Tensor(embeds))
+        return embeds
+
+    def _keep_prefix(self, prompt: Prompt, row: int) -> None:
+        key = self._prefix_key(prompt)
+        if key is None or key[1] >= prompt.tokens:
+            return
+        length = key[1]
+        stored = StoredKV(self.cache.keys[:, row, :, :length].clone(), self.cache.values[:, row, :, :length].clone())
+        self.prefixes.keep(key[0], stored)
+
+    def _decode_step(self, bucket: int, span: int) -> None:
+        """One greedy token for rows [0, bucket) (rows past the requests in use compute and are ignored)."""
+        lengths = self._lengths[:bucket]
+        positions = (lengths + self._deltas[:bucket]).view(1, bucket, 1).expand(3, bucket, 1)
+        mask = self._positions[:span].view(1, span) <= lengths.view(bucket, 1)
+        self.cache.target = Decode(self._rows_index[:bucket], lengths, span)
+        hidden = self.text(
+            inputs_embeds=self.text.embed_tokens(self._input_ids[:bucket]),
+            position_ids=positions,
+            attention_mask=mask.view(bucket, 1, 1, span),
+            past_key_values=self.cache,
+            use_cache=True,
+            slot_step=SlotStep(causal=False, grouped=True),
+        ).last_hidden_state
+        chosen = self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[:bucket])
+        self._next_ids[:bucket].copy_(chosen)
+        self._input_ids[:bucket, 0].copy_(chosen)
+        lengths.add_(self._active[:bucket])
+
+    def _choose(self, logits: Any, rows: Any) -> Any:
+        """Greedy choice, as `generate` makes it under the checkpoint's `repetition_penalty` (over the prompt and
+        the answer so far) and `suppress_tokens`; on the device."""
+        import torch
+
+        scores = logits.float()
+        if self._penalty != 1.0:
+            penalised = torch.where(scores < 0, scores * self._penalty, scores / self._penalty)
+            scores = torch.where(self._seen[rows], penalised, scores)
+        scores = scores.masked_fill(self._suppressed, float("-inf"))
+        chosen = scores.argmax(-1)
+        if self._penalty != 1.0:
+            self._seen[rows, chosen] = True
+        return chosen
+
+    def capture(self) -> None:
+        """Capture one decode graph per (batch, span) bucket (CUDA devices with `cuda_graphs` only; before any
+        request). A capture that fails leaves that bucket eager and says so in the log."""
+        import torch
+
+        if self.device.type != "cuda" or not self.settings.cuda_graphs:
+            return
+        batches = sorted({min(size, self.settings.slots) for size in BATCH_BUCKETS})
+        spans = sorted({min(size, self.capacity) for size in SPAN_BUCKETS})
+        pool = torch.cuda.graph_pool_handle()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            steps: list[tuple[tuple[Any, ...], Callable[[], None]]] = [
+                ((bucket, span), functools.partial(self._decode_step, bucket, span))
+                for bucket, span in itertools.product(batches, spans)
+            ]
+            steps += [
+                (("extend", count, span), functools.partial(self._extend_step, count, span))
+                for count, span in itertools.product(EXTEND_BUCKETS, spans)
+                if count < span
+            ]
+            for key, step in steps:
+                try:
+                    self.graphs[key] = self._capture_one(step, pool)
+                except Exception:
+                    log.exception("glm engine: graph %s not captured; it runs eagerly", key)
+        self._lengths.zero_()
+        self._active.zero_()
+        log.info("glm engine: %d decode graphs captured in %.1f s", len(self.graphs), time.perf_counter() - started)
+
+    def _capture_one(self, step: Callable[[], None], pool: Any) -> Any:
+        import torch
+
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up, outside the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        torch.cuda.synchronize()
+        return graph
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    tensor: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.nbytes)
