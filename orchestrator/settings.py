@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stage_protocol.client.dialects import DialectName
 from stage_protocol.client.transport import TransportName
-from vision_stage.batching import EngineSettings
+from vision_stage.batching import EngineSettings, engine_settings
 
 
 class _Section(BaseModel):
@@ -177,16 +177,7 @@ class GlmVisionSettings(_ModelVisionSettings):
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
-        if self.engine == "generate":
-            return None
-        return EngineSettings(
-            slots=self.engine_slots,
-            max_tokens=self.engine_max_tokens,
-            queue_size=self.engine_queue,
-            prefix_bytes=self.engine_prefix_mb << 20,
-            cuda_graphs=self.engine_cuda_graphs,
-            compile={"auto": None, "on": True, "off": False}[self.engine_compile],
-        )
+        return engine_settings(self)
 
 
 class RemoteVisionSettings(_ModelVisionSettings, RemoteSettings):

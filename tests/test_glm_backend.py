@@ -78,6 +78,16 @@ def unstarted(engine: GlmEngine) -> GlmEngine:
     return GlmEngine(engine.model, engine.codec, name=engine.name, batch=BatchEngine(engine.model, SMALL_ENGINE))
 
 
+def unstarted_backend(
+    engine: GlmEngine, checkpoint: Path, max_new_tokens: int
+) -> tuple[GlmEngine, BatchEngine, GlmVisionBackend]:
+    """A backend over `unstarted(engine)`, with that engine and its batching engine."""
+    glm = unstarted(engine)
+    assert glm.batch is not None
+    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=max_new_tokens)
+    return glm, glm.batch, backend
+
+
 async def queued(batch: BatchEngine, count: int) -> None:
     """Wait until `count` requests wait in `batch`'s queue."""
     await eventually(lambda: batch.waiting >= count, timeout_s=30)
@@ -265,10 +275,7 @@ async def test_the_batched_engine_answers_as_plain_generate(
 async def test_concurrent_requests_are_batched_and_each_equals_its_sequential_answer(
     batched_engine: GlmEngine, checkpoint: Path
 ) -> None:
-    glm = unstarted(batched_engine)
-    batch = glm.batch
-    assert batch is not None
-    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=12)
+    _, batch, backend = unstarted_backend(batched_engine, checkpoint, 12)
     requests = [request("answer", f"question {n}?", width=64 + 16 * n) for n in range(6)]  # more than the 4 slots
     tasks = [asyncio.create_task(backend.generate(one)) for one in requests]
     await queued(batch, len(requests))  # all submitted while nothing runs: nothing serialised them
@@ -283,10 +290,7 @@ async def test_concurrent_requests_are_batched_and_each_equals_its_sequential_an
 
 
 async def test_aclose_closes_the_batching_engine(batched_engine: GlmEngine, checkpoint: Path) -> None:
-    glm = unstarted(batched_engine)
-    batch = glm.batch
-    assert batch is not None
-    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=4)
+    glm, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
     waiting = asyncio.create_task(backend.generate(request()))
     await queued(batch, 1)
     await backend.aclose()
@@ -302,10 +306,7 @@ async def test_aclose_closes_the_batching_engine(batched_engine: GlmEngine, chec
 async def test_a_cancelled_request_still_waiting_for_a_slot_never_runs(
     batched_engine: GlmEngine, checkpoint: Path
 ) -> None:
-    glm = unstarted(batched_engine)
-    batch = glm.batch
-    assert batch is not None
-    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=4)
+    _, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
     cancelled = asyncio.create_task(backend.generate(request()))
     await queued(batch, 1)
     cancelled.cancel()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from stage_protocol.server.command import add_listening, add_log_level, run, serve, serve_command
 from vision_stage.backend import VisionBackend
-from vision_stage.batching import EngineSettings
+from vision_stage.batching import engine_settings
 from vision_stage.errors import VisionError
 
 log = logging.getLogger("vision_stage")
@@ -88,19 +88,6 @@ async def _serve(args: argparse.Namespace) -> int:
     )
 
 
-def _batching(args: argparse.Namespace) -> EngineSettings | None:
-    if args.engine == "generate":
-        return None
-    return EngineSettings(
-        slots=args.engine_slots,
-        max_tokens=args.engine_max_tokens,
-        queue_size=args.engine_queue,
-        prefix_bytes=args.engine_prefix_mb << 20,
-        cuda_graphs=args.engine_cuda_graphs,
-        compile={"auto": None, "on": True, "off": False}[args.engine_compile],
-    )
-
-
 async def _load(args: argparse.Namespace) -> VisionBackend:
     if args.backend == "glm":
         from vision_stage.glm import GlmVisionBackend
@@ -112,7 +99,7 @@ async def _load(args: argparse.Namespace) -> VisionBackend:
             thinking=args.thinking,
             max_new_tokens=args.max_new_tokens,
             allow_download=args.allow_download,
-            batching=_batching(args),
+            batching=engine_settings(args),
         )
     from vision_stage.ocr import OcrVisionBackend
 

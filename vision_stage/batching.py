@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from stage_protocol.loops import WINDOW, repeats_at_end
 from vision_stage.batch_steps import DeviceSteps, Prompt
@@ -75,6 +75,40 @@ class EngineSettings:
             if value < low or (high is not None and value > high):
                 within = f"from {low} to {high}" if high is not None else f"at least {low}"
                 raise ValueError(f"the batching engine's {name} must be {within}, not {value}")
+
+
+class EngineOptions(Protocol):
+    """The engine's options as the orchestrator's `vision` settings (`ORCH_VISION__ENGINE…`) and the vision stage's
+    command line (`--engine…`) both name them."""
+
+    @property
+    def engine(self) -> str: ...  # `batched` or `generate`
+    @property
+    def engine_slots(self) -> int: ...
+    @property
+    def engine_max_tokens(self) -> int: ...
+    @property
+    def engine_queue(self) -> int: ...
+    @property
+    def engine_prefix_mb(self) -> int: ...
+    @property
+    def engine_cuda_graphs(self) -> bool: ...
+    @property
+    def engine_compile(self) -> str: ...  # `auto`, `on` or `off`
+
+
+def engine_settings(options: EngineOptions) -> EngineSettings | None:
+    """The batching engine's settings from `options`; None for plain `generate`."""
+    if options.engine == "generate":
+        return None
+    return EngineSettings(
+        slots=options.engine_slots,
+        max_tokens=options.engine_max_tokens,
+        queue_size=options.engine_queue,
+        prefix_bytes=options.engine_prefix_mb << 20,
+        cuda_graphs=options.engine_cuda_graphs,
+        compile={"auto": None, "on": True, "off": False}[options.engine_compile],
+    )
 
 
 @dataclass(frozen=True)
