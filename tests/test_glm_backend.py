@@ -643,3 +643,33 @@ def test_max_new_tokens_must_be_positive(engine: GlmEngine) -> None:
     kwargs: dict[str, Any] = {"model": "m", "device": "cpu", "max_new_tokens": 0}
     with pytest.raises(ValueError, match="at least 1"):
         GlmVisionBackend(engine, **kwargs)
+
+
+async def test_metrics_read_the_batching_engine_through_the_wired_backend(checkpoint: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from orchestrator.observability.metrics import Metrics, StateCollector
+    from orchestrator.settings import GlmVisionSettings
+    from orchestrator.stages.resilient import endpoint_statuses
+    from orchestrator.wiring import build_vision
+
+    settings = GlmVisionSettings(model=str(checkpoint), engine_slots=2, engine_max_tokens=512, max_new_tokens=4)
+    backend = await build_vision(settings)
+    try:
+        picture = DecodedImage(Image.new("RGB", (64, 48), "white"), "PNG", 64, 48, 0, "c0ffee")
+        await backend.generate(VisionRequest(picture, "what is the total?", task="answer"))
+        await backend.generate(VisionRequest(picture, "and the date?", task="answer"))  # its prefix is reused
+        (status,) = endpoint_statuses(backend)
+        assert status.engine is not None
+        assert (status.engine.admitted, status.engine.prefix_hits, status.engine.running) == (2, 1, 0)
+        metrics = Metrics()
+        metrics.registry.register(StateCollector(lambda: {"vision": endpoint_statuses(backend)}))
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        await backend.aclose()
+    labels = 'endpoint="glm",stage="vision"'
+    assert f"orchestrator_engine_admitted_total{{{labels}}} 2.0" in text
+    assert 'orchestrator_engine_reuse_total{endpoint="glm",result="hit",stage="vision",store="prefix"} 1.0' in text
+    assert f'orchestrator_engine_requests{{{labels},state="running"}} 0.0' in text
+    assert f"orchestrator_engine_steps_total{{{labels}}}" in text
+    assert endpoint_statuses(backend)[0].engine is None  # closed

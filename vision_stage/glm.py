@@ -56,7 +56,7 @@ from PIL import Image
 
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
-from vision_stage.batching import EngineSettings
+from vision_stage.batching import EngineSettings, EngineStats
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor
@@ -408,6 +408,11 @@ class GlmVisionBackend:
             future.cancel()  # still queued: never runs; already running: finishes unread
             raise
         return prompt, budget, future, facts
+
+    def engine_stats(self) -> EngineStats | None:
+        """What the batching engine has done (`/metrics` reads it); None without one or once closed."""
+        engine = self._engine
+        return engine.batch.stats() if engine is not None and engine.batch is not None else None
 
     async def health(self) -> Health:
         engine = self._engine

@@ -5,7 +5,10 @@ Per request (`MetricsMiddleware`, from the request's record, `orchestrator.obser
 `orchestrator_stage_seconds{stage, backend}` (each stage's share of the request), `orchestrator_degraded_total{stage}`,
 `orchestrator_arbitration_total{status}`, `orchestrator_vision_cache_total{result}`. At scrape time (`StateCollector`):
 `orchestrator_breaker_state{stage, endpoint, state}` (1 for the endpoint's current state, 0 for the others) and
-`orchestrator_endpoint_in_flight{stage, endpoint}`.
+`orchestrator_endpoint_in_flight{stage, endpoint}`; for an in-process `glm` backend's batching engine,
+`orchestrator_engine_requests{stage, endpoint, state}` (running, waiting), `orchestrator_engine_steps_total`,
+`orchestrator_engine_mean_batch`, `orchestrator_engine_admitted_total`, `orchestrator_engine_mean_queue_seconds` and
+`orchestrator_engine_reuse_total{store, result}` (image-prefix and encoder lookups).
 
 `outcome` is `ok`, `degraded`, or the error `type` of a failed request (`vision_unavailable`, `overloaded`, …) — or
 `http_<status>` when no error type was recorded.
@@ -17,12 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.observability.record import RecordingMiddleware, RequestRecord
 from orchestrator.stages.endpoints import EndpointStatus
+from vision_stage.batching import EngineStats
 
 BREAKER_STATES = ("closed", "open", "half_open")
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -80,7 +84,7 @@ class StateCollector(Collector):
     def __init__(self, statuses: Callable[[], dict[str, tuple[EndpointStatus, ...]]]) -> None:
         self._statuses = statuses
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         breaker = GaugeMetricFamily(
             "orchestrator_breaker_state",
             "Circuit breaker state per endpoint (1 = current).",
@@ -89,13 +93,54 @@ class StateCollector(Collector):
         in_flight = GaugeMetricFamily(
             "orchestrator_endpoint_in_flight", "Calls under way per endpoint.", labels=["stage", "endpoint"]
         )
+        engine = _EngineFamilies()
         for stage, statuses in self._statuses().items():
             for status in statuses:
                 for state in BREAKER_STATES:
                     breaker.add_metric([stage, status.endpoint, state], 1.0 if status.breaker == state else 0.0)
                 in_flight.add_metric([stage, status.endpoint], float(status.in_flight))
+                if status.engine is not None:
+                    engine.add([stage, status.endpoint], status.engine)
         yield breaker
         yield in_flight
+        yield from engine.families()
+
+
+class _EngineFamilies:
+    """The in-process batching engine's counters (`vision_stage.batching.EngineStats`), per endpoint."""
+
+    def __init__(self) -> None:
+        labels = ["stage", "endpoint"]
+        self.requests = GaugeMetricFamily(
+            "orchestrator_engine_requests",
+            "Requests in the batching engine, running or waiting.",
+            labels=[*labels, "state"],
+        )
+        self.steps = CounterMetricFamily("orchestrator_engine_steps", "Decode steps run.", labels=labels)
+        self.batch = GaugeMetricFamily("orchestrator_engine_mean_batch", "Mean rows per decode step.", labels=labels)
+        self.admitted = CounterMetricFamily("orchestrator_engine_admitted", "Requests given a slot.", labels=labels)
+        self.queue = GaugeMetricFamily(
+            "orchestrator_engine_mean_queue_seconds", "Mean wait for a slot, per request admitted.", labels=labels
+        )
+        self.reuse = CounterMetricFamily(
+            "orchestrator_engine_reuse",
+            "Lookups of image prefixes and encoder outputs.",
+            labels=[*labels, "store", "result"],
+        )
+
+    def add(self, labels: list[str], stats: EngineStats) -> None:
+        self.requests.add_metric([*labels, "running"], float(stats.running))
+        self.requests.add_metric([*labels, "waiting"], float(stats.waiting))
+        self.steps.add_metric(labels, float(stats.steps))
+        self.batch.add_metric(labels, stats.mean_batch)
+        self.admitted.add_metric(labels, float(stats.admitted))
+        self.queue.add_metric(labels, stats.mean_queue_ms / 1000.0)
+        self.reuse.add_metric([*labels, "prefix", "hit"], float(stats.prefix_hits))
+        self.reuse.add_metric([*labels, "prefix", "miss"], float(stats.prefix_misses))
+        self.reuse.add_metric([*labels, "encoder", "hit"], float(stats.encoder_hits))
+
+    def families(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from (self.requests, self.steps, self.batch, self.admitted, self.queue, self.reuse)
 
 
 class MetricsMiddleware(RecordingMiddleware):

@@ -36,6 +36,7 @@ from orchestrator.stages import deadline
 from orchestrator.stages.admission import Admission
 from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
 from orchestrator.stages.retry import RetryBudget, backoff_s, is_retryable
+from vision_stage.batching import EngineStats
 
 B = TypeVar("B")
 T = TypeVar("T")
@@ -79,6 +80,8 @@ class EndpointStatus:
     breaker: BreakerState
     retry_in_s: float
     in_flight: int
+    engine: EngineStats | None = None
+    """The in-process batching engine's counters, for a backend that has one (`glm`; `/metrics` only)."""
 
 
 class Endpoint(Generic[B]):
@@ -89,7 +92,11 @@ class Endpoint(Generic[B]):
         self.in_flight = 0
 
     def status(self) -> EndpointStatus:
-        return EndpointStatus(self.label, self.breaker.state, round(self.breaker.retry_in(), 3), self.in_flight)
+        stats = getattr(self.backend, "engine_stats", None)
+        engine = stats() if callable(stats) else None
+        return EndpointStatus(
+            self.label, self.breaker.state, round(self.breaker.retry_in(), 3), self.in_flight, engine=engine
+        )
 
 
 class ResilientStage(Generic[B]):
