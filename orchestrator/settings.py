@@ -171,6 +171,9 @@ class GlmVisionSettings(_ModelVisionSettings):
     """`batched`: MiB of image-prefix KV kept for follow-up questions on the same image; 0 keeps none."""
     engine_cuda_graphs: bool = True
     """`batched`: capture the decode steps as CUDA graphs at start (on a CUDA device only)."""
+    engine_prefill_tokens: int = Field(default=8192, ge=1)
+    """`batched`: prompt tokens prefilled per step at most, while the running requests wait for their next token (one
+    prompt is always admitted, however long; an image's prompt is never split, and one image is prefilled per step)."""
     engine_compile: Literal["auto", "on", "off"] = "auto"
     """`batched`: `torch.compile` the text layers (about a minute more to start; decode at batch 1 12.8 → 8.9 ms/token
     on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""

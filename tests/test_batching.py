@@ -235,3 +235,18 @@ def test_a_failed_decode_step_fails_the_running_requests_as_unavailable_and_the_
         assert submit(batch, encoded, "f2").result(timeout=60).ids == expected
     finally:
         batch.close()
+
+
+@pytest.mark.parametrize(("prefill_tokens", "admitted_at_once"), [(8192, 2), (1, 1)])
+def test_the_prefill_budget_spreads_admissions_over_steps(
+    glm: GlmEngine, prefill_tokens: int, admitted_at_once: int
+) -> None:
+    batch = engine(glm, prefill_tokens=prefill_tokens)
+    submit(batch, prompt(glm, 95, "what is it?"), "x")
+    batch.run_until_idle()
+    for question in ("and the total?", "and the date?"):  # follow-ups: no image to prefill, only their text
+        submit(batch, prompt(glm, 95, question), "x")
+    batch.step()
+    assert (batch.running, batch.waiting) == (admitted_at_once, 2 - admitted_at_once)
+    batch.run_until_idle()
+    assert batch.stats().prefix_hits == 2

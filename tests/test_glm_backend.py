@@ -390,10 +390,12 @@ async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkey
     parser = _parser()
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m"]))
     options = ["--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8", "--engine-prefix-mb", "0"]
-    options += ["--no-cuda-graphs", "--engine-compile", "off"]
+    options += ["--no-cuda-graphs", "--engine-compile", "off", "--engine-prefill-tokens", "512"]
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", *options]))
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", "--engine", "generate"]))
-    sized = EngineSettings(slots=4, max_tokens=2048, queue_size=8, prefix_bytes=0, cuda_graphs=False, compile=False)
+    sized = EngineSettings(
+        slots=4, max_tokens=2048, queue_size=8, prefix_bytes=0, cuda_graphs=False, compile=False, prefill_tokens=512
+    )
     assert [call["batching"] for call in calls] == [EngineSettings(), sized, None]
     for wrong in (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"]):
         with pytest.raises(SystemExit):
@@ -661,15 +663,33 @@ async def test_metrics_read_the_batching_engine_through_the_wired_backend(checkp
         await backend.generate(VisionRequest(picture, "and the date?", task="answer"))  # its prefix is reused
         (status,) = endpoint_statuses(backend)
         assert status.engine is not None
-        assert (status.engine.admitted, status.engine.prefix_hits, status.engine.running) == (2, 1, 0)
+        # the load's check against plain generate, then the two requests
+        assert (status.engine.admitted, status.engine.prefix_hits, status.engine.running) == (3, 1, 0)
         metrics = Metrics()
         metrics.registry.register(StateCollector(lambda: {"vision": endpoint_statuses(backend)}))
         text = generate_latest(metrics.registry).decode()
     finally:
         await backend.aclose()
     labels = 'endpoint="glm",stage="vision"'
-    assert f"orchestrator_engine_admitted_total{{{labels}}} 2.0" in text
+    assert f"orchestrator_engine_admitted_total{{{labels}}} 3.0" in text
     assert 'orchestrator_engine_reuse_total{endpoint="glm",result="hit",stage="vision",store="prefix"} 1.0' in text
     assert f'orchestrator_engine_requests{{{labels},state="running"}} 0.0' in text
     assert f"orchestrator_engine_steps_total{{{labels}}}" in text
     assert endpoint_statuses(backend)[0].engine is None  # closed
+
+
+async def test_load_checks_the_batching_engine_against_plain_generate(
+    checkpoint: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with caplog.at_level("WARNING", logger="vision_stage.glm"):
+        backend = await GlmVisionBackend.load(str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512))
+    try:
+        assert not caplog.records
+        engine = backend.engine
+        assert await asyncio.to_thread(engine.check_batching)
+        monkeypatch.setattr(engine, "generate_ids", lambda prompt, tokens: [0] * tokens)
+        with caplog.at_level("WARNING", logger="vision_stage.glm"):
+            assert not await asyncio.to_thread(engine.check_batching)
+        assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0]" in caplog.text
+    finally:
+        await backend.aclose()

@@ -148,10 +148,11 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
         return object()
 
     monkeypatch.setattr(GlmVisionBackend, "load", load)
-    await _vision_loader(GlmVisionSettings(model="m", engine_slots=3, engine_prefix_mb=7, engine_compile="on"), "glm")()
+    options = {"engine_slots": 3, "engine_prefix_mb": 7, "engine_compile": "on", "engine_prefill_tokens": 99}
+    await _vision_loader(GlmVisionSettings(model="m", **options), "glm")()
     await _vision_loader(GlmVisionSettings(model="m", engine="generate", engine_slots=3), "glm")()
     assert [call["model"] for call in calls] == ["m", "m"]
-    assert calls[0]["batching"] == EngineSettings(slots=3, prefix_bytes=7 << 20, compile=True)
+    assert calls[0]["batching"] == EngineSettings(slots=3, prefix_bytes=7 << 20, compile=True, prefill_tokens=99)
     assert calls[1]["batching"] is None
     assert GlmVisionSettings(model="m").batching() == EngineSettings(compile=None)  # auto: on a CUDA device
 

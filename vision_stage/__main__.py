@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-cuda-graphs", dest="engine_cuda_graphs", action="store_false", help="batched: no CUDA graphs"
     )
     serve.add_argument(
+        "--engine-prefill-tokens", type=_count(1), default=8192, help="batched: prompt tokens per step (default: 8192)"
+    )
+    serve.add_argument(
         "--engine-compile", choices=("auto", "on", "off"), default="auto", help="batched: compile (default: on a GPU)"
     )
     add_log_level(serve)

@@ -95,6 +95,8 @@ class EngineOptions(Protocol):
     def engine_cuda_graphs(self) -> bool: ...
     @property
     def engine_compile(self) -> str: ...  # `auto`, `on` or `off`
+    @property
+    def engine_prefill_tokens(self) -> int: ...
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -108,6 +110,7 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         prefix_bytes=options.engine_prefix_mb << 20,
         cuda_graphs=options.engine_cuda_graphs,
         compile={"auto": None, "on": True, "off": False}[options.engine_compile],
+        prefill_tokens=options.engine_prefill_tokens,
     )
 
 
@@ -153,6 +156,9 @@ class _Request:
     reused: int = 0
     admitted: float = 0.0
     first_token: float = 0.0
+    stored: StoredKV | None = None
+    """The image prefix found for it, between its lookup and its prefill."""
+    looked_up: bool = False
 
 
 class BatchEngine:
@@ -302,12 +308,15 @@ class BatchEngine:
                     break
                 if not request.future.set_running_or_notify_cancel():
                     continue
-            stored = self.device.stored_prefix(request.prompt)
+            if not request.looked_up:  # once: a request held back to the next step keeps what it found
+                request.stored, request.looked_up = self.device.stored_prefix(request.prompt), True
+            stored = request.stored
             cost = request.prompt.tokens - (stored.tokens if stored else 0)
             needs_image = stored is None and request.prompt.pixel_values is not None
             if admitted and ((needs_image and image_prefilled) or spent + cost > self.settings.prefill_tokens):
                 self._held = request
                 break
+            request.stored = None
             try:
                 self._prefill(request, stored)
             except Exception as exc:  # this request's inputs failed the model: fail it alone
