@@ -164,6 +164,14 @@ class SessionNotFound(RequestInvalid):
     """A session id this caller has no live session under."""
 
 
+class SessionsUnavailable(OrchestratorError):
+    """The shared session store (Redis) failed or did not answer in time; `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotReady(OrchestratorError):
     """The backends are not loaded."""
 
@@ -198,6 +206,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     RateLimited: ErrorSpec(429, "rate_limited"),
     TooManyInFlight: ErrorSpec(429, "too_many_in_flight"),
     SessionNotFound: ErrorSpec(404, "session_not_found"),
+    SessionsUnavailable: ErrorSpec(503, "sessions_unavailable"),
     NotReady: ErrorSpec(503, "not_ready"),
     vision.ImageEmpty: ErrorSpec(400, "image_empty"),
     vision.ImageTooLarge: ErrorSpec(413, "image_too_large"),

@@ -382,6 +382,21 @@ class CacheSettings(_Section):
     pixels hit."""
 
 
+class StateSettings(_Section):
+    """What replicas share (`ORCH_STATE__URL`): sessions, and the vision cache unless `ORCH_CACHE__URL` names another
+    Redis. Unset: each process keeps its own, in memory."""
+
+    url: str | None = None
+    """`redis://host:6379/0` (or `rediss://`)."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r} is not a redis:// (rediss://, unix://) URL")
+        return url
+
+
 class SessionSettings(_Section):
     """Follow-up questions about a kept image (`orchestrator.analysis.sessions`)."""
 
@@ -413,6 +428,7 @@ class Settings(BaseSettings):
     output_filter: OutputFilterSettings = OutputFilterSettings()
     cache: CacheSettings = CacheSettings()
     sessions: SessionSettings = SessionSettings()
+    state: StateSettings = StateSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     """`json`: one object per line with the request id (`orchestrator.observability.logs`); `text`: plain lines."""

@@ -61,7 +61,8 @@ async def build_backends(settings: Settings) -> Backends:
     loaded and how long it took."""
     vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))
     if settings.cache.enabled:
-        vision = CachedVision(vision, build_store(settings.cache), settings.cache)
+        cache = settings.cache if settings.cache.url else settings.cache.model_copy(update={"url": settings.state.url})
+        vision = CachedVision(vision, build_store(cache), cache)
     try:
         reasoning = await _timed(
             "reasoning",

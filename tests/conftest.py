@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.redis_server import redis_server
 
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,3 +18,10 @@ def embedded_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache directory for the converted embedded chat model, shared by every test of the session, so the
     packaged GGUF is converted once per run."""
     return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis shared by a test module (`tests/redis_server.py`)."""
+    with redis_server() as (url, _):
+        yield url

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -97,3 +101,24 @@ def reset(fake: Any, fresh: Any) -> None:
     """Put a dataclass fake shared by a module's tests back in the state of `fresh`."""
     for attribute in dataclasses.fields(fresh):
         setattr(fake, attribute.name, getattr(fresh, attribute.name))
+
+
+def start_orchestrator(port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`python -m orchestrator serve` on `port` with the `ORCH_…` variables `env`, its output into `log`."""
+    command = [sys.executable, "-m", "orchestrator", "serve", "--port", str(port)]
+    with log.open("wb") as output:
+        return subprocess.Popen(command, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 20) -> None:
+    """Until `url`'s `/health` answers 200; the process's log in the error when it exits or does not start."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the orchestrator exited:\n" + log.read_text(errors="replace"))
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise TimeoutError("the orchestrator did not start:\n" + log.read_text(errors="replace"))

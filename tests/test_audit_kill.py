@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import pytest
 from orchestrator.observability.audit import AuditLog
 from tests.faulty_server import FaultyServer, running
 from tests.images import png_bytes
-from tests.servers import data_url, unused_port
+from tests.servers import data_url, start_orchestrator, unused_port, wait_healthy
 
 KEY = "audit-kill-test-key-0123"
 WORKERS = 8
@@ -36,36 +34,21 @@ TARGET = 200
 AT_LEAST = 20
 
 
-def start_orchestrator(vision_url: str, audit_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "ORCH_VISION__BACKEND": "remote",
-        "ORCH_VISION__BASE_URL": vision_url,
-        "ORCH_VISION__MODEL": "m",
-        "ORCH_REASONING__BACKEND": "none",
-        "ORCH_ROUTER__KIND": "keyword",
-        "ORCH_AUDIT__PATH": str(audit_path),
-        "ORCH_API_KEYS": KEY,
-        "ORCH_RATE_LIMIT__REQUESTS_PER_S": "100000",
-        "ORCH_RATE_LIMIT__BURST": "100000",
-        "ORCH_LOG_LEVEL": "warning",
-    }
-    command = [sys.executable, "-m", "orchestrator", "serve", "--port", str(port)]
-    with log.open("wb") as output:
-        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the orchestrator exited:\n" + log.read_text(errors="replace"))
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise TimeoutError("the orchestrator did not start:\n" + log.read_text(errors="replace"))
+def start_audited(vision_url: str, audit_path: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    return start_orchestrator(
+        port,
+        log,
+        ORCH_VISION__BACKEND="remote",
+        ORCH_VISION__BASE_URL=vision_url,
+        ORCH_VISION__MODEL="m",
+        ORCH_REASONING__BACKEND="none",
+        ORCH_ROUTER__KIND="keyword",
+        ORCH_AUDIT__PATH=str(audit_path),
+        ORCH_API_KEYS=KEY,
+        ORCH_RATE_LIMIT__REQUESTS_PER_S="100000",
+        ORCH_RATE_LIMIT__BURST="100000",
+        ORCH_LOG_LEVEL="warning",
+    )
 
 
 def drive(url: str, completed: list[str], stop: threading.Event) -> None:
@@ -89,7 +72,7 @@ def test_every_completed_request_is_in_the_log_after_a_sigkill(tmp_path: Path) -
     completed: list[str] = []
     stop = threading.Event()
     with running(FaultyServer(model="m")) as vision:
-        process = start_orchestrator(vision.base_url, audit_path, port, tmp_path / "orchestrator.log")
+        process = start_audited(vision.base_url, audit_path, port, tmp_path / "orchestrator.log")
         try:
             wait_healthy(url, process, tmp_path / "orchestrator.log")
             workers = [threading.Thread(target=drive, args=(url, completed, stop)) for _ in range(WORKERS)]

@@ -7,11 +7,6 @@ import asyncio
 import dataclasses
 import io
 import json
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +17,6 @@ from orchestrator.settings import CacheSettings, Settings
 from orchestrator.stages.cache import CachedVision, MemoryStore, RedisStore, cache_key, result_from_json, result_to_json
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
-from tests.servers import unused_port
 from vision_stage.errors import VisionUnavailable
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage, VisionFallback, VisionRequest, VisionResult
@@ -152,31 +146,6 @@ def test_the_response_says_when_the_cache_answered() -> None:
 
 
 # --- Redis -------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (`make test` installs it)")
-    port = unused_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 async def test_replicas_share_results_through_redis(redis_url: str) -> None:

@@ -102,7 +102,7 @@ def test_orchestrator_environment_validates_and_uses_the_remote_backends(
 @pytest.mark.parametrize("name", ORCHESTRATORS)
 def test_orchestrator_urls_reach_services_on_the_ports_they_listen_on(name: str) -> None:
     env = environment(name)
-    for variable in ("ORCH_VISION__BASE_URL", "ORCH_REASONING__BASE_URL", "ORCH_CACHE__URL"):
+    for variable in ("ORCH_VISION__BASE_URL", "ORCH_REASONING__BASE_URL", "ORCH_STATE__URL"):
         for url in (env[variable] or "").split(","):
             parts = urlsplit(url.strip())
             host = parts.hostname or ""

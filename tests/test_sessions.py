@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from orchestrator.analysis.sessions import SessionStore
+from orchestrator.analysis.redis_sessions import RedisSessions
+from orchestrator.analysis.sessions import MemorySessions, Session, SessionStore
 from orchestrator.api.app import create_app
 from orchestrator.errors import SessionNotFound
 from orchestrator.settings import SessionSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes
+from vision_stage.types import DecodedImage
 
 IMAGE = base64.b64encode(png_bytes()).decode()
 
@@ -71,32 +75,53 @@ def test_an_unknown_foreign_or_ambiguous_session_is_refused_clearly() -> None:
         assert (status, body["error"]["type"]) == (400, "image_missing")
 
 
-def test_sessions_expire_and_the_least_recently_used_go_first() -> None:
-    store = SessionStore(SessionSettings(ttl_s=0.05, max_sessions=2))
-    first = store.open("me", decoded(), None)
-    second = store.open("me", decoded(), None)
-    store.get(first.id, "me")  # first is now the most recently used
-    store.open("me", decoded(), None)  # evicts second
+@pytest.fixture(params=["memory", "redis"])
+def stores(request: pytest.FixtureRequest) -> Callable[[SessionSettings], SessionStore]:
+    """Session stores of the given settings: in memory, or in a shared Redis (emptied first)."""
+    if request.param == "memory":
+        return MemorySessions
+    url = request.getfixturevalue("redis_url")
+    redis.Redis.from_url(url).flushdb()
+    return lambda settings: RedisSessions(url, settings)
+
+
+def same_image(session: Session, image: DecodedImage) -> bool:
+    return session.image == image and session.image.pixels.tobytes() == image.pixels.tobytes()
+
+
+async def test_sessions_expire_and_the_least_recently_used_go_first(
+    stores: Callable[[SessionSettings], SessionStore],
+) -> None:
+    store = stores(SessionSettings(ttl_s=0.2, max_sessions=2))
+    first = await store.open("me", decoded(), None)
+    second = await store.open("me", decoded(), None)
+    await store.get(first.id, "me")  # first is now the most recently used
+    await store.open("me", decoded(), None)  # evicts second
     with pytest.raises(SessionNotFound):
-        store.get(second.id, "me")
-    time.sleep(0.06)
+        await store.get(second.id, "me")
+    with pytest.raises(SessionNotFound):
+        await store.get(first.id, "another caller")
+    await asyncio.sleep(0.25)
     with pytest.raises(SessionNotFound, match="expired"):
-        store.get(first.id, "me")
+        await store.get(first.id, "me")
+    await store.aclose()
 
 
-def test_kept_images_stay_within_the_byte_budget() -> None:
+async def test_kept_images_stay_within_the_byte_budget(stores: Callable[[SessionSettings], SessionStore]) -> None:
     image = decoded((100, 100))  # 30,000 bytes of pixels, plus its PNG
-    store = SessionStore(SessionSettings(max_bytes=70_000))
-    first = store.open("me", image, None)
-    second = store.open("me", image, None)
-    third = store.open("me", image, None)  # over the budget: the least recently used goes
+    store = stores(SessionSettings(max_bytes=70_000))
+    first = await store.open("me", image, None)
+    second = await store.open("me", image, None)
+    third = await store.open("me", image, None)  # over the budget: the least recently used goes
     with pytest.raises(SessionNotFound):
-        store.get(first.id, "me")
-    assert store.get(second.id, "me").image is image
-    assert store.get(third.id, "me").image is image
-    alone = SessionStore(SessionSettings(max_bytes=1_000))  # less than one image: the most recent is still kept
-    kept = alone.open("me", image, None)
-    newest = alone.open("me", image, None)
+        await store.get(first.id, "me")
+    assert same_image(await store.get(second.id, "me"), image)
+    assert same_image(await store.get(third.id, "me"), image)
+    await store.aclose()
+    alone = stores(SessionSettings(max_bytes=1_000))  # less than one image: the most recent is still kept
+    kept = await alone.open("me", image, None)
+    newest = await alone.open("me", image, None)
     with pytest.raises(SessionNotFound):
-        alone.get(kept.id, "me")
-    assert alone.get(newest.id, "me").image is image
+        await alone.get(kept.id, "me")
+    assert same_image(await alone.get(newest.id, "me"), image)
+    await alone.aclose()

@@ -185,3 +185,30 @@ def test_a_variable_of_another_backend_or_a_missing_one_is_refused(
 def test_remote_endpoints_are_http_urls_each_listed_once(base_url: str, reason: str) -> None:
     with pytest.raises(ValidationError, match=reason):
         RemoteVisionSettings(base_url=base_url, model="m")
+
+
+async def test_the_state_url_is_the_vision_cache_s_unless_the_cache_names_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator import wiring
+
+    stores: list[str | None] = []
+
+    def build_store(cache: Any) -> object:
+        stores.append(cache.url)
+        return object()
+
+    monkeypatch.setattr(wiring, "build_store", build_store)
+    monkeypatch.setattr(wiring, "CachedVision", lambda backend, store, cache: backend)
+
+    async def vision(settings: Any) -> Any:
+        return object()
+
+    monkeypatch.setattr(wiring, "build_vision", vision)
+    monkeypatch.setattr(wiring, "build_reasoning", lambda *args, **kwargs: vision(None))
+    state = {"ORCH_STATE__URL": "redis://state:6379/0"}
+    for variables in (state, {**state, "ORCH_CACHE__URL": "redis://cache:6379/1"}):
+        await wiring.build_backends(settings_with(monkeypatch, variables))
+    assert stores == ["redis://state:6379/0", "redis://cache:6379/1"]
+    with pytest.raises(ValidationError, match="redis://"):
+        settings_with(monkeypatch, {"ORCH_STATE__URL": "http://state:6379"})

@@ -6,9 +6,11 @@ the reasoning route reuses instead of asking the vision stage again (a vision-on
 stage, about the kept image, since its answer is the question's). A session belongs to the API key that opened it
 (to the client address when no keys are configured): another caller's session id is unknown to it.
 
-Sessions live in this process's memory: at most `max_sessions`, holding at most `max_bytes` of images (decoded pixels
-and uploaded bytes; the least recently used go first), each for `ttl_s` after its last use. With several replicas,
-route a session's requests to the same replica, or send the image again.
+At most `max_sessions` are kept, holding at most `max_bytes` of images (decoded pixels and uploaded bytes; the least
+recently used go first), each for `ttl_s` after its last use. `MemorySessions` keeps them in this process;
+`RedisSessions` (`ORCH_STATE__URL`) in a Redis shared by every replica, so that a follow-up may land on any of them.
+A Redis that fails or does not answer within a second makes the request fail with `SessionsUnavailable` (503, retry
+after a second): never a hung request, never another caller's session.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from cachetools import TTLCache
 
@@ -34,37 +37,68 @@ class Session:
     """The vision stage's last `describe` result for this image, reused on the reasoning route."""
 
 
-class SessionStore:
+class SessionStore(Protocol):
+    async def open(self, owner: str, image: DecodedImage, image_url: str | None) -> Session: ...
+
+    async def get(self, session_id: str, owner: str) -> Session: ...
+
+    async def remember(self, session: Session, vision: VisionResult) -> Session: ...
+
+    async def aclose(self) -> None: ...
+
+
+def build_sessions(settings: SessionSettings, url: str | None) -> SessionStore:
+    """Sessions in Redis at `url` (shared by every replica), or in this process's memory."""
+    if url:
+        from orchestrator.analysis.redis_sessions import RedisSessions
+
+        return RedisSessions(url, settings)
+    return MemorySessions(settings)
+
+
+def not_found(session_id: str, settings: SessionSettings) -> SessionNotFound:
+    return SessionNotFound(
+        f"no session {session_id!r}: it expired ({settings.ttl_s:g} s after its last use), was evicted, or was never "
+        "opened by this caller; send the image again"
+    )
+
+
+def describes(vision: VisionResult) -> bool:
+    """Whether `vision` is what a session keeps: the vision stage's own `describe` result."""
+    return vision.task == "describe" and vision.fallback is None
+
+
+class MemorySessions:
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
         # keyed by owner too, so that another caller's lookup misses without touching the session; sized in bytes
-        self._sessions: TTLCache[tuple[str, str], Session] = TTLCache(math.inf, settings.ttl_s, getsizeof=_size)
+        self._sessions: TTLCache[tuple[str, str], Session] = TTLCache(math.inf, settings.ttl_s, getsizeof=session_size)
 
-    def open(self, owner: str, image: DecodedImage, image_url: str | None) -> Session:
+    async def open(self, owner: str, image: DecodedImage, image_url: str | None) -> Session:
         session = Session(secrets.token_urlsafe(18), owner, image, image_url, None)
         self._put(session)
         return session
 
-    def get(self, session_id: str, owner: str) -> Session:
+    async def get(self, session_id: str, owner: str) -> Session:
         """The live session `session_id` of `owner`; `SessionNotFound` otherwise (expired, evicted, never opened,
         or another caller's: all look the same)."""
         session = self._sessions.get((owner, session_id))
         if session is None:
-            raise SessionNotFound(
-                f"no session {session_id!r}: it expired ({self._settings.ttl_s:g} s after its last use), was "
-                "evicted, or was never opened by this caller; send the image again"
-            )
+            raise not_found(session_id, self._settings)
         self._put(session)
         return session
 
-    def remember(self, session: Session, vision: VisionResult) -> Session:
+    async def remember(self, session: Session, vision: VisionResult) -> Session:
         """Keep `vision` as the session's description when it is one (a `describe` result)."""
-        if vision.task != "describe" or vision.fallback is not None:
+        if not describes(vision):
             return session
         updated = replace(session, description=vision)
         if (session.owner, session.id) in self._sessions:
             self._put(updated)
         return updated
+
+    async def aclose(self) -> None:
+        self._sessions.clear()
 
     def _put(self, session: Session) -> None:
         """Keep `session` for `ttl_s` from now as the most recently used; then the least recently used go while
@@ -75,7 +109,7 @@ class SessionStore:
             sessions.popitem()
 
 
-def _size(session: Session) -> int:
+def session_size(session: Session) -> int:
     """What a session's image holds in memory: its RGB pixels (counted whether or not they are decoded yet, so that
     the total never depends on when they were) and the uploaded bytes kept with them."""
     image = session.image

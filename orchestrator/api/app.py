@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter, Router
-from orchestrator.analysis.sessions import SessionStore
+from orchestrator.analysis.sessions import build_sessions
 from orchestrator.api.deps import Services
 from orchestrator.api.disconnect import DisconnectMiddleware
 from orchestrator.api.events import describe_error
@@ -158,12 +158,16 @@ async def _services(
         raise
     pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings))
     answers = OutputFilter.from_settings(settings.output_filter)
-    app.state.services = Services(settings, loaded, pipeline, SessionStore(settings.sessions), answers)
+    sessions = build_sessions(settings.sessions, settings.state.url)
+    app.state.services = Services(settings, loaded, pipeline, sessions, answers)
     try:
         yield
     finally:
         app.state.services = None
-        await loaded.aclose()
+        try:
+            await sessions.aclose()
+        finally:
+            await loaded.aclose()
 
 
 def _audit_log(settings: Settings) -> AuditLog | None:

@@ -10,6 +10,7 @@ filter (`orchestrator.security.output_filter`), built once per app.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from orchestrator.api.deps import Services, get_services
 from orchestrator.api.events import started
 from orchestrator.api.inputs import ImageInput, read_image_url, read_json_request
 from orchestrator.arbitration.answer_json import ResponseFormat
-from orchestrator.errors import ValidationFailed
+from orchestrator.errors import SessionsUnavailable, ValidationFailed
 from orchestrator.observability.record import RequestRecord
 from orchestrator.security.output_filter import filtered_events
 from orchestrator.settings import LimitSettings
@@ -41,6 +42,8 @@ from vision_stage.images import ImageLimits, declared_pixels, decode_image
 from vision_stage.types import DecodedImage, VisionResult
 
 M = TypeVar("M", bound=BaseModel)
+
+log = logging.getLogger(__name__)
 
 
 def checked_question(text: str, limits: LimitSettings, name: str = "question") -> str:
@@ -144,12 +147,21 @@ class Intake:
     ) -> Prepared:
         """The image decoded while `question` (checked already) is routed; with `session`, a new session for it."""
         decoded, routed = await decode_and_route(self.services, image, question, options.mode, options.response_format)
-        opened = self.services.sessions.open(self.session_owner, decoded, image_url) if session else None
+        opened = await self._open_session(decoded, image_url) if session else None
         return Prepared(self._input(decoded, question, options, image_url), routed, opened)
+
+    async def _open_session(self, image: DecodedImage, image_url: str | None) -> Session | None:
+        """A session for the image; None when the shared session store fails: the answer comes without a
+        `session_id` rather than not at all."""
+        try:
+            return await self.services.sessions.open(self.session_owner, image, image_url)
+        except SessionsUnavailable as exc:
+            log.warning("answering without a session: %s", exc)
+            return None
 
     async def resume(self, session_id: str, question: str, options: Options) -> Prepared:
         """A question about the image of the caller's session `session_id` (404 `session_not_found` without one)."""
-        session = self.services.sessions.get(session_id, self.session_owner)
+        session = await self.services.sessions.get(session_id, self.session_owner)
         routed = await self.services.pipeline.route(question, options.mode, options.response_format)
         analysis = self._input(session.image, question, options, session.image_url, session.description)
         return Prepared(analysis, routed, session)
@@ -157,7 +169,7 @@ class Intake:
     async def run(self, prepared: Prepared) -> AnalyzeOutcome:
         """The whole answer, recorded, filtered."""
         outcome = await self.services.pipeline.run(prepared.analysis, prepared.routed)
-        self._finished(prepared, outcome)
+        await self._finished(prepared, outcome)
         return self.services.answers.outcome(outcome)
 
     async def stream(self, prepared: Prepared) -> AsyncGenerator[PipelineEvent, None]:
@@ -189,9 +201,9 @@ class Intake:
     ) -> AnalyzeInput:
         return AnalyzeInput(image, question, image_url=image_url, description=description, **options.given())
 
-    def _finished(self, prepared: Prepared, outcome: AnalyzeOutcome) -> None:
+    async def _finished(self, prepared: Prepared, outcome: AnalyzeOutcome) -> None:
         if prepared.session is not None:
-            self.services.sessions.remember(prepared.session, outcome.vision)
+            await self.services.sessions.remember(prepared.session, outcome.vision)
         self.record.analysed(prepared.analysis, outcome)
 
     async def _watched(
@@ -201,7 +213,7 @@ class Intake:
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, VisionEvent) and prepared.session is not None:
-                    self.services.sessions.remember(prepared.session, event.vision)
+                    await self.services.sessions.remember(prepared.session, event.vision)
                 elif isinstance(event, DoneEvent):
                     self.record.analysed(prepared.analysis, event.outcome)
                 yield event

@@ -1,0 +1,95 @@
+"""Two `python -m orchestrator serve` processes sharing one real `redis-server` (`ORCH_STATE__URL`): a session opened
+on one replica is used on the other, and Redis stopped mid-load answers as documented: new questions are still
+answered (without a `session_id`), follow-ups by session get 503 `sessions_unavailable` with `Retry-After`, and
+nothing else fails. The vision stage is a fast fake on loopback; the reasoning stage is off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.faulty_server import FaultyServer, running
+from tests.images import png_bytes
+from tests.redis_server import redis_server
+from tests.servers import data_url, start_orchestrator, unused_port, wait_healthy
+
+KEY = "replica-test-key-0123456789"
+IMAGE = {"question": "What is the total?", "image_url": data_url(png_bytes())}
+
+
+@contextmanager
+def replicas(state_url: str, vision_url: str, tmp_path: Path, count: int = 2) -> Iterator[list[httpx.Client]]:
+    """`count` orchestrator processes sharing `state_url`, as clients holding the API key."""
+    with ExitStack() as stack:
+        clients = []
+        for index in range(count):
+            port, log = unused_port(), tmp_path / f"replica-{index}.log"
+            process = start_orchestrator(
+                port,
+                log,
+                ORCH_STATE__URL=state_url,
+                ORCH_VISION__BACKEND="remote",
+                ORCH_VISION__BASE_URL=vision_url,
+                ORCH_VISION__MODEL="m",
+                ORCH_REASONING__BACKEND="none",
+                ORCH_ROUTER__KIND="keyword",
+                ORCH_API_KEYS=KEY,
+                ORCH_LOG_LEVEL="warning",
+            )
+            stack.callback(process.wait, 10)
+            stack.callback(process.terminate)
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, process, log)
+            headers = {"Authorization": f"Bearer {KEY}"}
+            clients.append(stack.enter_context(httpx.Client(base_url=url, headers=headers, timeout=10)))
+        yield clients
+
+
+def test_a_session_opened_on_one_replica_is_used_on_the_other(tmp_path: Path) -> None:
+    with (
+        redis_server() as (state_url, _),
+        running(FaultyServer(model="m")) as vision,
+        replicas(state_url, vision.base_url, tmp_path) as (first, second),
+    ):
+        opened = first.post("/v1/analyze", json=IMAGE)
+        assert opened.status_code == 200, opened.text
+        session = opened.json()["session_id"]
+        assert session
+        follow_up = second.post("/v1/analyze", json={"question": "And the date?", "session_id": session})
+        assert follow_up.status_code == 200, follow_up.text
+        assert follow_up.json()["session_id"] == session
+        back = first.post("/v1/analyze", json={"question": "And the shop?", "session_id": session})
+        assert back.status_code == 200, back.text
+        unknown = second.post("/v1/analyze", json={"question": "Hm?", "session_id": "no-such-session"})
+        assert (unknown.status_code, unknown.json()["error"]["type"]) == (404, "session_not_found")
+
+
+def test_redis_stopped_mid_load_fails_only_follow_ups_and_clearly(tmp_path: Path) -> None:
+    with (
+        redis_server() as (state_url, redis),
+        running(FaultyServer(model="m")) as vision,
+        replicas(state_url, vision.base_url, tmp_path) as clients,
+    ):
+        session = clients[0].post("/v1/analyze", json=IMAGE).json()["session_id"]
+        redis.terminate()
+        redis.wait(timeout=10)
+
+        def ask(index: int) -> httpx.Response:
+            client = clients[index % 2]
+            if index % 3 == 0:
+                return client.post("/v1/analyze", json={"question": "Again?", "session_id": session})
+            return client.post("/v1/analyze", json=IMAGE)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(48)))
+    follow_ups, fresh = answers[::3], [answer for index, answer in enumerate(answers) if index % 3]
+    for answer in fresh:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["session_id"] is None
+    for answer in follow_ups:
+        assert (answer.status_code, answer.json()["error"]["type"]) == (503, "sessions_unavailable"), answer.text
+        assert answer.headers["retry-after"] == "1"
