@@ -172,6 +172,14 @@ class SessionsUnavailable(OrchestratorError):
         self.retry_after_s = retry_after_s
 
 
+class LimitsUnavailable(OrchestratorError):
+    """The shared rate limits (Redis) failed and `rate_limit.on_state_failure` is `closed`."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotReady(OrchestratorError):
     """The backends are not loaded."""
 
@@ -207,6 +215,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     TooManyInFlight: ErrorSpec(429, "too_many_in_flight"),
     SessionNotFound: ErrorSpec(404, "session_not_found"),
     SessionsUnavailable: ErrorSpec(503, "sessions_unavailable"),
+    LimitsUnavailable: ErrorSpec(503, "rate_limits_unavailable"),
     NotReady: ErrorSpec(503, "not_ready"),
     vision.ImageEmpty: ErrorSpec(400, "image_empty"),
     vision.ImageTooLarge: ErrorSpec(413, "image_too_large"),

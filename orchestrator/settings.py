@@ -313,6 +313,9 @@ class RateLimitSettings(_Section):
     """The header the trusted proxies append to; the other one is ignored, since a client can send it too."""
     ipv6_prefix: int = Field(default=64, ge=16, le=128)
     """An IPv6 client is counted by this prefix of its address: one host or site usually holds a whole /64."""
+    on_state_failure: Literal["open", "closed"] = "open"
+    """With `ORCH_STATE__URL` (limits shared by the replicas), when that Redis fails: `open` lets requests through
+    uncounted (and logs it), `closed` refuses them (503 `rate_limits_unavailable`, retry after a second)."""
 
     @model_validator(mode="after")
     def _trusted_proxies_parse(self) -> RateLimitSettings:

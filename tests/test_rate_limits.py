@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from orchestrator.api.app import create_app
 from orchestrator.errors import RateLimited, TooManyInFlight
-from orchestrator.security.access import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware
+from orchestrator.security.access import ApiKeys, ClientAddresses, LocalLimiter, RateLimiter, SecurityMiddleware
 from orchestrator.settings import RateLimitSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
@@ -364,7 +364,7 @@ async def test_a_client_that_has_its_answer_may_send_the_next_request_at_once() 
         await send({"type": "http.response.body", "body": type(error).__name__.encode()})
 
     limiter = RateLimiter(RateLimitSettings(max_concurrent=1))
-    middleware = SecurityMiddleware(app, ApiKeys.parse(KEY), limiter, refuse, ClientAddresses())
+    middleware = SecurityMiddleware(app, ApiKeys.parse(KEY), LocalLimiter(limiter), refuse, ClientAddresses())
     scope = {"type": "http", "path": "/v1/models", "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
     answers: list[tuple[int, bytes]] = []
 

@@ -1,5 +1,6 @@
 """Two `python -m orchestrator serve` processes sharing one real `redis-server` (`ORCH_STATE__URL`): a session opened
-on one replica is used on the other, and Redis stopped mid-load answers as documented: new questions are still
+on one replica is used on the other, a key's rate limit holds across both, and Redis stopped mid-load answers as
+documented: new questions are still
 answered (without a `session_id`), follow-ups by session get 503 `sessions_unavailable` with `Retry-After`, and
 nothing else fails. The vision stage is a fast fake on loopback; the reasoning stage is off."""
 
@@ -22,11 +23,14 @@ IMAGE = {"question": "What is the total?", "image_url": data_url(png_bytes())}
 
 
 @contextmanager
-def replicas(state_url: str, vision_url: str, tmp_path: Path, count: int = 2) -> Iterator[list[httpx.Client]]:
-    """`count` orchestrator processes sharing `state_url`, as clients holding the API key."""
+def replicas(
+    state_url: str, vision_url: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> Iterator[list[httpx.Client]]:
+    """Two orchestrator processes sharing `state_url` (with the further `ORCH_…` variables `env`), as clients
+    holding the API key."""
     with ExitStack() as stack:
         clients = []
-        for index in range(count):
+        for index in range(2):
             port, log = unused_port(), tmp_path / f"replica-{index}.log"
             process = start_orchestrator(
                 port,
@@ -39,6 +43,7 @@ def replicas(state_url: str, vision_url: str, tmp_path: Path, count: int = 2) ->
                 ORCH_ROUTER__KIND="keyword",
                 ORCH_API_KEYS=KEY,
                 ORCH_LOG_LEVEL="warning",
+                **(env or {}),
             )
             stack.callback(process.wait, 10)
             stack.callback(process.terminate)
@@ -93,3 +98,15 @@ def test_redis_stopped_mid_load_fails_only_follow_ups_and_clearly(tmp_path: Path
     for answer in follow_ups:
         assert (answer.status_code, answer.json()["error"]["type"]) == (503, "sessions_unavailable"), answer.text
         assert answer.headers["retry-after"] == "1"
+
+
+def test_a_key_s_rate_limit_holds_across_both_replicas(tmp_path: Path) -> None:
+    limits = {"ORCH_RATE_LIMIT__BURST": "4", "ORCH_RATE_LIMIT__REQUESTS_PER_S": "0.01"}
+    with (
+        redis_server() as (state_url, _),
+        running(FaultyServer(model="m")) as vision,
+        replicas(state_url, vision.base_url, tmp_path, limits) as (first, second),
+    ):
+        answers = [(first, second)[index % 2].post("/v1/analyze", json=IMAGE) for index in range(8)]
+    assert [answer.status_code for answer in answers] == [200] * 4 + [429] * 4
+    assert {answer.json()["error"]["type"] for answer in answers[4:]} == {"rate_limited"}

@@ -40,7 +40,15 @@ from orchestrator.observability.audit import AuditLog, AuditMiddleware
 from orchestrator.observability.logs import accepted_request_id
 from orchestrator.observability.metrics import Metrics, MetricsMiddleware, StateCollector
 from orchestrator.observability.record import RequestRecord
-from orchestrator.security.access import ApiKeys, ClientAddresses, RateLimiter, SecurityMiddleware, is_open
+from orchestrator.security.access import (
+    ApiKeys,
+    ClientAddresses,
+    Limiter,
+    LocalLimiter,
+    RateLimiter,
+    SecurityMiddleware,
+    is_open,
+)
 from orchestrator.security.fetch import ImageFetcher
 from orchestrator.security.output_filter import OutputFilter
 from orchestrator.settings import Settings
@@ -134,7 +142,8 @@ def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: 
     app.add_middleware(DisconnectMiddleware)
     limits = settings.rate_limit
     addresses = ClientAddresses.from_settings(limits) if limits.per_address else None
-    app.add_middleware(SecurityMiddleware, keys=keys, limiter=RateLimiter(limits), refuse=_refuse, addresses=addresses)
+    app.state.limiter = _limiter(settings)
+    app.add_middleware(SecurityMiddleware, keys=keys, limiter=app.state.limiter, refuse=_refuse, addresses=addresses)
     if audit_log is not None:
         app.add_middleware(AuditMiddleware, log=audit_log, paths=AUDITED_PATHS)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=AUDITED_PATHS)
@@ -143,6 +152,16 @@ def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: 
         max_body_bytes=settings.limits.max_request_bytes,
         deadline_s=settings.limits.request_deadline_s,
     )
+
+
+def _limiter(settings: Settings) -> Limiter:
+    """The rate limits in this process, or shared by the replicas through `ORCH_STATE__URL`."""
+    if settings.state.url:
+        from orchestrator.security.shared_limits import RedisRateLimiter
+
+        stale_after_s = settings.limits.request_deadline_s + 30.0
+        return RedisRateLimiter(settings.state.url, settings.rate_limit, stale_after_s=stale_after_s)
+    return LocalLimiter(RateLimiter(settings.rate_limit))
 
 
 @asynccontextmanager
@@ -166,6 +185,9 @@ async def _services(
         app.state.services = None
         try:
             await sessions.aclose()
+            close = getattr(app.state.limiter, "aclose", None)
+            if close is not None:
+                await close()
         finally:
             await loaded.aclose()
 

@@ -35,13 +35,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.errors import (
     ApiKeyInvalid,
     ApiKeyMissing,
+    LimitsUnavailable,
     OrchestratorError,
     RateLimited,
     Throttled,
@@ -306,6 +307,29 @@ class ClientAddresses:
         return [parse_address(node) for node in nodes]
 
 
+class Limiter(Protocol):
+    """What `SecurityMiddleware` asks of a limiter: a ticket for a request's clients (or a refusal), given back after
+    it. `LocalLimiter` in this process; `shared_limits.RedisRateLimiter` across replicas."""
+
+    async def acquire(self, *clients: str) -> object: ...
+
+    async def release(self, ticket: Any) -> None: ...
+
+
+class LocalLimiter:
+    """`RateLimiter` behind the `Limiter` protocol: the ticket is the clients."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    async def acquire(self, *clients: str) -> tuple[str, ...]:
+        self.limiter.acquire(*clients)
+        return clients
+
+    async def release(self, ticket: tuple[str, ...]) -> None:
+        self.limiter.release(*ticket)
+
+
 class SecurityMiddleware:
     """Authentication, then rate limits, for every HTTP request to a path that is not open (module docstring).
     `addresses`: count each request against its client's address too (`rate_limit.per_address`)."""
@@ -314,7 +338,7 @@ class SecurityMiddleware:
         self,
         app: ASGIApp,
         keys: ApiKeys,
-        limiter: RateLimiter,
+        limiter: Limiter,
         refuse: Refuse,
         addresses: ClientAddresses | None = None,
     ) -> None:
@@ -330,27 +354,27 @@ class SecurityMiddleware:
             return
         try:
             clients = self._clients(scope)
-            self.limiter.acquire(*clients)
-        except (Unauthenticated, Throttled) as exc:
+            ticket = await self.limiter.acquire(*clients)
+        except (Unauthenticated, Throttled, LimitsUnavailable) as exc:
             await self.refuse(scope, receive, send, exc)
             return
         released = False
 
-        def release() -> None:
+        async def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.limiter.release(*clients)
+                await self.limiter.release(ticket)
 
         async def send_and_release(message: Message) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                release()  # before the last byte goes out: a client holding its answer is no longer in flight
+                await release()  # before the last byte goes out: a client holding its answer is no longer in flight
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_release)
         finally:
-            release()
+            await release()
 
     def _clients(self, scope: Scope) -> tuple[str, ...]:
         """Whom the limits count the request against: `key:<id>` once authenticated (with keys), and
