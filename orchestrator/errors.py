@@ -164,6 +164,18 @@ class SessionNotFound(RequestInvalid):
     """A session id this caller has no live session under."""
 
 
+class FileNotFound(RequestInvalid):
+    """A batch file id this caller has no file under."""
+
+
+class BatchNotFound(RequestInvalid):
+    """A batch id this caller has no batch under."""
+
+
+class BatchInvalid(RequestInvalid):
+    """A batch or batch file the Batch API cannot take (its purpose, endpoint or window)."""
+
+
 class SessionsUnavailable(OrchestratorError):
     """The shared session store (Redis) failed or did not answer in time; `retry_after_s` says when to try again."""
 
@@ -214,6 +226,9 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     RateLimited: ErrorSpec(429, "rate_limited"),
     TooManyInFlight: ErrorSpec(429, "too_many_in_flight"),
     SessionNotFound: ErrorSpec(404, "session_not_found"),
+    FileNotFound: ErrorSpec(404, "file_not_found"),
+    BatchNotFound: ErrorSpec(404, "batch_not_found"),
+    BatchInvalid: ErrorSpec(400, "invalid_batch"),
     SessionsUnavailable: ErrorSpec(503, "sessions_unavailable"),
     LimitsUnavailable: ErrorSpec(503, "rate_limits_unavailable"),
     NotReady: ErrorSpec(503, "not_ready"),

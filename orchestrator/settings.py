@@ -385,6 +385,17 @@ class CacheSettings(_Section):
     pixels hit."""
 
 
+class BatchSettings(_Section):
+    """The OpenAI Batch API (`orchestrator.bulk`): where its files live and how much bulk work runs at once."""
+
+    directory: Path | None = None
+    """Where batch files and records are kept; unset: a temporary directory of this process (gone with it)."""
+    workers: int = Field(default=2, ge=1, le=64)
+    """Batches run at once."""
+    concurrency: int = Field(default=4, ge=1, le=256)
+    """Requests of one batch in flight at once: the LLM is fed several at a time."""
+
+
 class StateSettings(_Section):
     """What replicas share (`ORCH_STATE__URL`): sessions, and the vision cache unless `ORCH_CACHE__URL` names another
     Redis. Unset: each process keeps its own, in memory."""
@@ -432,6 +443,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     sessions: SessionSettings = SessionSettings()
     state: StateSettings = StateSettings()
+    batch: BatchSettings = BatchSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     """`json`: one object per line with the request id (`orchestrator.observability.logs`); `text`: plain lines."""

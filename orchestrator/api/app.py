@@ -9,10 +9,13 @@ own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,12 +31,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter, Router
 from orchestrator.analysis.sessions import build_sessions
+from orchestrator.api.batch_routes import api as batch_api
 from orchestrator.api.deps import Services
 from orchestrator.api.disconnect import DisconnectMiddleware
 from orchestrator.api.events import describe_error
 from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import SCHEMA_MODELS, api
 from orchestrator.api.web import web
+from orchestrator.bulk.files import BulkStore
+from orchestrator.bulk.runner import BatchRunner
 from orchestrator.errors import ROOTS, ErrorSpec, OrchestratorError, RequestTooLarge, Unauthenticated, retry_after_s
 from orchestrator.observability import logs
 from orchestrator.observability.audit import AuditLog, AuditMiddleware
@@ -95,6 +101,7 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
                 stack.push_async_callback(app.state.image_fetcher.aclose)
                 stack.callback(setattr, app.state, "image_fetcher", None)
             async with _services(app, settings, backends, router):
+                app.state.batches = await stack.enter_async_context(_batches(app, settings))
                 yield
 
     app = FastAPI(
@@ -105,9 +112,11 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
     )
     app.state.services = None
     app.state.image_fetcher = None
+    app.state.batches = None
     app.state.started = time.time()
     app.state.metrics = _metrics(app)
     app.include_router(api)
+    app.include_router(batch_api)
     app.include_router(web)
     app.add_api_route("/metrics", _scrape, methods=["GET"], summary="Prometheus metrics", response_class=Response)
     app.openapi = _openapi(app, SCHEMA_MODELS, secured=keys.enabled)  # type: ignore[method-assign]
@@ -152,6 +161,22 @@ def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: 
         max_body_bytes=settings.limits.max_request_bytes,
         deadline_s=settings.limits.request_deadline_s,
     )
+
+
+@asynccontextmanager
+async def _batches(app: FastAPI, settings: Settings) -> AsyncIterator[BatchRunner]:
+    """The Batch API's store (`ORCH_BATCH__DIRECTORY`, or a temporary directory) and its running workers."""
+    with contextlib.ExitStack() as folders:
+        directory = settings.batch.directory or Path(folders.enter_context(tempfile.TemporaryDirectory("-batches")))
+        runner = BatchRunner(
+            app, BulkStore(directory), workers=settings.batch.workers, concurrency=settings.batch.concurrency
+        )
+        runner.start()
+        try:
+            yield runner
+        finally:
+            app.state.batches = None
+            await runner.aclose()
 
 
 def _limiter(settings: Settings) -> Limiter:

@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.bulk.runner import BATCH_OWNER
 from orchestrator.errors import (
     ApiKeyInvalid,
     ApiKeyMissing,
@@ -350,6 +351,11 @@ class SecurityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        owner = scope.get(BATCH_OWNER)
+        if isinstance(owner, str):  # a request of a batch, sent in-process for its owner: no key, no limits
+            RequestRecord.of(scope).key_id = owner
             await self.app(scope, receive, send)
             return
         try:

@@ -1,0 +1,118 @@
+"""The OpenAI Batch API's endpoints, so that the official client's `files` and `batches` work unchanged
+(`orchestrator.bulk` keeps the files and runs the batches).
+
+Files and batches belong to their caller: the API key's id, or the client's address without keys. Another caller's
+id answers `404 file_not_found` / `404 batch_not_found`, as an unknown one does. An upload is bounded by
+`ORCH_LIMITS__MAX_REQUEST_BYTES` like every request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+
+from orchestrator.bulk.files import ENDPOINTS, BulkStore, new_batch
+from orchestrator.bulk.runner import BatchRunner
+from orchestrator.errors import BatchInvalid, NotReady, ValidationFailed
+from orchestrator.observability.record import RequestRecord
+
+api = APIRouter(tags=["batch"])
+Identifier = Annotated[str, Path(max_length=64)]
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+def owner_of(request: Request) -> str:
+    """Who a file or batch belongs to: the API key's id, or the client's address without keys."""
+    record = RequestRecord.of(request.scope)
+    if record.key_id:
+        return record.key_id
+    return f"client:{record.client.rsplit(':', 1)[0] if record.client else '-'}"
+
+
+def runner_of(request: Request) -> BatchRunner:
+    runner: BatchRunner | None = getattr(request.app.state, "batches", None)
+    if runner is None:
+        raise NotReady("the batch runner is not started")
+    return runner
+
+
+def store_of(request: Request) -> BulkStore:
+    return runner_of(request).store
+
+
+@api.post("/v1/files", summary="Upload a batch input file (OpenAI `files.create`, `purpose=batch`)")
+async def create_file(request: Request) -> dict[str, Any]:
+    form = await request.form()
+    upload, purpose = form.get("file"), form.get("purpose")
+    if not isinstance(upload, UploadFile):
+        raise ValidationFailed("the form needs a `file` part (the JSONL of requests)")
+    if purpose != "batch":
+        raise BatchInvalid(f"`purpose` must be `batch`, not {purpose!r}: this service keeps batch files only")
+    data = await upload.read()
+    return store_of(request).add_file(owner_of(request), upload.filename or "input.jsonl", "batch", data).out()
+
+
+@api.get("/v1/files/{file_id}", summary="A file's record (OpenAI `files.retrieve`)")
+async def get_file(request: Request, file_id: Identifier) -> dict[str, Any]:
+    return store_of(request).file(file_id, owner_of(request)).out()
+
+
+@api.get("/v1/files/{file_id}/content", summary="A file's bytes (OpenAI `files.content`)")
+async def get_file_content(request: Request, file_id: Identifier) -> Response:
+    store = store_of(request)
+    record = store.file(file_id, owner_of(request))
+    return Response(store.content(record), media_type="application/jsonl")
+
+
+@api.post("/v1/batches", summary="Run a file of requests in the background (OpenAI `batches.create`)")
+async def create_batch(request: Request, body: BatchCreate) -> dict[str, Any]:
+    if body.endpoint not in ENDPOINTS:
+        raise BatchInvalid(f"`endpoint` must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}")
+    if body.completion_window != "24h":
+        raise BatchInvalid(f"`completion_window` must be `24h`, not {body.completion_window!r}")
+    owner, runner = owner_of(request), runner_of(request)
+    source = runner.store.file(body.input_file_id, owner)
+    if source.purpose != "batch":
+        raise BatchInvalid(f"file {source.id!r} is a batch's output, not an input")
+    record = new_batch(owner, body.endpoint, source.id, body.completion_window, body.metadata)
+    return runner.submit(record).out()
+
+
+@api.get("/v1/batches/{batch_id}", summary="A batch, with its progress (OpenAI `batches.retrieve`)")
+async def get_batch(request: Request, batch_id: Identifier) -> dict[str, Any]:
+    return store_of(request).batch(batch_id, owner_of(request)).out()
+
+
+@api.get("/v1/batches", summary="The caller's batches, newest first (OpenAI `batches.list`)")
+async def list_batches(
+    request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
+) -> dict[str, Any]:
+    records = store_of(request).batches(owner_of(request))
+    if after is not None:
+        ids = [record.id for record in records]
+        records = records[ids.index(after) + 1 :] if after in ids else []
+    page = records[:limit]
+    return {
+        "object": "list",
+        "data": [record.out() for record in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(records) > limit,
+    }
+
+
+@api.post("/v1/batches/{batch_id}/cancel", summary="Stop a batch; what it answered is kept (OpenAI `batches.cancel`)")
+async def cancel_batch(request: Request, batch_id: Identifier) -> dict[str, Any]:
+    runner = runner_of(request)
+    return runner.cancel(runner.store.batch(batch_id, owner_of(request))).out()

@@ -1,0 +1,212 @@
+"""Running batches: this process's workers take batches from an in-process queue, check their input file, and send
+each request through the app itself, as its owner, collecting the answers into the output and error files.
+
+A request of a batch goes through the same middleware and handlers as one from a client (the same validation,
+pipeline, output filter, audit record and metrics), marked in its ASGI scope with `BATCH_OWNER`, which no HTTP
+client can set: `SecurityMiddleware` then takes the owner from it instead of an API key and counts it against no
+rate limit (the runner paces bulk work itself: `workers` batches at once, `concurrency` requests of each). Interactive
+requests keep their limits and are served first by nothing more than that bound.
+
+The input is checked whole before anything runs, as OpenAI does: every line a JSON object with a `custom_id` unique in
+the file, `method` `POST`, `url` the batch's endpoint and a `body` object. A file that fails is a `failed` batch with
+one error per bad line. A 2xx answer goes to the output file, anything else to the error file, each line
+`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`. A cancelled batch stops taking new
+requests, lets those under way finish, and keeps what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from starlette.types import ASGIApp, Message
+
+from orchestrator.bulk.files import BatchRecord, BatchStatus, BulkStore, Counts
+
+log = logging.getLogger(__name__)
+
+BATCH_OWNER = "orchestrator.batch_owner"
+"""The ASGI scope key that marks a request a batch sends for its owner."""
+
+
+class BatchRunner:
+    """The queue and the workers (module docstring)."""
+
+    def __init__(self, app: ASGIApp, store: BulkStore, *, workers: int = 2, concurrency: int = 4) -> None:
+        self.app = app
+        self.store = store
+        self._workers = workers
+        self._concurrency = concurrency
+        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._cancelled: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_progress: Callable[[BatchRecord], None] = lambda record: None
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"batch-worker-{n}") for n in range(self._workers)]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def submit(self, record: BatchRecord) -> BatchRecord:
+        self.store.put_batch(record)
+        self._queue.put_nowait((record.id, record.owner))
+        return record
+
+    def cancel(self, record: BatchRecord) -> BatchRecord:
+        """`cancelling` until the worker stops it (at once when it has not started)."""
+        if record.status not in ("validating", "in_progress"):
+            return record
+        self._cancelled.add(record.id)
+        return self.store.put_batch(record.entering("cancelling"))
+
+    async def _work(self) -> None:
+        while True:
+            batch_id, owner = await self._queue.get()
+            try:
+                await self._run(self.store.batch(batch_id, owner))
+            except Exception:  # a worker never dies of one batch
+                log.exception("batch %s failed to run", batch_id)
+
+    async def _run(self, record: BatchRecord) -> None:
+        if record.id in self._cancelled:
+            self.store.put_batch(record.entering("cancelled"))
+            return
+        lines, errors = read_input(self.store.content(self.store.file(record.input_file_id, record.owner)), record)
+        if errors:
+            self.store.put_batch(record.entering("failed", errors=tuple(errors)))
+            return
+        record = self.store.put_batch(record.entering("in_progress", counts=Counts(total=len(lines))))
+        results: list[dict[str, Any] | None] = [None] * len(lines)
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(index: int, line: dict[str, Any]) -> None:
+            nonlocal record
+            async with gate:
+                if record.id in self._cancelled:
+                    return
+                results[index] = await self._call(record, line)
+            ok = 200 <= results[index]["response"]["status_code"] < 300  # type: ignore[index]
+            counts = record.counts
+            tally = Counts(counts.total, counts.completed + ok, counts.failed + (not ok))
+            record = self.store.put_batch(replace(record, counts=tally))
+            self.on_progress(record)
+
+        await asyncio.gather(*(one(index, line) for index, line in enumerate(lines)))
+        self._finish(record, [result for result in results if result is not None])
+
+    def _finish(self, record: BatchRecord, results: list[dict[str, Any]]) -> None:
+        record = self.store.put_batch(record.entering("finalizing"))
+        done = [entry for entry in results if 200 <= entry["response"]["status_code"] < 300]
+        failed = [entry for entry in results if entry not in done]
+        output = self._file(record, "output", done) if done else None
+        error = self._file(record, "error", failed) if failed else None
+        final: BatchStatus = "cancelled" if record.id in self._cancelled else "completed"
+        self._cancelled.discard(record.id)
+        self.on_progress(self.store.put_batch(record.entering(final, output_file_id=output, error_file_id=error)))
+
+    def _file(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> str:
+        data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode()
+        return self.store.add_file(record.owner, f"{record.id}_{kind}.jsonl", "batch_output", data).id
+
+    async def _call(self, record: BatchRecord, line: dict[str, Any]) -> dict[str, Any]:
+        status, headers, body = await call_app(self.app, record.owner, record.endpoint, line["body"])
+        response = {"status_code": status, "request_id": headers.get("x-request-id"), "body": body}
+        return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line["custom_id"], "response": response,
+                "error": None}  # fmt: skip
+
+
+def read_input(data: bytes, record: BatchRecord) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The requests of a batch's input file, or the errors of its bad lines (module docstring)."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return [], [_error(None, "the input file is not UTF-8 text")]
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        problem = _problem(raw, record.endpoint, seen)
+        if isinstance(problem, str):
+            errors.append(_error(number, problem))
+        else:
+            lines.append(problem)
+    if not lines and not errors:
+        errors.append(_error(None, "the input file holds no requests"))
+    return lines, errors
+
+
+def _problem(raw: str, endpoint: str, seen: set[str]) -> dict[str, Any] | str:
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return "not a JSON object"
+    if not isinstance(line, dict):
+        return "not a JSON object"
+    custom_id, body = line.get("custom_id"), line.get("body")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "`custom_id` must be a non-empty string"
+    if custom_id in seen:
+        return f"`custom_id` {custom_id!r} is used twice"
+    if line.get("method") != "POST":
+        return "`method` must be POST"
+    if line.get("url") != endpoint:
+        return f"`url` must be the batch's endpoint, {endpoint}"
+    if not isinstance(body, dict):
+        return "`body` must be a JSON object"
+    seen.add(custom_id)
+    return line
+
+
+def _error(line: int | None, message: str) -> dict[str, Any]:
+    return {"code": "invalid_request", "message": message, "param": None, "line": line}
+
+
+async def call_app(app: ASGIApp, owner: str, path: str, body: Any) -> tuple[int, dict[str, str], Any]:
+    """POST `body` as JSON to `path` of `app`, in-process, as a request of `owner`'s batch: status, headers, and the
+    JSON answer (the text, when it is not JSON)."""
+    payload = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), BATCH_OWNER: owner,
+    }  # fmt: skip
+    finished = asyncio.Event()
+    pending: list[Message] = [{"type": "http.request", "body": payload, "more_body": False}]
+    status, headers, chunks = 500, dict[str, str](), list[bytes]()
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop()
+        await finished.wait()  # no disconnect before the answer is whole: the batch is waiting for it
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers.update((name.decode().lower(), value.decode()) for name, value in message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                finished.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        finished.set()
+    text = b"".join(chunks).decode(errors="replace")
+    try:
+        return status, headers, json.loads(text)
+    except ValueError:
+        return status, headers, text
