@@ -393,7 +393,11 @@ class BatchSettings(_Section):
     workers: int = Field(default=2, ge=1, le=64)
     """Batches run at once."""
     concurrency: int = Field(default=4, ge=1, le=256)
-    """Requests of one batch in flight at once: the LLM is fed several at a time."""
+    """Requests of one batch in flight at once: the LLM is fed several at a time. With `ORCH_STATE__URL`, each
+    replica runs `workers × concurrency` requests at once, of whichever batches are queued."""
+    visibility_s: float = Field(default=60.0, ge=1.0)
+    """With `ORCH_STATE__URL`: a request a replica took and has not finished after this long is taken by another
+    (the replica is presumed dead); keep it above `ORCH_LIMITS__REQUEST_DEADLINE_S`."""
 
 
 class StateSettings(_Section):

@@ -39,7 +39,7 @@ from orchestrator.api.inputs import validation_problems
 from orchestrator.api.routes import SCHEMA_MODELS, api
 from orchestrator.api.web import web
 from orchestrator.bulk.files import BulkStore
-from orchestrator.bulk.runner import BatchRunner
+from orchestrator.bulk.runner import Batches, BatchRunner
 from orchestrator.errors import ROOTS, ErrorSpec, OrchestratorError, RequestTooLarge, Unauthenticated, retry_after_s
 from orchestrator.observability import logs
 from orchestrator.observability.audit import AuditLog, AuditMiddleware
@@ -164,8 +164,23 @@ def _add_middleware(app: FastAPI, settings: Settings, keys: ApiKeys, audit_log: 
 
 
 @asynccontextmanager
-async def _batches(app: FastAPI, settings: Settings) -> AsyncIterator[BatchRunner]:
-    """The Batch API's store (`ORCH_BATCH__DIRECTORY`, or a temporary directory) and its running workers."""
+async def _batches(app: FastAPI, settings: Settings) -> AsyncIterator[Batches]:
+    """The Batch API's files and batches with their running workers: shared by the replicas through
+    `ORCH_STATE__URL`, or this process's own (`ORCH_BATCH__DIRECTORY`, or a temporary directory)."""
+    batch = settings.batch
+    if settings.state.url:
+        from orchestrator.bulk.shared import SharedBatches
+
+        shared = SharedBatches(
+            app, settings.state.url, workers=batch.workers * batch.concurrency, visibility_s=batch.visibility_s
+        )
+        await shared.start()
+        try:
+            yield shared
+        finally:
+            app.state.batches = None
+            await shared.aclose()
+        return
     with contextlib.ExitStack() as folders:
         directory = settings.batch.directory or Path(folders.enter_context(tempfile.TemporaryDirectory("-batches")))
         runner = BatchRunner(

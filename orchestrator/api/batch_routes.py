@@ -14,8 +14,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from orchestrator.bulk.files import ENDPOINTS, BulkStore, new_batch
-from orchestrator.bulk.runner import BatchRunner
+from orchestrator.bulk.files import ENDPOINTS, new_batch
+from orchestrator.bulk.runner import Batches
 from orchestrator.errors import BatchInvalid, NotReady, ValidationFailed
 from orchestrator.observability.record import RequestRecord
 
@@ -40,15 +40,11 @@ def owner_of(request: Request) -> str:
     return f"client:{record.client.rsplit(':', 1)[0] if record.client else '-'}"
 
 
-def runner_of(request: Request) -> BatchRunner:
-    runner: BatchRunner | None = getattr(request.app.state, "batches", None)
-    if runner is None:
+def batches_of(request: Request) -> Batches:
+    batches: Batches | None = getattr(request.app.state, "batches", None)
+    if batches is None:
         raise NotReady("the batch runner is not started")
-    return runner
-
-
-def store_of(request: Request) -> BulkStore:
-    return runner_of(request).store
+    return batches
 
 
 @api.post("/v1/files", summary="Upload a batch input file (OpenAI `files.create`, `purpose=batch`)")
@@ -60,19 +56,20 @@ async def create_file(request: Request) -> dict[str, Any]:
     if purpose != "batch":
         raise BatchInvalid(f"`purpose` must be `batch`, not {purpose!r}: this service keeps batch files only")
     data = await upload.read()
-    return store_of(request).add_file(owner_of(request), upload.filename or "input.jsonl", "batch", data).out()
+    record = await batches_of(request).add_file(owner_of(request), upload.filename or "input.jsonl", "batch", data)
+    return record.out()
 
 
 @api.get("/v1/files/{file_id}", summary="A file's record (OpenAI `files.retrieve`)")
 async def get_file(request: Request, file_id: Identifier) -> dict[str, Any]:
-    return store_of(request).file(file_id, owner_of(request)).out()
+    return (await batches_of(request).file(file_id, owner_of(request))).out()
 
 
 @api.get("/v1/files/{file_id}/content", summary="A file's bytes (OpenAI `files.content`)")
 async def get_file_content(request: Request, file_id: Identifier) -> Response:
-    store = store_of(request)
-    record = store.file(file_id, owner_of(request))
-    return Response(store.content(record), media_type="application/jsonl")
+    batches = batches_of(request)
+    record = await batches.file(file_id, owner_of(request))
+    return Response(await batches.content(record), media_type="application/jsonl")
 
 
 @api.post("/v1/batches", summary="Run a file of requests in the background (OpenAI `batches.create`)")
@@ -81,24 +78,24 @@ async def create_batch(request: Request, body: BatchCreate) -> dict[str, Any]:
         raise BatchInvalid(f"`endpoint` must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}")
     if body.completion_window != "24h":
         raise BatchInvalid(f"`completion_window` must be `24h`, not {body.completion_window!r}")
-    owner, runner = owner_of(request), runner_of(request)
-    source = runner.store.file(body.input_file_id, owner)
+    owner, batches = owner_of(request), batches_of(request)
+    source = await batches.file(body.input_file_id, owner)
     if source.purpose != "batch":
         raise BatchInvalid(f"file {source.id!r} is a batch's output, not an input")
     record = new_batch(owner, body.endpoint, source.id, body.completion_window, body.metadata)
-    return runner.submit(record).out()
+    return (await batches.submit(record)).out()
 
 
 @api.get("/v1/batches/{batch_id}", summary="A batch, with its progress (OpenAI `batches.retrieve`)")
 async def get_batch(request: Request, batch_id: Identifier) -> dict[str, Any]:
-    return store_of(request).batch(batch_id, owner_of(request)).out()
+    return (await batches_of(request).batch(batch_id, owner_of(request))).out()
 
 
 @api.get("/v1/batches", summary="The caller's batches, newest first (OpenAI `batches.list`)")
 async def list_batches(
     request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
 ) -> dict[str, Any]:
-    records = store_of(request).batches(owner_of(request))
+    records = await batches_of(request).batches(owner_of(request))
     if after is not None:
         ids = [record.id for record in records]
         records = records[ids.index(after) + 1 :] if after in ids else []
@@ -114,5 +111,5 @@ async def list_batches(
 
 @api.post("/v1/batches/{batch_id}/cancel", summary="Stop a batch; what it answered is kept (OpenAI `batches.cancel`)")
 async def cancel_batch(request: Request, batch_id: Identifier) -> dict[str, Any]:
-    runner = runner_of(request)
-    return runner.cancel(runner.store.batch(batch_id, owner_of(request))).out()
+    batches = batches_of(request)
+    return (await batches.cancel(await batches.batch(batch_id, owner_of(request)))).out()

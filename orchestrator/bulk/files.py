@@ -99,7 +99,7 @@ class BulkStore:
             (directory / folder).mkdir(parents=True, exist_ok=True)
 
     def add_file(self, owner: str, filename: str, purpose: str, data: bytes) -> FileRecord:
-        record = FileRecord(_new_id("file"), owner, len(data), int(time.time()), filename, purpose)
+        record = FileRecord(new_id("file"), owner, len(data), int(time.time()), filename, purpose)
         _write(self.directory / "files" / record.id, data)
         _write(self.directory / "files" / f"{record.id}.json", json.dumps(asdict(record)).encode())
         return record
@@ -150,11 +150,11 @@ class BulkStore:
 def new_batch(
     owner: str, endpoint: str, input_file_id: str, window: str, metadata: dict[str, str] | None
 ) -> BatchRecord:
-    return BatchRecord(_new_id("batch"), owner, endpoint, input_file_id, window, "validating", int(time.time()),
+    return BatchRecord(new_id("batch"), owner, endpoint, input_file_id, window, "validating", int(time.time()),
                        metadata)  # fmt: skip
 
 
-def _new_id(kind: str) -> str:
+def new_id(kind: str) -> str:
     return f"{kind}_{secrets.token_hex(12)}"
 
 

@@ -22,16 +22,37 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message
 
-from orchestrator.bulk.files import BatchRecord, BatchStatus, BulkStore, Counts
+from orchestrator.bulk.files import BatchRecord, BatchStatus, BulkStore, Counts, FileRecord
 
 log = logging.getLogger(__name__)
 
 BATCH_OWNER = "orchestrator.batch_owner"
 """The ASGI scope key that marks a request a batch sends for its owner."""
+
+
+class Batches(Protocol):
+    """What the Batch API's endpoints ask of bulk work: `BatchRunner` in this process, or
+    `orchestrator.bulk.shared.SharedBatches` across the replicas (`ORCH_STATE__URL`)."""
+
+    async def add_file(self, owner: str, filename: str, purpose: str, data: bytes) -> FileRecord: ...
+
+    async def file(self, file_id: str, owner: str) -> FileRecord: ...
+
+    async def content(self, record: FileRecord) -> bytes: ...
+
+    async def submit(self, record: BatchRecord) -> BatchRecord: ...
+
+    async def batch(self, batch_id: str, owner: str) -> BatchRecord: ...
+
+    async def batches(self, owner: str) -> list[BatchRecord]: ...
+
+    async def cancel(self, record: BatchRecord) -> BatchRecord: ...
+
+    async def aclose(self) -> None: ...
 
 
 class BatchRunner:
@@ -55,12 +76,27 @@ class BatchRunner:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def submit(self, record: BatchRecord) -> BatchRecord:
+    async def add_file(self, owner: str, filename: str, purpose: str, data: bytes) -> FileRecord:
+        return self.store.add_file(owner, filename, purpose, data)
+
+    async def file(self, file_id: str, owner: str) -> FileRecord:
+        return self.store.file(file_id, owner)
+
+    async def content(self, record: FileRecord) -> bytes:
+        return self.store.content(record)
+
+    async def batch(self, batch_id: str, owner: str) -> BatchRecord:
+        return self.store.batch(batch_id, owner)
+
+    async def batches(self, owner: str) -> list[BatchRecord]:
+        return self.store.batches(owner)
+
+    async def submit(self, record: BatchRecord) -> BatchRecord:
         self.store.put_batch(record)
         self._queue.put_nowait((record.id, record.owner))
         return record
 
-    def cancel(self, record: BatchRecord) -> BatchRecord:
+    async def cancel(self, record: BatchRecord) -> BatchRecord:
         """`cancelling` until the worker stops it (at once when it has not started)."""
         if record.status not in ("validating", "in_progress"):
             return record
@@ -117,10 +153,20 @@ class BatchRunner:
         return self.store.add_file(record.owner, f"{record.id}_{kind}.jsonl", "batch_output", data).id
 
     async def _call(self, record: BatchRecord, line: dict[str, Any]) -> dict[str, Any]:
-        status, headers, body = await call_app(self.app, record.owner, record.endpoint, line["body"])
-        response = {"status_code": status, "request_id": headers.get("x-request-id"), "body": body}
-        return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line["custom_id"], "response": response,
-                "error": None}  # fmt: skip
+        return await run_line(self.app, record, line)
+
+
+async def run_line(app: ASGIApp, record: BatchRecord, line: dict[str, Any]) -> dict[str, Any]:
+    """One request of `record`'s input through `app`, as the output or error file's line."""
+    status, headers, body = await call_app(app, record.owner, record.endpoint, line["body"])
+    response = {"status_code": status, "request_id": headers.get("x-request-id"), "body": body}
+    return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line["custom_id"], "response": response,
+            "error": None}  # fmt: skip
+
+
+def answered(entry: dict[str, Any]) -> bool:
+    """Whether a result line goes to the output file (a 2xx answer) rather than the error file."""
+    return 200 <= int(entry["response"]["status_code"]) < 300
 
 
 def read_input(data: bytes, record: BatchRecord) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

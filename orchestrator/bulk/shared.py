@@ -1,0 +1,208 @@
+"""Batches shared by the replicas through Redis (`ORCH_STATE__URL`): a batch created on one replica is run by the
+workers of all of them and read back on any, and a replica that dies mid-item loses nothing.
+
+Files are Redis hashes (`bulk:file:<id>`: the record and the bytes), batches are records (`bulk:batch:<id>`) with
+their counts beside them (`bulk:counts:<id>`), and each owner's batches an index by creation time. Once a batch's
+input checks out, each of its requests becomes one entry of a Redis Stream (`bulk:items`) read through one consumer
+group by every replica's workers. A worker acknowledges an entry only after its result is stored
+(`bulk:results:<batch>`, one field per line, written only if absent, so that an entry run twice counts once); an
+entry a dead replica took and never acknowledged is claimed by another worker once it has waited `visibility_s`
+(`XAUTOCLAIM`), and run again. The worker that stores a batch's last result writes its output and error files and
+completes it; a batch being cancelled skips its remaining entries and ends `cancelled` with what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from orchestrator.bulk.files import BatchRecord, Counts, FileRecord, new_id
+from orchestrator.bulk.runner import answered, read_input, run_line
+from orchestrator.errors import BatchNotFound, FileNotFound
+
+log = logging.getLogger(__name__)
+
+STREAM = "bulk:items"
+GROUP = "workers"
+RETENTION_S = 7 * 24 * 3600
+"""How long files, batches and results are kept."""
+
+
+class SharedBatches:
+    """The Batch API's files and batches in Redis at `url`, run by `workers` tasks of this replica (module
+    docstring)."""
+
+    def __init__(self, app: ASGIApp, url: str, *, workers: int, visibility_s: float) -> None:
+        import redis.asyncio as redis
+
+        self.app = app
+        self._client = redis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0)
+        self._workers = workers
+        self._visibility_ms = int(visibility_s * 1000)
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            await self._client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:  # BUSYGROUP: another replica made it
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._tasks = [asyncio.create_task(self._work(), name=f"batch-worker-{n}") for n in range(self._workers)]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._client.aclose()
+
+    # --- files and batches --------------------------------------------------------------------------------------
+
+    async def add_file(self, owner: str, filename: str, purpose: str, data: bytes) -> FileRecord:
+        record = FileRecord(new_id("file"), owner, len(data), int(time.time()), filename, purpose)
+        key = f"bulk:file:{record.id}"
+        await self._client.hset(key, mapping={"record": json.dumps(asdict(record)), "data": data})
+        await self._client.expire(key, RETENTION_S)
+        return record
+
+    async def file(self, file_id: str, owner: str) -> FileRecord:
+        found = await self._client.hget(f"bulk:file:{file_id}", "record")
+        record = FileRecord(**json.loads(found)) if found else None
+        if record is None or record.owner != owner:
+            raise FileNotFound(f"no file {file_id!r} of this caller")
+        return record
+
+    async def content(self, record: FileRecord) -> bytes:
+        data: Any = await self._client.hget(f"bulk:file:{record.id}", "data")
+        return bytes(data or b"")
+
+    async def batch(self, batch_id: str, owner: str) -> BatchRecord:
+        record = await self._read(batch_id)
+        if record is None or record.owner != owner:
+            raise BatchNotFound(f"no batch {batch_id!r} of this caller")
+        return record
+
+    async def batches(self, owner: str) -> list[BatchRecord]:
+        ids: Any = await self._client.zrevrange(f"bulk:owner:{owner}", 0, -1)
+        records = [await self._read(batch_id.decode()) for batch_id in ids]
+        return [record for record in records if record is not None]
+
+    async def submit(self, record: BatchRecord) -> BatchRecord:
+        await self._client.zadd(f"bulk:owner:{record.owner}", {record.id: record.created_at})
+        lines, errors = read_input(await self.content(await self.file(record.input_file_id, record.owner)), record)
+        if errors:
+            return await self._write(record.entering("failed", errors=tuple(errors)))
+        record = await self._write(record.entering("in_progress", counts=Counts(total=len(lines))))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for index, line in enumerate(lines):
+                pipe.xadd(STREAM, {"batch": record.id, "index": index, "line": json.dumps(line)})
+            await pipe.execute()
+        return record
+
+    async def cancel(self, record: BatchRecord) -> BatchRecord:
+        if record.status not in ("validating", "in_progress"):
+            return record
+        record = await self._write(record.entering("cancelling"))
+        await self._maybe_finish(record.id)
+        return await self._read(record.id) or record
+
+    async def _read(self, batch_id: str) -> BatchRecord | None:
+        found = await self._client.get(f"bulk:batch:{batch_id}")
+        if not found:
+            return None
+        data = json.loads(found)
+        counts = await self._client.hgetall(f"bulk:counts:{batch_id}")
+        data["counts"] = Counts(
+            total=data["counts"]["total"],
+            completed=int(counts.get(b"completed", 0)),
+            failed=int(counts.get(b"failed", 0)),
+        )
+        data["errors"] = tuple(data["errors"])
+        return BatchRecord(**data)
+
+    async def _write(self, record: BatchRecord) -> BatchRecord:
+        await self._client.set(f"bulk:batch:{record.id}", json.dumps(asdict(record)), ex=RETENTION_S)
+        return record
+
+    # --- the workers ----------------------------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                entry = await self._next()
+                if entry is not None:
+                    await self._run(*entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away, or one entry that failed: keep serving
+                log.exception("batch worker: an entry failed")
+                await asyncio.sleep(1.0)
+
+    async def _next(self) -> tuple[bytes, dict[bytes, bytes]] | None:
+        """An entry another worker left unacknowledged for `visibility_s`, else a new one (waiting up to a second)."""
+        claimed: Any = await self._client.xautoclaim(STREAM, GROUP, self._consumer, self._visibility_ms, "0-0", count=1)
+        if claimed and claimed[1]:
+            entry_id, fields = claimed[1][0]
+            if fields:
+                return entry_id, fields
+        fresh: Any = await self._client.xreadgroup(GROUP, self._consumer, {STREAM: ">"}, count=1, block=1000)
+        if fresh and fresh[0][1]:
+            entry_id, fields = fresh[0][1][0]
+            return entry_id, fields
+        return None
+
+    async def _run(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        batch_id, index = fields[b"batch"].decode(), fields[b"index"].decode()
+        record = await self._read(batch_id)
+        results = f"bulk:results:{batch_id}"
+        if record is not None and record.status == "in_progress" and not await self._client.hexists(results, index):
+            result = await run_line(self.app, record, json.loads(fields[b"line"]))
+            if await self._client.hsetnx(results, index, json.dumps(result, ensure_ascii=False)):
+                await self._client.expire(results, RETENTION_S)
+                await self._client.hincrby(f"bulk:counts:{batch_id}", "completed" if answered(result) else "failed")
+                await self._client.expire(f"bulk:counts:{batch_id}", RETENTION_S)
+        elif record is not None and record.status == "cancelling":
+            await self._client.hsetnx(f"bulk:skipped:{batch_id}", index, 1)
+            await self._client.expire(f"bulk:skipped:{batch_id}", RETENTION_S)
+        await self._client.xack(STREAM, GROUP, entry_id)
+        await self._client.xdel(STREAM, entry_id)
+        await self._maybe_finish(batch_id)
+
+    async def _maybe_finish(self, batch_id: str) -> None:
+        """Complete (or end as cancelled) a batch whose every line is answered or skipped; once, by whoever gets
+        there first."""
+        record = await self._read(batch_id)
+        if record is None or record.status not in ("in_progress", "cancelling"):
+            return
+        done = await self._client.hlen(f"bulk:results:{batch_id}")
+        skipped = await self._client.hlen(f"bulk:skipped:{batch_id}")
+        cancelling = record.status == "cancelling"
+        if done + skipped < record.counts.total:
+            return
+        if not await self._client.set(f"bulk:final:{batch_id}", self._consumer, nx=True, ex=RETENTION_S):
+            return
+        stored = await self._client.hgetall(f"bulk:results:{batch_id}")
+        entries = [json.loads(stored[key]) for key in sorted(stored, key=int)]
+        kept = [entry for entry in entries if answered(entry)]
+        failed = [entry for entry in entries if not answered(entry)]
+        output = (await self._output(record, "output", kept)).id if kept else None
+        error = (await self._output(record, "error", failed)).id if failed else None
+        final = record.entering("finalizing").entering(
+            "cancelled" if cancelling else "completed", output_file_id=output, error_file_id=error
+        )
+        await self._write(replace(final, counts=record.counts))
+
+    async def _output(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> FileRecord:
+        data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode()
+        return await self.add_file(record.owner, f"{record.id}_{kind}.jsonl", "batch_output", data)
