@@ -18,6 +18,11 @@ requests by default (`--direct-requests`), enough for a p99 in less time. Then i
 of both and what the orchestrator adds (its latency minus the direct one), the statuses, how many answers were
 degraded or lost, the CPU time of each process, and the orchestrator's peak resident memory (VmHWM). It exits 1
 when any request through the orchestrator got no 200.
+
+Last, the replicas run (`--replicas-only` runs it alone): a `redis-server` on loopback, one orchestrator with
+`ORCH_STATE__URL` (sessions and rate limits counted in Redis) and the same requests to it, then a second replica
+sharing that Redis and the requests sent to the two in turn; it prints both runs' throughput and latency, and what
+the second replica changed.
 """
 
 from __future__ import annotations
@@ -110,25 +115,31 @@ def start_fake(stack: ExitStack, model: str, mode: Mode, seed: int) -> Child:
     return stack.enter_context(child_process(model, args, port))
 
 
-def start_orchestrator(stack: ExitStack, vision: Child, reasoning: Child) -> Child:
+def start_orchestrator(
+    stack: ExitStack, vision: Child, reasoning: Child, state_url: str | None = None, name: str = "orchestrator"
+) -> Child:
     port = unused_port()
-    env = os.environ | {
-        "ORCH_VISION__BACKEND": "remote",
-        "ORCH_VISION__BASE_URL": f"{vision.url}/v1",
-        "ORCH_VISION__MODEL": VISION_MODEL,
-        "ORCH_REASONING__BACKEND": "remote",
-        "ORCH_REASONING__BASE_URL": f"{reasoning.url}/v1",
-        "ORCH_REASONING__MODEL": REASONING_MODEL,
-        "ORCH_ARBITRATION__PROBES": "off",
-        "ORCH_LOG_LEVEL": "warning",  # no access log line per request
-        # every request must reach the stages (one image is sent throughout), and one client sends all the load
-        "ORCH_CACHE__ENABLED": "false",
-        "ORCH_RATE_LIMIT__REQUESTS_PER_S": "1000000",
-        "ORCH_RATE_LIMIT__BURST": "1000000",
-        "ORCH_RATE_LIMIT__MAX_CONCURRENT": "100000",
-    }
+    env = (
+        os.environ
+        | ({"ORCH_STATE__URL": state_url} if state_url else {})
+        | {
+            "ORCH_VISION__BACKEND": "remote",
+            "ORCH_VISION__BASE_URL": f"{vision.url}/v1",
+            "ORCH_VISION__MODEL": VISION_MODEL,
+            "ORCH_REASONING__BACKEND": "remote",
+            "ORCH_REASONING__BASE_URL": f"{reasoning.url}/v1",
+            "ORCH_REASONING__MODEL": REASONING_MODEL,
+            "ORCH_ARBITRATION__PROBES": "off",
+            "ORCH_LOG_LEVEL": "warning",  # no access log line per request
+            # every request must reach the stages (one image is sent throughout), and one client sends all the load
+            "ORCH_CACHE__ENABLED": "false",
+            "ORCH_RATE_LIMIT__REQUESTS_PER_S": "1000000",
+            "ORCH_RATE_LIMIT__BURST": "1000000",
+            "ORCH_RATE_LIMIT__MAX_CONCURRENT": "100000",
+        }
+    )
     args = ["-m", "orchestrator", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return stack.enter_context(child_process("orchestrator", args, port, env))
+    return stack.enter_context(child_process(name, args, port, env))
 
 
 async def wait_ready(child: Child, path: str) -> None:
@@ -180,13 +191,15 @@ async def measure(
     return replace(phase, cpu_s={name: after[name] - before[name] for name in before})
 
 
-def analyze_call(client: httpx.AsyncClient, url: str, image_b64: str) -> Callable[[int], Awaitable[Sample]]:
+def analyze_call(client: httpx.AsyncClient, urls: list[str], image_b64: str) -> Callable[[int], Awaitable[Sample]]:
+    """`POST /v1/analyze`, the `index`-th request to the `index`-th of `urls` in turn (a round-robin balancer)."""
+
     async def call(index: int) -> Sample:
         kind = kind_of(index)
         body = {"image_base64": image_b64, "question": QUESTIONS[kind], "mode": kind}
         started = time.perf_counter()
         try:
-            response = await client.post(url, json=body)
+            response = await client.post(urls[index % len(urls)], json=body)
         except httpx.HTTPError as exc:
             return Sample(kind, type(exc).__name__, time.perf_counter() - started)
         seconds = time.perf_counter() - started
@@ -259,16 +272,16 @@ async def direct_phase(vision: Child, reasoning: Child, image: bytes, options: O
         await think.aclose()
 
 
-async def service_phase(children: list[Child], image: bytes, options: Options) -> Phase:
-    """`POST /v1/analyze` to the orchestrator (the last of `children`)."""
+async def service_phase(children: list[Child], image: bytes, options: Options, replicas: int = 1) -> Phase:
+    """`POST /v1/analyze` to the orchestrator (the last `replicas` of `children`, in turn)."""
     # Idle connections are dropped after 1 s, well before uvicorn's 5 s keep-alive: with httpx's default (also 5 s)
     # a request now and then goes out on a connection the server is closing, and fails with a reset.
     limits = httpx.Limits(
         max_connections=options.concurrency, max_keepalive_connections=options.concurrency, keepalive_expiry=1.0
     )
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
-        url = f"{children[-1].url}/v1/analyze"
-        call = analyze_call(client, url, base64.b64encode(image).decode("ascii"))
+        urls = [f"{child.url}/v1/analyze" for child in children[-replicas:]]
+        call = analyze_call(client, urls, base64.b64encode(image).decode("ascii"))
         return await measure(call, options.requests, options, children)
 
 
@@ -291,6 +304,47 @@ async def run_scenario(reasoning_mode: Mode, options: Options) -> Measured:
         service = await service_phase([vision, reasoning, orchestrator], image, options)
         reasoning_served = dict((await served(reasoning)) - before)
         return Measured(direct, service, peak_kib(orchestrator.process.pid), reasoning_served)
+
+
+async def run_replicas(options: Options) -> tuple[Phase, Phase]:
+    """One orchestrator with a Redis (`ORCH_STATE__URL`: sessions and rate limits counted there), then two sharing
+    it behind a round-robin client, against the same healthy fakes."""
+    from tests.redis_server import redis_server
+
+    image = bench_image()
+    with ExitStack() as stack:
+        state_url, _ = stack.enter_context(redis_server())
+        vision = start_fake(stack, VISION_MODEL, "ok", options.seed)
+        reasoning = start_fake(stack, REASONING_MODEL, "ok", options.seed)
+        first = start_orchestrator(stack, vision, reasoning, state_url, "orchestrator-1")
+        for child, path in ((vision, "/health"), (reasoning, "/health"), (first, "/ready")):
+            await wait_ready(child, path)
+        one = await service_phase([vision, reasoning, first], image, options)
+        second = start_orchestrator(stack, vision, reasoning, state_url, "orchestrator-2")
+        await wait_ready(second, "/ready")
+        two = await service_phase([vision, reasoning, first, second], image, options, replicas=2)
+        return one, two
+
+
+def report_replicas(one: Phase, two: Phase, options: Options) -> list[str]:
+    print("\n## two replicas sharing one Redis (`ORCH_STATE__URL`), reasoning fake `ok`")
+    print(
+        f"{options.requests} requests to one replica, then as many to two in turn; concurrency {options.concurrency}\n"
+    )
+    print("| measure | one replica | two replicas | two − one | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    _row("throughput, requests/s", one.throughput(), two.throughput(), difference=False)
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        _row(f"latency {label}, ms", one.latency_ms(q), two.latency_ms(q))
+    for name, phase in (("one replica", one), ("two replicas", two)):
+        spent = ", ".join(f"{process} {seconds:.1f}" for process, seconds in phase.cpu_s.items())
+        print(f"CPU seconds, {name} ({phase.seconds:.1f} s of wall time): {spent}")
+    problems = []
+    for name, phase in (("one replica", one), ("two replicas", two)):
+        statuses = Counter(sample.status for sample in phase.samples)
+        if statuses["200"] != options.requests:
+            problems.append(f"{name}: {options.requests - statuses['200']} requests got no 200: {dict(statuses)}")
+    return problems
 
 
 # --- report -----------------------------------------------------------------------------------------------------------
@@ -361,6 +415,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=200, help="requests in flight (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="the flaky fake's seed (default: 0)")
     parser.add_argument("--phase-limit-s", type=float, default=600.0, help="longest phase (default: 600)")
+    parser.add_argument(
+        "--replicas-only", action="store_true", help="only the two-replica run (one Redis; needs redis-server)"
+    )
     commands = parser.add_subparsers(dest="command")
     fake = commands.add_parser("fake", help="(used by the bench) serve one FaultyServer")
     fake.add_argument("--port", type=int, required=True)
@@ -377,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     direct = args.direct_requests if args.direct_requests is not None else max(1, args.requests // 5)
     options = Options(args.requests, direct, args.concurrency, args.seed, args.phase_limit_s)
     problems: list[str] = []
-    for scenario, reasoning_mode in SCENARIOS:
+    for scenario, reasoning_mode in () if args.replicas_only else SCENARIOS:
         measured = asyncio.run(run_scenario(reasoning_mode, options))
         problems += report(scenario, reasoning_mode, measured, options)
+    problems += report_replicas(*asyncio.run(run_replicas(options)), options)
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     return 1 if problems else 0
