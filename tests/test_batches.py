@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -26,6 +27,7 @@ from tests.servers import data_url, serving
 from vision_stage.types import VisionRequest, VisionResult
 
 KEYS = ("batch-key-a-0123456789", "batch-key-b-0123456789")
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
 
 def chat_line(custom_id: str, question: str = "What is the total?", *, image: bool = True) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def test_a_batch_runs_and_its_answers_and_errors_come_back_as_files() -> None:
         output = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
         errors = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
         listed = client.batches.list(limit=5)
+        metrics = httpx.get(f"{client.base_url}".removesuffix("/v1/") + "/metrics", headers=AUTH, timeout=10).text
     assert sorted(entry["custom_id"] for entry in output) == ["a", "b"]
     for entry in output:
         assert entry["response"]["status_code"] == 200
@@ -96,6 +99,9 @@ def test_a_batch_runs_and_its_answers_and_errors_come_back_as_files() -> None:
     assert [(entry["custom_id"], entry["response"]["status_code"]) for entry in errors] == [("no-image", 400)]
     assert errors[0]["response"]["body"]["error"]["type"] == "image_missing"
     assert [batch.id for batch in listed.data] == [done.id]
+    assert 'orchestrator_batch_requests_total{result="answered"} 2.0' in metrics
+    assert 'orchestrator_batch_requests_total{result="failed"} 1.0' in metrics
+    assert 'orchestrator_batches_total{status="completed"} 1.0' in metrics
 
 
 def test_a_bad_input_file_fails_the_batch_line_by_line_and_nothing_runs() -> None:

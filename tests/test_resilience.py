@@ -14,6 +14,7 @@ import pytest
 
 from orchestrator.settings import AdmissionSettings, BreakerSettings, PolicySettings, RetrySettings
 from orchestrator.stages import deadline
+from orchestrator.stages.admission import BULK
 from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
 from orchestrator.stages.endpoints import Endpoint, ResilientStage
 from orchestrator.stages.resilient import REASONING_ERRORS, VISION_ERRORS, FallbackVision, ResilientVision
@@ -332,6 +333,27 @@ async def test_a_queued_call_gives_up_when_the_deadline_leaves_no_time_to_wait()
     with deadline.request_deadline(0.2), pytest.raises(VisionOverloaded, match="deadline passed while it waited"):
         await run_on(stage)
     await first
+
+
+async def test_bulk_work_leaves_a_quarter_of_the_slots_to_interactive_calls() -> None:
+    slow = Scripted("http://a/v1", [], delay_s=0.3)
+    stage = stage_of(slow, admission=AdmissionSettings(max_in_flight=4, max_queue=20))
+    assert stage.admission.bulk_share == 3
+
+    async def bulk() -> str:
+        token = BULK.set(True)
+        try:
+            return await run_on(stage)
+        finally:
+            BULK.reset(token)
+
+    batch = [asyncio.create_task(bulk()) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    assert (stage.admission.in_flight, stage.admission.waiting) == (3, 5)  # bulk holds 3 of 4, however many wait
+    started = time.monotonic()
+    await run_on(stage)  # an interactive call takes the fourth at once
+    assert time.monotonic() - started < 0.45
+    assert len(await asyncio.gather(*batch)) == 8
 
 
 # --- streams -----------------------------------------------------------------------------------------------------

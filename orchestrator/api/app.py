@@ -174,6 +174,7 @@ async def _batches(app: FastAPI, settings: Settings) -> AsyncIterator[Batches]:
         shared = SharedBatches(
             app, settings.state.url, workers=batch.workers * batch.concurrency, visibility_s=batch.visibility_s
         )
+        shared.observe = app.state.metrics
         await shared.start()
         try:
             yield shared
@@ -186,6 +187,7 @@ async def _batches(app: FastAPI, settings: Settings) -> AsyncIterator[Batches]:
         runner = BatchRunner(
             app, BulkStore(directory), workers=settings.batch.workers, concurrency=settings.batch.concurrency
         )
+        runner.observe = app.state.metrics
         runner.start()
         try:
             yield runner

@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -55,6 +54,17 @@ class Batches(Protocol):
     async def aclose(self) -> None: ...
 
 
+class Observer:
+    """What `/metrics` counts of bulk work: each request run (answered or not) and each batch ended (by its final
+    status). The app replaces these no-ops with its counters."""
+
+    def request(self, answered: bool) -> None:
+        pass
+
+    def batch(self, status: str) -> None:
+        pass
+
+
 class BatchRunner:
     """The queue and the workers (module docstring)."""
 
@@ -66,7 +76,7 @@ class BatchRunner:
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._cancelled: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self.on_progress: Callable[[BatchRecord], None] = lambda record: None
+        self.observe = Observer()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"batch-worker-{n}") for n in range(self._workers)]
@@ -118,6 +128,7 @@ class BatchRunner:
         lines, errors = read_input(self.store.content(self.store.file(record.input_file_id, record.owner)), record)
         if errors:
             self.store.put_batch(record.entering("failed", errors=tuple(errors)))
+            self.observe.batch("failed")
             return
         record = self.store.put_batch(record.entering("in_progress", counts=Counts(total=len(lines))))
         results: list[dict[str, Any] | None] = [None] * len(lines)
@@ -133,7 +144,7 @@ class BatchRunner:
             counts = record.counts
             tally = Counts(counts.total, counts.completed + ok, counts.failed + (not ok))
             record = self.store.put_batch(replace(record, counts=tally))
-            self.on_progress(record)
+            self.observe.request(ok)
 
         await asyncio.gather(*(one(index, line) for index, line in enumerate(lines)))
         self._finish(record, [result for result in results if result is not None])
@@ -146,7 +157,8 @@ class BatchRunner:
         error = self._file(record, "error", failed) if failed else None
         final: BatchStatus = "cancelled" if record.id in self._cancelled else "completed"
         self._cancelled.discard(record.id)
-        self.on_progress(self.store.put_batch(record.entering(final, output_file_id=output, error_file_id=error)))
+        self.store.put_batch(record.entering(final, output_file_id=output, error_file_id=error))
+        self.observe.batch(final)
 
     def _file(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> str:
         data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode()

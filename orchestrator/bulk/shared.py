@@ -26,7 +26,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from orchestrator.bulk.files import BatchRecord, Counts, FileRecord, new_id
-from orchestrator.bulk.runner import answered, read_input, run_line
+from orchestrator.bulk.runner import Observer, answered, read_input, run_line
 from orchestrator.errors import BatchNotFound, FileNotFound
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class SharedBatches:
         self._visibility_ms = int(visibility_s * 1000)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._tasks: list[asyncio.Task[None]] = []
+        self.observe = Observer()
 
     async def start(self) -> None:
         from redis.exceptions import ResponseError
@@ -102,6 +103,7 @@ class SharedBatches:
         await self._client.zadd(f"bulk:owner:{record.owner}", {record.id: record.created_at})
         lines, errors = read_input(await self.content(await self.file(record.input_file_id, record.owner)), record)
         if errors:
+            self.observe.batch("failed")
             return await self._write(record.entering("failed", errors=tuple(errors)))
         record = await self._write(record.entering("in_progress", counts=Counts(total=len(lines))))
         async with self._client.pipeline(transaction=False) as pipe:
@@ -171,6 +173,7 @@ class SharedBatches:
             if await self._client.hsetnx(results, index, json.dumps(result, ensure_ascii=False)):
                 await self._client.expire(results, RETENTION_S)
                 await self._client.hincrby(f"bulk:counts:{batch_id}", "completed" if answered(result) else "failed")
+                self.observe.request(answered(result))
                 await self._client.expire(f"bulk:counts:{batch_id}", RETENTION_S)
         elif record is not None and record.status == "cancelling":
             await self._client.hsetnx(f"bulk:skipped:{batch_id}", index, 1)
@@ -202,6 +205,7 @@ class SharedBatches:
             "cancelled" if cancelling else "completed", output_file_id=output, error_file_id=error
         )
         await self._write(replace(final, counts=record.counts))
+        self.observe.batch(final.status)
 
     async def _output(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> FileRecord:
         data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode()

@@ -3,10 +3,11 @@
 Per request (`MetricsMiddleware`, from the request's record, `orchestrator.observability.record`):
 `orchestrator_requests_total{endpoint, mode, profile, outcome}`, `orchestrator_requests_in_flight`,
 `orchestrator_stage_seconds{stage, backend}` (each stage's share of the request), `orchestrator_degraded_total{stage}`,
-`orchestrator_arbitration_total{status}`, `orchestrator_vision_cache_total{result}`. At scrape time (`StateCollector`):
-`orchestrator_breaker_state{stage, endpoint, state}` (1 for the endpoint's current state, 0 for the others) and
-`orchestrator_endpoint_in_flight{stage, endpoint}`; for an in-process `glm` backend's batching engine,
-`orchestrator_engine_requests{stage, endpoint, state}` (running, waiting), `orchestrator_engine_steps_total`,
+`orchestrator_arbitration_total{status}`, `orchestrator_vision_cache_total{result}`. Bulk work this process ran:
+`orchestrator_batch_requests_total{result}` (answered, failed) and `orchestrator_batches_total{status}`. At scrape
+time (`StateCollector`): `orchestrator_breaker_state{stage, endpoint, state}` (1 for the endpoint's current state, 0
+for the others) and `orchestrator_endpoint_in_flight{stage, endpoint}`; for an in-process `glm` backend's batching
+engine, `orchestrator_engine_requests{stage, endpoint, state}` (running, waiting), `orchestrator_engine_steps_total`,
 `orchestrator_engine_mean_batch`, `orchestrator_engine_admitted_total`, `orchestrator_engine_mean_queue_seconds` and
 `orchestrator_engine_reuse_total{store, result}` (image-prefix and encoder lookups).
 
@@ -58,6 +59,18 @@ class Metrics:
         self.cache = Counter(
             "orchestrator_vision_cache", "Vision cache lookups: hit or miss.", ["result"], registry=self.registry
         )
+        self.batch_requests = Counter(
+            "orchestrator_batch_requests", "Batch requests run, by result.", ["result"], registry=self.registry
+        )
+        self.batches = Counter("orchestrator_batches", "Batches ended, by status.", ["status"], registry=self.registry)
+
+    def request(self, answered: bool) -> None:
+        """A batch request run by this process (`orchestrator.bulk`): `answered` (2xx) or not."""
+        self.batch_requests.labels("answered" if answered else "failed").inc()
+
+    def batch(self, status: str) -> None:
+        """A batch this process ended, with its final status."""
+        self.batches.labels(status).inc()
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request from its record."""

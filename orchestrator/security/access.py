@@ -52,6 +52,7 @@ from orchestrator.errors import (
 )
 from orchestrator.observability.record import RequestRecord
 from orchestrator.settings import RateLimitSettings
+from orchestrator.stages.admission import BULK
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
 """Paths served without a key and without rate limits: liveness, the API's description (no secret: it is what the
@@ -356,7 +357,11 @@ class SecurityMiddleware:
         owner = scope.get(BATCH_OWNER)
         if isinstance(owner, str):  # a request of a batch, sent in-process for its owner: no key, no limits
             RequestRecord.of(scope).key_id = owner
-            await self.app(scope, receive, send)
+            bulk = BULK.set(True)  # the stages take its turns from their bulk share
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                BULK.reset(bulk)
             return
         try:
             clients = self._clients(scope)

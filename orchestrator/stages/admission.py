@@ -3,18 +3,25 @@
 A call beyond both bounds is refused at once (the stage's `…Overloaded` error, with a short `Retry-After`), and a
 waiting call gives up when the request's deadline leaves no time to wait: latency stays bounded under overload
 instead of growing with the queue.
+
+Bulk work (the requests a batch sends, `BULK` set for them) may hold at most `max_in_flight` less a quarter of it (at
+least one slot is kept): the rest stays free for interactive requests however many batches run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 
 from orchestrator.settings import AdmissionSettings
 from orchestrator.stages import deadline
 
 OVERLOADED_RETRY_AFTER_S = 1.0
+BULK: ContextVar[bool] = ContextVar("bulk", default=False)
+"""Set for the requests of a batch (`orchestrator.bulk`): they take their turns from the bulk share."""
 
 
 class Admission:
@@ -26,26 +33,30 @@ class Admission:
         self._stage = stage
         self._overloaded = overloaded
         self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self.bulk_share = max(1, settings.max_in_flight - max(1, settings.max_in_flight // 4))
+        self._bulk = asyncio.Semaphore(self.bulk_share)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the stage's slots for the block; raise the stage's overloaded error when none is to be had."""
         if self._slots.locked() and self.waiting >= self.settings.max_queue:
             raise self._refusal(f"{self.in_flight} calls in flight and {self.waiting} waiting")
-        self.waiting += 1
-        try:
-            async with asyncio.timeout(deadline.bounded(None)):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise self._refusal("the request's deadline passed while it waited for a turn") from None
-        finally:
-            self.waiting -= 1
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self._slots.release()
+        async with contextlib.AsyncExitStack() as held:
+            self.waiting += 1
+            try:
+                async with asyncio.timeout(deadline.bounded(None)):
+                    for semaphore in (self._bulk, self._slots) if BULK.get() else (self._slots,):
+                        await semaphore.acquire()
+                        held.callback(semaphore.release)
+            except TimeoutError:
+                raise self._refusal("the request's deadline passed while it waited for a turn") from None
+            finally:
+                self.waiting -= 1
+            self.in_flight += 1
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
 
     def _refusal(self, why: str) -> Exception:
         limits = f"at most {self.settings.max_in_flight} in flight and {self.settings.max_queue} waiting"
