@@ -184,6 +184,14 @@ class SessionsUnavailable(OrchestratorError):
         self.retry_after_s = retry_after_s
 
 
+class BatchesUnavailable(OrchestratorError):
+    """The shared batch store (Redis) failed or did not answer in time; `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class LimitsUnavailable(OrchestratorError):
     """The shared rate limits (Redis) failed and `rate_limit.on_state_failure` is `closed`."""
 
@@ -231,6 +239,7 @@ ERROR_TABLE: dict[type[Exception], ErrorSpec] = {
     BatchInvalid: ErrorSpec(400, "invalid_batch"),
     SessionsUnavailable: ErrorSpec(503, "sessions_unavailable"),
     LimitsUnavailable: ErrorSpec(503, "rate_limits_unavailable"),
+    BatchesUnavailable: ErrorSpec(503, "batches_unavailable"),
     NotReady: ErrorSpec(503, "not_ready"),
     vision.ImageEmpty: ErrorSpec(400, "image_empty"),
     vision.ImageTooLarge: ErrorSpec(413, "image_too_large"),

@@ -117,6 +117,9 @@ def test_redis_stopped_mid_load_fails_only_follow_ups_and_clearly(tmp_path: Path
 
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(ask, range(48)))
+        upload = clients[1].post("/v1/files", files={"file": ("in.jsonl", b"{}\n")}, data={"purpose": "batch"})
+    assert (upload.status_code, upload.json()["error"]["type"]) == (503, "batches_unavailable")
+    assert upload.headers["retry-after"] == "1"
     follow_ups, fresh = answers[::3], [answer for index, answer in enumerate(answers) if index % 3]
     for answer in fresh:
         assert answer.status_code == 200, answer.text

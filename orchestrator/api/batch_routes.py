@@ -14,12 +14,43 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
+from orchestrator.api.schemas import ErrorResponse
 from orchestrator.bulk.files import ENDPOINTS, new_batch
 from orchestrator.bulk.runner import Batches
 from orchestrator.errors import BatchInvalid, NotReady, ValidationFailed
 from orchestrator.observability.record import RequestRecord
 
-api = APIRouter(tags=["batch"])
+BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "A body that does not parse, or a file or batch the Batch API cannot take (`invalid_batch`)",
+        401: "No valid API key, when keys are configured (`api_key_missing`, `api_key_invalid`)",
+        404: "No such file or batch of this caller (`file_not_found`, `batch_not_found`)",
+        413: "An upload over `ORCH_LIMITS__MAX_REQUEST_BYTES` (`request_too_large`)",
+        415: "Not a body type this endpoint takes (`unsupported_media_type`)",
+        422: "Missing, invalid or unknown fields (`validation_error`)",
+        429: "Over the API key's rate or concurrency limit (`rate_limited`, `too_many_in_flight`); see Retry-After",
+        503: "Not ready, or the shared store does not answer (`not_ready`, `batches_unavailable`); see Retry-After",
+    }.items()
+}
+_UPLOAD: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                    },
+                }
+            }
+        },
+    }
+}
+api = APIRouter(tags=["batch"], responses=BATCH_ERRORS)
 Identifier = Annotated[str, Path(max_length=64)]
 
 
@@ -47,7 +78,9 @@ def batches_of(request: Request) -> Batches:
     return batches
 
 
-@api.post("/v1/files", summary="Upload a batch input file (OpenAI `files.create`, `purpose=batch`)")
+@api.post(
+    "/v1/files", summary="Upload a batch input file (OpenAI `files.create`, `purpose=batch`)", openapi_extra=_UPLOAD
+)
 async def create_file(request: Request) -> dict[str, Any]:
     form = await request.form()
     upload, purpose = form.get("file"), form.get("purpose")

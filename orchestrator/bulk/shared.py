@@ -14,27 +14,50 @@ completes it; a batch being cancelled skips its remaining entries and ends `canc
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import secrets
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from redis.exceptions import RedisError, ResponseError
 from starlette.types import ASGIApp
 
 from orchestrator.bulk.files import BatchRecord, Counts, FileRecord, new_id
 from orchestrator.bulk.runner import Observer, answered, read_input, run_line
-from orchestrator.errors import BatchNotFound, FileNotFound
+from orchestrator.errors import BatchesUnavailable, BatchNotFound, FileNotFound
 
 log = logging.getLogger(__name__)
 
+TIMEOUT_S = 1.0
 STREAM = "bulk:items"
 GROUP = "workers"
 RETENTION_S = 7 * 24 * 3600
 """How long files, batches and results are kept."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _shared(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """An API method whose Redis failing is `BatchesUnavailable` (503, retry after a second), never a 500."""
+
+    @functools.wraps(method)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BatchesUnavailable(
+                f"the shared batch store does not answer ({type(exc).__name__}); retry shortly", retry_after_s=1.0
+            ) from exc
+
+    return guarded
 
 
 class SharedBatches:
@@ -45,22 +68,27 @@ class SharedBatches:
         import redis.asyncio as redis
 
         self.app = app
-        self._client = redis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0)
+        self._client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=TIMEOUT_S)
         self._workers = workers
         self._visibility_ms = int(visibility_s * 1000)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._tasks: list[asyncio.Task[None]] = []
         self.observe = Observer()
+        self._grouped = False
 
     async def start(self) -> None:
-        from redis.exceptions import ResponseError
+        """Start the workers; they wait for Redis when it is not there yet (a replica starts without it)."""
+        self._tasks = [asyncio.create_task(self._work(), name=f"batch-worker-{n}") for n in range(self._workers)]
 
+    async def _ensure_group(self) -> None:
+        if self._grouped:
+            return
         try:
             await self._client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:  # BUSYGROUP: another replica made it
+        except ResponseError as exc:  # BUSYGROUP: another replica (or worker) made it
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._tasks = [asyncio.create_task(self._work(), name=f"batch-worker-{n}") for n in range(self._workers)]
+        self._grouped = True
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -70,6 +98,7 @@ class SharedBatches:
 
     # --- files and batches --------------------------------------------------------------------------------------
 
+    @_shared
     async def add_file(self, owner: str, filename: str, purpose: str, data: bytes) -> FileRecord:
         record = FileRecord(new_id("file"), owner, len(data), int(time.time()), filename, purpose)
         key = f"bulk:file:{record.id}"
@@ -77,6 +106,7 @@ class SharedBatches:
         await self._client.expire(key, RETENTION_S)
         return record
 
+    @_shared
     async def file(self, file_id: str, owner: str) -> FileRecord:
         found = await self._client.hget(f"bulk:file:{file_id}", "record")
         record = FileRecord(**json.loads(found)) if found else None
@@ -84,21 +114,25 @@ class SharedBatches:
             raise FileNotFound(f"no file {file_id!r} of this caller")
         return record
 
+    @_shared
     async def content(self, record: FileRecord) -> bytes:
         data: Any = await self._client.hget(f"bulk:file:{record.id}", "data")
         return bytes(data or b"")
 
+    @_shared
     async def batch(self, batch_id: str, owner: str) -> BatchRecord:
         record = await self._read(batch_id)
         if record is None or record.owner != owner:
             raise BatchNotFound(f"no batch {batch_id!r} of this caller")
         return record
 
+    @_shared
     async def batches(self, owner: str) -> list[BatchRecord]:
         ids: Any = await self._client.zrevrange(f"bulk:owner:{owner}", 0, -1)
         records = [await self._read(batch_id.decode()) for batch_id in ids]
         return [record for record in records if record is not None]
 
+    @_shared
     async def submit(self, record: BatchRecord) -> BatchRecord:
         await self._client.zadd(f"bulk:owner:{record.owner}", {record.id: record.created_at})
         lines, errors = read_input(await self.content(await self.file(record.input_file_id, record.owner)), record)
@@ -112,6 +146,7 @@ class SharedBatches:
             await pipe.execute()
         return record
 
+    @_shared
     async def cancel(self, record: BatchRecord) -> BatchRecord:
         if record.status not in ("validating", "in_progress"):
             return record
@@ -142,6 +177,7 @@ class SharedBatches:
     async def _work(self) -> None:
         while True:
             try:
+                await self._ensure_group()
                 entry = await self._next()
                 if entry is not None:
                     await self._run(*entry)
