@@ -196,3 +196,25 @@ def test_a_replica_killed_mid_batch_loses_no_item(tmp_path: Path) -> None:
     assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 12, 0)
     assert sorted(entry["custom_id"] for entry in output) == sorted(f"r{n}" for n in range(12))
     assert len(slow.received) > 12  # what the killed replica had under way was run again
+
+
+def test_a_shared_batch_cancelled_on_one_replica_ends_cancelled_with_what_it_answered(tmp_path: Path) -> None:
+    slow = FaultyServer(model="m", default="trickle", faults=Faults(pieces=4, trickle_delay_s=0.1))
+    settings = {"ORCH_BATCH__WORKERS": "1", "ORCH_BATCH__CONCURRENCY": "1", "ORCH_CACHE__ENABLED": "false"}
+    with (
+        redis_server() as (state_url, _),
+        running(slow) as vision,
+        started(state_url, vision.base_url, tmp_path, settings) as (first, second),
+    ):
+        one, other = (OpenAI(base_url=f"{replica.url}/v1", api_key=KEY, max_retries=0) for replica in (first, second))
+        uploaded = one.files.create(file=("in.jsonl", batch_lines(20)), purpose="batch")
+        batch = one.batches.create(input_file_id=uploaded.id, endpoint=ANALYZE, completion_window="24h")
+        deadline = time.monotonic() + 20
+        while len(slow.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert other.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+        done = finished(one, batch.id)
+        output = one.files.content(done.output_file_id).text.splitlines() if done.output_file_id else []
+    assert done.status == "cancelled"
+    assert 1 <= done.request_counts.completed < 20
+    assert len(output) == done.request_counts.completed

@@ -309,7 +309,11 @@ class BatchEngine:
                 if not request.future.set_running_or_notify_cancel():
                     continue
             if not request.looked_up:  # once: a request held back to the next step keeps what it found
-                request.stored, request.looked_up = self.device.stored_prefix(request.prompt), True
+                try:
+                    request.stored, request.looked_up = self.device.stored_prefix(request.prompt), True
+                except Exception as exc:  # its inputs are not what a prompt holds: fail it alone
+                    request.future.set_exception(exc)
+                    continue
             stored = request.stored
             cost = request.prompt.tokens - (stored.tokens if stored else 0)
             needs_image = stored is None and request.prompt.pixel_values is not None

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import secrets
-import time
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -43,7 +42,8 @@ SIZES = "session:bytes"
 T = TypeVar("T")
 
 _PUT = """
-local key, now, ttl = KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4])
+local clock = redis.call('TIME')
+local key, now, ttl = KEYS[3], tonumber(clock[1]) + tonumber(clock[2]) / 1e6, tonumber(ARGV[4])
 redis.call('HSET', key, 'meta', ARGV[1], 'image', ARGV[2])
 redis.call('PEXPIRE', key, math.floor(ttl * 1000))
 redis.call('ZADD', KEYS[1], now, key)
@@ -66,11 +66,13 @@ end
 return count
 """
 """Write a session and mark it the most recently used; then drop the expired and the least recently used over the
-bounds (KEYS: the LRU set, the sizes, the session; ARGV: meta, image, now, ttl, size, max sessions, max bytes)."""
+bounds (KEYS: the LRU set, the sizes, the session; ARGV: meta, image, unused, ttl, size, max sessions, max bytes).
+Time is Redis's own (`TIME`), so that replicas whose clocks differ agree on what has expired."""
 
 _TOUCH = """
+local clock = redis.call('TIME')
 if redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[2]) * 1000)) == 1 then
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]), KEYS[3])
+  redis.call('ZADD', KEYS[1], tonumber(clock[1]) + tonumber(clock[2]) / 1e6, KEYS[3])
   return redis.call('HGETALL', KEYS[3])
 end
 redis.call('ZREM', KEYS[1], KEYS[3])
@@ -106,7 +108,7 @@ class RedisSessions:
                 args=[
                     meta,
                     data,
-                    time.time(),
+                    0,  # unused: the script reads Redis's clock
                     settings.ttl_s,
                     session_size(session),
                     settings.max_sessions,
@@ -119,7 +121,7 @@ class RedisSessions:
     async def get(self, session_id: str, owner: str) -> Session:
         """The live session `session_id` of `owner` (its time to live starts again); `SessionNotFound` otherwise."""
         found = await self._call(
-            self._touch_script(keys=[LRU, SIZES, _key(owner, session_id)], args=[time.time(), self._settings.ttl_s])
+            self._touch_script(keys=[LRU, SIZES, _key(owner, session_id)], args=[0, self._settings.ttl_s])
         )
         fields = dict(zip(found[::2], found[1::2], strict=True)) if isinstance(found, list) else {}
         try:

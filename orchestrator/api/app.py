@@ -100,8 +100,8 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
                 app.state.image_fetcher = ImageFetcher(settings.fetch, settings.limits.max_image_bytes)
                 stack.push_async_callback(app.state.image_fetcher.aclose)
                 stack.callback(setattr, app.state, "image_fetcher", None)
-            async with _services(app, settings, backends, router):
-                app.state.batches = await stack.enter_async_context(_batches(app, settings))
+            async with _services(app, settings, backends, router), _batches(app, settings) as batches:
+                app.state.batches = batches  # its workers stop before the services they call are closed
                 yield
 
     app = FastAPI(

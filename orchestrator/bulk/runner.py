@@ -143,7 +143,8 @@ class BatchRunner:
             ok = 200 <= results[index]["response"]["status_code"] < 300  # type: ignore[index]
             counts = record.counts
             tally = Counts(counts.total, counts.completed + ok, counts.failed + (not ok))
-            record = self.store.put_batch(replace(record, counts=tally))
+            current = self.store.batch(record.id, record.owner)  # its status may have changed (a cancel)
+            record = self.store.put_batch(replace(current, counts=tally))
             self.observe.request(ok)
 
         await asyncio.gather(*(one(index, line) for index, line in enumerate(lines)))
@@ -168,9 +169,19 @@ class BatchRunner:
         return await run_line(self.app, record, line)
 
 
+RETRIES = 3
+"""How often a batch request refused for load (429, 503 with `Retry-After`) is sent again before it counts as
+failed: bulk work waits for room rather than failing when interactive work fills the stages."""
+
+
 async def run_line(app: ASGIApp, record: BatchRecord, line: dict[str, Any]) -> dict[str, Any]:
     """One request of `record`'s input through `app`, as the output or error file's line."""
-    status, headers, body = await call_app(app, record.owner, record.endpoint, line["body"])
+    for attempt in range(RETRIES + 1):
+        status, headers, body = await call_app(app, record.owner, record.endpoint, line["body"])
+        wait_s = headers.get("retry-after")
+        if status not in (429, 503) or wait_s is None or not wait_s.isdigit() or attempt == RETRIES:
+            break
+        await asyncio.sleep(min(float(wait_s), 30.0))
     response = {"status_code": status, "request_id": headers.get("x-request-id"), "body": body}
     return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line["custom_id"], "response": response,
             "error": None}  # fmt: skip
@@ -190,7 +201,7 @@ def read_input(data: bytes, record: BatchRecord) -> tuple[list[dict[str, Any]], 
         text = data.decode()
     except UnicodeDecodeError:
         return [], [_error(None, "the input file is not UTF-8 text")]
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is valid inside a JSON string
         if not raw.strip():
             continue
         problem = _problem(raw, record.endpoint, seen)
@@ -261,6 +272,10 @@ async def call_app(app: ASGIApp, owner: str, path: str, body: Any) -> tuple[int,
 
     try:
         await app(scope, receive, send)
+    except Exception as exc:  # the app answered 500 (or nothing) and raised: the line fails, the batch goes on
+        log.exception("batch request to %s failed", path)
+        if not chunks:
+            status, chunks = 500, [json.dumps({"error": {"type": "internal_error", "message": str(exc)}}).encode()]
     finally:
         finished.set()
     text = b"".join(chunks).decode(errors="replace")

@@ -41,6 +41,20 @@ RETENTION_S = 7 * 24 * 3600
 """How long files, batches and results are kept."""
 
 
+_MOVE = """
+local stored = redis.call('GET', KEYS[1])
+if not stored then return 0 end
+local status = cjson.decode(stored)['status']
+for i = 3, #ARGV do
+  if ARGV[i] == status then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+    return 1
+  end
+end
+return 0
+"""
+"""Replace a batch's record (ARGV[1], kept ARGV[2] seconds) if its stored status is one of ARGV[3…]."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -75,6 +89,7 @@ class SharedBatches:
         self._tasks: list[asyncio.Task[None]] = []
         self.observe = Observer()
         self._grouped = False
+        self._move_script = self._client.register_script(_MOVE)
 
     async def start(self) -> None:
         """Start the workers; they wait for Redis when it is not there yet (a replica starts without it)."""
@@ -150,7 +165,8 @@ class SharedBatches:
     async def cancel(self, record: BatchRecord) -> BatchRecord:
         if record.status not in ("validating", "in_progress"):
             return record
-        record = await self._write(record.entering("cancelling"))
+        if not await self._move(record.entering("cancelling"), ("validating", "in_progress")):
+            return await self._read(record.id) or record  # it ended meanwhile: as it ended
         await self._maybe_finish(record.id)
         return await self._read(record.id) or record
 
@@ -168,6 +184,14 @@ class SharedBatches:
         data["errors"] = tuple(data["errors"])
         return BatchRecord(**data)
 
+    async def _move(self, record: BatchRecord, allowed: tuple[str, ...]) -> bool:
+        """Write `record` only if the stored one's status is one of `allowed` (atomically: a cancel and the last
+        result, on two replicas, cannot overwrite each other)."""
+        moved = await self._move_script(
+            keys=[f"bulk:batch:{record.id}"], args=[json.dumps(asdict(record)), RETENTION_S, *allowed]
+        )
+        return bool(moved)
+
     async def _write(self, record: BatchRecord) -> BatchRecord:
         await self._client.set(f"bulk:batch:{record.id}", json.dumps(asdict(record)), ex=RETENTION_S)
         return record
@@ -183,7 +207,9 @@ class SharedBatches:
                     await self._run(*entry)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis away, or one entry that failed: keep serving
+            except Exception as exc:  # Redis away, or one entry that failed: keep serving
+                if "NOGROUP" in str(exc):  # the stream went with a restarted Redis: make it again
+                    self._grouped = False
                 log.exception("batch worker: an entry failed")
                 await asyncio.sleep(1.0)
 
@@ -240,7 +266,7 @@ class SharedBatches:
         final = record.entering("finalizing").entering(
             "cancelled" if cancelling else "completed", output_file_id=output, error_file_id=error
         )
-        await self._write(replace(final, counts=record.counts))
+        await self._move(replace(final, counts=record.counts), ("in_progress", "cancelling"))
         self.observe.batch(final.status)
 
     async def _output(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> FileRecord:

@@ -5,7 +5,8 @@ waiting call gives up when the request's deadline leaves no time to wait: latenc
 instead of growing with the queue.
 
 Bulk work (the requests a batch sends, `BULK` set for them) may hold at most `max_in_flight` less a quarter of it (at
-least one slot is kept): the rest stays free for interactive requests however many batches run.
+least one slot is kept free when there are two or more): the rest stays free for interactive requests however many
+batches run, and bulk calls waiting for their share are not counted against the queue interactive calls wait in.
 """
 
 from __future__ import annotations
@@ -35,21 +36,25 @@ class Admission:
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self.bulk_share = max(1, settings.max_in_flight - max(1, settings.max_in_flight // 4))
         self._bulk = asyncio.Semaphore(self.bulk_share)
+        self.bulk_waiting = 0
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the stage's slots for the block; raise the stage's overloaded error when none is to be had."""
-        if self._slots.locked() and self.waiting >= self.settings.max_queue:
-            raise self._refusal(f"{self.in_flight} calls in flight and {self.waiting} waiting")
+        """Hold one of the stage's slots for the block; raise the stage's overloaded error when none is to be had.
+        Bulk work first waits for a turn within its share, counted apart (`bulk_waiting`): it never takes an
+        interactive call's place in the queue."""
         async with contextlib.AsyncExitStack() as held:
+            if BULK.get():
+                self.bulk_waiting += 1
+                try:
+                    await self._acquire(self._bulk, held)
+                finally:
+                    self.bulk_waiting -= 1
+            if self._slots.locked() and self.waiting >= self.settings.max_queue:
+                raise self._refusal(f"{self.in_flight} calls in flight and {self.waiting} waiting")
             self.waiting += 1
             try:
-                async with asyncio.timeout(deadline.bounded(None)):
-                    for semaphore in (self._bulk, self._slots) if BULK.get() else (self._slots,):
-                        await semaphore.acquire()
-                        held.callback(semaphore.release)
-            except TimeoutError:
-                raise self._refusal("the request's deadline passed while it waited for a turn") from None
+                await self._acquire(self._slots, held)
             finally:
                 self.waiting -= 1
             self.in_flight += 1
@@ -57,6 +62,14 @@ class Admission:
                 yield
             finally:
                 self.in_flight -= 1
+
+    async def _acquire(self, semaphore: asyncio.Semaphore, held: contextlib.AsyncExitStack) -> None:
+        try:
+            async with asyncio.timeout(deadline.bounded(None)):
+                await semaphore.acquire()
+        except TimeoutError:
+            raise self._refusal("the request's deadline passed while it waited for a turn") from None
+        held.callback(semaphore.release)
 
     def _refusal(self, why: str) -> Exception:
         limits = f"at most {self.settings.max_in_flight} in flight and {self.settings.max_queue} waiting"
