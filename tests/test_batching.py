@@ -250,3 +250,18 @@ def test_the_prefill_budget_spreads_admissions_over_steps(
     assert (batch.running, batch.waiting) == (admitted_at_once, 2 - admitted_at_once)
     batch.run_until_idle()
     assert batch.stats().prefix_hits == 2
+
+
+def test_an_abandoned_request_leaves_its_slot_after_one_step_and_a_waiting_one_never_runs(glm: GlmEngine) -> None:
+    batch = engine(glm, slots=1)
+    running, waiting = submit(batch, prompt(glm, 100), "x", 200), submit(batch, prompt(glm, 101), "y", 4)
+    batch.step()
+    assert (batch.running, batch.waiting) == (1, 1)
+    batch.abandon(running)
+    batch.abandon(waiting)
+    batch.step()
+    assert batch.running == 0
+    assert len(running.result().ids) == 3  # the first step: prefill and one decode; the next: one more; of 200
+    assert not batch.step()  # the cancelled one is taken from the queue and dropped: nothing ran
+    assert (batch.running, batch.waiting) == (0, 0)
+    assert waiting.cancelled()

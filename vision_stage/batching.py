@@ -179,6 +179,7 @@ class BatchEngine:
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=4096)
         """The decode batch size of the latest steps."""
+        self._abandoned: set[Future[Completion]] = set()
         self._decoded = 0
         self._admitted = 0
         self._queue_ms = 0.0
@@ -221,6 +222,13 @@ class BatchEngine:
             ) from None
         self._wake.set()
         return request.future
+
+    def abandon(self, future: Future[Completion]) -> None:
+        """The caller no longer wants `future`'s answer (it was cancelled, or its client left): a request still
+        waiting never runs; one running leaves its slot after the engine's next step."""
+        if not future.cancel():
+            self._abandoned.add(future)
+            self._wake.set()
 
     @property
     def waiting(self) -> int:
@@ -348,6 +356,9 @@ class BatchEngine:
         for request, token in zip(list(self._rows), tokens, strict=True):
             request.length += 1
             self._accept(request, token)
+        for request in [request for request in self._rows if request.future in self._abandoned]:
+            self._abandoned.discard(request.future)
+            self._finish(request, looped=False)  # nobody reads it: the slot is what matters
 
     def _accept(self, request: _Request, token: int) -> None:
         request.tokens.append(token)

@@ -407,12 +407,16 @@ class GlmVisionBackend:
     async def _look_batched(self, engine: GlmEngine, request: VisionRequest) -> tuple[Generation, ImageFacts]:
         """Encode and submit in a worker thread, wait for the batching engine without holding anything, decode.
 
-        Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped
-        (its future is cancelled), one already running finishes in the engine's thread and its answer is discarded,
-        and one whose submission is under way in the worker thread is submitted and discarded the same way."""
+        Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped,
+        one already running leaves its slot after the engine's next step (`BatchEngine.abandon`), and one whose
+        submission is under way in the worker thread is submitted and runs unread."""
         prompt, budget, future, facts = await asyncio.to_thread(self._submit, engine, request)
         try:
             completion = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if engine.batch is not None:
+                engine.batch.abandon(future)  # its slot goes to the next request after one step
+            raise
         except Exception as exc:
             raise translate_error(exc, phase="generate", model=engine.name) from exc
         generation = await asyncio.to_thread(engine.finish, prompt, budget, completion)
