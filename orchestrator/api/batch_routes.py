@@ -14,7 +14,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from orchestrator.api.schemas import ErrorResponse
+from orchestrator.api.schemas import FILE_PART, ErrorResponse, form, request_body
 from orchestrator.bulk.files import ENDPOINTS, new_batch
 from orchestrator.bulk.runner import Batches
 from orchestrator.errors import BatchInvalid, NotReady, ValidationFailed
@@ -33,23 +33,13 @@ BATCH_ERRORS: dict[int | str, dict[str, Any]] = {
         503: "Not ready, or the shared store does not answer (`not_ready`, `batches_unavailable`); see Retry-After",
     }.items()
 }
-_UPLOAD: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "purpose"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "purpose": {"type": "string", "enum": ["batch"]},
-                    },
-                }
-            }
-        },
+_UPLOAD = request_body(
+    **{
+        "multipart/form-data": form(
+            ["file", "purpose"], {"file": FILE_PART, "purpose": {"type": "string", "enum": ["batch"]}}
+        )
     }
-}
+)
 api = APIRouter(tags=["batch"], responses=BATCH_ERRORS)
 Identifier = Annotated[str, Path(max_length=64)]
 

@@ -11,7 +11,7 @@ output filter.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,15 @@ from orchestrator.analysis.types import AnalyzeOutcome, Options
 from orchestrator.api.inputs import read_form
 from orchestrator.api.intake import IntakeDep
 from orchestrator.api.render import usage_out
-from orchestrator.api.schemas import ERROR_RESPONSES, EXAMPLE_IMAGE_URL, RouteOut, UsageOut
+from orchestrator.api.schemas import (
+    ERROR_RESPONSES,
+    EXAMPLE_IMAGE_URL,
+    FILE_PART,
+    RouteOut,
+    UsageOut,
+    form,
+    request_body,
+)
 from orchestrator.errors import ImageMissing, UnsupportedMediaType, ValidationFailed
 from vision_stage.types import VisionResult
 
@@ -89,27 +97,10 @@ def caption_response(vision: VisionResult, request_id: str) -> CaptionResponse:
     )  # fmt: skip
 
 
-_INFER_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{InferRequest.__name__}"}}},
-    }
-}
-_CAPTION_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [CAPTION_FIELD],
-                    "properties": {CAPTION_FIELD: {"type": "string", "format": "binary"}},
-                    "additionalProperties": False,
-                }
-            }
-        },
-    }
-}
+_INFER_BODY = request_body(
+    **{"application/json": {"schema": {"$ref": f"#/components/schemas/{InferRequest.__name__}"}}}
+)
+_CAPTION_BODY = request_body(**{"multipart/form-data": form([CAPTION_FIELD], {CAPTION_FIELD: FILE_PART}, closed=True)})
 
 
 @api.post(

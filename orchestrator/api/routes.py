@@ -43,6 +43,7 @@ from orchestrator.api.intake import IntakeDep
 from orchestrator.api.render import analyze_response
 from orchestrator.api.schemas import (
     ERROR_RESPONSES,
+    FILE_PART,
     AnalyzeJsonRequest,
     AnalyzeResponse,
     AnalyzeStreamDone,
@@ -52,6 +53,8 @@ from orchestrator.api.schemas import (
     RouteOut,
     StreamErrorOut,
     VisionOut,
+    form,
+    request_body,
 )
 from orchestrator.stages.resilient import endpoint_statuses
 from reasoning_stage.backend import ReasoningBackend
@@ -126,35 +129,19 @@ SCHEMA_MODELS: tuple[type[BaseModel], ...] = (
 """Models the OpenAPI description refers to that no handler declares (bodies read by hand, stream events); the app
 adds them to its components."""
 
-_ANALYZE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "question"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "question": {"type": "string"},
-                        "mode": {"type": "string", "enum": ["auto", "vision", "reasoning"], "default": "auto"},
-                        "profile": {
-                            "type": "string",
-                            "enum": ["general", "medical", "legal", "finance"],
-                            "default": "general",
-                        },
-                        "response_format": {"type": "string", "enum": ["text", "json"], "default": "text"},
-                        "stream": {"type": "boolean", "default": False},
-                    },
-                }
-            },
-            "application/json": {"schema": _ref(AnalyzeJsonRequest)},
-        },
-    }
+_ANALYZE_FIELDS: dict[str, Any] = {
+    "image": FILE_PART,
+    "question": {"type": "string"},
+    "mode": {"type": "string", "enum": ["auto", "vision", "reasoning"], "default": "auto"},
+    "profile": {"type": "string", "enum": ["general", "medical", "legal", "finance"], "default": "general"},
+    "response_format": {"type": "string", "enum": ["text", "json"], "default": "text"},
+    "stream": {"type": "boolean", "default": False},
 }
-_CHAT_BODY: dict[str, Any] = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}}
-}
+_ANALYZE_BODY = request_body(
+    **{"multipart/form-data": form(["image", "question"], _ANALYZE_FIELDS),
+       "application/json": {"schema": _ref(AnalyzeJsonRequest)}}
+)  # fmt: skip
+_CHAT_BODY = request_body(**{"application/json": {"schema": _ref(ChatCompletionRequest)}})
 
 
 class HealthResponse(BaseModel):

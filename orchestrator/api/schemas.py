@@ -298,3 +298,19 @@ class AnalyzeStreamDone(AnalyzeResponse):
         description="True when `answer` is not the text the `reasoning` events streamed: a re-asked answer after a "
         "contradiction, or the vision stage's answer after the reasoning stage failed mid-answer."
     )
+
+
+def request_body(**content: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint's `openapi_extra` for a body its handler reads by hand: `content` by media type."""
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def form(required: list[str], properties: dict[str, Any], *, closed: bool = False) -> dict[str, Any]:
+    """A `multipart/form-data` body's description: its fields, those `required`, and (`closed`) no others."""
+    schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties}
+    if closed:
+        schema["additionalProperties"] = False
+    return {"schema": schema}
+
+
+FILE_PART: dict[str, str] = {"type": "string", "format": "binary"}
