@@ -26,8 +26,9 @@ from vision_stage.backend import VisionBackend
 from vision_stage.batching import BatchEngine, Completion, EngineSettings
 from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine, GlmVisionBackend, Phase, torch_dtype, translate_error
+from vision_stage.glm import GlmEngine, GlmVisionBackend, torch_dtype
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
+from vision_stage.glm_errors import Phase, translate_error
 from vision_stage.parsing import read_output
 from vision_stage.types import Box, DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
 

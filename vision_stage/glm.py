@@ -16,27 +16,8 @@ and reuses an image's prefix KV for a follow-up question on the same image (keye
 requests are not serialised here. `generate`: plain `model.generate` in a worker thread, one request at a time, the
 reference the batching engine is tested against. A model loads and warms up with plain `generate` either way.
 
-Foreign errors are translated into the `vision_stage.errors` tree by `translate_error`, and only there:
-
-=========  =========================================================  ====================================
-phase      raised                                                     becomes
-=========  =========================================================  ====================================
-load       anything (our own errors too: a failed warm-up request)    VisionUnavailable, naming the model
-                                                                      and what to do
-encode,    MemoryError, torch.OutOfMemoryError (CUDA OOM included)    VisionUnavailable (retry_after_s=1)
-generate
-encode     ValueError, TypeError, jinja2 TemplateError (the processor  VisionRejected
-           or the template refused the image or prompt)
-generate   ValueError (the model refused its inputs)                  VisionRejected
-encode,    anything else (torch's RuntimeError, CUDA errors)          VisionUnavailable
-generate
-decode     anything                                                   VisionInvalidOutput
-=========  =========================================================  ====================================
-
-With the `batched` engine, `generate` covers submitting to the engine and whatever its thread fails the request with
-(its own refusals, a full queue and a closed engine are `VisionError`s already). After loading, our own `VisionError`s
-pass through unchanged. Unusable model output (no JSON where JSON was asked for, an empty answer, thinking cut off by
-the token limit) is `VisionInvalidOutput`.
+Foreign errors are translated into the `vision_stage.errors` tree in one place, `vision_stage.glm_errors` (its table
+says what each becomes in each phase).
 """
 
 from __future__ import annotations
@@ -46,21 +27,21 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.batching import EngineSettings, EngineStats
-from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
+from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor
+from vision_stage.glm_errors import translate_error, translated
 from vision_stage.parsing import read_output
 from vision_stage.types import (
     DecodedImage,
@@ -77,51 +58,7 @@ if TYPE_CHECKING:
     from vision_stage.batching import BatchEngine, Completion
 
 log = logging.getLogger(__name__)
-Phase = Literal["load", "encode", "generate", "decode"]
 DEFAULT_BATCHING = EngineSettings()
-OOM_RETRY_AFTER_S = 1.0
-
-
-def translate_error(exc: Exception, *, phase: Phase, model: str) -> VisionError:
-    """Map any exception raised while loading or running `model` into the vision error tree (see the table above)."""
-    import torch
-    from jinja2 import TemplateError
-
-    if isinstance(exc, VisionUnavailable) or (isinstance(exc, VisionError) and phase != "load"):
-        return exc
-    detail = f"{type(exc).__name__}: {exc}"
-    if phase == "load":  # a checkpoint that fails its warm-up request is not loaded either
-        return VisionUnavailable(f"could not load the glm vision model {model!r} ({detail}); {_hint(model)}")
-    if phase == "decode":
-        return VisionInvalidOutput(f"the glm vision model {model!r} wrote output that could not be read ({detail})")
-    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
-        message = f"the glm vision model {model!r} ran out of memory ({detail}); retry, or send a smaller image"
-        return VisionUnavailable(message, retry_after_s=OOM_RETRY_AFTER_S)
-    refused = (ValueError, TypeError, TemplateError) if phase == "encode" else (ValueError,)
-    if isinstance(exc, refused):
-        return VisionRejected(f"the glm vision model {model!r} refused the request ({detail})")
-    doing = "preparing the inputs for" if phase == "encode" else "generating an answer to"
-    return VisionUnavailable(f"the glm vision model {model!r} failed while {doing} the request ({detail})")
-
-
-def _hint(model: str) -> str:
-    if Path(model).expanduser().is_dir():
-        return (
-            "check that the directory holds a GLM-4.6V-Flash checkpoint: config.json, the weights, and the processor "
-            "files (processor_config.json or preprocessor_config.json, tokenizer.json, chat_template.jinja)"
-        )
-    return (
-        "it is neither an existing local directory nor in the local hub cache: download zai-org/GLM-4.6V-Flash to a "
-        "directory and set ORCH_VISION__MODEL to it, or set ORCH_VISION__ALLOW_DOWNLOAD=true to fetch a hub id"
-    )
-
-
-@contextmanager
-def _translated(phase: Phase, model: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        raise translate_error(exc, phase=phase, model=model) from exc
 
 
 class ImageTextModel(Protocol):
@@ -178,7 +115,7 @@ class GlmEngine:
 
         expanded = Path(source).expanduser()
         source = str(expanded) if expanded.is_dir() else source
-        with _translated("load", source):
+        with translated("load", source):
             load_processor: Callable[..., Processor] = AutoProcessor.from_pretrained  # unannotated in transformers
             processor = load_processor(source, local_files_only=local_files_only)
             if not getattr(processor, "chat_template", None) or not hasattr(processor, "image_processor"):
@@ -208,7 +145,7 @@ class GlmEngine:
         if self.batch is None:
             return True
         blank = DecodedImage(Image.new("RGB", (56, 56), "white"), "PNG", 56, 56, 0, "")
-        with _translated("load", self.name):
+        with translated("load", self.name):
             prompt = self.codec.encode(VisionRequest(blank, task="caption"), thinking=False)
             expected = self.generate_ids(prompt, tokens)
             got = self.batch.submit(prompt.inputs, image_key=None, max_new_tokens=tokens).result(timeout=600).ids
@@ -223,12 +160,12 @@ class GlmEngine:
         """Greedy generation for `request`; raises only `VisionError`s."""
         model_name = self.name
         with self._busy:
-            with _translated("encode", model_name):
+            with translated("encode", model_name):
                 prompt = self.codec.encode(request, thinking=thinking)
             budget = self._budget(prompt, max_new_tokens)
-            with _translated("generate", model_name):
+            with translated("generate", model_name):
                 ids = self.generate_ids(prompt, budget)
-            with _translated("decode", model_name):
+            with translated("decode", model_name):
                 text = self.codec.decode(ids)
         return Generation(text, prompt, len(ids), budget, looped=repeats_at_end(ids[-WINDOW:]))
 
@@ -241,20 +178,20 @@ class GlmEngine:
         batch = self.batch
         if batch is None:
             raise VisionUnavailable(f"the glm vision model {self.name!r} has no batching engine")
-        with _translated("encode", self.name):
+        with translated("encode", self.name):
             prompt = self.codec.encode(request, thinking=thinking)
         # The slot's room bounds the answer too: counted in the budget, an answer cut there is seen as cut.
         room = max(1, batch.settings.max_tokens - prompt.prompt_tokens)  # none at all: `submit` rejects it
         budget = min(self._budget(prompt, max_new_tokens), room)
         image_key = request.image.sha256 or None  # the image file's content hash, never a perceptual key
-        with _translated("generate", self.name):
+        with translated("generate", self.name):
             future = batch.submit(prompt.inputs, image_key=image_key, max_new_tokens=budget)
         return prompt, budget, future
 
     def finish(self, prompt: EncodedPrompt, budget: int, completion: Completion) -> Generation:
         """The `Generation` of what the batching engine answered to `submit` (blocking: decoding is CPU work); raises
         only `VisionError`s."""
-        with _translated("decode", self.name):
+        with translated("decode", self.name):
             text = self.codec.decode(completion.ids)
         return Generation(text, prompt, len(completion.ids), budget, looped=completion.looped)
 
@@ -400,7 +337,7 @@ class GlmVisionBackend:
 
     def _look(self, engine: GlmEngine, request: VisionRequest) -> tuple[Generation, ImageFacts]:
         generation = engine.generate(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)
-        with _translated("decode", self.model):  # Pillow, measuring the image's colours
+        with translated("decode", self.model):  # Pillow, measuring the image's colours
             facts = image_facts(request.image)
         return generation, facts
 
@@ -427,7 +364,7 @@ class GlmVisionBackend:
     ) -> tuple[EncodedPrompt, int, Future[Completion], ImageFacts]:
         prompt, budget, future = engine.submit(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)
         try:  # while the engine prefills
-            with _translated("decode", self.model):  # Pillow, measuring the image's colours
+            with translated("decode", self.model):  # Pillow, measuring the image's colours
                 facts = image_facts(request.image)
         except VisionError:
             future.cancel()  # still queued: never runs; already running: finishes unread
