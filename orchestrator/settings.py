@@ -451,3 +451,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     """`json`: one object per line with the request id (`orchestrator.observability.logs`); `text`: plain lines."""
+
+    @model_validator(mode="after")
+    def _visibility_after_deadline(self) -> Settings:
+        """A shared batch request must not be taken from a replica while it may still be answering it."""
+        if self.state.url and self.batch.visibility_s <= self.limits.request_deadline_s:
+            raise ValueError(
+                f"batch.visibility_s ({self.batch.visibility_s:g}) must be above limits.request_deadline_s "
+                f"({self.limits.request_deadline_s:g}): a replica still answering would see its request taken"
+            )
+        return self

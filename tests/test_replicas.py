@@ -176,8 +176,8 @@ def test_a_batch_sent_to_one_replica_is_run_and_read_back_on_the_other(tmp_path:
 
 def test_a_replica_killed_mid_batch_loses_no_item(tmp_path: Path) -> None:
     slow = FaultyServer(model="m", default="trickle", faults=Faults(pieces=4, trickle_delay_s=0.15))
-    settings = {"ORCH_BATCH__VISIBILITY_S": "3", "ORCH_BATCH__WORKERS": "1", "ORCH_BATCH__CONCURRENCY": "2",
-                "ORCH_CACHE__ENABLED": "false"}  # fmt: skip
+    settings = {"ORCH_BATCH__VISIBILITY_S": "3", "ORCH_LIMITS__REQUEST_DEADLINE_S": "2", "ORCH_BATCH__WORKERS": "1",
+                "ORCH_BATCH__CONCURRENCY": "2", "ORCH_CACHE__ENABLED": "false"}  # fmt: skip
     with (
         redis_server() as (state_url, _),
         running(slow) as vision,

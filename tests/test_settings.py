@@ -212,3 +212,15 @@ async def test_the_state_url_is_the_vision_cache_s_unless_the_cache_names_its_ow
     assert stores == ["redis://state:6379/0", "redis://cache:6379/1"]
     with pytest.raises(ValidationError, match="redis://"):
         settings_with(monkeypatch, {"ORCH_STATE__URL": "http://state:6379"})
+
+
+def test_a_shared_batch_request_is_not_taken_back_while_it_may_still_be_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shared = {"ORCH_STATE__URL": "redis://state:6379/0", "ORCH_BATCH__VISIBILITY_S": "20"}
+    with pytest.raises(ValidationError, match=r"visibility_s \(20\) must be above limits.request_deadline_s \(30\)"):
+        settings_with(monkeypatch, shared)
+    assert settings_with(monkeypatch, {**shared, "ORCH_LIMITS__REQUEST_DEADLINE_S": "10"}).batch.visibility_s == 20
+    monkeypatch.delenv("ORCH_STATE__URL")
+    monkeypatch.delenv("ORCH_LIMITS__REQUEST_DEADLINE_S")
+    assert settings_with(monkeypatch, {"ORCH_BATCH__VISIBILITY_S": "20"}).batch.visibility_s == 20  # no Redis: no check

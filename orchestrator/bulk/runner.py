@@ -125,7 +125,8 @@ class BatchRunner:
         if record.id in self._cancelled:
             self.store.put_batch(record.entering("cancelled"))
             return
-        lines, errors = read_input(self.store.content(self.store.file(record.input_file_id, record.owner)), record)
+        data = self.store.content(self.store.file(record.input_file_id, record.owner))
+        lines, errors = await asyncio.to_thread(read_input, data, record)  # a large file: off the event loop
         if errors:
             self.store.put_batch(record.entering("failed", errors=tuple(errors)))
             self.observe.batch("failed")

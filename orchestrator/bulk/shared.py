@@ -150,7 +150,8 @@ class SharedBatches:
     @_shared
     async def submit(self, record: BatchRecord) -> BatchRecord:
         await self._client.zadd(f"bulk:owner:{record.owner}", {record.id: record.created_at})
-        lines, errors = read_input(await self.content(await self.file(record.input_file_id, record.owner)), record)
+        data = await self.content(await self.file(record.input_file_id, record.owner))
+        lines, errors = await asyncio.to_thread(read_input, data, record)  # a large file: off the event loop
         if errors:
             self.observe.batch("failed")
             return await self._write(record.entering("failed", errors=tuple(errors)))
