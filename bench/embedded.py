@@ -32,7 +32,8 @@ import uvicorn
 from orchestrator.analysis.messages import detect_language
 from orchestrator.analysis.prompts import reasoning_messages
 from orchestrator.api.app import create_app
-from orchestrator.settings import CacheSettings, LocalReasoningSettings, ReasoningSettings, Settings
+from orchestrator.settings import CacheSettings, Settings
+from orchestrator.stage_settings import LocalReasoningSettings, ReasoningSettings
 from orchestrator.wiring import Backends, build_backends, build_router
 from reasoning_stage.types import ReasoningRequest
 from vision_stage.images import ImageLimits, decode_image

@@ -11,7 +11,8 @@ from typing import TypedDict, TypeVar
 
 from orchestrator.analysis.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
 from orchestrator.observability.logs import stage_headers
-from orchestrator.settings import (
+from orchestrator.settings import RouterSettings, Settings
+from orchestrator.stage_settings import (
     GlmVisionSettings,
     NoneReasoningSettings,
     OcrVisionSettings,
@@ -19,8 +20,6 @@ from orchestrator.settings import (
     RemoteReasoningSettings,
     RemoteSettings,
     RemoteVisionSettings,
-    RouterSettings,
-    Settings,
     VisionSettings,
 )
 from orchestrator.stages.cache import CachedVision, build_store

@@ -14,7 +14,8 @@ from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
 from orchestrator.api.app import create_app
 from orchestrator.arbitration.answer_json import field_claims, parse_fields, serialise
-from orchestrator.settings import LocalReasoningSettings, Settings
+from orchestrator.settings import Settings
+from orchestrator.stage_settings import LocalReasoningSettings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes

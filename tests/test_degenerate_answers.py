@@ -21,7 +21,8 @@ from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput
 from orchestrator.api.app import create_app
-from orchestrator.settings import CacheSettings, LimitSettings, LocalReasoningSettings, RouterSettings, Settings
+from orchestrator.settings import CacheSettings, LimitSettings, RouterSettings, Settings
+from orchestrator.stage_settings import LocalReasoningSettings
 from orchestrator.stages.resilient import ResilientReasoning, ResilientVision
 from orchestrator.wiring import Backends
 from reasoning_stage.remote import RemoteReasoningBackend

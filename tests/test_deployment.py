@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from orchestrator.__main__ import main as orchestrator_main
 from orchestrator.api.app import create_app
-from orchestrator.settings import RemoteVisionSettings
+from orchestrator.stage_settings import RemoteVisionSettings
 from orchestrator.wiring import Backends
 from reasoning_stage import server as reasoning_server
 from tests.deployment_files import (

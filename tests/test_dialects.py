@@ -14,15 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from orchestrator.api.app import create_app
-from orchestrator.settings import (
+from orchestrator.settings import CacheSettings, RouterSettings, Settings
+from orchestrator.stage_settings import (
     BreakerSettings,
-    CacheSettings,
     NoneReasoningSettings,
     RemoteReasoningSettings,
     RemoteVisionSettings,
     RetrySettings,
-    RouterSettings,
-    Settings,
 )
 from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend

@@ -18,16 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.api.app import create_app
-from orchestrator.settings import (
+from orchestrator.settings import CacheSettings, LimitSettings, RouterSettings, Settings
+from orchestrator.stage_settings import (
     AdmissionSettings,
     BreakerSettings,
-    CacheSettings,
-    LimitSettings,
     RemoteReasoningSettings,
     RemoteVisionSettings,
     RetrySettings,
-    RouterSettings,
-    Settings,
 )
 from tests.faulty_server import Faults, FaultyServer, Mode, refused_base_url, running
 from tests.images import png_bytes

@@ -652,7 +652,7 @@ async def test_metrics_read_the_batching_engine_through_the_wired_backend(checkp
     from prometheus_client import generate_latest
 
     from orchestrator.observability.metrics import Metrics, StateCollector
-    from orchestrator.settings import GlmVisionSettings
+    from orchestrator.stage_settings import GlmVisionSettings
     from orchestrator.stages.resilient import endpoint_statuses
     from orchestrator.wiring import build_vision
 

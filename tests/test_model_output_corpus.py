@@ -16,15 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.api.app import create_app
-from orchestrator.settings import (
-    ArbitrationSettings,
-    CacheSettings,
-    RateLimitSettings,
-    RemoteReasoningSettings,
-    RemoteVisionSettings,
-    RouterSettings,
-    Settings,
-)
+from orchestrator.settings import ArbitrationSettings, CacheSettings, RateLimitSettings, RouterSettings, Settings
+from orchestrator.stage_settings import RemoteReasoningSettings, RemoteVisionSettings
 from tests.images import png_bytes
 from tests.servers import serving
 from tests.vllm_fake import FakeVllm, vllm_stream

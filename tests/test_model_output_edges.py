@@ -12,14 +12,8 @@ from fastapi.testclient import TestClient
 
 from orchestrator.api.app import create_app
 from orchestrator.arbitration.answer_json import parse_fields
-from orchestrator.settings import (
-    ArbitrationSettings,
-    CacheSettings,
-    RemoteReasoningSettings,
-    RemoteVisionSettings,
-    RouterSettings,
-    Settings,
-)
+from orchestrator.settings import ArbitrationSettings, CacheSettings, RouterSettings, Settings
+from orchestrator.stage_settings import RemoteReasoningSettings, RemoteVisionSettings
 from reasoning_stage.remote import RemoteReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningRequest
 from stage_protocol.client.errors import StageStatus

@@ -18,7 +18,8 @@ import pytest
 from orchestrator.api.app import create_app
 from orchestrator.api.chat_reply import ChatCompletionOut
 from orchestrator.api.chat_request import ChatCompletionRequest
-from orchestrator.settings import RemoteReasoningSettings, Settings
+from orchestrator.settings import Settings
+from orchestrator.stage_settings import RemoteReasoningSettings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
 from reasoning_stage.remote import RemoteReasoningBackend

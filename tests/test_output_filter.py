@@ -18,7 +18,8 @@ from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, DeltaEvent, DoneEvent, PipelineEvent
 from orchestrator.api.app import create_app
 from orchestrator.security.output_filter import OutputFilter, filtered_events, flush, release
-from orchestrator.settings import LocalReasoningSettings, OutputFilterSettings, Settings
+from orchestrator.settings import OutputFilterSettings, Settings
+from orchestrator.stage_settings import LocalReasoningSettings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision
 from tests.images import decoded, png_bytes

@@ -5,7 +5,7 @@ import pytest
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import EmbeddingRouter, KeywordRouter, Prototype, Router
 from orchestrator.analysis.types import AnalyzeInput
-from orchestrator.settings import LocalReasoningSettings
+from orchestrator.stage_settings import LocalReasoningSettings
 from reasoning_stage.errors import ReasoningInvalidOutput, ReasoningUnavailable
 from reasoning_stage.none import NoneReasoningBackend
 from tests.fakes import FakeEmbedder, FakeReasoning, FakeVision

@@ -9,7 +9,7 @@ from orchestrator.analysis.messages import Profile
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome
-from orchestrator.settings import LocalReasoningSettings
+from orchestrator.stage_settings import LocalReasoningSettings
 from reasoning_stage.errors import ReasoningUnavailable
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded

@@ -13,13 +13,12 @@ from orchestrator.api.app import create_app
 from orchestrator.arbitration.claims import extract_claims
 from orchestrator.arbitration.probes import parse_reply, probe_question
 from orchestrator.arbitration.verification import Check
-from orchestrator.settings import (
-    ArbitrationSettings,
+from orchestrator.settings import ArbitrationSettings, Settings
+from orchestrator.stage_settings import (
     GlmVisionSettings,
     LocalReasoningSettings,
     OcrVisionSettings,
     RemoteVisionSettings,
-    Settings,
     VisionSettings,
 )
 from orchestrator.wiring import Backends, probe_limit

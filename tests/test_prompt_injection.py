@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from orchestrator.analysis.prompts import DATA_TAG, data_block, inline_data
 from orchestrator.api.app import create_app
-from orchestrator.settings import LocalReasoningSettings, OcrVisionSettings, Settings
+from orchestrator.settings import Settings
+from orchestrator.stage_settings import LocalReasoningSettings, OcrVisionSettings
 from orchestrator.wiring import Backends, build_reasoning, build_vision
 from reasoning_stage.types import ChatMessage
 from tests.fakes import FakeReasoning, FakeVision

@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.api.app import create_app
-from orchestrator.settings import LocalReasoningSettings, RemoteReasoningSettings, RemoteVisionSettings, Settings
+from orchestrator.settings import Settings
+from orchestrator.stage_settings import LocalReasoningSettings, RemoteReasoningSettings, RemoteVisionSettings
 from orchestrator.wiring import Backends
 from reasoning_stage.local import LocalReasoningBackend
 from reasoning_stage.server import create_app as reasoning_server

@@ -12,7 +12,7 @@ from typing import cast
 
 import pytest
 
-from orchestrator.settings import AdmissionSettings, BreakerSettings, PolicySettings, RetrySettings
+from orchestrator.stage_settings import AdmissionSettings, BreakerSettings, PolicySettings, RetrySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.admission import BULK
 from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit

@@ -6,14 +6,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.settings import (
+from orchestrator.settings import LimitSettings, Settings
+from orchestrator.stage_settings import (
     GlmVisionSettings,
-    LimitSettings,
     LocalReasoningSettings,
     OcrVisionSettings,
     RemoteReasoningSettings,
     RemoteVisionSettings,
-    Settings,
 )
 from vision_stage.batching import EngineSettings
 

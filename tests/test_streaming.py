@@ -22,7 +22,8 @@ from orchestrator.analysis.types import AnalyzeInput, ArbitrationEvent, DeltaEve
 from orchestrator.api import schemas
 from orchestrator.api.app import create_app
 from orchestrator.api.schemas import AnalyzeResponse
-from orchestrator.settings import LocalReasoningSettings, Settings
+from orchestrator.settings import Settings
+from orchestrator.stage_settings import LocalReasoningSettings
 from orchestrator.wiring import Backends
 from reasoning_stage.errors import ReasoningUnavailable
 from reasoning_stage.types import ChatMessage

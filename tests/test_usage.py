@@ -13,7 +13,8 @@ from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter
 from orchestrator.analysis.types import AnalyzeInput, AnalyzeOutcome, StageUsage
 from orchestrator.api.app import create_app
-from orchestrator.settings import LocalReasoningSettings, RouterSettings, Settings
+from orchestrator.settings import RouterSettings, Settings
+from orchestrator.stage_settings import LocalReasoningSettings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision
 from tests.images import decoded, png_bytes

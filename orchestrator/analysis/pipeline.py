@@ -54,7 +54,7 @@ from orchestrator.analysis.types import (
 )
 from orchestrator.arbitration.answer_json import ResponseFormat, parse_fields, serialise
 from orchestrator.arbitration.driver import Arbiter, Context, Judged, vision_confidence
-from orchestrator.settings import ReasoningSettings
+from orchestrator.stage_settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
 from reasoning_stage.types import Collected, ReasoningRequest, ReasoningResult

@@ -28,7 +28,7 @@ from orchestrator.api.intake import checked_text
 from orchestrator.api.schemas import EXAMPLE_IMAGE_URL
 from orchestrator.arbitration.answer_json import ResponseFormat
 from orchestrator.errors import ImageMissing, ParameterNotSupported, TooManyImages, ValidationFailed
-from orchestrator.settings import ReasoningSettings
+from orchestrator.stage_settings import ReasoningSettings
 from reasoning_stage.types import ChatMessage, Sampling
 from stage_protocol.client import dialect
 from stage_protocol.server.openai import ContentPart, MessageIn, StreamOptions

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 
-from orchestrator.settings import AdmissionSettings
+from orchestrator.stage_settings import AdmissionSettings
 from orchestrator.stages import deadline
 
 OVERLOADED_RETRY_AFTER_S = 1.0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from orchestrator.settings import BreakerSettings
+from orchestrator.stage_settings import BreakerSettings
 
 
 class BreakerState(StrEnum):

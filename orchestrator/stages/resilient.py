@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Generic, TypeVar
 
-from orchestrator.settings import PolicySettings
+from orchestrator.stage_settings import PolicySettings
 from orchestrator.stages.cache import CachedVision
 from orchestrator.stages.endpoints import EndpointStatus, ResilientStage, StageErrors
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from orchestrator.settings import RetrySettings
+from orchestrator.stage_settings import RetrySettings
 
 WINDOW_S = 10
 
