@@ -49,10 +49,35 @@ class Prompt:
     pixel_values: Any
     grid: Any
     image_key: bytes | None
+    prefix_key: bytes | None = None
+    """What the KV of its image prefix is stored under (`reuse_keys`); None: nothing to store or reuse."""
+    prefix_tokens: int = 0
+    encoder_key: bytes | None = None
+    """What its image's encoder output is stored under; None: not kept."""
 
     @property
     def tokens(self) -> int:
         return int(self.ids.shape[0])
+
+
+def reuse_keys(
+    ids: Any, image_key: bytes | None, grid: Any, image_end_id: int
+) -> tuple[bytes | None, int, bytes | None]:
+    """A prompt's prefix key and length (its tokens up to the image's end token, with the image's content hash and
+    grid; None when no image, or when the prefix is the whole prompt) and its encoder key. Computed once per request,
+    on the submitter's thread."""
+    if image_key is None or grid is None:
+        return None, 0, None
+    shape = str(grid.tolist()).encode()
+    encoder_key = hashlib.sha256(image_key + shape).digest()
+    ends = (ids == image_end_id).nonzero()
+    length = int(ends[-1, 0]) + 1 if ends.numel() else 0
+    if not length or length >= int(ids.shape[0]):
+        return None, 0, encoder_key
+    digest = hashlib.sha256(image_key)
+    digest.update(ids[:length].numpy().tobytes())
+    digest.update(shape)
+    return digest.digest(), length, encoder_key
 
 
 class DeviceSteps:
@@ -115,23 +140,10 @@ class DeviceSteps:
         self.encoder = ByteBoundStore(settings.encoder_bytes)
         self.graphs: dict[tuple[Any, ...], Any] = {}
 
-    def _prefix_key(self, prompt: Prompt) -> tuple[bytes, int] | None:
-        if prompt.image_key is None:
-            return None
-        ends = (prompt.ids == self.image_end_id).nonzero()
-        if ends.numel() == 0:
-            return None
-        length = int(ends[-1, 0]) + 1
-        digest = hashlib.sha256(prompt.image_key)
-        digest.update(prompt.ids[:length].numpy().tobytes())
-        digest.update(str(prompt.grid.tolist()).encode())
-        return digest.digest(), length
-
     def stored_prefix(self, prompt: Prompt) -> StoredKV | None:
-        key = self._prefix_key(prompt)
-        if key is None or key[1] >= prompt.tokens:
+        if prompt.prefix_key is None:
             return None
-        found: StoredKV | None = self.prefixes.lookup(key[0])
+        found: StoredKV | None = self.prefixes.lookup(prompt.prefix_key)
         return found
 
     def prefill(self, prompt: Prompt, row: int, stored: StoredKV | None) -> int:
@@ -244,9 +256,7 @@ class DeviceSteps:
     def _image_embeds(self, prompt: Prompt) -> Any:
         import torch
 
-        key = (
-            hashlib.sha256(prompt.image_key + str(prompt.grid.tolist()).encode()).digest() if prompt.image_key else None
-        )
+        key = prompt.encoder_key
         found = self.encoder.lookup(key) if key else None
         if found is not None:
             return found.tensor
@@ -259,12 +269,11 @@ class DeviceSteps:
         return embeds
 
     def _keep_prefix(self, prompt: Prompt, row: int) -> None:
-        key = self._prefix_key(prompt)
-        if key is None or key[1] >= prompt.tokens:
+        if prompt.prefix_key is None:
             return
-        length = key[1]
+        length = prompt.prefix_tokens
         stored = StoredKV(self.cache.keys[:, row, :, :length].clone(), self.cache.values[:, row, :, :length].clone())
-        self.prefixes.keep(key[0], stored)
+        self.prefixes.keep(prompt.prefix_key, stored)
 
     def _decode_step(self, bucket: int, span: int) -> None:
         """One greedy token for rows [0, bucket) (rows past the requests in use compute and are ignored)."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stage_protocol.loops import WINDOW, repeats_at_end
-from vision_stage.batch_steps import DeviceSteps, Prompt
+from vision_stage.batch_steps import DeviceSteps, Prompt, reuse_keys
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.slots import StoredKV
 
@@ -205,13 +205,18 @@ class BatchEngine:
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=None,
         )
+        key, grid = (image_key.encode() if image_key else None), inputs.get("image_grid_thw")
+        prefix_key, prefix_tokens, encoder_key = reuse_keys(ids, key, grid, self.device.image_end_id)
         prompt = Prompt(
             ids=ids,
             positions=positions[:, 0],
             delta=int(delta.reshape(-1)[0]),
             pixel_values=inputs.get("pixel_values"),
-            grid=inputs.get("image_grid_thw"),
-            image_key=image_key.encode() if image_key else None,
+            grid=grid,
+            image_key=key,
+            prefix_key=prefix_key,
+            prefix_tokens=prefix_tokens,
+            encoder_key=encoder_key,
         )
         request = _Request(prompt, budget=min(max_new_tokens, room), future=Future())
         try:
