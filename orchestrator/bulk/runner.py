@@ -140,8 +140,8 @@ class BatchRunner:
             async with gate:
                 if record.id in self._cancelled:
                     return
-                results[index] = await self._call(record, line)
-            ok = 200 <= results[index]["response"]["status_code"] < 300  # type: ignore[index]
+                results[index] = await run_line(self.app, record, line)
+            ok = answered(results[index])  # type: ignore[arg-type]
             counts = record.counts
             tally = Counts(counts.total, counts.completed + ok, counts.failed + (not ok))
             current = self.store.batch(record.id, record.owner)  # its status may have changed (a cancel)
@@ -153,21 +153,16 @@ class BatchRunner:
 
     def _finish(self, record: BatchRecord, results: list[dict[str, Any]]) -> None:
         record = self.store.put_batch(record.entering("finalizing"))
-        done = [entry for entry in results if 200 <= entry["response"]["status_code"] < 300]
-        failed = [entry for entry in results if entry not in done]
-        output = self._file(record, "output", done) if done else None
-        error = self._file(record, "error", failed) if failed else None
+        files = {
+            kind: self.store.add_file(record.owner, name, "batch_output", data).id
+            for kind, (name, data) in result_files(record, results).items()
+        }
         final: BatchStatus = "cancelled" if record.id in self._cancelled else "completed"
         self._cancelled.discard(record.id)
-        self.store.put_batch(record.entering(final, output_file_id=output, error_file_id=error))
+        self.store.put_batch(
+            record.entering(final, output_file_id=files.get("output"), error_file_id=files.get("error"))
+        )
         self.observe.batch(final)
-
-    def _file(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> str:
-        data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode()
-        return self.store.add_file(record.owner, f"{record.id}_{kind}.jsonl", "batch_output", data).id
-
-    async def _call(self, record: BatchRecord, line: dict[str, Any]) -> dict[str, Any]:
-        return await run_line(self.app, record, line)
 
 
 RETRIES = 3
@@ -191,6 +186,17 @@ async def run_line(app: ASGIApp, record: BatchRecord, line: dict[str, Any]) -> d
 def answered(entry: dict[str, Any]) -> bool:
     """Whether a result line goes to the output file (a 2xx answer) rather than the error file."""
     return 200 <= int(entry["response"]["status_code"]) < 300
+
+
+def result_files(record: BatchRecord, results: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
+    """A batch's `output` (2xx answers) and `error` files, as a file name and JSONL bytes each; a kind with no line
+    has no file."""
+    files = {}
+    for kind, keep in (("output", True), ("error", False)):
+        lines = [json.dumps(entry, ensure_ascii=False) + "\n" for entry in results if answered(entry) == keep]
+        if lines:
+            files[kind] = (f"{record.id}_{kind}.jsonl", "".join(lines).encode())
+    return files
 
 
 def read_input(data: bytes, record: BatchRecord) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

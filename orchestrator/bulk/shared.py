@@ -29,7 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 from starlette.types import ASGIApp
 
 from orchestrator.bulk.files import BatchRecord, Counts, FileRecord, new_id
-from orchestrator.bulk.runner import Observer, answered, read_input, run_line
+from orchestrator.bulk.runner import Observer, answered, read_input, result_files, run_line
 from orchestrator.errors import BatchesUnavailable, BatchNotFound, FileNotFound
 
 log = logging.getLogger(__name__)
@@ -260,16 +260,13 @@ class SharedBatches:
             return
         stored = await self._client.hgetall(f"bulk:results:{batch_id}")
         entries = [json.loads(stored[key]) for key in sorted(stored, key=int)]
-        kept = [entry for entry in entries if answered(entry)]
-        failed = [entry for entry in entries if not answered(entry)]
-        output = (await self._output(record, "output", kept)).id if kept else None
-        error = (await self._output(record, "error", failed)).id if failed else None
+        files = {
+            kind: (await self.add_file(record.owner, name, "batch_output", data)).id
+            for kind, (name, data) in result_files(record, entries).items()
+        }
+        output, error = files.get("output"), files.get("error")
         final = record.entering("finalizing").entering(
             "cancelled" if cancelling else "completed", output_file_id=output, error_file_id=error
         )
         await self._move(replace(final, counts=record.counts), ("in_progress", "cancelling"))
         self.observe.batch(final.status)
-
-    async def _output(self, record: BatchRecord, kind: str, entries: list[dict[str, Any]]) -> FileRecord:
-        data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode()
-        return await self.add_file(record.owner, f"{record.id}_{kind}.jsonl", "batch_output", data)
