@@ -185,19 +185,10 @@ class RateLimiter:
         return bucket
 
     def _check(self, client: str, bucket: _Bucket) -> None:
-        who = "this API key" if client.startswith("key:") else "this client address"
         if bucket.in_flight >= self._max_concurrent:
-            raise TooManyInFlight(
-                f"{who} already has {bucket.in_flight} requests in flight; the limit is {self._max_concurrent}",
-                retry_after_s=1,
-            )
+            raise too_many_in_flight(client, bucket.in_flight, self._max_concurrent)
         if bucket.tokens < 1:
-            wait_s = math.ceil((1 - bucket.tokens) / self._rate)
-            raise RateLimited(
-                f"{who} sent more than {self._rate:g} requests per second (bursts of {self._burst:g}); "
-                f"retry in {wait_s} s",
-                retry_after_s=wait_s,
-            )
+            raise rate_limited(client, bucket.tokens, self._rate, self._burst)
 
     def _refilled(self, bucket: _Bucket, now: float) -> float:
         return min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
@@ -216,6 +207,26 @@ class RateLimiter:
                 self._buckets.move_to_end(client)
             else:
                 return
+
+
+def too_many_in_flight(client: str, held: int, limit: int) -> TooManyInFlight:
+    """The refusal of a request of `client` that already has `held` of its `limit` requests in flight."""
+    return TooManyInFlight(
+        f"{_who(client)} already has {held} requests in flight; the limit is {limit}", retry_after_s=1
+    )
+
+
+def rate_limited(client: str, tokens: float, rate: float, burst: float) -> RateLimited:
+    """The refusal of a request of `client` whose bucket holds `tokens` (under one), with the wait for the next."""
+    wait_s = math.ceil((1 - tokens) / rate)
+    return RateLimited(
+        f"{_who(client)} sent more than {rate:g} requests per second (bursts of {burst:g}); retry in {wait_s} s",
+        retry_after_s=wait_s,
+    )
+
+
+def _who(client: str) -> str:
+    return "this API key" if client.startswith("key:") else "this client address"
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:

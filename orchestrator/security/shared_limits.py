@@ -20,8 +20,10 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from orchestrator.errors import LimitsUnavailable, RateLimited, TooManyInFlight
+from orchestrator.errors import LimitsUnavailable
+from orchestrator.security.access import rate_limited, too_many_in_flight
 from orchestrator.settings import RateLimitSettings
 
 log = logging.getLogger(__name__)
@@ -119,22 +121,12 @@ class RedisRateLimiter:
         log.warning("rate limits: the shared store failed, the request goes on uncounted: %s", exc)
 
 
-def _refuse(verdict: Sequence[object], clients: tuple[str, ...], settings: RateLimitSettings) -> None:
+def _refuse(verdict: Sequence[Any], clients: tuple[str, ...], settings: RateLimitSettings) -> None:
     """Raise what the script's verdict says, worded as the in-process limiter words it."""
-    code = int(verdict[0])  # type: ignore[call-overload]
+    code = int(verdict[0])
     if code == 0:
         return
-    client = clients[int(verdict[1]) - 1]  # type: ignore[call-overload]
-    who = "this API key" if client.startswith("key:") else "this client address"
+    client = clients[int(verdict[1]) - 1]
     if code == 1:
-        raise TooManyInFlight(
-            f"{who} already has {int(verdict[2])} requests in flight; the limit is {settings.max_concurrent}",  # type: ignore[call-overload]
-            retry_after_s=1,
-        )
-    tokens = float(verdict[2])  # type: ignore[arg-type]
-    wait_s = math.ceil((1 - tokens) / settings.requests_per_s)
-    raise RateLimited(
-        f"{who} sent more than {settings.requests_per_s:g} requests per second (bursts of {settings.burst}); "
-        f"retry in {wait_s} s",
-        retry_after_s=wait_s,
-    )
+        raise too_many_in_flight(client, int(verdict[2]), settings.max_concurrent)
+    raise rate_limited(client, float(verdict[2]), settings.requests_per_s, settings.burst)
