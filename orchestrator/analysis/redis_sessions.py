@@ -16,6 +16,7 @@ Data under a session key that does not read back as a session is a `SessionNotFo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -100,7 +101,9 @@ class RedisSessions:
 
     async def open(self, owner: str, image: DecodedImage, image_url: str | None) -> Session:
         session = Session(secrets.token_urlsafe(18), owner, image, image_url, None)
-        meta, data = _meta(session), _image_bytes(image)
+        # the upload's own bytes, or its pixels as a PNG, encoded off the event loop
+        data = image.source if image.source is not None else await asyncio.to_thread(_png, image)
+        meta = _meta(session)
         settings = self._settings
         await self._call(
             self._put_script(
@@ -168,9 +171,8 @@ def _meta(session: Session) -> str:
     return json.dumps({"image": facts, "image_url": session.image_url, "description": description})
 
 
-def _image_bytes(image: DecodedImage) -> bytes:
-    if image.source is not None:
-        return image.source
+def _png(image: DecodedImage) -> bytes:
+    """The pixels of an image whose upload does not hold them as they are, losslessly."""
     out = io.BytesIO()
     image.pixels.save(out, format="PNG", compress_level=1)
     return out.getvalue()
