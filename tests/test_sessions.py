@@ -125,3 +125,14 @@ async def test_kept_images_stay_within_the_byte_budget(stores: Callable[[Session
         await alone.get(kept.id, "me")
     assert same_image(await alone.get(newest.id, "me"), image)
     await alone.aclose()
+
+
+async def test_an_image_kept_without_its_upload_comes_back_from_redis_pixel_for_pixel(redis_url: str) -> None:
+    pixels = decoded((40, 30)).pixels.rotate(90, expand=True)  # as if an EXIF orientation had been applied
+    image = DecodedImage(pixels, "JPEG", 30, 40, 1234, "f00d")  # no `source`: the upload does not hold these pixels
+    store = RedisSessions(redis_url, SessionSettings())
+    session = await store.open("me", image, None)
+    back = await store.get(session.id, "me")
+    await store.aclose()
+    assert same_image(back, image)
+    assert (back.image.format, back.image.byte_size, back.image.source) == ("JPEG", 1234, None)
