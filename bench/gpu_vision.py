@@ -93,7 +93,8 @@ def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) 
     import torch
 
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
-    from vision_stage.batching import BatchEngine, EngineSettings
+    from vision_stage.batching import BatchEngine
+    from vision_stage.engine_settings import EngineSettings
 
     torch.manual_seed(0)
     if tiny:
@@ -274,7 +275,8 @@ def profile(bench: Bench) -> None:
 def float32_check(bench: Bench) -> str:
     """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
     differs between their attention kernels, which flips near-ties of random weights)."""
-    from vision_stage.batching import BatchEngine, EngineSettings
+    from vision_stage.batching import BatchEngine
+    from vision_stage.engine_settings import EngineSettings
 
     bench.model.float()
     one = bench.prompt(0)

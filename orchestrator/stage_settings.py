@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 
 from stage_protocol.client.dialects import DialectName
 from stage_protocol.client.transport import TransportName
-from vision_stage.batching import EngineSettings, engine_settings
+from vision_stage.engine_settings import EngineSettings, engine_settings
 
 
 class Section(BaseModel):

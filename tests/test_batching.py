@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from tests.tiny_glm4v import build_tiny_glm4v
-from vision_stage.batching import BatchEngine, EngineSettings
+from vision_stage.batching import BatchEngine
+from vision_stage.engine_settings import EngineSettings
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.glm import GlmEngine
 from vision_stage.glm_codec import EncodedPrompt

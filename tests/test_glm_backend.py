@@ -23,8 +23,9 @@ from PIL import Image
 from tests.raw_http import eventually
 from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, glm_tokenizer
 from vision_stage.backend import VisionBackend
-from vision_stage.batching import BatchEngine, Completion, EngineSettings
+from vision_stage.batching import BatchEngine, Completion
 from vision_stage.description import NOT_JSON_NOTE
+from vision_stage.engine_settings import EngineSettings
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.glm import GlmEngine, GlmVisionBackend, torch_dtype
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from orchestrator.api.app import create_app
 from orchestrator.errors import RateLimited, TooManyInFlight
-from orchestrator.security.access import ApiKeys, ClientAddresses, LocalLimiter, RateLimiter, SecurityMiddleware
+from orchestrator.security.access import ApiKeys, LocalLimiter, RateLimiter, SecurityMiddleware
+from orchestrator.security.addresses import ClientAddresses
 from orchestrator.settings import RateLimitSettings, Settings
 from orchestrator.wiring import Backends
 from tests.fakes import FakeReasoning, FakeVision

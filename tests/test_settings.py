@@ -14,7 +14,7 @@ from orchestrator.stage_settings import (
     RemoteReasoningSettings,
     RemoteVisionSettings,
 )
-from vision_stage.batching import EngineSettings
+from vision_stage.engine_settings import EngineSettings
 
 
 def settings_with(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from vision_stage.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
 if TYPE_CHECKING:
-    from vision_stage.batching import EngineSettings
+    from vision_stage.engine_settings import EngineSettings
 
 log = logging.getLogger("vision_stage.batching")
 

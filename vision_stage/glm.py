@@ -37,7 +37,8 @@ from PIL import Image
 
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
-from vision_stage.batching import EngineSettings, EngineStats
+from vision_stage.batching import EngineStats
+from vision_stage.engine_settings import EngineSettings
 from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor

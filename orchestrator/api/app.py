@@ -48,13 +48,13 @@ from orchestrator.observability.metrics import Metrics, MetricsMiddleware, State
 from orchestrator.observability.record import RequestRecord
 from orchestrator.security.access import (
     ApiKeys,
-    ClientAddresses,
     Limiter,
     LocalLimiter,
     RateLimiter,
     SecurityMiddleware,
     is_open,
 )
+from orchestrator.security.addresses import ClientAddresses
 from orchestrator.security.fetch import ImageFetcher
 from orchestrator.security.output_filter import OutputFilter
 from orchestrator.settings import Settings
