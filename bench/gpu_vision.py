@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,53 @@ def profile(bench: Bench) -> None:
               file=sys.stderr)  # fmt: skip
 
 
+def prefill_profile(bench: Bench) -> None:
+    """Where a cold image prefill's time goes: the vision encoder alone and the whole prefill, timed with the device
+    synchronised (p50 of 5 images), then the device's kernels and the host's time in one prefill."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    device = bench.engine.device
+    encoder_ms, prefill_ms, rope_ms = [], [], []
+    with torch.inference_mode():
+        for seed in range(6):
+            inputs = bench.prompt(5000 + seed)
+            started = time.perf_counter()
+            prompt = bench.engine.prepare(inputs, f"profile-{seed}")
+            rope_ms.append((time.perf_counter() - started) * 1000)
+            bench.sync()
+            started = time.perf_counter()
+            device._image_embeds(replace(prompt, encoder_key=None))
+            bench.sync()
+            encoder_ms.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            device.prefill(prompt, 0, None)
+            bench.sync()
+            prefill_ms.append((time.perf_counter() - started) * 1000)
+            device.release(0)
+            device.encoder.clear()
+            device.prefixes.clear()
+        print(
+            f"cold prefill, p50 of 5 after one warm-up: positions and keys {statistics.median(rope_ms[1:]):.1f} ms "
+            f"(caller's thread), encoder alone {statistics.median(encoder_ms[1:]):.1f} ms, whole prefill "
+            f"{statistics.median(prefill_ms[1:]):.1f} ms",
+            file=sys.stderr,
+        )
+        if bench.device != "cuda":
+            return
+        prompt = bench.engine.prepare(bench.prompt(6000), "profile-last")
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        bench.sync()
+        with torch.profiler.profile(activities=activities) as profiler:
+            device.prefill(prompt, 0, None)
+            bench.sync()
+        device.release(0)
+    events = profiler.key_averages()
+    device_ms = sum(event.self_device_time_total for event in events) / 1000
+    print(f"one cold prefill: {device_ms:.1f} ms of device time in kernels", file=sys.stderr)
+    print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90), file=sys.stderr)
+
+
 def float32_check(bench: Bench) -> str:
     """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
     differs between their attention kernels, which flips near-ties of random weights)."""
@@ -320,7 +367,9 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=1024)
     parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
     parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
-    parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="after the run, the device's kernels in decode steps and a cold prefill"
+    )
     parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
@@ -340,6 +389,7 @@ def main() -> None:
         rows, notes = run(bench, args.rounds, clients)
         if args.profile:
             profile(bench)
+            prefill_profile(bench)
     finally:
         bench.engine.close()
     if args.check_float32:

@@ -126,6 +126,21 @@ class BatchEngine:
                 f"the prompt is {int(ids.shape[0])} tokens but a slot of the glm engine holds at most "
                 f"{self.settings.max_tokens} (ORCH_VISION__ENGINE_MAX_TOKENS)"
             )
+        prompt = self.prepare(inputs, image_key)
+        request = _Request(prompt, budget=min(max_new_tokens, room), future=Future())
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise VisionUnavailable(
+                f"the glm engine has {self.settings.queue_size} requests waiting already", retry_after_s=1.0
+            ) from None
+        self._wake.set()
+        return request.future
+
+    def prepare(self, inputs: Mapping[str, Any], image_key: str | None) -> Prompt:
+        """One prompt's model inputs as the engine runs them: its M-RoPE positions from the model's own
+        `get_rope_index` and its reuse keys (`reuse_keys`), on the caller's thread."""
+        ids = inputs["input_ids"][0]
         positions, delta = self.model.model.get_rope_index(
             inputs["input_ids"],
             inputs["mm_token_type_ids"],
@@ -134,7 +149,7 @@ class BatchEngine:
         )
         key, grid = (image_key.encode() if image_key else None), inputs.get("image_grid_thw")
         prefix_key, prefix_tokens, encoder_key = reuse_keys(ids, key, grid, self.device.image_end_id)
-        prompt = Prompt(
+        return Prompt(
             ids=ids,
             positions=positions[:, 0],
             delta=int(delta.reshape(-1)[0]),
@@ -145,15 +160,6 @@ class BatchEngine:
             prefix_tokens=prefix_tokens,
             encoder_key=encoder_key,
         )
-        request = _Request(prompt, budget=min(max_new_tokens, room), future=Future())
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise VisionUnavailable(
-                f"the glm engine has {self.settings.queue_size} requests waiting already", retry_after_s=1.0
-            ) from None
-        self._wake.set()
-        return request.future
 
     def abandon(self, future: Future[Completion]) -> None:
         """The caller no longer wants `future`'s answer (it was cancelled, or its client left): a request still
