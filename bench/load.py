@@ -130,6 +130,7 @@ def start_orchestrator(
             "ORCH_REASONING__BASE_URL": f"{reasoning.url}/v1",
             "ORCH_REASONING__MODEL": REASONING_MODEL,
             "ORCH_ARBITRATION__PROBES": "off",
+            "ORCH_ARBITRATION__WITNESS": "off",  # the gateway's overhead, not the embedded OCR's reading
             "ORCH_LOG_LEVEL": "warning",  # no access log line per request
             # every request must reach the stages (one image is sent throughout), and one client sends all the load
             "ORCH_CACHE__ENABLED": "false",

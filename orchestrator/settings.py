@@ -58,6 +58,14 @@ class ArbitrationSettings(Section):
     `ocr`, whose answer is only the text it read."""
     max_probes: int = Field(default=3, ge=0, le=20)
     """At most this many probes per reasoning answer."""
+    witness: Literal["auto", "ocr", "off"] = "auto"
+    """A second witness on text, numbers and dates: the embedded OCR reads the image beside the vision stage (on the
+    reasoning route), and where it reads otherwise what the vision stage read, the answer's claim is contradicted
+    (`orchestrator.arbitration.witness`). `auto`: on unless the vision backend is `ocr` (the witness would be the
+    same reader); off when no LLM is deployed (reasoning `none`: no claims to check)."""
+    witness_timeout_s: float = Field(default=2.0, gt=0)
+    """How long arbitration waits for the witness's reading once the answer is in (it started with the vision
+    stage, so it is usually done); past it, and never past the request's deadline, arbitration goes on without it."""
 
 
 class RateLimitSettings(Section):

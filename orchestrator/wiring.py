@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypedDict, TypeVar
 
 from orchestrator.analysis.routing import EmbeddingRouter, KeywordRouter, Router, load_prototypes
+from orchestrator.arbitration.witness import Witness
 from orchestrator.observability.logs import stage_headers
 from orchestrator.settings import RouterSettings, Settings
 from orchestrator.stage_settings import (
@@ -36,14 +37,21 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Backends:
+    """Both stages' backends, and the arbiter's second witness when there is one."""
+
     vision: VisionBackend
     reasoning: ReasoningBackend
+    witness: Witness | None = None
 
     async def aclose(self) -> None:
         try:
             await self.vision.aclose()
         finally:
-            await self.reasoning.aclose()
+            try:
+                await self.reasoning.aclose()
+            finally:
+                if self.witness is not None:
+                    await self.witness.aclose()
 
 
 def probe_limit(settings: Settings) -> int:
@@ -55,9 +63,18 @@ def probe_limit(settings: Settings) -> int:
     return settings.arbitration.max_probes if enabled else 0
 
 
+def witness_enabled(settings: Settings) -> bool:
+    """Whether the arbiter has an OCR witness: `arbitration.witness` resolved against the backends (`auto`: unless
+    the vision backend is `ocr`, the same reader); never without an LLM (reasoning `none`), whose claims it checks."""
+    witness = settings.arbitration.witness
+    if settings.reasoning.backend == "none" or witness == "off":
+        return False
+    return witness == "ocr" or settings.vision.backend != "ocr"
+
+
 async def build_backends(settings: Settings) -> Backends:
-    """Load both stages' backends behind their resilience policy (`orchestrator.stages`), logging what was
-    loaded and how long it took."""
+    """Load both stages' backends behind their resilience policy (`orchestrator.stages`), and the arbiter's witness
+    when it is on (`witness_enabled`), logging what was loaded and how long it took."""
     vision = await _timed("vision", settings.vision.backend, lambda: build_vision(settings.vision))
     if settings.cache.enabled:
         cache = settings.cache if settings.cache.url else settings.cache.model_copy(update={"url": settings.state.url})
@@ -71,7 +88,18 @@ async def build_backends(settings: Settings) -> Backends:
     except BaseException:
         await vision.aclose()
         raise
-    return Backends(vision, reasoning)
+    try:
+        witness = await _timed("witness", "ocr", _load_witness) if witness_enabled(settings) else None
+    except BaseException:
+        await Backends(vision, reasoning).aclose()
+        raise
+    return Backends(vision, reasoning, witness)
+
+
+async def _load_witness() -> Witness:
+    from vision_stage.ocr import OcrReader
+
+    return await OcrReader.load()
 
 
 async def build_vision(settings: VisionSettings) -> VisionBackend:

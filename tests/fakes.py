@@ -16,7 +16,7 @@ from reasoning_stage.errors import ReasoningError, ReasoningUnavailable
 from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
 from vision_stage.backend import Health as VisionHealth
 from vision_stage.errors import VisionError, VisionUnavailable
-from vision_stage.types import ImageFacts, StructuredDescription, TextLine, VisionRequest, VisionResult
+from vision_stage.types import DecodedImage, ImageFacts, StructuredDescription, TextLine, VisionRequest, VisionResult
 
 RECEIPT_LINES = ("BLUE BOTTLE CAFE", "Latte 2 x 18.00 36.00", "TOTAL 54.06")
 
@@ -89,6 +89,36 @@ class FakeVision(FakeStage[VisionRequest]):
 
     async def health(self) -> VisionHealth:
         return VisionHealth(self.healthy and not self.closed, self._health_detail())
+
+
+@dataclass
+class FakeWitness:
+    """The arbiter's second witness (`orchestrator.arbitration.witness.Witness`): reads `lines` from any image, after
+    `delay_s`; or raises `error`. Records each read, and whether a read was
+    cancelled; `started` is set when a read begins."""
+
+    lines: tuple[str, ...] = ("BLUE LOTUS CAFE", "Date: 2026-03-14", "TOTAL 80.00")
+    error: VisionError | None = None
+    delay_s: float = 0.0
+    name: str = "fake-ocr"
+    reads: list[DecodedImage] = field(default_factory=list)
+    cancelled: int = 0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def read(self, image: DecodedImage, /) -> tuple[TextLine, ...]:
+        self.reads.append(image)
+        self.started.set()
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.error is not None:
+            raise self.error
+        return tuple(text_line(text, order) for order, text in enumerate(self.lines))
+
+    async def aclose(self) -> None:
+        pass
 
 
 @dataclass

@@ -21,7 +21,7 @@ from orchestrator.security.output_filter import OutputFilter, filtered_events, f
 from orchestrator.settings import OutputFilterSettings, Settings
 from orchestrator.stage_settings import LocalReasoningSettings
 from orchestrator.wiring import Backends
-from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision
+from tests.fakes import FakeReasoning, FakeStreamingReasoning, FakeVision, FakeWitness
 from tests.images import decoded, png_bytes
 
 PNG = png_bytes()
@@ -170,6 +170,17 @@ def test_analyze_json_answers_are_filtered_everywhere(client: TestClient) -> Non
     assert leaks({key: value for key, value in body.items() if key != "route"}) == []
     vision_only = client.post("/v1/analyze", files={"image": ("x.png", PNG)}, data={"question": "What is it?"})
     assert vision_only.json()["answer"] == "Text in the image most relevant to the question: “[removed] 54.06”."
+
+
+def test_the_witness_reading_a_check_cites_is_filtered() -> None:
+    settings = Settings(output_filter=OutputFilterSettings(terms=TERMS))
+    vision, reasoning = FakeVision(lines=("TOTAL 90.00",)), FakeReasoning(answer="The total is 90.00.")
+    backends = Backends(vision, reasoning, witness=FakeWitness(lines=("TOTAL 80.00",)))
+    with TestClient(create_app(settings, backends)) as client:
+        body = client.post("/v1/analyze", files={"image": ("x.png", PNG)}, data={"question": WHY}).json()
+    check = body["arbitration"]["checks"][0]
+    assert (check["verdict"], check["witness"]["text"]) == ("contradicted", "[removed] 80.00")
+    assert leaks({key: value for key, value in body.items() if key != "route"}) == []
 
 
 def test_analyze_stream_catches_a_term_split_across_deltas(client: TestClient) -> None:

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from pydantic import SecretStr
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.command import Command
@@ -32,7 +33,7 @@ from orchestrator.api.app import create_app
 from orchestrator.api.web import web
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
-from tests.fakes import RECEIPT_LINES, FakeStreamingReasoning, FakeVision
+from tests.fakes import RECEIPT_LINES, FakeStreamingReasoning, FakeVision, FakeWitness, text_line
 from tests.servers import RunningServer, serving
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -44,9 +45,11 @@ WAIT_S = 15
 API_KEY = "s3cret-key"
 
 
-def web_app(reasoning: FakeStreamingReasoning, settings: Settings | None = None) -> FastAPI:
+def web_app(
+    reasoning: FakeStreamingReasoning, settings: Settings | None = None, witness: FakeWitness | None = None
+) -> FastAPI:
     """The app over fake backends, with the page's router (included here until `create_app` includes it)."""
-    app = create_app(settings or Settings(), Backends(FakeVision(lines=LINES), reasoning))
+    app = create_app(settings or Settings(), Backends(FakeVision(lines=LINES), reasoning, witness))
     if not any(getattr(route, "path", None) == "/" for route in app.routes):
         app.include_router(web)
     return app
@@ -124,6 +127,14 @@ def healthy(reasoning: FakeStreamingReasoning) -> Iterator[RunningServer]:
 def failing() -> Iterator[RunningServer]:
     """The reasoning stage breaks after two words of its answer."""
     with serving(web_app(FakeStreamingReasoning(fail_after=2))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def witnessed() -> Iterator[RunningServer]:
+    """A second witness (OCR) that reads the total otherwise, on the first line: "TOTAL 59.06"."""
+    witness = FakeWitness(lines=("TOTAL 59.06",))
+    with serving(web_app(FakeStreamingReasoning(), witness=witness)) as server:
         yield server
 
 
@@ -227,7 +238,9 @@ def test_a_reasoning_answer_streams_in_with_its_route_checks_and_disclaimer(
     assert all(value.endswith(" ms") for value in column(browser, "#timings dd"))
     # The image's text is shown as text: the markup in it is neither parsed nor run.
     assert HOSTILE_LINE in text(browser, "vision-description")
-    assert browser.find_elements(By.CSS_SELECTOR, "#result img") == []
+    assert [image.get_attribute("id") for image in browser.find_elements(By.CSS_SELECTOR, "#result img")] == [
+        "evidence-image"  # the uploaded image itself, under its evidence; nothing the image's text made
+    ]
     assert browser.execute_script("return window.pwned") is None
     assert console_errors(browser) == []
     screenshot(browser, tmp_path, "web-page-en")
@@ -321,3 +334,61 @@ def test_a_service_that_needs_a_key_asks_for_it_and_the_key_is_kept_for_the_tab(
 
     browser.refresh()
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == API_KEY
+
+
+def points(order: int) -> str:
+    """The SVG points of the fakes' text line number `order` (`tests.fakes.text_line`)."""
+    return " ".join(f"{x:g},{y:g}" for x, y in text_line("", order).box)
+
+
+def cited(browser: webdriver.Chrome) -> list[tuple[str, str]]:
+    """The highlighted boxes: (class, points) of each."""
+    shapes = browser.find_elements(By.CSS_SELECTOR, "#evidence-cited polygon")
+    return [(str(shape.get_attribute("class")), str(shape.get_attribute("points"))) for shape in shapes]
+
+
+def test_the_image_shows_what_was_read_and_a_check_highlights_the_evidence_it_cites(
+    browser: webdriver.Chrome, witnessed: RunningServer, tmp_path: Path
+) -> None:
+    width, height = 360, 60 + 50 * len(LINES)  # the fakes' line boxes, drawn where they say the lines are
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for order, line in enumerate(LINES):
+        draw.text((46, 46 + 50 * order), line, fill="black")
+    path = tmp_path / "tall-receipt.png"
+    image.save(path)
+    open_page(browser, witnessed)
+    console_errors(browser)
+    fill(browser, path, "Why is the total 54.06?")
+    browser.find_element(By.ID, "submit").click()
+    assert wait_finished(browser) == "done"
+
+    assert browser.find_element(By.ID, "evidence-box").is_displayed()
+    overlay = browser.find_element(By.ID, "evidence-overlay")
+    assert browser.execute_script("return arguments[0].getAttribute('viewBox')", overlay) == f"0 0 {width} {height}"
+    read = browser.find_elements(By.CSS_SELECTOR, "#evidence-overlay polygon.read-line")
+    assert [shape.get_attribute("points") for shape in read] == [points(order) for order in range(len(LINES))]
+    drawn = browser.find_element(By.ID, "evidence-image")
+    assert drawn.get_attribute("naturalWidth") == str(width)
+    assert overlay.size == drawn.size  # the overlay lies exactly over the image
+    assert cited(browser) == []
+
+    (row,) = browser.find_elements(By.CSS_SELECTOR, "#checks tbody tr")
+    assert row.find_elements(By.TAG_NAME, "td")[2].text == "contradicted"  # the witness read 59.06
+    away = browser.find_element(By.ID, "evidence-heading")
+    total = f"{points(len(LINES) - 1)}"  # the vision stage's "TOTAL 54.06", its last line
+    expected = [("cited", total), ("cited witness", points(0))]  # and the witness's, on its first
+    ActionChains(browser).move_to_element(row).perform()
+    assert cited(browser) == expected
+    ActionChains(browser).move_to_element(away).perform()
+    assert cited(browser) == []
+    row.click()  # selected: stays highlighted
+    ActionChains(browser).move_to_element(away).perform()
+    assert cited(browser) == expected
+    assert row.get_attribute("aria-selected") == "true"
+    screenshot(browser, tmp_path, "web-page-evidence")
+    row.send_keys(Keys.ENTER)  # the keyboard unselects it too
+    assert row.get_attribute("aria-selected") == "false"
+    ActionChains(browser).move_to_element(away).perform()
+    assert cited(browser) == []
+    assert console_errors(browser) == []

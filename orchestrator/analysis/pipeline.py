@@ -22,6 +22,11 @@ with `replaced` set: the streamed text is incomplete, and the outcome's answer r
 complete answer after the stream; when a re-asked answer is returned, `replaced` is set too. Closing the stream
 early closes the reasoning backend's stream, which stops the generation.
 
+The second witness (`orchestrator.arbitration.witness`), when there is one: on the reasoning route its reading of
+the image starts as soon as the route is known, runs beside the vision and reasoning stages, and is awaited only by
+the arbiter; the vision-only route never starts it, and it is cancelled whenever the analysis ends. A witness that
+fails or is late only leaves arbitration without it.
+
 `caption` asks the vision stage alone for its one-sentence caption (`POST /caption`): no routing, no reasoning.
 The answers here are unfiltered; the API filters them where they leave (`orchestrator.security.output_filter`).
 """
@@ -54,6 +59,7 @@ from orchestrator.analysis.types import (
 )
 from orchestrator.arbitration.answer_json import ResponseFormat, parse_fields, serialise
 from orchestrator.arbitration.driver import Arbiter, Context, Judged, vision_confidence
+from orchestrator.arbitration.witness import Witness, WitnessReading
 from orchestrator.stage_settings import ReasoningSettings
 from reasoning_stage.backend import ReasoningBackend, StreamingReasoningBackend
 from reasoning_stage.errors import ReasoningDisabled, ReasoningError, ReasoningInvalidOutput
@@ -77,7 +83,9 @@ class _ReasoningOutcome:
 
 class Pipeline:
     """`probe_limit`: how many yes/no probes the arbiter may put to the vision stage per answer (0: none); the caller
-    resolves `arbitration.probes` against the vision backend (`orchestrator.wiring.probe_limit`)."""
+    resolves `arbitration.probes` against the vision backend (`orchestrator.wiring.probe_limit`). `witness`: the
+    second reader of the image's text (`orchestrator.arbitration.witness`), or None; arbitration waits for its
+    reading at most `witness_timeout_s`."""
 
     def __init__(
         self,
@@ -87,12 +95,16 @@ class Pipeline:
         router: Router,
         *,
         probe_limit: int = 0,
+        witness: Witness | None = None,
+        witness_timeout_s: float = 2.0,
     ) -> None:
         self._vision = vision
         self._reasoning = reasoning
         self._settings = settings
         self._router = router
         self._arbiter = Arbiter(reasoning, vision, probe_limit)
+        self._witness = witness
+        self._witness_timeout_s = witness_timeout_s
 
     async def route(self, question: str, mode: RequestedMode, response_format: ResponseFormat = "text") -> Routed:
         """Where the question goes. Separate from `run` so a caller can route while it decodes the image."""
@@ -128,27 +140,33 @@ class Pipeline:
     ) -> AsyncGenerator[PipelineEvent, None]:
         if routed is None:
             routed = await self.route(request.question, request.mode, request.response_format)
-        yield RouteEvent(routed.decision)
-        timings = {"route": routed.ms}
         wants_reasoning = routed.decision.decision == "vision_then_reasoning"
-        vision_started = time.perf_counter()
-        vision = await self._look(request, "describe" if wants_reasoning else "answer")
-        timings["vision"] = _ms_since(vision_started)
-        yield VisionEvent(vision)
-        language = detect_language(request.question)
-        spend = Spend()
-        if vision is not request.description:  # a session's kept description costs no generation
-            spend.looked(vision)
-        context = Context(
-            vision, routed.decision, self._router.threshold, request.profile, language, request.image,
-            request.response_format, request.question, spend,
-        )  # fmt: skip
-        if not wants_reasoning:
-            yield DoneEvent(_vision_outcome(context, _vision_answer(vision), timings, routed.started))
-            return
-        async with aclosing(self._reasoned(request, context, timings, routed.started, streaming)) as events:
-            async for event in events:
-                yield event
+        witness = None
+        if wants_reasoning and self._witness is not None:  # beside the vision stage; awaited only at arbitration
+            witness = WitnessReading.start(self._witness, request.image, self._witness_timeout_s)
+        try:
+            yield RouteEvent(routed.decision)
+            timings = {"route": routed.ms}
+            vision_started = time.perf_counter()
+            vision = await self._look(request, "describe" if wants_reasoning else "answer")
+            timings["vision"] = _ms_since(vision_started)
+            yield VisionEvent(vision)
+            spend = Spend()
+            if vision is not request.description:  # a session's kept description costs no generation
+                spend.looked(vision)
+            context = Context(
+                vision, routed.decision, self._router.threshold, request.profile, detect_language(request.question),
+                request.image, request.response_format, request.question, spend, witness,
+            )  # fmt: skip
+            if not wants_reasoning:
+                yield DoneEvent(_vision_outcome(context, _vision_answer(vision), timings, routed.started))
+                return
+            async with aclosing(self._reasoned(request, context, timings, routed.started, streaming)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if witness is not None:
+                witness.cancel()
 
     async def _reasoned(
         self, request: AnalyzeInput, context: Context, timings: dict[str, float], started: float, streaming: bool

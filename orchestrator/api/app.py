@@ -217,7 +217,15 @@ async def _services(
     except BaseException:
         await loaded.aclose()
         raise
-    pipeline = Pipeline(loaded.vision, loaded.reasoning, settings.reasoning, chosen, probe_limit=probe_limit(settings))
+    pipeline = Pipeline(
+        loaded.vision,
+        loaded.reasoning,
+        settings.reasoning,
+        chosen,
+        probe_limit=probe_limit(settings),
+        witness=loaded.witness,
+        witness_timeout_s=settings.arbitration.witness_timeout_s,
+    )
     answers = OutputFilter.from_settings(settings.output_filter)
     sessions = build_sessions(settings.sessions, settings.state.url)
     app.state.services = Services(settings, loaded, pipeline, sessions, answers)

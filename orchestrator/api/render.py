@@ -102,6 +102,7 @@ def _check_out(check: Check) -> CheckOut:
         verdict=check.verdict,
         reason=check.reason,
         evidence=EvidenceOut.model_validate(evidence) if evidence else None,
+        witness=EvidenceOut.model_validate(check.witness) if check.witness else None,
     )
 
 

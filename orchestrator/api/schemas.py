@@ -156,7 +156,12 @@ class ReasoningOut(_Read):
 class EvidenceOut(_Read):
     source: str
     text: str
-    where: str = Field(description="Where in the vision result, e.g. `line 8`, `field “Total”`.")
+    where: str = Field(description="Where in the vision result, e.g. `line 8`, `field “Total”`, `witness line 5`.")
+    boxes: list[list[tuple[float, float]]] = Field(
+        default_factory=list,
+        description="The boxes of the text lines this was read from, four corners each in the image's pixels "
+        "(as `text_lines[].box`); empty for fields, sentences and tags.",
+    )
 
 
 class CheckOut(BaseModel):
@@ -167,6 +172,11 @@ class CheckOut(BaseModel):
     verdict: Literal["supported", "contradicted", "unverifiable"]
     reason: str
     evidence: EvidenceOut | None
+    witness: EvidenceOut | None = Field(
+        default=None,
+        description="The OCR witness's reading (source `witness`) when it read otherwise what `evidence`, the vision "
+        "stage's reading, shows: the claim is then contradicted. Null otherwise.",
+    )
 
 
 class ArbitrationOut(BaseModel):

@@ -15,11 +15,14 @@ The flow, for the pipeline to drive (it owns the I/O):
     confidence = 0.3 * Q + 0.5 * V + 0.2 * R                      (rounded to 3 places, in [0, 1])
 
 - Q, evidence quality in [0, 1]: `evidence_quality(evidence, checks)`: the mean OCR score of the rows the checks
-  cite, or of all rows when no check cites one; items without a score (fields, objects, a model's sentences) count
+  cite (a check the witness contradicted cites two: the vision stage's and the witness's), or of the vision stage's
+  rows when no check cites one; items without a score (fields, objects, a model's sentences) count
   `MODEL_EVIDENCE_SCORE`; no evidence at all counts 0.5.
 - V, verification in [0, 1]: (S + 0.5·U) / (S + U + 2·C) for S supported, U unverifiable and C contradicted checks
   (a contradiction weighs twice); no checks → `NO_CLAIMS_VERIFICATION` (nothing concrete was said, so nothing was
-  confirmed either).
+  confirmed either). A claim the OCR witness contradicts (`orchestrator.arbitration.verification`: it read
+  otherwise what the vision stage read) counts in C like any other contradiction; a witness that agrees or has
+  nothing to say changes nothing.
 - R, routing certainty in [0, 1]: |route_score − route_threshold| / max(route_threshold, 1 − route_threshold), the
   route score's distance from the threshold relative to the largest possible distance; a route forced by the client
   passes `route_score=None` and counts 1.
@@ -72,7 +75,7 @@ class Arbitration:
 
 def evidence_quality(evidence: Evidence, checks: Sequence[Check]) -> float:
     """Q of the module docstring."""
-    cited = [check.evidence for check in checks if check.evidence is not None]
+    cited = [item for check in checks for item in (check.evidence, check.witness) if item is not None]
     pool = cited or list(evidence.items)
     if not pool:
         return 0.5
@@ -146,6 +149,14 @@ def _evidence_phrase(check: Check, language: Language, quote: Callable[[str], st
     if check.evidence is None:
         return quote(check.reason)
     where, text = quote(check.evidence.where), quote(check.evidence.text)
+    if check.witness is not None:  # the vision stage read the claim; the OCR witness read otherwise
+        read, witness_where = quote(check.witness.text), quote(check.witness.where)
+        if language == "zh":
+            return f"文字识别复核图中{_where_zh(witness_where)}为“{read}”，而视觉模型读作“{text}”（{_where_zh(where)}）"
+        return (
+            f"a second reading of the image by OCR reads “{read}” ({witness_where}), "
+            f"where the vision model read “{text}” ({where})"
+        )
     if check.evidence.source == "probe":  # `where` is the question put to the vision stage, `text` its reply
         if language == "zh":
             return f"问视觉模型“{where}”，它答“{text}”"
@@ -156,6 +167,8 @@ def _evidence_phrase(check: Check, language: Language, quote: Callable[[str], st
 
 
 def _where_zh(where: str) -> str:
+    if where.startswith("witness line "):
+        return f"第{where.removeprefix('witness line ')}行"
     if where.startswith("line "):
         return f"第{where.removeprefix('line ')}行"
     return {"caption": "说明", "answer": "回答", "description": "描述"}.get(where, where)

@@ -11,6 +11,10 @@ evidence left `unverifiable` and a probe can settle are put to the vision stage 
 `probe_limit` per answer, concurrently, after `verify_all` and before `decide` — so a contradiction a probe finds
 re-asks the reasoning stage like any other. A probe whose call fails (a `VisionError`) or whose reply is neither yes
 nor no leaves its check unverifiable; probes never fail the request.
+
+The witness: with a `WitnessReading` in the `Context` (`orchestrator.arbitration.witness`), its lines are awaited
+once per request, here, and join the evidence as the witness's rows, for the first answer and a re-asked one alike;
+a witness that failed or is late leaves them out.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ from orchestrator.arbitration.decision import (
 from orchestrator.arbitration.evidence import Evidence, evidence_from_vision
 from orchestrator.arbitration.probes import probe_question, probed_check
 from orchestrator.arbitration.verification import Check, verify_all
+from orchestrator.arbitration.witness import WitnessReading
 from reasoning_stage.backend import ReasoningBackend
 from reasoning_stage.errors import ReasoningError
 from reasoning_stage.types import ChatMessage, ReasoningRequest, ReasoningResult
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import VisionError
-from vision_stage.types import DecodedImage, VisionRequest, VisionResult
+from vision_stage.types import DecodedImage, TextLine, VisionRequest, VisionResult
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,8 @@ class Context:
     """The user's question, which a degenerate re-asked answer may only restate."""
     spend: Spend | None = None
     """Where the re-ask and the probes are counted (`orchestrator.analysis.types.Spend`)."""
+    witness: WitnessReading | None = None
+    """The second witness's reading of the image, under way; without it, the vision stage is the only witness."""
 
 
 def vision_confidence(context: Context) -> tuple[float, bool]:
@@ -92,7 +99,7 @@ class Arbiter:
         self._probe_limit = probe_limit if vision is not None else 0
 
     async def judge(self, first: ReasoningResult, request: ReasoningRequest, context: Context) -> Judged:
-        evidence = evidence_from_vision(context.vision)
+        evidence = evidence_from_vision(context.vision, await _witnessed(context))
         checks = await self._check(_claims(first.text, context), evidence, context)
         verdict = decide(
             checks,
@@ -168,6 +175,12 @@ class Arbiter:
             log.warning("the re-asked answer (backend %s) is unusable: %s", self._reasoning.name, WHAT[degenerate])
             return None
         return result
+
+
+async def _witnessed(context: Context) -> tuple[TextLine, ...]:
+    """The witness's lines (module docstring), or none."""
+    reading = context.witness
+    return (await reading.lines() or ()) if reading is not None else ()
 
 
 def _claims(text: str, context: Context) -> tuple[Claim, ...]:

@@ -5,6 +5,11 @@ key-value fields, detected objects, tags, and — for backends other than `ocr`,
 composed from the same rows — the sentences of the caption, answer and description. Strings are compared
 *compacted* (`compact`): NFKC (full-width → half-width), case-folded, without whitespace or punctuation, because OCR
 drops spaces ("BLUEBOTTLECAFE"). `orchestrator.arbitration.verification` gives each claim its verdict against it.
+
+`evidence_from_vision(result, witness=lines)` also keeps a second reader's text (the OCR witness,
+`orchestrator.arbitration.witness`) as rows of their own, source `witness` ("witness line 5"), apart from the vision
+stage's `items`: they are only ever weighed against the vision stage's reading of the same thing, never as its
+evidence.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from vision_stage.types import TextLine, VisionResult
+from vision_stage.types import Point, TextLine, VisionResult
 
-EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description", "probe"]
+EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description", "probe", "witness"]
 
 
 _PUNCTUATION = re.compile(r"[\W_]+", re.UNICODE)
+
+Quad = tuple[Point, Point, Point, Point]
 
 
 @dataclass(frozen=True)
@@ -31,17 +38,22 @@ class EvidenceItem:
     text: str
     where: str
     score: float | None = None
+    boxes: tuple[Quad, ...] = ()
+    """The boxes, in the image's pixels, of the text lines a row was read from (none for anything else): what the
+    web page highlights on the image."""
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """What claims are checked against; `lists_objects` says whether absence from `objects` means anything."""
+    """What claims are checked against; `lists_objects` says whether absence from `objects` means anything;
+    `witness` is the second reader's rows (empty without one)."""
 
     backend: str
     items: tuple[EvidenceItem, ...]
     objects: tuple[str, ...] = ()
     tags: tuple[EvidenceItem, ...] = ()
     lists_objects: bool = False
+    witness: tuple[EvidenceItem, ...] = ()
 
 
 def compact(text: str) -> str:
@@ -49,7 +61,8 @@ def compact(text: str) -> str:
     return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
-def evidence_from_vision(result: VisionResult) -> Evidence:
+def evidence_from_vision(result: VisionResult, witness: Sequence[TextLine] = ()) -> Evidence:
+    """The vision stage's evidence; `witness`, the lines a second reader read in the same image."""
     structured = result.structured
     items = list(_rows(structured.text_lines))
     items += [EvidenceItem("field", f"{kv.key}: {kv.value}", f"field “{kv.key}”") for kv in structured.fields]
@@ -64,10 +77,11 @@ def evidence_from_vision(result: VisionResult) -> Evidence:
         ]
     tags = tuple(EvidenceItem("tag", tag.label, "tag", tag.score) for tag in structured.tags)
     objects = tuple(item.label for item in structured.objects)
-    return Evidence(result.backend, tuple(items), objects, tags, lists_objects=bool(objects))
+    witnessed = tuple(_rows(witness, "witness", "witness line "))
+    return Evidence(result.backend, tuple(items), objects, tags, lists_objects=bool(objects), witness=witnessed)
 
 
-def _rows(lines: Sequence[TextLine]) -> list[EvidenceItem]:
+def _rows(lines: Sequence[TextLine], source: EvidenceSource = "text", where: str = "line ") -> list[EvidenceItem]:
     """Lines in reading order, joined when their boxes share a row (vertical centres within half a line height)."""
     rows: list[list[TextLine]] = []
     for line in sorted(lines, key=lambda line: line.order):
@@ -77,7 +91,11 @@ def _rows(lines: Sequence[TextLine]) -> list[EvidenceItem]:
             rows.append([line])
     return [
         EvidenceItem(
-            "text", " ".join(line.text for line in row), f"line {row[0].order + 1}", min(line.score for line in row)
+            source,
+            " ".join(line.text for line in row),
+            f"{where}{row[0].order + 1}",
+            min(line.score for line in row),
+            tuple(line.box for line in row),
         )
         for row in rows
     ]

@@ -7,12 +7,11 @@ it rests on and a short reason. The rules:
   strings compared compacted.
 - **Numbers** (`number`, and `count` of things that are not visual concepts, "3 items"): 54.06 = "54.060" = "¥54.06"
   = "54,06"; percentages only match percentages; a two-decimal amount also matches where OCR ran two amounts
-  together ("Sandwich3x5.7517.25" shows 5.75). A *referent line* is a row, field or sentence that mentions every
-  referent term found anywhere in the evidence (terms absent from the whole image are dropped: "final total" →
-  "total"); synonyms count (total/合计/总计/应付/TOTAL…, `REFERENT_GROUPS`), and a term inside a longer known term does
-  not ("total" is not in "Subtotal"). The number on a referent line → `supported`; referent lines that show other
-  numbers → `contradicted`, citing the line; no referent line, or no referent: the number anywhere → `supported`
-  only when the claim named no referent, else `unverifiable` (it may be computed, or tied to words the image lacks).
+  together ("Sandwich3x5.7517.25" shows 5.75). A *referent line* is a row, field or sentence about what the claim
+  is about (`orchestrator.arbitration.referents`: "total" finds TOTAL/合计/总计…, not "Subtotal"). The number on a
+  referent line → `supported`; referent lines that show other numbers → `contradicted`, citing the line; no
+  referent line, or no referent: the number anywhere → `supported` only when the claim named no referent, else
+  `unverifiable` (it may be computed, or tied to words the image lacks).
 - **Dates and times**: normalised readings are compared; a reading found anywhere → `supported`; the image shows
   other dates (times) and not this one → `contradicted`, citing a referent line's date when there is one; the image
   shows none → `unverifiable`.
@@ -28,6 +27,20 @@ it rests on and a short reason. The rules:
   (`StructuredDescription.objects` is not empty): then an unlisted object contradicts "there is a …" and supports
   "there is no …", and counts are compared with the listed ones. The `ocr` backend lists no objects: it cannot see
   people, so absence there is `unverifiable`, never `contradicted`.
+- **The witness** (`Evidence.witness`: rows of a second reader of the image's text, independent of the vision stage,
+  `orchestrator.arbitration.witness`) can only overrule a `supported` number, date, time or quote, and only where
+  it reads the very thing otherwise; the check is then `contradicted`, its `evidence` the vision stage's reading and
+  its `witness` the witness's row, its reason saying the witness read otherwise. Only witness rows read with a score
+  ≥ `WITNESS_MIN_SCORE` count, and a number, date or time read half (a letter or digit glued to it: "8O.OO",
+  "2026-03-1A") is no reading. A number: the witness's referent line for the claim's referent shows no claimed
+  value and another one written at least as precisely as the vision stage's (no fewer decimals: "54" of "54.O6"
+  is not 54.06's rival). A date or time: the witness shows none equal to the claim, and another one on a referent
+  line, or as the only one both readers found. A quote of at least `WITNESS_QUOTE_MIN` characters that the vision
+  stage read whole: the witness reads it nowhere, even up to OCR look-alikes (0/o, 1/l/i, 5/s, 8/b), and one of its
+  rows matches it partly (similarity in [`WITNESS_QUOTE_CONFLICT`, `QUOTE_SUPPORT`)): "Blue Lotus Cafe" where the
+  vision stage read "Blue Bottle Cafe". Otherwise (the witness agrees, has no such row, read no text, or the vision
+  stage's verdict was not `supported`) the verdict is the vision stage's alone: the witness never supports, and
+  never turns `unverifiable` into anything.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ from orchestrator.analysis.messages import detect_language
 from orchestrator.arbitration.claim_values import find_dates, find_numbers, find_times, parse_number
 from orchestrator.arbitration.claims import OBJECTS, Claim, extract_claims
 from orchestrator.arbitration.evidence import Evidence, EvidenceItem, compact
+from orchestrator.arbitration.referents import referent_items
 from vision_stage.relevance import Embedder
 
 Verdict = Literal["supported", "contradicted", "unverifiable"]
@@ -51,23 +65,12 @@ QUOTE_SUPPORT = 0.85
 QUOTE_CONFLICT = 0.5
 QUOTE_COSINE = 0.9
 TAG_MIN_SCORE = 0.4
-
-REFERENT_GROUPS: dict[str, tuple[str, ...]] = {
-    "total": ("total", "grandtotal", "amountdue", "balancedue", "amount", "paid", "spent", "charged", "合计", "总计",
-              "总额", "总金额", "总价", "共计", "应付", "实付", "应收", "价税合计", "一共", "总共"),
-    "subtotal": ("subtotal", "小计"),
-    "tax": ("tax", "vat", "gst", "税", "税额", "税金"),
-    "date": ("date", "dated", "日期"),
-    "time": ("time", "时间"),
-    "change": ("change", "找零"),
-    "cash": ("cash", "tendered", "现金", "实收"),
-    "discount": ("discount", "折扣", "优惠"),
-    "tip": ("tip", "gratuity", "小费", "服务费"),
-    "price": ("price", "unitprice", "单价", "价格", "售价", "收费"),
-    "quantity": ("quantity", "qty", "数量"),
-}  # fmt: skip
-_TERM_GROUP = {term: group for group, terms in REFERENT_GROUPS.items() for term in terms}
-_VOCABULARY = sorted(_TERM_GROUP, key=len, reverse=True)
+WITNESS_MIN_SCORE = 0.8
+WITNESS_QUOTE_CONFLICT = 0.6
+WITNESS_QUOTE_MIN = 4
+_OCR_CONFUSABLES = str.maketrans("01i58", "ollsb")
+_GLUED_AFTER = re.compile(r"[.,]?[A-Za-z0-9]")
+_GLUED_BEFORE = re.compile(r"[0-9O][.,]?$")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Check:
     verdict: Verdict
     reason: str
     evidence: EvidenceItem | None = None
+    witness: EvidenceItem | None = None
+    """The witness's reading, when it contradicted the vision stage's (`evidence`): a row of source `witness`."""
 
 
 def verify_all(claims: Sequence[Claim], evidence: Evidence, embedder: Embedder | None = None) -> tuple[Check, ...]:
@@ -85,7 +90,14 @@ def verify_all(claims: Sequence[Claim], evidence: Evidence, embedder: Embedder |
 
 
 def verify(claim: Claim, evidence: Evidence, embedder: Embedder | None = None) -> Check:
-    """The verdict on `claim` (module docstring); `embedder` is only used for quotes, and only to support."""
+    """The verdict on `claim` (module docstring); `embedder` is only used for quotes, and only to support. With a
+    witness's reading in `evidence`, a claim the vision stage's evidence supports is cross-examined against it."""
+    check = _verify_seen(claim, evidence, embedder)
+    return _cross_examine(check, evidence) if evidence.witness else check
+
+
+def _verify_seen(claim: Claim, evidence: Evidence, embedder: Embedder | None) -> Check:
+    """The verdict against the vision stage's evidence alone."""
     if claim.kind == "quote":
         return _verify_quote(claim, evidence, embedder)
     if claim.kind in ("date", "time"):
@@ -137,53 +149,6 @@ def _shows(claim: Claim, value: Decimal, item: EvidenceItem) -> bool:
 
 def _plain(number: Decimal) -> str:
     return format(number.normalize(), "f")
-
-
-def referent_items(referent: str, items: Sequence[EvidenceItem]) -> list[EvidenceItem]:
-    """The items mentioning every term of `referent` that occurs anywhere in `items` (module docstring)."""
-    texts = [(compact(item.text), item.text.lower()) for item in items]
-    terms = [term for term in _referent_terms(referent) if any(_mentions(text, term) for text in texts)]
-    if not terms:
-        return []
-    return [item for item, text in zip(items, texts, strict=True) if all(_mentions(text, t) for t in terms)]
-
-
-def _referent_terms(referent: str) -> list[tuple[str, ...]]:
-    """Each term as the strings that stand for it: a synonym group, a word and its singular, or Chinese bigrams."""
-    terms: list[tuple[str, ...]] = []
-    for word in re.findall(r"[a-z][a-z'-]+", referent.lower()):
-        group = _TERM_GROUP.get(word)
-        terms.append(REFERENT_GROUPS[group] if group else tuple({word, word.rstrip("s") or word}))
-    chinese = "".join(re.findall(r"[\u3400-\u9fff]+", referent))
-    named = [term for term in _VOCABULARY if not term.isascii() and term in chinese]
-    terms += [REFERENT_GROUPS[group] for group in sorted({_TERM_GROUP[term] for term in named})]
-    for term in named:
-        chinese = chinese.replace(term, "")
-    if len(chinese) >= 2:
-        terms.append(("\0bigrams", *(chinese[i : i + 2] for i in range(len(chinese) - 1))))
-    elif chinese and not named:
-        terms.append((chinese,))
-    return terms
-
-
-def _mentions(text: tuple[str, str], term: tuple[str, ...]) -> bool:
-    """Whether a text, as (compacted, lower-cased), mentions `term`."""
-    if term[0] == "\0bigrams":
-        bigrams = term[1:]
-        return sum(bigram in text[0] for bigram in bigrams) >= max(1, len(bigrams) / 2)
-    return any(_mentions_word(text, word) for word in term)
-
-
-def _mentions_word(texts: tuple[str, str], word: str) -> bool:
-    """`word` in the compacted text (OCR drops spaces), not inside a longer known term ("total" in "subtotal");
-    a Latin word of four letters or fewer must stand alone in the lower-cased text ("tax", not "taxi")."""
-    text, lowered = texts
-    if len(word) <= 4 and word.isascii():
-        return re.search(rf"(?<![a-z]){re.escape(word)}(?![a-z])", lowered) is not None
-    for longer in _VOCABULARY:
-        if len(longer) > len(word) and word in longer and _TERM_GROUP.get(word) != _TERM_GROUP[longer]:
-            text = text.replace(longer, "\0")
-    return word in text
 
 
 # -- dates and times --
@@ -329,3 +294,95 @@ def _verify_visual_count(
         return Check(claim, "contradicted", f"the vision stage says there is none ({item.where}: “{item.text}”)", item)
     reason = f"the {evidence.backend} backend lists no objects, so it cannot count {concept}s"
     return Check(claim, "unverifiable", reason)
+
+
+# -- the witness --
+
+
+def _cross_examine(check: Check, evidence: Evidence) -> Check:
+    """`check`, contradicted when the witness reads otherwise what the vision stage's evidence for it shows (module
+    docstring); unchanged when the witness agrees, or has nothing it can read on it."""
+    seen = check.evidence
+    rows = [row for row in evidence.witness if row.score is None or row.score >= WITNESS_MIN_SCORE]
+    if check.verdict != "supported" or seen is None or not rows:
+        return check
+    claim = check.claim
+    if claim.kind == "number":
+        otherwise = _witness_number(claim, seen, rows)
+    elif claim.kind in ("date", "time"):
+        otherwise = _witness_moment(claim, seen, rows, evidence)
+    elif claim.kind == "quote":
+        otherwise = _witness_quote(claim, seen, rows)
+    else:
+        return check
+    if otherwise is None:
+        return check
+    row, read = otherwise
+    about = f" for {claim.referent}" if claim.kind == "number" and claim.referent else ""
+    reason = (f"the vision stage read {claim.text}{about} ({seen.where}: “{seen.text}”), but the OCR witness read "
+              f"otherwise{f': {read}' if read else ''} ({row.where}: “{row.text}”)")  # fmt: skip
+    return Check(claim, "contradicted", reason, seen, row)
+
+
+def _witness_number(claim: Claim, seen: EvidenceItem, rows: list[EvidenceItem]) -> tuple[EvidenceItem, str] | None:
+    """The witness's referent line showing another number, written at least as precisely as the vision stage's, and
+    the numbers it shows as read."""
+    value = parse_number(claim.value)
+    if value is None or not claim.referent:
+        return None
+    places = max((_places(number) for number in _comparable(claim, seen) if number == value), default=2)
+    lines = [item for item in referent_items(claim.referent, [seen, *rows]) if item.source == "witness"]
+    if any(_shows(claim, value, line) for line in lines):
+        return None
+    wants_percent = claim.unit == "%"
+    for line in lines:
+        others = [mention.value for mention in find_numbers(line.text) if (mention.unit == "%") == wants_percent
+                  and _places(mention.value) >= places and _apart(line.text, (mention.start, mention.end))]  # fmt: skip
+        if others:
+            return line, ", ".join(format(number, "f") for number in others)
+    return None
+
+
+def _places(number: Decimal) -> int:
+    """Digits written after the decimal point ("80.00" → 2; "54" → 0)."""
+    exponent = number.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def _witness_moment(
+    claim: Claim, seen: EvidenceItem, rows: list[EvidenceItem], evidence: Evidence
+) -> tuple[EvidenceItem, str] | None:
+    """The witness's date (time) row showing another one: a referent line, or the only one both readers found."""
+    finder = find_dates if claim.kind == "date" else find_times
+    shown = [(row, reading) for row in rows for span, reading in finder(row.text) if _apart(row.text, span)]
+    if not shown or any(_same_moment(claim.value, reading) for _, reading in shown):
+        return None
+    lines = referent_items(claim.referent, [seen, *rows]) if claim.referent else []
+    on_referent = [(row, reading) for row, reading in shown if row in lines]
+    seen_readings = {reading for item in evidence.items for _, reading in finder(item.text)}
+    only = shown if len(seen_readings) == 1 and len({reading for _, reading in shown}) == 1 else []
+    found = on_referent or only
+    return (found[0][0], found[0][1].split("|")[0]) if found else None
+
+
+def _apart(text: str, span: tuple[int, int]) -> bool:
+    """A number, date or time read whole: no letter or digit glued after it, nor a digit (or an O) before it, as in
+    the half-read "8O.OO", "54.O6" or "2026-03-1A" (a label before it is fine: OCR drops spaces, "TOTAL80.00")."""
+    start, end = span
+    return _GLUED_AFTER.match(text, end) is None and _GLUED_BEFORE.search(text[max(0, start - 2) : start]) is None
+
+
+def _witness_quote(claim: Claim, seen: EvidenceItem, rows: list[EvidenceItem]) -> tuple[EvidenceItem, str] | None:
+    """The witness's row reading the quoted text partly, where the vision stage read it whole (the row says it all)."""
+    quote = compact(claim.value)
+    read = compact(seen.text)
+    if len(quote) < WITNESS_QUOTE_MIN or not (quote in read or _similarity(quote, read) >= QUOTE_SUPPORT):
+        return None
+    folded = quote.translate(_OCR_CONFUSABLES)
+    texts = [compact(row.text).translate(_OCR_CONFUSABLES) for row in rows]
+    if any(folded in text for text in texts) or folded in "".join(texts):
+        return None
+    similarity, index = max((_similarity(folded, text), index) for index, text in enumerate(texts))
+    if similarity >= QUOTE_SUPPORT or similarity < WITNESS_QUOTE_CONFLICT:
+        return None
+    return rows[index], ""

@@ -7,8 +7,9 @@ for a vision result alone (`/caption`), and `filtered_events` for a streamed ana
 
 What is filtered: the answer (a JSON answer's fields, then the answer re-serialised from them), notices, the
 disclaimer, the vision stage's caption, description, answer, thinking, notes and the text it read (lines, fields,
-object labels, layout), the reasoning stage's answer and thinking, the claims and evidence of the arbitration checks,
-and the messages of stages that failed. Slugs, enums, numbers and error bodies are not: they are ours, not answers.
+object labels, layout), the reasoning stage's answer and thinking, the claims and evidence of the arbitration checks
+(the witness's reading too), and the messages of stages that failed. Slugs, enums, numbers and error bodies are not:
+they are ours, not answers.
 
 Streams: a term can arrive split across two deltas ("bad" + "word"). `release` holds back the last `holdback`
 characters of the raw text (the longest term's length minus one) until more arrives, emits only text that no later
@@ -35,6 +36,7 @@ from orchestrator.analysis.types import (
 )
 from orchestrator.arbitration.answer_json import Fields, parse_fields, serialise
 from orchestrator.arbitration.decision import Arbitration
+from orchestrator.arbitration.evidence import EvidenceItem
 from orchestrator.arbitration.verification import Check
 from orchestrator.settings import OutputFilterSettings
 from reasoning_stage.types import ReasoningResult
@@ -158,10 +160,13 @@ class OutputFilter:
             check.claim, text=self.text(check.claim.text), value=self.text(check.claim.value),
             referent=self.text(check.claim.referent),
         )  # fmt: skip
-        evidence = check.evidence
-        if evidence is not None:
-            evidence = replace(evidence, text=self.text(evidence.text), where=self.text(evidence.where))
-        return replace(check, claim=claim, reason=self.text(check.reason), evidence=evidence)
+        return replace(
+            check, claim=claim, reason=self.text(check.reason), evidence=self._evidence(check.evidence),
+            witness=self._evidence(check.witness),
+        )  # fmt: skip
+
+    def _evidence(self, item: EvidenceItem | None) -> EvidenceItem | None:
+        return replace(item, text=self.text(item.text), where=self.text(item.where)) if item is not None else None
 
 
 def release(output_filter: OutputFilter, pending: str, piece: str) -> tuple[str, str]:

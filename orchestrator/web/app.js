@@ -73,6 +73,10 @@
       col_verdict: "Verdict",
       col_reason: "Why",
       col_evidence: "Evidence in the image",
+      evidence_heading: "Evidence on the image",
+      evidence_hint: "Outlined: the text the vision stage read and the places it named. Point at or select a claim "
+        + "check to see what it cites.",
+      evidence_image_alt: "The image, with the text read and the places named outlined",
       arbitration_agreed: "Agrees with the image",
       arbitration_corrected: "Corrected after a contradiction",
       arbitration_needs_review: "Needs review",
@@ -164,6 +168,9 @@
       col_verdict: "结论",
       col_reason: "理由",
       col_evidence: "图中证据",
+      evidence_heading: "图上的证据",
+      evidence_hint: "框出的是视觉阶段读到的文字和指出的位置。指向或选中一条论断核查，即可看到它引用的证据。",
+      evidence_image_alt: "图片，框出了读到的文字和指出的位置",
       arbitration_agreed: "与图片一致",
       arbitration_corrected: "发现矛盾后已更正",
       arbitration_needs_review: "需要复核",
@@ -196,6 +203,7 @@
   let chosenFile = null;
   let previewUrl = null;
   let controller = null;
+  let pinned = null; // the claim check whose evidence stays highlighted (selected), or null
 
   function initialLanguage() {
     const stored = localStorage.getItem(LANGUAGE_KEY);
@@ -242,6 +250,7 @@
     for (const element of document.querySelectorAll("[data-i18n-placeholder]")) {
       element.placeholder = t(element.dataset.i18nPlaceholder);
     }
+    for (const element of document.querySelectorAll("[data-i18n-alt]")) element.alt = t(element.dataset.i18nAlt);
     const toggle = $("lang-toggle");
     toggle.textContent = t("lang_toggle");
     toggle.lang = language === "zh" ? "en" : "zh-CN";
@@ -304,7 +313,7 @@
 
   const PARTS = [
     "error", "flags", "degraded", "answer-box", "replaced", "disclaimer-box", "notices-box", "route-box",
-    "thinking-box", "checks-box", "vision-box", "vision-answer-box", "failures-box", "timings-box",
+    "thinking-box", "checks-box", "evidence-box", "vision-box", "vision-answer-box", "failures-box", "timings-box",
   ];
 
   function setState(state, statusKey) {
@@ -317,6 +326,8 @@
     for (const id of PARTS) $(id).hidden = true;
     for (const id of ["answer", "thinking", "notices", "failures", "timings", "vision-notes"]) show($(id), "");
     $("checks").tBodies[0].replaceChildren();
+    $("evidence-overlay").replaceChildren();
+    pinned = null;
   }
 
   // Shows an error; `stage`: a stage failed mid-answer and a fallback answer follows (a warning, not a failure).
@@ -378,6 +389,58 @@
     const ms = Number(vision.latency_ms).toFixed(1);
     say($("vision-model"), "vision_model", { backend: vision.backend, model: vision.model, ms });
     $("vision-box").hidden = false;
+    renderEvidenceImage(vision);
+  }
+
+  // ---- evidence on the image: an SVG over the uploaded image, in the image's own pixels (its viewBox)
+
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function outline(points, className) {
+    const shape = document.createElementNS(SVG, "polygon");
+    shape.setAttribute("points", points.map(([x, y]) => `${Number(x)},${Number(y)}`).join(" "));
+    shape.setAttribute("class", className);
+    return shape;
+  }
+
+  // A grounding box on GLM's 0–1000 scale, as the four corners of a text line's box, in pixels.
+  function corners(box, width, height) {
+    const [x0, y0, x1, y1] = [box.x0 * width / 1000, box.y0 * height / 1000, box.x1 * width / 1000,
+      box.y1 * height / 1000];
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]];
+  }
+
+  function renderEvidenceImage(vision) {
+    const structured = vision.structured || {};
+    const facts = structured.facts;
+    if (!previewUrl || !facts || !facts.width || !facts.height) return;
+    const { width, height } = facts;
+    $("evidence-image").src = previewUrl;
+    const overlay = $("evidence-overlay");
+    overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    const read = (structured.text_lines || []).map((line) => outline(line.box, "read-line"));
+    const named = [...(structured.objects || []).map((item) => item.box).filter(Boolean), ...(vision.boxes || [])];
+    const grounded = named.map((box) => outline(corners(box, width, height), "grounded"));
+    const cited = document.createElementNS(SVG, "g");
+    cited.id = "evidence-cited";
+    overlay.replaceChildren(...read, ...grounded, cited);
+    $("evidence-box").hidden = false;
+  }
+
+  // Highlights the boxes `check` cites: the vision stage's reading, and the witness's where it read otherwise.
+  function cite(check) {
+    const cited = $("evidence-cited");
+    if (!cited) return;
+    const boxes = (item, className) => ((item && item.boxes) || []).map((box) => outline(box, className));
+    cited.replaceChildren(...(check ? [...boxes(check.evidence, "cited"), ...boxes(check.witness, "cited witness")]
+      : []));
+  }
+
+  function pin(check, row) {
+    pinned = pinned === check ? null : check;
+    for (const other of row.parentElement.rows) other.setAttribute("aria-selected", "false");
+    if (pinned) row.setAttribute("aria-selected", "true");
+    cite(pinned);
   }
 
   function setAnswer(text, answerLanguage) {
@@ -404,11 +467,24 @@
     row.className = `verdict-${check.verdict}`;
     const verdict = make("span", `badge verdict verdict-${check.verdict}`);
     say(verdict, `verdict_${check.verdict}`);
-    const evidence = check.evidence ? `“${check.evidence.text}” (${check.evidence.where})` : "—";
+    const read = (item) => `“${item.text}” (${item.where})`;
+    const evidence = [check.evidence, check.witness].filter(Boolean).map(read).join(" ≠ ") || "—";
     const cells = [make("td", null, check.claim), make("td", null, check.referent), make("td"),
       make("td", null, check.reason), make("td", null, evidence)];
     cells[2].append(verdict);
     row.append(...cells);
+    row.tabIndex = 0;
+    row.setAttribute("aria-selected", "false");
+    row.addEventListener("mouseenter", () => cite(check));
+    row.addEventListener("focus", () => cite(check));
+    row.addEventListener("mouseleave", () => cite(pinned));
+    row.addEventListener("blur", () => cite(pinned));
+    row.addEventListener("click", () => pin(check, row));
+    row.addEventListener("keydown", (event) => {
+      if (event.key !== "Enter" && event.key !== " ") return;
+      event.preventDefault();
+      pin(check, row);
+    });
     return row;
   }
 
