@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck unit bench clean redis-server browser
+.PHONY: run test lint typecheck unit bench clean redis-server browser fonts
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ browser:
 	(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-unit: $(STAMP) redis-server browser
+# The evaluation set's Chinese images are drawn in Debian's fonts-wqy-microhei; installed once, when missing.
+fonts:
+	test -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei >/dev/null)
+
+unit: $(STAMP) redis-server browser fonts
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit

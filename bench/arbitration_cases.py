@@ -27,6 +27,8 @@ class Case:
     consistent: str
     contradicted: str
     injected: str
+    lines: tuple[str, ...] = ()
+    """The text drawn on the image: the truth that labels the embedded LLM's own answers (`bench/llm_answers.py`)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def receipt_en(rng: random.Random) -> Case:
     wrong = {"total": (_other(rng, total), date, prices[k]), "date": (total, wrong_date, prices[k]),
              "price": (total, date, _other(rng, prices[k]))}[choice]  # fmt: skip
     return Case("receipt_en", "Can I expense this?", render(Drawing(tuple(lines)), rng),
-                answer(total, date, prices[k]), answer(*wrong), choice)  # fmt: skip
+                answer(total, date, prices[k]), answer(*wrong), choice, tuple(lines))  # fmt: skip
 
 
 def receipt_zh(rng: random.Random) -> Case:
@@ -129,7 +131,7 @@ def receipt_zh(rng: random.Random) -> Case:
     wrong = {"total": (_other(rng, total), date, qty[0]), "date": (total, _shift(date, rng), qty[0]),
              "count": (total, date, wrong_count)}[choice]  # fmt: skip
     return Case("receipt_zh", "这张小票能报销吗？", render(Drawing(tuple(lines)), rng),
-                answer(total, date, qty[0]), answer(*wrong), choice)  # fmt: skip
+                answer(total, date, qty[0]), answer(*wrong), choice, tuple(lines))  # fmt: skip
 
 
 def price_list(rng: random.Random) -> Case:
@@ -144,7 +146,7 @@ def price_list(rng: random.Random) -> Case:
                 f"so the {names[a].lower()} is the better choice if you want something cheap.")  # fmt: skip
 
     return Case("price_list", "Which is the better deal?", render(Drawing(lines), rng),
-                answer(prices[b]), answer(wrong), "price")  # fmt: skip
+                answer(prices[b]), answer(wrong), "price", lines)  # fmt: skip
 
 
 SIGNS_EN = ("NO PARKING", "NO SMOKING", "STAFF ONLY", "WET FLOOR", "KEEP OUT", "EXIT ONLY", "FIRE EXIT")
@@ -168,7 +170,7 @@ def sign(rng: random.Random) -> Case:
     choice = rng.choice(("quote", "time"))
     wrong = answer(misquote, end) if choice == "quote" else answer(text, wrong_end)
     return Case("sign", "这个标志是什么意思？" if chinese else "What should I do here?",
-                render(Drawing(lines), rng), answer(text, end), wrong, choice)  # fmt: skip
+                render(Drawing(lines), rng), answer(text, end), wrong, choice, lines)  # fmt: skip
 
 
 NAMES = ("Alice Chen", "Brian Wong", "Carla Diaz", "David Kim", "Emma Stone", "Frank Li", "Grace Park", "Henry Zhao")
@@ -186,7 +188,8 @@ def form(rng: random.Random) -> Case:
 
     choice = rng.choice(("name", "date"))
     wrong = answer(other, born) if choice == "name" else answer(name, _shift(born, rng))
-    return Case("form", "Is this form complete?", render(Drawing(lines), rng), answer(name, born), wrong, choice)
+    return Case("form", "Is this form complete?", render(Drawing(lines), rng), answer(name, born), wrong, choice,
+                lines)  # fmt: skip
 
 
 SHOPS = ("OPEN", "BAKERY", "PHARMACY", "BOOKS", "FLOWERS")
@@ -204,7 +207,8 @@ def scene(rng: random.Random) -> Case:
 
     choice = rng.choice(("quote", "time"))
     wrong = answer(other, opening) if choice == "quote" else answer(shop, opening + rng.choice((1, 2)))
-    return Case("scene", "Can I go in?", render(Drawing(lines, people), rng), answer(shop, opening), wrong, choice)
+    return Case("scene", "Can I go in?", render(Drawing(lines, people), rng), answer(shop, opening), wrong, choice,
+                lines)  # fmt: skip
 
 
 def scene_objects(rng: random.Random) -> Case:

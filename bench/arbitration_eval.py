@@ -1,6 +1,6 @@
 """How well claim checking catches an LLM answer that contradicts the image, against a naive baseline, in one run.
 
-    .venv/bin/python bench/arbitration_eval.py [--seed 7] [--scale 1.0]
+    .venv/bin/python -m bench.arbitration_eval [--seed 7] [--scale 1.0]
 
 Renders the seeded cases of `bench/arbitration_cases.py` (190 images at scale 1), runs the real embedded `ocr`
 vision backend (RapidOCR, no tags) on each image once, and judges both of its answers — one consistent with the
@@ -12,6 +12,8 @@ image, one with exactly one injected contradiction — two ways:
 It prints, per family and overall, the share of contradicted answers caught and of consistent answers wrongly
 flagged, side by side, plus the time spent reading images and checking claims. `scene_objects` (errors about people
 in images without text) is out of reach of a text-reading backend by design and is reported apart from the totals.
+Then, apart, the same rates on the embedded LLM's own answers about the same images (`bench/arbitration_llm.py`;
+seed 7 at scale 1 only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+from bench import arbitration_llm
 from bench.arbitration_cases import Case, generate
 from orchestrator.analysis.messages import detect_language
 from orchestrator.arbitration.claims import extract_claims
@@ -126,6 +129,11 @@ def main() -> None:
     n = max(total.cases, 1)
     met = total.ours_caught / n >= TARGET_CAUGHT and total.ours_false / n <= TARGET_FALSE
     print(f"targets (caught ≥ {TARGET_CAUGHT:.0%}, false flags ≤ {TARGET_FALSE:.0%}): {'met' if met else 'NOT met'}")
+    stored = arbitration_llm.load()
+    if args.scale == 1.0 and all(answer["seed"] == args.seed for answer in stored):
+        print(arbitration_llm.report(arbitration_llm.judge(stored, dict(enumerate(results)))))
+    else:
+        print(f"the embedded LLM's own answers are about the images of seed {stored[0]['seed']} at scale 1: not judged")
     print(f"time: render {rendered - started:.1f} s, ocr {read - rendered:.1f} s "
           f"({(read - rendered) / len(cases) * 1000:.0f} ms/image), claims+checks {(judged - read) * 1000:.0f} ms "
           f"({(judged - read) / (2 * len(cases)) * 1000:.2f} ms/answer)")  # fmt: skip

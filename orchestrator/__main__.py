@@ -1,4 +1,5 @@
-"""Command line: `python -m orchestrator serve [--host H] [--port P]`.
+"""Command line: `python -m orchestrator serve [--host H] [--port P]`, and `python -m orchestrator eval …`, which runs a
+joint test set through both stages (`orchestrator.evaluation.cli`).
 
 It binds to 127.0.0.1 unless `--host` says otherwise; with no API keys configured (`ORCH_API_KEYS`), binding to
 anything but a loopback address is allowed, with a loud warning.
@@ -13,6 +14,7 @@ import sys
 
 from pydantic import ValidationError
 
+from orchestrator.evaluation import cli as evaluation
 from orchestrator.observability import logs
 from orchestrator.security.access import ApiKeys
 from orchestrator.settings import Settings
@@ -26,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the HTTP API (settings come from ORCH_* variables)")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    evaluation.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return evaluation.run(args)
 
     try:
         settings = Settings()
