@@ -53,8 +53,12 @@ def box(left: float, top: float, right: float, bottom: float) -> FoundText:
     return FoundText(box=((left, top), (right, top), (right, bottom), (left, bottom)), text="", score=0.9)
 
 
-def line(text: str, order: int) -> TextLine:
-    return TextLine(text=text, box=((0, 0), (1, 0), (1, 1), (0, 1)), score=0.99, order=order)
+def line(text: str, order: int, x: float = 40.0) -> TextLine:
+    """A line read on a row of its own (its `order`), unless another line is given the same order's row."""
+    top = 10.0 + 40.0 * order
+    return TextLine(
+        text=text, box=((x, top), (x + 200, top), (x + 200, top + 30), (x, top + 30)), score=0.99, order=order
+    )
 
 
 # -- reading order ---------------------------------------------------------------------------------------------------
@@ -143,6 +147,18 @@ async def test_the_backend_fits_the_vision_seam() -> None:
     assert result.structured.text_lines[0].text == "TOTAL 54.06"
     assert result.answer == "Text in the image most relevant to the question: “TOTAL 54.06”; “Subtotal 51.00”."
     assert result.notes == ("image tags are turned off",)
+
+
+async def test_an_answer_quotes_the_whole_row_of_a_relevant_line() -> None:
+    """A label and its value read as two boxes on one row ("TOTAL" and "165.28") are quoted together."""
+    label, value = line("TOTAL", 2), line("165.28", 2, x=400)
+    lines = (line("CORNER CAFE", 0), line("Tax 9.36", 1), label, TextLine("165.28", value.box, 0.99, 3))
+    backend = OcrVisionBackend(FakeReader(lines), FakeEmbedder())
+    result = await backend.generate(request("What is the total?", "answer"))
+    assert result.structured.text_lines[0].text == "TOTAL"
+    assert result.answer is not None
+    assert result.answer.startswith("Text in the image most relevant to the question: “TOTAL 165.28”; ")
+    assert result.answer.count("165.28") == 1  # the row is quoted once, however many of its lines are relevant
 
 
 @pytest.mark.parametrize(

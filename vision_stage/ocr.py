@@ -45,7 +45,7 @@ EMBEDDING_MODEL = "multilingual-e5-small"
 Quad = tuple[Point, Point, Point, Point]
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
 ANSWER_LINES = 3
-"""How many of the most relevant lines an answer quotes."""
+"""How many rows (of the most relevant lines) an answer quotes."""
 CAPTION_TAGS = 2
 LOW_OCR_SCORE = 0.8
 """Lines read with less confidence are marked as uncertain in the description."""
@@ -76,16 +76,21 @@ def reading_order(found: Sequence[FoundText]) -> tuple[TextLine, ...]:
     return tuple(TextLine(text=item.text, box=item.box, score=item.score, order=i) for i, item in enumerate(ordered))
 
 
-def _centre_y(item: FoundText) -> float:
+class _Boxed(Protocol):
+    @property
+    def box(self) -> Quad: ...
+
+
+def _centre_y(item: _Boxed) -> float:
     return sum(y for _, y in item.box) / 4
 
 
-def _height(item: FoundText) -> float:
+def _height(item: _Boxed) -> float:
     ys = [y for _, y in item.box]
     return max(ys) - min(ys)
 
 
-def _same_row(row: Sequence[FoundText], item: FoundText) -> bool:
+def _same_row(row: Sequence[_Boxed], item: _Boxed) -> bool:
     row_centre = sum(_centre_y(member) for member in row) / len(row)
     row_height = sum(_height(member) for member in row) / len(row)
     return abs(_centre_y(item) - row_centre) <= 0.5 * min(row_height, _height(item))
@@ -345,15 +350,37 @@ def _line_notes(line: TextLine, total: int) -> str:
 
 
 def compose_answer(structured: StructuredDescription, question: str | None) -> str:
-    """A short answer quoting the most relevant lines, in Chinese for a Chinese question; never more than was seen."""
+    """A short answer quoting the rows of the most relevant lines, in Chinese for a Chinese question; never more than
+    was seen."""
     chinese = question is not None and is_chinese(question)
     if not structured.text_lines:
         return _answer_without_text(structured, chinese=chinese)
-    quoted = [_quote(line.text) for line in structured.text_lines[:ANSWER_LINES]]
+    quoted = [_quote(row) for row in answer_rows(structured.text_lines)]
     if chinese:
         return "图中与问题最相关的文字：" + "；".join(quoted) + "。"
     lead = "Text in the image most relevant to the question" if question is not None else "Text in the image"
     return f"{lead}: " + "; ".join(quoted) + "."
+
+
+def answer_rows(lines: Sequence[TextLine]) -> list[str]:
+    """What an answer quotes: for the most relevant lines (`lines` is in order of relevance), each with the rest of
+    its row, left to right (a label and its value read as two boxes, "TOTAL" and "165.28", are one row: "TOTAL
+    165.28"); each row once, at most `ANSWER_LINES` of them."""
+    rows: list[list[TextLine]] = []
+    row_of: dict[int, int] = {}
+    for line in sorted(lines, key=lambda line: line.order):
+        if not (rows and _same_row(rows[-1], line)):
+            rows.append([])
+        rows[-1].append(line)
+        row_of[line.order] = len(rows) - 1
+    chosen: list[int] = []
+    for line in lines:
+        row = row_of[line.order]
+        if row not in chosen:
+            chosen.append(row)
+        if len(chosen) == ANSWER_LINES:
+            break
+    return [" ".join(line.text for line in rows[row]) for row in chosen]
 
 
 def _answer_without_text(structured: StructuredDescription, *, chinese: bool) -> str:
