@@ -17,7 +17,8 @@ from pydantic import SecretStr
 from orchestrator.__main__ import main
 from orchestrator.api.app import create_app
 from orchestrator.evaluation.cases import Case, default_set
-from orchestrator.evaluation.runner import take
+from orchestrator.evaluation.report import chart_png, summarize
+from orchestrator.evaluation.runner import Outcome, take
 from orchestrator.evaluation.scoring import answer_matches
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
@@ -202,3 +203,22 @@ def test_a_slice_of_the_generated_set_runs_in_process_on_the_embedded_models(
     right = sum(record["correct"] for record in records)
     assert report["summary"]["answer_accuracy"]["overall"]["right"] == right
     assert report["run"]["models"]["vision"].startswith("ocr/")
+
+
+def test_the_chart_holds_every_stage_down_to_the_last() -> None:
+    stages = ("route", "vision", "reasoning", "arbitration", "total", "vision_answer", "cache")
+    outcomes = [
+        Outcome(case(f"c{n}", category, language), 200, correct=n % 2 == 0, timings_ms=dict.fromkeys(stages, 10.0 * n))
+        for n, (category, language) in enumerate(
+            (category, language) for category in ("receipt", "sign", "chart", "form") for language in ("en", "zh")
+        )
+    ]
+    summary = summarize(outcomes)
+    assert len(summary["latency_ms"]) == len(stages) + 1  # and the request as timed
+    with Image.open(io.BytesIO(chart_png({"set": "s", "target": "t"}, summary))) as chart:
+        pixels = chart.convert("L")
+        width, height = pixels.size
+        bottom = [pixels.getpixel((x, y)) for x in range(width) for y in range(height - 10, height)]
+        last_bars = [pixels.getpixel((x, y)) for x in range(200, width) for y in range(height - 70, height - 10)]
+    assert min(bottom) == 255  # a white margin: nothing was cut off
+    assert min(last_bars) < 200  # the last stage's bars are there

@@ -183,8 +183,9 @@ def chart_png(run: dict[str, Any], summary: dict[str, Any]) -> bytes:
     languages = sorted({cell.split("/")[1] for cell in by_cell})
     routes = summary["route_accuracy"]["by_kind"]
     stages = summary["latency_ms"]
-    height = 120 + len(categories) * (len(languages) * _BAR + _GAP * 2) + 80 + len(routes) * (_BAR + _GAP) + 80
-    height += len(stages) * (2 * _BAR + _GAP * 2) + 40
+    row = _BAR + _GAP
+    height = 200 + len(categories) * (len(languages) * row + 2 * _GAP) + len(routes) * row
+    height += len(stages) * (2 * row + 2 * _GAP) + 100  # more than is drawn: cropped to what was, below
     image = Image.new("RGB", (_WIDTH, height), "white")
     draw = ImageDraw.Draw(image)
     font, bold = ImageFont.load_default(size=14), ImageFont.load_default(size=18)
@@ -222,7 +223,7 @@ def chart_png(run: dict[str, Any], summary: dict[str, Any]) -> bytes:
             y = _bar(draw, y, value / longest, span, _COLOURS[quantile], f"{quantile} {value:.0f}", font)
         y += _GAP * 2
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.crop((0, 0, _WIDTH, y + 20)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
