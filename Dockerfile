@@ -16,6 +16,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The shared libraries OpenCV links against (rapidocr-onnxruntime, the embedded OCR, depends on opencv-python, not its
+# headless build): without them the OCR backend fails to load with "libxcb.so.1: cannot open shared object file".
+# glib's package is libglib2.0-0t64 from Debian trixie on, libglib2.0-0 before.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgl1 libsm6 libice6 libxext6 libx11-6 libxcb1 \
+    && (apt-get install -y --no-install-recommends libglib2.0-0t64 || apt-get install -y --no-install-recommends libglib2.0-0) \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN useradd --create-home --uid 10001 app
 WORKDIR /app
 

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck unit bench clean redis-server browser fonts
+.PHONY: run test lint typecheck unit bench clean redis-server browser fonts compose-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,3 +70,8 @@ bench-litellm: $(STAMP) $(LITELLM_STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Builds the image and sends a session and a batch across two replicas of the CPU stack (compose.cpu.yaml), then
+# tears it down (scripts/compose_check.py). Needs a running Docker engine; not part of `make test`.
+compose-check: $(STAMP)
+	$(BIN)/python scripts/compose_check.py

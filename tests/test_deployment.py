@@ -1,9 +1,10 @@
-"""The deployment files against the code they deploy: compose.yaml, Dockerfile and .dockerignore.
+"""The deployment files against the code they deploy: compose.yaml, compose.cpu.yaml, Dockerfile and .dockerignore.
 
 Every `ORCH_*` variable must be a settings field and the environment must validate, every URL must reach a service on
 the port it listens on, every model name must be one a server serves, our stage servers' commands must parse with
 their real parsers, every health check must hit a route that answers 200, and the image's command, health check and
-exposed port must agree with compose. No Docker engine or model runs here: this is the only check these files get.
+exposed port must agree with compose. No Docker engine or model runs in the tests: `make compose-check` builds the
+image and runs the CPU stack of compose.cpu.yaml; the GPU stack of compose.yaml is checked here only.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import re
 import tomllib
 from collections.abc import Mapping
 from fnmatch import fnmatch
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from fastapi import FastAPI
 
 from orchestrator.__main__ import main as orchestrator_main
 from orchestrator.api.app import create_app
+from orchestrator.settings import Settings
 from orchestrator.stage_settings import RemoteVisionSettings
 from orchestrator.wiring import Backends
 from reasoning_stage import server as reasoning_server
@@ -319,3 +323,39 @@ def test_image_copies_every_package_and_build_args_exist() -> None:
         build = service(name).get("build")
         arguments: Mapping[str, str] = build.get("args", {}) if isinstance(build, dict) else {}
         assert set(arguments) <= declared, f"{name}: build args the Dockerfile does not declare"
+
+
+# --- compose.cpu.yaml (the CPU stack `make compose-check` runs) --------------------------------------------------
+
+
+def cpu_stack() -> dict[str, dict[str, Any]]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.cpu.yaml").read_text(encoding="utf-8"))
+    stack: dict[str, dict[str, Any]] = loaded["services"]
+    return stack
+
+
+def test_the_cpu_stack_runs_two_replicas_of_the_same_image_sharing_redis(clean_env: pytest.MonkeyPatch) -> None:
+    stack = cpu_stack()
+    replicas = [name for name in stack if name.startswith("orchestrator")]
+    assert len(replicas) == 2
+    assert {stack[name]["image"] for name in replicas} == {service("orchestrator")["image"]}
+    ports, health = set(), health_url(service("orchestrator")["healthcheck"]["test"])
+    for name in replicas:
+        definition = stack[name]
+        assert definition["build"] == "."
+        assert definition["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        assert health_url(definition["healthcheck"]["test"]) == health
+        for variable, value in definition["environment"].items():
+            if value is not None:
+                clean_env.setenv(variable, value)
+        settings = Settings()
+        assert settings.state.url == "redis://redis:6379/0"
+        assert (settings.vision.backend, settings.reasoning.backend) == ("ocr", "local")  # the embedded models
+        ports |= {port.rsplit(":", 1)[0] for port in definition["ports"]}
+    assert ports == {"127.0.0.1:8001", "127.0.0.1:8002"}
+
+
+def test_redis_never_evicts_shared_state() -> None:
+    """Sessions, rate limits and batches live in it beside the cache: an evicted batch stream would lose its work."""
+    for command in (cpu_stack()["redis"]["command"], service("redis")["command"]):
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
