@@ -222,3 +222,25 @@ def test_the_chart_holds_every_stage_down_to_the_last() -> None:
         last_bars = pixels.crop((200, height - 70, width, height - 10)).tobytes()
     assert min(bottom) == 255  # a white margin: nothing was cut off
     assert min(last_bars) < 200  # the last stage's bars are there
+
+
+@pytest.mark.slow
+def test_in_process_the_api_key_is_sent_when_the_settings_name_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("ORCH_"):
+            monkeypatch.delenv(name)
+    for name, value in {
+        "ORCH_API_KEYS": KEY,
+        "ORCH_REASONING__BACKEND": "none",
+        "ORCH_ROUTER__KIND": "keyword",
+    }.items():
+        monkeypatch.setenv(name, value)
+    folder = write_folder(tmp_path / "set")
+    assert run_eval("--set", str(folder), "--api-key", KEY, "--out", str(tmp_path / "keyed")) == 0
+    keyed = json.loads((tmp_path / "keyed" / "report.json").read_text(encoding="utf-8"))["summary"]
+    assert (keyed["answered"], keyed["errors"]) == (5, {})
+    assert run_eval("--set", str(folder), "--out", str(tmp_path / "keyless")) == 0
+    keyless = json.loads((tmp_path / "keyless" / "report.json").read_text(encoding="utf-8"))["summary"]
+    assert (keyless["answered"], keyless["errors"]) == (0, {"api_key_missing": 5})

@@ -6,7 +6,8 @@ upgrade.
                                 [--min-perception-accuracy X] [--min-reasoning-accuracy X]
 
 Without `--url` it runs in this process on the models the `ORCH_*` settings name (the embedded ones by default);
-with it, against a running service (`--api-key`, or `ORCH_EVAL_API_KEY`, when the service needs one). It writes
+with it, against a running service. `--api-key` (or `ORCH_EVAL_API_KEY`) is sent when the service needs one (its
+`ORCH_API_KEYS`), in this process too. It writes
 `report.json`, `summary.txt` and `chart.png` under `--out` (`orchestrator.evaluation.report`), prints the summary,
 and exits 1 when a `--min-*` threshold (a share, 0–1) is missed, 2 when it could not run (a bad set, an
 unreachable service).
@@ -127,7 +128,7 @@ async def _run(args: argparse.Namespace, cases: list[Any]) -> list[Outcome]:
         async with at_url(args.url, args.api_key, args.timeout) as client:
             return await run_cases(client, cases, concurrency=args.concurrency, on_done=progress.done)
     print("loading the models named by the ORCH_* settings…", file=sys.stderr)
-    async with in_process(args.timeout) as client:
+    async with in_process(args.api_key, args.timeout) as client:
         return await run_cases(client, cases, concurrency=args.concurrency, on_done=progress.done)
 
 

@@ -152,16 +152,23 @@ def _alternating_lists(lists: list[list[Case]]) -> Iterator[Case]:
     return (case for case in chain.from_iterable(zip_longest(*lists)) if case is not None)
 
 
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 @asynccontextmanager
-async def in_process(timeout_s: float) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the app built from the `ORCH_*` settings in this process, its models loaded (and closed after)."""
+async def in_process(api_key: str | None, timeout_s: float) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app built from the `ORCH_*` settings in this process, its models loaded (and closed after);
+    `api_key` is sent as a bearer token, for settings that name `ORCH_API_KEYS`."""
     from orchestrator.api.app import create_app
     from orchestrator.settings import Settings
 
     app = create_app(Settings())
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=timeout_s) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://in-process", headers=_headers(api_key), timeout=timeout_s
+        ) as client:
             yield client
 
 
@@ -172,8 +179,7 @@ class ServiceUnreachable(RuntimeError):
 @asynccontextmanager
 async def at_url(url: str, api_key: str | None, timeout_s: float) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the service at `url` (its API key sent as a bearer token), checked with `GET /health`."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s) as client:
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout_s) as client:
         try:
             health = await client.get("/health")
         except httpx.HTTPError as exc:
