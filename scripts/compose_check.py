@@ -49,6 +49,7 @@ its own authority, pip inside the build trusts what the host trusts."""
 PYPI = "https://pypi.org/simple"
 STAND_INS = {
     "python:3.11-slim": """FROM glmcheck/debian:bookworm
+LABEL org.glmcheck.stand-in="debian bookworm"
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv ca-certificates \\
     && ln -s /usr/bin/python3 /usr/local/bin/python && rm -rf /var/lib/apt/lists/*
 COPY host-ca-bundle.crt /etc/ssl/certs/host-ca-bundle.crt
@@ -60,6 +61,7 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 \\
     # As the official image does, `redis-server` without a configuration file runs with protected mode off (else it
     # refuses every client from another container, as there is no password): `redis-entrypoint` below.
     "redis:7.4-alpine": """FROM glmcheck/debian:bookworm
+LABEL org.glmcheck.stand-in="debian bookworm"
 RUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*
 COPY redis-entrypoint /usr/local/bin/redis-entrypoint
 RUN chmod 755 /usr/local/bin/redis-entrypoint
@@ -102,11 +104,21 @@ def pullable(name: str) -> bool:
     return subprocess.run(["docker", "pull", "-q", name], capture_output=True).returncode == 0
 
 
-def ensure_base_images() -> list[str]:
-    """The base images, pulled, or built as stand-ins (module docstring); the names built."""
+def stand_in(name: str) -> bool:
+    """Whether the image `name` is one of this script's stand-ins (built now or on an earlier run)."""
+    labels = subprocess.run(
+        ["docker", "image", "inspect", "--format", '{{ index .Config.Labels "org.glmcheck.stand-in" }}', name],
+        capture_output=True,
+        text=True,
+    )
+    return labels.returncode == 0 and labels.stdout.strip() not in ("", "<no value>")
+
+
+def ensure_base_images() -> None:
+    """The base images, pulled, or built as stand-ins (module docstring)."""
     missing = [name for name in STAND_INS if not has_image(name) and not pullable(name)]
     if not missing:
-        return []
+        return
     if not has_image("glmcheck/debian:bookworm"):
         if not shutil.which("debootstrap"):
             raise SystemExit(f"{', '.join(missing)} cannot be pulled and debootstrap is not installed")
@@ -122,7 +134,6 @@ def ensure_base_images() -> list[str]:
             (Path(context) / "redis-entrypoint").write_text(REDIS_ENTRYPOINT, encoding="utf-8")
             shutil.copy(HOST_CA_BUNDLE, Path(context) / "host-ca-bundle.crt")
             run("docker", "build", "-q", "-t", name, context)
-    return missing
 
 
 def torch_index(chosen: str | None) -> str:
@@ -225,7 +236,8 @@ def main() -> int:
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         raise SystemExit("no Docker engine answers (`docker info`): start dockerd first")
     compose = [*compose_command(), "-f", str(COMPOSE_FILE), "-p", PROJECT]
-    stand_ins = ensure_base_images()
+    ensure_base_images()
+    stand_ins = [name for name in STAND_INS if stand_in(name)]
     index = torch_index(args.torch_index)
     say(f"building the image (PyTorch from {index})")
     started = time.monotonic()
@@ -249,7 +261,7 @@ def main() -> int:
         if not args.keep:
             run(*compose, "down", "-v", check=False)
     if stand_ins:
-        say(f"base images built here as stand-ins (no registry): {', '.join(stand_ins)}")
+        say(f"base images that are stand-ins built from Debian's packages (no registry): {', '.join(stand_ins)}")
     say("FAILED" if failed else "passed: two replicas sharing Redis served a session and a batch across them")
     return 1 if failed else 0
 
