@@ -35,6 +35,7 @@ from vision_stage.types import (
     TextLine,
     VisionRequest,
     VisionResult,
+    text_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,16 @@ def reading_order(found: Sequence[FoundText]) -> tuple[TextLine, ...]:
     return tuple(TextLine(text=item.text, box=item.box, score=item.score, order=i) for i, item in enumerate(ordered))
 
 
-class _Boxed(Protocol):
-    @property
-    def box(self) -> Quad: ...
-
-
-def _centre_y(item: _Boxed) -> float:
+def _centre_y(item: FoundText) -> float:
     return sum(y for _, y in item.box) / 4
 
 
-def _height(item: _Boxed) -> float:
+def _height(item: FoundText) -> float:
     ys = [y for _, y in item.box]
     return max(ys) - min(ys)
 
 
-def _same_row(row: Sequence[_Boxed], item: _Boxed) -> bool:
+def _same_row(row: Sequence[FoundText], item: FoundText) -> bool:
     row_centre = sum(_centre_y(member) for member in row) / len(row)
     row_height = sum(_height(member) for member in row) / len(row)
     return abs(_centre_y(item) - row_centre) <= 0.5 * min(row_height, _height(item))
@@ -364,20 +360,14 @@ def compose_answer(structured: StructuredDescription, question: str | None) -> s
 
 def answer_rows(lines: Sequence[TextLine]) -> list[str]:
     """What an answer quotes: for the most relevant lines (`lines` is in order of relevance), each with the rest of
-    its row, left to right (a label and its value read as two boxes, "TOTAL" and "165.28", are one row: "TOTAL
-    165.28"); each row once, at most `ANSWER_LINES` of them."""
-    rows: list[list[TextLine]] = []
-    row_of: dict[int, int] = {}
-    for line in sorted(lines, key=lambda line: line.order):
-        if not (rows and _same_row(rows[-1], line)):
-            rows.append([])
-        rows[-1].append(line)
-        row_of[line.order] = len(rows) - 1
+    its row (`vision_stage.types.text_rows`: a label and its value read as two boxes, "TOTAL" and "165.28", are one
+    row, "TOTAL 165.28"), left to right; each row once, at most `ANSWER_LINES` of them."""
+    rows = text_rows(lines)
+    row_of = {line.order: index for index, row in enumerate(rows) for line in row}
     chosen: list[int] = []
     for line in lines:
-        row = row_of[line.order]
-        if row not in chosen:
-            chosen.append(row)
+        if row_of[line.order] not in chosen:
+            chosen.append(row_of[line.order])
         if len(chosen) == ANSWER_LINES:
             break
     return [" ".join(line.text for line in rows[row]) for row in chosen]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -127,6 +127,27 @@ class TextLine:
     score: float
     order: int
     relevance: float | None = None
+
+
+def text_rows(lines: Sequence[TextLine]) -> list[list[TextLine]]:
+    """`lines` in reading order, grouped into rows: a line joins the row before it when the vertical centres of their
+    boxes lie within half the smaller box's height ("TOTAL" and "165.28" read as two boxes are one row)."""
+    rows: list[list[TextLine]] = []
+    for line in sorted(lines, key=lambda line: line.order):
+        if rows and _same_row(rows[-1][-1], line):
+            rows[-1].append(line)
+        else:
+            rows.append([line])
+    return rows
+
+
+def _same_row(left: TextLine, right: TextLine) -> bool:
+    def centre_and_height(line: TextLine) -> tuple[float, float]:
+        ys = [y for _, y in line.box]
+        return (max(ys) + min(ys)) / 2, max(ys) - min(ys)
+
+    (c1, h1), (c2, h2) = centre_and_height(left), centre_and_height(right)
+    return abs(c1 - c2) <= 0.5 * min(h1, h2)
 
 
 @dataclass(frozen=True)

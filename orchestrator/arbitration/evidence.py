@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from vision_stage.types import Point, TextLine, VisionResult
+from vision_stage.types import Point, TextLine, VisionResult, text_rows
 
 EvidenceSource = Literal["text", "field", "object", "tag", "caption", "answer", "description", "probe", "witness"]
 
@@ -82,13 +82,7 @@ def evidence_from_vision(result: VisionResult, witness: Sequence[TextLine] = ())
 
 
 def _rows(lines: Sequence[TextLine], source: EvidenceSource = "text", where: str = "line ") -> list[EvidenceItem]:
-    """Lines in reading order, joined when their boxes share a row (vertical centres within half a line height)."""
-    rows: list[list[TextLine]] = []
-    for line in sorted(lines, key=lambda line: line.order):
-        if rows and _same_row(rows[-1][-1], line):
-            rows[-1].append(line)
-        else:
-            rows.append([line])
+    """Lines in reading order, joined when their boxes share a row (`vision_stage.types.text_rows`)."""
     return [
         EvidenceItem(
             source,
@@ -97,17 +91,8 @@ def _rows(lines: Sequence[TextLine], source: EvidenceSource = "text", where: str
             min(line.score for line in row),
             tuple(line.box for line in row),
         )
-        for row in rows
+        for row in text_rows(lines)
     ]
-
-
-def _same_row(left: TextLine, right: TextLine) -> bool:
-    def centre_and_height(line: TextLine) -> tuple[float, float]:
-        ys = [y for _, y in line.box]
-        return (max(ys) + min(ys)) / 2, max(ys) - min(ys)
-
-    (c1, h1), (c2, h2) = centre_and_height(left), centre_and_height(right)
-    return abs(c1 - c2) <= 0.5 * min(h1, h2)
 
 
 def _sentences(text: str) -> list[str]:
