@@ -18,7 +18,7 @@ from orchestrator.__main__ import main
 from orchestrator.api.app import create_app
 from orchestrator.evaluation.cases import Case, default_set
 from orchestrator.evaluation.report import chart_png, summarize
-from orchestrator.evaluation.runner import Outcome, take
+from orchestrator.evaluation.runner import Outcome, outcome_of, take
 from orchestrator.evaluation.scoring import answer_matches
 from orchestrator.settings import Settings
 from orchestrator.wiring import Backends
@@ -244,3 +244,17 @@ def test_in_process_the_api_key_is_sent_when_the_settings_name_keys(
     assert run_eval("--set", str(folder), "--out", str(tmp_path / "keyless")) == 0
     keyless = json.loads((tmp_path / "keyless" / "report.json").read_text(encoding="utf-8"))["summary"]
     assert (keyless["answered"], keyless["errors"]) == (0, {"api_key_missing": 5})
+
+
+def test_a_response_of_another_shape_is_read_as_far_as_it_goes() -> None:
+    """Another version of the service: a part missing or shaped otherwise is left out, never a crash of the run."""
+    odd = {"answer": "TOTAL 54.06", "route": "vision_only", "arbitration": ["agreed"],
+           "timings_ms": {"vision": 12.5, "note": "n/a", "flag": True}, "vision": "ocr"}  # fmt: skip
+    outcome = outcome_of(case("x", "receipt"), 200, odd, 3.0)
+    assert outcome.answer == "TOTAL 54.06"
+    assert (outcome.route, outcome.route_correct, outcome.arbitration) == (None, None, None)
+    assert outcome.timings_ms == {"vision": 12.5}
+    assert outcome.models == {}
+    refused = outcome_of(case("y", "receipt"), 503, {"error": "overloaded"}, 1.0)
+    assert (refused.status, refused.error, refused.correct) == (503, "http_error:", False)
+    assert outcome_of(case("z", "receipt"), 502, None, 1.0).error == "http_error:"

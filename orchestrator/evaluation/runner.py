@@ -54,19 +54,26 @@ class Outcome:
 
 
 def outcome_of(case: Case, status: int, body: Any, wall_ms: float) -> Outcome:
-    """The outcome of one answered request (`body`: the response's JSON, or None)."""
+    """The outcome of one answered request (`body`: the response's JSON, or None). Read liberally: a part missing or
+    of another shape (another version of the service) is left out, never an error of the run."""
     if status != 200 or not isinstance(body, dict):
-        error = body.get("error", {}) if isinstance(body, dict) else {}
+        error = _mapping(_mapping(body).get("error"))
         detail = f"{error.get('type', 'http_error')}: {error.get('message', '')}".strip()
         return Outcome(case, status, wall_ms=wall_ms, error=detail)
     answer = str(body.get("answer") or "")
-    route = (body.get("route") or {}).get("decision")
+    decision = _mapping(body.get("route")).get("decision")
+    route = decision if isinstance(decision, str) else None
     expected = case.expected_route
-    arbitration = body.get("arbitration") or {}
+    status_of = _mapping(body.get("arbitration")).get("status")
     models = {
         stage: f"{part.get('backend')}/{part.get('model')}"
         for stage in ("vision", "reasoning")
         if isinstance(part := body.get(stage), dict)
+    }
+    timings = {
+        str(stage): float(ms)
+        for stage, ms in _mapping(body.get("timings_ms")).items()
+        if isinstance(ms, int | float) and not isinstance(ms, bool)
     }
     return Outcome(
         case,
@@ -75,13 +82,17 @@ def outcome_of(case: Case, status: int, body: Any, wall_ms: float) -> Outcome:
         correct=answer_matches(answer, case.answers),
         route=route,
         route_correct=(route == expected) if expected is not None and route is not None else None,
-        arbitration=arbitration.get("status"),
+        arbitration=status_of if isinstance(status_of, str) else None,
         degraded=bool(body.get("degraded")),
         needs_review=bool(body.get("needs_human_review")),
-        timings_ms={str(stage): float(ms) for stage, ms in (body.get("timings_ms") or {}).items()},
+        timings_ms=timings,
         wall_ms=wall_ms,
         models=models,
     )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 async def ask(client: httpx.AsyncClient, case: Case) -> Outcome:
