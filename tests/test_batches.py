@@ -174,3 +174,48 @@ def test_a_cancelled_batch_stops_taking_requests_and_keeps_what_it_answered() ->
     assert done.cancelled_at is not None
     assert (done.request_counts.total, done.request_counts.completed) == (4, 1)
     assert len(output) == 1
+
+
+class _CancelReportedAsConnectionLoss:
+    """A Redis client whose blocking read, cancelled, raises a `ConnectionError` instead of the cancellation (as a
+    client library can when a cancellation races its own timeout or disconnect), on each worker's first read; counts
+    the reads."""
+
+    def __init__(self, workers: int) -> None:
+        self.reads = 0
+        self.converting = workers
+
+    async def xautoclaim(self, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        self.reads += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if self.converting:
+                self.converting -= 1
+                raise redis.exceptions.ConnectionError("Connection closed by server.") from None
+            raise
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_closing_stops_the_shared_batch_workers_however_the_client_reports_the_cancellation() -> None:
+    from orchestrator.bulk.shared import SharedBatches
+
+    batches = SharedBatches(create_app(Settings()), "redis://127.0.0.1:9/0", workers=2, visibility_s=60.0)
+    client = _CancelReportedAsConnectionLoss(workers=2)
+    batches._client = client  # type: ignore[assignment]
+    batches._grouped = True
+    await batches.start()
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(batches.aclose())
+    done, _ = await asyncio.wait({closing}, timeout=5.0)
+    try:
+        assert closing in done, "a replica stopping waited on its batch workers"
+        assert client.reads == 2
+        assert all(task.done() for task in batches._tasks)
+    finally:
+        for task in (closing, *batches._tasks):
+            task.cancel()

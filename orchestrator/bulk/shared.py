@@ -209,6 +209,9 @@ class SharedBatches:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, or one entry that failed: keep serving
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # stopped (`aclose`), though the client said otherwise
+                    raise asyncio.CancelledError from exc
                 if "NOGROUP" in str(exc):  # the stream went with a restarted Redis: make it again
                     self._grouped = False
                 log.exception("batch worker: an entry failed")
