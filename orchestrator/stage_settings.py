@@ -13,9 +13,9 @@ from typing import Annotated, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, field_validator
 
+from batch_engine.settings import EngineSettings, engine_settings
 from stage_protocol.client.dialects import DialectName
 from stage_protocol.client.transport import TransportName
-from vision_stage.engine_settings import EngineSettings, engine_settings
 
 
 class Section(BaseModel):
@@ -156,7 +156,7 @@ class GlmVisionSettings(_ModelVisionSettings):
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
     engine: Literal["batched", "generate"] = "batched"
-    """`batched`: the batching engine (`vision_stage.batching`) decodes concurrent requests together and reuses an
+    """`batched`: the batching engine (`batch_engine.engine`) decodes concurrent requests together and reuses an
     image's prefix for follow-up questions; `generate`: plain `model.generate`, one request at a time (the
     reference)."""
     engine_slots: int = Field(default=16, ge=1, le=128)

@@ -1,4 +1,4 @@
-"""The batching engine (`vision_stage.batching`) against plain `generate` on the tiny GLM-4.6V model on the CPU:
+"""The batching engine (`batch_engine.engine`) against plain `generate` on the tiny GLM-4.6V model on the CPU:
 token for token, for one request, for requests joining a running batch at different steps, for more requests than
 slots, and for a follow-up question that reuses its image's prefix KV.
 
@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from batch_engine.engine import BatchEngine
+from batch_engine.settings import EngineSettings
 from tests.tiny_glm4v import build_tiny_glm4v
-from vision_stage.batching import BatchEngine
-from vision_stage.engine_settings import EngineSettings
 from vision_stage.errors import VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine
+from vision_stage.glm import REFUSALS, GlmEngine
 from vision_stage.glm_codec import EncodedPrompt
 from vision_stage.types import DecodedImage, VisionRequest
 
@@ -56,7 +56,7 @@ def prompt(glm: GlmEngine, seed: int, question: str = "what is the total?", **si
 
 
 def engine(glm: GlmEngine, **settings: Any) -> BatchEngine:
-    return BatchEngine(glm.model, EngineSettings(**{"slots": 4, "max_tokens": 256, **settings}))
+    return BatchEngine(glm.model, EngineSettings(**{"slots": 4, "max_tokens": 256, **settings}), REFUSALS)
 
 
 def submit(batch: BatchEngine, encoded: EncodedPrompt, key: str, budget: int = BUDGET) -> Any:
@@ -187,7 +187,7 @@ def test_plain_generate_on_the_same_model_is_sdpa_as_before_the_engine_took_it(g
     text_config._attn_implementation = "sdpa"
     before = glm.generate_ids(encoded, BUDGET)
     engine(glm)
-    assert text_config._attn_implementation == "glm_slots"
+    assert text_config._attn_implementation == "batch_engine_slots"
     assert glm.generate_ids(encoded, BUDGET) == before
 
 

@@ -20,14 +20,14 @@ import torch
 from jinja2 import TemplateError
 from PIL import Image
 
+from batch_engine.engine import BatchEngine, Completion
+from batch_engine.settings import EngineSettings
 from tests.raw_http import eventually
 from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, glm_tokenizer
 from vision_stage.backend import VisionBackend
-from vision_stage.batching import BatchEngine, Completion
 from vision_stage.description import NOT_JSON_NOTE
-from vision_stage.engine_settings import EngineSettings
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine, GlmVisionBackend, torch_dtype
+from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend, torch_dtype
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
 from vision_stage.glm_errors import Phase, translate_error
 from vision_stage.parsing import read_output
@@ -77,7 +77,9 @@ def batched_engine(checkpoint: Path) -> Iterator[GlmEngine]:
 
 def unstarted(engine: GlmEngine) -> GlmEngine:
     """`engine`'s model and codec with a batching engine of its own whose thread is not started yet."""
-    return GlmEngine(engine.model, engine.codec, name=engine.name, batch=BatchEngine(engine.model, SMALL_ENGINE))
+    return GlmEngine(
+        engine.model, engine.codec, name=engine.name, batch=BatchEngine(engine.model, SMALL_ENGINE, REFUSALS)
+    )
 
 
 def unstarted_backend(

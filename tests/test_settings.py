@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from batch_engine.settings import EngineSettings
 from orchestrator.settings import LimitSettings, Settings
 from orchestrator.stage_settings import (
     GlmVisionSettings,
@@ -14,7 +15,6 @@ from orchestrator.stage_settings import (
     RemoteReasoningSettings,
     RemoteVisionSettings,
 )
-from vision_stage.engine_settings import EngineSettings
 
 
 def settings_with(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:

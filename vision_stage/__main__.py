@@ -8,9 +8,9 @@ import logging
 import sys
 from collections.abc import Callable
 
+from batch_engine.settings import engine_settings
 from stage_protocol.server.command import add_listening, add_log_level, run, serve, serve_command
 from vision_stage.backend import VisionBackend
-from vision_stage.engine_settings import engine_settings
 from vision_stage.errors import VisionError
 
 log = logging.getLogger("vision_stage")

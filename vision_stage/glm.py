@@ -11,7 +11,7 @@ The text is split into thinking and answer, grounding boxes are read out of the 
 is parsed (`vision_stage.parsing`) and rendered for the reasoning stage (`vision_stage.render`).
 
 Two engines generate (`engine`, `ORCH_VISION__ENGINE`). `batched`, the default: the prompt is encoded in a worker
-thread and handed to the batching engine (`vision_stage.batching`), whose own thread decodes many requests together
+thread and handed to the batching engine (`batch_engine.engine`), whose own thread decodes many requests together
 and reuses an image's prefix KV for a follow-up question on the same image (keyed by the image file's content hash);
 requests are not serialised here. `generate`: plain `model.generate` in a worker thread, one request at a time, the
 reference the batching engine is tested against. A model loads and warms up with plain `generate` either way.
@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from batch_engine.engine import EngineStats, Refusals
+from batch_engine.settings import EngineSettings
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
-from vision_stage.batching import EngineStats
-from vision_stage.engine_settings import EngineSettings
 from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor
@@ -56,10 +56,12 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedConfig
     from transformers.generation.utils import GenerateOutput
 
-    from vision_stage.batching import BatchEngine, Completion
+    from batch_engine.engine import BatchEngine, Completion
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCHING = EngineSettings()
+REFUSALS = Refusals(VisionRejected, VisionUnavailable, "ORCH_VISION__ENGINE_MAX_TOKENS")
+"""What the batching engine refuses, as the vision stage's errors."""
 
 
 class ImageTextModel(Protocol):
@@ -256,10 +258,10 @@ def torch_dtype(dtype: str, device: str) -> torch.dtype:
 def start_batching(model: Any, settings: EngineSettings, source: str) -> BatchEngine:
     """The batching engine over `model`, started (blocking: on a GPU it captures its CUDA graphs first). Any failure
     is `VisionUnavailable` saying what to lower: the KV cache of every slot is allocated here."""
-    from vision_stage.batching import BatchEngine
+    from batch_engine.engine import BatchEngine
 
     try:
-        batch = BatchEngine(model, settings)
+        batch = BatchEngine(model, settings, REFUSALS)
         batch.start()
     except Exception as exc:
         raise VisionUnavailable(

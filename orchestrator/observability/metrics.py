@@ -25,9 +25,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batch_engine.engine import EngineStats
 from orchestrator.observability.record import RecordingMiddleware, RequestRecord
 from orchestrator.stages.endpoints import EndpointStatus
-from vision_stage.batching import EngineStats
 
 BREAKER_STATES = ("closed", "open", "half_open")
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -120,7 +120,7 @@ class StateCollector(Collector):
 
 
 class _EngineFamilies:
-    """The in-process batching engine's counters (`vision_stage.batching.EngineStats`), per endpoint."""
+    """The in-process batching engine's counters (`batch_engine.engine.EngineStats`), per endpoint."""
 
     def __init__(self) -> None:
         labels = ["stage", "endpoint"]

@@ -31,12 +31,12 @@ from typing import Generic, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from batch_engine.engine import EngineStats
 from orchestrator.stage_settings import PolicySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.admission import Admission
 from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
 from orchestrator.stages.retry import RetryBudget, backoff_s, is_retryable
-from vision_stage.batching import EngineStats
 
 B = TypeVar("B")
 T = TypeVar("T")

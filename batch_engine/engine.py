@@ -1,23 +1,25 @@
-"""The batching engine: GLM-4.6V generation for many requests at once on one device, over the unchanged
-transformers model.
+"""The batching engine: greedy generation for many requests at once on one device, over the unchanged
+transformers model (GLM-4.6V-Flash with its images, or a causal text LM such as GLM-4).
 
-One thread owns the model. Requests come through a bounded queue (`submit`; a full queue is `VisionUnavailable`
-with a retry hint) as the processor's output, prepared off that thread, with their M-RoPE positions already
-computed by the model's own `get_rope_index` (once per request; decode positions are then length + delta, passed
-explicitly: the model's shared `rope_deltas` is never used). Each `step` of the thread:
+One thread owns the model. Requests come through a bounded queue (`submit`; a full queue is the caller's
+`unavailable` error with a retry hint) as the processor's or tokenizer's output, prepared off that thread, with
+their positions already computed: for M-RoPE by the model's own `get_rope_index` (once per request; decode
+positions are then length + delta, passed explicitly: the model's shared `rope_deltas` is never used). Each `step`
+of the thread:
 
 1. admits waiting requests into free slots, under a prefill token budget and at most one image prefill per step
    (an image's prompt is never split): each admitted request is prefilled on its own and yields its first token;
 2. runs one decode step for every request in a slot, the new ones included: greedy, one token each, on the device,
    as one CUDA graph per (batch, span) bucket when the device is a GPU;
-3. hands finished requests their tokens (a stop token, the token budget, or a loop: `stage_protocol.loops`) and
-   moves the last slot into each freed one, so the slots in use stay first.
+3. hands each request its new token (`on_token`, when it streams) and finished requests all their tokens (after a
+   stop token, the token budget, or a loop: `stage_protocol.loops`), and moves the last slot into each freed one,
+   so the slots in use stay first.
 
 Reuse: the vision encoder's output is kept per image (`EncoderStore`), and so is the KV of the prompt up to the
 image's end token (`PrefixStore`), both keyed by the decoded image's content hash with the prefix's token ids: a
 follow-up question on the same image (a session, a probe, a re-ask, another task with the same prefix) prefills
-only its own text. The steps on the device are `vision_stage.batch_steps`; storage and attention,
-`vision_stage.slots`.
+only its own text. The steps on the device are `batch_engine.steps`; storage and attention,
+`batch_engine.slots`.
 """
 
 from __future__ import annotations
@@ -27,18 +29,33 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch_engine.settings import EngineSettings
+from batch_engine.slots import StoredKV
+from batch_engine.steps import DeviceSteps, Prompt, reuse_keys
+from stage_protocol.errors import Unavailable
 from stage_protocol.loops import WINDOW, repeats_at_end
-from vision_stage.batch_steps import DeviceSteps, Prompt, reuse_keys
-from vision_stage.engine_settings import EngineSettings
-from vision_stage.errors import VisionRejected, VisionUnavailable
-from vision_stage.slots import StoredKV
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("batch_engine")
+
+
+@dataclass(frozen=True)
+class Refusals:
+    """The caller's own errors for what the engine refuses: a prompt with no room in a slot (`rejected`), and a full
+    queue, a closed engine or a failed step (`unavailable`); `max_tokens_setting` names the setting that sizes a
+    slot, for the message."""
+
+    rejected: type[Exception]
+    unavailable: type[Unavailable]
+    max_tokens_setting: str = "max_tokens"
+
+
+PLAIN_REFUSALS = Refusals(ValueError, Unavailable)
+"""Without a stage's own errors: `ValueError` and `stage_protocol.errors.Unavailable`."""
 
 
 @dataclass(frozen=True)
@@ -86,15 +103,17 @@ class _Request:
     stored: StoredKV | None = None
     """The image prefix found for it, between its lookup and its prefill."""
     looked_up: bool = False
+    on_token: Callable[[int], None] | None = None
 
 
 class BatchEngine:
-    """Continuous batching over a `Glm4vForConditionalGeneration` (module docstring). `start` runs `step` on its
-    own thread; tests and benchmarks may instead call `step` themselves, from one thread."""
+    """Continuous batching over a transformers model (module docstring). `start` runs `step` on its own thread;
+    tests and benchmarks may instead call `step` themselves, from one thread."""
 
-    def __init__(self, model: Any, settings: EngineSettings) -> None:
+    def __init__(self, model: Any, settings: EngineSettings, refusals: Refusals = PLAIN_REFUSALS) -> None:
         self.model = model
         self.settings = settings
+        self.refusals = refusals
         self.device = DeviceSteps(model, settings)
         self.stop_ids = frozenset(stop_ids_of(model.generation_config))
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_size)
@@ -113,46 +132,60 @@ class BatchEngine:
 
     # --- the caller's side ----------------------------------------------------------------------------------------
 
-    def submit(self, inputs: Mapping[str, Any], *, image_key: str | None, max_new_tokens: int) -> Future[Completion]:
-        """Queue one prompt (the processor's output for one image); its M-RoPE positions are computed here, on the
-        caller's thread. `VisionRejected` when the prompt leaves no room in a slot, `VisionUnavailable` when the
-        queue is full or the engine is closed."""
+    def submit(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        image_key: str | None,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Future[Completion]:
+        """Queue one prompt (the processor's output for one image, or the tokenizer's for a text); its positions are
+        computed here, on the caller's thread. `on_token` is called with each new token on the engine's thread, as
+        it is chosen (it must not block). The refusals' `rejected` when the prompt leaves no room in a slot,
+        `unavailable` when the queue is full or the engine is closed."""
         if self._closed.is_set():
-            raise VisionUnavailable("the glm batching engine is closed")
+            raise self.refusals.unavailable("the batching engine is closed")
         ids = inputs["input_ids"][0]
         room = self.settings.max_tokens - int(ids.shape[0])
         if room < 1:
-            raise VisionRejected(
-                f"the prompt is {int(ids.shape[0])} tokens but a slot of the glm engine holds at most "
-                f"{self.settings.max_tokens} (ORCH_VISION__ENGINE_MAX_TOKENS)"
+            raise self.refusals.rejected(
+                f"the prompt is {int(ids.shape[0])} tokens but a slot of the batching engine holds at most "
+                f"{self.settings.max_tokens} ({self.refusals.max_tokens_setting})"
             )
         prompt = self.prepare(inputs, image_key)
-        request = _Request(prompt, budget=min(max_new_tokens, room), future=Future())
+        request = _Request(prompt, budget=min(max_new_tokens, room), future=Future(), on_token=on_token)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
-            raise VisionUnavailable(
-                f"the glm engine has {self.settings.queue_size} requests waiting already", retry_after_s=1.0
+            raise self.refusals.unavailable(
+                f"the batching engine has {self.settings.queue_size} requests waiting already", retry_after_s=1.0
             ) from None
         self._wake.set()
         return request.future
 
     def prepare(self, inputs: Mapping[str, Any], image_key: str | None) -> Prompt:
-        """One prompt's model inputs as the engine runs them: its M-RoPE positions from the model's own
-        `get_rope_index` and its reuse keys (`reuse_keys`), on the caller's thread."""
+        """One prompt's model inputs as the engine runs them: its positions (M-RoPE's from the model's own
+        `get_rope_index`; else 0, 1, …) and its reuse keys (`reuse_keys`), on the caller's thread."""
+        import torch
+
         ids = inputs["input_ids"][0]
-        positions, delta = self.model.model.get_rope_index(
-            inputs["input_ids"],
-            inputs["mm_token_type_ids"],
-            image_grid_thw=inputs.get("image_grid_thw"),
-            attention_mask=None,
-        )
+        if self.device.axes == 3:
+            positions, delta = self.model.model.get_rope_index(
+                inputs["input_ids"],
+                inputs["mm_token_type_ids"],
+                image_grid_thw=inputs.get("image_grid_thw"),
+                attention_mask=None,
+            )
+            positions, delta = positions[:, 0], int(delta.reshape(-1)[0])
+        else:
+            positions, delta = torch.arange(int(ids.shape[0])).view(1, -1), 0
         key, grid = (image_key.encode() if image_key else None), inputs.get("image_grid_thw")
         prefix_key, prefix_tokens, encoder_key = reuse_keys(ids, key, grid, self.device.image_end_id)
         return Prompt(
             ids=ids,
-            positions=positions[:, 0],
-            delta=int(delta.reshape(-1)[0]),
+            positions=positions,
+            delta=delta,
             pixel_values=inputs.get("pixel_values"),
             grid=grid,
             image_key=key,
@@ -194,17 +227,17 @@ class BatchEngine:
     def start(self) -> None:
         """Capture the decode graphs (on a GPU) and run `step` on the engine's own thread until `close`."""
         self.device.capture()
-        self._thread = threading.Thread(target=self._run, name="glm-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread after its current step; requests still waiting or running fail with
-        `VisionUnavailable`."""
+        """Stop the thread after its current step; requests still waiting or running fail with the refusals'
+        `unavailable`."""
         self._closed.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        closed = VisionUnavailable("the glm batching engine was closed")
+        closed = self.refusals.unavailable("the batching engine was closed")
         for request in [*self._rows, *([self._held] if self._held else []), *_drain(self._queue)]:
             if not request.future.done():
                 request.future.set_exception(closed)
@@ -218,7 +251,7 @@ class BatchEngine:
                 try:
                     worked = self.step()
                 except Exception as exc:  # the model failed: fail what it was doing, keep serving
-                    log.exception("glm engine step failed")
+                    log.exception("batching engine: a step failed")
                     self._fail_all(exc)
                     worked = True
                 if not worked:
@@ -300,6 +333,11 @@ class BatchEngine:
 
     def _accept(self, request: _Request, token: int) -> None:
         request.tokens.append(token)
+        if request.on_token is not None:
+            try:
+                request.on_token(token)
+            except Exception:  # a listener that has gone (its event loop closed) stops nothing here
+                log.debug("batching engine: a token listener failed", exc_info=True)
         looped = self.settings.stop_loops and repeats_at_end(request.tokens[-WINDOW:])
         if token in self.stop_ids or len(request.tokens) >= request.budget or looped:
             self._finish(request, looped)
@@ -326,9 +364,9 @@ class BatchEngine:
         )
 
     def _fail_all(self, exc: Exception) -> None:
-        """A decode step failed: every running request fails with it, as `VisionUnavailable` (not the step's own
-        error: a `ValueError` there would read as each request's input being refused)."""
-        failed = VisionUnavailable(f"the glm engine's decode step failed ({type(exc).__name__}: {exc})")
+        """A decode step failed: every running request fails with it, as the refusals' `unavailable` (not the step's
+        own error: a `ValueError` there would read as each request's input being refused)."""
+        failed = self.refusals.unavailable(f"the batching engine's decode step failed ({type(exc).__name__}: {exc})")
         failed.__cause__ = exc
         for request in self._rows:
             if not request.future.done():

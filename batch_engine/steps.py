@@ -1,17 +1,20 @@
-"""The device side of the batching engine (`vision_stage.batching`): the model's steps over the slots.
+"""The device side of the batching engine (`batch_engine.engine`): the model's steps over the slots.
 
-`DeviceSteps` owns everything on the device: the slot KV cache (`vision_stage.slots`), one row of small buffers per
+`DeviceSteps` owns everything on the device: the slot KV cache (`batch_engine.slots`), one row of small buffers per
 slot (the next input token, the length, the M-RoPE delta, the tokens seen for a repetition penalty), the CUDA
 graphs, and the stores of image prefixes and encoder output. It runs three kinds of step, each a forward of the
 unchanged transformers text model with the slot cache and the engine's attention:
 
-- `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for the image, then the
+- `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
   prompt from position 0; or, after an image prefix found in the store, only the text after it, as an `extend`
   step of a few bucketed lengths, graph-captured like decode steps;
 - `decode`: one greedy token for every row in use, as one CUDA graph per (batch, span) bucket;
 - greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`.
 
 Rows in use are always the first ones; `move` copies a row into a freed one.
+
+Positions are held as (axes, tokens): three axes for a model with M-RoPE (it has a `get_rope_index`, as
+GLM-4.6V-Flash), one for a text model's plain positions; `_position_ids` gives each its own shape.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vision_stage.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
+from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
 if TYPE_CHECKING:
-    from vision_stage.engine_settings import EngineSettings
+    from batch_engine.settings import EngineSettings
 
-log = logging.getLogger("vision_stage.batching")
+log = logging.getLogger("batch_engine")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
@@ -40,8 +43,9 @@ EXTEND_BUCKETS = (16, 32, 64, 128)
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request's model inputs, on the CPU: token ids (prompt tokens,), M-RoPE positions (3, prompt tokens) and
-    delta, the image's pixel values and grid, and its content key (None: never reused)."""
+    """One request's model inputs, on the CPU: token ids (prompt tokens,), positions (axes, prompt tokens) and the
+    M-RoPE delta (0 without M-RoPE), the image's pixel values and grid (None without an image), and its content key
+    (None: never reused)."""
 
     ids: Any
     positions: Any
@@ -61,12 +65,12 @@ class Prompt:
 
 
 def reuse_keys(
-    ids: Any, image_key: bytes | None, grid: Any, image_end_id: int
+    ids: Any, image_key: bytes | None, grid: Any, image_end_id: int | None
 ) -> tuple[bytes | None, int, bytes | None]:
     """A prompt's prefix key and length (its tokens up to the image's end token, with the image's content hash and
     grid; None when no image, or when the prefix is the whole prompt) and its encoder key. Computed once per request,
     on the submitter's thread."""
-    if image_key is None or grid is None:
+    if image_key is None or grid is None or image_end_id is None:
         return None, 0, None
     shape = str(grid.tolist()).encode()
     encoder_key = hashlib.sha256(image_key + shape).digest()
@@ -86,13 +90,16 @@ class DeviceSteps:
     def __init__(self, model: Any, settings: EngineSettings) -> None:
         import torch
 
-        from vision_stage.slots import register_attention
+        from batch_engine.slots import register_attention
 
         register_attention()
         self.model = model
         self.settings = settings
         text = model.config.get_text_config()
-        self.text = model.model.language_model
+        self.text = getattr(model.model, "language_model", model.model)
+        """The decoder: a multimodal model's language model, or a causal LM's own."""
+        self.axes = 3 if hasattr(model.model, "get_rope_index") else 1
+        """Position axes: 3 for M-RoPE, 1 for plain positions."""
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
         self.device = model.device
         if settings.compile or (settings.compile is None and self.device.type == "cuda"):
@@ -100,8 +107,8 @@ class DeviceSteps:
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
             for layer in self.text.layers:
                 layer.compile(dynamic=True)
-        self.image_token_id = int(model.config.image_token_id)
-        self.image_end_id = int(model.config.image_end_token_id)
+        self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
+        self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.capacity = -(-settings.max_tokens // 256) * 256
         """Positions per slot: `max_tokens` rounded up, so that every span splits into whole attention chunks."""
@@ -131,7 +138,7 @@ class DeviceSteps:
         self._positions = torch.arange(self.capacity, device=device)
         longest = EXTEND_BUCKETS[-1]
         self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
-        self._extend_positions = torch.zeros((3, longest), dtype=torch.long, device=device)
+        self._extend_positions = torch.zeros((self.axes, longest), dtype=torch.long, device=device)
         self._extend_row = torch.zeros(1, dtype=torch.long, device=device)
         self._extend_start = torch.zeros(1, dtype=torch.long, device=device)
         self._extend_last = torch.zeros(1, dtype=torch.long, device=device)
@@ -170,7 +177,7 @@ class DeviceSteps:
             self.cache.target = Prefill(row, start)
             hidden = self.text(
                 inputs_embeds=embeds[None],
-                position_ids=prompt.positions[:, None, start:].to(device),
+                position_ids=self._position_ids(prompt.positions[:, None, start:].to(device)),
                 attention_mask=mask.view(1, 1, total - start, total),
                 past_key_values=self.cache,
                 use_cache=True,
@@ -240,7 +247,7 @@ class DeviceSteps:
         self.cache.target = Extend(self._extend_row, self._extend_start, count, span)
         hidden = self.text(
             inputs_embeds=self.text.embed_tokens(self._extend_ids[:count])[None],
-            position_ids=self._extend_positions[:, None, :count],
+            position_ids=self._position_ids(self._extend_positions[:, None, :count]),
             attention_mask=mask.view(1, 1, count, span),
             past_key_values=self.cache,
             use_cache=True,
@@ -248,6 +255,10 @@ class DeviceSteps:
         ).last_hidden_state
         last = hidden[0].index_select(0, self._extend_last)
         self._extend_token.copy_(self._choose(self.model.lm_head(last), self._extend_row))
+
+    def _position_ids(self, positions: Any) -> Any:
+        """(axes, batch, tokens) positions as the model takes them: all three axes for M-RoPE, else (batch, tokens)."""
+        return positions if self.axes == 3 else positions[0]
 
     def _span(self, longest: int) -> int:
         """The span bucket holding `longest` positions."""
@@ -278,12 +289,12 @@ class DeviceSteps:
     def _decode_step(self, bucket: int, span: int) -> None:
         """One greedy token for rows [0, bucket) (rows past the requests in use compute and are ignored)."""
         lengths = self._lengths[:bucket]
-        positions = (lengths + self._deltas[:bucket]).view(1, bucket, 1).expand(3, bucket, 1)
+        positions = (lengths + self._deltas[:bucket]).view(1, bucket, 1).expand(self.axes, bucket, 1)
         mask = self._positions[:span].view(1, span) <= lengths.view(bucket, 1)
         self.cache.target = Decode(self._rows_index[:bucket], lengths, span)
         hidden = self.text(
             inputs_embeds=self.text.embed_tokens(self._input_ids[:bucket]),
-            position_ids=positions,
+            position_ids=self._position_ids(positions),
             attention_mask=mask.view(bucket, 1, 1, span),
             past_key_values=self.cache,
             use_cache=True,
@@ -334,10 +345,12 @@ class DeviceSteps:
                 try:
                     self.graphs[key] = self._capture_one(step, pool)
                 except Exception:
-                    log.exception("glm engine: graph %s not captured; it runs eagerly", key)
+                    log.exception("batching engine: graph %s not captured; it runs eagerly", key)
         self._lengths.zero_()
         self._active.zero_()
-        log.info("glm engine: %d decode graphs captured in %.1f s", len(self.graphs), time.perf_counter() - started)
+        log.info(
+            "batching engine: %d decode graphs captured in %.1f s", len(self.graphs), time.perf_counter() - started
+        )
 
     def _capture_one(self, step: Callable[[], None], pool: Any) -> Any:
         import torch

@@ -1,4 +1,4 @@
-"""Slot KV storage for the batching engine (`vision_stage.batching`) and the attention that reads it.
+"""Slot KV storage for the batching engine (`batch_engine.engine`) and the attention that reads it.
 
 `SlotCache` is a transformers `Cache` whose storage is one tensor per K and V, shaped
 (layers, slots, kv heads, max tokens, head dim): a request owns one slot (row) from its prefill to its last token,
@@ -27,7 +27,7 @@ from cachetools import LRUCache
 if TYPE_CHECKING:
     import torch
 
-ATTENTION = "glm_slots"
+ATTENTION = "batch_engine_slots"
 """The name `slot_attention` is registered under (transformers' `AttentionInterface`)."""
 
 
