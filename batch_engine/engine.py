@@ -24,6 +24,7 @@ only its own text. The steps on the device are `batch_engine.steps`; storage and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -193,6 +194,15 @@ class BatchEngine:
             prefix_tokens=prefix_tokens,
             encoder_key=encoder_key,
         )
+
+    async def wait(self, future: Future[Completion]) -> Completion:
+        """`future`'s completion, awaited without holding anything; cancelling the awaiting task abandons it
+        (`abandon`): a request still queued never runs, one running leaves its slot after the next step."""
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.abandon(future)
+            raise
 
     def abandon(self, future: Future[Completion]) -> None:
         """The caller no longer wants `future`'s answer (it was cancelled, or its client left): a request still

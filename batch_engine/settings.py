@@ -1,8 +1,11 @@
-"""The batching engine's settings (`EngineSettings`, validated), and how both the orchestrator's `vision` settings
-and the vision stage's command line name them (`EngineOptions`, read by `engine_settings`)."""
+"""The batching engine's settings (`EngineSettings`, validated), and how the orchestrator's `vision` and
+`reasoning` settings and both stages' command lines name them (`EngineOptions`, read by `engine_settings`;
+`add_engine_arguments` adds the command-line options)."""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,8 +48,9 @@ class EngineSettings:
 
 
 class EngineOptions(Protocol):
-    """The engine's options as the orchestrator's `vision` settings (`ORCH_VISION__ENGINE…`) and the vision stage's
-    command line (`--engine…`) both name them."""
+    """The engine's options as the orchestrator's settings (`ORCH_VISION__ENGINE…`, `ORCH_REASONING__ENGINE…`) and
+    the stages' command lines (`--engine…`) name them. A vision model's options also have `engine_prefix_mb` (MiB of
+    image-prefix KV kept); a text model's have none (no image, no prefix kept)."""
 
     @property
     def engine(self) -> str: ...  # `batched` or `generate`
@@ -56,8 +60,6 @@ class EngineOptions(Protocol):
     def engine_max_tokens(self) -> int: ...
     @property
     def engine_queue(self) -> int: ...
-    @property
-    def engine_prefix_mb(self) -> int: ...
     @property
     def engine_cuda_graphs(self) -> bool: ...
     @property
@@ -74,8 +76,62 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         slots=options.engine_slots,
         max_tokens=options.engine_max_tokens,
         queue_size=options.engine_queue,
-        prefix_bytes=options.engine_prefix_mb << 20,
+        prefix_bytes=int(getattr(options, "engine_prefix_mb", 0)) << 20,
         cuda_graphs=options.engine_cuda_graphs,
         compile={"auto": None, "on": True, "off": False}[options.engine_compile],
         prefill_tokens=options.engine_prefill_tokens,
     )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, images: bool) -> None:
+    """The engine's options (`--engine`, `--engine-…`), `default` being `batched` or `generate`; `images`: a vision
+    model's, with `--engine-prefix-mb`."""
+    parser.add_argument(
+        "--engine",
+        choices=("batched", "generate"),
+        default=default,
+        help=f"the batching engine, or plain generate one request at a time (default: {default})",
+    )
+    parser.add_argument(
+        "--engine-slots", type=count(1, 128), default=16, help="batched: requests at once (default: 16)"
+    )
+    parser.add_argument(
+        "--engine-max-tokens",
+        type=count(256),
+        default=8192,
+        help="batched: prompt + answer per request (default: 8192)",
+    )
+    parser.add_argument("--engine-queue", type=count(1), default=64, help="batched: requests waiting (default: 64)")
+    if images:
+        parser.add_argument(
+            "--engine-prefix-mb",
+            type=count(0),
+            default=4096,
+            help="batched: MiB of image-prefix KV kept (default: 4096)",
+        )
+    parser.add_argument(
+        "--no-cuda-graphs", dest="engine_cuda_graphs", action="store_false", help="batched: no CUDA graphs"
+    )
+    parser.add_argument(
+        "--engine-prefill-tokens", type=count(1), default=8192, help="batched: prompt tokens per step (default: 8192)"
+    )
+    parser.add_argument(
+        "--engine-compile", choices=("auto", "on", "off"), default="auto", help="batched: compile (default: on a GPU)"
+    )
+
+
+def count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` (to `high`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is not " + (f"from {low} to {high}" if high is not None else f">= {low}")
+            )
+        return value
+
+    return parse

@@ -146,7 +146,33 @@ class _ModelVisionSettings(_VisionSettings):
     the response is then marked degraded."""
 
 
-class GlmVisionSettings(_ModelVisionSettings):
+class EngineFields(Section):
+    """The batching engine's settings (`batch_engine`), for the backends that run a model in this process."""
+
+    engine: Literal["batched", "generate"] = "batched"
+    """`batched`: the batching engine (`batch_engine.engine`) decodes concurrent greedy requests together;
+    `generate`: plain `model.generate`, one request at a time (the reference)."""
+    engine_slots: int = Field(default=16, ge=1, le=128)
+    """`batched`: requests decoded together at most; each holds a KV cache of `engine_max_tokens` from the start."""
+    engine_max_tokens: int = Field(default=8192, ge=256)
+    """`batched`: prompt (an image included) plus answer per request at most; a longer prompt is refused."""
+    engine_queue: int = Field(default=64, ge=1)
+    """`batched`: requests waiting for a slot at most; beyond that a request is refused with a retry hint."""
+    engine_cuda_graphs: bool = True
+    """`batched`: capture the decode steps as CUDA graphs at start (on a CUDA device only)."""
+    engine_prefill_tokens: int = Field(default=8192, ge=1)
+    """`batched`: prompt tokens prefilled per step at most, while the running requests wait for their next token (one
+    prompt is always admitted, however long; an image's prompt is never split, and one image is prefilled per step)."""
+    engine_compile: Literal["auto", "on", "off"] = "auto"
+    """`batched`: `torch.compile` the decoder layers (about a minute more to start; GLM-4.6V-Flash's decode at batch
+    1 12.8 → 8.9 ms/token on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""
+
+    def batching(self) -> EngineSettings | None:
+        """The batching engine's settings; None for plain `generate`."""
+        return engine_settings(self)
+
+
+class GlmVisionSettings(_ModelVisionSettings, EngineFields):
     """GLM-4.6V-Flash in this process."""
 
     backend: Literal["glm"] = "glm"
@@ -155,30 +181,8 @@ class GlmVisionSettings(_ModelVisionSettings):
     """`auto`: bfloat16 on a GPU, float32 on the CPU."""
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
-    engine: Literal["batched", "generate"] = "batched"
-    """`batched`: the batching engine (`batch_engine.engine`) decodes concurrent requests together and reuses an
-    image's prefix for follow-up questions; `generate`: plain `model.generate`, one request at a time (the
-    reference)."""
-    engine_slots: int = Field(default=16, ge=1, le=128)
-    """`batched`: requests decoded together at most; each holds a KV cache of `engine_max_tokens` from the start."""
-    engine_max_tokens: int = Field(default=8192, ge=256)
-    """`batched`: prompt (image included) plus answer per request at most; a longer prompt is refused."""
-    engine_queue: int = Field(default=64, ge=1)
-    """`batched`: requests waiting for a slot at most; beyond that a request is refused with a retry hint."""
     engine_prefix_mb: int = Field(default=4096, ge=0)
     """`batched`: MiB of image-prefix KV kept for follow-up questions on the same image; 0 keeps none."""
-    engine_cuda_graphs: bool = True
-    """`batched`: capture the decode steps as CUDA graphs at start (on a CUDA device only)."""
-    engine_prefill_tokens: int = Field(default=8192, ge=1)
-    """`batched`: prompt tokens prefilled per step at most, while the running requests wait for their next token (one
-    prompt is always admitted, however long; an image's prompt is never split, and one image is prefilled per step)."""
-    engine_compile: Literal["auto", "on", "off"] = "auto"
-    """`batched`: `torch.compile` the text layers (about a minute more to start; decode at batch 1 12.8 → 8.9 ms/token
-    on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""
-
-    def batching(self) -> EngineSettings | None:
-        """The batching engine's settings; None for plain `generate`."""
-        return engine_settings(self)
 
 
 class RemoteVisionSettings(_ModelVisionSettings, RemoteSettings):
@@ -211,7 +215,7 @@ class _ReasoningSettings(PolicySettings):
     """0 means greedy decoding."""
 
 
-class LocalReasoningSettings(_ReasoningSettings):
+class LocalReasoningSettings(_ReasoningSettings, EngineFields):
     """A transformers causal LM in this process."""
 
     backend: Literal["local"] = "local"
@@ -223,6 +227,10 @@ class LocalReasoningSettings(_ReasoningSettings):
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
     cache_dir: Path | None = None
     """Where the converted embedded model is cached; unset means the user cache directory."""
+    engine: Literal["batched", "generate"] = "generate"
+    """`batched`: greedy requests (`temperature` 0) run together on the batching engine, the one the `glm` vision
+    backend runs on; sampled ones through plain `generate`. `generate` (the default): plain `model.generate` for
+    all, one request at a time."""
 
 
 class NoneReasoningSettings(_ReasoningSettings):

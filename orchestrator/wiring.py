@@ -199,6 +199,7 @@ def _reasoning_loader(settings: ReasoningSettings, base_url: str) -> Callable[[]
             dtype=settings.dtype,
             cache_dir=settings.cache_dir,
             allow_download=settings.allow_download,
+            batching=settings.batching(),
         )
 
     return load

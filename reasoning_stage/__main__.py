@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from batch_engine.settings import add_engine_arguments, engine_settings
 from reasoning_stage.errors import ReasoningError
 from stage_protocol.server.command import add_listening, add_log_level, run, serve, serve_command
 
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", type=Path, help="where the embedded model is converted to (default: user cache)")
     serve.add_argument("--allow-download", action="store_true", help="fetch a hub id missing from the local cache")
     serve.add_argument("--max-tokens", type=int, help="completion budget of a request that sets none (default: 256)")
+    add_engine_arguments(serve, default="generate", images=False)
     add_log_level(serve)
     return parser
 
@@ -38,7 +40,12 @@ async def _serve(args: argparse.Namespace) -> int:
     from reasoning_stage.server import DEFAULT_MAX_TOKENS, create_app
 
     loading = LocalReasoningBackend.load(
-        args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, allow_download=args.allow_download
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        allow_download=args.allow_download,
+        batching=engine_settings(args),
     )
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     return await serve(

@@ -5,7 +5,8 @@ directory or a hub id, loaded through the same code path with no special case by
 are imported inside functions only, so importing this module stays cheap.
 
 The model itself, and the translation of foreign errors into the `reasoning_stage.errors` tree, are in
-`reasoning_stage.chat_model`.
+`reasoning_stage.chat_model`. With a batching engine (`batching` settings; `reasoning_stage.batched`), greedy
+requests run on it, together, and only sampled ones (`temperature > 0`) take the path below, one at a time.
 
 `generate` and `stream` share one path: the model generates in a worker thread with a `TokenFeed` as its
 transformers streamer, which hands each new token to the event loop (when streaming) and checks, at every decoding
@@ -25,6 +26,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from batch_engine.engine import BatchEngine, EngineStats
+from batch_engine.settings import EngineSettings
+from reasoning_stage import batched
 from reasoning_stage.backend import Health
 from reasoning_stage.chat_model import ChatModel, Completion, translated
 from reasoning_stage.embedded import CONVERSION_HINT, EMBEDDED_MODEL, ensure_converted
@@ -81,6 +85,7 @@ class LocalReasoningBackend:
         device: str,
         converted: bool = False,
         load_seconds: float = 0.0,
+        engine: BatchEngine | None = None,
     ) -> None:
         self.model = model
         self.source = source
@@ -94,6 +99,9 @@ class LocalReasoningBackend:
         """Wall time of `load`, conversion included."""
         self._chat: ChatModel | None = chat
         self._lock = asyncio.Lock()
+        """Plain `generate`: one generation at a time."""
+        self.engine = engine
+        """The batching engine greedy requests run on, if any."""
 
     @classmethod
     async def load(
@@ -104,11 +112,13 @@ class LocalReasoningBackend:
         dtype: str = "auto",
         cache_dir: Path | None = None,
         allow_download: bool = False,
+        batching: EngineSettings | None = None,
     ) -> LocalReasoningBackend:
         """Load `model` (a local directory or hub id; None for the embedded SmolLM2) in a worker thread.
 
         `cache_dir` is where the converted embedded model is kept (default: the user cache directory); hub ids use
-        the hub's own cache and are fetched only when `allow_download` is set.
+        the hub's own cache and are fetched only when `allow_download` is set. `batching`: start a batching engine
+        over the model for greedy requests (None: plain `generate` for all).
         """
         started = time.perf_counter()
         log.info("local backend: locating %s ...", model or "the embedded SmolLM2-135M-Instruct")
@@ -117,6 +127,10 @@ class LocalReasoningBackend:
         chat = await asyncio.to_thread(
             ChatModel.load, src.location, device=device, dtype=dtype, local_files_only=src.local_only
         )
+        engine = None
+        if batching is not None:
+            log.info("local backend: starting the batching engine (%d slots) ...", batching.slots)
+            engine = await asyncio.to_thread(batched.start_engine, chat, batching, src.model)
         log.info("local backend: %s ready in %.2f s", src.model, time.perf_counter() - started)
         return cls(
             chat,
@@ -125,6 +139,7 @@ class LocalReasoningBackend:
             device=device,
             converted=src.converted,
             load_seconds=time.perf_counter() - started,
+            engine=engine,
         )
 
     @property
@@ -134,7 +149,7 @@ class LocalReasoningBackend:
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         started = time.perf_counter()
-        async with self._generating(request, None) as (chat, worker):
+        async with self._running(request, None) as (chat, worker):
             completion = await asyncio.shield(worker)  # a cancelled caller stops the thread in `_generating`
         return ReasoningResult(
             backend=self.name,
@@ -153,7 +168,7 @@ class LocalReasoningBackend:
         The model is held until the stream is exhausted or closed; closing it (or cancelling its consumer) stops the
         generation within one decoding step."""
         pieces: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        async with self._generating(request, pieces) as (chat, worker):
+        async with self._running(request, pieces) as (chat, worker):
             text = IncrementalText(chat.decode)
             while (ids := await pieces.get()) is not None:
                 if piece := text.add(ids):
@@ -165,6 +180,29 @@ class LocalReasoningBackend:
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=len(completion.token_ids),
         )
+
+    @asynccontextmanager
+    async def _running(
+        self, request: ReasoningRequest, pieces: asyncio.Queue[list[int] | None] | None
+    ) -> AsyncIterator[tuple[ChatModel, asyncio.Task[Completion]]]:
+        """`request` running in a task, feeding new token ids into `pieces` (then None): on the batching engine when
+        there is one and the request is greedy, else through plain `generate` (`_generating`). On leaving, the task
+        is stopped (cancelled: the engine drops the request) and awaited."""
+        engine = self.engine
+        if engine is None or request.temperature > 0:
+            async with self._generating(request, pieces) as running:
+                yield running
+            return
+        _check_request(request)
+        chat = self._chat
+        if chat is None:
+            raise ReasoningUnavailable(f"the reasoning model {self.model!r} has been closed")
+        worker = asyncio.create_task(batched.complete(engine, chat, request, model=self.model, pieces=pieces))
+        try:
+            yield chat, worker
+        finally:
+            worker.cancel()  # nothing when it is done
+            await _settle(worker)
 
     @asynccontextmanager
     async def _generating(
@@ -215,14 +253,22 @@ class LocalReasoningBackend:
             ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature, feed=feed)
             return Completion(len(prompt_ids), ids, budget, chat.decode(ids).strip())
 
+    def engine_stats(self) -> EngineStats | None:
+        """What the batching engine has done (`/metrics` reads it); None without one or once closed."""
+        return self.engine.stats() if self.engine is not None else None
+
     async def health(self) -> Health:
         if self._chat is None:
             return Health(ok=False, detail=f"{self.model} has been closed")
-        return Health(ok=True, detail=f"{self.model} ({self.architecture}) on {self.device}")
+        engine = ", batching engine" if self.engine is not None else ""
+        return Health(ok=True, detail=f"{self.model} ({self.architecture}) on {self.device}{engine}")
 
     async def aclose(self) -> None:
         async with self._lock:  # let an in-flight generation finish first
             self._chat = None
+        if self.engine is not None:  # what it still runs fails as unavailable
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.close)
 
 
 async def _settle(worker: asyncio.Task[Completion]) -> None:

@@ -350,13 +350,12 @@ class GlmVisionBackend:
         Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped,
         one already running leaves its slot after the engine's next step (`BatchEngine.abandon`), and one whose
         submission is under way in the worker thread is submitted and runs unread."""
+        batch = engine.batch
+        if batch is None:
+            raise VisionUnavailable(f"the glm vision model {engine.name!r} has no batching engine")
         prompt, budget, future, facts = await asyncio.to_thread(self._submit, engine, request)
         try:
-            completion = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if engine.batch is not None:
-                engine.batch.abandon(future)  # its slot goes to the next request after one step
-            raise
+            completion = await batch.wait(future)  # a cancelled wait abandons the request
         except Exception as exc:
             raise translate_error(exc, phase="generate", model=engine.name) from exc
         generation = await asyncio.to_thread(engine.finish, prompt, budget, completion)

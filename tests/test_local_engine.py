@@ -1,0 +1,248 @@
+"""The `local` reasoning backend on the batching engine (`reasoning_stage.batched`, `batch_engine`), on tiny random
+GLM-4 and Llama checkpoints on the CPU: the engine against plain `generate` token for token (one request, requests
+joining a running batch at different steps, more requests than slots), and the backend's behaviour with it
+(streaming, sampling, cancellation, closing, a prompt too long for a slot), its settings and its command line.
+
+The checkpoints' weights are redrawn wider than their initialisation (`sharpened`), so that greedy answers vary from
+token to token and an off-by-one position, a wrong mask or a row mixed up with another changes the tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batch_engine.engine import BatchEngine
+from batch_engine.settings import EngineSettings
+from orchestrator.settings import Settings
+from reasoning_stage.__main__ import _parser
+from reasoning_stage.batched import REFUSALS, matches_generate
+from reasoning_stage.chat_model import ChatModel
+from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
+from reasoning_stage.local import LocalReasoningBackend
+from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
+from tests.tiny_models import build_tiny_glm4, build_tiny_llama
+
+BUDGET = 20
+ENGINE = EngineSettings(slots=4, max_tokens=256)
+QUESTIONS = ("what is the total of this receipt ?", "who is it ?", "how many are there ?", "the date please")
+
+
+def sharpened(builder: Callable[..., Path], directory: Path) -> Path:
+    """A tiny checkpoint of `builder` whose matrices are redrawn wider (module docstring), saved again."""
+    from transformers import AutoModelForCausalLM
+
+    path = builder(directory / "tiny", stops="never", max_position_embeddings=1024)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=[build_tiny_glm4, build_tiny_llama], ids=["glm4", "llama"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sharpened(request.param, tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture(scope="module")
+def chat(checkpoint: Path) -> ChatModel:
+    return ChatModel.load(str(checkpoint), device="cpu", dtype="float32", local_files_only=True)
+
+
+def ids_of(chat: ChatModel, question: str) -> list[int]:
+    return chat.encode_chat((ChatMessage("user", question),))
+
+
+def submit(engine: BatchEngine, prompt: list[int], budget: int = BUDGET) -> Any:
+    return engine.submit({"input_ids": torch.tensor([prompt])}, image_key=None, max_new_tokens=budget)
+
+
+def test_one_request_equals_plain_generate(chat: ChatModel) -> None:
+    prompt = ids_of(chat, QUESTIONS[0])
+    expected = chat.complete(prompt, max_new_tokens=BUDGET, temperature=0.0)
+    assert len(set(expected)) > 4, "the sharpened model should not repeat one token"
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    future = submit(engine, prompt)
+    engine.run_until_idle()
+    assert future.result().ids == expected
+    assert engine.device.axes == 1, "a text model's positions are plain"
+
+
+def test_requests_joining_at_different_steps_each_equal_plain_generate(chat: ChatModel) -> None:
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    futures = [submit(engine, prompts[0], BUDGET)]
+    engine.step()
+    engine.step()
+    futures.append(submit(engine, prompts[1], BUDGET - 1))
+    engine.step()
+    futures += [submit(engine, prompts[2], BUDGET - 2), submit(engine, prompts[3], BUDGET - 3)]
+    engine.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(engine.batch_sizes) >= 3, "the requests overlapped"
+
+
+def test_more_requests_than_slots_wait_and_each_equals_plain_generate(chat: ChatModel) -> None:
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    budgets = [6, 18, 9, 14]  # rows finish out of order, so the last row moves into freed ones
+    expected = [chat.complete(p, max_new_tokens=b, temperature=0.0) for p, b in zip(prompts, budgets, strict=True)]
+    engine = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256), REFUSALS)
+    futures = [submit(engine, prompt, budget) for prompt, budget in zip(prompts, budgets, strict=True)]
+    engine.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(engine.batch_sizes) == 2
+
+
+def test_the_warm_up_check_compares_with_plain_generate(chat: ChatModel) -> None:
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    engine.start()
+    try:
+        assert matches_generate(chat, engine)
+    finally:
+        engine.close()
+
+
+async def load(checkpoint: Path, **settings: Any) -> LocalReasoningBackend:
+    batching = EngineSettings(**{"slots": 4, "max_tokens": 256, **settings})
+    return await LocalReasoningBackend.load(str(checkpoint), device="cpu", dtype="float32", batching=batching)
+
+
+def ask(question: str, budget: int = BUDGET, temperature: float = 0.0) -> ReasoningRequest:
+    return ReasoningRequest((ChatMessage("user", question),), max_new_tokens=budget, temperature=temperature)
+
+
+async def test_the_backend_on_the_engine_answers_as_plain_generate_and_runs_requests_together(
+    checkpoint: Path,
+) -> None:
+    plain = await LocalReasoningBackend.load(str(checkpoint), device="cpu", dtype="float32")
+    batched = await load(checkpoint)
+    try:
+        assert plain.engine is None
+        assert batched.engine is not None
+        expected = [await plain.generate(ask(question)) for question in QUESTIONS]
+        got = await asyncio.gather(*(batched.generate(ask(question)) for question in QUESTIONS))
+        assert [(r.text, r.completion_tokens, r.finish_reason) for r in got] == [
+            (r.text, r.completion_tokens, r.finish_reason) for r in expected
+        ]
+        assert batched.engine.stats().admitted == len(QUESTIONS) + 1  # the warm-up check is the first
+        assert max(batched.engine.batch_sizes) > 1, "the requests ran together"
+        assert "batching engine" in (await batched.health()).detail
+    finally:
+        await plain.aclose()
+        await batched.aclose()
+
+
+async def test_a_stream_on_the_engine_adds_up_to_the_answer(checkpoint: Path) -> None:
+    backend = await load(checkpoint)
+    try:
+        whole = await backend.generate(ask(QUESTIONS[1]))
+        deltas: list[ReasoningDelta] = [delta async for delta in backend.stream(ask(QUESTIONS[1]))]
+        assert "".join(delta.text for delta in deltas) == whole.text
+        assert len([delta for delta in deltas if delta.text]) > 1, "the answer arrived in pieces"
+        assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == (whole.finish_reason, BUDGET)
+    finally:
+        await backend.aclose()
+
+
+async def test_a_sampled_request_goes_through_plain_generate(checkpoint: Path) -> None:
+    backend = await load(checkpoint)
+    try:
+        assert backend.engine is not None
+        admitted = backend.engine.stats().admitted
+        result = await backend.generate(ask(QUESTIONS[0], temperature=0.8))
+        assert result.completion_tokens == BUDGET
+        assert backend.engine.stats().admitted == admitted
+    finally:
+        await backend.aclose()
+
+
+async def test_a_closed_stream_leaves_the_engine_and_frees_its_slot(checkpoint: Path) -> None:
+    backend = await load(checkpoint)
+    engine = backend.engine
+    assert engine is not None
+    try:
+        stream = backend.stream(ask(QUESTIONS[2], budget=200))
+        first = await anext(stream)
+        assert first.text
+        await stream.aclose()
+        for _ in range(100):
+            if engine.running == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.running == 0
+        assert engine.steps < 200, "the request left before its budget"
+    finally:
+        await backend.aclose()
+
+
+async def test_a_prompt_longer_than_a_slot_is_rejected_naming_the_setting(checkpoint: Path) -> None:
+    backend = await load(checkpoint)
+    try:
+        with pytest.raises(ReasoningRejected, match="ORCH_REASONING__ENGINE_MAX_TOKENS"):
+            await backend.generate(ask(" ".join(["receipt"] * 300)))
+    finally:
+        await backend.aclose()
+
+
+async def test_closing_fails_what_the_engine_still_runs_and_refuses_more(checkpoint: Path) -> None:
+    backend = await load(checkpoint)
+    running = asyncio.create_task(backend.generate(ask(QUESTIONS[3], budget=230)))
+    await asyncio.sleep(0.05)
+    await backend.aclose()
+    with pytest.raises(ReasoningUnavailable):
+        await running
+    with pytest.raises(ReasoningUnavailable, match="closed"):
+        await backend.generate(ask(QUESTIONS[0]))
+    assert not (await backend.health()).ok
+
+
+async def test_metrics_read_the_engine_through_the_wired_backend(checkpoint: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from orchestrator.observability.metrics import Metrics, StateCollector
+    from orchestrator.stage_settings import LocalReasoningSettings
+    from orchestrator.stages.resilient import endpoint_statuses
+    from orchestrator.wiring import build_reasoning
+
+    settings = LocalReasoningSettings(
+        model=str(checkpoint), dtype="float32", engine="batched", engine_slots=2, engine_max_tokens=512
+    )
+    backend = await build_reasoning(settings)
+    try:
+        await backend.generate(ask(QUESTIONS[0]))
+        (status,) = endpoint_statuses(backend)
+        assert status.engine is not None
+        assert (status.engine.admitted, status.engine.running) == (2, 0)  # the load's check, then the request
+        metrics = Metrics()
+        metrics.registry.register(StateCollector(lambda: {"reasoning": endpoint_statuses(backend)}))
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        await backend.aclose()
+    assert 'orchestrator_engine_admitted_total{endpoint="local",stage="reasoning"} 2.0' in text
+    assert endpoint_statuses(backend)[0].engine is None  # closed
+
+
+def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_REASONING__ENGINE", "batched")
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_SLOTS", "8")
+    settings: Any = Settings().reasoning
+    assert settings.batching() == EngineSettings(slots=8, prefix_bytes=0)
+    monkeypatch.delenv("ORCH_REASONING__ENGINE")
+    assert Settings().reasoning.batching() is None, "plain generate by default"  # type: ignore[union-attr]
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_PREFIX_MB", "64")
+    with pytest.raises(ValueError, match="engine_prefix_mb"):
+        Settings()
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-slots", "4"])
+    assert (args.engine, args.engine_slots) == ("batched", 4)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--engine-prefix-mb", "4"])
