@@ -222,13 +222,13 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
 
     rows.append(("follow-up on the same image, first token ms (p50)", plain_first, median_of(rounds, follow_up)))
     notes.append(f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill")
-    notes.append(replays(bench))
+    notes.append(replays(bench.engine, bench.sync))
     return rows, notes
 
 
-def replays(bench: Bench) -> str:
+def replays(engine: Any, sync: Callable[[], None]) -> str:
     """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
-    graphs = bench.engine.device.graphs
+    graphs = engine.device.graphs
     if not graphs:
         return "no graphs captured (not a CUDA device)"
     span = max(key[-1] for key in graphs)
@@ -238,11 +238,11 @@ def replays(bench: Bench) -> str:
         if graph is None:
             continue
         graph.replay()
-        bench.sync()
+        sync()
         started = time.perf_counter()
         for _ in range(20):
             graph.replay()
-        bench.sync()
+        sync()
         timed.append(f"{key}: {(time.perf_counter() - started) * 1000 / 20:.2f} ms")
     return "graph replay alone, ms per step: " + ", ".join(timed)
 
