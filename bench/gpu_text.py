@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_vision import median_of, replays
+from bench.gpu_vision import median_of, profile, replays
 
 
 @dataclass
@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=256)
     parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
     parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
+    parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
@@ -225,6 +226,8 @@ def main() -> None:
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
     try:
         rows, notes = run(bench, args.rounds, answer, clients)
+        if args.profile:
+            profile(bench.engine, bench.device, bench.sync)
     finally:
         bench.engine.close()
     summary = describe(bench)

@@ -247,26 +247,22 @@ def replays(engine: Any, sync: Callable[[], None]) -> str:
     return "graph replay alone, ms per step: " + ", ".join(timed)
 
 
-def profile(bench: Bench) -> None:
+def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
     """The kernels of ten eager decode steps at batch 1 and 32 (compiled layers, no graph), by device time."""
     import torch
     from torch.profiler import ProfilerActivity
 
-    span = (
-        max(key[-1] for key in bench.engine.device.graphs)
-        if bench.engine.device.graphs
-        else bench.engine.settings.max_tokens
-    )
-    activities = [ProfilerActivity.CUDA] if bench.device == "cuda" else [ProfilerActivity.CPU]
-    sort = "cuda_time_total" if bench.device == "cuda" else "cpu_time_total"
-    for batch in sorted({1, min(32, bench.engine.settings.slots)}):
+    span = max(key[-1] for key in engine.device.graphs) if engine.device.graphs else engine.settings.max_tokens
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    for batch in sorted({1, min(32, engine.settings.slots)}):
         with torch.inference_mode():
-            bench.engine.device._decode_step(batch, span)
-            bench.sync()
+            engine.device._decode_step(batch, span)
+            sync()
             with torch.profiler.profile(activities=activities) as profiler:
                 for _ in range(10):
-                    bench.engine.device._decode_step(batch, span)
-                bench.sync()
+                    engine.device._decode_step(batch, span)
+                sync()
         print(f"decode step, batch {batch}, span {span}, 10 steps:", file=sys.stderr)
         print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90),
               file=sys.stderr)  # fmt: skip
@@ -388,7 +384,7 @@ def main() -> None:
     try:
         rows, notes = run(bench, args.rounds, clients)
         if args.profile:
-            profile(bench)
+            profile(bench.engine, bench.device, bench.sync)
             prefill_profile(bench)
     finally:
         bench.engine.close()
