@@ -18,15 +18,23 @@ whether the engine's first 32 tokens equal plain `generate`'s.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_vision import median_of, profile, replays
+from bench.gpu_common import (
+    agreement,
+    arguments,
+    check_device,
+    drive,
+    one_request,
+    replays,
+    start_engine,
+    under_load,
+    what_ran,
+)
 
 
 @dataclass
@@ -73,9 +81,6 @@ def build(tiny: bool, prompt_tokens: int, answer: int, slots: int, compile_layer
     import torch
     from transformers import AutoModelForCausalLM, Glm4Config
 
-    from batch_engine.engine import BatchEngine
-    from batch_engine.settings import EngineSettings
-
     torch.manual_seed(0)
     if tiny:
         config = Glm4Config(
@@ -90,19 +95,7 @@ def build(tiny: bool, prompt_tokens: int, answer: int, slots: int, compile_layer
         model = from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: every answer runs to its budget
     bench = TextBench(model, None, device, prompt_tokens)
-    longest = max(256, prompt_tokens + answer + 64)
-    settings = EngineSettings(
-        slots=slots, max_tokens=longest, queue_size=4 * slots, compile=compile_layers, stop_loops=False
-    )
-    bench.engine = BatchEngine(model, settings)
-    started = time.perf_counter()
-    bench.engine.start()
-    if compile_layers:  # the first prefill and decode steps compile: one request outside the timing
-        bench.engine_run([bench.prompt(0)], 4)
-    print(
-        f"engine started (graphs: {len(bench.engine.device.graphs)}) in {time.perf_counter() - started:.1f} s",
-        file=sys.stderr,
-    )
+    start_engine(bench, slots, max(256, prompt_tokens + answer + 64), compile_layers, bench.prompt(0))
     return bench
 
 
@@ -112,44 +105,18 @@ def run(bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...]) ->
     one = bench.prompt(0)
     _, plain_ids = bench.plain(one, 32)
     _, (check,) = bench.engine_run([one], 32)
-    same = next((n for n, (a, b) in enumerate(zip(plain_ids[0].tolist(), check.ids, strict=False)) if a != b), None)
-    notes = [f"first 32 tokens equal to plain generate: {'yes' if same is None else f'no, they part at {same}'}"]
-    if same is not None:
-        notes.append(near_tie(bench, one, plain_ids[0, :same].tolist(), check.ids[same]))
+    plain = plain_ids[0].tolist()
+    notes = [agreement(plain, check.ids)]
+    parted = next((n for n, (a, b) in enumerate(zip(plain, check.ids, strict=False)) if a != b), None)
+    if parted is not None:
+        notes.append(near_tie(bench, one, plain[:parted], check.ids[parted]))
     seeds = iter(range(1000, 100000))
-    plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
-    plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
-
-    def engine_first() -> float:
-        _, (done,) = bench.engine_run([bench.prompt(next(seeds))], 1)
-        return float(done.first_token_ms)
-
-    def engine_decode() -> float:
-        prompt = bench.prompt(next(seeds))
-        first_ms, _ = bench.engine_run([prompt], 1)
-        full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
-        return (full_ms - first_ms) / max(1, len(done.ids) - 1)
-
-    rows = [
-        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
-        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, median_of(rounds, engine_decode)),
-    ]
+    rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)))
     for count in clients:
         prompts = [bench.prompt(next(seeds)) for _ in range(count)]
-        together = torch.cat(prompts)
-        plain_ms, plain_out = bench.plain(together, answer)
-        plain_first_ms, _ = bench.plain(together, 1)
-        bench.engine.batch_sizes.clear()
-        engine_ms, done = bench.engine_run(prompts, answer)
-        written = sum(len(c.ids) for c in done)
-        firsts = sorted(c.first_token_ms for c in done)
-        rows.append((f"{count} concurrent, tokens/s", plain_out.numel() / plain_ms * 1000, written / engine_ms * 1000))
-        rows.append((f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(firsts)))
-        notes.append(
-            f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token "
-            f"{firsts[-1]:.0f} ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; plain wrote "
-            f"{plain_out.numel()} in {plain_ms:.0f} ms"
-        )
+        load_rows, note = under_load(bench, prompts, torch.cat(prompts), answer)
+        rows += load_rows
+        notes.append(note)
     notes.append(replays(bench.engine, bench.sync))
     return rows, notes
 
@@ -169,79 +136,27 @@ def near_tie(bench: TextBench, prompt: Any, agreed: list[int], engine_token: int
     )
 
 
-def float32_check(bench: TextBench) -> str:
-    """Whether the engine and plain `generate` agree on 32 tokens with the model in float32."""
-    from batch_engine.engine import BatchEngine
-    from batch_engine.settings import EngineSettings
-
-    bench.model.float()
-    one = bench.prompt(0)
-    bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=bench.prompt_tokens + 256))
-    bench.engine.start()
-    try:
-        _, plain_ids = bench.plain(one, 32)
-        _, (check,) = bench.engine_run([one], 32)
-    finally:
-        bench.engine.close()
-    plain = plain_ids[0].tolist()
-    same = next((n for n, (a, b) in enumerate(zip(plain, check.ids, strict=False)) if a != b), None)
-    return f"in float32, first 32 tokens equal to plain generate: {'yes' if same is None else f'no, part at {same}'}"
-
-
 def describe(bench: TextBench) -> str:
-    import torch
-    import transformers
-
-    parameters = sum(p.numel() for p in bench.model.parameters()) / 1e9
-    gpu = torch.cuda.get_device_name() if bench.device == "cuda" else "CPU"
-    settings = bench.engine.settings
-    return (
-        f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
-        f"{torch.__version__}, transformers {transformers.__version__}; prompt {bench.prompt_tokens} tokens; engine "
-        f"{settings.slots} slots of {settings.max_tokens} tokens, {len(bench.engine.device.graphs)} graphs"
-    )
+    return what_ran(bench, f"{bench.prompt_tokens} tokens")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = arguments(__doc__.splitlines()[0] if __doc__ else None, device_memory="19 GB")
     parser.add_argument("--prompt-tokens", type=int, default=1024)
-    parser.add_argument("--answer-tokens", type=int, default=256)
-    parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
-    parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
-    parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
-    parser.add_argument(
-        "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
-    )
     args = parser.parse_args()
-    import torch
-
-    if not args.tiny and not torch.cuda.is_available():
-        parser.error("the full-size model needs a CUDA GPU (about 19 GB); use --tiny to check the code path on a CPU")
+    check_device(parser, args)
     prompt_tokens, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.prompt_tokens, args.answer_tokens)
     clients = tuple(int(n) for n in args.clients.split(","))
     started = time.perf_counter()
     bench = build(args.tiny, prompt_tokens, answer, slots=max(clients), compile_layers=args.compile)
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
-    try:
-        rows, notes = run(bench, args.rounds, answer, clients)
-        if args.profile:
-            profile(bench.engine, bench.device, bench.sync)
-    finally:
-        bench.engine.close()
-    summary = describe(bench)
-    if args.check_float32:
-        notes.append(float32_check(bench))
-    print("| measure | plain `model.generate` | batching engine | engine's speed-up |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, plain, ours in rows:
-        ratio = ours / plain if "tokens/s" in label else plain / ours
-        print(f"| {label} | {plain:.1f} | {ours:.1f} | {ratio:.2f}× |")
-    print()
-    print(*(f"- {note}" for note in notes), sep="\n")
-    print()
-    print(summary)
+    drive(
+        args,
+        bench,
+        lambda: run(bench, args.rounds, answer, clients),
+        lambda: describe(bench),
+        check=lambda: (bench.prompt(0), bench.prompt_tokens + 256),
+    )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,10 @@ table with the ratios.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,22 @@ from typing import Any
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
+    sys.path.insert(0, str(ROOT))
+
+from bench.gpu_common import (  # noqa: E402
+    agreement,
+    arguments,
+    check_device,
+    drive,
+    median_of,
+    one_request,
+    replays,
+    start_engine,
+    under_load,
+    what_ran,
+)
+
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
 
 
@@ -92,8 +106,6 @@ class Bench:
 def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) -> Bench:
     import torch
 
-    from batch_engine.engine import BatchEngine
-    from batch_engine.settings import EngineSettings
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
 
     torch.manual_seed(0)
@@ -107,18 +119,7 @@ def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) 
     write_words_only(model, processor.tokenizer)
     bench = Bench(model, processor, None, device, side, answer)
     longest = max(256, int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64)
-    settings = EngineSettings(
-        slots=slots, max_tokens=longest, queue_size=4 * slots, compile=compile_layers, stop_loops=False
-    )
-    bench.engine = BatchEngine(model, settings)
-    started = time.perf_counter()
-    bench.engine.start()
-    if compile_layers:  # the first prefill and decode steps compile: one request outside the timing
-        bench.engine_run([bench.prompt(0)], 4)
-    print(
-        f"engine started (graphs: {len(bench.engine.device.graphs)}) in {time.perf_counter() - started:.1f} s",
-        file=sys.stderr,
-    )
+    start_engine(bench, slots, longest, compile_layers, bench.prompt(0))
     return bench
 
 
@@ -159,55 +160,26 @@ def batched(prompts: list[Any]) -> dict[str, Any]:
     return {name: torch.cat([p[name] for p in prompts]) for name in prompts[0]}
 
 
-def median_of(rounds: int, measure: Callable[[], float]) -> float:
-    measure()  # warm-up
-    return statistics.median(measure() for _ in range(rounds))
-
-
 def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple[str, float, float]], list[str]]:
     answer, notes = bench.answer, []
     one = bench.prompt(0)
     _, plain_ids = bench.plain(one, 32)
     _, (check,) = bench.engine_run([one], 32)
-    same = next((n for n, (a, b) in enumerate(zip(plain_ids[0].tolist(), check.ids, strict=False)) if a != b), None)
-    notes.append(f"first 32 tokens equal to plain generate: {'yes' if same is None else f'no, they part at {same}'}")
+    notes.append(agreement(plain_ids[0].tolist(), check.ids))
 
-    plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
-    plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
     seeds = iter(range(1000, 100000))
 
-    def engine_first() -> float:
-        _, (done,) = bench.engine_run([bench.prompt(next(seeds))], 1)
-        return float(done.first_token_ms)
-
-    def engine_decode() -> float:
-        prompt = bench.prompt(next(seeds))
-        first_ms, _ = bench.engine_run([prompt], 1)
+    def forget() -> None:
         bench.engine.device.prefixes.clear()
         bench.engine.device.encoder.clear()
-        full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
-        return (full_ms - first_ms) / max(1, len(done.ids) - 1)
 
-    rows = [
-        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
-        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, median_of(rounds, engine_decode)),
-    ]
+    rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)), forget)
+    plain_first = rows[0][1]
     for count in clients:
         prompts = [bench.prompt(next(seeds)) for _ in range(count)]  # one question: equal lengths, no padding
-        plain_ms, plain_out = bench.plain(batched(prompts), answer)
-        plain_first_ms, _ = bench.plain(batched(prompts), 1)
-        bench.engine.batch_sizes.clear()
-        engine_ms, done = bench.engine_run(prompts, answer)
-        written = sum(len(c.ids) for c in done)
-        firsts = sorted(c.first_token_ms for c in done)
-        rows.append((f"{count} concurrent, tokens/s", plain_out.numel() / plain_ms * 1000, written / engine_ms * 1000))
-        rows.append((f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(firsts)))
-        sizes = bench.engine.batch_sizes
-        notes.append(
-            f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token "
-            f"{firsts[-1]:.0f} ms, mean decode batch {statistics.fmean(sizes):.1f}; plain wrote {plain_out.numel()} in "
-            f"{plain_ms:.0f} ms"
-        )
+        load_rows, note = under_load(bench, prompts, batched(prompts), answer)
+        rows += load_rows
+        notes.append(note)
 
     waits: list[float] = []
 
@@ -224,48 +196,6 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
     notes.append(f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill")
     notes.append(replays(bench.engine, bench.sync))
     return rows, notes
-
-
-def replays(engine: Any, sync: Callable[[], None]) -> str:
-    """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
-    graphs = engine.device.graphs
-    if not graphs:
-        return "no graphs captured (not a CUDA device)"
-    span = max(key[-1] for key in graphs)
-    timed = []
-    for key in ((1, span), (8, span), (32, span), ("extend", 32, span)):
-        graph = graphs.get(key)
-        if graph is None:
-            continue
-        graph.replay()
-        sync()
-        started = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        sync()
-        timed.append(f"{key}: {(time.perf_counter() - started) * 1000 / 20:.2f} ms")
-    return "graph replay alone, ms per step: " + ", ".join(timed)
-
-
-def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
-    """The kernels of ten eager decode steps at batch 1 and 32 (compiled layers, no graph), by device time."""
-    import torch
-    from torch.profiler import ProfilerActivity
-
-    span = max(key[-1] for key in engine.device.graphs) if engine.device.graphs else engine.settings.max_tokens
-    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    for batch in sorted({1, min(32, engine.settings.slots)}):
-        with torch.inference_mode():
-            engine.device._decode_step(batch, span)
-            sync()
-            with torch.profiler.profile(activities=activities) as profiler:
-                for _ in range(10):
-                    engine.device._decode_step(batch, span)
-                sync()
-        print(f"decode step, batch {batch}, span {span}, 10 steps:", file=sys.stderr)
-        print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90),
-              file=sys.stderr)  # fmt: skip
 
 
 def prefill_profile(bench: Bench) -> None:
@@ -315,90 +245,35 @@ def prefill_profile(bench: Bench) -> None:
     print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90), file=sys.stderr)
 
 
-def float32_check(bench: Bench) -> str:
-    """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
-    differs between their attention kernels, which flips near-ties of random weights)."""
-    from batch_engine.engine import BatchEngine
-    from batch_engine.settings import EngineSettings
-
-    bench.model.float()
-    one = bench.prompt(0)
-    longest = max(256, int(one["input_ids"].shape[1]) + 64)
-    bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=longest))
-    bench.engine.start()
-    try:
-        _, plain_ids = bench.plain(one, 32)
-        _, (check,) = bench.engine_run([one], 32)
-    finally:
-        bench.engine.close()
-    plain_list = plain_ids[0].tolist()
-    same = next((n for n, (a, b) in enumerate(zip(plain_list, check.ids, strict=False)) if a != b), None)
-    return (
-        f"in float32, first 32 tokens equal to plain generate: {'yes' if same is None else f'no, they part at {same}'}"
-    )
-
-
 def describe(bench: Bench) -> str:
-    import torch
-    import transformers
-
-    parameters = sum(p.numel() for p in bench.model.parameters()) / 1e9
     inputs = bench.prompt(0)
     t, h, w = (int(n) for n in inputs["image_grid_thw"][0].tolist())
-    gpu = torch.cuda.get_device_name() if bench.device == "cuda" else "CPU"
-    settings = bench.engine.settings
-    return (
-        f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
-        f"{torch.__version__}, transformers {transformers.__version__}; prompt {inputs['input_ids'].shape[1]} tokens "
-        f"of which {t * h * w // 4} visual ({h}×{w} patches); engine {settings.slots} slots of {settings.max_tokens} "
-        f"tokens, {len(bench.engine.device.graphs)} decode graphs"
-    )
+    return what_ran(bench, f"{inputs['input_ids'].shape[1]} tokens of which {t * h * w // 4} visual ({h}×{w} patches)")
+
+
+def float32_prompt(bench: Bench) -> tuple[Any, int]:
+    one = bench.prompt(0)
+    return one, max(256, int(one["input_ids"].shape[1]) + 64)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--answer-tokens", type=int, default=256)
+    parser = arguments(__doc__.splitlines()[0] if __doc__ else None, device_memory="21 GB")
     parser.add_argument("--image-side", type=int, default=1024)
-    parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
-    parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
-    parser.add_argument(
-        "--profile", action="store_true", help="after the run, the device's kernels in decode steps and a cold prefill"
-    )
-    parser.add_argument(
-        "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
-    )
     args = parser.parse_args()
-    if str(ROOT) not in sys.path:  # run as a script: make `tests` and the stage packages importable
-        sys.path.insert(0, str(ROOT))
-    import torch
-
-    if not args.tiny and not torch.cuda.is_available():
-        parser.error("the full-size model needs a CUDA GPU (about 21 GB); use --tiny to check the code path on a CPU")
+    check_device(parser, args)
     side, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.image_side, args.answer_tokens)
     clients = tuple(int(n) for n in args.clients.split(","))
     started = time.perf_counter()
     bench = build(args.tiny, side, answer, slots=max(clients), compile_layers=args.compile)
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
-    try:
-        rows, notes = run(bench, args.rounds, clients)
-        if args.profile:
-            profile(bench.engine, bench.device, bench.sync)
-            prefill_profile(bench)
-    finally:
-        bench.engine.close()
-    if args.check_float32:
-        notes.append(float32_check(bench))
-    print("| measure | plain `model.generate` | batching engine | engine's speed-up |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, plain, ours in rows:
-        ratio = ours / plain if "tokens/s" in label else plain / ours
-        print(f"| {label} | {plain:.1f} | {ours:.1f} | {ratio:.2f}× |")
-    print()
-    print(*(f"- {note}" for note in notes), sep="\n")
-    print()
-    print(describe(bench))
+    drive(
+        args,
+        bench,
+        lambda: run(bench, args.rounds, clients),
+        lambda: describe(bench),
+        check=lambda: float32_prompt(bench),
+        more_profiles=lambda: prefill_profile(bench),
+    )
 
 
 if __name__ == "__main__":

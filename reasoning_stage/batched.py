@@ -100,16 +100,7 @@ async def complete(
 def _encode(engine: BatchEngine, chat: ChatModel, request: ReasoningRequest, model: str) -> tuple[list[int], int]:
     """The prompt's token ids and the answer's budget: the request's, within the model's context and the slot."""
     with translated("generate", model):
-        prompt_ids = chat.encode_chat(request.messages)
-    budget = request.max_new_tokens
-    if chat.context_tokens is not None:
-        context_room = chat.context_tokens - len(prompt_ids)
-        if context_room < 1:
-            raise ReasoningRejected(
-                f"the prompt is {len(prompt_ids)} tokens but {model!r} holds at most {chat.context_tokens}; "
-                "shorten the prompt"
-            )
-        budget = min(budget, context_room)
+        prompt_ids, budget = chat.encode_within_context(request.messages, request.max_new_tokens, model=model)
     slot_room = engine.settings.max_tokens - len(prompt_ids)  # none at all: `submit` rejects it
     return prompt_ids, max(1, min(budget, slot_room))
 

@@ -143,6 +143,22 @@ class ChatModel:
             raise ReasoningModelError(f"the chat template returned {type(ids).__name__}, not a list of token ids")
         return token_ids
 
+    def encode_within_context(
+        self, messages: tuple[ChatMessage, ...], max_new_tokens: int, *, model: str
+    ) -> tuple[list[int], int]:
+        """The prompt's token ids and the answer's budget: `max_new_tokens` within the room the model's context
+        leaves; `ReasoningRejected` (naming `model`) when it leaves none."""
+        prompt_ids = self.encode_chat(messages)
+        if self.context_tokens is None:
+            return prompt_ids, max_new_tokens
+        room = self.context_tokens - len(prompt_ids)
+        if room < 1:
+            raise ReasoningRejected(
+                f"the prompt is {len(prompt_ids)} tokens but {model!r} holds at most {self.context_tokens}; "
+                "shorten the prompt"
+            )
+        return prompt_ids, min(max_new_tokens, room)
+
     def complete(
         self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float, feed: TokenFeed | None = None
     ) -> list[int]:

@@ -240,16 +240,7 @@ class LocalReasoningBackend:
 
     def _complete(self, chat: ChatModel, request: ReasoningRequest, feed: TokenFeed) -> Completion:
         with translated("generate", self.model):
-            prompt_ids = chat.encode_chat(request.messages)
-            budget = request.max_new_tokens
-            if chat.context_tokens is not None:
-                room = chat.context_tokens - len(prompt_ids)
-                if room < 1:
-                    raise ReasoningRejected(
-                        f"the prompt is {len(prompt_ids)} tokens but {self.model!r} holds at most "
-                        f"{chat.context_tokens}; shorten the prompt"
-                    )
-                budget = min(budget, room)
+            prompt_ids, budget = chat.encode_within_context(request.messages, request.max_new_tokens, model=self.model)
             ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature, feed=feed)
             return Completion(len(prompt_ids), ids, budget, chat.decode(ids).strip())
 

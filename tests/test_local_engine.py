@@ -10,6 +10,8 @@ token to token and an off-by-one position, a wrong mask or a row mixed up with a
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -246,3 +248,14 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert (args.engine, args.engine_slots) == ("batched", 4)
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-prefix-mb", "4"])
+
+
+def test_the_text_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "bench.gpu_text", "--tiny", "--rounds", "1", "--clients", "2,3", "--check-float32"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    assert "in float32, first 32 tokens equal to plain generate: yes" in finished.stdout
+    for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s"):
+        assert f"| {measure}" in finished.stdout

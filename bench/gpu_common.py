@@ -1,0 +1,245 @@
+"""What the two GPU benchmarks share (`bench/gpu_vision.py`, `bench/gpu_text.py`): their common options, the measures
+under concurrent load, the agreement check with plain `generate`, the graph replays, the decode-step profile and the
+printed report. Each benchmark's own `Bench` builds the model and its prompts and runs the two paths."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+Row = tuple[str, float, float]
+"""A measure's label, plain `generate`'s figure and the engine's."""
+
+
+class Paths(Protocol):
+    """The two paths over one model, as each benchmark runs them."""
+
+    model: Any
+    engine: Any
+    device: str
+
+    def sync(self) -> None: ...
+    def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]: ...
+    def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]: ...
+
+
+def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take; each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--answer-tokens", type=int, default=256)
+    parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
+    parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
+    parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
+    parser.add_argument(
+        "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
+    )
+    parser.set_defaults(device_memory=device_memory)
+    return parser
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error(
+            f"the full-size model needs a CUDA GPU (about {args.device_memory}); use --tiny to check the code path "
+            "on a CPU"
+        )
+
+
+def median_of(rounds: int, measure: Callable[[], float]) -> float:
+    measure()  # warm-up
+    return statistics.median(measure() for _ in range(rounds))
+
+
+def agreement(plain: list[int], engine: list[int], *, label: str = "first 32 tokens equal to plain generate") -> str:
+    parted = next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
+    return f"{label}: {'yes' if parted is None else f'no, they part at {parted}'}"
+
+
+def start_engine(bench: Paths, slots: int, max_tokens: int, compile_layers: bool, warm: Any) -> None:
+    """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
+    started; with compiled layers, the prompt `warm` compiles them outside the timing."""
+    import time
+
+    from batch_engine.engine import BatchEngine
+    from batch_engine.settings import EngineSettings
+
+    settings = EngineSettings(
+        slots=slots, max_tokens=max_tokens, queue_size=4 * slots, compile=compile_layers, stop_loops=False
+    )
+    bench.engine = BatchEngine(bench.model, settings)
+    started = time.perf_counter()
+    bench.engine.start()
+    if compile_layers:
+        bench.engine_run([warm], 4)
+    graphs = len(bench.engine.device.graphs)
+    print(f"engine started (graphs: {graphs}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+def one_request(
+    bench: Paths, rounds: int, one: Any, fresh: Callable[[], Any], forget: Callable[[], None] = lambda: None
+) -> list[Row]:
+    """First token of one request alone, and decode ms/token at batch 1: (t(1 + 64) − t(1)) / 64 for plain, the same
+    over the tokens written for the engine; `fresh` gives a prompt not seen before, `forget` drops what the engine
+    kept of one (so that the second run is cold too)."""
+    plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
+    plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
+
+    def engine_first() -> float:
+        _, (done,) = bench.engine_run([fresh()], 1)
+        return float(done.first_token_ms)
+
+    def engine_decode() -> float:
+        prompt = fresh()
+        first_ms, _ = bench.engine_run([prompt], 1)
+        forget()
+        full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
+        return (full_ms - first_ms) / max(1, len(done.ids) - 1)
+
+    return [
+        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
+        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, median_of(rounds, engine_decode)),
+    ]
+
+
+def under_load(bench: Paths, prompts: list[Any], together: Any, answer: int) -> tuple[list[Row], str]:
+    """`len(prompts)` concurrent clients: plain `generate` as one batched call over `together` (the prompts as one
+    batch), the engine with every prompt submitted at once; tokens/s and the first token under that load."""
+    count = len(prompts)
+    plain_ms, plain_out = bench.plain(together, answer)
+    plain_first_ms, _ = bench.plain(together, 1)
+    bench.engine.batch_sizes.clear()
+    engine_ms, done = bench.engine_run(prompts, answer)
+    written = sum(len(c.ids) for c in done)
+    firsts = sorted(c.first_token_ms for c in done)
+    rows = [
+        (f"{count} concurrent, tokens/s", plain_out.numel() / plain_ms * 1000, written / engine_ms * 1000),
+        (f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(firsts)),
+    ]
+    note = (
+        f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} "
+        f"ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; plain wrote {plain_out.numel()} in "
+        f"{plain_ms:.0f} ms"
+    )
+    return rows, note
+
+
+def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
+    """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
+    differs between their attention kernels, which flips near-ties of random weights)."""
+    from batch_engine.engine import BatchEngine
+    from batch_engine.settings import EngineSettings
+
+    bench.model.float()
+    bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=max_tokens))
+    bench.engine.start()
+    try:
+        _, plain_ids = bench.plain(one, 32)
+        _, (check,) = bench.engine_run([one], 32)
+    finally:
+        bench.engine.close()
+    return agreement(plain_ids[0].tolist(), check.ids, label="in float32, first 32 tokens equal to plain generate")
+
+
+def replays(engine: Any, sync: Callable[[], None]) -> str:
+    """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
+    import time
+
+    graphs = engine.device.graphs
+    if not graphs:
+        return "no graphs captured (not a CUDA device)"
+    span = max(key[-1] for key in graphs)
+    timed = []
+    for key in ((1, span), (8, span), (32, span), ("extend", 32, span)):
+        graph = graphs.get(key)
+        if graph is None:
+            continue
+        graph.replay()
+        sync()
+        started = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        sync()
+        timed.append(f"{key}: {(time.perf_counter() - started) * 1000 / 20:.2f} ms")
+    return "graph replay alone, ms per step: " + ", ".join(timed)
+
+
+def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
+    """The kernels of ten eager decode steps at batch 1 and 32 (compiled layers, no graph), by device time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    span = max(key[-1] for key in engine.device.graphs) if engine.device.graphs else engine.settings.max_tokens
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    for batch in sorted({1, min(32, engine.settings.slots)}):
+        with torch.inference_mode():
+            engine.device._decode_step(batch, span)
+            sync()
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(10):
+                    engine.device._decode_step(batch, span)
+                sync()
+        print(f"decode step, batch {batch}, span {span}, 10 steps:", file=sys.stderr)
+        print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90),
+              file=sys.stderr)  # fmt: skip
+
+
+def drive(
+    args: argparse.Namespace,
+    bench: Paths,
+    run: Callable[[], tuple[list[Row], list[str]]],
+    describe: Callable[[], str],
+    *,
+    check: Callable[[], tuple[Any, int]],
+    more_profiles: Callable[[], None] | None = None,
+) -> None:
+    """Run the measures, the profiles (`--profile`) and the float32 check (`--check-float32`: `check` gives the prompt
+    and a slot's length), close the engine, and print the report."""
+    try:
+        rows, notes = run()
+        if args.profile:
+            profile(bench.engine, bench.device, bench.sync)
+            if more_profiles is not None:
+                more_profiles()
+    finally:
+        bench.engine.close()
+    summary = describe()
+    if args.check_float32:
+        one, max_tokens = check()
+        notes.append(float32_agreement(bench, one, max_tokens))
+    report(rows, notes, summary)
+
+
+def what_ran(bench: Paths, prompt: str) -> str:
+    """The model (its class, size and dtype), the device, the software, the prompt (`prompt` says it), the engine."""
+    import torch
+    import transformers
+
+    parameters = sum(p.numel() for p in bench.model.parameters()) / 1e9
+    gpu = torch.cuda.get_device_name() if bench.device == "cuda" else "CPU"
+    settings = bench.engine.settings
+    return (
+        f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}; prompt {prompt}; engine {settings.slots} "
+        f"slots of {settings.max_tokens} tokens, {len(bench.engine.device.graphs)} graphs"
+    )
+
+
+def report(rows: list[Row], notes: list[str], summary: str) -> None:
+    """One markdown table with the engine's speed-up per measure, then the notes and what ran."""
+    print("| measure | plain `model.generate` | batching engine | engine's speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, plain, ours in rows:
+        ratio = ours / plain if "tokens/s" in label else plain / ours
+        print(f"| {label} | {plain:.1f} | {ours:.1f} | {ratio:.2f}× |")
+    print()
+    print(*(f"- {note}" for note in notes), sep="\n")
+    print()
+    print(summary)
