@@ -38,56 +38,10 @@ from typing import Any
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
 from batch_engine.steps import DeviceSteps, Prompt, reuse_keys
-from stage_protocol.errors import Unavailable
+from batch_engine.types import PLAIN_REFUSALS, Completion, EngineStats, Refusals
 from stage_protocol.loops import WINDOW, repeats_at_end
 
 log = logging.getLogger("batch_engine")
-
-
-@dataclass(frozen=True)
-class Refusals:
-    """The caller's own errors for what the engine refuses: a prompt with no room in a slot (`rejected`), and a full
-    queue, a closed engine or a failed step (`unavailable`); `max_tokens_setting` names the setting that sizes a
-    slot, for the message."""
-
-    rejected: type[Exception]
-    unavailable: type[Unavailable]
-    max_tokens_setting: str = "max_tokens"
-
-
-PLAIN_REFUSALS = Refusals(ValueError, Unavailable)
-"""Without a stage's own errors: `ValueError` and `stage_protocol.errors.Unavailable`."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What one request generated, and how it went."""
-
-    ids: list[int]
-    """The new token ids, a final stop token included."""
-    prompt_tokens: int
-    reused_tokens: int
-    """Prompt tokens whose KV came from the prefix store (not prefilled)."""
-    queue_ms: float
-    first_token_ms: float
-    """From `submit` to the first token."""
-    looped: bool
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the engine has done: decode steps and their mean batch size, requests admitted and their mean wait for
-    a slot, and lookups of the image-prefix and encoder stores."""
-
-    running: int
-    waiting: int
-    steps: int
-    mean_batch: float
-    admitted: int
-    mean_queue_ms: float
-    prefix_hits: int
-    prefix_misses: int
-    encoder_hits: int
 
 
 @dataclass(eq=False)

@@ -13,7 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from batch_engine.engine import BatchEngine, Refusals
+from batch_engine.engine import BatchEngine
+from batch_engine.types import Refusals
 from reasoning_stage.chat_model import ChatModel, Completion, translate_error, translated
 from reasoning_stage.errors import ReasoningModelError, ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.token_stream import deliver_to

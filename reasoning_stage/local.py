@@ -26,8 +26,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch_engine.engine import BatchEngine, EngineStats
+from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
+from batch_engine.types import EngineStats
 from reasoning_stage import batched
 from reasoning_stage.backend import Health
 from reasoning_stage.chat_model import ChatModel, Completion, translated

@@ -20,8 +20,9 @@ import torch
 from jinja2 import TemplateError
 from PIL import Image
 
-from batch_engine.engine import BatchEngine, Completion
+from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
+from batch_engine.types import Completion
 from tests.raw_http import eventually
 from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, glm_tokenizer
 from vision_stage.backend import VisionBackend

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from batch_engine.engine import EngineStats, Refusals
 from batch_engine.settings import EngineSettings
+from batch_engine.types import EngineStats, Refusals
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedConfig
     from transformers.generation.utils import GenerateOutput
 
-    from batch_engine.engine import BatchEngine, Completion
+    from batch_engine.engine import BatchEngine
+from batch_engine.types import Completion
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCHING = EngineSettings()

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from batch_engine.engine import EngineStats
+from batch_engine.types import EngineStats
 from orchestrator.observability.record import RecordingMiddleware, RequestRecord
 from orchestrator.stages.endpoints import EndpointStatus
 
@@ -120,7 +120,7 @@ class StateCollector(Collector):
 
 
 class _EngineFamilies:
-    """The in-process batching engine's counters (`batch_engine.engine.EngineStats`), per endpoint."""
+    """The in-process batching engine's counters (`batch_engine.types.EngineStats`), per endpoint."""
 
     def __init__(self) -> None:
         labels = ["stage", "endpoint"]

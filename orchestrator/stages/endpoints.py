@@ -31,7 +31,7 @@ from typing import Generic, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from batch_engine.engine import EngineStats
+from batch_engine.types import EngineStats
 from orchestrator.stage_settings import PolicySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.admission import Admission
