@@ -164,6 +164,7 @@ def test_stage_server_commands_parse_with_their_real_parsers(stage: str) -> None
     assert args.model, "--backend glm needs --model (checked by `main`, after parsing)"
     assert not args.allow_download, "our stage servers read the weights from the models volume, never download"
     assert args.backend == ("glm" if stage == "vision_stage" else "local")
+    assert args.engine == "batched", "on a GPU, concurrent requests are decoded together"
 
 
 @pytest.mark.parametrize("api_keys", [None, "a-key"], ids=["no-keys", "keys"])
