@@ -410,3 +410,34 @@ def test_load_set_takes_default_a_folder_or_its_file_and_refuses_anything_else(t
     assert load_set(str(folder)) == load_set(str(folder / "cases.jsonl")) == load_folder(folder)
     with pytest.raises(ValueError, match=r"no case set 'nonsense'.*`default`"):
         load_set("nonsense")
+
+
+def test_every_category_has_its_questions_worded_alike_in_both_languages() -> None:
+    from orchestrator.evaluation.canvas import questions
+    from orchestrator.evaluation.cases import DRAWERS
+
+    for category in DRAWERS:
+        asked = questions(category)
+        assert asked, category
+        for slug, question in asked.items():
+            assert question.slug == slug
+            assert question.kind in ("perception", "reasoning")
+    assert {q.kind for category in DRAWERS for q in questions(category).values()} == {"perception", "reasoning"}
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ('kind = "perception"\nen = "What is {item}?"\nzh = "这是什么？"', "placeholders"),
+        ('kind = "looking"\nen = "What is it?"\nzh = "这是什么？"', "kind"),
+    ],
+    ids=["placeholders", "kind"],
+)
+def test_a_question_worded_unlike_in_the_other_language_or_of_no_known_kind_is_refused(
+    entry: str, problem: str
+) -> None:
+    from orchestrator.evaluation.canvas import read_questions
+
+    assert read_questions('[menu.price]\nkind = "perception"\nen = "{item}?"\nzh = "{item}？"')["menu"]["price"].en
+    with pytest.raises(ValueError, match=problem):
+        read_questions(f"[menu.what]\n{entry}")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Sequence
+import string
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -101,6 +104,40 @@ class Question:
 
     def ask(self, language: Language, answers: tuple[str, ...], **values: object) -> Ask:
         return Ask(self.slug, self.kind, (self.en if language == "en" else self.zh).format(**values), answers)
+
+
+QUESTIONS_FILE = "data/eval_questions.toml"
+"""The questions' wording, in the `orchestrator` package."""
+
+
+def questions(category: str) -> Mapping[str, Question]:
+    """The questions asked about a `category` picture (`QUESTIONS_FILE`), by slug."""
+    return _questions()[category]
+
+
+@functools.cache
+def _questions() -> dict[str, dict[str, Question]]:
+    return read_questions(resources.files("orchestrator").joinpath(QUESTIONS_FILE).read_text(encoding="utf-8"))
+
+
+def read_questions(text: str) -> dict[str, dict[str, Question]]:
+    """Every category's questions in `text` (TOML), checked: a kind of `perception` or `reasoning`, and the same
+    `{placeholders}` in both languages."""
+    table = tomllib.loads(text)
+    read: dict[str, dict[str, Question]] = {}
+    for category, entries in table.items():
+        for slug, entry in entries.items():
+            question = Question(slug, entry["kind"], entry["en"], entry["zh"])
+            if question.kind not in ("perception", "reasoning"):
+                raise ValueError(f"{category}.{slug}: kind {question.kind!r}, not perception or reasoning")
+            if _fields(question.en) != _fields(question.zh):
+                raise ValueError(f"{category}.{slug}: the English and Chinese placeholders differ")
+            read.setdefault(category, {})[slug] = question
+    return read
+
+
+def _fields(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from orchestrator.analysis.messages import Language
-from orchestrator.evaluation.canvas import Anchor, Canvas, Fonts, Picture, Question
+from orchestrator.evaluation.canvas import Anchor, Canvas, Fonts, Picture, questions
 from orchestrator.evaluation.wording import CENT, Pair, both, count_answers, money, pick
 
 SHOPS: tuple[Pair, ...] = (
@@ -50,41 +50,6 @@ PEOPLE: tuple[Pair, ...] = (
 )  # fmt: skip
 TAX_RATES = (5, 6, 8, 10)
 PAYMENTS = (Decimal(20), Decimal(50), Decimal(100), Decimal(200), Decimal(500), Decimal(1000))
-RECEIPT_TOTAL = Question("total", "perception", "What is the total on this receipt?", "这张小票的合计是多少？")
-RECEIPT_SHOP = Question("shop", "perception", "What is the name of the shop?", "这家店叫什么名字？")
-RECEIPT_CHANGE = Question(
-    "change", "reasoning", "If I pay with {paid}, how much change should I get?", "如果我付{paid}元，应该找零多少钱？"
-)
-INVOICE_NUMBER = Question("number", "perception", "What is the invoice number?", "这张发票的发票号码是多少？")
-INVOICE_AMOUNT = Question(
-    "amount", "perception", "What is the amount due on this invoice?", "这张发票的应付金额是多少？"
-)
-INVOICE_OVERDUE = Question(
-    "overdue",
-    "reasoning",
-    "If today is {today}, how many days overdue would this invoice be?",
-    "如果今天是{today}，这张发票应该已经逾期多少天？",
-)
-MENU_PRICE = Question("price", "perception", "What is the price of {item} on the menu?", "菜单上{item}的价格是多少？")
-MENU_RESTAURANT = Question("restaurant", "perception", "What is the name of the restaurant?", "这家餐厅叫什么名字？")
-MENU_ORDER = Question(
-    "order",
-    "reasoning",
-    "If I order two {double} and one {single}, how much should I pay in total?",
-    "两份{double}和一份{single}总共应该付多少钱？",
-)
-PRICE_LIST_PRICE = Question("price", "perception", "What is the price of {item} per kg?", "{item}每公斤多少钱？")
-PRICE_LIST_COST = Question(
-    "cost",
-    "reasoning",
-    "If I buy {kilos} kg of {several} and 1 kg of {one}, how much would I pay in total?",
-    "如果买{kilos}公斤{several}和1公斤{one}，总共应该付多少钱？",
-)
-FORM_ID = Question("id", "perception", "What is the ID number on the form?", "表格上的证件号码是多少？")
-FORM_NAME = Question("name", "perception", "What name is written on the form?", "表格上填写的姓名是什么？")
-FORM_AGE = Question(
-    "age", "reasoning", "If today is {today}, how old would this person be?", "如果今天是{today}，此人应该是几岁？"
-)
 BODY, TITLE, LINE = 30, 38, 50
 """Font sizes and the line pitch, in pixels."""
 
@@ -137,10 +102,11 @@ def receipt(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
     total = _bill(canvas, 180, lines, labels, rng.choice(TAX_RATES))
     canvas.text((320, canvas.size[1] - 70), pick(language, "Thank you!", "谢谢惠顾"), BODY, anchor="ma")
     paid = next(payment for payment in PAYMENTS if payment > total)
+    wording = questions("receipt")
     asks = [
-        RECEIPT_TOTAL.ask(language, (money(total),)),
-        RECEIPT_SHOP.ask(language, both(shop, language)),
-        RECEIPT_CHANGE.ask(language, (money(paid - total),), paid=paid),
+        wording["total"].ask(language, (money(total),)),
+        wording["shop"].ask(language, both(shop, language)),
+        wording["change"].ask(language, (money(paid - total),), paid=paid),
     ]
     return canvas.picture(asks)
 
@@ -162,10 +128,11 @@ def invoice(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
     labels = pick(language, ("Subtotal", "Tax {rate}%", "Amount due"), ("小计", "税额 {rate}%", "应付金额"))
     total = _bill(canvas, 350, lines, labels, rng.choice(TAX_RATES))
     overdue = count_answers((today - due).days, ("day", "days"), ("天",))
+    wording = questions("invoice")
     asks = [
-        INVOICE_NUMBER.ask(language, (number,)),
-        INVOICE_AMOUNT.ask(language, (money(total),)),
-        INVOICE_OVERDUE.ask(language, overdue, today=today.isoformat()),
+        wording["number"].ask(language, (number,)),
+        wording["amount"].ask(language, (money(total),)),
+        wording["overdue"].ask(language, overdue, today=today.isoformat()),
     ]
     return canvas.picture(asks)
 
@@ -187,10 +154,11 @@ def menu(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
     title = pick(language, restaurant[0].upper(), restaurant[1])
     _price_table(canvas, title, pick(language, "MENU", "菜单"), list(zip(dishes, prices, strict=True)))
     asked, double, single = rng.sample(range(len(dishes)), 3)
+    wording = questions("menu")
     asks = [
-        MENU_PRICE.ask(language, (money(prices[asked]),), item=dishes[asked]),
-        MENU_RESTAURANT.ask(language, both(restaurant, language)),
-        MENU_ORDER.ask(
+        wording["price"].ask(language, (money(prices[asked]),), item=dishes[asked]),
+        wording["restaurant"].ask(language, both(restaurant, language)),
+        wording["order"].ask(
             language, (money(2 * prices[double] + prices[single]),), double=dishes[double], single=dishes[single]
         ),
     ]
@@ -206,9 +174,10 @@ def price_list(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
     asked, several, one = rng.sample(range(len(fruits)), 3)
     kilos = rng.randint(2, 5)
     cost = money(kilos * prices[several] + prices[one])
+    wording = questions("price_list")
     asks = [
-        PRICE_LIST_PRICE.ask(language, (money(prices[asked]),), item=fruits[asked]),
-        PRICE_LIST_COST.ask(language, (cost,), kilos=kilos, several=fruits[several], one=fruits[one]),
+        wording["price"].ask(language, (money(prices[asked]),), item=fruits[asked]),
+        wording["cost"].ask(language, (cost,), kilos=kilos, several=fruits[several], one=fruits[one]),
     ]
     return canvas.picture(asks)
 
@@ -236,9 +205,10 @@ def form(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
         canvas.draw.rectangle((290, y - 12, 760, y + 52), outline="black", width=2)
         canvas.row(y, [(40, label, "la"), (310, value, "la")], BODY)
     age = count_answers(_age(born, today), ("year old", "years old"), ("岁",))
+    wording = questions("form")
     asks = [
-        FORM_ID.ask(language, (number,)),
-        FORM_NAME.ask(language, (person,)),
-        FORM_AGE.ask(language, age, today=today.isoformat()),
+        wording["id"].ask(language, (number,)),
+        wording["name"].ask(language, (person,)),
+        wording["age"].ask(language, age, today=today.isoformat()),
     ]
     return canvas.picture(asks)

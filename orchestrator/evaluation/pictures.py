@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from orchestrator.analysis.messages import Language
-from orchestrator.evaluation.canvas import Canvas, Colour, Fonts, Picture, Question
+from orchestrator.evaluation.canvas import Canvas, Colour, Fonts, Picture, questions
 from orchestrator.evaluation.wording import Pair, both, count_answers, pick
 
 SIGNS: tuple[Pair, ...] = (
@@ -35,38 +35,6 @@ PALETTE: tuple[tuple[str, Colour], ...] = (
 )  # fmt: skip
 BACKGROUNDS: tuple[Colour, ...] = ((250, 246, 235), (236, 244, 250), (240, 240, 240), (246, 240, 250))
 
-SIGN_TEXT = Question("text", "perception", "What does the sign say?", "这个标志上写的是什么？")
-SIGN_HOURS = Question(
-    "hours",
-    "reasoning",
-    "Going by the times on the sign, how many hours a day would this rule apply?",
-    "根据标志上的时间计算一下，这条规定每天应该生效几个小时？",
-)
-UI_TITLE = Question("title", "perception", "What is the title of the dialog?", "这个对话框的标题是什么？")
-UI_BUTTON = Question("button", "perception", "Which button {action}?", "哪个按钮用于{action}？")
-UI_REMAINING = Question(
-    "remaining",
-    "reasoning",
-    "Calculate from the dialog: how many items would still be left to finish?",
-    "根据对话框计算一下，应该还有几项没有完成？",
-)
-CHART_TALLEST = Question("tallest", "perception", "What is the value of the tallest bar?", "最高的柱子的数值是多少？")
-CHART_MONTH = Question("month", "perception", "What is the value for {month}?", "{month}的数值是多少？")
-CHART_GAP = Question(
-    "gap",
-    "reasoning",
-    "By how much is the best month better than the worst month?",
-    "分析一下，最高的月份比最低的月份多多少？",
-)
-SCENE_CIRCLES = Question("circles", "perception", "How many circles are there?", "图中有几个圆形？")
-SCENE_SQUARES = Question("squares", "perception", "How many squares are there?", "图中有几个正方形？")
-SCENE_DIFFERENCE = Question(
-    "difference",
-    "reasoning",
-    "If I paired each triangle with a circle, how many circles would be left over?",
-    "如果每个三角形配一个圆形，应该剩下几个圆形？",
-)
-
 
 def sign(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
     canvas = Canvas(fonts, language, (800, 500), background=(225, 225, 225))
@@ -80,9 +48,10 @@ def sign(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
         canvas.text((400, 170 + 80 * (row - (len(lines) - 1) / 2)), line, 64, fill=colour, anchor="mm", bold=True)
     hours = f"{start:02d}:00 - {end:02d}:00"
     canvas.text((400, 370), pick(language, f"DAILY {hours}", f"每天 {hours}"), 48, anchor="mm")
+    wording = questions("sign")
     asks = [
-        SIGN_TEXT.ask(language, both(text, language)),
-        SIGN_HOURS.ask(language, count_answers(end - start, ("hour", "hours"), ("小时", "个小时"))),
+        wording["text"].ask(language, both(text, language)),
+        wording["hours"].ask(language, count_answers(end - start, ("hour", "hours"), ("小时", "个小时"))),
     ]
     return canvas.picture(asks)
 
@@ -112,10 +81,11 @@ def ui(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
     if rng.random() < 0.5:
         labels.insert(0, pick(language, "Help", "帮助"))
     _buttons(canvas, labels)
+    wording = questions("ui")
     asks = [
-        UI_TITLE.ask(language, both(title, language)),
-        UI_BUTTON.ask(language, both(button, language), action=pick(language, *action)),
-        UI_REMAINING.ask(language, count_answers(total - done, ("item", "items"), ("项", "个"))),
+        wording["title"].ask(language, both(title, language)),
+        wording["button"].ask(language, both(button, language), action=pick(language, *action)),
+        wording["remaining"].ask(language, count_answers(total - done, ("item", "items"), ("项", "个"))),
     ]
     return canvas.picture(asks)
 
@@ -140,10 +110,11 @@ def chart(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
         canvas.text((centre, floor + 14), label, 30, anchor="ma", record=False)
         canvas.record_row(label, str(value))
     asked = rng.randrange(count)
+    wording = questions("chart")
     asks = [
-        CHART_TALLEST.ask(language, (str(max(values)),)),
-        CHART_MONTH.ask(language, (str(values[asked]),), month=months[asked][1]),
-        CHART_GAP.ask(language, (str(max(values) - min(values)),)),
+        wording["tallest"].ask(language, (str(max(values)),)),
+        wording["month"].ask(language, (str(values[asked]),), month=months[asked][1]),
+        wording["gap"].ask(language, (str(max(values) - min(values)),)),
     ]
     return canvas.picture(asks)
 
@@ -157,9 +128,12 @@ def scene(rng: random.Random, language: Language, fonts: Fonts) -> Picture:
         row, column = divmod(cell, 6)
         centre = (75 + 150 * column + rng.randint(-15, 15), 75 + 150 * row + rng.randint(-15, 15))
         canvas.shape(kind, centre, rng.randint(38, 55), rng.choice(PALETTE))
+    wording = questions("scene")
     asks = [
-        SCENE_CIRCLES.ask(language, count_answers(circles, ("circle", "circles"), ("个",))),
-        SCENE_SQUARES.ask(language, count_answers(counts["square"], ("square", "squares"), ("个",))),
-        SCENE_DIFFERENCE.ask(language, count_answers(circles - counts["triangle"], ("circle", "circles"), ("个",))),
+        wording["circles"].ask(language, count_answers(circles, ("circle", "circles"), ("个",))),
+        wording["squares"].ask(language, count_answers(counts["square"], ("square", "squares"), ("个",))),
+        wording["difference"].ask(
+            language, count_answers(circles - counts["triangle"], ("circle", "circles"), ("个",))
+        ),
     ]
     return canvas.picture(asks)
