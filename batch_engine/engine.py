@@ -161,9 +161,10 @@ class BatchEngine:
     def abandon(self, future: Future[Completion]) -> None:
         """The caller no longer wants `future`'s answer (it was cancelled, or its client left): a request still
         waiting never runs; one running leaves its slot after the engine's next step."""
-        if not future.cancel():
-            self._abandoned.add(future)
-            self._wake.set()
+        if future.done() or future.cancel():
+            return
+        self._abandoned.add(future)
+        self._wake.set()
 
     @property
     def waiting(self) -> int:
@@ -294,6 +295,8 @@ class BatchEngine:
         for request in [request for request in self._rows if request.future in self._abandoned]:
             self._abandoned.discard(request.future)
             self._finish(request, looped=False)  # nobody reads it: the slot is what matters
+        for future in [future for future in list(self._abandoned) if future.done()]:
+            self._abandoned.discard(future)  # it finished while its caller was leaving
 
     def _accept(self, request: _Request, token: int) -> None:
         request.tokens.append(token)

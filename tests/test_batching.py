@@ -266,3 +266,17 @@ def test_an_abandoned_request_leaves_its_slot_after_one_step_and_a_waiting_one_n
     assert not batch.step()  # the cancelled one is taken from the queue and dropped: nothing ran
     assert (batch.running, batch.waiting) == (0, 0)
     assert waiting.cancelled()
+    assert not batch._abandoned, "nothing is kept of the requests it abandoned"
+
+
+def test_abandoning_a_finished_request_keeps_nothing(glm: GlmEngine) -> None:
+    batch = engine(glm, slots=2)
+    done = submit(batch, prompt(glm, 102), "d", 2)
+    batch.run_until_idle()
+    batch.abandon(done)  # its caller left just as it finished
+    assert not batch._abandoned
+    batch._abandoned.add(done)  # as if the finish came between the check and the adding
+    running = submit(batch, prompt(glm, 103), "r", 4)
+    batch.run_until_idle()
+    assert len(running.result().ids) == 4
+    assert not batch._abandoned
