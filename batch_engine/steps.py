@@ -121,6 +121,11 @@ class DeviceSteps:
             dtype=model.dtype,
             device=self.device,
         )
+        log.info(
+            "batching engine: %d slots of %d positions on %s, %.2f GB of KV cache (%.1f KB a token)",
+            settings.slots, self.capacity, self.device, self.cache.nbytes / 1e9,
+            self.cache.nbytes / settings.slots / self.capacity / 1e3,
+        )  # fmt: skip
         generation = model.generation_config
         slots, device, vocab = settings.slots, self.device, text.vocab_size
         self._suppressed = torch.zeros(vocab, dtype=torch.bool, device=device)
