@@ -15,11 +15,12 @@ of the thread:
    stop token, the token budget, or a loop: `stage_protocol.loops`), and moves the last slot into each freed one,
    so the slots in use stay first.
 
-Reuse: the vision encoder's output is kept per image (`EncoderStore`), and so is the KV of the prompt up to the
-image's end token (`PrefixStore`), both keyed by the decoded image's content hash with the prefix's token ids: a
-follow-up question on the same image (a session, a probe, a re-ask, another task with the same prefix) prefills
-only its own text. The steps on the device are `batch_engine.steps`; storage and attention,
-`batch_engine.slots`.
+Reuse: the vision encoder's output is kept per image, and so is the KV of the prompt up to the image's end token,
+both keyed by the decoded image's content hash with the prefix's token ids: a follow-up question on the same image (a
+session, a probe, a re-ask, another task with the same prefix) prefills only its own text. A prompt without an image
+keeps its KV in blocks of `TEXT_BLOCK` tokens, keyed by the hash of every token up to each block's end: a follow-up
+on the same description prefills only what follows the longest block it shares with an earlier prompt. The steps on
+the device are `batch_engine.steps`; storage and attention, `batch_engine.slots`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
-from batch_engine.steps import DeviceSteps, Prompt, reuse_keys
+from batch_engine.steps import DeviceSteps, Prompt, reuse_keys, text_prefixes
 from batch_engine.types import PLAIN_REFUSALS, Completion, EngineStats, Refusals
 from stage_protocol.loops import WINDOW, repeats_at_end
 
@@ -56,7 +57,7 @@ class _Request:
     admitted: float = 0.0
     first_token: float = 0.0
     stored: StoredKV | None = None
-    """The image prefix found for it, between its lookup and its prefill."""
+    """The prefix found for it, between its lookup and its prefill."""
     looked_up: bool = False
     on_token: Callable[[int], None] | None = None
 
@@ -136,7 +137,10 @@ class BatchEngine:
         else:
             positions, delta = torch.arange(int(ids.shape[0])).view(1, -1), 0
         key, grid = (image_key.encode() if image_key else None), inputs.get("image_grid_thw")
-        prefix_key, prefix_tokens, encoder_key = reuse_keys(ids, key, grid, self.device.image_end_id)
+        if inputs.get("pixel_values") is None:
+            prefixes, encoder_key = text_prefixes(ids), None
+        else:
+            prefixes, encoder_key = reuse_keys(ids, key, grid, self.device.image_end_id)
         return Prompt(
             ids=ids,
             positions=positions,
@@ -144,8 +148,7 @@ class BatchEngine:
             pixel_values=inputs.get("pixel_values"),
             grid=grid,
             image_key=key,
-            prefix_key=prefix_key,
-            prefix_tokens=prefix_tokens,
+            prefixes=prefixes,
             encoder_key=encoder_key,
         )
 

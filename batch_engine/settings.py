@@ -21,7 +21,7 @@ class EngineSettings:
     prefill_tokens: int = 8192
     """Prompt tokens prefilled per step at most (one request is always admitted, however long)."""
     prefix_bytes: int = 4 << 30
-    """Bytes of image-prefix KV kept for follow-up questions."""
+    """Bytes of prompt-prefix KV kept for follow-ups (an image's prompt up to the image, a text in blocks)."""
     encoder_bytes: int = 512 << 20
     """Bytes of vision-encoder output kept."""
     cuda_graphs: bool = True
@@ -49,8 +49,7 @@ class EngineSettings:
 
 class EngineOptions(Protocol):
     """The engine's options as the orchestrator's settings (`ORCH_VISION__ENGINE…`, `ORCH_REASONING__ENGINE…`) and
-    the stages' command lines (`--engine…`) name them. A vision model's options also have `engine_prefix_mb` (MiB of
-    image-prefix KV kept); a text model's have none (no image, no prefix kept)."""
+    the stages' command lines (`--engine…`) name them."""
 
     @property
     def engine(self) -> str: ...  # `batched` or `generate`
@@ -60,6 +59,8 @@ class EngineOptions(Protocol):
     def engine_max_tokens(self) -> int: ...
     @property
     def engine_queue(self) -> int: ...
+    @property
+    def engine_prefix_mb(self) -> int: ...
     @property
     def engine_cuda_graphs(self) -> bool: ...
     @property
@@ -76,16 +77,16 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         slots=options.engine_slots,
         max_tokens=options.engine_max_tokens,
         queue_size=options.engine_queue,
-        prefix_bytes=int(getattr(options, "engine_prefix_mb", 0)) << 20,
+        prefix_bytes=options.engine_prefix_mb << 20,
         cuda_graphs=options.engine_cuda_graphs,
         compile={"auto": None, "on": True, "off": False}[options.engine_compile],
         prefill_tokens=options.engine_prefill_tokens,
     )
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, images: bool) -> None:
-    """The engine's options (`--engine`, `--engine-…`), `default` being `batched` or `generate`; `images`: a vision
-    model's, with `--engine-prefix-mb`."""
+def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefix_mb: int) -> None:
+    """The engine's options (`--engine`, `--engine-…`), `default` being `batched` or `generate`, and `prefix_mb`
+    the default of `--engine-prefix-mb`."""
     parser.add_argument(
         "--engine",
         choices=("batched", "generate"),
@@ -102,13 +103,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, image
         help="batched: prompt + answer per request (default: 8192)",
     )
     parser.add_argument("--engine-queue", type=count(1), default=64, help="batched: requests waiting (default: 64)")
-    if images:
-        parser.add_argument(
-            "--engine-prefix-mb",
-            type=count(0),
-            default=4096,
-            help="batched: MiB of image-prefix KV kept (default: 4096)",
-        )
+    parser.add_argument(
+        "--engine-prefix-mb",
+        type=count(0),
+        default=prefix_mb,
+        help=f"batched: MiB of prompt-prefix KV kept (default: {prefix_mb})",
+    )
     parser.add_argument(
         "--no-cuda-graphs", dest="engine_cuda_graphs", action="store_false", help="batched: no CUDA graphs"
     )

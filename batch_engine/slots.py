@@ -13,8 +13,8 @@ engine's mask: a decode step groups each KV head's query heads and multiplies ag
 are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`.
 Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
 
-`PrefixStore` keeps the KV of image prefixes (everything up to the image's end token) and `EncoderStore` the vision
-encoder's output, both keyed by the decoded image's content hash and bounded in bytes (`cachetools`).
+`ByteBoundStore` keeps the KV of prompt prefixes and the vision encoder's output, by content key, bounded in bytes
+(`cachetools`); `StoredKV.first` is a kept prefix's shorter part, without a copy.
 """
 
 from __future__ import annotations
@@ -210,6 +210,10 @@ class StoredKV:
     @property
     def tokens(self) -> int:
         return int(self.keys.shape[2])
+
+    def first(self, tokens: int) -> StoredKV:
+        """The KV of the first `tokens` tokens (views, no copy)."""
+        return StoredKV(self.keys[:, :, :tokens], self.values[:, :, :tokens])
 
     @property
     def nbytes(self) -> int:

@@ -2,11 +2,11 @@
 
 `DeviceSteps` owns everything on the device: the slot KV cache (`batch_engine.slots`), one row of small buffers per
 slot (the next input token, the length, the M-RoPE delta, the tokens seen for a repetition penalty), the CUDA
-graphs, and the stores of image prefixes and encoder output. It runs three kinds of step, each a forward of the
+graphs, and the stores of prompt prefixes and encoder output. It runs three kinds of step, each a forward of the
 unchanged transformers text model with the slot cache and the engine's attention:
 
 - `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
-  prompt from position 0; or, after an image prefix found in the store, only the text after it, as an `extend`
+  prompt from position 0; or, after a prefix found in the store, only the text after it, as an `extend`
   step of a few bucketed lengths, graph-captured like decode steps;
 - `decode`: one greedy token for every row in use, as one CUDA graph per (batch, span) bucket;
 - greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`.
@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cachetools import LRUCache
+
 from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
 if TYPE_CHECKING:
@@ -38,7 +40,9 @@ log = logging.getLogger("batch_engine")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
 EXTEND_BUCKETS = (16, 32, 64, 128)
-"""New-token counts of a follow-up's prefill (after a reused image prefix), each a CUDA graph like a decode step."""
+"""New-token counts of a follow-up's prefill (after a reused prefix), each a CUDA graph like a decode step."""
+TEXT_BLOCK = 32
+"""A text prompt's prefixes are kept and found at multiples of this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,9 @@ class Prompt:
     pixel_values: Any
     grid: Any
     image_key: bytes | None
-    prefix_key: bytes | None = None
-    """What the KV of its image prefix is stored under (`reuse_keys`); None: nothing to store or reuse."""
-    prefix_tokens: int = 0
+    prefixes: tuple[tuple[bytes, int], ...] = ()
+    """The prefixes whose KV may be reused or kept, longest first: their key and length (`reuse_keys`,
+    `text_prefixes`); empty: nothing to reuse or keep."""
     encoder_key: bytes | None = None
     """What its image's encoder output is stored under; None: not kept."""
 
@@ -66,22 +70,35 @@ class Prompt:
 
 def reuse_keys(
     ids: Any, image_key: bytes | None, grid: Any, image_end_id: int | None
-) -> tuple[bytes | None, int, bytes | None]:
-    """A prompt's prefix key and length (its tokens up to the image's end token, with the image's content hash and
-    grid; None when no image, or when the prefix is the whole prompt) and its encoder key. Computed once per request,
-    on the submitter's thread."""
+) -> tuple[tuple[tuple[bytes, int], ...], bytes | None]:
+    """An image prompt's prefix (its tokens up to the image's end token, keyed with the image's content hash and
+    grid; none when the prefix is the whole prompt) and its encoder key. Computed once per request, on the
+    submitter's thread."""
     if image_key is None or grid is None or image_end_id is None:
-        return None, 0, None
+        return (), None
     shape = str(grid.tolist()).encode()
     encoder_key = hashlib.sha256(image_key + shape).digest()
     ends = (ids == image_end_id).nonzero()
     length = int(ends[-1, 0]) + 1 if ends.numel() else 0
     if not length or length >= int(ids.shape[0]):
-        return None, 0, encoder_key
+        return (), encoder_key
     digest = hashlib.sha256(image_key)
     digest.update(ids[:length].numpy().tobytes())
     digest.update(shape)
-    return digest.digest(), length, encoder_key
+    return ((digest.digest(), length),), encoder_key
+
+
+def text_prefixes(ids: Any) -> tuple[tuple[bytes, int], ...]:
+    """A prompt without an image: its prefixes at every multiple of `TEXT_BLOCK` tokens short of the whole prompt,
+    longest first, each keyed by the hash of its token ids (a follow-up sharing the instructions and the description
+    shares the prefixes up to its question)."""
+    raw = ids.numpy().astype("int64").tobytes()
+    digest = hashlib.sha256(b"text prefix")
+    keys = []
+    for end in range(TEXT_BLOCK, int(ids.shape[0]), TEXT_BLOCK):
+        digest.update(raw[(end - TEXT_BLOCK) * 8 : end * 8])
+        keys.append((digest.copy().digest(), end))
+    return tuple(reversed(keys))
 
 
 class DeviceSteps:
@@ -149,14 +166,23 @@ class DeviceSteps:
         self._extend_last = torch.zeros(1, dtype=torch.long, device=device)
         self._extend_token = torch.zeros(1, dtype=torch.long, device=device)
         self.prefixes = ByteBoundStore(settings.prefix_bytes)
+        """Prefix KV, each under the key of the longest prefix it was kept for."""
+        self._prefix_index: LRUCache[bytes, tuple[bytes, int]] = LRUCache(maxsize=1 << 16)
+        """Each kept prefix's key, and those of its shorter prefixes, to (the entry holding it, its length)."""
         self.encoder = ByteBoundStore(settings.encoder_bytes)
         self.graphs: dict[tuple[Any, ...], Any] = {}
 
     def stored_prefix(self, prompt: Prompt) -> StoredKV | None:
-        if prompt.prefix_key is None:
-            return None
-        found: StoredKV | None = self.prefixes.lookup(prompt.prefix_key)
-        return found
+        """The longest of `prompt`'s prefixes whose KV is kept (a view of it), if any."""
+        for key, tokens in prompt.prefixes:
+            held = self._prefix_index.get(key)
+            entry: StoredKV | None = self.prefixes.get(held[0]) if held is not None else None
+            if entry is not None:
+                self.prefixes.hits += 1
+                return entry if entry.tokens == tokens else entry.first(tokens)
+        if prompt.prefixes:
+            self.prefixes.misses += 1
+        return None
 
     def prefill(self, prompt: Prompt, row: int, stored: StoredKV | None) -> int:
         """`prompt` into `row` (after the `stored` prefix, when one was found); its first token."""
@@ -189,8 +215,7 @@ class DeviceSteps:
                 slot_step=SlotStep(causal=start == 0),
             ).last_hidden_state
             token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
-        if stored is None:
-            self._keep_prefix(prompt, row)
+        self._keep_prefix(prompt, row, stored)
         self._input_ids[row, 0] = token
         self._lengths[row] = total
         self._deltas[row] = prompt.delta
@@ -284,12 +309,18 @@ class DeviceSteps:
             self.encoder.keep(key, _Tensor(embeds))
         return embeds
 
-    def _keep_prefix(self, prompt: Prompt, row: int) -> None:
-        if prompt.prefix_key is None:
+    def _keep_prefix(self, prompt: Prompt, row: int, reused: StoredKV | None) -> None:
+        """Keep the KV of `prompt`'s longest prefix, found under each of its prefixes' keys; nothing when the
+        `reused` one was as long."""
+        if not prompt.prefixes:
             return
-        length = prompt.prefix_tokens
+        key, length = prompt.prefixes[0]
+        if reused is not None and reused.tokens >= length:
+            return
         stored = StoredKV(self.cache.keys[:, row, :, :length].clone(), self.cache.values[:, row, :, :length].clone())
-        self.prefixes.keep(prompt.prefix_key, stored)
+        self.prefixes.keep(key, stored)
+        for shorter, tokens in prompt.prefixes:
+            self._prefix_index[shorter] = (key, tokens)
 
     def _decode_step(self, bucket: int, span: int) -> None:
         """One greedy token for rows [0, bucket) (rows past the requests in use compute and are ignored)."""

@@ -41,7 +41,7 @@ class Completion:
 @dataclass(frozen=True)
 class EngineStats:
     """What the engine has done: decode steps and their mean batch size, requests admitted and their mean wait for
-    a slot, and lookups of the image-prefix and encoder stores."""
+    a slot, and lookups of the prefix and encoder stores."""
 
     running: int
     waiting: int

@@ -12,8 +12,10 @@ a 2-layer model on the CPU instead, to prove the code path, not to measure anyth
 
 Measured, as `bench/gpu_vision.py` measures the vision engine: the first token of one request; decode ms/token at
 batch 1; aggregate tokens/s with 8 and 32 concurrent clients (`--answer-tokens` each; plain `generate` as one
-batched call over all prompts, equal lengths and no padding), with the first-token latency under that load; and
-whether the engine's first 32 tokens equal plain `generate`'s.
+batched call over all prompts, equal lengths and no padding), with the first-token latency under that load; the first
+token of a follow-up that shares all but its last 64 tokens with an earlier prompt (the engine keeps text prefixes
+in blocks of 32 tokens), against plain `generate`'s first token; and whether the engine's first 32 tokens equal
+plain `generate`'s.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench.gpu_common import (
     arguments,
     check_device,
     drive,
+    median_of,
     one_request,
     replays,
     start_engine,
@@ -111,12 +114,26 @@ def run(bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...]) ->
     if parted is not None:
         notes.append(near_tie(bench, one, plain[:parted], check.ids[parted]))
     seeds = iter(range(1000, 100000))
-    rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)))
+    rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)), bench.engine.device.prefixes.clear)
     for count in clients:
         prompts = [bench.prompt(next(seeds)) for _ in range(count)]
         load_rows, note = under_load(bench, prompts, torch.cat(prompts), answer)
         rows += load_rows
         notes.append(note)
+    tail = min(64, bench.prompt_tokens // 2)
+    reused: list[int] = []
+
+    def follow_up() -> float:
+        """Another question after the same instructions and description: all but the last `tail` tokens shared."""
+        opening = bench.prompt(next(seeds))
+        bench.engine_run([opening], 1)
+        again = torch.cat([opening[:, :-tail], bench.prompt(next(seeds))[:, :tail]], dim=1)
+        _, (done,) = bench.engine_run([again], 1)
+        reused.append(done.reused_tokens)
+        return float(done.first_token_ms)
+
+    rows.append(("follow-up on the same prefix, first token ms (p50)", rows[0][1], median_of(rounds, follow_up)))
+    notes.append(f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused")
     notes.append(replays(bench.engine, bench.sync))
     return rows, notes
 

@@ -158,6 +158,9 @@ class EngineFields(Section):
     """`batched`: prompt (an image included) plus answer per request at most; a longer prompt is refused."""
     engine_queue: int = Field(default=64, ge=1)
     """`batched`: requests waiting for a slot at most; beyond that a request is refused with a retry hint."""
+    engine_prefix_mb: int = Field(default=4096, ge=0)
+    """`batched`: MiB of prompt-prefix KV kept, so that a follow-up prefills only its own text (an image's prompt up
+    to the image; a text prompt in blocks of 32 tokens); 0 keeps none."""
     engine_cuda_graphs: bool = True
     """`batched`: capture the decode steps as CUDA graphs at start (on a CUDA device only)."""
     engine_prefill_tokens: int = Field(default=8192, ge=1)
@@ -181,8 +184,6 @@ class GlmVisionSettings(_ModelVisionSettings, EngineFields):
     """`auto`: bfloat16 on a GPU, float32 on the CPU."""
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
-    engine_prefix_mb: int = Field(default=4096, ge=0)
-    """`batched`: MiB of image-prefix KV kept for follow-up questions on the same image; 0 keeps none."""
 
 
 class RemoteVisionSettings(_ModelVisionSettings, RemoteSettings):
@@ -231,6 +232,9 @@ class LocalReasoningSettings(_ReasoningSettings, EngineFields):
     """`batched`: greedy requests (`temperature` 0) run together on the batching engine, the one the `glm` vision
     backend runs on; sampled ones through plain `generate`. `generate` (the default): plain `model.generate` for
     all, one request at a time."""
+    engine_prefix_mb: int = Field(default=1024, ge=0)
+    """`batched`: MiB of prompt-prefix KV kept (blocks of 32 tokens), so that a follow-up on the same description
+    prefills only its own text; 0 keeps none."""
 
 
 class NoneReasoningSettings(_ReasoningSettings):

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", type=Path, help="where the embedded model is converted to (default: user cache)")
     serve.add_argument("--allow-download", action="store_true", help="fetch a hub id missing from the local cache")
     serve.add_argument("--max-tokens", type=int, help="completion budget of a request that sets none (default: 256)")
-    add_engine_arguments(serve, default="generate", images=False)
+    add_engine_arguments(serve, default="generate", prefix_mb=1024)
     add_log_level(serve)
     return parser
 

@@ -238,16 +238,76 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     monkeypatch.setenv("ORCH_REASONING__ENGINE", "batched")
     monkeypatch.setenv("ORCH_REASONING__ENGINE_SLOTS", "8")
     settings: Any = Settings().reasoning
-    assert settings.batching() == EngineSettings(slots=8, prefix_bytes=0)
+    assert settings.batching() == EngineSettings(slots=8, prefix_bytes=1024 << 20)
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_PREFIX_MB", "64")
+    assert Settings().reasoning.batching().prefix_bytes == 64 << 20  # type: ignore[union-attr]
     monkeypatch.delenv("ORCH_REASONING__ENGINE")
     assert Settings().reasoning.batching() is None, "plain generate by default"  # type: ignore[union-attr]
-    monkeypatch.setenv("ORCH_REASONING__ENGINE_PREFIX_MB", "64")
-    with pytest.raises(ValueError, match="engine_prefix_mb"):
-        Settings()
     args = _parser().parse_args(["serve", "--engine", "batched", "--engine-slots", "4"])
-    assert (args.engine, args.engine_slots) == ("batched", 4)
+    assert (args.engine, args.engine_slots, args.engine_prefix_mb) == ("batched", 4, 1024)
     with pytest.raises(SystemExit):
-        _parser().parse_args(["serve", "--engine-prefix-mb", "4"])
+        _parser().parse_args(["serve", "--engine-prefix-mb", "-1"])
+
+
+DESCRIPTION = " ".join(["the receipt says total 54 and the date is today"] * 8)
+"""A long shared part of the prompts below, as the description is of a session's questions."""
+
+
+def described(chat: ChatModel, question: str) -> list[int]:
+    return chat.encode_chat(
+        (ChatMessage("system", "you are a helpful assistant"), ChatMessage("user", f"{DESCRIPTION} {question}"))
+    )
+
+
+def test_a_follow_up_on_the_same_text_prefills_only_its_own_and_equals_a_cold_request(chat: ChatModel) -> None:
+    first, follow_up = described(chat, "what is the total ?"), described(chat, "and who is it ?")
+    shared = next(n for n, (a, b) in enumerate(zip(first, follow_up, strict=False)) if a != b)
+    assert shared > 64, "the prompts share the description"
+    cold = chat.complete(follow_up, max_new_tokens=BUDGET, temperature=0.0)
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    opening = submit(engine, first)
+    engine.run_until_idle()
+    assert opening.result().reused_tokens == 0
+    again = submit(engine, follow_up)
+    engine.run_until_idle()
+    reused = again.result()
+    assert reused.ids == cold
+    assert reused.reused_tokens == shared // 32 * 32, "the longest whole block the two share"
+    assert engine.device.prefixes.hits == 1
+    repeated = submit(engine, follow_up)  # the same prompt again: all of it but its last, partial block
+    engine.run_until_idle()
+    assert repeated.result().ids == cold
+    assert repeated.result().reused_tokens == (len(follow_up) - 1) // 32 * 32
+
+
+def test_a_text_sharing_a_later_part_but_not_its_beginning_reuses_nothing(chat: ChatModel) -> None:
+    common = ids_of(chat, DESCRIPTION)[:96]
+    start, other_start = ids_of(chat, "who is it ?"), ids_of(chat, "what is the total ?")
+    first = (start * 40)[:32] + common
+    second = (other_start * 40)[:32] + common  # the same blocks after the first: a prefix only if the first matches
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    submit(engine, first)
+    engine.run_until_idle()
+    future = submit(engine, second)
+    engine.run_until_idle()
+    assert future.result().reused_tokens == 0
+    assert future.result().ids == chat.complete(second, max_new_tokens=BUDGET, temperature=0.0)
+
+
+def test_no_prefix_is_kept_when_its_store_has_no_room_and_another_text_finds_none(chat: ChatModel) -> None:
+    none_kept = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256, prefix_bytes=0), REFUSALS)
+    for _ in range(2):
+        future = submit(none_kept, described(chat, "what is the total ?"))
+        none_kept.run_until_idle()
+        assert future.result().reused_tokens == 0
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    submit(engine, described(chat, "what is the total ?"))
+    engine.run_until_idle()
+    other = chat.encode_chat((ChatMessage("user", " ".join(["who is it ?"] * 20)),))
+    future = submit(engine, other)
+    engine.run_until_idle()
+    assert future.result().reused_tokens == 0
+    assert future.result().ids == chat.complete(other, max_new_tokens=BUDGET, temperature=0.0)
 
 
 def test_the_text_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
@@ -257,5 +317,6 @@ def test_the_text_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
     assert "in float32, first 32 tokens equal to plain generate: yes" in finished.stdout
-    for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s"):
+    for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s", "follow-up"):
         assert f"| {measure}" in finished.stdout
+    assert "follow-ups: 32 new tokens after 32–32 reused" in finished.stdout

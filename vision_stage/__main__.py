@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--thinking", action="store_true", help="glm: let the model think before answering")
     serve.add_argument("--max-new-tokens", type=int, default=1024, help="glm: tokens per answer (default: 1024)")
     serve.add_argument("--allow-download", action="store_true", help="glm: fetch a hub id missing from the cache")
-    add_engine_arguments(serve, default="batched", images=True)
+    add_engine_arguments(serve, default="batched", prefix_mb=4096)
     add_log_level(serve)
     return parser
 
