@@ -92,7 +92,7 @@ def text_prefixes(ids: Any) -> tuple[tuple[bytes, int], ...]:
     """A prompt without an image: its prefixes at every multiple of `TEXT_BLOCK` tokens short of the whole prompt,
     longest first, each keyed by the hash of its token ids (a follow-up sharing the instructions and the description
     shares the prefixes up to its question)."""
-    raw = ids.numpy().astype("int64").tobytes()
+    raw = ids.cpu().numpy().astype("int64").tobytes()
     digest = hashlib.sha256(b"text prefix")
     keys = []
     for end in range(TEXT_BLOCK, int(ids.shape[0]), TEXT_BLOCK):
