@@ -8,7 +8,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
@@ -26,13 +26,18 @@ class Paths(Protocol):
     def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]: ...
 
 
+B = TypeVar("B", bound=Paths)
+
+
 def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:
     """The options both benchmarks take; each adds its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--answer-tokens", type=int, default=256)
-    parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default: 8,32)")
+    parser.add_argument(
+        "--clients", type=client_counts, default=(8, 32), help="concurrent clients, comma-separated (default: 8,32)"
+    )
     parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
@@ -40,6 +45,17 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     )
     parser.set_defaults(device_memory=device_memory)
     return parser
+
+
+def client_counts(text: str) -> tuple[int, ...]:
+    """`--clients`: comma-separated counts, each at least 1."""
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 1")
+    return counts
 
 
 def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -195,26 +211,31 @@ def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
 
 def drive(
     args: argparse.Namespace,
-    bench: Paths,
-    run: Callable[[], tuple[list[Row], list[str]]],
-    describe: Callable[[], str],
+    build: Callable[[], B],
+    run: Callable[[B], tuple[list[Row], list[str]]],
+    describe: Callable[[B], str],
     *,
-    check: Callable[[], tuple[Any, int]],
-    more_profiles: Callable[[], None] | None = None,
+    check: Callable[[B], tuple[Any, int]],
+    more_profiles: Callable[[B], None] | None = None,
 ) -> None:
-    """Run the measures, the profiles (`--profile`) and the float32 check (`--check-float32`: `check` gives the prompt
-    and a slot's length), close the engine, and print the report."""
+    """Build the two paths (timed), run the measures, the profiles (`--profile`) and the float32 check
+    (`--check-float32`: `check` gives the prompt and a slot's length), close the engine, and print the report."""
+    import time
+
+    started = time.perf_counter()
+    bench = build()
+    print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
     try:
-        rows, notes = run()
+        rows, notes = run(bench)
         if args.profile:
             profile(bench.engine, bench.device, bench.sync)
             if more_profiles is not None:
-                more_profiles()
+                more_profiles(bench)
     finally:
         bench.engine.close()
-    summary = describe()
+    summary = describe(bench)
     if args.check_float32:
-        one, max_tokens = check()
+        one, max_tokens = check(bench)
         notes.append(float32_agreement(bench, one, max_tokens))
     report(rows, notes, summary)
 

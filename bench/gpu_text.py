@@ -20,7 +20,6 @@ plain `generate`'s.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,16 +162,12 @@ def main() -> None:
     args = parser.parse_args()
     check_device(parser, args)
     prompt_tokens, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.prompt_tokens, args.answer_tokens)
-    clients = tuple(int(n) for n in args.clients.split(","))
-    started = time.perf_counter()
-    bench = build(args.tiny, prompt_tokens, answer, slots=max(clients), compile_layers=args.compile)
-    print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
     drive(
         args,
-        bench,
-        lambda: run(bench, args.rounds, answer, clients),
-        lambda: describe(bench),
-        check=lambda: (bench.prompt(0), bench.prompt_tokens + 256),
+        lambda: build(args.tiny, prompt_tokens, answer, slots=max(args.clients), compile_layers=args.compile),
+        lambda bench: run(bench, args.rounds, answer, args.clients),
+        describe,
+        check=lambda bench: (bench.prompt(0), bench.prompt_tokens + 256),
     )
 
 

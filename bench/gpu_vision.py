@@ -262,17 +262,13 @@ def main() -> None:
     args = parser.parse_args()
     check_device(parser, args)
     side, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.image_side, args.answer_tokens)
-    clients = tuple(int(n) for n in args.clients.split(","))
-    started = time.perf_counter()
-    bench = build(args.tiny, side, answer, slots=max(clients), compile_layers=args.compile)
-    print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
     drive(
         args,
-        bench,
-        lambda: run(bench, args.rounds, clients),
-        lambda: describe(bench),
-        check=lambda: float32_prompt(bench),
-        more_profiles=lambda: prefill_profile(bench),
+        lambda: build(args.tiny, side, answer, slots=max(args.clients), compile_layers=args.compile),
+        lambda bench: run(bench, args.rounds, args.clients),
+        describe,
+        check=float32_prompt,
+        more_profiles=prefill_profile,
     )
 
 
