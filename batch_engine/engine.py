@@ -107,7 +107,7 @@ class BatchEngine:
         if room < 1:
             raise self.refusals.rejected(
                 f"the prompt is {int(ids.shape[0])} tokens but a slot of the batching engine holds at most "
-                f"{self.settings.max_tokens} ({self.refusals.max_tokens_setting})"
+                f"{self.settings.max_tokens} ({self.refusals.setting('_MAX_TOKENS')})"
             )
         prompt = self.prepare(inputs, image_key)
         request = _Request(prompt, budget=min(max_new_tokens, room), future=Future(), on_token=on_token)
@@ -151,6 +151,18 @@ class BatchEngine:
             prefixes=prefixes,
             encoder_key=encoder_key,
         )
+
+    def agrees(self, inputs: Mapping[str, Any], expected: list[int], *, what: str) -> bool:
+        """Whether the engine's greedy tokens for `inputs` equal `expected` (plain `generate`'s for them), blocking. A
+        difference is logged (naming `what` was asked), not raised: in bfloat16 the two attention paths round
+        differently and may part at a near-tie; in float32 it would be a bug."""
+        got = self.submit(inputs, image_key=None, max_new_tokens=len(expected)).result(timeout=600).ids
+        if got != expected:
+            log.warning(
+                "batching engine: its first tokens %s differ from plain generate's %s on %s (%s)",
+                got, expected, what, getattr(self.model, "dtype", "?"),
+            )  # fmt: skip
+        return got == expected
 
     async def wait(self, future: Future[Completion]) -> Completion:
         """`future`'s completion, awaited without holding anything; cancelling the awaiting task abandons it
@@ -357,6 +369,23 @@ def _drain(source: queue.Queue[_Request]) -> list[_Request]:
     while (request := _take(source)) is not None:
         drained.append(request)
     return drained
+
+
+def started(
+    model: Any, settings: EngineSettings, refusals: Refusals, *, model_name: str, fails: type[Exception]
+) -> BatchEngine:
+    """The engine over `model`, started (blocking: on a GPU it compiles and captures its CUDA graphs). Any failure is
+    `fails` saying what to lower, naming `model_name`: the KV cache of every slot is allocated here."""
+    try:
+        engine = BatchEngine(model, settings, refusals)
+        engine.start()
+    except Exception as exc:
+        raise fails(
+            f"could not start the batching engine of {model_name} ({type(exc).__name__}: {exc}); its "
+            f"{settings.slots} slots of {settings.max_tokens} tokens may not fit: lower {refusals.setting('_SLOTS')} "
+            f"or {refusals.setting('_MAX_TOKENS')}, or set {refusals.setting('')}=generate"
+        ) from exc
+    return engine
 
 
 def stop_ids_of(generation_config: Any) -> tuple[int, ...]:

@@ -11,12 +11,17 @@ from stage_protocol.errors import Unavailable
 @dataclass(frozen=True)
 class Refusals:
     """The caller's own errors for what the engine refuses: a prompt with no room in a slot (`rejected`), and a full
-    queue, a closed engine or a failed step (`unavailable`); `max_tokens_setting` names the setting that sizes a
-    slot, for the message."""
+    queue, a closed engine or a failed step (`unavailable`); `settings` is the prefix of the settings that size the
+    engine (`ORCH_VISION__ENGINE`), which messages name."""
 
     rejected: type[Exception]
     unavailable: type[Unavailable]
-    max_tokens_setting: str = "max_tokens"
+    settings: str = ""
+
+    def setting(self, suffix: str) -> str:
+        """The setting `ENGINE<suffix>` (`_SLOTS`, `_MAX_TOKENS`; "" for the engine itself), or the engine's own
+        field name without a settings prefix."""
+        return f"{self.settings}{suffix}" if self.settings else f"its {suffix.removeprefix('_').lower() or 'kind'}"
 
 
 PLAIN_REFUSALS = Refusals(ValueError, Unavailable)

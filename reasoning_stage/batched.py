@@ -10,10 +10,9 @@ Requests with `temperature > 0` are not the engine's (it decodes greedily) and g
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING
 
-from batch_engine.engine import BatchEngine
+from batch_engine.engine import BatchEngine, started
 from batch_engine.types import Refusals
 from reasoning_stage.chat_model import ChatModel, Completion, translate_error, translated
 from reasoning_stage.errors import ReasoningModelError, ReasoningRejected, ReasoningUnavailable
@@ -23,28 +22,19 @@ from reasoning_stage.types import ChatMessage, ReasoningRequest
 if TYPE_CHECKING:
     from batch_engine.settings import EngineSettings
 
-log = logging.getLogger(__name__)
 
-REFUSALS = Refusals(ReasoningRejected, ReasoningUnavailable, "ORCH_REASONING__ENGINE_MAX_TOKENS")
+REFUSALS = Refusals(ReasoningRejected, ReasoningUnavailable, "ORCH_REASONING__ENGINE")
 """What the batching engine refuses, as the reasoning stage's errors."""
 CHECKED_TOKENS = 8
 """Tokens of the warm-up prompt compared with plain `generate` at start."""
 
 
 def start_engine(chat: ChatModel, settings: EngineSettings, model: str) -> BatchEngine:
-    """The batching engine over `chat`'s model, started (blocking: on a GPU it compiles and captures its CUDA graphs)
-    and checked against plain `generate` on a warm-up prompt (a difference is logged: in bfloat16 the two attention
-    paths round differently and may part at a near-tie; in float32 it would be a bug). A failure to start is a
-    `ReasoningModelError` saying what to lower: the KV cache of every slot is allocated here."""
-    try:
-        engine = BatchEngine(chat.model, settings, REFUSALS)
-        engine.start()
-    except Exception as exc:
-        raise ReasoningModelError(
-            f"could not start the batching engine of the reasoning model {model!r} ({type(exc).__name__}: {exc}); "
-            f"its {settings.slots} slots of {settings.max_tokens} tokens may not fit: lower "
-            "ORCH_REASONING__ENGINE_SLOTS or ORCH_REASONING__ENGINE_MAX_TOKENS, or set ORCH_REASONING__ENGINE=generate"
-        ) from exc
+    """The batching engine over `chat`'s model, started (`batch_engine.engine.started`; a failure to start is a
+    `ReasoningModelError` saying what to lower) and checked against plain `generate` on a warm-up prompt."""
+    engine = started(
+        chat.model, settings, REFUSALS, model_name=f"the reasoning model {model!r}", fails=ReasoningModelError
+    )
     try:
         matches_generate(chat, engine)
     except BaseException:
@@ -58,14 +48,7 @@ def matches_generate(chat: ChatModel, engine: BatchEngine, tokens: int = CHECKED
     with translated("load", chat.architecture):
         prompt = chat.encode_chat((ChatMessage("user", "Hello"),))
         expected = chat.complete(prompt, max_new_tokens=tokens, temperature=0.0)
-        future = engine.submit(_inputs(prompt), image_key=None, max_new_tokens=tokens)
-        got = future.result(timeout=600).ids
-    if got != expected:
-        log.warning(
-            "local backend: the batching engine's first tokens %s differ from plain generate's %s on the warm-up "
-            "prompt (%s)", got, expected, getattr(chat.model, "dtype", "?"),
-        )  # fmt: skip
-    return got == expected
+        return engine.agrees(_inputs(prompt), expected, what="the warm-up prompt")
 
 
 async def complete(

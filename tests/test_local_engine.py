@@ -25,7 +25,7 @@ from orchestrator.settings import Settings
 from reasoning_stage.__main__ import _parser
 from reasoning_stage.batched import REFUSALS, matches_generate
 from reasoning_stage.chat_model import ChatModel
-from reasoning_stage.errors import ReasoningRejected, ReasoningUnavailable
+from reasoning_stage.errors import ReasoningModelError, ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.local import LocalReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
 from tests.tiny_models import build_tiny_glm4, build_tiny_llama
@@ -112,6 +112,33 @@ def test_the_warm_up_check_compares_with_plain_generate(chat: ChatModel) -> None
         assert matches_generate(chat, engine)
     finally:
         engine.close()
+
+
+def test_the_warm_up_check_logs_a_difference_from_plain_generate(
+    chat: ChatModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    engine.start()
+    try:
+        monkeypatch.setattr(chat, "complete", lambda prompt, **_: [0] * 8)
+        with caplog.at_level("WARNING", logger="batch_engine"):
+            assert not matches_generate(chat, engine)
+        assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0] on the warm-up prompt" in caplog.text
+    finally:
+        engine.close()
+
+
+async def test_an_engine_that_cannot_start_is_a_model_error_saying_what_to_lower(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def start(self: BatchEngine) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr(BatchEngine, "start", start)
+    with pytest.raises(ReasoningModelError, match="ORCH_REASONING__ENGINE_SLOTS") as caught:
+        await load(checkpoint, slots=2)
+    assert "2 slots of 256 tokens" in str(caught.value)
+    assert "ORCH_REASONING__ENGINE=generate" in str(caught.value)
 
 
 async def load(checkpoint: Path, **settings: Any) -> LocalReasoningBackend:

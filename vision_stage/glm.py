@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from batch_engine.engine import started
 from batch_engine.settings import EngineSettings
 from batch_engine.types import EngineStats, Refusals
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
@@ -59,9 +59,8 @@ if TYPE_CHECKING:
     from batch_engine.engine import BatchEngine
 from batch_engine.types import Completion
 
-log = logging.getLogger(__name__)
 DEFAULT_BATCHING = EngineSettings()
-REFUSALS = Refusals(VisionRejected, VisionUnavailable, "ORCH_VISION__ENGINE_MAX_TOKENS")
+REFUSALS = Refusals(VisionRejected, VisionUnavailable, "ORCH_VISION__ENGINE")
 """What the batching engine refuses, as the vision stage's errors."""
 
 
@@ -133,7 +132,9 @@ class GlmEngine:
             engine = cls(model.eval(), GlmCodec(processor, max_visual_tokens=MAX_VISUAL_TOKENS), name=source)
             engine.warm_up()
         if batching is not None:
-            engine.batch = start_batching(model, batching, source)
+            engine.batch = started(
+                model, batching, REFUSALS, model_name=f"the glm vision model {source!r}", fails=VisionUnavailable
+            )
             engine.check_batching()
         return engine
 
@@ -144,21 +145,13 @@ class GlmEngine:
 
     def check_batching(self, tokens: int = 8) -> bool:
         """Whether the batching engine's first `tokens` tokens for the warm-up image equal plain `generate`'s (which
-        also runs the engine's prefill once before any request). A difference is logged, not raised: in bfloat16
-        the two attention paths round differently and may part at a near-tie; in float32 it would be a bug."""
+        also runs the engine's prefill once before any request; `BatchEngine.agrees`)."""
         if self.batch is None:
             return True
         blank = DecodedImage(Image.new("RGB", (56, 56), "white"), "PNG", 56, 56, 0, "")
         with translated("load", self.name):
             prompt = self.codec.encode(VisionRequest(blank, task="caption"), thinking=False)
-            expected = self.generate_ids(prompt, tokens)
-            got = self.batch.submit(prompt.inputs, image_key=None, max_new_tokens=tokens).result(timeout=600).ids
-        if got != expected:
-            log.warning(
-                "glm engine: the batching engine's first tokens %s differ from plain generate's %s on the warm-up "
-                "image (%s)", got, expected, self.model.dtype,
-            )  # fmt: skip
-        return got == expected
+            return self.batch.agrees(prompt.inputs, self.generate_ids(prompt, tokens), what="the warm-up image")
 
     def generate(self, request: VisionRequest, *, thinking: bool, max_new_tokens: int) -> Generation:
         """Greedy generation for `request`; raises only `VisionError`s."""
@@ -254,23 +247,6 @@ def torch_dtype(dtype: str, device: str) -> torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return value
-
-
-def start_batching(model: Any, settings: EngineSettings, source: str) -> BatchEngine:
-    """The batching engine over `model`, started (blocking: on a GPU it captures its CUDA graphs first). Any failure
-    is `VisionUnavailable` saying what to lower: the KV cache of every slot is allocated here."""
-    from batch_engine.engine import BatchEngine
-
-    try:
-        batch = BatchEngine(model, settings, REFUSALS)
-        batch.start()
-    except Exception as exc:
-        raise VisionUnavailable(
-            f"could not start the batching engine of the glm vision model {source!r} ({type(exc).__name__}: {exc}); "
-            f"its {settings.slots} slots of {settings.max_tokens} tokens may not fit: lower ORCH_VISION__ENGINE_SLOTS "
-            "or ORCH_VISION__ENGINE_MAX_TOKENS, or set ORCH_VISION__ENGINE=generate"
-        ) from exc
-    return batch
 
 
 class GlmVisionBackend:
