@@ -31,6 +31,9 @@ class EngineSettings:
     compile: bool | None = None
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
     the many small kernels of a decode step, at about a minute more to start on a GPU. None: on a CUDA device."""
+    decode_kernel: bool | None = None
+    """A decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of the
+    grouped matrix products. None: on a CUDA device where Triton is installed."""
 
     def __post_init__(self) -> None:
         bounds = (
@@ -67,6 +70,8 @@ class EngineOptions(Protocol):
     def engine_compile(self) -> str: ...  # `auto`, `on` or `off`
     @property
     def engine_prefill_tokens(self) -> int: ...
+    @property
+    def engine_decode_kernel(self) -> str: ...  # `auto`, `on` or `off`
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -79,9 +84,14 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         queue_size=options.engine_queue,
         prefix_bytes=options.engine_prefix_mb << 20,
         cuda_graphs=options.engine_cuda_graphs,
-        compile={"auto": None, "on": True, "off": False}[options.engine_compile],
+        compile=SWITCH[options.engine_compile],
         prefill_tokens=options.engine_prefill_tokens,
+        decode_kernel=SWITCH[options.engine_decode_kernel],
     )
+
+
+SWITCH: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+"""An `auto`/`on`/`off` option as a setting (None: decided by the device)."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefix_mb: int) -> None:
@@ -116,7 +126,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
         "--engine-prefill-tokens", type=count(1), default=8192, help="batched: prompt tokens per step (default: 8192)"
     )
     parser.add_argument(
-        "--engine-compile", choices=("auto", "on", "off"), default="auto", help="batched: compile (default: on a GPU)"
+        "--engine-compile", choices=tuple(SWITCH), default="auto", help="batched: compile (default: on a GPU)"
+    )
+    parser.add_argument(
+        "--engine-decode-kernel",
+        choices=tuple(SWITCH),
+        default="auto",
+        help="batched: decode attention as one Triton kernel (default: on a GPU with Triton)",
     )
 
 

@@ -61,10 +61,12 @@ class Extend:
 @dataclass(frozen=True)
 class SlotStep:
     """The engine's keyword to `slot_attention`: `causal` when a prefill starts at position 0 (no mask needed);
-    `grouped` for decode and extend steps (query heads grouped per KV head, masked)."""
+    `grouped` for decode and extend steps (query heads grouped per KV head, masked); `kernel`: a decode step's
+    attention through `batch_engine.decode_attention` (CUDA and Triton only)."""
 
     causal: bool
     grouped: bool = False
+    kernel: bool = False
 
 
 def cache_class() -> type:
@@ -154,6 +156,11 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if slot_step.kernel and query.shape[2] == 1:
+        from batch_engine.decode_attention import decode_attention
+
+        assert attention_mask is not None  # a decode step is always masked
+        return decode_attention(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
     if slot_step.grouped:
         return _grouped_attention(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
     mask = None if slot_step.causal else attention_mask

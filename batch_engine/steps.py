@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
+from batch_engine import decode_attention
 from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
 if TYPE_CHECKING:
@@ -124,6 +125,15 @@ class DeviceSteps:
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
             for layer in self.text.layers:
                 layer.compile(dynamic=True)
+        kernel = settings.decode_kernel
+        if kernel is None:
+            kernel = self.device.type == "cuda" and decode_attention.available()
+        elif kernel and not decode_attention.runs_on(self.device):
+            raise ValueError(f"the Triton decode attention needs Triton and a CUDA device, not {self.device}")
+        if kernel:
+            decode_attention.load()
+        self.decode_step = SlotStep(causal=False, grouped=True, kernel=kernel)
+        """The `slot_step` of decode steps: the Triton decode attention (`decode_kernel`), or the grouped one."""
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -334,7 +344,7 @@ class DeviceSteps:
             attention_mask=mask.view(bucket, 1, 1, span),
             past_key_values=self.cache,
             use_cache=True,
-            slot_step=SlotStep(causal=False, grouped=True),
+            slot_step=self.decode_step,
         ).last_hidden_state
         chosen = self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[:bucket])
         self._next_ids[:bucket].copy_(chosen)

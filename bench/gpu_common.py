@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from batch_engine.settings import SWITCH
+
 Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
 
@@ -39,6 +41,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         "--clients", type=client_counts, default=(8, 32), help="concurrent clients, comma-separated (default: 8,32)"
     )
     parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
+    parser.add_argument(
+        "--decode-kernel",
+        choices=tuple(SWITCH),
+        default="auto",
+        help="decode attention through the Triton kernel (default: on a GPU with Triton)",
+    )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
@@ -78,7 +86,9 @@ def agreement(plain: list[int], engine: list[int], *, label: str = "first 32 tok
     return f"{label}: {'yes' if parted is None else f'no, they part at {parted}'}"
 
 
-def start_engine(bench: Paths, slots: int, max_tokens: int, compile_layers: bool, warm: Any) -> None:
+def start_engine(
+    bench: Paths, slots: int, max_tokens: int, compile_layers: bool, warm: Any, decode_kernel: bool | None = None
+) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
     started; with compiled layers, the prompt `warm` compiles them outside the timing."""
     import time
@@ -87,7 +97,12 @@ def start_engine(bench: Paths, slots: int, max_tokens: int, compile_layers: bool
     from batch_engine.settings import EngineSettings
 
     settings = EngineSettings(
-        slots=slots, max_tokens=max_tokens, queue_size=4 * slots, compile=compile_layers, stop_loops=False
+        slots=slots,
+        max_tokens=max_tokens,
+        queue_size=4 * slots,
+        compile=compile_layers,
+        stop_loops=False,
+        decode_kernel=decode_kernel,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
@@ -95,7 +110,11 @@ def start_engine(bench: Paths, slots: int, max_tokens: int, compile_layers: bool
     if compile_layers:
         bench.engine_run([warm], 4)
     graphs = len(bench.engine.device.graphs)
-    print(f"engine started (graphs: {graphs}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
+    print(
+        f"engine started (graphs: {graphs}, decode attention: {kernel}) in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
 
 
 def one_request(

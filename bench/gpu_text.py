@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from batch_engine.settings import SWITCH
 from bench.gpu_common import (
     agreement,
     arguments,
@@ -79,7 +80,9 @@ class TextBench:
         return (time.perf_counter() - started) * 1000, completions
 
 
-def build(tiny: bool, prompt_tokens: int, answer: int, slots: int, compile_layers: bool) -> TextBench:
+def build(
+    tiny: bool, prompt_tokens: int, answer: int, slots: int, compile_layers: bool, decode_kernel: bool | None = None
+) -> TextBench:
     import torch
     from transformers import AutoModelForCausalLM, Glm4Config
 
@@ -97,7 +100,7 @@ def build(tiny: bool, prompt_tokens: int, answer: int, slots: int, compile_layer
         model = from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: every answer runs to its budget
     bench = TextBench(model, None, device, prompt_tokens)
-    start_engine(bench, slots, max(256, prompt_tokens + answer + 64), compile_layers, bench.prompt(0))
+    start_engine(bench, slots, max(256, prompt_tokens + answer + 64), compile_layers, bench.prompt(0), decode_kernel)
     return bench
 
 
@@ -164,7 +167,14 @@ def main() -> None:
     prompt_tokens, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.prompt_tokens, args.answer_tokens)
     drive(
         args,
-        lambda: build(args.tiny, prompt_tokens, answer, slots=max(args.clients), compile_layers=args.compile),
+        lambda: build(
+            args.tiny,
+            prompt_tokens,
+            answer,
+            slots=max(args.clients),
+            compile_layers=args.compile,
+            decode_kernel=SWITCH[args.decode_kernel],
+        ),
         lambda bench: run(bench, args.rounds, answer, args.clients),
         describe,
         check=lambda bench: (bench.prompt(0), bench.prompt_tokens + 256),

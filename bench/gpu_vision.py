@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
+from batch_engine.settings import SWITCH  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     agreement,
     arguments,
@@ -103,7 +104,9 @@ class Bench:
         return (time.perf_counter() - started) * 1000, completions
 
 
-def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) -> Bench:
+def build(
+    tiny: bool, side: int, answer: int, slots: int, compile_layers: bool, decode_kernel: bool | None = None
+) -> Bench:
     import torch
 
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
@@ -119,7 +122,7 @@ def build(tiny: bool, side: int, answer: int, slots: int, compile_layers: bool) 
     write_words_only(model, processor.tokenizer)
     bench = Bench(model, processor, None, device, side, answer)
     longest = max(256, int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64)
-    start_engine(bench, slots, longest, compile_layers, bench.prompt(0))
+    start_engine(bench, slots, longest, compile_layers, bench.prompt(0), decode_kernel)
     return bench
 
 
@@ -264,7 +267,14 @@ def main() -> None:
     side, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.image_side, args.answer_tokens)
     drive(
         args,
-        lambda: build(args.tiny, side, answer, slots=max(args.clients), compile_layers=args.compile),
+        lambda: build(
+            args.tiny,
+            side,
+            answer,
+            slots=max(args.clients),
+            compile_layers=args.compile,
+            decode_kernel=SWITCH[args.decode_kernel],
+        ),
         lambda bench: run(bench, args.rounds, args.clients),
         describe,
         check=float32_prompt,

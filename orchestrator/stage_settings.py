@@ -169,6 +169,10 @@ class EngineFields(Section):
     engine_compile: Literal["auto", "on", "off"] = "auto"
     """`batched`: `torch.compile` the decoder layers (about a minute more to start; GLM-4.6V-Flash's decode at batch
     1 12.8 → 8.9 ms/token on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""
+    engine_decode_kernel: Literal["auto", "on", "off"] = "auto"
+    """`batched`: a decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of
+    grouped matrix products (a step at batch 32 10.15 → 7.46 ms on an H200, `bench/RESULTS.md`); `auto`: on a CUDA
+    device where Triton is installed (it comes with torch's CUDA builds)."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""

@@ -25,3 +25,19 @@ def redis_url() -> Iterator[str]:
     """A Redis shared by a test module (`tests/redis_server.py`)."""
     with redis_server() as (url, _):
         yield url
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Triton kernels run by Triton's interpreter, on the CPU (`triton_interpreter`), unless the GPU tests were asked
+    for: the switch must be set before Triton is first imported, which importing torch does."""
+    if "gpu" not in config.option.markexpr.replace("not gpu", ""):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def triton_interpreter() -> None:
+    """`batch_engine.decode_attention`'s Triton kernel, run by Triton's interpreter on the CPU; skipped without
+    Triton (it comes with torch's CUDA builds) or with the interpreter off."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET)")

@@ -92,6 +92,20 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(glm: GlmE
     assert max(batch.batch_sizes) >= 3, "the requests overlapped"
 
 
+def test_the_triton_decode_kernel_equals_plain_generate_with_m_rope_rows_joining(
+    glm: GlmEngine, triton_interpreter: None
+) -> None:
+    prompts = [prompt(glm, 6, "what?"), prompt(glm, 7, "where?", width=96, height=32)]
+    expected = [glm.generate_ids(encoded, BUDGET - 4 * n) for n, encoded in enumerate(prompts)]
+    batch = engine(glm, decode_kernel=True)
+    futures = [submit(batch, prompts[0], "k1", BUDGET)]
+    batch.step()
+    futures.append(submit(batch, prompts[1], "k2", BUDGET - 4))
+    batch.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(batch.batch_sizes) == 2
+
+
 def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine) -> None:
     prompts = [prompt(glm, 10 + n, f"question {n}?") for n in range(5)]
     budgets = [6, 20, 9, 14, 11]  # rows finish out of order, so the last row moves into freed ones

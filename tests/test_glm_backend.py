@@ -396,13 +396,22 @@ async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkey
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m"]))
     options = ["--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8", "--engine-prefix-mb", "0"]
     options += ["--no-cuda-graphs", "--engine-compile", "off", "--engine-prefill-tokens", "512"]
+    options += ["--engine-decode-kernel", "off"]
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", *options]))
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", "--engine", "generate"]))
     sized = EngineSettings(
-        slots=4, max_tokens=2048, queue_size=8, prefix_bytes=0, cuda_graphs=False, compile=False, prefill_tokens=512
+        slots=4,
+        max_tokens=2048,
+        queue_size=8,
+        prefix_bytes=0,
+        cuda_graphs=False,
+        compile=False,
+        prefill_tokens=512,
+        decode_kernel=False,
     )
     assert [call["batching"] for call in calls] == [EngineSettings(), sized, None]
-    for wrong in (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"]):
+    wrongs = (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"])
+    for wrong in (*wrongs, ["--engine-decode-kernel", "yes"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--backend", "glm", "--model", "m", *wrong])
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from batch_engine.engine import BatchEngine
-from batch_engine.settings import EngineSettings
+from batch_engine.settings import EngineSettings, engine_settings
 from orchestrator.settings import Settings
 from reasoning_stage.__main__ import _parser
 from reasoning_stage.batched import REFUSALS, matches_generate
@@ -92,6 +92,22 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(chat: Cha
     engine.run_until_idle()
     assert [future.result().ids for future in futures] == expected
     assert max(engine.batch_sizes) >= 3, "the requests overlapped"
+
+
+def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(
+    chat: ChatModel, triton_interpreter: None
+) -> None:
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    budgets = [BUDGET, 9, BUDGET - 2, 14]  # rows finish out of order, so a later row moves into a freed one
+    expected = [chat.complete(p, max_new_tokens=b, temperature=0.0) for p, b in zip(prompts, budgets, strict=True)]
+    engine = BatchEngine(chat.model, EngineSettings(slots=3, max_tokens=256, decode_kernel=True), REFUSALS)
+    assert engine.device.decode_step.kernel
+    futures = [submit(engine, prompts[0], budgets[0])]
+    engine.step()
+    futures += [submit(engine, prompt, budget) for prompt, budget in zip(prompts[1:], budgets[1:], strict=True)]
+    engine.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(engine.batch_sizes) == 3
 
 
 def test_more_requests_than_slots_wait_and_each_equals_plain_generate(chat: ChatModel) -> None:
@@ -270,8 +286,12 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert Settings().reasoning.batching().prefix_bytes == 64 << 20  # type: ignore[union-attr]
     monkeypatch.delenv("ORCH_REASONING__ENGINE")
     assert Settings().reasoning.batching() is None, "plain generate by default"  # type: ignore[union-attr]
-    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-slots", "4"])
+    monkeypatch.setenv("ORCH_REASONING__ENGINE", "batched")
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_DECODE_KERNEL", "off")
+    assert Settings().reasoning.batching().decode_kernel is False  # type: ignore[union-attr]
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-slots", "4", "--engine-decode-kernel", "on"])
     assert (args.engine, args.engine_slots, args.engine_prefix_mb) == ("batched", 4, 1024)
+    assert engine_settings(args) == EngineSettings(slots=4, prefix_bytes=1024 << 20, decode_kernel=True)
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-prefix-mb", "-1"])
 

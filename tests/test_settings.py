@@ -148,12 +148,16 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(GlmVisionBackend, "load", load)
     options = {"engine_slots": 3, "engine_prefix_mb": 7, "engine_compile": "on", "engine_prefill_tokens": 99}
+    options["engine_decode_kernel"] = "on"
     await _vision_loader(GlmVisionSettings(model="m", **options), "glm")()
     await _vision_loader(GlmVisionSettings(model="m", engine="generate", engine_slots=3), "glm")()
     assert [call["model"] for call in calls] == ["m", "m"]
-    assert calls[0]["batching"] == EngineSettings(slots=3, prefix_bytes=7 << 20, compile=True, prefill_tokens=99)
+    assert calls[0]["batching"] == EngineSettings(
+        slots=3, prefix_bytes=7 << 20, compile=True, prefill_tokens=99, decode_kernel=True
+    )
     assert calls[1]["batching"] is None
-    assert GlmVisionSettings(model="m").batching() == EngineSettings(compile=None)  # auto: on a CUDA device
+    auto = EngineSettings(compile=None, decode_kernel=None)  # decided by the device
+    assert GlmVisionSettings(model="m").batching() == auto
 
 
 @pytest.mark.parametrize(

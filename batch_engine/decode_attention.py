@@ -1,0 +1,102 @@
+"""A decode step's attention over the slots as one Triton kernel (split-K, "flash-decoding"), for CUDA devices.
+
+The grouped attention in `batch_engine.slots` computes a decode step's attention with a handful of kernels a layer:
+two matrix products per chunk of the span, the mask, the softmax, a sum over the chunks. This does it in one kernel
+and a small combine: the program for (row, KV head, split) loads that KV head's query heads once, walks its share
+of the row's stored positions (only those up to the row's length, not the whole span bucket), and keeps a running
+maximum, sum and weighted sum of V (online softmax) in float32; the combine weighs the splits' partial results by
+their maxima. K and V are read where the slots hold them, never copied per query head.
+
+Triton ships with the CUDA builds of torch; without it (or on another device) `available` is False and the engine
+keeps the grouped attention. `TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check
+it against the grouped attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+BLOCK_N = 64
+"""Stored positions per step of a program's loop."""
+SPLITS = 16
+"""Programs per (row, KV head) at most: enough that one row keeps many multiprocessors reading."""
+
+
+_KERNEL: Any = None
+"""The Triton kernel (`batch_engine.decode_kernel`) once `load` has imported it: importing this module imports
+neither torch nor Triton, and a compiled decode step reads this instead of importing."""
+
+
+def load() -> Any:
+    """The kernel, imported on first use."""
+    global _KERNEL
+    if _KERNEL is None:
+        from batch_engine.decode_kernel import decode_split
+
+        _KERNEL = decode_split
+    return _KERNEL
+
+
+def forget() -> None:
+    """Drop the imported kernel, so that the next `load` defines it anew (the tests' switch to the interpreter)."""
+    import sys
+
+    global _KERNEL
+    _KERNEL = None
+    sys.modules.pop("batch_engine.decode_kernel", None)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton can be imported (the kernel then runs on CUDA tensors)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel can run on `device`: a CUDA device with Triton, or any under Triton's interpreter."""
+    import os
+
+    return available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One new token's attention per row: `query` (batch, heads, 1, dim); `key` and `value` (batch, KV heads, span,
+    dim), views of the slots; `mask` (batch, 1, 1, span), true up to and including each row's new position.
+    Returns (batch, 1, heads, dim), as the grouped attention does."""
+    import torch
+
+    batch, heads, _, dim = query.shape
+    kv_heads, span = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    lengths = mask.view(batch, span).sum(-1, dtype=torch.int32)  # a row attends to its first `length` positions
+    splits = max(1, min(SPLITS, span // BLOCK_N))
+    per_split = -(-span // splits // BLOCK_N) * BLOCK_N
+    splits = -(-span // per_split)
+    partial = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=query.device)
+    maxima = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
+    sums = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
+    (_KERNEL or load())[(batch, kv_heads, splits)](
+        query, key, value, lengths, partial, maxima, sums,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), per_split, float(scale),
+        group=group, block_g=max(16, _power_of_two(group)), head_dim=dim, block_d=max(16, _power_of_two(dim)),
+        block_n=BLOCK_N, splits=splits, precision="ieee" if query.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    top = maxima.amax(-1, keepdim=True)
+    fades = torch.exp(maxima - top)  # a split past the row's length has -inf: its fade is 0
+    out = (partial * fades.unsqueeze(-1)).sum(2) / (sums * fades).sum(-1, keepdim=True)
+    return out.to(query.dtype).view(batch, 1, heads, dim)
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()

@@ -1,0 +1,55 @@
+"""The Triton kernel of `batch_engine.decode_attention` (its docstring says what it computes), in a module of its
+own: Triton reads the kernel's source and its module's globals, and only `decode_attention` imports this, when a
+decode step first needs it."""
+
+# mypy: disable-error-code="no-untyped-def"
+# No annotations on the kernel's arguments: Triton and torch.compile compile its source text.
+
+import triton
+import triton.language as tl
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def decode_split(
+    query, keys, values, lengths, partial, maxima, sums,
+    q_row, q_head, k_row, k_head, k_pos, v_row, v_head, v_pos,
+    per_split, scale: tl.constexpr,
+    group: tl.constexpr, block_g: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr,
+    block_n: tl.constexpr, splits: tl.constexpr, precision: tl.constexpr,
+):  # fmt: skip
+    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    members = tl.arange(0, block_g)
+    lanes = tl.arange(0, block_d)
+    in_group, in_dim = members < group, lanes < head_dim
+    heads = kv_head * group + members
+    q = tl.load(
+        query + row * q_row + heads[:, None] * q_head + lanes[None, :],
+        mask=in_group[:, None] & in_dim[None, :],
+        other=0.0,
+    )
+    length = tl.load(lengths + row)
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+    top = tl.full([block_g], float("-inf"), tl.float32)
+    total = tl.zeros([block_g], tl.float32)
+    weighted = tl.zeros([block_g, block_d], tl.float32)
+    k_base = keys + row * k_row + kv_head * k_head
+    v_base = values + row * v_row + kv_head * v_head
+    for first in range(start, end, block_n):
+        positions = first + tl.arange(0, block_n)
+        present = positions < end
+        block_mask = present[:, None] & in_dim[None, :]
+        k = tl.load(k_base + positions[:, None] * k_pos + lanes[None, :], mask=block_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=precision) * scale
+        scores = tl.where(present[None, :], scores, float("-inf"))
+        new_top = tl.maximum(top, tl.max(scores, 1))
+        fade = tl.exp(top - new_top)
+        weights = tl.exp(scores - new_top[:, None])
+        total = total * fade + tl.sum(weights, 1)
+        v = tl.load(v_base + positions[:, None] * v_pos + lanes[None, :], mask=block_mask, other=0.0)
+        weighted = weighted * fade[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=precision)
+        top = new_top
+    out = (row * group * tl.num_programs(1) + heads) * splits + split
+    tl.store(partial + out[:, None] * head_dim + lanes[None, :], weighted, mask=in_group[:, None] & in_dim[None, :])
+    tl.store(maxima + out, top, mask=in_group)
+    tl.store(sums + out, total, mask=in_group)

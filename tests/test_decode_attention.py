@@ -1,0 +1,68 @@
+"""The Triton decode attention (`batch_engine.decode_attention`) against the grouped attention it replaces, run by
+Triton's interpreter on the CPU in float32: rows of different lengths (one position, all of the span, a part of a
+split), GQA groups and head sizes that are not powers of two, K and V read as views of larger slots. The engine with
+it against plain `generate` is in `test_batching.py` (GLM-4.6V) and `test_local_engine.py` (GLM-4, Llama)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from batch_engine.decode_attention import decode_attention, runs_on
+from batch_engine.engine import BatchEngine
+from batch_engine.settings import EngineSettings
+from batch_engine.slots import _grouped_attention
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "span", "lengths"),
+    [
+        (4, 2, 16, 256, (0, 255, 37)),  # one position; the whole span; within the first split
+        (32, 2, 128, 512, (300, 64, 511)),  # GLM-4's heads; a length on a split's edge
+        (6, 2, 24, 256, (130,)),  # a group of 3 and a head of 24: padded inside the kernel
+        (8, 8, 32, 1024, (1023, 500)),  # no grouping
+    ],
+)
+def test_the_kernel_equals_the_grouped_attention(
+    triton_interpreter: None, heads: int, kv_heads: int, dim: int, span: int, lengths: tuple[int, ...]
+) -> None:
+    generator = torch.Generator().manual_seed(span + heads)
+    batch, capacity = len(lengths), span + 256
+    keys = torch.randn((batch + 1, kv_heads, capacity, dim), generator=generator)
+    values = torch.randn((batch + 1, kv_heads, capacity, dim), generator=generator)
+    query = torch.randn((batch, heads, 1, dim), generator=generator)
+    last = torch.tensor(lengths).view(batch, 1)
+    mask = (torch.arange(span).view(1, span) <= last).view(batch, 1, 1, span)
+    key, value, scale = keys[:batch, :, :span], values[:batch, :, :span], dim**-0.5
+    got = decode_attention(query, key, value, mask, scale)
+    expected = _grouped_attention(query, key, value, mask, scale)
+    assert got.shape == expected.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    changed = values.clone()
+    changed[:batch, :, span - 1] += 1.0  # the last position of the span: only a row that reaches it may change
+    moved = decode_attention(query, keys[:batch, :, :span], changed[:batch, :, :span], mask, scale)
+    for row, length in enumerate(lengths):
+        assert torch.equal(moved[row], got[row]) == (length < span - 1)
+
+
+def test_the_kernel_is_off_on_the_cpu_by_default_and_refused_there_when_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not runs_on(torch.device("cpu"))
+    model = _tiny_model()
+    assert not BatchEngine(model, EngineSettings(slots=1, max_tokens=256)).device.decode_step.kernel
+    with pytest.raises(ValueError, match="needs Triton and a CUDA device, not cpu"):
+        BatchEngine(model, EngineSettings(slots=1, max_tokens=256, decode_kernel=True))
+
+
+def _tiny_model() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]
