@@ -15,10 +15,13 @@ it against the grouped attention.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 BLOCK_N = 64
 """Stored positions per step of a program's loop."""
@@ -65,6 +68,36 @@ def runs_on(device: torch.device) -> bool:
     import os
 
     return available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def works_on(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether the kernel compiles and runs on `device` with the model's `dtype` and head layout, and agrees with the
+    grouped attention there (`decode_kernel` `auto`: a GPU or a Triton too old for it keeps the grouped attention,
+    with a warning, instead of failing to start)."""
+    import torch
+
+    from batch_engine.slots import _grouped_attention
+
+    generator = torch.Generator(device).manual_seed(0)
+    batch, span = 2, 512
+    keys, values = (torch.randn((batch, kv_heads, span, dim), generator=generator, device=device) for _ in "kv")
+    query = torch.randn((batch, heads, 1, dim), generator=generator, device=device)
+    mask = (torch.arange(span, device=device).view(1, span) <= torch.tensor([[100], [511]], device=device)).view(
+        batch, 1, 1, span
+    )
+    expected = _grouped_attention(query, keys, values, mask, dim**-0.5)
+    try:
+        got = decode_attention(query.to(dtype), keys.to(dtype), values.to(dtype), mask, dim**-0.5).float()
+    except Exception:  # Triton's failures have no common class; what failed is logged
+        log.warning("the Triton decode attention does not run on %s in %s: grouped attention instead", device,
+                    dtype, exc_info=True)  # fmt: skip
+        return False
+    error = float((got - expected).abs().max())
+    if not error <= 0.05:  # bfloat16 rounding of the inputs is about 0.01 here; NaN fails too
+        log.warning("the Triton decode attention differs from the grouped attention by %.3g on %s in %s: grouped "
+                    "attention instead", error, device, dtype)  # fmt: skip
+        return False
+    return True
 
 
 def decode_attention(

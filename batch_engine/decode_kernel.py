@@ -18,12 +18,14 @@ def decode_split(
     block_n: tl.constexpr, splits: tl.constexpr, precision: tl.constexpr,
 ):  # fmt: skip
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # A slot's stride times its row can pass 2**31 elements (128 slots of 131,072 positions): 64-bit offsets.
+    row_offset, kv_offset = row.to(tl.int64), kv_head.to(tl.int64)
     members = tl.arange(0, block_g)
     lanes = tl.arange(0, block_d)
     in_group, in_dim = members < group, lanes < head_dim
     heads = kv_head * group + members
     q = tl.load(
-        query + row * q_row + heads[:, None] * q_head + lanes[None, :],
+        query + row_offset * q_row + heads[:, None] * q_head + lanes[None, :],
         mask=in_group[:, None] & in_dim[None, :],
         other=0.0,
     )
@@ -33,8 +35,8 @@ def decode_split(
     top = tl.full([block_g], float("-inf"), tl.float32)
     total = tl.zeros([block_g], tl.float32)
     weighted = tl.zeros([block_g, block_d], tl.float32)
-    k_base = keys + row * k_row + kv_head * k_head
-    v_base = values + row * v_row + kv_head * v_head
+    k_base = keys + row_offset * k_row + kv_offset * k_head
+    v_base = values + row_offset * v_row + kv_offset * v_head
     for first in range(start, end, block_n):
         positions = first + tl.arange(0, block_n)
         present = positions < end

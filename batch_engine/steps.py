@@ -125,18 +125,21 @@ class DeviceSteps:
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
             for layer in self.text.layers:
                 layer.compile(dynamic=True)
+        self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
+        self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kernel = settings.decode_kernel
         if kernel is None:
             kernel = self.device.type == "cuda" and decode_attention.available()
+            if kernel:
+                heads = (text.num_attention_heads, text.num_key_value_heads, head_dim)
+                kernel = decode_attention.works_on(self.device, model.dtype, *heads)
         elif kernel and not decode_attention.runs_on(self.device):
             raise ValueError(f"the Triton decode attention needs Triton and a CUDA device, not {self.device}")
         if kernel:
             decode_attention.load()
         self.decode_step = SlotStep(causal=False, grouped=True, kernel=kernel)
         """The `slot_step` of decode steps: the Triton decode attention (`decode_kernel`), or the grouped one."""
-        self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
-        self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.capacity = -(-settings.max_tokens // 256) * 256
         """Positions per slot: `max_tokens` rounded up, so that every span splits into whole attention chunks."""
         self.cache = cache_class()(

@@ -66,3 +66,27 @@ def _tiny_model() -> Any:
         num_key_value_heads=2, max_position_embeddings=512,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+
+
+def test_auto_keeps_the_kernel_only_where_it_runs_and_agrees(
+    triton_interpreter: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from batch_engine import decode_attention as module
+
+    cpu = torch.device("cpu")
+    assert module.works_on(cpu, torch.float32, heads=4, kv_heads=2, dim=16)
+    assert module.works_on(cpu, torch.float16, heads=6, kv_heads=2, dim=24)  # (the interpreter's bfloat16 is not)
+    real = module.decode_attention
+
+    def wrong(query: torch.Tensor, *args: Any) -> torch.Tensor:
+        return real(query, *args) + 0.1
+
+    def broken(*args: Any) -> torch.Tensor:
+        raise RuntimeError("PassManager::run failed")  # as Triton says it when a GPU lacks an instruction
+
+    monkeypatch.setattr(module, "decode_attention", wrong)
+    assert not module.works_on(cpu, torch.float32, heads=4, kv_heads=2, dim=16)
+    assert "differs from the grouped attention by 0.1" in caplog.text
+    monkeypatch.setattr(module, "decode_attention", broken)
+    assert not module.works_on(cpu, torch.float32, heads=4, kv_heads=2, dim=16)
+    assert "does not run on cpu in torch.float32: grouped attention instead" in caplog.text
