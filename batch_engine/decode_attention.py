@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 BLOCK_N = 64
 """Stored positions per step of a program's loop."""
 SPLITS = 16
-"""Programs per (row, KV head) at most: enough that one row keeps many multiprocessors reading."""
+"""Programs per (row, KV head): enough that one row keeps many multiprocessors reading."""
 
 
 _KERNEL: Any = None
@@ -112,9 +112,11 @@ def decode_attention(
     kv_heads, span = key.shape[1], key.shape[2]
     group = heads // kv_heads
     lengths = mask.view(batch, span).sum(-1, dtype=torch.int32)  # a row attends to its first `length` positions
-    splits = max(1, min(SPLITS, span // BLOCK_N))
-    per_split = -(-span // splits // BLOCK_N) * BLOCK_N
-    splits = -(-span // per_split)
+    assert query.stride(-1) == key.stride(-1) == value.stride(-1) == 1, "the kernel reads each head's lanes in a row"
+    # Always SPLITS programs per (row, KV head), each taking whole blocks: a split past a short span (or past a row's
+    # length) finds nothing and weighs 0. The grid and the buffers' shapes then do not depend on the span, so the
+    # compiled layers are not compiled again per span bucket (their recompile limit is shared with the other steps).
+    splits, per_split = SPLITS, -(-span // (SPLITS * BLOCK_N)) * BLOCK_N
     partial = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=query.device)
     maxima = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
     sums = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
@@ -123,7 +125,7 @@ def decode_attention(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), per_split, float(scale),
         group=group, block_g=max(16, _power_of_two(group)), head_dim=dim, block_d=max(16, _power_of_two(dim)),
-        block_n=BLOCK_N, splits=splits, precision="ieee" if query.dtype == torch.float32 else "tf32",
+        block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     top = maxima.amax(-1, keepdim=True)
     fades = torch.exp(maxima - top)  # a split past the row's length has -inf: its fade is 0

@@ -15,7 +15,7 @@ def decode_split(
     q_row, q_head, k_row, k_head, k_pos, v_row, v_head, v_pos,
     per_split, scale: tl.constexpr,
     group: tl.constexpr, block_g: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr,
-    block_n: tl.constexpr, splits: tl.constexpr, precision: tl.constexpr,
+    block_n: tl.constexpr, precision: tl.constexpr,
 ):  # fmt: skip
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # A slot's stride times its row can pass 2**31 elements (128 slots of 131,072 positions): 64-bit offsets.
@@ -51,7 +51,7 @@ def decode_split(
         v = tl.load(v_base + positions[:, None] * v_pos + lanes[None, :], mask=block_mask, other=0.0)
         weighted = weighted * fade[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=precision)
         top = new_top
-    out = (row * group * tl.num_programs(1) + heads) * splits + split
+    out = (row * group * tl.num_programs(1) + heads) * tl.num_programs(2) + split
     tl.store(partial + out[:, None] * head_dim + lanes[None, :], weighted, mask=in_group[:, None] & in_dim[None, :])
     tl.store(maxima + out, top, mask=in_group)
     tl.store(sums + out, total, mask=in_group)

@@ -123,6 +123,9 @@ class DeviceSteps:
         if settings.compile or (settings.compile is None and self.device.type == "cuda"):
             # One compilation for all layers: their index is an input, not a constant to specialise on.
             torch._dynamo.config.allow_unspec_int_on_nn_module = True
+            # Prefill, follow-up extend and decode steps each compile their own versions of a layer's pieces (about
+            # eight of the attention's part); past dynamo's limit (8 by default) a new one would run uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             for layer in self.text.layers:
                 layer.compile(dynamic=True)
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)

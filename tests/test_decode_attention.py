@@ -47,6 +47,19 @@ def test_the_kernel_equals_the_grouped_attention(
         assert torch.equal(moved[row], got[row]) == (length < span - 1)
 
 
+def test_the_kernel_in_half_precision_stays_close_to_float32(triton_interpreter: None) -> None:
+    """The reduced-precision path (`weights` cast to V's dtype, no `ieee` products); the interpreter runs float16
+    right but not bfloat16, whose path is the same (`works_on` checks it on the GPU at start)."""
+    generator = torch.Generator().manual_seed(3)
+    keys, values = (torch.randn((2, 2, 512, 128), generator=generator) for _ in "kv")
+    query = torch.randn((2, 32, 1, 128), generator=generator)
+    mask = (torch.arange(512).view(1, 512) <= torch.tensor([[200], [511]])).view(2, 1, 1, 512)
+    expected = _grouped_attention(query, keys, values, mask, 128**-0.5)
+    got = decode_attention(query.half(), keys.half(), values.half(), mask, 128**-0.5)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=5e-3)
+
+
 def test_the_kernel_is_off_on_the_cpu_by_default_and_refused_there_when_asked_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
