@@ -66,6 +66,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from orchestrator.api.app import create_app
+    from stage_protocol.server.command import UVICORN_OPTIONS
 
     log = logging.getLogger("orchestrator")
     log.info(
@@ -77,7 +78,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     )
     app = create_app(settings)
     # log_config=None: uvicorn's own loggers go through the handler `logs.configure` installed (JSON by default)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level, log_config=None, workers=1)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level, log_config=None, **UVICORN_OPTIONS)
     return 0
 
 

@@ -50,10 +50,11 @@ def unused_port() -> int:
 
 
 @contextmanager
-def serving(app: ASGIApp, *, startup_timeout_s: float = 30.0) -> Iterator[RunningServer]:
-    """Serve `app` until the block ends; a failed startup (the lifespan raising) raises here."""
+def serving(app: ASGIApp, *, startup_timeout_s: float = 30.0, **options: Any) -> Iterator[RunningServer]:
+    """Serve `app` until the block ends (`options`: more of uvicorn's); a failed startup (the lifespan raising)
+    raises here."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", timeout_graceful_shutdown=5, **options
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)

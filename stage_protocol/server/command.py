@@ -19,6 +19,15 @@ B = TypeVar("B", bound=StageBackend)
 SERVE_HELP = "serve POST /v1/chat/completions, GET /v1/models and GET /health"
 
 
+UVICORN_OPTIONS: dict[str, Any] = {"workers": 1, "reset_contextvars": True}
+"""How the service and both stage servers run under uvicorn. `reset_contextvars`: every request starts from an empty
+context. Without it a request can start with the context variables of the one before it on the same connection
+(CPython issue 140947): on asyncio's own event loop (where uvloop is not installed) after any body over 64 KiB,
+which makes uvicorn pause and resume reading, and on any loop for a pipelined request. The orchestrator's request
+deadline and request id are context variables: the next request inherited an earlier one's deadline, long past, and
+failed at once as `vision_unavailable` ("the request's deadline passed")."""
+
+
 def serve_command(prog: str, description: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The parser of `prog`, and its `serve` command, to which the stage adds its flags (`add_listening` for where,
     `add_log_level` last)."""
@@ -73,6 +82,6 @@ async def serve(
     name = args.served_model_name or backend.model
     app = app_for(backend, name)
     log.info("serving %r on http://%s:%d/v1", name, args.host, args.port)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, **UVICORN_OPTIONS)
     await uvicorn.Server(config).serve()
     return 0
