@@ -7,7 +7,8 @@ A change to the request path moves the tiny request by tens of microseconds, les
 `--base` out into a temporary git worktree, starts the orchestrator from there ("base") and from this checkout
 ("this") on one core, in front of one fake stage (`bench.fake_stage`, configured as in the gateway benchmark),
 and sends the same request sequentially to the stage directly and to both, in batches whose order alternates between
-rounds. It prints each one's added p50 over direct and its CPU time per request. The worktree is removed at the end.
+rounds. It prints each one's added p50 over direct, its CPU time per request and its resident memory at the end.
+The worktree is removed at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import httpx
 
 from bench.gateway_load import JSON_HEADERS, Kind, noise_png, png
 from bench.overhead_vs_litellm import IMAGE_BYTES, ours_env
-from bench.processes import ROOT, base_env, cores, free_port, process_ticks, spawn, stop, wait_ready
+from bench.processes import ROOT, base_env, cores, free_port, process_ticks, resident_mib, spawn, stop, wait_ready
 
 
 @contextlib.contextmanager
@@ -76,7 +77,7 @@ async def measure(urls: dict[str, str], pids: dict[str, int], body: bytes, args:
         cpu_ms = 1000.0 * ticks[name] / os.sysconf("SC_CLK_TCK") / requests
         added = statistics.median(latencies[name]) - direct
         print(f"{name:5} ({args.base if name == 'base' else 'this checkout'}): added p50 {added:.3f} ms, "
-              f"CPU {cpu_ms:.3f} ms/request")  # fmt: skip
+              f"CPU {cpu_ms:.3f} ms/request, resident {resident_mib(pids[name]):.0f} MiB at the end")  # fmt: skip
 
 
 def main() -> None:

@@ -102,6 +102,15 @@ def process_ticks(pid: int) -> int:
     return 0
 
 
+def resident_mib(pid: int) -> float:
+    """`pid`'s resident memory now (VmRSS), in MiB; 0 when it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def cpu_ticks(pids: list[int]) -> tuple[int, int, int]:
     """Clock ticks so far: the machine's busy time (all cores), the hypervisor's steal, and `pids`' own CPU time."""
     machine = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]

@@ -66,7 +66,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from orchestrator.api.app import create_app
-    from stage_protocol.server.command import UVICORN_OPTIONS
+    from stage_protocol.server.command import UVICORN_OPTIONS, keep_large_buffers_in_heap
 
     log = logging.getLogger("orchestrator")
     log.info(
@@ -76,6 +76,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         settings.vision.backend,
         settings.reasoning.backend,
     )
+    keep_large_buffers_in_heap()
     app = create_app(settings)
     # log_config=None: uvicorn's own loggers go through the handler `logs.configure` installed (JSON by default)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, log_config=None, **UVICORN_OPTIONS)
