@@ -1,4 +1,5 @@
-"""Each request starts from its own context, over a real server (`stage_protocol.server.command.UVICORN_OPTIONS`).
+"""How the service and the stage servers run (`stage_protocol.server.command`): each request from its own context,
+over a real server (`UVICORN_OPTIONS`), and megabyte buffers kept in glibc's heap (`keep_large_buffers_in_heap`).
 
 On asyncio's own event loop (the one uvicorn runs where uvloop is not installed), a request body over 64 KiB makes
 uvicorn pause and resume reading from inside that request's task, and the connection's next request then started
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -70,3 +74,32 @@ def test_a_large_request_leaves_nothing_of_its_context_to_the_next_on_its_connec
     ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
     assert [request_id for _, request_id in vision.seen] == ids
     assert all(DEADLINE_S - 0.5 < left <= DEADLINE_S for left, _ in vision.seen), vision.seen  # 0: an earlier one's
+
+
+MAPPED_APART = """
+import ctypes, sys
+from stage_protocol.server.command import keep_large_buffers_in_heap
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "kept":
+    assert keep_large_buffers_in_heap()
+before = libc.mallinfo2().hblkhd
+buffers = [bytearray(8 << 20) for _ in range(3)]
+print((libc.mallinfo2().hblkhd - before) >> 20)
+"""
+"""Prints how many MiB of three 8 MiB buffers glibc mapped apart from its heap (`mallinfo2().hblkhd`)."""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_megabyte_buffers_come_from_the_heap_once_kept_there() -> None:
+    def mapped_apart(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", MAPPED_APART, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    assert mapped_apart("default") == 24  # glibc maps each apart (the threshold has not adapted yet)
+    assert mapped_apart("kept") == 0
