@@ -55,6 +55,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     return parser
 
 
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
+    compiled layers (`--compile`), the decode attention (`--decode-kernel`)."""
+    return {"slots": max(args.clients), "compile_layers": args.compile, "decode_kernel": SWITCH[args.decode_kernel]}
+
+
 def client_counts(text: str) -> tuple[int, ...]:
     """`--clients`: comma-separated counts, each at least 1."""
     try:

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batch_engine.settings import SWITCH
 from bench.gpu_common import (
     agreement,
     arguments,
     check_device,
     drive,
+    engine_options,
     median_of,
     one_request,
     replays,
@@ -167,14 +167,7 @@ def main() -> None:
     prompt_tokens, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.prompt_tokens, args.answer_tokens)
     drive(
         args,
-        lambda: build(
-            args.tiny,
-            prompt_tokens,
-            answer,
-            slots=max(args.clients),
-            compile_layers=args.compile,
-            decode_kernel=SWITCH[args.decode_kernel],
-        ),
+        lambda: build(args.tiny, prompt_tokens, answer, **engine_options(args)),
         lambda bench: run(bench, args.rounds, answer, args.clients),
         describe,
         check=lambda bench: (bench.prompt(0), bench.prompt_tokens + 256),

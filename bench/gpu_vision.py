@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
-from batch_engine.settings import SWITCH  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     agreement,
     arguments,
     check_device,
     drive,
+    engine_options,
     median_of,
     one_request,
     replays,
@@ -267,14 +267,7 @@ def main() -> None:
     side, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.image_side, args.answer_tokens)
     drive(
         args,
-        lambda: build(
-            args.tiny,
-            side,
-            answer,
-            slots=max(args.clients),
-            compile_layers=args.compile,
-            decode_kernel=SWITCH[args.decode_kernel],
-        ),
+        lambda: build(args.tiny, side, answer, **engine_options(args)),
         lambda bench: run(bench, args.rounds, args.clients),
         describe,
         check=float32_prompt,
