@@ -33,7 +33,8 @@ class EngineSettings:
     the many small kernels of a decode step, at about a minute more to start on a GPU. None: on a CUDA device."""
     decode_kernel: bool | None = None
     """A decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of the
-    grouped matrix products. None: on a CUDA device where Triton is installed."""
+    grouped matrix products. None: on a CUDA device where Triton is installed and a check at start (`works_on`)
+    finds it agreeing with the grouped products."""
 
     def __post_init__(self) -> None:
         bounds = (

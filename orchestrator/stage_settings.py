@@ -172,7 +172,7 @@ class EngineFields(Section):
     engine_decode_kernel: Literal["auto", "on", "off"] = "auto"
     """`batched`: a decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of
     grouped matrix products (a step at batch 32 10.15 → 7.46 ms on an H200, `bench/RESULTS.md`); `auto`: on a CUDA
-    device where Triton is installed (it comes with torch's CUDA builds)."""
+    device where Triton is installed (it comes with torch's CUDA builds) and a check at start finds it agreeing."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
