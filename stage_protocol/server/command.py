@@ -27,7 +27,7 @@ def keep_large_buffers_in_heap() -> bool:
     """Have glibc serve buffers up to 64 MiB from its heap and keep up to 64 MiB free at its top, instead of mapping
     each buffer over 128 KiB afresh (until its threshold adapts): an image request handles several megabyte buffers
     (the body, the decoded bytes, the forwarded body), and fresh mappings are page faults on every first touch. With
-    it, a 1 MB image's added latency through the service went from 5.1 to 3.0 ms and its CPU from 5.7 to 3.0 ms
+    it, a 1 MB image's added latency through the service went from 5.4 to 3.2 ms and its CPU from 5.6 to 3.1 ms
     (docs/benchmarks.md); freed memory is reused rather than returned. Whether it was set: False where the C library
     is not glibc."""
     import ctypes
