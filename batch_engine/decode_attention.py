@@ -44,15 +44,6 @@ def load() -> Any:
     return _KERNEL
 
 
-def forget() -> None:
-    """Drop the imported kernel, so that the next `load` defines it anew (the tests' switch to the interpreter)."""
-    import sys
-
-    global _KERNEL
-    _KERNEL = None
-    sys.modules.pop("batch_engine.decode_kernel", None)
-
-
 @functools.cache
 def available() -> bool:
     """Whether Triton can be imported (the kernel then runs on CUDA tensors)."""
