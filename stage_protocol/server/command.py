@@ -48,7 +48,7 @@ UVICORN_OPTIONS: dict[str, Any] = {"workers": 1, "reset_contextvars": True}
 """How the service and both stage servers run under uvicorn. `reset_contextvars`: every request starts from an empty
 context. Without it a request can start with the context variables of the one before it on the same connection
 (CPython issue 140947): on asyncio's own event loop (where uvloop is not installed) after any body over 64 KiB,
-which makes uvicorn pause and resume reading, and on any loop for a pipelined request. The orchestrator's request
+which makes uvicorn pause and resume reading (uvicorn's notes name pipelined requests too). The orchestrator's request
 deadline and request id are context variables: the next request inherited an earlier one's deadline, long past, and
 failed at once as `vision_unavailable` ("the request's deadline passed")."""
 
