@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from batch_engine.settings import SWITCH
 
@@ -16,16 +18,39 @@ Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
 
 
-class Paths(Protocol):
-    """The two paths over one model, as each benchmark runs them."""
+@dataclass
+class Paths:
+    """The two paths over one model, as each benchmark runs them; each benchmark's own subclass builds its prompts
+    (`prompt`, `request`, `together`) and runs plain `generate` (`plain`)."""
 
     model: Any
     engine: Any
     device: str
 
-    def sync(self) -> None: ...
-    def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]: ...
-    def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]: ...
+    def sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]:
+        raise NotImplementedError
+
+    def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:
+        """What the engine is given for `prompt`: its inputs, and the key of its image (None without one)."""
+        raise NotImplementedError
+
+    def together(self, prompts: list[Any]) -> Any:
+        """Equal-length prompts as one batch for plain `generate`."""
+        raise NotImplementedError
+
+    def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]:
+        """Submit every prompt at once; the milliseconds until all are done, and their completions."""
+        requests = [self.request(prompt) for prompt in prompts]
+        started = time.perf_counter()
+        futures = [self.engine.submit(inputs, image_key=key, max_new_tokens=new_tokens) for inputs, key in requests]
+        completions = [future.result(timeout=600) for future in futures]
+        return (time.perf_counter() - started) * 1000, completions
 
 
 B = TypeVar("B", bound=Paths)
@@ -97,7 +122,6 @@ def start_engine(
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
     started; with compiled layers, the prompt `warm` compiles them outside the timing."""
-    import time
 
     from batch_engine.engine import BatchEngine
     from batch_engine.settings import EngineSettings
@@ -149,10 +173,11 @@ def one_request(
     ]
 
 
-def under_load(bench: Paths, prompts: list[Any], together: Any, answer: int) -> tuple[list[Row], str]:
-    """`len(prompts)` concurrent clients: plain `generate` as one batched call over `together` (the prompts as one
-    batch), the engine with every prompt submitted at once; tokens/s and the first token under that load."""
+def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row], str]:
+    """`len(prompts)` concurrent clients: plain `generate` as one batched call over the prompts as one batch
+    (`bench.together`), the engine with every prompt submitted at once; tokens/s and the first token under that load."""
     count = len(prompts)
+    together = bench.together(prompts)
     plain_ms, plain_out = bench.plain(together, answer)
     plain_first_ms, _ = bench.plain(together, 1)
     bench.engine.batch_sizes.clear()
@@ -171,6 +196,24 @@ def under_load(bench: Paths, prompts: list[Any], together: Any, answer: int) -> 
     return rows, note
 
 
+def loads(bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answer: int) -> tuple[list[Row], list[str]]:
+    """`under_load` for each count of concurrent clients, each client with a prompt from `fresh`."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    for count in clients:
+        load_rows, note = under_load(bench, [fresh() for _ in range(count)], answer)
+        rows += load_rows
+        notes.append(note)
+    return rows, notes
+
+
+def first_tokens(bench: Paths, one: Any) -> tuple[list[int], list[int]]:
+    """The first 32 tokens of plain `generate` and of the engine on the prompt `one`."""
+    _, plain_ids = bench.plain(one, 32)
+    _, (check,) = bench.engine_run([one], 32)
+    return plain_ids[0].tolist(), list(check.ids)
+
+
 def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
     """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
     differs between their attention kernels, which flips near-ties of random weights)."""
@@ -181,16 +224,14 @@ def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
     bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=max_tokens))
     bench.engine.start()
     try:
-        _, plain_ids = bench.plain(one, 32)
-        _, (check,) = bench.engine_run([one], 32)
+        plain, engine = first_tokens(bench, one)
     finally:
         bench.engine.close()
-    return agreement(plain_ids[0].tolist(), check.ids, label="in float32, first 32 tokens equal to plain generate")
+    return agreement(plain, engine, label="in float32, first 32 tokens equal to plain generate")
 
 
 def replays(engine: Any, sync: Callable[[], None]) -> str:
     """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
-    import time
 
     graphs = engine.device.graphs
     if not graphs:
@@ -245,7 +286,6 @@ def drive(
 ) -> None:
     """Build the two paths (timed), run the measures, the profiles (`--profile`) and the float32 check
     (`--check-float32`: `check` gives the prompt and a slot's length), close the engine, and print the report."""
-    import time
 
     started = time.perf_counter()
     bench = build()

@@ -26,26 +26,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.gpu_common import (
+    Paths,
     agreement,
     arguments,
     check_device,
     drive,
     engine_options,
+    first_tokens,
+    loads,
     median_of,
     one_request,
     replays,
     start_engine,
-    under_load,
     what_ran,
 )
 
 
 @dataclass
-class TextBench:
-    model: Any
-    engine: Any
-    device: str
-    prompt_tokens: int
+class TextBench(Paths):
+    prompt_tokens: int = 0
 
     def prompt(self, seed: int) -> Any:
         import torch
@@ -53,12 +52,6 @@ class TextBench:
         generator = torch.Generator().manual_seed(seed)
         vocab = int(self.model.config.vocab_size)
         return torch.randint(0, vocab, (1, self.prompt_tokens), generator=generator)
-
-    def sync(self) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
 
     def plain(self, ids: Any, new_tokens: int) -> tuple[float, Any]:
         import torch
@@ -73,11 +66,13 @@ class TextBench:
         self.sync()
         return (time.perf_counter() - started) * 1000, output[:, ids.shape[1] :]
 
-    def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]:
-        started = time.perf_counter()
-        futures = [self.engine.submit({"input_ids": ids}, image_key=None, max_new_tokens=new_tokens) for ids in prompts]
-        completions = [future.result(timeout=600) for future in futures]
-        return (time.perf_counter() - started) * 1000, completions
+    def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:
+        return {"input_ids": prompt}, None
+
+    def together(self, prompts: list[Any]) -> Any:
+        import torch
+
+        return torch.cat(prompts)
 
 
 def build(
@@ -99,7 +94,7 @@ def build(
     with torch.device(device):
         model = from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: every answer runs to its budget
-    bench = TextBench(model, None, device, prompt_tokens)
+    bench = TextBench(model, None, device, prompt_tokens=prompt_tokens)
     start_engine(bench, slots, max(256, prompt_tokens + answer + 64), compile_layers, bench.prompt(0), decode_kernel)
     return bench
 
@@ -108,20 +103,16 @@ def run(bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...]) ->
     import torch
 
     one = bench.prompt(0)
-    _, plain_ids = bench.plain(one, 32)
-    _, (check,) = bench.engine_run([one], 32)
-    plain = plain_ids[0].tolist()
-    notes = [agreement(plain, check.ids)]
-    parted = next((n for n, (a, b) in enumerate(zip(plain, check.ids, strict=False)) if a != b), None)
+    plain, engine = first_tokens(bench, one)
+    notes = [agreement(plain, engine)]
+    parted = next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
     if parted is not None:
-        notes.append(near_tie(bench, one, plain[:parted], check.ids[parted]))
+        notes.append(near_tie(bench, one, plain[:parted], engine[parted]))
     seeds = iter(range(1000, 100000))
     rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)), bench.engine.device.prefixes.clear)
-    for count in clients:
-        prompts = [bench.prompt(next(seeds)) for _ in range(count)]
-        load_rows, note = under_load(bench, prompts, torch.cat(prompts), answer)
-        rows += load_rows
-        notes.append(note)
+    load_rows, load_notes = loads(bench, clients, lambda: bench.prompt(next(seeds)), answer)
+    rows += load_rows
+    notes += load_notes
     tail = min(64, bench.prompt_tokens // 2)
     reused: list[int] = []
 

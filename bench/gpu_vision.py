@@ -43,16 +43,18 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the 
     sys.path.insert(0, str(ROOT))
 
 from bench.gpu_common import (  # noqa: E402
+    Paths,
     agreement,
     arguments,
     check_device,
     drive,
     engine_options,
+    first_tokens,
+    loads,
     median_of,
     one_request,
     replays,
     start_engine,
-    under_load,
     what_ran,
 )
 
@@ -60,13 +62,10 @@ QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How man
 
 
 @dataclass
-class Bench:
-    model: Any
-    processor: Any
-    engine: Any
-    device: str
-    side: int
-    answer: int
+class Bench(Paths):
+    processor: Any = None
+    side: int = 0
+    answer: int = 0
 
     def prompt(self, seed: int, question: str = QUESTIONS[0]) -> Any:
         from vision_stage.glm_codec import chat_messages
@@ -74,12 +73,6 @@ class Bench:
 
         messages = chat_messages(noise(self.side, seed), task_prompt("answer", question))
         return self.processor.apply_chat_template(messages, **chat_kwargs(self.processor))
-
-    def sync(self) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
 
     def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]:
         import torch
@@ -92,16 +85,14 @@ class Bench:
         self.sync()
         return (time.perf_counter() - started) * 1000, output[:, inputs["input_ids"].shape[1] :]
 
-    def engine_run(self, prompts: list[Any], new_tokens: int) -> tuple[float, list[Any]]:
-        """Submit every prompt at once, keyed by its image's content (as the backend keys a decoded image)."""
-        keys = [hashlib.sha256(inputs["pixel_values"].numpy().tobytes()).hexdigest() for inputs in prompts]
-        started = time.perf_counter()
-        futures = [
-            self.engine.submit(inputs, image_key=key, max_new_tokens=new_tokens)
-            for inputs, key in zip(prompts, keys, strict=True)
-        ]
-        completions = [future.result(timeout=600) for future in futures]
-        return (time.perf_counter() - started) * 1000, completions
+    def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:
+        """Keyed by its image's content, as the backend keys a decoded image."""
+        return prompt, hashlib.sha256(prompt["pixel_values"].numpy().tobytes()).hexdigest()
+
+    def together(self, prompts: list[Any]) -> Any:
+        import torch
+
+        return {name: torch.cat([p[name] for p in prompts]) for name in prompts[0]}
 
 
 def build(
@@ -120,7 +111,7 @@ def build(
         model, processor = full_size_glm46v_flash("cuda", torch.bfloat16)
         device = "cuda"
     write_words_only(model, processor.tokenizer)
-    bench = Bench(model, processor, None, device, side, answer)
+    bench = Bench(model, None, device, processor=processor, side=side, answer=answer)
     longest = max(256, int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64)
     start_engine(bench, slots, longest, compile_layers, bench.prompt(0), decode_kernel)
     return bench
@@ -156,19 +147,10 @@ def noise(side: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR)
 
 
-def batched(prompts: list[Any]) -> dict[str, Any]:
-    """Equal-length prompts as one batch for plain `generate`."""
-    import torch
-
-    return {name: torch.cat([p[name] for p in prompts]) for name in prompts[0]}
-
-
 def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple[str, float, float]], list[str]]:
     answer, notes = bench.answer, []
     one = bench.prompt(0)
-    _, plain_ids = bench.plain(one, 32)
-    _, (check,) = bench.engine_run([one], 32)
-    notes.append(agreement(plain_ids[0].tolist(), check.ids))
+    notes.append(agreement(*first_tokens(bench, one)))
 
     seeds = iter(range(1000, 100000))
 
@@ -178,11 +160,9 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
 
     rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)), forget)
     plain_first = rows[0][1]
-    for count in clients:
-        prompts = [bench.prompt(next(seeds)) for _ in range(count)]  # one question: equal lengths, no padding
-        load_rows, note = under_load(bench, prompts, batched(prompts), answer)
-        rows += load_rows
-        notes.append(note)
+    load_rows, load_notes = loads(bench, clients, lambda: bench.prompt(next(seeds)), answer)  # equal lengths
+    rows += load_rows
+    notes += load_notes
 
     waits: list[float] = []
 

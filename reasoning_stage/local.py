@@ -38,7 +38,8 @@ from reasoning_stage.errors import (
     ReasoningUnavailable,
 )
 from reasoning_stage.token_stream import IncrementalText, TokenFeed, deliver_to
-from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
+from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
+from stage_protocol.backend import FinishReason
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,11 @@ from reasoning_stage.errors import (
 from reasoning_stage.types import (
     ChatMessage,
     Collected,
-    FinishReason,
     ReasoningDelta,
     ReasoningRequest,
     ReasoningResult,
 )
+from stage_protocol.backend import FinishReason
 from stage_protocol.client import Chunk, ErrorTree
 from stage_protocol.client.remote import RemoteBackend, RemoteEndpoint, RemoteOptions, connect
 from stage_protocol.loops import LoopWatch

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reasoning_stage.errors import ReasoningInvalidOutput
+from stage_protocol.backend import Delta, FinishReason
 from stage_protocol.model_text import split_thinking
 
 Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,8 @@ class ReasoningResult:
     thinking: str | None = None
 
 
-@dataclass(frozen=True)
-class ReasoningDelta:
-    """One piece of a streamed answer: text, or thinking, or (last) the finish reason and token counts."""
-
-    text: str = ""
-    thinking: str = ""
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+ReasoningDelta = Delta
+"""One piece of a streamed answer: text, or thinking, or (last) the finish reason and token counts."""
 
 
 @dataclass

@@ -13,7 +13,8 @@ import numpy as np
 from orchestrator.analysis.routing import Vector
 from reasoning_stage.backend import Health as ReasoningHealth
 from reasoning_stage.errors import ReasoningError, ReasoningUnavailable
-from reasoning_stage.types import FinishReason, ReasoningDelta, ReasoningRequest, ReasoningResult
+from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningResult
+from stage_protocol.backend import FinishReason
 from vision_stage.backend import Health as VisionHealth
 from vision_stage.errors import VisionError, VisionUnavailable
 from vision_stage.types import DecodedImage, ImageFacts, StructuredDescription, TextLine, VisionRequest, VisionResult

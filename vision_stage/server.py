@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from stage_protocol.backend import Delta
 from stage_protocol.data_url import Base64Invalid, Base64TooLarge, DataUrlInvalid, NotDataUrl, decode_data_url
 from stage_protocol.server.app import create_stage_app
 from stage_protocol.server.errors import ApiError, ErrorTable, Status
-from stage_protocol.server.openai import ChatCompletionRequest, Completion, MessageIn, Piece
+from stage_protocol.server.openai import ChatCompletionRequest, Completion, MessageIn
 from vision_stage import errors
 from vision_stage.backend import VisionBackend
 from vision_stage.description import NOT_JSON_NOTE, remarks, written_text
@@ -100,10 +101,10 @@ class VisionAnswers:
         result = await self.backend.generate(request)
         return Completion(content_of(request.task, result), result.thinking)
 
-    async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[Piece]:
+    async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[Delta]:
         answer = await self.complete(body)
-        yield Piece(thinking=answer.thinking or "")
-        yield Piece(text=answer.text, finish_reason="stop")
+        yield Delta(thinking=answer.thinking or "")
+        yield Delta(text=answer.text, finish_reason="stop")
 
 
 async def read_vision_request(body: ChatCompletionRequest, limits: ImageLimits) -> VisionRequest:

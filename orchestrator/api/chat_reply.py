@@ -27,7 +27,7 @@ from orchestrator.analysis.types import AnalyzeOutcome, DeltaEvent, DoneEvent, E
 from orchestrator.api.events import error_body, sse, stage_error_body
 from orchestrator.api.render import outcome_fields, usage_out
 from orchestrator.api.schemas import ErrorResponse, OutcomeOut, UsageOut
-from reasoning_stage.types import FinishReason
+from stage_protocol.backend import FinishReason
 
 SSE_DONE = "data: [DONE]\n\n"
 

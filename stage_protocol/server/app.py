@@ -27,11 +27,11 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from stage_protocol.backend import StageBackend
+from stage_protocol.backend import Delta, StageBackend
 from stage_protocol.server.body_limit import BodyLimit
 from stage_protocol.server.errors import DEFAULT_RETRY_AFTER_S, ApiError, ErrorTable, Status, install_error_handlers
 from stage_protocol.server.events import chat_events, event_stream, primed
-from stage_protocol.server.openai import ChatCompletionRequest, Completion, Reply, Step
+from stage_protocol.server.openai import ChatCompletionRequest, Completion, Reply
 from stage_protocol.server.serving import model_list, served_names, unknown_model
 
 MODEL_NOT_FOUND = Status(404, "model_not_found")
@@ -47,7 +47,7 @@ class StageAnswers(Protocol):
 
     async def complete(self, body: ChatCompletionRequest) -> Completion: ...
 
-    def stream(self, body: ChatCompletionRequest) -> AsyncIterator[Step]: ...
+    def stream(self, body: ChatCompletionRequest) -> AsyncIterator[Delta]: ...
 
 
 @dataclass(frozen=True)

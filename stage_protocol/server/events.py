@@ -1,4 +1,4 @@
-"""A streamed answer as server-sent events: the chunks of its `Step`s, and `[DONE]`.
+"""A streamed answer as server-sent events: the chunks of its `Delta`s, and `[DONE]`.
 
 A failure after a stream has started is sent in-band as `data: {"error": {...}}`, followed by `data: [DONE]`, so a
 client never mistakes a cut stream for a finished one; a failure before it starts still gets its HTTP status
@@ -15,17 +15,17 @@ from typing import TypeVar
 from fastapi.responses import StreamingResponse
 from openai.types.chat import chat_completion_chunk as chunk_types
 
+from stage_protocol.backend import Delta
 from stage_protocol.server.errors import ApiError, Failure, Status
-from stage_protocol.server.openai import Reply, Step
+from stage_protocol.server.openai import Reply
 
 T = TypeVar("T")
-S = TypeVar("S", bound=Step)
 SSE_DONE = "data: [DONE]\n\n"
 INCOMPLETE_STREAM = Status(502, "incomplete_stream")
 
 
 async def chat_events(
-    reply: Reply, pieces: AsyncIterator[Step], *, include_usage: bool, on_error: Callable[[Exception], Failure]
+    reply: Reply, pieces: AsyncIterator[Delta], *, include_usage: bool, on_error: Callable[[Exception], Failure]
 ) -> AsyncIterator[str]:
     """The SSE events of a streamed answer: the role, thinking and text deltas, the finish reason, the usage chunk
     when asked for, and `[DONE]`. An error while streaming (a stream that ends without a finish reason included)
@@ -55,14 +55,14 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-async def primed(pieces: AsyncIterator[S]) -> AsyncIterator[S]:
+async def primed(pieces: AsyncIterator[T]) -> AsyncIterator[T]:
     """`pieces` with its first item already taken, so errors raised before the answer starts raise here, while an
     HTTP status can still say so. Iterate the returned iterator to get every item, the first included."""
     first = await anext(pieces, None)
     if first is None:
         raise ApiError(INCOMPLETE_STREAM, "the backend's answer was empty: it ended before its first piece")
 
-    async def chained() -> AsyncIterator[S]:
+    async def chained() -> AsyncIterator[T]:
         async with closing(pieces):
             yield first
             async for piece in pieces:

@@ -5,8 +5,8 @@ Requests are read by the small pydantic model below (what clients send: text and
 `stream`, `stream_options`, vLLM's `chat_template_kwargs`; other fields are accepted and ignored, as vLLM does).
 Responses are the `openai` package's own pydantic models.
 
-A whole answer is a `Completion`; a streamed one is a series of `Step`s (`stage_protocol.server.events`): the vision
-server builds `Piece`s, the reasoning server passes its backend's `ReasoningDelta`s, which have the same fields.
+A whole answer is a `Completion`; a streamed one is a series of `stage_protocol.backend.Delta`s
+(`stage_protocol.server.events`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
@@ -22,7 +22,7 @@ from openai.types.chat import chat_completion as completion_types
 from openai.types.chat import chat_completion_chunk as chunk_types
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-FinishReason = Literal["stop", "length"]
+from stage_protocol.backend import Delta, FinishReason
 
 
 class TextPart(BaseModel):
@@ -97,33 +97,6 @@ class ChatCompletionRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class Step(Protocol):
-    """One step of an answer, as `stage_protocol.server.events.chat_events` reads it: text, or thinking, or (last)
-    the finish reason and token counts."""
-
-    @property
-    def text(self) -> str: ...
-    @property
-    def thinking(self) -> str: ...
-    @property
-    def finish_reason(self) -> FinishReason | None: ...
-    @property
-    def prompt_tokens(self) -> int | None: ...
-    @property
-    def completion_tokens(self) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A `Step` built by a server whose backend does not stream its own (the vision stage's)."""
-
-    text: str = ""
-    thinking: str = ""
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
 @dataclass(frozen=True)
 class Completion:
     """A whole answer: its text, the model's thinking (None when it did none), why it ended, and the token counts
@@ -160,7 +133,7 @@ class Reply:
         choice = chunk_types.Choice(index=0, delta=delta, finish_reason=finish_reason)
         return self._event(self._chunk([choice]))
 
-    def usage_chunk(self, finish: Step) -> str:
+    def usage_chunk(self, finish: Delta) -> str:
         """The last chunk when `stream_options.include_usage` is set: no choices, the usage of the whole answer."""
         chunk = self._chunk([])
         chunk.usage = usage(finish.prompt_tokens, finish.completion_tokens)
