@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage
@@ -13,6 +13,18 @@ from vision_stage.types import DecodedImage
 def png_bytes(size: tuple[int, int] = (64, 48), color: str = "white", mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def text_png(lines: tuple[str, ...], *, width: int, row: int, left: int, bottom: int) -> bytes:
+    """A white PNG `width` wide with `lines` in black, one per `row` pixels from 40 down and `left` in, in Pillow's
+    default font at 36 px (readable by the embedded OCR), and `bottom` pixels below the last row."""
+    image = Image.new("RGB", (width, 40 + row * len(lines) + bottom), "white")
+    draw = ImageDraw.Draw(image)
+    for n, text in enumerate(lines):
+        draw.text((left, 40 + row * n), text, fill="black", font=ImageFont.load_default(size=36))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

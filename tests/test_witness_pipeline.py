@@ -5,7 +5,6 @@ embedded OCR catching a vision model's misreading of a rendered receipt."""
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from orchestrator.analysis.pipeline import Pipeline
 from orchestrator.analysis.routing import KeywordRouter, RequestedMode
@@ -33,7 +32,7 @@ from orchestrator.wiring import Backends, witness_enabled
 from reasoning_stage.errors import ReasoningUnavailable
 from tests.fakes import FakeReasoning, FakeVision, FakeWitness
 from tests.fixtures.make_fixtures import FIXTURE_TEXT, HERE
-from tests.images import decoded
+from tests.images import decoded, text_png
 from vision_stage.errors import ImageCorrupt, VisionError, VisionInvalidOutput, VisionUnavailable
 from vision_stage.ocr import OcrReader, RapidTextReader, TextReader
 from vision_stage.types import TextLine, VisionRequest, VisionResult
@@ -201,13 +200,7 @@ def engine() -> TextReader:
 
 
 def rendered(texts: tuple[str, ...]) -> bytes:
-    image = Image.new("RGB", (640, 80 * len(texts) + 60), "white")
-    draw = ImageDraw.Draw(image)
-    for row, text in enumerate(texts):
-        draw.text((40, 40 + 80 * row), text, fill="black", font=ImageFont.load_default(size=36))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return text_png(texts, width=640, row=80, left=40, bottom=20)
 
 
 def analyze(
