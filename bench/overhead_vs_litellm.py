@@ -2,7 +2,7 @@
 
     make bench-litellm        # creates .venv-litellm (LiteLLM's proxy, pinned) and runs this with every transport
     .venv/bin/python -m bench.overhead_vs_litellm [--rounds 5] [--latency-requests 40] [--throughput-requests 320]
-        [--transport aiohttp,httpx] [--gateways litellm,ours]
+        [--transport aiohttp,httpx] [--gateways litellm,ours,bare]
     .venv/bin/python -m bench.overhead_vs_litellm --rounds 2 --latency-requests 10 --throughput-requests 64  # quick
 
 These processes answer the same `POST /v1/chat/completions` body:
@@ -12,6 +12,8 @@ These processes answer the same `POST /v1/chat/completions` body:
 - LiteLLM: `litellm --config … --num_workers 1` from its own virtualenv, one deployment of the stage as the model
   `vision-only` and a second deployment of the same stage as its fallback; no database, no master key, logging at
   ERROR, no telemetry, the bundled model cost map (nothing leaves loopback);
+- bare (`--gateways bare`): `bench.bare_gateway`, the smallest gateway on our server and client stack, passing the
+  body on unread (no validation, streaming or middleware): the floor one more HTTP hop costs here;
 - ours, once per HTTP client named by `--transport` (`ours-aiohttp`, `ours-httpx`: `ORCH_VISION__TRANSPORT`):
   `python -m orchestrator serve` with the remote vision backend on the stage, no reasoning stage, the keyword router
   and no probes, called with `model: "vision-only"` (its vision-only path).
@@ -152,6 +154,14 @@ def ours_env(stage_port: int) -> dict[str, str]:
     }
 
 
+def start_bare(stage_port: int, core: int, logs: Path) -> Gateway:
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare_gateway", str(port), f"http://127.0.0.1:{stage_port}"]
+    process, log = spawn("bare", argv, base_env(), core, logs)
+    url = f"http://127.0.0.1:{port}"
+    return Gateway("bare", f"{url}/v1/chat/completions", f"{url}/health", process, log)
+
+
 def start_ours(transport: str, stage_port: int, core: int, logs: Path) -> Gateway:
     port = free_port()
     name = f"ours-{transport}"
@@ -193,11 +203,13 @@ def fleet(args: argparse.Namespace, gateway_core: int, client_core: int, logs: P
         os.sched_setaffinity(0, {client_core})
         gateways: list[Gateway] = []
         for name in args.gateways:  # one at a time, so that each startup time is its own
-            for transport in [None] if name == "litellm" else args.transport:
-                if transport is None:
-                    gateway = start_litellm(args.litellm, stage_port, gateway_core, logs)
-                else:
+            for transport in args.transport if name == "ours" else [None]:
+                if transport is not None:
                     gateway = start_ours(transport, stage_port, gateway_core, logs)
+                elif name == "bare":
+                    gateway = start_bare(stage_port, gateway_core, logs)
+                else:
+                    gateway = start_litellm(args.litellm, stage_port, gateway_core, logs)
                 started.append(gateway.process)
                 health, log = gateway.health, gateway.log
                 gateway.startup_s = wait_ready(gateway.name, gateway.process, health, log, STARTUP_TIMEOUT_S)
@@ -253,6 +265,14 @@ def report(kind: str, samples: dict[str, Samples]) -> None:
     if "litellm" in samples:
         for name in ours:
             verdicts(kind, name, samples[name], samples["litellm"], direct)
+    if "bare" in samples:
+        hop = added_ms(samples["bare"], direct)[0]
+        beyond = [
+            f"{name.removeprefix('ours-')} {added_ms(samples[name], direct)[0] - hop:+.2f}"
+            for name in (*ours, "litellm")
+            if name in samples
+        ]
+        print(f"{'':14}added p50 beyond the bare hop's {hop:+.2f} ms: {', '.join(beyond)}")
 
 
 def verdicts(kind: str, name: str, ours: Samples, theirs: Samples, direct: Samples) -> None:
@@ -322,7 +342,7 @@ def run(args: argparse.Namespace) -> None:
 
 def gateway_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = set(names) - {"litellm", "ours"}
+    unknown = set(names) - {"litellm", "ours", "bare"}
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown gateways: {', '.join(sorted(unknown))}")
     return names
@@ -347,7 +367,7 @@ def main() -> None:
         "--gateways",
         type=gateway_list,
         default=["litellm", "ours"],
-        help="comma-separated: litellm, ours (default both)",
+        help="comma-separated: litellm, ours, bare (the hop alone, `bench.bare_gateway`); default litellm,ours",
     )
     parser.add_argument(
         "--transport",
