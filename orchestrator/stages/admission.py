@@ -64,11 +64,15 @@ class Admission:
                 self.in_flight -= 1
 
     async def _acquire(self, semaphore: asyncio.Semaphore, held: contextlib.AsyncExitStack) -> None:
-        try:
-            async with asyncio.timeout(deadline.bounded(None)):
-                await semaphore.acquire()
-        except TimeoutError:
-            raise self._refusal("the request's deadline passed while it waited for a turn") from None
+        """A free slot is taken at once (no timer: nothing waits); otherwise the wait ends with the deadline."""
+        if semaphore.locked():
+            try:
+                async with asyncio.timeout(deadline.bounded(None)):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise self._refusal("the request's deadline passed while it waited for a turn") from None
+        else:
+            await semaphore.acquire()
         held.callback(semaphore.release)
 
     def _refusal(self, why: str) -> Exception:

@@ -157,8 +157,15 @@ class ResilientStage(Generic[B]):
                 await _close(rest)
 
     async def _with_retries(self, operation: Callable[[Endpoint[B]], Awaitable[T]]) -> T:
+        """The first attempt runs before tenacity is set up, which most calls never need (its retry state costs
+        about 30 µs a call); a failure is handed to tenacity as the outcome of its first attempt, so that every
+        decision about retrying is tenacity's alike."""
         failures: list[AttemptFailure] = []
         tried: set[str] = set()
+        try:
+            return await self._attempt(operation, failures, tried)
+        except Exception as exc:
+            first: Exception | None = exc
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_retryable),
             wait=self._wait,
@@ -168,6 +175,9 @@ class ResilientStage(Generic[B]):
         try:
             async for attempt in retrying:
                 with attempt:
+                    if first is not None:
+                        failed, first = first, None
+                        raise failed
                     return await self._attempt(operation, failures, tried)
         except Exception as exc:
             raise self._annotated(exc, failures) from exc.__cause__
