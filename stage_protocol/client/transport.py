@@ -151,10 +151,17 @@ async def _noted_reuse(_session: object, context: SimpleNamespace, _params: obje
 async def _aiohttp_body(response: aiohttp.ClientResponse, read_s: float) -> AsyncIterator[bytes]:
     """The body's pieces as they arrive, within `read_s` of silence. aiohttp 3.14 leaves a reader waiting, its own
     `sock_read` timer stopped, when the body's framing breaks after the head (the error stays on the connection's
-    protocol), so the wait goes in slices of `BROKEN_BODY_POLL_S`, each followed by a look there."""
+    protocol), so the wait goes in slices of `BROKEN_BODY_POLL_S`, each followed by a look there. What has arrived
+    already is taken without a timer (a short answer is whole by the time its head is read)."""
     loop = asyncio.get_running_loop()
     with _aiohttp_translated():
         while True:
+            piece = response.content.read_nowait()
+            if piece:
+                yield piece
+                continue
+            if response.content.at_eof():
+                return
             silent_until = loop.time() + read_s
             while True:
                 try:
