@@ -1,16 +1,13 @@
-"""The `glm` vision backend on a tiny random GLM-4.6V-shaped checkpoint, through the real processor and model classes.
+"""The `glm` vision backend: loading, the three tasks, the processor path, reading the output, errors.
 
 Random weights write random words, so these tests assert types, token counts, shapes, determinism and error types,
-never the text. The checkpoint is built once per module and loaded with the production `from_pretrained` code.
+never the text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,88 +17,16 @@ import torch
 from jinja2 import TemplateError
 from PIL import Image
 
-from batch_engine.engine import BatchEngine
-from batch_engine.settings import EngineSettings
-from batch_engine.types import Completion
-from tests.raw_http import eventually
+from tests.glm_vision.helpers import FACTS, PIXELS_PER_TOKEN, TINY_MAX_TOKENS, request
 from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, glm_tokenizer
 from vision_stage.backend import VisionBackend
 from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend, torch_dtype
+from vision_stage.glm import GlmEngine, GlmVisionBackend, torch_dtype
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
 from vision_stage.glm_errors import Phase, translate_error
 from vision_stage.parsing import read_output
-from vision_stage.types import Box, DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
-
-TINY_MAX_TOKENS = 64
-"""The tiny checkpoint's image processor allows 64 visual tokens per image (`size["longest_edge"]`)."""
-PIXELS_PER_TOKEN = 2 * 28 * 28
-FACTS = ImageFacts(64, 48, "landscape", "PNG", ())
-
-
-def image(width: int = 64, height: int = 48, color: str = "white") -> DecodedImage:
-    return DecodedImage(Image.new("RGB", (width, height), color), "PNG", width, height, 0, "")
-
-
-def request(
-    task: VisionTask = "answer", question: str | None = "what is the total?", *, width: int = 64, height: int = 48
-) -> VisionRequest:
-    return VisionRequest(image(width, height), question, task=task)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_glm4v(tmp_path_factory.mktemp("glm4v") / "tiny", max_visual_tokens=TINY_MAX_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint: Path) -> GlmEngine:
-    return GlmEngine.load(str(checkpoint), device="cpu", dtype="auto", local_files_only=True)
-
-
-@pytest.fixture
-def backend(engine: GlmEngine, checkpoint: Path) -> GlmVisionBackend:
-    return GlmVisionBackend(engine, model=str(checkpoint), device="cpu", max_new_tokens=8)
-
-
-SMALL_ENGINE = EngineSettings(slots=4, max_tokens=512)
-
-
-@pytest.fixture(scope="module")
-def batched_engine(checkpoint: Path) -> Iterator[GlmEngine]:
-    """The same checkpoint loaded again, with the batching engine started on its model."""
-    loaded = GlmEngine.load(str(checkpoint), device="cpu", dtype="auto", local_files_only=True, batching=SMALL_ENGINE)
-    yield loaded
-    loaded.close()
-
-
-def unstarted(engine: GlmEngine) -> GlmEngine:
-    """`engine`'s model and codec with a batching engine of its own whose thread is not started yet."""
-    return GlmEngine(
-        engine.model, engine.codec, name=engine.name, batch=BatchEngine(engine.model, SMALL_ENGINE, REFUSALS)
-    )
-
-
-def unstarted_backend(
-    engine: GlmEngine, checkpoint: Path, max_new_tokens: int
-) -> tuple[GlmEngine, BatchEngine, GlmVisionBackend]:
-    """A backend over `unstarted(engine)`, with that engine and its batching engine."""
-    glm = unstarted(engine)
-    assert glm.batch is not None
-    backend = GlmVisionBackend(glm, model=str(checkpoint), device="cpu", max_new_tokens=max_new_tokens)
-    return glm, glm.batch, backend
-
-
-async def queued(batch: BatchEngine, count: int) -> None:
-    """Wait until `count` requests wait in `batch`'s queue."""
-    await eventually(lambda: batch.waiting >= count, timeout_s=30)
-
-
-def same(result: VisionResult) -> VisionResult:
-    """`result` without its latency."""
-    return dataclasses.replace(result, latency_ms=0.0)
-
+from vision_stage.types import Box
 
 # loading
 
@@ -221,213 +146,6 @@ async def test_thinking_backend_generates(engine: GlmEngine, checkpoint: Path) -
     thinking = GlmVisionBackend(engine, model=str(checkpoint), device="cpu", thinking=True, max_new_tokens=6)
     result = await thinking.generate(request("answer"))
     assert result.answer  # the tiny model writes no <think> markup, so all of it is the answer
-
-
-# the batching engine
-
-
-async def test_load_starts_the_batching_engine_by_default_and_generate_on_request(checkpoint: Path) -> None:
-    batched = await GlmVisionBackend.load(
-        str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512), max_new_tokens=4
-    )
-    plain = await GlmVisionBackend.load(str(checkpoint), batching=None, max_new_tokens=4)
-    try:
-        assert batched.engine.batch is not None
-        assert batched.engine.batch.settings == EngineSettings(slots=2, max_tokens=512)
-        assert plain.engine.batch is None
-        assert (await batched.health()).detail.endswith("; batched, 2 slots (0 running, 0 waiting)")
-        assert (await plain.health()).detail.endswith("; generate")
-    finally:
-        await batched.aclose()
-        await plain.aclose()
-
-
-async def test_a_batching_engine_that_cannot_start_says_what_to_lower(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def start(self: BatchEngine) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
-
-    monkeypatch.setattr(BatchEngine, "start", start)
-    with pytest.raises(VisionUnavailable, match="ENGINE_SLOTS") as caught:
-        await GlmVisionBackend.load(str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512))
-    assert "2 slots of 512 tokens" in str(caught.value)
-    assert "OutOfMemoryError" in str(caught.value)
-
-
-@pytest.mark.parametrize(
-    ("task", "question", "thinking", "max_new_tokens"),
-    [("caption", None, False, 8), ("answer", "what is the total?", False, 40), ("describe", "x?", True, 40)],
-)
-async def test_the_batched_engine_answers_as_plain_generate(
-    engine: GlmEngine,
-    batched_engine: GlmEngine,
-    checkpoint: Path,
-    task: VisionTask,
-    question: str | None,
-    thinking: bool,
-    max_new_tokens: int,
-) -> None:
-    settings: dict[str, Any] = {"model": str(checkpoint), "device": "cpu", "thinking": thinking}
-    plain = GlmVisionBackend(engine, **settings, max_new_tokens=max_new_tokens)
-    batched = GlmVisionBackend(batched_engine, **settings, max_new_tokens=max_new_tokens)
-    expected = await plain.generate(request(task, question))
-    result = await batched.generate(request(task, question))
-    assert same(result) == same(expected)
-    assert result.completion_tokens > 0
-
-
-async def test_concurrent_requests_are_batched_and_each_equals_its_sequential_answer(
-    batched_engine: GlmEngine, checkpoint: Path
-) -> None:
-    _, batch, backend = unstarted_backend(batched_engine, checkpoint, 12)
-    requests = [request("answer", f"question {n}?", width=64 + 16 * n) for n in range(6)]  # more than the 4 slots
-    tasks = [asyncio.create_task(backend.generate(one)) for one in requests]
-    await queued(batch, len(requests))  # all submitted while nothing runs: nothing serialised them
-    batch.start()
-    try:
-        together = await asyncio.gather(*tasks)
-        one_by_one = [await backend.generate(one) for one in requests]
-    finally:
-        await backend.aclose()
-    assert [same(result) for result in together] == [same(result) for result in one_by_one]
-    assert max(batch.batch_sizes) >= 2
-
-
-async def test_aclose_closes_the_batching_engine(batched_engine: GlmEngine, checkpoint: Path) -> None:
-    glm, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
-    waiting = asyncio.create_task(backend.generate(request()))
-    await queued(batch, 1)
-    await backend.aclose()
-    with pytest.raises(VisionUnavailable, match="closed"):
-        await waiting  # the engine failed what it held
-    with pytest.raises(VisionUnavailable, match="closed"):
-        await backend.generate(request())
-    with pytest.raises(VisionUnavailable, match="closed"):
-        batch.submit(glm.codec.encode(request(), thinking=False).inputs, image_key=None, max_new_tokens=4)
-    assert not (await backend.health()).ok
-
-
-async def test_a_cancelled_request_still_waiting_for_a_slot_never_runs(
-    batched_engine: GlmEngine, checkpoint: Path
-) -> None:
-    _, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
-    cancelled = asyncio.create_task(backend.generate(request()))
-    await queued(batch, 1)
-    cancelled.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
-    batch.start()
-    try:
-        assert (await backend.generate(request())).answer
-    finally:
-        await backend.aclose()
-    assert batch.stats().admitted == 1
-
-
-async def test_a_prompt_longer_than_a_slot_is_rejected_and_an_answer_is_cut_at_the_slot_s_end(
-    batched_engine: GlmEngine, checkpoint: Path
-) -> None:
-    backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=8)
-    with pytest.raises(VisionRejected, match="ORCH_VISION__ENGINE_MAX_TOKENS"):
-        await backend.generate(request(question="total " * SMALL_ENGINE.max_tokens))
-    base = batched_engine.codec.encode(request(question="total"), thinking=False).prompt_tokens
-    near_the_end = request(question="total" + " total" * (SMALL_ENGINE.max_tokens - 3 - base))
-    result = await backend.generate(near_the_end)
-    assert (result.prompt_tokens, result.completion_tokens) == (SMALL_ENGINE.max_tokens - 3, 3)
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        (RuntimeError("CUDA error: device-side assert triggered"), VisionUnavailable),
-        (torch.OutOfMemoryError("CUDA out of memory"), VisionUnavailable),
-        (ValueError("Image features and image tokens do not match"), VisionRejected),
-        (VisionUnavailable("the glm batching engine was closed"), VisionUnavailable),
-    ],
-)
-async def test_what_the_engine_fails_with_is_translated(
-    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, expected: type
-) -> None:
-    failed: Future[Completion] = Future()
-    failed.set_exception(error)
-    assert batched_engine.batch is not None
-    monkeypatch.setattr(batched_engine.batch, "submit", lambda *args, **kwargs: failed)
-    backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=4)
-    with pytest.raises(expected) as caught:
-        await backend.generate(request())
-    assert type(caught.value) is expected
-    assert caught.value is error or type(error).__name__ in str(caught.value)
-
-
-async def test_the_image_s_content_hash_keys_the_engine(
-    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batch = batched_engine.batch
-    assert batch is not None
-    keys: list[str | None] = []
-    submit = batch.submit
-
-    def spy(inputs: Any, *, image_key: str | None, max_new_tokens: int) -> Future[Completion]:
-        keys.append(image_key)
-        return submit(inputs, image_key=image_key, max_new_tokens=max_new_tokens)
-
-    monkeypatch.setattr(batch, "submit", spy)
-    backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=4)
-    hashed = DecodedImage(Image.new("RGB", (64, 48), "white"), "PNG", 64, 48, 0, "ab" * 32)
-    hits = batch.device.prefixes.hits
-    await backend.generate(VisionRequest(hashed, "what is the total?", task="answer"))
-    await backend.generate(VisionRequest(hashed, "and the date?", task="answer"))
-    await backend.generate(request())  # no hash: nothing to key
-    assert keys == ["ab" * 32, "ab" * 32, None]
-    assert batch.device.prefixes.hits == hits + 1  # the follow-up reused the image's prefix
-
-
-async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vision_stage.__main__ import _load, _parser
-
-    calls: list[dict[str, Any]] = []
-
-    async def load(model: str, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-
-    monkeypatch.setattr(GlmVisionBackend, "load", load)
-    parser = _parser()
-    await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m"]))
-    options = ["--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8", "--engine-prefix-mb", "0"]
-    options += ["--no-cuda-graphs", "--engine-compile", "off", "--engine-prefill-tokens", "512"]
-    options += ["--engine-decode-kernel", "off"]
-    await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", *options]))
-    await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", "--engine", "generate"]))
-    sized = EngineSettings(
-        slots=4,
-        max_tokens=2048,
-        queue_size=8,
-        prefix_bytes=0,
-        cuda_graphs=False,
-        compile=False,
-        prefill_tokens=512,
-        decode_kernel=False,
-    )
-    assert [call["batching"] for call in calls] == [EngineSettings(), sized, None]
-    wrongs = (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"])
-    for wrong in (*wrongs, ["--engine-decode-kernel", "yes"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["serve", "--backend", "glm", "--model", "m", *wrong])
-
-
-def test_engine_settings_are_bounded() -> None:
-    wrongs: tuple[tuple[dict[str, Any], str], ...] = (
-        ({"slots": 0}, "slots must be from 1 to 128, not 0"),
-        ({"slots": 129}, "slots"),
-        ({"max_tokens": 255}, "max_tokens must be at least 256"),
-        ({"queue_size": 0}, "queue_size"),
-        ({"prefix_bytes": -1}, "prefix_bytes"),
-        ({"prefill_tokens": 0}, "prefill_tokens"),
-    )
-    for wrong, message in wrongs:
-        with pytest.raises(ValueError, match=message):
-            EngineSettings(**wrong)
 
 
 # the processor path
@@ -659,51 +377,3 @@ def test_max_new_tokens_must_be_positive(engine: GlmEngine) -> None:
     kwargs: dict[str, Any] = {"model": "m", "device": "cpu", "max_new_tokens": 0}
     with pytest.raises(ValueError, match="at least 1"):
         GlmVisionBackend(engine, **kwargs)
-
-
-async def test_metrics_read_the_batching_engine_through_the_wired_backend(checkpoint: Path) -> None:
-    from prometheus_client import generate_latest
-
-    from orchestrator.observability.metrics import Metrics, StateCollector
-    from orchestrator.stage_settings import GlmVisionSettings
-    from orchestrator.stages.resilient import endpoint_statuses
-    from orchestrator.wiring import build_vision
-
-    settings = GlmVisionSettings(model=str(checkpoint), engine_slots=2, engine_max_tokens=512, max_new_tokens=4)
-    backend = await build_vision(settings)
-    try:
-        picture = DecodedImage(Image.new("RGB", (64, 48), "white"), "PNG", 64, 48, 0, "c0ffee")
-        await backend.generate(VisionRequest(picture, "what is the total?", task="answer"))
-        await backend.generate(VisionRequest(picture, "and the date?", task="answer"))  # its prefix is reused
-        (status,) = endpoint_statuses(backend)
-        assert status.engine is not None
-        # the load's check against plain generate, then the two requests
-        assert (status.engine.admitted, status.engine.prefix_hits, status.engine.running) == (3, 1, 0)
-        metrics = Metrics()
-        metrics.registry.register(StateCollector(lambda: {"vision": endpoint_statuses(backend)}))
-        text = generate_latest(metrics.registry).decode()
-    finally:
-        await backend.aclose()
-    labels = 'endpoint="glm",stage="vision"'
-    assert f"orchestrator_engine_admitted_total{{{labels}}} 3.0" in text
-    assert 'orchestrator_engine_reuse_total{endpoint="glm",result="hit",stage="vision",store="prefix"} 1.0' in text
-    assert f'orchestrator_engine_requests{{{labels},state="running"}} 0.0' in text
-    assert f"orchestrator_engine_steps_total{{{labels}}}" in text
-    assert endpoint_statuses(backend)[0].engine is None  # closed
-
-
-async def test_load_checks_the_batching_engine_against_plain_generate(
-    checkpoint: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with caplog.at_level("WARNING", logger="vision_stage.glm"):
-        backend = await GlmVisionBackend.load(str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512))
-    try:
-        assert not caplog.records
-        engine = backend.engine
-        assert await asyncio.to_thread(engine.check_batching)
-        monkeypatch.setattr(engine, "generate_ids", lambda prompt, tokens: [0] * tokens)
-        with caplog.at_level("WARNING", logger="vision_stage.glm"):
-            assert not await asyncio.to_thread(engine.check_batching)
-        assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0]" in caplog.text
-    finally:
-        await backend.aclose()
