@@ -57,7 +57,7 @@ def test_an_integer_past_python_s_digit_limit_does_not_crash_the_readers() -> No
 def test_prose_with_brackets_stays_prose(text: str) -> None:
     read = read_description(text, FACTS)
     assert read.notes == (NOT_JSON_NOTE,)
-    assert text in read.text
+    assert text in read.description
 
 
 def test_a_json_answer_whose_only_braces_are_prose_has_no_fields() -> None:

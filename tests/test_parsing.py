@@ -183,9 +183,9 @@ def test_parse_description_accepts_nulls_and_plain_strings() -> None:
 )
 def test_text_with_no_usable_json_becomes_the_description_as_written(text: str, kept: str) -> None:
     read = read_description(text, FACTS)
-    assert kept in read.text
+    assert kept in read.description
     assert read.notes == (NOT_JSON_NOTE,)
-    assert read.text.startswith("Image: 500×1000 pixels")  # the facts still come first
+    assert read.description.startswith("Image: 500×1000 pixels")  # the facts still come first
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from vision_stage.boxes import box_of, quad
 from vision_stage.facts import facts_lines
 from vision_stage.prose import read_prose
 from vision_stage.render import render_description
-from vision_stage.types import Box, DetectedObject, ImageFacts, KeyValue, StructuredDescription, TextLine
+from vision_stage.types import Box, DetectedObject, ImageFacts, KeyValue, Reading, StructuredDescription, TextLine
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "caption": ("caption", "description", "summary", "overview", "scene", "imagedescription", "描述", "图片描述",
@@ -61,17 +61,6 @@ REMARKS_HEADER = "Also written by the model, outside its JSON:"
 REPAIRED_NOTE = "the model's JSON description did not parse as written and was repaired to be read"
 
 
-@dataclass(frozen=True)
-class Description:
-    """What a describe answer says: the caption, the structured evidence, the text the reasoning stage reads, and
-    notes on how it was read."""
-
-    caption: str
-    structured: StructuredDescription
-    text: str
-    notes: tuple[str, ...] = ()
-
-
 @dataclass
 class _Parts:
     caption: str = ""
@@ -87,7 +76,7 @@ class _Parts:
         )
 
 
-def read_description(text: str, facts: ImageFacts) -> Description:
+def read_description(text: str, facts: ImageFacts) -> Reading:
     """The description in `text` (box markup already replaced by its content), never failing (module docstring)."""
     found = find_json(text, kinds=(dict,), parse_float=str) or find_json(text, kinds=(list,), parse_float=str)
     parts = _json_parts(found.value) if found is not None else None
@@ -99,7 +88,7 @@ def read_description(text: str, facts: ImageFacts) -> Description:
     if len(remarks) >= 12:  # more than a "Here you go:"
         rendered += f"\n{REMARKS_HEADER}\n{remarks}"
     notes = (REPAIRED_NOTE,) if found.repaired else ()
-    return Description(parts.caption, structured, rendered, notes)
+    return Reading(parts.caption, rendered, structured, None, None, (), notes)
 
 
 def _norm(key: object) -> str:
@@ -292,13 +281,13 @@ def _pair_of_text(text: str) -> KeyValue:
     return KeyValue(match.group(1), match.group(2).strip()) if match else KeyValue(text.strip(), "")
 
 
-def _prose(text: str, facts: ImageFacts) -> Description:
+def _prose(text: str, facts: ImageFacts) -> Reading:
     """A description with no usable JSON: the model's text as it wrote it, after the image's facts, and the
     evidence `vision_stage.prose` reads from it."""
     found = read_prose(text)
     parts = _Parts(found.caption, found.lines, found.objects, found.fields, found.layout)
     body = "\n".join([*facts_lines(facts), PROSE_HEADER])
-    return Description(parts.caption, parts.structured(facts), f"{body}\n{text.strip()}", (NOT_JSON_NOTE,))
+    return Reading(parts.caption, f"{body}\n{text.strip()}", parts.structured(facts), None, None, (), (NOT_JSON_NOTE,))
 
 
 def written_text(description: str) -> str | None:

@@ -12,10 +12,9 @@ Only an answer with no text at all is `VisionInvalidOutput`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-import time
-from dataclasses import dataclass
 
 from stage_protocol.model_text import THINK_CLOSE, THINK_OPEN, split_thinking
 from vision_stage.boxes import BOX_CLOSE, BOX_OPEN, extract_boxes
@@ -25,9 +24,9 @@ from vision_stage.render import render_description
 from vision_stage.types import (
     Box,
     ImageFacts,
+    Reading,
     StructuredDescription,
     TextLine,
-    VisionResult,
     VisionTask,
 )
 
@@ -48,48 +47,6 @@ _CONTROL = re.compile(
 """GLM's control tokens, which a server decoding with `skip_special_tokens=false` may leave in the text."""
 
 
-@dataclass(frozen=True)
-class Reading:
-    """What a vision-language model's text says, per task: the fields of a `VisionResult` that come from it, and
-    notes on how it was read."""
-
-    caption: str
-    description: str
-    structured: StructuredDescription
-    answer: str | None
-    thinking: str | None
-    boxes: tuple[Box, ...]
-    notes: tuple[str, ...] = ()
-
-    def result(
-        self,
-        backend: str,
-        model: str,
-        task: VisionTask,
-        *,
-        started: float,
-        notes: tuple[str, ...] = (),
-        tokens: tuple[int, int] = (0, 0),
-    ) -> VisionResult:
-        """The `VisionResult` of this reading; `started` is the request's `time.perf_counter()` at its start; `notes`
-        follow the reading's own; `tokens` are the (prompt, completion) tokens the model spent on it."""
-        return VisionResult(
-            backend=backend,
-            model=model,
-            task=task,
-            caption=self.caption,
-            description=self.description,
-            structured=self.structured,
-            answer=self.answer,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            notes=self.notes + notes,
-            thinking=self.thinking,
-            boxes=self.boxes,
-            prompt_tokens=tokens[0],
-            completion_tokens=tokens[1],
-        )
-
-
 def read_output(task: VisionTask, text: str, facts: ImageFacts, *, who: str, budget_spent: bool = False) -> Reading:
     """Interpret a model's text for `task`; `who` names the model in errors. `VisionInvalidOutput` only when there is
     no answer (`budget_spent`: the token limit was reached, so thinking may have been cut). The answer task has no
@@ -104,8 +61,7 @@ def read_output(task: VisionTask, text: str, facts: ImageFacts, *, who: str, bud
         raise VisionInvalidOutput(f"{who} wrote no answer for the {task} task")
     plain, boxes = extract_boxes(answer)
     if task == "describe":
-        read = read_description(plain, facts)
-        return Reading(read.caption, read.text, read.structured, None, thinking, boxes, read.notes)
+        return dataclasses.replace(read_description(plain, facts), thinking=thinking, boxes=boxes)
     structured = StructuredDescription(facts)
     caption = plain.strip() if task == "caption" else ""
     answer_text = plain.strip() if task == "answer" else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -265,3 +266,45 @@ class VisionResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens the model read and wrote for this result, where the backend counts them (0 for `ocr`)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a vision-language model's text says, per task: the fields of a `VisionResult` that come from it, and
+    notes on how it was read."""
+
+    caption: str
+    description: str
+    structured: StructuredDescription
+    answer: str | None
+    thinking: str | None
+    boxes: tuple[Box, ...]
+    notes: tuple[str, ...] = ()
+
+    def result(
+        self,
+        backend: str,
+        model: str,
+        task: VisionTask,
+        *,
+        started: float,
+        notes: tuple[str, ...] = (),
+        tokens: tuple[int, int] = (0, 0),
+    ) -> VisionResult:
+        """The `VisionResult` of this reading; `started` is the request's `time.perf_counter()` at its start; `notes`
+        follow the reading's own; `tokens` are the (prompt, completion) tokens the model spent on it."""
+        return VisionResult(
+            backend=backend,
+            model=model,
+            task=task,
+            caption=self.caption,
+            description=self.description,
+            structured=self.structured,
+            answer=self.answer,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            notes=self.notes + notes,
+            thinking=self.thinking,
+            boxes=self.boxes,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+        )

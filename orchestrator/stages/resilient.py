@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from orchestrator.stage_settings import PolicySettings
 from orchestrator.stages.cache import CachedVision
@@ -45,15 +45,16 @@ REASONING_ERRORS = StageErrors(
 
 
 class _Resilient(Generic[B]):
-    """A stage's endpoints behind its policy (`orchestrator.stages.endpoints`), named after the first one."""
+    """A stage's endpoints behind its policy (`orchestrator.stages.endpoints`), named after the first one; `ERRORS`
+    are the stage's."""
 
-    def __init__(
-        self, errors: StageErrors, endpoints: Sequence[tuple[str, B]], settings: PolicySettings, reserve_s: float
-    ) -> None:
+    ERRORS: ClassVar[StageErrors]
+
+    def __init__(self, endpoints: Sequence[tuple[str, B]], settings: PolicySettings, *, reserve_s: float = 0.0) -> None:
         first = endpoints[0][1]
         self.name = first.name
         self.model = first.model
-        self.stage: ResilientStage[B] = ResilientStage(errors, endpoints, settings, reserve_s=reserve_s)
+        self.stage: ResilientStage[B] = ResilientStage(self.ERRORS, endpoints, settings, reserve_s=reserve_s)
 
     async def health(self) -> Health:
         healths = await asyncio.gather(*(e.backend.health() for e in self.stage.endpoints))
@@ -67,10 +68,7 @@ class _Resilient(Generic[B]):
 class ResilientVision(_Resilient[VisionBackend]):
     """Vision endpoints behind the stage's policy."""
 
-    def __init__(
-        self, endpoints: Sequence[tuple[str, VisionBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
-    ) -> None:
-        super().__init__(VISION_ERRORS, endpoints, settings, reserve_s)
+    ERRORS = VISION_ERRORS
 
     async def generate(self, request: VisionRequest) -> VisionResult:
         return await self.stage.call(lambda endpoint: endpoint.backend.generate(request))
@@ -79,10 +77,7 @@ class ResilientVision(_Resilient[VisionBackend]):
 class ResilientReasoning(_Resilient[ReasoningBackend]):
     """Reasoning endpoints behind the stage's policy; `stream` retries only before the first delta."""
 
-    def __init__(
-        self, endpoints: Sequence[tuple[str, ReasoningBackend]], settings: PolicySettings, *, reserve_s: float = 0.0
-    ) -> None:
-        super().__init__(REASONING_ERRORS, endpoints, settings, reserve_s)
+    ERRORS = REASONING_ERRORS
 
     async def generate(self, request: ReasoningRequest) -> ReasoningResult:
         return await self.stage.call(lambda endpoint: endpoint.backend.generate(request))
