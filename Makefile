@@ -66,7 +66,7 @@ $(LITELLM_STAMP):
 
 .PHONY: bench-litellm
 bench-litellm: $(STAMP) $(LITELLM_STAMP)
-	$(BIN)/python -m bench.overhead_vs_litellm --transport aiohttp,httpx
+	$(BIN)/python -m bench.overhead_vs_litellm --transport aiohttp,httpx --gateways litellm,ours,bare
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
