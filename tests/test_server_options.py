@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import platform
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from orchestrator.settings import CacheSettings, LimitSettings, RouterSettings, 
 from orchestrator.stages import deadline
 from orchestrator.wiring import Backends
 from reasoning_stage.none import NoneReasoningBackend
-from stage_protocol.server.command import HEAP_ARENAS, UVICORN_OPTIONS
+from stage_protocol.server.command import UVICORN_OPTIONS
 from tests.fakes import FakeVision
 from tests.servers import serving
 from vision_stage.types import VisionRequest, VisionResult
@@ -116,43 +115,3 @@ def test_megabyte_buffers_come_from_the_heap_once_kept_there() -> None:
 
     assert mapped_apart("default") >= 8  # glibc maps them apart (24: its threshold has not adapted yet)
     assert mapped_apart("kept") == 0
-
-
-ARENAS = """
-import ctypes, sys, threading
-from stage_protocol.server.command import keep_large_buffers_in_heap
-
-if sys.argv[1] == "kept":
-    assert keep_large_buffers_in_heap()
-together = threading.Barrier(8)
-held = []
-
-def work() -> None:
-    held.append(bytearray(1 << 20))  # a thread's first allocation takes it an arena
-    together.wait()
-
-threads = [threading.Thread(target=work) for _ in range(8)]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block each, on stderr
-"""
-"""Eight threads, alive at once, each allocating: glibc gives each its own arena, up to its limit."""
-
-
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="glibc's arenas",
-)
-def test_the_heap_keeps_to_two_arenas_unless_the_environment_says_otherwise() -> None:
-    environment = {name: value for name, value in os.environ.items() if name != "MALLOC_ARENA_MAX"}
-
-    def arenas(mode: str, **env: str) -> int:
-        command = [sys.executable, "-c", ARENAS, mode]
-        run = subprocess.run(command, capture_output=True, text=True, check=True, env=environment | env)
-        return sum(line.startswith("Arena ") for line in run.stderr.splitlines())
-
-    assert arenas("default") > HEAP_ARENAS
-    assert arenas("kept") <= HEAP_ARENAS
-    assert arenas("kept", MALLOC_ARENA_MAX="4") == 4

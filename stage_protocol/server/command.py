@@ -21,8 +21,6 @@ SERVE_HELP = "serve POST /v1/chat/completions, GET /v1/models and GET /health"
 
 LARGE_BUFFERS_IN_HEAP = 64 << 20
 """glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` as `keep_large_buffers_in_heap` sets them (bytes)."""
-HEAP_ARENAS = 2
-"""glibc's `M_ARENA_MAX` as `keep_large_buffers_in_heap` sets it, unless `MALLOC_ARENA_MAX` is in the environment."""
 
 
 def keep_large_buffers_in_heap() -> bool:
@@ -30,25 +28,17 @@ def keep_large_buffers_in_heap() -> bool:
     each buffer over 128 KiB afresh (until its threshold adapts): an image request handles several megabyte buffers
     (the body, the decoded bytes, the forwarded body), and fresh mappings are page faults on every first touch. With
     it, a 1 MB image's added latency through the service went from 5.4 to 3.2 ms and its CPU from 5.6 to 3.1 ms
-    (docs/benchmarks.md); freed memory is reused rather than returned.
-
-    Each of glibc's arenas keeps its own free top, and glibc gives threads up to 8 arenas a core, so the memory kept
-    grows with the threads that decode images: with 2 arenas (`HEAP_ARENAS`), 4 MB images at 32 concurrent requests
-    left the service at 398 MiB resident where glibc's default left 921, at the same throughput
-    (`bench/heap_arenas.py`). `MALLOC_ARENA_MAX` in the environment, which glibc reads itself, takes precedence.
-    Whether it was set: False where the C library is not glibc."""
+    (docs/benchmarks.md); freed memory is reused rather than returned. Whether it was set: False where the C library
+    is not glibc."""
     import ctypes
     import ctypes.util
-    import os
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # <malloc.h>
-    if "MALLOC_ARENA_MAX" not in os.environ and not mallopt(m_arena_max, HEAP_ARENAS):
-        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, LARGE_BUFFERS_IN_HEAP)) and bool(
         mallopt(m_trim_threshold, LARGE_BUFFERS_IN_HEAP)
     )
