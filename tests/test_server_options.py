@@ -26,7 +26,7 @@ from orchestrator.settings import CacheSettings, LimitSettings, RouterSettings, 
 from orchestrator.stages import deadline
 from orchestrator.wiring import Backends
 from reasoning_stage.none import NoneReasoningBackend
-from stage_protocol.server.command import UVICORN_OPTIONS
+from stage_protocol.server.command import UVICORN_OPTIONS, keep_large_buffers_in_heap
 from tests.fakes import FakeVision
 from tests.servers import serving
 from vision_stage.types import VisionRequest, VisionResult
@@ -115,3 +115,11 @@ def test_megabyte_buffers_come_from_the_heap_once_kept_there() -> None:
 
     assert mapped_apart("default") >= 8  # glibc maps them apart (24: its threshold has not adapted yet)
     assert mapped_apart("kept") == 0
+
+
+@pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
+def test_glibc_s_own_threshold_variables_leave_the_heap_as_the_operator_set_it(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, "8388608")
+    assert not keep_large_buffers_in_heap()

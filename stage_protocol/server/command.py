@@ -21,6 +21,8 @@ SERVE_HELP = "serve POST /v1/chat/completions, GET /v1/models and GET /health"
 
 LARGE_BUFFERS_IN_HEAP = 64 << 20
 """glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` as `keep_large_buffers_in_heap` sets them (bytes)."""
+HEAP_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+"""glibc's own variables for the two thresholds: when either is set, `keep_large_buffers_in_heap` leaves glibc alone."""
 
 
 def keep_large_buffers_in_heap() -> bool:
@@ -28,11 +30,17 @@ def keep_large_buffers_in_heap() -> bool:
     each buffer over 128 KiB afresh (until its threshold adapts): an image request handles several megabyte buffers
     (the body, the decoded bytes, the forwarded body), and fresh mappings are page faults on every first touch. With
     it, a 1 MB image's added latency through the service went from 5.4 to 3.2 ms and its CPU from 5.6 to 3.1 ms
-    (docs/benchmarks.md); freed memory is reused rather than returned. Whether it was set: False where the C library
-    is not glibc."""
+    (docs/benchmarks.md); freed memory is reused rather than returned, which under many large images at once keeps
+    more resident than glibc's own thresholds do (`bench/heap_settings.py`, two runs: 0.5–1.2 GB against 0.3–0.9 GB
+    after rounds of 4 MB images at 32 concurrent requests). An operator who would rather have glibc's behaviour, or thresholds of
+    their own, sets `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (glibc reads them itself at start), and
+    nothing is changed here. Whether it was set: False where the C library is not glibc, or where either is set."""
     import ctypes
     import ctypes.util
+    import os
 
+    if any(name in os.environ for name in HEAP_ENVIRONMENT):
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
