@@ -27,9 +27,10 @@ from pathlib import Path
 
 import httpx
 
+from bench import fake_stage
 from bench.gateway_load import JSON_HEADERS, Kind, noise_png, png
 from bench.overhead_vs_litellm import IMAGE_BYTES, ours_env
-from bench.processes import ROOT, base_env, cores, free_port, process_ticks, resident_mib, spawn, stop, wait_ready
+from bench.processes import ROOT, cores, free_port, process_ticks, resident_mib, spawn, stop, wait_ready
 
 
 @contextlib.contextmanager
@@ -94,11 +95,8 @@ def main() -> None:
     started: list[subprocess.Popen[bytes]] = []
     with worktree(args.base) as base, tempfile.TemporaryDirectory(prefix="bench-ab-logs-") as logs:
         try:
-            stage_port = free_port()
-            argv = [sys.executable, "-m", "bench.fake_stage", str(stage_port)]
-            stage, stage_log = spawn("stage", argv, base_env(), client_core, Path(logs))
+            stage, stage_port = fake_stage.start(client_core, Path(logs))
             started.append(stage)
-            wait_ready("stage", stage, f"http://127.0.0.1:{stage_port}/v1/models", stage_log, 60.0)
             urls = {"direct": f"http://127.0.0.1:{stage_port}/v1/chat/completions"}
             pids: dict[str, int] = {}
             for name, cwd in (("base", base), ("this", ROOT)):

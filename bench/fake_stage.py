@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 STAGE_ANSWER = "A small test image."
 
@@ -102,6 +104,21 @@ async def serve_stage(port: int) -> None:
     server = await asyncio.start_server(stage.connection, "127.0.0.1", port)
     async with server:
         await server.serve_forever()
+
+
+def start(core: int, logs: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """This stage in a process of its own, pinned to `core`, its output in `logs`, once it answers: the process and
+    its port. Stopping it is the caller's (`bench.processes.stop`)."""
+    from bench.processes import base_env, free_port, spawn, stop, wait_ready
+
+    port = free_port()
+    process, log = spawn("stage", [sys.executable, "-m", "bench.fake_stage", str(port)], base_env(), core, logs)
+    try:
+        wait_ready("stage", process, f"http://127.0.0.1:{port}/v1/models", log, 60.0)
+    except BaseException:
+        stop(process)
+        raise
+    return process, port
 
 
 if __name__ == "__main__":

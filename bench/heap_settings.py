@@ -36,9 +36,10 @@ from pathlib import Path
 
 import httpx
 
+from bench import fake_stage
 from bench.gateway_load import CONCURRENCY, Samples, latency_batch, noise_png, throughput_batch
 from bench.overhead_vs_litellm import IMAGE_BYTES, ours_env
-from bench.processes import base_env, cores, free_port, process_ticks, resident_mib, spawn, stop, wait_ready
+from bench.processes import cores, free_port, process_ticks, resident_mib, spawn, stop, wait_ready
 
 MIB = 1 << 20
 
@@ -72,11 +73,8 @@ def command(variant: str) -> tuple[list[str], dict[str, str]]:
 def services(variants: list[str], gateway_core: int, client_core: int, logs: Path) -> Iterator[list[Service]]:
     started: list[subprocess.Popen[bytes]] = []
     try:
-        stage_port = free_port()
-        argv = [sys.executable, "-m", "bench.fake_stage", str(stage_port)]
-        stage, stage_log = spawn("stage", argv, base_env(), client_core, logs)
+        stage, stage_port = fake_stage.start(client_core, logs)
         started.append(stage)
-        wait_ready("stage", stage, f"http://127.0.0.1:{stage_port}/v1/models", stage_log, 60.0)
         os.sched_setaffinity(0, {client_core})
         running = []
         for number, variant in enumerate(variants):

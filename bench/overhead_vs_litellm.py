@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import fake_stage
 from bench.gateway_load import CONCURRENCY, MODEL, Kind, Samples, Target, measure, noise_png, png
 from bench.processes import (
     ROOT,
@@ -194,12 +195,9 @@ def fleet(args: argparse.Namespace, gateway_core: int, client_core: int, logs: P
     `client_core`. Every process started is stopped on the way out, whatever happens."""
     started: list[subprocess.Popen[bytes]] = []
     try:
-        stage_port = free_port()
-        argv = [sys.executable, "-m", "bench.fake_stage", str(stage_port)]
-        stage, stage_log = spawn("stage", argv, base_env(), client_core, logs)
+        stage, stage_port = fake_stage.start(client_core, logs)
         started.append(stage)
         stage_url = f"http://127.0.0.1:{stage_port}"
-        wait_ready("stage", stage, f"{stage_url}/v1/models", stage_log, 60.0)
         os.sched_setaffinity(0, {client_core})
         gateways: list[Gateway] = []
         for name in args.gateways:  # one at a time, so that each startup time is its own

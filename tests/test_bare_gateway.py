@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import fake_stage
 from bench.gateway_load import Kind, png
 from bench.processes import base_env, free_port, spawn, stop, wait_ready
 
@@ -19,14 +20,12 @@ from bench.processes import base_env, free_port, spawn, stop, wait_ready
 @pytest.fixture(scope="module")
 def stage_and_hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     logs: Path = tmp_path_factory.mktemp("bare-gateway")
-    stage_port, hop_port = free_port(), free_port()
-    stage_url, hop_url = f"http://127.0.0.1:{stage_port}", f"http://127.0.0.1:{hop_port}"
     core = min(os.sched_getaffinity(0))
-    argv = [sys.executable, "-m", "bench.fake_stage", str(stage_port)]
-    stage, stage_log = spawn("stage", argv, base_env(), core, logs)
+    stage, stage_port = fake_stage.start(core, logs)
+    hop_port = free_port()
+    stage_url, hop_url = f"http://127.0.0.1:{stage_port}", f"http://127.0.0.1:{hop_port}"
     started = [stage]
     try:
-        wait_ready("stage", stage, f"{stage_url}/v1/models", stage_log, 60.0)
         argv = [sys.executable, "-m", "bench.bare_gateway", str(hop_port), stage_url]
         hop, hop_log = spawn("bare", argv, base_env(), core, logs)
         started.append(hop)
