@@ -21,7 +21,7 @@ Row = tuple[str, float, float]
 @dataclass
 class Paths:
     """The two paths over one model, as each benchmark runs them; each benchmark's own subclass builds its prompts
-    (`prompt`, `request`, `together`) and runs plain `generate` (`plain`)."""
+    (`prompt`, `request`, `together`) and plain `generate`'s inputs (`generate_inputs`)."""
 
     model: Any
     engine: Any
@@ -34,6 +34,21 @@ class Paths:
             torch.cuda.synchronize()
 
     def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]:
+        """Plain `generate` on `inputs`, greedy and eager (not the layers the engine compiled): its milliseconds
+        and the tokens it wrote."""
+        import torch
+
+        on_device = self.generate_inputs(inputs)
+        prompt_length = on_device["input_ids"].shape[1]
+        self.sync()
+        started = time.perf_counter()
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+            output = self.model.generate(**on_device, max_new_tokens=new_tokens, do_sample=False)
+        self.sync()
+        return (time.perf_counter() - started) * 1000, output[:, prompt_length:]
+
+    def generate_inputs(self, inputs: Any) -> dict[str, Any]:
+        """`generate`'s keyword arguments for `inputs`, on the model's device."""
         raise NotImplementedError
 
     def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:

@@ -20,7 +20,6 @@ plain `generate`'s.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,18 +52,11 @@ class TextBench(Paths):
         vocab = int(self.model.config.vocab_size)
         return torch.randint(0, vocab, (1, self.prompt_tokens), generator=generator)
 
-    def plain(self, ids: Any, new_tokens: int) -> tuple[float, Any]:
+    def generate_inputs(self, ids: Any) -> dict[str, Any]:
         import torch
 
         ids = ids.to(self.model.device)
-        self.sync()
-        started = time.perf_counter()
-        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # layers the engine compiled too
-            output = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-            )
-        self.sync()
-        return (time.perf_counter() - started) * 1000, output[:, ids.shape[1] :]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:
         return {"input_ids": prompt}, None

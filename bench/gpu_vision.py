@@ -74,16 +74,8 @@ class Bench(Paths):
         messages = chat_messages(noise(self.side, seed), task_prompt("answer", question))
         return self.processor.apply_chat_template(messages, **chat_kwargs(self.processor))
 
-    def plain(self, inputs: Any, new_tokens: int) -> tuple[float, Any]:
-        import torch
-
-        on_device = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
-        self.sync()
-        started = time.perf_counter()
-        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # layers the engine compiled too
-            output = self.model.generate(**on_device, max_new_tokens=new_tokens, do_sample=False)
-        self.sync()
-        return (time.perf_counter() - started) * 1000, output[:, inputs["input_ids"].shape[1] :]
+    def generate_inputs(self, inputs: Any) -> dict[str, Any]:
+        return {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
 
     def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:
         """Keyed by its image's content, as the backend keys a decoded image."""
