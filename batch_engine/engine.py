@@ -36,9 +36,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch_engine.prompts import Prompt, reuse_keys, text_prefixes
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
-from batch_engine.steps import DeviceSteps, Prompt, reuse_keys, text_prefixes
+from batch_engine.steps import DeviceSteps
 from batch_engine.types import PLAIN_REFUSALS, Completion, EngineStats, Refusals
 from stage_protocol.loops import WINDOW, repeats_at_end
 

@@ -20,7 +20,6 @@ GLM-4.6V-Flash), one for a text model's plain positions; `_position_ids` gives e
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 import time
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from batch_engine import decode_attention
+from batch_engine.prompts import Prompt
 from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
 if TYPE_CHECKING:
@@ -42,64 +42,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
 EXTEND_BUCKETS = (16, 32, 64, 128)
 """New-token counts of a follow-up's prefill (after a reused prefix), each a CUDA graph like a decode step."""
-TEXT_BLOCK = 32
-"""A text prompt's prefixes are kept and found at multiples of this many tokens."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One request's model inputs, on the CPU: token ids (prompt tokens,), positions (axes, prompt tokens) and the
-    M-RoPE delta (0 without M-RoPE), the image's pixel values and grid (None without an image), and its content key
-    (None: never reused)."""
-
-    ids: Any
-    positions: Any
-    delta: int
-    pixel_values: Any
-    grid: Any
-    image_key: bytes | None
-    prefixes: tuple[tuple[bytes, int], ...] = ()
-    """The prefixes whose KV may be reused or kept, longest first: their key and length (`reuse_keys`,
-    `text_prefixes`); empty: nothing to reuse or keep."""
-    encoder_key: bytes | None = None
-    """What its image's encoder output is stored under; None: not kept."""
-
-    @property
-    def tokens(self) -> int:
-        return int(self.ids.shape[0])
-
-
-def reuse_keys(
-    ids: Any, image_key: bytes | None, grid: Any, image_end_id: int | None
-) -> tuple[tuple[tuple[bytes, int], ...], bytes | None]:
-    """An image prompt's prefix (its tokens up to the image's end token, keyed with the image's content hash and
-    grid; none when the prefix is the whole prompt) and its encoder key. Computed once per request, on the
-    submitter's thread."""
-    if image_key is None or grid is None or image_end_id is None:
-        return (), None
-    shape = str(grid.tolist()).encode()
-    encoder_key = hashlib.sha256(image_key + shape).digest()
-    ends = (ids == image_end_id).nonzero()
-    length = int(ends[-1, 0]) + 1 if ends.numel() else 0
-    if not length or length >= int(ids.shape[0]):
-        return (), encoder_key
-    digest = hashlib.sha256(image_key)
-    digest.update(ids[:length].numpy().tobytes())
-    digest.update(shape)
-    return ((digest.digest(), length),), encoder_key
-
-
-def text_prefixes(ids: Any) -> tuple[tuple[bytes, int], ...]:
-    """A prompt without an image: its prefixes at every multiple of `TEXT_BLOCK` tokens short of the whole prompt,
-    longest first, each keyed by the hash of its token ids (a follow-up sharing the instructions and the description
-    shares the prefixes up to its question)."""
-    raw = ids.cpu().numpy().astype("int64").tobytes()
-    digest = hashlib.sha256(b"text prefix")
-    keys = []
-    for end in range(TEXT_BLOCK, int(ids.shape[0]), TEXT_BLOCK):
-        digest.update(raw[(end - TEXT_BLOCK) * 8 : end * 8])
-        keys.append((digest.copy().digest(), end))
-    return tuple(reversed(keys))
 
 
 class DeviceSteps:
