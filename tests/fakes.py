@@ -183,6 +183,16 @@ class FakeStreamingReasoning(FakeReasoning):
 
 
 @dataclass
+class Clock:
+    """A clock that stands still until a test moves `now` (seconds)."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
 class FakeEmbedder:
     """Embeds each text as its hand-made vector in `vectors` (L2-normalised), or as `default`; records every call."""
 

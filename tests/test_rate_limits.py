@@ -17,7 +17,7 @@ from orchestrator.security.access import ApiKeys, LocalLimiter, RateLimiter, Sec
 from orchestrator.security.addresses import ClientAddresses
 from orchestrator.settings import RateLimitSettings, Settings
 from orchestrator.wiring import Backends
-from tests.fakes import FakeReasoning, FakeVision
+from tests.fakes import Clock, FakeReasoning, FakeVision
 from tests.images import png_bytes
 from tests.servers import data_url
 from vision_stage.types import VisionRequest, VisionResult
@@ -25,13 +25,6 @@ from vision_stage.types import VisionRequest, VisionResult
 KEY = "k-5d0c9e2a7f31b846"
 IMAGE = data_url(png_bytes())
 PROXY = "10.0.0.1"
-
-
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- the limiter -----------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The resilience layer's parts, each on its own: breakers, retries and their budget, admission, endpoint choice,
-deadlines, and the stream rule (retry only before the first item)."""
+"""The resilience layer's parts, each on its own: retries and their budget, admission, endpoint choice, deadlines, and
+the stream rule (retry only before the first item); the circuit breaker alone is in `test_breaker.py`."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 from orchestrator.stage_settings import AdmissionSettings, BreakerSettings, PolicySettings, RetrySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.admission import BULK
-from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
+from orchestrator.stages.breaker import BreakerState, CircuitBreaker
 from orchestrator.stages.endpoints import Endpoint, ResilientStage
 from orchestrator.stages.resilient import REASONING_ERRORS, VISION_ERRORS, FallbackVision, ResilientVision
 from orchestrator.stages.retry import RetryBudget, backoff_s, is_retryable
 from reasoning_stage.errors import ReasoningUnavailable
-from tests.fakes import FakeVision
+from tests.fakes import Clock, FakeVision
 from tests.images import decoded
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import (
@@ -33,14 +33,6 @@ from vision_stage.errors import (
 from vision_stage.types import VisionRequest
 
 FAST_RETRY = RetrySettings(attempts=3, backoff_s=0.001, backoff_max_s=0.002)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -75,66 +67,6 @@ def stage_of(*backends: Scripted, **overrides: object) -> ResilientStage[Scripte
 
 async def run_on(stage: ResilientStage[Scripted]) -> str:
     return await stage.call(lambda endpoint: endpoint.backend.run())
-
-
-# --- the breaker -----------------------------------------------------------------------------------------------
-
-
-def test_a_breaker_opens_after_enough_failures_and_a_single_trial_closes_it() -> None:
-    clock = Clock()
-    changes: list[tuple[BreakerState, BreakerState]] = []
-    breaker = CircuitBreaker(
-        BreakerSettings(failures=3, window_s=10, open_s=5), clock=clock, on_change=lambda a, b: changes.append((a, b))
-    )
-    for _ in range(3):
-        permit = breaker.acquire()
-        assert permit == Permit(trial=False)
-        breaker.record(permit, ok=False)
-    assert state_of(breaker) == BreakerState.OPEN
-    assert breaker.acquire() is None
-    assert breaker.retry_in() == pytest.approx(5.0)
-    clock.now += 5.0
-    trial = breaker.acquire()
-    assert trial == Permit(trial=True)
-    assert state_of(breaker) == BreakerState.HALF_OPEN
-    assert breaker.acquire() is None  # one trial at a time
-    breaker.record(trial, ok=True)
-    assert changes == [
-        (BreakerState.CLOSED, BreakerState.OPEN),
-        (BreakerState.OPEN, BreakerState.HALF_OPEN),
-        (BreakerState.HALF_OPEN, BreakerState.CLOSED),
-    ]
-
-
-def test_a_failed_trial_reopens_and_a_cancelled_one_frees_its_place() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(BreakerSettings(failures=1, open_s=5), clock=clock)
-    breaker.record(Permit(trial=False), ok=False)
-    clock.now += 5.0
-    trial = breaker.acquire()
-    assert trial is not None
-    breaker.abandon(trial)
-    again = breaker.acquire()
-    assert again == Permit(trial=True)
-    breaker.record(again, ok=False)
-    assert state_of(breaker) == BreakerState.OPEN
-    assert breaker.retry_in() == pytest.approx(5.0)
-
-
-def test_a_breaker_opens_on_the_failure_rate_over_enough_calls_and_forgets_old_failures() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker(BreakerSettings(failures=100, failure_rate=0.5, min_calls=4, window_s=10), clock=clock)
-    for ok in (False, True, False):
-        breaker.record(Permit(trial=False), ok=ok)
-    assert state_of(breaker) == BreakerState.CLOSED  # 3 calls: fewer than min_calls
-    breaker.record(Permit(trial=False), ok=False)
-    assert state_of(breaker) == BreakerState.OPEN
-
-    forgetful = CircuitBreaker(BreakerSettings(failures=2, window_s=10), clock=clock)
-    forgetful.record(Permit(trial=False), ok=False)
-    clock.now += 11.0
-    forgetful.record(Permit(trial=False), ok=False)
-    assert state_of(forgetful) == BreakerState.CLOSED
 
 
 # --- retries ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from orchestrator.errors import ApiKeyInvalid, ApiKeyMissing, RateLimited, TooMa
 from orchestrator.security.access import ApiKeys, RateLimiter, key_id
 from orchestrator.settings import AuditSettings, RateLimitSettings, Settings
 from orchestrator.wiring import Backends
-from tests.fakes import FakeReasoning, FakeVision
+from tests.fakes import Clock, FakeReasoning, FakeVision
 from tests.images import png_bytes
 from tests.servers import data_url
 from vision_stage.types import VisionRequest, VisionResult
@@ -76,14 +76,6 @@ def test_a_missing_header_and_a_wrong_key_are_told_apart() -> None:
 
 
 # --- the rate limiter ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def limiter(
