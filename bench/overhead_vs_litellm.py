@@ -1,6 +1,6 @@
 """Gateway overhead of the LiteLLM proxy and of our orchestrator over the same fake stage, side by side in one run.
 
-    make bench-litellm        # creates .venv-litellm (LiteLLM's proxy, pinned) and runs this with every transport
+    make bench-litellm        # creates .venv-litellm (LiteLLM's proxy, pinned); runs this with both transports and bare
     .venv/bin/python -m bench.overhead_vs_litellm [--rounds 5] [--latency-requests 40] [--throughput-requests 320]
         [--transport aiohttp,httpx] [--gateways litellm,ours,bare]
     .venv/bin/python -m bench.overhead_vs_litellm --rounds 2 --latency-requests 10 --throughput-requests 64  # quick
