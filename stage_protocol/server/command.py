@@ -32,9 +32,10 @@ def keep_large_buffers_in_heap() -> bool:
     it, a 1 MB image's added latency through the service went from 5.4 to 3.2 ms and its CPU from 5.6 to 3.1 ms
     (docs/benchmarks.md); freed memory is reused rather than returned, which under many large images at once keeps
     more resident than glibc's own thresholds do (`bench/heap_settings.py`, two runs: 0.5–1.2 GB against 0.3–0.9 GB
-    after rounds of 4 MB images at 32 concurrent requests). An operator who would rather have glibc's behaviour, or thresholds of
-    their own, sets `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (glibc reads them itself at start), and
-    nothing is changed here. Whether it was set: False where the C library is not glibc, or where either is set."""
+    after rounds of 4 MB images at 32 concurrent requests). An operator who would rather have glibc's behaviour, or
+    thresholds of their own, sets `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (glibc reads them itself at
+    start), and nothing is changed here. Whether it was set: False where the C library is not glibc, or where either
+    is set."""
     import ctypes
     import ctypes.util
     import os
