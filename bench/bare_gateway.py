@@ -4,9 +4,9 @@ beside ours and LiteLLM to show the floor: what one more HTTP hop costs before a
 
 It is a bare ASGI app under uvicorn as the service runs it (`UVICORN_OPTIONS`, its heap setting, uvloop and
 httptools, log level warning) that sends each `POST /v1/chat/completions` body, unread and unchanged, to `STAGE_URL`
-over one pooled aiohttp session (the service's stage client) and answers with the stage's status, content type and
-body. No validation, no image check, no routing, no streaming, no middleware: nothing a user would deploy, only the
-hop.
+over one pooled aiohttp session with aiohttp's defaults (the library the service's stage client is built on, not
+its tuned transport) and answers with the stage's status, content type and body. No validation, no image check,
+no routing, no streaming, no middleware: nothing a user would deploy, only the hop.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def _streams(window: bytes) -> bool:
 
 
 def describe_request(raw: bytes) -> dict[str, object]:
-    """What a chat request carried: its size, its top-level fields, whether it streamed, its image's size."""
+    """What a chat request carried: its size and hash, its top-level fields, whether it streamed, its image's size."""
     body = json.loads(raw)
     parts = [
         part for message in body.get("messages", []) for part in message.get("content") or [] if isinstance(part, dict)
@@ -93,6 +94,7 @@ def describe_request(raw: bytes) -> dict[str, object]:
     urls = [str(part.get("image_url", {}).get("url", "")) for part in parts if part.get("type") == "image_url"]
     return {
         "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
         "fields": sorted(body),
         "stream": body.get("stream") is True,
         "image_url_chars": [len(u) for u in urls],

@@ -3,6 +3,7 @@ stage's answer back unchanged, or the floor it stands for would be a floor of so
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -48,7 +49,7 @@ def test_the_bare_hop_answers_as_the_stage_does(stage_and_hop: tuple[str, str], 
     assert (through.status_code, through.content) == (direct.status_code, direct.content)
     assert through.headers["content-type"] == direct.headers["content-type"]
     seen = httpx.get(f"{stage_url}/bench/last", trust_env=False).json()
-    assert seen["bytes"] == len(raw)  # the body went on unchanged
+    assert (seen["bytes"], seen["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())  # the body went on unchanged
 
 
 def test_the_bare_hop_has_no_other_routes(stage_and_hop: tuple[str, str]) -> None:

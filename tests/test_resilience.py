@@ -15,13 +15,14 @@ import pytest
 from orchestrator.stage_settings import AdmissionSettings, BreakerSettings, PolicySettings, RetrySettings
 from orchestrator.stages import deadline
 from orchestrator.stages.admission import BULK
-from orchestrator.stages.breaker import BreakerState, CircuitBreaker
+from orchestrator.stages.breaker import BreakerState, CircuitBreaker, Permit
 from orchestrator.stages.endpoints import Endpoint, ResilientStage
 from orchestrator.stages.resilient import REASONING_ERRORS, VISION_ERRORS, FallbackVision, ResilientVision
 from orchestrator.stages.retry import RetryBudget, backoff_s, is_retryable
 from reasoning_stage.errors import ReasoningUnavailable
 from tests.fakes import Clock, FakeVision
 from tests.images import decoded
+from tests.raw_http import eventually
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import (
     ImageCorrupt,
@@ -114,6 +115,24 @@ async def test_a_retryable_failure_is_retried_on_another_endpoint_and_the_error_
     assert "vision stage, attempt 3 of at most 3" in message
     assert "#1 http://c/v1: VisionUnavailable: c is down" in message
     assert [f.attempt for f in raised.value.attempts] == [1, 2, 3]  # type: ignore[attr-defined]
+
+
+async def test_a_call_cancelled_in_its_first_attempt_leaves_no_slot_load_or_trial_behind() -> None:
+    clock = Clock()
+    slow = Scripted("a", ["ok"], delay_s=30.0)
+    settings = PolicySettings(retry=FAST_RETRY, breaker=BreakerSettings(failures=1, open_s=5))
+    stage = ResilientStage(VISION_ERRORS, [("a", slow)], settings, clock=clock, rng=random.Random(0))
+    breaker = stage.endpoints[0].breaker
+    breaker.record(Permit(trial=False), ok=False)
+    clock.now += 5.0  # half-open: the call's first attempt is the trial
+    call = asyncio.create_task(run_on(stage))
+    await eventually(lambda: slow.calls == 1, timeout_s=10)
+    assert (stage.admission.in_flight, stage.endpoints[0].in_flight) == (1, 1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert (stage.admission.in_flight, stage.endpoints[0].in_flight) == (0, 0)
+    assert breaker.acquire() == Permit(trial=True)  # the cancelled trial gave its place back
 
 
 async def test_a_refusal_or_garbage_is_not_retried_and_only_garbage_counts_against_the_endpoint() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import platform
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from orchestrator.settings import CacheSettings, LimitSettings, RouterSettings, 
 from orchestrator.stages import deadline
 from orchestrator.wiring import Backends
 from reasoning_stage.none import NoneReasoningBackend
-from stage_protocol.server.command import UVICORN_OPTIONS, keep_large_buffers_in_heap
+from stage_protocol.server.command import UVICORN_OPTIONS
 from tests.fakes import FakeVision
 from tests.servers import serving
 from vision_stage.types import VisionRequest, VisionResult
@@ -117,9 +118,20 @@ def test_megabyte_buffers_come_from_the_heap_once_kept_there() -> None:
     assert mapped_apart("kept") == 0
 
 
-@pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
-def test_glibc_s_own_threshold_variables_leave_the_heap_as_the_operator_set_it(
-    variable: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(variable, "8388608")
-    assert not keep_large_buffers_in_heap()
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or not _has_mallinfo2(),
+    reason="glibc 2.33 or later only (mallinfo2)",
+)
+def test_glibc_s_own_threshold_variables_leave_the_heap_as_the_operator_set_it() -> None:
+    """With either variable set (to 1 MiB), the 8 MiB buffers stay mapped apart: the 64 MiB thresholds were not set."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        threshold = {variable: str(1 << 20)}
+        run = subprocess.run(
+            [sys.executable, "-c", MAPPED_APART.replace("assert keep_large", "assert not keep_large"), "kept"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=environment | threshold,
+        )
+        assert int(run.stdout) == 24, variable

@@ -31,11 +31,11 @@ def keep_large_buffers_in_heap() -> bool:
     (the body, the decoded bytes, the forwarded body), and fresh mappings are page faults on every first touch. With
     it, a 1 MB image's added latency through the service went from 5.4 to 3.2 ms and its CPU from 5.6 to 3.1 ms
     (docs/benchmarks.md); freed memory is reused rather than returned, which under many large images at once keeps
-    more resident than glibc's own thresholds do (`bench/heap_settings.py`, two runs: 0.5–1.2 GB against 0.3–0.9 GB
-    after rounds of 4 MB images at 32 concurrent requests). An operator who would rather have glibc's behaviour, or
-    thresholds of their own, sets `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (glibc reads them itself at
+    more resident than glibc's own thresholds do (`bench/heap_settings.py`: up to 1.1–1.7 GB against 0.8–1.1 after
+    rounds of 4 MB images at 32 concurrent requests). An operator who would rather keep less sets fixed thresholds
+    of their own through glibc's `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (glibc reads them itself at
     start), and nothing is changed here. Whether it was set: False where the C library is not glibc, or where either
-    is set."""
+    variable is set."""
     import ctypes
     import ctypes.util
     import os
