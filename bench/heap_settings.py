@@ -1,7 +1,7 @@
 """What the service's heap setting buys and costs, against glibc's own behaviour and other thresholds, side by side
 in one run.
 
-    .venv/bin/python -m bench.heap_settings [--rounds 5] [--variants shipped,glibc,8:16]
+    .venv/bin/python -m bench.heap_settings [--rounds 5] [--variants shipped,glibc,16:32]
 
 The service keeps megabyte buffers in glibc's heap (`stage_protocol.server.command.keep_large_buffers_in_heap`:
 `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` at 64 MiB). This starts the fake stage of the gateway benchmark
@@ -54,6 +54,18 @@ class Service:
     rps: list[float] = field(default_factory=list)
     resident: list[float] = field(default_factory=list)
     errors: int = 0
+
+
+def variant_list(text: str) -> list[str]:
+    """`--variants`: comma-separated `shipped`, `glibc` or `M:T` (MiB, whole numbers)."""
+    variants = [variant.strip() for variant in text.split(",") if variant.strip()]
+    for variant in variants:
+        mmap, _, trim = variant.partition(":")
+        if variant not in ("shipped", "glibc") and not (mmap.isdigit() and trim.isdigit()):
+            raise argparse.ArgumentTypeError(f"{variant!r} is not shipped, glibc or M:T in MiB (e.g. 16:32)")
+    if not variants:
+        raise argparse.ArgumentTypeError("no variant given")
+    return variants
 
 
 def command(variant: str) -> tuple[list[str], dict[str, str]]:
@@ -149,11 +161,16 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", default="shipped,glibc,8:16", help="comma-separated: shipped, glibc, M:T (MiB)")
+    parser.add_argument(
+        "--variants",
+        type=variant_list,
+        default="shipped,glibc,16:32",
+        help="comma-separated: shipped, glibc, M:T (MiB); default shipped,glibc,16:32",
+    )
     parser.add_argument("--gateway-core", type=int)
     parser.add_argument("--client-core", type=int)
     args = parser.parse_args()
-    variants = [variant.strip() for variant in args.variants.split(",") if variant.strip()]
+    variants: list[str] = args.variants
     gateway_core, client_core = cores(args)
     print(f"services on core {gateway_core}; stage and load generator on core {client_core}")
     with (

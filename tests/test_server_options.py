@@ -123,10 +123,18 @@ def test_megabyte_buffers_come_from_the_heap_once_kept_there() -> None:
     reason="glibc 2.33 or later only (mallinfo2)",
 )
 def test_glibc_s_own_threshold_variables_leave_the_heap_as_the_operator_set_it() -> None:
-    """With either variable set (to 1 MiB), the 8 MiB buffers stay mapped apart: the 64 MiB thresholds were not set."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
-    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        threshold = {variable: str(1 << 20)}
+    """With either variable set (to 1 MiB), or the tunable, the 8 MiB buffers stay mapped apart: the 64 MiB thresholds
+    were not set."""
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("MALLOC_") and name != "GLIBC_TUNABLES"
+    }
+    settings = [
+        {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
+        {"MALLOC_TRIM_THRESHOLD_": str(1 << 20)},
+        {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={1 << 20}"},
+    ]
+    for threshold in settings:
+        variable = next(iter(threshold))
         run = subprocess.run(
             [sys.executable, "-c", MAPPED_APART.replace("assert keep_large", "assert not keep_large"), "kept"],
             capture_output=True,

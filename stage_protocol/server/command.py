@@ -22,7 +22,9 @@ SERVE_HELP = "serve POST /v1/chat/completions, GET /v1/models and GET /health"
 LARGE_BUFFERS_IN_HEAP = 64 << 20
 """glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` as `keep_large_buffers_in_heap` sets them (bytes)."""
 HEAP_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-"""glibc's own variables for the two thresholds: when either is set, `keep_large_buffers_in_heap` leaves glibc alone."""
+"""glibc's own variables for the two thresholds: when either is set, `keep_large_buffers_in_heap` leaves glibc alone;
+so it does when `GLIBC_TUNABLES` names either (`glibc.malloc.mmap_threshold`, `glibc.malloc.trim_threshold`)."""
+HEAP_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 
 def keep_large_buffers_in_heap() -> bool:
@@ -33,14 +35,16 @@ def keep_large_buffers_in_heap() -> bool:
     (docs/benchmarks.md); freed memory is reused rather than returned, which under many large images at once keeps
     more resident than glibc's own thresholds do (`bench/heap_settings.py`: up to 1.1–1.7 GB against 0.8–1.1 after
     rounds of 4 MB images at 32 concurrent requests). An operator who would rather keep less sets fixed thresholds
-    of their own through glibc's `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (glibc reads them itself at
-    start), and nothing is changed here. Whether it was set: False where the C library is not glibc, or where either
-    variable is set."""
+    of their own through glibc's `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_`, or its `GLIBC_TUNABLES`
+    (glibc reads them itself at start), and nothing is changed here. Whether it was set: False where the C library
+    is not glibc, or where the environment sets either threshold."""
     import ctypes
     import ctypes.util
     import os
 
-    if any(name in os.environ for name in HEAP_ENVIRONMENT):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in os.environ for name in HEAP_ENVIRONMENT) or any(name in tunables for name in HEAP_TUNABLES):
+        logging.getLogger(__name__).info("glibc's heap thresholds are left as the environment sets them")
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
