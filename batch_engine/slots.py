@@ -156,13 +156,14 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    scale = scaling or query.shape[-1] ** -0.5
     if slot_step.kernel and query.shape[2] == 1:
         from batch_engine.decode_attention import decode_attention
 
         assert attention_mask is not None  # a decode step is always masked
-        return decode_attention(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
+        return decode_attention(query, key, value, attention_mask, scale), None
     if slot_step.grouped:
-        return _grouped_attention(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5), None
+        return _grouped_attention(query, key, value, attention_mask, scale), None
     mask = None if slot_step.causal else attention_mask
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True

@@ -75,18 +75,25 @@ def tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def resident_mib(pid: int) -> float:
+    """`pid`'s resident memory now (VmRSS), in MiB; 0 when it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of `pid` and its descendants (from /proc), in MiB."""
-    total, pending = 0, [pid]
+    total, pending = 0.0, [pid]
     while pending:
         current = pending.pop()
+        total += resident_mib(current)
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(child) for child in (task / "children").read_text().split()]
-    return total / 1024
+    return total
 
 
 def base_env() -> dict[str, str]:
@@ -100,15 +107,6 @@ def process_ticks(pid: int) -> int:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])
     return 0
-
-
-def resident_mib(pid: int) -> float:
-    """`pid`'s resident memory now (VmRSS), in MiB; 0 when it is gone."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def cpu_ticks(pids: list[int]) -> tuple[int, int, int]:
