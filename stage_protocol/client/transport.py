@@ -19,16 +19,19 @@ side (docs/benchmarks.md, "HTTP transport").
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
+import aiohttp.connector
 import aiohttp.http
 import aiohttp.http_exceptions
+import aiohttp.tracing
 import httpx
 
 from stage_protocol.client.errors import StageMalformed, StageTimedOut, StageUnreachable
@@ -78,12 +81,9 @@ class AiohttpTransport:
 
     def _opened(self) -> aiohttp.ClientSession:
         if self._session is None:
-            reuse = aiohttp.TraceConfig()
-            reuse.on_connection_reuseconn.append(_noted_reuse)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S),
+                connector=_NotingConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S),
                 cookie_jar=aiohttp.DummyCookieJar(),
-                trace_configs=[reuse],
                 auto_decompress=False,  # identity is asked for; anything else is the server's mistake, passed on
                 trust_env=False,
             )
@@ -100,7 +100,7 @@ class AiohttpTransport:
             total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
         )
         for attempt in (1, 2):
-            reused = SimpleNamespace(reused=False)
+            _REUSED.set(False)
             try:
                 with _aiohttp_translated():
                     response = await session.request(
@@ -110,11 +110,10 @@ class AiohttpTransport:
                         headers=headers,
                         timeout=timeout,
                         allow_redirects=False,
-                        trace_request_ctx=reused,
                     )
                 break
             except StageUnreachable as exc:  # a pooled connection the server closed: once more, on a new one
-                if attempt == 2 or method in _IDEMPOTENT or not reused.reused or not _closed_unanswered(exc.__cause__):
+                if attempt == 2 or method in _IDEMPOTENT or not _REUSED.get() or not _closed_unanswered(exc.__cause__):
                     raise
         finished = False
         try:
@@ -144,8 +143,32 @@ def _closed_unanswered(exc: BaseException | None) -> bool:
     return isinstance(exc, aiohttp.ClientOSError) and exc.errno in _CLOSED
 
 
-async def _noted_reuse(_session: object, context: SimpleNamespace, _params: object) -> None:
-    context.trace_request_ctx.reused = True
+_REUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("stage_connection_reused", default=False)
+"""Whether the connection of the request under way in this task was one from the pool (`_NotingConnector`)."""
+
+
+class _NotingConnector(aiohttp.TCPConnector):
+    """A `TCPConnector` that notes in `_REUSED` whether the connection it hands out served a request before.
+
+    aiohttp's `on_connection_reuseconn` trace would say the same, but any trace config makes aiohttp build and
+    await its trace events for every request and every chunk of every body, a few percent of a short request."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._served: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        _REUSED.set(protocol in self._served)
+        if protocol is not None:
+            self._served.add(protocol)
+        return connection
 
 
 async def _aiohttp_body(response: aiohttp.ClientResponse, read_s: float) -> AsyncIterator[bytes]:
