@@ -215,6 +215,76 @@ def test_metadata_without_an_orientation_keeps_a_png_lazy_unless_it_follows_the_
     assert (image.pixels_decoded, image.source, image.width) == (True, after, 120)
 
 
+def with_chunks(data: bytes, *extra: tuple[bytes, bytes], header: bytes | None = None) -> bytes:
+    """`data` with `extra` chunks just after its header (and that header's fields replaced by `header`)."""
+    parts = chunks(data)
+    first = (b"IHDR", header) if header is not None else parts[0]
+    return assemble([first, *extra, *parts[1:]])
+
+
+def ihdr(size: tuple[int, int], depth: int = 8, colour: int = 2, filtering: int = 0) -> bytes:
+    return struct.pack(">IIBBBBB", *size, depth, colour, 0, filtering, 0)
+
+
+STANDARD = ((b"sRGB", b"\x00"), (b"gAMA", struct.pack(">I", 45455)), (b"pHYs", bytes(9)), (b"cHRM", bytes(32)))
+ICC = zlib.compress(b"not a real profile")
+
+
+@pytest.mark.parametrize(
+    ("data", "without_pillow"),
+    [
+        (noise_png(), True),
+        (with_chunks(noise_png(), *STANDARD), True),
+        (with_chunks(noise_png(), (b"gAMA", b"\x00\x01")), False),  # short: Pillow fails on it
+        (with_chunks(noise_png(), (b"pHYs", bytes(4))), False),
+        (with_chunks(noise_png(), (b"iCCP", b"p\x00\x00" + ICC)), False),
+        (with_chunks(noise_png(), (b"iCCP", b"p\x00\x00broken")), False),
+        (with_chunks(noise_png(), (b"tIME", bytes(7))), False),
+        (with_chunks(noise_png(), (b"tEXt", b"Comment\x00hello")), False),
+        (with_chunks(noise_png(), header=ihdr((120, 90), filtering=1)), False),
+        (with_chunks(noise_png(), header=ihdr((120, 90), depth=16)), False),
+        (with_chunks(noise_png(), header=ihdr((0, 90))), False),
+        (with_chunks(noise_png(), header=ihdr((120, 90)) + b"\x00"), False),
+        (noise_png(pnginfo=xmp_oriented(1)), False),
+        (move_after_pixels(noise_png(pnginfo=xmp_oriented(1)), b"iTXt"), False),
+        (image_bytes("PNG", mode="L"), False),
+        (image_bytes("PNG", mode="RGBA"), False),
+    ],
+    ids=[
+        "plain", "standard-chunks", "short-gamma", "short-phys", "icc", "broken-icc", "unknown-chunk", "text",
+        "filter-method", "16-bit", "empty-size", "long-header", "xmp", "xmp-after-pixels", "grey", "alpha",
+    ],
+)  # fmt: skip
+def test_a_png_read_without_pillow_comes_out_as_pillow_reads_it(
+    data: bytes, without_pillow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def outcome(limits: ImageLimits) -> object:
+        try:
+            image = decode_image(data, limits)
+        except Exception as exc:
+            return type(exc), str(exc)
+        fields = (image.format, image.width, image.height, image.byte_size, image.sha256, image.source)
+        decoded = image.pixels_decoded
+        try:
+            return fields, decoded, image.pixels.tobytes()
+        except Exception as exc:
+            return fields, decoded, type(exc), str(exc)
+
+    small = ImageLimits(max_pixels=5_000)
+    ours = outcome(LIMITS), outcome(small)
+    with monkeypatch.context() as patched:
+        patched.setattr(images, "_plain_png_size", lambda *_: None)
+        assert ours == (outcome(LIMITS), outcome(small))  # as Pillow's reading alone had it
+    with monkeypatch.context() as patched:
+        patched.setattr(images, "_open", lambda *_: pytest.fail("opened with Pillow"))
+        if without_pillow:
+            image = decode_image(data, LIMITS)
+            assert (image.source, image.pixels_decoded) == (data, False)
+        else:
+            with pytest.raises(pytest.fail.Exception, match="opened with Pillow"):
+                decode_image(data, LIMITS)
+
+
 def test_a_decoded_image_is_immutable_and_copies_as_itself() -> None:
     image = decode_image(noise_png(), LIMITS)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -37,6 +37,10 @@ _CHUNK_TYPE = re.compile(rb"\w{4}")
 """What Pillow accepts as a PNG chunk type."""
 _PNG_METADATA_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
 """The chunks an EXIF orientation can come from (eXIf; Pillow reads XMP and raw EXIF profiles from text chunks)."""
+_PLAIN_PNG_CHUNKS = {b"sRGB": 1, b"gAMA": 4, b"pHYs": 9, b"cHRM": 32}
+"""Chunks that may come before a plain PNG's pixels (`_plain_png_size`), each with the length the format gives it:
+what libpng and most encoders write, and what Pillow reads without failing at those lengths."""
+_IHDR = struct.Struct(">IIBBBB")
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
 
     An RGB PNG with no orientation to apply (one a remote backend forwards as it is) is checked for structure only
     (every chunk's length and CRC, up to IEND), not inflated: its pixels are decoded on first access to
-    `DecodedImage.pixels`, which raises `ImageCorrupt` then if they do not decode. Every other image is decoded here.
+    `DecodedImage.pixels`, which raises `ImageCorrupt` then if they do not decode; a plain one (`_plain_png_size`) is
+    not even opened with Pillow. Every other image is decoded here.
 
     Raises an `ImageRejected` subclass naming what is wrong; never a Pillow error.
     """
@@ -58,11 +63,12 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageEmpty("the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
+    plain = _plain_png_size(data, limits)
+    if plain is not None:
+        return _undecoded_png(data, limits, plain)
     image = _open(data, limits)
     if image.format == "PNG" and image.mode == "RGB" and _lazy_png(image, data):
-        width, height = image.size
-        decode = functools.partial(_decode_pixels, data, limits, image.size)
-        return DecodedImage(decode, "PNG", width, height, len(data), hashlib.sha256(data).hexdigest(), data)
+        return _undecoded_png(data, limits, image.size)
     oriented = _load(image)
     pixels = _to_rgb(oriented)
     as_sent = oriented is image and pixels is oriented and image.format in FORWARDABLE_FORMATS
@@ -133,11 +139,47 @@ def _lazy_png(image: Image.Image, data: bytes) -> bool:
     return _png_upright(image, after)
 
 
+def _undecoded_png(data: bytes, limits: ImageLimits, size: tuple[int, int]) -> DecodedImage:
+    decode = functools.partial(_decode_pixels, data, limits, size)
+    return DecodedImage(decode, "PNG", size[0], size[1], len(data), hashlib.sha256(data).hexdigest(), data)
+
+
+def _plain_png_size(data: bytes, limits: ImageLimits) -> tuple[int, int] | None:
+    """The size of an 8-bit RGB PNG that Pillow would open as it is and leave upright, read without Pillow: its
+    header is the first chunk, only the chunks of `_PLAIN_PNG_CHUNKS`, each of the length Pillow reads, come before its
+    pixels, no metadata chunk comes anywhere, every chunk checks out (`_png_chunks`), and its size is within the
+    limits. None for any other image: `decode_image` then opens it with Pillow, which judges it as before."""
+    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    try:
+        before, after = _png_chunks(data)
+    except ImageCorrupt:
+        return None
+    if before[0] != (b"IHDR", 13) or after & _PNG_METADATA_CHUNKS:
+        return None
+    if any(_PLAIN_PNG_CHUNKS.get(kind) != length for kind, length in before[1:]):
+        return None
+    width, height, depth, colour, _compression, filtering = _IHDR.unpack_from(data, 16)
+    pixels = width * height
+    if (depth, colour, filtering) != (8, 2, 0) or not 0 < pixels <= limits.max_pixels:
+        return None
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        return None
+    return width, height
+
+
 def _png_chunks_after_pixels(data: bytes) -> set[bytes]:
-    """The types of the chunks between a PNG's first image data chunk and IEND, once the length and CRC of every
-    chunk up to IEND is checked (what Pillow's `verify` checks, without copying); `ImageCorrupt` otherwise."""
+    """The types of the chunks between a PNG's first image data chunk and IEND (`_png_chunks`)."""
+    return _png_chunks(data)[1]
+
+
+def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
+    """The type and length of each chunk before a PNG's first image data chunk, and the types of those between it and
+    IEND, once the length and CRC of every chunk up to IEND is checked (what Pillow's `verify` checks, without
+    copying); `ImageCorrupt` otherwise."""
     view = memoryview(data)
     position = len(_PNG_SIGNATURE)
+    before: list[tuple[bytes, int]] = []
     after: set[bytes] | None = None
     while True:
         if position + 8 > len(data):
@@ -148,7 +190,7 @@ def _png_chunks_after_pixels(data: bytes) -> set[bytes]:
         if kind == b"IEND":
             if after is None:
                 raise ImageCorrupt("the PNG image is truncated or damaged: it has no image data (IDAT) chunk")
-            return after
+            return before, after
         end = position + 8 + length
         if end + 4 > len(data):
             raise ImageCorrupt(
@@ -162,6 +204,8 @@ def _png_chunks_after_pixels(data: bytes) -> set[bytes]:
             after.add(kind)
         elif kind == b"IDAT":
             after = set()
+        else:
+            before.append((kind, length))
         position = end + 4
 
 
