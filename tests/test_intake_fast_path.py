@@ -457,7 +457,18 @@ async def test_decode_hops_to_a_thread_only_for_large_uploads(monkeypatch: pytes
     assert (large.width, large.pixels_decoded, hops) == (200, False, [decode_image])
 
 
-async def test_routing_starts_before_an_inline_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("mode", "response_format", "order"),
+    [
+        ("auto", "text", ["route", "decode", "routed"]),  # the router's work overlaps the decoding
+        ("vision", "text", ["route", "routed", "decode"]),  # the client chose: routed first, no task
+        ("reasoning", "text", ["route", "routed", "decode"]),
+        ("auto", "json", ["route", "routed", "decode"]),
+    ],
+)
+async def test_routing_starts_before_an_inline_decoding_unless_the_route_is_chosen(
+    mode: str, response_format: str, order: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     events = []
     routed = cast(Routed, object())
 
@@ -474,7 +485,11 @@ async def test_routing_starts_before_an_inline_decoding(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(intake, "decode_image", decoding)
     image, result = await intake.decode_and_route(
-        services(Pipeline()), image_bytes("PNG", size=(40, 30)), "What?", "auto", "text"
+        services(Pipeline()),
+        image_bytes("PNG", size=(40, 30)),
+        "What?",
+        mode,  # type: ignore[arg-type]
+        response_format,  # type: ignore[arg-type]
     )
     assert (image.width, result) == (40, routed)
-    assert events == ["route", "decode", "routed"]
+    assert events == order

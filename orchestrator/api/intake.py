@@ -94,6 +94,9 @@ def decodes_inline(data: bytes) -> bool:
 async def decode_and_route(
     services: Services, data: bytes, question: str, mode: RequestedMode, response_format: ResponseFormat
 ) -> tuple[DecodedImage, Routed]:
+    if mode != "auto" or response_format == "json":  # the client chose the route: no router's work to overlap
+        routed = await services.pipeline.route(question, mode, response_format)
+        return await decode(services, data), routed
     # Route while the image decodes: routing then adds only what outlasts the decoding. The routing task starts
     # first (the yield), so that a decoding on the event loop does not hold it back.
     routing = asyncio.create_task(services.pipeline.route(question, mode, response_format))
