@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import random
+import struct
+import zlib
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -36,3 +39,32 @@ def image_bytes(format: str, size: tuple[int, int] = (64, 48), mode: str = "RGB"
 
 def decoded(size: tuple[int, int] = (64, 48)) -> DecodedImage:
     return decode_image(png_bytes(size), ImageLimits())
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def noise_png(size: tuple[int, int] = (120, 90), seed: int = 7, **save: object) -> bytes:
+    """An RGB PNG of random pixels: its IDAT chunks are as large as the pixels, and every byte of them matters."""
+    pixels = random.Random(seed).randbytes(size[0] * size[1] * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", size, pixels).save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+def png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """Each chunk of `png`: its type and its data."""
+    found, position = [], len(PNG_SIGNATURE)
+    while position < len(png):
+        length, kind = struct.unpack_from(">I4s", png, position)
+        found.append((kind, png[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return found
+
+
+def assemble_png(parts: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of `parts`, each chunk with a correct CRC."""
+    body = b"".join(
+        struct.pack(">I4s", len(data), kind) + data + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in parts
+    )
+    return PNG_SIGNATURE + body
