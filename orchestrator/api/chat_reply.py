@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.analysis.types import AnalyzeOutcome, DeltaEvent, DoneEvent, ErrorEvent, PipelineEvent
 from orchestrator.api.events import error_body, sse, stage_error_body
-from orchestrator.api.render import outcome_fields, usage_out
+from orchestrator.api.render import outcome_fields, usage_fields
 from orchestrator.api.schemas import ErrorResponse, OutcomeOut, UsageOut
 from stage_protocol.backend import FinishReason
 
@@ -106,16 +106,17 @@ STREAM_EVENTS: dict[str, type[BaseModel]] = {"chunk": ChatCompletionChunkOut, "e
 """What the `data:` lines of a streamed answer hold, for the OpenAPI description."""
 
 
-def orchestration_out(
+def orchestration_fields(
     outcome: AnalyzeOutcome, request_id: str, replaced: bool = False, unapplied: Sequence[str] = ()
-) -> OrchestrationOut:
+) -> dict[str, Any]:
+    """`OrchestrationOut`'s fields."""
     vision = outcome.vision
-    summary = VisionSummaryOut(
-        backend=vision.backend, model=vision.model, caption=vision.caption, answer=vision.answer,
-        latency_ms=vision.latency_ms,
-    )  # fmt: skip
+    summary = {
+        "backend": vision.backend, "model": vision.model, "caption": vision.caption, "answer": vision.answer,
+        "latency_ms": vision.latency_ms,
+    }  # fmt: skip
     shared = outcome_fields(outcome, request_id)
-    return OrchestrationOut(**shared, vision=summary, replaced=replaced, not_applied=list(unapplied))
+    return {**shared, "vision": summary, "replaced": replaced, "not_applied": list(unapplied)}
 
 
 def finish_reason(outcome: AnalyzeOutcome) -> FinishReason:
@@ -135,15 +136,17 @@ class ChatReply:
 
     def completion(self, outcome: AnalyzeOutcome) -> ChatCompletionOut:
         thinking = outcome.reasoning.thinking if outcome.reasoning else None
-        message = ChatMessageOut(role="assistant", content=outcome.answer, reasoning_content=thinking)
-        return ChatCompletionOut(
-            id=self.id,
-            object="chat.completion",
-            created=self.created,
-            model=self.model,
-            choices=[ChatChoiceOut(index=0, message=message, finish_reason=finish_reason(outcome))],
-            usage=usage_out(outcome),
-            orchestration=orchestration_out(outcome, self.request_id, unapplied=self.not_applied),
+        message = {"role": "assistant", "content": outcome.answer, "reasoning_content": thinking}
+        return ChatCompletionOut.model_validate(
+            {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(outcome)}],
+                "usage": usage_fields(outcome),
+                "orchestration": orchestration_fields(outcome, self.request_id, unapplied=self.not_applied),
+            }
         )
 
     def chunk(self, delta: ChunkDeltaOut, finish: FinishReason | None = None, **extra: Any) -> str:
@@ -157,10 +160,10 @@ class ChatReply:
             chunks.append(self.chunk(ChunkDeltaOut(content=outcome.answer)))
         elif done.replaced:
             chunks.append(self.chunk(ChunkDeltaOut(content=replacement(outcome))))
-        orchestration = orchestration_out(outcome, self.request_id, done.replaced, self.not_applied)
+        orchestration = orchestration_fields(outcome, self.request_id, done.replaced, self.not_applied)
         chunks.append(self.chunk(ChunkDeltaOut(), finish_reason(outcome), orchestration=orchestration))
         if include_usage:
-            chunks.append(self._event([], usage=usage_out(outcome)))
+            chunks.append(self._event([], usage=usage_fields(outcome)))
         return chunks
 
     def _event(self, choices: list[ChunkChoiceOut], **extra: Any) -> str:

@@ -21,7 +21,7 @@ from orchestrator.analysis.routing import Decision
 from orchestrator.analysis.types import AnalyzeOutcome, Options
 from orchestrator.api.inputs import read_form
 from orchestrator.api.intake import IntakeDep
-from orchestrator.api.render import usage_out
+from orchestrator.api.render import usage_fields
 from orchestrator.api.schemas import (
     ERROR_RESPONSES,
     EXAMPLE_IMAGE_URL,
@@ -86,7 +86,7 @@ def infer_response(outcome: AnalyzeOutcome, request_id: str) -> InferResponse:
         request_id=request_id, answer=outcome.answer, confidence=outcome.confidence, mode=outcome.mode,
         route=RouteOut(**vars(outcome.route)), degraded=outcome.degraded, notices=list(outcome.notices),
         needs_human_review=outcome.needs_human_review, language=outcome.language, timings_ms=outcome.timings_ms,
-        usage=usage_out(outcome),
+        usage=usage_fields(outcome),
     )  # fmt: skip
 
 
