@@ -245,6 +245,31 @@ def test_a_png_read_without_pillow_comes_out_as_pillow_reads_it(
                 decode_image(data, LIMITS)
 
 
+@pytest.mark.parametrize(
+    ("data", "lazy", "walks"),
+    [
+        (noise_png(), True, 1),
+        (with_chunks(noise_png(), (b"iCCP", b"p\x00\x00" + ICC)), True, 1),  # opened with Pillow, still lazy
+        (noise_png(exif=exif_oriented(6)), False, 1),
+        (image_bytes("PNG", mode="RGBA"), False, 0),  # decoded at once: its chunks are Pillow's to check
+    ],
+    ids=["plain", "icc", "oriented", "alpha"],
+)
+def test_every_chunk_of_a_png_is_checked_once_at_most(
+    data: bytes, lazy: bool, walks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walked = []
+    real = images._png_chunks
+
+    def walk(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
+        walked.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(images, "_png_chunks", walk)
+    image = decode_image(data, LIMITS)
+    assert (image.pixels_decoded, len(walked)) == (not lazy, walks)
+
+
 def test_a_decoded_image_is_immutable_and_copies_as_itself() -> None:
     image = decode_image(noise_png(), LIMITS)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -63,11 +63,12 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageEmpty("the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
-    plain = _plain_png_size(data, limits)
+    walked = _walked(data) if _declares_rgb8_png(data) else None  # each chunk's CRC is computed once
+    plain = _plain_png_size(data, limits, walked) if walked is not None else None
     if plain is not None:
         return _undecoded_png(data, limits, plain)
     image = _open(data, limits)
-    if image.format == "PNG" and image.mode == "RGB" and _lazy_png(image, data):
+    if image.format == "PNG" and image.mode == "RGB" and _lazy_png(image, walked or _walked(data)):
         return _undecoded_png(data, limits, image.size)
     oriented = _load(image)
     pixels = _to_rgb(oriented)
@@ -129,14 +130,10 @@ def sniff_format(data: bytes) -> str | None:
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
-def _lazy_png(image: Image.Image, data: bytes) -> bool:
+def _lazy_png(image: Image.Image, walked: _PngChunks) -> bool:
     """Whether an RGB PNG's pixels may wait: its structure checks out whole (a PNG that does not is decoded at once,
     and Pillow judges it, as for every other image) and there is no orientation to apply."""
-    try:
-        after = _png_chunks_after_pixels(data)
-    except ImageCorrupt:
-        return False
-    return _png_upright(image, after)
+    return walked.whole and _png_upright(image, walked.after)
 
 
 def _undecoded_png(data: bytes, limits: ImageLimits, size: tuple[int, int]) -> DecodedImage:
@@ -144,20 +141,19 @@ def _undecoded_png(data: bytes, limits: ImageLimits, size: tuple[int, int]) -> D
     return DecodedImage(decode, "PNG", size[0], size[1], len(data), hashlib.sha256(data).hexdigest(), data)
 
 
-def _plain_png_size(data: bytes, limits: ImageLimits) -> tuple[int, int] | None:
+def _declares_rgb8_png(data: bytes) -> bool:
+    """Whether `data` starts as a PNG whose header declares 8-bit RGB pixels (what else it holds is not looked at)."""
+    return data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and data[24:26] == b"\x08\x02"
+
+
+def _plain_png_size(data: bytes, limits: ImageLimits, walked: _PngChunks) -> tuple[int, int] | None:
     """The size of an 8-bit RGB PNG that Pillow would open as it is and leave upright, read without Pillow: its
     header is the first chunk, only the chunks of `_PLAIN_PNG_CHUNKS`, each of the length Pillow reads, come before its
-    pixels, no metadata chunk comes anywhere, every chunk checks out (`_png_chunks`), and its size is within the
-    limits. None for any other image: `decode_image` then opens it with Pillow, which judges it as before."""
-    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+    pixels, no metadata chunk comes anywhere, every chunk checks out (`walked`, `_png_chunks`), and its size is within
+    the limits. None for any other image: `decode_image` then opens it with Pillow, which judges it as before."""
+    if not walked.whole or walked.before[:1] != ((b"IHDR", 13),) or walked.after & _PNG_METADATA_CHUNKS:
         return None
-    try:
-        before, after = _png_chunks(data)
-    except ImageCorrupt:
-        return None
-    if before[0] != (b"IHDR", 13) or after & _PNG_METADATA_CHUNKS:
-        return None
-    if any(_PLAIN_PNG_CHUNKS.get(kind) != length for kind, length in before[1:]):
+    if any(_PLAIN_PNG_CHUNKS.get(kind) != length for kind, length in walked.before[1:]):
         return None
     width, height, depth, colour, _compression, filtering = _IHDR.unpack_from(data, 16)
     pixels = width * height
@@ -168,9 +164,21 @@ def _plain_png_size(data: bytes, limits: ImageLimits) -> tuple[int, int] | None:
     return width, height
 
 
-def _png_chunks_after_pixels(data: bytes) -> set[bytes]:
-    """The types of the chunks between a PNG's first image data chunk and IEND (`_png_chunks`)."""
-    return _png_chunks(data)[1]
+@dataclass(frozen=True)
+class _PngChunks:
+    """A PNG's chunks as `_png_chunks` walked them (`whole` False: the walk found the PNG broken)."""
+
+    before: tuple[tuple[bytes, int], ...] = ()
+    after: frozenset[bytes] = frozenset()
+    whole: bool = True
+
+
+def _walked(data: bytes) -> _PngChunks:
+    try:
+        before, after = _png_chunks(data)
+    except ImageCorrupt:
+        return _PngChunks(whole=False)
+    return _PngChunks(tuple(before), frozenset(after))
 
 
 def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
@@ -209,7 +217,7 @@ def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
         position = end + 4
 
 
-def _png_upright(image: Image.Image, chunks_after_pixels: set[bytes]) -> bool:
+def _png_upright(image: Image.Image, chunks_after_pixels: frozenset[bytes]) -> bool:
     """Whether Pillow finds no EXIF orientation in the PNG, judged without decoding it: from the metadata before
     its pixels, when none follows them (Pillow's PNG `getexif` would decode the pixels to read what follows)."""
     if chunks_after_pixels & _PNG_METADATA_CHUNKS:
