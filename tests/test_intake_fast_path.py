@@ -24,9 +24,6 @@ from vision_stage.errors import ImageTooLarge
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage
 
-LIMITS = ImageLimits()
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 # --- base64 -----------------------------------------------------------------------------------------------------------
 
 PAYLOAD = bytes(range(256)) * 40 + b"\xfb\xff"  # holds the bytes that encode to + / and - _
