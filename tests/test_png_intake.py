@@ -261,7 +261,7 @@ def test_every_chunk_of_a_png_is_checked_once_at_most(
     walked = []
     real = images._png_chunks
 
-    def walk(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
+    def walk(data: bytes) -> images._PngChunks:
         walked.append(len(data))
         return real(data)
 

@@ -41,6 +41,7 @@ _PLAIN_PNG_CHUNKS = {b"sRGB": 1, b"gAMA": 4, b"pHYs": 9, b"cHRM": 32}
 """Chunks that may come before a plain PNG's pixels (`_plain_png_size`), each with the length the format gives it:
 what libpng and most encoders write, and what Pillow reads without failing at those lengths."""
 _IHDR = struct.Struct(">IIBBBB")
+"""A PNG header's width, height, bit depth, colour type, compression and filter method, as the format lays them out."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageEmpty("the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
-    walked = _walked(data) if _declares_rgb8_png(data) else None  # each chunk's CRC is computed once
-    plain = _plain_png_size(data, limits, walked) if walked is not None else None
+    header = _png_header(data)
+    walked = _walked(data) if header is not None and header[2:4] == (8, 2) else None  # 8-bit RGB: walked once
+    plain = _plain_png_size(header, limits, walked) if header is not None and walked is not None else None
     if plain is not None:
         return _undecoded_png(data, limits, plain)
     image = _open(data, limits)
@@ -87,9 +89,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
 def declared_pixels(data: bytes) -> int | None:
     """How many pixels `data`'s header declares, read without decoding anything; None when it does not say (not an
     image, a damaged header, a bomb). A hint for scheduling the decoding, never a check: `decode_image` judges."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])  # the first chunk's fields, as the format fixes them
-        return int(width) * int(height)
+    header = _png_header(data)
+    if header is not None:
+        return header[0] * header[1]
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size
@@ -141,12 +143,17 @@ def _undecoded_png(data: bytes, limits: ImageLimits, size: tuple[int, int]) -> D
     return DecodedImage(decode, "PNG", size[0], size[1], len(data), hashlib.sha256(data).hexdigest(), data)
 
 
-def _declares_rgb8_png(data: bytes) -> bool:
-    """Whether `data` starts as a PNG whose header declares 8-bit RGB pixels (what else it holds is not looked at)."""
-    return data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and data[24:26] == b"\x08\x02"
+def _png_header(data: bytes) -> tuple[int, int, int, int, int, int] | None:
+    """The fields of `_IHDR` when `data` starts as a PNG with its header where the format puts it (the first chunk);
+    None otherwise. Nothing else is looked at."""
+    if len(data) < 16 + _IHDR.size or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return _IHDR.unpack_from(data, 16)
 
 
-def _plain_png_size(data: bytes, limits: ImageLimits, walked: _PngChunks) -> tuple[int, int] | None:
+def _plain_png_size(
+    header: tuple[int, int, int, int, int, int], limits: ImageLimits, walked: _PngChunks
+) -> tuple[int, int] | None:
     """The size of an 8-bit RGB PNG that Pillow would open as it is and leave upright, read without Pillow: its
     header is the first chunk, only the chunks of `_PLAIN_PNG_CHUNKS`, each of the length Pillow reads, come before its
     pixels, no metadata chunk comes anywhere, every chunk checks out (`walked`, `_png_chunks`), and its size is within
@@ -155,7 +162,7 @@ def _plain_png_size(data: bytes, limits: ImageLimits, walked: _PngChunks) -> tup
         return None
     if any(_PLAIN_PNG_CHUNKS.get(kind) != length for kind, length in walked.before[1:]):
         return None
-    width, height, depth, colour, _compression, filtering = _IHDR.unpack_from(data, 16)
+    width, height, depth, colour, _compression, filtering = header
     pixels = width * height
     if (depth, colour, filtering) != (8, 2, 0) or not 0 < pixels <= limits.max_pixels:
         return None
@@ -175,13 +182,12 @@ class _PngChunks:
 
 def _walked(data: bytes) -> _PngChunks:
     try:
-        before, after = _png_chunks(data)
+        return _png_chunks(data)
     except ImageCorrupt:
         return _PngChunks(whole=False)
-    return _PngChunks(tuple(before), frozenset(after))
 
 
-def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
+def _png_chunks(data: bytes) -> _PngChunks:
     """The type and length of each chunk before a PNG's first image data chunk, and the types of those between it and
     IEND, once the length and CRC of every chunk up to IEND is checked (what Pillow's `verify` checks, without
     copying); `ImageCorrupt` otherwise."""
@@ -198,7 +204,7 @@ def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, int]], set[bytes]]:
         if kind == b"IEND":
             if after is None:
                 raise ImageCorrupt("the PNG image is truncated or damaged: it has no image data (IDAT) chunk")
-            return before, after
+            return _PngChunks(tuple(before), frozenset(after))
         end = position + 8 + length
         if end + 4 > len(data):
             raise ImageCorrupt(
