@@ -9,9 +9,11 @@ of the thread:
 
 1. admits waiting requests into free slots, under a prefill token budget and at most one image prefill per step
    (an image's prompt is never split): each admitted request is prefilled on its own and yields its first token;
-2. runs one decode step for every request in a slot, the new ones included: greedy, one token each, on the device,
-   as one CUDA graph per (batch, span) bucket when the device is a GPU;
-3. hands each request its new token (`on_token`, when it streams) and finished requests all their tokens (after a
+2. launches one decode step for every request in a slot, the new ones included: greedy, one token each, on the
+   device, as one CUDA graph per (batch, span) bucket when the device is a GPU;
+3. reads the tokens of the step launched before (`EngineSettings.overlap`; else of this one): the device runs one
+   step while the thread handles the last one's tokens, so it does not wait for the host between steps. It hands
+   each request its new token (`on_token`, when it streams) and finished requests all their tokens (after a
    stop token, the token budget, or a loop: `stage_protocol.loops`), and moves the last slot into each freed one,
    so the slots in use stay first.
 
@@ -63,6 +65,10 @@ class _Request:
     on_token: Callable[[int], None] | None = None
 
 
+_Launched = tuple[list[_Request], Callable[[], list[int]]]
+"""A launched decode step: its rows' requests in row order, and the call that gives their tokens."""
+
+
 class BatchEngine:
     """Continuous batching over a transformers model (module docstring). `start` runs `step` on its own thread;
     tests and benchmarks may instead call `step` themselves, from one thread."""
@@ -76,6 +82,8 @@ class BatchEngine:
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_size)
         self._held: _Request | None = None
         self._rows: list[_Request] = []
+        self._unread: _Launched | None = None
+        """The decode step launched last, its tokens not yet read (`settings.overlap`)."""
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -222,7 +230,7 @@ class BatchEngine:
         for request in [*self._rows, *([self._held] if self._held else []), *_drain(self._queue)]:
             if not request.future.done():
                 request.future.set_exception(closed)
-        self._rows, self._held = [], None
+        self._rows, self._held, self._unread = [], None, None
 
     def _run(self) -> None:
         import torch
@@ -247,10 +255,15 @@ class BatchEngine:
 
         with torch.inference_mode():
             admitted = self._admit()
-            if not self._rows:
+            if not self._rows and self._unread is None:
                 return admitted
-            self._decode()
-            self.steps += 1
+            previous, self._unread = self._unread, (self._launch() if self._rows else None)
+            if previous is not None:
+                self._deliver(previous)
+            if not self.settings.overlap and self._unread is not None:
+                self._deliver(self._unread)
+                self._unread = None
+            self._leave_abandoned()
             return True
 
     def run_until_idle(self) -> None:
@@ -300,14 +313,26 @@ class BatchEngine:
         request.first_token = time.perf_counter()
         self._accept(request, token)
 
-    def _decode(self) -> None:
-        batch = len(self._rows)
-        tokens = self.device.decode(batch, max(request.length for request in self._rows))
-        self.batch_sizes.append(batch)
-        self._decoded += batch
-        for request, token in zip(list(self._rows), tokens, strict=True):
-            request.length += 1
-            self._accept(request, token)
+    def _launch(self) -> _Launched:
+        """One decode step for every row, launched; its tokens are read by `_deliver`."""
+        rows = list(self._rows)
+        read = self.device.launch(len(rows), max(request.length for request in rows))
+        for request in rows:
+            request.length += 1  # what its slot holds once the step has run
+        self.steps += 1
+        self.batch_sizes.append(len(rows))
+        self._decoded += len(rows)
+        return rows, read
+
+    def _deliver(self, launched: _Launched) -> None:
+        """A launched step's tokens to its rows' requests; one that finished after the step was launched (at the
+        step before) takes nothing, its extra token computed and dropped."""
+        rows, read = launched
+        for request, token in zip(rows, read(), strict=True):
+            if not request.future.done():
+                self._accept(request, token)
+
+    def _leave_abandoned(self) -> None:
         for request in [request for request in self._rows if request.future in self._abandoned]:
             self._abandoned.discard(request.future)
             self._finish(request, looped=False)  # nobody reads it: the slot is what matters
@@ -354,7 +379,7 @@ class BatchEngine:
         for request in self._rows:
             if not request.future.done():
                 request.future.set_exception(failed)
-        self._rows = []
+        self._rows, self._unread = [], None
         self.device.reset()
 
 

@@ -31,6 +31,10 @@ class EngineSettings:
     compile: bool | None = None
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
     the many small kernels of a decode step, at about a minute more to start on a GPU. None: on a CUDA device."""
+    overlap: bool = True
+    """Launch each decode step before reading the tokens of the one before, so that the device does not wait for the
+    host's handling of them between steps (on a GPU; elsewhere the steps run as they are called either way). A
+    request that finishes at one step has had one more computed, and dropped."""
     decode_kernel: bool | None = None
     """A decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of the
     grouped matrix products. None: on a CUDA device where Triton is installed and a check at start (`works_on`)

@@ -8,7 +8,8 @@ unchanged transformers text model with the slot cache and the engine's attention
 - `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
   prompt from position 0; or, after a prefix found in the store, only the text after it, as an `extend`
   step of a few bucketed lengths, graph-captured like decode steps;
-- `decode`: one greedy token for every row in use, as one CUDA graph per (batch, span) bucket;
+- `launch`: one decode step, a greedy token for every row in use, as one CUDA graph per (batch, span) bucket; on a
+  GPU only queued, its tokens read later (the engine launches the next step first);
 - greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`.
 
 Rows in use are always the first ones; `move` copies a row into a freed one.
@@ -129,6 +130,13 @@ class DeviceSteps:
         """Each kept prefix's key, and those of its shorter prefixes, to (the entry holding it, its length)."""
         self.encoder = ByteBoundStore(settings.encoder_bytes)
         self.graphs: dict[tuple[Any, ...], Any] = {}
+        self._host_ids: list[Any] | None = None
+        """On a GPU, pinned host buffers the launched steps' tokens are copied into (`launch`)."""
+        self._launched: list[Any] = []
+        self._launches = 0
+        if self.device.type == "cuda":
+            self._host_ids = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._launched = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call]
 
     def stored_prefix(self, prompt: Prompt) -> StoredKV | None:
         """The longest of `prompt`'s prefixes whose KV is kept (a view of it), if any."""
@@ -180,8 +188,10 @@ class DeviceSteps:
         self._active[row] = 1
         return token
 
-    def decode(self, batch: int, longest: int) -> list[int]:
-        """One token for each of the first `batch` rows, the longest of which holds `longest` tokens."""
+    def launch(self, batch: int, longest: int) -> Callable[[], list[int]]:
+        """One decode step: a token for each of the first `batch` rows, the longest of which holds `longest` tokens.
+        On a GPU the step is only queued: the returned call waits for it and gives its tokens, and the next step may
+        be launched before that (the steps read their inputs on the device, where each leaves them for the next)."""
         bucket = min(next(size for size in (*BATCH_BUCKETS, self.settings.slots) if size >= batch), self.settings.slots)
         span = self._span(longest + 1)
         graph = self.graphs.get((bucket, span))
@@ -189,7 +199,15 @@ class DeviceSteps:
             graph.replay()
         else:
             self._decode_step(bucket, span)
-        return [int(token) for token in self._next_ids[:batch].tolist()]
+        if self._host_ids is None:
+            tokens = self._next_ids[:batch].tolist()
+            return lambda: tokens
+        # Two launched steps at most are unread (the engine reads one after launching the next): two buffers.
+        host, done = self._host_ids[self._launches % 2], self._launched[self._launches % 2]
+        self._launches += 1
+        host[:batch].copy_(self._next_ids[:batch], non_blocking=True)
+        done.record()
+        return functools.partial(_read, host, batch, done)
 
     def move(self, source: int, destination: int, length: int) -> None:
         """Row `source` (holding `length` tokens) into row `destination`; `source` is then free."""
@@ -359,6 +377,12 @@ class DeviceSteps:
             step()
         torch.cuda.synchronize()
         return graph
+
+
+def _read(host: Any, batch: int, done: Any) -> list[int]:
+    """A launched step's tokens, once the device has copied them to `host`."""
+    done.synchronize()
+    return [int(token) for token in host[:batch].tolist()]
 
 
 @dataclass(frozen=True)

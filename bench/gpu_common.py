@@ -89,6 +89,11 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="after the run, the engine's decode and largest load with its step overlap off, then on",
+    )
+    parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
     parser.set_defaults(device_memory=device_memory)
@@ -175,17 +180,43 @@ def one_request(
         _, (done,) = bench.engine_run([fresh()], 1)
         return float(done.first_token_ms)
 
-    def engine_decode() -> float:
+    return [
+        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
+        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, forget)),
+    ]
+
+
+def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:
+    """The engine's decode ms/token at batch 1 (p50): (t(1 + 64) − t(1)) / 64 on one cold prompt."""
+
+    def once() -> float:
         prompt = fresh()
         first_ms, _ = bench.engine_run([prompt], 1)
         forget()
         full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
         return (full_ms - first_ms) / max(1, len(done.ids) - 1)
 
-    return [
-        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
-        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, median_of(rounds, engine_decode)),
-    ]
+    return median_of(rounds, once)
+
+
+def overlap_compared(
+    bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None], clients: int, answer: int
+) -> str:
+    """The engine with `EngineSettings.overlap` off, then on, in the same run: decode at batch 1, and `clients`
+    concurrent clients' tokens/s (the engine alone)."""
+    from dataclasses import replace
+
+    kept, figures = bench.engine.settings, []
+    try:
+        for overlap in (False, True):
+            bench.engine.settings = replace(kept, overlap=overlap)
+            decode = engine_decode(bench, rounds, fresh, forget)
+            ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
+            tokens = sum(len(completion.ids) for completion in done) / ms * 1000
+            figures.append(f"{'on' if overlap else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s")
+    finally:
+        bench.engine.settings = kept
+    return f"overlap (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)
 
 
 def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row], str]:

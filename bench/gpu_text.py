@@ -35,6 +35,7 @@ from bench.gpu_common import (
     loads,
     median_of,
     one_request,
+    overlap_compared,
     replays,
     start_engine,
     what_ran,
@@ -91,7 +92,9 @@ def build(
     return bench
 
 
-def run(bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...]) -> tuple[list[Any], list[str]]:
+def run(
+    bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...], compare_overlap: bool = False
+) -> tuple[list[Any], list[str]]:
     import torch
 
     one = bench.prompt(0)
@@ -120,6 +123,9 @@ def run(bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...]) ->
     rows.append(("follow-up on the same prefix, first token ms (p50)", rows[0][1], median_of(rounds, follow_up)))
     notes.append(f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused")
     notes.append(replays(bench.engine, bench.sync))
+    if compare_overlap:
+        fresh = lambda: bench.prompt(next(seeds))  # noqa: E731
+        notes.append(overlap_compared(bench, rounds, fresh, bench.engine.device.prefixes.clear, max(clients), answer))
     return rows, notes
 
 
@@ -151,7 +157,7 @@ def main() -> None:
     drive(
         args,
         lambda: build(args.tiny, prompt_tokens, answer, **engine_options(args)),
-        lambda bench: run(bench, args.rounds, answer, args.clients),
+        lambda bench: run(bench, args.rounds, answer, args.clients, args.compare_overlap),
         describe,
         check=lambda bench: (bench.prompt(0), bench.prompt_tokens + 256),
     )

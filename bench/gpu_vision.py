@@ -53,6 +53,7 @@ from bench.gpu_common import (  # noqa: E402
     loads,
     median_of,
     one_request,
+    overlap_compared,
     replays,
     start_engine,
     what_ran,
@@ -139,7 +140,9 @@ def noise(side: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR)
 
 
-def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple[str, float, float]], list[str]]:
+def run(
+    bench: Bench, rounds: int, clients: tuple[int, ...], compare_overlap: bool = False
+) -> tuple[list[tuple[str, float, float]], list[str]]:
     answer, notes = bench.answer, []
     one = bench.prompt(0)
     notes.append(agreement(*first_tokens(bench, one)))
@@ -170,6 +173,9 @@ def run(bench: Bench, rounds: int, clients: tuple[int, ...]) -> tuple[list[tuple
     rows.append(("follow-up on the same image, first token ms (p50)", plain_first, median_of(rounds, follow_up)))
     notes.append(f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill")
     notes.append(replays(bench.engine, bench.sync))
+    if compare_overlap:
+        fresh = lambda: bench.prompt(next(seeds))  # noqa: E731
+        notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
     return rows, notes
 
 
@@ -240,7 +246,7 @@ def main() -> None:
     drive(
         args,
         lambda: build(args.tiny, side, answer, **engine_options(args)),
-        lambda bench: run(bench, args.rounds, args.clients),
+        lambda bench: run(bench, args.rounds, args.clients, args.compare_overlap),
         describe,
         check=float32_prompt,
         more_profiles=prefill_profile,

@@ -76,11 +76,12 @@ def test_one_request_equals_plain_generate(glm: GlmEngine) -> None:
     assert completion.first_token_ms >= completion.queue_ms >= 0
 
 
-def test_requests_joining_at_different_steps_each_equal_plain_generate(glm: GlmEngine) -> None:
+@pytest.mark.parametrize("overlap", [True, False])
+def test_requests_joining_at_different_steps_each_equal_plain_generate(glm: GlmEngine, overlap: bool) -> None:
     prompts = [prompt(glm, seed, question) for seed, question in ((2, "what?"), (3, "how many?"), (4, "who is it?"))]
     prompts.append(prompt(glm, 5, "where?", width=96, height=32))  # another grid: other M-RoPE positions
     expected = [glm.generate_ids(encoded, BUDGET - n) for n, encoded in enumerate(prompts)]
-    batch = engine(glm)
+    batch = engine(glm, overlap=overlap)
     futures = [submit(batch, prompts[0], "a", BUDGET)]
     batch.step()
     batch.step()
@@ -106,11 +107,12 @@ def test_the_triton_decode_kernel_equals_plain_generate_with_m_rope_rows_joining
     assert max(batch.batch_sizes) == 2
 
 
-def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine) -> None:
+@pytest.mark.parametrize("overlap", [True, False])
+def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine, overlap: bool) -> None:
     prompts = [prompt(glm, 10 + n, f"question {n}?") for n in range(5)]
     budgets = [6, 20, 9, 14, 11]  # rows finish out of order, so the last row moves into freed ones
     expected = [glm.generate_ids(encoded, budget) for encoded, budget in zip(prompts, budgets, strict=True)]
-    batch = engine(glm, slots=2)
+    batch = engine(glm, slots=2, overlap=overlap)  # with overlap, a finished row has one more step before it moves
     futures = [
         submit(batch, encoded, f"r{n}", budget)
         for n, (encoded, budget) in enumerate(zip(prompts, budgets, strict=True))
@@ -267,8 +269,11 @@ def test_the_prefill_budget_spreads_admissions_over_steps(
     assert batch.stats().prefix_hits == 2
 
 
-def test_an_abandoned_request_leaves_its_slot_after_one_step_and_a_waiting_one_never_runs(glm: GlmEngine) -> None:
-    batch = engine(glm, slots=1)
+@pytest.mark.parametrize(("overlap", "written"), [(True, 2), (False, 3)])
+def test_an_abandoned_request_leaves_its_slot_after_one_step_and_a_waiting_one_never_runs(
+    glm: GlmEngine, overlap: bool, written: int
+) -> None:
+    batch = engine(glm, slots=1, overlap=overlap)
     running, waiting = submit(batch, prompt(glm, 100), "x", 200), submit(batch, prompt(glm, 101), "y", 4)
     batch.step()
     assert (batch.running, batch.waiting) == (1, 1)
@@ -276,7 +281,11 @@ def test_an_abandoned_request_leaves_its_slot_after_one_step_and_a_waiting_one_n
     batch.abandon(waiting)
     batch.step()
     assert batch.running == 0
-    assert len(running.result().ids) == 3  # the first step: prefill and one decode; the next: one more; of 200
+    # The first step: prefill, one decode launched (and read, without overlap); the next: that one's token read
+    # (with overlap), one more launched (and read without; with, it is read at the next step and dropped); of 200.
+    assert len(running.result().ids) == written
+    if overlap:
+        assert batch.step()  # the dropped step's tokens are read
     assert not batch.step()  # the cancelled one is taken from the queue and dropped: nothing ran
     assert (batch.running, batch.waiting) == (0, 0)
     assert waiting.cancelled()
