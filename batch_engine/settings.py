@@ -31,6 +31,9 @@ class EngineSettings:
     compile: bool | None = None
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
     the many small kernels of a decode step, at about a minute more to start on a GPU. None: on a CUDA device."""
+    fuse_projections: bool = True
+    """Each attention layer's query, key and value projections as one matrix product (`batch_engine.projections`;
+    the weights concatenated once at start, in the model itself, so plain `generate` on it runs them so too)."""
     overlap: bool = True
     """Launch each decode step before reading the tokens of the one before, so that the device does not wait for the
     host's handling of them between steps (on a GPU; elsewhere the steps run as they are called either way). A

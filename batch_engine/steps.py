@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from batch_engine import decode_attention
+from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
 from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
 
@@ -63,6 +64,8 @@ class DeviceSteps:
         """Position axes: 3 for M-RoPE, 1 for plain positions."""
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
         self.device = model.device
+        if settings.fuse_projections:
+            fuse_projections(self.text)
         if settings.compile or (settings.compile is None and self.device.type == "cuda"):
             # One compilation for all layers: their index is an input, not a constant to specialise on.
             torch._dynamo.config.allow_unspec_int_on_nn_module = True

@@ -87,6 +87,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         default="auto",
         help="decode attention through the Triton kernel (default: on a GPU with Triton)",
     )
+    parser.add_argument(
+        "--fuse-projections",
+        choices=("on", "off"),
+        default="on",
+        help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
+    )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
         "--compare-overlap",
@@ -102,8 +108,13 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
-    compiled layers (`--compile`), the decode attention (`--decode-kernel`)."""
-    return {"slots": max(args.clients), "compile_layers": args.compile, "decode_kernel": SWITCH[args.decode_kernel]}
+    compiled layers (`--compile`), the decode attention (`--decode-kernel`), the fused projections."""
+    return {
+        "slots": max(args.clients),
+        "compile_layers": args.compile,
+        "decode_kernel": SWITCH[args.decode_kernel],
+        "fuse_projections": args.fuse_projections == "on",
+    }
 
 
 def client_counts(text: str) -> tuple[int, ...]:
@@ -138,7 +149,14 @@ def agreement(plain: list[int], engine: list[int], *, label: str = "first 32 tok
 
 
 def start_engine(
-    bench: Paths, slots: int, max_tokens: int, compile_layers: bool, warm: Any, decode_kernel: bool | None = None
+    bench: Paths,
+    max_tokens: int,
+    warm: Any,
+    *,
+    slots: int,
+    compile_layers: bool,
+    decode_kernel: bool | None = None,
+    fuse_projections: bool = True,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
     started; with compiled layers, the prompt `warm` compiles them outside the timing."""
@@ -153,6 +171,7 @@ def start_engine(
         compile=compile_layers,
         stop_loops=False,
         decode_kernel=decode_kernel,
+        fuse_projections=fuse_projections,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
@@ -161,8 +180,10 @@ def start_engine(
         bench.engine_run([warm], 4)
     graphs = len(bench.engine.device.graphs)
     kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
+    fused = "fused" if fuse_projections else "apart"
     print(
-        f"engine started (graphs: {graphs}, decode attention: {kernel}) in {time.perf_counter() - started:.1f} s",
+        f"engine started (graphs: {graphs}, decode attention: {kernel}, q/k/v projections {fused}) in "
+        f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )
 

@@ -68,9 +68,7 @@ class TextBench(Paths):
         return torch.cat(prompts)
 
 
-def build(
-    tiny: bool, prompt_tokens: int, answer: int, slots: int, compile_layers: bool, decode_kernel: bool | None = None
-) -> TextBench:
+def build(tiny: bool, prompt_tokens: int, answer: int, **engine: Any) -> TextBench:
     import torch
     from transformers import AutoModelForCausalLM, Glm4Config
 
@@ -88,7 +86,7 @@ def build(
         model = from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: every answer runs to its budget
     bench = TextBench(model, None, device, prompt_tokens=prompt_tokens)
-    start_engine(bench, slots, max(256, prompt_tokens + answer + 64), compile_layers, bench.prompt(0), decode_kernel)
+    start_engine(bench, max(256, prompt_tokens + answer + 64), bench.prompt(0), **engine)
     return bench
 
 

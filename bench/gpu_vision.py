@@ -88,9 +88,7 @@ class Bench(Paths):
         return {name: torch.cat([p[name] for p in prompts]) for name in prompts[0]}
 
 
-def build(
-    tiny: bool, side: int, answer: int, slots: int, compile_layers: bool, decode_kernel: bool | None = None
-) -> Bench:
+def build(tiny: bool, side: int, answer: int, **engine: Any) -> Bench:
     import torch
 
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
@@ -106,7 +104,7 @@ def build(
     write_words_only(model, processor.tokenizer)
     bench = Bench(model, None, device, processor=processor, side=side, answer=answer)
     longest = max(256, int(bench.prompt(0)["input_ids"].shape[1]) + answer + 64)
-    start_engine(bench, slots, longest, compile_layers, bench.prompt(0), decode_kernel)
+    start_engine(bench, longest, bench.prompt(0), **engine)
     return bench
 
 
