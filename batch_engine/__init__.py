@@ -1,5 +1,6 @@
 """The batching engine both in-process model backends run on: continuous batching of greedy generation over the
-unchanged transformers model on one device (`batch_engine.engine`), its steps on the device (`batch_engine.steps`),
+transformers model on one device (`batch_engine.engine`; its code unchanged, each attention layer's q/k/v weights
+concatenated into one product: `batch_engine.projections`), its steps on the device (`batch_engine.steps`),
 the slot KV cache and its attention (`batch_engine.slots`) and its settings (`batch_engine.settings`).
 
 It serves GLM-4.6V-Flash for the vision stage's `glm` backend (an image prompt, M-RoPE positions) and a causal

@@ -1,5 +1,6 @@
-"""The batching engine: greedy generation for many requests at once on one device, over the unchanged
-transformers model (GLM-4.6V-Flash with its images, or a causal text LM such as GLM-4).
+"""The batching engine: greedy generation for many requests at once on one device, over the
+transformers model (GLM-4.6V-Flash with its images, or a causal text LM such as GLM-4), whose code runs unchanged
+(its q/k/v projections fused into one product: `batch_engine.projections`).
 
 One thread owns the model. Requests come through a bounded queue (`submit`; a full queue is the caller's
 `unavailable` error with a retry hint) as the processor's or tokenizer's output, prepared off that thread, with

@@ -3,7 +3,8 @@
 `DeviceSteps` owns everything on the device: the slot KV cache (`batch_engine.slots`), one row of small buffers per
 slot (the next input token, the length, the M-RoPE delta, the tokens seen for a repetition penalty), the CUDA
 graphs, and the stores of prompt prefixes and encoder output. It runs three kinds of step, each a forward of the
-unchanged transformers text model with the slot cache and the engine's attention:
+transformers text model (its code unchanged; its q/k/v projections fused, `batch_engine.projections`) with the slot
+cache and the engine's attention:
 
 - `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
   prompt from position 0; or, after a prefix found in the store, only the text after it, as an `extend`
