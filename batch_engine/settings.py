@@ -29,8 +29,9 @@ class EngineSettings:
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool | None = None
-    """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer): fuses
-    the many small kernels of a decode step, at about a minute more to start on a GPU. None: on a CUDA device."""
+    """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer) and an
+    image model's vision encoder blocks: fuses the many small kernels of a decode step and of the encoder, at about
+    a minute more to start on a GPU. None: on a CUDA device."""
     fuse_projections: bool = True
     """Each attention layer's query, key and value projections as one matrix product (`batch_engine.projections`;
     the weights concatenated once at start, in the model itself, so plain `generate` on it runs them so too)."""
