@@ -68,18 +68,7 @@ class DeviceSteps:
         if settings.fuse_projections:
             fuse_projections(self.text)
         if settings.compile or (settings.compile is None and self.device.type == "cuda"):
-            # One compilation for all layers: their index is an input, not a constant to specialise on.
-            torch._dynamo.config.allow_unspec_int_on_nn_module = True
-            # Prefill, follow-up extend and decode steps each compile their own versions of a layer's pieces (about
-            # eight of the attention's part); past dynamo's limit (8 by default) a new one would run uncompiled.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            for layer in self.text.layers:
-                layer.compile(dynamic=True)
-            # The vision encoder's blocks too (an image model's): their norms, rotary and activations fused took
-            # GLM-4.6V-Flash's encoder from 45 to 29 ms for a 1024×1024 image on an H200 (`bench/RESULTS.md`). Each
-            # block breaks where transformers' attention splits the patches per image (`tolist`), and runs on.
-            for block in getattr(getattr(model.model, "visual", None), "blocks", ()):
-                block.compile(dynamic=True)
+            compile_model(model, self.text)
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -386,6 +375,25 @@ class DeviceSteps:
             step()
         torch.cuda.synchronize()
         return graph
+
+
+def compile_model(model: Any, decoder: Any) -> None:
+    """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks (`EngineSettings.
+    compile`); each compiled on its first call."""
+    import torch
+
+    # One compilation for all layers: their index is an input, not a constant to specialise on.
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    # Prefill, follow-up extend and decode steps each compile their own versions of a layer's pieces (about eight of
+    # the attention's part); past dynamo's limit (8 by default) a new one would run uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for layer in decoder.layers:
+        layer.compile(dynamic=True)
+    # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to
+    # 29 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`). Each block breaks where transformers' attention
+    # splits the patches per image (`tolist`), and runs on.
+    for block in getattr(getattr(model.model, "visual", None), "blocks", ()):
+        block.compile(dynamic=True)
 
 
 def _read(host: Any, batch: int, done: Any) -> list[int]:

@@ -217,6 +217,17 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
         assert f"| {measure}" in finished.stdout
 
 
+def test_the_parts_benchmark_runs_on_the_cpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "bench" / "gpu_parts.py"), "--tiny", "--rounds", "1"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "| vision encoder, 64×64 image, ms |" in finished.stdout
+    assert "| q/k/v projections, 2 layers, batch 32, ms |" in finished.stdout
+    difference = float(finished.stdout.split("difference between the outputs ")[1].split()[0])
+    assert difference < 1e-5, "the compiled encoder computes what transformers' does"
+
+
 def test_stats_count_steps_batches_waits_and_prefix_hits(glm: GlmEngine) -> None:
     batch = engine(glm, slots=2)
     first, again = prompt(glm, 80, "what is the total?"), prompt(glm, 80, "and the date?")

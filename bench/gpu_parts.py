@@ -1,0 +1,175 @@
+"""Two parts of the batching engine's steps measured apart, each against what it replaced, in one run.
+
+    python bench/gpu_parts.py [--rounds 5] [--image-side 1024]      # on the GPU machine
+    python bench/gpu_parts.py --tiny                                 # the same code on a CPU
+
+- The vision encoder of GLM-4.6V-Flash (full architecture, random weights, bfloat16) on one image, as transformers
+  runs it and with its blocks compiled as the engine compiles them (`batch_engine.steps.compile_model`): ms per
+  image (p50, the device synchronised), and the largest difference between the two outputs.
+- Each attention layer's query, key and value projections of GLM-4-9B's shape (4096 → 4096, 256, 256, with biases;
+  40 layers) at 1, 8 and 32 rows, as three products and fused into one (`batch_engine.projections`) on the same
+  weights: all 40 layers captured in one CUDA graph on a GPU, as in a decode step (eagerly on a CPU).
+
+`--tiny` runs a 2-layer model's encoder and small projections on the CPU: it proves the code path, measures nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the engine importable
+    sys.path.insert(0, str(ROOT))
+
+from bench.gpu_vision import Bench  # noqa: E402
+
+Row = tuple[str, float, float]
+
+
+def timed(device: str, rounds: int, work: Callable[[], Any]) -> float:
+    """Milliseconds per call of `work` (p50 of `rounds`, after one warm-up), the device synchronised around each."""
+    import torch
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    work()
+    sync()
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        work()
+        sync()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def encoder(tiny: bool, side: int, rounds: int) -> tuple[list[Row], str]:
+    import torch
+
+    from batch_engine.steps import compile_model
+    from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
+
+    torch.manual_seed(0)
+    if tiny:
+        tokenizer = glm_tokenizer()
+        model, device = tiny_glm4v_model(tokenizer).eval(), "cpu"
+        processor = glm_processor(tokenizer, max_visual_tokens=256)
+    else:
+        (model, processor), device = full_size_glm46v_flash("cuda", torch.bfloat16), "cuda"
+    inputs = Bench(model, None, device, processor=processor, side=side).prompt(0)
+    pixels, grid = inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device)
+
+    def encode() -> Any:
+        return model.model.get_image_features(pixels, image_grid_thw=grid, return_dict=True).pooler_output[0]
+
+    with torch.inference_mode():
+        plain_out = encode()
+        plain = timed(device, rounds, encode)
+        compile_model(model, model.model.language_model)
+        started = time.perf_counter()
+        compiled_out = encode()
+        compiling = time.perf_counter() - started
+        compiled = timed(device, rounds, encode)
+    difference = float((compiled_out.float() - plain_out.float()).abs().max())
+    _, height, width = (int(n) for n in grid[0].tolist())
+    note = (
+        f"encoder: {height}×{width} patches; compiling its blocks took {compiling:.1f} s (the first image); largest "
+        f"difference between the outputs {difference:.3g} (outputs' largest magnitude "
+        f"{float(plain_out.float().abs().max()):.3g})"
+    )
+    return [(f"vision encoder, {side}×{side} image, ms", plain, compiled)], note
+
+
+def projections(tiny: bool, rounds: int) -> list[Row]:
+    import torch
+
+    from batch_engine.projections import fuse_projections
+
+    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    hidden, heads, kv_heads, layers = (64, 64, 16, 2) if tiny else (4096, 4096, 256, 40)
+
+    def attention() -> Any:
+        with torch.device(device):
+            return SimpleNamespace(
+                self_attn=SimpleNamespace(
+                    **{
+                        name: torch.nn.Linear(hidden, size, bias=True, dtype=dtype)
+                        for name, size in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+                    }
+                )
+            )
+
+    decoder = SimpleNamespace(layers=[attention() for _ in range(layers)])
+    inputs = {batch: torch.randn(batch, 1, hidden, device=device, dtype=dtype) for batch in (1, 8, 32)}
+
+    def step(x: Any) -> Callable[[], None]:
+        def project() -> None:
+            for layer in decoder.layers:
+                layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), layer.self_attn.v_proj(x)
+
+        return project
+
+    apart = {batch: replayed(device, rounds, step(x)) for batch, x in inputs.items()}
+    with torch.inference_mode():
+        fuse_projections(decoder)
+    fused = {batch: replayed(device, rounds, step(x)) for batch, x in inputs.items()}
+    return [(f"q/k/v projections, {layers} layers, batch {batch}, ms", apart[batch], fused[batch]) for batch in inputs]
+
+
+def replayed(device: str, rounds: int, step: Callable[[], None]) -> float:
+    """Milliseconds of `step`: as one captured CUDA graph replayed 50 times a round on a GPU, else called eagerly."""
+    import torch
+
+    with torch.inference_mode():
+        if device != "cuda":
+            return timed(device, rounds, step)
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+
+        def fifty() -> None:
+            for _ in range(50):
+                graph.replay()
+
+        return timed(device, rounds, fifty) / 50
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--image-side", type=int, default=1024)
+    args = parser.parse_args()
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("the full-size parts need a CUDA GPU (about 21 GB); use --tiny to check the code path on a CPU")
+    side = 64 if args.tiny else args.image_side
+    rows, note = encoder(args.tiny, side, args.rounds)
+    rows += projections(args.tiny, args.rounds)
+    print("| part | as it was | as the engine runs it | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, before, after in rows:
+        print(f"| {label} | {before:.3f} | {after:.3f} | {before / after:.2f}× |")
+    print()
+    print(f"- {note}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
+    print(f"- on {gpu}; torch {torch.__version__}; rounds {args.rounds}")
+
+
+if __name__ == "__main__":
+    main()
