@@ -390,8 +390,10 @@ def compile_model(model: Any, decoder: Any) -> None:
     for layer in decoder.layers:
         layer.compile(dynamic=True)
     # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to
-    # 29 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`). Each block breaks where transformers' attention
-    # splits the patches per image (`tolist`), and runs on.
+    # 39 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`). Compiled for one image size (static shapes) it
+    # took 29 ms, but every new size would then compile again (seconds each, at request time); dynamic shapes serve
+    # every size with one compilation. Each block breaks where transformers' attention splits the patches per image
+    # (`tolist`), and runs on.
     for block in getattr(getattr(model.model, "visual", None), "blocks", ()):
         block.compile(dynamic=True)
 
