@@ -130,11 +130,12 @@ class DeviceSteps:
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self._host_ids: list[Any] | None = None
         """On a GPU, pinned host buffers the launched steps' tokens are copied into (`launch`)."""
-        self._launched: list[Any] = []
+        self._copied: list[Any] = []
+        """On a GPU, the events that mark each buffer's copy done."""
         self._launches = 0
         if self.device.type == "cuda":
             self._host_ids = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
-            self._launched = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call]
+            self._copied = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call]
 
     def stored_prefix(self, prompt: Prompt) -> StoredKV | None:
         """The longest of `prompt`'s prefixes whose KV is kept (a view of it), if any."""
@@ -201,7 +202,7 @@ class DeviceSteps:
             tokens = self._next_ids[:batch].tolist()
             return lambda: tokens
         # Two launched steps at most are unread (the engine reads one after launching the next): two buffers.
-        host, done = self._host_ids[self._launches % 2], self._launched[self._launches % 2]
+        host, done = self._host_ids[self._launches % 2], self._copied[self._launches % 2]
         self._launches += 1
         host[:batch].copy_(self._next_ids[:batch], non_blocking=True)
         done.record()
@@ -401,7 +402,7 @@ def compile_model(model: Any, decoder: Any) -> None:
 def _read(host: Any, batch: int, done: Any) -> list[int]:
     """A launched step's tokens, once the device has copied them to `host`."""
     done.synchronize()
-    return [int(token) for token in host[:batch].tolist()]
+    return host[:batch].tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,14 @@ def run(
     if parted is not None:
         notes.append(near_tie(bench, one, plain[:parted], engine[parted]))
     seeds = iter(range(1000, 100000))
-    rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)), bench.engine.device.prefixes.clear)
-    load_rows, load_notes = loads(bench, clients, lambda: bench.prompt(next(seeds)), answer)
+
+    def fresh() -> Any:
+        """A prompt not seen before."""
+        return bench.prompt(next(seeds))
+
+    forget = bench.engine.device.prefixes.clear
+    rows = one_request(bench, rounds, one, fresh, forget)
+    load_rows, load_notes = loads(bench, clients, fresh, answer)
     rows += load_rows
     notes += load_notes
     tail = min(64, bench.prompt_tokens // 2)
@@ -111,9 +117,9 @@ def run(
 
     def follow_up() -> float:
         """Another question after the same instructions and description: all but the last `tail` tokens shared."""
-        opening = bench.prompt(next(seeds))
+        opening = fresh()
         bench.engine_run([opening], 1)
-        again = torch.cat([opening[:, :-tail], bench.prompt(next(seeds))[:, :tail]], dim=1)
+        again = torch.cat([opening[:, :-tail], fresh()[:, :tail]], dim=1)
         _, (done,) = bench.engine_run([again], 1)
         reused.append(done.reused_tokens)
         return float(done.first_token_ms)
@@ -122,8 +128,7 @@ def run(
     notes.append(f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused")
     notes.append(replays(bench.engine, bench.sync))
     if compare_overlap:
-        fresh = lambda: bench.prompt(next(seeds))  # noqa: E731
-        notes.append(overlap_compared(bench, rounds, fresh, bench.engine.device.prefixes.clear, max(clients), answer))
+        notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
     return rows, notes
 
 

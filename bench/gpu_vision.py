@@ -147,13 +147,17 @@ def run(
 
     seeds = iter(range(1000, 100000))
 
+    def fresh() -> Any:
+        """A prompt on an image not seen before."""
+        return bench.prompt(next(seeds))
+
     def forget() -> None:
         bench.engine.device.prefixes.clear()
         bench.engine.device.encoder.clear()
 
-    rows = one_request(bench, rounds, one, lambda: bench.prompt(next(seeds)), forget)
+    rows = one_request(bench, rounds, one, fresh, forget)
     plain_first = rows[0][1]
-    load_rows, load_notes = loads(bench, clients, lambda: bench.prompt(next(seeds)), answer)  # equal lengths
+    load_rows, load_notes = loads(bench, clients, fresh, answer)  # equal lengths
     rows += load_rows
     notes += load_notes
 
@@ -172,7 +176,6 @@ def run(
     notes.append(f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill")
     notes.append(replays(bench.engine, bench.sync))
     if compare_overlap:
-        fresh = lambda: bench.prompt(next(seeds))  # noqa: E731
         notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
     return rows, notes
 
