@@ -35,6 +35,7 @@ from batch_engine import decode_attention
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
 from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
+from batch_engine.vision_attention import register_vision_attention
 
 if TYPE_CHECKING:
     from batch_engine.settings import EngineSettings
@@ -64,6 +65,7 @@ class DeviceSteps:
         self.axes = 3 if hasattr(model.model, "get_rope_index") else 1
         """Position axes: 3 for M-RoPE, 1 for plain positions."""
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
+        register_vision_attention(model)
         self.device = model.device
         if settings.fuse_projections:
             fuse_projections(self.text)
@@ -276,8 +278,12 @@ class DeviceSteps:
         found = self.encoder.lookup(key) if key else None
         if found is not None:
             return found.tensor
+        grid = prompt.grid
         output = self.model.model.get_image_features(
-            prompt.pixel_values.to(self.device), image_grid_thw=prompt.grid.to(self.device), return_dict=True
+            prompt.pixel_values.to(self.device),
+            image_grid_thw=grid.to(self.device),
+            max_seqlen=int((grid[:, 1] * grid[:, 2]).max()),  # else read back from the device, waiting on it
+            return_dict=True,
         )
         embeds = torch.cat(tuple(output.pooler_output), dim=0)
         if key:
@@ -393,10 +399,15 @@ def compile_model(model: Any, decoder: Any) -> None:
     # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to
     # 39 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`). Compiled for one image size (static shapes) it
     # took 29 ms, but every new size would then compile again (seconds each, at request time); dynamic shapes serve
-    # every size with one compilation. Each block breaks where transformers' attention splits the patches per image
-    # (`tolist`), and runs on.
-    for block in getattr(getattr(model.model, "visual", None), "blocks", ()):
+    # every size with one compilation. Each block compiles whole: its attention is one opaque operator
+    # (`batch_engine.vision_attention`), not transformers' split of the patches per image, which breaks the graph.
+    visual = getattr(model.model, "visual", None)
+    for block in getattr(visual, "blocks", ()):
         block.compile(dynamic=True)
+    # Its position embeddings, interpolated (bicubic) to each image's grid: eagerly one `grid_sample` kernel with a
+    # thread per patch looping over the channels; compiled, a kernel with a thread per value.
+    if (embeddings := getattr(visual, "embeddings", None)) is not None:
+        embeddings.compile(dynamic=True)
 
 
 def _read(host: Any, batch: int, done: Any) -> list[int]:

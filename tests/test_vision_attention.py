@@ -1,0 +1,75 @@
+"""The vision encoder's packed attention (`batch_engine.vision_attention`): the same encoder output as transformers'
+`sdpa` path for one image and for several in one call, a compiled encoder block traced as one graph, and the engine
+switching its model's encoder to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from batch_engine.engine import BatchEngine  # noqa: E402
+from batch_engine.settings import EngineSettings  # noqa: E402
+from batch_engine.vision_attention import VISION_ATTENTION, register_vision_attention  # noqa: E402
+from tests.tiny_glm4v import glm_tokenizer, tiny_glm4v_model  # noqa: E402
+
+GRIDS = torch.tensor([[1, 8, 12], [1, 6, 4]])
+"""Two images' (frames, rows, columns) of patches: 96 and 24."""
+
+
+def encoder_model() -> Any:
+    torch.manual_seed(0)
+    return tiny_glm4v_model(glm_tokenizer()).eval()
+
+
+def encode(model: Any, pixels: Any, grids: Any) -> list[Any]:
+    with torch.inference_mode():
+        return list(model.model.get_image_features(pixels, image_grid_thw=grids, return_dict=True).pooler_output)
+
+
+def test_the_encoder_answers_as_under_sdpa_for_one_image_and_for_two() -> None:
+    model = encoder_model()
+    assert model.model.visual.config._attn_implementation == "sdpa"
+    pixels = torch.randn(int(GRIDS.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    calls = ((pixels, GRIDS), (pixels[:96], GRIDS[:1]))
+    before = [encode(model, *call) for call in calls]
+    assert register_vision_attention(model)
+    assert model.model.visual.config._attn_implementation == VISION_ATTENTION
+    after = [encode(model, *call) for call in calls]
+    assert [[t.shape[0] for t in images] for images in after] == [[24, 6], [24]]
+    for want, have in zip(before, after, strict=True):
+        for image_want, image_have in zip(want, have, strict=True):
+            torch.testing.assert_close(image_have, image_want)
+    # The two images attend apart: the first's output is the same alone as beside the second.
+    torch.testing.assert_close(after[0][0], after[1][0])
+
+
+def test_a_compiled_encoder_block_traces_as_one_graph() -> None:
+    model = encoder_model()
+    register_vision_attention(model)
+    visual = model.model.visual
+    hidden = torch.randn(96, 32)
+    positions = visual.rotary_pos_emb(hidden, torch.randint(0, 8, (96, 2)))
+    bounds = torch.tensor([0, 96], dtype=torch.int32)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(visual.blocks[0])(
+            hidden, cu_seqlens=bounds, position_embeddings=positions, max_seqlen=96
+        )  # as the encoder calls its blocks
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_another_attention_implementation_is_left_alone() -> None:
+    model = encoder_model()
+    model.model.visual.config._attn_implementation = "eager"
+    assert not register_vision_attention(model)
+    assert model.model.visual.config._attn_implementation == "eager"
+
+
+def test_the_engine_runs_its_image_model_on_the_packed_attention() -> None:
+    model = encoder_model()
+    BatchEngine(model, EngineSettings(slots=1, max_tokens=256))
+    assert model.model.visual.config._attn_implementation == VISION_ATTENTION
