@@ -397,15 +397,17 @@ def compile_model(model: Any, decoder: Any) -> None:
     for layer in decoder.layers:
         layer.compile(dynamic=True)
     # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to
-    # 39 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`). Compiled for one image size (static shapes) it
-    # took 29 ms, but every new size would then compile again (seconds each, at request time); dynamic shapes serve
-    # every size with one compilation. Each block compiles whole: its attention is one opaque operator
-    # (`batch_engine.vision_attention`), not transformers' split of the patches per image, which breaks the graph.
+    # 39 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`), when each block still broke where transformers'
+    # `sdpa` path splits the patches per image; with the packed attention (`batch_engine.vision_attention`) each
+    # compiles whole (32.8 → 28.8 ms in a probe on an H100, `bench/RESULTS.md`). Dynamic shapes serve every image
+    # size with one compilation; compiled for one size the encoder was 1.5 ms faster still, but every new size would
+    # then compile again, seconds each, at request time.
     visual = getattr(model.model, "visual", None)
     for block in getattr(visual, "blocks", ()):
         block.compile(dynamic=True)
-    # Its position embeddings, interpolated (bicubic) to each image's grid: eagerly one `grid_sample` kernel with a
-    # thread per patch looping over the channels; compiled, a kernel with a thread per value.
+    # Its position embeddings, interpolated (bicubic) to each image's grid: eagerly one `grid_sample` kernel, 2.6 ms
+    # of the encoder's 27 in that probe's profile; compiled, arithmetic that inductor spreads over every value (not
+    # yet timed on a GPU).
     if (embeddings := getattr(visual, "embeddings", None)) is not None:
         embeddings.compile(dynamic=True)
 

@@ -1,11 +1,13 @@
 """Two parts of the batching engine's steps measured apart, each against what it replaced, in one run.
 
-    python bench/gpu_parts.py [--rounds 5] [--image-side 1024]      # on the GPU machine
-    python bench/gpu_parts.py --tiny                                 # the same code on a CPU
+    python bench/gpu_parts.py [--rounds 5] [--image-side 1024] [--profile]      # on the GPU machine
+    python bench/gpu_parts.py --tiny                                            # the same code on a CPU
 
 - The vision encoder of GLM-4.6V-Flash (full architecture, random weights, bfloat16) on one image, as transformers
-  runs it and with its blocks compiled as the engine compiles them (`batch_engine.steps.compile_model`): ms per
-  image (p50, the device synchronised), and the largest difference between the two outputs.
+  runs it (eagerly, `sdpa`) against, first, its blocks and position embeddings compiled as the engine compiles them
+  (`batch_engine.steps.compile_model`) under `sdpa`, then the same with the engine's packed attention
+  (`batch_engine.vision_attention`): ms per image (p50, the device synchronised), and the largest difference between
+  transformers' output and the engine's.
 - Each attention layer's query, key and value projections of GLM-4-9B's shape (4096 → 4096, 256, 256, with biases;
   40 layers) at 1, 8 and 32 rows, as three products and fused into one (`batch_engine.projections`) on the same
   weights: all 40 layers captured in one CUDA graph on a GPU, as in a decode step (eagerly on a CPU).
@@ -52,10 +54,11 @@ def timed(device: str, rounds: int, work: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
-def encoder(tiny: bool, side: int, rounds: int) -> tuple[list[Row], str]:
+def encoder(tiny: bool, side: int, rounds: int, profile: bool = False) -> tuple[list[Row], str]:
     import torch
 
     from batch_engine.steps import compile_model
+    from batch_engine.vision_attention import register_vision_attention
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
 
     torch.manual_seed(0)
@@ -66,27 +69,52 @@ def encoder(tiny: bool, side: int, rounds: int) -> tuple[list[Row], str]:
     else:
         (model, processor), device = full_size_glm46v_flash("cuda", torch.bfloat16), "cuda"
     inputs = Bench(model, None, device, processor=processor, side=side).prompt(0)
-    pixels, grid = inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device)
+    grid = inputs["image_grid_thw"]
+    pixels, longest = inputs["pixel_values"].to(device), int((grid[:, 1] * grid[:, 2]).max())
+    grid = grid.to(device)
 
     def encode() -> Any:
-        return model.model.get_image_features(pixels, image_grid_thw=grid, return_dict=True).pooler_output[0]
+        features = model.model.get_image_features(pixels, image_grid_thw=grid, max_seqlen=longest, return_dict=True)
+        return features.pooler_output[0]
 
     with torch.inference_mode():
         plain_out = encode()
         plain = timed(device, rounds, encode)
-        compile_model(model, model.model.language_model)
+        compile_model(model, model.model.language_model)  # under sdpa: the engine before its packed attention
+        sdpa = timed(device, rounds, encode)
+        register_vision_attention(model)  # the compiled blocks' guards see the change and compile again
         started = time.perf_counter()
-        compiled_out = encode()
+        engine_out = encode()
         compiling = time.perf_counter() - started
-        compiled = timed(device, rounds, encode)
-    difference = float((compiled_out.float() - plain_out.float()).abs().max())
+        engine = timed(device, rounds, encode)
+        if profile:
+            kernels(encode)
+    difference = float((engine_out.float() - plain_out.float()).abs().max())
     _, height, width = (int(n) for n in grid[0].tolist())
     note = (
-        f"encoder: {height}×{width} patches; compiling its blocks took {compiling:.1f} s (the first image); largest "
-        f"difference between the outputs {difference:.3g} (outputs' largest magnitude "
-        f"{float(plain_out.float().abs().max()):.3g})"
+        f"encoder: {height}×{width} patches; compiling its blocks for the packed attention took {compiling:.1f} s "
+        f"(the first image); largest difference between the engine's output and transformers' {difference:.3g} "
+        f"(outputs' largest magnitude {float(plain_out.float().abs().max()):.3g})"
     )
-    return [(f"vision encoder, {side}×{side} image, ms", plain, compiled)], note
+    image = f"{side}×{side} image"
+    return [
+        (f"vision encoder, {image}, ms: compiled under sdpa (the engine before)", plain, sdpa),
+        (f"vision encoder, {image}, ms: packed attention, compiled (the engine)", plain, engine),
+    ], note
+
+
+def kernels(work: Callable[[], Any]) -> None:
+    """The device's kernels in one call of `work` (`--profile`), most time first, on stderr."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        work()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = profiler.key_averages()
+    print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=80), file=sys.stderr)
 
 
 def projections(tiny: bool, rounds: int) -> list[Row]:
@@ -153,13 +181,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--image-side", type=int, default=1024)
+    parser.add_argument("--profile", action="store_true", help="print the kernels of one encoder call (stderr)")
     args = parser.parse_args()
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
         parser.error("the full-size parts need a CUDA GPU (about 21 GB); use --tiny to check the code path on a CPU")
     side = 64 if args.tiny else args.image_side
-    rows, note = encoder(args.tiny, side, args.rounds)
+    rows, note = encoder(args.tiny, side, args.rounds, args.profile)
     rows += projections(args.tiny, args.rounds)
     print("| part | as it was | as the engine runs it | speed-up |")
     print("| --- | ---: | ---: | ---: |")

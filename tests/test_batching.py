@@ -222,10 +222,11 @@ def test_the_parts_benchmark_runs_on_the_cpu() -> None:
     command = [sys.executable, str(root / "bench" / "gpu_parts.py"), "--tiny", "--rounds", "1"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "| vision encoder, 64×64 image, ms |" in finished.stdout
+    assert "| vision encoder, 64×64 image, ms: compiled under sdpa (the engine before) |" in finished.stdout
+    assert "| vision encoder, 64×64 image, ms: packed attention, compiled (the engine) |" in finished.stdout
     assert "| q/k/v projections, 2 layers, batch 32, ms |" in finished.stdout
-    difference = float(finished.stdout.split("difference between the outputs ")[1].split()[0])
-    assert difference < 1e-5, "the compiled encoder computes what transformers' does"
+    difference = float(finished.stdout.split("between the engine's output and transformers' ")[1].split()[0])
+    assert difference < 1e-5, "the engine's encoder computes what transformers' does"
 
 
 def test_stats_count_steps_batches_waits_and_prefix_hits(glm: GlmEngine) -> None:
