@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from batch_engine import decode_attention
+from batch_engine.compiling import compile_model
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
 from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
@@ -382,34 +383,6 @@ class DeviceSteps:
             step()
         torch.cuda.synchronize()
         return graph
-
-
-def compile_model(model: Any, decoder: Any) -> None:
-    """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks (`EngineSettings.
-    compile`); each compiled on its first call."""
-    import torch
-
-    # One compilation for all layers: their index is an input, not a constant to specialise on.
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
-    # Prefill, follow-up extend and decode steps each compile their own versions of a layer's pieces (about eight of
-    # the attention's part); past dynamo's limit (8 by default) a new one would run uncompiled.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    for layer in decoder.layers:
-        layer.compile(dynamic=True)
-    # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to
-    # 39 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`), when each block still broke where transformers'
-    # `sdpa` path splits the patches per image; with the packed attention (`batch_engine.vision_attention`) each
-    # compiles whole (32.8 → 28.8 ms in a probe on an H100, `bench/RESULTS.md`). Dynamic shapes serve every image
-    # size with one compilation; compiled for one size the encoder was 1.5 ms faster still, but every new size would
-    # then compile again, seconds each, at request time.
-    visual = getattr(model.model, "visual", None)
-    for block in getattr(visual, "blocks", ()):
-        block.compile(dynamic=True)
-    # Its position embeddings, interpolated (bicubic) to each image's grid: eagerly one `grid_sample` kernel, 2.6 ms
-    # of the encoder's 27 in that probe's profile; compiled, arithmetic that inductor spreads over every value (not
-    # yet timed on a GPU).
-    if (embeddings := getattr(visual, "embeddings", None)) is not None:
-        embeddings.compile(dynamic=True)
 
 
 def _read(host: Any, batch: int, done: Any) -> list[int]:

@@ -1,16 +1,19 @@
-"""Two parts of the batching engine's steps measured apart, each against what it replaced, in one run.
+"""Parts of the batching engine's steps measured apart, each against what it replaced or might, in one run.
 
     python bench/gpu_parts.py [--rounds 5] [--image-side 1024] [--profile]      # on the GPU machine
     python bench/gpu_parts.py --tiny                                            # the same code on a CPU
 
 - The vision encoder of GLM-4.6V-Flash (full architecture, random weights, bfloat16) on one image, as transformers
   runs it (eagerly, `sdpa`) against, first, its blocks and position embeddings compiled as the engine compiles them
-  (`batch_engine.steps.compile_model`) under `sdpa`, then the same with the engine's packed attention
+  (`batch_engine.compiling.compile_model`) under `sdpa`, then the same with the engine's packed attention
   (`batch_engine.vision_attention`): ms per image (p50, the device synchronised), and the largest difference between
   transformers' output and the engine's.
 - Each attention layer's query, key and value projections of GLM-4-9B's shape (4096 → 4096, 256, 256, with biases;
   40 layers) at 1, 8 and 32 rows, as three products and fused into one (`batch_engine.projections`) on the same
   weights: all 40 layers captured in one CUDA graph on a GPU, as in a decode step (eagerly on a CPU).
+- The text prefill of the encoder's prompt through one decoder layer's code forty times, compiled as the engine
+  compiles its layers (every int on a module symbolic, so that one compilation serves all forty layer indices: the
+  head size and count with them) and with those ints specialised: what the symbolic sizes cost (a note line).
 
 `--tiny` runs a 2-layer model's encoder and small projections on the CPU: it proves the code path, measures nothing.
 """
@@ -54,20 +57,28 @@ def timed(device: str, rounds: int, work: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
-def encoder(tiny: bool, side: int, rounds: int, profile: bool = False) -> tuple[list[Row], str]:
+def load(tiny: bool) -> tuple[Any, Any, str]:
+    """The model, its processor and its device: the full-size GLM-4.6V-Flash on a GPU, or the tiny one on the CPU."""
     import torch
 
-    from batch_engine.steps import compile_model
-    from batch_engine.vision_attention import register_vision_attention
     from tests.tiny_glm4v import full_size_glm46v_flash, glm_processor, glm_tokenizer, tiny_glm4v_model
 
     torch.manual_seed(0)
     if tiny:
         tokenizer = glm_tokenizer()
-        model, device = tiny_glm4v_model(tokenizer).eval(), "cpu"
-        processor = glm_processor(tokenizer, max_visual_tokens=256)
-    else:
-        (model, processor), device = full_size_glm46v_flash("cuda", torch.bfloat16), "cuda"
+        return tiny_glm4v_model(tokenizer).eval(), glm_processor(tokenizer, max_visual_tokens=256), "cpu"
+    return (*full_size_glm46v_flash("cuda", torch.bfloat16), "cuda")
+
+
+def encoder(
+    model: Any, processor: Any, device: str, side: int, rounds: int, profile: bool = False
+) -> tuple[list[Row], str, int]:
+    """The encoder's rows and note, and the prompt's length in tokens."""
+    import torch
+
+    from batch_engine.compiling import compile_model
+    from batch_engine.vision_attention import register_vision_attention
+
     inputs = Bench(model, None, device, processor=processor, side=side).prompt(0)
     grid = inputs["image_grid_thw"]
     pixels, longest = inputs["pixel_values"].to(device), int((grid[:, 1] * grid[:, 2]).max())
@@ -97,10 +108,47 @@ def encoder(tiny: bool, side: int, rounds: int, profile: bool = False) -> tuple[
         f"(outputs' largest magnitude {float(plain_out.float().abs().max()):.3g})"
     )
     image = f"{side}×{side} image"
-    return [
+    rows = [
         (f"vision encoder, {image}, ms: compiled under sdpa (the engine before)", plain, sdpa),
         (f"vision encoder, {image}, ms: packed attention, compiled (the engine)", plain, engine),
-    ], note
+    ]
+    return rows, note, int(inputs["input_ids"].shape[1])
+
+
+def text_layer(model: Any, device: str, rounds: int, tokens: int) -> str:
+    """What compiling the decoder layers with their sizes symbolic costs a prefill: one layer's code (fused q/k/v)
+    over `tokens` tokens, forty times (a model's worth), compiled as `compile_model` compiles it (every int of a
+    module an input, so that one compilation serves every layer index, which makes the head size and count symbolic
+    too) and with the modules' ints specialised (one compilation per layer index in the engine; one here, since the
+    same layer runs every time)."""
+    import torch
+
+    from batch_engine.projections import fuse_projections
+
+    text = model.model.language_model
+    fuse_projections(text)
+    layer = text.layers[0]
+    generator = torch.Generator(device).manual_seed(2)
+    hidden = torch.randn(1, tokens, text.config.hidden_size, device=device, dtype=model.dtype, generator=generator)
+    positions = torch.arange(tokens, device=device).view(1, 1, tokens).expand(3, 1, tokens)
+    rotary = text.rotary_emb(hidden, positions)
+
+    def forty() -> None:
+        for _ in range(40):
+            layer(hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+
+    times = {}
+    with torch.inference_mode():
+        for symbolic in (True, False):
+            torch._dynamo.reset()
+            torch._dynamo.config.allow_unspec_int_on_nn_module = symbolic
+            layer.compile(dynamic=True)
+            times[symbolic] = timed(device, rounds, forty)
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    return (
+        f"text prefill, one decoder layer's code ×40 over {tokens} tokens: {times[True]:.2f} ms compiled as the "
+        f"engine compiles it (module ints symbolic), {times[False]:.2f} ms with them specialised"
+    )
 
 
 def kernels(work: Callable[[], Any]) -> None:
@@ -188,14 +236,17 @@ def main() -> None:
     if not args.tiny and not torch.cuda.is_available():
         parser.error("the full-size parts need a CUDA GPU (about 21 GB); use --tiny to check the code path on a CPU")
     side = 64 if args.tiny else args.image_side
-    rows, note = encoder(args.tiny, side, args.rounds, args.profile)
+    model, processor, device = load(args.tiny)
+    rows, note, tokens = encoder(model, processor, device, side, args.rounds, args.profile)
+    notes = [note, text_layer(model, device, args.rounds, tokens)]
     rows += projections(args.tiny, args.rounds)
     print("| part | as it was | as the engine runs it | speed-up |")
     print("| --- | ---: | ---: | ---: |")
     for label, before, after in rows:
         print(f"| {label} | {before:.3f} | {after:.3f} | {before / after:.2f}× |")
     print()
-    print(f"- {note}")
+    for line in notes:
+        print(f"- {line}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
     print(f"- on {gpu}; torch {torch.__version__}; rounds {args.rounds}")
 
