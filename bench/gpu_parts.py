@@ -11,6 +11,7 @@
 - Each attention layer's query, key and value projections of GLM-4-9B's shape (4096 → 4096, 256, 256, with biases;
   40 layers) at 1, 8 and 32 rows, as three products and fused into one (`batch_engine.projections`) on the same
   weights: all 40 layers captured in one CUDA graph on a GPU, as in a decode step (eagerly on a CPU).
+- The image processor on the same image, on the CPU and on the GPU (as the `glm` backend runs it on a GPU).
 - The text prefill of the encoder's prompt through one decoder layer's code forty times, compiled as the engine
   compiles its layers (every int on a module symbolic, so that one compilation serves all forty layer indices: the
   head size and count with them) and with those ints specialised: what the symbolic sizes cost (a note line).
@@ -151,6 +152,24 @@ def text_layer(model: Any, device: str, rounds: int, tokens: int) -> str:
     )
 
 
+def processing(processor: Any, device: str, side: int, rounds: int) -> Row:
+    """The processor on one image (chat template, resizing, patches), on the CPU and then on `device`, as the `glm`
+    backend's codec runs it there (`vision_stage.glm_codec.image_device`); the device synchronised."""
+    from bench.gpu_vision import chat_kwargs, noise
+    from vision_stage.glm_codec import chat_messages
+    from vision_stage.prompts import task_prompt
+
+    messages, kwargs = chat_messages(noise(side, 7), task_prompt("answer", "What is written?")), chat_kwargs(processor)
+    placed = {**kwargs, "processor_kwargs": {"images_kwargs": {**kwargs["processor_kwargs"]["images_kwargs"],
+                                                               "device": device}}}  # fmt: skip
+
+    def on(arguments: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: processor.apply_chat_template(messages, **arguments)
+
+    label = f"image processor, {side}×{side} image, ms: on the CPU, then on {device}"
+    return label, timed(device, rounds, on(kwargs)), timed(device, rounds, on(placed))
+
+
 def kernels(work: Callable[[], Any]) -> None:
     """The device's kernels in one call of `work` (`--profile`), most time first, on stderr."""
     import torch
@@ -239,8 +258,8 @@ def main() -> None:
     model, processor, device = load(args.tiny)
     rows, note, tokens = encoder(model, processor, device, side, args.rounds, args.profile)
     notes = [note, text_layer(model, device, args.rounds, tokens)]
-    rows += projections(args.tiny, args.rounds)
-    print("| part | as it was | as the engine runs it | speed-up |")
+    rows += [processing(processor, device, side, args.rounds), *projections(args.tiny, args.rounds)]
+    print("| part | as it was | as the service runs it | speed-up |")
     print("| --- | ---: | ---: | ---: |")
     for label, before, after in rows:
         print(f"| {label} | {before:.3f} | {after:.3f} | {before / after:.2f}× |")

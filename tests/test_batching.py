@@ -225,6 +225,7 @@ def test_the_parts_benchmark_runs_on_the_cpu() -> None:
     assert "| vision encoder, 64×64 image, ms: compiled under sdpa (the engine before) |" in finished.stdout
     assert "| vision encoder, 64×64 image, ms: packed attention, compiled (the engine) |" in finished.stdout
     assert "| q/k/v projections, 2 layers, batch 32, ms |" in finished.stdout
+    assert "| image processor, 64×64 image, ms: on the CPU, then on cpu |" in finished.stdout
     assert "text prefill, one decoder layer's code ×40 over" in finished.stdout
     difference = float(finished.stdout.split("between the engine's output and transformers' ")[1].split()[0])
     assert difference < 1e-5, "the engine's encoder computes what transformers' does"

@@ -41,7 +41,7 @@ from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
-from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor
+from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor, image_device
 from vision_stage.glm_errors import translate_error, translated
 from vision_stage.parsing import read_output
 from vision_stage.types import (
@@ -129,7 +129,10 @@ class GlmEngine:
             model: Any = AutoModelForImageTextToText.from_pretrained(
                 source, dtype=torch_dtype(dtype, device), device_map=device, local_files_only=local_files_only
             )
-            engine = cls(model.eval(), GlmCodec(processor, max_visual_tokens=MAX_VISUAL_TOKENS), name=source)
+            codec = GlmCodec(
+                processor, max_visual_tokens=MAX_VISUAL_TOKENS, image_device=image_device(processor, model.device)
+            )
+            engine = cls(model.eval(), codec, name=source)
             engine.warm_up()
         if batching is not None:
             engine.batch = started(

@@ -23,7 +23,14 @@ from vision_stage.backend import VisionBackend
 from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
 from vision_stage.glm import GlmEngine, GlmVisionBackend, torch_dtype
-from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec, pad_to_aspect_ratio, visual_budget, visual_tokens
+from vision_stage.glm_codec import (
+    MAX_VISUAL_TOKENS,
+    GlmCodec,
+    image_device,
+    pad_to_aspect_ratio,
+    visual_budget,
+    visual_tokens,
+)
 from vision_stage.glm_errors import Phase, translate_error
 from vision_stage.parsing import read_output
 from vision_stage.types import Box
@@ -224,6 +231,34 @@ def test_glm_s_own_budget_fits_large_and_long_images_under_6144_tokens(width: in
     prompt = GlmCodec(processor).encode(request(width=width, height=height), thinking=False)
     assert prompt.image_tokens == tokens <= MAX_VISUAL_TOKENS
     assert ("scaled down" in " ".join(prompt.notes)) == (width * height > MAX_VISUAL_TOKENS * 28 * 28)
+
+
+def test_images_are_processed_on_the_model_s_gpu_where_the_processor_can() -> None:
+    processor = glm_processor(glm_tokenizer(), max_visual_tokens=TINY_MAX_TOKENS)
+    assert type(processor.image_processor).__name__ == "Glm46VImageProcessor"  # transformers' torchvision backend
+    assert image_device(processor, torch.device("cuda", 0)) == "cuda:0"
+    assert image_device(processor, torch.device("cpu")) is None
+    from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
+
+    processor.image_processor = Glm46VImageProcessorPil()  # the PIL backend takes no device: the CPU it is
+    assert image_device(processor, torch.device("cuda", 0)) is None
+
+
+def test_a_codec_given_a_device_processes_the_image_there() -> None:
+    processor = glm_processor(glm_tokenizer(), max_visual_tokens=TINY_MAX_TOKENS)
+    asked = request(width=300, height=200)
+    plain = GlmCodec(processor).encode(asked, thinking=False)
+    placed = GlmCodec(processor, image_device="cpu").encode(asked, thinking=False)  # the device the tests have
+    assert placed.inputs.keys() == plain.inputs.keys()
+    for name, tensor in placed.inputs.items():
+        torch.testing.assert_close(tensor, plain.inputs[name])
+    assert (placed.grid, placed.seen_size, placed.image_tokens) == (plain.grid, plain.seen_size, plain.image_tokens)
+    # On another device (here the meta device, which computes shapes only) the pixels are made there; the prompt's
+    # tokens and the grid stay on the CPU, where the engine reads them.
+    elsewhere = GlmCodec(processor, image_device="meta").encode(asked, thinking=False)
+    assert elsewhere.inputs["pixel_values"].device.type == "meta"
+    assert elsewhere.inputs["pixel_values"].shape == plain.inputs["pixel_values"].shape
+    assert {tensor.device.type for name, tensor in elsewhere.inputs.items() if name != "pixel_values"} == {"cpu"}
 
 
 @dataclass

@@ -51,6 +51,17 @@ def backend(engine: GlmEngine) -> GlmVisionBackend:
     return GlmVisionBackend(engine, model="random GLM-4.6V-Flash", device="cuda", max_new_tokens=8)
 
 
+def test_images_are_processed_on_the_gpu_into_the_same_patches(engine: GlmEngine) -> None:
+    asked = VisionRequest(square(1024), "What is written on the sign?", task="answer")
+    on_cpu = engine.codec.encode(asked, thinking=False)
+    on_gpu = GlmCodec(engine.codec.processor, image_device="cuda").encode(asked, thinking=False)
+    pixels = on_gpu.inputs["pixel_values"]
+    assert pixels.device.type == "cuda"
+    assert (on_gpu.grid, on_gpu.inputs["input_ids"].tolist()) == (on_cpu.grid, on_cpu.inputs["input_ids"].tolist())
+    # The two devices' resizing kernels round apart; the normalised pixels agree closely on average.
+    assert float((pixels.cpu() - on_cpu.inputs["pixel_values"]).abs().mean()) < 0.02
+
+
 def test_full_size_model_answers_in_bfloat16(backend: GlmVisionBackend) -> None:
     health = asyncio.run(backend.health())
     assert "bfloat16" in health.detail
