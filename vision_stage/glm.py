@@ -129,8 +129,12 @@ class GlmEngine:
             model: Any = AutoModelForImageTextToText.from_pretrained(
                 source, dtype=torch_dtype(dtype, device), device_map=device, local_files_only=local_files_only
             )
+            placed = image_device(processor, model.device)
             codec = GlmCodec(
-                processor, max_visual_tokens=MAX_VISUAL_TOKENS, image_device=image_device(processor, model.device)
+                processor,
+                max_visual_tokens=MAX_VISUAL_TOKENS,
+                image_device=placed,
+                image_dtype=model.dtype if placed is not None else None,
             )
             engine = cls(model.eval(), codec, name=source)
             engine.warm_up()

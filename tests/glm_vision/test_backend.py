@@ -259,6 +259,9 @@ def test_a_codec_given_a_device_processes_the_image_there() -> None:
     assert elsewhere.inputs["pixel_values"].device.type == "meta"
     assert elsewhere.inputs["pixel_values"].shape == plain.inputs["pixel_values"].shape
     assert {tensor.device.type for name, tensor in elsewhere.inputs.items() if name != "pixel_values"} == {"cpu"}
+    halved = GlmCodec(processor, image_device="cpu", image_dtype=torch.bfloat16).encode(asked, thinking=False)
+    assert halved.inputs["pixel_values"].dtype == torch.bfloat16  # as the model's encoder would convert them
+    torch.testing.assert_close(halved.inputs["pixel_values"], plain.inputs["pixel_values"].to(torch.bfloat16))
 
 
 @dataclass
