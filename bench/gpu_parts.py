@@ -159,9 +159,8 @@ def processing(processor: Any, device: str, side: int, rounds: int) -> Row:
     from vision_stage.glm_codec import chat_messages
     from vision_stage.prompts import task_prompt
 
-    messages, kwargs = chat_messages(noise(side, 7), task_prompt("answer", "What is written?")), chat_kwargs(processor)
-    placed = {**kwargs, "processor_kwargs": {"images_kwargs": {**kwargs["processor_kwargs"]["images_kwargs"],
-                                                               "device": device}}}  # fmt: skip
+    messages = chat_messages(noise(side, 7), task_prompt("answer", "What is written?"))
+    kwargs, placed = chat_kwargs(processor), chat_kwargs(processor, device)
 
     def on(arguments: dict[str, Any]) -> Callable[[], Any]:
         return lambda: processor.apply_chat_template(messages, **arguments)

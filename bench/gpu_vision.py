@@ -10,7 +10,9 @@ and other special tokens are suppressed for both paths alike, and the engine doe
 (`EngineSettings.stop_loops`), so every answer runs to its budget on both. `--tiny` runs a 2-layer model on
 the CPU instead, to prove the code path, not to measure anything.
 
-Both paths get the processor's output prepared outside the timing (the processor costs the same on either). Measured:
+Both paths get the processor's output prepared outside the timing (the processor costs the same on either), made as
+the `glm` backend makes it: on a GPU, the image processed there and its pixels kept in the model's dtype
+(`vision_stage.glm_codec.image_device`). Measured:
 
 - first token, one request alone (1024×1024 image): plain `generate(max_new_tokens=1)`; the engine's submit → first
   token (M-RoPE positions, encoder, prefill);
@@ -69,18 +71,25 @@ class Bench(Paths):
     answer: int = 0
 
     def prompt(self, seed: int, question: str = QUESTIONS[0]) -> Any:
-        from vision_stage.glm_codec import chat_messages
+        from vision_stage.glm_codec import chat_messages, image_device
         from vision_stage.prompts import task_prompt
 
         messages = chat_messages(noise(self.side, seed), task_prompt("answer", question))
-        return self.processor.apply_chat_template(messages, **chat_kwargs(self.processor))
+        placed = image_device(self.processor, self.model.device)
+        inputs = self.processor.apply_chat_template(messages, **chat_kwargs(self.processor, placed))
+        if placed is not None:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
     def generate_inputs(self, inputs: Any) -> dict[str, Any]:
         return {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
 
     def request(self, prompt: Any) -> tuple[dict[str, Any], str | None]:
         """Keyed by its image's content, as the backend keys a decoded image."""
-        return prompt, hashlib.sha256(prompt["pixel_values"].numpy().tobytes()).hexdigest()
+        import torch
+
+        pixels = prompt["pixel_values"].contiguous().cpu().view(torch.uint8)
+        return prompt, hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
 
     def together(self, prompts: list[Any]) -> Any:
         import torch
@@ -116,17 +125,18 @@ def write_words_only(model: Any, tokenizer: Any) -> None:
     model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids([*CONTROL_TOKENS, *MARKUP_TOKENS])
 
 
-def chat_kwargs(processor: Any) -> dict[str, Any]:
-    """The processor arguments `GlmCodec.encode` uses."""
+def chat_kwargs(processor: Any, device: str | None = None) -> dict[str, Any]:
+    """The processor arguments `GlmCodec.encode` uses (its `image_device`: `device`)."""
     from vision_stage.glm_codec import visual_budget
 
+    images = {"size": visual_budget(processor.image_processor).size(), **({"device": device} if device else {})}
     return {
         "tokenize": True,
         "add_generation_prompt": True,
         "return_dict": True,
         "return_tensors": "pt",
         "enable_thinking": False,
-        "processor_kwargs": {"images_kwargs": {"size": visual_budget(processor.image_processor).size()}},
+        "processor_kwargs": {"images_kwargs": images},
     }
 
 
