@@ -32,6 +32,13 @@ class EngineSettings:
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer) and an
     image model's vision encoder blocks: fuses the many small kernels of a decode step and of the encoder, at about
     a minute more to start on a GPU. None: on a CUDA device."""
+    compile_shapes: str = "dynamic"
+    """How the compiled decoder layers treat sizes: `dynamic`, every size symbolic from the first call (one
+    compilation per kind of step); `automatic`, dynamo's automatic dynamic shapes: compiled for the sizes first seen,
+    then again with only the sizes that changed symbolic, so the model's own sizes (hidden, heads, rotary) stay
+    constants in the generated code. `automatic` compiles more, and a step of a kind seen at one size only compiles
+    again at its next size, at request time. Experimental: not yet measured on a GPU (`bench/gpu_vision.py
+    --compile-shapes`)."""
     fuse_projections: bool = True
     """Each attention layer's query, key and value projections as one matrix product (`batch_engine.projections`;
     the weights concatenated once at start, in the model itself, so plain `generate` on it runs them so too)."""
@@ -53,6 +60,9 @@ class EngineSettings:
             ("prefix_bytes", self.prefix_bytes, 0, None),
             ("encoder_bytes", self.encoder_bytes, 0, None),
         )
+        if self.compile_shapes not in ("dynamic", "automatic"):
+            shapes = self.compile_shapes
+            raise ValueError(f"the batching engine's compile_shapes must be dynamic or automatic, not {shapes!r}")
         for name, value, low, high in bounds:
             if value < low or (high is not None and value > high):
                 within = f"from {low} to {high}" if high is not None else f"at least {low}"

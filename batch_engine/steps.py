@@ -71,7 +71,7 @@ class DeviceSteps:
         if settings.fuse_projections:
             fuse_projections(self.text)
         if settings.compile or (settings.compile is None and self.device.type == "cuda"):
-            compile_model(model, self.text)
+            compile_model(model, self.text, settings.compile_shapes)
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

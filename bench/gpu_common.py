@@ -93,6 +93,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         default="on",
         help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
     )
+    parser.add_argument(
+        "--compile-shapes",
+        choices=("dynamic", "automatic"),
+        default="dynamic",
+        help="with --compile: how the compiled layers treat sizes (EngineSettings.compile_shapes; default: dynamic)",
+    )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
         "--compare-overlap",
@@ -114,7 +120,25 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "compile_layers": args.compile,
         "decode_kernel": SWITCH[args.decode_kernel],
         "fuse_projections": args.fuse_projections == "on",
+        "compile_shapes": args.compile_shapes,
     }
+
+
+def longer(prompt: Any, tokens: int = 7) -> Any:
+    """`prompt` (the processor's or a tokenizer's output, or bare ids) with `tokens` more text tokens at its end."""
+    import torch
+
+    def extended(ids: Any, fill: Any) -> Any:
+        return torch.cat([ids, ids[:, -1:].new_full((ids.shape[0], tokens), fill)], dim=1)
+
+    if isinstance(prompt, torch.Tensor):
+        return extended(prompt, int(prompt[0, -1]))
+    grown = dict(prompt)
+    grown["input_ids"] = extended(prompt["input_ids"], int(prompt["input_ids"][0, -1]))
+    for name, fill in (("attention_mask", 1), ("mm_token_type_ids", 0)):
+        if name in prompt:
+            grown[name] = extended(prompt[name], fill)
+    return grown
 
 
 def client_counts(text: str) -> tuple[int, ...]:
@@ -157,9 +181,12 @@ def start_engine(
     compile_layers: bool,
     decode_kernel: bool | None = None,
     fuse_projections: bool = True,
+    compile_shapes: str = "dynamic",
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
-    started; with compiled layers, the prompt `warm` compiles them outside the timing."""
+    started; with compiled layers, the prompt `warm` compiles them outside the timing (with `automatic` shapes, it
+    and a longer copy of it: a service prefills prompts of many lengths, so the timed prefills must run the code
+    compiled for a symbolic length, not the one compiled for `warm`'s)."""
 
     from batch_engine.engine import BatchEngine
     from batch_engine.settings import EngineSettings
@@ -172,12 +199,17 @@ def start_engine(
         stop_loops=False,
         decode_kernel=decode_kernel,
         fuse_projections=fuse_projections,
+        compile_shapes=compile_shapes,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
     bench.engine.start()
     if compile_layers:
         bench.engine_run([warm], 4)
+        if compile_shapes == "automatic":
+            bench.engine.device.prefixes.clear()  # else the longer one reuses warm's prefix: not a cold prefill
+            bench.engine.device.encoder.clear()
+            bench.engine_run([longer(warm)], 4)
     graphs = len(bench.engine.device.graphs)
     kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
     fused = "fused" if fuse_projections else "apart"

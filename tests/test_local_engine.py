@@ -94,6 +94,29 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(chat: Cha
     assert max(engine.batch_sizes) >= 3, "the requests overlapped"
 
 
+@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
+def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(chat: ChatModel, shapes: str) -> None:
+    """`torch.compile`d decoder layers (the engine's default on a GPU), either way of treating sizes: prompts of
+    four lengths, joining at different steps, so that prefill and decode steps each meet more than one size."""
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    assert len({len(prompt) for prompt in prompts}) > 2
+    expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
+    settings = EngineSettings(slots=4, max_tokens=256, compile=True, compile_shapes=shapes)
+    engine = BatchEngine(chat.model, settings, REFUSALS)
+    try:
+        futures = [submit(engine, prompts[0], BUDGET)]
+        engine.step()
+        futures.append(submit(engine, prompts[1], BUDGET - 1))
+        engine.step()
+        futures += [submit(engine, prompts[2], BUDGET - 2), submit(engine, prompts[3], BUDGET - 3)]
+        engine.run_until_idle()
+        assert [future.result().ids for future in futures] == expected
+    finally:
+        decoder: Any = chat.model.model  # type: ignore[attr-defined]
+        for layer in decoder.layers:  # the module-scoped model serves the other tests uncompiled
+            layer._compiled_call_impl = None
+
+
 def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(
     chat: ChatModel, triton_interpreter: None
 ) -> None:
@@ -294,6 +317,8 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert engine_settings(args) == EngineSettings(slots=4, prefix_bytes=1024 << 20, decode_kernel=True)
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-prefix-mb", "-1"])
+    with pytest.raises(ValueError, match="compile_shapes must be dynamic or automatic, not 'static'"):
+        EngineSettings(compile_shapes="static")
 
 
 DESCRIPTION = " ".join(["the receipt says total 54 and the date is today"] * 8)
