@@ -13,8 +13,9 @@
   weights: all 40 layers captured in one CUDA graph on a GPU, as in a decode step (eagerly on a CPU).
 - The image processor on the same image, on the CPU and on the GPU (as the `glm` backend runs it on a GPU).
 - The text prefill of the encoder's prompt through one decoder layer's code forty times, compiled as the engine
-  compiles its layers (every int on a module symbolic, so that one compilation serves all forty layer indices: the
-  head size and count with them) and with those ints specialised: what the symbolic sizes cost (a note line).
+  compiles its layers by default (every size symbolic, and every int on a module, so that one compilation serves all
+  forty layer indices), with those ints specialised, and with automatic dynamic shapes (`compile_shapes`): what the
+  symbolic sizes cost (a note line).
 
 `--tiny` runs a 2-layer model's encoder and small projections on the CPU: it proves the code path, measures nothing.
 """
@@ -117,11 +118,12 @@ def encoder(
 
 
 def text_layer(model: Any, device: str, rounds: int, tokens: int) -> str:
-    """What compiling the decoder layers with their sizes symbolic costs a prefill: one layer's code (fused q/k/v)
-    over `tokens` tokens, forty times (a model's worth), compiled as `compile_model` compiles it (every int of a
-    module an input, so that one compilation serves every layer index, which makes the head size and count symbolic
-    too) and with the modules' ints specialised (one compilation per layer index in the engine; one here, since the
-    same layer runs every time)."""
+    """What the decoder layers' compiled sizes cost a prefill: one layer's code (fused q/k/v) over `tokens` tokens,
+    forty times (a model's worth), compiled three ways: as `compile_model` compiles it by default (dynamic shapes,
+    every int of a module an input so that one compilation serves every layer index); with the modules' ints
+    specialised (in the engine, one compilation per layer index; here one, the same layer running every time); and
+    with `EngineSettings.compile_shapes` `automatic`, after a call with fewer tokens, so that the code timed has the
+    token count symbolic and the model's own sizes constant, as a service would run it."""
     import torch
 
     from batch_engine.projections import fuse_projections
@@ -129,26 +131,33 @@ def text_layer(model: Any, device: str, rounds: int, tokens: int) -> str:
     text = model.model.language_model
     fuse_projections(text)
     layer = text.layers[0]
-    generator = torch.Generator(device).manual_seed(2)
-    hidden = torch.randn(1, tokens, text.config.hidden_size, device=device, dtype=model.dtype, generator=generator)
-    positions = torch.arange(tokens, device=device).view(1, 1, tokens).expand(3, 1, tokens)
-    rotary = text.rotary_emb(hidden, positions)
 
-    def forty() -> None:
-        for _ in range(40):
-            layer(hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    def forty(count: int) -> Callable[[], None]:
+        generator = torch.Generator(device).manual_seed(2)
+        hidden = torch.randn(1, count, text.config.hidden_size, device=device, dtype=model.dtype, generator=generator)
+        positions = torch.arange(count, device=device).view(1, 1, count).expand(3, 1, count)
+        rotary = text.rotary_emb(hidden, positions)
+
+        def run() -> None:
+            for _ in range(40):
+                layer(hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+
+        return run
 
     times = {}
     with torch.inference_mode():
-        for symbolic in (True, False):
+        for way, ints_symbolic, dynamic in (("default", True, True), ("ints", False, True), ("automatic", True, None)):
             torch._dynamo.reset()
-            torch._dynamo.config.allow_unspec_int_on_nn_module = symbolic
-            layer.compile(dynamic=True)
-            times[symbolic] = timed(device, rounds, forty)
+            torch._dynamo.config.allow_unspec_int_on_nn_module = ints_symbolic
+            layer.compile(dynamic=dynamic)
+            if dynamic is None:
+                forty(max(1, tokens - 7))()  # a first size, so that the timed one compiles with the count symbolic
+            times[way] = timed(device, rounds, forty(tokens))
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     return (
-        f"text prefill, one decoder layer's code ×40 over {tokens} tokens: {times[True]:.2f} ms compiled as the "
-        f"engine compiles it (module ints symbolic), {times[False]:.2f} ms with them specialised"
+        f"text prefill, one decoder layer's code ×40 over {tokens} tokens: {times['default']:.2f} ms compiled as the "
+        f"engine compiles it by default (dynamic shapes, module ints symbolic), {times['ints']:.2f} ms with the ints "
+        f"specialised, {times['automatic']:.2f} ms with automatic dynamic shapes"
     )
 
 

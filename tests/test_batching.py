@@ -227,6 +227,7 @@ def test_the_parts_benchmark_runs_on_the_cpu() -> None:
     assert "| q/k/v projections, 2 layers, batch 32, ms |" in finished.stdout
     assert "| image processor, 64×64 image, ms: on the CPU, then on cpu |" in finished.stdout
     assert "text prefill, one decoder layer's code ×40 over" in finished.stdout
+    assert "with automatic dynamic shapes" in finished.stdout
     difference = float(finished.stdout.split("between the engine's output and transformers' ")[1].split()[0])
     assert difference < 1e-5, "the engine's encoder computes what transformers' does"
 
