@@ -3,7 +3,15 @@ model's decoder layers, and an image model's vision encoder blocks and position 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batch_engine.prompts import Prompt
+    from batch_engine.steps import DeviceSteps
+
+WARM_LENGTHS = (16, 24)
+"""The prompt lengths `warm_prefills` prefills: two, so that automatic dynamic shapes make the length symbolic."""
 
 
 def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
@@ -37,3 +45,22 @@ def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
     # yet timed on a GPU).
     if (embeddings := getattr(visual, "embeddings", None)) is not None:
         embeddings.compile(dynamic=True)
+
+
+def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], device: DeviceSteps) -> None:
+    """Under `compile_shapes` `automatic`, prefill a text-only prompt of each of `WARM_LENGTHS` into the first slot
+    and free it (at start, before any request): the layers compile for the first length, then again with the length
+    symbolic, so that no request's prefill compiles at request time for being of a length not seen before (decode and
+    extend steps meet their sizes as their CUDA graphs are captured)."""
+    import torch
+
+    # Prepared as a request's prompt is, outside inference mode (on the caller's thread): the compiled code is
+    # specialised on how its input tensors were made too.
+    prompts = [
+        prepare({"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}, None)
+        for ids in (torch.zeros((1, length), dtype=torch.long) for length in WARM_LENGTHS)
+    ]
+    with torch.inference_mode():
+        for prompt in prompts:
+            device.prefill(prompt, 0, None)
+            device.release(0)

@@ -39,6 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch_engine.compiling import warm_prefills
 from batch_engine.prompts import Prompt, reuse_keys, text_prefixes
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
@@ -215,8 +216,11 @@ class BatchEngine:
         )
 
     def start(self) -> None:
-        """Capture the decode graphs (on a GPU) and run `step` on the engine's own thread until `close`."""
+        """Capture the decode graphs (on a GPU), warm the prefill's sizes (`warm_prefills`, under automatic dynamic
+        shapes), and run `step` on the engine's own thread until `close`."""
         self.device.capture()
+        if self.device.compiled and self.settings.compile_shapes == "automatic":
+            warm_prefills(self.prepare, self.device)
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
 

@@ -70,7 +70,9 @@ class DeviceSteps:
         self.device = model.device
         if settings.fuse_projections:
             fuse_projections(self.text)
-        if settings.compile or (settings.compile is None and self.device.type == "cuda"):
+        self.compiled = bool(settings.compile or (settings.compile is None and self.device.type == "cuda"))
+        """Whether the model's layers are compiled (`compile_model`)."""
+        if self.compiled:
             compile_model(model, self.text, settings.compile_shapes)
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)

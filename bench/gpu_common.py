@@ -124,23 +124,6 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def longer(prompt: Any, tokens: int = 7) -> Any:
-    """`prompt` (the processor's or a tokenizer's output, or bare ids) with `tokens` more text tokens at its end."""
-    import torch
-
-    def extended(ids: Any, fill: Any) -> Any:
-        return torch.cat([ids, ids[:, -1:].new_full((ids.shape[0], tokens), fill)], dim=1)
-
-    if isinstance(prompt, torch.Tensor):
-        return extended(prompt, int(prompt[0, -1]))
-    grown = dict(prompt)
-    grown["input_ids"] = extended(prompt["input_ids"], int(prompt["input_ids"][0, -1]))
-    for name, fill in (("attention_mask", 1), ("mm_token_type_ids", 0)):
-        if name in prompt:
-            grown[name] = extended(prompt[name], fill)
-    return grown
-
-
 def client_counts(text: str) -> tuple[int, ...]:
     """`--clients`: comma-separated counts, each at least 1."""
     try:
@@ -184,9 +167,9 @@ def start_engine(
     compile_shapes: str = "dynamic",
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
-    started; with compiled layers, the prompt `warm` compiles them outside the timing (with `automatic` shapes, it
-    and a longer copy of it: a service prefills prompts of many lengths, so the timed prefills must run the code
-    compiled for a symbolic length, not the one compiled for `warm`'s)."""
+    started; with compiled layers, the prompt `warm` compiles them outside the timing (under `automatic` shapes the
+    engine's start has already prefilled two lengths, `batch_engine.compiling.warm_prefills`, so the timed prefills
+    run the code compiled for any length, as a service's would)."""
 
     from batch_engine.engine import BatchEngine
     from batch_engine.settings import EngineSettings
@@ -206,10 +189,7 @@ def start_engine(
     bench.engine.start()
     if compile_layers:
         bench.engine_run([warm], 4)
-        if compile_shapes == "automatic":
-            bench.engine.device.prefixes.clear()  # else the longer one reuses warm's prefix: not a cold prefill
-            bench.engine.device.encoder.clear()
-            bench.engine_run([longer(warm)], 4)
+
     graphs = len(bench.engine.device.graphs)
     kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
     fused = "fused" if fuse_projections else "apart"

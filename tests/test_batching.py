@@ -232,20 +232,6 @@ def test_the_parts_benchmark_runs_on_the_cpu() -> None:
     assert difference < 1e-5, "the engine's encoder computes what transformers' does"
 
 
-def test_a_longer_warm_up_prompt_keeps_its_image_and_grows_its_text(glm: GlmEngine) -> None:
-    from bench.gpu_common import longer
-
-    inputs = prompt(glm, 80).inputs
-    grown = longer(inputs, 5)
-    assert grown["input_ids"].shape[1] == inputs["input_ids"].shape[1] + 5
-    assert grown["input_ids"][0, -5:].tolist() == [int(inputs["input_ids"][0, -1])] * 5
-    assert grown["attention_mask"][0, -5:].tolist() == [1] * 5
-    assert grown["mm_token_type_ids"][0, -5:].tolist() == [0] * 5  # text, not image
-    assert grown["pixel_values"] is inputs["pixel_values"]
-    ids = torch.tensor([[3, 4, 9]])
-    assert longer(ids, 2).tolist() == [[3, 4, 9, 9, 9]]
-
-
 def test_stats_count_steps_batches_waits_and_prefix_hits(glm: GlmEngine) -> None:
     batch = engine(glm, slots=2)
     first, again = prompt(glm, 80, "what is the total?"), prompt(glm, 80, "and the date?")

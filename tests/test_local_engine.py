@@ -117,6 +117,26 @@ def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(cha
             layer._compiled_call_impl = None
 
 
+def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compiles_nothing(chat: ChatModel) -> None:
+    from torch._dynamo.utils import counters
+
+    prompts = [ids_of(chat, question) for question in QUESTIONS[:3]]
+    expected = [chat.complete(prompt, max_new_tokens=1, temperature=0.0) for prompt in prompts]
+    settings = EngineSettings(slots=2, max_tokens=256, compile=True, compile_shapes="automatic")
+    engine = BatchEngine(chat.model, settings, REFUSALS)
+    try:
+        engine.start()
+        compiled = counters["stats"]["unique_graphs"]
+        firsts = [submit(engine, prompt, 1).result(timeout=300).ids for prompt in prompts]  # prefills only
+        assert counters["stats"]["unique_graphs"] == compiled, "a prefill of a new length compiled at request time"
+        assert firsts == expected
+    finally:
+        engine.close()
+        decoder: Any = chat.model.model  # type: ignore[attr-defined]
+        for layer in decoder.layers:
+            layer._compiled_call_impl = None
+
+
 def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(
     chat: ChatModel, triton_interpreter: None
 ) -> None:
