@@ -1,5 +1,6 @@
 """What the batching engine compiles (`EngineSettings.compile`), and why each part is compiled the way it is: the text
-model's decoder layers, and an image model's vision encoder blocks and position embeddings."""
+model's decoder layers, and an image model's vision encoder blocks and position embeddings; and the prefills its
+start runs so that the first requests compile nothing (`warm_prefills`, under automatic dynamic shapes)."""
 
 from __future__ import annotations
 

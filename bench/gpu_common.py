@@ -189,7 +189,6 @@ def start_engine(
     bench.engine.start()
     if compile_layers:
         bench.engine_run([warm], 4)
-
     graphs = len(bench.engine.device.graphs)
     kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
     fused = "fused" if fuse_projections else "apart"
