@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
+from batch_engine.vision_attention import register_vision_attention
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
 from vision_stage.glm import GlmEngine, GlmVisionBackend
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec
@@ -60,6 +62,27 @@ def test_images_are_processed_on_the_gpu_into_the_same_patches(engine: GlmEngine
     assert (on_gpu.grid, on_gpu.inputs["input_ids"].tolist()) == (on_cpu.grid, on_cpu.inputs["input_ids"].tolist())
     # The two devices' resizing kernels round apart; the normalised pixels agree closely on average.
     assert float((pixels.cpu() - on_cpu.inputs["pixel_values"]).abs().mean()) < 0.02
+
+
+def test_the_packed_vision_attention_encodes_exactly_as_sdpa_does(engine: GlmEngine) -> None:
+    """Eagerly the packed attention makes the same `scaled_dot_product_attention` call on the same tensors as
+    transformers' `sdpa` path (one image): the same output to the bit."""
+    model: Any = engine.model
+    asked = VisionRequest(square(1024), "What is written on the sign?", task="answer")
+    inputs = engine.codec.encode(asked, thinking=False).inputs
+    pixels, grid = inputs["pixel_values"].to("cuda"), inputs["image_grid_thw"].to("cuda")
+
+    def encode() -> Any:
+        return model.model.get_image_features(pixels, image_grid_thw=grid, return_dict=True).pooler_output[0]
+
+    with torch.inference_mode():
+        plain = encode()
+        assert register_vision_attention(model)
+        try:
+            packed = encode()
+        finally:
+            model.model.visual.config._attn_implementation = "sdpa"
+    assert torch.equal(packed, plain)
 
 
 def test_full_size_model_answers_in_bfloat16(backend: GlmVisionBackend) -> None:
