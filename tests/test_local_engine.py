@@ -83,6 +83,12 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(chat: Cha
     prompts = [ids_of(chat, question) for question in QUESTIONS]
     expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
     engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    assert joining(engine, prompts) == expected
+    assert max(engine.batch_sizes) >= 3, "the requests overlapped"
+
+
+def joining(engine: BatchEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """The engine's answers to four prompts submitted at different steps, with budgets `BUDGET`, `BUDGET` − 1, …"""
     futures = [submit(engine, prompts[0], BUDGET)]
     engine.step()
     engine.step()
@@ -90,8 +96,14 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(chat: Cha
     engine.step()
     futures += [submit(engine, prompts[2], BUDGET - 2), submit(engine, prompts[3], BUDGET - 3)]
     engine.run_until_idle()
-    assert [future.result().ids for future in futures] == expected
-    assert max(engine.batch_sizes) >= 3, "the requests overlapped"
+    return [future.result().ids for future in futures]
+
+
+def uncompile(chat: ChatModel) -> None:
+    """The module-scoped model's layers as they were before an engine compiled them, for the other tests."""
+    decoder: Any = chat.model.model  # type: ignore[attr-defined]
+    for layer in decoder.layers:
+        layer._compiled_call_impl = None
 
 
 @pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
@@ -102,19 +114,10 @@ def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(cha
     assert len({len(prompt) for prompt in prompts}) > 2
     expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
     settings = EngineSettings(slots=4, max_tokens=256, compile=True, compile_shapes=shapes)
-    engine = BatchEngine(chat.model, settings, REFUSALS)
     try:
-        futures = [submit(engine, prompts[0], BUDGET)]
-        engine.step()
-        futures.append(submit(engine, prompts[1], BUDGET - 1))
-        engine.step()
-        futures += [submit(engine, prompts[2], BUDGET - 2), submit(engine, prompts[3], BUDGET - 3)]
-        engine.run_until_idle()
-        assert [future.result().ids for future in futures] == expected
+        assert joining(BatchEngine(chat.model, settings, REFUSALS), prompts) == expected
     finally:
-        decoder: Any = chat.model.model  # type: ignore[attr-defined]
-        for layer in decoder.layers:  # the module-scoped model serves the other tests uncompiled
-            layer._compiled_call_impl = None
+        uncompile(chat)
 
 
 def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compiles_nothing(chat: ChatModel) -> None:
@@ -132,9 +135,7 @@ def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compile
         assert firsts == expected
     finally:
         engine.close()
-        decoder: Any = chat.model.model  # type: ignore[attr-defined]
-        for layer in decoder.layers:
-            layer._compiled_call_impl = None
+        uncompile(chat)
 
 
 def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(
