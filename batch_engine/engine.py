@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batch_engine.compiling import warm_prefills
-from batch_engine.prompts import Prompt, reuse_keys, text_prefixes
+from batch_engine.prompts import Prompt, prompt_of
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
 from batch_engine.steps import DeviceSteps
@@ -132,36 +132,9 @@ class BatchEngine:
         return request.future
 
     def prepare(self, inputs: Mapping[str, Any], image_key: str | None) -> Prompt:
-        """One prompt's model inputs as the engine runs them: its positions (M-RoPE's from the model's own
-        `get_rope_index`; else 0, 1, …) and its reuse keys (`reuse_keys`), on the caller's thread."""
-        import torch
-
-        ids = inputs["input_ids"][0]
-        if self.device.axes == 3:
-            positions, delta = self.model.model.get_rope_index(
-                inputs["input_ids"],
-                inputs["mm_token_type_ids"],
-                image_grid_thw=inputs.get("image_grid_thw"),
-                attention_mask=None,
-            )
-            positions, delta = positions[:, 0], int(delta.reshape(-1)[0])
-        else:
-            positions, delta = torch.arange(int(ids.shape[0])).view(1, -1), 0
-        key, grid = (image_key.encode() if image_key else None), inputs.get("image_grid_thw")
-        if inputs.get("pixel_values") is None:
-            prefixes, encoder_key = text_prefixes(ids), None
-        else:
-            prefixes, encoder_key = reuse_keys(ids, key, grid, self.device.image_end_id)
-        return Prompt(
-            ids=ids,
-            positions=positions,
-            delta=delta,
-            pixel_values=inputs.get("pixel_values"),
-            grid=grid,
-            image_key=key,
-            prefixes=prefixes,
-            encoder_key=encoder_key,
-        )
+        """One prompt's model inputs as the engine runs them (`batch_engine.prompts.prompt_of`)."""
+        rope_index = self.model.model.get_rope_index if self.device.axes == 3 else None
+        return prompt_of(inputs, image_key, rope_index=rope_index, image_end_id=self.device.image_end_id)
 
     def agrees(self, inputs: Mapping[str, Any], expected: list[int], *, what: str) -> bool:
         """Whether the engine's greedy tokens for `inputs` equal `expected` (plain `generate`'s for them), blocking. A

@@ -1,10 +1,11 @@
-"""What a request is to the engine's device side: its model inputs (`Prompt`), and the keys under which its prompt's
-prefix KV and its image's encoder output are kept and found again (`reuse_keys` for an image prompt, `text_prefixes`
-for a text one). Built once per request, on the submitter's thread (`batch_engine.engine`)."""
+"""What a request is to the engine's device side: its model inputs (`Prompt`, built by `prompt_of`), and the keys
+under which its prompt's prefix KV and its image's encoder output are kept and found again (`reuse_keys` for an image
+prompt, `text_prefixes` for a text one). Built once per request, on the submitter's thread (`batch_engine.engine`)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,41 @@ class Prompt:
     @property
     def tokens(self) -> int:
         return int(self.ids.shape[0])
+
+
+def prompt_of(
+    inputs: Mapping[str, Any], image_key: str | None, *, rope_index: Callable[..., Any] | None, image_end_id: int | None
+) -> Prompt:
+    """One prompt (the processor's or the tokenizer's output) as the engine runs it: its positions (M-RoPE's from the
+    model's own `get_rope_index`, given as `rope_index`; without it 0, 1, …) and its reuse keys."""
+    import torch
+
+    ids = inputs["input_ids"][0]
+    if rope_index is not None:
+        positions, delta = rope_index(
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=None,
+        )
+        positions, delta = positions[:, 0], int(delta.reshape(-1)[0])
+    else:
+        positions, delta = torch.arange(int(ids.shape[0])).view(1, -1), 0
+    key, grid = (image_key.encode() if image_key else None), inputs.get("image_grid_thw")
+    if inputs.get("pixel_values") is None:
+        prefixes, encoder_key = text_prefixes(ids), None
+    else:
+        prefixes, encoder_key = reuse_keys(ids, key, grid, image_end_id)
+    return Prompt(
+        ids=ids,
+        positions=positions,
+        delta=delta,
+        pixel_values=inputs.get("pixel_values"),
+        grid=grid,
+        image_key=key,
+        prefixes=prefixes,
+        encoder_key=encoder_key,
+    )
 
 
 def reuse_keys(
