@@ -15,18 +15,39 @@ WARM_LENGTHS = (16, 24)
 """The prompt lengths `warm_prefills` prefills: two, so that automatic dynamic shapes make the length symbolic."""
 
 
-def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
-    """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks and position
-    embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`."""
-    import torch
-
+DYNAMO_SETTINGS: dict[str, Any] = {
     # One compilation for all layers: their index is an input, not a constant to specialise on. So are the other
     # ints on the modules (head size and count), which leaves the compiled code's index arithmetic symbolic;
     # `bench/gpu_parts.py` measures what that costs a prefill.
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    "allow_unspec_int_on_nn_module": True,
     # Prefill, follow-up extend and decode steps each compile their own versions of a layer's pieces (about eight of
-    # the attention's part); past dynamo's limit (8 by default) a new one would run uncompiled.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    # the attention's part), and the vision encoder's blocks count against the same limit (transformers wraps every
+    # layer's `forward` in one function, whose code object dynamo keeps one cache for); past dynamo's limit (8 by
+    # default) a new version would run uncompiled, with one warning in the log.
+    "recompile_limit": 64,
+}
+"""The dynamo settings the compiled layers are compiled under (`use_dynamo_settings`)."""
+
+
+def use_dynamo_settings() -> None:
+    """Set `DYNAMO_SETTINGS` on the calling thread. Torch (2.12 on) keeps the dynamo settings a program sets per
+    thread, so every thread that may compile the layers sets them: `compile_model`'s caller, which also runs plain
+    `generate` as the engine's reference, and the engine's own thread, which runs the prefills and the decode steps
+    (`BatchEngine.start`). Without them a thread compiles each layer apart (its index a constant), and the layers
+    past the recompile limit run uncompiled."""
+    import torch
+
+    for name, value in DYNAMO_SETTINGS.items():
+        if name == "recompile_limit":
+            value = max(torch._dynamo.config.recompile_limit, value)
+        setattr(torch._dynamo.config, name, value)
+
+
+def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
+    """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks and position
+    embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`."""
+
+    use_dynamo_settings()
     # `automatic` leaves the sizes that never change (the model's own) constants: on the CPU the generated code of a
     # GLM-4 prefill and decode held 18 divisions by a symbolic size instead of 95, in 13 graphs instead of 8 (the same
     # 13 for 12 layers as for 24: the layer index stays one symbolic input).

@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_engine.compiling import warm_prefills
+from batch_engine.compiling import use_dynamo_settings, warm_prefills
 from batch_engine.prompts import Prompt, prompt_of
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
@@ -213,6 +213,8 @@ class BatchEngine:
     def _run(self) -> None:
         import torch
 
+        if self.device.compiled:
+            use_dynamo_settings()  # this thread's own (`batch_engine.compiling.use_dynamo_settings`)
         with torch.inference_mode():
             while not self._closed.is_set():
                 try:

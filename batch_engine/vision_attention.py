@@ -62,11 +62,16 @@ def packed_attention(
     attention_mask: Any,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    dropout: float = 0.0,
     **_: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for the encoder (`VISION_ATTENTION`): bidirectional attention within each
-    image whose bounds `cu_seq_lens_q` gives (all the patches one image without them)."""
+    image whose bounds `cu_seq_lens_q` gives (all the patches one image without them). For inference only: a
+    model in training mode (attention dropout) is refused."""
     import torch
+
+    if dropout:
+        raise ValueError(f"the engine's vision attention has no dropout ({dropout}): the model must be in eval mode")
 
     if cu_seq_lens_q is None:
         cu_seq_lens_q = torch.tensor([0, query.shape[2]], device=query.device)

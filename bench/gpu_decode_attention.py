@@ -16,7 +16,7 @@ import statistics
 import sys
 from collections.abc import Callable
 
-from bench.gpu_common import client_counts
+from bench.gpu_options import client_counts
 
 
 def main() -> None:

@@ -27,10 +27,7 @@ from typing import Any
 from bench.gpu_common import (
     Paths,
     agreement,
-    arguments,
-    check_device,
     drive,
-    engine_options,
     first_tokens,
     loads,
     median_of,
@@ -40,6 +37,7 @@ from bench.gpu_common import (
     start_engine,
     what_ran,
 )
+from bench.gpu_options import arguments, check_device, engine_options
 
 
 @dataclass

@@ -47,10 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the 
 from bench.gpu_common import (  # noqa: E402
     Paths,
     agreement,
-    arguments,
-    check_device,
     drive,
-    engine_options,
     first_tokens,
     loads,
     median_of,
@@ -60,6 +57,7 @@ from bench.gpu_common import (  # noqa: E402
     start_engine,
     what_ran,
 )
+from bench.gpu_options import arguments, check_device, engine_options  # noqa: E402
 
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
 

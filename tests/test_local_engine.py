@@ -120,6 +120,31 @@ def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(cha
         uncompile(chat)
 
 
+def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: ChatModel) -> None:
+    """Torch keeps dynamo's settings per thread: the engine's thread, where prefills and decode steps compile, sets
+    them itself (without them each layer compiles apart and the layers past the recompile limit run uncompiled)."""
+    from batch_engine.compiling import DYNAMO_SETTINGS
+
+    def read() -> dict[str, Any]:
+        return {name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS}
+
+    seen: list[dict[str, Any]] = []
+    engine = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256, compile=True), REFUSALS)
+    try:
+        engine.start()
+        future = engine.submit(
+            {"input_ids": torch.tensor([ids_of(chat, QUESTIONS[0])])},
+            image_key=None,
+            max_new_tokens=3,
+            on_token=lambda _: seen.append(read()),  # called on the engine's thread
+        )
+        future.result(timeout=300)
+    finally:
+        engine.close()
+        uncompile(chat)
+    assert seen == [DYNAMO_SETTINGS] * 3
+
+
 def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compiles_nothing(chat: ChatModel) -> None:
     from torch._dynamo.utils import counters
 

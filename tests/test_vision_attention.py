@@ -47,6 +47,18 @@ def test_the_encoder_answers_as_under_sdpa_for_one_image_and_for_two() -> None:
     torch.testing.assert_close(after[0][0], after[1][0])
 
 
+def test_a_model_in_training_mode_is_refused_not_run_without_its_dropout() -> None:
+    model = encoder_model()
+    for block in model.model.visual.blocks:
+        block.attn.attention_dropout = 0.1
+    assert register_vision_attention(model)
+    pixels = torch.randn(96, 3 * 2 * 14 * 14)
+    encode(model, pixels, GRIDS[:1])  # in eval mode transformers passes no dropout
+    model.train()
+    with pytest.raises(ValueError, match="no dropout"):
+        model.model.get_image_features(pixels, image_grid_thw=GRIDS[:1])
+
+
 def test_a_compiled_encoder_block_traces_as_one_graph() -> None:
     model = encoder_model()
     register_vision_attention(model)

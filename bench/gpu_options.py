@@ -1,0 +1,83 @@
+"""The command-line options the GPU benchmarks share (`bench/gpu_vision.py`, `bench/gpu_text.py`, and `--clients` of
+`bench/gpu_decode_attention.py`), and the engine's settings they give."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from batch_engine.settings import SWITCH
+
+
+def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take; each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--answer-tokens", type=int, default=256)
+    parser.add_argument(
+        "--clients", type=client_counts, default=(8, 32), help="concurrent clients, comma-separated (default: 8,32)"
+    )
+    parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
+    parser.add_argument(
+        "--decode-kernel",
+        choices=tuple(SWITCH),
+        default="auto",
+        help="decode attention through the Triton kernel (default: on a GPU with Triton)",
+    )
+    parser.add_argument(
+        "--fuse-projections",
+        choices=("on", "off"),
+        default="on",
+        help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
+    )
+    parser.add_argument(
+        "--compile-shapes",
+        choices=("dynamic", "automatic"),
+        default="dynamic",
+        help="with --compile: how the compiled layers treat sizes (EngineSettings.compile_shapes; default: dynamic)",
+    )
+    parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
+    parser.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="after the run, the engine's decode and largest load with its step overlap off, then on",
+    )
+    parser.add_argument(
+        "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
+    )
+    parser.set_defaults(device_memory=device_memory)
+    return parser
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
+    compiled layers (`--compile`), the decode attention (`--decode-kernel`), the fused projections."""
+    return {
+        "slots": max(args.clients),
+        "compile_layers": args.compile,
+        "decode_kernel": SWITCH[args.decode_kernel],
+        "fuse_projections": args.fuse_projections == "on",
+        "compile_shapes": args.compile_shapes,
+    }
+
+
+def client_counts(text: str) -> tuple[int, ...]:
+    """`--clients`: comma-separated counts, each at least 1."""
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 1")
+    return counts
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error(
+            f"the full-size model needs a CUDA GPU (about {args.device_memory}); use --tiny to check the code path "
+            "on a CPU"
+        )
