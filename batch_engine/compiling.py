@@ -30,9 +30,10 @@ DYNAMO_SETTINGS: dict[str, Any] = {
 
 
 def use_dynamo_settings() -> None:
-    """Set `DYNAMO_SETTINGS` on the calling thread. Torch (2.12 on) keeps the dynamo settings a program sets per
-    thread, so every thread that may compile the layers sets them: `compile_model`'s caller, which also runs plain
-    `generate` as the engine's reference, and the engine's own thread, which runs the prefills and the decode steps
+    """Set `DYNAMO_SETTINGS` on the calling thread. Recent torch (the 2.14 the project pins among them) keeps the
+    dynamo settings a program sets per thread (`torch/utils/_config_module.py`: "User overrides are thread-local"),
+    so every thread that may compile the layers sets them: `compile_model`'s caller, which also runs plain `generate`
+    as the engine's reference, and the engine's own thread, which runs the prefills and the decode steps
     (`BatchEngine.start`). Without them a thread compiles each layer apart (its index a constant), and the layers
     past the recompile limit run uncompiled."""
     import torch
