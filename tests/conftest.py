@@ -8,6 +8,9 @@ import pytest
 
 from tests.redis_server import redis_server
 
+pytest_plugins = ("tests.text_engine",)
+"""The tiny text checkpoints' fixtures (`checkpoint`, `chat`) of the text engine's tests."""
+
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

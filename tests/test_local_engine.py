@@ -3,8 +3,8 @@ GLM-4 and Llama checkpoints on the CPU: the engine against plain `generate` toke
 joining a running batch at different steps, more requests than slots), and the backend's behaviour with it
 (streaming, sampling, cancellation, closing, a prompt too long for a slot), its settings and its command line.
 
-The checkpoints' weights are redrawn wider than their initialisation (`sharpened`), so that greedy answers vary from
-token to token and an off-by-one position, a wrong mask or a row mixed up with another changes the tokens.
+The checkpoints and the prompts are `tests.text_engine`'s; the compiled engine and the Triton kernel are tested in
+`tests/test_compiled_engine.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,44 +27,7 @@ from reasoning_stage.chat_model import ChatModel
 from reasoning_stage.errors import ReasoningModelError, ReasoningRejected, ReasoningUnavailable
 from reasoning_stage.local import LocalReasoningBackend
 from reasoning_stage.types import ChatMessage, ReasoningDelta, ReasoningRequest
-from tests.tiny_models import build_tiny_glm4, build_tiny_llama
-
-BUDGET = 20
-ENGINE = EngineSettings(slots=4, max_tokens=256)
-QUESTIONS = ("what is the total of this receipt ?", "who is it ?", "how many are there ?", "the date please")
-
-
-def sharpened(builder: Callable[..., Path], directory: Path) -> Path:
-    """A tiny checkpoint of `builder` whose matrices are redrawn wider (module docstring), saved again."""
-    from transformers import AutoModelForCausalLM
-
-    path = builder(directory / "tiny", stops="never", max_position_embeddings=1024)
-    model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module", params=[build_tiny_glm4, build_tiny_llama], ids=["glm4", "llama"])
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return sharpened(request.param, tmp_path_factory.mktemp("text"))
-
-
-@pytest.fixture(scope="module")
-def chat(checkpoint: Path) -> ChatModel:
-    return ChatModel.load(str(checkpoint), device="cpu", dtype="float32", local_files_only=True)
-
-
-def ids_of(chat: ChatModel, question: str) -> list[int]:
-    return chat.encode_chat((ChatMessage("user", question),))
-
-
-def submit(engine: BatchEngine, prompt: list[int], budget: int = BUDGET) -> Any:
-    return engine.submit({"input_ids": torch.tensor([prompt])}, image_key=None, max_new_tokens=budget)
+from tests.text_engine import BUDGET, ENGINE, QUESTIONS, ids_of, joining, submit
 
 
 def test_one_request_equals_plain_generate(chat: ChatModel) -> None:
@@ -85,98 +47,6 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(chat: Cha
     engine = BatchEngine(chat.model, ENGINE, REFUSALS)
     assert joining(engine, prompts) == expected
     assert max(engine.batch_sizes) >= 3, "the requests overlapped"
-
-
-def joining(engine: BatchEngine, prompts: list[list[int]]) -> list[list[int]]:
-    """The engine's answers to four prompts submitted at different steps, with budgets `BUDGET`, `BUDGET` − 1, …"""
-    futures = [submit(engine, prompts[0], BUDGET)]
-    engine.step()
-    engine.step()
-    futures.append(submit(engine, prompts[1], BUDGET - 1))
-    engine.step()
-    futures += [submit(engine, prompts[2], BUDGET - 2), submit(engine, prompts[3], BUDGET - 3)]
-    engine.run_until_idle()
-    return [future.result().ids for future in futures]
-
-
-def uncompile(chat: ChatModel) -> None:
-    """The module-scoped model's layers as they were before an engine compiled them, for the other tests."""
-    decoder: Any = chat.model.model  # type: ignore[attr-defined]
-    for layer in decoder.layers:
-        layer._compiled_call_impl = None
-
-
-@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
-def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(chat: ChatModel, shapes: str) -> None:
-    """`torch.compile`d decoder layers (the engine's default on a GPU), either way of treating sizes: prompts of
-    four lengths, joining at different steps, so that prefill and decode steps each meet more than one size."""
-    prompts = [ids_of(chat, question) for question in QUESTIONS]
-    assert len({len(prompt) for prompt in prompts}) > 2
-    expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
-    settings = EngineSettings(slots=4, max_tokens=256, compile=True, compile_shapes=shapes)
-    try:
-        assert joining(BatchEngine(chat.model, settings, REFUSALS), prompts) == expected
-    finally:
-        uncompile(chat)
-
-
-def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: ChatModel) -> None:
-    """Torch keeps dynamo's settings per thread: the engine's thread, where prefills and decode steps compile, sets
-    them itself (without them each layer compiles apart and the layers past the recompile limit run uncompiled)."""
-    from batch_engine.compiling import DYNAMO_SETTINGS
-
-    def read() -> dict[str, Any]:
-        return {name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS}
-
-    seen: list[dict[str, Any]] = []
-    engine = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256, compile=True), REFUSALS)
-    try:
-        engine.start()
-        future = engine.submit(
-            {"input_ids": torch.tensor([ids_of(chat, QUESTIONS[0])])},
-            image_key=None,
-            max_new_tokens=3,
-            on_token=lambda _: seen.append(read()),  # called on the engine's thread
-        )
-        future.result(timeout=300)
-    finally:
-        engine.close()
-        uncompile(chat)
-    assert seen == [DYNAMO_SETTINGS] * 3
-
-
-def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compiles_nothing(chat: ChatModel) -> None:
-    from torch._dynamo.utils import counters
-
-    prompts = [ids_of(chat, question) for question in QUESTIONS[:3]]
-    expected = [chat.complete(prompt, max_new_tokens=1, temperature=0.0) for prompt in prompts]
-    settings = EngineSettings(slots=2, max_tokens=256, compile=True, compile_shapes="automatic")
-    engine = BatchEngine(chat.model, settings, REFUSALS)
-    try:
-        engine.start()
-        compiled = counters["stats"]["unique_graphs"]
-        firsts = [submit(engine, prompt, 1).result(timeout=300).ids for prompt in prompts]  # prefills only
-        assert counters["stats"]["unique_graphs"] == compiled, "a prefill of a new length compiled at request time"
-        assert firsts == expected
-    finally:
-        engine.close()
-        uncompile(chat)
-
-
-def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(
-    chat: ChatModel, triton_interpreter: None
-) -> None:
-    prompts = [ids_of(chat, question) for question in QUESTIONS]
-    budgets = [BUDGET, 9, BUDGET - 2, 14]  # rows finish out of order, so a later row moves into a freed one
-    expected = [chat.complete(p, max_new_tokens=b, temperature=0.0) for p, b in zip(prompts, budgets, strict=True)]
-    engine = BatchEngine(chat.model, EngineSettings(slots=3, max_tokens=256, decode_kernel=True), REFUSALS)
-    assert engine.device.decode_step.kernel
-    futures = [submit(engine, prompts[0], budgets[0])]
-    engine.step()
-    futures += [submit(engine, prompt, budget) for prompt, budget in zip(prompts[1:], budgets[1:], strict=True)]
-    engine.run_until_idle()
-    assert [future.result().ids for future in futures] == expected
-    assert max(engine.batch_sizes) == 3
 
 
 def test_more_requests_than_slots_wait_and_each_equals_plain_generate(chat: ChatModel) -> None:

@@ -1,0 +1,96 @@
+"""The batching engine with compiled layers and with its Triton decode kernel (run by Triton's interpreter), on the
+tiny text checkpoints of `tests.text_engine` on the CPU: the same tokens as plain `generate`, the dynamo settings on
+the engine's own thread, and no compilation at request time under automatic dynamic shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from batch_engine.engine import BatchEngine
+from batch_engine.settings import EngineSettings
+from reasoning_stage.batched import REFUSALS
+from reasoning_stage.chat_model import ChatModel
+from tests.text_engine import BUDGET, QUESTIONS, ids_of, joining, submit
+
+
+def uncompile(chat: ChatModel) -> None:
+    """The module-scoped model's layers as they were before an engine compiled them, for the other tests."""
+    decoder: Any = chat.model.model  # type: ignore[attr-defined]
+    for layer in decoder.layers:
+        layer._compiled_call_impl = None
+
+
+@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
+def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(chat: ChatModel, shapes: str) -> None:
+    """`torch.compile`d decoder layers (the engine's default on a GPU), either way of treating sizes: prompts of
+    four lengths, joining at different steps, so that prefill and decode steps each meet more than one size."""
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    assert len({len(prompt) for prompt in prompts}) > 2
+    expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
+    settings = EngineSettings(slots=4, max_tokens=256, compile=True, compile_shapes=shapes)
+    try:
+        assert joining(BatchEngine(chat.model, settings, REFUSALS), prompts) == expected
+    finally:
+        uncompile(chat)
+
+
+def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: ChatModel) -> None:
+    """Torch keeps dynamo's settings per thread: the engine's thread, where prefills and decode steps compile, sets
+    them itself (without them each layer compiles apart and the layers past the recompile limit run uncompiled)."""
+    from batch_engine.compiling import DYNAMO_SETTINGS
+
+    def read() -> dict[str, Any]:
+        return {name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS}
+
+    seen: list[dict[str, Any]] = []
+    engine = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256, compile=True), REFUSALS)
+    try:
+        engine.start()
+        future = engine.submit(
+            {"input_ids": torch.tensor([ids_of(chat, QUESTIONS[0])])},
+            image_key=None,
+            max_new_tokens=3,
+            on_token=lambda _: seen.append(read()),  # called on the engine's thread
+        )
+        future.result(timeout=300)
+    finally:
+        engine.close()
+        uncompile(chat)
+    assert seen == [DYNAMO_SETTINGS] * 3
+
+
+def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compiles_nothing(chat: ChatModel) -> None:
+    from torch._dynamo.utils import counters
+
+    prompts = [ids_of(chat, question) for question in QUESTIONS[:3]]
+    expected = [chat.complete(prompt, max_new_tokens=1, temperature=0.0) for prompt in prompts]
+    settings = EngineSettings(slots=2, max_tokens=256, compile=True, compile_shapes="automatic")
+    engine = BatchEngine(chat.model, settings, REFUSALS)
+    try:
+        engine.start()
+        compiled = counters["stats"]["unique_graphs"]
+        firsts = [submit(engine, prompt, 1).result(timeout=300).ids for prompt in prompts]  # prefills only
+        assert counters["stats"]["unique_graphs"] == compiled, "a prefill of a new length compiled at request time"
+        assert firsts == expected
+    finally:
+        engine.close()
+        uncompile(chat)
+
+
+def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(
+    chat: ChatModel, triton_interpreter: None
+) -> None:
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    budgets = [BUDGET, 9, BUDGET - 2, 14]  # rows finish out of order, so a later row moves into a freed one
+    expected = [chat.complete(p, max_new_tokens=b, temperature=0.0) for p, b in zip(prompts, budgets, strict=True)]
+    engine = BatchEngine(chat.model, EngineSettings(slots=3, max_tokens=256, decode_kernel=True), REFUSALS)
+    assert engine.device.decode_step.kernel
+    futures = [submit(engine, prompts[0], budgets[0])]
+    engine.step()
+    futures += [submit(engine, prompt, budget) for prompt, budget in zip(prompts[1:], budgets[1:], strict=True)]
+    engine.run_until_idle()
+    assert [future.result().ids for future in futures] == expected
+    assert max(engine.batch_sizes) == 3
