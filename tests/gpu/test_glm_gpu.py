@@ -11,6 +11,7 @@ model takes about 21 GB of GPU memory in bfloat16.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
+from batch_engine.engine import started
+from batch_engine.settings import EngineSettings
 from batch_engine.vision_attention import register_vision_attention
+from bench.gpu_common import RecompileLimitHits
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
-from vision_stage.glm import GlmEngine, GlmVisionBackend
+from vision_stage.errors import VisionUnavailable
+from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage, VisionRequest
@@ -33,9 +38,10 @@ pytestmark = [
 RECEIPT = Path(__file__).resolve().parents[1] / "fixtures" / "receipt.png"
 
 
-def square(side: int) -> DecodedImage:
+def square(side: int, sha256: str = "") -> DecodedImage:
+    """A grey ramp; `sha256` stands for its file's content hash (empty: the engine keeps nothing of it)."""
     ramp = Image.linear_gradient("L").resize((side, side))
-    return DecodedImage(Image.merge("RGB", (ramp, ramp, ramp)), "PNG", side, side, 0, "")
+    return DecodedImage(Image.merge("RGB", (ramp, ramp, ramp)), "PNG", side, side, 0, sha256)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,36 @@ def test_a_very_long_image_fits_the_visual_token_cap(backend: GlmVisionBackend) 
     prompt = backend.engine.codec.encode(VisionRequest(long, "q", task="answer"), thinking=False)
     assert MAX_VISUAL_TOKENS - 200 < prompt.image_tokens <= MAX_VISUAL_TOKENS
     assert asyncio.run(backend.generate(VisionRequest(long, "q", task="answer"))).answer
+
+
+def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine: GlmEngine) -> None:
+    """The engine as a GPU service runs it (compiled layers and encoder, CUDA graphs, its own thread) over the
+    full-size model: its first tokens for the warm-up image agree with plain `generate`'s, and requests on images of
+    two sizes and a follow-up on one of them run without dynamo reaching its recompile limit, past which a layer runs
+    uncompiled (`batch_engine.compiling`)."""
+    hits = RecompileLimitHits()
+    logging.getLogger("torch._dynamo").addHandler(hits)
+    model: Any = engine.model
+    try:
+        settings = EngineSettings(slots=4, max_tokens=4096, compile=True)
+        engine.batch = started(model, settings, REFUSALS, model_name="random GLM-4.6V-Flash", fails=VisionUnavailable)
+        assert engine.batch.device.graphs, "decode steps captured as CUDA graphs"
+        assert engine.check_batching(), "the first 8 tokens equal plain generate's (bfloat16: a near-tie may part them)"
+        images = [square(side, sha256=f"square-{side}") for side in (1024, 640)]  # keyed: reusable
+        asked = [VisionRequest(image, "What is written on the sign?", task="answer") for image in images]
+        asked.append(VisionRequest(images[0], "What colour is it?", task="answer"))
+        for request in asked:
+            _, _, future = engine.submit(request, thinking=False, max_new_tokens=16)
+            assert future.result(timeout=600).ids
+        assert engine.batch.stats().prefix_hits >= 1, "the follow-up reused its image's prefix"
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(hits)
+        engine.close()
+        engine.batch = None
+        for layer in [*model.model.language_model.layers, *model.model.visual.blocks, model.model.visual.embeddings]:
+            layer._compiled_call_impl = None  # the module's other tests run the model as transformers has it
+        model.model.visual.config._attn_implementation = "sdpa"
+    assert hits.count == 0, hits.note()
 
 
 @pytest.fixture(scope="module")
