@@ -9,10 +9,13 @@ The stages' own settings are in `orchestrator.stage_settings`.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.stage_settings import (
@@ -22,6 +25,16 @@ from orchestrator.stage_settings import (
     Section,
     VisionSettings,
 )
+
+
+def _redis_url(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{url!r} is not a redis:// (rediss://, unix://) URL")
+    return url
+
+
+RedisUrl = Annotated[str | None, AfterValidator(_redis_url)]
+"""A Redis URL (`redis://`, `rediss://`, `unix://`), or unset."""
 
 
 class RouterSettings(Section):
@@ -150,7 +163,7 @@ class CacheSettings(Section):
     (`orchestrator.stages.cache`)."""
 
     enabled: bool = True
-    url: str | None = None
+    url: RedisUrl = None
     """`redis://host:6379/0`: a Redis shared by every replica; unset: in this process's memory."""
     ttl_s: float = Field(default=3600.0, gt=0)
     max_entries: int = Field(default=1024, ge=1)
@@ -181,15 +194,8 @@ class StateSettings(Section):
     """What replicas share (`ORCH_STATE__URL`): sessions, and the vision cache unless `ORCH_CACHE__URL` names another
     Redis. Unset: each process keeps its own, in memory."""
 
-    url: str | None = None
+    url: RedisUrl = None
     """`redis://host:6379/0` (or `rediss://`)."""
-
-    @field_validator("url")
-    @classmethod
-    def _redis(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"{url!r} is not a redis:// (rediss://, unix://) URL")
-        return url
 
 
 class SessionSettings(Section):
@@ -230,6 +236,15 @@ class Settings(BaseSettings):
     """`json`: one object per line with the request id (`orchestrator.observability.logs`); `text`: plain lines."""
 
     @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        """pydantic refuses an unknown name inside a section (`ORCH_LIMITS__MAX_IMAGE_BYTE`) but would ignore a
+        misspelt section or setting (`ORCH_VISON__BACKEND`): the service would start on defaults the operator did
+        not choose."""
+        if unknown := unknown_variables(os.environ):
+            raise ValueError("unknown ORCH_ variables, which no setting reads: " + "; ".join(unknown))
+        return self
+
+    @model_validator(mode="after")
     def _visibility_after_deadline(self) -> Settings:
         """A shared batch request must not be taken from a replica while it may still be answering it."""
         if self.state.url and self.batch.visibility_s <= self.limits.request_deadline_s:
@@ -238,3 +253,25 @@ class Settings(BaseSettings):
                 f"({self.limits.request_deadline_s:g}): a replica still answering would see its request taken"
             )
         return self
+
+
+OTHER_VARIABLES = frozenset({"ORCH_EVAL_API_KEY"})
+"""`ORCH_` variables that commands other than `serve` read (`python -m orchestrator eval`'s API key)."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The `ORCH_` variables in `environ` whose name after the prefix (up to `__`) is no setting, each with the closest
+    setting when one is close. Names are matched as `Settings` reads them, without regard to case."""
+    names = [name.upper() for name in Settings.model_fields]
+    unknown = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("ORCH_") or upper in OTHER_VARIABLES:
+            continue
+        head, _, rest = upper.removeprefix("ORCH_").partition("__")
+        if head in names:
+            continue
+        close = difflib.get_close_matches(head, names, n=1)
+        hint = f" (did you mean ORCH_{close[0]}{'__' + rest if rest else ''}?)" if close else ""
+        unknown.append(f"{variable}{hint}")
+    return unknown

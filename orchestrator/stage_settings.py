@@ -17,6 +17,9 @@ from batch_engine.settings import EngineSettings, engine_settings
 from stage_protocol.client.dialects import DialectName
 from stage_protocol.client.transport import TransportName
 
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+"""An in-process model's dtype; `auto`: bfloat16 on a GPU, float32 on the CPU."""
+
 
 class Section(BaseModel):
     """A settings section: no unknown fields, frozen."""
@@ -184,8 +187,7 @@ class GlmVisionSettings(_ModelVisionSettings, EngineFields):
 
     backend: Literal["glm"] = "glm"
     device: str = "cpu"
-    dtype: str = "auto"
-    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
+    dtype: Dtype = "auto"
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
 
@@ -227,7 +229,7 @@ class LocalReasoningSettings(_ReasoningSettings, EngineFields):
     model: str | None = None
     """A local directory or hub id, unset meaning the packaged SmolLM2-135M-Instruct."""
     device: str = "cpu"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     allow_download: bool = False
     """Let `model` be fetched from a model hub when it is not on disk. Off by default: nothing downloads."""
     cache_dir: Path | None = None

@@ -7,7 +7,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from batch_engine.settings import EngineSettings
-from orchestrator.settings import LimitSettings, Settings
+from orchestrator.settings import LimitSettings, Settings, unknown_variables
 from orchestrator.stage_settings import (
     GlmVisionSettings,
     LocalReasoningSettings,
@@ -80,6 +80,32 @@ def test_unknown_backends_and_fields_are_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("ORCH_REASONING__MODLE", "typo")
     with pytest.raises(ValidationError, match="modle"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("ORCH_VISON__BACKEND", "ORCH_VISON__BACKEND (did you mean ORCH_VISION__BACKEND?)"),
+        ("ORCH_API_KEY", "ORCH_API_KEY (did you mean ORCH_API_KEYS?)"),
+        ("orch_ratelimit__burst", "orch_ratelimit__burst (did you mean ORCH_RATE_LIMIT__BURST?)"),
+        ("ORCH_TOTALLY_ELSE", "ORCH_TOTALLY_ELSE"),
+    ],
+)
+def test_a_variable_no_setting_reads_is_refused_naming_the_closest(
+    variable: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside a known section pydantic would ignore a misspelt name, and the service would run on defaults."""
+    with pytest.raises(ValidationError, match="unknown ORCH_ variables") as caught:
+        settings_with(monkeypatch, {variable: "1"})
+    assert message in str(caught.value)
+
+
+def test_the_variables_of_other_commands_and_any_case_are_read_as_settings_read_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings_with(monkeypatch, {"ORCH_EVAL_API_KEY": "k", "orch_log_level": "debug", "OTHER_THING": "x"})
+    assert settings.log_level == "debug"
+    assert unknown_variables({"ORCH_VISION": "{}", "ORCH_LIMITS__MAX_IMAGE_BYTES": "1", "PATH": "/bin"}) == []
 
 
 def test_the_remote_backends_read_their_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,8 +239,18 @@ async def test_the_state_url_is_the_vision_cache_s_unless_the_cache_names_its_ow
     for variables in (state, {**state, "ORCH_CACHE__URL": "redis://cache:6379/1"}):
         await wiring.build_backends(settings_with(monkeypatch, variables))
     assert stores == ["redis://state:6379/0", "redis://cache:6379/1"]
-    with pytest.raises(ValidationError, match="redis://"):
-        settings_with(monkeypatch, {"ORCH_STATE__URL": "http://state:6379"})
+    for variable in ("ORCH_STATE__URL", "ORCH_CACHE__URL"):
+        with pytest.raises(ValidationError, match=r"(state|cache)\.url\n.*'http://state:6379' is not a redis://"):
+            settings_with(monkeypatch, {variable: "http://state:6379"})
+        monkeypatch.delenv(variable)
+
+
+@pytest.mark.parametrize("variable", ["ORCH_REASONING__DTYPE", "ORCH_VISION__DTYPE"])
+def test_a_dtype_the_loaders_do_not_take_is_refused_at_start(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = {"ORCH_VISION__BACKEND": "glm", "ORCH_VISION__MODEL": "/m"} if "VISION" in variable else {}
+    with pytest.raises(ValidationError, match="dtype"):
+        settings_with(monkeypatch, {**backend, variable: "float64"})
+    assert settings_with(monkeypatch, {**backend, variable: "bfloat16"})
 
 
 def test_a_shared_batch_request_is_not_taken_back_while_it_may_still_be_answered(
