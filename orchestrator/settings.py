@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.stage_settings import (
@@ -257,21 +258,41 @@ class Settings(BaseSettings):
 
 OTHER_VARIABLES = frozenset({"ORCH_EVAL_API_KEY"})
 """`ORCH_` variables that commands other than `serve` read (`python -m orchestrator eval`'s API key)."""
+INJECTED = re.compile(r"ORCH_(SERVICE_|PORT$|PORT_|ENV_|NAME$)")
+"""What Kubernetes (`<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT…`) and Docker's container links (`…_ENV_…`, `…_NAME`)
+put in a container's environment for a service or container named `orch`: never a setting, never refused."""
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """The `ORCH_` variables in `environ` whose name after the prefix (up to `__`) is no setting, each with the closest
-    setting when one is close. Names are matched as `Settings` reads them, without regard to case."""
-    names = [name.upper() for name in Settings.model_fields]
+    """The `ORCH_` variables in `environ` that no setting reads, each with the setting it most likely meant. Names
+    are matched as `Settings` reads them, without regard to case: a section (`ORCH_VISION__…`, or the whole section
+    as JSON in `ORCH_VISION`) or a plain setting (`ORCH_LOG_LEVEL`); the names inside a section are pydantic's to
+    check."""
+    fields = Settings.model_fields
+    sections = {name.upper() for name, field in fields.items() if isinstance(field.default, BaseModel)}
+    plain = {name.upper() for name in fields} - sections
     unknown = []
     for variable in sorted(environ):
         upper = variable.upper()
-        if not upper.startswith("ORCH_") or upper in OTHER_VARIABLES:
+        if not upper.startswith("ORCH_") or upper in OTHER_VARIABLES or INJECTED.match(upper):
             continue
-        head, _, rest = upper.removeprefix("ORCH_").partition("__")
-        if head in names:
+        head, nested, rest = upper.removeprefix("ORCH_").partition("__")
+        if (head in sections and (rest or not nested)) or (head in plain and not nested):
             continue
-        close = difflib.get_close_matches(head, names, n=1)
-        hint = f" (did you mean ORCH_{close[0]}{'__' + rest if rest else ''}?)" if close else ""
-        unknown.append(f"{variable}{hint}")
+        unknown.append(variable + _meant(head, rest, sections, plain))
     return unknown
+
+
+def _meant(head: str, rest: str, sections: set[str], plain: set[str]) -> str:
+    """` (did you mean …?)` for a name `unknown_variables` found unknown, or "" when nothing is close."""
+    if head in plain:  # a plain setting with a nested part
+        return f" (did you mean ORCH_{head}?)"
+    if head in sections:  # the section alone, followed by `__`
+        return ""
+    within = next((section for section in sorted(sections) if head.startswith(section + "_")), None)
+    if within is not None and not rest:  # `ORCH_VISION_BACKEND`: one underscore where two nest
+        return f" (did you mean ORCH_{within}__{head.removeprefix(within + '_')}?)"
+    close = difflib.get_close_matches(head, sorted(sections | plain), n=1)
+    if not close:
+        return ""
+    return f" (did you mean ORCH_{close[0]}{'__' + rest if rest and close[0] in sections else ''}?)"

@@ -203,9 +203,9 @@ def _torch_dtype(dtype: str) -> torch.dtype | Literal["auto"]:
 
     if dtype == "auto":
         return "auto"
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype):
+    if dtype not in ("float32", "bfloat16", "float16"):
         raise ReasoningModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    value: torch.dtype = getattr(torch, dtype)
     return value
 
 

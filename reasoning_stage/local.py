@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from batch_engine.compiling import use_dynamo_settings
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.types import EngineStats
@@ -241,6 +242,8 @@ class LocalReasoningBackend:
                 pieces.put_nowait(None)
 
     def _complete(self, chat: ChatModel, request: ReasoningRequest, feed: TokenFeed) -> Completion:
+        if self.engine is not None and self.engine.device.compiled:
+            use_dynamo_settings()  # plain `generate` on the engine's compiled layers, in this worker's own context
         with translated("generate", self.model):
             prompt_ids, budget = chat.encode_within_context(request.messages, request.max_new_tokens, model=self.model)
             ids = chat.complete(prompt_ids, max_new_tokens=budget, temperature=request.temperature, feed=feed)

@@ -4,16 +4,26 @@ the engine's own thread, and no compilation at request time under automatic dyna
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from batch_engine.compiling import DYNAMO_SETTINGS
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from reasoning_stage.batched import REFUSALS
 from reasoning_stage.chat_model import ChatModel
+from reasoning_stage.local import LocalReasoningBackend
+from reasoning_stage.types import ChatMessage, ReasoningRequest
 from tests.text_engine import BUDGET, QUESTIONS, ids_of, joining, submit
+
+
+def dynamo_settings() -> dict[str, Any]:
+    """The settings of `DYNAMO_SETTINGS` as the calling thread (its context) reads them."""
+    return {name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS}
 
 
 def uncompile(chat: ChatModel) -> None:
@@ -40,11 +50,6 @@ def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(cha
 def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: ChatModel) -> None:
     """Torch keeps dynamo's settings per thread: the engine's thread, where prefills and decode steps compile, sets
     them itself (without them each layer compiles apart and the layers past the recompile limit run uncompiled)."""
-    from batch_engine.compiling import DYNAMO_SETTINGS
-
-    def read() -> dict[str, Any]:
-        return {name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS}
-
     seen: list[dict[str, Any]] = []
     engine = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256, compile=True), REFUSALS)
     try:
@@ -53,7 +58,7 @@ def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: C
             {"input_ids": torch.tensor([ids_of(chat, QUESTIONS[0])])},
             image_key=None,
             max_new_tokens=3,
-            on_token=lambda _: seen.append(read()),  # called on the engine's thread
+            on_token=lambda _: seen.append(dynamo_settings()),  # called on the engine's thread
         )
         future.result(timeout=300)
     finally:
@@ -94,3 +99,29 @@ def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_lea
     engine.run_until_idle()
     assert [future.result().ids for future in futures] == expected
     assert max(engine.batch_sizes) == 3
+
+
+async def test_a_sampled_request_beside_the_compiled_engine_runs_under_its_dynamo_settings(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampled request runs plain `generate` on the engine's compiled layers, in a worker thread whose context is a
+    copy of the event loop's: it sets the engine's dynamo settings there too."""
+    seen: list[dict[str, Any]] = []
+    complete = ChatModel.complete
+
+    def recording(self: ChatModel, *args: Any, **kwargs: Any) -> list[int]:
+        seen.append(dynamo_settings())
+        return complete(self, *args, **kwargs)
+
+    with ThreadPoolExecutor(1) as fresh:
+        defaults = fresh.submit(dynamo_settings).result()  # a new thread's context holds none of a program's settings
+    with torch._dynamo.config.patch(defaults):  # the event loop's thread as a service's is (tests here compiled on it)
+        batching = EngineSettings(slots=2, max_tokens=256, compile=True)
+        backend = await LocalReasoningBackend.load(str(checkpoint), device="cpu", dtype="float32", batching=batching)
+        monkeypatch.setattr(ChatModel, "complete", recording)
+        try:
+            asked = ReasoningRequest((ChatMessage("user", QUESTIONS[0]),), max_new_tokens=4, temperature=0.8)
+            assert (await backend.generate(asked)).completion_tokens == 4
+        finally:
+            await backend.aclose()
+    assert seen == [DYNAMO_SETTINGS]

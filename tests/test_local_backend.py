@@ -196,9 +196,10 @@ async def test_an_unwritable_model_cache_is_a_model_error_saying_what_to_do(tmp_
     assert str(not_a_directory) in str(caught.value)
 
 
-async def test_an_unknown_dtype_is_a_model_error(tiny_llama: Path) -> None:
-    with pytest.raises(ReasoningModelError, match="dtype"):
-        await LocalReasoningBackend.load(str(tiny_llama), dtype="float13")
+@pytest.mark.parametrize("dtype", ["float13", "float64"])  # float64: torch's, but not one the stage runs in
+async def test_an_unknown_dtype_is_a_model_error(tiny_llama: Path, dtype: str) -> None:
+    with pytest.raises(ReasoningModelError, match=f"unknown dtype '{dtype}'"):
+        await LocalReasoningBackend.load(str(tiny_llama), dtype=dtype)
 
 
 FOREIGN_ERRORS: list[tuple[Phase, Exception, type[ReasoningError]]] = [

@@ -88,6 +88,8 @@ def test_unknown_backends_and_fields_are_refused(monkeypatch: pytest.MonkeyPatch
         ("ORCH_VISON__BACKEND", "ORCH_VISON__BACKEND (did you mean ORCH_VISION__BACKEND?)"),
         ("ORCH_API_KEY", "ORCH_API_KEY (did you mean ORCH_API_KEYS?)"),
         ("orch_ratelimit__burst", "orch_ratelimit__burst (did you mean ORCH_RATE_LIMIT__BURST?)"),
+        ("ORCH_VISION_BACKEND", "ORCH_VISION_BACKEND (did you mean ORCH_VISION__BACKEND?)"),
+        ("ORCH_LOG_LEVEL__X", "ORCH_LOG_LEVEL__X (did you mean ORCH_LOG_LEVEL?)"),
         ("ORCH_TOTALLY_ELSE", "ORCH_TOTALLY_ELSE"),
     ],
 )
@@ -105,7 +107,10 @@ def test_the_variables_of_other_commands_and_any_case_are_read_as_settings_read_
 ) -> None:
     settings = settings_with(monkeypatch, {"ORCH_EVAL_API_KEY": "k", "orch_log_level": "debug", "OTHER_THING": "x"})
     assert settings.log_level == "debug"
-    assert unknown_variables({"ORCH_VISION": "{}", "ORCH_LIMITS__MAX_IMAGE_BYTES": "1", "PATH": "/bin"}) == []
+    read = {"ORCH_VISION": "{}", "ORCH_LIMITS__MAX_IMAGE_BYTES": "1", "PATH": "/bin"}
+    # What Kubernetes and Docker's links put in the environment of a service named `orch`: not settings, not refused.
+    injected = {"ORCH_SERVICE_HOST": "10.0.0.1", "ORCH_PORT": "tcp://10.0.0.1:8000", "ORCH_PORT_8000_TCP_PORT": "8000"}
+    assert unknown_variables({**read, **injected}) == []
 
 
 def test_the_remote_backends_read_their_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,7 +251,9 @@ async def test_the_state_url_is_the_vision_cache_s_unless_the_cache_names_its_ow
 
 
 @pytest.mark.parametrize("variable", ["ORCH_REASONING__DTYPE", "ORCH_VISION__DTYPE"])
-def test_a_dtype_the_loaders_do_not_take_is_refused_at_start(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dtype_other_than_the_four_the_loaders_take_is_refused_at_start(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend = {"ORCH_VISION__BACKEND": "glm", "ORCH_VISION__MODEL": "/m"} if "VISION" in variable else {}
     with pytest.raises(ValidationError, match="dtype"):
         settings_with(monkeypatch, {**backend, variable: "float64"})

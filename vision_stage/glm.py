@@ -245,14 +245,14 @@ def greedy_config(base: GenerationConfig, max_new_tokens: int) -> GenerationConf
 
 
 def torch_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU, float32 on the CPU; otherwise a torch dtype name (`float16`, `bfloat16`, ...)."""
+    """`auto`: bfloat16 on a GPU, float32 on the CPU; otherwise `float32`, `bfloat16` or `float16`."""
     import torch
 
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype):
+    if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    value: torch.dtype = getattr(torch, dtype)
     return value
 
 

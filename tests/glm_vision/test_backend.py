@@ -407,8 +407,9 @@ def test_torch_dtype() -> None:
     assert torch_dtype("auto", "cpu") == torch.float32
     assert torch_dtype("auto", "cuda") == torch.bfloat16
     assert torch_dtype("float16", "cuda:0") == torch.float16
-    with pytest.raises(ValueError, match="unknown dtype"):
-        torch_dtype("float99", "cpu")
+    for unknown in ("float99", "float64", "Tensor"):  # a torch name, but not a dtype the stage runs in
+        with pytest.raises(ValueError, match="unknown dtype"):
+            torch_dtype(unknown, "cpu")
 
 
 def test_max_new_tokens_must_be_positive(engine: GlmEngine) -> None:
