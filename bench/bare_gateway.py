@@ -11,7 +11,7 @@ no routing, no streaming, no middleware: nothing a user would deploy, only the h
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import aiohttp
 import uvicorn
@@ -72,10 +72,13 @@ async def answer(send: Send, status: int, kind: bytes, payload: bytes) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def main() -> None:
-    port, stage_url = int(sys.argv[1]), sys.argv[2]
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bare_gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int, help="the port to serve on (127.0.0.1)")
+    parser.add_argument("stage_url", help="where to send each body, e.g. http://127.0.0.1:9000")
+    args = parser.parse_args(argv)
     keep_large_buffers_in_heap()
-    uvicorn.run(BareGateway(stage_url), host="127.0.0.1", port=port, log_level="warning", **UVICORN_OPTIONS)
+    uvicorn.run(BareGateway(args.stage_url), host="127.0.0.1", port=args.port, log_level="warning", **UVICORN_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -124,4 +125,6 @@ def start(core: int, logs: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve_stage(int(sys.argv[1])))
+    parser = argparse.ArgumentParser(prog="python -m bench.fake_stage", description=__doc__)
+    parser.add_argument("port", type=int, help="the port to serve on (127.0.0.1)")
+    asyncio.run(serve_stage(parser.parse_args().port))
