@@ -4,6 +4,7 @@ start runs so that the first requests compile nothing (`warm_prefills`, under au
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -45,11 +46,42 @@ def use_dynamo_settings() -> None:
         setattr(torch._dynamo.config, name, value)
 
 
+class _RecompileLimitHits(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings, from any thread (`recompile_limit_hits`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("torch._dynamo hit config"):
+            self.count += 1
+
+
+_HITS = _RecompileLimitHits()
+
+
+def watch_recompile_limit() -> None:
+    """Count, from now on, the times dynamo reaches its recompile limit in this process (`recompile_limit_hits`).
+    Idempotent; `compile_model` calls it."""
+    dynamo = logging.getLogger("torch._dynamo")
+    if _HITS not in dynamo.handlers:
+        dynamo.addHandler(_HITS)
+
+
+def recompile_limit_hits() -> int:
+    """How many times dynamo has reached its recompile limit in this process since `watch_recompile_limit`: each
+    time, a compiled function (a layer, an encoder block, of any engine here) runs uncompiled from then on for the
+    new sizes or kinds of call. Past 0 the engine is slower than it should be; the log names the function."""
+    return _HITS.count
+
+
 def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
     """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks and position
     embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`."""
 
     use_dynamo_settings()
+    watch_recompile_limit()
     # `automatic` leaves the sizes that never change (the model's own) constants: on the CPU the generated code of a
     # GLM-4 prefill and decode held 18 divisions by a symbolic size instead of 95, in 13 graphs instead of 8 (the same
     # 13 for 12 layers as for 24: the layer index stays one symbolic input).

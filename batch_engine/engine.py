@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_engine.compiling import use_dynamo_settings, warm_prefills
+from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.prompts import Prompt, prompt_of
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
@@ -186,6 +186,7 @@ class BatchEngine:
             prefix_hits=self.device.prefixes.hits,
             prefix_misses=self.device.prefixes.misses,
             encoder_hits=self.device.encoder.hits,
+            recompile_limit_hits=recompile_limit_hits() if self.device.compiled else 0,
         )
 
     def start(self) -> None:

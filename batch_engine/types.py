@@ -46,7 +46,8 @@ class Completion:
 @dataclass(frozen=True)
 class EngineStats:
     """What the engine has done: decode steps and their mean batch size, requests admitted and their mean wait for
-    a slot, and lookups of the prefix and encoder stores."""
+    a slot, lookups of the prefix and encoder stores, and the times dynamo reached its recompile limit in this process
+    (`batch_engine.compiling.recompile_limit_hits`; 0 without compiled layers)."""
 
     running: int
     waiting: int
@@ -57,3 +58,4 @@ class EngineStats:
     prefix_hits: int
     prefix_misses: int
     encoder_hits: int
+    recompile_limit_hits: int = 0

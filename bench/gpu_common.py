@@ -6,7 +6,6 @@ prompts and runs the two paths."""
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import time
@@ -279,22 +278,6 @@ def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-class RecompileLimitHits(logging.Handler):
-    """Counts dynamo's "hit config.recompile_limit" warnings, from any thread: past that limit a compiled layer runs
-    uncompiled, which the figures must not hide."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("torch._dynamo hit config"):
-            self.count += 1
-
-    def note(self) -> str:
-        return f"dynamo's recompile limit hit {self.count} times (0: every compiled part ran compiled)"
-
-
 def drive(
     args: argparse.Namespace,
     build: Callable[[], B],
@@ -307,8 +290,10 @@ def drive(
     """Build the two paths (timed), run the measures, the profiles (`--profile`) and the float32 check
     (`--check-float32`: `check` gives the prompt and a slot's length), close the engine, and print the report."""
 
-    hits = RecompileLimitHits()
-    logging.getLogger("torch._dynamo").addHandler(hits)
+    from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
+
+    watch_recompile_limit()
+    hits_before = recompile_limit_hits()
     started = time.perf_counter()
     bench = build()
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
@@ -324,7 +309,8 @@ def drive(
     if args.check_float32:
         one, max_tokens = check(bench)
         notes.append(float32_agreement(bench, one, max_tokens))
-    notes.append(hits.note())
+    hits = recompile_limit_hits() - hits_before
+    notes.append(f"dynamo's recompile limit hit {hits} times (0: every compiled part ran compiled)")
     report(rows, notes, summary)
 
 

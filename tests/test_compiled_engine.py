@@ -4,6 +4,8 @@ the engine's own thread, and no compilation at request time under automatic dyna
 
 from __future__ import annotations
 
+import itertools
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from batch_engine.compiling import DYNAMO_SETTINGS
+from batch_engine.compiling import DYNAMO_SETTINGS, recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from reasoning_stage.batched import REFUSALS
@@ -125,3 +127,39 @@ async def test_a_sampled_request_beside_the_compiled_engine_runs_under_its_dynam
         finally:
             await backend.aclose()
     assert seen == [DYNAMO_SETTINGS]
+
+
+def reach_the_recompile_limit() -> None:
+    """Compile a function (a new code object each call: dynamo keeps its compilations per code object) for three sizes
+    under a limit of one compilation: past it the function runs uncompiled."""
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    fresh = types.FunctionType(double.__code__.replace(co_name=f"double_{next(_FRESH)}"), globals())
+    compiled = torch.compile(fresh, backend="eager", dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for size in (1, 2, 3):
+            assert torch.equal(compiled(torch.ones(size)), torch.full((size,), 2.0))
+
+
+_FRESH = itertools.count()
+
+
+def test_dynamo_reaching_its_recompile_limit_is_counted() -> None:
+    """Past the limit a compiled function runs uncompiled, which only a warning in the log said: it is counted
+    (`recompile_limit_hits`), for the engine's stats and so for `/metrics`."""
+    watch_recompile_limit()
+    before = recompile_limit_hits()
+    reach_the_recompile_limit()
+    assert recompile_limit_hits() > before
+
+
+def test_the_engine_s_stats_carry_the_count_when_its_layers_are_compiled(chat: ChatModel) -> None:
+    engine = BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256, compile=True), REFUSALS)
+    try:
+        reach_the_recompile_limit()
+        assert engine.stats().recompile_limit_hits == recompile_limit_hits() > 0
+    finally:
+        uncompile(chat)
+    assert BatchEngine(chat.model, EngineSettings(slots=2, max_tokens=256), REFUSALS).stats().recompile_limit_hits == 0

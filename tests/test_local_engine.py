@@ -213,6 +213,7 @@ async def test_metrics_read_the_engine_through_the_wired_backend(checkpoint: Pat
     finally:
         await backend.aclose()
     assert 'orchestrator_engine_admitted_total{endpoint="local",stage="reasoning"} 2.0' in text
+    assert 'orchestrator_engine_recompile_limit_hits_total{endpoint="local",stage="reasoning"} 0.0' in text
     assert endpoint_statuses(backend)[0].engine is None  # closed
 
 

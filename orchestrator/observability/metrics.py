@@ -140,6 +140,11 @@ class _EngineFamilies:
             "Lookups of image prefixes and encoder outputs.",
             labels=[*labels, "store", "result"],
         )
+        self.limit = CounterMetricFamily(
+            "orchestrator_engine_recompile_limit_hits",
+            "Times torch.compile reached its recompile limit in this process (past it, compiled code runs uncompiled).",
+            labels=labels,
+        )
 
     def add(self, labels: list[str], stats: EngineStats) -> None:
         self.requests.add_metric([*labels, "running"], float(stats.running))
@@ -151,9 +156,10 @@ class _EngineFamilies:
         self.reuse.add_metric([*labels, "prefix", "hit"], float(stats.prefix_hits))
         self.reuse.add_metric([*labels, "prefix", "miss"], float(stats.prefix_misses))
         self.reuse.add_metric([*labels, "encoder", "hit"], float(stats.encoder_hits))
+        self.limit.add_metric(labels, float(stats.recompile_limit_hits))
 
     def families(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        yield from (self.requests, self.steps, self.batch, self.admitted, self.queue, self.reuse)
+        yield from (self.requests, self.steps, self.batch, self.admitted, self.queue, self.reuse, self.limit)
 
 
 class MetricsMiddleware(RecordingMiddleware):
