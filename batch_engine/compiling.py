@@ -1,6 +1,6 @@
 """What the batching engine compiles (`EngineSettings.compile`), and why each part is compiled the way it is: the text
 model's decoder layers, and an image model's vision encoder blocks and position embeddings; and the prefills its
-start runs so that the first requests compile nothing (`warm_prefills`, under automatic dynamic shapes)."""
+start runs so that no request's prefill compiles (`warm_prefills`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ if TYPE_CHECKING:
     from batch_engine.steps import DeviceSteps
 
 WARM_LENGTHS = (16, 24)
-"""The prompt lengths `warm_prefills` prefills: two, so that automatic dynamic shapes make the length symbolic."""
+"""The prompt lengths `warm_prefills` prefills (the second under automatic dynamic shapes only, so that the length
+becomes symbolic)."""
+WARM_PREFIX = 32
+"""The reused prefix of `warm_prefills`' prefill after one (twice as long at its second length)."""
+WARM_REUSED = 144
+"""The new tokens of `warm_prefills`' prefill after a reused prefix: more than an extend step takes (128)."""
 
 
 DYNAMO_SETTINGS: dict[str, Any] = {
@@ -104,19 +109,41 @@ def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
 
 
 def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], device: DeviceSteps) -> None:
-    """Under `compile_shapes` `automatic`, prefill a text-only prompt of each of `WARM_LENGTHS` into the first slot
-    and free it (at start, before any request): the layers compile for the first length, then again with the length
-    symbolic, so that no request's prefill compiles at request time for being of a length not seen before (decode and
-    extend steps meet their sizes as their CUDA graphs are captured)."""
+    """Prefill, at start and before any request, both kinds of prefill a request may meet, so that neither compiles
+    at request time (seconds on a GPU): a prompt from its start, and one after a reused prefix too long for an extend
+    step (`WARM_REUSED` tokens after `WARM_PREFIX`; the decode and extend steps compile as their CUDA graphs are
+    captured). Under `compile_shapes` `automatic` each kind twice, at two lengths, so that the lengths become symbolic.
+    Each into the first slot, freed after; nothing is kept for reuse. An image prompt's encoder compiles at its first
+    image (the `glm` backend's start checks the engine on one)."""
     import torch
+
+    from batch_engine.slots import StoredKV
 
     # Prepared as a request's prompt is, outside inference mode (on the caller's thread): the compiled code is
     # specialised on how its input tensors were made too.
-    prompts = [
-        prepare({"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}, None)
-        for ids in (torch.zeros((1, length), dtype=torch.long) for length in WARM_LENGTHS)
+    kinds = 2 if device.settings.compile_shapes == "automatic" else 1
+    fresh = [_warm_prompt(prepare, length) for length in WARM_LENGTHS[:kinds]]
+    reused = [
+        (_warm_prompt(prepare, prefix + WARM_REUSED + extra), prefix)
+        for prefix, extra in ((WARM_PREFIX, 0), (2 * WARM_PREFIX, 8))[:kinds]
     ]
+    cache = device.cache
     with torch.inference_mode():
-        for prompt in prompts:
+        for prompt in fresh:
             device.prefill(prompt, 0, None)
             device.release(0)
+        for prompt, prefix in reused:
+            stored = StoredKV(cache.keys[:, 0, :, :prefix].clone(), cache.values[:, 0, :, :prefix].clone())
+            device.prefill(prompt, 0, stored)
+            device.release(0)
+
+
+def _warm_prompt(prepare: Callable[[Mapping[str, Any], str | None], Prompt], length: int) -> Prompt:
+    """A text prompt of `length` tokens (all 0), whose prefixes are not kept."""
+    import dataclasses
+
+    import torch
+
+    ids = torch.zeros((1, length), dtype=torch.long)
+    prompt = prepare({"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids)}, None)
+    return dataclasses.replace(prompt, prefixes=())

@@ -190,10 +190,10 @@ class BatchEngine:
         )
 
     def start(self) -> None:
-        """Capture the decode graphs (on a GPU), warm the prefill's sizes (`warm_prefills`, under automatic dynamic
-        shapes), and run `step` on the engine's own thread until `close`."""
+        """Capture the decode graphs (on a GPU), compile the prefills (`warm_prefills`, when the layers are compiled),
+        and run `step` on the engine's own thread until `close`."""
         self.device.capture()
-        if self.device.compiled and self.settings.compile_shapes == "automatic":
+        if self.device.compiled:
             warm_prefills(self.prepare, self.device)
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()

@@ -37,7 +37,8 @@ class EngineSettings:
     compilation per kind of step); `automatic`, dynamo's automatic dynamic shapes: compiled for the sizes first seen,
     then again with only the sizes that changed symbolic, so the model's own sizes (hidden, heads, rotary) stay
     constants in the generated code. `automatic` compiles more, and a step of a kind seen at one size only compiles
-    again at its next size: the engine's start prefills two lengths for it (`batch_engine.compiling.warm_prefills`).
+    again at its next size: the engine's start prefills two lengths of each kind for it (one of each under
+    `dynamic`: `batch_engine.compiling.warm_prefills`).
     Experimental: not yet measured on a GPU (`bench/gpu_vision.py --compile-shapes`)."""
     fuse_projections: bool = True
     """Each attention layer's query, key and value projections as one matrix product (`batch_engine.projections`;

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from batch_engine.compiling import DYNAMO_SETTINGS, recompile_limit_hits, watch_recompile_limit
+from batch_engine.compiling import DYNAMO_SETTINGS, WARM_REUSED, recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
+from batch_engine.steps import EXTEND_BUCKETS
 from reasoning_stage.batched import REFUSALS
 from reasoning_stage.chat_model import ChatModel
 from reasoning_stage.local import LocalReasoningBackend
@@ -69,19 +70,29 @@ def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: C
     assert seen == [DYNAMO_SETTINGS] * 3
 
 
-def test_under_automatic_shapes_the_start_warms_prefills_so_a_new_length_compiles_nothing(chat: ChatModel) -> None:
+@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
+def test_after_start_no_prefill_compiles_neither_a_new_length_nor_one_after_a_reused_prefix(
+    chat: ChatModel, shapes: str
+) -> None:
+    """The start prefills both kinds (`warm_prefills`): prompts of lengths not seen before, and a follow-up that
+    reuses a prefix and adds more than an extend step takes, compile nothing at request time."""
     from torch._dynamo.utils import counters
 
-    prompts = [ids_of(chat, question) for question in QUESTIONS[:3]]
+    assert EXTEND_BUCKETS[-1] < WARM_REUSED, "the warm-up's reused prefill would be an extend step"
+    vocab = chat.model.config.vocab_size
+    first = [1 + (i * 7) % (vocab - 1) for i in range(200)]
+    follow_up = first[:96] + [1 + (i * 11) % (vocab - 1) for i in range(160)]  # reuses 96 (a multiple of 32)
+    prompts = [*(ids_of(chat, question) for question in QUESTIONS[:2]), first, follow_up]
     expected = [chat.complete(prompt, max_new_tokens=1, temperature=0.0) for prompt in prompts]
-    settings = EngineSettings(slots=2, max_tokens=256, compile=True, compile_shapes="automatic")
+    settings = EngineSettings(slots=2, max_tokens=512, compile=True, compile_shapes=shapes)
     engine = BatchEngine(chat.model, settings, REFUSALS)
     try:
         engine.start()
         compiled = counters["stats"]["unique_graphs"]
-        firsts = [submit(engine, prompt, 1).result(timeout=300).ids for prompt in prompts]  # prefills only
-        assert counters["stats"]["unique_graphs"] == compiled, "a prefill of a new length compiled at request time"
-        assert firsts == expected
+        done = [submit(engine, prompt, 1).result(timeout=300) for prompt in prompts]  # prefills only
+        assert counters["stats"]["unique_graphs"] == compiled, "a prefill compiled at request time"
+        assert [completion.ids for completion in done] == expected
+        assert done[-1].reused_tokens == 96
     finally:
         engine.close()
         uncompile(chat)
