@@ -36,13 +36,13 @@ DYNAMO_SETTINGS: dict[str, Any] = {
 
 
 def use_dynamo_settings() -> None:
-    """Set `DYNAMO_SETTINGS` on the calling thread. Recent torch (the 2.14 the project pins among them) keeps the
-    dynamo settings a program sets per thread (`torch/utils/_config_module.py`: "User overrides are thread-local"),
-    (a context's, strictly: `asyncio.to_thread` hands its worker a copy of the caller's), so whatever runs the
-    compiled layers sets them first: `compile_model`, whose caller also runs plain `generate` as the engine's
-    reference; the engine's own thread, which runs the prefills and the decode steps (`BatchEngine.start`); and the
-    `local` backend's plain `generate` for a sampled request, beside the engine. Without them the layers compile
-    apart (each index a constant), and those past the recompile limit run uncompiled."""
+    """Set `DYNAMO_SETTINGS` for the calling thread. Recent torch (the 2.14 the project pins among them) keeps the
+    dynamo settings a program sets per thread, per context strictly (`torch/utils/_config_module.py`: "User
+    overrides are thread-local"; `asyncio.to_thread` hands its worker a copy of the caller's context). So whatever
+    runs the compiled layers sets them first: `compile_model`, whose caller also runs plain `generate` as the
+    engine's reference; the engine's own thread, which runs the prefills and the decode steps (`BatchEngine.start`);
+    and the `local` backend's plain `generate` for a sampled request, beside the engine. Without them the layers
+    compile apart (each index a constant), and those past the recompile limit run uncompiled."""
     import torch
 
     for name, value in DYNAMO_SETTINGS.items():
