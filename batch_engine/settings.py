@@ -61,7 +61,7 @@ class EngineSettings:
             ("prefix_bytes", self.prefix_bytes, 0, None),
             ("encoder_bytes", self.encoder_bytes, 0, None),
         )
-        if self.compile_shapes not in ("dynamic", "automatic"):
+        if self.compile_shapes not in COMPILE_SHAPES:
             shapes = self.compile_shapes
             raise ValueError(f"the batching engine's compile_shapes must be dynamic or automatic, not {shapes!r}")
         for name, value, low, high in bounds:
@@ -112,6 +112,8 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
 
 SWITCH: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 """An `auto`/`on`/`off` option as a setting (None: decided by the device)."""
+COMPILE_SHAPES = ("dynamic", "automatic")
+"""The values of `EngineSettings.compile_shapes`."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefix_mb: int) -> None:

@@ -92,9 +92,9 @@ def start_engine(
     compile_shapes: str = "dynamic",
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
-    started; with compiled layers, the prompt `warm` compiles them outside the timing (under `automatic` shapes the
-    engine's start has already prefilled two lengths, `batch_engine.compiling.warm_prefills`, so the timed prefills
-    run the code compiled for any length, as a service's would)."""
+    started; with compiled layers, the prompt `warm` compiles the rest outside the timing (the engine's start has
+    already compiled its text prefills, `batch_engine.compiling.warm_prefills`, as a service's does; the prompt
+    compiles what that leaves, such as an image model's encoder)."""
 
     from batch_engine.engine import BatchEngine
     from batch_engine.settings import EngineSettings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from batch_engine.settings import SWITCH
+from batch_engine.settings import COMPILE_SHAPES, SWITCH
 
 
 def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     )
     parser.add_argument(
         "--compile-shapes",
-        choices=("dynamic", "automatic"),
+        choices=COMPILE_SHAPES,
         default="dynamic",
         help="with --compile: how the compiled layers treat sizes (EngineSettings.compile_shapes; default: dynamic)",
     )
