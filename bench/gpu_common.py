@@ -210,6 +210,39 @@ def loads(bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answ
     return rows, notes
 
 
+@dataclass(frozen=True)
+class FollowUp:
+    """A benchmark's follow-up question: its row's label, one measured follow-up's first token in ms, and a note on
+    what the measured ones reused (read after them)."""
+
+    label: str
+    first_token_ms: Callable[[], float]
+    note: Callable[[], str]
+
+
+def scenarios(
+    bench: Paths,
+    rounds: int,
+    one: Any,
+    fresh: Callable[[], Any],
+    forget: Callable[[], None],
+    clients: tuple[int, ...],
+    answer: int,
+    follow_up: FollowUp,
+    compare_overlap: bool,
+) -> tuple[list[Row], list[str]]:
+    """Both benchmarks' measures after the agreement check: one request alone, each load, the follow-up (against
+    plain `generate`'s cold first token, which reuses nothing), then the graph replays and, if asked, the overlap."""
+    rows = one_request(bench, rounds, one, fresh, forget)
+    load_rows, notes = loads(bench, clients, fresh, answer)
+    rows += load_rows
+    rows.append((follow_up.label, rows[0][1], median_of(rounds, follow_up.first_token_ms)))
+    notes += [follow_up.note(), replays(bench.engine, bench.sync)]
+    if compare_overlap:
+        notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
+    return rows, notes
+
+
 def first_tokens(bench: Paths, one: Any) -> tuple[list[int], list[int]]:
     """The first 32 tokens of plain `generate` and of the engine on the prompt `one`."""
     _, plain_ids = bench.plain(one, 32)

@@ -24,19 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_common import (
-    Paths,
-    agreement,
-    drive,
-    first_tokens,
-    loads,
-    median_of,
-    one_request,
-    overlap_compared,
-    replays,
-    start_engine,
-    what_ran,
-)
+from bench.gpu_common import FollowUp, Paths, agreement, drive, first_tokens, scenarios, start_engine, what_ran
 from bench.gpu_options import arguments, check_device, engine_options
 
 
@@ -105,11 +93,6 @@ def run(
         """A prompt not seen before."""
         return bench.prompt(next(seeds))
 
-    forget = bench.engine.device.prefixes.clear
-    rows = one_request(bench, rounds, one, fresh, forget)
-    load_rows, load_notes = loads(bench, clients, fresh, answer)
-    rows += load_rows
-    notes += load_notes
     tail = min(64, bench.prompt_tokens // 2)
     reused: list[int] = []
 
@@ -122,11 +105,15 @@ def run(
         reused.append(done.reused_tokens)
         return float(done.first_token_ms)
 
-    rows.append(("follow-up on the same prefix, first token ms (p50)", rows[0][1], median_of(rounds, follow_up)))
-    notes.append(f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused")
-    notes.append(replays(bench.engine, bench.sync))
-    if compare_overlap:
-        notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
+    rows, measured = scenarios(
+        bench, rounds, one, fresh, bench.engine.device.prefixes.clear, clients, answer,
+        FollowUp(
+            "follow-up on the same prefix, first token ms (p50)", follow_up,
+            lambda: f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused",
+        ),
+        compare_overlap,
+    )  # fmt: skip
+    notes += measured
     return rows, notes
 
 

@@ -44,19 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_common import (  # noqa: E402
-    Paths,
-    agreement,
-    drive,
-    first_tokens,
-    loads,
-    median_of,
-    one_request,
-    overlap_compared,
-    replays,
-    start_engine,
-    what_ran,
-)
+from bench.gpu_common import FollowUp, Paths, agreement, drive, first_tokens, scenarios, start_engine, what_ran  # noqa: E402
 from bench.gpu_options import arguments, check_device, engine_options  # noqa: E402
 
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
@@ -163,12 +151,6 @@ def run(
         bench.engine.device.prefixes.clear()
         bench.engine.device.encoder.clear()
 
-    rows = one_request(bench, rounds, one, fresh, forget)
-    plain_first = rows[0][1]
-    load_rows, load_notes = loads(bench, clients, fresh, answer)  # equal lengths
-    rows += load_rows
-    notes += load_notes
-
     waits: list[float] = []
 
     def follow_up() -> float:
@@ -180,11 +162,15 @@ def run(
         waits.append(done.queue_ms)
         return float(done.first_token_ms)
 
-    rows.append(("follow-up on the same image, first token ms (p50)", plain_first, median_of(rounds, follow_up)))
-    notes.append(f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill")
-    notes.append(replays(bench.engine, bench.sync))
-    if compare_overlap:
-        notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
+    rows, measured = scenarios(
+        bench, rounds, one, fresh, forget, clients, answer,
+        FollowUp(
+            "follow-up on the same image, first token ms (p50)", follow_up,
+            lambda: f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill",
+        ),
+        compare_overlap,
+    )  # fmt: skip
+    notes += measured
     return rows, notes
 
 
