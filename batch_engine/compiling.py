@@ -81,15 +81,16 @@ def recompile_limit_hits() -> int:
     return _HITS.count
 
 
-def compile_model(model: Any, decoder: Any, shapes: str = "dynamic") -> None:
+def compile_model(model: Any, decoder: Any, shapes: str = "automatic") -> None:
     """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks and position
     embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`."""
 
     use_dynamo_settings()
     watch_recompile_limit()
-    # `automatic` leaves the sizes that never change (the model's own) constants: on the CPU the generated code of a
-    # GLM-4 prefill and decode held 18 divisions by a symbolic size instead of 95, in 13 graphs instead of 8 (the same
-    # 13 for 12 layers as for 24: the layer index stays one symbolic input).
+    # `automatic` (the default) leaves the sizes that never change (the model's own) constants: on the CPU the
+    # generated code of a GLM-4 prefill and decode held 18 divisions by a symbolic size instead of 95, in 13 graphs
+    # instead of 8 (the same 13 for 12 layers as for 24: the layer index stays one symbolic input); on an H200 a
+    # GLM-4.6V-Flash prefill of 1,397 tokens took 38.9 ms of the layers' time instead of 41.9 (`bench/RESULTS.md`).
     for layer in decoder.layers:
         layer.compile(dynamic=True if shapes == "dynamic" else None)
     # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to

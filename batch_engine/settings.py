@@ -32,14 +32,16 @@ class EngineSettings:
     """`torch.compile` the text model's decoder layers (dynamic shapes; one compilation serves every layer) and an
     image model's vision encoder blocks: fuses the many small kernels of a decode step and of the encoder, at about
     a minute more to start on a GPU. None: on a CUDA device."""
-    compile_shapes: str = "dynamic"
-    """How the compiled decoder layers treat sizes: `dynamic`, every size symbolic from the first call (one
-    compilation per kind of step); `automatic`, dynamo's automatic dynamic shapes: compiled for the sizes first seen,
-    then again with only the sizes that changed symbolic, so the model's own sizes (hidden, heads, rotary) stay
-    constants in the generated code. `automatic` compiles more, and a step of a kind seen at one size only compiles
-    again at its next size: the engine's start prefills two lengths of each kind for it (one of each under
-    `dynamic`: `batch_engine.compiling.warm_prefills`).
-    Experimental: not yet measured on a GPU (`bench/gpu_vision.py --compile-shapes`)."""
+    compile_shapes: str = "automatic"
+    """How the compiled decoder layers treat sizes: `automatic`, dynamo's automatic dynamic shapes: compiled for the
+    sizes first seen, then again with only the sizes that changed symbolic, so the model's own sizes (hidden, heads,
+    rotary) stay constants in the generated code; `dynamic`, every size symbolic from the first call (one compilation
+    per kind of step). `automatic` compiles more, and a step of a kind seen at one size only compiles again at its
+    next size: the engine's start prefills two lengths of each kind for it (one of each under `dynamic`:
+    `batch_engine.compiling.warm_prefills`), and the decode and extend steps meet theirs as their graphs are
+    captured. On an H200 it took GLM-4.6V-Flash's text prefill of 1,397 tokens from 41.9 to 38.9 ms, and its first
+    token from 68.7 to 65.7 ms (`bench/RESULTS.md`). The vision encoder's blocks compile with dynamic shapes either
+    way (one compilation for every image size)."""
     fuse_projections: bool = True
     """Each attention layer's query, key and value projections as one matrix product (`batch_engine.projections`;
     the weights concatenated once at start, in the model itself, so plain `generate` on it runs them so too)."""
@@ -63,7 +65,7 @@ class EngineSettings:
         )
         if self.compile_shapes not in COMPILE_SHAPES:
             shapes = self.compile_shapes
-            raise ValueError(f"the batching engine's compile_shapes must be dynamic or automatic, not {shapes!r}")
+            raise ValueError(f"the batching engine's compile_shapes must be automatic or dynamic, not {shapes!r}")
         for name, value, low, high in bounds:
             if value < low or (high is not None and value > high):
                 within = f"from {low} to {high}" if high is not None else f"at least {low}"
@@ -92,6 +94,8 @@ class EngineOptions(Protocol):
     def engine_prefill_tokens(self) -> int: ...
     @property
     def engine_decode_kernel(self) -> str: ...  # `auto`, `on` or `off`
+    @property
+    def engine_compile_shapes(self) -> str: ...  # `automatic` or `dynamic`
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -107,13 +111,14 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         compile=SWITCH[options.engine_compile],
         prefill_tokens=options.engine_prefill_tokens,
         decode_kernel=SWITCH[options.engine_decode_kernel],
+        compile_shapes=options.engine_compile_shapes,
     )
 
 
 SWITCH: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 """An `auto`/`on`/`off` option as a setting (None: decided by the device)."""
-COMPILE_SHAPES = ("dynamic", "automatic")
-"""The values of `EngineSettings.compile_shapes`."""
+COMPILE_SHAPES = ("automatic", "dynamic")
+"""The values of `EngineSettings.compile_shapes`, its default first."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefix_mb: int) -> None:
@@ -155,6 +160,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
         choices=tuple(SWITCH),
         default="auto",
         help="batched: decode attention as one Triton kernel (default: on a GPU with Triton)",
+    )
+    parser.add_argument(
+        "--engine-compile-shapes",
+        choices=COMPILE_SHAPES,
+        default=COMPILE_SHAPES[0],
+        help=f"batched, compiled: how the compiled layers treat sizes (default: {COMPILE_SHAPES[0]})",
     )
 
 

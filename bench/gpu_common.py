@@ -89,7 +89,7 @@ def start_engine(
     compile_layers: bool,
     decode_kernel: bool | None = None,
     fuse_projections: bool = True,
-    compile_shapes: str = "dynamic",
+    compile_shapes: str = "automatic",
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
     started; with compiled layers, the prompt `warm` compiles the rest outside the timing (the engine's start has

@@ -34,8 +34,9 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     parser.add_argument(
         "--compile-shapes",
         choices=COMPILE_SHAPES,
-        default="dynamic",
-        help="with --compile: how the compiled layers treat sizes (EngineSettings.compile_shapes; default: dynamic)",
+        default=COMPILE_SHAPES[0],
+        help=f"with --compile: how the compiled layers treat sizes (EngineSettings.compile_shapes; default: "
+        f"{COMPILE_SHAPES[0]}, as the engine's default)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(

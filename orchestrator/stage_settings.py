@@ -176,6 +176,10 @@ class EngineFields(Section):
     """`batched`: a decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of
     grouped matrix products (a step at batch 32 10.15 → 7.46 ms on an H200, `bench/RESULTS.md`); `auto`: on a CUDA
     device where Triton is installed (it comes with torch's CUDA builds) and a check at start finds it agreeing."""
+    engine_compile_shapes: Literal["automatic", "dynamic"] = "automatic"
+    """`batched`, compiled: how the compiled decoder layers treat sizes (`EngineSettings.compile_shapes`):
+    `automatic`, the model's own sizes constants in the generated code (GLM-4.6V-Flash's first token 68.7 → 65.7 ms
+    on an H200, `bench/RESULTS.md`); `dynamic`, every size symbolic from the first call (one compilation less)."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
