@@ -272,3 +272,32 @@ async def test_load_checks_the_batching_engine_against_plain_generate(
         assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0]" in caplog.text
     finally:
         await backend.aclose()
+
+
+async def test_with_compiled_layers_the_check_at_load_compiles_only_what_requests_run(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's plain `generate` runs eagerly beside compiled layers (nothing else calls it when the engine
+    serves), while the engine's part of the check compiles its image prefill: the first request compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    compiled: list[int] = []
+    generate_ids = GlmEngine.generate_ids
+
+    def counted(self: GlmEngine, prompt: Any, tokens: int) -> list[int]:
+        before = counters["stats"]["unique_graphs"]
+        ids = generate_ids(self, prompt, tokens)
+        compiled.append(counters["stats"]["unique_graphs"] - before)
+        return ids
+
+    monkeypatch.setattr(GlmEngine, "generate_ids", counted)
+    settings = EngineSettings(slots=2, max_tokens=512, compile=True)
+    backend = await GlmVisionBackend.load(str(checkpoint), batching=settings, max_new_tokens=4)
+    try:
+        assert compiled == [0, 0], "the warm-up before compiling, then the check: plain generate compiled nothing"
+        before = counters["stats"]["unique_graphs"]
+        assert (await backend.generate(request())).answer
+        assert counters["stats"]["unique_graphs"] == before, "the first request compiled at request time"
+    finally:
+        await backend.aclose()
+        torch._dynamo.reset()  # its compiled versions would count against other tests' recompile limit
