@@ -76,8 +76,44 @@ def median_of(rounds: int, measure: Callable[[], float]) -> float:
 
 
 def agreement(plain: list[int], engine: list[int], *, label: str = "first 32 tokens equal to plain generate") -> str:
-    parted = next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
+    parted = parting(plain, engine)
     return f"{label}: {'yes' if parted is None else f'no, they part at {parted}'}"
+
+
+def parting(plain: list[int], engine: list[int]) -> int | None:
+    """The first place where the two paths wrote different tokens; None where they agree."""
+    return next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
+
+
+def checked_agreement(bench: Paths, one: Any) -> list[str]:
+    """Whether the engine's first 32 tokens on `one` equal plain `generate`'s, and, where they part, how close plain's
+    choice was there (`near_tie`)."""
+    plain, engine = first_tokens(bench, one)
+    parted = parting(plain, engine)
+    notes = [agreement(plain, engine)]
+    if parted is not None:
+        notes.append(near_tie(bench, one, parted, engine[parted]))
+    return notes
+
+
+def near_tie(bench: Paths, prompt: Any, parted: int, engine_token: int) -> str:
+    """Plain `generate`'s two best scores where the paths part (after its logits processors: the tokens it may
+    choose), and the rank and score of the engine's token there. Two scores a rounding apart are a near-tie of random
+    weights that bfloat16 kernels may break either way; a wide gap would be a bug."""
+    import torch
+
+    on_device = bench.generate_inputs(prompt)
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        output = bench.model.generate(
+            **on_device, max_new_tokens=parted + 1, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    scores = output.scores[parted][0].float()
+    top = torch.topk(scores, 2)
+    rank = int((scores > scores[engine_token]).sum())
+    return (
+        f"where they part, plain's top two scores are {top.values[0]:.4f} and {top.values[1]:.4f} (ids "
+        f"{top.indices.tolist()}); the engine's token {engine_token} is at rank {rank} with {scores[engine_token]:.4f}"
+    )
 
 
 def start_engine(

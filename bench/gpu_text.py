@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_common import FollowUp, Paths, agreement, drive, first_tokens, scenarios, start_engine, what_ran
+from bench.gpu_common import FollowUp, Paths, checked_agreement, drive, scenarios, start_engine, what_ran
 from bench.gpu_options import arguments, check_device, engine_options
 
 
@@ -82,11 +82,7 @@ def run(
     import torch
 
     one = bench.prompt(0)
-    plain, engine = first_tokens(bench, one)
-    notes = [agreement(plain, engine)]
-    parted = next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
-    if parted is not None:
-        notes.append(near_tie(bench, one, plain[:parted], engine[parted]))
+    notes = checked_agreement(bench, one)
     seeds = iter(range(1000, 100000))
 
     def fresh() -> Any:
@@ -115,21 +111,6 @@ def run(
     )  # fmt: skip
     notes += measured
     return rows, notes
-
-
-def near_tie(bench: TextBench, prompt: Any, agreed: list[int], engine_token: int) -> str:
-    """Where the two paths part: plain's top two logits there (eager forward), and the engine's token's place."""
-    import torch
-
-    ids = torch.cat([prompt, torch.tensor([agreed], dtype=prompt.dtype)], dim=1).to(bench.model.device)
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-        logits = bench.model(ids).logits[0, -1].float()
-    top = torch.topk(logits, 2)
-    rank = int((logits > logits[engine_token]).sum())
-    return (
-        f"where they part, plain's top two logits are {top.values[0]:.4f} and {top.values[1]:.4f} (ids "
-        f"{top.indices.tolist()}); the engine's token {engine_token} is at rank {rank} with {logits[engine_token]:.4f}"
-    )
 
 
 def describe(bench: TextBench) -> str:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_common import FollowUp, Paths, agreement, drive, first_tokens, scenarios, start_engine, what_ran  # noqa: E402
+from bench.gpu_common import FollowUp, Paths, checked_agreement, drive, scenarios, start_engine, what_ran  # noqa: E402
 from bench.gpu_options import arguments, check_device, engine_options  # noqa: E402
 
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
@@ -137,9 +137,8 @@ def noise(side: int, seed: int) -> Image.Image:
 def run(
     bench: Bench, rounds: int, clients: tuple[int, ...], compare_overlap: bool = False
 ) -> tuple[list[tuple[str, float, float]], list[str]]:
-    answer, notes = bench.answer, []
-    one = bench.prompt(0)
-    notes.append(agreement(*first_tokens(bench, one)))
+    answer, one = bench.answer, bench.prompt(0)
+    notes = checked_agreement(bench, one)
 
     seeds = iter(range(1000, 100000))
 

@@ -217,6 +217,26 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
         assert f"| {measure}" in finished.stdout
 
 
+def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:
+    """`near_tie` reads plain `generate`'s scores at the place the paths part (with the prompt's image and the
+    benchmark's suppressed tokens): at each place, plain's own token is its best, at rank 0."""
+    from bench.gpu_common import checked_agreement, first_tokens, near_tie
+    from bench.gpu_vision import build
+
+    bench = build(True, 64, 16, slots=4, compile_layers=False)
+    try:
+        one = bench.prompt(0)
+        assert checked_agreement(bench, one) == ["first 32 tokens equal to plain generate: yes"]
+        plain, _ = first_tokens(bench, one)
+        change = next(n for n in range(1, len(plain)) if plain[n] != plain[n - 1])  # a misread place shows there
+        for place in (change - 1, change):
+            note = near_tie(bench, one, place, plain[place])
+            assert f"(ids [{plain[place]}, " in note
+            assert f"token {plain[place]} is at rank 0 with " in note
+    finally:
+        bench.engine.close()
+
+
 def test_the_parts_benchmark_runs_on_the_cpu() -> None:
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "bench" / "gpu_parts.py"), "--tiny", "--rounds", "1"]
