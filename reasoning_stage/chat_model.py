@@ -23,6 +23,7 @@ from reasoning_stage.errors import (
 )
 from reasoning_stage.token_stream import TokenFeed
 from reasoning_stage.types import ChatMessage
+from stage_protocol.dtypes import named_dtype
 from stage_protocol.loops import loop_stopper
 
 log = logging.getLogger(__name__)
@@ -199,14 +200,12 @@ class ChatModel:
 
 
 def _torch_dtype(dtype: str) -> torch.dtype | Literal["auto"]:
-    import torch
-
     if dtype == "auto":
         return "auto"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ReasoningModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    value: torch.dtype = getattr(torch, dtype)
-    return value
+    try:
+        return named_dtype(dtype)
+    except ValueError as exc:
+        raise ReasoningModelError(str(exc)) from None
 
 
 def _context_tokens(model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> int | None:

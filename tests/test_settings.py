@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -9,12 +9,14 @@ from pydantic import BaseModel, ValidationError
 from batch_engine.settings import EngineSettings
 from orchestrator.settings import LimitSettings, Settings, unknown_variables
 from orchestrator.stage_settings import (
+    Dtype,
     GlmVisionSettings,
     LocalReasoningSettings,
     OcrVisionSettings,
     RemoteReasoningSettings,
     RemoteVisionSettings,
 )
+from stage_protocol.dtypes import DTYPES
 
 
 def settings_with(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:
@@ -259,6 +261,7 @@ def test_a_dtype_other_than_the_four_the_loaders_take_is_refused_at_start(
     with pytest.raises(ValidationError, match="dtype"):
         settings_with(monkeypatch, {**backend, variable: "float64"})
     assert settings_with(monkeypatch, {**backend, variable: "bfloat16"})
+    assert set(get_args(Dtype)) == {"auto", *DTYPES}, "the settings take what the loaders take"
 
 
 def test_a_shared_batch_request_is_not_taken_back_while_it_may_still_be_answered(

@@ -37,6 +37,7 @@ from PIL import Image
 from batch_engine.engine import started
 from batch_engine.settings import EngineSettings
 from batch_engine.types import EngineStats, Refusals
+from stage_protocol.dtypes import named_dtype
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
@@ -251,15 +252,12 @@ def greedy_config(base: GenerationConfig, max_new_tokens: int) -> GenerationConf
 
 
 def torch_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU, float32 on the CPU; otherwise `float32`, `bfloat16` or `float16`."""
+    """`auto`: bfloat16 on a GPU, float32 on the CPU; otherwise one of `stage_protocol.dtypes.DTYPES`."""
     import torch
 
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    value: torch.dtype = getattr(torch, dtype)
-    return value
+    return named_dtype(dtype)
 
 
 class GlmVisionBackend:
