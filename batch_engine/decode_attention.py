@@ -7,21 +7,19 @@ of the row's stored positions (only those up to the row's length, not the whole 
 maximum, sum and weighted sum of V (online softmax) in float32; the combine weighs the splits' partial results by
 their maxima. K and V are read where the slots hold them, never copied per query head.
 
-Triton ships with the CUDA builds of torch; without it (or on another device) `available` is False and the engine
-keeps the grouped attention. `TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check
-it against the grouped attention.
+Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps the grouped attention.
+`TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check it against the grouped
+attention.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import TYPE_CHECKING, Any
+
+from batch_engine.triton_kernels import agrees
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
 
 BLOCK_N = 64
 """Stored positions per step of a program's loop."""
@@ -44,27 +42,9 @@ def load() -> Any:
     return _KERNEL
 
 
-@functools.cache
-def available() -> bool:
-    """Whether Triton can be imported (the kernel then runs on CUDA tensors)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def runs_on(device: torch.device) -> bool:
-    """Whether the kernel can run on `device`: a CUDA device with Triton, or any under Triton's interpreter."""
-    import os
-
-    return available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def works_on(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
     """Whether the kernel compiles and runs on `device` with the model's `dtype` and head layout, and agrees with the
-    grouped attention there (`decode_kernel` `auto`: a GPU or a Triton too old for it keeps the grouped attention,
-    with a warning, instead of failing to start)."""
+    grouped attention there (`decode_kernel` `auto`; `triton_kernels.agrees`)."""
     import torch
 
     from batch_engine.slots import _grouped_attention
@@ -77,18 +57,12 @@ def works_on(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int
         batch, 1, 1, span
     )
     expected = _grouped_attention(query, keys, values, mask, dim**-0.5)
-    try:
-        got = decode_attention(query.to(dtype), keys.to(dtype), values.to(dtype), mask, dim**-0.5).float()
-    except Exception:  # Triton's failures have no common class; what failed is logged
-        log.warning("the Triton decode attention does not run on %s in %s: grouped attention instead", device,
-                    dtype, exc_info=True)  # fmt: skip
-        return False
-    error = float((got - expected).abs().max())
-    if not error <= 0.05:  # bfloat16 rounding of the inputs is about 0.01 here; NaN fails too
-        log.warning("the Triton decode attention differs from the grouped attention by %.3g on %s in %s: grouped "
-                    "attention instead", error, device, dtype)  # fmt: skip
-        return False
-    return True
+
+    def run() -> torch.Tensor:
+        return decode_attention(query.to(dtype), keys.to(dtype), values.to(dtype), mask, dim**-0.5)
+
+    # bfloat16 rounding of the inputs is about 0.01 here
+    return agrees("the Triton decode attention", "the grouped attention", run, expected, 0.05, f"{device} in {dtype}")
 
 
 def decode_attention(

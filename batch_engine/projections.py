@@ -39,6 +39,11 @@ def fuse_projections(decoder: Any) -> int:
     return fused
 
 
+def fused_class() -> type[Any]:
+    """The class of the fused projections (`FusedProjections`)."""
+    return _classes()[0]
+
+
 @functools.cache
 def _classes() -> tuple[type, type]:
     """The two modules, defined on first use so that importing this module does not import torch."""
@@ -57,12 +62,14 @@ def _classes() -> tuple[type, type]:
             self.weight = torch.nn.Parameter(weight, requires_grad=False)
             self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
             self.sizes = (query.out_features, key.out_features, value.out_features)
+            self.product: Any = functional.linear
+            """How the product is computed (`batch_engine.skinny_linear.use_kernel` sets its own)."""
             self.kept: tuple[Any, ...] | None = None
             """(the input, the key's share, the value's share) of the last call, until the value's part reads it."""
 
         def forward(self, hidden: Any) -> Any:
-            product = functional.linear(hidden, self.weight, self.bias)
-            query, key, value = product.split(self.sizes, dim=-1)  # type: ignore[no-untyped-call]
+            product = self.product(hidden, self.weight, self.bias)
+            query, key, value = product.split(self.sizes, dim=-1)
             self.kept = (hidden, key, value)
             return query
 
@@ -76,7 +83,7 @@ def _classes() -> tuple[type, type]:
                 return kept[index]
             start = sum(self.sizes[:index])
             rows = slice(start, start + self.sizes[index])
-            return functional.linear(hidden, self.weight[rows], None if self.bias is None else self.bias[rows])
+            return self.product(hidden, self.weight[rows], None if self.bias is None else self.bias[rows])
 
     class ProjectionPart(torch.nn.Module):
         """The key's or the value's projection, served from `FusedProjections` (module docstring)."""

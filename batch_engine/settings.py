@@ -53,6 +53,10 @@ class EngineSettings:
     """A decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of the
     grouped matrix products. None: on a CUDA device where Triton is installed and a check at start (`works_on`)
     finds it agreeing with the grouped products."""
+    linear_kernel: bool | None = False
+    """A decode step's linear layers through one Triton kernel made for few rows (`batch_engine.skinny_linear`)
+    instead of cuBLAS's split-K products. None: on a CUDA device where Triton is installed and a check at start
+    (`works_on`) finds it agreeing with cuBLAS. Off by default until measured against cuBLAS in the engine."""
 
     def __post_init__(self) -> None:
         bounds = (
@@ -96,6 +100,8 @@ class EngineOptions(Protocol):
     def engine_decode_kernel(self) -> str: ...  # `auto`, `on` or `off`
     @property
     def engine_compile_shapes(self) -> str: ...  # `automatic` or `dynamic`
+    @property
+    def engine_linear_kernel(self) -> str: ...  # `auto`, `on` or `off`
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -112,6 +118,7 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         prefill_tokens=options.engine_prefill_tokens,
         decode_kernel=SWITCH[options.engine_decode_kernel],
         compile_shapes=options.engine_compile_shapes,
+        linear_kernel=SWITCH[options.engine_linear_kernel],
     )
 
 
@@ -166,6 +173,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
         choices=COMPILE_SHAPES,
         default=COMPILE_SHAPES[0],
         help=f"batched, compiled: how the compiled layers treat sizes (default: {COMPILE_SHAPES[0]})",
+    )
+    parser.add_argument(
+        "--engine-linear-kernel",
+        choices=tuple(SWITCH),
+        default="off",
+        help="batched: decode steps' linear layers through a Triton kernel (default: off)",
     )
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
-from batch_engine import decode_attention
+from batch_engine import decode_attention, skinny_linear, triton_kernels
 from batch_engine.compiling import compile_model
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
@@ -70,6 +70,14 @@ class DeviceSteps:
         self.device = model.device
         if settings.fuse_projections:
             fuse_projections(self.text)
+        self.linear_kernel = triton_kernels.wanted(
+            settings.linear_kernel, "the Triton linear kernel", self.device,
+            lambda: skinny_linear.works_on(self.device, model.dtype),
+        )  # fmt: skip
+        """Whether decode steps' linear layers run through the Triton kernel (`linear_kernel`)."""
+        if self.linear_kernel:
+            skinny_linear.load()
+            skinny_linear.use_kernel(self.text)
         self.compiled = bool(settings.compile or (settings.compile is None and self.device.type == "cuda"))
         """Whether the model's layers are compiled (`compile_model`)."""
         if self.compiled:
@@ -77,14 +85,11 @@ class DeviceSteps:
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        kernel = settings.decode_kernel
-        if kernel is None:
-            kernel = self.device.type == "cuda" and decode_attention.available()
-            if kernel:
-                heads = (text.num_attention_heads, text.num_key_value_heads, head_dim)
-                kernel = decode_attention.works_on(self.device, model.dtype, *heads)
-        elif kernel and not decode_attention.runs_on(self.device):
-            raise ValueError(f"the Triton decode attention needs Triton and a CUDA device, not {self.device}")
+        heads = (text.num_attention_heads, text.num_key_value_heads, head_dim)
+        kernel = triton_kernels.wanted(
+            settings.decode_kernel, "the Triton decode attention", self.device,
+            lambda: decode_attention.works_on(self.device, model.dtype, *heads),
+        )  # fmt: skip
         if kernel:
             decode_attention.load()
         self.decode_step = SlotStep(causal=False, grouped=True, kernel=kernel)

@@ -126,6 +126,7 @@ def start_engine(
     decode_kernel: bool | None = None,
     fuse_projections: bool = True,
     compile_shapes: str = "automatic",
+    linear_kernel: bool | None = False,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
     started; with compiled layers, the prompt `warm` compiles the rest outside the timing (the engine's start has
@@ -144,6 +145,7 @@ def start_engine(
         decode_kernel=decode_kernel,
         fuse_projections=fuse_projections,
         compile_shapes=compile_shapes,
+        linear_kernel=linear_kernel,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
@@ -152,9 +154,11 @@ def start_engine(
         bench.engine_run([warm], 4)
     graphs = len(bench.engine.device.graphs)
     kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
+    linear = "Triton kernel" if bench.engine.device.linear_kernel else "cuBLAS"
     fused = "fused" if fuse_projections else "apart"
     print(
-        f"engine started (graphs: {graphs}, decode attention: {kernel}, q/k/v projections {fused}) in "
+        f"engine started (graphs: {graphs}, decode attention: {kernel}, decode linear layers: {linear}, q/k/v "
+        f"projections {fused}) in "
         f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )

@@ -26,6 +26,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         help="decode attention through the Triton kernel (default: on a GPU with Triton)",
     )
     parser.add_argument(
+        "--linear-kernel",
+        choices=tuple(SWITCH),
+        default="off",
+        help="decode steps' linear layers through the Triton kernel (default: off, as the engine's default)",
+    )
+    parser.add_argument(
         "--fuse-projections",
         choices=("on", "off"),
         default="on",
@@ -53,13 +59,15 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
-    compiled layers (`--compile`), the decode attention (`--decode-kernel`), the fused projections."""
+    compiled layers (`--compile`), the decode attention (`--decode-kernel`), the linear layers (`--linear-kernel`), the
+    fused projections."""
     return {
         "slots": max(args.clients),
         "compile_layers": args.compile,
         "decode_kernel": SWITCH[args.decode_kernel],
         "fuse_projections": args.fuse_projections == "on",
         "compile_shapes": args.compile_shapes,
+        "linear_kernel": SWITCH[args.linear_kernel],
     }
 
 

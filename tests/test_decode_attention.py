@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from batch_engine.decode_attention import decode_attention, runs_on
+from batch_engine.decode_attention import decode_attention
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import _grouped_attention
+from batch_engine.triton_kernels import runs_on
 
 
 @pytest.mark.parametrize(
@@ -102,4 +103,4 @@ def test_auto_keeps_the_kernel_only_where_it_runs_and_agrees(
     assert "differs from the grouped attention by 0.1" in caplog.text
     monkeypatch.setattr(module, "decode_attention", broken)
     assert not module.works_on(cpu, torch.float32, heads=4, kv_heads=2, dim=16)
-    assert "does not run on cpu in torch.float32: grouped attention instead" in caplog.text
+    assert "does not run on cpu in torch.float32: the grouped attention instead" in caplog.text

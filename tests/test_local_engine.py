@@ -231,11 +231,15 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert Settings().reasoning.batching().decode_kernel is False  # type: ignore[union-attr]
     monkeypatch.setenv("ORCH_REASONING__ENGINE_COMPILE_SHAPES", "dynamic")
     assert Settings().reasoning.batching().compile_shapes == "dynamic"  # type: ignore[union-attr]
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_LINEAR_KERNEL", "on")
+    assert Settings().reasoning.batching().linear_kernel is True  # type: ignore[union-attr]
     args = _parser().parse_args(["serve", "--engine", "batched", "--engine-slots", "4", "--engine-decode-kernel", "on"])
     assert (args.engine, args.engine_slots, args.engine_prefix_mb) == ("batched", 4, 1024)
     assert engine_settings(args) == EngineSettings(slots=4, prefix_bytes=1024 << 20, decode_kernel=True)
     args = _parser().parse_args(["serve", "--engine", "batched", "--engine-compile-shapes", "dynamic"])
     assert engine_settings(args).compile_shapes == "dynamic"  # type: ignore[union-attr]
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-linear-kernel", "off"])
+    assert engine_settings(args).linear_kernel is False  # type: ignore[union-attr]
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-compile-shapes", "static"])
     with pytest.raises(SystemExit):

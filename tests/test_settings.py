@@ -181,15 +181,21 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(GlmVisionBackend, "load", load)
     options = {"engine_slots": 3, "engine_prefix_mb": 7, "engine_compile": "on", "engine_prefill_tokens": 99}
-    options.update(engine_decode_kernel="on", engine_compile_shapes="dynamic")
+    options.update(engine_decode_kernel="on", engine_compile_shapes="dynamic", engine_linear_kernel="on")
     await _vision_loader(GlmVisionSettings(model="m", **options), "glm")()
     await _vision_loader(GlmVisionSettings(model="m", engine="generate", engine_slots=3), "glm")()
     assert [call["model"] for call in calls] == ["m", "m"]
     assert calls[0]["batching"] == EngineSettings(
-        slots=3, prefix_bytes=7 << 20, compile=True, prefill_tokens=99, decode_kernel=True, compile_shapes="dynamic"
+        slots=3,
+        prefix_bytes=7 << 20,
+        compile=True,
+        prefill_tokens=99,
+        decode_kernel=True,
+        compile_shapes="dynamic",
+        linear_kernel=True,
     )
     assert calls[1]["batching"] is None
-    auto = EngineSettings(compile=None, decode_kernel=None)  # decided by the device
+    auto = EngineSettings(compile=None, decode_kernel=None, linear_kernel=False)  # decided by the device but one
     assert GlmVisionSettings(model="m").batching() == auto
     assert auto.compile_shapes == "automatic"
 

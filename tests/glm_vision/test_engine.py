@@ -192,7 +192,7 @@ async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkey
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m"]))
     options = ["--engine-slots", "4", "--engine-max-tokens", "2048", "--engine-queue", "8", "--engine-prefix-mb", "0"]
     options += ["--no-cuda-graphs", "--engine-compile", "off", "--engine-prefill-tokens", "512"]
-    options += ["--engine-decode-kernel", "off"]
+    options += ["--engine-decode-kernel", "off", "--engine-linear-kernel", "on"]
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", *options]))
     await _load(parser.parse_args(["serve", "--backend", "glm", "--model", "m", "--engine", "generate"]))
     sized = EngineSettings(
@@ -204,10 +204,11 @@ async def test_the_vision_stage_command_line_chooses_and_sizes_the_engine(monkey
         compile=False,
         prefill_tokens=512,
         decode_kernel=False,
+        linear_kernel=True,
     )
     assert [call["batching"] for call in calls] == [EngineSettings(), sized, None]
     wrongs = (["--engine", "vllm"], ["--engine-slots", "0"], ["--engine-slots", "129"], ["--engine-queue", "x"])
-    for wrong in (*wrongs, ["--engine-decode-kernel", "yes"]):
+    for wrong in (*wrongs, ["--engine-decode-kernel", "yes"], ["--engine-linear-kernel", "cublas"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--backend", "glm", "--model", "m", *wrong])
 

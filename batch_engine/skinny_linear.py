@@ -1,0 +1,145 @@
+"""A decode step's linear layers as one Triton kernel made for few rows (`EngineSettings.linear_kernel`).
+
+A decode step multiplies a handful of rows (one per request in the batch) by every weight of the model, so its time
+is the weights' bytes over the memory bandwidth. cuBLAS picks split-K kernels for these shapes: each product is
+two kernels (the partial products, then their sum) and reads GLM's smaller weights at well under the bandwidth.
+This kernel is one program per block of output features: it walks the whole input dimension, reading its block of
+the weight once with all the rows (at most `MAX_ROWS`), and sums in float32 on the tensor cores. Steps with more rows
+(prefills) keep `torch.nn.functional.linear`.
+
+Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps cuBLAS.
+`TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from batch_engine.triton_kernels import agrees
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_ROWS = 32
+"""The most rows (tokens of a step) the kernel takes; more go to cuBLAS."""
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the kernel cuts a product: output features and input lanes per step of a program, and Triton's warps and
+    pipeline stages."""
+
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    stages: int = 4
+
+
+TILING = Tiling()
+"""The tiling the engine uses, from `python -m bench.gpu_linear --sweep` on an H200 (bench/RESULTS.md)."""
+
+_KERNEL: Any = None
+"""The Triton kernel (`batch_engine.linear_kernel`) once `load` has imported it."""
+
+
+def load() -> Any:
+    """The kernel, imported on first use."""
+    global _KERNEL
+    if _KERNEL is None:
+        from batch_engine.linear_kernel import skinny_product
+
+        _KERNEL = skinny_product
+    return _KERNEL
+
+
+def skinny_linear(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiling: Tiling = TILING
+) -> torch.Tensor:
+    """`torch.nn.functional.linear(hidden, weight, bias)` for at most `MAX_ROWS` rows of `hidden` (its leading
+    dimensions flattened), `weight` (out, in) contiguous in its rows."""
+    import torch
+
+    *lead, depth = hidden.shape
+    flat = hidden.reshape(-1, depth)
+    rows, cols = flat.shape[0], weight.shape[0]
+    assert flat.stride(-1) == weight.stride(-1) == 1, "the kernel reads each row's lanes in order"
+    out = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
+    block_m = 16 if rows <= 16 else 32  # tensor-core products take at least 16 rows; the spare ones are masked
+    (_KERNEL or load())[(-(-cols // tiling.block_n),)](
+        flat, weight, weight if bias is None else bias, out, rows, cols, depth,
+        flat.stride(0), weight.stride(0), out.stride(0),
+        has_bias=bias is not None, block_m=block_m, block_n=tiling.block_n, block_k=tiling.block_k,
+        even_k=depth % tiling.block_k == 0, precision="ieee" if hidden.dtype == torch.float32 else "tf32",
+        num_warps=tiling.warps, num_stages=tiling.stages,
+    )  # fmt: skip
+    return out.view(*lead, cols)
+
+
+def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.nn.functional.linear`, through the kernel when `hidden` has at most `MAX_ROWS` rows (a decode step)."""
+    from torch.nn import functional
+
+    if hidden.numel() <= MAX_ROWS * hidden.shape[-1]:
+        return skinny_linear(hidden, weight, bias)
+    return functional.linear(hidden, weight, bias)
+
+
+def use_kernel(decoder: Any) -> int:
+    """Route the linear layers of every layer of `decoder` (a transformers text model) through `routed_linear`: each
+    `torch.nn.Linear` replaced by a `RoutedLinear` holding the same weights, and the fused q/k/v projections
+    (`batch_engine.projections`) told to use it. How many products now take the kernel at decode steps."""
+    import torch
+
+    from batch_engine.projections import fused_class
+
+    routed = 0
+    for layer in decoder.layers:
+        module: Any
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, fused_class()):
+                module.product = routed_linear
+                routed += 1
+            elif type(module) is torch.nn.Linear:
+                parent_name, _, attribute = name.rpartition(".")
+                setattr(layer.get_submodule(parent_name), attribute, _routed_class()(module))
+                routed += 1
+    return routed
+
+
+def works_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel compiles and runs on `device` in `dtype` and agrees with `torch.nn.functional.linear` there
+    (`linear_kernel` `auto`; `triton_kernels.agrees`)."""
+    import torch
+
+    generator = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn((3, 1, 512), generator=generator, device=device)
+    weight = torch.randn((200, 512), generator=generator, device=device) / 512**0.5
+    bias = torch.randn(200, generator=generator, device=device)
+    expected = torch.nn.functional.linear(hidden, weight, bias)
+
+    def run() -> torch.Tensor:
+        return skinny_linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype))
+
+    # bfloat16 rounding of the inputs is about 0.02 here
+    return agrees("the Triton linear kernel", "cuBLAS", run, expected, 0.1, f"{device} in {dtype}")
+
+
+@functools.cache
+def _routed_class() -> type:
+    """`RoutedLinear`, defined on first use so that importing this module does not import torch."""
+    import torch
+
+    class RoutedLinear(torch.nn.Module):
+        """A `torch.nn.Linear`'s weights, multiplied by `routed_linear` (module docstring)."""
+
+        def __init__(self, linear: Any) -> None:
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight, self.bias = linear.weight, linear.bias
+
+        def forward(self, hidden: Any) -> Any:
+            return routed_linear(hidden, self.weight, self.bias)
+
+    return RoutedLinear
