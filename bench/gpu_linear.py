@@ -70,6 +70,7 @@ def main() -> None:
             )
             if args.sweep and batch in (1, 32):
                 best.append(f"{name}, batch {batch}: {swept(hidden, weights, biases)}")
+                print(best[-1], file=sys.stderr, flush=True)
             del hidden
         del weights, biases
     for line in best:
