@@ -162,23 +162,30 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
     parser.add_argument(
         "--engine-compile", choices=tuple(SWITCH), default="auto", help="batched: compile (default: on a GPU)"
     )
+    add_kernel_arguments(parser, "--engine-", "batched: ")
+
+
+def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: str = "") -> None:
+    """The options that choose the engine's kernels and how its layers compile, named `prefix` + `decode-kernel`,
+    `linear-kernel`, `compile-shapes` (the stages' `--engine-…`, the GPU benchmarks' own), with the engine's
+    defaults."""
     parser.add_argument(
-        "--engine-decode-kernel",
+        f"{prefix}decode-kernel",
         choices=tuple(SWITCH),
         default="auto",
-        help="batched: decode attention as one Triton kernel (default: on a GPU with Triton)",
+        help=f"{context}decode attention as one Triton kernel (default: on a GPU with Triton)",
     )
     parser.add_argument(
-        "--engine-compile-shapes",
-        choices=COMPILE_SHAPES,
-        default=COMPILE_SHAPES[0],
-        help=f"batched, compiled: how the compiled layers treat sizes (default: {COMPILE_SHAPES[0]})",
-    )
-    parser.add_argument(
-        "--engine-linear-kernel",
+        f"{prefix}linear-kernel",
         choices=tuple(SWITCH),
         default="off",
-        help="batched: decode steps' linear layers through a Triton kernel (default: off)",
+        help=f"{context}decode steps' linear layers through a Triton kernel (default: off)",
+    )
+    parser.add_argument(
+        f"{prefix}compile-shapes",
+        choices=COMPILE_SHAPES,
+        default=COMPILE_SHAPES[0],
+        help=f"{context}with compiled layers, how they treat sizes (default: {COMPILE_SHAPES[0]})",
     )
 
 

@@ -95,9 +95,7 @@ def swept(hidden: Any, weights: list[Any], biases: list[Any]) -> str:
     from batch_engine.skinny_linear import Tiling, skinny_linear
 
     timed = []
-    for block_n, block_k, (warps, stages) in itertools.product(
-        (16, 32, 64), (128, 256, 512), ((4, 3), (4, 4), (4, 6), (8, 4))
-    ):
+    for block_n, block_k, (warps, stages) in itertools.product((16, 32, 64), (128, 256), ((4, 3), (4, 5))):
         tiling = Tiling(block_n, block_k, warps, stages)
         try:
             with torch.inference_mode():

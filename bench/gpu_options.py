@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from batch_engine.settings import COMPILE_SHAPES, SWITCH
+from batch_engine.settings import SWITCH, add_kernel_arguments
 
 
 def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:
@@ -19,30 +19,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         "--clients", type=client_counts, default=(8, 32), help="concurrent clients, comma-separated (default: 8,32)"
     )
     parser.add_argument("--compile", action="store_true", help="the engine with compiled decoder layers")
-    parser.add_argument(
-        "--decode-kernel",
-        choices=tuple(SWITCH),
-        default="auto",
-        help="decode attention through the Triton kernel (default: on a GPU with Triton)",
-    )
-    parser.add_argument(
-        "--linear-kernel",
-        choices=tuple(SWITCH),
-        default="off",
-        help="decode steps' linear layers through the Triton kernel (default: off, as the engine's default)",
-    )
+    add_kernel_arguments(parser, "--")
     parser.add_argument(
         "--fuse-projections",
         choices=("on", "off"),
         default="on",
         help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
-    )
-    parser.add_argument(
-        "--compile-shapes",
-        choices=COMPILE_SHAPES,
-        default=COMPILE_SHAPES[0],
-        help=f"with --compile: how the compiled layers treat sizes (EngineSettings.compile_shapes; default: "
-        f"{COMPILE_SHAPES[0]}, as the engine's default)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     parser.add_argument(
