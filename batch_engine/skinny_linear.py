@@ -22,8 +22,9 @@ from batch_engine.triton_kernels import agrees
 if TYPE_CHECKING:
     import torch
 
-MAX_ROWS = 32
-"""The most rows (tokens of a step) the kernel takes; more go to cuBLAS."""
+MAX_ROWS = 16
+"""The most rows (tokens of a step) the kernel takes; more go to cuBLAS. On an H200 the kernel was ahead of cuBLAS at
+1 and 8 rows and behind it at 32 on two of GLM's four shapes (`bench/RESULTS.md`)."""
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,10 @@ class Tiling:
     """How the kernel cuts a product: output features and input lanes per step of a program, and Triton's warps and
     pipeline stages."""
 
-    block_n: int = 32
+    block_n: int = 64
     block_k: int = 256
     warps: int = 4
-    stages: int = 4
+    stages: int = 5
 
 
 TILING = Tiling()
@@ -66,7 +67,7 @@ def skinny_linear(
     rows, cols = flat.shape[0], weight.shape[0]
     assert flat.stride(-1) == weight.stride(-1) == 1, "the kernel reads each row's lanes in order"
     out = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
-    block_m = 16 if rows <= 16 else 32  # tensor-core products take at least 16 rows; the spare ones are masked
+    block_m = max(16, 1 << (rows - 1).bit_length())  # tensor-core products take at least 16 rows; spare ones masked
     (_KERNEL or load())[(-(-cols // tiling.block_n),)](
         flat, weight, weight if bias is None else bias, out, rows, cols, depth,
         flat.stride(0), weight.stride(0), out.stride(0),
@@ -78,12 +79,35 @@ def skinny_linear(
 
 
 def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`torch.nn.functional.linear`, through the kernel when `hidden` has at most `MAX_ROWS` rows (a decode step)."""
+    """`torch.nn.functional.linear`, through the kernel when `hidden` has at most `MAX_ROWS` rows (a decode step).
+    The kernel is called as the operator `batch_engine::skinny_linear`, which `torch.compile` keeps as one opaque
+    node: traced as a user-defined Triton kernel instead, the compiled layers ran slower than with cuBLAS."""
+    import torch
     from torch.nn import functional
 
-    if hidden.numel() <= MAX_ROWS * hidden.shape[-1]:
-        return skinny_linear(hidden, weight, bias)
-    return functional.linear(hidden, weight, bias)
+    if hidden.numel() > MAX_ROWS * hidden.shape[-1]:
+        return functional.linear(hidden, weight, bias)
+    _define()
+    *lead, depth = hidden.shape
+    product = torch.ops.batch_engine.skinny_linear(hidden.reshape(-1, depth), weight, bias)
+    return product.view(*lead, weight.shape[0])
+
+
+@functools.cache
+def _define() -> None:
+    """Define `batch_engine::skinny_linear` once (importing this module imports no torch)."""
+    import torch
+
+    schema = "(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor"
+
+    @torch.library.custom_op("batch_engine::skinny_linear", mutates_args=(), schema=schema)
+    def product(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(rows, in) → (rows, out) through the kernel."""
+        return skinny_linear(hidden.contiguous(), weight, bias)
+
+    @product.register_fake
+    def _(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        return hidden.new_empty((hidden.shape[0], weight.shape[0]))
 
 
 def use_kernel(decoder: Any) -> int:
