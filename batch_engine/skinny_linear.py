@@ -89,7 +89,7 @@ def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return functional.linear(hidden, weight, bias)
     _define()
     *lead, depth = hidden.shape
-    product = torch.ops.batch_engine.skinny_linear(hidden.reshape(-1, depth), weight, bias)
+    product: torch.Tensor = torch.ops.batch_engine.skinny_linear(hidden.reshape(-1, depth), weight, bias)
     return product.view(*lead, weight.shape[0])
 
 
