@@ -56,7 +56,8 @@ class EngineSettings:
     linear_kernel: bool | None = False
     """A decode step's linear layers through one Triton kernel made for few rows (`batch_engine.skinny_linear`)
     instead of cuBLAS's split-K products. None: on a CUDA device where Triton is installed and a check at start
-    (`works_on`) finds it agreeing with cuBLAS. Off by default until measured against cuBLAS in the engine."""
+    (`works_on`) finds it agreeing with cuBLAS. Off by default: not yet measured in the engine in its present form
+    (`bench/RESULTS.md`)."""
 
     def __post_init__(self) -> None:
         bounds = (
