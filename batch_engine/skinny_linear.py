@@ -58,8 +58,8 @@ def load() -> Any:
 def skinny_linear(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiling: Tiling = TILING
 ) -> torch.Tensor:
-    """`torch.nn.functional.linear(hidden, weight, bias)` for at most `MAX_ROWS` rows of `hidden` (its leading
-    dimensions flattened), `weight` (out, in) contiguous in its rows."""
+    """`torch.nn.functional.linear(hidden, weight, bias)` through the kernel, for few rows of `hidden` (its leading
+    dimensions flattened; the engine sends at most `MAX_ROWS`), `weight` (out, in) contiguous in its rows."""
     import torch
 
     *lead, depth = hidden.shape
@@ -93,9 +93,17 @@ def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return product.view(*lead, weight.shape[0])
 
 
-@functools.cache
+_DEFINED = False
+"""Whether `batch_engine::skinny_linear` is defined (a flag, not `functools.cache`: a compiled layer calls `_define`,
+and dynamo reads a flag where it would trace through a cache wrapper)."""
+
+
 def _define() -> None:
-    """Define `batch_engine::skinny_linear` once (importing this module imports no torch)."""
+    """Define `batch_engine::skinny_linear` once (importing this module imports no torch); `use_kernel` does it before
+    any layer is compiled."""
+    global _DEFINED
+    if _DEFINED:
+        return
     import torch
 
     schema = "(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor"
@@ -109,6 +117,8 @@ def _define() -> None:
     def _(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
         return hidden.new_empty((hidden.shape[0], weight.shape[0]))
 
+    _DEFINED = True
+
 
 def use_kernel(decoder: Any) -> int:
     """Route the linear layers of every layer of `decoder` (a transformers text model) through `routed_linear`: each
@@ -118,6 +128,7 @@ def use_kernel(decoder: Any) -> int:
 
     from batch_engine.projections import fused_class
 
+    _define()
     routed = 0
     for layer in decoder.layers:
         module: Any
