@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from batch_engine.settings import COMPILE_SHAPES
+
 if TYPE_CHECKING:
     from batch_engine.prompts import Prompt
     from batch_engine.steps import DeviceSteps
@@ -81,7 +83,7 @@ def recompile_limit_hits() -> int:
     return _HITS.count
 
 
-def compile_model(model: Any, decoder: Any, shapes: str = "automatic") -> None:
+def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> None:
     """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks and position
     embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`."""
 

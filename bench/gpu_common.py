@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from batch_engine.settings import EngineSettings
+
 Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
 
@@ -123,18 +125,18 @@ def start_engine(
     *,
     slots: int,
     compile_layers: bool,
-    decode_kernel: bool | None = None,
-    fuse_projections: bool = True,
-    compile_shapes: str = "automatic",
-    linear_kernel: bool | None = False,
+    decode_kernel: bool | None = EngineSettings.decode_kernel,
+    fuse_projections: bool = EngineSettings.fuse_projections,
+    compile_shapes: str = EngineSettings.compile_shapes,
+    linear_kernel: bool | None = EngineSettings.linear_kernel,
 ) -> None:
-    """The engine over `bench.model` with the benchmarks' settings (no loop stop: every answer runs to its budget),
+    """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
+    stop: every answer runs to its budget),
     started; with compiled layers, the prompt `warm` compiles the rest outside the timing (the engine's start has
     already compiled its text prefills, `batch_engine.compiling.warm_prefills`, as a service's does; the prompt
     compiles what that leaves, such as an image model's encoder)."""
 
     from batch_engine.engine import BatchEngine
-    from batch_engine.settings import EngineSettings
 
     settings = EngineSettings(
         slots=slots,
@@ -294,7 +296,6 @@ def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
     """Whether the engine and plain `generate` agree on 32 tokens with the model in float32 (bfloat16 rounding
     differs between their attention kernels, which flips near-ties of random weights)."""
     from batch_engine.engine import BatchEngine
-    from batch_engine.settings import EngineSettings
 
     bench.model.float()
     bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=max_tokens))
