@@ -195,7 +195,7 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
         linear_kernel=True,
     )
     assert calls[1]["batching"] is None
-    auto = EngineSettings(compile=None, decode_kernel=None, linear_kernel=False)  # decided by the device but one
+    auto = EngineSettings(compile=None, decode_kernel=None, linear_kernel=None)  # decided by the device
     assert GlmVisionSettings(model="m").batching() == auto
     assert auto.compile_shapes == "automatic"
 
