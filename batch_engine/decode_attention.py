@@ -1,11 +1,16 @@
-"""A decode step's attention over the slots as one Triton kernel (split-K, "flash-decoding"), for CUDA devices.
+"""A decode step's attention over the slots as two Triton kernels (split-K, "flash-decoding"), for CUDA devices.
 
 The grouped attention in `batch_engine.slots` computes a decode step's attention with a handful of kernels a layer:
-two matrix products per chunk of the span, the mask, the softmax, a sum over the chunks. This does it in one kernel
-and a small combine: the program for (row, KV head, split) loads that KV head's query heads once, walks its share
-of the row's stored positions (only those up to the row's length, not the whole span bucket), and keeps a running
-maximum, sum and weighted sum of V (online softmax) in float32; the combine weighs the splits' partial results by
-their maxima. K and V are read where the slots hold them, never copied per query head.
+two matrix products per chunk of the span, the mask, the softmax, a sum over the chunks. This does it in two: the
+program for (row, KV head, split) loads that KV head's query heads once, walks its share of the row's stored
+positions (only those up to the row's length, not the whole span bucket), and keeps a running maximum, sum and
+weighted sum of V (online softmax) in float32; a second kernel, a program per (row, query head), weighs the splits'
+partial results by their maxima. K and V are read where the slots hold them, never copied per query head.
+
+Both run inside one operator, `batch_engine::decode_attention` (`torch.library.custom_op`), which `torch.compile`
+keeps whole inside the compiled layers. Called as a user-defined Triton kernel instead, the launch broke the
+compiled layer's graph there, and the combine after it, then written in torch, ran as nine eager kernels a layer
+(`bench/RESULTS.md`).
 
 Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps the grouped attention.
 `TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check it against the grouped
@@ -27,19 +32,21 @@ SPLITS = 16
 """Programs per (row, KV head): enough that one row keeps many multiprocessors reading."""
 
 
-_KERNEL: Any = None
-"""The Triton kernel (`batch_engine.decode_kernel`) once `load` has imported it: importing this module imports
-neither torch nor Triton, and a compiled decode step reads this instead of importing."""
+_KERNELS: Any = None
+"""The two Triton kernels (`batch_engine.decode_kernel`: the splits, their combine) once `load` has imported them:
+importing this module imports neither torch nor Triton, and a compiled decode step reads this instead of importing."""
 
 
 def load() -> Any:
-    """The kernel, imported on first use."""
-    global _KERNEL
-    if _KERNEL is None:
-        from batch_engine.decode_kernel import decode_split
+    """The kernels, imported on first use, and the operator `batch_engine::decode_attention` defined; the engine
+    calls it before any layer is compiled."""
+    global _KERNELS
+    if _KERNELS is None:
+        from batch_engine.decode_kernel import decode_combine, decode_split
 
-        _KERNEL = decode_split
-    return _KERNEL
+        _define()
+        _KERNELS = decode_split, decode_combine
+    return _KERNELS
 
 
 def works_on(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
@@ -73,29 +80,81 @@ def decode_attention(
     Returns (batch, 1, heads, dim), as the grouped attention does."""
     import torch
 
+    lengths = mask.view(mask.shape[0], -1).sum(-1, dtype=torch.int32)  # a row attends to its first `length` positions
+    if _KERNELS is None:
+        load()
+    attention: torch.Tensor = torch.ops.batch_engine.decode_attention(query, key, value, lengths, float(scale))
+    return attention
+
+
+def split(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first kernel: each (row, query head, split)'s weighted sum of V (batch, heads, splits, dim), its largest
+    score and its sum of weights (batch, heads, splits), in float32."""
+    import torch
+
     batch, heads, _, dim = query.shape
     kv_heads, span = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    lengths = mask.view(batch, span).sum(-1, dtype=torch.int32)  # a row attends to its first `length` positions
     assert query.stride(-1) == key.stride(-1) == value.stride(-1) == 1, "the kernel reads each head's lanes in a row"
     # Always SPLITS programs per (row, KV head), each taking whole blocks: a split past a short span (or past a row's
-    # length) finds nothing and weighs 0. The grid and the buffers' shapes then do not depend on the span, so the
-    # compiled layers are not compiled again per span bucket (their recompile limit is shared with the other steps).
+    # length) finds nothing and weighs 0. The grid and the buffers' shapes then do not depend on the span.
     splits, per_split = SPLITS, -(-span // (SPLITS * BLOCK_N)) * BLOCK_N
     partial = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=query.device)
     maxima = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
     sums = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
-    (_KERNEL or load())[(batch, kv_heads, splits)](
+    (_KERNELS or load())[0][(batch, kv_heads, splits)](
         query, key, value, lengths, partial, maxima, sums,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), per_split, float(scale),
         group=group, block_g=max(16, _power_of_two(group)), head_dim=dim, block_d=max(16, _power_of_two(dim)),
         block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    top = maxima.amax(-1, keepdim=True)
-    fades = torch.exp(maxima - top)  # a split past the row's length has -inf: its fade is 0
-    out = (partial * fades.unsqueeze(-1)).sum(2) / (sums * fades).sum(-1, keepdim=True)
-    return out.to(query.dtype).view(batch, 1, heads, dim)
+    return partial, maxima, sums
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Both kernels: `split`, then the combine, into (batch, 1, heads, dim) in `query`'s dtype."""
+    import torch
+
+    batch, heads, _, dim = query.shape
+    partial, maxima, sums = split(query, key, value, lengths, scale)
+    out = torch.empty((batch, 1, heads, dim), dtype=query.dtype, device=query.device)
+    (_KERNELS or load())[1][(batch * heads,)](
+        partial, maxima, sums, out, splits=SPLITS, head_dim=dim, block_d=max(16, _power_of_two(dim))
+    )
+    return out
+
+
+_DEFINED = False
+"""Whether `batch_engine::decode_attention` is defined (a flag that dynamo reads, as in `skinny_linear`)."""
+
+
+def _define() -> None:
+    """Define `batch_engine::decode_attention` once: `attend`, opaque to `torch.compile`."""
+    global _DEFINED
+    if _DEFINED:
+        return
+    import torch
+
+    schema = "(Tensor query, Tensor key, Tensor value, Tensor lengths, float scale) -> Tensor"
+
+    @torch.library.custom_op("batch_engine::decode_attention", mutates_args=(), schema=schema)
+    def operator(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """(batch, heads, 1, dim) queries over the slots' K and V → (batch, 1, heads, dim)."""
+        return attend(query, key, value, lengths, scale)
+
+    @operator.register_fake
+    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float) -> Any:
+        batch, heads, _, dim = query.shape
+        return query.new_empty((batch, 1, heads, dim))
+
+    _DEFINED = True
 
 
 def _power_of_two(n: int) -> int:

@@ -1,5 +1,5 @@
-"""The Triton kernel of `batch_engine.decode_attention` (its docstring says what it computes), in a module of its
-own: Triton reads the kernel's source and its module's globals, and only `decode_attention` imports this, when a
+"""The Triton kernels of `batch_engine.decode_attention` (its docstring says what they compute), in a module of their
+own: Triton reads a kernel's source and its module's globals, and only `decode_attention` imports this, when a
 decode step first needs it."""
 
 # mypy: disable-error-code="no-untyped-def"
@@ -55,3 +55,18 @@ def decode_split(
     tl.store(partial + out[:, None] * head_dim + lanes[None, :], weighted, mask=in_group[:, None] & in_dim[None, :])
     tl.store(maxima + out, top, mask=in_group)
     tl.store(sums + out, total, mask=in_group)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def decode_combine(partial, maxima, sums, out, splits: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr):
+    # One program per (row, query head): its splits' partial results weighed by their maxima against the largest.
+    head = tl.program_id(0)
+    parts = head * splits + tl.arange(0, splits)
+    lanes = tl.arange(0, block_d)
+    in_dim = lanes < head_dim
+    top = tl.load(maxima + parts)
+    fades = tl.exp(top - tl.max(top, 0))  # a split that found nothing has -inf: its fade is 0
+    total = tl.sum(tl.load(sums + parts) * fades, 0)
+    weighted = tl.load(partial + parts[:, None] * head_dim + lanes[None, :], mask=in_dim[None, :], other=0.0)
+    result = tl.sum(weighted * fades[:, None], 0) / total
+    tl.store(out + head * head_dim + lanes, result.to(out.dtype.element_ty), mask=in_dim)

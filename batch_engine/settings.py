@@ -50,8 +50,8 @@ class EngineSettings:
     host's handling of them between steps (on a GPU; elsewhere the steps run as they are called either way). A
     request that finishes at one step has had one more computed, and dropped."""
     decode_kernel: bool | None = None
-    """A decode step's attention as one Triton kernel a layer (`batch_engine.decode_attention`) instead of the
-    grouped matrix products. None: on a CUDA device where Triton is installed and a check at start (`works_on`)
+    """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
+    products. None: on a CUDA device where Triton is installed and a check at start (`works_on`)
     finds it agreeing with the grouped products."""
     linear_kernel: bool | None = None
     """A decode step's linear layers through one Triton kernel made for few rows (`batch_engine.skinny_linear`)

@@ -1,11 +1,14 @@
-"""A decode step's attention alone: the grouped matrix products against the Triton kernel, side by side in one run.
+"""A decode step's attention alone: the grouped matrix products, the Triton kernels as the engine ran them before
+they were one operator, and the operator, side by side in one run.
 
     python -m bench.gpu_decode_attention [--span 1536] [--batches 1,8,32]   # on a GPU
 
-Both as the engine runs them (compiled, with the same shapes: GLM-4's 32 query heads over 2 KV heads of 128, bfloat16,
-K and V read where the slots hold them), each row at a length of 70–90 % of the span. Prints µs per call (40 calls,
-one per layer, captured in a CUDA graph as in a decode step; CUDA events, median of 5 runs of 20 replays) and the
-largest difference of each from a float32 reference.
+The grouped products and the operator as the engine runs them (compiled), the earlier form as the compiled layers
+ran it: its first kernel launched as a user-defined Triton kernel broke their graph, so the combine after it (torch
+code) ran as eager kernels; here all of it runs eagerly. The same shapes throughout: GLM-4's 32 query heads over 2
+KV heads of 128, bfloat16, K and V read where the slots hold them, each row at a length of 70–90 % of the span.
+Prints µs per call (40 calls, one per layer, captured in a CUDA graph as in a decode step; CUDA events, median of 5
+runs of 20 replays) and the largest difference of each from a float32 reference.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import statistics
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from bench.gpu_options import client_counts
 
@@ -27,15 +31,22 @@ def main() -> None:
 
     import torch
 
-    from batch_engine.decode_attention import decode_attention
+    from batch_engine import decode_attention
     from batch_engine.slots import _grouped_attention
 
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     device, dtype, heads, kv_heads, dim, capacity = "cuda", torch.bfloat16, 32, 2, 128, args.span + 256
-    paths = {"grouped products": torch.compile(_grouped_attention), "Triton kernel": torch.compile(decode_attention)}
+    decode_attention.load()
+    paths = {
+        "grouped products": torch.compile(_grouped_attention),
+        "kernel, combine in torch (before)": split_then_combine_in_torch,
+        "operator (kernels)": torch.compile(decode_attention.decode_attention),
+    }
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; span {args.span}", file=sys.stderr)
-    print("| batch | " + " | ".join(f"{name}, µs" for name in paths) + " | ratio | max |diff| (grouped, kernel) |")
+    print(
+        "| batch | " + " | ".join(f"{name}, µs" for name in paths) + " | before ÷ operator | max |diff| from float32 |"
+    )
     print("| ---: | " + " | ".join("---:" for _ in paths) + " | ---: | ---: |")
     generator = torch.Generator(device).manual_seed(0)
     for batch in args.batches:
@@ -54,9 +65,27 @@ def main() -> None:
                 errors.append(float((out.float() - reference).abs().max()))
                 timings.append(replayed(functools.partial(path, query, key, value, mask, scale)))
         print(
-            f"| {batch} | " + " | ".join(f"{t:.1f}" for t in timings) + f" | {timings[0] / timings[1]:.2f}× | "
-            f"{errors[0]:.4f}, {errors[1]:.4f} |"
+            f"| {batch} | "
+            + " | ".join(f"{t:.1f}" for t in timings)
+            + f" | {timings[1] / timings[2]:.2f}× | "
+            + ", ".join(f"{error:.4f}" for error in errors)
+            + " |"
         )
+
+
+def split_then_combine_in_torch(query: Any, key: Any, value: Any, mask: Any, scale: float) -> Any:
+    """The decode attention as the compiled layers ran it before it was one operator: the first kernel, then the
+    splits' combine as torch code run eagerly."""
+    import torch
+
+    from batch_engine.decode_attention import split
+
+    batch, heads, _, dim = query.shape
+    lengths = mask.view(batch, -1).sum(-1, dtype=torch.int32)
+    partial, maxima, sums = split(query, key, value, lengths, scale)
+    fades = torch.exp(maxima - maxima.amax(-1, keepdim=True))
+    out = (partial * fades.unsqueeze(-1)).sum(2) / (sums * fades).sum(-1, keepdim=True)
+    return out.to(query.dtype).view(batch, 1, heads, dim)
 
 
 def replayed(call: Callable[[], object], layers: int = 40) -> float:

@@ -84,16 +84,26 @@ def test_every_linear_layer_of_the_decoder_is_routed_and_the_model_answers_the_s
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_the_engine_with_the_kernel_equals_plain_generate(checkpoint: Path, compiled: bool) -> None:
-    """Plain `generate` runs first, before the engine installs the kernel: cuBLAS's answers are the reference. Compiled,
-    the kernel is one opaque operator in the layers' graphs, as on a GPU."""
+def test_the_engine_with_both_kernels_equals_plain_generate(checkpoint: Path, compiled: bool) -> None:
+    """Plain `generate` runs first, before the engine installs the kernels: cuBLAS's answers are the reference.
+    Compiled, each kernel is one opaque operator in the layers' graphs, as on a GPU: the only place a compiled layer's
+    graph breaks is the KV cache's update, which runs uncompiled by design (`batch_engine.slots`). (Called as
+    user-defined Triton kernels, the decode attention's launch broke the graph too, and the torch code after it ran
+    uncompiled.)"""
+    from torch._dynamo.utils import counters
+
     chat = ChatModel.load(str(checkpoint), device="cpu", dtype="float32", local_files_only=True)
     prompts = [ids_of(chat, question) for question in QUESTIONS]
     expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
-    settings = EngineSettings(slots=4, max_tokens=256, linear_kernel=True, compile=compiled)
+    settings = EngineSettings(slots=4, max_tokens=256, linear_kernel=True, decode_kernel=True, compile=compiled)
     engine = BatchEngine(chat.model, settings, REFUSALS)
     assert engine.device.linear_kernel
+    assert engine.device.decode_step.kernel
+    counters.clear()
     assert joining(engine, prompts) == expected
+    breaks = list(counters["graph_break"])
+    assert len(breaks) == (1 if compiled else 0)
+    assert all("SlotCache.update" in reason for reason in breaks), breaks
 
 
 def test_auto_keeps_the_kernel_only_where_it_runs_and_agrees(

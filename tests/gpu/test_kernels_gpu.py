@@ -1,5 +1,6 @@
 """The engine's Triton kernels on a CUDA GPU, compiled by Triton for the device (the CPU tests run them through
-Triton's interpreter): the linear kernel on GLM-4's own shapes, eager and inside `torch.compile`.
+Triton's interpreter): the linear kernel and the decode attention on GLM-4's own shapes, eager and inside
+`torch.compile`.
 
     .venv/bin/python -m pytest -m gpu tests/gpu -q
 
@@ -34,3 +35,31 @@ def test_the_linear_kernel_equals_cublas_in_bfloat16(rows: int, name: str, depth
         assert got.dtype == torch.bfloat16
         # no further from the float32 product than cuBLAS's own bfloat16 answer, give or take one rounding
         assert (got.float() - exact).abs().max() <= (cublas - exact).abs().max() + 0.02
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_the_decode_attention_operator_equals_the_grouped_attention_in_bfloat16(batch: int) -> None:
+    """GLM-4's heads (32 over 2 KV heads of 128), rows of different lengths in a span of 1,536, K and V as views of
+    larger slots; eager and inside `torch.compile`, where the operator stays one node."""
+    from batch_engine import decode_attention
+    from batch_engine.slots import _grouped_attention
+
+    decode_attention.load()
+    generator = torch.Generator("cuda").manual_seed(batch)
+    span, dim = 1536, 128
+    keys, values = (
+        torch.randn((batch, 2, span + 256, dim), generator=generator, device="cuda", dtype=torch.bfloat16) for _ in "kv"
+    )
+    query = torch.randn((batch, 32, 1, dim), generator=generator, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.randint(1, span, (batch, 1), generator=generator, device="cuda")
+    mask = (torch.arange(span, device="cuda").view(1, span) < lengths).view(batch, 1, 1, span)
+    key, value, scale = keys[:, :, :span], values[:, :, :span], dim**-0.5
+    exact = _grouped_attention(query.float(), key.float(), value.float(), mask, scale)
+    compiled = torch.compile(decode_attention.decode_attention, dynamic=True)
+    for got in (
+        decode_attention.decode_attention(query, key, value, mask, scale),
+        compiled(query, key, value, mask, scale),
+    ):
+        assert got.dtype == torch.bfloat16
+        assert got.shape == (batch, 1, 32, dim)
+        assert (got.float() - exact).abs().max() <= 0.02  # bfloat16's rounding of results of magnitude below 1
