@@ -51,8 +51,8 @@ class EngineSettings:
     request that finishes at one step has had one more computed, and dropped."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
-    products. None: on a CUDA device where Triton is installed and a check at start (`works_on`)
-    finds it agreeing with the grouped products."""
+    products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing
+    with the grouped products."""
     linear_kernel: bool | None = None
     """A decode step's linear layers through one Triton kernel made for few rows (`batch_engine.skinny_linear`)
     instead of cuBLAS's split-K products. None: on a CUDA device where Triton is installed and a check at start

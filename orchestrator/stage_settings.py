@@ -174,8 +174,8 @@ class EngineFields(Section):
     1 12.8 → 8.9 ms/token on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device."""
     engine_decode_kernel: Literal["auto", "on", "off"] = "auto"
     """`batched`: a decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of grouped
-    matrix products (a step at batch 32 10.15 → 7.46 ms on an H200, `bench/RESULTS.md`); `auto`: on a CUDA
-    device where Triton is installed (it comes with torch's CUDA builds) and a check at start finds it agreeing."""
+    matrix products (a step at batch 32 10.15 → 7.46 ms on an H200, `bench/RESULTS.md`); `auto`: on a CUDA device
+    where Triton is installed (it comes with torch's CUDA builds) and a check at start finds it agreeing."""
     engine_compile_shapes: Literal["automatic", "dynamic"] = "automatic"
     """`batched`, compiled: how the compiled decoder layers treat sizes (`EngineSettings.compile_shapes`):
     `automatic`, the model's own sizes constants in the generated code (GLM-4.6V-Flash's first token 68.7 → 65.7 ms
