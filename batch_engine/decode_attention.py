@@ -8,8 +8,8 @@ weighted sum of V (online softmax) in float32; a second kernel, a program per (r
 partial results by their maxima. K and V are read where the slots hold them, never copied per query head.
 
 Both run inside one operator, `batch_engine::decode_attention` (`torch.library.custom_op`), which `torch.compile`
-keeps whole inside the compiled layers. Called as a user-defined Triton kernel instead, the launch broke the
-compiled layer's graph there, and the combine after it, then written in torch, ran as nine eager kernels a layer
+keeps whole inside the compiled layers. Launched from them as a user-defined Triton kernel instead, the combine
+after it (then torch code) ran uncompiled, as nine eager kernels a layer in a profile on an H100
 (`bench/RESULTS.md`).
 
 Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps the grouped attention.
