@@ -62,4 +62,5 @@ def test_the_decode_attention_operator_equals_the_grouped_attention_in_bfloat16(
     ):
         assert got.dtype == torch.bfloat16
         assert got.shape == (batch, 1, 32, dim)
-        assert (got.float() - exact).abs().max() <= 0.02  # bfloat16's rounding of results of magnitude below 1
+        # bfloat16's rounding of the result and of the weights inside the kernel: well under 1 % of each value
+        assert ((got.float() - exact).abs() <= 0.01 + 0.01 * exact.abs()).all()
