@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from batch_engine.operators import define_operator
 from batch_engine.triton_kernels import agrees
 
 if TYPE_CHECKING:
@@ -44,7 +45,12 @@ def load() -> Any:
     if _KERNELS is None:
         from batch_engine.decode_kernel import decode_combine, decode_split
 
-        _define()
+        define_operator(
+            "decode_attention",
+            "(Tensor query, Tensor key, Tensor value, Tensor lengths, float scale) -> Tensor",
+            attend,
+            lambda query, *_: (query.shape[0], 1, query.shape[1], query.shape[3]),
+        )
         _KERNELS = decode_split, decode_combine
     return _KERNELS
 
@@ -127,34 +133,6 @@ def attend(
         partial, maxima, sums, out, splits=SPLITS, head_dim=dim, block_d=max(16, _power_of_two(dim))
     )
     return out
-
-
-_DEFINED = False
-"""Whether `batch_engine::decode_attention` is defined (a flag that dynamo reads, as in `skinny_linear`)."""
-
-
-def _define() -> None:
-    """Define `batch_engine::decode_attention` once: `attend`, opaque to `torch.compile`."""
-    global _DEFINED
-    if _DEFINED:
-        return
-    import torch
-
-    schema = "(Tensor query, Tensor key, Tensor value, Tensor lengths, float scale) -> Tensor"
-
-    @torch.library.custom_op("batch_engine::decode_attention", mutates_args=(), schema=schema)
-    def operator(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """(batch, heads, 1, dim) queries over the slots' K and V → (batch, 1, heads, dim)."""
-        return attend(query, key, value, lengths, scale)
-
-    @operator.register_fake
-    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float) -> Any:
-        batch, heads, _, dim = query.shape
-        return query.new_empty((batch, 1, heads, dim))
-
-    _DEFINED = True
 
 
 def _power_of_two(n: int) -> int:

@@ -17,6 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from batch_engine.operators import define_operator
 from batch_engine.triton_kernels import agrees
 
 if TYPE_CHECKING:
@@ -46,11 +47,18 @@ _KERNEL: Any = None
 
 
 def load() -> Any:
-    """The kernel, imported on first use."""
+    """The kernel, imported on first use, and the operator `batch_engine::skinny_linear` defined; `use_kernel` calls
+    it before any layer is compiled."""
     global _KERNEL
     if _KERNEL is None:
         from batch_engine.linear_kernel import skinny_product
 
+        define_operator(
+            "skinny_linear",
+            "(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor",
+            lambda hidden, weight, bias: skinny_linear(hidden.contiguous(), weight, bias),
+            lambda hidden, weight, _: (hidden.shape[0], weight.shape[0]),
+        )
         _KERNEL = skinny_product
     return _KERNEL
 
@@ -87,37 +95,11 @@ def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     if hidden.numel() > MAX_ROWS * hidden.shape[-1]:
         return functional.linear(hidden, weight, bias)
-    _define()
+    if _KERNEL is None:
+        load()
     *lead, depth = hidden.shape
     product: torch.Tensor = torch.ops.batch_engine.skinny_linear(hidden.reshape(-1, depth), weight, bias)
     return product.view(*lead, weight.shape[0])
-
-
-_DEFINED = False
-"""Whether `batch_engine::skinny_linear` is defined (a flag, not `functools.cache`: a compiled layer calls `_define`,
-and dynamo reads a flag where it would trace through a cache wrapper)."""
-
-
-def _define() -> None:
-    """Define `batch_engine::skinny_linear` once (importing this module imports no torch); `use_kernel` does it before
-    any layer is compiled."""
-    global _DEFINED
-    if _DEFINED:
-        return
-    import torch
-
-    schema = "(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor"
-
-    @torch.library.custom_op("batch_engine::skinny_linear", mutates_args=(), schema=schema)
-    def product(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(rows, in) → (rows, out) through the kernel."""
-        return skinny_linear(hidden.contiguous(), weight, bias)
-
-    @product.register_fake
-    def _(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        return hidden.new_empty((hidden.shape[0], weight.shape[0]))
-
-    _DEFINED = True
 
 
 def use_kernel(decoder: Any) -> int:
@@ -128,7 +110,7 @@ def use_kernel(decoder: Any) -> int:
 
     from batch_engine.projections import fused_class
 
-    _define()
+    load()
     routed = 0
     for layer in decoder.layers:
         module: Any

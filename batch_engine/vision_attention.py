@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from batch_engine.operators import define_operator
+
 if TYPE_CHECKING:
     import torch
 
@@ -30,28 +32,23 @@ VISION_ATTENTION = "batch_engine_flash_packed"
 def _define() -> None:
     """Define `batch_engine::packed_attention` once (importing this module imports no torch); `packed_attention`
     calls it through `torch.ops`, which a compiler traces as one node."""
+    schema = "(Tensor query, Tensor key, Tensor value, Tensor bounds, float scale) -> Tensor"
+    define_operator("packed_attention", schema, _attend, lambda query, *_: query.shape)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, scale: float) -> Any:
+    """The operator: (patches, heads, head dim) each → the same, attending within each image."""
     import torch
     from torch.nn.functional import scaled_dot_product_attention as attention
 
-    schema = "(Tensor query, Tensor key, Tensor value, Tensor bounds, float scale) -> Tensor"
-
-    @torch.library.custom_op("batch_engine::packed_attention", mutates_args=(), schema=schema)
-    def attend(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """(patches, heads, head dim) each → the same, attending within each image."""
-        query, key, value = (tensor.transpose(0, 1).unsqueeze(0) for tensor in (query, key, value))
-        if bounds.numel() == 2:
-            out = attention(query, key, value, scale=scale)
-        else:
-            sizes = bounds.diff().tolist()
-            images = zip(*(torch.split(tensor, sizes, dim=2) for tensor in (query, key, value)), strict=True)
-            out = torch.cat([attention(q, k, v, scale=scale) for q, k, v in images], dim=2)
-        return out[0].transpose(0, 1).contiguous()
-
-    @attend.register_fake
-    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, scale: float) -> Any:
-        return query.new_empty(query.shape)
+    query, key, value = (tensor.transpose(0, 1).unsqueeze(0) for tensor in (query, key, value))
+    if bounds.numel() == 2:
+        out = attention(query, key, value, scale=scale)
+    else:
+        sizes = bounds.diff().tolist()
+        images = zip(*(torch.split(tensor, sizes, dim=2) for tensor in (query, key, value)), strict=True)
+        out = torch.cat([attention(q, k, v, scale=scale) for q, k, v in images], dim=2)
+    return out[0].transpose(0, 1).contiguous()
 
 
 def packed_attention(
