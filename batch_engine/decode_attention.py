@@ -2,8 +2,9 @@
 
 The grouped attention in `batch_engine.slots` computes a decode step's attention with a handful of kernels a layer:
 two matrix products per chunk of the span, the mask, the softmax, a sum over the chunks. This does it in two: the
-program for (row, KV head, split) loads that KV head's query heads once, walks its share of the row's stored
-positions (only those up to the row's length, not the whole span bucket), and keeps a running maximum, sum and
+program for (row, KV head, split) loads that KV head's query heads once, walks its share of the span, reading K and
+V only at the positions the row's mask keeps (the mask read inside the kernel, so no reduction a layer computes the
+rows' lengths), and keeps a running maximum, sum and
 weighted sum of V (online softmax) in float32; a second kernel, a program per (row, query head), weighs the splits'
 partial results by their maxima. K and V are read where the slots hold them, never copied per query head.
 
@@ -47,7 +48,7 @@ def load() -> Any:
 
         define_operator(
             "decode_attention",
-            "(Tensor query, Tensor key, Tensor value, Tensor lengths, float scale) -> Tensor",
+            "(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor",
             attend,
             lambda query, *_: (query.shape[0], 1, query.shape[1], query.shape[3]),
         )
@@ -86,34 +87,36 @@ def decode_attention(
     Returns (batch, 1, heads, dim), as the grouped attention does."""
     import torch
 
-    lengths = mask.view(mask.shape[0], -1).sum(-1, dtype=torch.int32)  # a row attends to its first `length` positions
     if _KERNELS is None:
         load()
-    attention: torch.Tensor = torch.ops.batch_engine.decode_attention(query, key, value, lengths, float(scale))
+    attention: torch.Tensor = torch.ops.batch_engine.decode_attention(query, key, value, mask, float(scale))
     return attention
 
 
 def split(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first kernel: each (row, query head, split)'s weighted sum of V (batch, heads, splits, dim), its largest
-    score and its sum of weights (batch, heads, splits), in float32."""
+    score and its sum of weights (batch, heads, splits), in float32; a split whose positions the mask all leaves
+    out has the largest score -inf and weighs 0."""
     import torch
 
     batch, heads, _, dim = query.shape
     kv_heads, span = key.shape[1], key.shape[2]
     group = heads // kv_heads
     assert query.stride(-1) == key.stride(-1) == value.stride(-1) == 1, "the kernel reads each head's lanes in a row"
+    rows = mask.reshape(batch, span)  # (batch, 1, 1, span): the same for every head
     # Always SPLITS programs per (row, KV head), each taking whole blocks: a split past a short span (or past a row's
-    # length) finds nothing and weighs 0. The grid and the buffers' shapes then do not depend on the span.
+    # last attended position) finds nothing and weighs 0. The grid and the buffers' shapes then do not depend on
+    # the span.
     splits, per_split = SPLITS, -(-span // (SPLITS * BLOCK_N)) * BLOCK_N
     partial = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=query.device)
     maxima = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
     sums = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
     (_KERNELS or load())[0][(batch, kv_heads, splits)](
-        query, key, value, lengths, partial, maxima, sums,
+        query, key, value, rows, partial, maxima, sums,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), per_split, float(scale),
+        value.stride(0), value.stride(1), value.stride(2), rows.stride(0), span, per_split, float(scale),
         group=group, block_g=max(16, _power_of_two(group)), head_dim=dim, block_d=max(16, _power_of_two(dim)),
         block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32",
     )  # fmt: skip
@@ -121,13 +124,13 @@ def split(
 
 
 def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Both kernels: `split`, then the combine, into (batch, 1, heads, dim) in `query`'s dtype."""
     import torch
 
     batch, heads, _, dim = query.shape
-    partial, maxima, sums = split(query, key, value, lengths, scale)
+    partial, maxima, sums = split(query, key, value, mask, scale)
     out = torch.empty((batch, 1, heads, dim), dtype=query.dtype, device=query.device)
     (_KERNELS or load())[1][(batch * heads,)](
         partial, maxima, sums, out, splits=SPLITS, head_dim=dim, block_d=max(16, _power_of_two(dim))

@@ -11,9 +11,9 @@ import triton.language as tl
 
 @triton.jit  # type: ignore[untyped-decorator]
 def decode_split(
-    query, keys, values, lengths, partial, maxima, sums,
-    q_row, q_head, k_row, k_head, k_pos, v_row, v_head, v_pos,
-    per_split, scale: tl.constexpr,
+    query, keys, values, mask, partial, maxima, sums,
+    q_row, q_head, k_row, k_head, k_pos, v_row, v_head, v_pos, mask_row,
+    span, per_split, scale: tl.constexpr,
     group: tl.constexpr, block_g: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr,
     block_n: tl.constexpr, precision: tl.constexpr,
 ):  # fmt: skip
@@ -29,9 +29,8 @@ def decode_split(
         mask=in_group[:, None] & in_dim[None, :],
         other=0.0,
     )
-    length = tl.load(lengths + row)
     start = split * per_split
-    end = tl.minimum(start + per_split, length)
+    end = tl.minimum(start + per_split, span)
     top = tl.full([block_g], float("-inf"), tl.float32)
     total = tl.zeros([block_g], tl.float32)
     weighted = tl.zeros([block_g, block_d], tl.float32)
@@ -39,14 +38,17 @@ def decode_split(
     v_base = values + row_offset * v_row + kv_offset * v_head
     for first in range(start, end, block_n):
         positions = first + tl.arange(0, block_n)
-        present = positions < end
+        # The row's mask says which positions it attends to; K and V are read only there.
+        present = tl.load(mask + row_offset * mask_row + positions, mask=positions < end, other=0) != 0
         block_mask = present[:, None] & in_dim[None, :]
         k = tl.load(k_base + positions[:, None] * k_pos + lanes[None, :], mask=block_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=precision) * scale
         scores = tl.where(present[None, :], scores, float("-inf"))
         new_top = tl.maximum(top, tl.max(scores, 1))
-        fade = tl.exp(top - new_top)
-        weights = tl.exp(scores - new_top[:, None])
+        # Until a split meets a position it attends to, its maximum is -inf: weigh against 0 there, not -inf - -inf.
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        fade = tl.exp(top - shift)
+        weights = tl.exp(scores - shift[:, None])
         total = total * fade + tl.sum(weights, 1)
         v = tl.load(v_base + positions[:, None] * v_pos + lanes[None, :], mask=block_mask, other=0.0)
         weighted = weighted * fade[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=precision)

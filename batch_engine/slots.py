@@ -8,7 +8,7 @@ bfloat16), so contiguous slots suffice: 32 slots of 8,192 tokens are 10.7 GB.
 
 The model's attention layers call `update` with the new tokens' K and V; it writes them where the engine's current
 `target` says (a prefill's slot and offset, or each decoding row at its length) and returns views of the stored K
-and V. `slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the
+and V: a decode step's write inside the compiled layer's graph, in place; a prefill's or an extend step's outside it. `slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the
 engine's mask: a decode step groups each KV head's query heads and multiplies against the stored K and V as they
 are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`.
 Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
@@ -95,16 +95,35 @@ def _define_slot_cache() -> type:
             self.keys = torch.zeros(shape, dtype=dtype, device=device)
             self.values = torch.zeros(shape, dtype=dtype, device=device)
             self.offsets = torch.arange(max_tokens, device=device)
+            self.layer_ids = torch.arange(layers, device=device)
+            self.head_ids = torch.arange(kv_heads, device=device).view(1, kv_heads)
             self.target: Prefill | Decode | Extend = Prefill(0, 0)
 
         @property
         def nbytes(self) -> int:
             return int(self.keys.nbytes + self.values.nbytes)
 
-        @torch.compiler.disable  # type: ignore[untyped-decorator]  # compiled layers call it as it is
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
+            target = self.target
+            if not isinstance(target, Decode):
+                return self._write_span(key_states, value_states, layer_idx)
+            # A decode step's write is traced into the compiled layer's graph (its rows and lengths are tensors, its
+            # span one of a few buckets): one graph a layer, the writes fused with the kernels around them. Indexed
+            # by tensors only, so that inductor writes into the cache in place; an int index (`keys[layer_idx]`)
+            # made it copy the layer's whole slab and back at every step.
+            index = (self.layer_ids[layer_idx], target.rows.view(-1, 1), self.head_ids, target.lengths.view(-1, 1))
+            self.keys.index_put_(index, key_states[:, :, 0])
+            self.values.index_put_(index, value_states[:, :, 0])
+            batch = key_states.shape[0]
+            return self.keys[layer_idx, :batch, :, : target.span], self.values[layer_idx, :batch, :, : target.span]
+
+        @torch.compiler.disable  # type: ignore[untyped-decorator]  # a prefill's slot and start are ints of every value
+        def _write_span(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """A prefill's or an extend step's write, uncompiled: compiled, each slot and start would be a graph."""
             keys, values, target = self.keys[layer_idx], self.values[layer_idx], self.target
             if isinstance(target, Extend):
                 rows = target.rows.expand(target.count)
@@ -115,16 +134,12 @@ def _define_slot_cache() -> type:
                     keys.index_select(0, target.rows)[:, :, : target.span],
                     values.index_select(0, target.rows)[:, :, : target.span],
                 )
-            if isinstance(target, Prefill):
-                end = target.start + key_states.shape[2]
-                keys[target.slot, :, target.start : end] = key_states[0]
-                values[target.slot, :, target.start : end] = value_states[0]
-                row = slice(target.slot, target.slot + 1)
-                return keys[row, :, :end], values[row, :, :end]
-            keys[target.rows, :, target.lengths] = key_states[:, :, 0]
-            values[target.rows, :, target.lengths] = value_states[:, :, 0]
-            batch = key_states.shape[0]
-            return keys[:batch, :, : target.span], values[:batch, :, : target.span]
+            assert isinstance(target, Prefill)
+            end = target.start + key_states.shape[2]
+            keys[target.slot, :, target.start : end] = key_states[0]
+            values[target.slot, :, target.start : end] = value_states[0]
+            row = slice(target.slot, target.slot + 1)
+            return keys[row, :, :end], values[row, :, :end]
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return 0  # positions are always passed explicitly; nothing asks

@@ -81,8 +81,7 @@ def split_then_combine_in_torch(query: Any, key: Any, value: Any, mask: Any, sca
     from batch_engine.decode_attention import split
 
     batch, heads, _, dim = query.shape
-    lengths = mask.view(batch, -1).sum(-1, dtype=torch.int32)
-    partial, maxima, sums = split(query, key, value, lengths, scale)
+    partial, maxima, sums = split(query, key, value, mask, scale)
     fades = torch.exp(maxima - maxima.amax(-1, keepdim=True))
     out = (partial * fades.unsqueeze(-1)).sum(2) / (sums * fades).sum(-1, keepdim=True)
     return out.to(query.dtype).view(batch, 1, heads, dim)

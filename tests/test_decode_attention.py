@@ -48,6 +48,24 @@ def test_the_kernel_equals_the_grouped_attention(
         assert torch.equal(moved[row], got[row]) == (length < span - 1)
 
 
+def test_the_kernel_reads_what_the_mask_keeps_not_a_length(triton_interpreter: None) -> None:
+    """A mask with gaps: a whole split left out between kept positions, a row's own position left out, a row that
+    keeps only its last position. The kernel reads the mask, as the grouped attention does."""
+    generator = torch.Generator().manual_seed(5)
+    batch, heads, kv_heads, dim, span = 3, 8, 2, 32, 2048
+    keys, values = (torch.randn((batch, kv_heads, span, dim), generator=generator) for _ in "kv")
+    query = torch.randn((batch, heads, 1, dim), generator=generator)
+    mask = torch.zeros((batch, 1, 1, span), dtype=torch.bool)
+    mask[0, ..., :10] = mask[0, ..., 1500:1510] = True  # the splits between them find nothing
+    mask[1, ..., 1:700] = True
+    mask[1, ..., 300] = False
+    mask[2, ..., span - 1] = True
+    got = decode_attention(query, keys, values, mask, dim**-0.5)
+    expected = _grouped_attention(query, keys, values, mask, dim**-0.5)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernel_in_half_precision_stays_close_to_float32(triton_interpreter: None) -> None:
     """The reduced-precision path (`weights` cast to V's dtype, no `ieee` products); the interpreter runs float16
     right but not bfloat16, whose path is the same (`works_on` checks it on the GPU at start)."""
