@@ -5,7 +5,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from batch_engine.engine import BatchEngine
 from tests.redis_server import redis_server
 
 pytest_plugins = ("tests.text_engine",)
@@ -45,3 +47,14 @@ def triton_interpreter() -> None:
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (TRITON_INTERPRET)")
+
+
+@pytest.fixture
+def engine_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batching engine cannot start: `BatchEngine.start` raises CUDA's out-of-memory error, as it does where the
+    slots' KV caches do not fit the device."""
+
+    def start(self: BatchEngine) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr(BatchEngine, "start", start)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings, engine_settings
@@ -83,13 +82,8 @@ def test_the_warm_up_check_logs_a_difference_from_plain_generate(
         engine.close()
 
 
-async def test_an_engine_that_cannot_start_is_a_model_error_saying_what_to_lower(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def start(self: BatchEngine) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
-
-    monkeypatch.setattr(BatchEngine, "start", start)
+@pytest.mark.usefixtures("engine_out_of_memory")
+async def test_an_engine_that_cannot_start_is_a_model_error_saying_what_to_lower(checkpoint: Path) -> None:
     with pytest.raises(ReasoningModelError, match="ORCH_REASONING__ENGINE_SLOTS") as caught:
         await load(checkpoint, slots=2)
     assert "2 slots of 256 tokens" in str(caught.value)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.types import Completion
 from tests.glm_vision.helpers import SMALL_ENGINE, queued, request, same, unstarted_backend
@@ -38,13 +37,8 @@ async def test_load_starts_the_batching_engine_by_default_and_generate_on_reques
         await plain.aclose()
 
 
-async def test_a_batching_engine_that_cannot_start_says_what_to_lower(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def start(self: BatchEngine) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
-
-    monkeypatch.setattr(BatchEngine, "start", start)
+@pytest.mark.usefixtures("engine_out_of_memory")
+async def test_a_batching_engine_that_cannot_start_says_what_to_lower(checkpoint: Path) -> None:
     with pytest.raises(VisionUnavailable, match="ENGINE_SLOTS") as caught:
         await GlmVisionBackend.load(str(checkpoint), batching=EngineSettings(slots=2, max_tokens=512))
     assert "2 slots of 512 tokens" in str(caught.value)
