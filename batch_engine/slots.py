@@ -8,8 +8,9 @@ bfloat16), so contiguous slots suffice: 32 slots of 8,192 tokens are 10.7 GB.
 
 The model's attention layers call `update` with the new tokens' K and V; it writes them where the engine's current
 `target` says (a prefill's slot and offset, or each decoding row at its length) and returns views of the stored K
-and V: a decode step's write inside the compiled layer's graph, in place; a prefill's or an extend step's outside it. `slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the
-engine's mask: a decode step groups each KV head's query heads and multiplies against the stored K and V as they
+and V: a decode step's write inside the compiled layer's graph, in place; a prefill's or an extend step's outside it.
+`slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the engine's
+mask: a decode step groups each KV head's query heads and multiplies against the stored K and V as they
 are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`.
 Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
 
@@ -108,7 +109,8 @@ def _define_slot_cache() -> type:
         ) -> tuple[torch.Tensor, torch.Tensor]:
             target = self.target
             if not isinstance(target, Decode):
-                return self._write_span(key_states, value_states, layer_idx)
+                written: tuple[torch.Tensor, torch.Tensor] = self._write_span(key_states, value_states, layer_idx)
+                return written
             # A decode step's write is traced into the compiled layer's graph (its rows and lengths are tensors, its
             # span one of a few buckets): one graph a layer, the writes fused with the kernels around them. Indexed
             # by tensors only, so that inductor writes into the cache in place; an int index (`keys[layer_idx]`)

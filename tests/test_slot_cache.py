@@ -23,7 +23,8 @@ def test_a_decode_write_compiles_into_the_graph_in_place() -> None:
 
     def step(key: torch.Tensor, value: torch.Tensor, layer: int) -> torch.Tensor:
         keys, values = cache.update(key * 2 + 1, value, layer)  # a product before it, as the rotary is
-        return (keys.sum(-1) + values.sum(-1)).sum()
+        total: torch.Tensor = (keys.sum(-1) + values.sum(-1)).sum()
+        return total
 
     total, (code,) = run_and_get_code(torch.compile(step, fullgraph=True), key, value, 1)
     allocated = re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code)
