@@ -119,7 +119,9 @@ def _define_slot_cache() -> type:
             self.keys.index_put_(index, key_states[:, :, 0])
             self.values.index_put_(index, value_states[:, :, 0])
             batch = key_states.shape[0]
-            return self.keys[layer_idx, :batch, :, : target.span], self.values[layer_idx, :batch, :, : target.span]
+            # `select`, not `keys[layer_idx, :batch]`: indexed so, dynamo specialised on the layer (a graph a layer)
+            keys, values = self.keys.select(0, layer_idx), self.values.select(0, layer_idx)
+            return keys[:batch, :, : target.span], values[:batch, :, : target.span]
 
         @torch.compiler.disable  # type: ignore[untyped-decorator]  # a prefill's slot and start are ints of every value
         def _write_span(
