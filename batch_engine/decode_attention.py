@@ -4,9 +4,9 @@ The grouped attention in `batch_engine.slots` computes a decode step's attention
 two matrix products per chunk of the span, the mask, the softmax, a sum over the chunks. This does it in two: the
 program for (row, KV head, split) loads that KV head's query heads once, walks its share of the span, reading K and
 V only at the positions the row's mask keeps (the mask read inside the kernel, so no reduction a layer computes the
-rows' lengths), and keeps a running maximum, sum and
-weighted sum of V (online softmax) in float32; a second kernel, a program per (row, query head), weighs the splits'
-partial results by their maxima. K and V are read where the slots hold them, never copied per query head.
+rows' lengths), and keeps a running maximum, sum and weighted sum of V (online softmax) in float32; a second kernel,
+a program per (row, query head), weighs the splits' partial results by their maxima. K and V are read where the
+slots hold them, never copied per query head.
 
 Both run inside one operator, `batch_engine::decode_attention` (`torch.library.custom_op`), which `torch.compile`
 keeps whole inside the compiled layers. Launched from them as a user-defined Triton kernel instead, the combine
