@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from unittest import mock
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.graph import GraphLowering
@@ -29,17 +30,27 @@ class _Layer(torch.nn.Module):
         return total
 
 
-def test_a_decode_write_compiles_into_the_layer_in_place_for_every_layer() -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_a_decode_write_compiles_into_the_layer_in_place_for_every_layer(device: str) -> None:
     """Compiled as the engine compiles its layers, with `fullgraph` (which fails on any graph break): the generated
     code allocates nothing of a layer's slab or the whole cache (indexed by an int layer, inductor copied the layer's
     slab out and back at every step), and all layers after the first share one graph (indexed as
     `keys[layer_idx, :batch]`, dynamo made a graph a layer and ran the layers past its recompile limit uncompiled)."""
     use_dynamo_settings()
-    cache = cache_class()(layers=5, slots=4, max_tokens=256, kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+    cache = cache_class()(layers=5, slots=4, max_tokens=256, kv_heads=2, head_dim=8, dtype=torch.float32, device=device)
     generator = torch.Generator().manual_seed(0)
-    key, value = (torch.randn((2, 2, 1, 8), generator=generator) for _ in "kv")
-    lengths = torch.tensor([5, 9])
-    cache.target = Decode(torch.arange(2), lengths, 128)
+    key, value = (torch.randn((2, 2, 1, 8), generator=generator).to(device) for _ in "kv")
+    lengths = torch.tensor([5, 9], device=device)
+    cache.target = Decode(torch.arange(2, device=device), lengths, 128)
     layers = [_Layer(index) for index in range(5)]
     for layer in layers:
         layer.compile(fullgraph=True)
@@ -55,6 +66,6 @@ def test_a_decode_write_compiles_into_the_layer_in_place_for_every_layer() -> No
         expected = cache.keys[index, :2, :, :128].sum(-1) + cache.values[index, :2, :, :128].sum(-1)
         torch.testing.assert_close(total, expected.sum())
     assert counters["stats"]["unique_graphs"] == len(codes) == 2
-    for code in codes:
-        allocated = re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code)
-        assert all(size.count(",") < 3 for size in allocated), allocated  # nothing of 4 dimensions or more
+    allocated = [size for code in codes for size in re.findall(rf"empty_strided_{device}\(\(([^)]*)\)", code)]
+    assert allocated  # the sums' results: the pattern reads this inductor's code
+    assert all(size.count(",") < 3 for size in allocated), allocated  # nothing of 4 dimensions or more

@@ -3,6 +3,7 @@ Triton's interpreter): the linear kernel and the decode attention on GLM-4's own
 `torch.compile`.
 
     .venv/bin/python -m pytest -m gpu tests/gpu -q
+    .venv/bin/python -m pytest -m gpu tests/test_slot_cache.py -q   # a decode step's KV write, compiled for CUDA
 
 Never runs in CI: the `gpu` marker is deselected by default, and every test is skipped without CUDA.
 """
