@@ -361,7 +361,8 @@ def drive(
     check: Callable[[B], tuple[Any, int]],
     more_profiles: Callable[[B], None] | None = None,
 ) -> None:
-    """Build the two paths (timed), run the measures, the profiles (`--profile`) and the float32 check
+    """Build the two paths (timed), run the measures (`--replays-only`: only the first tokens' agreement and the graph
+    replays, the steady measure of a change to the step), the profiles (`--profile`) and the float32 check
     (`--check-float32`: `check` gives the prompt and a slot's length), close the engine, and print the report."""
 
     from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
@@ -371,8 +372,12 @@ def drive(
     started = time.perf_counter()
     bench = build()
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
+    rows: list[Row]
     try:
-        rows, notes = run(bench)
+        if args.replays_only:
+            rows, notes = [], [*checked_agreement(bench, check(bench)[0]), replays(bench.engine, bench.sync)]
+        else:
+            rows, notes = run(bench)
         if args.profile:
             profile(bench.engine, bench.device, bench.sync)
             if more_profiles is not None:
@@ -404,13 +409,15 @@ def what_ran(bench: Paths, prompt: str) -> str:
 
 
 def report(rows: list[Row], notes: list[str], summary: str) -> None:
-    """One markdown table with the engine's speed-up per measure, then the notes and what ran."""
-    print("| measure | plain `model.generate` | batching engine | engine's speed-up |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, plain, ours in rows:
-        ratio = ours / plain if "tokens/s" in label else plain / ours
-        print(f"| {label} | {plain:.1f} | {ours:.1f} | {ratio:.2f}× |")
-    print()
+    """One markdown table with the engine's speed-up per measure (none without measures), then the notes and what
+    ran."""
+    if rows:
+        print("| measure | plain `model.generate` | batching engine | engine's speed-up |")
+        print("| --- | ---: | ---: | ---: |")
+        for label, plain, ours in rows:
+            ratio = ours / plain if "tokens/s" in label else plain / ours
+            print(f"| {label} | {plain:.1f} | {ours:.1f} | {ratio:.2f}× |")
+        print()
     print(*(f"- {note}" for note in notes), sep="\n")
     print()
     print(summary)

@@ -35,6 +35,11 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
+    parser.add_argument(
+        "--replays-only",
+        action="store_true",
+        help="only the agreement check and the graph replays: two engines compared in the time of one start each",
+    )
     parser.set_defaults(device_memory=device_memory)
     return parser
 

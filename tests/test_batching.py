@@ -217,6 +217,16 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
         assert f"| {measure}" in finished.stdout
 
 
+def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "1", "--replays-only"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    assert "no graphs captured (not a CUDA device)" in finished.stdout  # on a GPU: the replays' times
+    assert "| measure" not in finished.stdout
+
+
 def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:
     """`near_tie` reads plain `generate`'s scores at the place the paths part (with the prompt's image and the
     benchmark's suppressed tokens): at each place, plain's own token is its best, at rank 0."""
