@@ -5,9 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from batch_engine.engine import BatchEngine
 from tests.redis_server import redis_server
 
 pytest_plugins = ("tests.text_engine",)
@@ -53,6 +51,9 @@ def triton_interpreter() -> None:
 def engine_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """The batching engine cannot start: `BatchEngine.start` raises CUDA's out-of-memory error, as it does where the
     slots' KV caches do not fit the device."""
+    import torch
+
+    from batch_engine.engine import BatchEngine
 
     def start(self: BatchEngine) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
