@@ -7,10 +7,10 @@ The grouped products and the operator as the engine runs them (compiled), the ea
 ran it: its first kernel launched as a user-defined Triton kernel broke their graph, so the combine after it (torch
 code) ran as eager kernels; here all of it runs eagerly (with today's first kernel, which reads the mask itself: the
 earlier form also summed the mask into lengths, one more kernel, which this column leaves out). The same shapes
-throughout: GLM-4's 32 query heads over 2
-KV heads of 128, bfloat16, K and V read where the slots hold them, each row at a length of 70–90 % of the span.
-Prints µs per call (40 calls, one per layer, captured in a CUDA graph as in a decode step; CUDA events, median of 5
-runs of 20 replays) and the largest difference of each from a float32 reference.
+throughout: GLM-4's 32 query heads over 2 KV heads of 128, bfloat16, K and V read where the slots hold them, each row
+at a length of 70–90 % of the span. Prints µs per call (40 calls, one per layer, captured in a CUDA graph as in a
+decode step; CUDA events, median of 5 runs of 20 replays) and the largest difference of each from a float32
+reference.
 """
 
 from __future__ import annotations
