@@ -226,7 +226,8 @@ def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row]
     plain_ms, plain_out = bench.plain(together, answer)
     plain_first_ms, _ = bench.plain(together, 1)
     bench.engine.batch_sizes.clear()
-    engine_ms, done = bench.engine_run(prompts, answer)
+    with StepTimes(bench.engine) as steps:
+        engine_ms, done = bench.engine_run(prompts, answer)
     written = sum(len(c.ids) for c in done)
     firsts = sorted(c.first_token_ms for c in done)
     rows = [
@@ -235,10 +236,45 @@ def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row]
     ]
     note = (
         f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} "
-        f"ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; plain wrote {plain_out.numel()} in "
-        f"{plain_ms:.0f} ms"
+        f"ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}; plain wrote "
+        f"{plain_out.numel()} in {plain_ms:.0f} ms"
     )
     return rows, note
+
+
+class StepTimes:
+    """Where a load's time went on the engine's thread: the wall time of its steps that prefilled a request and of
+    those that only decoded, timed around `engine.step` while the context is open (the engine's thread calls the
+    instance's `step`). A step that prefilled waits for the request's first token, so its time holds the prefill and
+    the decode step launched before it."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.prefilling: list[float] = []
+        self.decoding: list[float] = []
+
+    def __enter__(self) -> StepTimes:
+        step = self.engine.step
+
+        def timed() -> bool:
+            admitted, started = self.engine.stats().admitted, time.perf_counter()
+            worked: bool = step()
+            spent = (time.perf_counter() - started) * 1000
+            if worked:
+                (self.prefilling if self.engine.stats().admitted > admitted else self.decoding).append(spent)
+            return worked
+
+        self.engine.step = timed
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        del self.engine.step  # the class's own again
+
+    def __str__(self) -> str:
+        return ", ".join(
+            f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each)"
+            for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
+        )
 
 
 def loads(bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answer: int) -> tuple[list[Row], list[str]]:

@@ -8,6 +8,7 @@ from token to token and an off-by-one position, a wrong mask or a row mixed up w
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -215,6 +216,8 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
     for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s", "follow-up"):
         assert f"| {measure}" in finished.stdout
+    # distinct images, one image prefill a step: three clients' load has three steps that prefilled
+    assert re.search(r"3 concurrent: [^\n]*; 3 steps with a prefill \d+ ms", finished.stdout), finished.stdout
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
