@@ -152,15 +152,7 @@ def _vision_loader(settings: VisionSettings, base_url: str) -> Callable[[], Awai
         if isinstance(settings, GlmVisionSettings):
             from vision_stage.glm import GlmVisionBackend
 
-            return await GlmVisionBackend.load(
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                thinking=settings.thinking,
-                max_new_tokens=settings.max_new_tokens,
-                allow_download=settings.allow_download,
-                batching=settings.batching(),
-            )
+            return await GlmVisionBackend.load_from(settings)
         if isinstance(settings, RemoteVisionSettings):
             from vision_stage.remote import RemoteVisionBackend
 
@@ -193,14 +185,7 @@ def _reasoning_loader(settings: ReasoningSettings, base_url: str) -> Callable[[]
             return await RemoteReasoningBackend.load(**_remote_call(settings, base_url))
         from reasoning_stage.local import LocalReasoningBackend
 
-        return await LocalReasoningBackend.load(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
-            allow_download=settings.allow_download,
-            batching=settings.batching(),
-        )
+        return await LocalReasoningBackend.load_from(settings)
 
     return load
 

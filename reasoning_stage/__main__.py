@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from batch_engine.settings import add_engine_arguments, engine_settings
+from batch_engine.settings import add_engine_arguments
 from reasoning_stage.errors import ReasoningError
 from stage_protocol.server.command import add_listening, add_log_level, run, serve, serve_command
 
@@ -39,18 +39,10 @@ async def _serve(args: argparse.Namespace) -> int:
     from reasoning_stage.local import LocalReasoningBackend
     from reasoning_stage.server import DEFAULT_MAX_TOKENS, create_app
 
-    loading = LocalReasoningBackend.load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir,
-        allow_download=args.allow_download,
-        batching=engine_settings(args),
-    )
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS
     return await serve(
         args,
-        loading,
+        LocalReasoningBackend.load_from(args),
         lambda backend, name: create_app(backend, served_model_name=name, default_max_tokens=max_tokens),
         stage="reasoning",
         log=log,

@@ -25,10 +25,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from batch_engine.compiling import use_dynamo_settings
 from batch_engine.engine import BatchEngine
-from batch_engine.settings import EngineSettings
+from batch_engine.settings import EngineOptions, EngineSettings, engine_settings
 from batch_engine.types import EngineStats
 from reasoning_stage import batched
 from reasoning_stage.backend import Health
@@ -43,6 +44,22 @@ from reasoning_stage.types import ReasoningDelta, ReasoningRequest, ReasoningRes
 from stage_protocol.backend import FinishReason
 
 log = logging.getLogger(__name__)
+
+
+class LocalOptions(EngineOptions, Protocol):
+    """What `LocalReasoningBackend.load_from` reads, named alike by the orchestrator's `local` settings
+    (`ORCH_REASONING__…`) and the stage's command line (`python -m reasoning_stage serve`)."""
+
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def cache_dir(self) -> Path | None: ...
+    @property
+    def allow_download(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,18 @@ class LocalReasoningBackend:
             converted=src.converted,
             load_seconds=time.perf_counter() - started,
             engine=engine,
+        )
+
+    @classmethod
+    async def load_from(cls, options: LocalOptions) -> LocalReasoningBackend:
+        """`load` with the model, device and batching engine that `options` name."""
+        return await cls.load(
+            options.model,
+            device=options.device,
+            dtype=options.dtype,
+            cache_dir=options.cache_dir,
+            allow_download=options.allow_download,
+            batching=engine_settings(options),
         )
 
     @property

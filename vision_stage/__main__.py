@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from batch_engine.settings import add_engine_arguments, engine_settings
+from batch_engine.settings import add_engine_arguments
 from stage_protocol.server.command import add_listening, add_log_level, run, serve, serve_command
 from vision_stage.backend import VisionBackend
 from vision_stage.errors import VisionError
@@ -50,15 +50,7 @@ async def _load(args: argparse.Namespace) -> VisionBackend:
     if args.backend == "glm":
         from vision_stage.glm import GlmVisionBackend
 
-        return await GlmVisionBackend.load(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            thinking=args.thinking,
-            max_new_tokens=args.max_new_tokens,
-            allow_download=args.allow_download,
-            batching=engine_settings(args),
-        )
+        return await GlmVisionBackend.load_from(args)
     from vision_stage.ocr import OcrVisionBackend
 
     return await OcrVisionBackend.load()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 
 from batch_engine.engine import started
-from batch_engine.settings import EngineSettings
+from batch_engine.settings import EngineOptions, EngineSettings, engine_settings
 from batch_engine.types import EngineStats, Refusals
 from stage_protocol.dtypes import named_dtype
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
@@ -63,6 +63,24 @@ from batch_engine.types import Completion
 DEFAULT_BATCHING = EngineSettings()
 REFUSALS = Refusals(VisionRejected, VisionUnavailable, "ORCH_VISION__ENGINE")
 """What the batching engine refuses, as the vision stage's errors."""
+
+
+class GlmOptions(EngineOptions, Protocol):
+    """What `GlmVisionBackend.load_from` reads, named alike by the orchestrator's `glm` settings
+    (`ORCH_VISION__…`) and the stage's command line (`python -m vision_stage serve --backend glm`)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def thinking(self) -> bool: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def allow_download(self) -> bool: ...
 
 
 class ImageTextModel(Protocol):
@@ -298,6 +316,19 @@ class GlmVisionBackend:
             GlmEngine.load, model, device=device, dtype=dtype, local_files_only=not allow_download, batching=batching
         )
         return cls(loaded, model=model, device=device, thinking=thinking, max_new_tokens=max_new_tokens)
+
+    @classmethod
+    async def load_from(cls, options: GlmOptions) -> GlmVisionBackend:
+        """`load` with the model, device, generation and batching engine that `options` name."""
+        return await cls.load(
+            options.model,
+            device=options.device,
+            dtype=options.dtype,
+            thinking=options.thinking,
+            max_new_tokens=options.max_new_tokens,
+            allow_download=options.allow_download,
+            batching=engine_settings(options),
+        )
 
     @property
     def engine(self) -> GlmEngine:
