@@ -166,8 +166,7 @@ class GlmEngine:
 
     def warm_up(self) -> None:
         """Encode a small image and generate one token, so a broken checkpoint fails now and not on a request."""
-        blank = DecodedImage(Image.new("RGB", (56, 56), "white"), "PNG", 56, 56, 0, "")
-        self.generate(VisionRequest(blank, task="caption"), thinking=False, max_new_tokens=1)
+        self.generate(warm_up_request(), thinking=False, max_new_tokens=1)
 
     def check_batching(self, tokens: int = 8) -> bool:
         """Whether the batching engine's first `tokens` tokens for the warm-up image equal plain `generate`'s (which
@@ -178,9 +177,8 @@ class GlmEngine:
 
         if self.batch is None:
             return True
-        blank = DecodedImage(Image.new("RGB", (56, 56), "white"), "PNG", 56, 56, 0, "")
         with translated("load", self.name):
-            prompt = self.codec.encode(VisionRequest(blank, task="caption"), thinking=False)
+            prompt = self.codec.encode(warm_up_request(), thinking=False)
             with torch.compiler.set_stance("force_eager"):
                 expected = self.generate_ids(prompt, tokens)
             return self.batch.agrees(prompt.inputs, expected, what="the warm-up image")
@@ -254,6 +252,12 @@ class GlmEngine:
                 f"holds at most {self.context_tokens}"
             )
         return min(max_new_tokens, room)
+
+
+def warm_up_request() -> VisionRequest:
+    """What a model is asked once at load (`GlmEngine.warm_up`, `check_batching`): a caption of a small blank image."""
+    blank = DecodedImage(Image.new("RGB", (56, 56), "white"), "PNG", 56, 56, 0, "")
+    return VisionRequest(blank, task="caption")
 
 
 def greedy_config(base: GenerationConfig, max_new_tokens: int) -> GenerationConfig:

@@ -11,6 +11,7 @@ model takes about 21 GB of GPU memory in bfloat16.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from batch_engine.settings import EngineSettings
 from batch_engine.vision_attention import register_vision_attention
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
 from vision_stage.errors import VisionUnavailable
-from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend
+from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend, greedy_config, warm_up_request
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage, VisionRequest
@@ -107,7 +108,8 @@ def test_a_very_long_image_fits_the_visual_token_cap(backend: GlmVisionBackend) 
 
 def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine: GlmEngine) -> None:
     """The engine as a GPU service runs it (compiled layers and encoder, CUDA graphs, its own thread) over the
-    full-size model: its first tokens for the warm-up image agree with plain `generate`'s, and requests on images of
+    full-size model: its first tokens for the warm-up image agree with plain `generate`'s (or part at a near-tie), and
+    requests on images of
     two sizes and a follow-up on one of them run without dynamo reaching its recompile limit, past which a layer runs
     uncompiled (`batch_engine.compiling`)."""
     watch_recompile_limit()
@@ -117,7 +119,7 @@ def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine
         settings = EngineSettings(slots=4, max_tokens=4096, compile=True)
         engine.batch = started(model, settings, REFUSALS, model_name="random GLM-4.6V-Flash", fails=VisionUnavailable)
         assert engine.batch.device.graphs, "decode steps captured as CUDA graphs"
-        assert engine.check_batching(), "the first 8 tokens equal plain generate's (bfloat16: a near-tie may part them)"
+        agrees_or_parts_at_a_near_tie(engine)
         images = [square(side, sha256=f"square-{side}") for side in (1024, 640)]  # keyed: reusable
         asked = [VisionRequest(image, "What is written on the sign?", task="answer") for image in images]
         asked.append(VisionRequest(images[0], "What colour is it?", task="answer"))
@@ -135,6 +137,34 @@ def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine
         torch._dynamo.reset()  # its compiled versions would count against the next compilation's recompile limit
         torch.cuda.empty_cache()
     assert recompile_limit_hits() == before, "dynamo reached its recompile limit: some layer ran uncompiled"
+
+
+def agrees_or_parts_at_a_near_tie(engine: GlmEngine, tokens: int = 8) -> None:
+    """The batching engine's first `tokens` tokens for the warm-up image against plain `generate`'s (eager, as
+    `check_batching` runs it): equal, or parting where plain's best score and the engine token's are at most four
+    bfloat16 steps apart. Random weights put many scores a rounding apart, and the two paths' kernels round
+    differently (in float32 they agree: `bench/gpu_vision.py --check-float32`); a wider gap is a bug."""
+    model: Any = engine.model
+    prompt = engine.codec.encode(warm_up_request(), thinking=False)
+    inputs = {name: tensor.to(model.device) for name, tensor in prompt.inputs.items()}
+    config = greedy_config(model.generation_config, tokens)
+    config.output_scores = config.return_dict_in_generate = True
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        output = model.generate(**inputs, generation_config=config)
+    plain = output.sequences[0, prompt.prompt_tokens :].tolist()
+    assert engine.batch is not None
+    ids = engine.batch.submit(prompt.inputs, image_key=None, max_new_tokens=tokens).result(timeout=600).ids
+    parted = next((n for n, (ours, theirs) in enumerate(zip(ids, plain, strict=False)) if ours != theirs), None)
+    if parted is None:
+        assert ids == plain
+        return
+    scores = output.scores[parted][0].float()
+    best, chosen = float(scores.max()), float(scores[ids[parted]])
+    step = 2.0 ** (math.floor(math.log2(abs(best))) - 7)  # bfloat16's spacing at that magnitude
+    assert best - chosen <= 4 * step, (
+        f"the engine's tokens {ids} part from plain generate's {plain} at {parted}, where plain's best score is "
+        f"{best:.4f} and the engine's token's {chosen:.4f} (rank {int((scores > chosen).sum())}): not a near-tie"
+    )
 
 
 @pytest.fixture(scope="module")
