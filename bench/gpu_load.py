@@ -1,0 +1,83 @@
+"""The GPU benchmarks' measures under concurrent load (`bench/gpu_common.py` runs them among the others): tokens/s
+and first tokens with many clients at once, and where the engine's time went while they ran."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from bench.gpu_common import Paths, Row
+
+
+def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row], str]:
+    """`len(prompts)` concurrent clients: plain `generate` as one batched call over the prompts as one batch
+    (`bench.together`), the engine with every prompt submitted at once; tokens/s and the first token under that load."""
+    count = len(prompts)
+    together = bench.together(prompts)
+    plain_ms, plain_out = bench.plain(together, answer)
+    plain_first_ms, _ = bench.plain(together, 1)
+    bench.engine.batch_sizes.clear()
+    with StepTimes(bench.engine) as steps:
+        engine_ms, done = bench.engine_run(prompts, answer)
+    written = sum(len(c.ids) for c in done)
+    firsts = sorted(c.first_token_ms for c in done)
+    rows = [
+        (f"{count} concurrent, tokens/s", plain_out.numel() / plain_ms * 1000, written / engine_ms * 1000),
+        (f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(firsts)),
+    ]
+    note = (
+        f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} "
+        f"ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}; plain wrote "
+        f"{plain_out.numel()} in {plain_ms:.0f} ms"
+    )
+    return rows, note
+
+
+class StepTimes:
+    """Where a load's time went on the engine's thread: the wall time of its steps that prefilled a request and of
+    those that only decoded, timed around `engine.step` while the context is open (the engine's thread calls the
+    instance's `step`). A step that prefilled waits for the request's first token, so its time holds the prefill and
+    the decode step launched before it."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.prefilling: list[float] = []
+        self.decoding: list[float] = []
+
+    def __enter__(self) -> StepTimes:
+        step = self.engine.step
+
+        def timed() -> bool:
+            admitted, started = self.engine.stats().admitted, time.perf_counter()
+            worked: bool = step()
+            spent = (time.perf_counter() - started) * 1000
+            if worked:
+                (self.prefilling if self.engine.stats().admitted > admitted else self.decoding).append(spent)
+            return worked
+
+        self.engine.step = timed
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        del self.engine.step  # the class's own again
+
+    def __str__(self) -> str:
+        return ", ".join(
+            f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each)"
+            for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
+        )
+
+
+def loads(bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answer: int) -> tuple[list[Row], list[str]]:
+    """`under_load` for each count of concurrent clients, each client with a prompt from `fresh`."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    for count in clients:
+        load_rows, note = under_load(bench, [fresh() for _ in range(count)], answer)
+        rows += load_rows
+        notes.append(note)
+    return rows, notes
