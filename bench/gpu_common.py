@@ -1,7 +1,7 @@
 """What the two GPU benchmarks share (`bench/gpu_vision.py`, `bench/gpu_text.py`; their common options are in
 `bench/gpu_options.py`, their measures under concurrent load in `bench/gpu_load.py`): the agreement check with plain
-`generate`, the scenarios, the graph replays, the decode-step profile and the printed report. Each benchmark's own `Bench` builds the model and its
-prompts and runs the two paths."""
+`generate`, the scenarios, the graph replays, the decode-step profile and the printed report. Each benchmark's own
+`Bench` builds the model and its prompts and runs the two paths."""
 
 from __future__ import annotations
 

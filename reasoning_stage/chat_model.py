@@ -6,7 +6,6 @@ Foreign errors are translated into the `reasoning_stage.errors` tree by `transla
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from reasoning_stage.errors import (
 from reasoning_stage.token_stream import TokenFeed
 from reasoning_stage.types import ChatMessage
 from stage_protocol.dtypes import named_dtype
+from stage_protocol.generation import generation_config
 from stage_protocol.loops import loop_stopper
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,10 @@ class ChatModel:
         from transformers import StoppingCriteriaList
 
         inputs = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)
-        config = self._generation_config(max_new_tokens, temperature)
+        config = generation_config(
+            self.model.generation_config, max_new_tokens, temperature=temperature,
+            pad_token_id=min(self.stop_ids) if self.stop_ids else None,
+        )  # fmt: skip
         with self._lock, torch.inference_mode():
             output = self.model.generate(
                 inputs,
@@ -184,19 +187,6 @@ class ChatModel:
         """The text of `token_ids`, special tokens skipped, not stripped."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return text if isinstance(text, str) else "".join(text)
-
-    def _generation_config(self, max_new_tokens: int, temperature: float) -> GenerationConfig:
-        config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = max_new_tokens
-        config.max_length = None
-        config.do_sample = temperature > 0
-        if config.do_sample:
-            config.temperature = temperature
-        else:  # greedy: drop the checkpoint's sampling defaults so generate does not warn about them
-            config.temperature, config.top_p, config.top_k = None, None, None
-        if config.pad_token_id is None and self.stop_ids:
-            config.pad_token_id = min(self.stop_ids)
-        return config
 
 
 def _torch_dtype(dtype: str) -> torch.dtype | Literal["auto"]:

@@ -23,7 +23,6 @@ says what each becomes in each phase).
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from batch_engine.engine import started
 from batch_engine.settings import EngineOptions, EngineSettings, engine_settings
 from batch_engine.types import EngineStats, Refusals
 from stage_protocol.dtypes import named_dtype
+from stage_protocol.generation import generation_config
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
 from vision_stage.backend import Health
 from vision_stage.errors import VisionError, VisionRejected, VisionUnavailable
@@ -235,7 +235,7 @@ class GlmEngine:
         from transformers import StoppingCriteriaList
 
         inputs = {name: tensor.to(self.model.device) for name, tensor in prompt.inputs.items()}
-        config = greedy_config(self.model.generation_config, max_new_tokens)
+        config = generation_config(self.model.generation_config, max_new_tokens)
         stop = StoppingCriteriaList([loop_stopper(prompt.prompt_tokens)])
         with torch.inference_mode():
             output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stop)
@@ -258,19 +258,6 @@ def warm_up_request() -> VisionRequest:
     """What a model is asked once at load (`GlmEngine.warm_up`, `check_batching`): a caption of a small blank image."""
     blank = DecodedImage(Image.new("RGB", (56, 56), "white"), "PNG", 56, 56, 0, "")
     return VisionRequest(blank, task="caption")
-
-
-def greedy_config(base: GenerationConfig, max_new_tokens: int) -> GenerationConfig:
-    """`base` (the checkpoint's generation config) set to greedy decoding of at most `max_new_tokens` tokens."""
-    config = copy.deepcopy(base)
-    config.max_new_tokens = max_new_tokens
-    config.max_length = None
-    config.do_sample = False
-    config.temperature, config.top_p, config.top_k = None, None, None  # no warning about unused sampling settings
-    if config.pad_token_id is None:
-        end: Any = config.eos_token_id
-        config.pad_token_id = end[0] if isinstance(end, list) and end else end
-    return config
 
 
 def torch_dtype(dtype: str, device: str) -> torch.dtype:

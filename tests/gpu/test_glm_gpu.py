@@ -24,9 +24,10 @@ from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import started
 from batch_engine.settings import EngineSettings
 from batch_engine.vision_attention import register_vision_attention
+from stage_protocol.generation import generation_config
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
 from vision_stage.errors import VisionUnavailable
-from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend, greedy_config, warm_up_request
+from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend, warm_up_request
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage, VisionRequest
@@ -147,7 +148,7 @@ def agrees_or_parts_at_a_near_tie(engine: GlmEngine, tokens: int = 8) -> None:
     model: Any = engine.model
     prompt = engine.codec.encode(warm_up_request(), thinking=False)
     inputs = {name: tensor.to(model.device) for name, tensor in prompt.inputs.items()}
-    config = greedy_config(model.generation_config, tokens)
+    config = generation_config(model.generation_config, tokens)
     config.output_scores = config.return_dict_in_generate = True
     with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
         output = model.generate(**inputs, generation_config=config)
