@@ -40,7 +40,16 @@ class Tiling:
 
 
 TILING = Tiling()
-"""The tiling the engine uses, from `python -m bench.gpu_linear --sweep` on an H200 (bench/RESULTS.md)."""
+"""The tiling of a product not in `TILINGS`, from `python -m bench.gpu_linear --sweep` on an H200 (bench/RESULTS.md):
+at one row the best for GLM-4's q/k/v product and within 0.7 µs of the best for its output and down products."""
+
+TILINGS = {
+    (4096, 4096): Tiling(32, 256, 4, 5),
+    (27392, 4096): Tiling(64, 256, 4, 3),
+    (4096, 13696): Tiling(32, 256, 4, 5),
+}
+"""(out features, in features) → tiling: the same sweep's best at one row for GLM-4's (and GLM-4.6V-Flash's) output,
+gate/up and down products."""
 
 _KERNEL: Any = None
 """The Triton kernel (`batch_engine.linear_kernel`) once `load` has imported it."""
@@ -64,15 +73,17 @@ def load() -> Any:
 
 
 def skinny_linear(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiling: Tiling = TILING
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiling: Tiling | None = None
 ) -> torch.Tensor:
     """`torch.nn.functional.linear(hidden, weight, bias)` through the kernel, for few rows of `hidden` (its leading
-    dimensions flattened; the engine sends at most `MAX_ROWS`), `weight` (out, in) contiguous in its rows."""
+    dimensions flattened; the engine sends at most `MAX_ROWS`), `weight` (out, in) contiguous in its rows; cut as
+    `tiling` says, by default as `TILINGS` gives for the weight's shape."""
     import torch
 
     *lead, depth = hidden.shape
     flat = hidden.reshape(-1, depth)
     rows, cols = flat.shape[0], weight.shape[0]
+    tiling = tiling or TILINGS.get((cols, depth), TILING)
     assert flat.stride(-1) == weight.stride(-1) == 1, "the kernel reads each row's lanes in order"
     out = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
     block_m = max(16, 1 << (rows - 1).bit_length())  # tensor-core products take at least 16 rows; spare ones masked

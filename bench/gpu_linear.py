@@ -7,7 +7,7 @@ GLM-4's four products of a decoder layer (query/key/value fused with its bias, o
 40 distinct weights each (one per layer: the same weight again would be read from the L2 cache), the 40 calls
 captured in one CUDA graph as in a decode step. Prints µs per call (median of 5 runs of 20 replays), the bandwidth
 each reaches, and the largest difference of each from a float32 product. `--sweep` times every tiling of a small
-grid for each shape and batch and prints the best ones (how `skinny_linear.TILING` was chosen).
+grid for each shape and batch and prints the best ones (how `skinny_linear.TILING` and `TILINGS` were chosen).
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ def main() -> None:
 
     import torch
 
-    from batch_engine.skinny_linear import TILING, skinny_linear
+    from batch_engine.skinny_linear import TILING, TILINGS, skinny_linear
 
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; tiling {TILING}", file=sys.stderr)
+    print(
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__}; tilings {TILINGS}, else {TILING}", file=sys.stderr
+    )
     print("| product | batch | cuBLAS, µs | kernel, µs | ratio | cuBLAS, kernel GB/s | max |diff| (cuBLAS, kernel) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     generator = torch.Generator("cuda").manual_seed(0)

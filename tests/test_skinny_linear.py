@@ -15,7 +15,7 @@ from batch_engine import skinny_linear as module
 from batch_engine.engine import BatchEngine
 from batch_engine.projections import fuse_projections
 from batch_engine.settings import EngineSettings
-from batch_engine.skinny_linear import MAX_ROWS, Tiling, routed_linear, skinny_linear, use_kernel
+from batch_engine.skinny_linear import MAX_ROWS, TILING, TILINGS, Tiling, routed_linear, skinny_linear, use_kernel
 from reasoning_stage.batched import REFUSALS
 from reasoning_stage.chat_model import ChatModel
 from tests.text_engine import BUDGET, QUESTIONS, ids_of, joining
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32])
 @pytest.mark.parametrize(("depth", "bias"), [(128, True), (100, False)])  # 100: the last block of lanes is partial
-@pytest.mark.parametrize("tiling", [Tiling(), Tiling(16, 32, 4, 2)], ids=["engine", "small"])
+@pytest.mark.parametrize("tiling", [TILING, Tiling(16, 32, 4, 2)], ids=["engine", "small"])
 def test_the_kernel_equals_linear_for_every_row_count_it_takes(
     rows: int, depth: int, bias: bool, tiling: Tiling
 ) -> None:
@@ -40,6 +40,17 @@ def test_the_kernel_equals_linear_for_every_row_count_it_takes(
     half = skinny_linear(hidden.half(), weight.half(), None if offsets is None else offsets.half(), tiling)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), expected, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, MAX_ROWS])
+@pytest.mark.parametrize("tiling", sorted(set(TILINGS.values()), key=str), ids=str)
+def test_the_kernel_equals_linear_with_each_tiling_of_a_product_shape(rows: int, tiling: Tiling) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    hidden = torch.randn((rows, 1, 300), generator=generator)  # 300: the last block of lanes is partial
+    weight = torch.randn((70, 300), generator=generator) / 300**0.5
+    torch.testing.assert_close(
+        skinny_linear(hidden, weight, None, tiling), torch.nn.functional.linear(hidden, weight), rtol=0, atol=1e-5
+    )
 
 
 def test_only_steps_of_few_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
