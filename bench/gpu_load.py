@@ -67,7 +67,8 @@ class StepTimes:
 
     def __str__(self) -> str:
         return ", ".join(
-            f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each)"
+            f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each, "
+            f"the longest {max(times, default=0):.1f})"
             for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
         )
 
