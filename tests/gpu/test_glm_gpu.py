@@ -24,6 +24,7 @@ from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import started
 from batch_engine.settings import EngineSettings
 from batch_engine.vision_attention import register_vision_attention
+from bench.gpu_common import parting
 from stage_protocol.generation import generation_config
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
 from vision_stage.errors import VisionUnavailable
@@ -155,7 +156,7 @@ def agrees_or_parts_at_a_near_tie(engine: GlmEngine, tokens: int = 8) -> None:
     plain = output.sequences[0, prompt.prompt_tokens :].tolist()
     assert engine.batch is not None
     ids = engine.batch.submit(prompt.inputs, image_key=None, max_new_tokens=tokens).result(timeout=600).ids
-    parted = next((n for n, (ours, theirs) in enumerate(zip(ids, plain, strict=False)) if ours != theirs), None)
+    parted = parting(plain, ids)
     if parted is None:
         assert ids == plain
         return
