@@ -240,11 +240,14 @@ def scenarios(
     follow_up: FollowUp,
     compare_overlap: bool,
 ) -> tuple[list[Row], list[str]]:
-    """Both benchmarks' measures after the agreement check: one request alone, each load, the follow-up (against
-    plain `generate`'s cold first token, which reuses nothing), then the graph replays and, if asked, the overlap."""
+    """Both benchmarks' measures: the agreement check on `one` (`checked_agreement`), one request alone, each load,
+    the follow-up (against plain `generate`'s cold first token, which reuses nothing), then the graph replays and, if
+    asked, the overlap."""
+    notes = checked_agreement(bench, one)
     rows = one_request(bench, rounds, one, fresh, forget)
-    load_rows, notes = loads(bench, clients, fresh, answer)
+    load_rows, load_notes = loads(bench, clients, fresh, answer)
     rows += load_rows
+    notes += load_notes
     rows.append((follow_up.label, rows[0][1], median_of(rounds, follow_up.first_token_ms)))
     notes += [follow_up.note(), replays(bench.engine, bench.sync)]
     if compare_overlap:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_common import FollowUp, Paths, checked_agreement, drive, scenarios, start_engine, what_ran
+from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran
 from bench.gpu_options import arguments, check_device, engine_options
 
 
@@ -82,7 +82,6 @@ def run(
     import torch
 
     one = bench.prompt(0)
-    notes = checked_agreement(bench, one)
     seeds = iter(range(1000, 100000))
 
     def fresh() -> Any:
@@ -101,7 +100,7 @@ def run(
         reused.append(done.reused_tokens)
         return float(done.first_token_ms)
 
-    rows, measured = scenarios(
+    return scenarios(
         bench, rounds, one, fresh, bench.engine.device.prefixes.clear, clients, answer,
         FollowUp(
             "follow-up on the same prefix, first token ms (p50)", follow_up,
@@ -109,8 +108,6 @@ def run(
         ),
         compare_overlap,
     )  # fmt: skip
-    notes += measured
-    return rows, notes
 
 
 def describe(bench: TextBench) -> str:

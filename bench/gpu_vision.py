@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_common import FollowUp, Paths, checked_agreement, drive, scenarios, start_engine, what_ran  # noqa: E402
+from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran  # noqa: E402
 from bench.gpu_options import arguments, check_device, engine_options  # noqa: E402
 
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
@@ -138,8 +138,6 @@ def run(
     bench: Bench, rounds: int, clients: tuple[int, ...], compare_overlap: bool = False
 ) -> tuple[list[tuple[str, float, float]], list[str]]:
     answer, one = bench.answer, bench.prompt(0)
-    notes = checked_agreement(bench, one)
-
     seeds = iter(range(1000, 100000))
 
     def fresh() -> Any:
@@ -161,7 +159,7 @@ def run(
         waits.append(done.queue_ms)
         return float(done.first_token_ms)
 
-    rows, measured = scenarios(
+    return scenarios(
         bench, rounds, one, fresh, forget, clients, answer,
         FollowUp(
             "follow-up on the same image, first token ms (p50)", follow_up,
@@ -169,8 +167,6 @@ def run(
         ),
         compare_overlap,
     )  # fmt: skip
-    notes += measured
-    return rows, notes
 
 
 def prefill_profile(bench: Bench) -> None:
