@@ -44,6 +44,21 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     return parser
 
 
+def parsed(
+    description: str | None, *, device_memory: str, size: str, default: int
+) -> tuple[argparse.Namespace, int, int]:
+    """Both benchmarks' options (`arguments`) and the one that sizes each prompt (`size`: the prompt's tokens, the
+    image's side; `default` unless given), parsed and checked against the device (`check_device`); with the size and
+    the answer's budget to run: with `--tiny`, a size of 64 and at most 16 answer tokens."""
+    parser = arguments(description, device_memory=device_memory)
+    sized = parser.add_argument(size, type=int, default=default)
+    args = parser.parse_args()
+    check_device(parser, args)
+    if args.tiny:
+        return args, 64, min(args.answer_tokens, 16)
+    return args, int(getattr(args, sized.dest)), args.answer_tokens
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
     compiled layers (`--compile`), the decode attention (`--decode-kernel`), the linear layers (`--linear-kernel`), the

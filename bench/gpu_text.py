@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran
-from bench.gpu_options import arguments, check_device, engine_options
+from bench.gpu_options import engine_options, parsed
 
 
 @dataclass
@@ -115,11 +115,8 @@ def describe(bench: TextBench) -> str:
 
 
 def main() -> None:
-    parser = arguments(__doc__.splitlines()[0] if __doc__ else None, device_memory="19 GB")
-    parser.add_argument("--prompt-tokens", type=int, default=1024)
-    args = parser.parse_args()
-    check_device(parser, args)
-    prompt_tokens, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.prompt_tokens, args.answer_tokens)
+    description = __doc__.splitlines()[0] if __doc__ else None
+    args, prompt_tokens, answer = parsed(description, device_memory="19 GB", size="--prompt-tokens", default=1024)
     drive(
         args,
         lambda: build(args.tiny, prompt_tokens, answer, **engine_options(args)),

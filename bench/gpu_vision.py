@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the 
     sys.path.insert(0, str(ROOT))
 
 from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran  # noqa: E402
-from bench.gpu_options import arguments, check_device, engine_options  # noqa: E402
+from bench.gpu_options import engine_options, parsed  # noqa: E402
 
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")
 
@@ -228,11 +228,8 @@ def float32_prompt(bench: Bench) -> tuple[Any, int]:
 
 
 def main() -> None:
-    parser = arguments(__doc__.splitlines()[0] if __doc__ else None, device_memory="21 GB")
-    parser.add_argument("--image-side", type=int, default=1024)
-    args = parser.parse_args()
-    check_device(parser, args)
-    side, answer = (64, min(args.answer_tokens, 16)) if args.tiny else (args.image_side, args.answer_tokens)
+    description = __doc__.splitlines()[0] if __doc__ else None
+    args, side, answer = parsed(description, device_memory="21 GB", size="--image-side", default=1024)
     drive(
         args,
         lambda: build(args.tiny, side, answer, **engine_options(args)),
