@@ -19,6 +19,10 @@ WARM_LENGTHS = (16, 24)
 becomes symbolic)."""
 WARM_PREFIX = 32
 """The reused prefix of `warm_prefills`' prefill after one (twice as long at its second length)."""
+WARM_SPAN = 300
+"""The riding rows' length `warm_prefills` tells its second prefill with rows riding: in the second span bucket (512
+positions), so that the span changes. Where 512 is a slot's whole length (`max_tokens` 512 or less), dynamo's duck
+sizing takes the span and the slot's length for one size, and the first ride along a shorter span compiles once."""
 WARM_REUSED = 144
 """The new tokens of `warm_prefills`' prefill after a reused prefix: more than an extend step takes (128)."""
 
@@ -112,12 +116,13 @@ def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> 
 
 
 def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], device: DeviceSteps) -> None:
-    """Prefill, at start and before any request, both kinds of prefill a request may meet, so that neither compiles
-    at request time (seconds on a GPU): a prompt from its start, and one after a reused prefix too long for an extend
-    step (`WARM_REUSED` tokens after `WARM_PREFIX`; the decode and extend steps compile as their CUDA graphs are
-    captured). Under `compile_shapes` `automatic` each kind twice, at two lengths, so that the lengths become symbolic.
-    Each into the first slot, freed after; nothing is kept for reuse. An image prompt's encoder compiles at its first
-    image (the `glm` backend's start checks the engine on one)."""
+    """Prefill, at start and before any request, the kinds of prefill a request may meet, so that none compiles at
+    request time (seconds on a GPU): a prompt from its start, alone and with rows riding along (`DeviceSteps.rides`),
+    and one after a reused prefix too long for an extend step (`WARM_REUSED` tokens after `WARM_PREFIX`; the decode
+    and extend steps compile as their CUDA graphs are captured). Under `compile_shapes` `automatic` each kind twice,
+    at two lengths, so that the lengths become symbolic. Each into the first slots, freed after; nothing is kept for
+    reuse. An image prompt's encoder compiles at its first image (the `glm` backend's start checks the engine on
+    one)."""
     import torch
 
     from batch_engine.slots import StoredKV
@@ -135,10 +140,27 @@ def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], de
         for prompt in fresh:
             device.prefill(prompt, 0, None)
             device.release(0)
+        if device.settings.ride_along:
+            for riders, prompt, longest in _riding(device, fresh):
+                for row in range(riders):
+                    device.prefill(fresh[0], row, None)
+                device.prefill(prompt, riders, None, longest)
+                for row in range(riders + 1):
+                    device.release(row)
         for prompt, prefix in reused:
             stored = StoredKV(cache.keys[:, 0, :, :prefix].clone(), cache.values[:, 0, :, :prefix].clone())
             device.prefill(prompt, 0, stored)
             device.release(0)
+
+
+def _riding(device: DeviceSteps, fresh: list[Prompt]) -> list[tuple[int, Prompt, int]]:
+    """The prefills with rows riding along that `warm_prefills` runs: (rows riding, the prompt, the longest row's
+    length as the step is told it). Two under either `compile_shapes`: dynamo compiles a size of 1 apart from the
+    others, so one row riding and two are each a kind; the second also changes the prompt's length (under automatic
+    dynamic shapes) and the riding rows' span, so that each becomes symbolic."""
+    most = device.settings.slots - 1
+    kinds = [(1, fresh[0], fresh[0].tokens), (2, fresh[-1], WARM_SPAN)]
+    return [(min(riders, most), prompt, longest) for riders, prompt, longest in kinds if most]
 
 
 def _warm_prompt(prepare: Callable[[Mapping[str, Any], str | None], Prompt], length: int) -> Prompt:

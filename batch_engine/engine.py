@@ -94,6 +94,8 @@ class BatchEngine:
         """The decode batch size of the latest steps."""
         self._abandoned: set[Future[Completion]] = set()
         self._decoded = 0
+        self._ridden = 0
+        """Decode steps taken inside a prefill's forward."""
         self._admitted = 0
         self._queue_ms = 0.0
 
@@ -187,6 +189,7 @@ class BatchEngine:
             prefix_misses=self.device.prefixes.misses,
             encoder_hits=self.device.encoder.hits,
             recompile_limit_hits=recompile_limit_hits() if self.device.compiled else 0,
+            ridden=self._ridden,
         )
 
     def start(self) -> None:
@@ -235,10 +238,11 @@ class BatchEngine:
         import torch
 
         with torch.inference_mode():
-            admitted = self._admit()
+            admitted, rode = self._admit()
             if not self._rows and self._unread is None:
                 return admitted
-            previous, self._unread = self._unread, (self._launch() if self._rows else None)
+            launched = rode if rode is not None else self._launch() if self._rows else None
+            previous, self._unread = self._unread, launched
             if previous is not None:
                 self._deliver(previous)
             if not self.settings.overlap and self._unread is not None:
@@ -252,8 +256,11 @@ class BatchEngine:
         while self.step():
             pass
 
-    def _admit(self) -> bool:
+    def _admit(self) -> tuple[bool, _Launched | None]:
+        """Admit and prefill what the step's budget allows: whether any was admitted, and the decode step the rows
+        in use rode along in (the first prefill's, when it `rides`), in place of a launched one."""
         spent, image_prefilled, admitted = 0, False, False
+        rode: _Launched | None = None
         while len(self._rows) < self.settings.slots:
             request, self._held = self._held, None
             if request is None:
@@ -275,19 +282,25 @@ class BatchEngine:
                 self._held = request
                 break
             request.stored = None
+            rides = rode is None and self.settings.ride_along and self.device.rides(stored)
+            riders = list(self._rows) if rides else []
             try:
-                self._prefill(request, stored)
+                self._prefill(request, stored, riders)
             except Exception as exc:  # this request's inputs failed the model: fail it alone
                 request.future.set_exception(exc)
                 continue
+            if riders:
+                rode = self._decoded_by(riders, self.device.tokens(len(riders)))
+                self._ridden += 1
             spent, image_prefilled, admitted = spent + cost, image_prefilled or needs_image, True
-        return admitted
+        return admitted, rode
 
-    def _prefill(self, request: _Request, stored: StoredKV | None) -> None:
+    def _prefill(self, request: _Request, stored: StoredKV | None, riders: list[_Request]) -> None:
         request.admitted = time.perf_counter()
         self._admitted += 1
         self._queue_ms += (request.admitted - request.submitted) * 1000
-        token = self.device.prefill(request.prompt, len(self._rows), stored)
+        longest = max((rider.length for rider in riders), default=0)
+        token = self.device.prefill(request.prompt, len(self._rows), stored, longest)
         request.reused = stored.tokens if stored else 0
         request.length = request.prompt.tokens
         self._rows.append(request)
@@ -297,7 +310,10 @@ class BatchEngine:
     def _launch(self) -> _Launched:
         """One decode step for every row, launched; its tokens are read by `_deliver`."""
         rows = list(self._rows)
-        read = self.device.launch(len(rows), max(request.length for request in rows))
+        return self._decoded_by(rows, self.device.launch(len(rows), max(request.length for request in rows)))
+
+    def _decoded_by(self, rows: list[_Request], read: Callable[[], list[int]]) -> _Launched:
+        """`rows` decoded one token each, in a launched step or a prefill's forward; `read` gives their tokens."""
         for request in rows:
             request.length += 1  # what its slot holds once the step has run
         self.steps += 1

@@ -49,6 +49,10 @@ class EngineSettings:
     """Launch each decode step before reading the tokens of the one before, so that the device does not wait for the
     host's handling of them between steps (on a GPU; elsewhere the steps run as they are called either way). A
     request that finishes at one step has had one more computed, and dropped."""
+    ride_along: bool = True
+    """The rows already decoding decode their next token inside a prefill's own forward (one from position 0),
+    instead of in a decode step of their own after it: to a compute-bound prompt of a thousand tokens a few more
+    rows add little, where a decode step reads every weight again."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing

@@ -60,14 +60,28 @@ class Extend:
 
 
 @dataclass(frozen=True)
+class RideAlong:
+    """A prefill from position 0 into row `slot` with rows `rows` (the rows before it) decoding one token each in the
+    same forward: the new tokens are the prompt's, written from position 0, then one per decoding row, written at
+    its `lengths[i]`; each decoding row attends to its first `span` positions (masked)."""
+
+    slot: int
+    rows: torch.Tensor
+    lengths: torch.Tensor
+    span: int
+
+
+@dataclass(frozen=True)
 class SlotStep:
     """The engine's keyword to `slot_attention`: `causal` when a prefill starts at position 0 (no mask needed);
     `grouped` for decode and extend steps (query heads grouped per KV head, masked); `kernel`: a decode step's
-    attention through `batch_engine.decode_attention` (CUDA and Triton only)."""
+    attention through `batch_engine.decode_attention` (CUDA and Triton only); `riding`: a prefill with decoding
+    rows in its forward (`RideAlong`), the mask being theirs."""
 
     causal: bool
     grouped: bool = False
     kernel: bool = False
+    riding: bool = False
 
 
 def cache_class() -> type:
@@ -98,7 +112,7 @@ def _define_slot_cache() -> type:
             self.offsets = torch.arange(max_tokens, device=device)
             self.layer_ids = torch.arange(layers, device=device)
             self.head_ids = torch.arange(kv_heads, device=device).view(1, kv_heads)
-            self.target: Prefill | Decode | Extend = Prefill(0, 0)
+            self.target: Prefill | Decode | Extend | RideAlong = Prefill(0, 0)
 
         @property
         def nbytes(self) -> int:
@@ -129,6 +143,15 @@ def _define_slot_cache() -> type:
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """A prefill's or an extend step's write, uncompiled: compiled, each slot and start would be a graph."""
             keys, values, target = self.keys[layer_idx], self.values[layer_idx], self.target
+            if isinstance(target, RideAlong):
+                # The rows in use and the new one, whole: the prefill's K and V at [slot, :, :new], each decoding
+                # row's at [row, :, :span] (`_ride_along_attention`). Whole, so that no stride of what the compiled
+                # attention is given depends on a size (cut to a span, one did, and each span compiled apart).
+                new = key_states.shape[2] - target.rows.shape[0]
+                for stored, states in ((keys, key_states[0]), (values, value_states[0])):
+                    stored[target.slot, :, :new] = states[:, :new]
+                    stored[target.rows, :, target.lengths] = states[:, new:].transpose(0, 1)
+                return keys[: target.slot + 1], values[: target.slot + 1]
             if isinstance(target, Extend):
                 rows = target.rows.expand(target.count)
                 written = target.start + self.offsets[: target.count]
@@ -176,6 +199,9 @@ def slot_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     scale = scaling or query.shape[-1] ** -0.5
+    if slot_step.riding:
+        assert attention_mask is not None  # the decoding rows' mask
+        return _ride_along_attention(query, key, value, attention_mask, scale, slot_step.kernel), None
     if slot_step.kernel and query.shape[2] == 1:
         from batch_engine.decode_attention import decode_attention
 
@@ -188,6 +214,35 @@ def slot_attention(
         query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _ride_along_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float, kernel: bool
+) -> torch.Tensor:
+    """A `RideAlong` step's attention, (1, new + rows, heads, dim): the prompt's queries causally over the prefilled
+    row's K and V, then each decoding row's one query as a decode step's (`kernel` or grouped). What is whose comes
+    from the shapes: `mask` is (rows, 1, 1, span), the new row is the one after them, `key` holds both."""
+    import torch
+
+    rows, span = mask.shape[0], mask.shape[-1]
+    new = query.shape[2] - rows
+    prompt = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, :new],
+        key[rows : rows + 1, :, :new],
+        value[rows : rows + 1, :, :new],
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
+    ).transpose(1, 2)
+    decoding = query[0, :, new:].transpose(0, 1).unsqueeze(2).contiguous()  # (rows, heads, 1, dim)
+    keys, values = key[:rows, :, :span], value[:rows, :, :span]
+    if kernel:
+        from batch_engine.decode_attention import decode_attention
+
+        tokens = decode_attention(decoding, keys, values, mask, scale)
+    else:
+        tokens = _grouped_attention(decoding, keys, values, mask, scale)
+    return torch.cat((prompt, tokens.reshape(1, rows, *tokens.shape[2:])), dim=1)
 
 
 CHUNK = 128

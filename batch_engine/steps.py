@@ -35,7 +35,17 @@ from batch_engine import decode_attention, skinny_linear, triton_kernels
 from batch_engine.compiling import compile_model
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
-from batch_engine.slots import ATTENTION, ByteBoundStore, Decode, Extend, Prefill, SlotStep, StoredKV, cache_class
+from batch_engine.slots import (
+    ATTENTION,
+    ByteBoundStore,
+    Decode,
+    Extend,
+    Prefill,
+    RideAlong,
+    SlotStep,
+    StoredKV,
+    cache_class,
+)
 from batch_engine.vision_attention import register_vision_attention
 
 if TYPE_CHECKING:
@@ -159,8 +169,10 @@ class DeviceSteps:
             self.prefixes.misses += 1
         return None
 
-    def prefill(self, prompt: Prompt, row: int, stored: StoredKV | None) -> int:
-        """`prompt` into `row` (after the `stored` prefix, when one was found); its first token."""
+    def prefill(self, prompt: Prompt, row: int, stored: StoredKV | None, longest: int = 0) -> int:
+        """`prompt` into `row` (after the `stored` prefix, when one was found); its first token. With `longest` (a
+        prefill from position 0 only: `rides`), the rows before `row`, the longest of which holds `longest` tokens,
+        decode one token each in the same forward, as a launched decode step would (`tokens` gives them)."""
         device, start = self.device, 0
         if stored is not None:
             self.cache.keys[:, row, :, : stored.tokens].copy_(stored.keys)
@@ -179,23 +191,59 @@ class DeviceSteps:
             if start == 0 and prompt.pixel_values is not None:
                 image = ids == self.image_token_id
                 embeds[image] = self._image_embeds(prompt).to(embeds.dtype)
-            mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
-            self.cache.target = Prefill(row, start)
-            hidden = self.text(
-                inputs_embeds=embeds[None],
-                position_ids=self._position_ids(prompt.positions[:, None, start:].to(device)),
-                attention_mask=mask.view(1, 1, total - start, total),
-                past_key_values=self.cache,
-                use_cache=True,
-                slot_step=SlotStep(causal=start == 0),
-            ).last_hidden_state
-            token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
+            positions = prompt.positions[:, start:].to(device)
+            if longest:
+                token = self._ride_along(embeds, positions, row, longest)
+            else:
+                mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
+                self.cache.target = Prefill(row, start)
+                hidden = self.text(
+                    inputs_embeds=embeds[None],
+                    position_ids=self._position_ids(positions[:, None]),
+                    attention_mask=mask.view(1, 1, total - start, total),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    slot_step=SlotStep(causal=start == 0),
+                ).last_hidden_state
+                token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
         self._keep_prefix(prompt, row, stored)
         self._input_ids[row, 0] = token
         self._lengths[row] = total
         self._deltas[row] = prompt.delta
         self._active[row] = 1
         return token
+
+    @staticmethod
+    def rides(stored: StoredKV | None) -> bool:
+        """Whether a prefill after `stored` can take the decoding rows into its forward (`prefill`'s `longest`): one
+        from position 0 (a follow-up's text after a reused prefix is an extend step, a graph of its own)."""
+        return stored is None
+
+    def _ride_along(self, embeds: Any, positions: Any, row: int, longest: int) -> int:
+        """A prompt's prefill into `row` (its `embeds` and `positions`, from position 0) with rows [0, `row`) each
+        decoding one token in the same forward (`slots.RideAlong`); the prompt's first token."""
+        import torch
+
+        span = self._span(longest + 1)
+        lengths = self._lengths[:row]
+        decoding = (lengths + self._deltas[:row]).view(1, row).expand(self.axes, row)
+        mask = self._positions[:span].view(1, span) <= lengths.view(row, 1)
+        self.cache.target = RideAlong(row, self._rows_index[:row], lengths, span)
+        hidden = self.text(
+            inputs_embeds=torch.cat((embeds, self.text.embed_tokens(self._input_ids[:row, 0])))[None],
+            position_ids=self._position_ids(torch.cat((positions, decoding), dim=1)[:, None]),
+            attention_mask=mask.view(row, 1, 1, span),
+            past_key_values=self.cache,
+            use_cache=True,
+            slot_step=SlotStep(causal=True, kernel=self.decode_step.kernel, riding=True),
+        ).last_hidden_state
+        # the prompt's last position, then one a decoding row, in the order of `row` and rows [0, row)
+        order = torch.cat((self._rows_index[row : row + 1], self._rows_index[:row]))
+        chosen = self._choose(self.model.lm_head(hidden[0, -row - 1 :]), order)
+        self._next_ids[:row].copy_(chosen[1:])
+        self._input_ids[:row, 0].copy_(chosen[1:])
+        lengths.add_(self._active[:row])
+        return int(chosen[0])
 
     def launch(self, batch: int, longest: int) -> Callable[[], list[int]]:
         """One decode step: a token for each of the first `batch` rows, the longest of which holds `longest` tokens.
@@ -208,6 +256,10 @@ class DeviceSteps:
             graph.replay()
         else:
             self._decode_step(bucket, span)
+        return self.tokens(batch)
+
+    def tokens(self, batch: int) -> Callable[[], list[int]]:
+        """The call that gives the tokens the last step decoded for the first `batch` rows (`launch`)."""
         if self._host_ids is None:
             tokens = self._next_ids[:batch].tolist()
             return lambda: tokens

@@ -45,7 +45,8 @@ class Completion:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """What the engine has done: decode steps and their mean batch size, requests admitted and their mean wait for
+    """What the engine has done: decode steps (`ridden` of them inside a prefill's forward: `EngineSettings.ride_along`)
+    and their mean batch size, requests admitted and their mean wait for
     a slot, lookups of the prefix and encoder stores, and the times dynamo reached its recompile limit in this process
     (`batch_engine.compiling.recompile_limit_hits`; 0 without compiled layers)."""
 
@@ -59,3 +60,4 @@ class EngineStats:
     prefix_misses: int
     encoder_hits: int
     recompile_limit_hits: int = 0
+    ridden: int = 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from batch_engine.settings import EngineSettings
-from bench.gpu_load import loads
+from bench.gpu_load import StepTimes, loads
 
 Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
@@ -199,24 +199,38 @@ def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: C
     return median_of(rounds, once)
 
 
-def overlap_compared(
-    bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None], clients: int, answer: int
+COMPARED = {
+    "overlap": "its step overlap",
+    "ride_along": "decoding rows riding along in prefills",
+}
+"""The engine's settings a benchmark may compare off and on (`compared`), and what each is."""
+
+
+def compared(
+    bench: Paths,
+    setting: str,
+    rounds: int,
+    fresh: Callable[[], Any],
+    forget: Callable[[], None],
+    clients: int,
+    answer: int,
 ) -> str:
-    """The engine with `EngineSettings.overlap` off, then on, in the same run: decode at batch 1, and `clients`
-    concurrent clients' tokens/s (the engine alone)."""
+    """The engine with its `setting` (a boolean `EngineSettings` field) off, then on, in the same run: decode at batch
+    1, and `clients` concurrent clients' tokens/s (the engine alone), with where that load's time went (`StepTimes`)."""
     from dataclasses import replace
 
     kept, figures = bench.engine.settings, []
     try:
-        for overlap in (False, True):
-            bench.engine.settings = replace(kept, overlap=overlap)
+        for on in (False, True):
+            bench.engine.settings = replace(kept, **{setting: on})
             decode = engine_decode(bench, rounds, fresh, forget)
-            ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
+            with StepTimes(bench.engine) as steps:
+                ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
             tokens = sum(len(completion.ids) for completion in done) / ms * 1000
-            figures.append(f"{'on' if overlap else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s")
+            figures.append(f"{'on' if on else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s ({steps})")
     finally:
         bench.engine.settings = kept
-    return f"overlap (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)
+    return f"{COMPARED[setting]} (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)
 
 
 @dataclass(frozen=True)
@@ -238,11 +252,11 @@ def scenarios(
     clients: tuple[int, ...],
     answer: int,
     follow_up: FollowUp,
-    compare_overlap: bool,
+    compare: tuple[str, ...] = (),
 ) -> tuple[list[Row], list[str]]:
     """Both benchmarks' measures: the agreement check on `one` (`checked_agreement`), one request alone, each load,
-    the follow-up (against plain `generate`'s cold first token, which reuses nothing), then the graph replays and, if
-    asked, the overlap."""
+    the follow-up (against plain `generate`'s cold first token, which reuses nothing), then the graph replays and
+    each setting to `compare` off and on (`compared`)."""
     notes = checked_agreement(bench, one)
     rows = one_request(bench, rounds, one, fresh, forget)
     load_rows, load_notes = loads(bench, clients, fresh, answer)
@@ -250,8 +264,7 @@ def scenarios(
     notes += load_notes
     rows.append((follow_up.label, rows[0][1], median_of(rounds, follow_up.first_token_ms)))
     notes += [follow_up.note(), replays(bench.engine, bench.sync)]
-    if compare_overlap:
-        notes.append(overlap_compared(bench, rounds, fresh, forget, max(clients), answer))
+    notes += [compared(bench, setting, rounds, fresh, forget, max(clients), answer) for setting in compare]
     return rows, notes
 
 

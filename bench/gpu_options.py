@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from batch_engine.settings import SWITCH, add_kernel_arguments
+from bench.gpu_common import COMPARED
 
 
 def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:
@@ -27,11 +28,15 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
-    parser.add_argument(
-        "--compare-overlap",
-        action="store_true",
-        help="after the run, the engine's decode and largest load with its step overlap off, then on",
-    )
+    for setting, what in COMPARED.items():
+        parser.add_argument(
+            f"--compare-{setting.replace('_', '-')}",
+            dest="compare",
+            action="append_const",
+            const=setting,
+            default=[],
+            help=f"after the run, the engine's decode and largest load with {what} off, then on",
+        )
     parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )

@@ -77,7 +77,7 @@ def build(tiny: bool, prompt_tokens: int, answer: int, **engine: Any) -> TextBen
 
 
 def run(
-    bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...], compare_overlap: bool = False
+    bench: TextBench, rounds: int, answer: int, clients: tuple[int, ...], compare: tuple[str, ...] = ()
 ) -> tuple[list[Any], list[str]]:
     import torch
 
@@ -106,7 +106,7 @@ def run(
             "follow-up on the same prefix, first token ms (p50)", follow_up,
             lambda: f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused",
         ),
-        compare_overlap,
+        compare,
     )  # fmt: skip
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     drive(
         args,
         lambda: build(args.tiny, prompt_tokens, answer, **engine_options(args)),
-        lambda bench: run(bench, args.rounds, answer, args.clients, args.compare_overlap),
+        lambda bench: run(bench, args.rounds, answer, args.clients, tuple(args.compare)),
         describe,
         check=lambda bench: (bench.prompt(0), bench.prompt_tokens + 256),
     )

@@ -135,7 +135,7 @@ def noise(side: int, seed: int) -> Image.Image:
 
 
 def run(
-    bench: Bench, rounds: int, clients: tuple[int, ...], compare_overlap: bool = False
+    bench: Bench, rounds: int, clients: tuple[int, ...], compare: tuple[str, ...] = ()
 ) -> tuple[list[tuple[str, float, float]], list[str]]:
     answer, one = bench.answer, bench.prompt(0)
     seeds = iter(range(1000, 100000))
@@ -165,7 +165,7 @@ def run(
             "follow-up on the same image, first token ms (p50)", follow_up,
             lambda: f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill",
         ),
-        compare_overlap,
+        compare,
     )  # fmt: skip
 
 
@@ -233,7 +233,7 @@ def main() -> None:
     drive(
         args,
         lambda: build(args.tiny, side, answer, **engine_options(args)),
-        lambda bench: run(bench, args.rounds, args.clients, args.compare_overlap),
+        lambda bench: run(bench, args.rounds, args.clients, tuple(args.compare)),
         describe,
         check=float32_prompt,
         more_profiles=prefill_profile,

@@ -77,12 +77,14 @@ def test_one_request_equals_plain_generate(glm: GlmEngine) -> None:
     assert completion.first_token_ms >= completion.queue_ms >= 0
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_requests_joining_at_different_steps_each_equal_plain_generate(glm: GlmEngine, overlap: bool) -> None:
+@pytest.mark.parametrize(("overlap", "ride_along"), [(True, True), (False, True), (True, False)])
+def test_requests_joining_at_different_steps_each_equal_plain_generate(
+    glm: GlmEngine, overlap: bool, ride_along: bool
+) -> None:
     prompts = [prompt(glm, seed, question) for seed, question in ((2, "what?"), (3, "how many?"), (4, "who is it?"))]
     prompts.append(prompt(glm, 5, "where?", width=96, height=32))  # another grid: other M-RoPE positions
     expected = [glm.generate_ids(encoded, BUDGET - n) for n, encoded in enumerate(prompts)]
-    batch = engine(glm, overlap=overlap)
+    batch = engine(glm, overlap=overlap, ride_along=ride_along)
     futures = [submit(batch, prompts[0], "a", BUDGET)]
     batch.step()
     batch.step()
@@ -92,6 +94,8 @@ def test_requests_joining_at_different_steps_each_equal_plain_generate(glm: GlmE
     batch.run_until_idle()
     assert [future.result().ids for future in futures] == expected
     assert max(batch.batch_sizes) >= 3, "the requests overlapped"
+    # each of the last three prefilled with the rows before it decoding in its forward (one image a step: "d" after "c")
+    assert batch.stats().ridden == (3 if ride_along else 0)
 
 
 def test_the_triton_decode_kernel_equals_plain_generate_with_m_rope_rows_joining(
@@ -106,6 +110,7 @@ def test_the_triton_decode_kernel_equals_plain_generate_with_m_rope_rows_joining
     batch.run_until_idle()
     assert [future.result().ids for future in futures] == expected
     assert max(batch.batch_sizes) == 2
+    assert batch.stats().ridden == 1, "the first request's row decoded through the kernel in the second's prefill"
 
 
 @pytest.mark.parametrize("overlap", [True, False])

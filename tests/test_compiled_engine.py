@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from batch_engine.compiling import DYNAMO_SETTINGS, WARM_REUSED, recompile_limit_hits, watch_recompile_limit
+from batch_engine.compiling import (
+    DYNAMO_SETTINGS,
+    WARM_REUSED,
+    recompile_limit_hits,
+    warm_prefills,
+    watch_recompile_limit,
+)
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.steps import EXTEND_BUCKETS
@@ -96,6 +102,41 @@ def test_after_start_no_prefill_compiles_neither_a_new_length_nor_one_after_a_re
     finally:
         engine.close()
         uncompile(chat)
+
+
+@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
+def test_after_start_no_prefill_with_rows_riding_along_compiles(chat: ChatModel, shapes: str) -> None:
+    """Each request joins a step after the one before, so that its prefill takes one, two, then three rows along
+    (`DeviceSteps.rides`): after the start's warm-up (`BatchEngine.start` without its thread: the test steps the engine
+    itself) none compiles at request time. The decode steps, not captured on the CPU, may."""
+    from torch._dynamo.utils import counters
+
+    prompts = [ids_of(chat, question) for question in QUESTIONS]
+    expected = [chat.complete(prompt, max_new_tokens=BUDGET, temperature=0.0) for prompt in prompts]
+    settings = EngineSettings(slots=4, max_tokens=1024, compile=True, compile_shapes=shapes)  # see `WARM_SPAN`
+    engine = BatchEngine(chat.model, settings, REFUSALS)
+    compiled: list[int] = []
+    prefill = engine.device.prefill
+
+    def counting(prompt: Any, row: int, stored: Any, longest: int = 0) -> int:
+        before = counters["stats"]["unique_graphs"]
+        token = prefill(prompt, row, stored, longest)
+        if longest:
+            compiled.append(counters["stats"]["unique_graphs"] - before)
+        return token
+
+    try:
+        warm_prefills(engine.prepare, engine.device)
+        engine.device.prefill = counting  # type: ignore[method-assign]
+        futures = []
+        for prompt in prompts:
+            futures.append(submit(engine, prompt))
+            engine.step()
+        engine.run_until_idle()
+        assert [future.result().ids for future in futures] == expected
+    finally:
+        uncompile(chat)
+    assert compiled == [0, 0, 0], "a prefill with rows riding along compiled at request time"
 
 
 def test_the_triton_decode_kernel_equals_plain_generate_as_requests_join_and_leave(

@@ -7,9 +7,11 @@ Per request (`MetricsMiddleware`, from the request's record, `orchestrator.obser
 `orchestrator_batch_requests_total{result}` (answered, failed) and `orchestrator_batches_total{status}`. At scrape
 time (`StateCollector`): `orchestrator_breaker_state{stage, endpoint, state}` (1 for the endpoint's current state, 0
 for the others) and `orchestrator_endpoint_in_flight{stage, endpoint}`; for an in-process `glm` backend's batching
-engine, `orchestrator_engine_requests{stage, endpoint, state}` (running, waiting), `orchestrator_engine_steps_total`,
-`orchestrator_engine_mean_batch`, `orchestrator_engine_admitted_total`, `orchestrator_engine_mean_queue_seconds` and
-`orchestrator_engine_reuse_total{store, result}` (image-prefix and encoder lookups).
+engine, `orchestrator_engine_requests{stage, endpoint, state}` (running, waiting), `orchestrator_engine_steps_total`
+(`orchestrator_engine_ridden_steps_total` of them inside a prefill's forward), `orchestrator_engine_mean_batch`,
+`orchestrator_engine_admitted_total`, `orchestrator_engine_mean_queue_seconds`,
+`orchestrator_engine_reuse_total{store, result}` (image-prefix and encoder lookups) and
+`orchestrator_engine_recompile_limit_hits_total`.
 
 `outcome` is `ok`, `degraded`, or the error `type` of a failed request (`vision_unavailable`, `overloaded`, …) — or
 `http_<status>` when no error type was recorded.
@@ -130,6 +132,9 @@ class _EngineFamilies:
             labels=[*labels, "state"],
         )
         self.steps = CounterMetricFamily("orchestrator_engine_steps", "Decode steps run.", labels=labels)
+        self.ridden = CounterMetricFamily(
+            "orchestrator_engine_ridden_steps", "Decode steps run inside a prefill's forward.", labels=labels
+        )
         self.batch = GaugeMetricFamily("orchestrator_engine_mean_batch", "Mean rows per decode step.", labels=labels)
         self.admitted = CounterMetricFamily("orchestrator_engine_admitted", "Requests given a slot.", labels=labels)
         self.queue = GaugeMetricFamily(
@@ -150,6 +155,7 @@ class _EngineFamilies:
         self.requests.add_metric([*labels, "running"], float(stats.running))
         self.requests.add_metric([*labels, "waiting"], float(stats.waiting))
         self.steps.add_metric(labels, float(stats.steps))
+        self.ridden.add_metric(labels, float(stats.ridden))
         self.batch.add_metric(labels, stats.mean_batch)
         self.admitted.add_metric(labels, float(stats.admitted))
         self.queue.add_metric(labels, stats.mean_queue_ms / 1000.0)
@@ -159,7 +165,8 @@ class _EngineFamilies:
         self.limit.add_metric(labels, float(stats.recompile_limit_hits))
 
     def families(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        yield from (self.requests, self.steps, self.batch, self.admitted, self.queue, self.reuse, self.limit)
+        yield from (self.requests, self.steps, self.ridden, self.batch, self.admitted, self.queue, self.reuse)
+        yield self.limit
 
 
 class MetricsMiddleware(RecordingMiddleware):
