@@ -21,8 +21,7 @@ WARM_PREFIX = 32
 """The reused prefix of `warm_prefills`' prefill after one (twice as long at its second length)."""
 WARM_SPAN = 300
 """The riding rows' length `warm_prefills` tells its second prefill with rows riding: in the second span bucket (512
-positions), so that the span changes. Where 512 is a slot's whole length (`max_tokens` 512 or less), dynamo's duck
-sizing takes the span and the slot's length for one size, and the first ride along a shorter span compiles once."""
+positions), so that the span changes."""
 WARM_REUSED = 144
 """The new tokens of `warm_prefills`' prefill after a reused prefix: more than an extend step takes (128)."""
 

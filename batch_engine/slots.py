@@ -201,7 +201,8 @@ def slot_attention(
     scale = scaling or query.shape[-1] ** -0.5
     if slot_step.riding:
         assert attention_mask is not None  # the decoding rows' mask
-        return _ride_along_attention(query, key, value, attention_mask, scale, slot_step.kernel), None
+        assert _EAGER_RIDE_ALONG is not None  # made where the attention is registered
+        return _EAGER_RIDE_ALONG(query, key, value, attention_mask, scale, slot_step.kernel), None
     if slot_step.kernel and query.shape[2] == 1:
         from batch_engine.decode_attention import decode_attention
 
@@ -221,7 +222,12 @@ def _ride_along_attention(
 ) -> torch.Tensor:
     """A `RideAlong` step's attention, (1, new + rows, heads, dim): the prompt's queries causally over the prefilled
     row's K and V, then each decoding row's one query as a decode step's (`kernel` or grouped). What is whose comes
-    from the shapes: `mask` is (rows, 1, 1, span), the new row is the one after them, `key` holds both."""
+    from the shapes: `mask` is (rows, 1, 1, span), the new row is the one after them, `key` holds both.
+
+    It runs uncompiled (`_EAGER_RIDE_ALONG`), between the compiled parts of a layer. Compiled, its cuts of the slots
+    by the span and the row count put guards on how the two compare with each other and with a slot's length, and a
+    ride along a kind of span or row count that the start had not met compiled at request time (seen on an H100:
+    the first loads' prefill steps took up to a second)."""
     import torch
 
     rows, span = mask.shape[0], mask.shape[-1]
@@ -243,6 +249,10 @@ def _ride_along_attention(
     else:
         tokens = _grouped_attention(decoding, keys, values, mask, scale)
     return torch.cat((prompt, tokens.reshape(1, rows, *tokens.shape[2:])), dim=1)
+
+
+_EAGER_RIDE_ALONG: Any = None
+"""`_ride_along_attention` kept out of compiled code (`torch.compiler.disable`), made by `register_attention`."""
 
 
 CHUNK = 128
@@ -275,9 +285,13 @@ def _grouped_attention(
 
 def register_attention() -> None:
     """Register `slot_attention` (and sdpa's mask for plain `generate`) under `ATTENTION`; idempotent."""
+    import torch
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
+    global _EAGER_RIDE_ALONG
+    if _EAGER_RIDE_ALONG is None:
+        _EAGER_RIDE_ALONG = torch.compiler.disable(_ride_along_attention)
     AttentionInterface.register(ATTENTION, slot_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
