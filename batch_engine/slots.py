@@ -291,7 +291,7 @@ def register_attention() -> None:
 
     global _EAGER_RIDE_ALONG
     if _EAGER_RIDE_ALONG is None:
-        _EAGER_RIDE_ALONG = torch.compiler.disable(_ride_along_attention)
+        _EAGER_RIDE_ALONG = torch.compiler.disable(_ride_along_attention)  # type: ignore[no-untyped-call]
     AttentionInterface.register(ATTENTION, slot_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
