@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
+from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
 from batch_engine.settings import EngineSettings
 from batch_engine.slots import StoredKV
@@ -137,18 +138,6 @@ class BatchEngine:
         """One prompt's model inputs as the engine runs them (`batch_engine.prompts.prompt_of`)."""
         rope_index = self.model.model.get_rope_index if self.device.axes == 3 else None
         return prompt_of(inputs, image_key, rope_index=rope_index, image_end_id=self.device.image_end_id)
-
-    def agrees(self, inputs: Mapping[str, Any], expected: list[int], *, what: str) -> bool:
-        """Whether the engine's greedy tokens for `inputs` equal `expected` (plain `generate`'s for them), blocking. A
-        difference is logged (naming `what` was asked), not raised: in bfloat16 the two attention paths round
-        differently and may part at a near-tie; in float32 it would be a bug."""
-        got = self.submit(inputs, image_key=None, max_new_tokens=len(expected)).result(timeout=600).ids
-        if got != expected:
-            log.warning(
-                "batching engine: its first tokens %s differ from plain generate's %s on %s (%s)",
-                got, expected, what, getattr(self.model, "dtype", "?"),
-            )  # fmt: skip
-        return got == expected
 
     async def wait(self, future: Future[Completion]) -> Completion:
         """`future`'s completion, awaited without holding anything; cancelling the awaiting task abandons it
@@ -392,28 +381,3 @@ def _drain(source: queue.Queue[_Request]) -> list[_Request]:
     while (request := _take(source)) is not None:
         drained.append(request)
     return drained
-
-
-def started(
-    model: Any, settings: EngineSettings, refusals: Refusals, *, model_name: str, fails: type[Exception]
-) -> BatchEngine:
-    """The engine over `model`, started (blocking: on a GPU it compiles and captures its CUDA graphs). Any failure is
-    `fails` saying what to lower, naming `model_name`: the KV cache of every slot is allocated here."""
-    try:
-        engine = BatchEngine(model, settings, refusals)
-        engine.start()
-    except Exception as exc:
-        raise fails(
-            f"could not start the batching engine of {model_name} ({type(exc).__name__}: {exc}); its "
-            f"{settings.slots} slots of {settings.max_tokens} tokens may not fit: lower {refusals.setting('_SLOTS')} "
-            f"or {refusals.setting('_MAX_TOKENS')}, or set {refusals.setting('')}=generate"
-        ) from exc
-    return engine
-
-
-def stop_ids_of(generation_config: Any) -> tuple[int, ...]:
-    """The token ids that end an answer in a checkpoint's generation config (`eos_token_id`: one id or a list)."""
-    ids = generation_config.eos_token_id
-    if ids is None:
-        return ()
-    return tuple(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]))

@@ -22,17 +22,16 @@ GLM-4.6V-Flash), one for a text model's plain positions; `_position_ids` gives e
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
-from batch_engine import decode_attention, skinny_linear, triton_kernels
+from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
 from batch_engine.compiling import compile_model
+from batch_engine.greedy import GreedyChoice
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
 from batch_engine.slots import (
@@ -120,14 +119,9 @@ class DeviceSteps:
             settings.slots, self.capacity, self.device, self.cache.nbytes / 1e9,
             self.cache.nbytes / settings.slots / self.capacity / 1e3,
         )  # fmt: skip
-        generation = model.generation_config
-        slots, device, vocab = settings.slots, self.device, text.vocab_size
-        self._suppressed = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self._suppressed[list(generation.suppress_tokens or [])] = True
-        self._penalty = float(generation.repetition_penalty or 1.0)
-        self._seen = torch.zeros(
-            (slots, vocab) if self._penalty != 1.0 else (slots, 1), dtype=torch.bool, device=device
-        )
+        slots, device = settings.slots, self.device
+        self._choose = GreedyChoice(model.generation_config, slots, text.vocab_size, device)
+        """Greedy choice as `generate` makes it, and each slot's tokens seen for a repetition penalty."""
         self._input_ids = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self._next_ids = torch.zeros(slots, dtype=torch.long, device=device)
         self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
@@ -179,9 +173,7 @@ class DeviceSteps:
             self.cache.values[:, row, :, : stored.tokens].copy_(stored.values)
             start = stored.tokens
         ids = prompt.ids.to(device)
-        self._seen[row] = False
-        if self._penalty != 1.0:
-            self._seen[row, ids] = True
+        self._choose.start(row, ids)
         total = prompt.tokens
         count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
         if start and count and start + count <= self.capacity:
@@ -273,7 +265,7 @@ class DeviceSteps:
     def move(self, source: int, destination: int, length: int) -> None:
         """Row `source` (holding `length` tokens) into row `destination`; `source` is then free."""
         self.cache.move(source, destination, length)
-        for buffer in (self._input_ids, self._lengths, self._deltas, self._seen):
+        for buffer in (self._input_ids, self._lengths, self._deltas, self._choose.seen):
             buffer[destination] = buffer[source]
         self.release(source)
 
@@ -382,66 +374,9 @@ class DeviceSteps:
         self._input_ids[:bucket, 0].copy_(chosen)
         lengths.add_(self._active[:bucket])
 
-    def _choose(self, logits: Any, rows: Any) -> Any:
-        """Greedy choice, as `generate` makes it under the checkpoint's `repetition_penalty` (over the prompt and
-        the answer so far) and `suppress_tokens`; on the device."""
-        import torch
-
-        scores = logits.float()
-        if self._penalty != 1.0:
-            penalised = torch.where(scores < 0, scores * self._penalty, scores / self._penalty)
-            scores = torch.where(self._seen[rows], penalised, scores)
-        scores = scores.masked_fill(self._suppressed, float("-inf"))
-        chosen = scores.argmax(-1)
-        if self._penalty != 1.0:
-            self._seen[rows, chosen] = True
-        return chosen
-
     def capture(self) -> None:
-        """Capture one decode graph per (batch, span) bucket (CUDA devices with `cuda_graphs` only; before any
-        request). A capture that fails leaves that bucket eager and says so in the log."""
-        import torch
-
-        if self.device.type != "cuda" or not self.settings.cuda_graphs:
-            return
-        batches = sorted({min(size, self.settings.slots) for size in BATCH_BUCKETS})
-        spans = sorted({min(size, self.capacity) for size in SPAN_BUCKETS})
-        pool = torch.cuda.graph_pool_handle()
-        started = time.perf_counter()
-        with torch.inference_mode():
-            steps: list[tuple[tuple[Any, ...], Callable[[], None]]] = [
-                ((bucket, span), functools.partial(self._decode_step, bucket, span))
-                for bucket, span in itertools.product(batches, spans)
-            ]
-            steps += [
-                (("extend", count, span), functools.partial(self._extend_step, count, span))
-                for count, span in itertools.product(EXTEND_BUCKETS, spans)
-                if count < span
-            ]
-            for key, step in steps:
-                try:
-                    self.graphs[key] = self._capture_one(step, pool)
-                except Exception:
-                    log.exception("batching engine: graph %s not captured; it runs eagerly", key)
-        self._lengths.zero_()
-        self._active.zero_()
-        log.info(
-            "batching engine: %d decode graphs captured in %.1f s", len(self.graphs), time.perf_counter() - started
-        )
-
-    def _capture_one(self, step: Callable[[], None], pool: Any) -> Any:
-        import torch
-
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # warm-up, outside the graph
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            step()
-        torch.cuda.synchronize()
-        return graph
+        """The decode and extend steps' CUDA graphs (`batch_engine.graphs`)."""
+        graphs.capture(self, self._decode_step, self._extend_step)
 
 
 def _read(host: Any, batch: int, done: Any) -> list[int]:

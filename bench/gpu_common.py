@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from batch_engine.settings import EngineSettings
-from bench.gpu_load import StepTimes, loads
+from bench.gpu_load import compared, loads
 
 Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
@@ -197,40 +197,6 @@ def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: C
         return (full_ms - first_ms) / max(1, len(done.ids) - 1)
 
     return median_of(rounds, once)
-
-
-COMPARED = {
-    "overlap": "its step overlap",
-    "ride_along": "decoding rows riding along in prefills",
-}
-"""The engine's settings a benchmark may compare off and on (`compared`), and what each is."""
-
-
-def compared(
-    bench: Paths,
-    setting: str,
-    rounds: int,
-    fresh: Callable[[], Any],
-    forget: Callable[[], None],
-    clients: int,
-    answer: int,
-) -> str:
-    """The engine with its `setting` (a boolean `EngineSettings` field) off, then on, in the same run: decode at batch
-    1, and `clients` concurrent clients' tokens/s (the engine alone), with where that load's time went (`StepTimes`)."""
-    from dataclasses import replace
-
-    kept, figures = bench.engine.settings, []
-    try:
-        for on in (False, True):
-            bench.engine.settings = replace(kept, **{setting: on})
-            decode = engine_decode(bench, rounds, fresh, forget)
-            with StepTimes(bench.engine) as steps:
-                ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
-            tokens = sum(len(completion.ids) for completion in done) / ms * 1000
-            figures.append(f"{'on' if on else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s ({steps})")
-    finally:
-        bench.engine.settings = kept
-    return f"{COMPARED[setting]} (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The GPU benchmarks' measures under concurrent load (`bench/gpu_common.py` runs them among the others): tokens/s
-and first tokens with many clients at once, and where the engine's time went while they ran."""
+and first tokens with many clients at once, where the engine's time went while they ran, and a load with one of the
+engine's settings off, then on (`compared`)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,39 @@ def loads(bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answ
         rows += load_rows
         notes.append(note)
     return rows, notes
+
+
+COMPARED = {
+    "overlap": "its step overlap",
+    "ride_along": "decoding rows riding along in prefills",
+}
+"""The engine's settings a benchmark may compare off and on (`compared`), and what each is."""
+
+
+def compared(
+    bench: Paths,
+    setting: str,
+    rounds: int,
+    fresh: Callable[[], Any],
+    forget: Callable[[], None],
+    clients: int,
+    answer: int,
+) -> str:
+    """The engine with its `setting` (a boolean `EngineSettings` field) off, then on, in the same run: decode at batch
+    1, and `clients` concurrent clients' tokens/s (the engine alone), with where that load's time went (`StepTimes`)."""
+    from dataclasses import replace
+
+    from bench.gpu_common import engine_decode
+
+    kept, figures = bench.engine.settings, []
+    try:
+        for on in (False, True):
+            bench.engine.settings = replace(kept, **{setting: on})
+            decode = engine_decode(bench, rounds, fresh, forget)
+            with StepTimes(bench.engine) as steps:
+                ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
+            tokens = sum(len(completion.ids) for completion in done) / ms * 1000
+            figures.append(f"{'on' if on else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s ({steps})")
+    finally:
+        bench.engine.settings = kept
+    return f"{COMPARED[setting]} (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from batch_engine.settings import SWITCH, add_kernel_arguments
-from bench.gpu_common import COMPARED
+from bench.gpu_load import COMPARED
 
 
 def arguments(description: str | None, *, device_memory: str) -> argparse.ArgumentParser:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from batch_engine.engine import BatchEngine, started
+from batch_engine.engine import BatchEngine
+from batch_engine.start import agrees, started
 from batch_engine.types import Refusals
 from reasoning_stage.chat_model import ChatModel, Completion, translate_error, translated
 from reasoning_stage.errors import ReasoningModelError, ReasoningRejected, ReasoningUnavailable
@@ -30,7 +31,7 @@ CHECKED_TOKENS = 8
 
 
 def start_engine(chat: ChatModel, settings: EngineSettings, model: str) -> BatchEngine:
-    """The batching engine over `chat`'s model, started (`batch_engine.engine.started`; a failure to start is a
+    """The batching engine over `chat`'s model, started (`batch_engine.start.started`; a failure to start is a
     `ReasoningModelError` saying what to lower) and checked against plain `generate` on a warm-up prompt."""
     engine = started(
         chat.model, settings, REFUSALS, model_name=f"the reasoning model {model!r}", fails=ReasoningModelError
@@ -48,7 +49,7 @@ def matches_generate(chat: ChatModel, engine: BatchEngine, tokens: int = CHECKED
     with translated("load", chat.architecture):
         prompt = chat.encode_chat((ChatMessage("user", "Hello"),))
         expected = chat.complete(prompt, max_new_tokens=tokens, temperature=0.0)
-        return engine.agrees(_inputs(prompt), expected, what="the warm-up prompt")
+        return agrees(engine, _inputs(prompt), expected, what="the warm-up prompt")
 
 
 async def complete(

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from batch_engine.engine import started
 from batch_engine.settings import EngineOptions, EngineSettings, engine_settings
-from batch_engine.types import EngineStats, Refusals
+from batch_engine.start import agrees, started
+from batch_engine.types import Completion, EngineStats, Refusals
 from stage_protocol.dtypes import named_dtype
 from stage_protocol.generation import generation_config
 from stage_protocol.loops import LOOP_NOTE, WINDOW, loop_stopper, repeats_at_end
@@ -45,12 +45,7 @@ from vision_stage.facts import image_facts
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor, image_device
 from vision_stage.glm_errors import translate_error, translated
 from vision_stage.parsing import read_output
-from vision_stage.types import (
-    DecodedImage,
-    ImageFacts,
-    VisionRequest,
-    VisionResult,
-)
+from vision_stage.types import DecodedImage, ImageFacts, VisionRequest, VisionResult
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +53,6 @@ if TYPE_CHECKING:
     from transformers.generation.utils import GenerateOutput
 
     from batch_engine.engine import BatchEngine
-from batch_engine.types import Completion
 
 DEFAULT_BATCHING = EngineSettings()
 REFUSALS = Refusals(VisionRejected, VisionUnavailable, "ORCH_VISION__ENGINE")
@@ -170,9 +164,10 @@ class GlmEngine:
 
     def check_batching(self, tokens: int = 8) -> bool:
         """Whether the batching engine's first `tokens` tokens for the warm-up image equal plain `generate`'s (which
-        also runs the engine's prefill of an image once before any request; `BatchEngine.agrees`). Plain `generate`
-        runs the model eagerly here, as transformers has it: with the engine, nothing else calls it, so compiling the
-        layers for its cache and sizes would only lengthen the start and count against dynamo's recompile limit."""
+        also runs the engine's prefill of an image once before any request; `batch_engine.start.agrees`). Plain
+        `generate` runs the model eagerly here, as transformers has it: with the engine, nothing else calls it, so
+        compiling the layers for its cache and sizes would only lengthen the start and count against dynamo's
+        recompile limit."""
         import torch
 
         if self.batch is None:
@@ -181,7 +176,7 @@ class GlmEngine:
             prompt = self.codec.encode(warm_up_request(), thinking=False)
             with torch.compiler.set_stance("force_eager"):
                 expected = self.generate_ids(prompt, tokens)
-            return self.batch.agrees(prompt.inputs, expected, what="the warm-up image")
+            return agrees(self.batch, prompt.inputs, expected, what="the warm-up image")
 
     def generate(self, request: VisionRequest, *, thinking: bool, max_new_tokens: int) -> Generation:
         """Greedy generation for `request`; raises only `VisionError`s."""

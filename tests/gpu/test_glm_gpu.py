@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
-from batch_engine.engine import started
 from batch_engine.settings import EngineSettings
+from batch_engine.start import started
 from batch_engine.vision_attention import register_vision_attention
 from bench.gpu_common import parting
 from stage_protocol.generation import generation_config
