@@ -7,11 +7,13 @@ needs no gather. GLM-4.6V-Flash holds about 40 KB of KV per token (40 layers × 
 bfloat16), so contiguous slots suffice: 32 slots of 8,192 tokens are 10.7 GB.
 
 The model's attention layers call `update` with the new tokens' K and V; it writes them where the engine's current
-`target` says (a prefill's slot and offset, or each decoding row at its length) and returns views of the stored K
-and V: a decode step's write inside the compiled layer's graph, in place; a prefill's or an extend step's outside it.
+`target` says (a prefill's slot and offset, each decoding row at its length, or both when rows ride along in a
+prefill) and returns views of the stored K and V: a decode step's write inside the compiled layer's graph, in place;
+a prefill's or an extend step's outside it.
 `slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the engine's
 mask: a decode step groups each KV head's query heads and multiplies against the stored K and V as they
-are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`.
+are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`,
+and a prefill with rows riding along does both, each for its own queries (`_ride_along_attention`, uncompiled).
 Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
 
 `ByteBoundStore` keeps the KV of prompt prefixes and the vision encoder's output, by content key, bounded in bytes
@@ -145,8 +147,8 @@ def _define_slot_cache() -> type:
             keys, values, target = self.keys[layer_idx], self.values[layer_idx], self.target
             if isinstance(target, RideAlong):
                 # The rows in use and the new one, whole: the prefill's K and V at [slot, :, :new], each decoding
-                # row's at [row, :, :span] (`_ride_along_attention`). Whole, so that no stride of what the compiled
-                # attention is given depends on a size (cut to a span, one did, and each span compiled apart).
+                # row's at [row, :, :span] (`_ride_along_attention`). Whole, so that no stride of what the layer's
+                # compiled code passes on depends on a size (cut to a span, the strides did: each span compiled apart).
                 new = key_states.shape[2] - target.rows.shape[0]
                 for stored, states in ((keys, key_states[0]), (values, value_states[0])):
                     stored[target.slot, :, :new] = states[:, :new]

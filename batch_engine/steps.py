@@ -7,11 +7,13 @@ transformers text model (its code unchanged; its q/k/v projections fused, `batch
 cache and the engine's attention:
 
 - `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
-  prompt from position 0; or, after a prefix found in the store, only the text after it, as an `extend`
-  step of a few bucketed lengths, graph-captured like decode steps;
+  prompt from position 0, the rows before it decoding one token each in the same forward when the engine asks
+  (`RideAlong`); or, after a prefix found in the store, only the text after it, as an `extend` step of a few
+  bucketed lengths, graph-captured like decode steps;
 - `launch`: one decode step, a greedy token for every row in use, as one CUDA graph per (batch, span) bucket; on a
   GPU only queued, its tokens read later (the engine launches the next step first);
-- greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`.
+- greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`
+  (`batch_engine.greedy`).
 
 Rows in use are always the first ones; `move` copies a row into a freed one.
 
