@@ -154,11 +154,12 @@ def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], de
 
 def _riding(device: DeviceSteps, fresh: list[Prompt]) -> list[tuple[int, Prompt, int]]:
     """The prefills with rows riding along that `warm_prefills` runs: (rows riding, the prompt, the longest row's
-    length as the step is told it). Two under either `compile_shapes`: dynamo compiles a size of 1 apart from the
-    others, so one row riding and two are each a kind; the second also changes the prompt's length (under automatic
-    dynamic shapes) and the riding rows' span, so that each becomes symbolic."""
+    length as the step is told it). Dynamo compiles a size of 1 apart from the others, so one row riding and two are
+    each a kind, and each is run at two spans (and, under automatic dynamic shapes, two prompt lengths), so that
+    those become symbolic in both (with one span for one row, a request's ride with one row along a longer span
+    compiled at request time on an H100)."""
     most = device.settings.slots - 1
-    kinds = [(1, fresh[0], fresh[0].tokens), (2, fresh[-1], WARM_SPAN)]
+    kinds = [(1, fresh[0], fresh[0].tokens), (2, fresh[-1], WARM_SPAN), (1, fresh[-1], WARM_SPAN)]
     return [(min(riders, most), prompt, longest) for riders, prompt, longest in kinds if most]
 
 

@@ -10,8 +10,8 @@ of the thread:
 
 1. admits waiting requests into free slots, under a prefill token budget and at most one image prefill per step
    (an image's prompt is never split): each admitted request is prefilled and yields its first token, and the
-   first prefill from position 0 takes the requests already in slots along (`EngineSettings.ride_along`): each
-   decodes one token in that forward, as in a decode step, which the step then does not launch;
+   first prefill from position 0 may take the requests already in slots along (`EngineSettings.ride_along`, off by
+   default): each decodes one token in that forward, as in a decode step, which the step then does not launch;
 2. else launches one decode step for every request in a slot, the new ones included: greedy, one token each, on the
    device, as one CUDA graph per (batch, span) bucket when the device is a GPU;
 3. reads the tokens of the step launched before (`EngineSettings.overlap`; else of this one): the device runs one

@@ -49,10 +49,12 @@ class EngineSettings:
     """Launch each decode step before reading the tokens of the one before, so that the device does not wait for the
     host's handling of them between steps (on a GPU; elsewhere the steps run as they are called either way). A
     request that finishes at one step has had one more computed, and dropped."""
-    ride_along: bool = True
+    ride_along: bool = False
     """The rows already decoding decode their next token inside a prefill's own forward (one from position 0),
     instead of in a decode step of their own after it: to a compute-bound prompt of a thousand tokens a few more
-    rows add little, where a decode step reads every weight again."""
+    rows add little, where a decode step reads every weight again. Off by default: on an H100 a load run with it
+    after another load took 74.2 ms a prefill step against 78.2 without, but the benchmark's first loads with it took
+    100–117 ms a step, where runs without it took about 77-80; why is not established (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing

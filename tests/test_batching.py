@@ -103,7 +103,7 @@ def test_the_triton_decode_kernel_equals_plain_generate_with_m_rope_rows_joining
 ) -> None:
     prompts = [prompt(glm, 6, "what?"), prompt(glm, 7, "where?", width=96, height=32)]
     expected = [glm.generate_ids(encoded, BUDGET - 4 * n) for n, encoded in enumerate(prompts)]
-    batch = engine(glm, decode_kernel=True)
+    batch = engine(glm, decode_kernel=True, ride_along=True)
     futures = [submit(batch, prompts[0], "k1", BUDGET)]
     batch.step()
     futures.append(submit(batch, prompts[1], "k2", BUDGET - 4))

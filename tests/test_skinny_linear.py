@@ -108,7 +108,9 @@ def test_the_engine_with_both_kernels_equals_plain_generate(checkpoint: Path, co
     chat = ChatModel.load(str(checkpoint), device="cpu", dtype="float32", local_files_only=True)
     prompts = [ids_of(chat, question) for question in QUESTIONS]
     expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
-    settings = EngineSettings(slots=4, max_tokens=256, linear_kernel=True, decode_kernel=True, compile=compiled)
+    settings = EngineSettings(
+        slots=4, max_tokens=256, linear_kernel=True, decode_kernel=True, compile=compiled, ride_along=True
+    )
     engine = BatchEngine(chat.model, settings, REFUSALS)
     assert engine.device.linear_kernel
     assert engine.device.decode_step.kernel
