@@ -130,6 +130,7 @@ def start_engine(
     fuse_projections: bool = EngineSettings.fuse_projections,
     compile_shapes: str = EngineSettings.compile_shapes,
     linear_kernel: bool | None = EngineSettings.linear_kernel,
+    ride_along: bool = EngineSettings.ride_along,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
     stop: every answer runs to its budget),
@@ -149,6 +150,7 @@ def start_engine(
         fuse_projections=fuse_projections,
         compile_shapes=compile_shapes,
         linear_kernel=linear_kernel,
+        ride_along=ride_along,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
@@ -161,7 +163,7 @@ def start_engine(
     fused = "fused" if fuse_projections else "apart"
     print(
         f"engine started (graphs: {graphs}, decode attention: {kernel}, decode linear layers: {linear}, q/k/v "
-        f"projections {fused}) in "
+        f"projections {fused}, ride-along {'on' if ride_along else 'off'}) in "
         f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )

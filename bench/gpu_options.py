@@ -67,7 +67,8 @@ def parsed(
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
     compiled layers (`--compile`), the decode attention (`--decode-kernel`), the linear layers (`--linear-kernel`), the
-    fused projections."""
+    fused projections; ride-along on when it is to be compared (`--compare-ride-along`: the engine's start warms its
+    prefills only when it is on)."""
     return {
         "slots": max(args.clients),
         "compile_layers": args.compile,
@@ -75,6 +76,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "fuse_projections": args.fuse_projections == "on",
         "compile_shapes": args.compile_shapes,
         "linear_kernel": SWITCH[args.linear_kernel],
+        "ride_along": "ride_along" in args.compare,
     }
 
 
