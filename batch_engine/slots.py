@@ -13,7 +13,7 @@ a prefill's or an extend step's outside it.
 `slot_attention`, registered with transformers' attention interface as `ATTENTION`, then attends with the engine's
 mask: a decode step groups each KV head's query heads and multiplies against the stored K and V as they
 are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_product_attention` with `enable_gqa`,
-and a prefill with rows riding along does both, each for its own queries (`_ride_along_attention`, uncompiled).
+and a prefill with rows riding along does both, each for its own queries (`ride_along_attention`, one opaque operator).
 Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
 
 `ByteBoundStore` keeps the KV of prompt prefixes and the vision encoder's output, by content key, bounded in bytes
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
+
+from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
     import torch
@@ -203,8 +205,10 @@ def slot_attention(
     scale = scaling or query.shape[-1] ** -0.5
     if slot_step.riding:
         assert attention_mask is not None  # the decoding rows' mask
-        assert _EAGER_RIDE_ALONG is not None  # made where the attention is registered
-        return _EAGER_RIDE_ALONG(query, key, value, attention_mask, scale, slot_step.kernel), None
+        riding: torch.Tensor = torch.ops.batch_engine.ride_along_attention(
+            query, key, value, attention_mask, float(scale), slot_step.kernel
+        )
+        return riding, None
     if slot_step.kernel and query.shape[2] == 1:
         from batch_engine.decode_attention import decode_attention
 
@@ -226,10 +230,13 @@ def _ride_along_attention(
     row's K and V, then each decoding row's one query as a decode step's (`kernel` or grouped). What is whose comes
     from the shapes: `mask` is (rows, 1, 1, span), the new row is the one after them, `key` holds both.
 
-    It runs uncompiled (`_EAGER_RIDE_ALONG`), between the compiled parts of a layer. Compiled, its cuts of the slots
-    by the span and the row count put guards on how the two compare with each other and with a slot's length, and a
+    It is one operator to `torch.compile`, `batch_engine::ride_along_attention` (`register_attention`), so that the
+    compiled layer stays whole around it and nothing of it is traced. Traced with the layer, its cuts of the slots by
+    the span and the row count put guards on how the two compare with each other and with a slot's length, and a
     ride along a kind of span or row count that the start had not met compiled at request time (seen on an H100:
-    the first loads' prefill steps took up to a second)."""
+    the first loads' prefill steps took up to a second). Kept out of the compiled code instead
+    (`torch.compiler.disable`), it broke each layer's graph in two, and the benchmark's prefill steps with rows riding
+    took 100–117 ms on two H100s where those traced took 74 (`bench/RESULTS.md`)."""
     import torch
 
     rows, span = mask.shape[0], mask.shape[-1]
@@ -251,10 +258,6 @@ def _ride_along_attention(
     else:
         tokens = _grouped_attention(decoding, keys, values, mask, scale)
     return torch.cat((prompt, tokens.reshape(1, rows, *tokens.shape[2:])), dim=1)
-
-
-_EAGER_RIDE_ALONG: Any = None
-"""`_ride_along_attention` kept out of compiled code (`torch.compiler.disable`), made by `register_attention`."""
 
 
 CHUNK = 128
@@ -285,15 +288,25 @@ def _grouped_attention(
     return out.view(batch, heads, length, head_dim).transpose(1, 2)
 
 
+_RIDE_ALONG_DEFINED = False
+"""Whether `register_attention` has defined `batch_engine::ride_along_attention` (once per process)."""
+
+
 def register_attention() -> None:
-    """Register `slot_attention` (and sdpa's mask for plain `generate`) under `ATTENTION`; idempotent."""
-    import torch
+    """Register `slot_attention` (and sdpa's mask for plain `generate`) under `ATTENTION`, and define the operator
+    `batch_engine::ride_along_attention`; idempotent."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    global _EAGER_RIDE_ALONG
-    if _EAGER_RIDE_ALONG is None:
-        _EAGER_RIDE_ALONG = torch.compiler.disable(_ride_along_attention)  # type: ignore[no-untyped-call]
+    global _RIDE_ALONG_DEFINED
+    if not _RIDE_ALONG_DEFINED:
+        define_operator(
+            "ride_along_attention",
+            "(Tensor query, Tensor key, Tensor value, Tensor mask, float scale, bool kernel) -> Tensor",
+            _ride_along_attention,
+            lambda query, *_: (query.shape[0], query.shape[2], query.shape[1], query.shape[3]),
+        )
+        _RIDE_ALONG_DEFINED = True
     AttentionInterface.register(ATTENTION, slot_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 

@@ -61,9 +61,11 @@ def test_only_steps_of_few_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch)
         return skinny_linear(hidden, *args)
 
     monkeypatch.setattr(module, "skinny_linear", recording)
-    weight, bias = torch.randn(24, 64), torch.randn(24)
+    generator = torch.Generator().manual_seed(0)
+    # scaled so that outputs are about 1: an absolute 1e-5 is then a few float32 roundings of a 64-term sum
+    weight, bias = torch.randn((24, 64), generator=generator) / 8, torch.randn(24, generator=generator)
     for shape in [(1, 1, 64), (MAX_ROWS, 1, 64), (1, MAX_ROWS, 64), (MAX_ROWS + 1, 1, 64), (1, 300, 64)]:
-        hidden = torch.randn(shape)
+        hidden = torch.randn(shape, generator=generator)
         torch.testing.assert_close(
             routed_linear(hidden, weight, bias), torch.nn.functional.linear(hidden, weight, bias), rtol=0, atol=1e-5
         )
@@ -98,9 +100,9 @@ def test_every_linear_layer_of_the_decoder_is_routed_and_the_model_answers_the_s
 def test_the_engine_with_both_kernels_equals_plain_generate(checkpoint: Path, compiled: bool) -> None:
     """Plain `generate` runs first, before the engine installs the kernels: cuBLAS's answers are the reference.
     Compiled, each kernel is one opaque operator in the layers' graphs, as on a GPU: the only places a compiled
-    layer's graph breaks are a prefill's or extend step's KV write and the attention of a prefill with rows riding
-    along, which run uncompiled by design (`batch_engine.slots`; a decode step's write is in the graph,
-    `test_slot_cache.py`). (Called as
+    layer's graph breaks is a prefill's or extend step's KV write, uncompiled by design (`batch_engine.slots`; a
+    decode step's write is in the graph, `test_slot_cache.py`; the attention of a prefill with rows riding along is
+    an operator too). (Called as
     user-defined Triton kernels, the decode attention's launch broke the graph too, and the torch code after it ran
     uncompiled.)"""
     from torch._dynamo.utils import counters
@@ -117,7 +119,7 @@ def test_the_engine_with_both_kernels_equals_plain_generate(checkpoint: Path, co
     counters.clear()
     assert joining(engine, prompts) == expected
     breaks = list(counters["graph_break"])
-    uncompiled = ("SlotCache._write_span", "_ride_along_attention") if compiled else ()
+    uncompiled = ("SlotCache._write_span",) if compiled else ()
     assert len(breaks) == len(uncompiled), breaks
     assert all(any(name in reason for reason in breaks) for name in uncompiled), breaks
 
