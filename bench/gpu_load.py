@@ -22,7 +22,7 @@ def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row]
     plain_ms, plain_out = bench.plain(together, answer)
     plain_first_ms, _ = bench.plain(together, 1)
     bench.engine.batch_sizes.clear()
-    with StepTimes(bench.engine) as steps:
+    with StepTimes(bench.engine) as steps, Allocator() as allocator:
         engine_ms, done = bench.engine_run(prompts, answer)
     written = sum(len(c.ids) for c in done)
     firsts = sorted(c.first_token_ms for c in done)
@@ -32,7 +32,7 @@ def under_load(bench: Paths, prompts: list[Any], answer: int) -> tuple[list[Row]
     ]
     note = (
         f"{count} concurrent: engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} "
-        f"ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}; plain wrote "
+        f"ms, mean decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}{allocator}; plain wrote "
         f"{plain_out.numel()} in {plain_ms:.0f} ms"
     )
     return rows, note
@@ -69,8 +69,48 @@ class StepTimes:
     def __str__(self) -> str:
         return ", ".join(
             f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each, "
-            f"the longest {max(times, default=0):.1f})"
+            f"the shortest {min(times, default=0):.1f}, the longest {max(times, default=0):.1f})"
             for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
+        )
+
+
+class Allocator:
+    """What torch's CUDA memory allocator did while the context was open, when it did anything costly: how often an
+    allocation failed and the allocator freed its cached blocks to retry (each free waits for the device), and how
+    much device memory it freed. Empty on the CPU, or when it did none of that."""
+
+    COUNTERS = ("num_alloc_retries", "num_device_free")
+
+    def __enter__(self) -> Allocator:
+        self.before = self._counts()
+        self.reserved = self._reserved()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.after = self._counts()
+
+    @staticmethod
+    def _counts() -> dict[str, int]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        stats = torch.cuda.memory_stats()
+        return {name: int(stats.get(name, 0)) for name in Allocator.COUNTERS}
+
+    @staticmethod
+    def _reserved() -> float:
+        import torch
+
+        return torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+
+    def __str__(self) -> str:
+        done = {name: self.after[name] - self.before[name] for name in self.before}
+        if not any(done.values()):
+            return ""
+        return (
+            f", the allocator (holding {self.reserved:.1f} GiB before): {done['num_alloc_retries']} retries after a "
+            f"failed allocation, {done['num_device_free']} device frees"
         )
 
 
