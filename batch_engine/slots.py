@@ -241,8 +241,12 @@ def _ride_along_attention(
 
     rows, span = mask.shape[0], mask.shape[-1]
     new = query.shape[2] - rows
+    # The prompt's queries copied out of the whole, so that their strides depend on the prompt's length only: cuDNN's
+    # attention builds a plan for each new set of sizes and strides (`bench/gpu_sdpa_shapes.py`), and a view of the
+    # whole would have been new at each count of rows.
+    prompt_queries = query[:, :, :new].transpose(1, 2).contiguous().transpose(1, 2)
     prompt = torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, :new],
+        prompt_queries,
         key[rows : rows + 1, :, :new],
         value[rows : rows + 1, :, :new],
         is_causal=True,
