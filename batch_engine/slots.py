@@ -243,8 +243,10 @@ def _ride_along_attention(
     new = query.shape[2] - rows
     # The prompt's queries copied out of the whole, so that their strides depend on the prompt's length only: cuDNN's
     # attention builds a plan for each new set of sizes and strides (`bench/gpu_sdpa_shapes.py`), and a view of the
-    # whole would have been new at each count of rows.
-    prompt_queries = query[:, :, :new].transpose(1, 2).contiguous().transpose(1, 2)
+    # whole would have been new at each count of rows (if only in the batch's stride, which `contiguous` keeps for a
+    # batch of one). Positions outer, heads inner, as a layer lays its queries out.
+    prompt_queries = query.new_empty((1, new, query.shape[1], query.shape[3])).transpose(1, 2)
+    prompt_queries.copy_(query[:, :, :new])
     prompt = torch.nn.functional.scaled_dot_product_attention(
         prompt_queries,
         key[rows : rows + 1, :, :new],

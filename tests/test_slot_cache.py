@@ -69,3 +69,32 @@ def test_a_decode_write_compiles_into_the_layer_in_place_for_every_layer(device:
     allocated = [size for code in codes for size in re.findall(rf"empty_strided_{device}\(\(([^)]*)\)", code)]
     assert allocated  # the sums' results: the pattern reads this inductor's code
     assert all(size.count(",") < 3 for size in allocated), allocated  # nothing of 4 dimensions or more
+
+
+def test_a_riding_prefill_hands_the_attention_its_prompt_queries_in_strides_of_the_prompt_s_length_only() -> None:
+    """cuDNN's attention builds a plan for each new set of sizes and strides (`bench/gpu_sdpa_shapes.py`): the prompt's
+    queries, cut from the layer's queries for the prompt and the riding rows, must not carry the rows' count in their
+    strides, or each count of riding rows would be a first meeting."""
+    from batch_engine.slots import _ride_along_attention
+
+    heads, kv_heads, dim, new, slots, capacity = 4, 2, 8, 10, 5, 64
+    generator = torch.Generator().manual_seed(0)
+    seen: list[tuple[int, ...]] = []
+    attend = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(query.stride())
+        return attend(query, *args, **kwargs)  # type: ignore[arg-type]
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", recording):
+        for rows, positions_outer in ((1, True), (2, True), (3, False)):
+            # as a layer hands them, (1, positions, heads, dim) in memory seen as (1, heads, positions, dim), or not
+            if positions_outer:
+                query = torch.randn((1, new + rows, heads, dim), generator=generator).transpose(1, 2)
+            else:
+                query = torch.randn((1, heads, new + rows, dim), generator=generator)
+            key, value = (torch.randn((slots, kv_heads, capacity, dim), generator=generator) for _ in "kv")
+            mask = torch.ones((rows, 1, 1, 16), dtype=torch.bool)
+            out = _ride_along_attention(query, key, value, mask, dim**-0.5, False)
+            assert out.shape == (1, new + rows, heads, dim)
+    assert seen == [(new * heads * dim, dim, heads * dim, 1)] * 3
