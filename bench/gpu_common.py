@@ -356,6 +356,7 @@ def what_ran(bench: Paths, prompt: str) -> str:
         f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
         f"{torch.__version__}, transformers {transformers.__version__}; prompt {prompt}; engine {settings.slots} "
         f"slots of {settings.max_tokens} tokens, {len(bench.engine.device.graphs)} graphs"
+        + ("" if torch.backends.cuda.cudnn_sdp_enabled() else "; attention without cuDNN")
     )
 
 

@@ -38,6 +38,12 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
             help=f"after the run, the engine's decode and largest load with {what} off, then on",
         )
     parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="PyTorch's attention without its cuDNN backend, for everything the run does (plain generate too): cuDNN "
+        "builds a plan at each new length (bench/gpu_sdpa_shapes.py)",
+    )
+    parser.add_argument(
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
     parser.add_argument(
@@ -59,6 +65,10 @@ def parsed(
     sized = parser.add_argument(size, type=int, default=default)
     args = parser.parse_args()
     check_device(parser, args)
+    if args.no_cudnn_attention:
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.tiny:
         return args, 64, min(args.answer_tokens, 16)
     return args, int(getattr(args, sized.dest)), args.answer_tokens
