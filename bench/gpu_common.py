@@ -352,11 +352,12 @@ def what_ran(bench: Paths, prompt: str) -> str:
     parameters = sum(p.numel() for p in bench.model.parameters()) / 1e9
     gpu = torch.cuda.get_device_name() if bench.device == "cuda" else "CPU"
     settings = bench.engine.settings
+    cudnn_attention = torch.backends.cuda.cudnn_sdp_enabled()  # type: ignore[no-untyped-call]
     return (
         f"{type(bench.model).__name__}, {parameters:.2f} B parameters, {bench.model.dtype}, on {gpu}; torch "
         f"{torch.__version__}, transformers {transformers.__version__}; prompt {prompt}; engine {settings.slots} "
         f"slots of {settings.max_tokens} tokens, {len(bench.engine.device.graphs)} graphs"
-        + ("" if torch.backends.cuda.cudnn_sdp_enabled() else "; attention without cuDNN")
+        + ("" if cudnn_attention else "; attention without cuDNN")
     )
 
 
