@@ -48,16 +48,21 @@ class StepTimes:
         self.engine = engine
         self.prefilling: list[float] = []
         self.decoding: list[float] = []
+        self.rows: list[int] = []
+        """Each step that prefilled: how many rows were decoding when it began (the rows riding, with ride-along)."""
 
     def __enter__(self) -> StepTimes:
         step = self.engine.step
 
         def timed() -> bool:
-            admitted, started = self.engine.stats().admitted, time.perf_counter()
+            stats, started = self.engine.stats(), time.perf_counter()
             worked: bool = step()
             spent = (time.perf_counter() - started) * 1000
-            if worked:
-                (self.prefilling if self.engine.stats().admitted > admitted else self.decoding).append(spent)
+            if worked and self.engine.stats().admitted > stats.admitted:
+                self.prefilling.append(spent)
+                self.rows.append(stats.running)
+            elif worked:
+                self.decoding.append(spent)
             return worked
 
         self.engine.step = timed
@@ -65,6 +70,10 @@ class StepTimes:
 
     def __exit__(self, *_: object) -> None:
         del self.engine.step  # the class's own again
+
+    def by_rows(self) -> str:
+        """Each step that prefilled, in order: the rows decoding as it began, then its milliseconds."""
+        return " ".join(f"{rows}:{ms:.0f}" for rows, ms in zip(self.rows, self.prefilling, strict=True))
 
     def __str__(self) -> str:
         return ", ".join(
@@ -155,7 +164,10 @@ def compared(
             with StepTimes(bench.engine) as steps:
                 ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
             tokens = sum(len(completion.ids) for completion in done) / ms * 1000
-            figures.append(f"{'on' if on else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s ({steps})")
+            figures.append(
+                f"{'on' if on else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s ({steps}; the steps that "
+                f"prefilled, rows decoding:ms, {steps.by_rows()})"
+            )
     finally:
         bench.engine.settings = kept
     return f"{COMPARED[setting]} (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)
