@@ -13,7 +13,11 @@ length is a first meeting. For each backend this times, with the device synchron
   (as the engine's slots hold them) and the queries in the layer's layout;
 - the same with the queries a view of a longer tensor (`--riders` more positions after the prompt's, as a prefill
   with decoding rows riding along passes them): the same sizes, other strides;
+- the same with K and V laid out as the queries are, positions outer (PyTorch's opt-in
+  `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which plans per power of two of the lengths, takes only that layout);
 - vision encoder: 12 heads of 128 over one image's patches, not causal.
+
+With `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1` in the environment, cuDNN's rows show what that opt-in saves.
 
 Prints one table: first PyTorch's own pick (no backend forced), then each backend forced.
 """
@@ -100,6 +104,12 @@ def shapes(torch: Any, args: argparse.Namespace) -> dict[str, Shape]:
 
         return make
 
+    def by_position(length: int) -> Callable[[], Any]:
+        # K and V laid out as the queries are, positions outer (not as the engine's slots hold them)
+        query = torch.randn((1, length, 32, dim), device=device, dtype=dtype).transpose(1, 2)
+        key, value = (torch.randn((1, length, 2, dim), device=device, dtype=dtype).transpose(1, 2) for _ in "kv")
+        return lambda: attend(query, key, value, is_causal=True, enable_gqa=True)
+
     def vision(patches: int) -> Callable[[], Any]:
         query, key, value = (
             torch.randn((1, patches, 12, dim), device=device, dtype=dtype).transpose(1, 2) for _ in "qkv"
@@ -109,6 +119,7 @@ def shapes(torch: Any, args: argparse.Namespace) -> dict[str, Shape]:
     return {
         "text prefill": Shape(args.lengths, text(0)),
         f"text prefill, queries a view ({args.riders} more positions)": Shape(args.lengths, text(args.riders)),
+        "text prefill, K and V positions outer": Shape(args.lengths, by_position),
         "vision encoder": Shape(args.patches, vision),
     }
 
