@@ -235,8 +235,7 @@ def _ride_along_attention(
     the span and the row count put guards on how the two compare with each other and with a slot's length, and a
     ride along a kind of span or row count that the start had not met compiled at request time (seen on an H100:
     the first loads' prefill steps took up to a second). Kept out of the compiled code instead
-    (`torch.compiler.disable`), it broke each layer's graph in two, and the benchmark's prefill steps with rows riding
-    took 100–117 ms on two H100s where those traced took 74 (`bench/RESULTS.md`)."""
+    (`torch.compiler.disable`), it broke each layer's graph in two."""
     import torch
 
     rows, span = mask.shape[0], mask.shape[-1]

@@ -85,8 +85,8 @@ class StepTimes:
 
 class Allocator:
     """What torch's CUDA memory allocator did while the context was open, when it did anything costly: how often an
-    allocation failed and the allocator freed its cached blocks to retry (each free waits for the device), and how
-    much device memory it freed. Empty on the CPU, or when it did none of that."""
+    allocation failed and the allocator freed its cached blocks to retry, and how many blocks it gave back to the
+    device (each such free waits for the device). Empty on the CPU, or when it did none of that."""
 
     COUNTERS = ("num_alloc_retries", "num_device_free")
 
