@@ -170,21 +170,36 @@ def start_engine(
 
 
 def one_request(
-    bench: Paths, rounds: int, one: Any, fresh: Callable[[], Any], forget: Callable[[], None] = lambda: None
+    bench: Paths,
+    rounds: int,
+    one: Any,
+    fresh: Callable[[], Any],
+    forget: Callable[[], None],
+    new_length: Callable[[], Any],
 ) -> list[Row]:
     """First token of one request alone, and decode ms/token at batch 1: (t(1 + 64) − t(1)) / 64 for plain, the same
     over the tokens written for the engine; `fresh` gives a prompt not seen before, `forget` drops what the engine
-    kept of one (so that the second run is cold too)."""
+    kept of one (so that the second run is cold too). Then the first token of a prompt whose length neither path has
+    met before (`new_length`): the first meeting of a shape costs what the steady runs above do not show (cuDNN's
+    attention builds a plan for each, `bench/gpu_sdpa_shapes.py`), and a service meets many lengths."""
     plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
 
-    def engine_first() -> float:
-        _, (done,) = bench.engine_run([fresh()], 1)
-        return float(done.first_token_ms)
+    def engine_first(prompt: Callable[[], Any]) -> Callable[[], float]:
+        def once() -> float:
+            _, (done,) = bench.engine_run([prompt()], 1)
+            return float(done.first_token_ms)
+
+        return once
 
     return [
-        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first)),
+        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first(fresh))),
         ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, forget)),
+        (
+            "first token at a prompt length not met before, ms (p50)",
+            median_of(rounds, lambda: bench.plain(new_length(), 1)[0]),
+            median_of(rounds, engine_first(new_length)),
+        ),
     ]
 
 
@@ -217,16 +232,18 @@ def scenarios(
     one: Any,
     fresh: Callable[[], Any],
     forget: Callable[[], None],
+    new_length: Callable[[], Any],
     clients: tuple[int, ...],
     answer: int,
     follow_up: FollowUp,
     compare: tuple[str, ...] = (),
 ) -> tuple[list[Row], list[str]]:
-    """Both benchmarks' measures: the agreement check on `one` (`checked_agreement`), one request alone, each load,
-    the follow-up (against plain `generate`'s cold first token, which reuses nothing), then the graph replays and
-    each setting to `compare` off and on (`compared`)."""
+    """Both benchmarks' measures: the agreement check on `one` (`checked_agreement`), one request alone (`fresh`
+    gives a prompt not seen before, `new_length` one of a length not met before either), each load, the follow-up
+    (against plain `generate`'s cold first token, which reuses nothing), then the graph replays and each setting to
+    `compare` off and on (`compared`)."""
     notes = checked_agreement(bench, one)
-    rows = one_request(bench, rounds, one, fresh, forget)
+    rows = one_request(bench, rounds, one, fresh, forget, new_length)
     load_rows, load_notes = loads(bench, clients, fresh, answer)
     rows += load_rows
     notes += load_notes

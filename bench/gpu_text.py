@@ -11,7 +11,7 @@ is set, so every answer runs to its budget on both paths, and the engine does no
 a 2-layer model on the CPU instead, to prove the code path, not to measure anything.
 
 Measured, as `bench/gpu_vision.py` measures the vision engine: the first token of one request; decode ms/token at
-batch 1; aggregate tokens/s with 8 and 32 concurrent clients (`--answer-tokens` each; plain `generate` as one
+batch 1; the first token of a prompt shorter than any before it (a length not met before); aggregate tokens/s with 8 and 32 concurrent clients (`--answer-tokens` each; plain `generate` as one
 batched call over all prompts, equal lengths and no padding), with the first-token latency under that load; the first
 token of a follow-up that shares all but its last 64 tokens with an earlier prompt (the engine keeps text prefixes
 in blocks of 32 tokens), against plain `generate`'s first token; and whether the engine's first 32 tokens equal
@@ -88,6 +88,12 @@ def run(
         """A prompt not seen before."""
         return bench.prompt(next(seeds))
 
+    shorter = iter(range(1, bench.prompt_tokens))
+
+    def new_length() -> Any:
+        """A prompt not seen before, shorter than any before it (a length not met before)."""
+        return fresh()[:, : -next(shorter)]
+
     tail = min(64, bench.prompt_tokens // 2)
     reused: list[int] = []
 
@@ -101,7 +107,7 @@ def run(
         return float(done.first_token_ms)
 
     return scenarios(
-        bench, rounds, one, fresh, bench.engine.device.prefixes.clear, clients, answer,
+        bench, rounds, one, fresh, bench.engine.device.prefixes.clear, new_length, clients, answer,
         FollowUp(
             "follow-up on the same prefix, first token ms (p50)", follow_up,
             lambda: f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused",

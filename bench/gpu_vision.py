@@ -17,6 +17,9 @@ the `glm` backend makes it: on a GPU, the image processed there and its pixels k
 - first token, one request alone (1024×1024 image): plain `generate(max_new_tokens=1)`; the engine's submit → first
   token (M-RoPE positions, encoder, prefill);
 - decode ms/token at batch 1: (t(1 + N) − t(1)) / N for plain, the same over the tokens written for the engine;
+- first token at a prompt length not met before: as the first row, each question longer than any before it, so that
+  each request is the first of its length (cuDNN's attention plans each new shape, `bench/gpu_sdpa_shapes.py`; the
+  first row's prompts are all of one length);
 - aggregate tokens/s with 8 and 32 concurrent clients on distinct images (`--answer-tokens` each): plain is one
   batched `generate` over all prompts (they are of equal length, so no padding); the engine gets every request at
   once and batches them as it can; with each, the first-token latency under that load (plain: the batch's first
@@ -148,6 +151,12 @@ def run(
         bench.engine.device.prefixes.clear()
         bench.engine.device.encoder.clear()
 
+    longer = iter(range(1, 100000))
+
+    def new_length() -> Any:
+        """A prompt on an image not seen before, its question longer than any before it (a length not met before)."""
+        return bench.prompt(next(seeds), QUESTIONS[0] + " Answer in one word." * next(longer))
+
     waits: list[float] = []
 
     def follow_up() -> float:
@@ -160,7 +169,7 @@ def run(
         return float(done.first_token_ms)
 
     return scenarios(
-        bench, rounds, one, fresh, forget, clients, answer,
+        bench, rounds, one, fresh, forget, new_length, clients, answer,
         FollowUp(
             "follow-up on the same image, first token ms (p50)", follow_up,
             lambda: f"follow-ups: submit → admitted {statistics.median(waits):.1f} ms (p50), the rest is the prefill",

@@ -219,7 +219,13 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
-    for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s", "follow-up"):
+    for measure in (
+        "first token, one request",
+        "decode at batch 1",
+        "first token at a prompt length not met before",
+        "3 concurrent, tokens/s",
+        "follow-up",
+    ):
         assert f"| {measure}" in finished.stdout
     # distinct images, one image prefill a step: three clients' load has three steps that prefilled
     assert re.search(

@@ -310,6 +310,12 @@ def test_the_text_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
     assert "in float32, first 32 tokens equal to plain generate: yes" in finished.stdout
-    for measure in ("first token, one request", "decode at batch 1", "3 concurrent, tokens/s", "follow-up"):
+    for measure in (
+        "first token, one request",
+        "decode at batch 1",
+        "first token at a prompt length not met before",
+        "3 concurrent, tokens/s",
+        "follow-up",
+    ):
         assert f"| {measure}" in finished.stdout
     assert "follow-ups: 32 new tokens after 32–32 reused" in finished.stdout
