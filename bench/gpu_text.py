@@ -11,11 +11,11 @@ is set, so every answer runs to its budget on both paths, and the engine does no
 a 2-layer model on the CPU instead, to prove the code path, not to measure anything.
 
 Measured, as `bench/gpu_vision.py` measures the vision engine: the first token of one request; decode ms/token at
-batch 1; the first token of a prompt shorter than any before it (a length not met before); aggregate tokens/s with 8 and 32 concurrent clients (`--answer-tokens` each; plain `generate` as one
-batched call over all prompts, equal lengths and no padding), with the first-token latency under that load; the first
-token of a follow-up that shares all but its last 64 tokens with an earlier prompt (the engine keeps text prefixes
-in blocks of 32 tokens), against plain `generate`'s first token; and whether the engine's first 32 tokens equal
-plain `generate`'s.
+batch 1; the first token of a prompt shorter than any before it (a length not met before); aggregate tokens/s with
+8 and 32 concurrent clients (`--answer-tokens` each; plain `generate` as one batched call over all prompts, equal
+lengths and no padding), with the first-token latency under that load; the first token of a follow-up that shares
+all but its last 64 tokens with an earlier prompt (the engine keeps text prefixes in blocks of 32 tokens), against
+plain `generate`'s first token; and whether the engine's first 32 tokens equal plain `generate`'s.
 """
 
 from __future__ import annotations
