@@ -169,6 +169,14 @@ def start_engine(
     )
 
 
+ONE_REQUEST_ROWS = (
+    "first token, one request, ms (p50)",
+    "decode at batch 1, ms/token",
+    "first token at a prompt length not met before, ms (p50)",
+)
+"""The labels of `one_request`'s rows, in order."""
+
+
 def one_request(
     bench: Paths,
     rounds: int,
@@ -192,14 +200,11 @@ def one_request(
 
         return once
 
+    first, decode, new = ONE_REQUEST_ROWS
     return [
-        ("first token, one request, ms (p50)", plain_first, median_of(rounds, engine_first(fresh))),
-        ("decode at batch 1, ms/token", (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, forget)),
-        (
-            "first token at a prompt length not met before, ms (p50)",
-            median_of(rounds, lambda: bench.plain(new_length(), 1)[0]),
-            median_of(rounds, engine_first(new_length)),
-        ),
+        (first, plain_first, median_of(rounds, engine_first(fresh))),
+        (decode, (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, forget)),
+        (new, median_of(rounds, lambda: bench.plain(new_length(), 1)[0]), median_of(rounds, engine_first(new_length))),
     ]
 
 

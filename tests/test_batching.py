@@ -21,6 +21,7 @@ from PIL import Image
 
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
+from bench.gpu_common import ONE_REQUEST_ROWS
 from tests.tiny_glm4v import build_tiny_glm4v
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.glm import REFUSALS, GlmEngine
@@ -219,13 +220,7 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
-    for measure in (
-        "first token, one request",
-        "decode at batch 1",
-        "first token at a prompt length not met before",
-        "3 concurrent, tokens/s",
-        "follow-up",
-    ):
+    for measure in (*ONE_REQUEST_ROWS, "3 concurrent, tokens/s", "follow-up"):
         assert f"| {measure}" in finished.stdout
     # distinct images, one image prefill a step: three clients' load has three steps that prefilled
     assert re.search(
