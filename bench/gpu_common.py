@@ -177,19 +177,23 @@ ONE_REQUEST_ROWS = (
 """The labels of `one_request`'s rows, in order."""
 
 
-def one_request(
-    bench: Paths,
-    rounds: int,
-    one: Any,
-    fresh: Callable[[], Any],
-    forget: Callable[[], None],
-    new_length: Callable[[], Any],
-) -> list[Row]:
+@dataclass(frozen=True)
+class Prompts:
+    """A benchmark's prompts: `one` (the same each time), `fresh` (one not seen before), `new_length` (one of a length
+    not met before either), and `forget`, which drops what the engine kept of one (so that a second run is cold too)."""
+
+    one: Any
+    fresh: Callable[[], Any]
+    forget: Callable[[], None]
+    new_length: Callable[[], Any]
+
+
+def one_request(bench: Paths, rounds: int, prompts: Prompts) -> list[Row]:
     """First token of one request alone, and decode ms/token at batch 1: (t(1 + 64) − t(1)) / 64 for plain, the same
-    over the tokens written for the engine; `fresh` gives a prompt not seen before, `forget` drops what the engine
-    kept of one (so that the second run is cold too). Then the first token of a prompt whose length neither path has
-    met before (`new_length`): the first meeting of a shape costs what the steady runs above do not show (cuDNN's
+    over the tokens written for the engine. Then the first token of a prompt whose length neither path has met before
+    (`Prompts.new_length`): the first meeting of a shape costs what the steady runs above do not show (cuDNN's
     attention builds a plan for each, `bench/gpu_sdpa_shapes.py`), and a service meets many lengths."""
+    one, fresh, new_length = prompts.one, prompts.fresh, prompts.new_length
     plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
 
@@ -203,7 +207,7 @@ def one_request(
     first, decode, new = ONE_REQUEST_ROWS
     return [
         (first, plain_first, median_of(rounds, engine_first(fresh))),
-        (decode, (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, forget)),
+        (decode, (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, prompts.forget)),
         (new, median_of(rounds, lambda: bench.plain(new_length(), 1)[0]), median_of(rounds, engine_first(new_length))),
     ]
 
@@ -234,21 +238,18 @@ class FollowUp:
 def scenarios(
     bench: Paths,
     rounds: int,
-    one: Any,
-    fresh: Callable[[], Any],
-    forget: Callable[[], None],
-    new_length: Callable[[], Any],
+    prompts: Prompts,
     clients: tuple[int, ...],
     answer: int,
     follow_up: FollowUp,
     compare: tuple[str, ...] = (),
 ) -> tuple[list[Row], list[str]]:
-    """Both benchmarks' measures: the agreement check on `one` (`checked_agreement`), one request alone (`fresh`
-    gives a prompt not seen before, `new_length` one of a length not met before either), each load, the follow-up
-    (against plain `generate`'s cold first token, which reuses nothing), then the graph replays and each setting to
-    `compare` off and on (`compared`)."""
-    notes = checked_agreement(bench, one)
-    rows = one_request(bench, rounds, one, fresh, forget, new_length)
+    """Both benchmarks' measures: the agreement check on `Prompts.one` (`checked_agreement`), one request alone, each
+    load, the follow-up (against plain `generate`'s cold first token, which reuses nothing), then the graph replays
+    and each setting to `compare` off and on (`compared`)."""
+    fresh, forget = prompts.fresh, prompts.forget
+    notes = checked_agreement(bench, prompts.one)
+    rows = one_request(bench, rounds, prompts)
     load_rows, load_notes = loads(bench, clients, fresh, answer)
     rows += load_rows
     notes += load_notes

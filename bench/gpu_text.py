@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran
+from bench.gpu_common import FollowUp, Paths, Prompts, drive, scenarios, start_engine, what_ran
 from bench.gpu_options import engine_options, parsed
 
 
@@ -107,7 +107,7 @@ def run(
         return float(done.first_token_ms)
 
     return scenarios(
-        bench, rounds, one, fresh, bench.engine.device.prefixes.clear, new_length, clients, answer,
+        bench, rounds, Prompts(one, fresh, bench.engine.device.prefixes.clear, new_length), clients, answer,
         FollowUp(
             "follow-up on the same prefix, first token ms (p50)", follow_up,
             lambda: f"follow-ups: {tail} new tokens after {min(reused)}–{max(reused)} reused",
