@@ -230,13 +230,17 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
+    """With `--no-cudnn-attention` too, which the run's description names."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "1", "--replays-only"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    finished = subprocess.run(
+        [*command, "--no-cudnn-attention"], capture_output=True, text=True, timeout=600, cwd=root, check=False
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
     assert "no graphs captured (not a CUDA device)" in finished.stdout  # on a GPU: the replays' times
     assert "| measure" not in finished.stdout
+    assert finished.stdout.rstrip().endswith("; attention without cuDNN"), finished.stdout[-300:]
 
 
 def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:
