@@ -230,12 +230,12 @@ def _ride_along_attention(
     row's K and V, then each decoding row's one query as a decode step's (`kernel` or grouped). What is whose comes
     from the shapes: `mask` is (rows, 1, 1, span), the new row is the one after them, `key` holds both.
 
-    It is one operator to `torch.compile`, `batch_engine::ride_along_attention` (`register_attention`), so that the
-    compiled layer stays whole around it and nothing of it is traced. Traced with the layer, its cuts of the slots by
-    the span and the row count put guards on how the two compare with each other and with a slot's length, and a
-    ride along a kind of span or row count that the start had not met compiled at request time (seen on an H100:
-    the first loads' prefill steps took up to a second). Kept out of the compiled code instead
-    (`torch.compiler.disable`), it broke each layer's graph in two."""
+    It is one operator to `torch.compile`, `batch_engine::ride_along_attention` (`register_attention`): it adds no
+    graph break (a prefill's layer breaks only at its KV write, `_write_span`) and nothing of it is traced. Traced
+    with the layer, its cuts of the slots by the span and the row count put guards on how the two compare with each
+    other and with a slot's length, and a ride along a kind of span or row count that the start had not met compiled
+    at request time (seen on an H100: the first loads' prefill steps took up to a second). Kept out of the compiled
+    code instead (`torch.compiler.disable`), it broke the layer's graph once more."""
     import torch
 
     rows, span = mask.shape[0], mask.shape[-1]
