@@ -52,9 +52,9 @@ class EngineSettings:
     ride_along: bool = False
     """The rows already decoding decode their next token inside a prefill's own forward (one from position 0),
     instead of in a decode step of their own after it: to a compute-bound prompt of a thousand tokens a few more
-    rows add little, where a decode step reads every weight again. Off by default: on an H100 a load run with it
-    after another load took 74.2 ms a prefill step against 78.2 without, but the benchmark's first loads with it took
-    100–117 ms a step, where runs without it took about 77-80; why is not established (`bench/RESULTS.md`)."""
+    rows add little, where a decode step reads every weight again. Off by default: with 32 clients on H100s it gained
+    2.5–2.7 % in two runs and lost 5.0 % in a third, on another machine, where its prefill steps were uneven (77–108
+    ms against 76–83 without riders); why is not established (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing

@@ -22,6 +22,7 @@ Called without the engine's `slot_step` keyword (plain `generate` on the same mo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -293,8 +294,15 @@ def _grouped_attention(
     return out.view(batch, heads, length, head_dim).transpose(1, 2)
 
 
-_RIDE_ALONG_DEFINED = False
-"""Whether `register_attention` has defined `batch_engine::ride_along_attention` (once per process)."""
+@functools.cache
+def _define_ride_along() -> None:
+    """Define `batch_engine::ride_along_attention` once (a second definition of a name fails)."""
+    define_operator(
+        "ride_along_attention",
+        "(Tensor query, Tensor key, Tensor value, Tensor mask, float scale, bool kernel) -> Tensor",
+        _ride_along_attention,
+        lambda query, *_: (query.shape[0], query.shape[2], query.shape[1], query.shape[3]),
+    )
 
 
 def register_attention() -> None:
@@ -303,15 +311,7 @@ def register_attention() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    global _RIDE_ALONG_DEFINED
-    if not _RIDE_ALONG_DEFINED:
-        define_operator(
-            "ride_along_attention",
-            "(Tensor query, Tensor key, Tensor value, Tensor mask, float scale, bool kernel) -> Tensor",
-            _ride_along_attention,
-            lambda query, *_: (query.shape[0], query.shape[2], query.shape[1], query.shape[3]),
-        )
-        _RIDE_ALONG_DEFINED = True
+    _define_ride_along()
     AttentionInterface.register(ATTENTION, slot_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
