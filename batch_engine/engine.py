@@ -41,6 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from batch_engine.attention_plans import warm_plans
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
@@ -92,6 +93,7 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
+        self._planned = threading.Event()
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=4096)
         """The decode batch size of the latest steps."""
@@ -191,6 +193,7 @@ class BatchEngine:
             warm_prefills(self.prepare, self.device)
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
+        self._planned.wait()
 
     def close(self) -> None:
         """Stop the thread after its current step; requests still waiting or running fail with the refusals'
@@ -210,6 +213,15 @@ class BatchEngine:
 
         if self.device.compiled:
             use_dynamo_settings()  # this thread's own (`batch_engine.compiling.use_dynamo_settings`)
+        try:  # cuDNN's attention plans are this thread's own too
+            started = time.perf_counter()
+            planned = warm_plans(self.model, self.settings.max_tokens, vision=self.device.packed_vision)
+            if planned is not None:
+                log.info("batching engine: %d attention plans built in %.1f s", planned, time.perf_counter() - started)
+        except Exception:  # a request then builds its plan, as without this
+            log.exception("batching engine: building the attention plans failed")
+        finally:
+            self._planned.set()
         with torch.inference_mode():
             while not self._closed.is_set():
                 try:

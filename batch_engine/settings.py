@@ -55,6 +55,13 @@ class EngineSettings:
     rows add little, where a decode step reads every weight again. Off by default: with 32 clients on H100s it gained
     2.5–2.7 % in two runs and lost 5.0 % in a third, on another machine, where its prefill steps were uneven (77–108
     ms against 76–83 without riders); why is not established (`bench/RESULTS.md`)."""
+    attention_plans: str = "power-of-two"
+    """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
+    two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, set for the
+    process unless the environment sets it either way); `length`, PyTorch's default, a plan at each new prompt length
+    and image grid, built by the request that brings it. On an H100 a first token at a length not met before took
+    75.3 ms against 107.5, at a length met before 71.5 against 68.5 (a plan for 2,048 positions serving 1,397 does more
+    work; `bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing
@@ -77,6 +84,9 @@ class EngineSettings:
         if self.compile_shapes not in COMPILE_SHAPES:
             shapes = self.compile_shapes
             raise ValueError(f"the batching engine's compile_shapes must be automatic or dynamic, not {shapes!r}")
+        if self.attention_plans not in ATTENTION_PLANS:
+            plans = self.attention_plans
+            raise ValueError(f"the batching engine's attention_plans must be power-of-two or length, not {plans!r}")
         for name, value, low, high in bounds:
             if value < low or (high is not None and value > high):
                 within = f"from {low} to {high}" if high is not None else f"at least {low}"
@@ -109,6 +119,8 @@ class EngineOptions(Protocol):
     def engine_compile_shapes(self) -> str: ...  # `automatic` or `dynamic`
     @property
     def engine_linear_kernel(self) -> str: ...  # `auto`, `on` or `off`
+    @property
+    def engine_attention_plans(self) -> str: ...  # `power-of-two` or `length`
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -126,6 +138,7 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         decode_kernel=SWITCH[options.engine_decode_kernel],
         compile_shapes=options.engine_compile_shapes,
         linear_kernel=SWITCH[options.engine_linear_kernel],
+        attention_plans=options.engine_attention_plans,
     )
 
 
@@ -133,6 +146,8 @@ SWITCH: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 """An `auto`/`on`/`off` option as a setting (None: decided by the device)."""
 COMPILE_SHAPES = ("automatic", "dynamic")
 """The values of `EngineSettings.compile_shapes`, its default first."""
+ATTENTION_PLANS = ("power-of-two", "length")
+"""The values of `EngineSettings.attention_plans`, its default first."""
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefix_mb: int) -> None:
@@ -174,8 +189,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
 
 def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: str = "") -> None:
     """The options that choose the engine's kernels and how its layers compile, named `prefix` + `decode-kernel`,
-    `linear-kernel`, `compile-shapes` (the stages' `--engine-…`, the GPU benchmarks' own), with the engine's
-    defaults."""
+    `linear-kernel`, `compile-shapes`, `attention-plans` (the stages' `--engine-…`, the GPU benchmarks' own), with the
+    engine's defaults."""
     parser.add_argument(
         f"{prefix}decode-kernel",
         choices=tuple(SWITCH),
@@ -193,6 +208,13 @@ def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: 
         choices=COMPILE_SHAPES,
         default=COMPILE_SHAPES[0],
         help=f"{context}with compiled layers, how they treat sizes (default: {COMPILE_SHAPES[0]})",
+    )
+    parser.add_argument(
+        f"{prefix}attention-plans",
+        choices=ATTENTION_PLANS,
+        default=ATTENTION_PLANS[0],
+        help=f"{context}cuDNN's attention plans: one per power of two of the lengths, built at start, or one at each "
+        f"new length, as PyTorch has it (default: {ATTENTION_PLANS[0]})",
     )
 
 

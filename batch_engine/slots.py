@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
+from batch_engine.attention_plans import positions_outer
 from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
@@ -217,10 +218,15 @@ def slot_attention(
         return decode_attention(query, key, value, attention_mask, scale), None
     if slot_step.grouped:
         return _grouped_attention(query, key, value, attention_mask, scale), None
-    mask = None if slot_step.causal else attention_mask
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
-    )
+    if slot_step.causal:  # a prefill from position 0: no mask, laid out for cuDNN's plans (`attention_plans`)
+        query, key, value = (positions_outer(tensor) for tensor in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
+        )
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -241,19 +247,15 @@ def _ride_along_attention(
 
     rows, span = mask.shape[0], mask.shape[-1]
     new = query.shape[2] - rows
-    # The prompt's queries copied out of the whole, so that their strides depend on the prompt's length only: cuDNN's
-    # attention builds a plan for each new set of sizes and strides (`bench/gpu_sdpa_shapes.py`), and a view of the
-    # whole would have been new at each count of rows (if only in the batch's stride, which `contiguous` keeps for a
-    # batch of one). Positions outer, heads inner, as a layer lays its queries out.
-    prompt_queries = query.new_empty((1, new, query.shape[1], query.shape[3])).transpose(1, 2)
-    prompt_queries.copy_(query[:, :, :new])
+    # The prompt's queries copied out of the whole (`positions_outer`), so that their strides depend on the prompt's
+    # length only: a view of the whole would be new to cuDNN at each count of riding rows, if only in its batch's
+    # stride (which `contiguous` keeps for a batch of one).
+    prompt_query, prompt_key, prompt_value = (
+        positions_outer(tensor)
+        for tensor in (query[:, :, :new], key[rows : rows + 1, :, :new], value[rows : rows + 1, :, :new])
+    )
     prompt = torch.nn.functional.scaled_dot_product_attention(
-        prompt_queries,
-        key[rows : rows + 1, :, :new],
-        value[rows : rows + 1, :, :new],
-        is_causal=True,
-        scale=scale,
-        enable_gqa=True,
+        prompt_query, prompt_key, prompt_value, is_causal=True, scale=scale, enable_gqa=True
     ).transpose(1, 2)
     decoding = query[0, :, new:].transpose(0, 1).unsqueeze(2).contiguous()  # (rows, heads, 1, dim)
     keys, values = key[:rows, :, :span], value[:rows, :, :span]

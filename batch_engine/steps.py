@@ -77,7 +77,8 @@ class DeviceSteps:
         self.axes = 3 if hasattr(model.model, "get_rope_index") else 1
         """Position axes: 3 for M-RoPE, 1 for plain positions."""
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
-        register_vision_attention(model)
+        self.packed_vision = register_vision_attention(model)
+        """Whether the vision encoder attends through `batch_engine.vision_attention` (an image model's only)."""
         self.device = model.device
         if settings.fuse_projections:
             fuse_projections(self.text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from batch_engine.attention_plans import positions_outer
 from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
@@ -43,12 +44,14 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds:
 
     query, key, value = (tensor.transpose(0, 1).unsqueeze(0) for tensor in (query, key, value))
     if bounds.numel() == 2:
-        out = attention(query, key, value, scale=scale)
+        images = [(query, key, value)]
     else:
         sizes = bounds.diff().tolist()
-        images = zip(*(torch.split(tensor, sizes, dim=2) for tensor in (query, key, value)), strict=True)
-        out = torch.cat([attention(q, k, v, scale=scale) for q, k, v in images], dim=2)
-    return out[0].transpose(0, 1).contiguous()
+        images = list(zip(*(torch.split(tensor, sizes, dim=2) for tensor in (query, key, value)), strict=True))
+    # Each image's own, laid out as cuDNN plans per power of two of the patches (`batch_engine.attention_plans`).
+    laid_out = [tuple(positions_outer(tensor) for tensor in image) for image in images]
+    outs = [attention(q, k, v, scale=scale) for q, k, v in laid_out]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))[0].transpose(0, 1).contiguous()
 
 
 def packed_attention(

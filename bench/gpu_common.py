@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from batch_engine.attention_plans import by_power_of_two
 from batch_engine.settings import EngineSettings
 from bench.gpu_load import compared, loads
 
@@ -381,6 +382,11 @@ def what_ran(bench: Paths, prompt: str) -> str:
         f"{torch.__version__}, transformers {transformers.__version__}; prompt {prompt}; engine {settings.slots} "
         f"slots of {settings.max_tokens} tokens, {len(bench.engine.device.graphs)} graphs"
         + ("" if cudnn_attention else "; attention without cuDNN")
+        + (
+            "; cuDNN's attention planned per power of two of the lengths"
+            if bench.device == "cuda" and by_power_of_two()
+            else ""
+        )
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from batch_engine.attention_plans import plan_by_power_of_two
 from batch_engine.settings import SWITCH, add_kernel_arguments
 from bench.gpu_load import COMPARED
 
@@ -69,6 +70,8 @@ def parsed(
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.attention_plans == "power-of-two":  # for the whole run, set before plain generate's first attention
+        plan_by_power_of_two()
     if args.tiny:
         return args, 64, min(args.answer_tokens, 16)
     return args, int(getattr(args, sized.dest)), args.answer_tokens

@@ -184,6 +184,11 @@ class EngineFields(Section):
     """`batched`: a decode step's linear layers through one Triton kernel made for few rows
     (`batch_engine.skinny_linear`) instead of cuBLAS's split-K products (a step at batch 1 8.64 → 8.43 ms on an H100,
     `bench/RESULTS.md`); `auto`: on a CUDA device where Triton is installed and a check at start finds it agreeing."""
+    engine_attention_plans: Literal["power-of-two", "length"] = "power-of-two"
+    """`batched`: how cuDNN's attention plans its kernels (`EngineSettings.attention_plans`): `power-of-two`, a plan
+    per power of two of the lengths, all built at start; `length`, a plan at each new prompt length and image grid,
+    built by the request that brings it (GLM-4.6V-Flash's first token at a new length 107.5 → 75.3 ms on an H100, at
+    a length met before 68.5 → 71.5, `bench/RESULTS.md`)."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from batch_engine.attention_plans import plan_by_power_of_two
 from batch_engine.compiling import use_dynamo_settings
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineOptions, EngineSettings, engine_settings
@@ -141,6 +142,8 @@ class LocalReasoningBackend:
         over the model for greedy requests (None: plain `generate` for all).
         """
         started = time.perf_counter()
+        if batching is not None and batching.attention_plans == "power-of-two":
+            plan_by_power_of_two()  # before the model's first attention: PyTorch reads it once
         log.info("local backend: locating %s ...", model or "the embedded SmolLM2-135M-Instruct")
         src = await asyncio.to_thread(_resolve, model, cache_dir=cache_dir, allow_download=allow_download)
         log.info("local backend: loading the tokenizer and weights of %s onto %s ...", src.model, device)

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -364,3 +365,20 @@ def test_abandoning_a_finished_request_keeps_nothing(glm: GlmEngine) -> None:
     batch.run_until_idle()
     assert len(running.result().ids) == 4
     assert not batch._abandoned
+
+
+def test_the_engine_builds_its_attention_plans_on_its_own_thread_before_start_returns(glm: GlmEngine) -> None:
+    """cuDNN keeps its plans per thread (`batch_engine.attention_plans`): built on the caller's, the engine's thread
+    would build them again at its first requests."""
+    calls: list[tuple[str, int, bool]] = []
+
+    def planning(model: Any, max_tokens: int, *, vision: bool) -> int:
+        assert model is glm.model
+        calls.append((threading.current_thread().name, max_tokens, vision))
+        return 0
+
+    batch = engine(glm)
+    with mock.patch("batch_engine.engine.warm_plans", planning):
+        batch.start()
+        assert calls == [("batch-engine", 256, True)]  # before `start` returned
+    batch.close()

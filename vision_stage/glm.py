@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from batch_engine.attention_plans import plan_by_power_of_two
 from batch_engine.settings import EngineOptions, EngineSettings, engine_settings
 from batch_engine.start import agrees, started
 from batch_engine.types import Completion, EngineStats, Refusals
@@ -129,6 +130,8 @@ class GlmEngine:
         what to do."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        if batching is not None and batching.attention_plans == "power-of-two":
+            plan_by_power_of_two()  # before the warm-up's attention: PyTorch reads it once
         expanded = Path(source).expanduser()
         source = str(expanded) if expanded.is_dir() else source
         with translated("load", source):

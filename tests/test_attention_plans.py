@@ -1,0 +1,123 @@
+"""cuDNN's attention plans per power of two of the lengths (`batch_engine.attention_plans`): PyTorch takes that path
+only for calls without a mask whose queries, keys and values are laid out positions outer, so every such call of the
+engine must hand them so; the setting reaches PyTorch's variable; the plans built at start cover every length."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+
+from batch_engine.attention_plans import VARIABLE, plan_by_power_of_two, positions_outer, powers_of_two, warm_plans
+from batch_engine.slots import SlotStep, slot_attention
+
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+def _positions_outer(tensor: torch.Tensor) -> bool:
+    """As PyTorch checks it (`use_ragged_in_dense`), and with the batch's stride of a fresh tensor."""
+    _batch, heads, positions, dim = tensor.shape
+    return tensor.stride() == (positions * heads * dim, dim, heads * dim, 1)
+
+
+def _recording(seen: list[tuple[torch.Tensor, ...]]) -> object:
+    attend = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*tensors: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append(tensors)
+        return attend(*tensors, **kwargs)  # type: ignore[arg-type]
+
+    return recording
+
+
+def test_a_prefill_from_position_0_hands_the_attention_everything_positions_outer_and_answers_the_same() -> None:
+    generator = torch.Generator().manual_seed(0)
+    length, capacity = 10, 64
+    # the layer's queries, positions outer in memory; K and V read from the slots (positions inner)
+    query = torch.randn((1, length, HEADS, DIM), generator=generator).transpose(1, 2)
+    slots = [torch.randn((3, KV_HEADS, capacity, DIM), generator=generator) for _ in "kv"]
+    key, value = (slot[1:2, :, :length] for slot in slots)
+    assert not _positions_outer(key)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
+        out, _ = slot_attention(None, query, key, value, None, slot_step=SlotStep(causal=True))
+    assert len(seen) == 1
+    assert all(_positions_outer(tensor) for tensor in seen[0])
+    assert seen[0][0] is query  # already laid out so: not copied
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+    assert out.is_contiguous()
+
+
+def test_positions_outer_copies_a_view_whose_batch_stride_is_a_longer_tensor_s() -> None:
+    whole = torch.randn((1, 12, HEADS, DIM)).transpose(1, 2)
+    part = whole[:, :, :10]
+    assert part.transpose(1, 2).is_contiguous()  # PyTorch's own check ignores a batch of one's stride
+    laid = positions_outer(part)
+    assert laid is not part
+    assert _positions_outer(laid)
+    assert torch.equal(laid, part)
+    assert positions_outer(whole) is whole
+
+
+def test_the_vision_encoder_s_attention_hands_each_image_positions_outer() -> None:
+    from batch_engine.vision_attention import _attend
+
+    generator = torch.Generator().manual_seed(0)
+    patches = (6, 10)
+    query, key, value = (torch.randn((sum(patches), HEADS, DIM), generator=generator) for _ in "qkv")
+    bounds = torch.tensor([0, patches[0], sum(patches)])
+    for bounded in (bounds, bounds[[0, 2]]):
+        seen: list[tuple[torch.Tensor, ...]] = []
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
+            _attend(query, key, value, bounded, DIM**-0.5)
+        assert seen
+        assert all(_positions_outer(tensor) for call in seen for tensor in call)
+
+
+def test_the_setting_sets_pytorch_s_variable_unless_the_environment_says_either_way() -> None:
+    with mock.patch.dict(os.environ, clear=False):
+        os.environ.pop(VARIABLE, None)
+        assert plan_by_power_of_two()
+        assert os.environ[VARIABLE] == "1"
+        os.environ[VARIABLE] = "0"
+        assert not plan_by_power_of_two()
+        assert os.environ[VARIABLE] == "0"
+
+
+def test_the_plans_built_at_start_cover_every_length_up_to_the_most() -> None:
+    def rounded(length: int) -> int:  # PyTorch's `roundup_power2`
+        return 1 << (length - 1).bit_length()
+
+    for most in (256, 300, 8192):
+        planned = powers_of_two(most)
+        assert planned == sorted(set(planned))
+        assert planned[0] == 2
+        assert all(rounded(length) in planned for length in range(2, most + 1))
+        assert planned[-1] == rounded(most)
+
+
+def _model() -> object:
+    from tests.tiny_glm4v import glm_tokenizer, tiny_glm4v_model
+
+    return tiny_glm4v_model(glm_tokenizer())
+
+
+def test_nothing_is_planned_off_a_cuda_device_or_with_plans_per_length() -> None:
+    model = _model()
+    with mock.patch.dict(os.environ, {VARIABLE: "1"}):
+        assert warm_plans(model, 256, vision=True) is None
+    if torch.cuda.is_available():
+        with mock.patch.dict(os.environ, {VARIABLE: "0"}):
+            assert warm_plans(model.to("cuda"), 256, vision=True) is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_plans_are_built_for_the_model_s_shapes_on_a_gpu() -> None:
+    model = _model().to("cuda", torch.bfloat16)  # type: ignore[attr-defined]
+    with mock.patch.dict(os.environ, {VARIABLE: "1"}):
+        # every power of two up to 256 tokens, and up to 4 × 256 patches (a 2 × 2 merge)
+        assert warm_plans(model, 256, vision=True) == len(powers_of_two(256)) + len(powers_of_two(1024))
