@@ -59,9 +59,9 @@ class EngineSettings:
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, set for the
     process unless the environment sets it either way); `length`, PyTorch's default, a plan at each new prompt length
-    and image grid, built by the request that brings it. On an H100 a first token at a length not met before took
-    75.3 ms against 107.5, at a length met before 71.5 against 68.5 (a plan for 2,048 positions serving 1,397 does more
-    work; `bench/RESULTS.md`)."""
+    and image grid, built by the request that brings it (about 37 ms each on an H100). On an H100 a first token at a
+    prompt length not met before took 73.6–75.3 ms against 107.5–108.3, at a length met before 71.1–71.5 against
+    68.5–68.9, and 32 clients were 0.5–2.0 % slower: the plans' kernels cost more per call (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing
