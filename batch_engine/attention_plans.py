@@ -1,16 +1,18 @@
 """cuDNN's attention plans: one per power of two of the lengths instead of one per length, built before requests.
 
 PyTorch's cuDNN attention builds a plan (a cuDNN graph, its execution plans) the first time its calling thread meets a
-set of sizes and strides, and keeps it for that thread: 40–60 ms on an H100 at each new prompt length and each new
-image grid (`bench/gpu_sdpa_shapes.py`), paid by the first request that brings it, once per process. PyTorch's
+set of sizes and strides, and keeps it for that thread: about 36–62 ms on an H100 at each new prompt length and each
+new image grid (`bench/gpu_sdpa_shapes.py`), paid by the first request that brings it, once per process. PyTorch's
 opt-in `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1` plans per power of two of the lengths instead, passing each call's own
 lengths at run time, for calls without a mask whose queries, keys, values and output are laid out positions outer,
 heads inner (`positions_outer`); PyTorch reads the variable once, at the process's first cuDNN attention.
 
-`EngineSettings.power_of_two_plans` has the backends set it (`plan_by_power_of_two`) before anything runs on the
-model; the engine's thread then plans every power of two a request may meet (`warm_plans`) before it serves: a
-prefill from position 0 (causal, no mask) and the vision encoder's attention over one image. A prefill after a reused
-prefix is masked and keeps a plan per length.
+With `EngineSettings.attention_plans` `power-of-two` (the default) the `glm` and `local` backends and the GPU
+benchmarks set it (`plan_by_power_of_two`) before anything runs on the model; an engine whose process has it set then
+lays out the tensors of a prefill from position 0 (causal, no mask) and of the vision encoder's attention over one
+image so (`positions_outer`), and its thread plans every power of two a request may meet (`warm_plans`) before it
+serves. A prefill after a reused prefix (a follow-up too long for an extend step) is masked and keeps a plan per
+length.
 """
 
 from __future__ import annotations

@@ -57,9 +57,10 @@ class EngineSettings:
     ms against 76–83 without riders); why is not established (`bench/RESULTS.md`)."""
     attention_plans: str = "power-of-two"
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
-    two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, set for the
-    process unless the environment sets it either way); `length`, PyTorch's default, a plan at each new prompt length
-    and image grid, built by the request that brings it (about 37 ms each on an H100). On an H100 a first token at a
+    two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and
+    `local` backends set for the process before their model's first attention, unless the environment sets it either
+    way); `length`, PyTorch's default, a plan at each new prompt length and image grid, built by the request that
+    brings it (about 36–62 ms each on an H100). On an H100 a first token at a
     prompt length not met before took 73.6–75.3 ms against 107.5–108.3, at a length met before 71.1–71.5 against
     68.5–68.9, and 32 clients were 0.5–2.0 % slower: the plans' kernels cost more per call (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None

@@ -82,12 +82,15 @@ class SlotStep:
     """The engine's keyword to `slot_attention`: `causal` when a prefill starts at position 0 (no mask needed);
     `grouped` for decode and extend steps (query heads grouped per KV head, masked); `kernel`: a decode step's
     attention through `batch_engine.decode_attention` (CUDA and Triton only); `riding`: a prefill with decoding
-    rows in its forward (`RideAlong`), the mask being theirs."""
+    rows in its forward (`RideAlong`), the mask being theirs; `positions_outer`: a prefill from position 0 hands its
+    attention queries, keys and values laid out positions outer, as cuDNN's plans per power of two need them
+    (`batch_engine.attention_plans`)."""
 
     causal: bool
     grouped: bool = False
     kernel: bool = False
     riding: bool = False
+    positions_outer: bool = False
 
 
 def cache_class() -> type:
@@ -218,8 +221,9 @@ def slot_attention(
         return decode_attention(query, key, value, attention_mask, scale), None
     if slot_step.grouped:
         return _grouped_attention(query, key, value, attention_mask, scale), None
-    if slot_step.causal:  # a prefill from position 0: no mask, laid out for cuDNN's plans (`attention_plans`)
-        query, key, value = (positions_outer(tensor) for tensor in (query, key, value))
+    if slot_step.causal:  # a prefill from position 0: no mask
+        if slot_step.positions_outer:
+            query, key, value = (positions_outer(tensor) for tensor in (query, key, value))
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
         )

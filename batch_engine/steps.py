@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
+from batch_engine.attention_plans import by_power_of_two
 from batch_engine.compiling import compile_model
 from batch_engine.greedy import GreedyChoice
 from batch_engine.projections import fuse_projections
@@ -78,6 +79,8 @@ class DeviceSteps:
         """Position axes: 3 for M-RoPE, 1 for plain positions."""
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
         self.packed_vision = register_vision_attention(model)
+        self.plans_by_power_of_two = by_power_of_two()
+        """Whether cuDNN's attention plans per power of two: a prefill then lays out its tensors as that needs."""
         """Whether the vision encoder attends through `batch_engine.vision_attention` (an image model's only)."""
         self.device = model.device
         if settings.fuse_projections:
@@ -198,7 +201,7 @@ class DeviceSteps:
                     attention_mask=mask.view(1, 1, total - start, total),
                     past_key_values=self.cache,
                     use_cache=True,
-                    slot_step=SlotStep(causal=start == 0),
+                    slot_step=SlotStep(causal=start == 0, positions_outer=self.plans_by_power_of_two),
                 ).last_hidden_state
                 token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
         self._keep_prefix(prompt, row, stored)

@@ -42,7 +42,9 @@ def test_a_prefill_from_position_0_hands_the_attention_everything_positions_oute
     assert not _positions_outer(key)
     seen: list[tuple[torch.Tensor, ...]] = []
     with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
-        out, _ = slot_attention(None, query, key, value, None, slot_step=SlotStep(causal=True))
+        slot_attention(None, query, key, value, None, slot_step=SlotStep(causal=True))  # plans per length
+        assert seen.pop()[1:] == (key, value)  # not copied
+        out, _ = slot_attention(None, query, key, value, None, slot_step=SlotStep(causal=True, positions_outer=True))
     assert len(seen) == 1
     assert all(_positions_outer(tensor) for tensor in seen[0])
     assert seen[0][0] is query  # already laid out so: not copied
@@ -71,10 +73,15 @@ def test_the_vision_encoder_s_attention_hands_each_image_positions_outer() -> No
     bounds = torch.tensor([0, patches[0], sum(patches)])
     for bounded in (bounds, bounds[[0, 2]]):
         seen: list[tuple[torch.Tensor, ...]] = []
-        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
-            _attend(query, key, value, bounded, DIM**-0.5)
+        with (
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)),
+            mock.patch.dict(os.environ, {VARIABLE: "1"}),
+        ):
+            expected = _attend(query, key, value, bounded, DIM**-0.5)
         assert seen
         assert all(_positions_outer(tensor) for call in seen for tensor in call)
+        with mock.patch.dict(os.environ, {VARIABLE: "0"}):
+            torch.testing.assert_close(_attend(query, key, value, bounded, DIM**-0.5), expected)
 
 
 def test_the_setting_sets_pytorch_s_variable_unless_the_environment_says_either_way() -> None:

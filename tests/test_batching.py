@@ -382,3 +382,29 @@ def test_the_engine_builds_its_attention_plans_on_its_own_thread_before_start_re
         batch.start()
         assert calls == [("batch-engine", 256, True)]  # before `start` returned
     batch.close()
+
+
+@pytest.mark.parametrize("planned", ["1", "0"])
+def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_power_of_two(
+    glm: GlmEngine, planned: str
+) -> None:
+    """The copies serve cuDNN's plans per power of two (`batch_engine.attention_plans`) and nothing else."""
+    import os
+
+    from batch_engine import slots
+    from batch_engine.attention_plans import VARIABLE, positions_outer
+
+    laid_out: list[tuple[int, ...]] = []
+
+    def recording(tensor: torch.Tensor) -> torch.Tensor:
+        laid_out.append(tuple(tensor.shape))
+        return positions_outer(tensor)
+
+    with mock.patch.dict(os.environ, {VARIABLE: planned}), mock.patch.object(slots, "positions_outer", recording):
+        batch = engine(glm)
+        encoded = prompt(glm, 3)
+        future = submit(batch, encoded, "laid out", budget=2)
+        batch.run_until_idle()
+        assert future.result().ids == glm.generate_ids(encoded, 2)
+    layers = glm.model.config.get_text_config().num_hidden_layers
+    assert len(laid_out) == (3 * layers if planned == "1" else 0)  # query, key and value of each layer's prefill
