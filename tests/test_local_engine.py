@@ -235,12 +235,18 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert engine_settings(args).compile_shapes == "dynamic"  # type: ignore[union-attr]
     args = _parser().parse_args(["serve", "--engine", "batched", "--engine-linear-kernel", "off"])
     assert engine_settings(args).linear_kernel is False  # type: ignore[union-attr]
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-attention-plans", "length"])
+    assert engine_settings(args).attention_plans == "length"  # type: ignore[union-attr]
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_ATTENTION_PLANS", "length")
+    assert Settings().reasoning.batching().attention_plans == "length"  # type: ignore[union-attr]
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-compile-shapes", "static"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-prefix-mb", "-1"])
     with pytest.raises(ValueError, match="compile_shapes must be automatic or dynamic, not 'static'"):
         EngineSettings(compile_shapes="static")
+    with pytest.raises(ValueError, match="attention_plans must be power-of-two or length, not 'each'"):
+        EngineSettings(attention_plans="each")
 
 
 DESCRIPTION = " ".join(["the receipt says total 54 and the date is today"] * 8)
