@@ -40,12 +40,13 @@ def by_power_of_two() -> bool:
 
 
 def positions_outer(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, (batch, heads, positions, dim), as it is where it is laid out positions outer and heads inner (as a
-    layer lays out its projections), else a copy so laid out (as the slots do not hold K and V). The batch's stride
-    counts too: a view of a longer tensor is copied, so that the layout depends on the length only."""
-    batch, heads, positions, dim = tensor.shape
-    if tensor.stride() == (positions * heads * dim, dim, heads * dim, 1):
+    """`tensor`, (batch, heads, positions, dim), as it is where it is laid out positions outer and heads inner (as the
+    vision encoder and a layer's projections lay it out), else a copy so laid out (as the slots do not hold K and V,
+    nor transformers' rotary embedding its output). PyTorch's own check: the plans per power of two ignore the batch's
+    stride."""
+    if tensor.transpose(1, 2).is_contiguous():
         return tensor
+    batch, heads, positions, dim = tensor.shape
     return tensor.new_empty((batch, positions, heads, dim)).transpose(1, 2).copy_(tensor)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
-from batch_engine.attention_plans import positions_outer
+from batch_engine.attention_plans import by_power_of_two, positions_outer
 from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
@@ -251,13 +251,15 @@ def _ride_along_attention(
 
     rows, span = mask.shape[0], mask.shape[-1]
     new = query.shape[2] - rows
-    # The prompt's queries copied out of the whole (`positions_outer`), so that their strides depend on the prompt's
-    # length only: a view of the whole would be new to cuDNN at each count of riding rows, if only in its batch's
-    # stride (which `contiguous` keeps for a batch of one).
-    prompt_query, prompt_key, prompt_value = (
-        positions_outer(tensor)
-        for tensor in (query[:, :, :new], key[rows : rows + 1, :, :new], value[rows : rows + 1, :, :new])
-    )
+    # The prompt's queries copied out of the whole, so that their strides depend on the prompt's length only: cuDNN's
+    # plans per length key on them, and a view of the whole would be new at each count of riding rows, if only in its
+    # batch's stride (which `contiguous` keeps for a batch of one). Positions outer, heads inner, as a layer lays its
+    # queries out; K and V too where cuDNN plans per power of two (`batch_engine.attention_plans`).
+    prompt_query = query.new_empty((1, new, query.shape[1], query.shape[3])).transpose(1, 2)
+    prompt_query.copy_(query[:, :, :new])
+    prompt_key, prompt_value = key[rows : rows + 1, :, :new], value[rows : rows + 1, :, :new]
+    if query.is_cuda and by_power_of_two():
+        prompt_key, prompt_value = positions_outer(prompt_key), positions_outer(prompt_value)
     prompt = torch.nn.functional.scaled_dot_product_attention(
         prompt_query, prompt_key, prompt_value, is_causal=True, scale=scale, enable_gqa=True
     ).transpose(1, 2)

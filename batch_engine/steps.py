@@ -79,10 +79,10 @@ class DeviceSteps:
         """Position axes: 3 for M-RoPE, 1 for plain positions."""
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
         self.packed_vision = register_vision_attention(model)
-        self.plans_by_power_of_two = by_power_of_two()
-        """Whether cuDNN's attention plans per power of two: a prefill then lays out its tensors as that needs."""
         """Whether the vision encoder attends through `batch_engine.vision_attention` (an image model's only)."""
         self.device = model.device
+        self.plans_by_power_of_two = self.device.type == "cuda" and by_power_of_two()
+        """Whether cuDNN's attention plans per power of two: a prefill then lays out its tensors as that needs."""
         if settings.fuse_projections:
             fuse_projections(self.text)
         self.linear_kernel = triton_kernels.wanted(

@@ -17,9 +17,8 @@ HEADS, KV_HEADS, DIM = 4, 2, 8
 
 
 def _positions_outer(tensor: torch.Tensor) -> bool:
-    """As PyTorch checks it (`use_ragged_in_dense`), and with the batch's stride of a fresh tensor."""
-    _batch, heads, positions, dim = tensor.shape
-    return tensor.stride() == (positions * heads * dim, dim, heads * dim, 1)
+    """As PyTorch checks it (`use_ragged_in_dense`)."""
+    return tensor.transpose(1, 2).is_contiguous()
 
 
 def _recording(seen: list[tuple[torch.Tensor, ...]]) -> object:
@@ -53,15 +52,16 @@ def test_a_prefill_from_position_0_hands_the_attention_everything_positions_oute
     assert out.is_contiguous()
 
 
-def test_positions_outer_copies_a_view_whose_batch_stride_is_a_longer_tensor_s() -> None:
+def test_positions_outer_copies_only_what_is_laid_out_heads_outer() -> None:
     whole = torch.randn((1, 12, HEADS, DIM)).transpose(1, 2)
-    part = whole[:, :, :10]
-    assert part.transpose(1, 2).is_contiguous()  # PyTorch's own check ignores a batch of one's stride
-    laid = positions_outer(part)
-    assert laid is not part
-    assert _positions_outer(laid)
-    assert torch.equal(laid, part)
     assert positions_outer(whole) is whole
+    part = whole[:, :, :10]  # a batch of one's stride is a longer tensor's: the plans ignore it
+    assert positions_outer(part) is part
+    heads_outer = torch.randn((1, HEADS, 10, DIM))
+    laid = positions_outer(heads_outer)
+    assert _positions_outer(laid)
+    assert not _positions_outer(heads_outer)
+    assert torch.equal(laid, heads_outer)
 
 
 def test_the_vision_encoder_s_attention_hands_each_image_positions_outer() -> None:
@@ -76,12 +76,19 @@ def test_the_vision_encoder_s_attention_hands_each_image_positions_outer() -> No
         with (
             mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)),
             mock.patch.dict(os.environ, {VARIABLE: "1"}),
+            mock.patch.object(torch.Tensor, "is_cuda", True),  # as on a GPU; never off one
         ):
             expected = _attend(query, key, value, bounded, DIM**-0.5)
         assert seen
         assert all(_positions_outer(tensor) for call in seen for tensor in call)
-        with mock.patch.dict(os.environ, {VARIABLE: "0"}):
-            torch.testing.assert_close(_attend(query, key, value, bounded, DIM**-0.5), expected)
+        for variable in ("0", "1"):  # plans per length, or off a CUDA device: as the encoder hands them
+            seen.clear()
+            with (
+                mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)),
+                mock.patch.dict(os.environ, {VARIABLE: variable}),
+            ):
+                torch.testing.assert_close(_attend(query, key, value, bounded, DIM**-0.5), expected)
+            assert all(_positions_outer(tensor) for call in seen for tensor in call)  # views, as they come
 
 
 def test_the_setting_sets_pytorch_s_variable_unless_the_environment_says_either_way() -> None:

@@ -384,11 +384,12 @@ def test_the_engine_builds_its_attention_plans_on_its_own_thread_before_start_re
     batch.close()
 
 
-@pytest.mark.parametrize("planned", ["1", "0"])
+@pytest.mark.parametrize("planned", [True, False])
 def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_power_of_two(
-    glm: GlmEngine, planned: str
+    glm: GlmEngine, planned: bool
 ) -> None:
-    """The copies serve cuDNN's plans per power of two (`batch_engine.attention_plans`) and nothing else."""
+    """The copies serve cuDNN's plans per power of two (`batch_engine.attention_plans`) and nothing else: never off a
+    CUDA device, whatever the environment says."""
     import os
 
     from batch_engine import slots
@@ -400,11 +401,13 @@ def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_p
         laid_out.append(tuple(tensor.shape))
         return positions_outer(tensor)
 
-    with mock.patch.dict(os.environ, {VARIABLE: planned}), mock.patch.object(slots, "positions_outer", recording):
+    with mock.patch.dict(os.environ, {VARIABLE: "1"}), mock.patch.object(slots, "positions_outer", recording):
         batch = engine(glm)
+        assert batch.device.plans_by_power_of_two is False  # on the CPU
+        batch.device.plans_by_power_of_two = planned  # as on a GPU with the variable set, or not
         encoded = prompt(glm, 3)
         future = submit(batch, encoded, "laid out", budget=2)
         batch.run_until_idle()
         assert future.result().ids == glm.generate_ids(encoded, 2)
     layers = glm.model.config.get_text_config().num_hidden_layers
-    assert len(laid_out) == (3 * layers if planned == "1" else 0)  # query, key and value of each layer's prefill
+    assert len(laid_out) == (3 * layers if planned else 0)  # query, key and value of each layer's prefill
