@@ -187,8 +187,8 @@ class EngineFields(Section):
     engine_attention_plans: Literal["power-of-two", "length"] = "power-of-two"
     """`batched`: how cuDNN's attention plans its kernels (`EngineSettings.attention_plans`): `power-of-two`, a plan
     per power of two of the lengths, all built at start; `length`, a plan at each new prompt length and image grid,
-    built by the request that brings it (GLM-4.6V-Flash's first token at a new prompt length 107.5–108.3 → 73.6–75.3
-    ms on an H100, at a length met before 68.5–68.9 → 71.1–71.5, `bench/RESULTS.md`)."""
+    built by the request that brings it (GLM-4.6V-Flash's first token at a new prompt length 101.2–108.3 → 70.9–75.3
+    ms on H100s, at a length met before 66.2–68.9 → 69.4–71.5, `bench/RESULTS.md`)."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
