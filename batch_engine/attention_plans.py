@@ -17,11 +17,15 @@ length.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("batch_engine")
 
 VARIABLE = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 """PyTorch's environment variable for cuDNN attention plans per power of two of the lengths (`1`: on)."""
@@ -84,6 +88,19 @@ def warm_plans(model: Any, max_tokens: int, *, vision: bool) -> int | None:
             key, value = _laid_out(model, length, kv_heads, dim), _laid_out(model, length, kv_heads, dim)
             attend(query, key, value, is_causal=causal, enable_gqa=heads != kv_heads)
     return len(shapes)
+
+
+def build_plans(model: Any, max_tokens: int, *, vision: bool) -> None:
+    """`warm_plans` as the engine's thread runs it before it serves: logged, and a failure logged, not raised (a
+    request then builds its plan, as with plans per length)."""
+    started = time.perf_counter()
+    try:
+        planned = warm_plans(model, max_tokens, vision=vision)
+    except Exception:
+        log.exception("batching engine: building the attention plans failed")
+        return
+    if planned is not None:
+        log.info("batching engine: %d attention plans built in %.1f s", planned, time.perf_counter() - started)
 
 
 def _laid_out(model: Any, length: int, heads: int, dim: int) -> torch.Tensor:

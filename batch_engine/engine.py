@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_engine.attention_plans import warm_plans
+from batch_engine.attention_plans import build_plans
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
@@ -187,7 +187,7 @@ class BatchEngine:
 
     def start(self) -> None:
         """Capture the decode graphs (on a GPU), compile the prefills (`warm_prefills`, when the layers are compiled),
-        and run `step` on the engine's own thread until `close`."""
+        and run `step` on the engine's own thread until `close`, once that thread has built its attention plans."""
         self.device.capture()
         if self.device.compiled:
             warm_prefills(self.prepare, self.device)
@@ -211,15 +211,10 @@ class BatchEngine:
     def _run(self) -> None:
         import torch
 
-        if self.device.compiled:
-            use_dynamo_settings()  # this thread's own (`batch_engine.compiling.use_dynamo_settings`)
-        try:  # cuDNN's attention plans are this thread's own too
-            started = time.perf_counter()
-            planned = warm_plans(self.model, self.settings.max_tokens, vision=self.device.packed_vision)
-            if planned is not None:
-                log.info("batching engine: %d attention plans built in %.1f s", planned, time.perf_counter() - started)
-        except Exception:  # a request then builds its plan, as without this
-            log.exception("batching engine: building the attention plans failed")
+        try:  # `start` waits for this, however it ends
+            if self.device.compiled:
+                use_dynamo_settings()  # this thread's own (`batch_engine.compiling.use_dynamo_settings`)
+            build_plans(self.model, self.settings.max_tokens, vision=self.device.packed_vision)
         finally:
             self._planned.set()
         with torch.inference_mode():

@@ -135,3 +135,12 @@ def test_the_plans_are_built_for_the_model_s_shapes_on_a_gpu() -> None:
     with mock.patch.dict(os.environ, {VARIABLE: "1"}):
         # every power of two up to 256 tokens, and up to 4 × 256 patches (a 2 × 2 merge)
         assert warm_plans(model, 256, vision=True) == len(powers_of_two(256)) + len(powers_of_two(1024))
+
+
+def test_a_failure_to_build_the_plans_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    from batch_engine import attention_plans
+
+    with mock.patch.object(attention_plans, "warm_plans", side_effect=RuntimeError("cuDNN said no")):
+        attention_plans.build_plans(object(), 256, vision=False)
+    assert "building the attention plans failed" in caplog.text
+    assert "cuDNN said no" in caplog.text

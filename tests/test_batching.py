@@ -372,13 +372,12 @@ def test_the_engine_builds_its_attention_plans_on_its_own_thread_before_start_re
     would build them again at its first requests."""
     calls: list[tuple[str, int, bool]] = []
 
-    def planning(model: Any, max_tokens: int, *, vision: bool) -> int:
+    def planning(model: Any, max_tokens: int, *, vision: bool) -> None:
         assert model is glm.model
         calls.append((threading.current_thread().name, max_tokens, vision))
-        return 0
 
     batch = engine(glm)
-    with mock.patch("batch_engine.engine.warm_plans", planning):
+    with mock.patch("batch_engine.engine.build_plans", planning):
         batch.start()
         assert calls == [("batch-engine", 256, True)]  # before `start` returned
     batch.close()
@@ -411,3 +410,11 @@ def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_p
         assert future.result().ids == glm.generate_ids(encoded, 2)
     layers = glm.model.config.get_text_config().num_hidden_layers
     assert len(laid_out) == (3 * layers if planned else 0)  # query, key and value of each layer's prefill
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death, expected
+def test_start_returns_even_when_the_engine_s_thread_fails_before_it_serves(glm: GlmEngine) -> None:
+    batch = engine(glm)
+    with mock.patch("batch_engine.engine.build_plans", side_effect=RuntimeError("no plans")):
+        batch.start()  # the thread died; `start` does not wait for it forever
+    batch.close()
