@@ -1,7 +1,7 @@
 """cuDNN's attention plans: one per power of two of the lengths instead of one per length, built before requests.
 
 PyTorch's cuDNN attention builds a plan (a cuDNN graph, its execution plans) the first time its calling thread meets a
-set of sizes and strides, and keeps it for that thread: about 36–62 ms on an H100 at each new prompt length and each
+set of sizes and strides, and keeps it for that thread: about 36–64 ms on H100s at each new prompt length and each
 new image grid (`bench/gpu_sdpa_shapes.py`), paid by the first request that brings it, once per process. PyTorch's
 opt-in `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1` plans per power of two of the lengths instead, passing each call's own
 lengths at run time, for calls without a mask whose queries, keys, values and output are laid out positions outer,
@@ -44,10 +44,10 @@ def by_power_of_two() -> bool:
 
 
 def positions_outer(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, (batch, heads, positions, dim), as it is where it is laid out positions outer and heads inner (as the
-    vision encoder and a layer's projections lay it out), else a copy so laid out (as the slots do not hold K and V,
-    nor transformers' rotary embedding its output). PyTorch's own check: the plans per power of two ignore the batch's
-    stride."""
+    """`tensor`, (batch, heads, positions, dim), as it is where it is laid out positions outer and heads inner (the
+    vision encoder's rotated queries and keys), else a copy so laid out (the slots' K and V, a decoder layer's rotated
+    queries, the encoder's values, a view of its packed projection). PyTorch's own check: the plans per power of two
+    ignore a batch's stride."""
     if tensor.transpose(1, 2).is_contiguous():
         return tensor
     batch, heads, positions, dim = tensor.shape
@@ -66,11 +66,12 @@ def warm_plans(model: Any, max_tokens: int, *, vision: bool) -> int | None:
     """Build, on the calling thread (cuDNN's plans are the thread's own), the plans of every prefill from position 0
     of up to `max_tokens` tokens, and with `vision` of the encoder's attention over every image of up to that many
     image tokens; the number of calls made. Each call as the engine makes it: batch 1, the model's heads and dtype,
-    laid out positions outer. None where there is nothing to plan: not on a CUDA device, or plans per length."""
+    laid out positions outer. None where there is nothing to plan: not on a CUDA device, not in half precision, or
+    plans per length."""
     import torch
 
-    if model.device.type != "cuda" or not by_power_of_two():
-        return None
+    if model.device.type != "cuda" or model.dtype not in (torch.float16, torch.bfloat16) or not by_power_of_two():
+        return None  # cuDNN's attention takes half precision only
     attend = torch.nn.functional.scaled_dot_product_attention
     text = model.config.get_text_config()
     dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

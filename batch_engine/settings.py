@@ -60,9 +60,9 @@ class EngineSettings:
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and
     `local` backends set for the process before their model's first attention, unless the environment sets it either
     way); `length`, PyTorch's default, a plan at each new prompt length and image grid, built by the request that
-    brings it (about 36–62 ms each on an H100). On H100s a first token at a prompt length not met before took
+    brings it (about 36–64 ms each on H100s). On H100s a first token at a prompt length not met before took
     70.9–75.3 ms against 101.2–108.3, at a length met before 69.4–71.5 against 66.2–68.9, and 32 clients were
-    0.5–2.3 % slower: the plans' kernels cost more per call (`bench/RESULTS.md`)."""
+    0.5–2.3 % slower (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing

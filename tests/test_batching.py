@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -374,6 +375,7 @@ def test_the_engine_builds_its_attention_plans_on_its_own_thread_before_start_re
 
     def planning(model: Any, max_tokens: int, *, vision: bool) -> None:
         assert model is glm.model
+        time.sleep(0.2)  # as building plans takes a while: `start` must wait for it
         calls.append((threading.current_thread().name, max_tokens, vision))
 
     batch = engine(glm)
