@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, Field, SecretStr, model_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.stage_settings import (
+    EngineFields,
     LocalReasoningSettings,
     OcrVisionSettings,
     ReasoningSettings,
@@ -243,6 +244,20 @@ class Settings(BaseSettings):
         not choose."""
         if unknown := unknown_variables(os.environ):
             raise ValueError("unknown ORCH_ variables, which no setting reads: " + "; ".join(unknown))
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_of_planning_attention(self) -> Settings:
+        """Both in-process engines share PyTorch's cuDNN attention, which plans one way for the whole process
+        (`batch_engine.attention_plans`): two different settings would leave one engine wrong about it."""
+        engines = [section.batching() for section in (self.vision, self.reasoning) if isinstance(section, EngineFields)]
+        plans = {engine.attention_plans for engine in engines if engine is not None}
+        if len(plans) > 1:
+            raise ValueError(
+                "vision.engine_attention_plans and reasoning.engine_attention_plans must be the same where both "
+                "stages run the batching engine in this process (PyTorch plans one way per process), not "
+                f"{sorted(plans)}"
+            )
         return self
 
     @model_validator(mode="after")

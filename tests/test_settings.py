@@ -283,3 +283,18 @@ def test_a_shared_batch_request_is_not_taken_back_while_it_may_still_be_answered
     monkeypatch.delenv("ORCH_STATE__URL")
     monkeypatch.delenv("ORCH_LIMITS__REQUEST_DEADLINE_S")
     assert settings_with(monkeypatch, {"ORCH_BATCH__VISIBILITY_S": "20"}).batch.visibility_s == 20  # no Redis: no check
+
+
+def test_both_in_process_engines_must_plan_cuda_attention_one_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's cuDNN attention plans one way for the whole process (`batch_engine.attention_plans`)."""
+    monkeypatch.setenv("ORCH_VISION__BACKEND", "glm")
+    monkeypatch.setenv("ORCH_VISION__MODEL", "m")
+    monkeypatch.setenv("ORCH_REASONING__ENGINE", "batched")
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_ATTENTION_PLANS", "length")
+    with pytest.raises(ValidationError, match="engine_attention_plans must be the same"):
+        Settings()
+    monkeypatch.setenv("ORCH_VISION__ENGINE_ATTENTION_PLANS", "length")
+    assert Settings().vision.batching().attention_plans == "length"  # type: ignore[union-attr]
+    monkeypatch.setenv("ORCH_REASONING__ENGINE", "generate")  # the reasoning stage runs no engine: either way
+    monkeypatch.setenv("ORCH_VISION__ENGINE_ATTENTION_PLANS", "power-of-two")
+    assert Settings().reasoning.batching() is None  # type: ignore[union-attr]
