@@ -43,6 +43,12 @@ def by_power_of_two() -> bool:
     return os.environ.get(VARIABLE) == "1"
 
 
+def planned_on(device: torch.device) -> bool:
+    """Whether attention on `device` takes the plans per power of two: a CUDA device, with the variable set. Only
+    there are tensors laid out for them (`positions_outer`) and plans built (`warm_plans`)."""
+    return device.type == "cuda" and by_power_of_two()
+
+
 def positions_outer(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, (batch, heads, positions, dim), as it is where it is laid out positions outer and heads inner (the
     vision encoder's rotated queries and keys), else a copy so laid out (the slots' K and V, a decoder layer's rotated
@@ -70,7 +76,7 @@ def warm_plans(model: Any, max_tokens: int, *, vision: bool) -> int | None:
     plans per length."""
     import torch
 
-    if model.device.type != "cuda" or model.dtype not in (torch.float16, torch.bfloat16) or not by_power_of_two():
+    if not planned_on(model.device) or model.dtype not in (torch.float16, torch.bfloat16):
         return None  # cuDNN's attention takes half precision only
     attend = torch.nn.functional.scaled_dot_product_attention
     text = model.config.get_text_config()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
-from batch_engine.attention_plans import by_power_of_two, positions_outer
+from batch_engine.attention_plans import planned_on, positions_outer
 from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
@@ -221,16 +221,12 @@ def slot_attention(
         return decode_attention(query, key, value, attention_mask, scale), None
     if slot_step.grouped:
         return _grouped_attention(query, key, value, attention_mask, scale), None
-    if slot_step.causal:  # a prefill from position 0: no mask
-        if slot_step.positions_outer:
-            query, key, value = (positions_outer(tensor) for tensor in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
-        )
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
-        )
+    if slot_step.causal and slot_step.positions_outer:  # a prefill from position 0 (no mask), for cuDNN's plans
+        query, key, value = (positions_outer(tensor) for tensor in (query, key, value))
+    mask = None if slot_step.causal else attention_mask
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -258,7 +254,7 @@ def _ride_along_attention(
     prompt_query = query.new_empty((1, new, query.shape[1], query.shape[3])).transpose(1, 2)
     prompt_query.copy_(query[:, :, :new])
     prompt_key, prompt_value = key[rows : rows + 1, :, :new], value[rows : rows + 1, :, :new]
-    if query.is_cuda and by_power_of_two():
+    if planned_on(query.device):
         prompt_key, prompt_value = positions_outer(prompt_key), positions_outer(prompt_value)
     prompt = torch.nn.functional.scaled_dot_product_attention(
         prompt_query, prompt_key, prompt_value, is_causal=True, scale=scale, enable_gqa=True

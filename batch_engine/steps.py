@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
-from batch_engine.attention_plans import by_power_of_two
+from batch_engine.attention_plans import planned_on
 from batch_engine.compiling import compile_model
 from batch_engine.greedy import GreedyChoice
 from batch_engine.projections import fuse_projections
@@ -81,7 +81,7 @@ class DeviceSteps:
         self.packed_vision = register_vision_attention(model)
         """Whether the vision encoder attends through `batch_engine.vision_attention` (an image model's only)."""
         self.device = model.device
-        self.plans_by_power_of_two = self.device.type == "cuda" and by_power_of_two()
+        self.plans_by_power_of_two = planned_on(self.device)
         """Whether cuDNN's attention plans per power of two: a prefill then lays out its tensors as that needs."""
         if settings.fuse_projections:
             fuse_projections(self.text)

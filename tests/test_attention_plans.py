@@ -10,7 +10,14 @@ from unittest import mock
 import pytest
 import torch
 
-from batch_engine.attention_plans import VARIABLE, plan_by_power_of_two, positions_outer, powers_of_two, warm_plans
+from batch_engine.attention_plans import (
+    VARIABLE,
+    plan_by_power_of_two,
+    planned_on,
+    positions_outer,
+    powers_of_two,
+    warm_plans,
+)
 from batch_engine.slots import SlotStep, slot_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -80,8 +87,7 @@ def test_the_vision_encoder_s_attention_hands_each_image_positions_outer() -> No
         seen: list[tuple[torch.Tensor, ...]] = []
         with (
             mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)),
-            mock.patch.dict(os.environ, {VARIABLE: "1"}),
-            mock.patch.object(torch.Tensor, "is_cuda", True),  # as on a GPU; never off one
+            mock.patch("batch_engine.vision_attention.planned_on", return_value=True),  # as on a GPU
         ):
             expected = _attend(query, key, value, bounded, DIM**-0.5)
         assert seen
@@ -95,6 +101,12 @@ def test_the_vision_encoder_s_attention_hands_each_image_positions_outer() -> No
                 torch.testing.assert_close(_attend(query, key, value, bounded, DIM**-0.5), expected)
             assert seen
             assert not any(_positions_outer(call[2]) for call in seen)  # V as it comes, not laid out
+
+
+def test_only_a_cuda_device_with_the_variable_set_takes_the_plans() -> None:
+    for variable, device, expected in (("1", "cuda", True), ("0", "cuda", False), ("1", "cpu", False)):
+        with mock.patch.dict(os.environ, {VARIABLE: variable}):
+            assert planned_on(torch.device(device)) is expected
 
 
 def test_the_setting_sets_pytorch_s_variable_unless_the_environment_says_either_way() -> None:
