@@ -13,13 +13,21 @@ lays out the tensors of a prefill from position 0 (causal, no mask) and of the v
 image so (`positions_outer`), and its thread plans every power of two a request may meet (`warm_plans`) before it
 serves. A prefill after a reused prefix (a follow-up too long for an extend step) is masked and keeps a plan per
 length.
+
+A plan per power of two costs every call more than a plan per length (`bench/gpu_sdpa_shapes.py`), and the copies
+into that layout cost too. So with `EngineSettings.recurring_plans` (on by default) an attention call that recurs
+gets a plan of its own: the engine's thread counts each call's sizes and strides (`RecurringCalls`); one met twice
+has its plan per length built while the engine idles, one at a time, and from then on goes to cuDNN as it is, with
+no copy, taking that plan.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -108,6 +116,121 @@ def build_plans(model: Any, max_tokens: int, *, vision: bool) -> None:
         return
     if planned is not None:
         log.info("batching engine: %d attention plans built in %.1f s", planned, time.perf_counter() - started)
+
+
+Signature = tuple[Any, ...]
+"""An attention call as cuDNN plans it: the tensors' dtype, device, sizes and strides, causal or not, the scale and
+whether heads are grouped."""
+
+
+class RecurringCalls:
+    """The attention calls of one thread (the engine's) that recur, and the plans per length built for them: a call
+    met in `after` of the engine's prefills waits for its plan, which `build_one` builds (on that thread: cuDNN's plans
+    are the thread's own); `arrange` then hands its tensors on as they are, to take it. At most `most` calls are
+    planned so, the rest taking the plans per power of two. `enabled` off: every call takes those
+    (`EngineSettings.recurring_plans`)."""
+
+    def __init__(self, *, after: int = 2, most: int = 64) -> None:
+        self.after, self.most = after, most
+        self.enabled = True
+        self._turn = 0
+        """The engine's prefill (`turn`): a call is counted once a prefill, however many layers make it."""
+        self._last: dict[Signature, int] = {}
+        self._seen: Counter[Signature] = Counter()
+        self._waiting: dict[Signature, None] = {}
+        """The calls met `after` times whose plan is not built yet, oldest first."""
+        self.planned: set[Signature] = set()
+        """The calls whose plan per length is built."""
+        self._failed: set[Signature] = set()
+        """The calls whose plan failed to build: they keep the plans per power of two."""
+
+    def turn(self, *, enabled: bool) -> None:
+        """A new prefill of the engine's, with `EngineSettings.recurring_plans` as it now is."""
+        self.enabled = enabled
+        self._turn += 1
+
+    def arrange(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool, scale: float, gqa: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The call's tensors as they go to cuDNN: as they are where its plan per length is built, else laid out
+        positions outer (`positions_outer`) for a plan per power of two; the call is counted."""
+        if self.enabled:
+            signature = _signature(query, key, value, causal, scale, gqa)
+            if signature in self.planned:
+                return query, key, value
+            self._count(signature)
+        return positions_outer(query), positions_outer(key), positions_outer(value)
+
+    def _count(self, signature: Signature) -> None:
+        """One more meeting of a call not planned, once a prefill; met in `after` prefills, it waits for its plan,
+        room allowing. Only so many calls are counted (four times `most`): a service meets many lengths once."""
+        if signature in self._waiting or signature in self._failed or self._last.get(signature) == self._turn:
+            return
+        if signature not in self._seen and len(self._seen) >= 4 * self.most:
+            return
+        self._last[signature] = self._turn
+        self._seen[signature] += 1
+        if self._seen[signature] >= self.after and len(self.planned) + len(self._waiting) < self.most:
+            self._waiting[signature] = None
+
+    def build_one(self) -> bool:
+        """Build the plan of the oldest call waiting for one, on the calling thread; whether one waited. A failure
+        is logged, and that call keeps the plans per power of two."""
+        if not self.enabled or not self._waiting:
+            return False
+        signature = next(iter(self._waiting))
+        del self._waiting[signature]
+        started = time.perf_counter()
+        try:
+            _plan(signature)
+        except Exception:
+            log.exception("batching engine: building an attention plan for a recurring call failed")
+            self._failed.add(signature)
+            return True
+        self.planned.add(signature)
+        log.info("batching engine: a recurring attention call's own plan built in %.1f ms",
+                 (time.perf_counter() - started) * 1000)  # fmt: skip
+        return True
+
+
+_thread = threading.local()
+
+
+def serve(calls: RecurringCalls | None) -> None:
+    """Make `calls` the calling thread's (the engine's thread, before it serves), for `arranged`."""
+    _thread.calls = calls
+
+
+def arranged(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool, scale: float, gqa: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An attention call's tensors as they go to cuDNN where it plans per power of two (`planned_on`): through the
+    calling thread's `RecurringCalls` where it has them (`serve`), else laid out positions outer."""
+    calls: RecurringCalls | None = getattr(_thread, "calls", None)
+    if calls is None:
+        return positions_outer(query), positions_outer(key), positions_outer(value)
+    return calls.arrange(query, key, value, causal=causal, scale=scale, gqa=gqa)
+
+
+def _signature(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scale: float, gqa: bool
+) -> Signature:
+    tensors = tuple((tuple(t.shape), t.stride()) for t in (query, key, value))
+    return (query.dtype, query.device, tensors, causal, scale, gqa)
+
+
+def _plan(signature: Signature) -> None:
+    """One call of `signature` on zeros of its sizes and strides: cuDNN builds (and keeps) its plan."""
+    import torch
+
+    dtype, device, tensors, causal, scale, gqa = signature
+    query, key, value = (
+        torch.empty_strided(size, stride, dtype=dtype, device=device).zero_() for size, stride in tensors
+    )
+    with torch.inference_mode():
+        torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
 
 
 def _laid_out(model: Any, length: int, heads: int, dim: int) -> torch.Tensor:

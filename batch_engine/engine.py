@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_engine.attention_plans import build_plans
+from batch_engine.attention_plans import RecurringCalls, build_plans, serve
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
@@ -84,6 +84,9 @@ class BatchEngine:
         self.settings = settings
         self.refusals = refusals
         self.device = DeviceSteps(model, settings)
+        self.recurring = RecurringCalls() if self.device.plans_by_power_of_two else None
+        """The attention calls that recur on the engine's thread, each given a plan of its own while the thread idles
+        (`EngineSettings.recurring_plans`), where cuDNN plans per power of two."""
         self.stop_ids = frozenset(stop_ids_of(model.generation_config))
         self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_size)
         self._held: _Request | None = None
@@ -214,6 +217,7 @@ class BatchEngine:
         try:  # `start` waits for this, however it ends
             if self.device.compiled:
                 use_dynamo_settings()  # this thread's own (`batch_engine.compiling.use_dynamo_settings`)
+            serve(self.recurring)
             build_plans(self.model, self.settings.max_tokens, vision=self.device.packed_vision)
         finally:
             self._planned.set()
@@ -225,7 +229,7 @@ class BatchEngine:
                     log.exception("batching engine: a step failed")
                     self._fail_all(exc)
                     worked = True
-                if not worked:
+                if not worked and not (self.recurring is not None and self.recurring.build_one()):  # one a turn
                     self._wake.wait(0.05)
                     self._wake.clear()
 
@@ -298,6 +302,8 @@ class BatchEngine:
         self._admitted += 1
         self._queue_ms += (request.admitted - request.submitted) * 1000
         longest = max((rider.length for rider in riders), default=0)
+        if self.recurring is not None:
+            self.recurring.turn(enabled=self.settings.recurring_plans)
         token = self.device.prefill(request.prompt, len(self._rows), stored, longest)
         request.reused = stored.tokens if stored else 0
         request.length = request.prompt.tokens

@@ -63,6 +63,10 @@ class EngineSettings:
     brings it (about 36–64 ms each on H100s). On H100s a first token at a prompt length not met before took
     70.9–75.3 ms against 101.2–108.3, at a length met before 69.4–71.5 against 66.2–68.9, and 32 clients were
     0.5–2.3 % slower (`bench/RESULTS.md`)."""
+    recurring_plans: bool = True
+    """With `attention_plans` `power-of-two`, an attention call met twice at the same sizes (a prompt length, an
+    image grid) gets a plan of its own, per length, built while the engine idles; such calls then skip the copies
+    into the layout the plans per power of two need and take the cheaper kernels (`attention_plans.RecurringCalls`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
-from batch_engine.attention_plans import planned_on, positions_outer
+from batch_engine.attention_plans import arranged, planned_on, positions_outer
 from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ def slot_attention(
     if slot_step.grouped:
         return _grouped_attention(query, key, value, attention_mask, scale), None
     if slot_step.causal and slot_step.positions_outer:  # a prefill from position 0 (no mask), for cuDNN's plans
-        query, key, value = (positions_outer(tensor) for tensor in (query, key, value))
+        return torch.ops.batch_engine.causal_attention(query, key, value, float(scale)), None
     mask = None if slot_step.causal else attention_mask
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=slot_step.causal, scale=scaling, enable_gqa=True
@@ -298,24 +298,47 @@ def _grouped_attention(
     return out.view(batch, heads, length, head_dim).transpose(1, 2)
 
 
+def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prefill from position 0 where cuDNN plans per power of two, (1, length, heads, dim): its tensors as that
+    needs them, or as they are once the call recurs (`attention_plans.arranged`). An operator,
+    `batch_engine::causal_attention`, so that the choice is made at each call, not once where the layer compiles."""
+    import torch
+
+    query, key, value = arranged(query, key, value, causal=True, scale=scale, gqa=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous()
+
+
 @functools.cache
-def _define_ride_along() -> None:
-    """Define `batch_engine::ride_along_attention` once (a second definition of a name fails)."""
+def _define_operators() -> None:
+    """Define `batch_engine::ride_along_attention` and `batch_engine::causal_attention` once (a second definition
+    of a name fails)."""
     define_operator(
         "ride_along_attention",
         "(Tensor query, Tensor key, Tensor value, Tensor mask, float scale, bool kernel) -> Tensor",
         _ride_along_attention,
-        lambda query, *_: (query.shape[0], query.shape[2], query.shape[1], query.shape[3]),
+        _transposed,
     )
+    define_operator(
+        "causal_attention", "(Tensor query, Tensor key, Tensor value, float scale) -> Tensor", _causal_attention,
+        _transposed,
+    )  # fmt: skip
+
+
+def _transposed(query: torch.Tensor, *_: Any) -> tuple[int, ...]:
+    """The operators' output size: (batch, length, heads, dim) for a query of (batch, heads, length, dim)."""
+    return (query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def register_attention() -> None:
-    """Register `slot_attention` (and sdpa's mask for plain `generate`) under `ATTENTION`, and define the operator
-    `batch_engine::ride_along_attention`; idempotent."""
+    """Register `slot_attention` (and sdpa's mask for plain `generate`) under `ATTENTION`, and define the engine's
+    operators (`_define_operators`); idempotent."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    _define_ride_along()
+    _define_operators()
     AttentionInterface.register(ATTENTION, slot_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from batch_engine.attention_plans import planned_on, positions_outer
+from batch_engine.attention_plans import arranged, planned_on
 from batch_engine.operators import define_operator
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds:
     else:
         sizes = bounds.diff().tolist()
         images = list(zip(*(torch.split(tensor, sizes, dim=2) for tensor in (query, key, value)), strict=True))
-    if planned_on(query.device):  # each image's own, laid out as cuDNN's plans per power of two need them
-        images = [(positions_outer(q), positions_outer(k), positions_outer(v)) for q, k, v in images]
+    if planned_on(query.device):  # each image's own, as cuDNN's plans per power of two need them, or as it recurs
+        images = [arranged(q, k, v, causal=False, scale=scale, gqa=False) for q, k, v in images]
     outs = [attention(q, k, v, scale=scale) for q, k, v in images]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))[0].transpose(0, 1).contiguous()
 

@@ -197,20 +197,26 @@ def one_request(bench: Paths, rounds: int, prompts: Prompts) -> list[Row]:
     one, fresh, new_length = prompts.one, prompts.fresh, prompts.new_length
     plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
-
-    def engine_first(prompt: Callable[[], Any]) -> Callable[[], float]:
-        def once() -> float:
-            _, (done,) = bench.engine_run([prompt()], 1)
-            return float(done.first_token_ms)
-
-        return once
-
     first, decode, new = ONE_REQUEST_ROWS
     return [
-        (first, plain_first, median_of(rounds, engine_first(fresh))),
+        (first, plain_first, engine_first_token(bench, rounds, fresh)),
         (decode, (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, prompts.forget)),
-        (new, median_of(rounds, lambda: bench.plain(new_length(), 1)[0]), median_of(rounds, engine_first(new_length))),
+        (
+            new,
+            median_of(rounds, lambda: bench.plain(new_length(), 1)[0]),
+            engine_first_token(bench, rounds, new_length),
+        ),
     ]
+
+
+def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
+    """The engine's first token of one request alone (p50), each on a prompt `prompt` makes."""
+
+    def once() -> float:
+        _, (done,) = bench.engine_run([prompt()], 1)
+        return float(done.first_token_ms)
+
+    return median_of(rounds, once)
 
 
 def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:

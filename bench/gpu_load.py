@@ -137,6 +137,7 @@ def loads(bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answ
 COMPARED = {
     "overlap": "its step overlap",
     "ride_along": "decoding rows riding along in prefills",
+    "recurring_plans": "plans of their own for recurring attention calls",
 }
 """The engine's settings a benchmark may compare off and on (`compared`), and what each is."""
 
@@ -150,24 +151,27 @@ def compared(
     clients: int,
     answer: int,
 ) -> str:
-    """The engine with its `setting` (a boolean `EngineSettings` field) off, then on, in the same run: decode at batch
-    1, and `clients` concurrent clients' tokens/s (the engine alone), with where that load's time went (`StepTimes`)."""
+    """The engine with its `setting` (a boolean `EngineSettings` field) off, then on, in the same run: the first token
+    of one request alone and decode at batch 1 (p50s), and `clients` concurrent clients' tokens/s (the engine alone),
+    with where that load's time went (`StepTimes`)."""
     from dataclasses import replace
 
-    from bench.gpu_common import engine_decode
+    from bench.gpu_common import engine_decode, engine_first_token
 
     kept, figures = bench.engine.settings, []
     try:
         for on in (False, True):
             bench.engine.settings = replace(kept, **{setting: on})
+            first = engine_first_token(bench, rounds, fresh)
             decode = engine_decode(bench, rounds, fresh, forget)
             with StepTimes(bench.engine) as steps:
                 ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
             tokens = sum(len(completion.ids) for completion in done) / ms * 1000
             figures.append(
-                f"{'on' if on else 'off'}: {decode:.2f} ms/token, {tokens:.1f} tokens/s ({steps}; the steps that "
+                f"{'on' if on else 'off'}: first token {first:.1f} ms, {decode:.2f} ms/token, {tokens:.1f} tokens/s "
+                f"({steps}; the steps that "
                 f"prefilled, rows decoding:ms, {steps.by_rows()})"
             )
     finally:
         bench.engine.settings = kept
-    return f"{COMPARED[setting]} (decode at batch 1; {clients} concurrent, engine alone): " + "; ".join(figures)
+    return f"{COMPARED[setting]} (one request; {clients} concurrent, engine alone): " + "; ".join(figures)

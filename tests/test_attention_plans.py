@@ -12,13 +12,16 @@ import torch
 
 from batch_engine.attention_plans import (
     VARIABLE,
+    RecurringCalls,
+    arranged,
     plan_by_power_of_two,
     planned_on,
     positions_outer,
     powers_of_two,
+    serve,
     warm_plans,
 )
-from batch_engine.slots import SlotStep, slot_attention
+from batch_engine.slots import SlotStep, register_attention, slot_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
@@ -46,6 +49,7 @@ def test_a_prefill_from_position_0_hands_the_attention_everything_positions_oute
     slots = [torch.randn((3, KV_HEADS, capacity, DIM), generator=generator) for _ in "kv"]
     key, value = (slot[1:2, :, :length] for slot in slots)
     assert not _positions_outer(key)
+    register_attention()  # the engine's operators
     seen: list[tuple[torch.Tensor, ...]] = []
     with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
         slot_attention(None, query, key, value, None, slot_step=SlotStep(causal=True))  # plans per length
@@ -164,3 +168,97 @@ def test_a_failure_to_build_the_plans_is_logged_not_raised(caplog: pytest.LogCap
         attention_plans.build_plans(object(), 256, vision=False)
     assert "building the attention plans failed" in caplog.text
     assert "cuDNN said no" in caplog.text
+
+
+Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _call(length: int, *, capacity: int = 64) -> Call:
+    """A prefill's attention call as the engine makes it: the queries heads outer, K and V read from the slots."""
+    query = torch.randn((1, HEADS, length, DIM))
+    key, value = (torch.randn((3, KV_HEADS, capacity, DIM))[1:2, :, :length] for _ in "kv")
+    return query, key, value
+
+
+def _arrange(calls: RecurringCalls, tensors: Call) -> Call:
+    query, key, value = tensors
+    return calls.arrange(query, key, value, causal=True, scale=DIM**-0.5, gqa=True)
+
+
+def test_a_call_met_in_two_prefills_gets_a_plan_of_its_own_and_then_goes_as_it_is() -> None:
+    calls, tensors = RecurringCalls(), _call(10)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    for _ in range(3):  # the layers of one prefill: met once
+        assert all(_positions_outer(tensor) for tensor in _arrange(calls, tensors))
+    assert not calls.build_one()  # nothing recurs yet
+    calls.turn(enabled=True)
+    assert all(_positions_outer(tensor) for tensor in _arrange(calls, tensors))  # met again: waits for its plan
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
+        assert calls.build_one()
+        assert not calls.build_one()
+    (planned,) = seen  # the plan's call: the same sizes and strides, on zeros
+    assert [(t.shape, t.stride()) for t in planned] == [(t.shape, t.stride()) for t in tensors]
+    arranged = _arrange(calls, tensors)
+    assert all(mine is theirs for mine, theirs in zip(arranged, tensors, strict=True))  # no copy: its own plan
+    other = _call(11)
+    assert all(_positions_outer(tensor) for tensor in _arrange(calls, other))  # another length: not yet
+    calls.turn(enabled=False)  # `EngineSettings.recurring_plans` off: every call per power of two
+    assert all(_positions_outer(tensor) for tensor in _arrange(calls, tensors))
+    assert not calls.build_one()
+
+
+def test_only_so_many_calls_get_a_plan_and_a_failed_one_is_not_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    from batch_engine import attention_plans
+
+    calls = RecurringCalls(most=1)
+    first, second = _call(10), _call(12)
+    for _ in range(2):
+        calls.turn(enabled=True)
+        _arrange(calls, first)
+        _arrange(calls, second)
+    with mock.patch.object(attention_plans, "_plan", side_effect=RuntimeError("cuDNN said no")):
+        assert calls.build_one()
+    assert not calls.build_one()  # the second never waited: one plan at most
+    assert "cuDNN said no" in caplog.text
+    calls.turn(enabled=True)
+    assert all(_positions_outer(tensor) for tensor in _arrange(calls, first))  # per power of two, as before
+    assert not calls.build_one()  # and not tried again
+
+
+def test_a_thread_without_recurring_calls_lays_every_call_out() -> None:
+    import threading
+
+    calls, tensors = RecurringCalls(after=1), _call(10)
+    results: list[tuple[torch.Tensor, ...]] = []
+
+    def engine_thread() -> None:
+        serve(calls)
+        query, key, value = tensors
+        results.append(arranged(query, key, value, causal=True, scale=DIM**-0.5, gqa=True))
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    query, key, value = tensors
+    results.append(arranged(query, key, value, causal=True, scale=DIM**-0.5, gqa=True))  # this thread: none served
+    assert all(_positions_outer(tensor) for result in results for tensor in result)
+    assert calls.build_one()  # the engine thread's call was counted, and only it
+    assert not calls.build_one()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_recurring_call_s_own_plan_answers_as_the_plans_per_power_of_two_on_a_gpu() -> None:
+    query, key, value = (tensor.to("cuda", torch.bfloat16) for tensor in _call(1000, capacity=1024))
+    calls = RecurringCalls()
+
+    def attend(call: Call) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(*call, is_causal=True, enable_gqa=True)
+
+    laid_out = attend(_arrange(calls, (query, key, value)))
+    calls.turn(enabled=True)
+    _arrange(calls, (query, key, value))
+    assert calls.build_one()
+    as_they_are = _arrange(calls, (query, key, value))
+    assert as_they_are[1] is key
+    torch.testing.assert_close(attend(as_they_are), laid_out)

@@ -393,7 +393,7 @@ def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_p
     CUDA device, whatever the environment says."""
     import os
 
-    from batch_engine import slots
+    from batch_engine import attention_plans
     from batch_engine.attention_plans import VARIABLE, positions_outer
 
     laid_out: list[tuple[int, ...]] = []
@@ -402,7 +402,7 @@ def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_p
         laid_out.append(tuple(tensor.shape))
         return positions_outer(tensor)
 
-    with mock.patch.dict(os.environ, {VARIABLE: "1"}), mock.patch.object(slots, "positions_outer", recording):
+    with mock.patch.dict(os.environ, {VARIABLE: "1"}), mock.patch.object(attention_plans, "positions_outer", recording):
         batch = engine(glm)
         assert batch.device.plans_by_power_of_two is False  # on the CPU
         batch.device.plans_by_power_of_two = planned  # as on a GPU with the variable set, or not
@@ -412,6 +412,42 @@ def test_a_prefill_lays_out_its_attention_s_tensors_only_where_cudnn_plans_per_p
         assert future.result().ids == glm.generate_ids(encoded, 2)
     layers = glm.model.config.get_text_config().num_hidden_layers
     assert len(laid_out) == (3 * layers if planned else 0)  # query, key and value of each layer's prefill
+
+
+def test_the_engine_s_thread_plans_recurring_attention_calls_while_idle_and_answers_as_before(glm: GlmEngine) -> None:
+    """As on a GPU where cuDNN plans per power of two: the prefill and encoder calls of two requests of one size
+    recur; the engine's thread builds their plans between requests, and a third request hands them on as they are."""
+    from batch_engine.attention_plans import RecurringCalls
+
+    as_they_are: list[bool] = []
+
+    class Recording(RecurringCalls):
+        def arrange(self, query: torch.Tensor, *tensors: torch.Tensor, **call: Any) -> Any:
+            arranged = super().arrange(query, *tensors, **call)
+            as_they_are.append(arranged[0] is query)
+            return arranged
+
+    encoded = [prompt(glm, seed) for seed in (3, 4, 5)]  # three images of one size
+    expected = [glm.generate_ids(one, 2) for one in encoded]
+    batch = engine(glm)
+    batch.recurring = calls = Recording()
+    batch.device.plans_by_power_of_two = True
+    with mock.patch("batch_engine.vision_attention.planned_on", return_value=True):
+        batch.start()
+        try:
+            for n, one in enumerate(encoded):
+                if n == 2:  # both calls met in two prefills: planned while the thread idles
+                    deadline = time.monotonic() + 30
+                    while len(calls.planned) < 2 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    assert len(calls.planned) == 2  # the text prefill's and the encoder's
+                    as_they_are.clear()
+                assert submit(batch, one, f"recurring {n}", budget=2).result(timeout=60).ids == expected[n]
+        finally:
+            batch.close()
+    layers = glm.model.config.get_text_config().num_hidden_layers
+    assert all(as_they_are)  # the third request's calls, on their own plans
+    assert len(as_they_are) == layers + glm.model.config.vision_config.depth
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death, expected

@@ -5,6 +5,7 @@ the engine's own thread, and no compilation at request time under automatic dyna
 from __future__ import annotations
 
 import itertools
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,22 +77,28 @@ def test_the_engine_s_thread_compiles_under_the_engine_s_dynamo_settings(chat: C
     assert seen == [DYNAMO_SETTINGS] * 3
 
 
-@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
+@pytest.mark.parametrize(("shapes", "planned"), [("dynamic", False), ("automatic", False), ("automatic", True)])
 def test_after_start_no_prefill_compiles_neither_a_new_length_nor_one_after_a_reused_prefix(
-    chat: ChatModel, shapes: str
+    chat: ChatModel, shapes: str, planned: bool
 ) -> None:
     """The start prefills both kinds (`warm_prefills`): prompts of lengths not seen before, and a follow-up that
-    reuses a prefix and adds more than an extend step takes, compile nothing at request time."""
+    reuses a prefix and adds more than an extend step takes, compile nothing at request time. `planned`: as on a GPU
+    where cuDNN plans per power of two, the prefill's attention an operator of the engine's (`causal_attention`), and
+    three prompts of one length, whose call then gets its own plan (`attention_plans.RecurringCalls`)."""
     from torch._dynamo.utils import counters
+
+    from batch_engine.attention_plans import RecurringCalls
 
     assert EXTEND_BUCKETS[-1] < WARM_REUSED, "the warm-up's reused prefill would be an extend step"
     vocab = chat.model.config.vocab_size
-    first = [1 + (i * 7) % (vocab - 1) for i in range(200)]
+    first, *again = ([1 + (i * step) % (vocab - 1) for i in range(200)] for step in (7, 13, 17))
     follow_up = first[:96] + [1 + (i * 11) % (vocab - 1) for i in range(160)]  # reuses 96 (a multiple of 32)
-    prompts = [*(ids_of(chat, question) for question in QUESTIONS[:2]), first, follow_up]
+    prompts = [*(ids_of(chat, question) for question in QUESTIONS[:2]), first, *(again if planned else ()), follow_up]
     expected = [chat.complete(prompt, max_new_tokens=1, temperature=0.0) for prompt in prompts]
     settings = EngineSettings(slots=2, max_tokens=512, compile=True, compile_shapes=shapes)
     engine = BatchEngine(chat.model, settings, REFUSALS)
+    engine.device.plans_by_power_of_two = planned
+    engine.recurring = calls = RecurringCalls() if planned else None
     try:
         engine.start()
         compiled = counters["stats"]["unique_graphs"]
@@ -99,6 +106,10 @@ def test_after_start_no_prefill_compiles_neither_a_new_length_nor_one_after_a_re
         assert counters["stats"]["unique_graphs"] == compiled, "a prefill compiled at request time"
         assert [completion.ids for completion in done] == expected
         assert done[-1].reused_tokens == 96
+        deadline = time.monotonic() + 30
+        while calls is not None and not calls.planned and time.monotonic() < deadline:
+            time.sleep(0.01)  # the engine's thread plans while it idles
+        assert calls is None or len(calls.planned) == 1  # the 200 tokens' call
     finally:
         engine.close()
         uncompile(chat)
