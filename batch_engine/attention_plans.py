@@ -16,9 +16,9 @@ length.
 
 A plan per power of two costs every call more than a plan per length (`bench/gpu_sdpa_shapes.py`), and the copies
 into that layout cost too. So with `EngineSettings.recurring_plans` (on by default) an attention call that recurs
-gets a plan of its own: the engine's thread counts each call's sizes and strides (`RecurringCalls`); one met twice
-has its plan per length built while the engine idles, one at a time, and from then on goes to cuDNN as it is, with
-no copy, taking that plan.
+gets a plan of its own: the engine's thread counts each call's sizes and strides (`RecurringCalls`); one met in two
+prefills has its plan per length built once the engine has idled for `IDLE_S`, one at a time, and from then on goes
+to cuDNN as it is, with no copy, taking that plan.
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ def build_plans(model: Any, max_tokens: int, *, vision: bool) -> None:
     if planned is not None:
         log.info("batching engine: %d attention plans built in %.1f s", planned, time.perf_counter() - started)
 
+
+IDLE_S = 0.25
+"""How long the engine's thread has had nothing to do before it builds a recurring call's plan (36–64 ms on H100s, a
+request that comes meanwhile waiting for it): so not between one client's back-to-back requests."""
 
 Signature = tuple[Any, ...]
 """An attention call as cuDNN plans it: the tensors' dtype, device, sizes and strides, causal or not, the scale and

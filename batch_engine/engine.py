@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_engine.attention_plans import RecurringCalls, build_plans, serve
+from batch_engine.attention_plans import IDLE_S, RecurringCalls, build_plans, serve
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
@@ -221,6 +221,7 @@ class BatchEngine:
             build_plans(self.model, self.settings.max_tokens, vision=self.device.packed_vision)
         finally:
             self._planned.set()
+        idle_since = time.monotonic()
         with torch.inference_mode():
             while not self._closed.is_set():
                 try:
@@ -229,8 +230,10 @@ class BatchEngine:
                     log.exception("batching engine: a step failed")
                     self._fail_all(exc)
                     worked = True
-                if not worked and not (self.recurring is not None and self.recurring.build_one()):  # one a turn
-                    self._wake.wait(0.05)
+                if worked:
+                    idle_since = time.monotonic()
+                elif not (time.monotonic() - idle_since >= IDLE_S and self.recurring and self.recurring.build_one()):
+                    self._wake.wait(0.05)  # else one recurring attention call was planned; more may wait
                     self._wake.clear()
 
     # --- the engine's thread --------------------------------------------------------------------------------------
