@@ -64,9 +64,11 @@ class EngineSettings:
     70.9–75.3 ms against 101.2–108.3, at a length met before 69.4–71.5 against 66.2–68.9, and 32 clients were
     0.5–2.3 % slower (`bench/RESULTS.md`)."""
     recurring_plans: bool = True
-    """With `attention_plans` `power-of-two`, an attention call met twice at the same sizes (a prompt length, an
-    image grid) gets a plan of its own, per length, built while the engine idles; such calls then skip the copies
-    into the layout the plans per power of two need and take the cheaper kernels (`attention_plans.RecurringCalls`)."""
+    """With `attention_plans` `power-of-two`, an attention call met in two prefills at the same sizes (a prompt
+    length, an image grid) gets a plan of its own, per length, built once the engine has idled a quarter second; such
+    calls then skip the copies into the layout the plans per power of two need and take the cheaper kernels
+    (`attention_plans.RecurringCalls`). On two H100s, 32 clients 2.1 and 3.5 % faster, a lone first token 2.9 and
+    9.5 ms sooner (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing
@@ -126,6 +128,8 @@ class EngineOptions(Protocol):
     def engine_linear_kernel(self) -> str: ...  # `auto`, `on` or `off`
     @property
     def engine_attention_plans(self) -> str: ...  # `power-of-two` or `length`
+    @property
+    def engine_recurring_plans(self) -> bool: ...
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -144,6 +148,7 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         compile_shapes=options.engine_compile_shapes,
         linear_kernel=SWITCH[options.engine_linear_kernel],
         attention_plans=options.engine_attention_plans,
+        recurring_plans=options.engine_recurring_plans,
     )
 
 
@@ -194,8 +199,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
 
 def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: str = "") -> None:
     """The options that choose the engine's kernels and how its layers compile, named `prefix` + `decode-kernel`,
-    `linear-kernel`, `compile-shapes`, `attention-plans` (the stages' `--engine-…`, the GPU benchmarks' own), with the
-    engine's defaults."""
+    `linear-kernel`, `compile-shapes`, `attention-plans`, `recurring-plans` (the stages' `--engine-…`, the GPU
+    benchmarks' own), with the engine's defaults."""
     parser.add_argument(
         f"{prefix}decode-kernel",
         choices=tuple(SWITCH),
@@ -221,6 +226,21 @@ def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: 
         help=f"{context}cuDNN's attention plans: one per power of two of the lengths, built at start, or one at each "
         f"new length, as PyTorch has it (default: {ATTENTION_PLANS[0]})",
     )
+    parser.add_argument(
+        f"{prefix}recurring-plans",
+        type=on_off,
+        default=True,
+        metavar="{on,off}",
+        help=f"{context}with plans per power of two, an attention call met in two prefills gets a plan of its own, "
+        "built while the engine idles (default: on)",
+    )
+
+
+def on_off(text: str) -> bool:
+    """An argparse type: `on` or `off`."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
+    return text == "on"
 
 
 def count(low: int, high: int | None = None) -> Callable[[str], int]:

@@ -132,6 +132,7 @@ def start_engine(
     compile_shapes: str = EngineSettings.compile_shapes,
     linear_kernel: bool | None = EngineSettings.linear_kernel,
     ride_along: bool = EngineSettings.ride_along,
+    recurring_plans: bool = EngineSettings.recurring_plans,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
     stop: every answer runs to its budget),
@@ -152,6 +153,7 @@ def start_engine(
         compile_shapes=compile_shapes,
         linear_kernel=linear_kernel,
         ride_along=ride_along,
+        recurring_plans=recurring_plans,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
@@ -390,6 +392,7 @@ def what_ran(bench: Paths, prompt: str) -> str:
         + ("" if cudnn_attention else "; attention without cuDNN")
         + (
             "; cuDNN's attention planned per power of two of the lengths"
+            + (", recurring calls given plans of their own" if settings.recurring_plans else "")
             if bench.device == "cuda" and by_power_of_two()
             else ""
         )

@@ -90,6 +90,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "compile_shapes": args.compile_shapes,
         "linear_kernel": SWITCH[args.linear_kernel],
         "ride_along": "ride_along" in args.compare,
+        "recurring_plans": args.recurring_plans,
     }
 
 

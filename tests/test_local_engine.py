@@ -239,6 +239,13 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert engine_settings(args).attention_plans == "length"  # type: ignore[union-attr]
     monkeypatch.setenv("ORCH_REASONING__ENGINE_ATTENTION_PLANS", "length")
     assert Settings().reasoning.batching().attention_plans == "length"  # type: ignore[union-attr]
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-recurring-plans", "off"])
+    assert engine_settings(args).recurring_plans is False  # type: ignore[union-attr]
+    assert engine_settings(_parser().parse_args(["serve", "--engine", "batched"])).recurring_plans  # type: ignore[union-attr]
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_RECURRING_PLANS", "false")
+    assert Settings().reasoning.batching().recurring_plans is False  # type: ignore[union-attr]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--engine-recurring-plans", "maybe"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-compile-shapes", "static"])
     with pytest.raises(SystemExit):

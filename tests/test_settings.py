@@ -182,7 +182,7 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
     monkeypatch.setattr(GlmVisionBackend, "load", load)
     options = {"engine_slots": 3, "engine_prefix_mb": 7, "engine_compile": "on", "engine_prefill_tokens": 99}
     options.update(engine_decode_kernel="on", engine_compile_shapes="dynamic", engine_linear_kernel="on")
-    options.update(engine_attention_plans="length")
+    options.update(engine_attention_plans="length", engine_recurring_plans=False)
     await _vision_loader(GlmVisionSettings(model="m", **options), "glm")()
     await _vision_loader(GlmVisionSettings(model="m", engine="generate", engine_slots=3), "glm")()
     assert [call["model"] for call in calls] == ["m", "m"]
@@ -195,12 +195,14 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
         compile_shapes="dynamic",
         linear_kernel=True,
         attention_plans="length",
+        recurring_plans=False,
     )
     assert calls[1]["batching"] is None
     auto = EngineSettings(compile=None, decode_kernel=None, linear_kernel=None)  # decided by the device
     assert GlmVisionSettings(model="m").batching() == auto
     assert auto.compile_shapes == "automatic"
     assert auto.attention_plans == "power-of-two"
+    assert auto.recurring_plans
 
 
 @pytest.mark.parametrize(
