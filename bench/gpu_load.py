@@ -1,6 +1,6 @@
 """The GPU benchmarks' measures under concurrent load (`bench/gpu_common.py` runs them among the others): tokens/s
 and first tokens with many clients at once, where the engine's time went while they ran, and a load with one of the
-engine's settings off, then on (`compared`)."""
+engine's settings off and on, in the order off, on, on, off (`compared`)."""
 
 from __future__ import annotations
 
@@ -151,27 +151,36 @@ def compared(
     clients: int,
     answer: int,
 ) -> str:
-    """The engine with its `setting` (a boolean `EngineSettings` field) off, then on, in the same run: the first token
-    of one request alone and decode at batch 1 (p50s), and `clients` concurrent clients' tokens/s (the engine alone),
-    with where that load's time went (`StepTimes`)."""
+    """The engine with its `setting` (a boolean `EngineSettings` field) off and on, in the same run, in the order off,
+    on, on, off (a machine that drifts within the run weighs on both sides alike): each time the first token of one
+    request alone and decode at batch 1 (p50s), and `clients` concurrent clients' tokens/s (the engine alone), with
+    where that load's time went (`StepTimes`); then each side's means."""
     from dataclasses import replace
 
     from bench.gpu_common import engine_decode, engine_first_token
 
     kept, figures = bench.engine.settings, []
+    means: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     try:
-        for on in (False, True):
+        for on in (False, True, True, False):
             bench.engine.settings = replace(kept, **{setting: on})
             first = engine_first_token(bench, rounds, fresh)
             decode = engine_decode(bench, rounds, fresh, forget)
             with StepTimes(bench.engine) as steps:
                 ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
             tokens = sum(len(completion.ids) for completion in done) / ms * 1000
+            means[on].append((first, tokens))
             figures.append(
                 f"{'on' if on else 'off'}: first token {first:.1f} ms, {decode:.2f} ms/token, {tokens:.1f} tokens/s "
-                f"({steps}; the steps that "
-                f"prefilled, rows decoding:ms, {steps.by_rows()})"
+                f"({steps}; the steps that prefilled, rows decoding:ms, {steps.by_rows()})"
             )
     finally:
         bench.engine.settings = kept
-    return f"{COMPARED[setting]} (one request; {clients} concurrent, engine alone): " + "; ".join(figures)
+    figures += [
+        f"mean {'on' if on else 'off'}: first token {statistics.fmean(f for f, _ in runs):.1f} ms, "
+        f"{statistics.fmean(t for _, t in runs):.1f} tokens/s"
+        for on, runs in means.items()
+    ]
+    return f"{COMPARED[setting]} (one request; {clients} concurrent, engine alone; off, on, on, off): " + "; ".join(
+        figures
+    )

@@ -219,8 +219,14 @@ def test_plain_generate_on_the_same_model_is_sdpa_as_before_the_engine_took_it(g
 def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "1", "--clients", "2,3"]
+    command.append("--compare-recurring-plans")
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
+    # the setting compared off, on, on, off, then each side's means
+    run = r"first token [\d.]+ ms, [\d.]+ ms/token, [\d.]+ tokens/s \([^)]*\)[^;]*; the steps that prefilled[^;]*"
+    runs = "; ".join(f"{side}: {run}" for side in ("off", "on", "on", "off"))
+    means = "; ".join(f"mean {side}: first token [\\d.]+ ms, [\\d.]+ tokens/s" for side in ("off", "on"))
+    assert re.search(rf"recurring attention calls \(one request; 3 concurrent[^)]*\): {runs}; {means}", finished.stdout)
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
     for measure in (*ONE_REQUEST_ROWS, "3 concurrent, tokens/s", "follow-up"):
         assert f"| {measure}" in finished.stdout
