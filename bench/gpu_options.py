@@ -36,7 +36,8 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
             action="append_const",
             const=setting,
             default=[],
-            help=f"after the run, one request's first token and decode and the largest load with {what} off, on, on, off",
+            help=f"after the run, one request's first token and decode and the largest load with {what} off, on, on, "
+            "off",
         )
     parser.add_argument(
         "--no-cudnn-attention",
