@@ -1,6 +1,6 @@
 """The engine's own operators (`torch.library.custom_op`, named `batch_engine::…`): each is one opaque node to
 `torch.compile`, so that the compiled layer or block around it stays one graph. Used by `decode_attention`,
-`skinny_linear` and `vision_attention`. Importing this imports no torch."""
+`skinny_linear`, `slots` and `vision_attention`. Importing this imports no torch."""
 
 from __future__ import annotations
 
