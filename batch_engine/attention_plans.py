@@ -27,8 +27,9 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Any
+
+from cachetools import LRUCache
 
 if TYPE_CHECKING:
     import torch
@@ -139,8 +140,9 @@ class RecurringCalls:
         self.enabled = True
         self._turn = 0
         """The engine's prefill (`turn`): a call is counted once a prefill, however many layers make it."""
-        self._last: dict[Signature, int] = {}
-        self._seen: Counter[Signature] = Counter()
+        self._seen: LRUCache[Signature, tuple[int, int]] = LRUCache(maxsize=4 * most)
+        """The calls met and not planned: (prefills met in, the last of them), the least recently met forgotten
+        first, so that a service's many lengths met once make way."""
         self._waiting: dict[Signature, None] = {}
         """The calls met `after` times whose plan is not built yet, oldest first."""
         self.planned: set[Signature] = set()
@@ -158,23 +160,27 @@ class RecurringCalls:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The call's tensors as they go to cuDNN: as they are where its plan per length is built, else laid out
         positions outer (`positions_outer`) for a plan per power of two; the call is counted."""
+        laid_out = positions_outer(query), positions_outer(key), positions_outer(value)
+        if all(mine is theirs for mine, theirs in zip(laid_out, (query, key, value), strict=True)):
+            return laid_out  # already as the plans per power of two take it: nothing to gain
         if self.enabled:
             signature = _signature(query, key, value, causal, scale, gqa)
             if signature in self.planned:
                 return query, key, value
             self._count(signature)
-        return positions_outer(query), positions_outer(key), positions_outer(value)
+        return laid_out
 
     def _count(self, signature: Signature) -> None:
         """One more meeting of a call not planned, once a prefill; met in `after` prefills, it waits for its plan,
-        room allowing. Only so many calls are counted (four times `most`): a service meets many lengths once."""
-        if signature in self._waiting or signature in self._failed or self._last.get(signature) == self._turn:
+        room allowing."""
+        if signature in self._waiting or signature in self._failed:
             return
-        if signature not in self._seen and len(self._seen) >= 4 * self.most:
+        met, last = self._seen.get(signature, (0, -1))
+        if last == self._turn:
             return
-        self._last[signature] = self._turn
-        self._seen[signature] += 1
-        if self._seen[signature] >= self.after and len(self.planned) + len(self._waiting) < self.most:
+        self._seen[signature] = (met + 1, self._turn)
+        if met + 1 >= self.after and len(self.planned) + len(self._waiting) < self.most:
+            del self._seen[signature]
             self._waiting[signature] = None
 
     def build_one(self) -> bool:

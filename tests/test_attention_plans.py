@@ -31,11 +31,13 @@ def _positions_outer(tensor: torch.Tensor) -> bool:
     return tensor.transpose(1, 2).is_contiguous()
 
 
-def _recording(seen: list[tuple[torch.Tensor, ...]]) -> object:
+def _recording(seen: list[tuple[torch.Tensor, ...]], keywords: list[dict[str, object]] | None = None) -> object:
     attend = torch.nn.functional.scaled_dot_product_attention
 
     def recording(*tensors: torch.Tensor, **kwargs: object) -> torch.Tensor:
         seen.append(tensors)
+        if keywords is not None:
+            keywords.append(kwargs)
         return attend(*tensors, **kwargs)  # type: ignore[arg-type]
 
     return recording
@@ -188,16 +190,18 @@ def _arrange(calls: RecurringCalls, tensors: Call) -> Call:
 def test_a_call_met_in_two_prefills_gets_a_plan_of_its_own_and_then_goes_as_it_is() -> None:
     calls, tensors = RecurringCalls(), _call(10)
     seen: list[tuple[torch.Tensor, ...]] = []
+    keywords: list[dict[str, object]] = []
     for _ in range(3):  # the layers of one prefill: met once
         assert all(_positions_outer(tensor) for tensor in _arrange(calls, tensors))
     assert not calls.build_one()  # nothing recurs yet
     calls.turn(enabled=True)
     assert all(_positions_outer(tensor) for tensor in _arrange(calls, tensors))  # met again: waits for its plan
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen)):
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _recording(seen, keywords)):
         assert calls.build_one()
         assert not calls.build_one()
-    (planned,) = seen  # the plan's call: the same sizes and strides, on zeros
+    (planned,) = seen  # the plan's call: the same sizes, strides and arguments as the engine's, on zeros
     assert [(t.shape, t.stride()) for t in planned] == [(t.shape, t.stride()) for t in tensors]
+    assert keywords == [{"is_causal": True, "scale": DIM**-0.5, "enable_gqa": True}]
     arranged = _arrange(calls, tensors)
     assert all(mine is theirs for mine, theirs in zip(arranged, tensors, strict=True))  # no copy: its own plan
     other = _call(11)
@@ -228,21 +232,42 @@ def test_only_so_many_calls_get_a_plan_and_a_failed_one_is_not_tried_again(caplo
 def test_a_thread_without_recurring_calls_lays_every_call_out() -> None:
     import threading
 
-    calls, tensors = RecurringCalls(after=1), _call(10)
+    calls = RecurringCalls(after=1)  # a call waits for its plan at its first meeting
     results: list[tuple[torch.Tensor, ...]] = []
 
     def engine_thread() -> None:
         serve(calls)
-        query, key, value = tensors
+        query, key, value = _call(10)
         results.append(arranged(query, key, value, causal=True, scale=DIM**-0.5, gqa=True))
 
     thread = threading.Thread(target=engine_thread)
     thread.start()
     thread.join()
-    query, key, value = tensors
+    query, key, value = _call(11)
     results.append(arranged(query, key, value, causal=True, scale=DIM**-0.5, gqa=True))  # this thread: none served
     assert all(_positions_outer(tensor) for result in results for tensor in result)
     assert calls.build_one()  # the engine thread's call was counted, and only it
+    assert not calls.build_one()
+
+
+def test_calls_met_once_make_way_and_calls_already_laid_out_are_not_counted() -> None:
+    calls = RecurringCalls(most=1)  # four calls counted at most
+    lengths = [10, 11, 12, 13, 14]
+    for length in lengths:  # five lengths met once: the first forgotten
+        calls.turn(enabled=True)
+        _arrange(calls, _call(length))
+    calls.turn(enabled=True)
+    _arrange(calls, _call(10))
+    assert not calls.build_one()  # met once again, as if new
+    calls.turn(enabled=True)
+    _arrange(calls, _call(14))
+    assert calls.build_one()  # still counted: met in two prefills
+    ready = tuple(torch.randn((1, 9, heads, DIM)).transpose(1, 2) for heads in (HEADS, KV_HEADS, KV_HEADS))
+    for _ in range(2):
+        calls.turn(enabled=True)
+        query, key, value = ready
+        given = _arrange(calls, (query, key, value))
+        assert all(mine is theirs for mine, theirs in zip(given, ready, strict=True))  # nothing to copy or plan
     assert not calls.build_one()
 
 
