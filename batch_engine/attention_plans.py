@@ -63,10 +63,21 @@ def positions_outer(tensor: torch.Tensor) -> torch.Tensor:
     vision encoder's rotated queries and keys), else a copy so laid out (the slots' K and V, a decoder layer's rotated
     queries, the encoder's values, a view of its packed projection). PyTorch's own check: the plans per power of two
     ignore a batch's stride."""
-    if tensor.transpose(1, 2).is_contiguous():
+    if _laid_out_so(tensor):
         return tensor
     batch, heads, positions, dim = tensor.shape
     return tensor.new_empty((batch, positions, heads, dim)).transpose(1, 2).copy_(tensor)
+
+
+def _laid_out_so(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is laid out positions outer, heads inner, as PyTorch checks it (`use_ragged_in_dense`)."""
+    return tensor.transpose(1, 2).is_contiguous()
+
+
+def _all_laid_out(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return positions_outer(query), positions_outer(key), positions_outer(value)
 
 
 def powers_of_two(most: int, *, least: int = 2) -> list[int]:
@@ -160,15 +171,14 @@ class RecurringCalls:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The call's tensors as they go to cuDNN: as they are where its plan per length is built, else laid out
         positions outer (`positions_outer`) for a plan per power of two; the call is counted."""
-        laid_out = positions_outer(query), positions_outer(key), positions_outer(value)
-        if all(mine is theirs for mine, theirs in zip(laid_out, (query, key, value), strict=True)):
-            return laid_out  # already as the plans per power of two take it: nothing to gain
+        if all(_laid_out_so(tensor) for tensor in (query, key, value)):
+            return query, key, value  # already as the plans per power of two take it: nothing to gain
         if self.enabled:
             signature = _signature(query, key, value, causal, scale, gqa)
             if signature in self.planned:
                 return query, key, value
             self._count(signature)
-        return laid_out
+        return _all_laid_out(query, key, value)
 
     def _count(self, signature: Signature) -> None:
         """One more meeting of a call not planned, once a prefill; met in `after` prefills, it waits for its plan,
@@ -218,7 +228,7 @@ def arranged(
     calling thread's `RecurringCalls` where it has them (`serve`), else laid out positions outer."""
     calls: RecurringCalls | None = getattr(_thread, "calls", None)
     if calls is None:
-        return positions_outer(query), positions_outer(key), positions_outer(value)
+        return _all_laid_out(query, key, value)
     return calls.arrange(query, key, value, causal=causal, scale=scale, gqa=gqa)
 
 

@@ -202,8 +202,11 @@ def test_a_call_met_in_two_prefills_gets_a_plan_of_its_own_and_then_goes_as_it_i
     (planned,) = seen  # the plan's call: the same sizes, strides and arguments as the engine's, on zeros
     assert [(t.shape, t.stride()) for t in planned] == [(t.shape, t.stride()) for t in tensors]
     assert keywords == [{"is_causal": True, "scale": DIM**-0.5, "enable_gqa": True}]
-    arranged = _arrange(calls, tensors)
-    assert all(mine is theirs for mine, theirs in zip(arranged, tensors, strict=True))  # no copy: its own plan
+    from batch_engine import attention_plans
+
+    with mock.patch.object(attention_plans, "positions_outer", side_effect=AssertionError("copied")):
+        arranged = _arrange(calls, tensors)  # no copy made, not even one thrown away
+    assert all(mine is theirs for mine, theirs in zip(arranged, tensors, strict=True))  # its own plan
     other = _call(11)
     assert all(_positions_outer(tensor) for tensor in _arrange(calls, other))  # another length: not yet
     calls.turn(enabled=False)  # `EngineSettings.recurring_plans` off: every call per power of two
