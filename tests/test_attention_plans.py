@@ -272,21 +272,3 @@ def test_calls_met_once_make_way_and_calls_already_laid_out_are_not_counted() ->
         given = _arrange(calls, (query, key, value))
         assert all(mine is theirs for mine, theirs in zip(given, ready, strict=True))  # nothing to copy or plan
     assert not calls.build_one()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_recurring_call_s_own_plan_answers_as_the_plans_per_power_of_two_on_a_gpu() -> None:
-    query, key, value = (tensor.to("cuda", torch.bfloat16) for tensor in _call(1000, capacity=1024))
-    calls = RecurringCalls()
-
-    def attend(call: Call) -> torch.Tensor:
-        return torch.nn.functional.scaled_dot_product_attention(*call, is_causal=True, enable_gqa=True)
-
-    laid_out = attend(_arrange(calls, (query, key, value)))
-    calls.turn(enabled=True)
-    _arrange(calls, (query, key, value))
-    assert calls.build_one()
-    as_they_are = _arrange(calls, (query, key, value))
-    assert as_they_are[1] is key
-    torch.testing.assert_close(attend(as_they_are), laid_out)
