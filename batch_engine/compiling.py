@@ -40,6 +40,25 @@ DYNAMO_SETTINGS: dict[str, Any] = {
 """The dynamo settings the compiled layers are compiled under (`use_dynamo_settings`)."""
 
 
+ENCODER_DYNAMO_SETTINGS: dict[str, Any] = {
+    # The vision encoder's blocks have no index to share one compilation by, and with their head count symbolic
+    # (`DYNAMO_SETTINGS`) each block's fused rotary and layout kernel divided by it at every element: 108 µs a block
+    # on an H100 for a 1024×1024 image, 25 µs with it constant, the encoder 26.5 → 25.0 ms (`bench/gpu_parts.py
+    # --profile`, `bench/RESULTS.md`).
+    "allow_unspec_int_on_nn_module": False,
+}
+"""The dynamo settings the vision encoder runs under (`encoder_settings`): its modules' ints constants."""
+
+
+def encoder_settings() -> Any:
+    """A context in which the vision encoder is traced and run (`DeviceSteps`): `ENCODER_DYNAMO_SETTINGS` over the
+    thread's own. Its blocks compile with dynamic shapes (`compile_model`), so one compilation serves every image
+    size; only the sizes that vary with the image (patches, bounds) are symbolic then."""
+    import torch
+
+    return torch._dynamo.config.patch(ENCODER_DYNAMO_SETTINGS)
+
+
 def use_dynamo_settings() -> None:
     """Set `DYNAMO_SETTINGS` for the calling thread. Recent torch (the 2.14 the project pins among them) keeps the
     dynamo settings a program sets per thread, per context strictly (`torch/utils/_config_module.py`: "User
@@ -103,7 +122,8 @@ def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> 
     # `sdpa` path splits the patches per image; with the packed attention (`batch_engine.vision_attention`) each
     # compiles whole (32.8 → 28.8 ms in a probe on an H100, `bench/RESULTS.md`). Dynamic shapes serve every image
     # size with one compilation; compiled for one size the encoder was 1.5 ms faster still, but every new size would
-    # then compile again, seconds each, at request time.
+    # then compile again, seconds each, at request time. Traced under `encoder_settings`, the model's own sizes
+    # (heads, head size) stay constants.
     visual = getattr(model.model, "visual", None)
     for block in getattr(visual, "blocks", ()):
         block.compile(dynamic=True)

@@ -277,7 +277,13 @@ def test_the_parts_benchmark_runs_on_the_cpu() -> None:
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "| vision encoder, 64×64 image, ms: compiled under sdpa (the engine before) |" in finished.stdout
-    assert "| vision encoder, 64×64 image, ms: packed attention, compiled (the engine) |" in finished.stdout
+    assert "| vision encoder, 64×64 image, ms: packed attention, compiled, heads symbolic (the engine before) |" in (
+        finished.stdout
+    )
+    assert (
+        "| vision encoder, 64×64 image, ms: packed attention, compiled, the model's ints constant (the engine) |"
+        in (finished.stdout)
+    )
     assert "| q/k/v projections, 2 layers, batch 32, ms |" in finished.stdout
     assert "| image processor, 64×64 image, ms: on the CPU, then on cpu |" in finished.stdout
     assert "text prefill, one decoder layer's code ×40 over" in finished.stdout

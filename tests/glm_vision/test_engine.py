@@ -5,6 +5,9 @@ what it keys and how it is sized, its metrics and its check at load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -273,7 +276,9 @@ async def test_with_compiled_layers_the_check_at_load_compiles_only_what_request
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The check's plain `generate` runs eagerly beside compiled layers (nothing else calls it when the engine
-    serves), while the engine's part of the check compiles its image prefill: the first request compiles nothing."""
+    serves), while the engine's part of the check compiles its image prefill: the first request compiles nothing.
+    The encoder's blocks compile with the model's ints constants (`batch_engine.compiling.encoder_settings`): no
+    symbol for a module's head count, which its fused rotary kernel would divide by."""
     from torch._dynamo.utils import counters
 
     compiled: list[int] = []
@@ -287,12 +292,36 @@ async def test_with_compiled_layers_the_check_at_load_compiles_only_what_request
 
     monkeypatch.setattr(GlmEngine, "generate_ids", counted)
     settings = EngineSettings(slots=2, max_tokens=512, compile=True)
-    backend = await GlmVisionBackend.load(str(checkpoint), batching=settings, max_new_tokens=4)
+    with _symbols_created() as symbols:
+        backend = await GlmVisionBackend.load(str(checkpoint), batching=settings, max_new_tokens=4)
     try:
         assert compiled == [0, 0], "the warm-up before compiling, then the check: plain generate compiled nothing"
+        assert any("['cu_seqlens']" in symbol for symbol in symbols), "the encoder compiled with dynamic shapes"
+        assert not [symbol for symbol in symbols if "num_heads" in symbol]
         before = counters["stats"]["unique_graphs"]
         assert (await backend.generate(request())).answer
         assert counters["stats"]["unique_graphs"] == before, "the first request compiled at request time"
     finally:
         await backend.aclose()
         torch._dynamo.reset()  # its compiled versions would count against other tests' recompile limit
+
+
+@contextlib.contextmanager
+def _symbols_created() -> Iterator[list[str]]:
+    """What dynamo made symbolic while the block ran, from any thread ("create_symbol s3 = 2 for L['self']...")."""
+    records: list[str] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if (message := record.getMessage()).startswith("create_symbol"):
+                records.append(message)
+
+    logger, handler = logging.getLogger("torch.fx.experimental.symbolic_shapes"), Recording()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
