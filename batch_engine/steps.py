@@ -34,6 +34,7 @@ from cachetools import LRUCache
 from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
 from batch_engine.attention_plans import planned_on
 from batch_engine.compiling import compile_model, encoder_settings
+from batch_engine.convolutions import products_for_convolutions
 from batch_engine.greedy import GreedyChoice
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
@@ -80,6 +81,7 @@ class DeviceSteps:
         self.text.config._attn_implementation = ATTENTION  # sdpa unless the engine's keyword is passed
         self.packed_vision = register_vision_attention(model)
         """Whether the vision encoder attends through `batch_engine.vision_attention` (an image model's only)."""
+        products_for_convolutions(model)
         self.device = model.device
         self.plans_by_power_of_two = planned_on(self.device)
         """Whether cuDNN's attention plans per power of two: a prefill then lays out its tensors as that needs."""
@@ -138,10 +140,9 @@ class DeviceSteps:
         longest = EXTEND_BUCKETS[-1]
         self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
         self._extend_positions = torch.zeros((self.axes, longest), dtype=torch.long, device=device)
-        self._extend_row = torch.zeros(1, dtype=torch.long, device=device)
-        self._extend_start = torch.zeros(1, dtype=torch.long, device=device)
-        self._extend_last = torch.zeros(1, dtype=torch.long, device=device)
-        self._extend_token = torch.zeros(1, dtype=torch.long, device=device)
+        self._extend_row, self._extend_start, self._extend_last, self._extend_token = (
+            torch.zeros(1, dtype=torch.long, device=device) for _ in range(4)
+        )
         self.prefixes = ByteBoundStore(settings.prefix_bytes)
         """Prefix KV, each under the key of the longest prefix it was kept for."""
         self._prefix_index: LRUCache[bytes, tuple[bytes, int]] = LRUCache(maxsize=1 << 16)
