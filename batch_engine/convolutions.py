@@ -3,8 +3,9 @@
 GLM-4V's encoder embeds each patch with a `Conv3d` whose kernel and stride are the patch (3 channels × 2 frames ×
 14 × 14 pixels in, one position out) and merges each 2 × 2 of patches with a `Conv2d` of kernel and stride 2: each
 output is one dot product of the whole input with a filter, so each call is a matrix product of (inputs,
-the input's values) by (the values, filters). cuDNN ran the patch embedding as an implicit-GEMM convolution kernel of
-0.85 ms for a 1024×1024 image on an H100 (`bench/gpu_parts.py --profile`), for a product of about 20 GFLOP.
+the input's values) by (the values, filters). cuDNN ran the two as convolution kernels of 0.98 ms for a 1024×1024
+image on an H100, 0.85 of it the patch embedding, a product of about 20 GFLOP; as products the encoder took 24.1 ms
+against 24.5 (`bench/gpu_parts.py --profile`, `bench/RESULTS.md`).
 
 `products_for_convolutions` puts a `ConvolutionProduct` in each such convolution's place in the encoder, holding the
 same numbers (the weight flattened, a view of the same storage). A call whose input is not one kernel's size (no
