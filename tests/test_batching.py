@@ -35,7 +35,12 @@ BUDGET = 24
 
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
-    checkpoint = build_tiny_glm4v(tmp_path_factory.mktemp("glm4v") / "tiny", max_visual_tokens=64)
+    return sharp_glm(tmp_path_factory.mktemp("glm4v"))
+
+
+def sharp_glm(folder: Path) -> GlmEngine:
+    """The tiny GLM-4.6V model loaded as the `glm` backend loads it, on the CPU, its text weights `sharp`."""
+    checkpoint = build_tiny_glm4v(folder / "tiny", max_visual_tokens=64)
     engine = GlmEngine.load(str(checkpoint), device="cpu", dtype="auto", local_files_only=True)
     sharp(engine.model)
     return engine

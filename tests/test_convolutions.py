@@ -15,8 +15,7 @@ import torch
 from batch_engine.convolutions import products_for_convolutions
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
-from tests.test_batching import BUDGET, image, sharp
-from tests.tiny_glm4v import build_tiny_glm4v
+from tests.test_batching import BUDGET, image, sharp_glm
 from vision_stage.glm import REFUSALS, GlmEngine
 from vision_stage.types import VisionRequest
 
@@ -34,10 +33,7 @@ def _with_encoder(visual: torch.nn.Module) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
-    checkpoint = build_tiny_glm4v(tmp_path_factory.mktemp("glm4v") / "tiny", max_visual_tokens=64)
-    engine = GlmEngine.load(str(checkpoint), device="cpu", dtype="auto", local_files_only=True)
-    sharp(engine.model)
-    return engine
+    return sharp_glm(tmp_path_factory.mktemp("glm4v"))
 
 
 def test_the_encoder_s_patch_embedding_and_merge_become_products_with_the_same_output(glm: GlmEngine) -> None:
