@@ -43,8 +43,8 @@ DYNAMO_SETTINGS: dict[str, Any] = {
 ENCODER_DYNAMO_SETTINGS: dict[str, Any] = {
     # The vision encoder's blocks have no index to share one compilation by, and with their head count symbolic
     # (`DYNAMO_SETTINGS`) each block's fused rotary and layout kernel divided by it at every element: 108 µs a block
-    # on an H100 for a 1024×1024 image, 25 µs with it constant, the encoder 26.5 → 25.0 ms (`bench/gpu_parts.py
-    # --profile`, `bench/RESULTS.md`).
+    # on an H100 for a 1024×1024 image; 25 µs with it constant on another, where the encoder took 25.0 ms against
+    # 26.5 (`bench/gpu_parts.py --profile`, `bench/RESULTS.md`).
     "allow_unspec_int_on_nn_module": False,
 }
 """The dynamo settings the vision encoder runs under (`encoder_settings`): its modules' ints constants."""

@@ -77,9 +77,10 @@ def packed_attention(
         cu_seq_lens_q = torch.tensor([0, query.shape[2]], device=query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # The encoder hands (1, heads, patches, head dim) views of (patches, heads, head dim) tensors: the operator takes
-    # the latter, so that a compiled block writes its rotated query and key in that order. In either order the
-    # kernel that writes them took about 110 µs a block on an H100 for a 1024×1024 image while the head count was
-    # symbolic, 25 µs with it constant (`batch_engine.compiling.encoder_settings`).
+    # the latter, so that a compiled block writes its rotated query and key in that order. The kernel that writes
+    # them took 108 µs a block on an H100 for a 1024×1024 image while the head count was symbolic, 25 µs with it
+    # constant (`batch_engine.compiling.encoder_settings`); in the transposed order, about 110 µs with the count
+    # symbolic and 25 compiled for the one size.
     query, key, value = (tensor[0].transpose(0, 1) for tensor in (query, key, value))
     return torch.ops.batch_engine.packed_attention(query, key, value, cu_seq_lens_q, scale).unsqueeze(0), None
 
