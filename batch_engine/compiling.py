@@ -4,6 +4,7 @@ start runs so that no request's prefill compiles (`warm_prefills`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -51,9 +52,10 @@ ENCODER_DYNAMO_SETTINGS: dict[str, Any] = {
 
 
 def encoder_settings() -> Any:
-    """A context in which the vision encoder is traced and run (`DeviceSteps`): `ENCODER_DYNAMO_SETTINGS` over the
-    thread's own. Its blocks compile with dynamic shapes (`compile_model`), so one compilation serves every image
-    size; only the sizes that vary with the image (patches, bounds) are symbolic then."""
+    """A context in which the vision encoder is traced and run (`trace_with_constant_ints`): `ENCODER_DYNAMO_SETTINGS`
+    over the thread's own (settings are the thread's own in the torch the project pins). Its blocks compile with
+    dynamic shapes (`compile_model`), so one compilation serves every image size; of its ints, only those that vary
+    with the image (patches, bounds) are symbolic then."""
     import torch
 
     return torch._dynamo.config.patch(ENCODER_DYNAMO_SETTINGS)
@@ -122,8 +124,8 @@ def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> 
     # `sdpa` path splits the patches per image; with the packed attention (`batch_engine.vision_attention`) each
     # compiles whole (32.8 → 28.8 ms in a probe on an H100, `bench/RESULTS.md`). Dynamic shapes serve every image
     # size with one compilation; compiled for one size the encoder was 1.5 ms faster still, but every new size would
-    # then compile again, seconds each, at request time. Traced under `encoder_settings`, the model's own sizes
-    # (heads, head size) stay constants.
+    # then compile again, seconds each, at request time. Traced under `encoder_settings` (`trace_with_constant_ints`),
+    # the model's own ints (heads, head size) stay constants.
     visual = getattr(model.model, "visual", None)
     for block in getattr(visual, "blocks", ()):
         block.compile(dynamic=True)
@@ -132,6 +134,22 @@ def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> 
     # yet timed on a GPU).
     if (embeddings := getattr(visual, "embeddings", None)) is not None:
         embeddings.compile(dynamic=True)
+    if visual is not None:
+        trace_with_constant_ints(visual)
+
+
+def trace_with_constant_ints(visual: Any) -> None:
+    """Have the vision encoder `visual` run under `encoder_settings` whoever calls it. Dynamo keeps no guard on the
+    setting: compiled code traced without it would serve on, its head count symbolic, so it is made part of the
+    encoder rather than of each caller. Idempotent (it wraps the class's own `forward`)."""
+    forward = type(visual).forward.__get__(visual)
+
+    @functools.wraps(forward)
+    def under_encoder_settings(*args: Any, **kwargs: Any) -> Any:
+        with encoder_settings():
+            return forward(*args, **kwargs)
+
+    visual.forward = under_encoder_settings
 
 
 def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], device: DeviceSteps) -> None:

@@ -8,8 +8,8 @@ image on an H100, 0.85 of it the patch embedding, a product of about 20 GFLOP; a
 against 24.5 (`bench/gpu_parts.py --profile`, `bench/RESULTS.md`).
 
 `products_for_convolutions` puts a `ConvolutionProduct` in each such convolution's place in the encoder, holding the
-same numbers (the weight flattened, a view of the same storage). A call whose input is not one kernel's size (no
-caller of the encoder makes one) runs the convolution as before, on the same weight.
+same weight and bias (its parameters as they were, flattened at each call). A call whose input is not one kernel's
+size (no caller of the encoder makes one) runs the convolution as before.
 """
 
 from __future__ import annotations
@@ -60,16 +60,18 @@ def _product_class() -> type[Any]:
         def __init__(self, convolution: Any) -> None:
             super().__init__()
             self.kernel = tuple(convolution.kernel_size)
-            self.shape = tuple(convolution.weight.shape)
-            """The convolution's weight's shape: (filters, channels, *kernel)."""
-            self.weight = torch.nn.Parameter(convolution.weight.detach().reshape(self.shape[0], -1), False)
-            self.bias = convolution.bias
+            self.weight, self.bias = convolution.weight, convolution.bias
+            """The convolution's own: (filters, channels, *kernel), (filters,) or None."""
             self.convolve = functional.conv2d if len(self.kernel) == 2 else functional.conv3d
 
         def forward(self, inputs: Any) -> Any:
             if tuple(inputs.shape[2:]) != self.kernel:
-                return self.convolve(inputs, self.weight.view(self.shape), self.bias, stride=self.kernel)
-            product = functional.linear(inputs.reshape(inputs.shape[0], -1), self.weight, self.bias)
+                return self.convolve(inputs, self.weight, self.bias, stride=self.kernel)
+            values = self.weight[0].numel()
+            product = functional.linear(inputs.reshape(len(inputs), values), self.weight.reshape(-1, values), self.bias)
             return product.view(*product.shape, *(1 for _ in self.kernel))
+
+        def extra_repr(self) -> str:
+            return f"{tuple(self.weight.shape)}, kernel={self.kernel}"
 
     return ConvolutionProduct

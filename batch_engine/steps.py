@@ -33,7 +33,7 @@ from cachetools import LRUCache
 
 from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
 from batch_engine.attention_plans import planned_on
-from batch_engine.compiling import compile_model, encoder_settings
+from batch_engine.compiling import compile_model
 from batch_engine.convolutions import products_for_convolutions
 from batch_engine.greedy import GreedyChoice
 from batch_engine.projections import fuse_projections
@@ -338,13 +338,12 @@ class DeviceSteps:
         if found is not None:
             return found.tensor
         grid = prompt.grid
-        with encoder_settings():
-            output = self.model.model.get_image_features(
-                prompt.pixel_values.to(self.device),
-                image_grid_thw=grid.to(self.device),
-                max_seqlen=int((grid[:, 1] * grid[:, 2]).max()),  # else read back from the device, waiting on it
-                return_dict=True,
-            )
+        output = self.model.model.get_image_features(
+            prompt.pixel_values.to(self.device),
+            image_grid_thw=grid.to(self.device),
+            max_seqlen=int((grid[:, 1] * grid[:, 2]).max()),  # else read back from the device, waiting on it
+            return_dict=True,
+        )
         embeds = torch.cat(tuple(output.pooler_output), dim=0)
         if key:
             self.encoder.keep(key, _Tensor(embeds))

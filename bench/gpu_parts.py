@@ -7,7 +7,7 @@
   runs it (eagerly, `sdpa`) against, first, its blocks and position embeddings compiled as the engine compiles them
   (`batch_engine.compiling.compile_model`) under `sdpa`, then the same with the engine's packed attention
   (`batch_engine.vision_attention`) traced with the head count symbolic (the engine thread's own dynamo settings),
-  then with the model's ints constant (`compiling.encoder_settings`), then with its patch embedding and merge as
+  then with the model's ints constant (`compiling.trace_with_constant_ints`), then with its patch embedding and merge as
   matrix products (`batch_engine.convolutions`), as the engine runs it: ms per image (p50, the device synchronised),
   and the largest difference between transformers' output and the engine's.
 - Each attention layer's query, key and value projections of GLM-4-9B's shape (4096 → 4096, 256, 256, with biases;
@@ -80,7 +80,7 @@ def encoder(
     """The encoder's rows and note, and the prompt's length in tokens."""
     import torch
 
-    from batch_engine.compiling import compile_model, encoder_settings
+    from batch_engine.compiling import compile_model, trace_with_constant_ints
     from batch_engine.convolutions import products_for_convolutions
     from batch_engine.vision_attention import register_vision_attention
 
@@ -99,23 +99,25 @@ def encoder(
         compile_model(model, model.model.language_model)  # under sdpa: the engine before its packed attention
         sdpa = timed(device, rounds, encode)
         register_vision_attention(model)  # the compiled blocks' guards see the change and compile again
+        visual = model.model.visual
+        del visual.forward  # `compile_model`'s `trace_with_constant_ints`: first as the thread's own settings trace it
+        encode()
+        symbolic = timed(device, rounds, encode)
+        torch._dynamo.reset()  # else the blocks' code for symbolic ints, whose guards hold, would serve on
+        trace_with_constant_ints(visual)  # as the engine runs it
         started = time.perf_counter()
         encode()
         compiling = time.perf_counter() - started
-        symbolic = timed(device, rounds, encode)
-        torch._dynamo.reset()  # else the blocks' code for symbolic ints, whose guards hold, would serve on
-        with encoder_settings():  # as the engine runs it
-            encode()
-            constant = timed(device, rounds, encode)
-            products_for_convolutions(model)  # outside the compiled blocks: nothing compiles again
-            engine_out = encode()
-            engine = timed(device, rounds, encode)
-            if profile:
-                kernels(encode)
+        constant = timed(device, rounds, encode)
+        products_for_convolutions(model)  # outside the compiled blocks: nothing compiles again
+        engine_out = encode()
+        engine = timed(device, rounds, encode)
+        if profile:
+            kernels(encode)
     difference = float((engine_out.float() - plain_out.float()).abs().max())
     _, height, width = (int(n) for n in grid[0].tolist())
     note = (
-        f"encoder: {height}×{width} patches; compiling its blocks for the packed attention took {compiling:.1f} s "
+        f"encoder: {height}×{width} patches; compiling its blocks as the engine does took {compiling:.1f} s "
         f"(the first image); largest difference between the engine's output and transformers' {difference:.3g} "
         f"(outputs' largest magnitude {float(plain_out.float().abs().max()):.3g})"
     )

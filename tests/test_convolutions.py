@@ -6,11 +6,13 @@ on the model as transformers builds it."""
 from __future__ import annotations
 
 import copy
+import re
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from batch_engine.convolutions import products_for_convolutions
 from batch_engine.engine import BatchEngine
@@ -20,10 +22,23 @@ from vision_stage.glm import REFUSALS, GlmEngine
 from vision_stage.types import VisionRequest
 
 
-def _image_features(model: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
+class _Convolutions(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts the convolutions that run while it is on (`aten.conv2d`, `aten.conv3d`, `aten.convolution`, …)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += bool(re.fullmatch(r"_?conv(\dd|olution)", func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def _image_features(model: Any, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The encoder's output for the images of `grid`, and how many convolutions it ran."""
+    with torch.inference_mode(), _Convolutions() as convolutions:
         output = model.model.get_image_features(pixels, image_grid_thw=grid, return_dict=True)
-    return torch.cat(tuple(output.pooler_output))
+    return torch.cat(tuple(output.pooler_output)), convolutions.count
 
 
 def _with_encoder(visual: torch.nn.Module) -> SimpleNamespace:
@@ -41,14 +56,20 @@ def test_the_encoder_s_patch_embedding_and_merge_become_products_with_the_same_o
     config = model.config.vision_config
     grid = torch.tensor([[1, 8, 6], [1, 4, 4]])  # two images: the encoder packs them
     values = config.in_channels * config.temporal_patch_size * config.patch_size**2
-    pixels = torch.randn((int(grid.prod(dim=1).sum()), values), generator=torch.Generator().manual_seed(3))
-    convolved = _image_features(model, pixels, grid)
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.randn((int(grid.prod(dim=1).sum()), values), generator=generator)
+    visual = model.model.visual
+    with torch.no_grad():  # the tiny model's biases are zeros: a product that dropped them would pass
+        for bias in (visual.patch_embed.proj.bias, visual.downsample.bias):
+            bias.copy_(torch.randn(bias.shape, generator=generator))
+    convolved, convolutions = _image_features(model, pixels, grid)
+    assert convolutions == 2
 
     assert products_for_convolutions(model) == 2
-    visual = model.model.visual
     assert type(visual.patch_embed.proj).__name__ == type(visual.downsample).__name__ == "ConvolutionProduct"
-    assert visual.patch_embed.proj.weight.shape == (config.hidden_size, values)
-    torch.testing.assert_close(_image_features(model, pixels, grid), convolved, rtol=1e-5, atol=1e-6)
+    produced, convolutions = _image_features(model, pixels, grid)
+    assert convolutions == 0, "the products ran, not the convolutions"
+    torch.testing.assert_close(produced, convolved, rtol=1e-5, atol=1e-6)
     assert products_for_convolutions(model) == 0, "nothing left to replace"
 
 
@@ -60,10 +81,13 @@ def test_a_product_answers_as_its_convolution_for_one_kernel_and_convolves_anyth
     product = copy.deepcopy(convolution)
     holder = torch.nn.Sequential(product)
     assert products_for_convolutions(_with_encoder(holder)) == 1
-    for side in (2, 6):  # one kernel's size: the product; three kernels a side: the convolution
-        inputs = torch.randn((4, 3, *(side,) * dims), generator=generator)
+    for side, batch, convolutions in ((2, 4, 0), (6, 4, 1), (2, 0, 0)):  # one kernel; three a side; no input
+        inputs = torch.randn((batch, 3, *(side,) * dims), generator=generator)
+        with torch.no_grad(), _Convolutions() as ran:
+            produced = holder[0](inputs)
+        assert ran.count == convolutions
         with torch.no_grad():
-            torch.testing.assert_close(holder[0](inputs), convolution(inputs), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(produced, convolution(inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_only_convolutions_whose_kernel_is_their_stride_are_replaced() -> None:
@@ -80,7 +104,7 @@ def test_only_convolutions_whose_kernel_is_their_stride_are_replaced() -> None:
 
 
 def test_the_engine_s_answers_equal_plain_generate_on_the_encoder_transformers_built(glm: GlmEngine) -> None:
-    served: Any = glm.model
+    served: Any = copy.deepcopy(glm.model)  # the module's model stays as transformers built it, for the other tests
     plain = GlmEngine(copy.deepcopy(served), glm.codec, name="plain")
     encoded = glm.codec.encode(VisionRequest(image(5), "what is the total?", task="answer"), thinking=False)
     expected = plain.generate_ids(encoded, BUDGET)

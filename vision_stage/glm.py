@@ -168,7 +168,7 @@ class GlmEngine:
     def check_batching(self, tokens: int = 8) -> bool:
         """Whether the batching engine's first `tokens` tokens for the warm-up image equal plain `generate`'s (which
         also runs the engine's prefill of an image once before any request; `batch_engine.start.agrees`). Plain
-        `generate` runs the model eagerly here, as transformers has it: with the engine, nothing else calls it, so
+        `generate` runs the model eagerly here (uncompiled): with the engine, nothing else calls it, so
         compiling the layers for its cache and sizes would only lengthen the start and count against dynamo's
         recompile limit."""
         import torch

@@ -306,6 +306,29 @@ async def test_with_compiled_layers_the_check_at_load_compiles_only_what_request
         torch._dynamo.reset()  # its compiled versions would count against other tests' recompile limit
 
 
+def test_the_compiled_encoder_keeps_the_model_s_ints_constant_whoever_calls_it() -> None:
+    """Dynamo keeps no guard on `allow_unspec_int_on_nn_module`, so `compile_model` makes the encoder's setting its
+    own (`trace_with_constant_ints`): called directly, on a thread with the engine's settings (the ints on modules
+    symbolic, for the decoder), its blocks still trace with the head count constant."""
+    from batch_engine.compiling import DYNAMO_SETTINGS, compile_model
+    from batch_engine.vision_attention import register_vision_attention
+    from tests.tiny_glm4v import glm_tokenizer, tiny_glm4v_model
+
+    model = tiny_glm4v_model(glm_tokenizer()).eval()
+    register_vision_attention(model)
+    config = model.config.vision_config
+    grid = torch.tensor([[1, 8, 8]])
+    pixels = torch.randn((64, config.in_channels * config.temporal_patch_size * config.patch_size**2))
+    try:
+        with torch._dynamo.config.patch(DYNAMO_SETTINGS), _symbols_created() as symbols, torch.inference_mode():
+            compile_model(model, model.model.language_model)
+            model.model.get_image_features(pixels, image_grid_thw=grid, return_dict=True)
+    finally:
+        torch._dynamo.reset()  # its compiled versions would count against other tests' recompile limit
+    assert any("['cu_seqlens']" in symbol for symbol in symbols), "the encoder compiled with dynamic shapes"
+    assert not [symbol for symbol in symbols if "num_heads" in symbol]
+
+
 @contextlib.contextmanager
 def _symbols_created() -> Iterator[list[str]]:
     """What dynamo made symbolic while the block ran, from any thread ("create_symbol s3 = 2 for L['self']...")."""

@@ -134,7 +134,8 @@ def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine
         engine.close()
         engine.batch = None
         for layer in [*model.model.language_model.layers, *model.model.visual.blocks, model.model.visual.embeddings]:
-            layer._compiled_call_impl = None  # the module's other tests run the model as transformers has it
+            layer._compiled_call_impl = None  # the module's other tests run the model uncompiled
+        model.model.visual.__dict__.pop("forward", None)  # `compile_model`'s `trace_with_constant_ints`
         model.model.visual.config._attn_implementation = "sdpa"
         torch._dynamo.reset()  # its compiled versions would count against the next compilation's recompile limit
         torch.cuda.empty_cache()
