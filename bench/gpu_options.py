@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from batch_engine.attention_plans import plan_by_power_of_two
-from batch_engine.settings import SWITCH, add_kernel_arguments
+from batch_engine.settings import SWITCH, add_kernel_arguments, on_off
 from bench.gpu_load import COMPARED
 
 
@@ -24,8 +24,9 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     add_kernel_arguments(parser, "--")
     parser.add_argument(
         "--fuse-projections",
-        choices=("on", "off"),
-        default="on",
+        type=on_off,
+        default=True,
+        metavar="{on,off}",
         help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
@@ -87,7 +88,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "slots": max(args.clients),
         "compile_layers": args.compile,
         "decode_kernel": SWITCH[args.decode_kernel],
-        "fuse_projections": args.fuse_projections == "on",
+        "fuse_projections": args.fuse_projections,
         "compile_shapes": args.compile_shapes,
         "linear_kernel": SWITCH[args.linear_kernel],
         "ride_along": "ride_along" in args.compare,
