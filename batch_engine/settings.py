@@ -67,9 +67,8 @@ class EngineSettings:
     """With `attention_plans` `power-of-two`, an attention call met in two prefills at the same sizes (a prompt
     length, an image grid) gets a plan of its own, per length, built once the engine has idled a quarter second; such
     calls then skip the copies into the layout the plans per power of two need and take the cheaper kernels
-    (`attention_plans.RecurringCalls`). On two H100s, 32 clients 2.1 and 3.5 % faster, a lone first token 2.9 and
-    9.5 ms sooner; on a third, whose steps drifted within the run, that first token 8.1 ms later
-    (`bench/RESULTS.md`)."""
+    (`attention_plans.RecurringCalls`). On three H100s, 32 clients 2.0–3.5 % faster, a lone first token 2.9–9.5 ms
+    sooner; on another, whose steps drifted within the run, that first token 8.1 ms later (`bench/RESULTS.md`)."""
     decode_kernel: bool | None = None
     """A decode step's attention as Triton kernels (`batch_engine.decode_attention`) instead of the grouped matrix
     products. None: on a CUDA device where Triton is installed and a check at start (`works_on`) finds it agreeing

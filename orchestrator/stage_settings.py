@@ -192,7 +192,7 @@ class EngineFields(Section):
     engine_recurring_plans: bool = True
     """`batched`, plans per power of two: an attention call met in two prefills (a prompt length, an image grid) gets a
     plan of its own, per length, built once the engine has idled a quarter second (`EngineSettings.recurring_plans`;
-    32 clients 2.1 and 3.5 % faster on two H100s; a third, drifting within the run, did not settle it:
+    32 clients 2.0–3.5 % faster on three H100s; another, drifting within the run, did not settle it:
     `bench/RESULTS.md`)."""
 
     def batching(self) -> EngineSettings | None:
