@@ -97,10 +97,10 @@ def encoder(
         plain_out = encode()
         plain = timed(device, rounds, encode)
         compile_model(model, model.model.language_model)  # under sdpa: the engine before its packed attention
-        sdpa = timed(device, rounds, encode)
-        register_vision_attention(model)  # the compiled blocks' guards see the change and compile again
         visual = model.model.visual
         del visual.forward  # `compile_model`'s `trace_with_constant_ints`: first as the thread's own settings trace it
+        sdpa = timed(device, rounds, encode)
+        register_vision_attention(model)  # the compiled blocks' guards see the change and compile again
         encode()
         symbolic = timed(device, rounds, encode)
         torch._dynamo.reset()  # else the blocks' code for symbolic ints, whose guards hold, would serve on
