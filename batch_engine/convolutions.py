@@ -5,8 +5,8 @@ GLM-4V's encoder embeds each patch with a `Conv3d` whose kernel and stride are t
 output is one dot product of the whole input with a filter, so each call is a matrix product of (inputs,
 the input's values) by (the values, filters). cuDNN ran the two as convolution kernels of 0.98 ms for a 1024×1024
 image on an H100, 0.85 of it the patch embedding, a product of about 20 GFLOP; as products the encoder took 24.1 ms
-against 24.5 on another H100, and 24.6 against 24.5 on a third (`bench/gpu_parts.py --profile`, `bench/RESULTS.md`):
-a gain within what separates runs, not established.
+against 24.5 on another H100, then 24.6 against 24.5 and 24.6 against 25.3 in two more runs (`bench/gpu_parts.py`,
+`bench/RESULTS.md`): about 0.3 ms on balance, within what separates runs.
 
 `products_for_convolutions` puts a `ConvolutionProduct` in each such convolution's place in the encoder, holding the
 same weight and bias (its parameters as they were, flattened at each call). A call whose input is not one kernel's
