@@ -55,8 +55,8 @@ class EngineSettings:
     rows add little, where a decode step reads every weight again. Off by default: with 32 clients on H100s it gained
     2.5–2.7 % in two runs and lost 5.0 % in a third, on another machine, where its prefill steps were uneven (77–108
     ms against 76–83 without riders; why is not established), and 1.5 % in a fourth, with cuDNN's plans per power of
-    two, its steps even. When all requests come at once, the last one's answer needs about as many decode steps
-    after its prefill either way, so riding can save little (`bench/RESULTS.md`)."""
+    two, its steps even, where the decode step launched with each prefill seemed mostly to overlap it, leaving
+    riding little to save (`bench/RESULTS.md`)."""
     attention_plans: str = "power-of-two"
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and
