@@ -4,7 +4,7 @@ A decode step multiplies a handful of rows (one per request in the batch) by eve
 is the weights' bytes over the memory bandwidth. cuBLAS picks split-K kernels for these shapes: each product is
 two kernels (the partial products, then their sum) and reads GLM's smaller weights at well under the bandwidth.
 This kernel is one program per block of output features: it walks the whole input dimension, reading its block of
-the weight once with all the rows (at most `MAX_ROWS`), and sums in float32 on the tensor cores. Steps with more rows
+the weight once with all the rows (at most `row_limit`'s), and sums in float32 on the tensor cores. Steps with more rows
 (prefills) keep `torch.nn.functional.linear`.
 
 Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps cuBLAS.
@@ -24,8 +24,17 @@ if TYPE_CHECKING:
     import torch
 
 MAX_ROWS = 16
-"""The most rows (tokens of a step) the kernel takes; more go to cuBLAS. On an H200 the kernel was ahead of cuBLAS at
-1 and 8 rows and behind it at 32 on two of GLM's four shapes (`bench/RESULTS.md`)."""
+"""The most rows (tokens of a step) the kernel takes of a product not in `ROW_LIMITS`; more go to cuBLAS. On an H200
+the kernel was ahead of cuBLAS at 1 and 8 rows and behind it at 32 on two of GLM's four shapes (`bench/RESULTS.md`)."""
+
+ROW_LIMITS = {
+    (4096, 4096): 32,
+    (4096, 13696): 32,
+}
+"""(out features, in features) → the most rows the kernel takes of that product: GLM-4's output and down products,
+where the H200 sweep found the kernel ahead of cuBLAS at 32 rows too, with the tilings of `TILINGS` (11.5 against
+13.6 µs and 30.8 against 32.7; `bench/RESULTS.md`). A decode step at batch 17–32 and a follow-up's extend step of 32
+tokens then take the kernel for these two."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def skinny_linear(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiling: Tiling | None = None
 ) -> torch.Tensor:
     """`torch.nn.functional.linear(hidden, weight, bias)` through the kernel, for few rows of `hidden` (its leading
-    dimensions flattened; the engine sends at most `MAX_ROWS`), `weight` (out, in) contiguous in its rows; cut as
+    dimensions flattened; the engine sends at most `row_limit`'s), `weight` (out, in) contiguous in its rows; cut as
     `tiling` says, by default as `TILINGS` gives for the weight's shape."""
     import torch
 
@@ -97,14 +106,19 @@ def skinny_linear(
     return out.view(*lead, cols)
 
 
+def row_limit(cols: int, depth: int) -> int:
+    """The most rows the kernel takes of a product of `depth` input and `cols` output features."""
+    return ROW_LIMITS.get((cols, depth), MAX_ROWS)
+
+
 def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`torch.nn.functional.linear`, through the kernel when `hidden` has at most `MAX_ROWS` rows (a decode step).
+    """`torch.nn.functional.linear`, through the kernel when `hidden` has at most `row_limit` rows (a decode step).
     The kernel is called as the operator `batch_engine::skinny_linear`, which `torch.compile` keeps as one opaque
     node: traced as a user-defined Triton kernel instead, the compiled layers ran slower than with cuBLAS."""
     import torch
     from torch.nn import functional
 
-    if hidden.numel() > MAX_ROWS * hidden.shape[-1]:
+    if hidden.numel() > row_limit(weight.shape[0], hidden.shape[-1]) * hidden.shape[-1]:
         return functional.linear(hidden, weight, bias)
     if _KERNEL is None:
         load()

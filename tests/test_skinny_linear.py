@@ -53,7 +53,12 @@ def test_the_kernel_equals_linear_with_each_tiling_of_a_product_shape(rows: int,
     )
 
 
-def test_only_steps_of_few_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("limit", [None, 32], ids=["default", "own-limit"])
+def test_only_steps_of_few_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch, limit: int | None) -> None:
+    """At most `MAX_ROWS` rows, or a product shape's own limit in `ROW_LIMITS`; more go to cuBLAS."""
+    if limit is not None:
+        monkeypatch.setattr(module, "ROW_LIMITS", {(24, 64): limit})
+    most = limit or MAX_ROWS
     taken: list[int] = []
 
     def recording(hidden: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -64,12 +69,12 @@ def test_only_steps_of_few_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch)
     generator = torch.Generator().manual_seed(0)
     # scaled so that outputs are about 1: an absolute 1e-5 is then a few float32 roundings of a 64-term sum
     weight, bias = torch.randn((24, 64), generator=generator) / 8, torch.randn(24, generator=generator)
-    for shape in [(1, 1, 64), (MAX_ROWS, 1, 64), (1, MAX_ROWS, 64), (MAX_ROWS + 1, 1, 64), (1, 300, 64)]:
+    for shape in [(1, 1, 64), (MAX_ROWS, 1, 64), (1, most, 64), (most + 1, 1, 64), (1, 300, 64)]:
         hidden = torch.randn(shape, generator=generator)
         torch.testing.assert_close(
             routed_linear(hidden, weight, bias), torch.nn.functional.linear(hidden, weight, bias), rtol=0, atol=1e-5
         )
-    assert taken == [1, MAX_ROWS, MAX_ROWS]
+    assert taken == [1, MAX_ROWS, most]
 
 
 @pytest.mark.parametrize("fused", [False, True])
