@@ -184,23 +184,18 @@ def _gated(mlp: Any) -> bool:
 
 
 def works_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernel compiles and runs on `device` in `dtype` and agrees with `torch.nn.functional.linear` there,
-    plain and `gated` (`linear_kernel` `auto`; `triton_kernels.agrees`)."""
+    """Whether the kernel compiles and runs on `device` in `dtype` and agrees with `torch.nn.functional.linear` there
+    (`linear_kernel` `auto`; `triton_kernels.agrees`)."""
     import torch
-    from torch.nn import functional
 
     generator = torch.Generator(device).manual_seed(0)
     hidden = torch.randn((3, 1, 512), generator=generator, device=device)
-    gate_up = torch.randn((3, 1, 1024), generator=generator, device=device)
     weight = torch.randn((200, 512), generator=generator, device=device) / 512**0.5
     bias = torch.randn(200, generator=generator, device=device)
-    gate, up = gate_up.chunk(2, dim=-1)
-    gated = functional.linear(up * functional.silu(gate), weight)
-    expected = torch.cat((functional.linear(hidden, weight, bias), gated))
+    expected = torch.nn.functional.linear(hidden, weight, bias)
 
     def run() -> torch.Tensor:
-        plain = skinny_linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype))
-        return torch.cat((plain, skinny_linear(gate_up.to(dtype), weight.to(dtype), gated=True)))
+        return skinny_linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype))
 
     # bfloat16 rounding of the inputs is about 0.02 here
     return agrees("the Triton linear kernel", "cuBLAS", run, expected, 0.1, f"{device} in {dtype}")
