@@ -12,8 +12,8 @@ import triton.language as tl
 @triton.jit  # type: ignore[untyped-decorator]
 def skinny_product(
     inputs, weight, bias, out, rows, cols, depth, in_row, weight_row, out_row,
-    has_bias: tl.constexpr, gated: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr,
-    block_k: tl.constexpr, even_k: tl.constexpr, precision: tl.constexpr,
+    has_bias: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
+    even_k: tl.constexpr, precision: tl.constexpr,
 ):  # fmt: skip
     first = tl.program_id(0) * block_n
     members = tl.arange(0, block_m)
@@ -27,16 +27,12 @@ def skinny_product(
     for start in range(0, depth, block_k):
         at = start + lanes
         if even_k:
-            x_mask, w_mask = in_rows[:, None], in_cols[:, None]
+            x = tl.load(x_base + at[None, :], mask=in_rows[:, None], other=0.0)
+            w = tl.load(w_base + at[None, :], mask=in_cols[:, None], other=0.0)
         else:
             inside = at < depth
-            x_mask, w_mask = in_rows[:, None] & inside[None, :], in_cols[:, None] & inside[None, :]
-        x = tl.load(x_base + at[None, :], mask=x_mask, other=0.0)
-        if gated:  # each input row is a gate then an up half of `depth` lanes: the product takes up * silu(gate)
-            gate = x.to(tl.float32)
-            up = tl.load(x_base + depth + at[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            x = (up * gate * tl.sigmoid(gate)).to(inputs.dtype.element_ty)
-        w = tl.load(w_base + at[None, :], mask=w_mask, other=0.0)
+            x = tl.load(x_base + at[None, :], mask=in_rows[:, None] & inside[None, :], other=0.0)
+            w = tl.load(w_base + at[None, :], mask=in_cols[:, None] & inside[None, :], other=0.0)
         total += tl.dot(x, tl.trans(w), input_precision=precision)
     if has_bias:
         total += tl.load(bias + outputs, mask=in_cols, other=0.0).to(tl.float32)[None, :]

@@ -4,9 +4,8 @@ A decode step multiplies a handful of rows (one per request in the batch) by eve
 is the weights' bytes over the memory bandwidth. cuBLAS picks split-K kernels for these shapes: each product is
 two kernels (the partial products, then their sum) and reads GLM's smaller weights at well under the bandwidth.
 This kernel is one program per block of output features: it walks the whole input dimension, reading its block of
-the weight once with all the rows (at most `row_limit`'s), and sums in float32 on the tensor cores. Steps with more
-rows (prefills) keep `torch.nn.functional.linear`. In GLM's MLP the down product's kernel also takes the SiLU of the
-gate times the up half as it loads its input (`GatedMLP`), where inductor ran that as a kernel of its own.
+the weight once with all the rows (at most `row_limit`'s), and sums in float32 on the tensor cores. Steps with more rows
+(prefills) keep `torch.nn.functional.linear`.
 
 Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps cuBLAS.
 `TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check it.
@@ -79,35 +78,20 @@ def load() -> Any:
             lambda hidden, weight, bias: skinny_linear(hidden.contiguous(), weight, bias),
             lambda hidden, weight, _: (hidden.shape[0], weight.shape[0]),
         )
-        define_operator(
-            "skinny_gated_linear",
-            "(Tensor gate_up, Tensor weight) -> Tensor",
-            lambda gate_up, weight: skinny_linear(gate_up.contiguous(), weight, gated=True),
-            lambda gate_up, weight: (gate_up.shape[0], weight.shape[0]),
-        )
         _KERNEL = skinny_product
     return _KERNEL
 
 
 def skinny_linear(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    tiling: Tiling | None = None,
-    *,
-    gated: bool = False,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiling: Tiling | None = None
 ) -> torch.Tensor:
     """`torch.nn.functional.linear(hidden, weight, bias)` through the kernel, for few rows of `hidden` (its leading
     dimensions flattened; the engine sends at most `row_limit`'s), `weight` (out, in) contiguous in its rows; cut as
-    `tiling` says, by default as `TILINGS` gives for the weight's shape. `gated`: `hidden` is twice as wide as the
-    weight's input, a gate half then an up half, and the product is of `up * silu(gate)` (`GatedMLP`), each row's
-    pair computed in float32 as the kernel loads it and rounded once to `hidden`'s dtype."""
+    `tiling` says, by default as `TILINGS` gives for the weight's shape."""
     import torch
 
-    *lead, width = hidden.shape
-    depth = weight.shape[1]
-    assert width == depth * (2 if gated else 1), f"{width} input lanes for a weight of {depth}"
-    flat = hidden.reshape(-1, width)
+    *lead, depth = hidden.shape
+    flat = hidden.reshape(-1, depth)
     rows, cols = flat.shape[0], weight.shape[0]
     tiling = tiling or TILINGS.get((cols, depth), TILING)
     assert flat.stride(-1) == weight.stride(-1) == 1, "the kernel reads each row's lanes in order"
@@ -116,7 +100,7 @@ def skinny_linear(
     (_KERNEL or load())[(-(-cols // tiling.block_n),)](
         flat, weight, weight if bias is None else bias, out, rows, cols, depth,
         flat.stride(0), weight.stride(0), out.stride(0),
-        has_bias=bias is not None, gated=gated, block_m=block_m, block_n=tiling.block_n, block_k=tiling.block_k,
+        has_bias=bias is not None, block_m=block_m, block_n=tiling.block_n, block_k=tiling.block_k,
         even_k=depth % tiling.block_k == 0, precision="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=tiling.warps, num_stages=tiling.stages,
     )  # fmt: skip
@@ -146,9 +130,8 @@ def routed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def use_kernel(decoder: Any) -> int:
     """Route the linear layers of every layer of `decoder` (a transformers text model) through `routed_linear`: each
-    `torch.nn.Linear` replaced by a `RoutedLinear` holding the same weights, the fused q/k/v projections
-    (`batch_engine.projections`) told to use it, and a GLM MLP given `GatedMLP`'s forward. How many products now
-    take the kernel at decode steps."""
+    `torch.nn.Linear` replaced by a `RoutedLinear` holding the same weights, and the fused q/k/v projections
+    (`batch_engine.projections`) told to use it. How many products now take the kernel at decode steps."""
     import torch
 
     from batch_engine.projections import fused_class
@@ -165,22 +148,7 @@ def use_kernel(decoder: Any) -> int:
                 parent_name, _, attribute = name.rpartition(".")
                 setattr(layer.get_submodule(parent_name), attribute, _routed_class()(module))
                 routed += 1
-        if _gated(getattr(layer, "mlp", None)):
-            layer.mlp = _gated_class()(layer.mlp)
     return routed
-
-
-GATED_MLPS = frozenset({"Glm4MLP", "Glm4vTextMLP"})
-"""The transformers MLPs that compute `down_proj(up * activation_fn(gate))` from one fused gate/up product (GLM-4's
-and GLM-4.6V-Flash's): `use_kernel` gives them `GatedMLP`'s forward when their activation is SiLU."""
-
-
-def _gated(mlp: Any) -> bool:
-    return (
-        type(mlp).__name__ in GATED_MLPS
-        and getattr(mlp.config, "hidden_act", None) in ("silu", "swish")
-        and mlp.down_proj.bias is None
-    )
 
 
 def works_on(device: torch.device, dtype: torch.dtype) -> bool:
@@ -218,32 +186,3 @@ def _routed_class() -> type:
             return routed_linear(hidden, self.weight, self.bias)
 
     return RoutedLinear
-
-
-@functools.cache
-def _gated_class() -> type:
-    """`GatedMLP`, defined on first use so that importing this module does not import torch."""
-    import torch
-
-    class GatedMLP(torch.nn.Module):
-        """A GLM MLP's modules (`GATED_MLPS`, its products already `RoutedLinear`s): for few rows (the down
-        product's `row_limit`) the SiLU of the gate times the up half is taken inside the down product's kernel as it
-        loads them (`skinny_linear`'s `gated`, the operator `batch_engine::skinny_gated_linear`), one kernel a layer
-        fewer in a decode step; for more rows, the MLP's own forward."""
-
-        def __init__(self, mlp: Any) -> None:
-            super().__init__()
-            self.config = mlp.config
-            self.gate_up_proj, self.down_proj, self.activation_fn = mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn
-
-        def forward(self, hidden: Any) -> Any:
-            gate_up = self.gate_up_proj(hidden)
-            weight = self.down_proj.weight
-            *lead, width = gate_up.shape
-            if gate_up.numel() <= row_limit(*weight.shape) * width:
-                product = torch.ops.batch_engine.skinny_gated_linear(gate_up.reshape(-1, width), weight)
-                return product.view(*lead, weight.shape[0])
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(up * self.activation_fn(gate))
-
-    return GatedMLP
