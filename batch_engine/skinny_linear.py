@@ -4,8 +4,8 @@ A decode step multiplies a handful of rows (one per request in the batch) by eve
 is the weights' bytes over the memory bandwidth. cuBLAS picks split-K kernels for these shapes: each product is
 two kernels (the partial products, then their sum) and reads GLM's smaller weights at well under the bandwidth.
 This kernel is one program per block of output features: it walks the whole input dimension, reading its block of
-the weight once with all the rows (at most `row_limit`'s), and sums in float32 on the tensor cores. Steps with more rows
-(prefills) keep `torch.nn.functional.linear`.
+the weight once with all the rows (at most `row_limit`'s), and sums in float32 on the tensor cores. Steps with more
+rows (most prefills) keep `torch.nn.functional.linear`.
 
 Without Triton (or on another device, `triton_kernels.runs_on`) the engine keeps cuBLAS.
 `TRITON_INTERPRET=1` runs the kernel on the CPU (slowly), which is how the tests check it.
@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     import torch
 
 MAX_ROWS = 16
-"""The most rows (tokens of a step) the kernel takes of a product not in `ROW_LIMITS`; more go to cuBLAS. On an H200
-the kernel was ahead of cuBLAS at 1 and 8 rows and behind it at 32 on two of GLM's four shapes (`bench/RESULTS.md`)."""
+"""The most rows (tokens of a step) the kernel takes of a product not in `ROW_LIMITS`; more go to cuBLAS. On an H200,
+with one tiling for all, the kernel was 0.96–1.15 times cuBLAS's speed at 1 and 8 rows and behind it at 32 on two of
+GLM's four shapes (0.76 and 0.84 times; `bench/RESULTS.md`)."""
 
 ROW_LIMITS = {
     (4096, 4096): 32,

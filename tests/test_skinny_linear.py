@@ -15,7 +15,17 @@ from batch_engine import skinny_linear as module
 from batch_engine.engine import BatchEngine
 from batch_engine.projections import fuse_projections
 from batch_engine.settings import EngineSettings
-from batch_engine.skinny_linear import MAX_ROWS, TILING, TILINGS, Tiling, routed_linear, skinny_linear, use_kernel
+from batch_engine.skinny_linear import (
+    MAX_ROWS,
+    TILING,
+    TILINGS,
+    Tiling,
+    routed_linear,
+    row_limit,
+    skinny_linear,
+    use_kernel,
+)
+from bench.gpu_linear import SHAPES
 from reasoning_stage.batched import REFUSALS
 from reasoning_stage.chat_model import ChatModel
 from tests.text_engine import BUDGET, QUESTIONS, ids_of, joining
@@ -75,6 +85,12 @@ def test_only_steps_of_few_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch,
             routed_linear(hidden, weight, bias), torch.nn.functional.linear(hidden, weight, bias), rtol=0, atol=1e-5
         )
     assert taken == [1, MAX_ROWS, most]
+
+
+def test_glms_output_and_down_products_take_the_kernel_up_to_32_rows() -> None:
+    """`ROW_LIMITS` keyed (out, in) as the weights are shaped: the output and down products 32 rows, the others 16."""
+    limits = {name: row_limit(cols, depth) for name, depth, cols, _ in SHAPES}
+    assert limits == {"qkv_proj": MAX_ROWS, "o_proj": 32, "gate_up_proj": MAX_ROWS, "down_proj": 32}
 
 
 @pytest.mark.parametrize("fused", [False, True])
