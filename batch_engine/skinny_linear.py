@@ -154,20 +154,32 @@ def use_kernel(decoder: Any) -> int:
 
 def works_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel compiles and runs on `device` in `dtype` and agrees with `torch.nn.functional.linear` there
-    (`linear_kernel` `auto`; `triton_kernels.agrees`)."""
+    (`linear_kernel` `auto`; `triton_kernels.agrees`), with each tiling at the most rows the engine gives it (`cases`):
+    the memory a program needs grows with both, and a device with less of it than a variant needs keeps cuBLAS rather
+    than failing when a step first takes that variant."""
     import torch
 
     generator = torch.Generator(device).manual_seed(0)
-    hidden = torch.randn((3, 1, 512), generator=generator, device=device)
+    hidden = torch.randn((max(rows for _, rows in cases()), 1, 512), generator=generator, device=device)
     weight = torch.randn((200, 512), generator=generator, device=device) / 512**0.5
     bias = torch.randn(200, generator=generator, device=device)
-    expected = torch.nn.functional.linear(hidden, weight, bias)
+    expected = torch.cat([torch.nn.functional.linear(hidden[:rows], weight, bias) for _, rows in cases()])
 
     def run() -> torch.Tensor:
-        return skinny_linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype))
+        inputs = (hidden.to(dtype), weight.to(dtype), bias.to(dtype))
+        return torch.cat([skinny_linear(inputs[0][:rows], *inputs[1:], tiling) for tiling, rows in cases()])
 
     # bfloat16 rounding of the inputs is about 0.02 here
     return agrees("the Triton linear kernel", "cuBLAS", run, expected, 0.1, f"{device} in {dtype}")
+
+
+def cases() -> list[tuple[Tiling, int]]:
+    """Each tiling the engine may use (`TILING`, `TILINGS`) with the most rows it may give it (`row_limit`)."""
+    most = {TILING: MAX_ROWS}
+    for cols, depth in {*TILINGS, *ROW_LIMITS}:
+        tiling = TILINGS.get((cols, depth), TILING)
+        most[tiling] = max(most.get(tiling, 0), row_limit(cols, depth))
+    return sorted(most.items(), key=str)
 
 
 @functools.cache

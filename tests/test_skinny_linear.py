@@ -167,6 +167,33 @@ def test_auto_keeps_the_kernel_only_where_it_runs_and_agrees(
     assert "the Triton linear kernel does not run on cpu in torch.float32: cuBLAS instead" in caplog.text
 
 
+def test_the_check_at_start_runs_each_tiling_at_the_most_rows_the_engine_gives_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A program's memory grows with its tiling and rows: a device short of it for one variant keeps cuBLAS."""
+    cpu, real = torch.device("cpu"), module.skinny_linear
+    seen: list[tuple[Tiling, int]] = []
+
+    def recording(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+        seen.append((tiling, hidden.shape[0]))
+        return real(hidden, weight, bias, tiling)
+
+    monkeypatch.setattr(module, "skinny_linear", recording)
+    assert module.works_on(cpu, torch.float32)
+    assert seen == module.cases()
+    assert (TILINGS[(4096, 4096)], 32) in seen
+    assert (TILING, MAX_ROWS) in seen
+
+    def short_of_memory(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+        if hidden.shape[0] > MAX_ROWS:  # as Triton says it
+            raise RuntimeError("out of resource: shared memory, Required: 163840, Hardware limit: 101376")
+        return real(hidden, weight, bias, tiling)
+
+    monkeypatch.setattr(module, "skinny_linear", short_of_memory)
+    assert not module.works_on(cpu, torch.float32)
+    assert "the Triton linear kernel does not run on cpu in torch.float32: cuBLAS instead" in caplog.text
+
+
 def test_the_kernel_is_off_on_the_cpu_by_default_and_refused_there_when_asked_for(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
