@@ -94,7 +94,7 @@ def skinny_linear(
     *lead, depth = hidden.shape
     flat = hidden.reshape(-1, depth)
     rows, cols = flat.shape[0], weight.shape[0]
-    tiling = tiling or TILINGS.get((cols, depth), TILING)
+    tiling = tiling or tiling_for(cols, depth)
     assert flat.stride(-1) == weight.stride(-1) == 1, "the kernel reads each row's lanes in order"
     out = torch.empty((rows, cols), dtype=hidden.dtype, device=hidden.device)
     block_m = max(16, 1 << (rows - 1).bit_length())  # tensor-core products take at least 16 rows; spare ones masked
@@ -106,6 +106,11 @@ def skinny_linear(
         num_warps=tiling.warps, num_stages=tiling.stages,
     )  # fmt: skip
     return out.view(*lead, cols)
+
+
+def tiling_for(cols: int, depth: int) -> Tiling:
+    """How the kernel cuts a product of `depth` input and `cols` output features."""
+    return TILINGS.get((cols, depth), TILING)
 
 
 def row_limit(cols: int, depth: int) -> int:
@@ -159,15 +164,16 @@ def works_on(device: torch.device, dtype: torch.dtype) -> bool:
     than failing when a step first takes that variant."""
     import torch
 
+    checked = cases()
     generator = torch.Generator(device).manual_seed(0)
-    hidden = torch.randn((max(rows for _, rows in cases()), 1, 512), generator=generator, device=device)
+    hidden = torch.randn((max(rows for _, rows in checked), 1, 512), generator=generator, device=device)
     weight = torch.randn((200, 512), generator=generator, device=device) / 512**0.5
     bias = torch.randn(200, generator=generator, device=device)
-    expected = torch.cat([torch.nn.functional.linear(hidden[:rows], weight, bias) for _, rows in cases()])
+    expected = torch.cat([torch.nn.functional.linear(hidden[:rows], weight, bias) for _, rows in checked])
 
     def run() -> torch.Tensor:
         inputs = (hidden.to(dtype), weight.to(dtype), bias.to(dtype))
-        return torch.cat([skinny_linear(inputs[0][:rows], *inputs[1:], tiling) for tiling, rows in cases()])
+        return torch.cat([skinny_linear(inputs[0][:rows], *inputs[1:], tiling) for tiling, rows in checked])
 
     # bfloat16 rounding of the inputs is about 0.02 here
     return agrees("the Triton linear kernel", "cuBLAS", run, expected, 0.1, f"{device} in {dtype}")
@@ -177,7 +183,7 @@ def cases() -> list[tuple[Tiling, int]]:
     """Each tiling the engine may use (`TILING`, `TILINGS`) with the most rows it may give it (`row_limit`)."""
     most = {TILING: MAX_ROWS}
     for cols, depth in {*TILINGS, *ROW_LIMITS}:
-        tiling = TILINGS.get((cols, depth), TILING)
+        tiling = tiling_for(cols, depth)
         most[tiling] = max(most.get(tiling, 0), row_limit(cols, depth))
     return sorted(most.items(), key=str)
 

@@ -25,9 +25,10 @@ pytestmark = [
 @pytest.mark.parametrize("rows", [1, 8, MAX_ROWS, 32])
 @pytest.mark.parametrize(("name", "depth", "cols", "bias"), SHAPES, ids=[shape[0] for shape in SHAPES])
 def test_the_linear_kernel_equals_cublas_in_bfloat16(rows: int, name: str, depth: int, cols: int, bias: bool) -> None:
-    assert row_limit(cols, depth) == (32 if name in ("o_proj", "down_proj") else MAX_ROWS)
-    if rows > row_limit(cols, depth):
-        pytest.skip(f"the engine sends {name} at most {row_limit(cols, depth)} rows")
+    limit = row_limit(cols, depth)
+    assert limit == (32 if name in ("o_proj", "down_proj") else MAX_ROWS)
+    if rows > limit:
+        pytest.skip(f"the engine sends {name} at most {limit} rows")
     generator = torch.Generator("cuda").manual_seed(rows)
     hidden = torch.randn((rows, 1, depth), generator=generator, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn((cols, depth), generator=generator, device="cuda", dtype=torch.bfloat16) * depth**-0.5
