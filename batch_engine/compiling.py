@@ -107,9 +107,12 @@ def recompile_limit_hits() -> int:
     return _HITS.count
 
 
-def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> None:
+def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0], *, dependent_launch: bool = False) -> None:
     """`torch.compile` the decoder's layers and, in an image model, the vision encoder's blocks and position
-    embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`."""
+    embeddings; each compiled on its first call. `shapes`: the decoder layers' `EngineSettings.compile_shapes`;
+    `dependent_launch`: the layers' kernels launched so (`EngineSettings.dependent_launch`, inductor's
+    `triton.enable_pdl`, where this torch has it)."""
+    import torch._inductor.config
 
     use_dynamo_settings()
     watch_recompile_limit()
@@ -117,8 +120,10 @@ def compile_model(model: Any, decoder: Any, shapes: str = COMPILE_SHAPES[0]) -> 
     # generated code of a GLM-4 prefill and decode held 18 divisions by a symbolic size instead of 95, in 13 graphs
     # instead of 8 (the same 13 for 12 layers as for 24: the layer index stays one symbolic input); on an H200 a
     # GLM-4.6V-Flash prefill of 1,397 tokens took 38.9 ms of the layers' time instead of 41.9 (`bench/RESULTS.md`).
+    pdl = dependent_launch and hasattr(torch._inductor.config.triton, "enable_pdl")
+    options = {"triton.enable_pdl": True} if pdl else None
     for layer in decoder.layers:
-        layer.compile(dynamic=True if shapes == "dynamic" else None)
+        layer.compile(dynamic=True if shapes == "dynamic" else None, options=options)
     # The vision encoder's blocks: their norms, rotary and activations fused took GLM-4.6V-Flash's encoder from 45 to
     # 39 ms for a 1024×1024 image on an H200 (`bench/gpu_parts.py`), when each block still broke where transformers'
     # `sdpa` path splits the patches per image; with the packed attention (`batch_engine.vision_attention`) each

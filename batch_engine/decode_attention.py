@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from batch_engine.operators import define_operator
-from batch_engine.triton_kernels import agrees
+from batch_engine.triton_kernels import agrees, launch_options
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,7 @@ def split(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0), span, per_split, float(scale),
         group=group, block_g=max(16, _power_of_two(group)), head_dim=dim, block_d=max(16, _power_of_two(dim)),
-        block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32",
+        block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32", **launch_options(),
     )  # fmt: skip
     return partial, maxima, sums
 
@@ -133,7 +133,14 @@ def attend(
     partial, maxima, sums = split(query, key, value, mask, scale)
     out = torch.empty((batch, 1, heads, dim), dtype=query.dtype, device=query.device)
     (_KERNELS or load())[1][(batch * heads,)](
-        partial, maxima, sums, out, splits=SPLITS, head_dim=dim, block_d=max(16, _power_of_two(dim))
+        partial,
+        maxima,
+        sums,
+        out,
+        splits=SPLITS,
+        head_dim=dim,
+        block_d=max(16, _power_of_two(dim)),
+        **launch_options(),
     )
     return out
 

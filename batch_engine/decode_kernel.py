@@ -15,8 +15,11 @@ def decode_split(
     q_row, q_head, k_row, k_head, k_pos, v_row, v_head, v_pos, mask_row,
     span, per_split, scale: tl.constexpr,
     group: tl.constexpr, block_g: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr,
-    block_n: tl.constexpr, precision: tl.constexpr,
+    block_n: tl.constexpr, precision: tl.constexpr, pdl: tl.constexpr,
 ):  # fmt: skip
+    if pdl:  # launched while the kernel before is finishing: wait for its results, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # A slot's stride times its row can pass 2**31 elements (128 slots of 131,072 positions): 64-bit offsets.
     row_offset, kv_offset = row.to(tl.int64), kv_head.to(tl.int64)
@@ -60,7 +63,12 @@ def decode_split(
 
 
 @triton.jit  # type: ignore[untyped-decorator]
-def decode_combine(partial, maxima, sums, out, splits: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr):
+def decode_combine(
+    partial, maxima, sums, out, splits: tl.constexpr, head_dim: tl.constexpr, block_d: tl.constexpr, pdl: tl.constexpr
+):
+    if pdl:  # as in `decode_split`
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # One program per (row, query head): its splits' partial results weighed by their maxima against the largest.
     head = tl.program_id(0)
     parts = head * splits + tl.arange(0, splits)

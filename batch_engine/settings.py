@@ -57,6 +57,11 @@ class EngineSettings:
     ms against 76–83 without riders; why is not established), and 1.5 % in a fourth, with cuDNN's plans per power of
     two, its steps even, where the decode step launched with each prefill seemed mostly to overlap it, leaving
     riding little to save (`bench/RESULTS.md`)."""
+    dependent_launch: bool = False
+    """Launch the engine's Triton kernels and the compiled layers' kernels with programmatic dependent launch (CUDA
+    devices of compute capability 9.0 and later; `triton_kernels.dependent_launch`): each such kernel is started
+    while the one before it is still finishing and waits inside for its results, so that the gap between two
+    kernels of a graph-captured decode step shrinks. Ignored on other devices."""
     attention_plans: str = "power-of-two"
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and

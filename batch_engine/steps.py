@@ -87,6 +87,9 @@ class DeviceSteps:
         """Whether cuDNN's attention plans per power of two: a prefill then lays out its tensors as that needs."""
         if settings.fuse_projections:
             fuse_projections(self.text)
+        self.dependent_launch = triton_kernels.dependent_launch(settings.dependent_launch, self.device)
+        """Whether kernels launch with programmatic dependent launch (`dependent_launch`; before the kernels' checks,
+        so that they run as the steps will)."""
         self.linear_kernel = triton_kernels.wanted(
             settings.linear_kernel, "the Triton linear kernel", self.device,
             lambda: skinny_linear.works_on(self.device, model.dtype),
@@ -98,7 +101,7 @@ class DeviceSteps:
         self.compiled = bool(settings.compile or (settings.compile is None and self.device.type == "cuda"))
         """Whether the model's layers are compiled (`compile_model`)."""
         if self.compiled:
-            compile_model(model, self.text, settings.compile_shapes)
+            compile_model(model, self.text, settings.compile_shapes, dependent_launch=self.dependent_launch)
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("batch_engine")
 
+_DEPENDENT_LAUNCH = False
+"""Whether the kernels launch with programmatic dependent launch (`dependent_launch`)."""
+
 
 @functools.cache
 def available() -> bool:
@@ -58,3 +61,23 @@ def wanted(setting: bool | None, what: str, device: torch.device, check: Callabl
     if setting and not runs_on(device):
         raise ValueError(f"{what} needs Triton and a CUDA device, not {device}")
     return setting
+
+
+def dependent_launch(wanted: bool, device: torch.device) -> bool:
+    """Turn programmatic dependent launch on for the kernels when `wanted` (`EngineSettings.dependent_launch`) and
+    `device` is a CUDA device of compute capability 9.0 or later (Hopper's `griddepcontrol`); whether it is on there.
+    Process-wide, as the kernels' operators are: once an engine turns it on it stays on. Each kernel waits for the
+    one before it at its entry, before it reads anything (`launch_options`), so either way its results are the same.
+    """
+    import torch
+
+    global _DEPENDENT_LAUNCH
+    on = wanted and device.type == "cuda" and available() and torch.cuda.get_device_capability(device) >= (9, 0)
+    _DEPENDENT_LAUNCH = _DEPENDENT_LAUNCH or on
+    return on
+
+
+def launch_options() -> dict[str, bool]:
+    """A kernel's keywords for its launch: its `pdl` (whether it waits for the kernel before it at its entry, then
+    lets the next one start) and, when that is on, Triton's `launch_pdl`."""
+    return {"pdl": True, "launch_pdl": True} if _DEPENDENT_LAUNCH else {"pdl": False}

@@ -133,6 +133,7 @@ def start_engine(
     linear_kernel: bool | None = EngineSettings.linear_kernel,
     ride_along: bool = EngineSettings.ride_along,
     recurring_plans: bool = EngineSettings.recurring_plans,
+    dependent_launch: bool = EngineSettings.dependent_launch,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
     stop: every answer runs to its budget),
@@ -154,6 +155,7 @@ def start_engine(
         linear_kernel=linear_kernel,
         ride_along=ride_along,
         recurring_plans=recurring_plans,
+        dependent_launch=dependent_launch,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()
@@ -166,7 +168,8 @@ def start_engine(
     fused = "fused" if fuse_projections else "apart"
     print(
         f"engine started (graphs: {graphs}, decode attention: {kernel}, decode linear layers: {linear}, q/k/v "
-        f"projections {fused}, ride-along {'on' if ride_along else 'off'}) in "
+        f"projections {fused}, ride-along {'on' if ride_along else 'off'}, dependent launch "
+        f"{'on' if bench.engine.device.dependent_launch else 'off'}) in "
         f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )

@@ -69,3 +69,49 @@ def test_the_decode_attention_operator_equals_the_grouped_attention_in_bfloat16(
         assert got.shape == (batch, 1, 32, dim)
         # bfloat16's rounding of the result and of the weights inside the kernel: well under 1 % of each value
         assert ((got.float() - exact).abs() <= 0.01 + 0.01 * exact.abs()).all()
+
+
+def test_the_kernels_launched_dependent_inside_a_cuda_graph_read_what_the_kernel_before_wrote(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Programmatic dependent launch (`EngineSettings.dependent_launch`) starts a kernel while the one before it is
+    finishing; each must still read that kernel's results. A captured chain (a torch kernel writes the input, the
+    linear kernel, a torch kernel, the decode attention, the linear kernel), replayed on new inputs, gives exactly
+    what the same chain launched without it gives."""
+    from batch_engine import decode_attention, skinny_linear, triton_kernels
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    skinny_linear.load()
+    decode_attention.load()
+    generator = torch.Generator("cuda").manual_seed(0)
+    dim, span = 128, 1024
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+
+    weight_in, weight_out = randn(32 * dim, 4096) * 4096**-0.5, randn(4096, 32 * dim) * 4096**-0.5
+    keys, values = randn(1, 2, span, dim), randn(1, 2, span, dim)
+    mask = torch.ones((1, 1, 1, span), dtype=torch.bool, device="cuda")
+    source = randn(1, 4096)
+
+    def chain() -> torch.Tensor:
+        query = skinny_linear.skinny_linear(source * 2, weight_in).view(1, 32, 1, dim) + 1
+        attended = decode_attention.decode_attention(query, keys, values, mask, dim**-0.5)
+        return skinny_linear.skinny_linear(attended.reshape(1, 32 * dim), weight_out)
+
+    inputs = [randn(1, 4096) for _ in range(4)]
+    expected = []
+    for value in inputs:
+        source.copy_(value)
+        expected.append(chain().clone())
+    monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", True)
+    chain()  # compiles the kernels' variants with the waits before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for value, want in zip(inputs, expected, strict=True):
+        source.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
