@@ -109,19 +109,20 @@ def skinny_linear(
         flat.stride(0), weight.stride(0), out.stride(0),
         has_bias=bias is not None, block_m=block_m, block_n=tiling.block_n, block_k=tiling.block_k,
         even_k=depth % tiling.block_k == 0, precision="ieee" if hidden.dtype == torch.float32 else "tf32",
-        num_warps=tiling.warps, num_stages=tiling.stages, prefetch=prefetch_bytes(depth, hidden.element_size()),
+        num_warps=tiling.warps, num_stages=tiling.stages, prefetch=prefetch_bytes(weight),
         **launch_options(),
     )  # fmt: skip
     return out.view(*lead, cols)
 
 
-def prefetch_bytes(depth: int, element_size: int) -> int:
-    """How many bytes of each weight row a program asks into L2 before it waits for the kernel before it: with
-    dependent launch on (`triton_kernels.launch_options`), `PREFETCH_BYTES` within the row, in whole 16 bytes (the
-    bulk prefetch's unit); else none."""
-    if not launch_options()["pdl"]:
+def prefetch_bytes(weight: torch.Tensor) -> int:
+    """How many bytes of each row of `weight` a program asks into L2 before it waits for the kernel before it: with
+    dependent launch on (`triton_kernels.launch_options`), `PREFETCH_BYTES` within the row, in whole 16 bytes; none
+    where a row does not start at a multiple of 16 bytes (the bulk prefetch faults on such an address)."""
+    size = weight.element_size()
+    if not launch_options()["pdl"] or weight.data_ptr() % 16 or weight.stride(0) * size % 16:
         return 0
-    return min(PREFETCH_BYTES, depth * element_size) // 16 * 16
+    return min(PREFETCH_BYTES, weight.shape[1] * size) // 16 * 16
 
 
 def tiling_for(cols: int, depth: int) -> Tiling:

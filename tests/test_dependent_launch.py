@@ -65,3 +65,21 @@ def test_the_compiled_layers_launch_dependent_only_when_asked(dependent: bool) -
     expected = {"triton.enable_pdl": True} if dependent else None
     assert [layer.compiled for layer in layers] == [{"dynamic": None, "options": expected}] * 2
     assert hasattr(torch._inductor.config.triton, "enable_pdl")  # the torch the project pins has the option
+
+
+def test_the_linear_kernel_prefetches_whole_16_bytes_of_aligned_rows_only_with_dependent_launch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batch_engine import skinny_linear
+
+    weight = torch.zeros((8, 4096), dtype=torch.bfloat16)
+    monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", False)
+    assert skinny_linear.prefetch_bytes(weight) == 0
+    monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", True)
+    assert skinny_linear.prefetch_bytes(weight) == skinny_linear.PREFETCH_BYTES == 2048
+    assert skinny_linear.prefetch_bytes(weight[:, :1000]) == 2000  # the whole row, 2,000 bytes
+    assert skinny_linear.prefetch_bytes(weight[:, :999]) == 1984  # within the row, in whole 16 bytes
+    assert skinny_linear.prefetch_bytes(weight.view(-1)[1:4097].view(1, 4096)) == 0  # a row at an odd address
+    assert (
+        skinny_linear.prefetch_bytes(torch.zeros((8, 4099), dtype=torch.bfloat16)[:, :4096]) == 0
+    )  # rows 8,198 B apart
