@@ -22,7 +22,7 @@ def skinny_product(
         if prefetch > 0:
             # The weight does not depend on the kernel before: the first `prefetch` bytes of each of this program's
             # rows start streaming into L2 while it finishes (Hopper's bulk prefetch, a hint: no effect on values).
-            heads = weight + tl.minimum(outputs, cols - 1).to(tl.int64) * weight_row
+            heads = (weight + tl.minimum(outputs, cols - 1).to(tl.int64) * weight_row).to(tl.int64)  # addresses
             tl.inline_asm_elementwise(
                 "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                 [heads, tl.full([block_n], prefetch, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,

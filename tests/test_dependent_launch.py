@@ -5,6 +5,10 @@ then, and to nothing otherwise. Whether the kernels launched so read what the ke
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -83,3 +87,85 @@ def test_the_linear_kernel_prefetches_whole_16_bytes_of_aligned_rows_only_with_d
     assert (
         skinny_linear.prefetch_bytes(torch.zeros((8, 4099), dtype=torch.bfloat16)[:, :4096]) == 0
     )  # rows 8,198 B apart
+
+
+_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from batch_engine import decode_kernel, linear_kernel
+
+module, name, signature, constants = json.loads(sys.argv[1])
+kernel = getattr({"linear_kernel": linear_kernel, "decode_kernel": decode_kernel}[module], name)
+signature = signature | dict.fromkeys(constants, "constexpr")
+options = {"launch_pdl": constants["pdl"], "num_warps": 4}
+source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+sys.stdout.write(compiled.asm["ptx"])
+"""
+
+
+def _compiled_for_hopper(kernel: str, signature: dict[str, str], constants: dict[str, Any]) -> str:
+    """The PTX of `kernel` (`module.name`) as Triton builds it for an H100 (compute capability 9.0), with Triton's own
+    `ptxas`: no GPU. In a process of its own: this one imported Triton under its interpreter (`TRITON_INTERPRET`),
+    which compiles nothing."""
+    pytest.importorskip("triton")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    argument = json.dumps([*kernel.split("."), signature, constants])
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE, argument], env=environment, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _first_memory_access(ptx: str) -> int:
+    """Where `ptx` first reads or writes global memory (a load, a store, an asynchronous copy; not the prefetch)."""
+    accesses = ("ld.global", "st.global", "cp.async.ca", "cp.async.cg", "cp.async.bulk.tensor", "atom.global")
+    found = [ptx.index(access) for access in accesses if access in ptx]
+    assert found, "no access to global memory"
+    return min(found)
+
+
+@pytest.mark.parametrize(("pdl", "prefetch"), [(False, 0), (True, 0), (True, 2048)])
+def test_the_linear_kernel_waits_for_the_kernel_before_before_it_reads_when_launched_dependent(
+    pdl: bool, prefetch: int
+) -> None:
+    names = ["inputs", "weight", "bias", "out", "rows", "cols", "depth", "in_row", "weight_row", "out_row"]
+    signature = {name: "*bf16" if index < 4 else "i32" for index, name in enumerate(names)}
+    tiling = {"block_m": 16, "block_n": 64, "block_k": 256, "even_k": True, "has_bias": False}
+    ptx = _compiled_for_hopper(
+        "linear_kernel.skinny_product", signature, {**tiling, "precision": "tf32", "pdl": pdl, "prefetch": prefetch}
+    )
+    if not pdl:
+        assert "griddepcontrol" not in ptx
+        return
+    wait = ptx.index("griddepcontrol.wait")
+    assert wait < ptx.index("griddepcontrol.launch_dependents")
+    assert wait < _first_memory_access(ptx)
+    if prefetch:
+        assert ptx.index("cp.async.bulk.prefetch.L2.global") < wait
+    else:
+        assert "prefetch" not in ptx
+
+
+def test_the_decode_attentions_kernels_wait_for_the_kernel_before_before_they_read_when_launched_dependent() -> None:
+    names = ["q_row", "q_head", "k_row", "k_head", "k_pos", "v_row", "v_head", "v_pos", "mask_row", "span", "per_split"]
+    pointers = {"query": "*bf16", "keys": "*bf16", "values": "*bf16", "mask": "*i1"}
+    outputs = {"partial": "*fp32", "maxima": "*fp32", "sums": "*fp32"}
+    shape = {"group": 16, "block_g": 16, "head_dim": 128, "block_d": 128}
+    split = _compiled_for_hopper(
+        "decode_kernel.decode_split",
+        pointers | outputs | dict.fromkeys(names, "i32"),
+        {"scale": 0.0884, **shape, "block_n": 64, "precision": "tf32", "pdl": True},
+    )
+    combine = _compiled_for_hopper(
+        "decode_kernel.decode_combine",
+        outputs | {"out": "*bf16"},
+        {"splits": 16, "head_dim": 128, "block_d": 128, "pdl": True},
+    )
+    for ptx in (split, combine):
+        wait = ptx.index("griddepcontrol.wait")
+        assert wait < ptx.index("griddepcontrol.launch_dependents")
+        assert wait < _first_memory_access(ptx)
