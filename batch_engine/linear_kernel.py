@@ -13,20 +13,12 @@ import triton.language as tl
 def skinny_product(
     inputs, weight, bias, out, rows, cols, depth, in_row, weight_row, out_row,
     has_bias: tl.constexpr, block_m: tl.constexpr, block_n: tl.constexpr, block_k: tl.constexpr,
-    even_k: tl.constexpr, precision: tl.constexpr, pdl: tl.constexpr, prefetch: tl.constexpr,
+    even_k: tl.constexpr, precision: tl.constexpr, pdl: tl.constexpr,
 ):  # fmt: skip
     first = tl.program_id(0) * block_n
     members = tl.arange(0, block_m)
     outputs = first + tl.arange(0, block_n)
     if pdl:  # launched while the kernel before is finishing: wait for its results, then let the next one start
-        if prefetch > 0:
-            # The weight does not depend on the kernel before: the first `prefetch` bytes of each of this program's
-            # rows start streaming into L2 while it finishes (Hopper's bulk prefetch, a hint: no effect on values).
-            heads = (weight + tl.minimum(outputs, cols - 1).to(tl.int64) * weight_row).to(tl.int64)  # addresses
-            tl.inline_asm_elementwise(
-                "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                [heads, tl.full([block_n], prefetch, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-            )  # fmt: skip
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     lanes = tl.arange(0, block_k)

@@ -57,11 +57,13 @@ class EngineSettings:
     ms against 76–83 without riders; why is not established), and 1.5 % in a fourth, with cuDNN's plans per power of
     two, its steps even, where the decode step launched with each prefill seemed mostly to overlap it, leaving
     riding little to save (`bench/RESULTS.md`)."""
-    dependent_launch: bool = False
-    """Launch the engine's Triton kernels and the compiled layers' kernels with programmatic dependent launch (CUDA
-    devices of compute capability 9.0 and later; `triton_kernels.dependent_launch`): each such kernel is started
-    while the one before it is still finishing and waits inside for its results, so that the gap between two
-    kernels of a graph-captured decode step shrinks. Ignored on other devices."""
+    dependent_launch: bool | None = None
+    """Launch the engine's Triton kernels and the compiled layers' kernels with programmatic dependent launch
+    (`triton_kernels.dependent_launch`): each such kernel is started while the one before it is still finishing and
+    waits inside for its results, so that the gaps between the many small kernels of a graph-captured decode step
+    shrink. None: on a CUDA device of compute capability 9.0 or later (Hopper's `griddepcontrol`). On an H100 it
+    took GLM-4.6V-Flash's decode step at batch 1 from 7.26 to 7.04 ms, at batch 8 from 7.52 to 7.26
+    (`bench/RESULTS.md`)."""
     attention_plans: str = "power-of-two"
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and
@@ -137,6 +139,8 @@ class EngineOptions(Protocol):
     def engine_attention_plans(self) -> str: ...  # `power-of-two` or `length`
     @property
     def engine_recurring_plans(self) -> bool: ...
+    @property
+    def engine_dependent_launch(self) -> str: ...  # `auto`, `on` or `off`
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -156,6 +160,7 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         linear_kernel=SWITCH[options.engine_linear_kernel],
         attention_plans=options.engine_attention_plans,
         recurring_plans=options.engine_recurring_plans,
+        dependent_launch=SWITCH[options.engine_dependent_launch],
     )
 
 
@@ -206,8 +211,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
 
 def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: str = "") -> None:
     """The options that choose the engine's kernels and how its layers compile, named `prefix` + `decode-kernel`,
-    `linear-kernel`, `compile-shapes`, `attention-plans`, `recurring-plans` (the stages' `--engine-…`, the GPU
-    benchmarks' own), with the engine's defaults."""
+    `linear-kernel`, `compile-shapes`, `attention-plans`, `recurring-plans`, `dependent-launch` (the stages'
+    `--engine-…`, the GPU benchmarks' own), with the engine's defaults."""
     parser.add_argument(
         f"{prefix}decode-kernel",
         choices=tuple(SWITCH),
@@ -240,6 +245,13 @@ def add_kernel_arguments(parser: argparse.ArgumentParser, prefix: str, context: 
         metavar="{on,off}",
         help=f"{context}with plans per power of two, an attention call met in two prefills gets a plan of its own, "
         "built while the engine idles (default: on)",
+    )
+    parser.add_argument(
+        f"{prefix}dependent-launch",
+        choices=tuple(SWITCH),
+        default="auto",
+        help=f"{context}kernels launched with programmatic dependent launch (default: on a GPU of compute capability "
+        "9.0 or later)",
     )
 
 

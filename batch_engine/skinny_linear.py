@@ -62,12 +62,6 @@ TILINGS = {
 """(out features, in features) → tiling: the same sweep's best at one row for GLM-4's (and GLM-4.6V-Flash's) output,
 gate/up and down products."""
 
-PREFETCH_BYTES = 2048
-"""With dependent launch, the bytes of each weight row a program prefetches into L2 while the kernel before it
-finishes (`prefetch_bytes`): a decode step's kernels between products (norms, rotary, attention) read little, and
-the weights do not depend on them. 2 KB a row is about 8 MB for each of GLM-4's q/k/v, output and down products, what
-an H100 reads in 2.5 µs."""
-
 _KERNEL: Any = None
 """The Triton kernel (`batch_engine.linear_kernel`) once `load` has imported it."""
 
@@ -109,20 +103,9 @@ def skinny_linear(
         flat.stride(0), weight.stride(0), out.stride(0),
         has_bias=bias is not None, block_m=block_m, block_n=tiling.block_n, block_k=tiling.block_k,
         even_k=depth % tiling.block_k == 0, precision="ieee" if hidden.dtype == torch.float32 else "tf32",
-        num_warps=tiling.warps, num_stages=tiling.stages, prefetch=prefetch_bytes(weight),
-        **launch_options(),
+        num_warps=tiling.warps, num_stages=tiling.stages, **launch_options(),
     )  # fmt: skip
     return out.view(*lead, cols)
-
-
-def prefetch_bytes(weight: torch.Tensor) -> int:
-    """How many bytes of each row of `weight` a program asks into L2 before it waits for the kernel before it: with
-    dependent launch on (`triton_kernels.launch_options`), `PREFETCH_BYTES` within the row, in whole 16 bytes; none
-    where a row does not start at a multiple of 16 bytes (the bulk prefetch faults on such an address)."""
-    size = weight.element_size()
-    if not launch_options()["pdl"] or weight.data_ptr() % 16 or weight.stride(0) * size % 16:
-        return 0
-    return min(PREFETCH_BYTES, weight.shape[1] * size) // 16 * 16
 
 
 def tiling_for(cols: int, depth: int) -> Tiling:

@@ -63,16 +63,19 @@ def wanted(setting: bool | None, what: str, device: torch.device, check: Callabl
     return setting
 
 
-def dependent_launch(wanted: bool, device: torch.device) -> bool:
-    """Turn programmatic dependent launch on for the kernels when `wanted` (`EngineSettings.dependent_launch`) and
-    `device` is a CUDA device of compute capability 9.0 or later (Hopper's `griddepcontrol`); whether it is on there.
-    Process-wide, as the kernels' operators are: once an engine turns it on it stays on. Each kernel waits for the
-    one before it at its entry, before it reads anything (`launch_options`), so either way its results are the same.
-    """
+def dependent_launch(setting: bool | None, device: torch.device) -> bool:
+    """Whether the kernels launch with programmatic dependent launch (`EngineSettings.dependent_launch`): `setting`
+    if given (True refused where it cannot run), else on a CUDA device of compute capability 9.0 or later (Hopper's
+    `griddepcontrol`). Process-wide, as the kernels' operators are: once an engine turns it on it stays on. Each
+    kernel waits for the one before it at its entry, before it reads or writes anything (`launch_options`), so its
+    results are the same either way."""
     import torch
 
     global _DEPENDENT_LAUNCH
-    on = wanted and device.type == "cuda" and available() and torch.cuda.get_device_capability(device) >= (9, 0)
+    supported = device.type == "cuda" and available() and torch.cuda.get_device_capability(device) >= (9, 0)
+    if setting and not supported:
+        raise ValueError(f"dependent launch needs Triton and a CUDA device of compute capability 9.0, not {device}")
+    on = supported if setting is None else setting
     _DEPENDENT_LAUNCH = _DEPENDENT_LAUNCH or on
     return on
 

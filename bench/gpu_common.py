@@ -133,7 +133,7 @@ def start_engine(
     linear_kernel: bool | None = EngineSettings.linear_kernel,
     ride_along: bool = EngineSettings.ride_along,
     recurring_plans: bool = EngineSettings.recurring_plans,
-    dependent_launch: bool = EngineSettings.dependent_launch,
+    dependent_launch: bool | None = EngineSettings.dependent_launch,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
     stop: every answer runs to its budget),

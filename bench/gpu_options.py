@@ -29,22 +29,6 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         metavar="{on,off}",
         help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
     )
-    parser.add_argument(
-        "--dependent-launch",
-        type=on_off,
-        default=False,
-        metavar="{on,off}",
-        help="the engine's Triton kernels and compiled layers launched with programmatic dependent launch (Hopper "
-        "and later; default: off, as the engine's default)",
-    )
-    parser.add_argument(
-        "--weight-prefetch",
-        type=int,
-        default=None,
-        metavar="BYTES",
-        help="with --dependent-launch on, the bytes of each weight row the linear kernel prefetches into L2 before it "
-        "waits for the kernel before it (default: the engine's, skinny_linear.PREFETCH_BYTES)",
-    )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     for setting, what in COMPARED.items():
         parser.add_argument(
@@ -90,10 +74,6 @@ def parsed(
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.attention_plans == "power-of-two":  # for the whole run, set before plain generate's first attention
         plan_by_power_of_two()
-    if args.weight_prefetch is not None:
-        from batch_engine import skinny_linear
-
-        skinny_linear.PREFETCH_BYTES = args.weight_prefetch
     if args.tiny:
         return args, 64, min(args.answer_tokens, 16)
     return args, int(getattr(args, sized.dest)), args.answer_tokens
@@ -113,7 +93,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "linear_kernel": SWITCH[args.linear_kernel],
         "ride_along": "ride_along" in args.compare,
         "recurring_plans": args.recurring_plans,
-        "dependent_launch": args.dependent_launch,
+        "dependent_launch": SWITCH[args.dependent_launch],
     }
 
 

@@ -195,6 +195,11 @@ class EngineFields(Section):
     32 clients 2.0–3.5 % faster on three H100s; another, drifting within the run, did not settle it:
     `bench/RESULTS.md`)."""
 
+    engine_dependent_launch: Literal["auto", "on", "off"] = "auto"
+    """`batched`: the engine's Triton kernels and compiled layers launched with programmatic dependent launch
+    (`EngineSettings.dependent_launch`; a step at batch 1 7.26 → 7.04 ms on an H100, `bench/RESULTS.md`); `auto`: on a
+    CUDA device of compute capability 9.0 or later (Hopper)."""
+
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
         return engine_settings(self)

@@ -29,27 +29,31 @@ def capability(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return given
 
 
-def test_dependent_launch_is_on_only_where_asked_for_on_a_device_of_capability_9(
+def test_auto_is_on_only_on_a_cuda_device_of_capability_9_and_on_is_refused_elsewhere(
     capability: list[tuple[int, int]],
 ) -> None:
-    cuda = torch.device("cuda", 0)
-    assert not triton_kernels.dependent_launch(True, torch.device("cpu"))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not triton_kernels.dependent_launch(None, cpu)
     assert not triton_kernels.dependent_launch(False, cuda)
     capability[0] = (8, 0)
-    assert not triton_kernels.dependent_launch(True, cuda)
+    assert not triton_kernels.dependent_launch(None, cuda)
     assert triton_kernels.launch_options() == {"pdl": False}
+    for refused in (cpu, cuda):
+        with pytest.raises(ValueError, match=f"dependent launch needs .* compute capability 9.0, not {refused}"):
+            triton_kernels.dependent_launch(True, refused)
     capability[0] = (9, 0)
-    assert triton_kernels.dependent_launch(True, cuda)
+    assert triton_kernels.dependent_launch(None, cuda)
     assert triton_kernels.launch_options() == {"pdl": True, "launch_pdl": True}
     # process-wide, as the kernels' operators are: another engine's start without it leaves it on
     assert not triton_kernels.dependent_launch(False, cuda)
     assert triton_kernels.launch_options() == {"pdl": True, "launch_pdl": True}
 
 
-def test_the_kernels_launch_without_it_where_it_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_off_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", False)
     monkeypatch.setattr(triton_kernels, "available", lambda: False)
-    assert not triton_kernels.dependent_launch(True, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not triton_kernels.dependent_launch(None, torch.device("cuda", 0))
     assert triton_kernels.launch_options() == {"pdl": False}
 
 
@@ -69,24 +73,6 @@ def test_the_compiled_layers_launch_dependent_only_when_asked(dependent: bool) -
     expected = {"triton.enable_pdl": True} if dependent else None
     assert [layer.compiled for layer in layers] == [{"dynamic": None, "options": expected}] * 2
     assert hasattr(torch._inductor.config.triton, "enable_pdl")  # the torch the project pins has the option
-
-
-def test_the_linear_kernel_prefetches_whole_16_bytes_of_aligned_rows_only_with_dependent_launch(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from batch_engine import skinny_linear
-
-    weight = torch.zeros((8, 4096), dtype=torch.bfloat16)
-    monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", False)
-    assert skinny_linear.prefetch_bytes(weight) == 0
-    monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", True)
-    assert skinny_linear.prefetch_bytes(weight) == skinny_linear.PREFETCH_BYTES == 2048
-    assert skinny_linear.prefetch_bytes(weight[:, :1000]) == 2000  # the whole row, 2,000 bytes
-    assert skinny_linear.prefetch_bytes(weight[:, :999]) == 1984  # within the row, in whole 16 bytes
-    assert skinny_linear.prefetch_bytes(weight.view(-1)[1:4097].view(1, 4096)) == 0  # a row at an odd address
-    assert (
-        skinny_linear.prefetch_bytes(torch.zeros((8, 4099), dtype=torch.bfloat16)[:, :4096]) == 0
-    )  # rows 8,198 B apart
 
 
 _COMPILE = """
@@ -121,33 +107,25 @@ def _compiled_for_hopper(kernel: str, signature: dict[str, str], constants: dict
 
 
 def _first_memory_access(ptx: str) -> int:
-    """Where `ptx` first reads or writes global memory (a load, a store, an asynchronous copy; not the prefetch)."""
+    """Where `ptx` first reads or writes global memory (a load, a store, an asynchronous copy)."""
     accesses = ("ld.global", "st.global", "cp.async.ca", "cp.async.cg", "cp.async.bulk.tensor", "atom.global")
     found = [ptx.index(access) for access in accesses if access in ptx]
     assert found, "no access to global memory"
     return min(found)
 
 
-@pytest.mark.parametrize(("pdl", "prefetch"), [(False, 0), (True, 0), (True, 2048)])
-def test_the_linear_kernel_waits_for_the_kernel_before_before_it_reads_when_launched_dependent(
-    pdl: bool, prefetch: int
-) -> None:
+@pytest.mark.parametrize("pdl", [False, True])
+def test_the_linear_kernel_waits_for_the_kernel_before_before_it_reads_when_launched_dependent(pdl: bool) -> None:
     names = ["inputs", "weight", "bias", "out", "rows", "cols", "depth", "in_row", "weight_row", "out_row"]
     signature = {name: "*bf16" if index < 4 else "i32" for index, name in enumerate(names)}
     tiling = {"block_m": 16, "block_n": 64, "block_k": 256, "even_k": True, "has_bias": False}
-    ptx = _compiled_for_hopper(
-        "linear_kernel.skinny_product", signature, {**tiling, "precision": "tf32", "pdl": pdl, "prefetch": prefetch}
-    )
+    ptx = _compiled_for_hopper("linear_kernel.skinny_product", signature, {**tiling, "precision": "tf32", "pdl": pdl})
     if not pdl:
         assert "griddepcontrol" not in ptx
         return
     wait = ptx.index("griddepcontrol.wait")
     assert wait < ptx.index("griddepcontrol.launch_dependents")
     assert wait < _first_memory_access(ptx)
-    if prefetch:
-        assert ptx.index("cp.async.bulk.prefetch.L2.global") < wait
-    else:
-        assert "prefetch" not in ptx
 
 
 def test_the_decode_attentions_kernels_wait_for_the_kernel_before_before_they_read_when_launched_dependent() -> None:

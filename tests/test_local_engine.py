@@ -244,6 +244,13 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert engine_settings(_parser().parse_args(["serve", "--engine", "batched"])).recurring_plans  # type: ignore[union-attr]
     monkeypatch.setenv("ORCH_REASONING__ENGINE_RECURRING_PLANS", "false")
     assert Settings().reasoning.batching().recurring_plans is False  # type: ignore[union-attr]
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-dependent-launch", "off"])
+    assert engine_settings(args).dependent_launch is False  # type: ignore[union-attr]
+    assert engine_settings(_parser().parse_args(["serve", "--engine", "batched"])).dependent_launch is None  # type: ignore[union-attr]
+    monkeypatch.setenv("ORCH_REASONING__ENGINE_DEPENDENT_LAUNCH", "on")
+    assert Settings().reasoning.batching().dependent_launch is True  # type: ignore[union-attr]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--engine-dependent-launch", "maybe"])
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--engine-recurring-plans", "maybe"])
     with pytest.raises(SystemExit):
