@@ -118,7 +118,7 @@ def split(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), rows.stride(0), span, per_split, float(scale),
         group=group, block_g=max(16, _power_of_two(group)), head_dim=dim, block_d=max(16, _power_of_two(dim)),
-        block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32", **launch_options(),
+        block_n=BLOCK_N, precision="ieee" if query.dtype == torch.float32 else "tf32", **launch_options(query.device),
     )  # fmt: skip
     return partial, maxima, sums
 
@@ -140,7 +140,7 @@ def attend(
         splits=SPLITS,
         head_dim=dim,
         block_d=max(16, _power_of_two(dim)),
-        **launch_options(),
+        **launch_options(query.device),
     )
     return out
 

@@ -61,9 +61,9 @@ class EngineSettings:
     """Launch the engine's Triton kernels and the compiled layers' kernels with programmatic dependent launch
     (`triton_kernels.dependent_launch`): each such kernel is started while the one before it is still finishing and
     waits inside for its results, so that the gaps between the many small kernels of a graph-captured decode step
-    shrink. None: on a CUDA device of compute capability 9.0 or later (Hopper's `griddepcontrol`). On an H100 it
-    took GLM-4.6V-Flash's decode step at batch 1 from 7.26 to 7.04 ms, at batch 8 from 7.52 to 7.26
-    (`bench/RESULTS.md`)."""
+    shrink. None: on a CUDA device of compute capability 9.0 or later (Hopper's `griddepcontrol`) where Triton is
+    installed. Process-wide once on. On an H100 it took GLM-4.6V-Flash's decode step at batch 1 from 7.26 to 7.04 ms,
+    at batch 8 from 7.52 to 7.26 (`bench/RESULTS.md`); its effect on prefills is not measured."""
     attention_plans: str = "power-of-two"
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and

@@ -103,7 +103,7 @@ def skinny_linear(
         flat.stride(0), weight.stride(0), out.stride(0),
         has_bias=bias is not None, block_m=block_m, block_n=tiling.block_n, block_k=tiling.block_k,
         even_k=depth % tiling.block_k == 0, precision="ieee" if hidden.dtype == torch.float32 else "tf32",
-        num_warps=tiling.warps, num_stages=tiling.stages, **launch_options(),
+        num_warps=tiling.warps, num_stages=tiling.stages, **launch_options(hidden.device),
     )  # fmt: skip
     return out.view(*lead, cols)
 

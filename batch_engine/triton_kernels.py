@@ -66,21 +66,24 @@ def wanted(setting: bool | None, what: str, device: torch.device, check: Callabl
 def dependent_launch(setting: bool | None, device: torch.device) -> bool:
     """Whether the kernels launch with programmatic dependent launch (`EngineSettings.dependent_launch`): `setting`
     if given (True refused where it cannot run), else on a CUDA device of compute capability 9.0 or later (Hopper's
-    `griddepcontrol`). Process-wide, as the kernels' operators are: once an engine turns it on it stays on. Each
-    kernel waits for the one before it at its entry, before it reads or writes anything (`launch_options`), so its
-    results are the same either way."""
+    `griddepcontrol`) where Triton is installed. Process-wide, as the kernels' operators are: once an engine of the
+    process turns it on, it stays on, and this says so to every engine started after (their compiled layers then
+    launch so too). Each kernel waits for the one before it at its entry, before it reads or writes anything
+    (`launch_options`)."""
     import torch
 
     global _DEPENDENT_LAUNCH
     supported = device.type == "cuda" and available() and torch.cuda.get_device_capability(device) >= (9, 0)
     if setting and not supported:
-        raise ValueError(f"dependent launch needs Triton and a CUDA device of compute capability 9.0, not {device}")
-    on = supported if setting is None else setting
-    _DEPENDENT_LAUNCH = _DEPENDENT_LAUNCH or on
-    return on
+        raise ValueError(
+            f"dependent launch needs Triton and a CUDA device of compute capability 9.0 or later, not {device}"
+        )
+    _DEPENDENT_LAUNCH = _DEPENDENT_LAUNCH or (supported if setting is None else setting)
+    return _DEPENDENT_LAUNCH and supported
 
 
-def launch_options() -> dict[str, bool]:
-    """A kernel's keywords for its launch: its `pdl` (whether it waits for the kernel before it at its entry, then
-    lets the next one start) and, when that is on, Triton's `launch_pdl`."""
-    return {"pdl": True, "launch_pdl": True} if _DEPENDENT_LAUNCH else {"pdl": False}
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """The keywords of a kernel's launch on `device`: its `pdl` (whether it waits for the kernel before it at its
+    entry, then lets the next one start) and, when that is on (`dependent_launch`, on a CUDA device), Triton's
+    `launch_pdl`."""
+    return {"pdl": True, "launch_pdl": True} if _DEPENDENT_LAUNCH and device.type == "cuda" else {"pdl": False}

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,24 +38,87 @@ def test_auto_is_on_only_on_a_cuda_device_of_capability_9_and_on_is_refused_else
     assert not triton_kernels.dependent_launch(False, cuda)
     capability[0] = (8, 0)
     assert not triton_kernels.dependent_launch(None, cuda)
-    assert triton_kernels.launch_options() == {"pdl": False}
+    assert triton_kernels.launch_options(cuda) == {"pdl": False}
     for refused in (cpu, cuda):
-        with pytest.raises(ValueError, match=f"dependent launch needs .* compute capability 9.0, not {refused}"):
+        with pytest.raises(
+            ValueError, match=f"dependent launch needs .* compute capability 9.0 or later, not {refused}"
+        ):
             triton_kernels.dependent_launch(True, refused)
     capability[0] = (9, 0)
     assert triton_kernels.dependent_launch(None, cuda)
-    assert triton_kernels.launch_options() == {"pdl": True, "launch_pdl": True}
-    # process-wide, as the kernels' operators are: another engine's start without it leaves it on
-    assert not triton_kernels.dependent_launch(False, cuda)
-    assert triton_kernels.launch_options() == {"pdl": True, "launch_pdl": True}
+    assert triton_kernels.launch_options(cuda) == {"pdl": True, "launch_pdl": True}
+    # process-wide, as the kernels' operators are: another engine's start without it leaves it on, and is told so
+    assert triton_kernels.dependent_launch(False, cuda)
+    assert triton_kernels.launch_options(cuda) == {"pdl": True, "launch_pdl": True}
+    assert not triton_kernels.dependent_launch(None, cpu)  # an engine on the CPU: its kernels are not Triton's
 
 
 def test_auto_is_off_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", False)
     monkeypatch.setattr(triton_kernels, "available", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert not triton_kernels.dependent_launch(None, torch.device("cuda", 0))
-    assert triton_kernels.launch_options() == {"pdl": False}
+    cuda = torch.device("cuda", 0)
+    assert not triton_kernels.dependent_launch(None, cuda)
+    assert triton_kernels.launch_options(cuda) == {"pdl": False}
+
+
+class _Launches:
+    """A Triton kernel's stand-in: `kernel[grid](*args, **keywords)` records the keywords."""
+
+    def __init__(self) -> None:
+        self.keywords: list[dict[str, Any]] = []
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **keywords: self.keywords.append(keywords)
+
+
+def test_the_kernels_launch_with_the_options_for_their_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batch_engine import decode_attention, skinny_linear
+
+    devices: list[torch.device] = []
+
+    def options(device: torch.device) -> dict[str, bool]:
+        devices.append(device)
+        return {"pdl": True, "launch_pdl": True}
+
+    linear, split, combine = _Launches(), _Launches(), _Launches()
+    monkeypatch.setattr(skinny_linear, "launch_options", options)
+    monkeypatch.setattr(skinny_linear, "_KERNEL", linear)
+    monkeypatch.setattr(decode_attention, "launch_options", options)
+    monkeypatch.setattr(decode_attention, "_KERNELS", (split, combine))
+    skinny_linear.skinny_linear(torch.zeros((2, 64)), torch.zeros((32, 64)))
+    query, keys = torch.zeros((1, 4, 1, 16)), torch.zeros((1, 2, 64, 16))
+    decode_attention.attend(query, keys, keys, torch.ones((1, 1, 1, 64), dtype=torch.bool), 0.25)
+    for launched in (linear, split, combine):
+        assert len(launched.keywords) == 1
+        assert launched.keywords[0]["pdl"] is launched.keywords[0]["launch_pdl"] is True
+    assert devices == [torch.device("cpu")] * 3
+
+
+def test_the_engine_compiles_its_layers_for_dependent_launch_when_it_is_on(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_engine import steps
+    from batch_engine.engine import BatchEngine
+    from batch_engine.settings import EngineSettings
+    from reasoning_stage.batched import REFUSALS
+    from reasoning_stage.chat_model import ChatModel
+
+    asked: list[bool | None] = []
+    compiled: list[bool] = []
+    model = ChatModel.load(str(checkpoint), device="cpu", dtype="float32", local_files_only=True).model
+    monkeypatch.setattr(steps, "compile_model", lambda *args, dependent_launch: compiled.append(dependent_launch))
+    for setting, effective in ((False, False), (None, True)):
+
+        def decided(wanted: bool | None, device: torch.device, on: bool = effective) -> bool:
+            asked.append(wanted)
+            return on
+
+        monkeypatch.setattr(triton_kernels, "dependent_launch", decided)
+        settings = EngineSettings(slots=1, max_tokens=256, compile=True, dependent_launch=setting)
+        assert BatchEngine(model, settings, REFUSALS).device.dependent_launch is effective
+    assert asked == [False, None]
+    assert compiled == [False, True]
 
 
 class _Layer:
@@ -128,7 +192,10 @@ def test_the_linear_kernel_waits_for_the_kernel_before_before_it_reads_when_laun
     assert wait < _first_memory_access(ptx)
 
 
-def test_the_decode_attentions_kernels_wait_for_the_kernel_before_before_they_read_when_launched_dependent() -> None:
+@pytest.mark.parametrize("pdl", [False, True])
+def test_the_decode_attentions_kernels_wait_for_the_kernel_before_before_they_read_when_launched_dependent(
+    pdl: bool,
+) -> None:
     names = ["q_row", "q_head", "k_row", "k_head", "k_pos", "v_row", "v_head", "v_pos", "mask_row", "span", "per_split"]
     pointers = {"query": "*bf16", "keys": "*bf16", "values": "*bf16", "mask": "*i1"}
     outputs = {"partial": "*fp32", "maxima": "*fp32", "sums": "*fp32"}
@@ -136,14 +203,17 @@ def test_the_decode_attentions_kernels_wait_for_the_kernel_before_before_they_re
     split = _compiled_for_hopper(
         "decode_kernel.decode_split",
         pointers | outputs | dict.fromkeys(names, "i32"),
-        {"scale": 0.0884, **shape, "block_n": 64, "precision": "tf32", "pdl": True},
+        {"scale": 0.0884, **shape, "block_n": 64, "precision": "tf32", "pdl": pdl},
     )
     combine = _compiled_for_hopper(
         "decode_kernel.decode_combine",
         outputs | {"out": "*bf16"},
-        {"splits": 16, "head_dim": 128, "block_d": 128, "pdl": True},
+        {"splits": 16, "head_dim": 128, "block_d": 128, "pdl": pdl},
     )
     for ptx in (split, combine):
+        if not pdl:
+            assert "griddepcontrol" not in ptx
+            continue
         wait = ptx.index("griddepcontrol.wait")
         assert wait < ptx.index("griddepcontrol.launch_dependents")
         assert wait < _first_memory_access(ptx)
