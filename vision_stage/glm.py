@@ -357,11 +357,16 @@ class GlmVisionBackend:
 
         Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped,
         one already running leaves its slot after the engine's next step (`BatchEngine.abandon`), and one whose
-        submission is under way in the worker thread is submitted and runs unread."""
+        submission is under way in the worker thread is abandoned so once the thread has submitted it."""
         batch = engine.batch
         if batch is None:
             raise VisionUnavailable(f"the glm vision model {engine.name!r} has no batching engine")
-        prompt, budget, future, facts = await asyncio.to_thread(self._submit, engine, request)
+        submitting = asyncio.ensure_future(asyncio.to_thread(self._submit, engine, request))
+        try:
+            prompt, budget, future, facts = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(lambda done: _abandon_submitted(batch, done))
+            raise
         try:
             completion = await batch.wait(future)  # a cancelled wait abandons the request
         except Exception as exc:
@@ -404,3 +409,12 @@ class GlmVisionBackend:
             engine, self._engine = self._engine, None
         if engine is not None:  # the batching engine fails what it still holds with `VisionUnavailable`
             await asyncio.to_thread(engine.close)
+
+
+def _abandon_submitted(
+    batch: BatchEngine, submitting: asyncio.Future[tuple[EncodedPrompt, int, Future[Completion], ImageFacts]]
+) -> None:
+    """The request a worker thread submitted for a task cancelled meanwhile: abandoned (`BatchEngine.abandon`). A
+    submission that failed had nothing to abandon (its error was the cancelled task's to raise)."""
+    if not submitting.cancelled() and submitting.exception() is None:
+        batch.abandon(submitting.result()[2])

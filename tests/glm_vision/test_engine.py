@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,7 +20,9 @@ from PIL import Image
 from batch_engine.settings import EngineSettings
 from batch_engine.types import Completion
 from tests.glm_vision.helpers import SMALL_ENGINE, queued, request, same, unstarted_backend
+from tests.raw_http import eventually
 from vision_stage.errors import VisionRejected, VisionUnavailable
+from vision_stage.facts import image_facts
 from vision_stage.glm import GlmEngine, GlmVisionBackend
 from vision_stage.types import DecodedImage, VisionRequest, VisionTask
 
@@ -110,6 +113,45 @@ async def test_a_cancelled_request_still_waiting_for_a_slot_never_runs(
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
+    batch.start()
+    try:
+        assert (await backend.generate(request())).answer
+    finally:
+        await backend.aclose()
+    assert batch.stats().admitted == 1
+
+
+async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
+    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker thread submits, then measures the image: a cancellation then abandons the request once the thread
+    is done, rather than leaving it to run unread."""
+    _, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
+    measuring, release = threading.Event(), threading.Event()
+    real_abandon = batch.abandon
+    abandoned: list[Future[Completion]] = []
+
+    def slow_facts(image: Any) -> Any:
+        measuring.set()
+        release.wait(30)
+        return image_facts(image)
+
+    def abandon(future: Future[Completion]) -> None:
+        abandoned.append(future)
+        real_abandon(future)
+
+    monkeypatch.setattr("vision_stage.glm.image_facts", slow_facts)
+    monkeypatch.setattr(batch, "abandon", abandon)
+    cancelled = asyncio.create_task(backend.generate(request()))
+    await eventually(measuring.is_set, timeout_s=30)  # submitted; the worker thread still measures the image
+    assert batch.waiting == 1
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    release.set()
+    await eventually(lambda: bool(abandoned), timeout_s=30)
+    assert abandoned[0].cancelled()
+    monkeypatch.setattr("vision_stage.glm.image_facts", image_facts)
     batch.start()
     try:
         assert (await backend.generate(request())).answer
