@@ -170,6 +170,17 @@ def _compiled_for_hopper(kernel: str, signature: dict[str, str], constants: dict
     return done.stdout
 
 
+def _check_waits_first(ptx: str, pdl: bool) -> None:
+    """Launched dependent (`pdl`), the kernel waits for the one before, then lets the next launch, before it first
+    touches global memory; else it has neither."""
+    if not pdl:
+        assert "griddepcontrol" not in ptx
+        return
+    wait = ptx.index("griddepcontrol.wait")
+    assert wait < ptx.index("griddepcontrol.launch_dependents")
+    assert wait < _first_memory_access(ptx)
+
+
 def _first_memory_access(ptx: str) -> int:
     """Where `ptx` first reads or writes global memory (a load, a store, an asynchronous copy)."""
     accesses = ("ld.global", "st.global", "cp.async.ca", "cp.async.cg", "cp.async.bulk.tensor", "atom.global")
@@ -184,12 +195,7 @@ def test_the_linear_kernel_waits_for_the_kernel_before_before_it_reads_when_laun
     signature = {name: "*bf16" if index < 4 else "i32" for index, name in enumerate(names)}
     tiling = {"block_m": 16, "block_n": 64, "block_k": 256, "even_k": True, "has_bias": False}
     ptx = _compiled_for_hopper("linear_kernel.skinny_product", signature, {**tiling, "precision": "tf32", "pdl": pdl})
-    if not pdl:
-        assert "griddepcontrol" not in ptx
-        return
-    wait = ptx.index("griddepcontrol.wait")
-    assert wait < ptx.index("griddepcontrol.launch_dependents")
-    assert wait < _first_memory_access(ptx)
+    _check_waits_first(ptx, pdl)
 
 
 @pytest.mark.parametrize("pdl", [False, True])
@@ -211,9 +217,4 @@ def test_the_decode_attentions_kernels_wait_for_the_kernel_before_before_they_re
         {"splits": 16, "head_dim": 128, "block_d": 128, "pdl": pdl},
     )
     for ptx in (split, combine):
-        if not pdl:
-            assert "griddepcontrol" not in ptx
-            continue
-        wait = ptx.index("griddepcontrol.wait")
-        assert wait < ptx.index("griddepcontrol.launch_dependents")
-        assert wait < _first_memory_access(ptx)
+        _check_waits_first(ptx, pdl)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.types import Completion
 from tests.glm_vision.helpers import SMALL_ENGINE, queued, request, same, unstarted_backend
@@ -113,12 +114,7 @@ async def test_a_cancelled_request_still_waiting_for_a_slot_never_runs(
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
-    batch.start()
-    try:
-        assert (await backend.generate(request())).answer
-    finally:
-        await backend.aclose()
-    assert batch.stats().admitted == 1
+    await _answers_admitting_one(batch, backend)
 
 
 async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
@@ -152,6 +148,11 @@ async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
     await eventually(lambda: bool(abandoned), timeout_s=30)
     assert abandoned[0].cancelled()
     monkeypatch.setattr("vision_stage.glm.image_facts", image_facts)
+    await _answers_admitting_one(batch, backend)
+
+
+async def _answers_admitting_one(batch: BatchEngine, backend: GlmVisionBackend) -> None:
+    """`batch` started, `backend` answers a request, and the engine has admitted that one request only."""
     batch.start()
     try:
         assert (await backend.generate(request())).answer
