@@ -68,8 +68,11 @@ def dependent_launch(setting: bool | None, device: torch.device) -> bool:
     if given (True refused where it cannot run), else on a CUDA device of compute capability 9.0 or later (Hopper's
     `griddepcontrol`) where Triton is installed. Process-wide, as the kernels' operators are: once an engine of the
     process turns it on, it stays on, and this says so to every engine started after (their compiled layers then
-    launch so too). Each kernel waits for the one before it at its entry, before it reads or writes anything
-    (`launch_options`)."""
+    launch so too). Each kernel waits for the one before it at its entry, before it reads or writes anything, and
+    lets the next one launch right after (`launch_options`): that next kernel waits in turn before it touches this
+    one's inputs or outputs, as these kernels do at their entry and inductor's do before their first access to what
+    the kernel before them reads or writes (its `triton.enable_pdl`); kernels launched without it (cuBLAS's, eager
+    torch's) start only once this one has finished."""
     import torch
 
     global _DEPENDENT_LAUNCH
