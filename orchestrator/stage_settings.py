@@ -198,7 +198,7 @@ class EngineFields(Section):
     engine_dependent_launch: Literal["auto", "on", "off"] = "auto"
     """`batched`: the engine's Triton kernels and compiled layers launched with programmatic dependent launch
     (`EngineSettings.dependent_launch`; a step at batch 1 7.26 → 7.04 ms on an H100, `bench/RESULTS.md`); `auto`: on a
-    CUDA device of compute capability 9.0 or later (Hopper)."""
+    CUDA device of compute capability 9.0 or later (Hopper) where Triton is installed."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""
