@@ -63,8 +63,8 @@ class EngineSettings:
     waits inside for its results, so that the gaps between the many small kernels of a graph-captured decode step
     shrink. None: on a CUDA device of compute capability 9.0 or later (Hopper's `griddepcontrol`) where Triton is
     installed. Process-wide once on. On an H100 it took GLM-4.6V-Flash's decode step at batch 1 from 7.26 to 7.04 ms,
-    at batch 8 from 7.52 to 7.26; in a short run on another, prefill steps took 72.8 ms each with it and 75.0
-    without (`bench/RESULTS.md`)."""
+    at batch 8 from 7.52 to 7.26; in a short run on another (one sample each), prefill steps took 72.8 ms each with
+    it and 75.0 without (`bench/RESULTS.md`)."""
     attention_plans: str = "power-of-two"
     """How cuDNN's attention plans its kernels (`batch_engine.attention_plans`): `power-of-two`, one plan per power of
     two of the lengths, every one built at start (PyTorch's `TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`, which the `glm` and
