@@ -1,7 +1,7 @@
-"""Programmatic dependent launch (`EngineSettings.dependent_launch`): on only where asked for on a CUDA device of
-compute capability 9.0 or later, given to the Triton kernels' launches and to the compiled layers' inductor options
-then, and to nothing otherwise. Whether the kernels launched so read what the kernel before them wrote is a GPU test
-(`tests/gpu/test_kernels_gpu.py`): Triton's interpreter has no `griddepcontrol`."""
+"""Programmatic dependent launch (`EngineSettings.dependent_launch`): on (by default, or when asked for) only on a
+CUDA device of compute capability 9.0 or later, given to the Triton kernels' launches and to the compiled layers'
+inductor options then, and to nothing otherwise. Whether the kernels launched so read what the kernel before them
+wrote is a GPU test (`tests/gpu/test_kernels_gpu.py`): Triton's interpreter has no `griddepcontrol`."""
 
 from __future__ import annotations
 
@@ -53,10 +53,8 @@ def test_auto_is_on_only_on_a_cuda_device_of_capability_9_and_on_is_refused_else
     assert not triton_kernels.dependent_launch(None, cpu)  # an engine on the CPU: its kernels are not Triton's
 
 
-def test_auto_is_off_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triton_kernels, "_DEPENDENT_LAUNCH", False)
+def test_auto_is_off_without_triton(capability: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_kernels, "available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = torch.device("cuda", 0)
     assert not triton_kernels.dependent_launch(None, cuda)
     assert triton_kernels.launch_options(cuda) == {"pdl": False}
