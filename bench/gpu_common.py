@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 from batch_engine.attention_plans import by_power_of_two
 from batch_engine.settings import EngineSettings
+from bench.gc_pauses import Collections, as_loaded_and_frozen
 from bench.gpu_load import compared, loads
 
 Row = tuple[str, float, float]
@@ -349,7 +351,9 @@ def drive(
 ) -> None:
     """Build the two paths (timed), run the measures (`--replays-only`: only the first tokens' agreement and the graph
     replays, the steady measure of a change to the step), the profiles (`--profile`) and the float32 check
-    (`--check-float32`: `check` gives the prompt and a slot's length), close the engine, and print the report."""
+    (`--check-float32`: `check` gives the prompt and a slot's length), close the engine, and print the report. The
+    measures run with the heap frozen as the service freezes it once its models are loaded (`--heap as-loaded`: not),
+    the garbage collector's collections during them counted (`bench.gc_pauses`)."""
 
     from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 
@@ -358,18 +362,28 @@ def drive(
     started = time.perf_counter()
     bench = build()
     print(f"built in {time.perf_counter() - started:.1f} s: {describe(bench)}", file=sys.stderr)
+    (loaded, loaded_ms), (_, frozen_ms) = as_loaded_and_frozen(3)  # leaves the heap frozen
+    if args.heap == "as-loaded":
+        gc.unfreeze()
     rows: list[Row]
     try:
-        if args.replays_only:
-            rows, notes = [], [*checked_agreement(bench, check(bench)[0]), replays(bench.engine, bench.sync)]
-        else:
-            rows, notes = run(bench)
+        with Collections() as collections:
+            if args.replays_only:
+                rows, notes = [], [*checked_agreement(bench, check(bench)[0]), replays(bench.engine, bench.sync)]
+            else:
+                rows, notes = run(bench)
         if args.profile:
             profile(bench.engine, bench.device, bench.sync)
             if more_profiles is not None:
                 more_profiles(bench)
     finally:
         bench.engine.close()
+        gc.unfreeze()
+    notes.append(
+        f"garbage collector: a full collection over the heap as loaded ({loaded} objects) {loaded_ms:.1f} ms (p50 of "
+        f"3), frozen {frozen_ms:.2f}; the measures ran with the heap {args.heap}, and Python collected meanwhile: "
+        + collections.summary()
+    )
     summary = describe(bench)
     if args.check_float32:
         one, max_tokens = check(bench)

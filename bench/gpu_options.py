@@ -50,6 +50,13 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         "--check-float32", action="store_true", help="after the run, compare 32 tokens with plain generate in float32"
     )
     parser.add_argument(
+        "--heap",
+        choices=("frozen", "as-loaded"),
+        default="frozen",
+        help="the measures with what the process holds once the engine is up kept out of the garbage collector's "
+        "walks, as the service keeps it (`stage_protocol.server.collector`), or given to it (default: frozen)",
+    )
+    parser.add_argument(
         "--replays-only",
         action="store_true",
         help="only the agreement check and the graph replays: two engines compared in the time of one start each",

@@ -233,6 +233,13 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     means = "; ".join(f"mean {side}: first token [\\d.]+ ms, [\\d.]+ tokens/s" for side in ("off", "on"))
     assert re.search(rf"recurring attention calls \(one request; 3 concurrent[^)]*\): {runs}; {means}", finished.stdout)
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    # the measures with the heap frozen, as the service runs, and the collections meanwhile counted
+    collections = ".*".join(rf"generation {n}: \d+" for n in range(3))
+    assert re.search(
+        r"garbage collector: a full collection over the heap as loaded \(\d+ objects\) [\d.]+ ms \(p50 of 3\), "
+        rf"frozen [\d.]+; the measures ran with the heap frozen, and Python collected meanwhile: {collections}",
+        finished.stdout,
+    ), finished.stdout
     for measure in (*ONE_REQUEST_ROWS, "3 concurrent, tokens/s", "follow-up"):
         assert f"| {measure}" in finished.stdout
     # distinct images, one image prefill a step: three clients' load has three steps that prefilled

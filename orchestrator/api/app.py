@@ -14,7 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from orchestrator.stages.endpoints import EndpointStatus
 from orchestrator.stages.resilient import endpoint_statuses
 from orchestrator.wiring import Backends, build_backends, build_router, probe_limit
 from stage_protocol.body_limit import capped, declared_length, too_large_message
+from stage_protocol.server.collector import frozen_heap
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,12 @@ page."""
 def create_app(settings: Settings, backends: Backends | None = None, router: Router | None = None) -> FastAPI:
     """An app serving `settings`. With `backends`, it uses those; without, its lifespan loads them from settings.
 
-    Either way the app owns the backends and closes them at shutdown. With `router`, it routes with that one. Without,
-    an app that loads its backends also builds the configured router (`settings.router`), while an app given
+    Either way the app owns the backends and closes them at shutdown. With `router`, it routes with that one.
+    Without, an app that loads its backends also builds the configured router (`settings.router`), while an app given
     `backends` routes with the `KeywordRouter`: injected backends are tests' and harnesses' fakes, which should not
-    wait for an embedding model; pass `router=await build_router(settings.router)` for the configured one.
+    wait for an embedding model; pass `router=await build_router(settings.router)` for the configured one. An app
+    that loads its backends keeps what the process then holds out of the garbage collector's walks while it serves
+    (`stage_protocol.server.collector`).
     """
 
     keys = ApiKeys.parse(settings.api_keys.get_secret_value() if settings.api_keys else None)
@@ -102,7 +105,8 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
                 stack.callback(setattr, app.state, "image_fetcher", None)
             async with _services(app, settings, backends, router), _batches(app, settings) as batches:
                 app.state.batches = batches  # its workers stop before the services they call are closed
-                yield
+                with frozen_heap() if backends is None else nullcontext():  # it loaded models that live as long
+                    yield
 
     app = FastAPI(
         title="GLM vision orchestrator",

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from starlette.types import ASGIApp
 
 from stage_protocol.backend import StageBackend
+from stage_protocol.server.collector import frozen_heap
 
 B = TypeVar("B", bound=StageBackend)
 SERVE_HELP = "serve POST /v1/chat/completions, GET /v1/models and GET /health"
@@ -110,7 +111,8 @@ async def serve(
     about: Callable[[B], str] = lambda backend: f"model {backend.model}",
 ) -> int:
     """Load the backend (`loading`, timed and logged: `about` says what was loaded), build its app under the served
-    name (`app_for(backend, name)`) and serve it on `args.host` and `args.port` until the server stops."""
+    name (`app_for(backend, name)`) and serve it on `args.host` and `args.port` until the server stops, what the
+    process then holds kept out of the garbage collector's walks (`stage_protocol.server.collector`)."""
     import uvicorn
 
     started = time.perf_counter()
@@ -122,5 +124,6 @@ async def serve(
     log.info("serving %r on http://%s:%d/v1", name, args.host, args.port)
     keep_large_buffers_in_heap()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, **UVICORN_OPTIONS)
-    await uvicorn.Server(config).serve()
+    with frozen_heap():  # the backend and its models live as long as the server
+        await uvicorn.Server(config).serve()
     return 0
