@@ -36,6 +36,7 @@ from orchestrator.settings import CacheSettings, Settings
 from orchestrator.stage_settings import LocalReasoningSettings, ReasoningSettings
 from orchestrator.wiring import Backends, build_backends, build_router
 from reasoning_stage.types import ReasoningRequest
+from stage_protocol.server.collector import frozen_heap
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import VisionRequest
 
@@ -101,6 +102,17 @@ async def run(rounds: int, max_new_tokens: int, image: bytes) -> dict[str, list[
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     samples: dict[str, list[float]] = {}
+    # the heap frozen as the service freezes it once loaded (an app given its backends leaves that to its caller)
+    with frozen_heap():
+        await _measure(backends, settings, image, port, rounds, samples)
+    server.should_exit = True
+    await serving
+    return samples
+
+
+async def _measure(
+    backends: Backends, settings: Settings, image: bytes, port: int, rounds: int, samples: dict[str, list[float]]
+) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
         bench = Bench(backends, settings.reasoning, image, client)
         cases = list(bench.cases().items())
@@ -109,9 +121,6 @@ async def run(rounds: int, max_new_tokens: int, image: bytes) -> dict[str, list[
         for round_ in range(rounds):
             for name, call in cases if round_ % 2 == 0 else cases[::-1]:
                 samples.setdefault(name, []).append(await timed(call))
-    server.should_exit = True
-    await serving
-    return samples
 
 
 def report(samples: dict[str, list[float]], rounds: int, max_new_tokens: int) -> None:

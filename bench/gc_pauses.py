@@ -10,11 +10,11 @@ again:
 - a full collection (`gc.collect()`, the oldest generation: what Python runs on its own once enough objects have
   outlived the younger ones), p50 of `--rounds`, with how many objects the collector walks;
 - `--requests` vision-only `POST /v1/analyze` on the receipt, a pixel changed each time so that no cache answers
-  (in this process, over ASGI), one after the other: the
-  collections Python ran on its own meanwhile, per generation, and their pauses; the requests' p50 and longest.
+  (in this process, over ASGI), one after the other: the collections Python ran on its own meanwhile, per
+  generation, and their pauses; the requests' p50 and longest.
 
-The sides run as loaded, frozen, as loaded, frozen; each line gives both runs of a side. The GPU benchmarks report the
-same collections during their measures (`Collections`), with the engine's heap frozen as the service freezes it.
+The passes of requests run as loaded, frozen, as loaded, frozen, a line each. The GPU benchmarks report the same
+collections during their measures (`Collections`), with the engine's heap frozen as the service freezes it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from stage_protocol.server.collector import freeze
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATIONS = (0, 1, 2)
@@ -82,11 +84,10 @@ def tracked() -> int:
 
 def as_loaded_and_frozen(rounds: int) -> tuple[tuple[int, float], tuple[int, float]]:
     """A full collection's (objects walked, pause ms) with the heap given back to the collector, then frozen again
-    (its garbage collected first, as `frozen_heap` does); the heap is left frozen."""
+    (`stage_protocol.server.collector.freeze`, as the service freezes it); the heap is left frozen."""
     gc.unfreeze()
     loaded = (tracked(), full_collection_ms(rounds))
-    gc.collect()
-    gc.freeze()
+    freeze()
     return loaded, (tracked(), full_collection_ms(rounds))
 
 
@@ -118,11 +119,10 @@ async def _requests(client: Any, images: Iterator[bytes], count: int) -> tuple[C
 async def run(rounds: int, requests: int, image: bytes) -> None:
     import httpx
 
-    images = variants(image)
-
     from orchestrator.api.app import create_app
     from orchestrator.settings import Settings
 
+    images = variants(image)
     app = create_app(Settings())
     async with app.router.lifespan_context(app):
         frozen_by_service = gc.get_freeze_count()
@@ -139,8 +139,7 @@ async def run(rounds: int, requests: int, image: bytes) -> None:
                 if side == "as loaded":
                     gc.unfreeze()
                 else:
-                    gc.collect()
-                    gc.freeze()
+                    freeze()
                 collections, latencies = await _requests(client, images, requests)
                 print(
                     f"- {requests} requests, heap {side}: p50 {statistics.median(latencies):.1f} ms, the longest "

@@ -196,34 +196,50 @@ class Prompts:
     new_length: Callable[[], Any]
 
 
-def one_request(bench: Paths, rounds: int, prompts: Prompts) -> list[Row]:
+FIRST_TOKEN_SAMPLES = 3
+"""Samples of a lone first token per round of `--rounds`, each path: a lone first token takes about a tenth of a second,
+and about one in eight took 5–80 ms more on H100s, through the engine and in a prefill called directly alike, so
+that the p50 of three moved by 16–19 ms between two runs of the same code (bench/RESULTS.md)."""
+
+
+def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row], list[str]]:
     """First token of one request alone, and decode ms/token at batch 1: (t(1 + 64) − t(1)) / 64 for plain, the same
     over the tokens written for the engine. Then the first token of a prompt whose length neither path has met before
     (`Prompts.new_length`): the first meeting of a shape costs what the steady runs above do not show (cuDNN's
-    attention builds a plan for each, `bench/gpu_sdpa_shapes.py`), and a service meets many lengths."""
+    attention builds a plan for each, `bench/gpu_sdpa_shapes.py`), and a service meets many lengths. Each first token
+    is the p50 of `FIRST_TOKEN_SAMPLES` a round; a note gives the engine's samples in the order taken."""
     one, fresh, new_length = prompts.one, prompts.fresh, prompts.new_length
-    plain_first = median_of(rounds, lambda: bench.plain(one, 1)[0])
+    count = FIRST_TOKEN_SAMPLES * rounds
+    plain_first = median_of(count, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
+    engine_first = engine_first_tokens(bench, count, fresh)
+    engine_decoding = engine_decode(bench, rounds, fresh, prompts.forget)
+    plain_new = median_of(count, lambda: bench.plain(new_length(), 1)[0])
+    engine_new = engine_first_tokens(bench, count, new_length)
     first, decode, new = ONE_REQUEST_ROWS
-    return [
-        (first, plain_first, engine_first_token(bench, rounds, fresh)),
-        (decode, (plain_full - plain_first) / 64, engine_decode(bench, rounds, fresh, prompts.forget)),
-        (
-            new,
-            median_of(rounds, lambda: bench.plain(new_length(), 1)[0]),
-            engine_first_token(bench, rounds, new_length),
-        ),
+    rows = [
+        (first, plain_first, statistics.median(engine_first)),
+        (decode, (plain_full - plain_first) / 64, engine_decoding),
+        (new, plain_new, statistics.median(engine_new)),
     ]
+    taken = "; at a new length ".join(" ".join(f"{ms:.1f}" for ms in samples) for samples in (engine_first, engine_new))
+    return rows, [f"the engine's lone first tokens, ms, in the order taken: {taken}"]
 
 
-def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
-    """The engine's first token of one request alone (p50), each on a prompt `prompt` makes."""
+def engine_first_tokens(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[float]:
+    """The engine's first token of one request alone, `count` times after one more, each on a prompt `prompt` makes."""
 
     def once() -> float:
         _, (done,) = bench.engine_run([prompt()], 1)
         return float(done.first_token_ms)
 
-    return median_of(rounds, once)
+    once()  # warm-up
+    return [once() for _ in range(count)]
+
+
+def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
+    """The engine's first token of one request alone (p50 of `rounds`), each on a prompt `prompt` makes."""
+    return statistics.median(engine_first_tokens(bench, rounds, prompt))
 
 
 def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:
@@ -263,7 +279,8 @@ def scenarios(
     and each setting to `compare` off and on (`compared`)."""
     fresh, forget = prompts.fresh, prompts.forget
     notes = checked_agreement(bench, prompts.one)
-    rows = one_request(bench, rounds, prompts)
+    rows, alone = one_request(bench, rounds, prompts)
+    notes += alone
     load_rows, load_notes = loads(bench, clients, fresh, answer)
     rows += load_rows
     notes += load_notes
@@ -365,6 +382,7 @@ def drive(
     (loaded, loaded_ms), (_, frozen_ms) = as_loaded_and_frozen(3)  # leaves the heap frozen
     if args.heap == "as-loaded":
         gc.unfreeze()
+    heap = "frozen" if gc.get_freeze_count() else "as loaded"
     rows: list[Row]
     try:
         with Collections() as collections:
@@ -381,7 +399,7 @@ def drive(
         gc.unfreeze()
     notes.append(
         f"garbage collector: a full collection over the heap as loaded ({loaded} objects) {loaded_ms:.1f} ms (p50 of "
-        f"3), frozen {frozen_ms:.2f}; the measures ran with the heap {args.heap}, and Python collected meanwhile: "
+        f"3), frozen {frozen_ms:.2f}; the measures ran with the heap {heap}, and Python collected meanwhile: "
         + collections.summary()
     )
     summary = describe(bench)

@@ -233,6 +233,11 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     means = "; ".join(f"mean {side}: first token [\\d.]+ ms, [\\d.]+ tokens/s" for side in ("off", "on"))
     assert re.search(rf"recurring attention calls \(one request; 3 concurrent[^)]*\): {runs}; {means}", finished.stdout)
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    # each lone first token the p50 of three samples a round, the engine's listed in the order taken
+    three = r"[\d.]+ [\d.]+ [\d.]+"
+    assert re.search(
+        rf"the engine's lone first tokens, ms, in the order taken: {three}; at a new length {three}\n", finished.stdout
+    )
     # the measures with the heap frozen, as the service runs, and the collections meanwhile counted
     collections = ".*".join(rf"generation {n}: \d+" for n in range(3))
     assert re.search(

@@ -34,7 +34,12 @@ def _walked(probe: object) -> bool:
 
 
 def test_the_garbage_is_collected_then_the_rest_kept_out_of_the_walks_until_the_block_ends() -> None:
-    garbage = weakref.ref(_Cycle())  # a cycle no one holds: only the collector frees it
+    gc.disable()  # so that nothing but `frozen_heap` collects the cycle
+    try:
+        garbage = weakref.ref(_Cycle())  # a cycle no one holds: only the collector frees it
+        assert garbage() is not None
+    finally:
+        gc.enable()
     probe: list[list[int]] = [[]]
     assert gc.is_tracked(probe)
     assert _walked(probe)
@@ -47,40 +52,50 @@ def test_the_garbage_is_collected_then_the_rest_kept_out_of_the_walks_until_the_
     assert _walked(probe)
 
 
-def _freeze_count_while_serving(app: FastAPI) -> int:
-    async def serve() -> int:
+def _serving(app: FastAPI) -> tuple[int, bool]:
+    """While `app` serves: how many objects are frozen, and whether its vision backend (loaded, or given) is walked."""
+
+    async def serve() -> tuple[int, bool]:
         async with app.router.lifespan_context(app):
-            return gc.get_freeze_count()
+            return gc.get_freeze_count(), _walked(app.state.services.backends.vision)
 
     return asyncio.run(serve())
 
 
+@pytest.mark.slow
 def test_the_service_app_serves_the_models_it_loaded_frozen_and_gives_them_back_at_shutdown() -> None:
-    assert _freeze_count_while_serving(create_app(Settings())) > 0  # the embedded models, as `make run` serves
+    frozen, vision_walked = _serving(create_app(Settings()))  # the embedded models, as `make run` serves them
+    assert frozen > 0
+    assert not vision_walked  # frozen once loaded, not before
     assert gc.get_freeze_count() == 0
 
 
 def test_an_app_given_its_backends_leaves_the_collector_alone() -> None:
-    assert _freeze_count_while_serving(create_app(Settings(), Backends(FakeVision(), FakeReasoning()))) == 0
+    frozen, vision_walked = _serving(create_app(Settings(), Backends(FakeVision(), FakeReasoning())))
+    assert frozen == 0
+    assert vision_walked
 
 
 def test_a_stage_server_serves_the_backend_it_loaded_with_the_heap_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[int] = []
+    seen: list[tuple[int, bool]] = []
+    loaded = FakeVision()
 
     async def served(self: uvicorn.Server, sockets: object = None) -> None:
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_freeze_count(), _walked(loaded)))
 
     monkeypatch.setattr(uvicorn.Server, "serve", served)
     monkeypatch.setattr(command, "keep_large_buffers_in_heap", lambda: False)  # glibc's thresholds: process-wide
     args = argparse.Namespace(backend="fake", served_model_name=None, host="127.0.0.1", port=0, log_level="warning")
 
     async def loading() -> FakeVision:
-        return FakeVision()
+        return loaded
 
     def app_for(backend: FakeVision, name: str) -> FastAPI:
         return vision_server.create_app(backend, served_model_name=name)
 
     assert asyncio.run(command.serve(args, loading(), app_for, stage="vision", log=logging.getLogger(__name__))) == 0
     assert len(seen) == 1
-    assert seen[0] > 0
+    frozen, vision_walked = seen[0]
+    assert frozen > 0
+    assert not vision_walked
     assert gc.get_freeze_count() == 0

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_the_collector_benchmark_measures_both_sides_of_the_service_s_heap() -> None:
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "bench.gc_pauses", "--rounds", "1", "--requests", "2"]

@@ -105,7 +105,8 @@ def create_app(settings: Settings, backends: Backends | None = None, router: Rou
                 stack.callback(setattr, app.state, "image_fetcher", None)
             async with _services(app, settings, backends, router), _batches(app, settings) as batches:
                 app.state.batches = batches  # its workers stop before the services they call are closed
-                with frozen_heap() if backends is None else nullcontext():  # it loaded models that live as long
+                # the models it loaded live as long as the app; an app given its backends leaves this to its caller
+                with frozen_heap() if backends is None else nullcontext():
                     yield
 
     app = FastAPI(

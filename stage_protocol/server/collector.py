@@ -4,9 +4,9 @@ A collection of the oldest generation walks every object the collector tracks, w
 request's thread, the event loop and a batching engine's thread wait for it. A loaded service holds hundreds of
 thousands of such objects that live as long as it does (the models' modules and parameters, transformers' and torch's
 imports, compiled graphs): the service on its embedded models tracks about 565,000, and one such collection took
-304–343 ms on the CPU it was measured on; the GLM engine's process on a GPU, 700,000–950,000 and 446–633 ms
-(`bench/gc_pauses.py`, `bench/gpu_vision.py`; docs/benchmarks.md). `gc.freeze` moves them to a
-permanent generation that collections skip, as vLLM, SGLang and TensorRT-LLM do once their engines are up.
+304–343 ms on the CPU it was measured on; the GLM engine's process on a GPU about 700,000–950,000, 446–633 ms
+(`bench/gc_pauses.py`, `bench/gpu_vision.py`; docs/benchmarks.md). `gc.freeze` moves them to a permanent generation
+that collections skip, as vLLM does once its engine is up and SGLang after its warm-up.
 """
 
 from __future__ import annotations
@@ -19,6 +19,13 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 
+def freeze() -> int:
+    """Collect the garbage, then freeze what is left (`frozen_heap`); how many objects that is."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 @contextmanager
 def frozen_heap() -> Iterator[int]:
     """What the process holds now, its garbage collected first, kept out of the collector's walks while the block
@@ -26,9 +33,7 @@ def frozen_heap() -> Iterator[int]:
     serving. An object frozen so is still freed by reference counting; one that becomes garbage inside a reference
     cycle stays until the block ends, so what is frozen should be what lives as long as the server. Frozen twice
     (two apps in one process), the first to end gives every object back."""
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
+    frozen = freeze()
     log.info("%d objects kept out of the garbage collector's walks while serving", frozen)
     try:
         yield frozen
