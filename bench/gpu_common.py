@@ -198,8 +198,8 @@ class Prompts:
 
 FIRST_TOKEN_SAMPLES = 3
 """Samples of a lone first token per round of `--rounds`, each path: a lone first token takes about a tenth of a second,
-and about one in eight took 5–80 ms more on H100s, through the engine and in a prefill called directly alike, so
-that the p50 of three moved by 16–19 ms between two runs of the same code (bench/RESULTS.md)."""
+and about one in nine took 7–60 ms more on an H100 (through the engine; a prefill called directly had such outliers
+too), so that the p50 of three moved by 16–19 ms between two runs of the same engine code (bench/RESULTS.md)."""
 
 
 def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row], list[str]]:
