@@ -357,15 +357,17 @@ class GlmVisionBackend:
 
         Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped,
         one already running leaves its slot after the engine's next step (`BatchEngine.abandon`), and one whose
-        submission is under way in the worker thread is abandoned so once the thread has submitted it."""
+        submission is under way in the worker thread is abandoned so as soon as the thread has submitted it, not
+        once it has done the rest of its work (`_Submission`)."""
         batch = engine.batch
         if batch is None:
             raise VisionUnavailable(f"the glm vision model {engine.name!r} has no batching engine")
-        submitting = asyncio.ensure_future(asyncio.to_thread(self._submit, engine, request))
+        submission = _Submission(batch)
+        submitting = asyncio.ensure_future(asyncio.to_thread(self._submit, engine, request, submission))
         try:
             prompt, budget, future, facts = await asyncio.shield(submitting)
         except asyncio.CancelledError:
-            submitting.add_done_callback(lambda done: _abandon_submitted(batch, done))
+            submission.abandon()
             raise
         try:
             completion = await batch.wait(future)  # a cancelled wait abandons the request
@@ -375,9 +377,10 @@ class GlmVisionBackend:
         return generation, facts
 
     def _submit(
-        self, engine: GlmEngine, request: VisionRequest
+        self, engine: GlmEngine, request: VisionRequest, submission: _Submission
     ) -> tuple[EncodedPrompt, int, Future[Completion], ImageFacts]:
         prompt, budget, future = engine.submit(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)
+        submission.submitted(future)
         try:  # while the engine prefills
             with translated("decode", self.model):  # Pillow, measuring the image's colours
                 facts = image_facts(request.image)
@@ -411,10 +414,25 @@ class GlmVisionBackend:
             await asyncio.to_thread(engine.close)
 
 
-def _abandon_submitted(
-    batch: BatchEngine, submitting: asyncio.Future[tuple[EncodedPrompt, int, Future[Completion], ImageFacts]]
-) -> None:
-    """The request a worker thread submitted for a task cancelled meanwhile: abandoned (`BatchEngine.abandon`). A
-    submission that failed had nothing to abandon (its error was the cancelled task's to raise)."""
-    if not submitting.cancelled() and submitting.exception() is None:
-        batch.abandon(submitting.result()[2])
+class _Submission:
+    """A request a worker thread submits to the batching engine for a task that may be cancelled meanwhile: the
+    cancellation (`abandon`, on the event loop) and the submission (`submitted`, on the thread) meet here, so that the
+    request is abandoned (`BatchEngine.abandon`) as soon as both have happened, in whichever order."""
+
+    def __init__(self, batch: BatchEngine) -> None:
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._future: Future[Completion] | None = None
+        self._abandoned = False
+
+    def submitted(self, future: Future[Completion]) -> None:
+        with self._lock:
+            self._future, abandoned = future, self._abandoned
+        if abandoned:
+            self._batch.abandon(future)
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned, future = True, self._future
+        if future is not None:
+            self._batch.abandon(future)

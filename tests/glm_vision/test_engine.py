@@ -120,8 +120,8 @@ async def test_a_cancelled_request_still_waiting_for_a_slot_never_runs(
 async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
     batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The worker thread submits, then measures the image: a cancellation then abandons the request once the thread
-    is done, rather than leaving it to run unread."""
+    """The worker thread submits, then measures the image: a cancellation then abandons the request at once, before
+    the thread is done, so that an engine stepping meanwhile drops it rather than running it unread."""
     _, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
     measuring, release = threading.Event(), threading.Event()
     real_abandon = batch.abandon
@@ -144,16 +144,20 @@ async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
-    release.set()
-    await eventually(lambda: bool(abandoned), timeout_s=30)
-    assert abandoned[0].cancelled()
-    monkeypatch.setattr("vision_stage.glm.image_facts", image_facts)
-    await _answers_admitting_one(batch, backend)
-
-
-async def _answers_admitting_one(batch: BatchEngine, backend: GlmVisionBackend) -> None:
-    """`batch` started, `backend` answers a request, and the engine has admitted that one request only."""
+    assert [future.cancelled() for future in abandoned] == [True]  # the worker thread still measures the image
     batch.start()
+    await eventually(lambda: batch.waiting == 0, timeout_s=30)  # the engine took the request off its queue...
+    assert batch.stats().admitted == 0  # ...and dropped it
+    release.set()
+    monkeypatch.setattr("vision_stage.glm.image_facts", image_facts)
+    await _answers_admitting_one(batch, backend, started=True)
+
+
+async def _answers_admitting_one(batch: BatchEngine, backend: GlmVisionBackend, *, started: bool = False) -> None:
+    """`batch` started (unless it is), `backend` answers a request, and the engine has admitted that one request
+    only."""
+    if not started:
+        batch.start()
     try:
         assert (await backend.generate(request())).answer
     finally:
