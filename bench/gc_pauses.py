@@ -1,17 +1,16 @@
 """The garbage collector's pauses in the service on its embedded models: its heap as loaded against frozen, in one run.
 
-    .venv/bin/python -m bench.gc_pauses [--rounds 5] [--requests 200]
+    .venv/bin/python -m bench.gc_pauses [--rounds 5] [--requests 50]
 
-One process builds the app as `make run` serves it (`create_app(Settings())`: its lifespan loads the embedded models
-from the settings and then freezes what the process holds, `stage_protocol.server.collector.frozen_heap`), then
-measures each side, the heap given back to the collector (`gc.unfreeze`, as before the service froze it) and frozen
-again:
+One process builds the app as `make run` serves it, but for its vision cache, off so that every request runs the models
+(`create_app(Settings(cache=...))`: its lifespan loads the embedded models from the settings and then freezes what the
+process holds, `stage_protocol.server.collector.frozen_heap`), then measures each side, the heap given back to the
+collector (`gc.unfreeze`, as before the service froze it) and frozen again:
 
 - a full collection (`gc.collect()`, the oldest generation: what Python runs on its own once enough objects have
   outlived the younger ones), p50 of `--rounds`, with how many objects the collector walks;
-- `--requests` vision-only `POST /v1/analyze` on the receipt, a pixel changed each time so that no cache answers
-  (in this process, over ASGI), one after the other: the collections Python ran on its own meanwhile, per
-  generation, and their pauses; the requests' p50 and longest.
+- `--requests` vision-only `POST /v1/analyze` on the receipt (in this process, over ASGI), one after the other: the
+  collections Python ran on its own meanwhile, per generation, and their pauses; the requests' p50 and longest.
 
 The passes of requests run as loaded, frozen, as loaded, frozen, a line each. The GPU benchmarks report the same
 collections during their measures (`Collections`), with the engine's heap frozen as the service freezes it.
@@ -22,11 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import io
-import itertools
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -91,23 +87,10 @@ def as_loaded_and_frozen(rounds: int) -> tuple[tuple[int, float], tuple[int, flo
     return loaded, (tracked(), full_collection_ms(rounds))
 
 
-def variants(image: bytes) -> Iterator[bytes]:
-    """`image` as PNG, each time with one more pixel changed: another image to the service's caches."""
-    from PIL import Image
-
-    picture = Image.open(io.BytesIO(image)).convert("RGB")
-    for n in itertools.count():
-        picture.putpixel((n % picture.width, n // picture.width % picture.height), (n % 256, 0, 0))
-        encoded = io.BytesIO()
-        picture.save(encoded, format="PNG")
-        yield encoded.getvalue()
-
-
-async def _requests(client: Any, images: Iterator[bytes], count: int) -> tuple[Collections, list[float]]:
+async def _requests(client: Any, image: bytes, count: int) -> tuple[Collections, list[float]]:
     latencies = []
     with Collections() as collections:
         for _ in range(count):
-            image = next(images)
             started = time.perf_counter()
             files = {"image": ("receipt.png", image, "image/png")}
             response = await client.post("/v1/analyze", files=files, data={"question": "What is the total?"})
@@ -120,15 +103,14 @@ async def run(rounds: int, requests: int, image: bytes) -> None:
     import httpx
 
     from orchestrator.api.app import create_app
-    from orchestrator.settings import Settings
+    from orchestrator.settings import CacheSettings, Settings
 
-    images = variants(image)
-    app = create_app(Settings())
+    app = create_app(Settings(cache=CacheSettings(enabled=False)))
     async with app.router.lifespan_context(app):
         frozen_by_service = gc.get_freeze_count()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=600) as client:
-            await _requests(client, images, 3)  # warm-up
+            await _requests(client, image, 3)  # warm-up
             (loaded_objects, loaded_ms), (frozen_objects, frozen_ms) = as_loaded_and_frozen(rounds)
             print(f"the service froze {frozen_by_service} objects once its models were loaded")
             print(f"| a full collection (p50 of {rounds}) | objects walked | pause, ms |")
@@ -140,7 +122,7 @@ async def run(rounds: int, requests: int, image: bytes) -> None:
                     gc.unfreeze()
                 else:
                     freeze()
-                collections, latencies = await _requests(client, images, requests)
+                collections, latencies = await _requests(client, image, requests)
                 print(
                     f"- {requests} requests, heap {side}: p50 {statistics.median(latencies):.1f} ms, the longest "
                     f"{max(latencies):.1f} (request {latencies.index(max(latencies)) + 1}); collections Python ran "
@@ -151,7 +133,7 @@ async def run(rounds: int, requests: int, image: bytes) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5, help="full collections timed a side (p50)")
-    parser.add_argument("--requests", type=int, default=200, help="requests a side and pass")
+    parser.add_argument("--requests", type=int, default=50, help="requests a pass")
     parser.add_argument("--image", type=Path, default=ROOT / "examples" / "receipt.png")
     args = parser.parse_args()
     asyncio.run(run(args.rounds, args.requests, args.image.read_bytes()))

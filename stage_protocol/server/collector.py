@@ -4,7 +4,7 @@ A collection of the oldest generation walks every object the collector tracks, w
 request's thread, the event loop and a batching engine's thread wait for it. A loaded service holds hundreds of
 thousands of such objects that live as long as it does (the models' modules and parameters, transformers' and torch's
 imports, compiled graphs): the service on its embedded models tracks about 565,000, and one such collection took
-304–343 ms on the CPU it was measured on; the GLM engine's process on a GPU about 700,000–950,000, 446–633 ms
+333–378 ms on the CPU it was measured on; the GLM engine's process on a GPU about 700,000–950,000, 446–633 ms
 (`bench/gc_pauses.py`, `bench/gpu_vision.py`; docs/benchmarks.md). `gc.freeze` moves them to a permanent generation
 that collections skip, as vLLM does once its engine is up and SGLang after its warm-up.
 """
