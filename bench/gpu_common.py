@@ -281,7 +281,7 @@ def scenarios(
     notes = checked_agreement(bench, prompts.one)
     rows, alone = one_request(bench, rounds, prompts)
     notes += alone
-    load_rows, load_notes = loads(bench, clients, fresh, answer)
+    load_rows, load_notes = loads(bench, clients, fresh, answer, rounds)
     rows += load_rows
     notes += load_notes
     rows.append((follow_up.label, rows[0][1], median_of(rounds, follow_up.first_token_ms)))

@@ -223,7 +223,7 @@ def test_plain_generate_on_the_same_model_is_sdpa_as_before_the_engine_took_it(g
 
 def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "1", "--clients", "2,3"]
+    command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "2", "--clients", "2,3"]
     command.append("--compare-recurring-plans")
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -233,11 +233,17 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     means = "; ".join(f"mean {side}: first token [\\d.]+ ms, [\\d.]+ tokens/s" for side in ("off", "on"))
     assert re.search(rf"recurring attention calls \(one request; 3 concurrent[^)]*\): {runs}; {means}", finished.stdout)
     assert "first 32 tokens equal to plain generate: yes" in finished.stdout
-    # each lone first token the p50 of three samples a round, the engine's listed in the order taken
-    three = r"[\d.]+ [\d.]+ [\d.]+"
+    # each lone first token the p50 of three samples a round (two rounds), the engine's listed in the order taken
+    six = " ".join([r"[\d.]+"] * 6)
     assert re.search(
-        rf"the engine's lone first tokens, ms, in the order taken: {three}; at a new length {three}\n", finished.stdout
+        rf"the engine's lone first tokens, ms, in the order taken: {six}; at a new length {six}\n", finished.stdout
     )
+    # a load a round for the engine, on new images each; the rows are their medians
+    for count in (2, 3):
+        assert re.search(
+            rf"{count} concurrent: the engine's 2 loads [\d.]+, [\d.]+ tokens/s; the median's engine wrote",
+            finished.stdout,
+        )
     # the measures with the heap frozen, as the service runs, and the collections meanwhile counted
     collections = ".*".join(rf"generation {n}: \d+" for n in range(3))
     assert re.search(
