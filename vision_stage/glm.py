@@ -368,6 +368,7 @@ class GlmVisionBackend:
             prompt, budget, future, facts = await asyncio.shield(submitting)
         except asyncio.CancelledError:
             submission.abandon()
+            submitting.add_done_callback(_retrieved)  # a submission that fails meanwhile fails no one
             raise
         try:
             completion = await batch.wait(future)  # a cancelled wait abandons the request
@@ -385,7 +386,7 @@ class GlmVisionBackend:
             with translated("decode", self.model):  # Pillow, measuring the image's colours
                 facts = image_facts(request.image)
         except VisionError:
-            future.cancel()  # still queued: never runs; already running: finishes unread
+            submission.abandon()  # still queued: never runs; already running: leaves its slot after a step
             raise
         return prompt, budget, future, facts
 
@@ -412,6 +413,13 @@ class GlmVisionBackend:
             engine, self._engine = self._engine, None
         if engine is not None:  # the batching engine fails what it still holds with `VisionUnavailable`
             await asyncio.to_thread(engine.close)
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Take `done`'s error, if any, so that asyncio does not log it as never retrieved: its task was cancelled, and
+    the error is no one's to raise."""
+    if not done.cancelled():
+        done.exception()
 
 
 class _Submission:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -151,6 +153,67 @@ async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
     release.set()
     monkeypatch.setattr("vision_stage.glm.image_facts", image_facts)
     await _answers_admitting_one(batch, backend, started=True)
+
+
+async def test_a_submission_failing_after_its_task_was_cancelled_is_logged_as_no_one_s_error(
+    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker thread's error (here the image's facts) comes after its task was cancelled: asyncio must not log
+    it as a task exception never retrieved."""
+    _, _, backend = unstarted_backend(batched_engine, checkpoint, 4)
+    measuring, release, raised = threading.Event(), threading.Event(), threading.Event()
+
+    def failing_facts(image: Any) -> Any:
+        measuring.set()
+        release.wait(30)
+        raised.set()
+        raise VisionRejected("the image's colours could not be measured")
+
+    monkeypatch.setattr("vision_stage.glm.image_facts", failing_facts)
+    cancelled = asyncio.create_task(backend.generate(request()))
+    await eventually(measuring.is_set, timeout_s=30)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    del cancelled
+    release.set()
+    await eventually(raised.is_set, timeout_s=30)
+    await asyncio.sleep(0.2)  # the thread's future completes and its callbacks run on this loop
+    gc.collect()
+    assert not [record for record in caplog.records if "never retrieved" in record.getMessage()]
+    await backend.aclose()
+
+
+async def test_an_image_failing_once_its_request_runs_leaves_the_slot_after_a_step(
+    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's facts fail while the engine already decodes its request: the request is abandoned (it leaves its
+    slot after the next step) rather than decoding its whole budget unread."""
+    _, batch, backend = unstarted_backend(batched_engine, checkpoint, 200)
+    real_abandon = batch.abandon
+    abandoned: list[Future[Completion]] = []
+
+    def abandon(future: Future[Completion]) -> None:
+        abandoned.append(future)
+        real_abandon(future)
+
+    def failing_facts(image: Any) -> Any:
+        deadline = time.monotonic() + 30
+        while batch.running == 0 and time.monotonic() < deadline:  # admitted: its future can no longer be cancelled
+            time.sleep(0.001)
+        raise VisionRejected("the image's colours could not be measured")
+
+    monkeypatch.setattr("vision_stage.glm.image_facts", failing_facts)
+    monkeypatch.setattr(batch, "abandon", abandon)
+    batch.start()
+    try:
+        with pytest.raises(VisionRejected):
+            await backend.generate(request())
+        assert len(abandoned) == 1
+        assert not abandoned[0].cancelled()  # it was running
+        await eventually(lambda: batch.running == 0, timeout_s=30)
+    finally:
+        await backend.aclose()
 
 
 async def _answers_admitting_one(batch: BatchEngine, backend: GlmVisionBackend, *, started: bool = False) -> None:
