@@ -197,9 +197,9 @@ class Prompts:
 
 
 FIRST_TOKEN_SAMPLES = 3
-"""Samples of a lone first token per round of `--rounds`, each path: a lone first token takes about a tenth of a second,
-and about one in nine took 7–60 ms more on an H100 (through the engine; a prefill called directly had such outliers
-too), so that the p50 of three moved by 16–19 ms between two runs of the same engine code (bench/RESULTS.md)."""
+"""Samples of a lone first token per round of `--rounds`, each path (each takes 63–230 ms): the p50 of three swung by
+16–19 ms between two runs of the benchmark on H100s, where the engine alone gave 63–65 ms with about one sample in nine
+7–60 ms longer (bench/RESULTS.md); more samples, listed, show whether slow ones are a few or a level."""
 
 
 def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row], list[str]]:
