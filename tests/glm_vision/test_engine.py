@@ -126,20 +126,14 @@ async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
     the thread is done, so that an engine stepping meanwhile drops it rather than running it unread."""
     _, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
     measuring, release = threading.Event(), threading.Event()
-    real_abandon = batch.abandon
-    abandoned: list[Future[Completion]] = []
 
     def slow_facts(image: Any) -> Any:
         measuring.set()
         release.wait(30)
         return image_facts(image)
 
-    def abandon(future: Future[Completion]) -> None:
-        abandoned.append(future)
-        real_abandon(future)
-
     monkeypatch.setattr("vision_stage.glm.image_facts", slow_facts)
-    monkeypatch.setattr(batch, "abandon", abandon)
+    abandoned = _recorded_abandons(batch, monkeypatch)
     cancelled = asyncio.create_task(backend.generate(request()))
     await eventually(measuring.is_set, timeout_s=30)  # submitted; the worker thread still measures the image
     assert batch.waiting == 1
@@ -190,12 +184,6 @@ async def test_an_image_failing_once_its_request_runs_leaves_the_slot_after_a_st
     """The image's facts fail while the engine already decodes its request: the request is abandoned (it leaves its
     slot after the next step) rather than decoding its whole budget unread."""
     _, batch, backend = unstarted_backend(batched_engine, checkpoint, 200)
-    real_abandon = batch.abandon
-    abandoned: list[Future[Completion]] = []
-
-    def abandon(future: Future[Completion]) -> None:
-        abandoned.append(future)
-        real_abandon(future)
 
     def failing_facts(image: Any) -> Any:
         deadline = time.monotonic() + 30
@@ -204,7 +192,7 @@ async def test_an_image_failing_once_its_request_runs_leaves_the_slot_after_a_st
         raise VisionRejected("the image's colours could not be measured")
 
     monkeypatch.setattr("vision_stage.glm.image_facts", failing_facts)
-    monkeypatch.setattr(batch, "abandon", abandon)
+    abandoned = _recorded_abandons(batch, monkeypatch)
     batch.start()
     try:
         with pytest.raises(VisionRejected):
@@ -214,6 +202,19 @@ async def test_an_image_failing_once_its_request_runs_leaves_the_slot_after_a_st
         await eventually(lambda: batch.running == 0, timeout_s=30)
     finally:
         await backend.aclose()
+
+
+def _recorded_abandons(batch: BatchEngine, monkeypatch: pytest.MonkeyPatch) -> list[Future[Completion]]:
+    """The futures `batch.abandon` is called with from now on, in order (it still abandons them)."""
+    abandoned: list[Future[Completion]] = []
+    real_abandon = batch.abandon
+
+    def abandon(future: Future[Completion]) -> None:
+        abandoned.append(future)
+        real_abandon(future)
+
+    monkeypatch.setattr(batch, "abandon", abandon)
+    return abandoned
 
 
 async def _answers_admitting_one(batch: BatchEngine, backend: GlmVisionBackend, *, started: bool = False) -> None:
