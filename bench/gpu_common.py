@@ -212,26 +212,35 @@ def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row],
     count = FIRST_TOKEN_SAMPLES * rounds
     plain_first = median_of(count, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
-    engine_first = engine_first_tokens(bench, count, fresh)
+    engine_first = engine_lone_requests(bench, count, fresh)
     engine_decoding = engine_decode(bench, rounds, fresh, prompts.forget)
     plain_new = median_of(count, lambda: bench.plain(new_length(), 1)[0])
-    engine_new = engine_first_tokens(bench, count, new_length)
+    engine_new = engine_lone_requests(bench, count, new_length)
     first, decode, new = ONE_REQUEST_ROWS
     rows = [
-        (first, plain_first, statistics.median(engine_first)),
+        (first, plain_first, statistics.median(done.first_token_ms for done in engine_first)),
         (decode, (plain_full - plain_first) / 64, engine_decoding),
-        (new, plain_new, statistics.median(engine_new)),
+        (new, plain_new, statistics.median(done.first_token_ms for done in engine_new)),
     ]
-    taken = "; at a new length ".join(" ".join(f"{ms:.1f}" for ms in samples) for samples in (engine_first, engine_new))
-    return rows, [f"the engine's lone first tokens, ms, in the order taken: {taken}"]
+
+    def listed(field: str) -> str:
+        return "; at a new length ".join(
+            " ".join(f"{getattr(done, field):.1f}" for done in samples) for samples in (engine_first, engine_new)
+        )
+
+    return rows, [
+        f"the engine's lone first tokens, ms, in the order taken: {listed('first_token_ms')}",
+        f"of which waiting to be admitted (submit → admitted), ms: {listed('queue_ms')}",
+    ]
 
 
-def engine_first_tokens(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[float]:
-    """The engine's first token of one request alone, `count` times after one more, each on a prompt `prompt` makes."""
+def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[Any]:
+    """The engine's completions of one request alone, `count` times after one more, each on a prompt `prompt`
+    makes."""
 
-    def once() -> float:
+    def once() -> Any:
         _, (done,) = bench.engine_run([prompt()], 1)
-        return float(done.first_token_ms)
+        return done
 
     once()  # warm-up
     return [once() for _ in range(count)]
@@ -239,7 +248,7 @@ def engine_first_tokens(bench: Paths, count: int, prompt: Callable[[], Any]) -> 
 
 def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
     """The engine's first token of one request alone (p50 of `rounds`), each on a prompt `prompt` makes."""
-    return statistics.median(engine_first_tokens(bench, rounds, prompt))
+    return statistics.median(done.first_token_ms for done in engine_lone_requests(bench, rounds, prompt))
 
 
 def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:

@@ -238,6 +238,9 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert re.search(
         rf"the engine's lone first tokens, ms, in the order taken: {six}; at a new length {six}\n", finished.stdout
     )
+    assert re.search(
+        rf"of which waiting to be admitted \(submit → admitted\), ms: {six}; at a new length {six}\n", finished.stdout
+    )
     # a load a round for the engine, on new images each; the rows are their medians
     for count in (2, 3):
         assert re.search(
