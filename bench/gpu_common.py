@@ -248,7 +248,7 @@ def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) ->
 
 def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
     """The engine's first token of one request alone (p50 of `rounds`), each on a prompt `prompt` makes."""
-    return statistics.median(done.first_token_ms for done in engine_lone_requests(bench, rounds, prompt))
+    return statistics.median(float(done.first_token_ms) for done in engine_lone_requests(bench, rounds, prompt))
 
 
 def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:
