@@ -116,11 +116,16 @@ class BatchEngine:
         image_key: str | None,
         max_new_tokens: int,
         on_token: Callable[[int], None] | None = None,
+        future: Future[Completion] | None = None,
     ) -> Future[Completion]:
         """Queue one prompt (the processor's output for one image, or the tokenizer's for a text); its positions are
         computed here, on the caller's thread. `on_token` is called with each new token on the engine's thread, as
         it is chosen (it must not block). The refusals' `rejected` when the prompt leaves no room in a slot,
-        `unavailable` when the queue is full or the engine is closed."""
+        `unavailable` when the queue is full or the engine is closed.
+
+        `future` is the one to complete (a new one when None): a caller that may give the request up while this
+        call still runs makes it first and `abandon`s it whenever it likes; abandoned before it is queued, the
+        request never runs."""
         if self._closed.is_set():
             raise self.refusals.unavailable("the batching engine is closed")
         ids = inputs["input_ids"][0]
@@ -131,7 +136,8 @@ class BatchEngine:
                 f"{self.settings.max_tokens} ({self.refusals.setting('_MAX_TOKENS')})"
             )
         prompt = self.prepare(inputs, image_key)
-        request = _Request(prompt, budget=min(max_new_tokens, room), future=Future(), on_token=on_token)
+        future = Future() if future is None else future
+        request = _Request(prompt, budget=min(max_new_tokens, room), future=future, on_token=on_token)
         try:
             self._queue.put_nowait(request)
         except queue.Full:

@@ -195,11 +195,17 @@ class GlmEngine:
         return Generation(text, prompt, len(ids), budget, looped=repeats_at_end(ids[-WINDOW:]))
 
     def submit(
-        self, request: VisionRequest, *, thinking: bool, max_new_tokens: int
+        self,
+        request: VisionRequest,
+        *,
+        thinking: bool,
+        max_new_tokens: int,
+        future: Future[Completion] | None = None,
     ) -> tuple[EncodedPrompt, int, Future[Completion]]:
         """Encode `request` and queue it on the batching engine (blocking: the processor and the M-RoPE positions
-        are CPU work): the prompt, its token budget and the engine's future. Raises only `VisionError`s; the future
-        may fail with anything (translate it with `translate_error`, phase `generate`)."""
+        are CPU work): the prompt, its token budget and the engine's future (`future` where given: see
+        `BatchEngine.submit`). Raises only `VisionError`s; the future may fail with anything (translate it with
+        `translate_error`, phase `generate`)."""
         batch = self.batch
         if batch is None:
             raise VisionUnavailable(f"the glm vision model {self.name!r} has no batching engine")
@@ -210,7 +216,7 @@ class GlmEngine:
         budget = min(self._budget(prompt, max_new_tokens), room)
         image_key = request.image.sha256 or None  # the image file's content hash, never a perceptual key
         with translated("generate", self.name):
-            future = batch.submit(prompt.inputs, image_key=image_key, max_new_tokens=budget)
+            future = batch.submit(prompt.inputs, image_key=image_key, max_new_tokens=budget, future=future)
         return prompt, budget, future
 
     def finish(self, prompt: EncodedPrompt, budget: int, completion: Completion) -> Generation:
@@ -356,18 +362,18 @@ class GlmVisionBackend:
         """Encode and submit in a worker thread, wait for the batching engine without holding anything, decode.
 
         Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped,
-        one already running leaves its slot after the engine's next step (`BatchEngine.abandon`), and one whose
-        submission is under way in the worker thread is abandoned so as soon as the thread has submitted it, not
-        once it has done the rest of its work (`_Submission`)."""
+        one already running leaves its slot after the engine's next step (`BatchEngine.abandon`). The future is made
+        here, before the worker thread encodes, so that a cancellation while the thread still encodes, submits or
+        measures the image abandons the request at once: one not queued yet never runs."""
         batch = engine.batch
         if batch is None:
             raise VisionUnavailable(f"the glm vision model {engine.name!r} has no batching engine")
-        submission = _Submission(batch)
-        submitting = asyncio.ensure_future(asyncio.to_thread(self._submit, engine, request, submission))
+        made: Future[Completion] = Future()
+        submitting = asyncio.ensure_future(asyncio.to_thread(self._submit, engine, batch, request, made))
         try:
             prompt, budget, future, facts = await asyncio.shield(submitting)
         except asyncio.CancelledError:
-            submission.abandon()
+            batch.abandon(made)
             submitting.add_done_callback(_retrieved)  # a submission that fails meanwhile fails no one
             raise
         try:
@@ -378,15 +384,16 @@ class GlmVisionBackend:
         return generation, facts
 
     def _submit(
-        self, engine: GlmEngine, request: VisionRequest, submission: _Submission
+        self, engine: GlmEngine, batch: BatchEngine, request: VisionRequest, made: Future[Completion]
     ) -> tuple[EncodedPrompt, int, Future[Completion], ImageFacts]:
-        prompt, budget, future = engine.submit(request, thinking=self.thinking, max_new_tokens=self.max_new_tokens)
-        submission.submitted(future)
+        prompt, budget, future = engine.submit(
+            request, thinking=self.thinking, max_new_tokens=self.max_new_tokens, future=made
+        )
         try:  # while the engine prefills
             with translated("decode", self.model):  # Pillow, measuring the image's colours
                 facts = image_facts(request.image)
         except VisionError:
-            submission.abandon()  # still queued: never runs; already running: leaves its slot after a step
+            batch.abandon(future)  # still queued: never runs; already running: leaves its slot after a step
             raise
         return prompt, budget, future, facts
 
@@ -420,27 +427,3 @@ def _retrieved(done: asyncio.Future[Any]) -> None:
     the error is no one's to raise."""
     if not done.cancelled():
         done.exception()
-
-
-class _Submission:
-    """A request a worker thread submits to the batching engine for a task that may be cancelled meanwhile: the
-    cancellation (`abandon`, on the event loop) and the submission (`submitted`, on the thread) meet here, so that the
-    request is abandoned (`BatchEngine.abandon`) as soon as both have happened, in whichever order."""
-
-    def __init__(self, batch: BatchEngine) -> None:
-        self._batch = batch
-        self._lock = threading.Lock()
-        self._future: Future[Completion] | None = None
-        self._abandoned = False
-
-    def submitted(self, future: Future[Completion]) -> None:
-        with self._lock:
-            self._future, abandoned = future, self._abandoned
-        if abandoned:
-            self._batch.abandon(future)
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned, future = True, self._future
-        if future is not None:
-            self._batch.abandon(future)

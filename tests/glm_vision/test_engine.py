@@ -149,6 +149,45 @@ async def test_a_request_cancelled_while_its_submission_is_under_way_never_runs(
     await _answers_admitting_one(batch, backend, started=True)
 
 
+async def test_a_request_cancelled_while_the_worker_thread_encodes_it_is_never_queued_to_run(
+    batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation before the worker thread has even submitted (it still runs the processor): the request it
+    then queues is already abandoned, and the engine drops it rather than prefilling it."""
+    glm, batch, backend = unstarted_backend(batched_engine, checkpoint, 4)
+    encoding, release = threading.Event(), threading.Event()
+    real_encode = glm.codec.encode
+
+    def slow_encode(*args: Any, **kwargs: Any) -> Any:
+        encoding.set()
+        release.wait(30)
+        return real_encode(*args, **kwargs)
+
+    submitted: list[Future[Completion]] = []
+    real_submit = batch.submit
+
+    def recorded_submit(*args: Any, **kwargs: Any) -> Future[Completion]:
+        future = real_submit(*args, **kwargs)
+        submitted.append(future)
+        return future
+
+    monkeypatch.setattr(glm.codec, "encode", slow_encode)
+    monkeypatch.setattr(batch, "submit", recorded_submit)
+    cancelled = asyncio.create_task(backend.generate(request()))
+    await eventually(encoding.is_set, timeout_s=30)
+    batch.start()  # an engine free to admit whatever is queued
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    release.set()
+    await eventually(lambda: len(submitted) == 1, timeout_s=30)  # the thread queued it after all...
+    await eventually(lambda: batch.waiting == 0, timeout_s=30)  # ...and the engine took it off its queue...
+    assert submitted[0].cancelled()
+    assert batch.stats().admitted == 0  # ...and dropped it
+    monkeypatch.setattr(glm.codec, "encode", real_encode)
+    await _answers_admitting_one(batch, backend, started=True)
+
+
 async def test_a_submission_failing_after_its_task_was_cancelled_is_logged_as_no_one_s_error(
     batched_engine: GlmEngine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -272,9 +311,9 @@ async def test_the_image_s_content_hash_keys_the_engine(
     keys: list[str | None] = []
     submit = batch.submit
 
-    def spy(inputs: Any, *, image_key: str | None, max_new_tokens: int) -> Future[Completion]:
+    def spy(inputs: Any, *, image_key: str | None, **options: Any) -> Future[Completion]:
         keys.append(image_key)
-        return submit(inputs, image_key=image_key, max_new_tokens=max_new_tokens)
+        return submit(inputs, image_key=image_key, **options)
 
     monkeypatch.setattr(batch, "submit", spy)
     backend = GlmVisionBackend(batched_engine, model=str(checkpoint), device="cpu", max_new_tokens=4)
