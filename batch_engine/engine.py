@@ -124,8 +124,15 @@ class BatchEngine:
         `unavailable` when the queue is full or the engine is closed.
 
         `future` is the one to complete (a new one when None): a caller that may give the request up while this
-        call still runs makes it first and `abandon`s it whenever it likes; abandoned before it is queued, the
-        request never runs."""
+        call still runs makes a new `Future` first and `abandon`s it whenever it likes. One abandoned before this
+        call is returned as it is, cancelled, and nothing is queued; one abandoned while this call runs is queued
+        and dropped when the engine reaches it. A `future` already running or done is a `ValueError`."""
+        if future is None:
+            future = Future()
+        elif future.cancelled():
+            return future
+        elif future.running() or future.done():
+            raise ValueError("`future` must be a new Future: this one is already running or done")
         if self._closed.is_set():
             raise self.refusals.unavailable("the batching engine is closed")
         ids = inputs["input_ids"][0]
@@ -136,7 +143,6 @@ class BatchEngine:
                 f"{self.settings.max_tokens} ({self.refusals.setting('_MAX_TOKENS')})"
             )
         prompt = self.prepare(inputs, image_key)
-        future = Future() if future is None else future
         request = _Request(prompt, budget=min(max_new_tokens, room), future=future, on_token=on_token)
         try:
             self._queue.put_nowait(request)
@@ -145,7 +151,9 @@ class BatchEngine:
                 f"the batching engine has {self.settings.queue_size} requests waiting already", retry_after_s=1.0
             ) from None
         self._wake.set()
-        return request.future
+        if self._closed.is_set():  # closed meanwhile: `close` may have emptied the queue before this request came
+            self._fail_closed(_drain(self._queue))
+        return future
 
     def prepare(self, inputs: Mapping[str, Any], image_key: str | None) -> Prompt:
         """One prompt's model inputs as the engine runs them (`batch_engine.prompts.prompt_of`)."""
@@ -211,11 +219,15 @@ class BatchEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._fail_closed([*self._rows, *([self._held] if self._held else []), *_drain(self._queue)])
+        self._rows, self._held, self._unread = [], None, None
+
+    def _fail_closed(self, requests: list[_Request]) -> None:
+        """Fail `requests` with the refusals' `unavailable`: the engine is closed."""
         closed = self.refusals.unavailable("the batching engine was closed")
-        for request in [*self._rows, *([self._held] if self._held else []), *_drain(self._queue)]:
+        for request in requests:
             if not request.future.done():
                 request.future.set_exception(closed)
-        self._rows, self._held, self._unread = [], None, None
 
     def _run(self) -> None:
         import torch

@@ -218,37 +218,56 @@ def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row],
     engine_new = engine_lone_requests(bench, count, new_length)
     first, decode, new = ONE_REQUEST_ROWS
     rows = [
-        (first, plain_first, statistics.median(done.first_token_ms for done in engine_first)),
+        (first, plain_first, statistics.median(done.first_token_ms for done, _ in engine_first)),
         (decode, (plain_full - plain_first) / 64, engine_decoding),
-        (new, plain_new, statistics.median(done.first_token_ms for done in engine_new)),
+        (new, plain_new, statistics.median(done.first_token_ms for done, _ in engine_new)),
     ]
 
-    def listed(field: str) -> str:
+    def listed(figure: Callable[[Any, int | None], str]) -> str:
         return "; at a new length ".join(
-            " ".join(f"{getattr(done, field):.1f}" for done in samples) for samples in (engine_first, engine_new)
+            " ".join(figure(done, clock) for done, clock in samples) for samples in (engine_first, engine_new)
         )
 
-    return rows, [
-        f"the engine's lone first tokens, ms, in the order taken: {listed('first_token_ms')}",
-        f"of which waiting to be admitted (submit → admitted), ms: {listed('queue_ms')}",
+    first_tokens = listed(lambda done, _: f"{done.first_token_ms:.1f}")
+    waits = listed(lambda done, _: f"{done.queue_ms:.1f}")
+    notes = [
+        f"the engine's lone first tokens, ms, in the order taken: {first_tokens}",
+        f"of which waiting to be admitted (submit → admitted), ms: {waits}",
     ]
+    if any(clock is not None for _, clock in engine_first + engine_new):
+        notes.append(f"the GPU's SM clock read after each, MHz: {listed(lambda _, clock: str(clock))}")
+    return rows, notes
 
 
-def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[Any]:
+def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[tuple[Any, int | None]]:
     """The engine's completions of one request alone, `count` times after one more, each on a prompt `prompt`
-    makes."""
+    makes, and the GPU's SM clock read just after each (`sm_clock`)."""
 
-    def once() -> Any:
+    def once() -> tuple[Any, int | None]:
         _, (done,) = bench.engine_run([prompt()], 1)
-        return done
+        return done, sm_clock(bench.device)
 
     once()  # warm-up
     return [once() for _ in range(count)]
 
 
+def sm_clock(device: str) -> int | None:
+    """The GPU's SM clock in MHz, NVML's average over its last sample period (1/6 to 1 s; `torch.cuda.clock_rate`):
+    below the card's maximum while its power cap or temperature holds it back. None on the CPU or without NVML (the
+    `nvidia-ml-py` package)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # no NVML here, or it cannot read this card
+        return None
+
+
 def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
     """The engine's first token of one request alone (p50 of `rounds`), each on a prompt `prompt` makes."""
-    return statistics.median(float(done.first_token_ms) for done in engine_lone_requests(bench, rounds, prompt))
+    return statistics.median(float(done.first_token_ms) for done, _ in engine_lone_requests(bench, rounds, prompt))
 
 
 def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -23,7 +24,8 @@ from PIL import Image
 
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
-from bench.gpu_common import ONE_REQUEST_ROWS
+from batch_engine.types import Completion
+from bench.gpu_common import ONE_REQUEST_ROWS, sm_clock
 from tests.tiny_glm4v import build_tiny_glm4v
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.glm import REFUSALS, GlmEngine
@@ -238,6 +240,7 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert re.search(
         rf"the engine's lone first tokens, ms, in the order taken: {six}; at a new length {six}\n", finished.stdout
     )
+    assert "SM clock" not in finished.stdout  # read on a GPU only
     assert re.search(
         rf"of which waiting to be admitted \(submit → admitted\), ms: {six}; at a new length {six}\n", finished.stdout
     )
@@ -261,6 +264,19 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
         r"3 concurrent: [^\n]*; 3 steps with a prefill \d+ ms \([\d.]+ each, the shortest [\d.]+, the longest [\d.]+\)",
         finished.stdout,
     ), finished.stdout
+
+
+def test_the_gpu_benchmark_reads_the_sm_clock_only_on_a_gpu_with_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sm_clock("cpu") is None
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda: 1545)
+    assert sm_clock("cuda") == 1545
+    assert sm_clock("cpu") is None
+
+    def no_nvml() -> int:
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    assert sm_clock("cuda") is None
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
@@ -390,6 +406,48 @@ def test_an_abandoned_request_leaves_its_slot_after_one_step_and_a_waiting_one_n
     assert (batch.running, batch.waiting) == (0, 0)
     assert waiting.cancelled()
     assert not batch._abandoned, "nothing is kept of the requests it abandoned"
+
+
+def test_a_future_given_to_submit_is_the_one_completed_and_one_abandoned_first_is_never_queued(
+    glm: GlmEngine,
+) -> None:
+    batch = engine(glm, slots=2)
+    encoded = prompt(glm, 104)
+    made: Future[Completion] = Future()
+    assert batch.submit(encoded.inputs, image_key="m", max_new_tokens=2, future=made) is made
+    batch.run_until_idle()
+    assert len(made.result().ids) == 2
+    abandoned: Future[Completion] = Future()
+    batch.abandon(abandoned)  # its caller left before the submission came
+    assert batch.submit(encoded.inputs, image_key="a", max_new_tokens=2, future=abandoned) is abandoned
+    assert abandoned.cancelled()
+    assert batch.waiting == 0
+    with pytest.raises(ValueError, match="new Future"):
+        batch.submit(encoded.inputs, image_key="d", max_new_tokens=2, future=made)  # done already
+    running: Future[Completion] = Future()
+    running.set_running_or_notify_cancel()
+    with pytest.raises(ValueError, match="new Future"):
+        batch.submit(encoded.inputs, image_key="r", max_new_tokens=2, future=running)
+    assert batch.waiting == 0
+
+
+def test_a_request_queued_as_the_engine_closes_fails_rather_than_waiting_forever(
+    glm: GlmEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`close` empties the queue; a submission that passed the closed check just before and queues just after is
+    failed by `submit` itself."""
+    batch = engine(glm, slots=1)
+    real_prepare = batch.prepare
+
+    def closing_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        batch.close()
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "prepare", closing_meanwhile)
+    late = submit(batch, prompt(glm, 105), "late")
+    with pytest.raises(VisionUnavailable, match="closed"):
+        late.result(timeout=5)
+    assert batch.waiting == 0
 
 
 def test_abandoning_a_finished_request_keeps_nothing(glm: GlmEngine) -> None:

@@ -364,7 +364,8 @@ class GlmVisionBackend:
         Cancelling the awaiting task does not wait for the engine: a request still queued for a slot is dropped,
         one already running leaves its slot after the engine's next step (`BatchEngine.abandon`). The future is made
         here, before the worker thread encodes, so that a cancellation while the thread still encodes, submits or
-        measures the image abandons the request at once: one not queued yet never runs."""
+        measures the image abandons the request at once: the thread finishes its own work, but a request abandoned
+        before the engine admits it is never run."""
         batch = engine.batch
         if batch is None:
             raise VisionUnavailable(f"the glm vision model {engine.name!r} has no batching engine")
@@ -389,6 +390,8 @@ class GlmVisionBackend:
         prompt, budget, future = engine.submit(
             request, thinking=self.thinking, max_new_tokens=self.max_new_tokens, future=made
         )
+        if made.cancelled():  # abandoned meanwhile: `future` is `made`, unless a wrapped engine made its own
+            batch.abandon(future)
         try:  # while the engine prefills
             with translated("decode", self.model):  # Pillow, measuring the image's colours
                 facts = image_facts(request.image)
