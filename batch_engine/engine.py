@@ -31,13 +31,14 @@ the device are `batch_engine.steps`; storage and attention, `batch_engine.slots`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,18 +122,19 @@ class BatchEngine:
         """Queue one prompt (the processor's output for one image, or the tokenizer's for a text); its positions are
         computed here, on the caller's thread. `on_token` is called with each new token on the engine's thread, as
         it is chosen (it must not block). The refusals' `rejected` when the prompt leaves no room in a slot,
-        `unavailable` when the queue is full or the engine is closed.
+        `unavailable` when the queue is full or the engine is closed; an engine that closes while this call runs
+        fails the returned future with `unavailable` instead.
 
         `future` is the one to complete (a new one when None): a caller that may give the request up while this
         call still runs makes a new `Future` first and `abandon`s it whenever it likes. One abandoned before this
         call is returned as it is, cancelled, and nothing is queued; one abandoned while this call runs is queued
-        and dropped when the engine reaches it. A `future` already running or done is a `ValueError`."""
+        and dropped when the engine reaches it. A `future` already running or finished is a `ValueError`."""
         if future is None:
             future = Future()
+        elif future.running() or (future.done() and not future.cancelled()):
+            raise ValueError("`future` must be a new Future: this one is already running or finished")
         elif future.cancelled():
             return future
-        elif future.running() or future.done():
-            raise ValueError("`future` must be a new Future: this one is already running or done")
         if self._closed.is_set():
             raise self.refusals.unavailable("the batching engine is closed")
         ids = inputs["input_ids"][0]
@@ -226,8 +228,9 @@ class BatchEngine:
         """Fail `requests` with the refusals' `unavailable`: the engine is closed."""
         closed = self.refusals.unavailable("the batching engine was closed")
         for request in requests:
-            if not request.future.done():
-                request.future.set_exception(closed)
+            with contextlib.suppress(InvalidStateError):  # its caller may abandon it meanwhile, from another thread
+                if not request.future.done():
+                    request.future.set_exception(closed)
 
     def _run(self) -> None:
         import torch

@@ -247,14 +247,15 @@ def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) ->
         _, (done,) = bench.engine_run([prompt()], 1)
         return done, sm_clock(bench.device)
 
+    sm_clock(bench.device)  # NVML starts up here, not between two samples
     once()  # warm-up
     return [once() for _ in range(count)]
 
 
 def sm_clock(device: str) -> int | None:
-    """The GPU's SM clock in MHz, NVML's average over its last sample period (1/6 to 1 s; `torch.cuda.clock_rate`):
-    below the card's maximum while its power cap or temperature holds it back. None on the CPU or without NVML (the
-    `nvidia-ml-py` package)."""
+    """The GPU's SM clock in MHz as NVML reads it now (`torch.cuda.clock_rate`): below the card's maximum while its
+    power cap or temperature holds it back. Read just after a request, with the GPU idle again, it tells the clock
+    near that request, not during it. None on the CPU or without NVML (the `nvidia-ml-py` package)."""
     if device != "cuda":
         return None
     import torch

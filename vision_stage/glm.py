@@ -23,6 +23,7 @@ says what each becomes in each phase).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -375,7 +376,7 @@ class GlmVisionBackend:
             prompt, budget, future, facts = await asyncio.shield(submitting)
         except asyncio.CancelledError:
             batch.abandon(made)
-            submitting.add_done_callback(_retrieved)  # a submission that fails meanwhile fails no one
+            submitting.add_done_callback(functools.partial(_abandon_submitted, batch))
             raise
         try:
             completion = await batch.wait(future)  # a cancelled wait abandons the request
@@ -390,8 +391,6 @@ class GlmVisionBackend:
         prompt, budget, future = engine.submit(
             request, thinking=self.thinking, max_new_tokens=self.max_new_tokens, future=made
         )
-        if made.cancelled():  # abandoned meanwhile: `future` is `made`, unless a wrapped engine made its own
-            batch.abandon(future)
         try:  # while the engine prefills
             with translated("decode", self.model):  # Pillow, measuring the image's colours
                 facts = image_facts(request.image)
@@ -425,8 +424,10 @@ class GlmVisionBackend:
             await asyncio.to_thread(engine.close)
 
 
-def _retrieved(done: asyncio.Future[Any]) -> None:
-    """Take `done`'s error, if any, so that asyncio does not log it as never retrieved: its task was cancelled, and
-    the error is no one's to raise."""
-    if not done.cancelled():
-        done.exception()
+def _abandon_submitted(batch: BatchEngine, done: asyncio.Future[tuple[Any, Any, Future[Completion], Any]]) -> None:
+    """Once the worker thread of a cancelled request is done: abandon the future the engine returned (the one made
+    for it, unless a wrapped engine made its own), and take the thread's error, if any, so that asyncio does not log
+    it as never retrieved: it is no one's to raise."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    batch.abandon(done.result()[2])
