@@ -9,6 +9,8 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
+from bench.gpu_alone import engine_decode, engine_first_token
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -179,8 +181,6 @@ def compared(
     request alone and decode at batch 1 (p50s), and `clients` concurrent clients' tokens/s (the engine alone), with
     where that load's time went (`StepTimes`); then each side's means."""
     from dataclasses import replace
-
-    from bench.gpu_common import engine_decode, engine_first_token
 
     kept, figures = bench.engine.settings, []
     means: dict[bool, list[tuple[float, float]]] = {False: [], True: []}

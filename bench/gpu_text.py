@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.gpu_common import FollowUp, Paths, Prompts, drive, scenarios, start_engine, what_ran
+from bench.gpu_alone import Prompts
+from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran
 from bench.gpu_options import engine_options, parsed
 
 

@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_common import FollowUp, Paths, Prompts, drive, scenarios, start_engine, what_ran  # noqa: E402
+from bench.gpu_alone import Prompts  # noqa: E402
+from bench.gpu_common import FollowUp, Paths, drive, scenarios, start_engine, what_ran  # noqa: E402
 from bench.gpu_options import engine_options, parsed  # noqa: E402
 
 QUESTIONS = ("What is written on the sign?", "What colour is the sky?", "How many people are there?", "Is it day?")

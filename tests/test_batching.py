@@ -25,7 +25,7 @@ from PIL import Image
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.types import Completion
-from bench.gpu_common import ONE_REQUEST_ROWS, sm_clock
+from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
 from tests.tiny_glm4v import build_tiny_glm4v
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.glm import REFUSALS, GlmEngine

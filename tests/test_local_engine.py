@@ -19,7 +19,7 @@ import pytest
 
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings, engine_settings
-from bench.gpu_common import ONE_REQUEST_ROWS
+from bench.gpu_alone import ONE_REQUEST_ROWS
 from orchestrator.settings import Settings
 from reasoning_stage.__main__ import _parser
 from reasoning_stage.batched import REFUSALS, matches_generate

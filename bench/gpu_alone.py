@@ -1,0 +1,125 @@
+"""The GPU benchmarks' measures of one request alone (`bench/gpu_common.py` runs them among the others): the first
+token of a lone request on each path, its samples listed with the engine's wait to be admitted and the GPU's clock,
+decode at batch 1, and the first token at a prompt length not met before."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.gpu_common import Paths, Row
+
+
+def median_of(rounds: int, measure: Callable[[], float]) -> float:
+    measure()  # warm-up
+    return statistics.median(measure() for _ in range(rounds))
+
+
+ONE_REQUEST_ROWS = (
+    "first token, one request, ms (p50)",
+    "decode at batch 1, ms/token",
+    "first token at a prompt length not met before, ms (p50)",
+)
+"""The labels of `one_request`'s rows, in order."""
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A benchmark's prompts: `one` (the same each time), `fresh` (one not seen before), `new_length` (one of a length
+    not met before either), and `forget`, which drops what the engine kept of one (so that a second run is cold too)."""
+
+    one: Any
+    fresh: Callable[[], Any]
+    forget: Callable[[], None]
+    new_length: Callable[[], Any]
+
+
+FIRST_TOKEN_SAMPLES = 3
+"""Samples of a lone first token per round of `--rounds`, each path (each takes 63–230 ms): the p50 of three swung by
+16–19 ms between two runs of the benchmark on H100s, where the engine alone gave 63–65 ms with about one sample in nine
+7–60 ms longer (bench/RESULTS.md); more samples, listed, show whether slow ones are a few or a level."""
+
+
+def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row], list[str]]:
+    """First token of one request alone, and decode ms/token at batch 1: (t(1 + 64) − t(1)) / 64 for plain, the same
+    over the tokens written for the engine. Then the first token of a prompt whose length neither path has met before
+    (`Prompts.new_length`): the first meeting of a shape costs what the steady runs above do not show (cuDNN's
+    attention builds a plan for each, `bench/gpu_sdpa_shapes.py`), and a service meets many lengths. Each first token
+    is the p50 of `FIRST_TOKEN_SAMPLES` a round; a note gives the engine's samples in the order taken."""
+    one, fresh, new_length = prompts.one, prompts.fresh, prompts.new_length
+    count = FIRST_TOKEN_SAMPLES * rounds
+    plain_first = median_of(count, lambda: bench.plain(one, 1)[0])
+    plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
+    engine_first = engine_lone_requests(bench, count, fresh)
+    engine_decoding = engine_decode(bench, rounds, fresh, prompts.forget)
+    plain_new = median_of(count, lambda: bench.plain(new_length(), 1)[0])
+    engine_new = engine_lone_requests(bench, count, new_length)
+    first, decode, new = ONE_REQUEST_ROWS
+    rows = [
+        (first, plain_first, statistics.median(done.first_token_ms for done, _ in engine_first)),
+        (decode, (plain_full - plain_first) / 64, engine_decoding),
+        (new, plain_new, statistics.median(done.first_token_ms for done, _ in engine_new)),
+    ]
+
+    def listed(figure: Callable[[Any, int | None], str]) -> str:
+        return "; at a new length ".join(
+            " ".join(figure(done, clock) for done, clock in samples) for samples in (engine_first, engine_new)
+        )
+
+    first_tokens = listed(lambda done, _: f"{done.first_token_ms:.1f}")
+    waits = listed(lambda done, _: f"{done.queue_ms:.1f}")
+    notes = [
+        f"the engine's lone first tokens, ms, in the order taken: {first_tokens}",
+        f"of which waiting to be admitted (submit → admitted), ms: {waits}",
+    ]
+    if any(clock is not None for _, clock in engine_first + engine_new):
+        notes.append(f"the GPU's SM clock read after each, MHz: {listed(lambda _, clock: str(clock))}")
+    return rows, notes
+
+
+def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[tuple[Any, int | None]]:
+    """The engine's completions of one request alone, `count` times after one more, each on a prompt `prompt`
+    makes, and the GPU's SM clock read just after each (`sm_clock`)."""
+
+    def once() -> tuple[Any, int | None]:
+        _, (done,) = bench.engine_run([prompt()], 1)
+        return done, sm_clock(bench.device)
+
+    sm_clock(bench.device)  # NVML starts up here, not between two samples
+    once()  # warm-up
+    return [once() for _ in range(count)]
+
+
+def sm_clock(device: str) -> int | None:
+    """The GPU's SM clock in MHz as NVML reads it now (`torch.cuda.clock_rate`): below the card's maximum while its
+    power cap or temperature holds it back. Read just after a request, with the GPU idle again, it tells the clock
+    near that request, not during it. None on the CPU or without NVML (the `nvidia-ml-py` package)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # no NVML here, or it cannot read this card
+        return None
+
+
+def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:
+    """The engine's first token of one request alone (p50 of `rounds`), each on a prompt `prompt` makes."""
+    return statistics.median(float(done.first_token_ms) for done, _ in engine_lone_requests(bench, rounds, prompt))
+
+
+def engine_decode(bench: Paths, rounds: int, fresh: Callable[[], Any], forget: Callable[[], None]) -> float:
+    """The engine's decode ms/token at batch 1 (p50): (t(1 + 64) − t(1)) / 64 on one cold prompt."""
+
+    def once() -> float:
+        prompt = fresh()
+        first_ms, _ = bench.engine_run([prompt], 1)
+        forget()
+        full_ms, (done,) = bench.engine_run([prompt], 1 + 64)
+        return (full_ms - first_ms) / max(1, len(done.ids) - 1)
+
+    return median_of(rounds, once)
