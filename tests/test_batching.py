@@ -26,6 +26,7 @@ from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.types import Completion
 from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
+from bench.gpu_load import middle_load
 from tests.tiny_glm4v import build_tiny_glm4v
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.glm import REFUSALS, GlmEngine
@@ -277,6 +278,14 @@ def test_the_gpu_benchmark_reads_the_sm_clock_only_on_a_gpu_with_nvml(monkeypatc
 
     monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
     assert sm_clock("cuda") is None
+
+
+def test_the_gpu_benchmark_details_the_median_load_or_names_the_upper_middle_one() -> None:
+    odd = [(900.0, 0.0, "load a"), (1000.0, 0.0, "load b"), (950.0, 0.0, "load c")]
+    assert middle_load(odd) == "the median's load c"
+    even = [(900.0, 0.0, "load a"), (1000.0, 0.0, "load b"), (950.0, 0.0, "load c"), (980.0, 0.0, "load d")]
+    assert middle_load(even) == "the upper of the two middle loads' load d"
+    assert middle_load(odd[:1]) == "the median's load a"
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
