@@ -245,10 +245,12 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     assert re.search(
         rf"of which waiting to be admitted \(submit → admitted\), ms: {six}; at a new length {six}\n", finished.stdout
     )
-    # a load a round for the engine, on new images each; the rows are their medians
+    # a load a round for the engine, on new images each; the rows are their medians (of two: the mean), the detail
+    # the upper load's
     for count in (2, 3):
         assert re.search(
-            rf"{count} concurrent: the engine's 2 loads [\d.]+, [\d.]+ tokens/s; the median's engine wrote",
+            rf"{count} concurrent: the engine's 2 loads [\d.]+, [\d.]+ tokens/s; the upper of the two middle loads' "
+            "engine wrote",
             finished.stdout,
         )
     # the measures with the heap frozen, as the service runs, and the collections meanwhile counted
