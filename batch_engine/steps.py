@@ -182,7 +182,7 @@ class DeviceSteps:
             self.cache.keys[:, row, :, : stored.tokens].copy_(stored.keys)
             self.cache.values[:, row, :, : stored.tokens].copy_(stored.values)
             start = stored.tokens
-        ids = prompt.ids.to(device)
+        ids = prompt.ids.to(device, non_blocking=True)  # from the host's memory: staged at once, no wait
         self._choose.start(row, ids)
         total = prompt.tokens
         count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
@@ -191,9 +191,8 @@ class DeviceSteps:
         else:
             embeds = self.text.embed_tokens(ids[start:])
             if start == 0 and prompt.pixel_values is not None:
-                image = ids == self.image_token_id
-                embeds[image] = self._image_embeds(prompt).to(embeds.dtype)
-            positions = prompt.positions[:, start:].to(device)
+                self._place_image(embeds, prompt)
+            positions = prompt.positions[:, start:].to(device, non_blocking=True)
             if longest:
                 token = self._ride_along(embeds, positions, row, longest)
             else:
@@ -333,21 +332,37 @@ class DeviceSteps:
         """The span bucket holding `longest` positions."""
         return min(next((size for size in SPAN_BUCKETS if size >= longest), self.capacity), self.capacity)
 
+    def _place_image(self, embeds: Any, prompt: Prompt) -> None:
+        """The image's encoder output over its placeholder tokens in `embeds` (a prefill from position 0), found on
+        the host: selecting them with a mask on the device would wait for the encoder to finish (the mask's count is
+        read back), and the text model's launches would start from an idle device instead of queueing behind the
+        encoder."""
+        where = (prompt.ids.cpu() == self.image_token_id).nonzero()[:, 0]
+        image = self._image_embeds(prompt).to(embeds.dtype)
+        embeds.index_copy_(0, where.to(self.device, non_blocking=True), image)
+
     def _image_embeds(self, prompt: Prompt) -> Any:
-        import torch
+        """The encoder's output for `prompt`'s images, one row per image token, every image's in order: stored, or
+        launched without waiting on the device. The encoder is called as transformers' `get_image_features` calls
+        it, less its split into images (it reads the grid back from the device, waiting for the whole encoder) and
+        with the grid's positions, bounds and longest image computed on the host (on the device they are read back
+        too)."""
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
         key = prompt.encoder_key
         found = self.encoder.lookup(key) if key else None
         if found is not None:
             return found.tensor
-        grid = prompt.grid
-        output = self.model.model.get_image_features(
-            prompt.pixel_values.to(self.device),
-            image_grid_thw=grid.to(self.device),
-            max_seqlen=int((grid[:, 1] * grid[:, 2]).max()),  # else read back from the device, waiting on it
-            return_dict=True,
+        visual, grid = self.model.model.visual, prompt.grid.cpu()
+        bounds = get_vision_cu_seqlens(grid)
+        output = visual(
+            prompt.pixel_values.to(self.device, visual.dtype, non_blocking=True),
+            grid_thw=grid.to(self.device, non_blocking=True),
+            position_ids=get_vision_position_ids(grid, visual.spatial_merge_size).to(self.device, non_blocking=True),
+            cu_seqlens=bounds.to(self.device, non_blocking=True),
+            max_seqlen=int(bounds.diff().max()),
         )
-        embeds = torch.cat(tuple(output.pooler_output), dim=0)
+        embeds = output.pooler_output
         if key:
             self.encoder.keep(key, _Tensor(embeds))
         return embeds

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
+from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from batch_engine.start import started
 from batch_engine.vision_attention import register_vision_attention
@@ -140,6 +141,29 @@ def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine
         torch._dynamo.reset()  # its compiled versions would count against the next compilation's recompile limit
         torch.cuda.empty_cache()
     assert recompile_limit_hits() == before, "dynamo reached its recompile limit: some layer ran uncompiled"
+
+
+def test_a_prefill_launches_the_encoder_and_places_its_output_without_waiting_on_the_device(engine: GlmEngine) -> None:
+    """The image's part of a prefill only queues work: nothing reads back from the device (PyTorch's sync debug mode
+    raises at any call that would wait), so the text model's launches queue behind the encoder's."""
+    model: Any = engine.model
+    batch = BatchEngine(model, EngineSettings(slots=1, max_tokens=4096, compile=False))
+    steps = batch.device
+    prompt = batch.prepare(engine.codec.encode(warm_up_request(), thinking=False).inputs, None)
+    try:
+        with torch.inference_mode():
+            embeds = steps.text.embed_tokens(prompt.ids.to("cuda"))
+            steps._place_image(embeds.clone(), prompt)  # this thread's first: cuDNN builds its plans, which may wait
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                steps._place_image(embeds, prompt)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+    finally:
+        batch.close()
+        model.model.visual.config._attn_implementation = "sdpa"
 
 
 def agrees_or_parts_at_a_near_tie(engine: GlmEngine, tokens: int = 8) -> None:
