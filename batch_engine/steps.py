@@ -182,17 +182,19 @@ class DeviceSteps:
             self.cache.keys[:, row, :, : stored.tokens].copy_(stored.keys)
             self.cache.values[:, row, :, : stored.tokens].copy_(stored.values)
             start = stored.tokens
-        ids = prompt.ids.to(device, non_blocking=True)  # from the host's memory: staged at once, no wait
+        ids = prompt.ids.to(device, non_blocking=True)  # small, from pageable memory: staged, not waiting on the device
         self._choose.start(row, ids)
         total = prompt.tokens
         count = next((size for size in EXTEND_BUCKETS if size >= total - start), 0)
         if start and count and start + count <= self.capacity:
             token = self._extend(prompt, row, start, count)
         else:
+            # before the encoder is queued: a copy from pageable memory over 64 KB (some 2,700 positions) may wait
+            # for the work queued before it
+            positions = prompt.positions[:, start:].to(device, non_blocking=True)
             embeds = self.text.embed_tokens(ids[start:])
             if start == 0 and prompt.pixel_values is not None:
                 self._place_image(embeds, prompt)
-            positions = prompt.positions[:, start:].to(device, non_blocking=True)
             if longest:
                 token = self._ride_along(embeds, positions, row, longest)
             else:
@@ -337,16 +339,16 @@ class DeviceSteps:
         the host: selecting them with a mask on the device would wait for the encoder to finish (the mask's count is
         read back), and the text model's launches would start from an idle device instead of queueing behind the
         encoder."""
-        where = (prompt.ids.cpu() == self.image_token_id).nonzero()[:, 0]
-        image = self._image_embeds(prompt).to(embeds.dtype)
-        embeds.index_copy_(0, where.to(self.device, non_blocking=True), image)
+        where = (prompt.ids.cpu() == self.image_token_id).nonzero()[:, 0].to(self.device, non_blocking=True)
+        embeds.index_copy_(0, where, self._image_embeds(prompt).to(embeds.dtype))
 
     def _image_embeds(self, prompt: Prompt) -> Any:
         """The encoder's output for `prompt`'s images, one row per image token, every image's in order: stored, or
-        launched without waiting on the device. The encoder is called as transformers' `get_image_features` calls
-        it, less its split into images (it reads the grid back from the device, waiting for the whole encoder) and
-        with the grid's positions, bounds and longest image computed on the host (on the device they are read back
-        too)."""
+        launched. The encoder is called as transformers' `get_image_features` calls it, less its split into images
+        (it reads the grid back from the device, waiting for the whole encoder) and with the grid's positions, bounds
+        and longest image computed on the host (on the device they are read back too): for one image (the `glm`
+        codec's only case) nothing waits on the device; several still wait in `packed_attention`'s split. The pixels'
+        copy, where the codec left them on the host, is staged and may wait for work queued before it."""
         from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
         key = prompt.encoder_key

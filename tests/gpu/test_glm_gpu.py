@@ -145,11 +145,13 @@ def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine
 
 def test_a_prefill_launches_the_encoder_and_places_its_output_without_waiting_on_the_device(engine: GlmEngine) -> None:
     """The image's part of a prefill only queues work: nothing reads back from the device (PyTorch's sync debug mode
-    raises at any call that would wait), so the text model's launches queue behind the encoder's."""
+    raises at any call that would wait; it does not see a staged copy from pageable memory, which `prefill` makes
+    before the encoder), so the text model's launches queue behind the encoder's."""
     model: Any = engine.model
     batch = BatchEngine(model, EngineSettings(slots=1, max_tokens=4096, compile=False))
     steps = batch.device
-    prompt = batch.prepare(engine.codec.encode(warm_up_request(), thinking=False).inputs, None)
+    asked = VisionRequest(square(1024), "What is written on the sign?", task="answer")
+    prompt = batch.prepare(engine.codec.encode(asked, thinking=False).inputs, None)
     try:
         with torch.inference_mode():
             embeds = steps.text.embed_tokens(prompt.ids.to("cuda"))
