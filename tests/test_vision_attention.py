@@ -1,6 +1,6 @@
 """The vision encoder's packed attention (`batch_engine.vision_attention`): the same encoder output as transformers'
-`sdpa` path for one image and for several in one call, a compiled encoder block traced as one graph, and the engine
-switching its model's encoder to it."""
+`sdpa` path for one image and for several in one call, a compiled encoder block traced as one graph, the engine
+switching its model's encoder to it, and a prefill's images encoded and placed as transformers does."""
 
 from __future__ import annotations
 
@@ -85,3 +85,28 @@ def test_the_engine_runs_its_image_model_on_the_packed_attention() -> None:
     model = encoder_model()
     BatchEngine(model, EngineSettings(slots=1, max_tokens=256))
     assert model.model.visual.config._attn_implementation == VISION_ATTENTION
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_a_prefill_encodes_and_places_its_images_as_transformers_does(images: int) -> None:
+    """The engine's prefill calls the encoder without transformers' `get_image_features` (whose split per image reads
+    the grid back from the device) and places its output by rows found on the host (not a mask on the device): the
+    same embeddings to the bit, every image's rows over its own placeholders, in order."""
+    from batch_engine.prompts import Prompt
+
+    model = encoder_model()
+    steps = BatchEngine(model, EngineSettings(slots=1, max_tokens=512)).device
+    grids = GRIDS[:images]
+    pixels = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    placeholder = torch.tensor([model.config.image_token_id])
+    tokens = [torch.tensor([5, 6])]
+    for grid in grids:  # each image's placeholders, then a word
+        tokens += [placeholder.repeat(int(grid.prod()) // 4), torch.tensor([7])]
+    ids = torch.cat(tokens)
+    prompt = Prompt(ids, torch.arange(len(ids)).view(1, -1), 0, pixels, grids, None)
+    with torch.inference_mode():
+        expected = steps.text.embed_tokens(ids)
+        expected[ids == model.config.image_token_id] = torch.cat(encode(model, pixels, grids))
+        placed = steps.text.embed_tokens(ids)
+        steps._place_image(placed, prompt)
+    assert torch.equal(placed, expected)
