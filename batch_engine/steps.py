@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
@@ -36,6 +35,7 @@ from batch_engine.attention_plans import planned_on
 from batch_engine.compiling import compile_model
 from batch_engine.convolutions import products_for_convolutions
 from batch_engine.greedy import GreedyChoice
+from batch_engine.images import place_images
 from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
 from batch_engine.slots import (
@@ -102,7 +102,6 @@ class DeviceSteps:
         """Whether the model's layers are compiled (`compile_model`)."""
         if self.compiled:
             compile_model(model, self.text, settings.compile_shapes, dependent_launch=self.dependent_launch)
-        self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self.image_end_id: int | None = getattr(model.config, "image_end_token_id", None)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         heads = (text.num_attention_heads, text.num_key_value_heads, head_dim)
@@ -194,7 +193,7 @@ class DeviceSteps:
             positions = prompt.positions[:, start:].to(device, non_blocking=True)
             embeds = self.text.embed_tokens(ids[start:])
             if start == 0 and prompt.pixel_values is not None:
-                self._place_image(embeds, prompt)
+                place_images(embeds, prompt, self.model, self.encoder)
             if longest:
                 token = self._ride_along(embeds, positions, row, longest)
             else:
@@ -334,41 +333,6 @@ class DeviceSteps:
         """The span bucket holding `longest` positions."""
         return min(next((size for size in SPAN_BUCKETS if size >= longest), self.capacity), self.capacity)
 
-    def _place_image(self, embeds: Any, prompt: Prompt) -> None:
-        """The image's encoder output over its placeholder tokens in `embeds` (a prefill from position 0), found on
-        the host: selecting them with a mask on the device would wait for the encoder to finish (the mask's count is
-        read back), and the text model's launches would start from an idle device instead of queueing behind the
-        encoder."""
-        where = (prompt.ids.cpu() == self.image_token_id).nonzero()[:, 0].to(self.device, non_blocking=True)
-        embeds.index_copy_(0, where, self._image_embeds(prompt).to(embeds.dtype))
-
-    def _image_embeds(self, prompt: Prompt) -> Any:
-        """The encoder's output for `prompt`'s images, one row per image token, every image's in order: stored, or
-        launched. The encoder is called as transformers' `get_image_features` calls it, less its split into images
-        (it reads the grid back from the device, waiting for the whole encoder) and with the grid's positions, bounds
-        and longest image computed on the host (on the device they are read back too): for one image (the `glm`
-        codec's only case) nothing waits on the device; several still wait in `packed_attention`'s split. The pixels'
-        copy, where the codec left them on the host, is staged and may wait for work queued before it."""
-        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-
-        key = prompt.encoder_key
-        found = self.encoder.lookup(key) if key else None
-        if found is not None:
-            return found.tensor
-        visual, grid = self.model.model.visual, prompt.grid.cpu()
-        bounds = get_vision_cu_seqlens(grid)
-        output = visual(
-            prompt.pixel_values.to(self.device, visual.dtype, non_blocking=True),
-            grid_thw=grid.to(self.device, non_blocking=True),
-            position_ids=get_vision_position_ids(grid, visual.spatial_merge_size).to(self.device, non_blocking=True),
-            cu_seqlens=bounds.to(self.device, non_blocking=True),
-            max_seqlen=int(bounds.diff().max()),
-        )
-        embeds = output.pooler_output
-        if key:
-            self.encoder.keep(key, _Tensor(embeds))
-        return embeds
-
     def _keep_prefix(self, prompt: Prompt, row: int, reused: StoredKV | None) -> None:
         """Keep the KV of `prompt`'s longest prefix, found under each of its prefixes' keys; nothing when the
         `reused` one was as long."""
@@ -410,12 +374,3 @@ def _read(host: Any, batch: int, done: Any) -> list[int]:
     """A launched step's tokens, once the device has copied them to `host`."""
     done.synchronize()
     return host[:batch].tolist()  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    tensor: Any
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.tensor.nbytes)

@@ -37,7 +37,7 @@ import hashlib
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,8 @@ def prefill_profile(bench: Bench) -> None:
     import torch
     from torch.profiler import ProfilerActivity
 
+    from batch_engine.images import encode_images
+
     device = bench.engine.device
     encoder_ms, prefill_ms, rope_ms = [], [], []
     with torch.inference_mode():
@@ -195,7 +197,7 @@ def prefill_profile(bench: Bench) -> None:
             rope_ms.append((time.perf_counter() - started) * 1000)
             bench.sync()
             started = time.perf_counter()
-            device._image_embeds(replace(prompt, encoder_key=None))
+            encode_images(prompt, bench.model, None)
             bench.sync()
             encoder_ms.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()

@@ -92,6 +92,7 @@ def test_a_prefill_encodes_and_places_its_images_as_transformers_does(images: in
     """The engine's prefill calls the encoder without transformers' `get_image_features` (whose split per image reads
     the grid back from the device) and places its output by rows found on the host (not a mask on the device): the
     same embeddings to the bit, every image's rows over its own placeholders, in order."""
+    from batch_engine.images import place_images
     from batch_engine.prompts import Prompt
 
     model = encoder_model()
@@ -108,5 +109,5 @@ def test_a_prefill_encodes_and_places_its_images_as_transformers_does(images: in
         expected = steps.text.embed_tokens(ids)
         expected[ids == model.config.image_token_id] = torch.cat(encode(model, pixels, grids))
         placed = steps.text.embed_tokens(ids)
-        steps._place_image(placed, prompt)
+        place_images(placed, prompt, model, steps.encoder)
     assert torch.equal(placed, expected)

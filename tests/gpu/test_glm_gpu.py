@@ -22,6 +22,7 @@ from PIL import Image
 
 from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
+from batch_engine.images import place_images
 from batch_engine.settings import EngineSettings
 from batch_engine.start import started
 from batch_engine.vision_attention import register_vision_attention
@@ -155,11 +156,11 @@ def test_a_prefill_launches_the_encoder_and_places_its_output_without_waiting_on
     try:
         with torch.inference_mode():
             embeds = steps.text.embed_tokens(prompt.ids.to("cuda"))
-            steps._place_image(embeds.clone(), prompt)  # this thread's first: cuDNN builds its plans, which may wait
+            place_images(embeds.clone(), prompt, model, steps.encoder)  # this thread's first: cuDNN builds its plans
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                steps._place_image(embeds, prompt)
+                place_images(embeds, prompt, model, steps.encoder)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
