@@ -1,0 +1,72 @@
+"""`bench/gpu_prefill_waits.py` on the CPU: its baseline places a prompt's image as the engine does (the same
+embeddings, another way), each side's turns run that side's placement, and the script prints its table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import batch_engine.steps  # noqa: E402
+from batch_engine.images import place_images  # noqa: E402
+from bench import gpu_prefill_waits  # noqa: E402
+from bench.gpu_vision import build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    bench = build(True, 64, 16, slots=2, compile_layers=False)
+    yield bench
+    bench.engine.close()
+
+
+def test_the_baseline_places_an_image_as_the_engine_does(bench: Any) -> None:
+    prompt = bench.engine.prepare(bench.prompt(5), None)
+    with torch.inference_mode():
+        engine = bench.engine.device.text.embed_tokens(prompt.ids)
+        baseline = engine.clone()
+        place_images(engine, prompt, bench.model, bench.engine.device.encoder)
+        gpu_prefill_waits.before(baseline, prompt, bench.model, None)
+    assert torch.equal(engine, baseline)
+    assert not torch.equal(engine, bench.engine.device.text.embed_tokens(prompt.ids)), "the image was placed"
+
+
+def test_each_turn_runs_its_side_s_placement(bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def spy(side: str, place: Any) -> Any:
+        def placing(*args: Any) -> None:
+            calls.append(side)
+            place(*args)
+
+        return placing
+
+    monkeypatch.setattr(gpu_prefill_waits, "before", spy("before", gpu_prefill_waits.before))
+    monkeypatch.setattr("batch_engine.images.place_images", spy("engine", place_images))
+    samples, turns = gpu_prefill_waits.run(bench, 1)
+    # each turn: a warm-up and one measured request, in the order before, engine, engine, before
+    assert calls == ["before"] * 2 + ["engine"] * 4 + ["before"] * 2
+    assert [len(samples[side]) for side in ("before", "engine")] == [2, 2]
+    assert [turn.split(":")[0] for turn in turns] == list(gpu_prefill_waits.TURNS)
+    assert vars(batch_engine.steps)["place_images"] is place_images, "the engine's placement is back after the run"
+
+
+def test_the_script_prints_both_sides_and_every_turn() -> None:
+    command = [sys.executable, str(ROOT / "bench" / "gpu_prefill_waits.py"), "--tiny", "--rounds", "2"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    number = r"[\d.]+"
+    assert re.search(
+        rf"\| first token, one request, ms \(p50 of 4\) \| {number} \| {number} \| {number}× \|", finished.stdout
+    )
+    two = f"{number} {number}"
+    turns = "; ".join(f"{side}: {two}" for side in gpu_prefill_waits.TURNS)
+    assert re.search(rf"turns in the order taken \(before engine engine before\), ms: {turns}\n", finished.stdout)
