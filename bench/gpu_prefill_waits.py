@@ -36,8 +36,9 @@ TURNS = ("before", "engine", "engine", "before")
 
 
 def before(embeds: Any, prompt: Any, model: Any, store: Any) -> None:
-    """The placement the engine made until 4c5d6e3 (its encoder store aside): transformers' `get_image_features`
-    (the grid on the device, read back to split the output per image, joined again), then a mask on the device."""
+    """The placement the engine made until 4c5d6e3 (its encoder store aside; the prefill's other copies stay as the
+    engine now makes them): transformers' `get_image_features` (the grid on the device, read back to split the output
+    per image, joined again), then a mask on the device."""
     import torch
 
     grid = prompt.grid
