@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the engine importable
     sys.path.insert(0, str(ROOT))
 
+from bench.gpu_alone import engine_lone_requests  # noqa: E402
 from bench.gpu_vision import Bench, build, describe  # noqa: E402
 
 TURNS = ("before", "engine", "engine", "before")
@@ -52,18 +53,6 @@ def before(embeds: Any, prompt: Any, model: Any, store: Any) -> None:
     embeds[ids == model.config.image_token_id] = torch.cat(tuple(output.pooler_output), dim=0).to(embeds.dtype)
 
 
-def lone_first_tokens(bench: Bench, count: int, seeds: Any) -> list[float]:
-    """The engine's first token of `count` lone requests after one warm-up, each on an image not seen before."""
-
-    def once() -> float:
-        inputs, key = bench.request(bench.prompt(next(seeds)))
-        done = bench.engine.submit(inputs, image_key=key, max_new_tokens=1).result(timeout=600)
-        return float(done.first_token_ms)
-
-    once()
-    return [once() for _ in range(count)]
-
-
 def run(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
     """Each placement's samples over its turns, and the samples of each turn in the order taken."""
     from unittest import mock
@@ -77,7 +66,8 @@ def run(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
     seeds = iter(range(7000, 10**6))
     for side in TURNS:
         with mock.patch.object(batch_engine.steps, "place_images", placements[side]):  # what `prefill` calls
-            taken = lone_first_tokens(bench, rounds, seeds)
+            lone = engine_lone_requests(bench, rounds, lambda: bench.prompt(next(seeds)))
+            taken = [float(done.first_token_ms) for done, _ in lone]
         samples[side] += taken
         turns.append(f"{side}: " + " ".join(f"{ms:.1f}" for ms in taken))
     return samples, turns
