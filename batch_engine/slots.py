@@ -47,6 +47,15 @@ class Prefill:
 
 
 @dataclass(frozen=True)
+class Padded:
+    """A prefill from position 0 into row `rows[0]` (a tensor, so that one CUDA graph serves every row), padded to
+    its length bucket: write the new tokens from position 0; attend to them alone (the padding lands past the prompt,
+    masked until decoding overwrites it, as an `Extend` step's)."""
+
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Decode:
     """Write one token per row `rows[i]` at `lengths[i]`; attend to each row's first `span` positions (masked)."""
 
@@ -121,7 +130,7 @@ def _define_slot_cache() -> type:
             self.offsets = torch.arange(max_tokens, device=device)
             self.layer_ids = torch.arange(layers, device=device)
             self.head_ids = torch.arange(kv_heads, device=device).view(1, kv_heads)
-            self.target: Prefill | Decode | Extend | RideAlong = Prefill(0, 0)
+            self.target: Prefill | Padded | Decode | Extend | RideAlong = Prefill(0, 0)
 
         @property
         def nbytes(self) -> int:
@@ -170,6 +179,11 @@ def _define_slot_cache() -> type:
                     keys.index_select(0, target.rows)[:, :, : target.span],
                     values.index_select(0, target.rows)[:, :, : target.span],
                 )
+            if isinstance(target, Padded):
+                new = key_states.shape[2]
+                keys[:, :, :new].index_copy_(0, target.rows, key_states)
+                values[:, :, :new].index_copy_(0, target.rows, value_states)
+                return key_states, value_states
             assert isinstance(target, Prefill)
             end = target.start + key_states.shape[2]
             keys[target.slot, :, target.start : end] = key_states[0]

@@ -43,6 +43,7 @@ from batch_engine.slots import (
     ByteBoundStore,
     Decode,
     Extend,
+    Padded,
     Prefill,
     RideAlong,
     SlotStep,
@@ -60,6 +61,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
 EXTEND_BUCKETS = (16, 32, 64, 128)
 """New-token counts of a follow-up's prefill (after a reused prefix), each a CUDA graph like a decode step."""
+
+
+def padded_length(tokens: int) -> int:
+    """The length bucket a prefill of `tokens` from position 0 is padded to (`EngineSettings.prefill_graphs`): the
+    next multiple of 128 up to 2,048 tokens, of 256 up to 4,096, and so on (at most an eighth more tokens past 1,024),
+    so that a slot of 8,192 positions has 32 of them."""
+    step = max(128, 1 << max(tokens - 1, 1).bit_length() - 4)
+    return -(-tokens // step) * step
 
 
 class DeviceSteps:
@@ -142,9 +151,15 @@ class DeviceSteps:
         longest = EXTEND_BUCKETS[-1]
         self._extend_ids = torch.zeros(longest, dtype=torch.long, device=device)
         self._extend_positions = torch.zeros((self.axes, longest), dtype=torch.long, device=device)
-        self._extend_row, self._extend_start, self._extend_last, self._extend_token = (
+        self._extend_start, self._row, self._last, self._token = (
             torch.zeros(1, dtype=torch.long, device=device) for _ in range(4)
         )
+        """An extend step's start; an extend or padded prefill step's row, last new token's index and its token."""
+        self.padded = bool(settings.prefill_graphs or (settings.prefill_graphs is None and self.device.type == "cuda"))
+        """Whether prefills from position 0 are padded to their length bucket (`padded_length`) and, on a GPU,
+        replay a CUDA graph of that bucket (`EngineSettings.prefill_graphs`)."""
+        self._embeds = torch.zeros((self.capacity, text.hidden_size), dtype=model.dtype, device=device)
+        self._padded_positions = torch.zeros((self.axes, self.capacity), dtype=torch.long, device=device)
         self.prefixes = ByteBoundStore(settings.prefix_bytes)
         """Prefix KV, each under the key of the longest prefix it was kept for."""
         self._prefix_index: LRUCache[bytes, tuple[bytes, int]] = LRUCache(maxsize=1 << 16)
@@ -192,9 +207,14 @@ class DeviceSteps:
             # for the work queued before it
             positions = prompt.positions[:, start:].to(device, non_blocking=True)
             embeds = self.text.embed_tokens(ids[start:])
+            padded = self.padded and not (start or longest)
+            if padded:  # into the padded step's own buffer, which its graphs read
+                embeds = self._embeds[:total].copy_(embeds)
             if start == 0 and prompt.pixel_values is not None:
                 place_images(embeds, prompt, self.model, self.encoder)
-            if longest:
+            if padded:
+                token = self._padded(positions, row, total)
+            elif longest:
                 token = self._ride_along(embeds, positions, row, longest)
             else:
                 mask = self._positions[:total].view(1, total) <= self._positions[start:total].view(-1, 1)
@@ -299,21 +319,59 @@ class DeviceSteps:
         positions = prompt.positions[:, start:]
         self._extend_positions[:, :new] = positions.to(self.device)
         self._extend_positions[:, new:count] = positions[:, -1:].to(self.device) + 1
-        self._extend_row.fill_(row)
+        self._row.fill_(row)
         self._extend_start.fill_(start)
-        self._extend_last.fill_(new - 1)
+        self._last.fill_(new - 1)
         span = self._span(start + count)
         graph = self.graphs.get(("extend", count, span))
         if graph is not None:
             graph.replay()
         else:
             self._extend_step(count, span)
-        return int(self._extend_token.item())
+        return int(self._token.item())
+
+    def padded_lengths(self) -> list[int]:
+        """The lengths a prefill from position 0 is padded to (`padded_length`, at most the slots' `capacity`)."""
+        lengths = [min(padded_length(1), self.capacity)]
+        while lengths[-1] < self.capacity:
+            lengths.append(min(padded_length(lengths[-1] + 1), self.capacity))
+        return lengths
+
+    def _padded(self, positions: Any, row: int, total: int) -> int:
+        """A prefill from position 0 of `total` tokens into `row`, their embeddings already in `_embeds`, through the
+        step for its length bucket: a CUDA graph when one was captured for it. Padded as an extend step is (the
+        padding's K and V land past the prompt, masked until decoding overwrites them); the prompt's causal attention
+        never reads the padding."""
+        count = min(padded_length(total), self.capacity)
+        self._padded_positions[:, :total] = positions
+        self._padded_positions[:, total:count] = positions[:, -1:] + 1
+        self._row.fill_(row)
+        self._last.fill_(total - 1)
+        graph = self.graphs.get(("prefill", count))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._padded_step(count)
+        return int(self._token.item())
+
+    def _padded_step(self, count: int) -> None:
+        mask = self._positions[:count].view(1, count) <= self._positions[:count].view(-1, 1)
+        self.cache.target = Padded(self._row)
+        hidden = self.text(
+            inputs_embeds=self._embeds[None, :count],
+            position_ids=self._position_ids(self._padded_positions[:, None, :count]),
+            attention_mask=mask.view(1, 1, count, count),
+            past_key_values=self.cache,
+            use_cache=True,
+            slot_step=SlotStep(causal=True, positions_outer=self.plans_by_power_of_two),
+        ).last_hidden_state
+        last = hidden[0].index_select(0, self._last)
+        self._token.copy_(self._choose(self.model.lm_head(last), self._row))
 
     def _extend_step(self, count: int, span: int) -> None:
         written = self._extend_start + self._positions[:count]
         mask = self._positions[:span].view(1, span) <= written.view(count, 1)
-        self.cache.target = Extend(self._extend_row, self._extend_start, count, span)
+        self.cache.target = Extend(self._row, self._extend_start, count, span)
         hidden = self.text(
             inputs_embeds=self.text.embed_tokens(self._extend_ids[:count])[None],
             position_ids=self._position_ids(self._extend_positions[:, None, :count]),
@@ -322,8 +380,8 @@ class DeviceSteps:
             use_cache=True,
             slot_step=SlotStep(causal=False, grouped=True),
         ).last_hidden_state
-        last = hidden[0].index_select(0, self._extend_last)
-        self._extend_token.copy_(self._choose(self.model.lm_head(last), self._extend_row))
+        last = hidden[0].index_select(0, self._last)
+        self._token.copy_(self._choose(self.model.lm_head(last), self._row))
 
     def _position_ids(self, positions: Any) -> Any:
         """(axes, batch, tokens) positions as the model takes them: all three axes for M-RoPE, else (batch, tokens)."""
@@ -366,8 +424,8 @@ class DeviceSteps:
         lengths.add_(self._active[:bucket])
 
     def capture(self) -> None:
-        """The decode and extend steps' CUDA graphs (`batch_engine.graphs`)."""
-        graphs.capture(self, self._decode_step, self._extend_step)
+        """The decode, extend and padded prefill steps' CUDA graphs (`batch_engine.graphs`)."""
+        graphs.capture(self, self._decode_step, self._extend_step, self._padded_step)
 
 
 def _read(host: Any, batch: int, done: Any) -> list[int]:

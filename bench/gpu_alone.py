@@ -4,13 +4,15 @@ decode at batch 1, and the first token at a prompt length not met before."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bench.gpu_common import Paths, Row
+    from bench.gpu_vision import Bench
 
 
 def median_of(rounds: int, measure: Callable[[], float]) -> float:
@@ -91,6 +93,66 @@ def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) ->
     sm_clock(bench.device)  # NVML starts up here, not between two samples
     once()  # warm-up
     return [once() for _ in range(count)]
+
+
+def lone_turns(
+    bench: Bench, rounds: int, turns: Sequence[str], side: Callable[[str], contextlib.AbstractContextManager[Any]]
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Lone first tokens through the engine in `turns` (side names, e.g. before, engine, engine, before: a machine
+    that drifts within the run weighs on both sides alike), each turn `engine_lone_requests` of `rounds` (after one
+    warm-up) on images not seen before, inside `side(name)`: each side's samples over its turns, and each turn's
+    samples in the order taken."""
+    samples: dict[str, list[float]] = {name: [] for name in turns}
+    listed = []
+    seeds = iter(range(7000, 10**6))
+    for name in turns:
+        with side(name):
+            taken = [
+                float(done.first_token_ms)
+                for done, _ in engine_lone_requests(bench, rounds, lambda: bench.prompt(next(seeds)))
+            ]
+        samples[name] += taken
+        listed.append(f"{name}: " + " ".join(f"{ms:.1f}" for ms in taken))
+    return samples, listed
+
+
+def compare_lone(
+    description: str,
+    order: Sequence[str],
+    labels: dict[str, str],
+    run: Callable[[Bench, int], tuple[dict[str, list[float]], list[str]]],
+) -> None:
+    """A script comparing lone first tokens of two sides in turns (`lone_turns`, through `run(bench, rounds)`): its
+    options (`--tiny`, `--rounds`, `--image-side`), the engine as `bench/gpu_vision.py --compile` builds it (32
+    slots) with the heap frozen, and its table: `labels` names the baseline side, then ours."""
+    import argparse
+    import gc
+
+    from bench.gpu_vision import build, describe
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
+    parser.add_argument("--rounds", type=int, default=8, help="lone requests a turn (default: 8)")
+    parser.add_argument("--image-side", type=int, default=1024)
+    args = parser.parse_args()
+    side = 64 if args.tiny else args.image_side
+    bench = build(args.tiny, side, 16, slots=2 if args.tiny else 32, compile_layers=not args.tiny)
+    gc.collect()
+    gc.freeze()
+    try:
+        samples, turns = run(bench, args.rounds)
+    finally:
+        bench.engine.close()
+        gc.unfreeze()
+    (baseline, was_label), (ours, now_label) = labels.items()
+    was, now = statistics.median(samples[baseline]), statistics.median(samples[ours])
+    print(f"| measure | {baseline}: {was_label} | {ours}: {now_label} | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| first token, one request, ms (p50 of {len(samples[ours])}) | {was:.1f} | {now:.1f} | {was / now:.2f}× |")
+    print()
+    print(f"- turns in the order taken ({' '.join(order)}), ms: " + "; ".join(turns))
+    print()
+    print(describe(bench))
 
 
 def sm_clock(device: str) -> int | None:

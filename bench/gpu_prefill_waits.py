@@ -18,9 +18,6 @@ the order taken. The baseline is the earlier placement as code here (`before`), 
 
 from __future__ import annotations
 
-import argparse
-import gc
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the engine importable
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_alone import engine_lone_requests  # noqa: E402
-from bench.gpu_vision import Bench, build, describe  # noqa: E402
+from bench.gpu_alone import compare_lone, lone_turns  # noqa: E402
+from bench.gpu_vision import Bench  # noqa: E402
 
 TURNS = ("before", "engine", "engine", "before")
 
@@ -61,42 +58,15 @@ def run(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
     from batch_engine.images import place_images
 
     placements: dict[str, Callable[..., None]] = {"before": before, "engine": place_images}
-    samples: dict[str, list[float]] = {side: [] for side in placements}
-    turns = []
-    seeds = iter(range(7000, 10**6))
-    for side in TURNS:
-        with mock.patch.object(batch_engine.steps, "place_images", placements[side]):  # what `prefill` calls
-            lone = engine_lone_requests(bench, rounds, lambda: bench.prompt(next(seeds)))
-            taken = [float(done.first_token_ms) for done, _ in lone]
-        samples[side] += taken
-        turns.append(f"{side}: " + " ".join(f"{ms:.1f}" for ms in taken))
-    return samples, turns
+    # what `prefill` calls
+    return lone_turns(
+        bench, rounds, TURNS, lambda side: mock.patch.object(batch_engine.steps, "place_images", placements[side])
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: proves the code path")
-    parser.add_argument("--rounds", type=int, default=8, help="lone requests a turn (default: 8)")
-    parser.add_argument("--image-side", type=int, default=1024)
-    args = parser.parse_args()
-    side = 64 if args.tiny else args.image_side
-    bench = build(args.tiny, side, 16, slots=2 if args.tiny else 32, compile_layers=not args.tiny)
-    gc.collect()
-    gc.freeze()
-    try:
-        samples, turns = run(bench, args.rounds)
-    finally:
-        bench.engine.close()
-        gc.unfreeze()
-    was, now = (statistics.median(samples[side]) for side in ("before", "engine"))
-    count = len(samples["engine"])
-    print("| measure | before: get_image_features and a mask | engine: batch_engine.images | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
-    print(f"| first token, one request, ms (p50 of {count}) | {was:.1f} | {now:.1f} | {was / now:.2f}× |")
-    print()
-    print(f"- turns in the order taken ({' '.join(TURNS)}), ms: " + "; ".join(turns))
-    print()
-    print(describe(bench))
+    labels = {"before": "get_image_features and a mask", "engine": "batch_engine.images"}
+    compare_lone(__doc__.splitlines()[0] if __doc__ else "", TURNS, labels, run)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import redis_server
-
 pytest_plugins = ("tests.text_engine",)
 """The tiny text checkpoints' fixtures (`checkpoint`, `chat`) of the text engine's tests."""
 
@@ -25,7 +23,10 @@ def embedded_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    """A Redis shared by a test module (`tests/redis_server.py`)."""
+    """A Redis shared by a test module (`tests/redis_server.py`; imported here, not at the top: the GPU machine's
+    tests run without the web server's packages)."""
+    from tests.redis_server import redis_server
+
     with redis_server() as (url, _):
         yield url
 

@@ -75,11 +75,13 @@ def submit(batch: BatchEngine, encoded: EncodedPrompt, key: str, budget: int = B
     return batch.submit(encoded.inputs, image_key=key, max_new_tokens=budget)
 
 
-def test_one_request_equals_plain_generate(glm: GlmEngine) -> None:
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_request_equals_plain_generate(glm: GlmEngine, padded: bool) -> None:
     encoded = prompt(glm, 1)
     expected = glm.generate_ids(encoded, BUDGET)
     assert len(set(expected)) > 4, "the sharp model should not repeat one token"
-    batch = engine(glm)
+    batch = engine(glm, prefill_graphs=padded)
+    assert batch.device.padded is padded
     future = submit(batch, encoded, "one")
     batch.run_until_idle()
     completion = future.result()
@@ -88,14 +90,17 @@ def test_one_request_equals_plain_generate(glm: GlmEngine) -> None:
     assert completion.first_token_ms >= completion.queue_ms >= 0
 
 
-@pytest.mark.parametrize(("overlap", "ride_along"), [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize(
+    ("overlap", "ride_along", "padded"),
+    [(True, True, False), (False, True, False), (True, False, False), (True, False, True)],
+)
 def test_requests_joining_at_different_steps_each_equal_plain_generate(
-    glm: GlmEngine, overlap: bool, ride_along: bool
+    glm: GlmEngine, overlap: bool, ride_along: bool, padded: bool
 ) -> None:
     prompts = [prompt(glm, seed, question) for seed, question in ((2, "what?"), (3, "how many?"), (4, "who is it?"))]
     prompts.append(prompt(glm, 5, "where?", width=96, height=32))  # another grid: other M-RoPE positions
     expected = [glm.generate_ids(encoded, BUDGET - n) for n, encoded in enumerate(prompts)]
-    batch = engine(glm, overlap=overlap, ride_along=ride_along)
+    batch = engine(glm, overlap=overlap, ride_along=ride_along, prefill_graphs=padded)
     futures = [submit(batch, prompts[0], "a", BUDGET)]
     batch.step()
     batch.step()
@@ -124,12 +129,14 @@ def test_the_triton_decode_kernel_equals_plain_generate_with_m_rope_rows_joining
     assert batch.stats().ridden == 1, "the first request's row decoded through the kernel in the second's prefill"
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine, overlap: bool) -> None:
+@pytest.mark.parametrize(("overlap", "padded"), [(True, False), (False, False), (True, True)])
+def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine, overlap: bool, padded: bool) -> None:
     prompts = [prompt(glm, 10 + n, f"question {n}?") for n in range(5)]
     budgets = [6, 20, 9, 14, 11]  # rows finish out of order, so the last row moves into freed ones
     expected = [glm.generate_ids(encoded, budget) for encoded, budget in zip(prompts, budgets, strict=True)]
-    batch = engine(glm, slots=2, overlap=overlap)  # with overlap, a finished row has one more step before it moves
+    batch = engine(
+        glm, slots=2, overlap=overlap, prefill_graphs=padded
+    )  # with overlap, a finished row has one more step before it moves
     futures = [
         submit(batch, encoded, f"r{n}", budget)
         for n, (encoded, budget) in enumerate(zip(prompts, budgets, strict=True))
@@ -140,10 +147,11 @@ def test_more_requests_than_slots_wait_and_the_rows_stay_packed(glm: GlmEngine, 
     assert batch.running == batch.waiting == 0
 
 
-def test_a_follow_up_on_the_same_image_prefills_only_its_own_text(glm: GlmEngine) -> None:
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_follow_up_on_the_same_image_prefills_only_its_own_text(glm: GlmEngine, padded: bool) -> None:
     first, follow_up = prompt(glm, 20, "what is the total?"), prompt(glm, 20, "and the date, please?")
     cold = glm.generate_ids(follow_up, BUDGET)
-    batch = engine(glm)
+    batch = engine(glm, prefill_graphs=padded)
     opening = submit(batch, first, "same-image")
     batch.run_until_idle()
     assert opening.result().reused_tokens == 0

@@ -111,8 +111,9 @@ def test_a_very_long_image_fits_the_visual_token_cap(backend: GlmVisionBackend) 
 
 
 def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine: GlmEngine) -> None:
-    """The engine as a GPU service runs it (compiled layers and encoder, CUDA graphs, its own thread) over the
-    full-size model: its first tokens for the warm-up image agree with plain `generate`'s (or part at a near-tie), and
+    """The engine as a GPU service runs it (compiled layers and encoder, CUDA graphs of decode steps and of padded
+    prefills, its own thread) over the full-size model: its first tokens for the warm-up image (a prefill's graph)
+    agree with plain `generate`'s (or part at a near-tie), and
     requests on images of
     two sizes and a follow-up on one of them run without dynamo reaching its recompile limit, past which a layer runs
     uncompiled (`batch_engine.compiling`)."""
@@ -122,7 +123,10 @@ def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine
     try:
         settings = EngineSettings(slots=4, max_tokens=4096, compile=True)
         engine.batch = started(model, settings, REFUSALS, model_name="random GLM-4.6V-Flash", fails=VisionUnavailable)
-        assert engine.batch.device.graphs, "decode steps captured as CUDA graphs"
+        graphs = engine.batch.device.graphs
+        assert graphs, "decode steps captured as CUDA graphs"
+        padded = {key[1] for key in graphs if key[0] == "prefill"}
+        assert padded == set(engine.batch.device.padded_lengths()), "a prefill graph for every length bucket"
         agrees_or_parts_at_a_near_tie(engine)
         images = [square(side, sha256=f"square-{side}") for side in (1024, 640)]  # keyed: reusable
         asked = [VisionRequest(image, "What is written on the sign?", task="answer") for image in images]

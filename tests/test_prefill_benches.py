@@ -1,5 +1,6 @@
-"""`bench/gpu_prefill_waits.py` on the CPU: its baseline places a prompt's image as the engine does (the same
-embeddings, another way), each side's turns run that side's placement, and the script prints its table."""
+"""The prefill benchmarks on the CPU. `bench/gpu_prefill_waits.py`: its baseline places a prompt's image as the engine
+does (the same embeddings, another way), and each side's turns run that side's placement. `bench/gpu_prefill_graphs.py`:
+each side's turns run that side's prefill (padded or as before). Both scripts print their table and every turn."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import batch_engine.steps  # noqa: E402
 from batch_engine.images import place_images  # noqa: E402
-from bench import gpu_prefill_waits  # noqa: E402
+from bench import gpu_prefill_graphs, gpu_prefill_waits  # noqa: E402
 from bench.gpu_vision import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +60,33 @@ def test_each_turn_runs_its_side_s_placement(bench: Any, monkeypatch: pytest.Mon
     assert vars(batch_engine.steps)["place_images"] is place_images, "the engine's placement is back after the run"
 
 
-def test_the_script_prints_both_sides_and_every_turn() -> None:
-    command = [sys.executable, str(ROOT / "bench" / "gpu_prefill_waits.py"), "--tiny", "--rounds", "2"]
+def test_each_turn_runs_its_side_s_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = build(True, 64, 16, slots=2, compile_layers=False)  # its own: the module's would reuse kept prefixes
+    device = bench.engine.device
+    assert device.padded is False  # on the CPU, by default
+    padded: list[int] = []
+    original = device._padded
+
+    def spy(*args: Any) -> int:
+        padded.append(args[-1])  # the prompt's tokens
+        token: int = original(*args)
+        return token
+
+    monkeypatch.setattr(device, "_padded", spy)
+    samples, turns = gpu_prefill_graphs.run(bench, 1)
+    # two graphs turns of a warm-up and one measured request each; the eager turns prefill as before
+    assert len(padded) == 4
+    assert [len(samples[side]) for side in ("eager", "graphs")] == [2, 2]
+    assert [turn.split(":")[0] for turn in turns] == list(gpu_prefill_graphs.TURNS)
+    assert device.padded is False, "the engine's setting is back after the run"
+    bench.engine.close()
+
+
+@pytest.mark.parametrize(
+    ("script", "module"), [("gpu_prefill_waits.py", gpu_prefill_waits), ("gpu_prefill_graphs.py", gpu_prefill_graphs)]
+)
+def test_the_script_prints_both_sides_and_every_turn(script: str, module: Any) -> None:
+    command = [sys.executable, str(ROOT / "bench" / script), "--tiny", "--rounds", "2"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert finished.returncode == 0, finished.stderr[-2000:]
     number = r"[\d.]+"
@@ -68,5 +94,5 @@ def test_the_script_prints_both_sides_and_every_turn() -> None:
         rf"\| first token, one request, ms \(p50 of 4\) \| {number} \| {number} \| {number}× \|", finished.stdout
     )
     two = f"{number} {number}"
-    turns = "; ".join(f"{side}: {two}" for side in gpu_prefill_waits.TURNS)
-    assert re.search(rf"turns in the order taken \(before engine engine before\), ms: {turns}\n", finished.stdout)
+    turns = "; ".join(f"{side}: {two}" for side in module.TURNS)
+    assert re.search(rf"turns in the order taken \({' '.join(module.TURNS)}\), ms: {turns}\n", finished.stdout)
