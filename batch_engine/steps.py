@@ -67,7 +67,7 @@ def padded_length(tokens: int) -> int:
     """The length bucket a prefill of `tokens` from position 0 is padded to (`EngineSettings.prefill_graphs`): the
     next multiple of 128 up to 2,048 tokens, of 256 up to 4,096, and so on (at most an eighth more tokens past 1,024),
     so that a slot of 8,192 positions has 32 of them."""
-    step = max(128, 1 << max(tokens - 1, 1).bit_length() - 4)
+    step = max(128, 1 << max(0, (tokens - 1).bit_length() - 4))
     return -(-tokens // step) * step
 
 

@@ -75,6 +75,21 @@ def submit(batch: BatchEngine, encoded: EncodedPrompt, key: str, budget: int = B
     return batch.submit(encoded.inputs, image_key=key, max_new_tokens=budget)
 
 
+def test_a_prefill_is_padded_to_a_multiple_of_128_then_coarser_never_by_more_than_an_eighth_past_1024(
+    glm: GlmEngine,
+) -> None:
+    from batch_engine.steps import padded_length
+
+    assert [padded_length(n) for n in (1, 7, 128, 129, 1397, 2048, 2049, 4097, 8192)] == [
+        128, 128, 128, 256, 1408, 2048, 2304, 4608, 8192,
+    ]  # fmt: skip
+    lengths = range(1, 20_000)
+    assert all(0 <= padded_length(n) - n < max(128, n / 8) for n in lengths)
+    assert len({padded_length(n) for n in range(1, 8193)}) == 32  # a slot of 8,192 positions: 32 graphs
+    assert engine(glm, slots=1, max_tokens=1200).device.padded_lengths() == [128 * n for n in range(1, 11)]
+    assert engine(glm, slots=1, max_tokens=4352).device.padded_lengths()[-2:] == [4096, 4352], "cut to the slot"
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_one_request_equals_plain_generate(glm: GlmEngine, padded: bool) -> None:
     encoded = prompt(glm, 1)

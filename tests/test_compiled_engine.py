@@ -43,14 +43,18 @@ def uncompile(chat: ChatModel) -> None:
         layer._compiled_call_impl = None
 
 
-@pytest.mark.parametrize("shapes", ["dynamic", "automatic"])
-def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(chat: ChatModel, shapes: str) -> None:
+@pytest.mark.parametrize(("shapes", "padded"), [("dynamic", False), ("automatic", False), ("automatic", True)])
+def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(
+    chat: ChatModel, shapes: str, padded: bool
+) -> None:
     """`torch.compile`d decoder layers (the engine's default on a GPU), either way of treating sizes: prompts of
-    four lengths, joining at different steps, so that prefill and decode steps each meet more than one size."""
+    four lengths, joining at different steps, so that prefill and decode steps each meet more than one size; and
+    with the prefills padded to their length bucket (`prefill_graphs`, on a GPU by default, where each bucket is a
+    captured graph; run eagerly here)."""
     prompts = [ids_of(chat, question) for question in QUESTIONS]
     assert len({len(prompt) for prompt in prompts}) > 2
     expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
-    settings = EngineSettings(slots=4, max_tokens=256, compile=True, compile_shapes=shapes)
+    settings = EngineSettings(slots=4, max_tokens=256, compile=True, compile_shapes=shapes, prefill_graphs=padded)
     try:
         assert joining(BatchEngine(chat.model, settings, REFUSALS), prompts) == expected
     finally:
