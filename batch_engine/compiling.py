@@ -167,7 +167,7 @@ def warm_prefills(prepare: Callable[[Mapping[str, Any], str | None], Prompt], de
     one)."""
     import torch
 
-    from batch_engine.slots import StoredKV
+    from batch_engine.stores import StoredKV
 
     # Prepared as a request's prompt is, outside inference mode (on the caller's thread): the compiled code is
     # specialised on how its input tensors were made too.

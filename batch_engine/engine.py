@@ -47,8 +47,8 @@ from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, wa
 from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
 from batch_engine.settings import EngineSettings
-from batch_engine.slots import StoredKV
 from batch_engine.steps import DeviceSteps
+from batch_engine.stores import StoredKV
 from batch_engine.types import PLAIN_REFUSALS, Completion, EngineStats, Refusals
 from stage_protocol.loops import WINDOW, repeats_at_end
 
@@ -297,7 +297,7 @@ class BatchEngine:
                     continue
             if not request.looked_up:  # once: a request held back to the next step keeps what it found
                 try:
-                    request.stored, request.looked_up = self.device.stored_prefix(request.prompt), True
+                    request.stored, request.looked_up = self.device.prefixes.find(request.prompt), True
                 except Exception as exc:  # its inputs are not what a prompt holds: fail it alone
                     request.future.set_exception(exc)
                     continue

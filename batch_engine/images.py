@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batch_engine.prompts import Prompt
-    from batch_engine.slots import ByteBoundStore
+    from batch_engine.stores import ByteBoundStore
 
 
 def place_images(embeds: Any, prompt: Prompt, model: Any, store: ByteBoundStore) -> None:

@@ -16,8 +16,7 @@ are (no sixteen-fold copy of K and V for GQA), a prefill uses `scaled_dot_produc
 and a prefill with rows riding along does both, each for its own queries (`ride_along_attention`, one opaque operator).
 Called without the engine's `slot_step` keyword (plain `generate` on the same model), it is transformers' `sdpa`.
 
-`ByteBoundStore` keeps the KV of prompt prefixes and the vision encoder's output, by content key, bounded in bytes
-(`cachetools`); `StoredKV.first` is a kept prefix's shorter part, without a copy.
+The KV of prompt prefixes and the vision encoder's output are kept apart from the slots (`batch_engine.stores`).
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from cachetools import LRUCache
 
 from batch_engine.attention_plans import arranged, planned_on, positions_outer
 from batch_engine.operators import define_operator
@@ -355,49 +352,3 @@ def register_attention() -> None:
     _define_operators()
     AttentionInterface.register(ATTENTION, slot_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
-@dataclass(frozen=True)
-class StoredKV:
-    """The K and V of one prefix: (layers, kv heads, tokens, head dim) each."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-
-    @property
-    def tokens(self) -> int:
-        return int(self.keys.shape[2])
-
-    def first(self, tokens: int) -> StoredKV:
-        """The KV of the first `tokens` tokens (views, no copy)."""
-        return StoredKV(self.keys[:, :, :tokens], self.values[:, :, :tokens])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.keys.nbytes + self.values.nbytes)
-
-
-def _nbytes(entry: Any) -> int:
-    return int(entry.nbytes)
-
-
-class ByteBoundStore(LRUCache[bytes, Any]):
-    """An LRU map from a content key to tensors, bounded by their bytes; an entry larger than the bound is not kept.
-    Only the engine's thread touches it."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(maxsize=max(1, max_bytes), getsizeof=_nbytes)
-        self.hits = 0
-        self.misses = 0
-
-    def lookup(self, key: bytes) -> Any | None:
-        found = self.get(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
-
-    def keep(self, key: bytes, entry: Any) -> None:
-        if _nbytes(entry) <= self.maxsize:
-            self[key] = entry

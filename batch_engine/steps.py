@@ -2,14 +2,15 @@
 
 `DeviceSteps` owns everything on the device: the slot KV cache (`batch_engine.slots`), one row of small buffers per
 slot (the next input token, the length, the M-RoPE delta, the tokens seen for a repetition penalty), the CUDA
-graphs, and the stores of prompt prefixes and encoder output. It runs three kinds of step, each a forward of the
-transformers text model (its code unchanged; its q/k/v projections fused, `batch_engine.projections`) with the slot
-cache and the engine's attention:
+graphs, and the stores of prompt prefixes and encoder output (`batch_engine.stores`). It runs three kinds of step,
+each a forward of the transformers text model (its code unchanged; its q/k/v projections fused,
+`batch_engine.projections`) with the slot cache and the engine's attention:
 
 - `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
-  prompt from position 0, the rows before it decoding one token each in the same forward when the engine asks
-  (`RideAlong`); or, after a prefix found in the store, only the text after it, as an `extend` step of a few
-  bucketed lengths, graph-captured like decode steps;
+  prompt from position 0, padded to its length bucket and replayed as that bucket's CUDA graph
+  (`EngineSettings.prefill_graphs`), or as it is, the rows before it decoding one token each in the same forward when
+  the engine asks (`RideAlong`); or, after a prefix found in the store, only the text after it, as an `extend` step
+  of a few bucketed lengths, graph-captured like decode steps;
 - `launch`: one decode step, a greedy token for every row in use, as one CUDA graph per (batch, span) bucket; on a
   GPU only queued, its tokens read later (the engine launches the next step first);
 - greedy choice on the device, under the checkpoint's `suppress_tokens` and `repetition_penalty`, as `generate`
@@ -28,8 +29,6 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cachetools import LRUCache
-
 from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
 from batch_engine.attention_plans import planned_on
 from batch_engine.compiling import compile_model
@@ -40,16 +39,15 @@ from batch_engine.projections import fuse_projections
 from batch_engine.prompts import Prompt
 from batch_engine.slots import (
     ATTENTION,
-    ByteBoundStore,
     Decode,
     Extend,
     Padded,
     Prefill,
     RideAlong,
     SlotStep,
-    StoredKV,
     cache_class,
 )
+from batch_engine.stores import ByteBoundStore, PrefixStore, StoredKV
 from batch_engine.vision_attention import register_vision_attention
 
 if TYPE_CHECKING:
@@ -160,10 +158,7 @@ class DeviceSteps:
         replay a CUDA graph of that bucket (`EngineSettings.prefill_graphs`)."""
         self._embeds = torch.zeros((self.capacity, text.hidden_size), dtype=model.dtype, device=device)
         self._padded_positions = torch.zeros((self.axes, self.capacity), dtype=torch.long, device=device)
-        self.prefixes = ByteBoundStore(settings.prefix_bytes)
-        """Prefix KV, each under the key of the longest prefix it was kept for."""
-        self._prefix_index: LRUCache[bytes, tuple[bytes, int]] = LRUCache(maxsize=1 << 16)
-        """Each kept prefix's key, and those of its shorter prefixes, to (the entry holding it, its length)."""
+        self.prefixes = PrefixStore(settings.prefix_bytes)
         self.encoder = ByteBoundStore(settings.encoder_bytes)
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self._host_ids: list[Any] | None = None
@@ -174,18 +169,6 @@ class DeviceSteps:
         if self.device.type == "cuda":
             self._host_ids = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
             self._copied = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call]
-
-    def stored_prefix(self, prompt: Prompt) -> StoredKV | None:
-        """The longest of `prompt`'s prefixes whose KV is kept (a view of it), if any."""
-        for key, tokens in prompt.prefixes:
-            held = self._prefix_index.get(key)
-            entry: StoredKV | None = self.prefixes.get(held[0]) if held is not None else None
-            if entry is not None:
-                self.prefixes.hits += 1
-                return entry if entry.tokens == tokens else entry.first(tokens)
-        if prompt.prefixes:
-            self.prefixes.misses += 1
-        return None
 
     def prefill(self, prompt: Prompt, row: int, stored: StoredKV | None, longest: int = 0) -> int:
         """`prompt` into `row` (after the `stored` prefix, when one was found); its first token. With `longest` (a
@@ -228,7 +211,7 @@ class DeviceSteps:
                     slot_step=SlotStep(causal=start == 0, positions_outer=self.plans_by_power_of_two),
                 ).last_hidden_state
                 token = int(self._choose(self.model.lm_head(hidden[:, -1]), self._rows_index[row : row + 1])[0])
-        self._keep_prefix(prompt, row, stored)
+        self.prefixes.keep_longest(prompt, self.cache, row, stored)
         self._input_ids[row, 0] = token
         self._lengths[row] = total
         self._deltas[row] = prompt.delta
@@ -390,19 +373,6 @@ class DeviceSteps:
     def _span(self, longest: int) -> int:
         """The span bucket holding `longest` positions."""
         return min(next((size for size in SPAN_BUCKETS if size >= longest), self.capacity), self.capacity)
-
-    def _keep_prefix(self, prompt: Prompt, row: int, reused: StoredKV | None) -> None:
-        """Keep the KV of `prompt`'s longest prefix, found under each of its prefixes' keys; nothing when the
-        `reused` one was as long."""
-        if not prompt.prefixes:
-            return
-        key, length = prompt.prefixes[0]
-        if reused is not None and reused.tokens >= length:
-            return
-        stored = StoredKV(self.cache.keys[:, row, :, :length].clone(), self.cache.values[:, row, :, :length].clone())
-        self.prefixes.keep(key, stored)
-        for shorter, tokens in prompt.prefixes:
-            self._prefix_index[shorter] = (key, tokens)
 
     def _decode_step(self, bucket: int, span: int) -> None:
         """One greedy token for rows [0, bucket) (rows past the requests in use compute and are ignored)."""
