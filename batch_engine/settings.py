@@ -27,13 +27,15 @@ class EngineSettings:
     cuda_graphs: bool = True
     """Capture decode steps, follow-up extend steps and (`prefill_graphs`) prefills as CUDA graphs (on a CUDA device
     only)."""
-    prefill_graphs: bool | None = None
+    prefill_graphs: bool = False
     """Pad each prefill from position 0 to its length bucket (`batch_engine.steps.padded_length`: a multiple of 128
     up to 2,048 tokens, coarser beyond, an eighth more at most past 1,024), so that with `cuda_graphs` one CUDA graph
-    per bucket replays its text model's forward: the host then issues one launch where it ran forty layers' Python
-    and launches, about as long as the device's work on an H100 (`bench/RESULTS.md`). The vision encoder before it
-    is not captured (its image sizes vary). Costs some start time, the padding's compute and the graphs' memory.
-    None: on a CUDA device."""
+    per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
+    forty layers' Python and launches, which on an H100 took about as long as the device's work (`bench/RESULTS.md`).
+    The vision encoder before it is not captured (its image sizes vary). Costs start time, the padding's compute and
+    the graphs' memory. Off by default, and not a service setting: it has not yet run on a GPU
+    (`bench/gpu_prefill_graphs.py` measures it). On a CPU nothing is captured and the padded prefill runs eagerly,
+    as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool | None = None

@@ -121,10 +121,12 @@ def compare_lone(
     order: Sequence[str],
     labels: dict[str, str],
     run: Callable[[Bench, int], tuple[dict[str, list[float]], list[str]]],
+    **engine: Any,
 ) -> None:
     """A script comparing lone first tokens of two sides in turns (`lone_turns`, through `run(bench, rounds)`): its
     options (`--tiny`, `--rounds`, `--image-side`), the engine as `bench/gpu_vision.py --compile` builds it (32
-    slots) with the heap frozen, and its table: `labels` names the baseline side, then ours."""
+    slots; `engine`: other settings of `bench.gpu_common.start_engine`) with the heap frozen, and its table: `labels`
+    names the baseline side, then ours."""
     import argparse
     import gc
 
@@ -136,7 +138,7 @@ def compare_lone(
     parser.add_argument("--image-side", type=int, default=1024)
     args = parser.parse_args()
     side = 64 if args.tiny else args.image_side
-    bench = build(args.tiny, side, 16, slots=2 if args.tiny else 32, compile_layers=not args.tiny)
+    bench = build(args.tiny, side, 16, slots=2 if args.tiny else 32, compile_layers=not args.tiny, **engine)
     gc.collect()
     gc.freeze()
     try:

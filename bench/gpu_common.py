@@ -132,6 +132,7 @@ def start_engine(
     ride_along: bool = EngineSettings.ride_along,
     recurring_plans: bool = EngineSettings.recurring_plans,
     dependent_launch: bool | None = EngineSettings.dependent_launch,
+    prefill_graphs: bool = EngineSettings.prefill_graphs,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
     stop: every answer runs to its budget),
@@ -154,6 +155,7 @@ def start_engine(
         ride_along=ride_along,
         recurring_plans=recurring_plans,
         dependent_launch=dependent_launch,
+        prefill_graphs=prefill_graphs,
     )
     bench.engine = BatchEngine(bench.model, settings)
     started = time.perf_counter()

@@ -29,6 +29,14 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         metavar="{on,off}",
         help="each attention layer's q/k/v projections as one product (default: on, as the engine's default)",
     )
+    parser.add_argument(
+        "--prefill-graphs",
+        type=on_off,
+        default=False,
+        metavar="{on,off}",
+        help="prefills padded to their length bucket and replayed as CUDA graphs (default: off, as the engine's "
+        "default; bench/gpu_prefill_graphs.py compares the two)",
+    )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     for setting, what in COMPARED.items():
         parser.add_argument(
@@ -89,7 +97,8 @@ def parsed(
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
     compiled layers (`--compile`), the decode attention (`--decode-kernel`), the linear layers (`--linear-kernel`), the
-    fused projections, programmatic dependent launch (`--dependent-launch`); ride-along on when it is to be compared
+    fused projections, programmatic dependent launch (`--dependent-launch`), the prefills' graphs (`--prefill-graphs`);
+    ride-along on when it is to be compared
     (`--compare-ride-along`: the engine's start warms its prefills only when it is on)."""
     return {
         "slots": max(args.clients),
@@ -101,6 +110,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "ride_along": "ride_along" in args.compare,
         "recurring_plans": args.recurring_plans,
         "dependent_launch": SWITCH[args.dependent_launch],
+        "prefill_graphs": args.prefill_graphs,
     }
 
 

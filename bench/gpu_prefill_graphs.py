@@ -1,12 +1,13 @@
 """A lone request's first token through the batching engine with its text prefill padded to a length bucket and
-replayed as a CUDA graph (`EngineSettings.prefill_graphs`, the default on a GPU) against the prefill the engine ran
-before (eager: the host running the forty compiled layers' Python and launches one by one), in one process.
+replayed as a CUDA graph (`EngineSettings.prefill_graphs`, on here, off by default) against the prefill as the
+engine runs it otherwise (eagerly: the host running the forty compiled layers' Python and launches one by one), in
+one process.
 
     python bench/gpu_prefill_graphs.py [--rounds 8] [--image-side 1024]    # on the GPU machine
     python bench/gpu_prefill_graphs.py --tiny                              # the same code on a CPU
 
 GLM-4.6V-Flash's full architecture with random weights in bfloat16, the engine as `bench/gpu_vision.py --compile`
-builds it (32 slots, compiled layers, the prefill graphs captured at start), the heap frozen as the service freezes
+builds it (32 slots, compiled layers) with the prefill graphs captured at start, the heap frozen as the service freezes
 it. The two take turns in the order eager, graphs, graphs, eager (a machine that drifts within the run weighs on both
 sides alike); each turn is one warm-up request and `--rounds` lone requests, each on an image not seen before, timed
 by the engine (`first_token_ms`: submit to first token). Both run the vision encoder as the engine does (compiled, not
@@ -42,7 +43,7 @@ def run(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
 
 def main() -> None:
     labels = {"eager": "the prefill as before", "graphs": "padded, a CUDA graph"}
-    compare_lone(__doc__.splitlines()[0] if __doc__ else "", TURNS, labels, run)
+    compare_lone(__doc__.splitlines()[0] if __doc__ else "", TURNS, labels, run, prefill_graphs=True)
 
 
 if __name__ == "__main__":

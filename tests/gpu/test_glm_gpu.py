@@ -111,17 +111,16 @@ def test_a_very_long_image_fits_the_visual_token_cap(backend: GlmVisionBackend) 
 
 
 def test_the_compiled_batching_engine_runs_its_layers_compiled_and_agrees(engine: GlmEngine) -> None:
-    """The engine as a GPU service runs it (compiled layers and encoder, CUDA graphs of decode steps and of padded
-    prefills, its own thread) over the full-size model: its first tokens for the warm-up image (a prefill's graph)
-    agree with plain `generate`'s (or part at a near-tie), and
-    requests on images of
-    two sizes and a follow-up on one of them run without dynamo reaching its recompile limit, past which a layer runs
-    uncompiled (`batch_engine.compiling`)."""
+    """The engine as a GPU service runs it (compiled layers and encoder, CUDA graphs of decode steps and, turned on,
+    of padded prefills, its own thread) over the full-size model: its first tokens for the warm-up image (a prefill's
+    graph) agree with plain `generate`'s (or part at a near-tie), and requests on images of two sizes and a follow-up
+    on one of them run without dynamo reaching its recompile limit, past which a layer runs uncompiled
+    (`batch_engine.compiling`)."""
     watch_recompile_limit()
     before = recompile_limit_hits()
     model: Any = engine.model
     try:
-        settings = EngineSettings(slots=4, max_tokens=4096, compile=True)
+        settings = EngineSettings(slots=4, max_tokens=4096, compile=True, prefill_graphs=True)
         engine.batch = started(model, settings, REFUSALS, model_name="random GLM-4.6V-Flash", fails=VisionUnavailable)
         graphs = engine.batch.device.graphs
         assert graphs, "decode steps captured as CUDA graphs"
