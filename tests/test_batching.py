@@ -29,8 +29,8 @@ from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
 from bench.gpu_load import middle_load
 from tests.tiny_glm4v import build_tiny_glm4v
 from vision_stage.errors import VisionRejected, VisionUnavailable
-from vision_stage.glm import REFUSALS, GlmEngine
 from vision_stage.glm_codec import EncodedPrompt
+from vision_stage.glm_engine import REFUSALS, GlmEngine
 from vision_stage.types import DecodedImage, VisionRequest
 
 BUDGET = 24

@@ -18,7 +18,7 @@ from batch_engine.convolutions import products_for_convolutions
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from tests.test_batching import BUDGET, image, sharp_glm
-from vision_stage.glm import REFUSALS, GlmEngine
+from vision_stage.glm_engine import REFUSALS, GlmEngine
 from vision_stage.types import VisionRequest
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.glm_vision.helpers import SMALL_ENGINE, TINY_MAX_TOKENS
 from tests.tiny_glm4v import build_tiny_glm4v
-from vision_stage.glm import GlmEngine, GlmVisionBackend
+from vision_stage.glm import GlmVisionBackend
+from vision_stage.glm_engine import GlmEngine
 
 
 @pytest.fixture(scope="package")

@@ -11,7 +11,8 @@ from PIL import Image
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
 from tests.raw_http import eventually
-from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend
+from vision_stage.glm import GlmVisionBackend
+from vision_stage.glm_engine import REFUSALS, GlmEngine
 from vision_stage.types import DecodedImage, ImageFacts, VisionRequest, VisionResult, VisionTask
 
 TINY_MAX_TOKENS = 64

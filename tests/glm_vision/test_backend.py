@@ -22,7 +22,7 @@ from tests.tiny_glm4v import CONTROL_TOKENS, build_tiny_glm4v, glm_processor, gl
 from vision_stage.backend import VisionBackend
 from vision_stage.description import NOT_JSON_NOTE
 from vision_stage.errors import VisionError, VisionInvalidOutput, VisionRejected, VisionUnavailable
-from vision_stage.glm import GlmEngine, GlmVisionBackend, torch_dtype
+from vision_stage.glm import GlmVisionBackend
 from vision_stage.glm_codec import (
     MAX_VISUAL_TOKENS,
     GlmCodec,
@@ -31,6 +31,7 @@ from vision_stage.glm_codec import (
     visual_budget,
     visual_tokens,
 )
+from vision_stage.glm_engine import GlmEngine, torch_dtype
 from vision_stage.glm_errors import Phase, translate_error
 from vision_stage.parsing import read_output
 from vision_stage.types import Box

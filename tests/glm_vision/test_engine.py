@@ -26,7 +26,8 @@ from tests.glm_vision.helpers import SMALL_ENGINE, queued, request, same, unstar
 from tests.raw_http import eventually
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.facts import image_facts
-from vision_stage.glm import GlmEngine, GlmVisionBackend
+from vision_stage.glm import GlmVisionBackend
+from vision_stage.glm_engine import GlmEngine
 from vision_stage.types import DecodedImage, VisionRequest, VisionTask
 
 

@@ -30,8 +30,9 @@ from bench.gpu_common import parting
 from stage_protocol.generation import generation_config
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
 from vision_stage.errors import VisionUnavailable
-from vision_stage.glm import REFUSALS, GlmEngine, GlmVisionBackend, warm_up_request
+from vision_stage.glm import GlmVisionBackend
 from vision_stage.glm_codec import MAX_VISUAL_TOKENS, GlmCodec
+from vision_stage.glm_engine import REFUSALS, GlmEngine, warm_up_request
 from vision_stage.images import ImageLimits, decode_image
 from vision_stage.types import DecodedImage, VisionRequest
 
