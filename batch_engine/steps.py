@@ -156,7 +156,8 @@ class DeviceSteps:
         self.padded = settings.prefill_graphs
         """Whether prefills from position 0 are padded to their length bucket (`padded_length`) and, on a GPU,
         replay a CUDA graph of that bucket (`EngineSettings.prefill_graphs`)."""
-        self._embeds = torch.zeros((self.capacity, text.hidden_size), dtype=model.dtype, device=device)
+        padded = self.capacity if self.padded else 0  # the padded steps' input, which their graphs read
+        self._embeds = torch.zeros((padded, text.hidden_size), dtype=model.dtype, device=device)
         self._padded_positions = torch.zeros((self.axes, self.capacity), dtype=torch.long, device=device)
         self.prefixes = PrefixStore(settings.prefix_bytes)
         self.encoder = ByteBoundStore(settings.encoder_bytes)
