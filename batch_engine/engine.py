@@ -205,8 +205,9 @@ class BatchEngine:
         )
 
     def start(self) -> None:
-        """Capture the decode graphs (on a GPU), compile the prefills (`warm_prefills`, when the layers are compiled),
-        and run `step` on the engine's own thread until `close`, once that thread has built its attention plans."""
+        """Capture the decode and extend steps' graphs, and the padded prefills' (`prefill_graphs`), on a GPU; compile
+        the prefills (`warm_prefills`, when the layers are compiled); and run `step` on the engine's own thread until
+        `close`, once that thread has built its attention plans."""
         self.device.capture()
         if self.device.compiled:
             warm_prefills(self.prepare, self.device)

@@ -307,12 +307,7 @@ class DeviceSteps:
         self._extend_start.fill_(start)
         self._last.fill_(new - 1)
         span = self._span(start + count)
-        graph = self.graphs.get(("extend", count, span))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._extend_step(count, span)
-        return int(self._token.item())
+        return self._one_row(("extend", count, span), functools.partial(self._extend_step, count, span))
 
     def padded_lengths(self) -> list[int]:
         """The lengths a prefill from position 0 is padded to (`padded_length`, at most the slots' `capacity`)."""
@@ -331,12 +326,24 @@ class DeviceSteps:
         self._padded_positions[:, total:count] = positions[:, -1:] + 1
         self._row.fill_(row)
         self._last.fill_(total - 1)
-        graph = self.graphs.get(("prefill", count))
+        return self._one_row(("prefill", count), functools.partial(self._padded_step, count))
+
+    def _one_row(self, key: tuple[Any, ...], step: Callable[[], None]) -> int:
+        """One row's step (its inputs in place): the graph captured under `key`, else `step` run as it is; the token
+        it chose."""
+        graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
-            self._padded_step(count)
+            step()
         return int(self._token.item())
+
+    def clear_row_inputs(self) -> None:
+        """The one-row steps' inputs zeroed (row, start, last new token's index): any captured graph replayed then
+        reads within its bounds (a padded prefill leaves the last index up to the slot's length, past an extend
+        step's tokens)."""
+        for buffer in (self._row, self._extend_start, self._last):
+            buffer.zero_()
 
     def _padded_step(self, count: int) -> None:
         mask = self._positions[:count].view(1, count) <= self._positions[:count].view(-1, 1)

@@ -238,14 +238,13 @@ def replays(engine: Any, sync: Callable[[], None]) -> str:
     graphs = engine.device.graphs
     if not graphs:
         return "no graphs captured (not a CUDA device)"
-    span = max(key[-1] for key in graphs)
+    span = max(key[-1] for key in graphs if key[0] != "prefill")  # the decode and extend steps' longest span
     timed = []
     for key in ((1, span), (8, span), (32, span), ("extend", 32, span)):
         graph = graphs.get(key)
         if graph is None:
             continue
-        for buffer in (engine.device._extend_row, engine.device._extend_start, engine.device._extend_last):
-            buffer.zero_()  # the extend graph reads its last token at `_extend_last`: one of another count's is out
+        engine.device.clear_row_inputs()  # an extend graph reads its last token at an index another step may leave out
         graph.replay()
         sync()
         started = time.perf_counter()
@@ -261,7 +260,8 @@ def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
     import torch
     from torch.profiler import ProfilerActivity
 
-    span = max(key[-1] for key in engine.device.graphs) if engine.device.graphs else engine.settings.max_tokens
+    spans = [key[-1] for key in engine.device.graphs if key[0] != "prefill"]
+    span = max(spans) if spans else engine.settings.max_tokens
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     for batch in sorted({1, min(32, engine.settings.slots)}):

@@ -24,6 +24,7 @@ from PIL import Image
 
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
+from batch_engine.steps import padded_length
 from batch_engine.types import Completion
 from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
 from bench.gpu_load import middle_load
@@ -78,8 +79,6 @@ def submit(batch: BatchEngine, encoded: EncodedPrompt, key: str, budget: int = B
 def test_a_prefill_is_padded_to_a_multiple_of_128_then_coarser_never_by_more_than_an_eighth_past_1024(
     glm: GlmEngine,
 ) -> None:
-    from batch_engine.steps import padded_length
-
     assert [padded_length(n) for n in (1, 7, 128, 129, 1397, 2048, 2049, 4097, 8192)] == [
         128, 128, 128, 256, 1408, 2048, 2304, 4608, 8192,
     ]  # fmt: skip
@@ -96,11 +95,21 @@ def test_one_request_equals_plain_generate(glm: GlmEngine, padded: bool) -> None
     expected = glm.generate_ids(encoded, BUDGET)
     assert len(set(expected)) > 4, "the sharp model should not repeat one token"
     batch = engine(glm, prefill_graphs=padded)
-    assert batch.device.padded is padded
+    ran: list[int] = []  # the lengths the padded step ran at
+    padded_step = batch.device._padded_step
+
+    def recording(count: int) -> None:
+        ran.append(count)
+        padded_step(count)
+
+    batch.device._padded_step = recording  # type: ignore[method-assign]
     future = submit(batch, encoded, "one")
     batch.run_until_idle()
     completion = future.result()
     assert completion.ids == expected
+    # padded to its bucket (one of those captured on a GPU), or not padded at all
+    assert ran == ([padded_length(encoded.prompt_tokens)] if padded else [])
+    assert set(ran) <= set(batch.device.padded_lengths())
     assert (completion.prompt_tokens, completion.reused_tokens) == (encoded.prompt_tokens, 0)
     assert completion.first_token_ms >= completion.queue_ms >= 0
 
@@ -177,6 +186,23 @@ def test_a_follow_up_on_the_same_image_prefills_only_its_own_text(glm: GlmEngine
     image_end = glm.model.config.image_end_token_id
     assert reused.reused_tokens == int((follow_up.inputs["input_ids"][0] == image_end).nonzero()[-1, 0]) + 1
     assert batch.device.prefixes.hits == 1
+
+
+def test_a_cleared_prefix_store_forgets_its_prefixes_and_their_index(glm: GlmEngine) -> None:
+    """`PrefixStore.clear` (what the benchmarks call between their runs): the follow-up prefills whole."""
+    first, follow_up = prompt(glm, 21, "what is the total?"), prompt(glm, 21, "and the date, please?")
+    batch = engine(glm)
+    submit(batch, first, "cleared")
+    batch.run_until_idle()
+    prefixes = batch.device.prefixes
+    assert len(prefixes) == 1
+    assert prefixes.index
+    prefixes.clear()
+    assert not prefixes.index
+    again = submit(batch, follow_up, "cleared")
+    batch.run_until_idle()
+    assert again.result().reused_tokens == 0
+    assert again.result().ids == glm.generate_ids(follow_up, BUDGET)
 
 
 def test_another_image_with_the_same_key_text_is_not_a_prefix_hit(glm: GlmEngine) -> None:
@@ -325,6 +351,33 @@ def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_noth
     assert "no graphs captured (not a CUDA device)" in finished.stdout  # on a GPU: the replays' times
     assert "| measure" not in finished.stdout
     assert finished.stdout.rstrip().endswith("; attention without cuDNN"), finished.stdout[-300:]
+
+
+def test_the_gpu_benchmark_times_the_captured_steps_each_replayed_with_its_inputs_in_bounds(glm: GlmEngine) -> None:
+    """`replays` over the graphs a GPU engine captures (stand-ins here: the CPU captures none), prefill graphs among
+    them: each timed graph's one-row inputs are zeroed first (a padded prefill leaves its last index past an extend
+    step's tokens), and the prefill graphs' lengths are not taken for a decode step's span."""
+    from bench.gpu_common import replays
+
+    batch = engine(glm, prefill_graphs=True)
+    device = batch.device
+    replayed: list[tuple[Any, ...]] = []
+
+    class Graph:
+        def __init__(self, key: tuple[Any, ...]) -> None:
+            self.key = key
+
+        def replay(self) -> None:
+            assert (int(device._row), int(device._extend_start), int(device._last)) == (0, 0, 0)
+            replayed.append(self.key)
+
+    keys = [(1, 256), (8, 256), ("extend", 32, 256), ("prefill", 128), ("prefill", 256)]
+    device.graphs = {key: Graph(key) for key in keys}
+    device._last.fill_(255)  # as a padded prefill of 256 tokens leaves it
+    timed = replays(batch, lambda: None)
+    assert set(replayed) == {(1, 256), (8, 256), ("extend", 32, 256)}
+    assert timed.startswith("graph replay alone, ms per step: (1, 256): ")
+    assert "('extend', 32, 256): " in timed
 
 
 def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:

@@ -49,8 +49,8 @@ def test_compiled_layers_equal_plain_generate_for_prompts_of_several_lengths(
 ) -> None:
     """`torch.compile`d decoder layers (the engine's default on a GPU), either way of treating sizes: prompts of
     four lengths, joining at different steps, so that prefill and decode steps each meet more than one size; and
-    with the prefills padded to their length bucket (`prefill_graphs`, on a GPU by default, where each bucket is a
-    captured graph; run eagerly here)."""
+    with the prefills padded to their length bucket (`prefill_graphs`: on a GPU each bucket a captured graph; run
+    eagerly here)."""
     prompts = [ids_of(chat, question) for question in QUESTIONS]
     assert len({len(prompt) for prompt in prompts}) > 2
     expected = [chat.complete(prompt, max_new_tokens=BUDGET - n, temperature=0.0) for n, prompt in enumerate(prompts)]
