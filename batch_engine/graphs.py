@@ -1,7 +1,8 @@
-"""The batching engine's CUDA graphs (`batch_engine.steps`): one decode step per (batch, span) bucket, one
-follow-up extend step per (new tokens, span) bucket and, where prefills are padded, one prefill from position 0 per
-length bucket, captured at start into one memory pool and replayed by the steps in place of their kernels' launches
-(and of the host's work between them: a prefill's forty layers took an H100's host about as long as its device)."""
+"""The batching engine's CUDA graphs (`batch_engine.steps`) and the sizes its steps are bucketed to: one decode step
+per (batch, span) bucket, one follow-up extend step per (new tokens, span) bucket and, where prefills are padded
+(`padded_length`), one prefill from position 0 per length bucket, captured at start into one memory pool and replayed
+by the steps in place of their kernels' launches and of the host's work between them (on an H100 a lone prefill's
+forty text layers were seen to wait on that work, `bench/RESULTS.md`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("batch_engine")
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
+EXTEND_BUCKETS = (16, 32, 64, 128)
+"""New-token counts of a follow-up's prefill (after a reused prefix), each a CUDA graph like a decode step."""
+
+
+def padded_length(tokens: int) -> int:
+    """The length bucket a prefill of `tokens` from position 0 is padded to (`EngineSettings.prefill_graphs`): the
+    next multiple of 128 up to 2,048 tokens, of 256 up to 4,096, and so on (at most an eighth more tokens past 1,024),
+    so that a slot of 8,192 positions has 32 of them."""
+    step = max(128, 1 << max(0, (tokens - 1).bit_length() - 4))
+    return -(-tokens // step) * step
+
+
 def capture(
     steps: DeviceSteps,
     decode: Callable[[int, int], None],
@@ -28,8 +43,6 @@ def capture(
     (length bucket) steps as graphs into `steps.graphs` (CUDA devices with `cuda_graphs` only; before any request).
     A capture that fails leaves that bucket eager and says so in the log."""
     import torch
-
-    from batch_engine.steps import BATCH_BUCKETS, EXTEND_BUCKETS, SPAN_BUCKETS
 
     if steps.device.type != "cuda" or not steps.settings.cuda_graphs:
         return

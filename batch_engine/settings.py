@@ -28,7 +28,7 @@ class EngineSettings:
     """Capture decode steps, follow-up extend steps and (`prefill_graphs`) prefills as CUDA graphs (on a CUDA device
     only)."""
     prefill_graphs: bool = False
-    """Pad each prefill from position 0 to its length bucket (`batch_engine.steps.padded_length`: a multiple of 128
+    """Pad each prefill from position 0 to its length bucket (`batch_engine.graphs.padded_length`: a multiple of 128
     up to 2,048 tokens, coarser beyond, an eighth more at most past 1,024), so that with `cuda_graphs` one CUDA graph
     per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
     forty layers' Python and launches, which on an H100 took about as long as the device's work (`bench/RESULTS.md`).

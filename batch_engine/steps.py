@@ -33,6 +33,7 @@ from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
 from batch_engine.attention_plans import planned_on
 from batch_engine.compiling import compile_model
 from batch_engine.convolutions import products_for_convolutions
+from batch_engine.graphs import BATCH_BUCKETS, EXTEND_BUCKETS, SPAN_BUCKETS, padded_length
 from batch_engine.greedy import GreedyChoice
 from batch_engine.images import place_images
 from batch_engine.projections import fuse_projections
@@ -54,19 +55,6 @@ if TYPE_CHECKING:
     from batch_engine.settings import EngineSettings
 
 log = logging.getLogger("batch_engine")
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-SPAN_BUCKETS = tuple(2**n for n in range(8, 18))  # 256 … 131,072 positions
-EXTEND_BUCKETS = (16, 32, 64, 128)
-"""New-token counts of a follow-up's prefill (after a reused prefix), each a CUDA graph like a decode step."""
-
-
-def padded_length(tokens: int) -> int:
-    """The length bucket a prefill of `tokens` from position 0 is padded to (`EngineSettings.prefill_graphs`): the
-    next multiple of 128 up to 2,048 tokens, of 256 up to 4,096, and so on (at most an eighth more tokens past 1,024),
-    so that a slot of 8,192 positions has 32 of them."""
-    step = max(128, 1 << max(0, (tokens - 1).bit_length() - 4))
-    return -(-tokens // step) * step
 
 
 class DeviceSteps:

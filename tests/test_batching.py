@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from batch_engine.engine import BatchEngine
+from batch_engine.graphs import padded_length
 from batch_engine.settings import EngineSettings
-from batch_engine.steps import padded_length
 from batch_engine.types import Completion
 from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
 from bench.gpu_load import middle_load

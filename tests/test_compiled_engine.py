@@ -22,8 +22,8 @@ from batch_engine.compiling import (
     watch_recompile_limit,
 )
 from batch_engine.engine import BatchEngine
+from batch_engine.graphs import EXTEND_BUCKETS
 from batch_engine.settings import EngineSettings
-from batch_engine.steps import EXTEND_BUCKETS
 from reasoning_stage.batched import REFUSALS
 from reasoning_stage.chat_model import ChatModel
 from reasoning_stage.local import LocalReasoningBackend
