@@ -146,7 +146,7 @@ class DeviceSteps:
         replay a CUDA graph of that bucket (`EngineSettings.prefill_graphs`)."""
         padded = self.capacity if self.padded else 0  # the padded steps' input, which their graphs read
         self._embeds = torch.zeros((padded, text.hidden_size), dtype=model.dtype, device=device)
-        self._padded_positions = torch.zeros((self.axes, self.capacity), dtype=torch.long, device=device)
+        self._padded_positions = torch.zeros((self.axes, padded), dtype=torch.long, device=device)
         self.prefixes = PrefixStore(settings.prefix_bytes)
         self.encoder = ByteBoundStore(settings.encoder_bytes)
         self.graphs: dict[tuple[Any, ...], Any] = {}
@@ -288,9 +288,7 @@ class DeviceSteps:
         new = total - start
         self._extend_ids.zero_()
         self._extend_ids[:new] = prompt.ids[start:].to(self.device)
-        positions = prompt.positions[:, start:]
-        self._extend_positions[:, :new] = positions.to(self.device)
-        self._extend_positions[:, new:count] = positions[:, -1:].to(self.device) + 1
+        _pad_positions(self._extend_positions, prompt.positions[:, start:].to(self.device), count)
         self._row.fill_(row)
         self._extend_start.fill_(start)
         self._last.fill_(new - 1)
@@ -310,8 +308,7 @@ class DeviceSteps:
         padding's K and V land past the prompt, masked until decoding overwrites them); the prompt's causal attention
         never reads the padding."""
         count = min(padded_length(total), self.capacity)
-        self._padded_positions[:, :total] = positions
-        self._padded_positions[:, total:count] = positions[:, -1:] + 1
+        _pad_positions(self._padded_positions, positions, count)
         self._row.fill_(row)
         self._last.fill_(total - 1)
         return self._one_row(("prefill", count), functools.partial(self._padded_step, count))
@@ -392,6 +389,14 @@ class DeviceSteps:
     def capture(self) -> None:
         """The decode, extend and padded prefill steps' CUDA graphs (`batch_engine.graphs`)."""
         graphs.capture(self, self._decode_step, self._extend_step, self._padded_step)
+
+
+def _pad_positions(buffer: Any, positions: Any, count: int) -> None:
+    """A one-row step's `positions` (axes, new tokens; on the device) into the first of `buffer`'s, and one past the
+    last for the padding up to `count`."""
+    new = positions.shape[1]
+    buffer[:, :new] = positions
+    buffer[:, new:count] = positions[:, -1:] + 1
 
 
 def _read(host: Any, batch: int, done: Any) -> list[int]:

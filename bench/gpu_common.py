@@ -232,13 +232,20 @@ def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
     return agreement(plain, engine, label="in float32, first 32 tokens equal to plain generate")
 
 
+def longest_span(engine: Any, graphs: dict[tuple[Any, ...], Any]) -> int:
+    """The longest span of the decode and extend graphs captured (the padded prefills' keys hold a length, not a
+    span), or the engine's `max_tokens` where none were."""
+    spans = [key[-1] for key in graphs if key[0] != "prefill"]
+    return max(spans) if spans else int(engine.settings.max_tokens)
+
+
 def replays(engine: Any, sync: Callable[[], None]) -> str:
     """How long the captured graphs take on the device alone (the engine idle), against the steps as served."""
 
     graphs = engine.device.graphs
     if not graphs:
         return "no graphs captured (not a CUDA device)"
-    span = max(key[-1] for key in graphs if key[0] != "prefill")  # the decode and extend steps' longest span
+    span = longest_span(engine, graphs)
     timed = []
     for key in ((1, span), (8, span), (32, span), ("extend", 32, span)):
         graph = graphs.get(key)
@@ -260,8 +267,7 @@ def profile(engine: Any, device: str, sync: Callable[[], None]) -> None:
     import torch
     from torch.profiler import ProfilerActivity
 
-    spans = [key[-1] for key in engine.device.graphs if key[0] != "prefill"]
-    span = max(spans) if spans else engine.settings.max_tokens
+    span = longest_span(engine, engine.device.graphs)
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     for batch in sorted({1, min(32, engine.settings.slots)}):
