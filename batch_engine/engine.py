@@ -39,13 +39,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from typing import Any
 
 from batch_engine.attention_plans import IDLE_S, RecurringCalls, build_plans, serve
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.greedy import stop_ids_of
 from batch_engine.prompts import Prompt, prompt_of
+from batch_engine.queued import Launched, Request, drain, take
 from batch_engine.settings import EngineSettings
 from batch_engine.steps import DeviceSteps
 from batch_engine.stores import StoredKV
@@ -53,27 +53,6 @@ from batch_engine.types import PLAIN_REFUSALS, Completion, EngineStats, Refusals
 from stage_protocol.loops import WINDOW, repeats_at_end
 
 log = logging.getLogger("batch_engine")
-
-
-@dataclass(eq=False)
-class _Request:
-    prompt: Prompt
-    budget: int
-    future: Future[Completion]
-    submitted: float = field(default_factory=time.perf_counter)
-    tokens: list[int] = field(default_factory=list)
-    length: int = 0
-    reused: int = 0
-    admitted: float = 0.0
-    first_token: float = 0.0
-    stored: StoredKV | None = None
-    """The prefix found for it, between its lookup and its prefill."""
-    looked_up: bool = False
-    on_token: Callable[[int], None] | None = None
-
-
-_Launched = tuple[list[_Request], Callable[[], list[int]]]
-"""A launched decode step: its rows' requests in row order, and the call that gives their tokens."""
 
 
 class BatchEngine:
@@ -89,10 +68,10 @@ class BatchEngine:
         """The attention calls that recur on the engine's thread, each given a plan of its own while the thread idles
         (`EngineSettings.recurring_plans`), where cuDNN plans per power of two."""
         self.stop_ids = frozenset(stop_ids_of(model.generation_config))
-        self._queue: queue.Queue[_Request] = queue.Queue(maxsize=settings.queue_size)
-        self._held: _Request | None = None
-        self._rows: list[_Request] = []
-        self._unread: _Launched | None = None
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=settings.queue_size)
+        self._held: Request | None = None
+        self._rows: list[Request] = []
+        self._unread: Launched | None = None
         """The decode step launched last, its tokens not yet read (`settings.overlap`)."""
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -145,7 +124,7 @@ class BatchEngine:
                 f"{self.settings.max_tokens} ({self.refusals.setting('_MAX_TOKENS')})"
             )
         prompt = self.prepare(inputs, image_key)
-        request = _Request(prompt, budget=min(max_new_tokens, room), future=future, on_token=on_token)
+        request = Request(prompt, budget=min(max_new_tokens, room), future=future, on_token=on_token)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -154,7 +133,7 @@ class BatchEngine:
             ) from None
         self._wake.set()
         if self._closed.is_set():  # closed meanwhile: `close` may have emptied the queue before this request came
-            self._fail_closed(_drain(self._queue))
+            self._fail_closed(drain(self._queue))
         return future
 
     def prepare(self, inputs: Mapping[str, Any], image_key: str | None) -> Prompt:
@@ -222,10 +201,10 @@ class BatchEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._fail_closed([*self._rows, *([self._held] if self._held else []), *_drain(self._queue)])
+        self._fail_closed([*self._rows, *([self._held] if self._held else []), *drain(self._queue)])
         self._rows, self._held, self._unread = [], None, None
 
-    def _fail_closed(self, requests: list[_Request]) -> None:
+    def _fail_closed(self, requests: list[Request]) -> None:
         """Fail `requests` with the refusals' `unavailable`: the engine is closed."""
         closed = self.refusals.unavailable("the batching engine was closed")
         for request in requests:
@@ -283,15 +262,15 @@ class BatchEngine:
         while self.step():
             pass
 
-    def _admit(self) -> tuple[bool, _Launched | None]:
+    def _admit(self) -> tuple[bool, Launched | None]:
         """Admit and prefill what the step's budget allows: whether any was admitted, and the decode step the rows
         in use rode along in (the first prefill's, when it `rides`), in place of a launched one."""
         spent, image_prefilled, admitted = 0, False, False
-        rode: _Launched | None = None
+        rode: Launched | None = None
         while len(self._rows) < self.settings.slots:
             request, self._held = self._held, None
             if request is None:
-                request = _take(self._queue)
+                request = take(self._queue)
                 if request is None:
                     break
                 if not request.future.set_running_or_notify_cancel():
@@ -322,7 +301,7 @@ class BatchEngine:
             spent, image_prefilled, admitted = spent + cost, image_prefilled or needs_image, True
         return admitted, rode
 
-    def _prefill(self, request: _Request, stored: StoredKV | None, riders: list[_Request]) -> None:
+    def _prefill(self, request: Request, stored: StoredKV | None, riders: list[Request]) -> None:
         request.admitted = time.perf_counter()
         self._admitted += 1
         self._queue_ms += (request.admitted - request.submitted) * 1000
@@ -336,12 +315,12 @@ class BatchEngine:
         request.first_token = time.perf_counter()
         self._accept(request, token)
 
-    def _launch(self) -> _Launched:
+    def _launch(self) -> Launched:
         """One decode step for every row, launched; its tokens are read by `_deliver`."""
         rows = list(self._rows)
         return self._decoded_by(rows, self.device.launch(len(rows), max(request.length for request in rows)))
 
-    def _decoded_by(self, rows: list[_Request], read: Callable[[], list[int]]) -> _Launched:
+    def _decoded_by(self, rows: list[Request], read: Callable[[], list[int]]) -> Launched:
         """`rows` decoded one token each, in a launched step or a prefill's forward; `read` gives their tokens."""
         for request in rows:
             request.length += 1  # what its slot holds once the step has run
@@ -350,7 +329,7 @@ class BatchEngine:
         self._decoded += len(rows)
         return rows, read
 
-    def _deliver(self, launched: _Launched) -> None:
+    def _deliver(self, launched: Launched) -> None:
         """A launched step's tokens to its rows' requests; one that finished after the step was launched (at the
         step before) takes nothing, its extra token computed and dropped."""
         rows, read = launched
@@ -365,7 +344,7 @@ class BatchEngine:
         for future in [future for future in list(self._abandoned) if future.done()]:
             self._abandoned.discard(future)  # it finished while its caller was leaving
 
-    def _accept(self, request: _Request, token: int) -> None:
+    def _accept(self, request: Request, token: int) -> None:
         request.tokens.append(token)
         if request.on_token is not None:
             try:
@@ -376,7 +355,7 @@ class BatchEngine:
         if token in self.stop_ids or len(request.tokens) >= request.budget or looped:
             self._finish(request, looped)
 
-    def _finish(self, request: _Request, looped: bool) -> None:
+    def _finish(self, request: Request, looped: bool) -> None:
         row = self._rows.index(request)
         last = len(self._rows) - 1
         if row != last:
@@ -407,17 +386,3 @@ class BatchEngine:
                 request.future.set_exception(failed)
         self._rows, self._unread = [], None
         self.device.reset()
-
-
-def _take(source: queue.Queue[_Request]) -> _Request | None:
-    try:
-        return source.get_nowait()
-    except queue.Empty:
-        return None
-
-
-def _drain(source: queue.Queue[_Request]) -> list[_Request]:
-    drained = []
-    while (request := _take(source)) is not None:
-        drained.append(request)
-    return drained
