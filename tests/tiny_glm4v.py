@@ -183,7 +183,7 @@ def tiny_glm4v_model(tokenizer: PreTrainedTokenizerFast, architecture: Architect
         "max_position_embeddings": 1024,
         "pad_token_id": ids["<|endoftext|>"],
         # head_dim 16 × partial_rotary_factor 0.5 = 8 rotary dims = 4 frequencies, split over (t, h, w)
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 2.0, "partial_rotary_factor": 0.5,
                             "mrope_section": [2, 1, 1]},
     }  # fmt: skip
     vision = {
