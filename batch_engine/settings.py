@@ -33,8 +33,9 @@ class EngineSettings:
     per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
     forty layers' Python and launches, which on an H100 took about as long as the device's work (`bench/RESULTS.md`).
     The vision encoder before it is not captured (its image sizes vary). Costs start time, the padding's compute and
-    the graphs' memory. Off by default, and not a service setting: it has not yet run on a GPU
-    (`bench/gpu_prefill_graphs.py` measures it). On a CPU nothing is captured and the padded prefill runs eagerly,
+    the graphs' memory. Off by default, and not a service setting: on an H100 whose host kept up with the device it
+    took a lone first token from 62.9 to 64.8 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`); a host too slow
+    for the eager prefill is where it would help, not yet measured. On a CPU nothing is captured and the padded prefill runs eagerly,
     as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
