@@ -35,8 +35,8 @@ class EngineSettings:
     The vision encoder before it is not captured (its image sizes vary). Costs start time, the padding's compute and
     the graphs' memory. Off by default, and not a service setting: on an H100 whose host kept up with the device it
     took a lone first token from 62.9 to 64.8 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`); a host too slow
-    for the eager prefill is where it would help, not yet measured. On a CPU nothing is captured and the padded prefill runs eagerly,
-    as the tests run it."""
+    for the eager prefill is where it would help, not yet measured. On a CPU nothing is captured and the padded
+    prefill runs eagerly, as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool | None = None

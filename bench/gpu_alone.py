@@ -5,6 +5,7 @@ decode at batch 1, and the first token at a prompt length not met before."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,13 +31,20 @@ ONE_REQUEST_ROWS = (
 
 @dataclass(frozen=True)
 class Prompts:
-    """A benchmark's prompts: `one` (the same each time), `fresh` (one not seen before), `new_length` (one of a length
-    not met before either), and `forget`, which drops what the engine kept of one (so that a second run is cold too)."""
+    """A benchmark's prompts: `one` (the same each time), `fresh` (one not seen before), `new_length(n)` (one not seen
+    before, its length the `n`-th of a sequence whose lengths neither path has met: each path takes n = 1, 2, … so
+    that both meet the same lengths), and `forget`, which drops what the engine kept of one (so that a second run is
+    cold too)."""
 
     one: Any
     fresh: Callable[[], Any]
     forget: Callable[[], None]
-    new_length: Callable[[], Any]
+    new_length: Callable[[int], Any]
+
+    def lengthening(self) -> Callable[[], Any]:
+        """`new_length` at n = 1, 2, … on each call."""
+        lengths = itertools.count(1)
+        return lambda: self.new_length(next(lengths))
 
 
 FIRST_TOKEN_SAMPLES = 3
@@ -44,31 +52,51 @@ FIRST_TOKEN_SAMPLES = 3
 16–19 ms between two runs of the benchmark on H100s, where the engine alone gave 63–65 ms with about one sample in nine
 7–60 ms longer (bench/RESULTS.md); more samples, listed, show whether slow ones are a few or a level."""
 
+Sample = tuple[Any, int | None]
+"""One of the engine's lone requests: its completion, and the GPU's SM clock read just after it."""
 
-def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row], list[str]]:
-    """First token of one request alone, and decode ms/token at batch 1: (t(1 + 64) − t(1)) / 64 for plain, the same
-    over the tokens written for the engine. Then the first token of a prompt whose length neither path has met before
-    (`Prompts.new_length`): the first meeting of a shape costs what the steady runs above do not show (cuDNN's
-    attention builds a plan for each, `bench/gpu_sdpa_shapes.py`), and a service meets many lengths. Each first token
-    is the p50 of `FIRST_TOKEN_SAMPLES` a round; a note gives the engine's samples in the order taken."""
-    one, fresh, new_length = prompts.one, prompts.fresh, prompts.new_length
+
+@dataclass(frozen=True)
+class EngineAlone:
+    """The engine's measures of one request alone (`engine_alone`): its lone first tokens on prompts of one length and
+    at lengths not met before, and its decode ms/token at batch 1."""
+
+    first: list[Sample]
+    decode: float
+    new: list[Sample]
+
+
+def engine_alone(bench: Paths, rounds: int, prompts: Prompts) -> EngineAlone:
+    """The engine's first token of one request alone, each on an image not seen before; its decode ms/token at batch
+    1 (`engine_decode`); then its first token at prompt lengths not met before (`Prompts.new_length`): the first
+    meeting of a shape costs what the steady runs do not show (cuDNN's attention builds a plan for each,
+    `bench/gpu_sdpa_shapes.py`), and a service meets many lengths. `FIRST_TOKEN_SAMPLES` a round of each first token."""
     count = FIRST_TOKEN_SAMPLES * rounds
+    first = engine_lone_requests(bench, count, prompts.fresh)
+    decode = engine_decode(bench, rounds, prompts.fresh, prompts.forget)
+    return EngineAlone(first, decode, engine_lone_requests(bench, count, prompts.lengthening()))
+
+
+def one_request(bench: Paths, rounds: int, prompts: Prompts, engine: EngineAlone) -> tuple[list[Row], list[str]]:
+    """Plain `generate`'s measures of one request alone, taken as the engine's were (`engine_alone`): its first token
+    (each a p50 of `FIRST_TOKEN_SAMPLES` a round), decode ms/token at batch 1, (t(1 + 64) − t(1)) / 64, and its first
+    token at the lengths the engine met first; the rows of both, and a note listing the engine's samples in the order
+    taken."""
+    one, count = prompts.one, FIRST_TOKEN_SAMPLES * rounds
     plain_first = median_of(count, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])
-    engine_first = engine_lone_requests(bench, count, fresh)
-    engine_decoding = engine_decode(bench, rounds, fresh, prompts.forget)
+    new_length = prompts.lengthening()
     plain_new = median_of(count, lambda: bench.plain(new_length(), 1)[0])
-    engine_new = engine_lone_requests(bench, count, new_length)
     first, decode, new = ONE_REQUEST_ROWS
     rows = [
-        (first, plain_first, statistics.median(done.first_token_ms for done, _ in engine_first)),
-        (decode, (plain_full - plain_first) / 64, engine_decoding),
-        (new, plain_new, statistics.median(done.first_token_ms for done, _ in engine_new)),
+        (first, plain_first, statistics.median(done.first_token_ms for done, _ in engine.first)),
+        (decode, (plain_full - plain_first) / 64, engine.decode),
+        (new, plain_new, statistics.median(done.first_token_ms for done, _ in engine.new)),
     ]
 
     def listed(figure: Callable[[Any, int | None], str]) -> str:
         return "; at a new length ".join(
-            " ".join(figure(done, clock) for done, clock in samples) for samples in (engine_first, engine_new)
+            " ".join(figure(done, clock) for done, clock in samples) for samples in (engine.first, engine.new)
         )
 
     first_tokens = listed(lambda done, _: f"{done.first_token_ms:.1f}")
@@ -77,16 +105,16 @@ def one_request(bench: Paths, rounds: int, prompts: Prompts) -> tuple[list[Row],
         f"the engine's lone first tokens, ms, in the order taken: {first_tokens}",
         f"of which waiting to be admitted (submit → admitted), ms: {waits}",
     ]
-    if any(clock is not None for _, clock in engine_first + engine_new):
+    if any(clock is not None for _, clock in engine.first + engine.new):
         notes.append(f"the GPU's SM clock read after each, MHz: {listed(lambda _, clock: str(clock))}")
     return rows, notes
 
 
-def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[tuple[Any, int | None]]:
+def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[Sample]:
     """The engine's completions of one request alone, `count` times after one more, each on a prompt `prompt`
     makes, and the GPU's SM clock read just after each (`sm_clock`)."""
 
-    def once() -> tuple[Any, int | None]:
+    def once() -> Sample:
         _, (done,) = bench.engine_run([prompt()], 1)
         return done, sm_clock(bench.device)
 

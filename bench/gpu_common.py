@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from batch_engine.attention_plans import by_power_of_two
 from batch_engine.settings import EngineSettings
 from bench.gc_pauses import Collections, as_loaded_and_frozen
-from bench.gpu_alone import Prompts, median_of, one_request
-from bench.gpu_load import compared, loads
+from bench.gpu_alone import Prompts, engine_alone, median_of, one_request
+from bench.gpu_load import compared, engine_loads, load_rows
 
 Row = tuple[str, float, float]
 """A measure's label, plain `generate`'s figure and the engine's."""
@@ -87,14 +87,16 @@ def parting(plain: list[int], engine: list[int]) -> int | None:
     return next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
 
 
-def checked_agreement(bench: Paths, one: Any) -> list[str]:
-    """Whether the engine's first 32 tokens on `one` equal plain `generate`'s, and, where they part, how close plain's
-    choice was there (`near_tie`)."""
-    plain, engine = first_tokens(bench, one)
-    parted = parting(plain, engine)
-    notes = [agreement(plain, engine)]
+def checked_agreement(bench: Paths, one: Any, engine_ids: list[int] | None = None) -> list[str]:
+    """Whether the engine's first 32 tokens on `one` (`engine_ids`, where the engine ran them before; else run here,
+    first) equal plain `generate`'s, and, where they part, how close plain's choice was there (`near_tie`)."""
+    if engine_ids is None:
+        engine_ids = engine_tokens(bench, one)
+    plain = plain_tokens(bench, one)
+    parted = parting(plain, engine_ids)
+    notes = [agreement(plain, engine_ids)]
     if parted is not None:
-        notes.append(near_tie(bench, one, parted, engine[parted]))
+        notes.append(near_tie(bench, one, parted, engine_ids[parted]))
     return notes
 
 
@@ -194,27 +196,37 @@ def scenarios(
     follow_up: FollowUp,
     compare: tuple[str, ...] = (),
 ) -> tuple[list[Row], list[str]]:
-    """Both benchmarks' measures: the agreement check on `Prompts.one` (`checked_agreement`), one request alone, each
-    load, the follow-up (against plain `generate`'s cold first token, which reuses nothing), then the graph replays
-    and each setting to `compare` off and on (`compared`)."""
+    """Both benchmarks' measures, the engine's first, then plain `generate`'s. The engine's: its first 32 tokens on
+    `Prompts.one`, one request alone (`engine_alone`), each load (`engine_loads`), the follow-up, the graph replays,
+    and each setting to `compare` off and on (`compared`). Then plain `generate`'s: the agreement check
+    (`checked_agreement`), one request alone, each load, its cold first token the follow-up's baseline (it reuses
+    nothing). Plain `generate`'s prefills, run on the caller's thread just before, slowed the engine's next prefills
+    by up to about 30 ms for several requests on H100s (`bench/RESULTS.md`): a service runs the engine alone, so the
+    engine is measured before plain `generate` has run in the process."""
     fresh, forget = prompts.fresh, prompts.forget
-    notes = checked_agreement(bench, prompts.one)
-    rows, alone = one_request(bench, rounds, prompts)
-    notes += alone
-    load_rows, load_notes = loads(bench, clients, fresh, answer, rounds)
-    rows += load_rows
-    notes += load_notes
-    rows.append((follow_up.label, rows[0][1], median_of(rounds, follow_up.first_token_ms)))
-    notes += [follow_up.note(), replays(bench.engine, bench.sync)]
-    notes += [compared(bench, setting, rounds, fresh, forget, max(clients), answer) for setting in compare]
-    return rows, notes
+    engine_ids = engine_tokens(bench, prompts.one)
+    alone = engine_alone(bench, rounds, prompts)
+    runs = engine_loads(bench, clients, fresh, answer, rounds)
+    follow_up_ms = median_of(rounds, follow_up.first_token_ms)
+    engine_notes = [follow_up.note(), replays(bench.engine, bench.sync)]
+    engine_notes += [compared(bench, setting, rounds, fresh, forget, max(clients), answer) for setting in compare]
+    notes = checked_agreement(bench, prompts.one, engine_ids)
+    rows, alone_notes = one_request(bench, rounds, prompts, alone)
+    load_table, load_notes = load_rows(bench, fresh, answer, runs)
+    rows += [*load_table, (follow_up.label, rows[0][1], follow_up_ms)]
+    return rows, [*notes, *alone_notes, *load_notes, *engine_notes]
 
 
-def first_tokens(bench: Paths, one: Any) -> tuple[list[int], list[int]]:
-    """The first 32 tokens of plain `generate` and of the engine on the prompt `one`."""
-    _, plain_ids = bench.plain(one, 32)
+def engine_tokens(bench: Paths, one: Any) -> list[int]:
+    """The engine's first 32 tokens on the prompt `one`."""
     _, (check,) = bench.engine_run([one], 32)
-    return plain_ids[0].tolist(), list(check.ids)
+    return list(check.ids)
+
+
+def plain_tokens(bench: Paths, one: Any) -> list[int]:
+    """Plain `generate`'s first 32 tokens on the prompt `one`."""
+    _, plain_ids = bench.plain(one, 32)
+    return list(plain_ids[0].tolist())
 
 
 def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
@@ -226,7 +238,8 @@ def float32_agreement(bench: Paths, one: Any, max_tokens: int) -> str:
     bench.engine = BatchEngine(bench.model, EngineSettings(slots=2, max_tokens=max_tokens))
     bench.engine.start()
     try:
-        plain, engine = first_tokens(bench, one)
+        engine = engine_tokens(bench, one)
+        plain = plain_tokens(bench, one)
     finally:
         bench.engine.close()
     return agreement(plain, engine, label="in float32, first 32 tokens equal to plain generate")

@@ -4,7 +4,6 @@ engine's settings off and on, in the order off, on, on, off (`compared`)."""
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,45 +16,59 @@ if TYPE_CHECKING:
     from bench.gpu_common import Paths, Row
 
 
-def under_load(bench: Paths, prompts_for: Callable[[], list[Any]], answer: int, rounds: int) -> tuple[list[Row], str]:
-    """Concurrent clients, one prompt each from `prompts_for`: plain `generate` once, as one batched call over the
-    prompts (`bench.together`); the engine in `rounds` loads, each on new images with every prompt submitted at once.
-    Tokens/s and the first token under that load (the engine's: the medians over its loads; where the median load's
-    time went in the note, with every load's tokens/s)."""
-    prompts = prompts_for()
-    count = len(prompts)
-    together = bench.together(prompts)
-    plain_ms, plain_out = bench.plain(together, answer)
-    plain_first_ms, _ = bench.plain(together, 1)
-    runs: list[tuple[float, float, str]] = []
-    for round_ in range(max(1, rounds)):
-        bench.engine.batch_sizes.clear()
-        with StepTimes(bench.engine) as steps, Allocator() as allocator:
-            engine_ms, done = bench.engine_run(prompts if round_ == 0 else prompts_for(), answer)
-        written = sum(len(c.ids) for c in done)
-        firsts = sorted(c.first_token_ms for c in done)
-        detail = (
-            f"engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} ms, mean "
-            f"decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}{allocator}"
-        )
-        runs.append((written / engine_ms * 1000, statistics.median(firsts), detail))
-    rows = [
-        (
-            f"{count} concurrent, tokens/s",
-            plain_out.numel() / plain_ms * 1000,
-            statistics.median(t for t, _, _ in runs),
-        ),
-        (f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(f for _, f, _ in runs)),
-    ]
-    each = ", ".join(f"{tokens:.1f}" for tokens, _, _ in runs)
-    note = (
-        f"{count} concurrent: the engine's {len(runs)} load{'s' if len(runs) > 1 else ''} {each} tokens/s; "
-        f"{middle_load(runs)}; plain wrote {plain_out.numel()} in {plain_ms:.0f} ms"
+Run = tuple[float, float, str]
+"""One of the engine's loads: its tokens/s, its median first token in ms, and where its time went."""
+
+
+def engine_loads(
+    bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answer: int, rounds: int
+) -> dict[int, list[Run]]:
+    """The engine under each count of concurrent clients: `rounds` loads, each on new images (a prompt from `fresh` a
+    client), every prompt submitted at once."""
+    return {count: [engine_load(bench, [fresh() for _ in range(count)], answer) for _ in range(max(1, rounds))]
+            for count in clients}  # fmt: skip
+
+
+def engine_load(bench: Paths, prompts: list[Any], answer: int) -> Run:
+    """One load: `prompts` submitted at once, `answer` tokens each."""
+    bench.engine.batch_sizes.clear()
+    with StepTimes(bench.engine) as steps, Allocator() as allocator:
+        engine_ms, done = bench.engine_run(prompts, answer)
+    written = sum(len(c.ids) for c in done)
+    firsts = sorted(c.first_token_ms for c in done)
+    detail = (
+        f"engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} ms, mean "
+        f"decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}{allocator}"
     )
-    return rows, note
+    return written / engine_ms * 1000, statistics.median(firsts), detail
 
 
-def middle_load(runs: list[tuple[float, float, str]]) -> str:
+def load_rows(
+    bench: Paths, fresh: Callable[[], Any], answer: int, runs: dict[int, list[Run]]
+) -> tuple[list[Row], list[str]]:
+    """Plain `generate` under each load the engine ran (`engine_loads`), as one batched call over as many new prompts
+    (`bench.together`): tokens/s and the first token under that load beside the engine's (the medians over its loads),
+    and a note a load with every engine load's tokens/s and where the median load's time went."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    for count, loads in runs.items():
+        together = bench.together([fresh() for _ in range(count)])
+        plain_ms, plain_out = bench.plain(together, answer)
+        plain_first_ms, _ = bench.plain(together, 1)
+        plain_tokens_s = plain_out.numel() / plain_ms * 1000
+        rows += [
+            (f"{count} concurrent, tokens/s", plain_tokens_s, statistics.median(t for t, _, _ in loads)),
+            (f"{count} concurrent, first token ms (p50)", plain_first_ms, statistics.median(f for _, f, _ in loads)),
+        ]
+        each = ", ".join(f"{tokens:.1f}" for tokens, _, _ in loads)
+        notes.append(
+            f"{count} concurrent: the engine's {len(loads)} load{'s' if len(loads) > 1 else ''} {each} tokens/s; "
+            f"{middle_load(loads)}; plain wrote {plain_out.numel()} in {plain_ms:.0f} ms"
+        )
+    return rows, notes
+
+
+def middle_load(runs: list[Run]) -> str:
     """Where the middle load by tokens/s spent its time (each run: tokens/s, first token, detail). With an even
     count the row is the mean of the two middle loads, and the detail is the upper one's, said so."""
     ranked = sorted(runs)
@@ -146,23 +159,6 @@ class Allocator:
             f", the allocator (holding {self.reserved:.1f} GiB before): {done['num_alloc_retries']} retries after a "
             f"failed allocation, {done['num_device_free']} device frees"
         )
-
-
-def loads(
-    bench: Paths, clients: tuple[int, ...], fresh: Callable[[], Any], answer: int, rounds: int
-) -> tuple[list[Row], list[str]]:
-    """`under_load` for each count of concurrent clients, each client with a prompt from `fresh`, `rounds` loads."""
-    rows: list[Row] = []
-    notes: list[str] = []
-    for count in clients:
-        load_rows, note = under_load(bench, functools.partial(_prompts, fresh, count), answer, rounds)
-        rows += load_rows
-        notes.append(note)
-    return rows, notes
-
-
-def _prompts(fresh: Callable[[], Any], count: int) -> list[Any]:
-    return [fresh() for _ in range(count)]
 
 
 COMPARED = {

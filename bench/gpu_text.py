@@ -89,11 +89,9 @@ def run(
         """A prompt not seen before."""
         return bench.prompt(next(seeds))
 
-    shorter = iter(range(1, bench.prompt_tokens))
-
-    def new_length() -> Any:
-        """A prompt not seen before, shorter than any before it (a length not met before)."""
-        return fresh()[:, : -next(shorter)]
+    def new_length(n: int) -> Any:
+        """A prompt not seen before, `n` tokens shorter (a length not met before)."""
+        return fresh()[:, :-n]
 
     tail = min(64, bench.prompt_tokens // 2)
     reused: list[int] = []

@@ -152,11 +152,9 @@ def run(
         bench.engine.device.prefixes.clear()
         bench.engine.device.encoder.clear()
 
-    longer = iter(range(1, 100000))
-
-    def new_length() -> Any:
-        """A prompt on an image not seen before, its question longer than any before it (a length not met before)."""
-        return bench.prompt(next(seeds), QUESTIONS[0] + " Answer in one word." * next(longer))
+    def new_length(n: int) -> Any:
+        """A prompt on an image not seen before, its question `n` sentences longer (a length not met before)."""
+        return bench.prompt(next(seeds), QUESTIONS[0] + " Answer in one word." * n)
 
     waits: list[float] = []
 

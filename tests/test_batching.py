@@ -318,6 +318,41 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     ), finished.stdout
 
 
+def test_the_gpu_benchmark_measures_the_engine_before_plain_generate_runs_in_its_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plain `generate`'s prefills slowed the engine's next ones on H100s, where a service runs the engine alone: every
+    measure of the engine comes before plain `generate` first runs, and both paths meet the same new lengths."""
+    from bench.gpu_vision import build, run
+
+    bench = build(True, 64, 8, slots=2, compile_layers=False)
+    calls: list[tuple[str, int]] = []
+    engine_run, generate = bench.engine_run, bench.model.generate
+
+    def engine_spy(prompts: list[Any], new_tokens: int) -> Any:
+        calls.extend(("engine", int(bench.request(prompt)[0]["input_ids"].shape[1])) for prompt in prompts)
+        return engine_run(prompts, new_tokens)
+
+    def plain_spy(**inputs: Any) -> Any:
+        calls.extend(("plain", int(ids.shape[0])) for ids in inputs["input_ids"])
+        return generate(**inputs)
+
+    monkeypatch.setattr(bench, "engine_run", engine_spy)
+    monkeypatch.setattr(bench.model, "generate", plain_spy)
+    try:
+        rows, _ = run(bench, 1, (2,))
+    finally:
+        bench.engine.close()
+    paths = [path for path, _ in calls]
+    assert "plain" in paths
+    assert "engine" not in paths[paths.index("plain") :]
+    assert [label for label, _, _ in rows][:3] == list(ONE_REQUEST_ROWS)
+    fixed = int(bench.request(bench.prompt(0))[0]["input_ids"].shape[1])
+    new = {path: [n for p, n in calls if p == path and n > fixed] for path in ("engine", "plain")}
+    assert len(new["engine"]) == 4  # a warm-up and three samples (one round), each longer than any before
+    assert new["engine"] == new["plain"] == sorted(set(new["plain"]))  # the same new lengths, in the same order
+
+
 def test_the_gpu_benchmark_reads_the_sm_clock_only_on_a_gpu_with_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sm_clock("cpu") is None
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda: 1545)
@@ -383,14 +418,14 @@ def test_the_gpu_benchmark_times_the_captured_steps_each_replayed_with_its_input
 def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:
     """`near_tie` reads plain `generate`'s scores at the place the paths part (with the prompt's image and the
     benchmark's suppressed tokens): at each place, plain's own token is its best, at rank 0."""
-    from bench.gpu_common import checked_agreement, first_tokens, near_tie
+    from bench.gpu_common import checked_agreement, near_tie, plain_tokens
     from bench.gpu_vision import build
 
     bench = build(True, 64, 16, slots=4, compile_layers=False)
     try:
         one = bench.prompt(0)
         assert checked_agreement(bench, one) == ["first 32 tokens equal to plain generate: yes"]
-        plain, _ = first_tokens(bench, one)
+        plain = plain_tokens(bench, one)
         change = next(n for n in range(1, len(plain)) if plain[n] != plain[n - 1])  # a misread place shows there
         for place in (change - 1, change):
             note = near_tie(bench, one, place, plain[place])
