@@ -28,7 +28,9 @@ the `glm` backend makes it: on a GPU, the image processed there and its pixels k
   plain `generate`'s first token on the same prompt.
 
 It also checks that the engine's first 32 tokens equal plain `generate`'s on the same prompt, and prints one markdown
-table with the ratios.
+table with the ratios. The engine's measures all run first, then plain `generate`'s (`bench.gpu_common.scenarios`):
+plain `generate`'s prefills just before slowed the engine's next prefills on H100s, which a service, running the
+engine alone, never meets.
 """
 
 from __future__ import annotations
