@@ -1,5 +1,5 @@
-"""A request as the batching engine (`batch_engine.engine`) holds it from `submit` to its completion, and the
-bounded queue it waits in."""
+"""A request as the batching engine (`batch_engine.engine`) holds it from `submit` to its completion, and how it is
+taken from the bounded queue it waits in (the engine's own)."""
 
 from __future__ import annotations
 

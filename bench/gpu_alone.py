@@ -32,8 +32,8 @@ ONE_REQUEST_ROWS = (
 @dataclass(frozen=True)
 class Prompts:
     """A benchmark's prompts: `one` (the same each time), `fresh` (one not seen before), `new_length(n)` (one not seen
-    before, its length the `n`-th of a sequence whose lengths neither path has met: each path takes n = 1, 2, … so
-    that both meet the same lengths), and `forget`, which drops what the engine kept of one (so that a second run is
+    before, its length the `n`-th of a sequence of lengths new to each path: each path takes n = 1, 2, … so that both
+    meet the same lengths), and `forget`, which drops what the engine kept of one (so that a second run is
     cold too)."""
 
     one: Any
@@ -78,10 +78,10 @@ def engine_alone(bench: Paths, rounds: int, prompts: Prompts) -> EngineAlone:
 
 
 def one_request(bench: Paths, rounds: int, prompts: Prompts, engine: EngineAlone) -> tuple[list[Row], list[str]]:
-    """Plain `generate`'s measures of one request alone, taken as the engine's were (`engine_alone`): its first token
-    (each a p50 of `FIRST_TOKEN_SAMPLES` a round), decode ms/token at batch 1, (t(1 + 64) − t(1)) / 64, and its first
-    token at the lengths the engine met first; the rows of both, and a note listing the engine's samples in the order
-    taken."""
+    """Plain `generate`'s measures of one request alone, after the engine's (`engine_alone`): its first token on
+    `Prompts.one` each time (it keeps nothing between calls; a p50 of `FIRST_TOKEN_SAMPLES` a round), decode ms/token
+    at batch 1, (t(1 + 64) − t(1)) / 64, and its first token at the same new lengths as the engine's; the rows of both,
+    and a note listing the engine's samples in the order taken."""
     one, count = prompts.one, FIRST_TOKEN_SAMPLES * rounds
     plain_first = median_of(count, lambda: bench.plain(one, 1)[0])
     plain_full = median_of(max(1, rounds // 2), lambda: bench.plain(one, 1 + 64)[0])

@@ -48,7 +48,7 @@ def load_rows(
 ) -> tuple[list[Row], list[str]]:
     """Plain `generate` under each load the engine ran (`engine_loads`), as one batched call over as many new prompts
     (`bench.together`): tokens/s and the first token under that load beside the engine's (the medians over its loads),
-    and a note a load with every engine load's tokens/s and where the median load's time went."""
+    and for each client count a note with every engine load's tokens/s and where the median load's time went."""
     rows: list[Row] = []
     notes: list[str] = []
     for count, loads in runs.items():

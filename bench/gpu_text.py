@@ -91,6 +91,8 @@ def run(
 
     def new_length(n: int) -> Any:
         """A prompt not seen before, `n` tokens shorter (a length not met before)."""
+        if not 0 < n < bench.prompt_tokens:
+            raise ValueError(f"a prompt of {bench.prompt_tokens} tokens has no length {n} shorter")
         return fresh()[:, :-n]
 
     tail = min(64, bench.prompt_tokens // 2)

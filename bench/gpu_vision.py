@@ -29,8 +29,8 @@ the `glm` backend makes it: on a GPU, the image processed there and its pixels k
 
 It also checks that the engine's first 32 tokens equal plain `generate`'s on the same prompt, and prints one markdown
 table with the ratios. The engine's measures all run first, then plain `generate`'s (`bench.gpu_common.scenarios`):
-plain `generate`'s prefills just before slowed the engine's next prefills on H100s, which a service, running the
-engine alone, never meets.
+plain `generate`'s prefills just before may slow the engine's next prefills (seen in one probe on an H100, not in
+another), which a service, running the engine alone, never meets. The profiles (`--profile`) run after both.
 """
 
 from __future__ import annotations

@@ -321,8 +321,9 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
 def test_the_gpu_benchmark_measures_the_engine_before_plain_generate_runs_in_its_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Plain `generate`'s prefills slowed the engine's next ones on H100s, where a service runs the engine alone: every
-    measure of the engine comes before plain `generate` first runs, and both paths meet the same new lengths."""
+    """Plain `generate`'s prefills may slow the engine's next ones (seen on an H100), where a service runs the engine
+    alone: every measure of the engine (a setting compared off and on included) comes before plain `generate` first
+    runs, and both paths meet the same new lengths."""
     from bench.gpu_vision import build, run
 
     bench = build(True, 64, 8, slots=2, compile_layers=False)
@@ -340,7 +341,7 @@ def test_the_gpu_benchmark_measures_the_engine_before_plain_generate_runs_in_its
     monkeypatch.setattr(bench, "engine_run", engine_spy)
     monkeypatch.setattr(bench.model, "generate", plain_spy)
     try:
-        rows, _ = run(bench, 1, (2,))
+        rows, _ = run(bench, 1, (2,), ("overlap",))
     finally:
         bench.engine.close()
     paths = [path for path, _ in calls]
