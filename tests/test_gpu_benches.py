@@ -1,0 +1,207 @@
+"""The GPU benchmarks' code (`bench/gpu_vision.py`, `bench/gpu_common.py`, `bench/gpu_alone.py`, `bench/gpu_load.py`,
+`bench/gpu_parts.py`) run on the CPU over the tiny GLM-4.6V model: their scenarios, their order, and what they print
+(`--tiny` proves the code path; it measures nothing)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
+from bench.gpu_load import middle_load
+from tests.test_batching import engine, sharp_glm
+from vision_stage.glm_engine import GlmEngine
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
+    return sharp_glm(tmp_path_factory.mktemp("glm4v"))
+
+
+def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "2", "--clients", "2,3"]
+    command.append("--compare-recurring-plans")
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    # the setting compared off, on, on, off, then each side's means
+    run = r"first token [\d.]+ ms, [\d.]+ ms/token, [\d.]+ tokens/s \([^)]*\)[^;]*; the steps that prefilled[^;]*"
+    runs = "; ".join(f"{side}: {run}" for side in ("off", "on", "on", "off"))
+    means = "; ".join(f"mean {side}: first token [\\d.]+ ms, [\\d.]+ tokens/s" for side in ("off", "on"))
+    assert re.search(rf"recurring attention calls \(one request; 3 concurrent[^)]*\): {runs}; {means}", finished.stdout)
+    assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    # each lone first token the p50 of three samples a round (two rounds), the engine's listed in the order taken
+    six = " ".join([r"[\d.]+"] * 6)
+    assert re.search(
+        rf"the engine's lone first tokens, ms, in the order taken: {six}; at a new length {six}\n", finished.stdout
+    )
+    assert "SM clock" not in finished.stdout  # read on a GPU only
+    assert re.search(
+        rf"of which waiting to be admitted \(submit → admitted\), ms: {six}; at a new length {six}\n", finished.stdout
+    )
+    # a load a round for the engine, on new images each; the rows are their medians (of two: the mean), the detail
+    # the upper load's
+    for count in (2, 3):
+        assert re.search(
+            rf"{count} concurrent: the engine's 2 loads [\d.]+, [\d.]+ tokens/s; the upper of the two middle loads' "
+            "engine wrote",
+            finished.stdout,
+        )
+    # the measures with the heap frozen, as the service runs, and the collections meanwhile counted
+    collections = ".*".join(rf"generation {n}: \d+" for n in range(3))
+    assert re.search(
+        r"garbage collector: a full collection over the heap as loaded \(\d+ objects\) [\d.]+ ms \(p50 of 3\), "
+        rf"frozen [\d.]+; the measures ran with the heap frozen, and Python collected meanwhile: {collections}",
+        finished.stdout,
+    ), finished.stdout
+    for measure in (*ONE_REQUEST_ROWS, "3 concurrent, tokens/s", "follow-up"):
+        assert f"| {measure}" in finished.stdout
+    # distinct images, one image prefill a step: three clients' load has three steps that prefilled
+    assert re.search(
+        r"3 concurrent: [^\n]*; 3 steps with a prefill \d+ ms \([\d.]+ each, the shortest [\d.]+, the longest [\d.]+\)",
+        finished.stdout,
+    ), finished.stdout
+
+
+def test_the_gpu_benchmark_measures_the_engine_before_plain_generate_runs_in_its_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plain `generate`'s prefills may slow the engine's next ones (seen on an H100), where a service runs the engine
+    alone: every measure of the engine (a setting compared off and on included) comes before plain `generate` first
+    runs, and both paths meet the same new lengths."""
+    from bench.gpu_vision import build, run
+
+    bench = build(True, 64, 8, slots=2, compile_layers=False)
+    calls: list[tuple[str, int]] = []
+    engine_run, generate = bench.engine_run, bench.model.generate
+
+    def engine_spy(prompts: list[Any], new_tokens: int) -> Any:
+        calls.extend(("engine", int(bench.request(prompt)[0]["input_ids"].shape[1])) for prompt in prompts)
+        return engine_run(prompts, new_tokens)
+
+    def plain_spy(**inputs: Any) -> Any:
+        calls.extend(("plain", int(ids.shape[0])) for ids in inputs["input_ids"])
+        return generate(**inputs)
+
+    monkeypatch.setattr(bench, "engine_run", engine_spy)
+    monkeypatch.setattr(bench.model, "generate", plain_spy)
+    try:
+        rows, _ = run(bench, 1, (2,), ("overlap",))
+    finally:
+        bench.engine.close()
+    paths = [path for path, _ in calls]
+    assert "plain" in paths
+    assert "engine" not in paths[paths.index("plain") :]
+    assert [label for label, _, _ in rows][:3] == list(ONE_REQUEST_ROWS)
+    fixed = int(bench.request(bench.prompt(0))[0]["input_ids"].shape[1])
+    new = {path: [n for p, n in calls if p == path and n > fixed] for path in ("engine", "plain")}
+    assert len(new["engine"]) == 4  # a warm-up and three samples (one round), each longer than any before
+    assert new["engine"] == new["plain"] == sorted(set(new["plain"]))  # the same new lengths, in the same order
+
+
+def test_the_gpu_benchmark_reads_the_sm_clock_only_on_a_gpu_with_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sm_clock("cpu") is None
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda: 1545)
+    assert sm_clock("cuda") == 1545
+    assert sm_clock("cpu") is None
+
+    def no_nvml() -> int:
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    assert sm_clock("cuda") is None
+
+
+def test_the_gpu_benchmark_details_the_median_load_or_names_the_upper_middle_one() -> None:
+    odd = [(900.0, 0.0, "load a"), (1000.0, 0.0, "load b"), (950.0, 0.0, "load c")]
+    assert middle_load(odd) == "the median's load c"
+    even = [(900.0, 0.0, "load a"), (1000.0, 0.0, "load b"), (950.0, 0.0, "load c"), (980.0, 0.0, "load d")]
+    assert middle_load(even) == "the upper of the two middle loads' load d"
+    assert middle_load(odd[:1]) == "the median's load a"
+
+
+def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
+    """With `--no-cudnn-attention` too, which the run's description names."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "bench" / "gpu_vision.py"), "--tiny", "--rounds", "1", "--replays-only"]
+    finished = subprocess.run(
+        [*command, "--no-cudnn-attention"], capture_output=True, text=True, timeout=600, cwd=root, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "first 32 tokens equal to plain generate: yes" in finished.stdout
+    assert "no graphs captured (not a CUDA device)" in finished.stdout  # on a GPU: the replays' times
+    assert "| measure" not in finished.stdout
+    assert finished.stdout.rstrip().endswith("; attention without cuDNN"), finished.stdout[-300:]
+
+
+def test_the_gpu_benchmark_times_the_captured_steps_each_replayed_with_its_inputs_in_bounds(glm: GlmEngine) -> None:
+    """`replays` over the graphs a GPU engine captures (stand-ins here: the CPU captures none), prefill graphs among
+    them: each timed graph's one-row inputs are zeroed first (a padded prefill leaves its last index past an extend
+    step's tokens), and the prefill graphs' lengths are not taken for a decode step's span."""
+    from bench.gpu_common import replays
+
+    batch = engine(glm, prefill_graphs=True)
+    device = batch.device
+    replayed: list[tuple[Any, ...]] = []
+
+    class Graph:
+        def __init__(self, key: tuple[Any, ...]) -> None:
+            self.key = key
+
+        def replay(self) -> None:
+            assert (int(device._row), int(device._extend_start), int(device._last)) == (0, 0, 0)
+            replayed.append(self.key)
+
+    keys = [(1, 256), (8, 256), ("extend", 32, 256), ("prefill", 128), ("prefill", 256)]
+    device.graphs = {key: Graph(key) for key in keys}
+    device._last.fill_(255)  # as a padded prefill of 256 tokens leaves it
+    timed = replays(batch, lambda: None)
+    assert set(replayed) == {(1, 256), (8, 256), ("extend", 32, 256)}
+    assert timed.startswith("graph replay alone, ms per step: (1, 256): ")
+    assert "('extend', 32, 256): " in timed
+
+
+def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:
+    """`near_tie` reads plain `generate`'s scores at the place the paths part (with the prompt's image and the
+    benchmark's suppressed tokens): at each place, plain's own token is its best, at rank 0."""
+    from bench.gpu_common import checked_agreement, near_tie, plain_tokens
+    from bench.gpu_vision import build
+
+    bench = build(True, 64, 16, slots=4, compile_layers=False)
+    try:
+        one = bench.prompt(0)
+        assert checked_agreement(bench, one) == ["first 32 tokens equal to plain generate: yes"]
+        plain = plain_tokens(bench, one)
+        change = next(n for n in range(1, len(plain)) if plain[n] != plain[n - 1])  # a misread place shows there
+        for place in (change - 1, change):
+            note = near_tie(bench, one, place, plain[place])
+            assert f"(ids [{plain[place]}, " in note
+            assert f"token {plain[place]} is at rank 0 with " in note
+    finally:
+        bench.engine.close()
+
+
+def test_the_parts_benchmark_runs_on_the_cpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "bench" / "gpu_parts.py"), "--tiny", "--rounds", "1"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "| vision encoder, 64×64 image, ms: compiled under sdpa (the engine before) |" in finished.stdout
+    assert "| vision encoder, 64×64 image, ms: packed attention, compiled, heads symbolic (the engine before) |" in (
+        finished.stdout
+    )
+    encoder = "| vision encoder, 64×64 image, ms: "
+    assert f"{encoder}packed attention, compiled, the model's ints constant |" in finished.stdout
+    assert f"{encoder}… and its whole-kernel convolutions as products (the engine) |" in finished.stdout
+    assert "| q/k/v projections, 2 layers, batch 32, ms |" in finished.stdout
+    assert "| image processor, 64×64 image, ms: on the CPU, then on cpu |" in finished.stdout
+    assert "text prefill, one decoder layer's code ×40 over" in finished.stdout
+    assert "with automatic dynamic shapes" in finished.stdout
+    difference = float(finished.stdout.split("between the engine's output and transformers' ")[1].split()[0])
+    assert difference < 1e-5, "the engine's encoder computes what transformers' does"
