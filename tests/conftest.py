@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ("tests.text_engine",)
-"""The tiny text checkpoints' fixtures (`checkpoint`, `chat`) of the text engine's tests."""
+pytest_plugins = ("tests.text_engine", "tests.vision_engine")
+"""The tiny text checkpoints' fixtures (`checkpoint`, `chat`) of the text engine's tests, and the tiny GLM-4.6V
+model's (`glm`) of the engine's tests on it."""
 
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

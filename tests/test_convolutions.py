@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from batch_engine.convolutions import products_for_convolutions
 from batch_engine.engine import BatchEngine
 from batch_engine.settings import EngineSettings
-from tests.test_batching import BUDGET, image, sharp_glm
+from tests.vision_engine import BUDGET, image
 from vision_stage.glm_engine import REFUSALS, GlmEngine
 from vision_stage.types import VisionRequest
 
@@ -44,11 +44,6 @@ def _image_features(model: Any, pixels: torch.Tensor, grid: torch.Tensor) -> tup
 def _with_encoder(visual: torch.nn.Module) -> SimpleNamespace:
     """What `products_for_convolutions` reads of a model: `model.model.visual`."""
     return SimpleNamespace(model=SimpleNamespace(visual=visual))
-
-
-@pytest.fixture(scope="module")
-def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
-    return sharp_glm(tmp_path_factory.mktemp("glm4v"))
 
 
 def test_the_encoder_s_patch_embedding_and_merge_become_products_with_the_same_output(glm: GlmEngine) -> None:

@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from batch_engine.types import Completion
-from tests.test_batching import BUDGET, engine, prompt, sharp_glm, submit
+from tests.vision_engine import BUDGET, engine, prompt, submit
 from vision_stage.errors import VisionRejected, VisionUnavailable
 from vision_stage.glm_engine import GlmEngine
-
-
-@pytest.fixture(scope="module")
-def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
-    return sharp_glm(tmp_path_factory.mktemp("glm4v"))
 
 
 def test_the_thread_serves_concurrent_submitters(glm: GlmEngine) -> None:

@@ -15,13 +15,8 @@ import torch
 
 from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
 from bench.gpu_load import middle_load
-from tests.test_batching import engine, sharp_glm
+from tests.vision_engine import engine
 from vision_stage.glm_engine import GlmEngine
-
-
-@pytest.fixture(scope="module")
-def glm(tmp_path_factory: pytest.TempPathFactory) -> GlmEngine:
-    return sharp_glm(tmp_path_factory.mktemp("glm4v"))
 
 
 def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
