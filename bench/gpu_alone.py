@@ -110,26 +110,32 @@ def one_request(bench: Paths, rounds: int, prompts: Prompts, engine: EngineAlone
     return rows, notes
 
 
-def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any]) -> list[Sample]:
-    """The engine's completions of one request alone, `count` times after one more, each on a prompt `prompt`
-    makes, and the GPU's SM clock read just after each (`sm_clock`)."""
+def engine_lone_requests(bench: Paths, count: int, prompt: Callable[[], Any], *, warm_up: bool = True) -> list[Sample]:
+    """The engine's completions of one request alone, `count` times (after one more, untimed, with `warm_up`), each
+    on a prompt `prompt` makes, and the GPU's SM clock read just after each (`sm_clock`)."""
 
     def once() -> Sample:
         _, (done,) = bench.engine_run([prompt()], 1)
         return done, sm_clock(bench.device)
 
     sm_clock(bench.device)  # NVML starts up here, not between two samples
-    once()  # warm-up
+    if warm_up:
+        once()
     return [once() for _ in range(count)]
 
 
 def lone_turns(
-    bench: Bench, rounds: int, turns: Sequence[str], side: Callable[[str], contextlib.AbstractContextManager[Any]]
+    bench: Bench,
+    rounds: int,
+    turns: Sequence[str],
+    side: Callable[[str], contextlib.AbstractContextManager[Any]],
+    *,
+    warm_up: bool = True,
 ) -> tuple[dict[str, list[float]], list[str]]:
     """Lone first tokens through the engine in `turns` (side names, e.g. before, engine, engine, before: a machine
     that drifts within the run weighs on both sides alike), each turn `engine_lone_requests` of `rounds` (after one
-    warm-up) on images not seen before, inside `side(name)`: each side's samples over its turns, and each turn's
-    samples in the order taken."""
+    untimed, with `warm_up`) on images not seen before, inside `side(name)`: each side's samples over its turns, and
+    each turn's samples in the order taken."""
     samples: dict[str, list[float]] = {name: [] for name in turns}
     listed = []
     seeds = iter(range(7000, 10**6))
@@ -137,7 +143,7 @@ def lone_turns(
         with side(name):
             taken = [
                 float(done.first_token_ms)
-                for done, _ in engine_lone_requests(bench, rounds, lambda: bench.prompt(next(seeds)))
+                for done, _ in engine_lone_requests(bench, rounds, lambda: bench.prompt(next(seeds)), warm_up=warm_up)
             ]
         samples[name] += taken
         listed.append(f"{name}: " + " ".join(f"{ms:.1f}" for ms in taken))

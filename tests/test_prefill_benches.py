@@ -1,6 +1,8 @@
 """The prefill benchmarks on the CPU. `bench/gpu_prefill_waits.py`: its baseline places a prompt's image as the engine
 does (the same embeddings, another way), and each side's turns run that side's placement. `bench/gpu_prefill_graphs.py`:
-each side's turns run that side's prefill (padded or as before). Both scripts print their table and every turn."""
+each side's turns run that side's prefill (padded or as before). `bench/gpu_start_check.py`: each `checked` turn runs
+the `glm` backend's start check before its first request, untimed requests in none. The scripts print their table and
+every turn."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 import batch_engine.steps  # noqa: E402
 from batch_engine.images import place_images  # noqa: E402
-from bench import gpu_prefill_graphs, gpu_prefill_waits  # noqa: E402
+from bench import gpu_prefill_graphs, gpu_prefill_waits, gpu_start_check  # noqa: E402
 from bench.gpu_vision import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +84,41 @@ def test_each_turn_runs_its_side_s_prefill(monkeypatch: pytest.MonkeyPatch) -> N
     bench.engine.close()
 
 
+def test_each_checked_turn_runs_the_start_check_before_its_first_request(
+    bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vision_stage.glm_engine import GlmEngine
+
+    events: list[str] = []
+    check = GlmEngine.check_batching
+    run = bench.engine_run
+
+    def checking(engine: GlmEngine) -> bool:
+        events.append("check")
+        assert engine.batch is bench.engine, "the check runs the benchmark's engine"
+        agreed: bool = check(engine)
+        return agreed
+
+    def running(prompts: list[Any], new_tokens: int) -> Any:
+        events.append("request")
+        return run(prompts, new_tokens)
+
+    monkeypatch.setattr(GlmEngine, "check_batching", checking)
+    monkeypatch.setattr(bench, "engine_run", running)
+    samples, turns = gpu_start_check.run(bench, 2)
+    # one untimed request after the start, then two timed a turn (none untimed), a check before each checked turn's
+    assert events == ["request"] + ["request"] * 2 + ["check"] + ["request"] * 2 + ["check"] + ["request"] * 4
+    assert [len(samples[side]) for side in ("alone", "checked")] == [4, 4]
+    assert [turn.split(":")[0] for turn in turns] == list(gpu_start_check.TURNS)
+
+
 @pytest.mark.parametrize(
-    ("script", "module"), [("gpu_prefill_waits.py", gpu_prefill_waits), ("gpu_prefill_graphs.py", gpu_prefill_graphs)]
+    ("script", "module"),
+    [
+        ("gpu_prefill_waits.py", gpu_prefill_waits),
+        ("gpu_prefill_graphs.py", gpu_prefill_graphs),
+        ("gpu_start_check.py", gpu_start_check),
+    ],
 )
 def test_the_script_prints_both_sides_and_every_turn(script: str, module: Any) -> None:
     command = [sys.executable, str(ROOT / "bench" / script), "--tiny", "--rounds", "2"]

@@ -181,6 +181,13 @@ class GlmCodec:
         }
         self._dropped = frozenset(special - kept)
 
+    @classmethod
+    def for_model(cls, processor: Processor, model: Any) -> GlmCodec:
+        """The codec `GlmEngine.load` gives `model`: images processed on its GPU where `processor` can
+        (`image_device`), their pixels kept in its dtype there."""
+        placed = image_device(processor, model.device)
+        return cls(processor, image_device=placed, image_dtype=model.dtype if placed is not None else None)
+
     def encode(self, request: VisionRequest, *, thinking: bool) -> EncodedPrompt:
         """The prompt for `request.task` through the processor's chat template, with the image."""
         image = request.image.pixels

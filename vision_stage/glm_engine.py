@@ -23,7 +23,7 @@ from stage_protocol.dtypes import named_dtype
 from stage_protocol.generation import generation_config
 from stage_protocol.loops import WINDOW, loop_stopper, repeats_at_end
 from vision_stage.errors import VisionRejected, VisionUnavailable
-from vision_stage.glm_codec import MAX_VISUAL_TOKENS, EncodedPrompt, GlmCodec, Processor, image_device
+from vision_stage.glm_codec import EncodedPrompt, GlmCodec, Processor
 from vision_stage.glm_errors import translated
 from vision_stage.types import DecodedImage, VisionRequest
 
@@ -105,14 +105,7 @@ class GlmEngine:
             model: Any = AutoModelForImageTextToText.from_pretrained(
                 source, dtype=torch_dtype(dtype, device), device_map=device, local_files_only=local_files_only
             )
-            placed = image_device(processor, model.device)
-            codec = GlmCodec(
-                processor,
-                max_visual_tokens=MAX_VISUAL_TOKENS,
-                image_device=placed,
-                image_dtype=model.dtype if placed is not None else None,
-            )
-            engine = cls(model.eval(), codec, name=source)
+            engine = cls(model.eval(), GlmCodec.for_model(processor, model), name=source)
             engine.warm_up()
         if batching is not None:
             engine.batch = started(
