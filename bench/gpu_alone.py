@@ -159,11 +159,13 @@ def compare_lone(
 ) -> None:
     """A script comparing lone first tokens of two sides in turns (`lone_turns`, through `run(bench, rounds)`): its
     options (`--tiny`, `--rounds`, `--image-side`), the engine as `bench/gpu_vision.py --compile` builds it (32
-    slots; `engine`: other settings of `bench.gpu_common.start_engine`) with the heap frozen, and its table: `labels`
-    names the baseline side, then ours."""
+    slots, cuDNN's attention planned per power of two as the service plans it; `engine`: other settings of
+    `bench.gpu_common.start_engine`) with the heap frozen, and its table: `labels` names the baseline side, then
+    ours."""
     import argparse
     import gc
 
+    from batch_engine.attention_plans import plan_by_power_of_two
     from bench.gpu_vision import build, describe
 
     parser = argparse.ArgumentParser(description=description)
@@ -172,6 +174,7 @@ def compare_lone(
     parser.add_argument("--image-side", type=int, default=1024)
     args = parser.parse_args()
     side = 64 if args.tiny else args.image_side
+    plan_by_power_of_two()  # the engine's default, as `bench.gpu_options.parsed` and the backends set it
     bench = build(args.tiny, side, 16, slots=2 if args.tiny else 32, compile_layers=not args.tiny, **engine)
     gc.collect()
     gc.freeze()

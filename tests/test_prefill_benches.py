@@ -131,3 +131,23 @@ def test_the_script_prints_both_sides_and_every_turn(script: str, module: Any) -
     two = f"{number} {number}"
     turns = "; ".join(f"{side}: {two}" for side in module.TURNS)
     assert re.search(rf"turns in the order taken \({' '.join(module.TURNS)}\), ms: {turns}\n", finished.stdout)
+
+
+def test_the_comparisons_plan_attention_as_the_service_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from batch_engine.attention_plans import by_power_of_two
+    from bench.gpu_alone import compare_lone
+
+    planned: list[bool] = []
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        planned.append(by_power_of_two())
+        raise SystemExit
+
+    monkeypatch.setattr(os, "environ", {})  # the process's own, untouched
+    monkeypatch.setattr("bench.gpu_vision.build", build)
+    monkeypatch.setattr(sys, "argv", ["gpu_start_check.py", "--tiny"])
+    with pytest.raises(SystemExit):
+        compare_lone("", gpu_start_check.TURNS, {}, gpu_start_check.run)
+    assert planned == [True], "cuDNN's attention planned per power of two before the engine is built"
