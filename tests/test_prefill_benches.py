@@ -1,7 +1,8 @@
 """The prefill benchmarks on the CPU. `bench/gpu_prefill_waits.py`: its baseline places a prompt's image as the engine
 does (the same embeddings, another way), and each side's turns run that side's placement. `bench/gpu_prefill_graphs.py`:
 each side's turns run that side's prefill (padded or as before). `bench/gpu_start_check.py`: each `checked` turn runs
-the `glm` backend's start check before its first request, untimed requests in none. The scripts print their table and
+the `glm` backend's start check before its first request, each `idled` turn waits, and no turn has an untimed
+request. The scripts print their table and
 every turn."""
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def test_each_turn_runs_its_side_s_prefill(monkeypatch: pytest.MonkeyPatch) -> N
     bench.engine.close()
 
 
-def test_each_checked_turn_runs_the_start_check_before_its_first_request(
+def test_each_turn_begins_with_its_side_s_check_or_idle_and_no_warm_up(
     bench: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vision_stage.glm_engine import GlmEngine
@@ -105,10 +106,12 @@ def test_each_checked_turn_runs_the_start_check_before_its_first_request(
 
     monkeypatch.setattr(GlmEngine, "check_batching", checking)
     monkeypatch.setattr(bench, "engine_run", running)
+    monkeypatch.setattr("bench.gpu_start_check.time.sleep", lambda seconds: events.append(f"idle {seconds}"))
     samples, turns = gpu_start_check.run(bench, 2)
-    # one untimed request after the start, then two timed a turn (none untimed), a check before each checked turn's
-    assert events == ["request"] + ["request"] * 2 + ["check"] + ["request"] * 2 + ["check"] + ["request"] * 4
-    assert [len(samples[side]) for side in ("alone", "checked")] == [4, 4]
+    # one untimed request after the start, then two timed a turn (none untimed), cold, idled, checked, checked, idled
+    idle, two = f"idle {gpu_start_check.IDLE_WAIT}", ["request"] * 2
+    assert events == ["request", *two, idle, *two, "check", *two, "check", *two, idle, *two]
+    assert [len(samples[side]) for side in ("cold", "idled", "checked")] == [2, 4, 4]
     assert [turn.split(":")[0] for turn in turns] == list(gpu_start_check.TURNS)
 
 
