@@ -200,11 +200,11 @@ def scenarios(
     `Prompts.one`, one request alone (`engine_alone`), each load (`engine_loads`), the follow-up, the graph replays,
     and each setting to `compare` off and on (`compared`). Then plain `generate`'s: the agreement check
     (`checked_agreement`), one request alone, each load, its cold first token the follow-up's baseline (it reuses
-    nothing). Plain `generate`'s prefills, run on the caller's thread just before, may slow the engine's next prefills:
-    by up to about 24 ms for several requests in a probe on an H100, not at all in another on another H100 (both in
-    `bench/RESULTS.md`). A service runs the engine alone, so the engine is measured before plain `generate` has run in
-    the process. (With `recurring_plans`, the engine's thread may still build a plan once it has idled a quarter
-    second, while plain `generate`'s first call runs: the untimed agreement tokens come first.)"""
+    nothing). A service runs the engine alone, so the engine is measured before plain `generate` has run in the
+    process: a probe on an H100 once saw plain `generate`'s prefills slow the engine's next ones, others did not, and
+    the engine's lone requests were as slow once in a process where plain `generate` never ran (all in
+    `bench/RESULTS.md`). (With `recurring_plans`, the engine's thread may still build a plan once it has idled a
+    quarter second, while plain `generate`'s first call runs: the untimed agreement tokens come first.)"""
     fresh, forget = prompts.fresh, prompts.forget
     engine_ids = engine_tokens(bench, prompts.one)
     alone = engine_alone(bench, rounds, prompts)
