@@ -83,6 +83,56 @@ def test_the_warm_up_check_logs_a_difference_from_plain_generate(
         engine.close()
 
 
+def test_the_warm_up_check_says_where_the_engine_parts_and_whether_at_a_near_tie(
+    chat: ChatModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import Future
+    from dataclasses import replace
+
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    engine.start()
+    submit = engine.submit
+
+    def parting_at_3(*args: Any, **kwargs: Any) -> Future[Any]:
+        done = submit(*args, **kwargs).result(timeout=600)
+        ids = list(done.ids)
+        ids[3] = (ids[3] + 1) % chat.model.config.vocab_size  # another token than plain generate's best
+        parted: Future[Any] = Future()
+        parted.set_result(replace(done, ids=ids))
+        return parted
+
+    try:
+        monkeypatch.setattr(engine, "submit", parting_at_3)
+        with caplog.at_level("WARNING", logger="batch_engine"):
+            assert not matches_generate(chat, engine)
+        assert "on the warm-up prompt (torch.float32): they part at token 3, where plain generate's best score is" in (
+            caplog.text
+        )
+        assert "not a near-tie: the engine computes something else than plain generate" in caplog.text
+    finally:
+        engine.close()
+
+
+def test_a_parting_is_a_near_tie_within_four_steps_of_the_dtype_at_the_best_score() -> None:
+    import torch
+
+    from batch_engine.start import Parting
+
+    bfloat16, float32 = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.float32).eps
+    # plain's two best scores tied in bfloat16 (5.59375); the engine's token one step (1/32 at 4–8) below
+    assert Parting(4, 5.59375, 5.5625, 2, bfloat16).near_tie
+    assert Parting(4, 5.59375, 5.59375 - 4 / 32, 9, bfloat16).near_tie
+    assert not Parting(4, 5.59375, 5.59375 - 5 / 32, 9, bfloat16).near_tie
+    assert not Parting(4, 5.59375, 5.5625, 2, float32).near_tie, "in float32 that gap is a bug"
+    assert Parting(0, -0.5, -0.5 - 2 * 2.0**-8, 1, bfloat16).near_tie, (
+        "steps at the best score's magnitude, 2⁻⁸ at 0.5–1"
+    )
+    assert Parting(0, 0.0, 0.0, 1, bfloat16).near_tie
+    assert "a near-tie, which the two attention paths may round either way" in str(
+        Parting(4, 5.59375, 5.5625, 2, bfloat16)
+    )
+
+
 @pytest.mark.usefixtures("engine_out_of_memory")
 async def test_an_engine_that_cannot_start_is_a_model_error_saying_what_to_lower(checkpoint: Path) -> None:
     with pytest.raises(ReasoningModelError, match="ORCH_REASONING__ENGINE_SLOTS") as caught:

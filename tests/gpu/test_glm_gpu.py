@@ -11,7 +11,6 @@ model takes about 21 GB of GPU memory in bfloat16.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,8 @@ from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
 from batch_engine.images import place_images
 from batch_engine.settings import EngineSettings
-from batch_engine.start import started
+from batch_engine.start import parting, started
 from batch_engine.vision_attention import register_vision_attention
-from bench.gpu_common import parting
-from stage_protocol.generation import generation_config
 from tests.tiny_glm4v import CONTROL_TOKENS, MARKUP_TOKENS, full_size_glm46v_flash
 from vision_stage.errors import VisionUnavailable
 from vision_stage.glm import GlmVisionBackend
@@ -177,30 +174,20 @@ def test_a_prefill_launches_the_encoder_and_places_its_output_without_waiting_on
 
 def agrees_or_parts_at_a_near_tie(engine: GlmEngine, tokens: int = 8) -> None:
     """The batching engine's first `tokens` tokens for the warm-up image against plain `generate`'s (eager, as
-    `check_batching` runs it): equal, or parting where plain's best score and the engine token's are at most four
-    bfloat16 steps apart. Random weights put many scores a rounding apart, and the two paths' kernels round
-    differently (in float32 they agree: `bench/gpu_vision.py --check-float32`); a wider gap is a bug."""
-    model: Any = engine.model
+    `check_batching` runs it): equal, or parting at a near-tie (`batch_engine.start.Parting`: the engine's token at
+    most four bfloat16 steps below plain's best score there). Random weights put many scores a rounding apart, and the
+    two paths' kernels round differently (in float32 they agree: `bench/gpu_vision.py --check-float32`); a wider gap
+    is a bug."""
     prompt = engine.codec.encode(warm_up_request(), thinking=False)
-    inputs = {name: tensor.to(model.device) for name, tensor in prompt.inputs.items()}
-    config = generation_config(model.generation_config, tokens)
-    config.output_scores = config.return_dict_in_generate = True
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-        output = model.generate(**inputs, generation_config=config)
-    plain = output.sequences[0, prompt.prompt_tokens :].tolist()
+    with torch.compiler.set_stance("force_eager"):
+        plain = engine.generate_ids(prompt, tokens)
     assert engine.batch is not None
     ids = engine.batch.submit(prompt.inputs, image_key=None, max_new_tokens=tokens).result(timeout=600).ids
-    parted = parting(plain, ids)
-    if parted is None:
-        assert ids == plain
+    if ids == plain:
         return
-    scores = output.scores[parted][0].float()
-    best, chosen = float(scores.max()), float(scores[ids[parted]])
-    step = 2.0 ** (math.floor(math.log2(abs(best))) - 7)  # bfloat16's spacing at that magnitude
-    assert best - chosen <= 4 * step, (
-        f"the engine's tokens {ids} part from plain generate's {plain} at {parted}, where plain's best score is "
-        f"{best:.4f} and the engine's token's {chosen:.4f} (rank {int((scores > chosen).sum())}): not a near-tie"
-    )
+    where = parting(engine.model, prompt.inputs, plain, ids)
+    assert where is not None, f"the engine's tokens {ids} against plain generate's {plain}: no parting reproduced"
+    assert where.near_tie, f"the engine's tokens {ids} against plain generate's {plain}: {where}"
 
 
 @pytest.fixture(scope="module")
