@@ -89,35 +89,18 @@ def parting(plain: list[int], engine: list[int]) -> int | None:
 
 def checked_agreement(bench: Paths, one: Any, engine_ids: list[int] | None = None) -> list[str]:
     """Whether the engine's first 32 tokens on `one` (`engine_ids`, where the engine ran them before; else run here,
-    first) equal plain `generate`'s, and, where they part, how close plain's choice was there (`near_tie`)."""
+    first) equal plain `generate`'s, and, where they part, plain's scores there and whether at a near-tie
+    (`batch_engine.start.parting`, as the backends' check at load says it)."""
+    from batch_engine.start import parting as parting_scores
+
     if engine_ids is None:
         engine_ids = engine_tokens(bench, one)
     plain = plain_tokens(bench, one)
-    parted = parting(plain, engine_ids)
     notes = [agreement(plain, engine_ids)]
-    if parted is not None:
-        notes.append(near_tie(bench, one, parted, engine_ids[parted]))
+    if parting(plain, engine_ids) is not None:
+        where = parting_scores(bench.model, bench.generate_inputs(one), plain, engine_ids)
+        notes.append(str(where) if where else "where they part, plain generate did not repeat its tokens")
     return notes
-
-
-def near_tie(bench: Paths, prompt: Any, parted: int, engine_token: int) -> str:
-    """Plain `generate`'s two best scores where the paths part (after its logits processors: the tokens it may
-    choose), and the rank and score of the engine's token there. Two scores a rounding apart are a near-tie of random
-    weights that bfloat16 kernels may break either way; a wide gap would be a bug."""
-    import torch
-
-    on_device = bench.generate_inputs(prompt)
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-        output = bench.model.generate(
-            **on_device, max_new_tokens=parted + 1, do_sample=False, output_scores=True, return_dict_in_generate=True
-        )
-    scores = output.scores[parted][0].float()
-    top = torch.topk(scores, 2)
-    rank = int((scores > scores[engine_token]).sum())
-    return (
-        f"where they part, plain's top two scores are {top.values[0]:.4f} and {top.values[1]:.4f} (ids "
-        f"{top.indices.tolist()}); the engine's token {engine_token} is at rank {rank} with {scores[engine_token]:.4f}"
-    )
 
 
 def start_engine(

@@ -163,9 +163,11 @@ def test_the_gpu_benchmark_times_the_captured_steps_each_replayed_with_its_input
 
 
 def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_there() -> None:
-    """`near_tie` reads plain `generate`'s scores at the place the paths part (with the prompt's image and the
-    benchmark's suppressed tokens): at each place, plain's own token is its best, at rank 0."""
-    from bench.gpu_common import checked_agreement, near_tie, plain_tokens
+    """Where the paths part, the benchmark's note reads plain `generate`'s scores there (`batch_engine.start.parting`,
+    with the prompt's image and the benchmark's suppressed tokens): an engine token that plain chose one place before
+    is not plain's best at this place, where a misread place would rank it first."""
+    from batch_engine.start import parting
+    from bench.gpu_common import checked_agreement, plain_tokens
     from bench.gpu_vision import build
 
     bench = build(True, 64, 16, slots=4, compile_layers=False)
@@ -173,11 +175,13 @@ def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_t
         one = bench.prompt(0)
         assert checked_agreement(bench, one) == ["first 32 tokens equal to plain generate: yes"]
         plain = plain_tokens(bench, one)
-        change = next(n for n in range(1, len(plain)) if plain[n] != plain[n - 1])  # a misread place shows there
-        for place in (change - 1, change):
-            note = near_tie(bench, one, place, plain[place])
-            assert f"(ids [{plain[place]}, " in note
-            assert f"token {plain[place]} is at rank 0 with " in note
+        change = next(n for n in range(1, len(plain)) if plain[n] != plain[n - 1])
+        engine = [*plain[:change], plain[change - 1], *plain[change + 1 :]]
+        where = parting(bench.model, bench.generate_inputs(one), plain, engine)
+        assert where is not None
+        assert (where.at, where.rank > 0, where.best > where.chosen) == (change, True, True)
+        assert checked_agreement(bench, one, engine)[1] == str(where)
+        assert str(where).startswith(f"they part at token {change}, where plain generate's best score is ")
     finally:
         bench.engine.close()
 
