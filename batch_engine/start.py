@@ -35,8 +35,12 @@ def started(
 
 
 NEAR_TIE_STEPS = 4
-"""How many steps of the model's dtype at the score's magnitude the engine's token may trail plain `generate`'s best
-and still be a near-tie (`Parting.near_tie`)."""
+"""How many relative steps (`Parting.step`) at the scores' magnitude the engine's token may trail plain `generate`'s
+best and still be a near-tie (`Parting.near_tie`)."""
+
+FLOOR_STEP = 2.0**-16
+"""The smallest relative step a near-tie is judged in: float32's own (2⁻²³) is below what summing in another order
+moves a score by, which the engine's kernels do."""
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,19 @@ class Parting:
     best: float
     chosen: float
     rank: int
-    eps: float
-    """The model's dtype's relative step (`torch.finfo(dtype).eps`: 2⁻⁷ for bfloat16, 2⁻²³ for float32)."""
+    step: float
+    """The relative step of the model's dtype (`torch.finfo(dtype).eps`: 2⁻⁷ for bfloat16), at least `FLOOR_STEP`."""
 
     @property
     def near_tie(self) -> bool:
-        """Whether the engine's token trails plain's best by at most `NEAR_TIE_STEPS` steps of the dtype at the best
-        score's magnitude: the two paths' attention kernels round differently, so either may pick a token a rounding
-        apart; a wider gap means the engine computes something else than plain `generate`."""
-        magnitude = 2.0 ** math.floor(math.log2(max(abs(self.best), 1e-30)))
-        return self.best - self.chosen <= NEAR_TIE_STEPS * self.eps * magnitude
+        """Whether the engine's token trails plain's best by at most `NEAR_TIE_STEPS` steps at the magnitude of the
+        larger of the two scores: the two paths' kernels round differently, so either may pick a token a rounding
+        apart; a wider gap means the engine computes something else than plain `generate`. Scores that are not
+        finite are never a near-tie."""
+        if not (math.isfinite(self.best) and math.isfinite(self.chosen)):
+            return False
+        magnitude = 2.0 ** math.floor(math.log2(max(abs(self.best), abs(self.chosen), 2.0**-126)))
+        return self.best - self.chosen <= NEAR_TIE_STEPS * self.step * magnitude
 
     def __str__(self) -> str:
         verdict = (
@@ -85,6 +92,7 @@ def parting(model: Any, inputs: Mapping[str, Any], expected: list[int], got: lis
     config = generation_config(model.generation_config, at + 1)
     config.output_scores = config.return_dict_in_generate = True
     on_device = {name: value.to(model.device) if hasattr(value, "to") else value for name, value in inputs.items()}
+    # eager, as the backends' checks run plain `generate` (the stance is the process's: the engine idles meanwhile)
     with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
         output = model.generate(**on_device, generation_config=config)
     prompt = on_device["input_ids"].shape[1]
@@ -92,9 +100,8 @@ def parting(model: Any, inputs: Mapping[str, Any], expected: list[int], got: lis
         return None
     scores = output.scores[at][0].float()
     chosen = scores[got[at]]
-    return Parting(
-        at, float(scores.max()), float(chosen), int((scores > chosen).sum()), float(torch.finfo(model.dtype).eps)
-    )
+    step = max(float(torch.finfo(model.dtype).eps), FLOOR_STEP)
+    return Parting(at, float(scores.max()), float(chosen), int((scores > chosen).sum()), step)
 
 
 def agrees(engine: BatchEngine, inputs: Mapping[str, Any], expected: list[int], *, what: str) -> bool:
@@ -103,7 +110,11 @@ def agrees(engine: BatchEngine, inputs: Mapping[str, Any], expected: list[int], 
     raised: the two attention paths round differently and may part at a near-tie; a wider gap would be a bug."""
     got = engine.submit(inputs, image_key=None, max_new_tokens=len(expected)).result(timeout=600).ids
     if got != expected:
-        where = parting(engine.model, inputs, expected, got)
+        try:
+            where = parting(engine.model, inputs, expected, got)
+        except Exception:  # a diagnosis that fails must not fail the load
+            log.exception("batching engine: reading plain generate's scores where the engine parts from it failed")
+            where = None
         log.warning(
             "batching engine: its first tokens %s differ from plain generate's %s on %s (%s)%s",
             got, expected, what, getattr(engine.model, "dtype", "?"), f": {where}" if where else "",

@@ -1,25 +1,26 @@
 """A lone request's first token through the batching engine right after the `glm` backend's start check
 (`GlmEngine.check_batching`: plain `generate` eagerly for 8 tokens of the warm-up image, then the engine on the same
-image) against right after the engine idled as long, with nothing else run, in one process.
+image) against right after the engine idled `IDLE_WAIT` with nothing else run, in one process.
 
     python bench/gpu_start_check.py [--rounds 8] [--image-side 1024]    # on the GPU machine
     python bench/gpu_start_check.py --tiny                              # the same code on a CPU
 
-A service runs that check once, after the engine starts and before its first request. In `bench/gpu_vision.py` the
-engine's lone first tokens were 91.8–97.2 ms on an H100 when plain `generate`'s own measures had run just before them
-(bench/RESULTS.md); this measures whether a plain `generate` does the same to a service's first requests. The engine
-builds a recurring attention call's own plan only once it has idled `IDLE_S` (`batch_engine.attention_plans`), and
-the check idles it: so the baseline idles it too (`IDLE_WAIT`), and a first `cold` turn, straight after the one
-untimed request, shows lone requests that come back to back before any idle. With the `batch_engine` log at INFO,
-each plan the engine builds is logged between the turns.
+A service runs that check once, after the engine starts and before its first request: this measures whether the
+requests after it are slower. The engine builds a recurring attention call's own plan only once it has idled `IDLE_S`
+(`batch_engine.attention_plans`), and the check leaves it idle for longer than that while plain `generate` runs: so
+the baseline idles it too, and a first `cold` turn, straight after the one untimed request, shows lone requests that
+come back to back before any idle (on an H100 they were slower than the rest, bench/RESULTS.md). With the
+`batch_engine` log at INFO, each plan the engine builds is logged between the turns.
 
 GLM-4.6V-Flash's full architecture with random weights in bfloat16, the engine as `bench/gpu_vision.py --compile`
-builds it (32 slots, compiled layers), the heap frozen as the service freezes it, one untimed request after the start.
-The turns come in the order cold, idled, checked, checked, idled (a machine that drifts within the run weighs on both
-compared sides alike); an `idled` turn waits `IDLE_WAIT` first, a `checked` turn runs the check once. Each turn is
-`--rounds` lone requests with no warm-up of its own (the first request after the check is the one a service's first
-client meets), each on an image not seen before, timed by the engine (`first_token_ms`: submit to first token). The
-table gives the two compared sides' p50 over their turns; a note lists every turn's samples in the order taken.
+builds it (32 slots, compiled layers, cuDNN's attention planned per power of two), the heap frozen as the service
+freezes it, one untimed request after the start. The turns come in the order cold, idled, checked, checked, idled (a
+machine that drifts within the run weighs on both compared sides alike); an `idled` turn waits `IDLE_WAIT` first, a
+`checked` turn runs the check once. Each turn is `--rounds` lone requests with no warm-up of its own (the first
+request after the check is the one a service's first client meets), each on an image not seen before, timed by the
+engine (`first_token_ms`: submit to first token). The table gives the two compared sides' p50 over their turns; a
+note lists every turn's samples in the order taken. The first `checked` turn comes after the `cold` and `idled` ones,
+not straight after the start.
 
 `--tiny` runs a 2-layer model on the CPU: it proves the code path, measures nothing.
 """
@@ -69,7 +70,7 @@ def run(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
             time.sleep(IDLE_WAIT)
         yield
 
-    engine_lone_requests(bench, 0, lambda: bench.prompt(6999))  # the one untimed request after the start
+    engine_lone_requests(bench, 0, lambda: bench.prompt(6999), warm_up=True)  # the one untimed request after the start
     return lone_turns(bench, rounds, TURNS, side, warm_up=False)
 
 

@@ -28,9 +28,9 @@ the `glm` backend makes it: on a GPU, the image processed there and its pixels k
   plain `generate`'s first token on the same prompt.
 
 It also checks that the engine's first 32 tokens equal plain `generate`'s on the same prompt, and prints one markdown
-table with the ratios. The engine's measures all run first, then plain `generate`'s (`bench.gpu_common.scenarios`):
-plain `generate`'s prefills just before may slow the engine's next prefills (seen in one probe on an H100, not in
-another), which a service, running the engine alone, never meets. The profiles (`--profile`) run after both.
+table with the ratios. The engine's measures all run first, then plain `generate`'s (`bench.gpu_common.scenarios`), as a
+service runs the engine alone (whether plain `generate` run before slows the engine is not established:
+bench/RESULTS.md). The profiles (`--profile`) run after both.
 """
 
 from __future__ import annotations

@@ -166,7 +166,9 @@ def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_t
     """Where the paths part, the benchmark's note reads plain `generate`'s scores there (`batch_engine.start.parting`,
     with the prompt's image and the benchmark's suppressed tokens): an engine token that plain chose one place before
     is not plain's best at this place, where a misread place would rank it first."""
-    from batch_engine.start import parting
+    import torch
+
+    from batch_engine.start import FLOOR_STEP, parting
     from bench.gpu_common import checked_agreement, plain_tokens
     from bench.gpu_vision import build
 
@@ -177,11 +179,22 @@ def test_where_the_gpu_benchmark_s_paths_part_it_gives_plain_generate_s_scores_t
         plain = plain_tokens(bench, one)
         change = next(n for n in range(1, len(plain)) if plain[n] != plain[n - 1])
         engine = [*plain[:change], plain[change - 1], *plain[change + 1 :]]
-        where = parting(bench.model, bench.generate_inputs(one), plain, engine)
+        inputs = bench.generate_inputs(one)
+        where = parting(bench.model, inputs, plain, engine)
         assert where is not None
         assert (where.at, where.rank > 0, where.best > where.chosen) == (change, True, True)
+        assert where.step == max(torch.finfo(bench.model.dtype).eps, FLOOR_STEP)
         assert checked_agreement(bench, one, engine)[1] == str(where)
         assert str(where).startswith(f"they part at token {change}, where plain generate's best score is ")
+        with torch.inference_mode():
+            scored = bench.model.generate(
+                **inputs, max_new_tokens=change + 1, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        second = int(torch.topk(scored.scores[change][0], 2).indices[1])
+        ranked = parting(bench.model, inputs, plain, [*plain[:change], second])
+        assert ranked is not None
+        assert ranked.rank == 1, "one token scored above plain's second best"
+        assert parting(bench.model, inputs, [plain[0] + 1, *plain[1:]], plain) is None, "plain did not repeat those"
     finally:
         bench.engine.close()
 

@@ -113,24 +113,49 @@ def test_the_warm_up_check_says_where_the_engine_parts_and_whether_at_a_near_tie
         engine.close()
 
 
-def test_a_parting_is_a_near_tie_within_four_steps_of_the_dtype_at_the_best_score() -> None:
+def test_a_parting_is_a_near_tie_within_four_steps_of_the_dtype_at_the_scores_magnitude() -> None:
+    import math
+
     import torch
 
-    from batch_engine.start import Parting
+    from batch_engine.start import FLOOR_STEP, Parting
 
-    bfloat16, float32 = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.float32).eps
+    bfloat16, float32 = torch.finfo(torch.bfloat16).eps, max(torch.finfo(torch.float32).eps, FLOOR_STEP)
     # plain's two best scores tied in bfloat16 (5.59375); the engine's token one step (1/32 at 4–8) below
     assert Parting(4, 5.59375, 5.5625, 2, bfloat16).near_tie
     assert Parting(4, 5.59375, 5.59375 - 4 / 32, 9, bfloat16).near_tie
     assert not Parting(4, 5.59375, 5.59375 - 5 / 32, 9, bfloat16).near_tie
     assert not Parting(4, 5.59375, 5.5625, 2, float32).near_tie, "in float32 that gap is a bug"
-    assert Parting(0, -0.5, -0.5 - 2 * 2.0**-8, 1, bfloat16).near_tie, (
-        "steps at the best score's magnitude, 2⁻⁸ at 0.5–1"
-    )
+    assert Parting(4, 5.59375, 5.59375 - 4 * 2.0**-14, 2, float32).near_tie, "float32 judged at 2⁻¹⁶, not 2⁻²³"
+    assert Parting(0, 4.02, 3.93, 1, bfloat16).near_tie, "the step at the larger score's magnitude (4–8: 1/32)"
+    assert Parting(0, -0.5, -0.5 - 2 * 2.0**-8, 1, bfloat16).near_tie, "steps at 0.5–1: 2⁻⁸"
     assert Parting(0, 0.0, 0.0, 1, bfloat16).near_tie
+    assert Parting(0, 1e-3, -1e-3, 1, bfloat16).near_tie is False
+    for best, chosen in ((math.nan, 1.0), (math.inf, 1.0), (1.0, -math.inf)):
+        assert not Parting(0, best, chosen, 1, bfloat16).near_tie
     assert "a near-tie, which the two attention paths may round either way" in str(
         Parting(4, 5.59375, 5.5625, 2, bfloat16)
     )
+
+
+def test_a_failing_diagnosis_of_a_parting_does_not_fail_the_warm_up_check(
+    chat: ChatModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
+    engine.start()
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("out of memory")
+
+    try:
+        monkeypatch.setattr(chat, "complete", lambda prompt, **_: [0] * 8)
+        monkeypatch.setattr("batch_engine.start.parting", failing)
+        with caplog.at_level("WARNING", logger="batch_engine"):
+            assert not matches_generate(chat, engine)
+        assert "reading plain generate's scores where the engine parts from it failed" in caplog.text
+        assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0] on the warm-up prompt" in caplog.text
+    finally:
+        engine.close()
 
 
 @pytest.mark.usefixtures("engine_out_of_memory")

@@ -1,9 +1,8 @@
 """The prefill benchmarks on the CPU. `bench/gpu_prefill_waits.py`: its baseline places a prompt's image as the engine
-does (the same embeddings, another way), and each side's turns run that side's placement. `bench/gpu_prefill_graphs.py`:
-each side's turns run that side's prefill (padded or as before). `bench/gpu_start_check.py`: each `checked` turn runs
-the `glm` backend's start check before its first request, each `idled` turn waits, and no turn has an untimed
-request. The scripts print their table and
-every turn."""
+does (the same embeddings, another way), and each side's turns run that side's placement.
+`bench/gpu_prefill_graphs.py`: each side's turns run that side's prefill (padded or as before).
+`bench/gpu_start_check.py`: each `checked` turn runs the `glm` backend's start check before its first request, each
+`idled` turn waits, and no turn has an untimed request. The scripts print their table and every turn."""
 
 from __future__ import annotations
 

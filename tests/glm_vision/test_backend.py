@@ -10,6 +10,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -243,6 +244,16 @@ def test_images_are_processed_on_the_model_s_gpu_where_the_processor_can() -> No
 
     processor.image_processor = Glm46VImageProcessorPil()  # the PIL backend takes no device: the CPU it is
     assert image_device(processor, torch.device("cuda", 0)) is None
+
+
+def test_the_codec_for_a_model_processes_images_on_its_gpu_in_its_dtype() -> None:
+    processor = glm_processor(glm_tokenizer(), max_visual_tokens=TINY_MAX_TOKENS)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)  # what the codec reads of a model
+    codec = GlmCodec.for_model(processor, on_gpu)
+    assert (codec.image_device, codec.image_dtype) == ("cuda:0", torch.bfloat16)
+    on_cpu = GlmCodec.for_model(processor, SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32))
+    assert (on_cpu.image_device, on_cpu.image_dtype) == (None, None)
+    assert codec.budget == GlmCodec(processor).budget, "the model's visual token cap, as `GlmEngine.load` gives it"
 
 
 def test_a_codec_given_a_device_processes_the_image_there() -> None:

@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-from batch_engine.attention_plans import plan_by_power_of_two
 from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
 from batch_engine.images import place_images
@@ -49,7 +48,6 @@ def square(side: int, sha256: str = "") -> DecodedImage:
 
 @pytest.fixture(scope="module")
 def engine() -> GlmEngine:
-    plan_by_power_of_two()  # cuDNN's attention planned as the service plans it (`GlmEngine.load`), before any runs
     torch.manual_seed(0)
     model, processor = full_size_glm46v_flash("cuda", torch.bfloat16)
     engine = GlmEngine(model, GlmCodec(processor), name="random GLM-4.6V-Flash")
