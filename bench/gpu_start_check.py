@@ -7,10 +7,11 @@ image) against right after the engine idled `IDLE_WAIT` with nothing else run, i
 
 A service runs that check once, after the engine starts and before its first request: this measures whether the
 requests after it are slower. The engine builds a recurring attention call's own plan only once it has idled `IDLE_S`
-(`batch_engine.attention_plans`), and the check leaves it idle for longer than that while plain `generate` runs: so
-the baseline idles it too, and a first `cold` turn, straight after the one untimed request, shows lone requests that
-come back to back before any idle (on an H100 they were slower than the rest, bench/RESULTS.md). With the
-`batch_engine` log at INFO, each plan the engine builds is logged between the turns.
+(`batch_engine.attention_plans`), and the check leaves it idle about that long while plain `generate` runs (8 tokens
+at plain's 40–42 ms a token on H100s, about a third of a second; not timed apart): so the baseline idles it too, and
+a first `cold` turn, straight after the one untimed request, shows lone requests that come back to back before any
+idle (on an H100 they were slower than the rest, bench/RESULTS.md). With the `batch_engine` log at INFO, each plan
+the engine builds is logged between the turns.
 
 GLM-4.6V-Flash's full architecture with random weights in bfloat16, the engine as `bench/gpu_vision.py --compile`
 builds it (32 slots, compiled layers, cuDNN's attention planned per power of two), the heap frozen as the service
