@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,38 +61,48 @@ def test_more_requests_than_slots_wait_and_each_equals_plain_generate(chat: Chat
     assert max(engine.batch_sizes) == 2
 
 
-def test_the_warm_up_check_compares_with_plain_generate(chat: ChatModel) -> None:
+@pytest.fixture
+def started(chat: ChatModel) -> Iterator[BatchEngine]:
+    """A batching engine over `chat`'s model, started, closed after the test."""
     engine = BatchEngine(chat.model, ENGINE, REFUSALS)
     engine.start()
-    try:
-        assert matches_generate(chat, engine)
-    finally:
-        engine.close()
+    yield engine
+    engine.close()
 
 
+def test_the_warm_up_check_compares_with_plain_generate(chat: ChatModel, started: BatchEngine) -> None:
+    assert matches_generate(chat, started)
+
+
+@pytest.mark.parametrize("diagnosis", ["reads", "fails"])
 def test_the_warm_up_check_logs_a_difference_from_plain_generate(
-    chat: ChatModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    chat: ChatModel,
+    started: BatchEngine,
+    diagnosis: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
-    engine.start()
-    try:
-        monkeypatch.setattr(chat, "complete", lambda prompt, **_: [0] * 8)
-        with caplog.at_level("WARNING", logger="batch_engine"):
-            assert not matches_generate(chat, engine)
-        assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0] on the warm-up prompt" in caplog.text
-    finally:
-        engine.close()
+    monkeypatch.setattr(chat, "complete", lambda prompt, **_: [0] * 8)
+    if diagnosis == "fails":  # reading plain's scores where they part fails: the check still answers and logs
+
+        def failing(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr("batch_engine.start.parting", failing)
+    with caplog.at_level("WARNING", logger="batch_engine"):
+        assert not matches_generate(chat, started)
+    assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0] on the warm-up prompt" in caplog.text
+    failed = "reading plain generate's scores where the engine parts from it failed"
+    assert (failed in caplog.text) == (diagnosis == "fails")
 
 
 def test_the_warm_up_check_says_where_the_engine_parts_and_whether_at_a_near_tie(
-    chat: ChatModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    chat: ChatModel, started: BatchEngine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from concurrent.futures import Future
     from dataclasses import replace
 
-    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
-    engine.start()
-    submit = engine.submit
+    submit = started.submit
 
     def parting_at_3(*args: Any, **kwargs: Any) -> Future[Any]:
         done = submit(*args, **kwargs).result(timeout=600)
@@ -101,16 +112,13 @@ def test_the_warm_up_check_says_where_the_engine_parts_and_whether_at_a_near_tie
         parted.set_result(replace(done, ids=ids))
         return parted
 
-    try:
-        monkeypatch.setattr(engine, "submit", parting_at_3)
-        with caplog.at_level("WARNING", logger="batch_engine"):
-            assert not matches_generate(chat, engine)
-        assert "on the warm-up prompt (torch.float32): they part at token 3, where plain generate's best score is" in (
-            caplog.text
-        )
-        assert "not a near-tie: the engine computes something else than plain generate" in caplog.text
-    finally:
-        engine.close()
+    monkeypatch.setattr(started, "submit", parting_at_3)
+    with caplog.at_level("WARNING", logger="batch_engine"):
+        assert not matches_generate(chat, started)
+    assert "on the warm-up prompt (torch.float32): they part at token 3, where plain generate's best score is" in (
+        caplog.text
+    )
+    assert "not a near-tie: the engine computes something else than plain generate" in caplog.text
 
 
 def test_a_parting_is_a_near_tie_within_four_steps_of_the_dtype_at_the_scores_magnitude() -> None:
@@ -136,26 +144,6 @@ def test_a_parting_is_a_near_tie_within_four_steps_of_the_dtype_at_the_scores_ma
     assert "a near-tie, which the two attention paths may round either way" in str(
         Parting(4, 5.59375, 5.5625, 2, bfloat16)
     )
-
-
-def test_a_failing_diagnosis_of_a_parting_does_not_fail_the_warm_up_check(
-    chat: ChatModel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    engine = BatchEngine(chat.model, ENGINE, REFUSALS)
-    engine.start()
-
-    def failing(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("out of memory")
-
-    try:
-        monkeypatch.setattr(chat, "complete", lambda prompt, **_: [0] * 8)
-        monkeypatch.setattr("batch_engine.start.parting", failing)
-        with caplog.at_level("WARNING", logger="batch_engine"):
-            assert not matches_generate(chat, engine)
-        assert "reading plain generate's scores where the engine parts from it failed" in caplog.text
-        assert "differ from plain generate's [0, 0, 0, 0, 0, 0, 0, 0] on the warm-up prompt" in caplog.text
-    finally:
-        engine.close()
 
 
 @pytest.mark.usefixtures("engine_out_of_memory")
