@@ -78,13 +78,18 @@ class Parting:
         )
 
 
+def parted_at(expected: list[int], got: list[int]) -> int | None:
+    """The first place where `got` differs from `expected`; None where they agree as far as both go."""
+    return next((n for n, (want, have) in enumerate(zip(expected, got, strict=False)) if want != have), None)
+
+
 def parting(model: Any, inputs: Mapping[str, Any], expected: list[int], got: list[int]) -> Parting | None:
     """Where `got` (the engine's tokens) first differs from `expected` (plain `generate`'s for `inputs`), with plain's
     scores there from one more plain `generate` run eagerly up to that token; None where they do not differ within
     both (one stopped sooner), or where that run does not reproduce `expected` up to there (another config)."""
     import torch
 
-    at = next((n for n, (want, have) in enumerate(zip(expected, got, strict=False)) if want != have), None)
+    at = parted_at(expected, got)
     if at is None:
         return None
     from stage_protocol.generation import generation_config

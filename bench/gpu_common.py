@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from batch_engine.attention_plans import by_power_of_two
 from batch_engine.settings import EngineSettings
+from batch_engine.start import parted_at, parting
 from bench.gc_pauses import Collections, as_loaded_and_frozen
 from bench.gpu_alone import Prompts, engine_alone, median_of, one_request
 from bench.gpu_load import compared, engine_loads, load_rows
@@ -78,27 +79,20 @@ B = TypeVar("B", bound=Paths)
 
 
 def agreement(plain: list[int], engine: list[int], *, label: str = "first 32 tokens equal to plain generate") -> str:
-    parted = parting(plain, engine)
+    parted = parted_at(plain, engine)
     return f"{label}: {'yes' if parted is None else f'no, they part at {parted}'}"
-
-
-def parting(plain: list[int], engine: list[int]) -> int | None:
-    """The first place where the two paths wrote different tokens; None where they agree."""
-    return next((n for n, (a, b) in enumerate(zip(plain, engine, strict=False)) if a != b), None)
 
 
 def checked_agreement(bench: Paths, one: Any, engine_ids: list[int] | None = None) -> list[str]:
     """Whether the engine's first 32 tokens on `one` (`engine_ids`, where the engine ran them before; else run here,
     first) equal plain `generate`'s, and, where they part, plain's scores there and whether at a near-tie
     (`batch_engine.start.parting`, as the backends' check at load says it)."""
-    from batch_engine.start import parting as parting_scores
-
     if engine_ids is None:
         engine_ids = engine_tokens(bench, one)
     plain = plain_tokens(bench, one)
     notes = [agreement(plain, engine_ids)]
-    if parting(plain, engine_ids) is not None:
-        where = parting_scores(bench.model, bench.generate_inputs(one), plain, engine_ids)
+    if parted_at(plain, engine_ids) is not None:
+        where = parting(bench.model, bench.generate_inputs(one), plain, engine_ids)
         notes.append(str(where) if where else "where they part, plain generate did not repeat its tokens")
     return notes
 

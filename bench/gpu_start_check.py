@@ -40,14 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `bench`, `tests` and the stage packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_alone import compare_lone, engine_lone_requests, lone_turns  # noqa: E402
+from batch_engine.attention_plans import IDLE_S  # noqa: E402
+from bench.gpu_alone import compare_lone, lone_turns  # noqa: E402
 from bench.gpu_vision import Bench  # noqa: E402
 
 TURNS = ("cold", "idled", "checked", "checked", "idled")
 
-IDLE_WAIT = 1.0
-"""Seconds an `idled` turn waits before its first request: four times the engine's `IDLE_S`, time to build what
-waits (a plan takes 36–64 ms on H100s)."""
+IDLE_WAIT = 4 * IDLE_S
+"""Seconds an `idled` turn waits before its first request: four times the engine's `IDLE_S` (1 s), time to build
+what waits (a plan takes 36–64 ms on H100s)."""
 
 
 def backend_engine(bench: Bench) -> Any:
@@ -71,7 +72,7 @@ def run(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
             time.sleep(IDLE_WAIT)
         yield
 
-    engine_lone_requests(bench, 0, lambda: bench.prompt(6999), warm_up=True)  # the one untimed request after the start
+    bench.engine_run([bench.prompt(6999)], 1)  # the one untimed request after the start
     return lone_turns(bench, rounds, TURNS, side, warm_up=False)
 
 
