@@ -30,7 +30,9 @@ def engine_loads(
 
 
 def engine_load(bench: Paths, prompts: list[Any], answer: int) -> Run:
-    """One load: `prompts` submitted at once, `answer` tokens each."""
+    """One load: `prompts` submitted at once, `answer` tokens each. Where its time went: the engine's steps that
+    prefilled, those that only decoded (`StepTimes`), and the rest, when no step ran (the engine's thread waiting for
+    a request, building an attention plan, or handing the last tokens back)."""
     bench.engine.batch_sizes.clear()
     with StepTimes(bench.engine) as steps, Allocator() as allocator:
         engine_ms, done = bench.engine_run(prompts, answer)
@@ -38,7 +40,8 @@ def engine_load(bench: Paths, prompts: list[Any], answer: int) -> Run:
     firsts = sorted(c.first_token_ms for c in done)
     detail = (
         f"engine wrote {written} tokens in {engine_ms:.0f} ms, worst first token {firsts[-1]:.0f} ms, mean "
-        f"decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}{allocator}"
+        f"decode batch {statistics.fmean(bench.engine.batch_sizes):.1f}; {steps}, no step running "
+        f"{max(0.0, engine_ms - steps.total()):.0f} ms{allocator}"
     )
     return written / engine_ms * 1000, statistics.median(firsts), detail
 
@@ -108,6 +111,10 @@ class StepTimes:
 
     def __exit__(self, *_: object) -> None:
         del self.engine.step  # the class's own again
+
+    def total(self) -> float:
+        """The milliseconds of every step timed, prefilling or decoding."""
+        return sum(self.prefilling) + sum(self.decoding)
 
     def by_rows(self) -> str:
         """Each step that prefilled, in order: the rows decoding as it began, then its milliseconds."""

@@ -59,7 +59,8 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
         assert f"| {measure}" in finished.stdout
     # distinct images, one image prefill a step: three clients' load has three steps that prefilled
     assert re.search(
-        r"3 concurrent: [^\n]*; 3 steps with a prefill \d+ ms \([\d.]+ each, the shortest [\d.]+, the longest [\d.]+\)",
+        r"3 concurrent: [^\n]*; 3 steps with a prefill \d+ ms \([\d.]+ each, the shortest [\d.]+, the longest [\d.]+\),"
+        r" \d+ steps decoding only \d+ ms \([^)]*\), no step running \d+ ms",
         finished.stdout,
     ), finished.stdout
 
