@@ -31,8 +31,9 @@ def engine_loads(
 
 def engine_load(bench: Paths, prompts: list[Any], answer: int) -> Run:
     """One load: `prompts` submitted at once, `answer` tokens each. Where its time went: the engine's steps that
-    prefilled, those that only decoded (`StepTimes`), and the rest, when no step ran (the engine's thread waiting for
-    a request, building an attention plan, or handing the last tokens back)."""
+    prefilled, those that only decoded, the recurring attention calls' plans built between them (`StepTimes`), and the
+    rest, when no step ran (the plans' time included: the engine's thread waiting for a request, building a plan, or
+    handing the last tokens back)."""
     bench.engine.batch_sizes.clear()
     with StepTimes(bench.engine) as steps, Allocator() as allocator:
         engine_ms, done = bench.engine_run(prompts, answer)
@@ -83,7 +84,8 @@ class StepTimes:
     """Where a load's time went on the engine's thread: the wall time of its steps that prefilled a request and of
     those that only decoded, timed around `engine.step` while the context is open (the engine's thread calls the
     instance's `step`). A step that prefilled waits for the request's first token, so its time holds the prefill and
-    the decode step launched before it."""
+    the decode step launched before it. Between steps, the plans it built for recurring attention calls
+    (`RecurringCalls.build_one`, run only once it has idled; their time is in none of the steps), timed the same way."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -91,6 +93,9 @@ class StepTimes:
         self.decoding: list[float] = []
         self.rows: list[int] = []
         """Each step that prefilled: how many rows were decoding when it began (the rows riding, with ride-along)."""
+        self.plans: list[float] = []
+        """Each plan built for a recurring attention call, in milliseconds."""
+        self._recurring: Any = None
 
     def __enter__(self) -> StepTimes:
         step = self.engine.step
@@ -107,10 +112,24 @@ class StepTimes:
             return worked
 
         self.engine.step = timed
+        self._recurring = recurring = getattr(self.engine, "recurring", None)
+        if recurring is not None:
+            build_one = recurring.build_one
+
+            def timed_build() -> bool:
+                started = time.perf_counter()
+                built: bool = build_one()
+                if built:
+                    self.plans.append((time.perf_counter() - started) * 1000)
+                return built
+
+            recurring.build_one = timed_build
         return self
 
     def __exit__(self, *_: object) -> None:
         del self.engine.step  # the class's own again
+        if self._recurring is not None:
+            del self._recurring.build_one  # the class's own again
 
     def total(self) -> float:
         """The milliseconds of every step timed, prefilling or decoding."""
@@ -121,11 +140,15 @@ class StepTimes:
         return " ".join(f"{rows}:{ms:.0f}" for rows, ms in zip(self.rows, self.prefilling, strict=True))
 
     def __str__(self) -> str:
-        return ", ".join(
+        steps = ", ".join(
             f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each, "
             f"the shortest {min(times, default=0):.1f}, the longest {max(times, default=0):.1f})"
             for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
         )
+        if not self.plans:
+            return steps
+        built = len(self.plans)
+        return f"{steps}, {built} attention plan{'s' if built > 1 else ''} built between them {sum(self.plans):.0f} ms"
 
 
 class Allocator:

@@ -8,13 +8,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
-from bench.gpu_load import middle_load
+from bench.gpu_load import StepTimes, middle_load
 from tests.vision_engine import engine
 from vision_stage.glm_engine import GlmEngine
 
@@ -120,6 +121,40 @@ def test_the_gpu_benchmark_details_the_median_load_or_names_the_upper_middle_one
     even = [(900.0, 0.0, "load a"), (1000.0, 0.0, "load b"), (950.0, 0.0, "load c"), (980.0, 0.0, "load d")]
     assert middle_load(even) == "the upper of the two middle loads' load d"
     assert middle_load(odd[:1]) == "the median's load a"
+
+
+def test_a_load_s_detail_counts_the_recurring_attention_plans_built_between_its_steps() -> None:
+    """The engine builds a recurring call's plan only between steps (once idle), so a load that met one says so
+    beside its steps' times; a build attempted with nothing to build counts nothing, and both hooks are undone."""
+
+    class Recurring:
+        def __init__(self) -> None:
+            self.waiting = [True, False]
+
+        def build_one(self) -> bool:
+            return self.waiting.pop(0)
+
+    class Engine:
+        def __init__(self) -> None:
+            self.recurring = Recurring()
+
+        def step(self) -> bool:
+            return False
+
+        def stats(self) -> Any:
+            return SimpleNamespace(admitted=0, running=0)
+
+    engine = Engine()
+    with StepTimes(engine) as steps:
+        assert engine.recurring.build_one()
+        assert not engine.recurring.build_one()
+        engine.step()
+    assert len(steps.plans) == 1
+    assert re.search(r", 1 attention plan built between them \d+ ms$", str(steps)), str(steps)
+    assert "build_one" not in vars(engine.recurring)
+    assert "step" not in vars(engine)
+    without = StepTimes(Engine())
+    assert "attention plans" not in str(without)
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
