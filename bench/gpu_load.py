@@ -84,8 +84,9 @@ class StepTimes:
     """Where a load's time went on the engine's thread: the wall time of its steps that prefilled a request and of
     those that only decoded, timed around `engine.step` while the context is open (the engine's thread calls the
     instance's `step`). A step that prefilled waits for the request's first token, so its time holds the prefill and
-    the decode step launched before it. Between steps, the plans it built for recurring attention calls
-    (`RecurringCalls.build_one`, run only once it has idled; their time is in none of the steps), timed the same way."""
+    the decode step launched before it. Between steps, timed the same way: the plans it built for recurring attention
+    calls (`RecurringCalls.build_one`, run only once it has idled) and its waits for work (the engine's wake event,
+    which a submitted request sets); their time is in none of the steps."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -95,7 +96,10 @@ class StepTimes:
         """Each step that prefilled: how many rows were decoding when it began (the rows riding, with ride-along)."""
         self.plans: list[float] = []
         """Each plan built for a recurring attention call, in milliseconds."""
+        self.waits: list[float] = []
+        """Each wait of the engine's thread for work, in milliseconds."""
         self._recurring: Any = None
+        self._wake: Any = None
 
     def __enter__(self) -> StepTimes:
         step = self.engine.step
@@ -124,12 +128,25 @@ class StepTimes:
                 return built
 
             recurring.build_one = timed_build
+        self._wake = wake = getattr(self.engine, "_wake", None)
+        if wake is not None:
+            wait = wake.wait
+
+            def timed_wait(timeout: float | None = None) -> bool:
+                started = time.perf_counter()
+                woken: bool = wait(timeout)
+                self.waits.append((time.perf_counter() - started) * 1000)
+                return woken
+
+            wake.wait = timed_wait
         return self
 
     def __exit__(self, *_: object) -> None:
         del self.engine.step  # the class's own again
         if self._recurring is not None:
             del self._recurring.build_one  # the class's own again
+        if self._wake is not None:
+            del self._wake.wait  # the class's own again
 
     def total(self) -> float:
         """The milliseconds of every step timed, prefilling or decoding."""
@@ -145,10 +162,12 @@ class StepTimes:
             f"the shortest {min(times, default=0):.1f}, the longest {max(times, default=0):.1f})"
             for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
         )
-        if not self.plans:
-            return steps
-        built = len(self.plans)
-        return f"{steps}, {built} attention plan{'s' if built > 1 else ''} built between them {sum(self.plans):.0f} ms"
+        between = (("wait", "for work", self.waits), ("attention plan", "built", self.plans))
+        return steps + "".join(
+            f", {len(times)} {what}{'s' if len(times) > 1 else ''} {done} between them {sum(times):.0f} ms"
+            for what, done, times in between
+            if times
+        )
 
 
 class Allocator:

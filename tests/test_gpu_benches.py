@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -61,7 +62,7 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
     # distinct images, one image prefill a step: three clients' load has three steps that prefilled
     assert re.search(
         r"3 concurrent: [^\n]*; 3 steps with a prefill \d+ ms \([\d.]+ each, the shortest [\d.]+, the longest [\d.]+\),"
-        r" \d+ steps decoding only \d+ ms \([^)]*\), no step running \d+ ms",
+        r" \d+ steps decoding only \d+ ms \([^)]*\)[^;]*, no step running \d+ ms",
         finished.stdout,
     ), finished.stdout
 
@@ -123,9 +124,10 @@ def test_the_gpu_benchmark_details_the_median_load_or_names_the_upper_middle_one
     assert middle_load(odd[:1]) == "the median's load a"
 
 
-def test_a_load_s_detail_counts_the_recurring_attention_plans_built_between_its_steps() -> None:
-    """The engine builds a recurring call's plan only between steps (once idle), so a load that met one says so
-    beside its steps' times; a build attempted with nothing to build counts nothing, and both hooks are undone."""
+def test_a_load_s_detail_counts_the_engine_s_waits_and_plan_builds_between_its_steps() -> None:
+    """Between steps the engine's thread waits for work or builds a recurring call's attention plan (once idle): a
+    load says how often and how long, beside its steps' times; a build attempted with nothing to build counts nothing,
+    and every hook is undone."""
 
     class Recurring:
         def __init__(self) -> None:
@@ -137,6 +139,7 @@ def test_a_load_s_detail_counts_the_recurring_attention_plans_built_between_its_
     class Engine:
         def __init__(self) -> None:
             self.recurring = Recurring()
+            self._wake = threading.Event()
 
         def step(self) -> bool:
             return False
@@ -149,12 +152,18 @@ def test_a_load_s_detail_counts_the_recurring_attention_plans_built_between_its_
         assert engine.recurring.build_one()
         assert not engine.recurring.build_one()
         engine.step()
+        assert not engine._wake.wait(0.001)
     assert len(steps.plans) == 1
-    assert re.search(r", 1 attention plan built between them \d+ ms$", str(steps)), str(steps)
+    assert len(steps.waits) == 1
+    assert re.search(
+        r", 1 wait for work between them \d+ ms, 1 attention plan built between them \d+ ms$", str(steps)
+    ), str(steps)
     assert "build_one" not in vars(engine.recurring)
     assert "step" not in vars(engine)
+    assert "wait" not in vars(engine._wake)
     without = StepTimes(Engine())
-    assert "attention plans" not in str(without)
+    assert "attention plan" not in str(without)
+    assert "waits" not in str(without)
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
