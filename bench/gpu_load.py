@@ -4,14 +4,15 @@ engine's settings off and on, in the order off, on, on, off (`compared`)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bench.gpu_alone import engine_decode, engine_first_token
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from bench.gpu_common import Paths, Row
 
@@ -30,13 +31,15 @@ def engine_loads(
 
 
 def engine_load(bench: Paths, prompts: list[Any], answer: int) -> Run:
-    """One load: `prompts` submitted at once, `answer` tokens each. Where its time went: the engine's steps that
-    prefilled, those that only decoded, the recurring attention calls' plans built between them (`StepTimes`), and the
-    rest, when no step ran (the plans' time included: the engine's thread waiting for a request, building a plan, or
-    handing the last tokens back)."""
+    """One load: `prompts` submitted at once, `answer` tokens each. Where its time went, from the first submit to the
+    last answer (`StepTimes.within`): the engine's steps that prefilled, those that only decoded, its waits for work
+    and the recurring attention calls' plans it built between them (`StepTimes`), and all the time no step ran (those
+    waits and plans included, and whatever else kept the engine's thread from a step)."""
     bench.engine.batch_sizes.clear()
     with StepTimes(bench.engine) as steps, Allocator() as allocator:
         engine_ms, done = bench.engine_run(prompts, answer)
+        until = time.perf_counter()
+    steps.within(until - engine_ms / 1000, until)
     written = sum(len(c.ids) for c in done)
     firsts = sorted(c.first_token_ms for c in done)
     detail = (
@@ -81,93 +84,125 @@ def middle_load(runs: list[Run]) -> str:
 
 
 class StepTimes:
-    """Where a load's time went on the engine's thread: the wall time of its steps that prefilled a request and of
-    those that only decoded, timed around `engine.step` while the context is open (the engine's thread calls the
-    instance's `step`). A step that prefilled waits for the request's first token, so its time holds the prefill and
-    the decode step launched before it. Between steps, timed the same way: the plans it built for recurring attention
-    calls (`RecurringCalls.build_one`, run only once it has idled) and its waits for work (the engine's wake event,
-    which a submitted request sets); their time is in none of the steps."""
+    """Where a load's time went on the engine's thread, timed while the context is open and kept to the load's own
+    window (`within`): the wall time of its steps that prefilled a request and of those that only decoded (around
+    `engine.step`, which the engine's thread calls on the instance), and between steps, its waits for work (the
+    engine's wake event, which a submitted request sets) and the plans it built for recurring attention calls
+    (`RecurringCalls.build_one`, run only once it has idled). A step that prefilled waits for the request's first
+    token, so its time holds the prefill and the decode step launched before it."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.prefilling: list[float] = []
-        self.decoding: list[float] = []
-        self.rows: list[int] = []
-        """Each step that prefilled: how many rows were decoding when it began (the rows riding, with ride-along)."""
-        self.plans: list[float] = []
-        """Each plan built for a recurring attention call, in milliseconds."""
-        self.waits: list[float] = []
-        """Each wait of the engine's thread for work, in milliseconds."""
-        self._recurring: Any = None
-        self._wake: Any = None
+        self.prefilling: list[Timed] = []
+        """Each step that prefilled, with how many rows were decoding when it began (the rows riding, with
+        ride-along) as its `rows`."""
+        self.decoding: list[Timed] = []
+        self.waits: list[Timed] = []
+        self.plans: list[Timed] = []
+        self._open = False
+        self._hooked: list[tuple[Any, str]] = []
 
     def __enter__(self) -> StepTimes:
-        step = self.engine.step
+        engine, self._open = self.engine, True
+        engine_step = engine.step
 
-        def timed() -> bool:
-            stats, started = self.engine.stats(), time.perf_counter()
-            worked: bool = step()
-            spent = (time.perf_counter() - started) * 1000
-            if worked and self.engine.stats().admitted > stats.admitted:
-                self.prefilling.append(spent)
-                self.rows.append(stats.running)
+        def step() -> bool:
+            stats = engine.stats()
+            with self._timing() as timed:
+                worked: bool = engine_step()
+            if worked and engine.stats().admitted > stats.admitted:
+                self._record(self.prefilling, timed, stats.running)
             elif worked:
-                self.decoding.append(spent)
+                self._record(self.decoding, timed)
             return worked
 
-        self.engine.step = timed
-        self._recurring = recurring = getattr(self.engine, "recurring", None)
+        self._hook(engine, "step", step)
+        recurring = getattr(engine, "recurring", None)
         if recurring is not None:
-            build_one = recurring.build_one
+            recurring_build = recurring.build_one
 
-            def timed_build() -> bool:
-                started = time.perf_counter()
-                built: bool = build_one()
+            def build_one() -> bool:
+                with self._timing() as timed:
+                    built: bool = recurring_build()
                 if built:
-                    self.plans.append((time.perf_counter() - started) * 1000)
+                    self._record(self.plans, timed)
                 return built
 
-            recurring.build_one = timed_build
-        self._wake = wake = getattr(self.engine, "_wake", None)
+            self._hook(recurring, "build_one", build_one)
+        wake = getattr(engine, "_wake", None)
         if wake is not None:
-            wait = wake.wait
+            wake_wait = wake.wait
 
-            def timed_wait(timeout: float | None = None) -> bool:
-                started = time.perf_counter()
-                woken: bool = wait(timeout)
-                self.waits.append((time.perf_counter() - started) * 1000)
+            def wait(timeout: float | None = None) -> bool:
+                with self._timing() as timed:
+                    woken: bool = wake_wait(timeout)
+                self._record(self.waits, timed)
                 return woken
 
-            wake.wait = timed_wait
+            self._hook(wake, "wait", wait)
         return self
 
     def __exit__(self, *_: object) -> None:
-        del self.engine.step  # the class's own again
-        if self._recurring is not None:
-            del self._recurring.build_one  # the class's own again
-        if self._wake is not None:
-            del self._wake.wait  # the class's own again
+        self._open = False
+        for owner, name in self._hooked:
+            delattr(owner, name)  # the class's own again
+        self._hooked.clear()
+
+    def _hook(self, owner: Any, name: str, timed: Callable[..., bool]) -> None:
+        setattr(owner, name, timed)
+        self._hooked.append((owner, name))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _timing() -> Iterator[list[float]]:
+        timed = [time.perf_counter()]
+        yield timed
+        timed.append(time.perf_counter())
+
+    def _record(self, into: list[Timed], timed: list[float], rows: int = 0) -> None:
+        if self._open:  # not a call that began in the window and ended after the context closed
+            into.append(Timed(timed[0], (timed[1] - timed[0]) * 1000, rows))
+
+    def within(self, since: float, until: float) -> StepTimes:
+        """Keep only what began between `since` and `until` (`time.perf_counter` seconds: the load's own window,
+        not the engine's work or waits before its first request was submitted or after its last was done)."""
+        for kept in (self.prefilling, self.decoding, self.waits, self.plans):
+            kept[:] = [timed for timed in kept if since <= timed.started <= until]
+        return self
 
     def total(self) -> float:
         """The milliseconds of every step timed, prefilling or decoding."""
-        return sum(self.prefilling) + sum(self.decoding)
+        return sum(timed.ms for timed in (*self.prefilling, *self.decoding))
 
     def by_rows(self) -> str:
         """Each step that prefilled, in order: the rows decoding as it began, then its milliseconds."""
-        return " ".join(f"{rows}:{ms:.0f}" for rows, ms in zip(self.rows, self.prefilling, strict=True))
+        return " ".join(f"{timed.rows}:{timed.ms:.0f}" for timed in self.prefilling)
 
     def __str__(self) -> str:
         steps = ", ".join(
             f"{len(times)} steps {what} {sum(times):.0f} ms ({statistics.fmean(times) if times else 0:.1f} each, "
             f"the shortest {min(times, default=0):.1f}, the longest {max(times, default=0):.1f})"
-            for what, times in (("with a prefill", self.prefilling), ("decoding only", self.decoding))
+            for what, times in (("with a prefill", _ms(self.prefilling)), ("decoding only", _ms(self.decoding)))
         )
-        between = (("wait", "for work", self.waits), ("attention plan", "built", self.plans))
+        between = (("wait", "for work", _ms(self.waits)), ("attention plan", "built", _ms(self.plans)))
         return steps + "".join(
             f", {len(times)} {what}{'s' if len(times) > 1 else ''} {done} between them {sum(times):.0f} ms"
             for what, done, times in between
             if times
         )
+
+
+class Timed(NamedTuple):
+    """One call timed on the engine's thread: when it began (`time.perf_counter` seconds), its milliseconds, and for
+    a step that prefilled the rows decoding as it began."""
+
+    started: float
+    ms: float
+    rows: int = 0
+
+
+def _ms(timed: list[Timed]) -> list[float]:
+    return [one.ms for one in timed]
 
 
 class Allocator:
@@ -242,6 +277,8 @@ def compared(
             decode = engine_decode(bench, rounds, fresh, forget)
             with StepTimes(bench.engine) as steps:
                 ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
+                until = time.perf_counter()
+            steps.within(until - ms / 1000, until)
             tokens = sum(len(completion.ids) for completion in done) / ms * 1000
             means[on].append((first, tokens))
             figures.append(

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from bench.gpu_alone import ONE_REQUEST_ROWS, sm_clock
 from bench.gpu_load import StepTimes, middle_load
-from tests.vision_engine import engine
+from tests.vision_engine import engine, prompt, submit
 from vision_stage.glm_engine import GlmEngine
 
 
@@ -153,6 +154,7 @@ def test_a_load_s_detail_counts_the_engine_s_waits_and_plan_builds_between_its_s
         assert not engine.recurring.build_one()
         engine.step()
         assert not engine._wake.wait(0.001)
+        inside = time.perf_counter()
     assert len(steps.plans) == 1
     assert len(steps.waits) == 1
     assert re.search(
@@ -163,7 +165,27 @@ def test_a_load_s_detail_counts_the_engine_s_waits_and_plan_builds_between_its_s
     assert "wait" not in vars(engine._wake)
     without = StepTimes(Engine())
     assert "attention plan" not in str(without)
-    assert "waits" not in str(without)
+    assert "wait" not in str(without)
+    # what began before the load's window (its requests prepared, the engine idling) is left out
+    assert not steps.within(inside, time.perf_counter()).waits
+    assert not steps.plans
+
+
+def test_a_load_s_detail_times_the_real_engine_s_waits_for_work(glm: GlmEngine) -> None:
+    """The hooks reach what the engine's thread calls: an idle engine waits for work, a request makes it step."""
+    batch = engine(glm)
+    batch.start()
+    try:
+        with StepTimes(batch) as steps:
+            time.sleep(0.12)  # idle: the engine's thread waits 0.05 s at a time
+            submit(batch, prompt(glm, 1), "sha-1", budget=2).result(timeout=60)
+        assert len(steps.waits) >= 2
+        assert len(steps.prefilling) == 1
+        assert steps.decoding
+        assert "step" not in vars(batch)
+        assert "wait" not in vars(batch._wake)
+    finally:
+        batch.close()
 
 
 def test_the_gpu_benchmark_s_replays_only_run_checks_agreement_and_measures_nothing_else() -> None:
