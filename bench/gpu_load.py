@@ -118,28 +118,11 @@ class StepTimes:
 
         self._hook(engine, "step", step)
         recurring = getattr(engine, "recurring", None)
-        if recurring is not None:
-            recurring_build = recurring.build_one
-
-            def build_one() -> bool:
-                with self._timing() as timed:
-                    built: bool = recurring_build()
-                if built:
-                    self._record(self.plans, timed)
-                return built
-
-            self._hook(recurring, "build_one", build_one)
+        if recurring is not None:  # a call that found no plan waiting built nothing
+            self._hook(recurring, "build_one", self._timed(recurring.build_one, self.plans, kept=bool))
         wake = getattr(engine, "_wake", None)
         if wake is not None:
-            wake_wait = wake.wait
-
-            def wait(timeout: float | None = None) -> bool:
-                with self._timing() as timed:
-                    woken: bool = wake_wait(timeout)
-                self._record(self.waits, timed)
-                return woken
-
-            self._hook(wake, "wait", wait)
+            self._hook(wake, "wait", self._timed(wake.wait, self.waits))
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -151,6 +134,20 @@ class StepTimes:
     def _hook(self, owner: Any, name: str, timed: Callable[..., bool]) -> None:
         setattr(owner, name, timed)
         self._hooked.append((owner, name))
+
+    def _timed(
+        self, call: Callable[..., bool], into: list[Timed], *, kept: Callable[[bool], bool] = lambda _: True
+    ) -> Callable[..., bool]:
+        """`call` timed, each call recorded `into` where `kept` says of its result."""
+
+        def timed(*args: Any) -> bool:
+            with self._timing() as spent:
+                result = call(*args)
+            if kept(result):
+                self._record(into, spent)
+            return result
+
+        return timed
 
     @staticmethod
     @contextlib.contextmanager
