@@ -40,6 +40,10 @@ def test_the_gpu_benchmark_runs_its_scenarios_on_the_cpu() -> None:
         rf"the engine's lone first tokens, ms, in the order taken: {six}; at a new length {six}\n", finished.stdout
     )
     assert "SM clock" not in finished.stdout  # read on a GPU only
+    # the host's own pace, before and after the measures, to tell a slow host from a slow engine
+    assert re.search(
+        r"the host's pace: a one-element add launched in [\d.]+ µs before the measures, [\d.]+ after", finished.stdout
+    )
     assert re.search(
         rf"of which waiting to be admitted \(submit → admitted\), ms: {six}; at a new length {six}\n", finished.stdout
     )
