@@ -320,7 +320,7 @@ def drive(
         gc.unfreeze()
     notes.append(
         f"the host's pace: a one-element add launched in {paced:.1f} µs before the measures, "
-        f"{launch_pace(bench.device):.1f} after (p50 of 5 × 2000; the eager prefill pays such a launch a kernel)"
+        f"{launch_pace(bench.device):.1f} after (p50 of 5 × 2000; an eager prefill pays one per kernel)"
     )
     notes.append(
         f"garbage collector: a full collection over the heap as loaded ({loaded} objects) {loaded_ms:.1f} ms (p50 of "
