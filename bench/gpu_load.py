@@ -32,14 +32,12 @@ def engine_loads(
 
 def engine_load(bench: Paths, prompts: list[Any], answer: int) -> Run:
     """One load: `prompts` submitted at once, `answer` tokens each. Where its time went, from the first submit to the
-    last answer (`StepTimes.within`): the engine's steps that prefilled, those that only decoded, its waits for work
+    last answer (`StepTimes.load`): the engine's steps that prefilled, those that only decoded, its waits for work
     and the recurring attention calls' plans it built between them (`StepTimes`), and all the time no step ran (those
     waits and plans included, and whatever else kept the engine's thread from a step)."""
     bench.engine.batch_sizes.clear()
     with StepTimes(bench.engine) as steps, Allocator() as allocator:
-        engine_ms, done = bench.engine_run(prompts, answer)
-        until = time.perf_counter()
-    steps.within(until - engine_ms / 1000, until)
+        engine_ms, done = steps.load(bench, prompts, answer)
     written = sum(len(c.ids) for c in done)
     firsts = sorted(c.first_token_ms for c in done)
     detail = (
@@ -160,6 +158,14 @@ class StepTimes:
         if self._open:  # not a call that began in the window and ended after the context closed
             into.append(Timed(timed[0], (timed[1] - timed[0]) * 1000, rows))
 
+    def load(self, bench: Paths, prompts: list[Any], answer: int) -> tuple[float, list[Any]]:
+        """`bench.engine_run` of `prompts` (its milliseconds and completions), what is timed then kept to its own
+        window (`within`)."""
+        engine_ms, done = bench.engine_run(prompts, answer)
+        until = time.perf_counter()
+        self.within(until - engine_ms / 1000, until)
+        return engine_ms, done
+
     def within(self, since: float, until: float) -> StepTimes:
         """Keep only what began between `since` and `until` (`time.perf_counter` seconds: the load's own window,
         not the engine's work or waits before its first request was submitted or after its last was done)."""
@@ -273,9 +279,7 @@ def compared(
             first = engine_first_token(bench, rounds, fresh)
             decode = engine_decode(bench, rounds, fresh, forget)
             with StepTimes(bench.engine) as steps:
-                ms, done = bench.engine_run([fresh() for _ in range(clients)], answer)
-                until = time.perf_counter()
-            steps.within(until - ms / 1000, until)
+                ms, done = steps.load(bench, [fresh() for _ in range(clients)], answer)
             tokens = sum(len(completion.ids) for completion in done) / ms * 1000
             means[on].append((first, tokens))
             figures.append(
