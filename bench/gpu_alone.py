@@ -179,8 +179,10 @@ def compare_lone(
     bench = build(args.tiny, side, 16, slots=2 if args.tiny else 32, compile_layers=not args.tiny, **engine)
     gc.collect()
     gc.freeze()
+    paced = launch_pace(bench.device)
     try:
         samples, turns = run(bench, args.rounds)
+        paces = pace_note(paced, bench.device, "turns")
     finally:
         bench.engine.close()
         gc.unfreeze()
@@ -191,6 +193,7 @@ def compare_lone(
     print(f"| first token, one request, ms (p50 of {len(samples[ours])}) | {was:.1f} | {now:.1f} | {was / now:.2f}× |")
     print()
     print(f"- turns in the order taken ({' '.join(order)}), ms: " + "; ".join(turns))
+    print(f"- {paces}")
     print()
     print(describe(bench))
 
@@ -230,6 +233,14 @@ def launch_pace(device: str, *, launches: int = 2000, rounds: int = 5) -> float:
         paces.append((time.perf_counter() - started) / launches * 1e6)
         sync()
     return statistics.median(paces)
+
+
+def pace_note(before: float, device: str, what: str) -> str:
+    """The host's pace (`launch_pace`) measured `before` the `what` and now, after them, as a report's note."""
+    return (
+        f"the host's pace: a one-element add launched in {before:.1f} µs before the {what}, "
+        f"{launch_pace(device):.1f} after (p50 of 5 × 2000; an eager prefill pays one per kernel)"
+    )
 
 
 def engine_first_token(bench: Paths, rounds: int, prompt: Callable[[], Any]) -> float:

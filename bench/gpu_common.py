@@ -18,7 +18,7 @@ from batch_engine.attention_plans import by_power_of_two
 from batch_engine.settings import EngineSettings
 from batch_engine.start import parted_at, parting
 from bench.gc_pauses import Collections, as_loaded_and_frozen
-from bench.gpu_alone import Prompts, engine_alone, launch_pace, median_of, one_request
+from bench.gpu_alone import Prompts, engine_alone, launch_pace, median_of, one_request, pace_note
 from bench.gpu_load import compared, engine_loads, load_rows
 
 Row = tuple[str, float, float]
@@ -318,10 +318,7 @@ def drive(
     finally:
         bench.engine.close()
         gc.unfreeze()
-    notes.append(
-        f"the host's pace: a one-element add launched in {paced:.1f} µs before the measures, "
-        f"{launch_pace(bench.device):.1f} after (p50 of 5 × 2000; an eager prefill pays one per kernel)"
-    )
+    notes.append(pace_note(paced, bench.device, "measures"))
     notes.append(
         f"garbage collector: a full collection over the heap as loaded ({loaded} objects) {loaded_ms:.1f} ms (p50 of "
         f"3), frozen {frozen_ms:.2f}; the measures ran with the heap {heap}, and Python collected meanwhile: "

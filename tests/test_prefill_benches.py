@@ -133,6 +133,9 @@ def test_the_script_prints_both_sides_and_every_turn(script: str, module: Any) -
     two = f"{number} {number}"
     turns = "; ".join(f"{side}: {two}" for side in module.TURNS)
     assert re.search(rf"turns in the order taken \({' '.join(module.TURNS)}\), ms: {turns}\n", finished.stdout)
+    assert re.search(
+        rf"the host's pace: a one-element add launched in {number} µs before the turns, {number} after", finished.stdout
+    )
 
 
 def test_the_comparisons_plan_attention_as_the_service_does(monkeypatch: pytest.MonkeyPatch) -> None:
