@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from batch_engine.attention_plans import plan_by_power_of_two
 from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
 from batch_engine.images import place_images
@@ -48,6 +49,10 @@ def square(side: int, sha256: str = "") -> DecodedImage:
 
 @pytest.fixture(scope="module")
 def engine() -> GlmEngine:
+    """The full-size model with random weights, its attention planned as the service plans it (cuDNN's plans per
+    power of two of the lengths, `EngineSettings.attention_plans`'s default): asked before any attention in this
+    process, since PyTorch reads the choice once."""
+    plan_by_power_of_two()
     torch.manual_seed(0)
     model, processor = full_size_glm46v_flash("cuda", torch.bfloat16)
     engine = GlmEngine(model, GlmCodec(processor), name="random GLM-4.6V-Flash")
