@@ -77,25 +77,37 @@ def test_images_are_processed_on_the_gpu_into_the_same_patches(engine: GlmEngine
     assert float((pixels.cpu() - on_cpu.inputs["pixel_values"]).abs().mean()) < 0.02
 
 
-def test_the_packed_vision_attention_encodes_exactly_as_sdpa_does(engine: GlmEngine) -> None:
-    """Eagerly the packed attention makes the same `scaled_dot_product_attention` call on the same tensors as
-    transformers' `sdpa` path (one image): the same output to the bit."""
+def test_the_packed_vision_attention_encodes_as_closely_as_sdpa_does(engine: GlmEngine) -> None:
+    """With cuDNN's plans per power of two (the service's), the packed attention's calls are laid out for them and
+    transformers' `sdpa` path's are not (PyTorch falls back to a plan of their own lengths), so the two round apart in
+    bfloat16. The packed encoding is as close to a float32 encoding as `sdpa`'s (its mean error at most 1.05× that
+    of `sdpa`; on an H100 both 0.01576 against a mean magnitude of 0.737), and the same to the bit when run again."""
     model: Any = engine.model
     asked = VisionRequest(square(1024), "What is written on the sign?", task="answer")
     inputs = engine.codec.encode(asked, thinking=False).inputs
     pixels, grid = inputs["pixel_values"].to("cuda"), inputs["image_grid_thw"].to("cuda")
 
-    def encode() -> Any:
-        return model.model.get_image_features(pixels, image_grid_thw=grid, return_dict=True).pooler_output[0]
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        features = model.model.get_image_features(values, image_grid_thw=grid, return_dict=True)
+        first: torch.Tensor = features.pooler_output[0]
+        return first.float()
 
+    visual = model.model.visual
     with torch.inference_mode():
-        plain = encode()
+        plain = encode(pixels)
         assert register_vision_attention(model)
         try:
-            packed = encode()
+            packed, again = encode(pixels), encode(pixels)
         finally:
-            model.model.visual.config._attn_implementation = "sdpa"
-    assert torch.equal(packed, plain)
+            visual.config._attn_implementation = "sdpa"
+        visual.float()
+        try:
+            exact = encode(pixels.float())
+        finally:
+            visual.to(torch.bfloat16)
+    assert torch.equal(packed, again)
+    packed_error, plain_error = (float((side - exact).abs().mean()) for side in (packed, plain))
+    assert packed_error <= 1.05 * plain_error, f"packed {packed_error:.5f} against sdpa's {plain_error:.5f}"
 
 
 def test_full_size_model_answers_in_bfloat16(backend: GlmVisionBackend) -> None:
