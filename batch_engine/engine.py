@@ -39,11 +39,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import replace
 from typing import Any
 
 from batch_engine.attention_plans import IDLE_S, RecurringCalls, build_plans, serve
 from batch_engine.compiling import recompile_limit_hits, use_dynamo_settings, warm_prefills
 from batch_engine.greedy import stop_ids_of
+from batch_engine.host import prefill_graphs
 from batch_engine.prompts import Prompt, prompt_of
 from batch_engine.queued import Launched, Request, drain, take
 from batch_engine.settings import EngineSettings
@@ -60,8 +62,13 @@ class BatchEngine:
     tests and benchmarks may instead call `step` themselves, from one thread."""
 
     def __init__(self, model: Any, settings: EngineSettings, refusals: Refusals = PLAIN_REFUSALS) -> None:
+        graphs = prefill_graphs(
+            settings.prefill_graphs, model.device, cuda_graphs=settings.cuda_graphs,
+            named=refusals.setting("_PREFILL_GRAPHS"),
+        )  # fmt: skip
         self.model = model
-        self.settings = settings
+        self.settings = settings = replace(settings, prefill_graphs=graphs)
+        """The settings as given, `prefill_graphs` decided (`batch_engine.host.prefill_graphs`)."""
         self.refusals = refusals
         self.device = DeviceSteps(model, settings)
         self.recurring = RecurringCalls() if self.device.plans_by_power_of_two else None

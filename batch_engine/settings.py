@@ -27,16 +27,18 @@ class EngineSettings:
     cuda_graphs: bool = True
     """Capture decode steps, follow-up extend steps and (`prefill_graphs`) prefills as CUDA graphs (on a CUDA device
     only)."""
-    prefill_graphs: bool = False
+    prefill_graphs: bool | None = False
     """Pad each prefill from position 0 to its length bucket (`batch_engine.graphs.padded_length`: a multiple of 128
     up to 2,048 tokens, coarser beyond, an eighth more at most past 1,024), so that with `cuda_graphs` one CUDA graph
     per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
-    forty layers' Python and launches, which on an H100 took about as long as the device's work (`bench/RESULTS.md`).
-    The vision encoder before it is not captured (its image sizes vary). Costs start time, the padding's compute and
-    the graphs' memory. Off by default, and not a service setting: on an H100 whose host kept up with the device it
-    took a lone first token from 62.9 to 64.8 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`); a host too slow
-    for the eager prefill is where it would help, not yet measured. On a CPU nothing is captured and the padded
-    prefill runs eagerly, as the tests run it."""
+    forty layers' Python and launches. The vision encoder before it is not captured (its image sizes vary). Costs
+    start time, the padding's compute and the graphs' memory. None (`auto`): on where the host launches slowly
+    (`batch_engine.host`: measured at start on a CUDA device, and logged, with a warning where it is slow and this is
+    off). Off by default: on H100s whose host kept up it took a lone first token from 62.9 to 64.8 and from 66.7 to
+    67.8 ms; on one whose host launched a one-element add in 10.4–12.8 µs (5.9–6.0 where it kept up), from 122.2 to
+    77.5 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`). Under a load of many clients, and for the start's
+    time and memory, it is not measured. On a CPU nothing is captured and the padded prefill runs eagerly, as the
+    tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool | None = None
@@ -153,6 +155,8 @@ class EngineOptions(Protocol):
     def engine_recurring_plans(self) -> bool: ...
     @property
     def engine_dependent_launch(self) -> str: ...  # `auto`, `on` or `off`
+    @property
+    def engine_prefill_graphs(self) -> str: ...  # `auto`, `on` or `off`
 
 
 def engine_settings(options: EngineOptions) -> EngineSettings | None:
@@ -173,6 +177,7 @@ def engine_settings(options: EngineOptions) -> EngineSettings | None:
         attention_plans=options.engine_attention_plans,
         recurring_plans=options.engine_recurring_plans,
         dependent_launch=SWITCH[options.engine_dependent_launch],
+        prefill_graphs=SWITCH[options.engine_prefill_graphs],
     )
 
 
@@ -217,6 +222,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
     )
     parser.add_argument(
         "--engine-compile", choices=tuple(SWITCH), default="auto", help="batched: compile (default: on a GPU)"
+    )
+    parser.add_argument(
+        "--engine-prefill-graphs",
+        choices=tuple(SWITCH),
+        default="off",
+        help="batched: prefills replayed as CUDA graphs (auto: where the host launches slowly; default: off)",
     )
     add_kernel_arguments(parser, "--engine-", "batched: ")
 

@@ -141,7 +141,7 @@ class DeviceSteps:
             torch.zeros(1, dtype=torch.long, device=device) for _ in range(4)
         )
         """An extend step's start; an extend or padded prefill step's row, last new token's index and its token."""
-        self.padded = settings.prefill_graphs
+        self.padded = bool(settings.prefill_graphs)
         """Whether prefills from position 0 are padded to their length bucket (`padded_length`) and, on a GPU,
         replay a CUDA graph of that bucket (`EngineSettings.prefill_graphs`)."""
         padded = self.capacity if self.padded else 0  # the padded steps' input, which their graphs read

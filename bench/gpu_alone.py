@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from batch_engine.host import launch_pace
 
 if TYPE_CHECKING:
     from bench.gpu_common import Paths, Row
@@ -210,29 +211,6 @@ def sm_clock(device: str) -> int | None:
         return int(torch.cuda.clock_rate())
     except Exception:  # no NVML here, or it cannot read this card
         return None
-
-
-def launch_pace(device: str, *, launches: int = 2000, rounds: int = 5) -> float:
-    """The host's cost of launching one small operation on `device`, in microseconds (p50 of `rounds`, each
-    `launches` one-element adds queued back to back, the device idle at the start): what an eager prefill pays on its
-    host for each of its kernels, where a CUDA graph pays it once. A slow host shows here before it shows in the
-    prefill. On the CPU, what one such add costs there."""
-    import torch
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    one, out = torch.zeros(1, device=device), torch.empty(1, device=device)
-    paces: list[float] = []
-    for _ in range(rounds):
-        sync()
-        started = time.perf_counter()
-        for _ in range(launches):
-            torch.add(one, 1, out=out)
-        paces.append((time.perf_counter() - started) / launches * 1e6)
-        sync()
-    return statistics.median(paces)
 
 
 def pace_note(before: float, device: str, what: str) -> str:

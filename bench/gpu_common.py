@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from batch_engine.attention_plans import by_power_of_two
+from batch_engine.host import launch_pace
 from batch_engine.settings import EngineSettings
 from batch_engine.start import parted_at, parting
 from bench.gc_pauses import Collections, as_loaded_and_frozen
-from bench.gpu_alone import Prompts, engine_alone, launch_pace, median_of, one_request, pace_note
+from bench.gpu_alone import Prompts, engine_alone, median_of, one_request, pace_note
 from bench.gpu_load import compared, engine_loads, load_rows
 
 Row = tuple[str, float, float]
@@ -111,7 +112,7 @@ def start_engine(
     ride_along: bool = EngineSettings.ride_along,
     recurring_plans: bool = EngineSettings.recurring_plans,
     dependent_launch: bool | None = EngineSettings.dependent_launch,
-    prefill_graphs: bool = EngineSettings.prefill_graphs,
+    prefill_graphs: bool | None = EngineSettings.prefill_graphs,
 ) -> None:
     """The engine over `bench.model` with the benchmarks' settings (the engine's defaults where not given; no loop
     stop: every answer runs to its budget),
@@ -148,7 +149,8 @@ def start_engine(
     print(
         f"engine started (graphs: {graphs}, decode attention: {kernel}, decode linear layers: {linear}, q/k/v "
         f"projections {fused}, ride-along {'on' if ride_along else 'off'}, dependent launch "
-        f"{'on' if bench.engine.device.dependent_launch else 'off'}) in "
+        f"{'on' if bench.engine.device.dependent_launch else 'off'}, prefill graphs "
+        f"{'on' if bench.engine.device.padded else 'off'}) in "
         f"{time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )

@@ -31,11 +31,10 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     )
     parser.add_argument(
         "--prefill-graphs",
-        type=on_off,
-        default=False,
-        metavar="{on,off}",
-        help="prefills padded to their length bucket and replayed as CUDA graphs (default: off, as the engine's "
-        "default; bench/gpu_prefill_graphs.py compares the two)",
+        choices=tuple(SWITCH),
+        default="off",
+        help="prefills padded to their length bucket and replayed as CUDA graphs; auto: where the host launches "
+        "slowly (default: off, as the engine's default; bench/gpu_prefill_graphs.py compares the two)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     for setting, what in COMPARED.items():
@@ -110,7 +109,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "ride_along": "ride_along" in args.compare,
         "recurring_plans": args.recurring_plans,
         "dependent_launch": SWITCH[args.dependent_launch],
-        "prefill_graphs": args.prefill_graphs,
+        "prefill_graphs": SWITCH[args.prefill_graphs],
     }
 
 
