@@ -1,10 +1,11 @@
-"""The host's pace: how long the engine's thread takes to launch one small operation on its device, and the choice it
-informs, whether prefills replay as CUDA graphs (`EngineSettings.prefill_graphs`).
+"""The host's pace: how long the host takes to launch one small operation on the engine's device (measured as the
+engine is built, on the thread that builds it), and the choice it informs, whether prefills replay as CUDA graphs
+(`EngineSettings.prefill_graphs`).
 
 An eager prefill runs forty decoder layers' Python and launches their kernels one by one, so a host that launches
-slowly makes it slower by as much; a prefill replayed as a CUDA graph is one launch. On H100s whose host launched a
+slowly makes it slower by as much; a prefill replayed as a CUDA graph is one launch. On an H100 whose host launched a
 one-element add in 5.9–6.0 µs the graphs cost about 1 ms of a 67 ms first token; on one whose host took 10.4–12.8 µs
-they took it from 122.2 to 77.5 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`)."""
+they took it from 122.2 to 77.5 ms (p50s; `bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ log = logging.getLogger("batch_engine")
 
 SLOW_LAUNCH_US = 8.0
 """A host that takes at least this long to launch a one-element add (`launch_pace`) is slow: `auto` replays prefills
-as CUDA graphs there. Between the 5.9–6.0 µs of the H100 hosts that kept up with the device and the 10.4–12.8 of the
-one that did not."""
+as CUDA graphs there. Between the 5.9–6.0 µs of the one H100 host measured that kept up with the device and the
+10.4–12.8 of the one measured that did not: two hosts set it."""
 
 
 def launch_pace(device: Any, *, launches: int = 2000, rounds: int = 5) -> float:

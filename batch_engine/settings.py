@@ -34,11 +34,11 @@ class EngineSettings:
     forty layers' Python and launches. The vision encoder before it is not captured (its image sizes vary). Costs
     start time, the padding's compute and the graphs' memory. None (`auto`): on where the host launches slowly
     (`batch_engine.host`: measured at start on a CUDA device, and logged, with a warning where it is slow and this is
-    off). Off by default: on H100s whose host kept up it took a lone first token from 62.9 to 64.8 and from 66.7 to
-    67.8 ms; on one whose host launched a one-element add in 10.4–12.8 µs (5.9–6.0 where it kept up), from 122.2 to
-    77.5 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`). Under a load of many clients, and for the start's
-    time and memory, it is not measured. On a CPU nothing is captured and the padded prefill runs eagerly, as the
-    tests run it."""
+    off; the threshold, 8 µs a launch, rests on two hosts). Off by default: on H100s whose host kept up it took a lone
+    first token from 62.9 to 64.8 (that host's pace not measured) and from 66.7 to 67.8 ms (5.9–6.0 µs a launch); on
+    one whose host took 10.4–12.8 µs, from 122.2 to 77.5 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`).
+    Under a load of many clients, and for the start's time and memory, it is not measured. On a CPU nothing is
+    captured and the padded prefill runs eagerly, as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool | None = None

@@ -11,6 +11,7 @@ model takes about 21 GB of GPU memory in bfloat16.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def test_the_packed_vision_attention_encodes_as_closely_as_sdpa_does(engine: Glm
         return first.float()
 
     visual = model.model.visual
+    in_float32 = copy.deepcopy(visual).float()  # the module's model stays as it is (its rotary buffers float32)
     with torch.inference_mode():
         plain = encode(pixels)
         assert register_vision_attention(model)
@@ -100,11 +102,13 @@ def test_the_packed_vision_attention_encodes_as_closely_as_sdpa_does(engine: Glm
             packed, again = encode(pixels), encode(pixels)
         finally:
             visual.config._attn_implementation = "sdpa"
-        visual.float()
+        model.model.visual = in_float32
         try:
             exact = encode(pixels.float())
         finally:
-            visual.to(torch.bfloat16)
+            model.model.visual = visual
+    del in_float32
+    torch.cuda.empty_cache()
     assert torch.equal(packed, again)
     packed_error, plain_error = (float((side - exact).abs().mean()) for side in (packed, plain))
     assert packed_error <= 1.05 * plain_error, f"packed {packed_error:.5f} against sdpa's {plain_error:.5f}"
