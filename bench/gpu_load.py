@@ -252,8 +252,13 @@ COMPARED = {
     "overlap": "its step overlap",
     "ride_along": "decoding rows riding along in prefills",
     "recurring_plans": "plans of their own for recurring attention calls",
+    "prefill_graphs": "prefills padded and replayed as CUDA graphs",
 }
 """The engine's settings a benchmark may compare off and on (`compared`), and what each is."""
+
+HELD_BY_STEPS = {"prefill_graphs": "padded"}
+"""The settings the engine's steps read once, at start, into an attribute of their own (`DeviceSteps.padded`):
+`compared` turns that attribute too."""
 
 
 def compared(
@@ -271,11 +276,14 @@ def compared(
     where that load's time went (`StepTimes`); then each side's means."""
     from dataclasses import replace
 
-    kept, figures = bench.engine.settings, []
+    kept, figures, steps_attribute = bench.engine.settings, [], HELD_BY_STEPS.get(setting)
+    held = getattr(bench.engine.device, steps_attribute) if steps_attribute else None
     means: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     try:
         for on in (False, True, True, False):
             bench.engine.settings = replace(kept, **{setting: on})
+            if steps_attribute:
+                setattr(bench.engine.device, steps_attribute, on)
             first = engine_first_token(bench, rounds, fresh)
             decode = engine_decode(bench, rounds, fresh, forget)
             with StepTimes(bench.engine) as steps:
@@ -288,6 +296,8 @@ def compared(
             )
     finally:
         bench.engine.settings = kept
+        if steps_attribute:
+            setattr(bench.engine.device, steps_attribute, held)
     figures += [
         f"mean {'on' if on else 'off'}: first token {statistics.fmean(f for f, _ in runs):.1f} ms, "
         f"{statistics.fmean(t for _, t in runs):.1f} tokens/s"

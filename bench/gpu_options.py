@@ -34,7 +34,8 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
         choices=tuple(SWITCH),
         default="off",
         help="prefills padded to their length bucket and replayed as CUDA graphs; auto: where the host launches "
-        "slowly (default: off, as the engine's default; bench/gpu_prefill_graphs.py compares the two)",
+        "slowly (default: off, as the engine's default; on where they are compared; bench/gpu_prefill_graphs.py "
+        "compares the two for a lone request)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")
     for setting, what in COMPARED.items():
@@ -97,8 +98,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keywords of both benchmarks' `build` from their options: a slot per client of the largest load,
     compiled layers (`--compile`), the decode attention (`--decode-kernel`), the linear layers (`--linear-kernel`), the
     fused projections, programmatic dependent launch (`--dependent-launch`), the prefills' graphs (`--prefill-graphs`);
-    ride-along on when it is to be compared
-    (`--compare-ride-along`: the engine's start warms its prefills only when it is on)."""
+    ride-along and the prefills' graphs on when they are to be compared (`--compare-ride-along`: the engine's start
+    warms its prefills only when it is on; `--compare-prefill-graphs`: it captures the prefills' graphs only then)."""
     return {
         "slots": max(args.clients),
         "compile_layers": args.compile,
@@ -109,7 +110,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "ride_along": "ride_along" in args.compare,
         "recurring_plans": args.recurring_plans,
         "dependent_launch": SWITCH[args.dependent_launch],
-        "prefill_graphs": SWITCH[args.prefill_graphs],
+        "prefill_graphs": True if "prefill_graphs" in args.compare else SWITCH[args.prefill_graphs],
     }
 
 

@@ -84,6 +84,35 @@ def test_each_turn_runs_its_side_s_prefill(monkeypatch: pytest.MonkeyPatch) -> N
     bench.engine.close()
 
 
+def test_the_prefill_graphs_compared_under_load_pad_only_the_on_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compare-prefill-graphs`: the engine's steps read the setting once, at start, so the comparison turns their
+    own switch too: the `on` runs pad their prefills, the `off` runs prefill as before, and the switch is back after."""
+    from bench.gpu_load import compared
+    from bench.gpu_options import arguments, engine_options
+
+    options = arguments(None, device_memory="").parse_args(["--tiny", "--compare-prefill-graphs"])
+    assert engine_options(options)["prefill_graphs"] is True, "captured at start where compared"
+    bench = build(True, 64, 16, slots=2, compile_layers=False, prefill_graphs=True)
+    device, seeds = bench.engine.device, iter(range(500, 600))
+    padded: list[bool] = []
+    original = device._padded
+
+    def spy(*args: Any) -> int:
+        padded.append(bench.engine.settings.prefill_graphs)
+        token: int = original(*args)
+        return token
+
+    monkeypatch.setattr(device, "_padded", spy)
+    note = compared(bench, "prefill_graphs", 1, lambda: bench.prompt(next(seeds)), device.prefixes.clear, 2, 4)
+    assert all(padded), "only the runs with the setting on padded their prefills"
+    # each of the two on runs: lone first tokens, a decode run and a load of two, each on new images
+    assert len(padded) >= 2 * 4
+    assert note.startswith("prefills padded and replayed as CUDA graphs (one request; 2 concurrent")
+    assert device.padded is True, "the steps' switch is back"
+    assert bench.engine.settings.prefill_graphs is True, "the engine's setting is back"
+    bench.engine.close()
+
+
 def test_each_turn_begins_with_its_side_s_check_or_idle_and_no_warm_up(
     bench: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
