@@ -146,12 +146,17 @@ def start_engine(
     kernel = "Triton kernel" if bench.engine.device.decode_step.kernel else "grouped products"
     linear = "Triton kernel" if bench.engine.device.linear_kernel else "cuBLAS"
     fused = "fused" if fuse_projections else "apart"
+    held = ""
+    if bench.device == "cuda":  # the weights, the slots' KV cache, the graphs' pools: what the start left reserved
+        import torch
+
+        held = f", {torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved on the device"
     print(
         f"engine started (graphs: {graphs}, decode attention: {kernel}, decode linear layers: {linear}, q/k/v "
         f"projections {fused}, ride-along {'on' if ride_along else 'off'}, dependent launch "
         f"{'on' if bench.engine.device.dependent_launch else 'off'}, prefill graphs "
         f"{'on' if bench.engine.device.padded else 'off'}) in "
-        f"{time.perf_counter() - started:.1f} s",
+        f"{time.perf_counter() - started:.1f} s{held}",
         file=sys.stderr,
     )
 
