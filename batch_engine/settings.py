@@ -27,18 +27,19 @@ class EngineSettings:
     cuda_graphs: bool = True
     """Capture decode steps, follow-up extend steps and (`prefill_graphs`) prefills as CUDA graphs (on a CUDA device
     only)."""
-    prefill_graphs: bool | None = False
+    prefill_graphs: bool | None = None
     """Pad each prefill from position 0 to its length bucket (`batch_engine.graphs.padded_length`: a multiple of 128
     up to 2,048 tokens, coarser beyond, an eighth more at most past 1,024), so that with `cuda_graphs` one CUDA graph
     per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
-    forty layers' Python and launches. The vision encoder before it is not captured (its image sizes vary). Costs
-    start time, the padding's compute and the graphs' memory. None (`auto`): on where the host launches slowly
-    (`batch_engine.host`: measured at start on a CUDA device, and logged, with a warning where it is slow and this is
-    off; the threshold, 8 µs a launch, rests on two hosts). Off by default: on H100s whose host kept up it took a lone
-    first token from 62.9 to 64.8 (that host's pace not measured) and from 66.7 to 67.8 ms (5.9–6.0 µs a launch); on
-    one whose host took 10.4–12.8 µs, from 122.2 to 77.5 ms (`bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`).
-    Under a load of many clients, and for the start's time and memory, it is not measured. On a CPU nothing is
-    captured and the padded prefill runs eagerly, as the tests run it."""
+    forty layers' Python and launches. The vision encoder before it is not captured (its image sizes vary). None
+    (`auto`, the default): on where the host launches slowly (`batch_engine.host`: measured at start on a CUDA device,
+    and logged, with a warning where it is slow and this is off; slow from 8 µs a launch). With GLM-4.6V-Flash, where
+    the host kept up (5.9–6.0 µs) they took a lone first token from 66.7 to 67.8 ms on an H100; on slow hosts (9–12
+    µs) from 122.2 to 77.5 and 82.4 to 71.5 on H100s and 73.5 to 64.6 on an H200, with the same tokens/s under 32
+    clients (1,747.7 against 1,749.7) and the same memory reserved at start (23.3 GiB) (`bench/gpu_prefill_graphs.py`,
+    `bench/gpu_vision.py --compare-prefill-graphs`, `bench/RESULTS.md`). The text model of the `local` reasoning
+    backend takes the same path, not measured on a GPU. On a CPU nothing is captured and the padded prefill runs
+    eagerly, as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
     compile: bool | None = None
@@ -226,8 +227,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, default: str, prefi
     parser.add_argument(
         "--engine-prefill-graphs",
         choices=tuple(SWITCH),
-        default="off",
-        help="batched: prefills replayed as CUDA graphs (auto: where the host launches slowly; default: off)",
+        default="auto",
+        help="batched: prefills replayed as CUDA graphs (default: auto, where the host launches slowly)",
     )
     add_kernel_arguments(parser, "--engine-", "batched: ")
 

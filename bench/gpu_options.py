@@ -32,9 +32,9 @@ def arguments(description: str | None, *, device_memory: str) -> argparse.Argume
     parser.add_argument(
         "--prefill-graphs",
         choices=tuple(SWITCH),
-        default="off",
+        default="auto",
         help="prefills padded to their length bucket and replayed as CUDA graphs; auto: where the host launches "
-        "slowly (default: off, as the engine's default; on where they are compared; bench/gpu_prefill_graphs.py "
+        "slowly (default: auto, as the engine's default; on where they are compared; bench/gpu_prefill_graphs.py "
         "compares the two for a lone request)",
     )
     parser.add_argument("--profile", action="store_true", help="after the run, the device's kernels in decode steps")

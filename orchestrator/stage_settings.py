@@ -199,12 +199,12 @@ class EngineFields(Section):
     """`batched`: the engine's Triton kernels and compiled layers launched with programmatic dependent launch
     (`EngineSettings.dependent_launch`; a step at batch 1 7.26 → 7.04 ms on an H100, `bench/RESULTS.md`); `auto`: on a
     CUDA device of compute capability 9.0 or later (Hopper) where Triton is installed."""
-    engine_prefill_graphs: Literal["auto", "on", "off"] = "off"
+    engine_prefill_graphs: Literal["auto", "on", "off"] = "auto"
     """`batched`: prefills padded to their length bucket and replayed as CUDA graphs, one launch where the host runs
     forty layers one by one (`EngineSettings.prefill_graphs`; a lone first token 122.2 → 77.5 ms on an H100 whose host
-    launched slowly, 66.7 → 67.8 on one that kept up, `bench/RESULTS.md`); `auto`: where the host's launch pace,
-    measured at start, is slow (`batch_engine.host`). The start logs that pace, and warns where it is slow and this
-    is off."""
+    launched slowly, 73.5 → 64.6 on such an H200, 66.7 → 67.8 on an H100 that kept up, `bench/RESULTS.md`); `auto`:
+    where the host's launch pace, measured at start, is slow (`batch_engine.host`). The start logs that pace, and
+    warns where it is slow and this is off."""
 
     def batching(self) -> EngineSettings | None:
         """The batching engine's settings; None for plain `generate`."""

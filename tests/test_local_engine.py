@@ -312,9 +312,9 @@ def test_the_settings_and_the_command_line_name_the_engine(monkeypatch: pytest.M
     assert engine_settings(_parser().parse_args(["serve", "--engine", "batched"])).dependent_launch is None  # type: ignore[union-attr]
     monkeypatch.setenv("ORCH_REASONING__ENGINE_DEPENDENT_LAUNCH", "on")
     assert Settings().reasoning.batching().dependent_launch is True  # type: ignore[union-attr]
-    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-prefill-graphs", "auto"])
-    assert engine_settings(args).prefill_graphs is None  # type: ignore[union-attr]
-    assert engine_settings(_parser().parse_args(["serve", "--engine", "batched"])).prefill_graphs is False  # type: ignore[union-attr]
+    args = _parser().parse_args(["serve", "--engine", "batched", "--engine-prefill-graphs", "off"])
+    assert engine_settings(args).prefill_graphs is False  # type: ignore[union-attr]
+    assert engine_settings(_parser().parse_args(["serve", "--engine", "batched"])).prefill_graphs is None  # type: ignore[union-attr]
     monkeypatch.setenv("ORCH_REASONING__ENGINE_PREFILL_GRAPHS", "on")
     assert Settings().reasoning.batching().prefill_graphs is True  # type: ignore[union-attr]
     with pytest.raises(SystemExit):

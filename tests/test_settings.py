@@ -183,7 +183,7 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
     options = {"engine_slots": 3, "engine_prefix_mb": 7, "engine_compile": "on", "engine_prefill_tokens": 99}
     options.update(engine_decode_kernel="on", engine_compile_shapes="dynamic", engine_linear_kernel="on")
     options.update(engine_attention_plans="length", engine_recurring_plans=False, engine_dependent_launch="off")
-    options.update(engine_prefill_graphs="auto")
+    options.update(engine_prefill_graphs="on")
     await _vision_loader(GlmVisionSettings(model="m", **options), "glm")()
     await _vision_loader(GlmVisionSettings(model="m", engine="generate", engine_slots=3), "glm")()
     assert [call["model"] for call in calls] == ["m", "m"]
@@ -198,7 +198,7 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
         attention_plans="length",
         recurring_plans=False,
         dependent_launch=False,
-        prefill_graphs=None,
+        prefill_graphs=True,
     )
     assert calls[1]["batching"] is None
     auto = EngineSettings(compile=None, decode_kernel=None, linear_kernel=None, dependent_launch=None)  # by the device
@@ -206,7 +206,7 @@ async def test_the_glm_engine_settings_reach_the_backend(monkeypatch: pytest.Mon
     assert auto.compile_shapes == "automatic"
     assert auto.attention_plans == "power-of-two"
     assert auto.recurring_plans
-    assert auto.prefill_graphs is False
+    assert auto.prefill_graphs is None  # on where the start finds the host slow
 
 
 @pytest.mark.parametrize(
