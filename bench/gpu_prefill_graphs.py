@@ -1,7 +1,7 @@
 """A lone request's first token through the batching engine with its text prefill padded to a length bucket and
-replayed as a CUDA graph (`EngineSettings.prefill_graphs`, on here, off by default) against the prefill as the
-engine runs it otherwise (eagerly: the host running the forty compiled layers' Python and launches one by one), in
-one process.
+replayed as a CUDA graph (`EngineSettings.prefill_graphs`, on here; by default on where the host launches slowly)
+against the prefill as the engine runs it otherwise (eagerly: the host running the forty compiled layers' Python and
+launches one by one), in one process.
 
     python bench/gpu_prefill_graphs.py [--rounds 8] [--image-side 1024]    # on the GPU machine
     python bench/gpu_prefill_graphs.py --tiny                              # the same code on a CPU
