@@ -37,8 +37,9 @@ class EngineSettings:
     the host kept up (5.9–6.0 µs) they took a lone first token from 66.7 to 67.8 ms on an H100; on slow hosts (9–12
     µs) from 122.2 to 77.5 and 82.4 to 71.5 on H100s and 73.5 to 64.6 on an H200, with the same tokens/s under 32
     clients (1,747.7 against 1,749.7) and the same memory reserved at start (23.3 GiB) (`bench/gpu_prefill_graphs.py`,
-    `bench/gpu_vision.py --compare-prefill-graphs`, `bench/RESULTS.md`). The text model of the `local` reasoning
-    backend takes the same path, not measured on a GPU. On a CPU nothing is captured and the padded prefill runs
+    `bench/gpu_vision.py --compare-prefill-graphs`, `bench/RESULTS.md`). The start captures a graph per bucket (14
+    more at 1,792 positions); what that adds to the start's time is not measured apart. The text model of the
+    `local` reasoning backend takes the same path, not measured on a GPU. On a CPU nothing is captured and the padded prefill runs
     eagerly, as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""
