@@ -5,7 +5,7 @@ engine is built, on the thread that builds it), and the choice it informs, wheth
 An eager prefill runs forty decoder layers' Python and launches their kernels one by one, so a host that launches
 slowly makes it slower by as much; a prefill replayed as a CUDA graph is one launch. On an H100 whose host launched a
 one-element add in 5.9–6.0 µs the graphs cost about 1 ms of a 67 ms first token; on one whose host took 10.4–12.8 µs
-they took it from 122.2 to 77.5 ms, and on an H200 whose host took 7.6–11.3 µs from 73.5 to 64.6 (p50s;
+they took it from 122.2 to 77.5 ms, and on an H200 whose host took 7.6–11.9 µs from 73.5 to 64.6 (p50s;
 `bench/gpu_prefill_graphs.py`, `bench/RESULTS.md`)."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ log = logging.getLogger("batch_engine")
 SLOW_LAUNCH_US = 8.0
 """A host that takes at least this long to launch a one-element add (`launch_pace`) is slow: `auto` replays prefills
 as CUDA graphs there. Between the 5.9–6.0 µs of the one host measured that kept up with the device (an H100's) and the
-8.9–12.8 µs of the three measured that did not (two H100s', an H200's), whose prefills the graphs sped up."""
+readings of 7.6–12.8 µs of the three measured that did not (two H100s', an H200's), whose prefills the graphs sped up:
+one reading of the H200's host, 7.6, fell below it."""
 
 
 def launch_pace(device: Any, *, launches: int = 2000, rounds: int = 5) -> float:

@@ -33,13 +33,14 @@ class EngineSettings:
     per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
     forty layers' Python and launches. The vision encoder before it is not captured (its image sizes vary). None
     (`auto`, the default): on where the host launches slowly (`batch_engine.host`: measured at start on a CUDA device,
-    and logged, with a warning where it is slow and this is off; slow from 8 µs a launch). With GLM-4.6V-Flash, where
-    the host kept up (5.9–6.0 µs) they took a lone first token from 66.7 to 67.8 ms on an H100; on slow hosts (9–12
-    µs) from 122.2 to 77.5 and 82.4 to 71.5 on H100s and 73.5 to 64.6 on an H200, with the same tokens/s under 32
-    clients (1,747.7 against 1,749.7) and the same memory reserved at start (23.3 GiB) (`bench/gpu_prefill_graphs.py`,
-    `bench/gpu_vision.py --compare-prefill-graphs`, `bench/RESULTS.md`). The start captures a graph per bucket (14
-    more at 1,792 positions); what that adds to the start's time is not measured apart. The text model of the
-    `local` reasoning backend takes the same path, not measured on a GPU. On a CPU nothing is captured and the padded prefill runs
+    and logged, with a warning where it is slow and this is off; slow from 8 µs a launch). With GLM-4.6V-Flash, on an
+    H100 whose host kept up (5.9–6.0 µs) they took a lone first token from 66.7 to 67.8 ms; on slow hosts (readings of
+    7.6–12.8 µs) from 122.2 to 77.5 on an H100 and from 73.5 to 64.6 on an H200 (p50s, in turns). On a third slow host
+    (an H100) 32 clients got the same tokens/s with them as without (1,749.7 against 1,747.7); on the H200 the engine
+    reserved 23.3 GiB at start with them and without (`bench/gpu_prefill_graphs.py`, `bench/gpu_vision.py
+    --compare-prefill-graphs`, `bench/RESULTS.md`). The start captures a graph per bucket (14 more with slots of 1,717
+    tokens); what that adds to the start's time is not measured apart. The text model of the `local` reasoning
+    backend takes the same path, not measured on a GPU. On a CPU nothing is captured and the padded prefill runs
     eagerly, as the tests run it."""
     stop_loops: bool = True
     """End an answer once it loops (`stage_protocol.loops`), as the `glm` backend's plain `generate` does."""

@@ -278,6 +278,8 @@ def compared(
 
     kept, figures, steps_attribute = bench.engine.settings, [], HELD_BY_STEPS.get(setting)
     held = getattr(bench.engine.device, steps_attribute) if steps_attribute else None
+    if steps_attribute and not held:  # the steps sized what it needs at start (the padded prefills' buffers, graphs)
+        raise ValueError(f"{setting} can be compared only on an engine started with it on")
     means: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     try:
         for on in (False, True, True, False):

@@ -83,6 +83,8 @@ def parsed(
     sized = parser.add_argument(size, type=int, default=default)
     args = parser.parse_args()
     check_device(parser, args)
+    if "prefill_graphs" in args.compare and args.prefill_graphs == "off":
+        parser.error("--compare-prefill-graphs starts the engine with the prefills' graphs captured: not with off")
     if args.no_cudnn_attention:
         import torch
 

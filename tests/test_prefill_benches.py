@@ -111,6 +111,16 @@ def test_the_prefill_graphs_compared_under_load_pad_only_the_on_runs(monkeypatch
     assert device.padded is True, "the steps' switch is back"
     assert bench.engine.settings.prefill_graphs is True, "the engine's setting is back"
     bench.engine.close()
+    eager = build(True, 64, 16, slots=2, compile_layers=False, prefill_graphs=False)
+    with pytest.raises(ValueError, match="only on an engine started with it on"):
+        compared(eager, "prefill_graphs", 1, lambda: eager.prompt(next(seeds)), device.prefixes.clear, 2, 4)
+    eager.engine.close()
+    command = [sys.executable, str(ROOT / "bench" / "gpu_vision.py"), "--tiny", "--compare-prefill-graphs"]
+    refused = subprocess.run(
+        [*command, "--prefill-graphs", "off"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+    )
+    assert refused.returncode == 2
+    assert "--compare-prefill-graphs starts the engine with the prefills' graphs captured" in refused.stderr
 
 
 def test_each_turn_begins_with_its_side_s_check_or_idle_and_no_warm_up(
