@@ -162,8 +162,9 @@ def compare_lone(
     """A script comparing lone first tokens of two sides in turns (`lone_turns`, through `run(bench, rounds)`): its
     options (`--tiny`, `--rounds`, `--image-side`), the engine as `bench/gpu_vision.py --compile` builds it (32
     slots, cuDNN's attention planned per power of two as the service plans it; `engine`: other settings of
-    `bench.gpu_common.start_engine`) with the heap frozen, and its table: `labels` names the baseline side, then
-    ours."""
+    `bench.gpu_common.start_engine`, the engine's defaults otherwise, so prefills replay as CUDA graphs where the start
+    finds the host slow, as the start line says) with the heap frozen, and its table: `labels` names the baseline
+    side, then ours."""
     import argparse
     import gc
 
