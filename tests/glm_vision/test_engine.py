@@ -33,7 +33,8 @@ async def test_load_starts_the_batching_engine_by_default_and_generate_on_reques
     plain = await GlmVisionBackend.load(str(checkpoint), batching=None, max_new_tokens=4)
     try:
         assert batched.engine.batch is not None
-        assert batched.engine.batch.settings == EngineSettings(slots=2, max_tokens=512)
+        # as given, the prefills' graphs decided at start (`auto`, the default: off on a CPU)
+        assert batched.engine.batch.settings == EngineSettings(slots=2, max_tokens=512, prefill_graphs=False)
         assert plain.engine.batch is None
         assert (await batched.health()).detail.endswith("; batched, 2 slots (0 running, 0 waiting)")
         assert (await plain.health()).detail.endswith("; generate")

@@ -171,7 +171,7 @@ def test_a_prefill_launches_the_encoder_and_places_its_output_without_waiting_on
     raises at any call that would wait; it does not see a staged copy from pageable memory, which `prefill` makes
     before the encoder), so the text model's launches queue behind the encoder's."""
     model: Any = engine.model
-    batch = BatchEngine(model, EngineSettings(slots=1, max_tokens=4096, compile=False))
+    batch = BatchEngine(model, EngineSettings(slots=1, max_tokens=4096, compile=False, prefill_graphs=False))
     steps = batch.device
     asked = VisionRequest(square(1024), "What is written on the sign?", task="answer")
     prompt = batch.prepare(engine.codec.encode(asked, thinking=False).inputs, None)
