@@ -48,7 +48,7 @@ def capture(
         return
     batches = sorted({min(size, steps.settings.slots) for size in BATCH_BUCKETS})
     spans = sorted({min(size, steps.capacity) for size in SPAN_BUCKETS})
-    pool = torch.cuda.graph_pool_handle()
+    pool = new_pool()
     started = time.perf_counter()
     with torch.inference_mode():
         kinds: list[tuple[tuple[Any, ...], Callable[[], None]]] = [
@@ -64,14 +64,25 @@ def capture(
             kinds += [(("prefill", count), functools.partial(prefill, count)) for count in steps.padded_lengths()[::-1]]
         for key, step in kinds:
             try:
-                steps.graphs[key] = _capture_one(step, pool)
+                steps.graphs[key] = capture_one(step, pool)
             except Exception:
                 log.exception("batching engine: graph %s not captured; it runs eagerly", key)
     steps.reset()
     log.info("batching engine: %d graphs captured in %.1f s", len(steps.graphs), time.perf_counter() - started)
 
 
-def _capture_one(step: Callable[[], None], pool: Any) -> Any:
+def new_pool() -> Any:
+    """A memory pool for CUDA graphs to share (`capture_one`)."""
+    import torch
+
+    return torch.cuda.graph_pool_handle()
+
+
+def capture_one(step: Callable[[], None], pool: Any, *, error_mode: str = "global") -> Any:
+    """`step` captured as a CUDA graph into `pool`, after one run outside it on a side stream (where a compiled part
+    meets its sizes and cuDNN plans its attention); the device synchronised after. `error_mode`: PyTorch's
+    `capture_error_mode` (`thread_local`: only the capturing thread's calls are checked for what a capture forbids,
+    where other threads may be using the device)."""
     import torch
 
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
@@ -80,7 +91,7 @@ def _capture_one(step: Callable[[], None], pool: Any) -> Any:
         step()  # warm-up, outside the graph
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
         step()
     torch.cuda.synchronize()
     return graph

@@ -6,8 +6,9 @@ graphs, and the stores of prompt prefixes and encoder output (`batch_engine.stor
 each a forward of the transformers text model (its code unchanged; its q/k/v projections fused,
 `batch_engine.projections`) with the slot cache and the engine's attention:
 
-- `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image, then the
-  prompt from position 0, padded to its length bucket and replayed as that bucket's CUDA graph
+- `prefill`: a request's prompt into its row: the vision encoder (or its stored output) for an image (replayed as a
+  CUDA graph of its grid where the prefills replay theirs, `batch_engine.encoder_graphs`), then the prompt from
+  position 0, padded to its length bucket and replayed as that bucket's CUDA graph
   (`EngineSettings.prefill_graphs`), or as it is, the rows before it decoding one token each in the same forward when
   the engine asks (`RideAlong`); or, after a prefix found in the store, only the text after it, as an `extend` step
   of a few bucketed lengths, graph-captured like decode steps;
@@ -33,6 +34,7 @@ from batch_engine import decode_attention, graphs, skinny_linear, triton_kernels
 from batch_engine.attention_plans import planned_on
 from batch_engine.compiling import compile_model
 from batch_engine.convolutions import products_for_convolutions
+from batch_engine.encoder_graphs import EncoderGraphs
 from batch_engine.graphs import BATCH_BUCKETS, EXTEND_BUCKETS, SPAN_BUCKETS, padded_length
 from batch_engine.greedy import GreedyChoice
 from batch_engine.images import place_images
@@ -149,6 +151,11 @@ class DeviceSteps:
         self._padded_positions = torch.zeros((self.axes, padded), dtype=torch.long, device=device)
         self.prefixes = PrefixStore(settings.prefix_bytes)
         self.encoder = ByteBoundStore(settings.encoder_bytes)
+        visual = getattr(model.model, "visual", None)
+        captures = self.padded and visual is not None and self.device.type == "cuda" and settings.cuda_graphs
+        self.encoder_graphs = EncoderGraphs(visual, self.device) if captures else None
+        """The vision encoder as a CUDA graph per image grid met twice (`batch_engine.encoder_graphs`), where the
+        prefills replay theirs; replayed while `padded`."""
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self._host_ids: list[Any] | None = None
         """On a GPU, pinned host buffers the launched steps' tokens are copied into (`launch`)."""
@@ -183,7 +190,7 @@ class DeviceSteps:
             if padded:  # into the padded step's own buffer, which its graphs read
                 embeds = self._embeds[:total].copy_(embeds)
             if start == 0 and prompt.pixel_values is not None:
-                place_images(embeds, prompt, self.model, self.encoder)
+                place_images(embeds, prompt, self.model, self.encoder, self.encoder_graphs if self.padded else None)
             if padded:
                 token = self._padded(positions, row, total)
             elif longest:

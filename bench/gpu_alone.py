@@ -157,6 +157,7 @@ def compare_lone(
     order: Sequence[str],
     labels: dict[str, str],
     run: Callable[[Bench, int], tuple[dict[str, list[float]], list[str]]],
+    notes: Callable[[Bench], list[str]] = lambda bench: [],
     **engine: Any,
 ) -> None:
     """A script comparing lone first tokens of two sides in turns (`lone_turns`, through `run(bench, rounds)`): its
@@ -164,7 +165,7 @@ def compare_lone(
     slots, cuDNN's attention planned per power of two as the service plans it; `engine`: other settings of
     `bench.gpu_common.start_engine`, the engine's defaults otherwise, so prefills replay as CUDA graphs where the start
     finds the host slow, as the start line says) with the heap frozen, and its table: `labels` names the baseline
-    side, then ours."""
+    side, then ours; `notes(bench)`, taken after the turns, adds lines under it."""
     import argparse
     import gc
 
@@ -185,6 +186,7 @@ def compare_lone(
     try:
         samples, turns = run(bench, args.rounds)
         paces = pace_note(paced, bench.device, "turns")
+        added = notes(bench)
     finally:
         bench.engine.close()
         gc.unfreeze()
@@ -196,6 +198,8 @@ def compare_lone(
     print()
     print(f"- turns in the order taken ({' '.join(order)}), ms: " + "; ".join(turns))
     print(f"- {paces}")
+    for note in added:
+        print(f"- {note}")
     print()
     print(describe(bench))
 

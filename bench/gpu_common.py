@@ -337,6 +337,8 @@ def drive(
         notes.append(float32_agreement(bench, one, max_tokens))
     hits = recompile_limit_hits() - hits_before
     notes.append(f"dynamo's recompile limit hit {hits} times (0: every compiled part ran compiled)")
+    if (graphs := getattr(bench.engine.device, "encoder_graphs", None)) is not None:
+        notes.append(f"the vision encoder's CUDA graphs: {len(graphs.captured)} grid(s) kept, {graphs.replays} replays")
     report(rows, notes, summary)
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from batch_engine.attention_plans import plan_by_power_of_two
 from batch_engine.compiling import recompile_limit_hits, watch_recompile_limit
 from batch_engine.engine import BatchEngine
-from batch_engine.images import place_images
+from batch_engine.images import encode_images, place_images
 from batch_engine.settings import EngineSettings
 from batch_engine.start import parting, started
 from batch_engine.vision_attention import register_vision_attention
@@ -186,6 +186,45 @@ def test_a_prefill_launches_the_encoder_and_places_its_output_without_waiting_on
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize()
+    finally:
+        batch.close()
+        model.model.visual.config._attn_implementation = "sdpa"
+
+
+def noise(side: int, seed: int) -> DecodedImage:
+    """Random pixels, a new image for each `seed`; `side` square."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand((side, side, 3), generator=generator) * 255).to(torch.uint8).numpy()
+    return DecodedImage(Image.fromarray(pixels), "PNG", side, side, 0, "")
+
+
+def test_the_encoder_replayed_as_a_cuda_graph_encodes_to_the_bit_as_run_eagerly(engine: GlmEngine) -> None:
+    """Images of one grid through the engine's encoder graphs (`batch_engine.encoder_graphs`): the grid captured at its
+    second meeting; each replay's output the same to the bit as the encoder run eagerly on that image, and kept past
+    the next replay; a replay waits on nothing (PyTorch's sync debug mode)."""
+    model: Any = engine.model
+    batch = BatchEngine(model, EngineSettings(slots=1, max_tokens=4096, compile=False, prefill_graphs=True))
+    graphs = batch.device.encoder_graphs
+    assert graphs is not None, "the prefills replay as graphs: so does the encoder"
+    asked = [VisionRequest(noise(1024, seed), "What is written on the sign?", task="answer") for seed in range(4)]
+    prompts = [batch.prepare(engine.codec.encode(request, thinking=False).inputs, None) for request in asked]
+    try:
+        with torch.inference_mode():
+            eager = [encode_images(prompt, model, None) for prompt in prompts]
+            assert graphs.encode(prompts[0].pixel_values, prompts[0].grid.cpu()) is None, "a first meeting is eager"
+            replayed = [encode_images(prompt, model, None, graphs) for prompt in prompts[1:]]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                again = encode_images(prompts[1], model, None, graphs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+        assert graphs.replays == 4
+        assert list(graphs.captured) == [tuple(prompts[0].grid.flatten().tolist())]
+        for got, expected in zip([*replayed, again], [*eager[1:], eager[1]], strict=True):
+            off = float((got.float() - expected.float()).abs().max())
+            assert torch.equal(got, expected), f"replayed {off} off at most"
     finally:
         batch.close()
         model.model.visual.config._attn_implementation = "sdpa"
