@@ -31,7 +31,8 @@ class EngineSettings:
     """Pad each prefill from position 0 to its length bucket (`batch_engine.graphs.padded_length`: a multiple of 128
     up to 2,048 tokens, coarser beyond, an eighth more at most past 1,024), so that with `cuda_graphs` one CUDA graph
     per bucket, captured at start, replays its text model's forward: the host then issues one launch where it runs
-    forty layers' Python and launches. The vision encoder before it is not captured (its image sizes vary). None
+    forty layers' Python and launches. The vision encoder before it is replayed as a CUDA graph of its image's grid
+    from that grid's second meeting on (`batch_engine.encoder_graphs`, at most 8 grids kept). None
     (`auto`, the default): on where the host launches slowly (`batch_engine.host`: measured at start on a CUDA device,
     and logged, with a warning where it is slow and this is off; slow from 8 µs a launch). With GLM-4.6V-Flash, on an
     H100 whose host kept up (5.9–6.0 µs) they took a lone first token from 66.7 to 67.8 ms; on slow hosts (readings of
