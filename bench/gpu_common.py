@@ -339,6 +339,13 @@ def drive(
     notes.append(f"dynamo's recompile limit hit {hits} times (0: every compiled part ran compiled)")
     if (graphs := getattr(bench.engine.device, "encoder_graphs", None)) is not None:
         notes.append(f"the vision encoder's CUDA graphs: {len(graphs.captured)} grid(s) kept, {graphs.replays} replays")
+    if bench.device == "cuda":
+        import torch
+
+        notes.append(
+            f"memory reserved on the device after the measures {torch.cuda.memory_reserved() / 2**30:.1f} GiB, at "
+            f"most {torch.cuda.max_memory_reserved() / 2**30:.1f} (plain `generate`'s included)"
+        )
     report(rows, notes, summary)
 
 
