@@ -188,6 +188,7 @@ class BatchEngine:
             encoder_hits=self.device.encoder.hits,
             recompile_limit_hits=recompile_limit_hits() if self.device.compiled else 0,
             ridden=self._ridden,
+            encoder_replays=graphs.replays if (graphs := self.device.encoder_graphs) is not None else 0,
         )
 
     def start(self) -> None:

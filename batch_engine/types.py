@@ -47,8 +47,9 @@ class Completion:
 class EngineStats:
     """What the engine has done: decode steps (`ridden` of them inside a prefill's forward: `EngineSettings.ride_along`)
     and their mean batch size, requests admitted and their mean wait for
-    a slot, lookups of the prefix and encoder stores, and the times dynamo reached its recompile limit in this process
-    (`batch_engine.compiling.recompile_limit_hits`; 0 without compiled layers)."""
+    a slot, lookups of the prefix and encoder stores, the vision encoder's runs replayed as a CUDA graph of their grid
+    (`batch_engine.encoder_graphs`; 0 where the prefills do not replay theirs), and the times dynamo reached its
+    recompile limit in this process (`batch_engine.compiling.recompile_limit_hits`; 0 without compiled layers)."""
 
     running: int
     waiting: int
@@ -61,3 +62,4 @@ class EngineStats:
     encoder_hits: int
     recompile_limit_hits: int = 0
     ridden: int = 0
+    encoder_replays: int = 0

@@ -168,6 +168,7 @@ def test_a_prefill_replays_the_encoders_graph_only_while_padded(glm: GlmEngine, 
         steps.encoder_graphs, steps.padded = graphs, False
         prefills()
     assert graphs.replays == 2, "replayed while padded only"
+    assert batch.stats().encoder_replays == 2, "the engine's stats count them, for `/metrics`"
     assert len(captures) == 1
     for (token, keys), (eager_token, eager_keys) in zip(replayed, eager, strict=True):
         assert token == eager_token

@@ -10,7 +10,8 @@ for the others) and `orchestrator_endpoint_in_flight{stage, endpoint}`; for an i
 engine, `orchestrator_engine_requests{stage, endpoint, state}` (running, waiting), `orchestrator_engine_steps_total`
 (`orchestrator_engine_ridden_steps_total` of them inside a prefill's forward), `orchestrator_engine_mean_batch`,
 `orchestrator_engine_admitted_total`, `orchestrator_engine_mean_queue_seconds`,
-`orchestrator_engine_reuse_total{store, result}` (image-prefix and encoder lookups) and
+`orchestrator_engine_reuse_total{store, result}` (image-prefix and encoder lookups),
+`orchestrator_engine_encoder_graph_replays_total` (vision encoder runs replayed as a CUDA graph of their grid) and
 `orchestrator_engine_recompile_limit_hits_total`.
 
 `outcome` is `ok`, `degraded`, or the error `type` of a failed request (`vision_unavailable`, `overloaded`, …) — or
@@ -145,6 +146,11 @@ class _EngineFamilies:
             "Lookups of image prefixes and encoder outputs.",
             labels=[*labels, "store", "result"],
         )
+        self.replays = CounterMetricFamily(
+            "orchestrator_engine_encoder_graph_replays",
+            "Vision encoder runs replayed as a CUDA graph of their image's grid.",
+            labels=labels,
+        )
         self.limit = CounterMetricFamily(
             "orchestrator_engine_recompile_limit_hits",
             "Times torch.compile reached its recompile limit in this process (past it, compiled code runs uncompiled).",
@@ -162,11 +168,12 @@ class _EngineFamilies:
         self.reuse.add_metric([*labels, "prefix", "hit"], float(stats.prefix_hits))
         self.reuse.add_metric([*labels, "prefix", "miss"], float(stats.prefix_misses))
         self.reuse.add_metric([*labels, "encoder", "hit"], float(stats.encoder_hits))
+        self.replays.add_metric(labels, float(stats.encoder_replays))
         self.limit.add_metric(labels, float(stats.recompile_limit_hits))
 
     def families(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield from (self.requests, self.steps, self.ridden, self.batch, self.admitted, self.queue, self.reuse)
-        yield self.limit
+        yield from (self.replays, self.limit)
 
 
 class MetricsMiddleware(RecordingMiddleware):

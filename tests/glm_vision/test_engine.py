@@ -238,6 +238,7 @@ async def test_metrics_read_the_batching_engine_through_the_wired_backend(checkp
     assert 'orchestrator_engine_reuse_total{endpoint="glm",result="hit",stage="vision",store="prefix"} 1.0' in text
     assert f'orchestrator_engine_requests{{{labels},state="running"}} 0.0' in text
     assert f"orchestrator_engine_steps_total{{{labels}}}" in text
+    assert f"orchestrator_engine_encoder_graph_replays_total{{{labels}}} 0.0" in text, "nothing is captured on a CPU"
     assert endpoint_statuses(backend)[0].engine is None  # closed
 
 
