@@ -3,17 +3,21 @@
 
 A prefill's text model is one graph per length bucket, captured at start; the encoder before it is not, since images
 come in many sizes. Yet one grid recurs (photos of one camera, scans of one page size, every 1024×1024 image): so
-where the engine meets a grid of one image a second time, it captures the encoder for that grid there and then (about
-two encoder runs, once), and from then on an image of that grid costs the host one copy of its pixels and one replay,
-where the encoder's blocks otherwise cost it their Python, their guards and every kernel's launch. The grid fixes
-every other input (its positions, bounds and longest image, `images.encoder_inputs`), so only the pixels are copied
-in; the output, written into one tensor made outside the graph, is copied out at once, since the next replay writes
-over it.
+where the engine meets a grid of one image a second time, it captures the encoder for that grid there and then (a
+warm-up run, the capture, a device synchronisation, on the engine's thread, holding up its other requests; not timed
+apart), and from then on an image of that grid costs the host one copy of its pixels and one replay, where the
+encoder's blocks otherwise cost it their Python, their guards and every kernel's launch (on a slow H100 host 33.9 ms
+of the host's time against 0.6, `bench/gpu_encoder_graphs.py`). The grid fixes every other input (its positions,
+bounds and longest image, `images.encoder_inputs`, kept with the graph), so only the pixels are copied in; the
+output, written into one tensor made outside the graph, is copied out at once, since the next replay writes over it.
 
-At most `GRIDS_KEPT` graphs are kept, the least recently used dropped, all of them in one memory pool of their own: one
-encoder's activations for the largest grid met, beside each graph's own pixels and output. The arithmetic is the
-encoder's own, launched in the same order: its output the same to the bit (`tests/gpu/test_glm_gpu.py`). A capture
-that fails leaves its grid eager for good, with one error in the log.
+At most `GRIDS_KEPT` graphs are kept, the least recently used dropped (a grid dropped is counted anew, and captured
+again at its next second meeting: more than that many grids recurring in turn would be captured over and over). Each
+keeps its pixels and output (about 24 MB for a 1024×1024 image in bfloat16), and all share one memory pool of their
+own, which holds the encoder's activations for the largest grid met; none of it is measured or reserved at start. The
+arithmetic is the encoder's own, launched in the same order: on an H100 the replayed output equalled the eager encoder's
+to the bit (`tests/gpu/test_glm_gpu.py`, the encoder uncompiled). A capture that fails leaves its grid eager for good,
+with one error in the log.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ GRIDS_COUNTED = 4096
 
 @dataclass(frozen=True)
 class _Captured:
-    """One grid's graph, the pixels it reads and the output it writes."""
+    """One grid's graph, the pixels it reads, the output it writes, and its other inputs (`images.encoder_inputs`):
+    kept with it, since a graph holds no reference to the memory it reads, and memory freed would be handed to other
+    tensors while the graph still reads it at each replay."""
 
     graph: Any
     pixels: Any
     output: Any
+    inputs: dict[str, Any]
 
 
 class EncoderGraphs:
@@ -86,7 +93,7 @@ class EncoderGraphs:
         """`grid`'s graph (its pixels first `pixel_values`), kept; None, logged, where capturing failed."""
         import torch
 
-        started, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        started = time.perf_counter()
         visual = self.visual
         pixels = torch.empty(pixel_values.shape, dtype=visual.dtype, device=self.device)
         pixels.copy_(pixel_values, non_blocking=True)
@@ -113,11 +120,12 @@ class EncoderGraphs:
             self.failed.add(key)
             self.met.pop(key, None)
             return None
-        held = self.captured[key] = _Captured(graph, pixels, written[0])
+        held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)
         self.met.pop(key, None)
         log.info(
-            "batching engine: the vision encoder captured for grid %s in %.0f ms, %.0f MiB more reserved on the device",
-            "×".join(map(str, key)), (time.perf_counter() - started) * 1000,
-            (torch.cuda.memory_reserved(self.device) - reserved) / 2**20,
+            "batching engine: the vision encoder captured for grid %s in %.0f ms (%d kept); %.2f GiB reserved on the "
+            "device after",
+            "×".join(map(str, key)), (time.perf_counter() - started) * 1000, len(self.captured),
+            torch.cuda.memory_reserved(self.device) / 2**30,
         )  # fmt: skip
         return held

@@ -20,8 +20,8 @@ log = logging.getLogger("batch_engine")
 SLOW_LAUNCH_US = 8.0
 """A host that takes at least this long to launch a one-element add (`launch_pace`) is slow: `auto` replays prefills
 as CUDA graphs there. Between the 5.9–6.0 µs of the one host measured that kept up with the device (an H100's) and the
-readings of 7.6–12.8 µs of the three measured that did not (two H100s', an H200's), whose prefills the graphs sped up:
-one reading of the H200's host, 7.6, fell below it."""
+readings of 7.6–12.8 µs of the four measured that did not (three H100s', an H200's), whose prefills the graphs sped
+up: two readings fell below it, the H200 host's 7.6 and an H100 host's 8.1, each after its run's measures."""
 
 
 def launch_pace(device: Any, *, launches: int = 2000, rounds: int = 5) -> float:

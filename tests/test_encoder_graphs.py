@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from batch_engine import encoder_graphs  # noqa: E402
 from batch_engine.encoder_graphs import GRIDS_KEPT, EncoderGraphs  # noqa: E402
 from batch_engine.engine import BatchEngine  # noqa: E402
-from batch_engine.images import encode_images  # noqa: E402
+from batch_engine.images import encode_images, encoder_inputs  # noqa: E402
 from batch_engine.prompts import Prompt  # noqa: E402
 from batch_engine.settings import EngineSettings  # noqa: E402
 from tests.tiny_glm4v import glm_tokenizer, tiny_glm4v_model  # noqa: E402
@@ -133,12 +133,50 @@ def test_at_most_grids_kept_graphs_are_kept_the_least_recently_used_dropped(capt
     model = encoder_model()
     graphs = EncoderGraphs(model.model.visual, model.device)
     grids = [(1, 2 * rows, 4) for rows in range(1, GRIDS_KEPT + 2)]
+
+    def meet(grid: tuple[int, int, int], seed: int) -> Any:
+        return graphs.encode(image(grid, seed).pixel_values, torch.tensor([grid]))
+
     with torch.inference_mode():
-        for grid in grids:
-            for seed in range(2):
-                assert graphs.encode(image(grid, seed).pixel_values, torch.tensor([grid])) is not None or seed == 0
+        for grid in grids[:GRIDS_KEPT]:
+            assert meet(grid, 0) is None
+            assert meet(grid, 1) is not None
+        assert meet(grids[0], 2) is not None, "the first grid used again: now the most recently used"
+        assert meet(grids[-1], 0) is None
+        assert meet(grids[-1], 1) is not None
     assert len(captures) == GRIDS_KEPT + 1
-    assert list(graphs.captured) == grids[1:], "the first grid's graph dropped"
+    assert set(graphs.captured) == {grids[0], *grids[2:]}, "the least recently used, the second grid, dropped"
+    with torch.inference_mode():
+        assert meet(grids[1], 3) is None, "a dropped grid is counted anew"
+
+
+def test_a_graphs_inputs_outlive_its_capture(captures: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph holds no reference to the memory its kernels read: the grid's inputs (positions, bounds) are kept
+    with it, or the allocator would hand their memory to other tensors while each replay still reads it. The stand-in
+    graph's own hold on the captured call, which a real graph does not have, is dropped before looking."""
+    import gc
+    import weakref
+
+    made: list[Any] = []
+
+    def inputs(grid: Any, visual: Any, device: Any) -> dict[str, Any]:
+        given = encoder_inputs(grid, visual, device)
+        made.extend(weakref.ref(value) for value in given.values() if isinstance(value, torch.Tensor))
+        return given
+
+    monkeypatch.setattr(encoder_graphs, "encoder_inputs", inputs)
+    model = encoder_model()
+    graphs = EncoderGraphs(model.model.visual, model.device)
+    prompt = image((1, 8, 12), 0)
+    with torch.inference_mode():
+        for _ in range(2):
+            graphs.encode(prompt.pixel_values, prompt.grid.clone())
+    (held,) = graphs.captured.values()
+    held.graph.step = None
+    captures.clear()
+    gc.collect()
+    assert len(made) == 3
+    assert all(alive() is not None for alive in made), "every tensor the graph reads is still held"
 
 
 def test_a_prefill_replays_the_encoders_graph_only_while_padded(glm: GlmEngine, captures: list[Any]) -> None:

@@ -2,7 +2,8 @@
 does (the same embeddings, another way), and each side's turns run that side's placement.
 `bench/gpu_prefill_graphs.py`: each side's turns run that side's prefill (padded or as before).
 `bench/gpu_start_check.py`: each `checked` turn runs the `glm` backend's start check before its first request, each
-`idled` turn waits, and no turn has an untimed request. The scripts print their table and every turn."""
+`idled` turn waits, and no turn has an untimed request. `bench/gpu_encoder_graphs.py`: each side's turns hand the
+prefill the engine's encoder graphs or none. The scripts print their table and every turn."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 import batch_engine.steps  # noqa: E402
 from batch_engine.images import place_images  # noqa: E402
-from bench import gpu_prefill_graphs, gpu_prefill_waits, gpu_start_check  # noqa: E402
+from bench import gpu_encoder_graphs, gpu_prefill_graphs, gpu_prefill_waits, gpu_start_check  # noqa: E402
 from bench.gpu_vision import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,12 +154,38 @@ def test_each_turn_begins_with_its_side_s_check_or_idle_and_no_warm_up(
     assert [turn.split(":")[0] for turn in turns] == list(gpu_start_check.TURNS)
 
 
+def test_each_encoder_turn_hands_the_prefill_its_side_s_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's encoder graphs (a stand-in here: none are captured on a CPU) reach the prefill's placement in the
+    `graphs` turns and the two requests before the turns (which meet the grid twice), and not in the `eager` ones; the
+    engine's prefills padded, as the script starts it."""
+    bench = build(True, 64, 16, slots=2, compile_layers=False, prefill_graphs=True)
+    handed: list[Any] = []
+    graphs = object()
+
+    def placing(embeds: Any, prompt: Any, model: Any, store: Any, given: Any = None) -> None:
+        handed.append(given)
+        place_images(embeds, prompt, model, store)
+
+    device = bench.engine.device
+    monkeypatch.setattr(device, "encoder_graphs", graphs)
+    monkeypatch.setattr(batch_engine.steps, "place_images", placing)
+    try:
+        samples, _ = gpu_encoder_graphs.run(bench, 1)
+    finally:
+        bench.engine.close()
+    # before the turns two requests; then a warm-up and one measured request a turn: eager, graphs, graphs, eager
+    assert handed == [graphs] * 2 + [None] * 2 + [graphs] * 4 + [None] * 2
+    assert [len(samples[side]) for side in ("eager", "graphs")] == [2, 2]
+    assert device.encoder_graphs is graphs, "the engine's graphs are back after the run"
+
+
 @pytest.mark.parametrize(
     ("script", "module"),
     [
         ("gpu_prefill_waits.py", gpu_prefill_waits),
         ("gpu_prefill_graphs.py", gpu_prefill_graphs),
         ("gpu_start_check.py", gpu_start_check),
+        ("gpu_encoder_graphs.py", gpu_encoder_graphs),
     ],
 )
 def test_the_script_prints_both_sides_and_every_turn(script: str, module: Any) -> None:

@@ -201,7 +201,8 @@ def noise(side: int, seed: int) -> DecodedImage:
 def test_the_encoder_replayed_as_a_cuda_graph_encodes_to_the_bit_as_run_eagerly(engine: GlmEngine) -> None:
     """Images of one grid through the engine's encoder graphs (`batch_engine.encoder_graphs`): the grid captured at its
     second meeting; each replay's output the same to the bit as the encoder run eagerly on that image, and kept past
-    the next replay; a replay waits on nothing (PyTorch's sync debug mode)."""
+    the next replay, with small tensors of other values made between replays (memory a graph reads and nothing held
+    would be handed to them); a replay waits on nothing (PyTorch's sync debug mode)."""
     model: Any = engine.model
     batch = BatchEngine(model, EngineSettings(slots=1, max_tokens=4096, compile=False, prefill_graphs=True))
     graphs = batch.device.encoder_graphs
@@ -212,7 +213,11 @@ def test_the_encoder_replayed_as_a_cuda_graph_encodes_to_the_bit_as_run_eagerly(
         with torch.inference_mode():
             eager = [encode_images(prompt, model, None) for prompt in prompts]
             assert graphs.encode(prompts[0].pixel_values, prompts[0].grid.cpu()) is None, "a first meeting is eager"
-            replayed = [encode_images(prompt, model, None, graphs) for prompt in prompts[1:]]
+            replayed, scribbled = [], []
+            for prompt in prompts[1:]:
+                replayed.append(encode_images(prompt, model, None, graphs))
+                sizes = (2, 3, 16, 128, 1024, 4096, 16384, 3 * 5476)
+                scribbled += [torch.full((size,), 7, dtype=torch.long, device="cuda") for size in sizes]
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
