@@ -81,6 +81,7 @@ class EncoderGraphs:
             self.met[key] = met = self.met.get(key, 0) + 1
             if met < 2:
                 return None
+            del self.met[key]  # captured or failed, it is counted no more
             held = self._capture(key, pixel_values, grid)
             if held is None:
                 return None
@@ -118,10 +119,8 @@ class EncoderGraphs:
         except Exception:
             log.exception("batching engine: the vision encoder not captured for grid %s; it runs eagerly", key)
             self.failed.add(key)
-            self.met.pop(key, None)
             return None
         held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)
-        self.met.pop(key, None)
         log.info(
             "batching engine: the vision encoder captured for grid %s in %.0f ms (%d kept); %.2f GiB reserved on the "
             "device after",

@@ -75,13 +75,18 @@ def test_each_turn_runs_its_side_s_prefill(monkeypatch: pytest.MonkeyPatch) -> N
         token: int = original(*args)
         return token
 
+    encoders: list[Any] = []
     monkeypatch.setattr(device, "_padded", spy)
+    monkeypatch.setattr(device, "encoder_graphs", "the engine's")  # none on a CPU: a stand-in
+    monkeypatch.setattr(batch_engine.steps, "place_images", lambda *args: encoders.append(args[4:]))
     samples, turns = gpu_prefill_graphs.run(bench, 1)
     # two graphs turns of a warm-up and one measured request each; the eager turns prefill as before
     assert len(padded) == 4
     assert [len(samples[side]) for side in ("eager", "graphs")] == [2, 2]
     assert [turn.split(":")[0] for turn in turns] == list(gpu_prefill_graphs.TURNS)
     assert device.padded is True, "the engine's setting is back after the run"
+    assert encoders == [(None,)] * 8, "the encoder's graphs set aside on both sides"
+    assert device.encoder_graphs == "the engine's", "and back after the run"
     bench.engine.close()
 
 
