@@ -17,7 +17,8 @@ keeps its pixels and output (about 24 MB for a 1024×1024 image in bfloat16), an
 own, which holds the encoder's activations for the largest grid met; none of it is measured or reserved at start. The
 arithmetic is the encoder's own, launched in the same order: on an H100 the replayed output equalled the eager encoder's
 to the bit (`tests/gpu/test_glm_gpu.py`, the encoder uncompiled). A capture that fails leaves its grid eager for good,
-with one error in the log.
+with one error in the log; after `FAILURES_TOLERATED` failures no grid is captured any more (a capture that fails for
+one grid most likely fails for every one, and each try costs a warm-up run and a device synchronisation).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ GRIDS_KEPT = 8
 """Encoder graphs kept at most, one per image grid."""
 GRIDS_COUNTED = 4096
 """Grids whose meetings are counted at most (`EncoderGraphs.met`)."""
+FAILURES_TOLERATED = 3
+"""Failed captures after which the encoder runs eagerly for every grid."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class EncoderGraphs:
         self.met: LRUCache[tuple[int, ...], int] = LRUCache(maxsize=GRIDS_COUNTED)
         """How many times each grid not yet captured was met."""
         self.failed: set[tuple[int, ...]] = set()
-        """The grids whose capture failed: they run eagerly."""
+        """The grids whose capture failed: they run eagerly (`FAILURES_TOLERATED` of them at most: then every grid)."""
         self.replays = 0
         self._pool: Any = None
 
@@ -71,8 +74,8 @@ class EncoderGraphs:
         """The encoder's output (one row per image token) for one image's `pixel_values` (on the host or the device)
         of `grid` (on the host), replayed from that grid's graph, captured now at its second meeting; None where the
         caller runs the encoder itself (the grid's first meeting, several images, a failed capture)."""
-        if grid.shape[0] != 1:  # several images: their attention splits per image, reading the bounds back
-            return None
+        if grid.shape[0] != 1 or len(self.failed) >= FAILURES_TOLERATED:
+            return None  # several images (their attention splits per image, reading the bounds back), or given up
         key = tuple(int(size) for size in grid.flatten().tolist())
         held = self.captured.get(key)
         if held is None:
@@ -119,6 +122,8 @@ class EncoderGraphs:
         except Exception:
             log.exception("batching engine: the vision encoder not captured for grid %s; it runs eagerly", key)
             self.failed.add(key)
+            if len(self.failed) >= FAILURES_TOLERATED:
+                log.error("batching engine: %d encoder captures failed; it runs eagerly from now on", len(self.failed))
             return None
         held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)
         log.info(

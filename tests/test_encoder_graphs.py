@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from batch_engine import encoder_graphs  # noqa: E402
-from batch_engine.encoder_graphs import GRIDS_KEPT, EncoderGraphs  # noqa: E402
+from batch_engine.encoder_graphs import FAILURES_TOLERATED, GRIDS_KEPT, EncoderGraphs  # noqa: E402
 from batch_engine.engine import BatchEngine  # noqa: E402
 from batch_engine.images import encode_images, encoder_inputs  # noqa: E402
 from batch_engine.prompts import Prompt  # noqa: E402
@@ -127,6 +127,34 @@ def test_a_failed_capture_leaves_its_grid_eager_for_good(
     assert not graphs.captured
     assert graphs.replays == 0
     assert "not captured for grid (1, 4, 4)" in caplog.text
+
+
+def test_after_failures_tolerated_no_grid_is_captured(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = encoder_model()
+    graphs = EncoderGraphs(model.model.visual, model.device)
+    tries: list[Any] = []
+
+    def refused(step: Callable[[], None], pool: Any, **_: Any) -> None:
+        tries.append(step)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(encoder_graphs, "capture_one", refused)
+    monkeypatch.setattr(encoder_graphs, "new_pool", object)
+    with torch.inference_mode(), caplog.at_level(logging.ERROR, "batch_engine"):
+        for rows in range(2, 2 + 2 * FAILURES_TOLERATED, 2):
+            prompt = image((1, rows, 4), rows)
+            for _ in range(2):
+                assert graphs.encode(prompt.pixel_values, prompt.grid) is None
+        assert len(tries) == FAILURES_TOLERATED
+        assert "captures failed; it runs eagerly from now on" in caplog.text
+        later = image((1, 20, 4), 0)
+        for _ in range(3):
+            assert torch.equal(encode_images(later, model, None, graphs), encode_images(later, model, None))
+    assert len(tries) == FAILURES_TOLERATED, "no grid tried after that"
+    assert len(graphs.failed) == FAILURES_TOLERATED
+    assert not graphs.met, "nor counted"
 
 
 def test_at_most_grids_kept_graphs_are_kept_the_least_recently_used_dropped(captures: list[Any]) -> None:
