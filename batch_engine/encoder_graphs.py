@@ -17,8 +17,9 @@ keeps its pixels and output (about 24 MB for a 1024×1024 image in bfloat16), an
 own, which holds the encoder's activations for the largest grid met; none of it is measured or reserved at start. The
 arithmetic is the encoder's own, launched in the same order: on an H100 the replayed output equalled the eager encoder's
 to the bit (`tests/gpu/test_glm_gpu.py`, the encoder uncompiled). A capture that fails leaves its grid eager for good,
-with one error in the log; after `FAILURES_TOLERATED` failures no grid is captured any more (a capture that fails for
-one grid most likely fails for every one, and each try costs a warm-up run and a device synchronisation).
+with one error in the log; after `FAILURES_TOLERATED` failures no grid is captured any more, those kept still replayed
+(a capture that fails for one grid most likely fails for the next, and each try costs a warm-up run and a device
+synchronisation).
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ class EncoderGraphs:
         """The encoder's output (one row per image token) for one image's `pixel_values` (on the host or the device)
         of `grid` (on the host), replayed from that grid's graph, captured now at its second meeting; None where the
         caller runs the encoder itself (the grid's first meeting, several images, a failed capture)."""
-        if grid.shape[0] != 1 or len(self.failed) >= FAILURES_TOLERATED:
-            return None  # several images (their attention splits per image, reading the bounds back), or given up
+        if grid.shape[0] != 1:  # several images: their attention splits per image, reading the bounds back
+            return None
         key = tuple(int(size) for size in grid.flatten().tolist())
         held = self.captured.get(key)
         if held is None:
-            if key in self.failed:
+            if key in self.failed or len(self.failed) >= FAILURES_TOLERATED:  # the grids kept still replay
                 return None
             self.met[key] = met = self.met.get(key, 0) + 1
             if met < 2:
@@ -123,7 +124,8 @@ class EncoderGraphs:
             log.exception("batching engine: the vision encoder not captured for grid %s; it runs eagerly", key)
             self.failed.add(key)
             if len(self.failed) >= FAILURES_TOLERATED:
-                log.error("batching engine: %d encoder captures failed; it runs eagerly from now on", len(self.failed))
+                failures = len(self.failed)
+                log.error("batching engine: %d encoder captures failed; no grid is captured from now on", failures)
             return None
         held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)
         log.info(

@@ -129,29 +129,35 @@ def test_a_failed_capture_leaves_its_grid_eager_for_good(
     assert "not captured for grid (1, 4, 4)" in caplog.text
 
 
-def test_after_failures_tolerated_no_grid_is_captured(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_after_failures_tolerated_no_grid_is_captured_those_kept_still_replayed(
+    captures: list[Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = encoder_model()
     graphs = EncoderGraphs(model.model.visual, model.device)
+    kept = image((1, 8, 8), 1)
     tries: list[Any] = []
 
     def refused(step: Callable[[], None], pool: Any, **_: Any) -> None:
         tries.append(step)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(encoder_graphs, "capture_one", refused)
-    monkeypatch.setattr(encoder_graphs, "new_pool", object)
     with torch.inference_mode(), caplog.at_level(logging.ERROR, "batch_engine"):
+        for _ in range(2):
+            graphs.encode(kept.pixel_values, kept.grid)
+        assert list(graphs.captured) == [(1, 8, 8)]
+        monkeypatch.setattr(encoder_graphs, "capture_one", refused)
         for rows in range(2, 2 + 2 * FAILURES_TOLERATED, 2):
             prompt = image((1, rows, 4), rows)
             for _ in range(2):
                 assert graphs.encode(prompt.pixel_values, prompt.grid) is None
         assert len(tries) == FAILURES_TOLERATED
-        assert "captures failed; it runs eagerly from now on" in caplog.text
+        assert "captures failed; no grid is captured from now on" in caplog.text
         later = image((1, 20, 4), 0)
         for _ in range(3):
             assert torch.equal(encode_images(later, model, None, graphs), encode_images(later, model, None))
+        replays = graphs.replays
+        assert torch.equal(encode_images(kept, model, None, graphs), encode_images(kept, model, None))
+        assert graphs.replays == replays + 1, "the grid captured before still replays"
     assert len(tries) == FAILURES_TOLERATED, "no grid tried after that"
     assert len(graphs.failed) == FAILURES_TOLERATED
     assert not graphs.met, "nor counted"
