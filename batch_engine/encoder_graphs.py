@@ -41,7 +41,7 @@ GRIDS_KEPT = 8
 GRIDS_COUNTED = 4096
 """Grids whose meetings are counted at most (`EncoderGraphs.met`)."""
 FAILURES_TOLERATED = 3
-"""Failed captures after which the encoder runs eagerly for every grid."""
+"""Failed captures after which no grid is captured any more (those captured before still replay)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class EncoderGraphs:
         self.met: LRUCache[tuple[int, ...], int] = LRUCache(maxsize=GRIDS_COUNTED)
         """How many times each grid not yet captured was met."""
         self.failed: set[tuple[int, ...]] = set()
-        """The grids whose capture failed: they run eagerly (`FAILURES_TOLERATED` of them at most: then every grid)."""
+        """The grids whose capture failed: eager (`FAILURES_TOLERATED` at most; then so is every grid not captured)."""
         self.replays = 0
         self._pool: Any = None
 
