@@ -34,7 +34,7 @@ class EngineSettings:
     forty layers' Python and launches. The vision encoder before it is replayed as a CUDA graph of its image's grid
     from that grid's second meeting on (`batch_engine.encoder_graphs`, at most 8 grids kept). None
     (`auto`, the default): on where the host launches slowly (`batch_engine.host`: measured at start on a CUDA device,
-    and logged, with a warning where it is slow and this is off; slow from 8 µs a launch). With GLM-4.6V-Flash, on an
+    and logged, with a warning where it is slow and this is off; slow from 6.5 µs a launch). With GLM-4.6V-Flash, on an
     H100 whose host kept up (5.9–6.0 µs) they took a lone first token from 66.7 to 67.8 ms; on slow hosts (readings of
     7.6–12.8 µs) from 122.2 to 77.5 on an H100 and from 73.5 to 64.6 on an H200 (p50s, in turns). On a third slow host
     (an H100) 32 clients got the same tokens/s with them as without (1,749.7 against 1,747.7); on the H200 the engine
