@@ -123,8 +123,7 @@ class EncoderGraphs:
         except Exception:
             log.exception("batching engine: the vision encoder not captured for grid %s; it runs eagerly", key)
             self.failed.add(key)
-            if len(self.failed) >= FAILURES_TOLERATED:
-                failures = len(self.failed)
+            if (failures := len(self.failed)) >= FAILURES_TOLERATED:
                 log.error("batching engine: %d encoder captures failed; no grid is captured from now on", failures)
             return None
         held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)

@@ -104,12 +104,9 @@ def test_several_images_and_grids_met_once_run_eagerly(captures: list[Any]) -> N
     assert dict(graphs.met) == {(1, 4, 4): 1, (1, 6, 4): 1, (1, 8, 4): 1}, "several images are not counted"
 
 
-def test_a_failed_capture_leaves_its_grid_eager_for_good(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    model = encoder_model()
-    graphs = EncoderGraphs(model.model.visual, model.device)
-    tries = []
+def refuse_captures(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], None]]:
+    """Every capture from now on fails, as a CUDA capture does on an operation it forbids; returns the calls tried."""
+    tries: list[Callable[[], None]] = []
 
     def refused(step: Callable[[], None], pool: Any, **_: Any) -> None:
         tries.append(step)
@@ -117,6 +114,15 @@ def test_a_failed_capture_leaves_its_grid_eager_for_good(
 
     monkeypatch.setattr(encoder_graphs, "capture_one", refused)
     monkeypatch.setattr(encoder_graphs, "new_pool", object)
+    return tries
+
+
+def test_a_failed_capture_leaves_its_grid_eager_for_good(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = encoder_model()
+    graphs = EncoderGraphs(model.model.visual, model.device)
+    tries = refuse_captures(monkeypatch)
     prompt = image((1, 4, 4), 0)
     with torch.inference_mode(), caplog.at_level(logging.ERROR, "batch_engine"):
         eager = encode_images(prompt, model, None)
@@ -135,17 +141,11 @@ def test_after_failures_tolerated_no_grid_is_captured_those_kept_still_replayed(
     model = encoder_model()
     graphs = EncoderGraphs(model.model.visual, model.device)
     kept = image((1, 8, 8), 1)
-    tries: list[Any] = []
-
-    def refused(step: Callable[[], None], pool: Any, **_: Any) -> None:
-        tries.append(step)
-        raise RuntimeError("operation not permitted when stream is capturing")
-
     with torch.inference_mode(), caplog.at_level(logging.ERROR, "batch_engine"):
         for _ in range(2):
             graphs.encode(kept.pixel_values, kept.grid)
         assert list(graphs.captured) == [(1, 8, 8)]
-        monkeypatch.setattr(encoder_graphs, "capture_one", refused)
+        tries = refuse_captures(monkeypatch)
         for rows in range(2, 2 + 2 * FAILURES_TOLERATED, 2):
             prompt = image((1, rows, 4), rows)
             for _ in range(2):
