@@ -2,14 +2,15 @@
 (`EngineSettings.prefill_graphs`, `DeviceSteps.padded`).
 
 A prefill's text model is one graph per length bucket, captured at start; the encoder before it is not, since images
-come in many sizes. Yet one grid recurs (photos of one camera, scans of one page size, every 1024×1024 image): so
-where the engine meets a grid of one image a second time, it captures the encoder for that grid there and then (a
-warm-up run, the capture, a device synchronisation, on the engine's thread, holding up its other requests; not timed
-apart), and from then on an image of that grid costs the host one copy of its pixels and one replay, where the
-encoder's blocks otherwise cost it their Python, their guards and every kernel's launch (on a slow H100 host 33.9 ms
-of the host's time against 0.6, `bench/gpu_encoder_graphs.py`). The grid fixes every other input (its positions,
-bounds and longest image, `images.encoder_inputs`, kept with the graph), so only the pixels are copied in; the
-output, written into one tensor made outside the graph, is copied out at once, since the next replay writes over it.
+come in many sizes. Yet one grid recurs (photos of one camera, scans of one page size, every 1024×1024 image): so where
+the engine meets a grid of one image a second time, it captures the encoder for that grid there and then (a warm-up run,
+the capture, a device synchronisation, on the engine's thread, holding up its other requests; its time and the memory it
+took recorded in `captures`, which the GPU benchmarks print), and from then on an image of that grid costs the host one
+copy of its pixels and one replay, where the encoder's blocks otherwise cost it their Python, their guards and every
+kernel's launch (on a slow H100 host 33.9 ms of the host's time against 0.6, `bench/gpu_encoder_graphs.py`). The grid
+fixes every other input (its positions, bounds and longest image, `images.encoder_inputs`, kept with the graph), so only
+the pixels are copied in; the output, written into one tensor made outside the graph, is copied out at once, since the
+next replay writes over it.
 
 At most `GRIDS_KEPT` graphs are kept, the least recently used dropped (a grid dropped is counted anew, and captured
 again at its next second meeting: more than that many grids recurring in turn would be captured over and over). Each
@@ -69,6 +70,9 @@ class EncoderGraphs:
         self.failed: set[tuple[int, ...]] = set()
         """The grids whose capture failed: eager (`FAILURES_TOLERATED` at most; then so is every grid not captured)."""
         self.replays = 0
+        self.captures: list[tuple[tuple[int, ...], float, float]] = []
+        """Each capture that succeeded: its grid, how long it took (ms, the warm-up run and the synchronisation
+        included) and how much the device's reserved memory grew by meanwhile (GiB)."""
         self._pool: Any = None
 
     def encode(self, pixel_values: Any, grid: Any) -> Any | None:
@@ -99,6 +103,7 @@ class EncoderGraphs:
         import torch
 
         started = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device)
         visual = self.visual
         pixels = torch.empty(pixel_values.shape, dtype=visual.dtype, device=self.device)
         pixels.copy_(pixel_values, non_blocking=True)
@@ -127,10 +132,21 @@ class EncoderGraphs:
                 log.error("batching engine: %d encoder captures failed; no grid is captured from now on", failures)
             return None
         held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)
+        after = torch.cuda.memory_reserved(self.device)
+        self.captures.append((key, (time.perf_counter() - started) * 1000, (after - reserved) / 2**30))
         log.info(
             "batching engine: the vision encoder captured for grid %s in %.0f ms (%d kept); %.2f GiB reserved on the "
             "device after",
-            "×".join(map(str, key)), (time.perf_counter() - started) * 1000, len(self.captured),
-            torch.cuda.memory_reserved(self.device) / 2**30,
+            "×".join(map(str, key)), self.captures[-1][1], len(self.captured), after / 2**30,
         )  # fmt: skip
         return held
+
+    def summary(self) -> str:
+        """The grids kept, the replays, and each capture's time and memory, as a benchmark's note."""
+        taken = ", ".join(
+            f"{'×'.join(map(str, grid))} in {ms:.0f} ms, {added:+.2f} GiB reserved" for grid, ms, added in self.captures
+        )
+        return (
+            f"the vision encoder's CUDA graphs: {len(self.captured)} grid(s) kept, {self.replays} replays, "
+            f"{len(self.failed)} failed capture(s); captured: {taken or 'none'}"
+        )

@@ -338,7 +338,7 @@ def drive(
     hits = recompile_limit_hits() - hits_before
     notes.append(f"dynamo's recompile limit hit {hits} times (0: every compiled part ran compiled)")
     if (graphs := getattr(bench.engine.device, "encoder_graphs", None)) is not None:
-        notes.append(f"the vision encoder's CUDA graphs: {len(graphs.captured)} grid(s) kept, {graphs.replays} replays")
+        notes.append(graphs.summary())
     if bench.device == "cuda":
         import torch
 

@@ -60,7 +60,7 @@ def notes(bench: Bench) -> list[str]:
     graphs = bench.engine.device.encoder_graphs
     if graphs is None:
         return ["the encoder's graphs: none (nothing is captured on a CPU)", encoder_alone(bench)]
-    return [f"the encoder's graphs: {len(graphs.captured)} grid(s), {graphs.replays} replays", encoder_alone(bench)]
+    return [graphs.summary(), encoder_alone(bench)]
 
 
 def encoder_alone(bench: Bench) -> str:

@@ -86,6 +86,9 @@ def test_a_grid_met_twice_is_captured_and_replayed_with_each_image_its_own_outpu
     assert graphs.replays == 3
     assert list(graphs.captured) == [(1, 8, 12)]
     assert not graphs.met, "a captured grid is no longer counted"
+    assert [grid for grid, _, _ in graphs.captures] == [(1, 8, 12)], "the capture recorded, with its time"
+    assert graphs.summary().startswith("the vision encoder's CUDA graphs: 1 grid(s) kept, 3 replays, 0 failed")
+    assert "captured: 1×8×12 in " in graphs.summary()
     for got, expected in zip(replayed, eager[1:], strict=True):
         assert torch.equal(got, expected), "each image's own pixels in, its own output out, kept past the next replay"
 
