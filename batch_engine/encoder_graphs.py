@@ -14,13 +14,13 @@ next replay writes over it.
 
 At most `GRIDS_KEPT` graphs are kept, the least recently used dropped (a grid dropped is counted anew, and captured
 again at its next second meeting: more than that many grids recurring in turn would be captured over and over). Each
-keeps its pixels and output (about 24 MB for a 1024×1024 image in bfloat16), and all share one memory pool of their
-own, which holds the encoder's activations for the largest grid met; none of it is measured or reserved at start. The
-arithmetic is the encoder's own, launched in the same order: on an H100 the replayed output equalled the eager encoder's
-to the bit (`tests/gpu/test_glm_gpu.py`, the encoder uncompiled). A capture that fails leaves its grid eager for good,
-with one error in the log; after `FAILURES_TOLERATED` failures no grid is captured any more, those kept still replayed
-(a capture that fails for one grid most likely fails for the next, and each try costs a warm-up run and a device
-synchronisation).
+keeps its pixels and output (about 24 MB for a 1024×1024 image in bfloat16), and all share one memory pool of their own,
+which holds the encoder's activations for the largest grid met; none of it is reserved at start (on an H100 a 1024×1024
+image's grid took 55 ms to capture and 0.10 GiB more of the device's reserved memory). The arithmetic is the encoder's
+own, launched in the same order: on an H100 the replayed output equalled the eager encoder's to the bit
+(`tests/gpu/test_glm_gpu.py`, the encoder uncompiled). A capture that fails leaves its grid eager for good, with one
+error in the log; after `FAILURES_TOLERATED` failures no grid is captured any more, those kept still replayed (a capture
+that fails for one grid most likely fails for the next, and each try costs a warm-up run and a device synchronisation).
 """
 
 from __future__ import annotations
