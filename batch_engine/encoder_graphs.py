@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,10 @@ class EncoderGraphs:
         self.failed: set[tuple[int, ...]] = set()
         """The grids whose capture failed: eager (`FAILURES_TOLERATED` at most; then so is every grid not captured)."""
         self.replays = 0
-        self.captures: list[tuple[tuple[int, ...], float, float]] = []
-        """Each capture that succeeded: its grid, how long it took (ms, the warm-up run and the synchronisation
-        included) and how much the device's reserved memory grew by meanwhile (GiB)."""
+        self.captures: deque[tuple[tuple[int, ...], float, float]] = deque(maxlen=GRIDS_KEPT)
+        """The last `GRIDS_KEPT` captures that succeeded (grids dropped and captured again would grow a list without
+        end): each one's grid, how long it took (ms, the warm-up run and the synchronisation included) and how much the
+        device's reserved memory grew by meanwhile (GiB)."""
         self._pool: Any = None
 
     def encode(self, pixel_values: Any, grid: Any) -> Any | None:
@@ -132,17 +134,17 @@ class EncoderGraphs:
                 log.error("batching engine: %d encoder captures failed; no grid is captured from now on", failures)
             return None
         held = self.captured[key] = _Captured(graph, pixels, written[0], inputs)
-        after = torch.cuda.memory_reserved(self.device)
-        self.captures.append((key, (time.perf_counter() - started) * 1000, (after - reserved) / 2**30))
+        after, ms = torch.cuda.memory_reserved(self.device), (time.perf_counter() - started) * 1000
+        self.captures.append((key, ms, (after - reserved) / 2**30))
         log.info(
             "batching engine: the vision encoder captured for grid %s in %.0f ms (%d kept); %.2f GiB reserved on the "
             "device after",
-            "×".join(map(str, key)), self.captures[-1][1], len(self.captured), after / 2**30,
+            "×".join(map(str, key)), ms, len(self.captured), after / 2**30,
         )  # fmt: skip
         return held
 
     def summary(self) -> str:
-        """The grids kept, the replays, and each capture's time and memory, as a benchmark's note."""
+        """The grids kept, the replays, and each recorded capture's time and memory, as a benchmark's note."""
         taken = ", ".join(
             f"{'×'.join(map(str, grid))} in {ms:.0f} ms, {added:+.2f} GiB reserved" for grid, ms, added in self.captures
         )

@@ -183,6 +183,7 @@ def test_at_most_grids_kept_graphs_are_kept_the_least_recently_used_dropped(capt
         assert meet(grids[-1], 1) is not None
     assert len(captures) == GRIDS_KEPT + 1
     assert set(graphs.captured) == {grids[0], *grids[2:]}, "the least recently used, the second grid, dropped"
+    assert [grid for grid, _, _ in graphs.captures] == grids[1:], "the last GRIDS_KEPT captures recorded, no more"
     with torch.inference_mode():
         assert meet(grids[1], 3) is None, "a dropped grid is counted anew"
 
